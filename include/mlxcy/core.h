@@ -1,0 +1,67 @@
+// Small C++ helpers for mlxcy's Cython code: things Cython cannot express
+// directly (moving a result onto the heap, dtype codes, building Shapes,
+// copying host buffers into new arrays). Nothing third-party lives here.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include <mlx/mlx.h>
+
+namespace mlxcy {
+namespace mx = mlx::core;
+
+// Move an op's result onto the heap so a Python extension type can own it.
+inline mx::array* heap(mx::array a) { return new mx::array(std::move(a)); }
+
+inline int dtype_code(mx::Dtype d) { return static_cast<int>(d.val()); }
+
+inline mx::Dtype dtype_from_code(int code) {
+  switch (code) {
+    case 0: return mx::bool_;
+    case 1: return mx::uint8;
+    case 2: return mx::uint16;
+    case 3: return mx::uint32;
+    case 4: return mx::uint64;
+    case 5: return mx::int8;
+    case 6: return mx::int16;
+    case 7: return mx::int32;
+    case 8: return mx::int64;
+    case 9: return mx::float16;
+    case 10: return mx::float32;
+    case 11: return mx::float64;
+    case 12: return mx::bfloat16;
+    case 13: return mx::complex64;
+  }
+  throw std::invalid_argument("[mlxcy] unknown dtype code " + std::to_string(code));
+}
+
+inline mx::Shape make_shape(const int32_t* dims, int ndim) {
+  return mx::Shape(dims, dims + ndim);
+}
+
+// Copy `nbytes` of host memory into a new, evaluated array. The copy is ours,
+// so the caller's buffer (a numpy array, say) may be released right after.
+inline mx::array* array_from_host(const void* data, const int32_t* dims, int ndim,
+                                  mx::Dtype dtype) {
+  size_t n = dtype.size();
+  for (int i = 0; i < ndim; ++i) n *= static_cast<size_t>(dims[i]);
+  void* copy = std::malloc(n ? n : 1);
+  if (copy == nullptr) throw std::bad_alloc();
+  if (n) std::memcpy(copy, data, n);
+  return new mx::array(copy, make_shape(dims, ndim), dtype, [](void* p) { std::free(p); });
+}
+
+// Pointer to the first element of an evaluated array (offset included).
+inline const void* host_data(const mx::array& a) { return a.data<char>(); }
+inline bool row_contiguous(const mx::array& a) { return a.flags().row_contiguous; }
+
+inline std::string to_string(const mx::array& a) {
+  std::ostringstream os;
+  os << a;
+  return os.str();
+}
+
+}  // namespace mlxcy

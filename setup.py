@@ -1,0 +1,65 @@
+"""Build mlxcy's extension modules against the installed `mlx` wheel.
+
+MLX's C++ headers and libmlx.so come from the `mlx` package itself, found at
+build time; each extension gets an rpath relative to its own location so the
+installed package finds libmlx.so wherever site-packages is.
+"""
+import os
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+
+def mlx_dirs():
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("mlxcy: the `mlx` package must be installed before building "
+                 "(pip install 'mlx[cpu]==0.32.4')")
+    root = Path(list(spec.submodule_search_locations)[0])
+    inc, lib = root / "include", root / "lib"
+    if not (inc / "mlx" / "mlx.h").exists() or not (lib / "libmlx.so").exists():
+        sys.exit(f"mlxcy: {root} lacks include/mlx/mlx.h or lib/libmlx.so")
+    return root, inc, lib
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    root, inc, lib = mlx_dirs()
+    here = Path(__file__).parent
+    pyx = sorted(p for p in (here / "mlxcy").rglob("*.pyx"))
+    # MLXCY_MODULES=mlxcy.core,mlxcy.ops builds only those (developer speed-up).
+    only = [m for m in os.environ.get("MLXCY_MODULES", "").split(",") if m]
+    exts = []
+    for p in pyx:
+        rel = p.relative_to(here).with_suffix("")
+        name = ".".join(rel.parts)
+        if only and name not in only:
+            continue
+        depth = len(rel.parts) - 1  # package depth below site-packages
+        rpath = "$ORIGIN/" + "/".join([".."] * depth) + "/mlx/lib"
+        exts.append(Extension(
+            name,
+            [str(p.relative_to(here))],
+            language="c++",
+            include_dirs=[str(here / "include"), str(inc)],
+            library_dirs=[str(lib)],
+            libraries=["mlx"],
+            # Relative rpath for an installed wheel; the build-time path for
+            # in-place and editable builds.
+            runtime_library_dirs=[rpath, str(lib)],
+            extra_compile_args=["-std=c++20", "-O2", "-Wno-unused-function",
+                                "-Wno-deprecated-declarations"],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        ))
+    return cythonize(
+        exts,
+        compiler_directives={"language_level": "3", "cpp_locals": True},
+        nthreads=int(os.environ.get("MLXCY_JOBS", "0")) or None,
+    )
+
+
+setup(ext_modules=extensions())
