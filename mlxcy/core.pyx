@@ -155,7 +155,8 @@ cdef Array _from_numpy(object arr, object dtype):
     if want is not None and want.code != dt.code and want.code != 12 and dt.code != 12:
         arr = arr.astype(want.numpy)     # numpy casts exactly for non-bf16 pairs
         dt = <Dtype>want
-    arr = np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:  # (ascontiguousarray would make 0-d arrays 1-d)
+        arr = arr.copy(order="C")
     if arr.ndim > 32:
         raise ValueError("array: too many dimensions")
     cdef int32_t dims[33]
@@ -193,7 +194,7 @@ cdef Array to_array(object obj, object dtype=None):
     if type(obj) is Array:
         a = na_wrap(new na.array(handle(<Array>obj)[0]))
     elif type(obj) is bool:
-        a = na_wrap(new na.array(<bint>obj))
+        a = na_wrap(na.new_bool(<bint>obj))
     elif type(obj) is int:
         if -2147483648 <= obj <= 2147483647:
             a = na_wrap(new na.array(<int>obj))
@@ -442,6 +443,7 @@ cdef void _setitem(Array self, object key, object value) except *:
     cdef tuple keys = _expand_key(key, ndim)
     cdef na.Shape start = na.Shape(), stop = na.Shape(), strides = na.Shape()
     cdef list slice_shape = []
+    cdef list value_shape = []       # slice_shape without the int-indexed axes
     cdef int axis = 0
     cdef Py_ssize_t dim, lo, hi, st, n
     for k in keys:
@@ -456,6 +458,7 @@ cdef void _setitem(Array self, object key, object value) except *:
                 lo += dim
             start.push_back(lo); stop.push_back(lo + 1); strides.push_back(1)
             slice_shape.append(1)
+            value_shape.append(None)
         elif type(k) is slice:
             lo, hi, st = k.indices(dim)
             if st < 0:
@@ -464,6 +467,7 @@ cdef void _setitem(Array self, object key, object value) except *:
             start.push_back(lo); stop.push_back(lo + (n - 1) * st + 1 if n else lo)
             strides.push_back(st)
             slice_shape.append(n)
+            value_shape.append(n)
         else:
             idx = _index_array(k)
             if idx is None:
@@ -473,9 +477,11 @@ cdef void _setitem(Array self, object key, object value) except *:
         axis += 1
     cdef na.array upd = nops.astype(v.ptr[0], a.dtype())
     # Drop leading size-1 dims of the value as numpy does, then broadcast.
-    while upd.ndim() > len(slice_shape) and upd.shape(0) == 1:
+    dims = [d for d in value_shape if d is not None]
+    while upd.ndim() > len(dims) and upd.shape(0) == 1:
         upd = nops.squeeze(upd, 0)
-    upd = nops.broadcast_to(upd, _shape_of(slice_shape))
+    upd = nops.broadcast_to(upd, _shape_of(dims))
+    upd = nops.reshape(upd, _shape_of(slice_shape))
     self._replace(heap(nops.slice_update(a[0], upd, start, stop, strides)))
 
 
@@ -576,6 +582,9 @@ cdef object _apply(object a, object b, int op, bint reflected):
 @cython.final
 cdef class Array:
     """An MLX array.  Create with mlxcy.array(obj, dtype=None)."""
+
+    # numpy must defer to our reflected operators (x_np + a -> Array).
+    __array_ufunc__ = None
 
     def __init__(self, obj, dtype=None):
         cdef Array src = to_array(obj, dtype)

@@ -16,6 +16,9 @@ namespace mx = mlx::core;
 // Move an op's result onto the heap so a Python extension type can own it.
 inline mx::array* heap(mx::array a) { return new mx::array(std::move(a)); }
 
+// A bool scalar (Cython would route `bint` to the int constructor).
+inline mx::array* new_bool(bool v) { return new mx::array(v); }
+
 inline int dtype_code(mx::Dtype d) { return static_cast<int>(d.val()); }
 
 inline mx::Dtype dtype_from_code(int code) {

@@ -93,6 +93,7 @@ cdef extern from "mlx/mlx.h" namespace "mlx::core" nogil:
 
 cdef extern from "mlxcy/core.h" namespace "mlxcy" nogil:
     array* heap(array) except +
+    array* new_bool(bool) except +
     int dtype_code(Dtype)
     Dtype dtype_from_code(int) except +
     Shape make_shape(const int32_t*, int)

@@ -1,0 +1,511 @@
+"""GGUF files → Hugging Face-named weights and a Hugging Face-style config dict.
+
+Two readers:
+- `read_header(path)`: a small pure-Python parser of the GGUF header (metadata and
+  tensor table). It never touches tensor data, skips large arrays (the tokenizer
+  vocabulary) unless asked, and checks that every tensor lies inside the file.
+- `load_gguf(path, dtype=None)`: the weights. Files whose tensors are all F32, F16,
+  BF16, Q4_0, Q4_1 or Q8_0 keep their quantization (MLX's affine layout:
+  `<name>.weight` uint32 packed, `<name>.scales`, `<name>.biases`); others (Q4_K,
+  Q5_0, Q6_K ...) are dequantized with `gguf.quants.dequantize` to `dtype`.
+
+Name mapping, llama.cpp → Hugging Face:
+- `token_embd` → `model.embed_tokens`, `output_norm` → `model.norm`, `output` → `lm_head`
+- `blk.N.attn_{q,k,v,output}` → `model.layers.N.self_attn.{q,k,v,o}_proj`
+- `blk.N.attn_{q,k}_norm` → `self_attn.{q,k}_norm`, `blk.N.attn_norm` → `input_layernorm`
+- `blk.N.ffn_{gate,up,down}` → `mlp.{gate,up,down}_proj`
+- llama/qwen: `blk.N.ffn_norm` → `post_attention_layernorm`
+- gemma: `blk.N.post_attention_norm` → `post_attention_layernorm`,
+  `blk.N.ffn_norm` → `pre_feedforward_layernorm`, `blk.N.post_ffw_norm` →
+  `post_feedforward_layernorm`
+
+Value transforms:
+- llama: q/k rows were permuted by llama.cpp for its interleaved RoPE; we undo it
+  (also on quantized triplets: a row permutation applies to weight, scales, biases).
+- gemma: RMSNorm weights are stored as (1 + w); we subtract 1.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["GGUFError", "read_header", "gguf_config", "load_gguf", "hf_name",
+           "NATIVE_TYPES", "TYPE_NAMES"]
+
+
+class GGUFError(ValueError):
+    """A GGUF file is malformed, truncated, or holds something we cannot map."""
+
+
+# ggml tensor types (ggml.h): id -> (name, block size, bytes per block)
+TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+              9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+              15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+              20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+              26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
+              35: "TQ2_0"}
+_BLOCK = {0: (1, 4), 1: (1, 2), 30: (1, 2), 28: (1, 8), 24: (1, 1), 25: (1, 2), 26: (1, 4),
+          27: (1, 8), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+          9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
+          14: (256, 210), 15: (256, 292)}
+# Types MLX keeps quantized (as mlx::core::load_gguf does) or reads as floats.
+NATIVE_TYPES = {0, 1, 30, 2, 3, 8}
+_FLOAT_TYPES = {0: np.float32, 1: np.float16, 28: np.float64}
+
+# metadata value types
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+
+
+class _Reader:
+    __slots__ = ("buf", "pos", "path", "size")
+
+    def __init__(self, buf, path, size):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, size
+
+    def need(self, n, what):
+        if self.pos + n > self.size:
+            raise GGUFError(f"{self.path}: truncated GGUF header while reading {what} "
+                            f"(needs {self.pos + n} bytes, file has {self.size})")
+
+    def scalar(self, fmt, what):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what):
+        n = self.scalar("<Q", what)
+        self.need(n, what)
+        s = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return s.decode("utf-8", errors="replace")
+
+    def value(self, vtype, what, keep_arrays):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype], what)
+        if vtype == 8:
+            return self.string(what)
+        if vtype == 9:
+            etype = self.scalar("<I", what)
+            count = self.scalar("<Q", what)
+            if etype in _SCALARS:
+                fmt = _SCALARS[etype]
+                nb = struct.calcsize(fmt) * count
+                self.need(nb, what)
+                if keep_arrays or count <= 64:
+                    arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=count,
+                                        offset=self.pos).copy()
+                    self.pos += nb
+                    return arr.tolist() if count <= 64 else arr
+                self.pos += nb
+                return _Skipped(count, etype)
+            if etype == 8:
+                if keep_arrays or count <= 64:
+                    return [self.string(what) for _ in range(count)]
+                for _ in range(count):      # skip: lengths only
+                    n = self.scalar("<Q", what)
+                    self.need(n, what)
+                    self.pos += n
+                return _Skipped(count, etype)
+            if etype == 9:
+                return [self.value(9, what, keep_arrays) for _ in range(count)]
+            raise GGUFError(f"{self.path}: unknown array element type {etype} in {what}")
+        raise GGUFError(f"{self.path}: unknown metadata value type {vtype} in {what}")
+
+
+class _Skipped:
+    """An array left unread by read_header (its length is known)."""
+    __slots__ = ("count", "etype")
+
+    def __init__(self, count, etype):
+        self.count, self.etype = count, etype
+
+    def __len__(self):
+        return self.count
+
+    def __repr__(self):
+        return f"<array of {self.count} not read>"
+
+
+class GGUFHeader:
+    """Metadata and tensor table of a GGUF file (no tensor data)."""
+
+    def __init__(self, path, version, metadata, tensors, data_offset, size):
+        self.path = path
+        self.version = version
+        self.metadata = metadata
+        self.tensors = tensors          # name -> dict(shape=numpy order, type=, offset=abs, nbytes=)
+        self.data_offset = data_offset
+        self.size = size
+
+    @property
+    def architecture(self):
+        return self.metadata.get("general.architecture")
+
+    def type_counts(self):
+        out = {}
+        for t in self.tensors.values():
+            name = TYPE_NAMES.get(t["type"], str(t["type"]))
+            out[name] = out.get(name, 0) + 1
+        return out
+
+
+def read_header(path, keep_arrays=False) -> GGUFHeader:
+    """Parse a GGUF file's header. Large metadata arrays are skipped unless
+    `keep_arrays`; raises GGUFError (naming the file) on anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    size = path.stat().st_size
+    if size < 24:
+        raise GGUFError(f"{path}: too small to be a GGUF file ({size} bytes)")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        r = _Reader(mm, path, size)
+        if bytes(mm[:4]) != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file (magic {bytes(mm[:4])!r})")
+        r.pos = 4
+        version = r.scalar("<I", "version")
+        if version not in (2, 3):
+            raise GGUFError(f"{path}: unsupported GGUF version {version}")
+        n_tensors = r.scalar("<Q", "tensor count")
+        n_kv = r.scalar("<Q", "metadata count")
+        if n_tensors > 1 << 24 or n_kv > 1 << 24:
+            raise GGUFError(f"{path}: implausible counts ({n_tensors} tensors, {n_kv} keys)")
+        meta = {}
+        for _ in range(n_kv):
+            key = r.string("a metadata key")
+            vtype = r.scalar("<I", f"the type of {key}")
+            meta[key] = r.value(vtype, key, keep_arrays)
+        infos = []
+        for _ in range(n_tensors):
+            name = r.string("a tensor name")
+            nd = r.scalar("<I", f"tensor {name}")
+            if nd > 8:
+                raise GGUFError(f"{path}: tensor {name} has {nd} dimensions")
+            dims = [r.scalar("<Q", f"tensor {name}") for _ in range(nd)]
+            ttype = r.scalar("<I", f"tensor {name}")
+            off = r.scalar("<Q", f"tensor {name}")
+            infos.append((name, dims, ttype, off))
+        align = int(meta.get("general.alignment", 32))
+        data_offset = (r.pos + align - 1) // align * align
+        tensors = {}
+        for name, dims, ttype, off in infos:
+            if ttype not in _BLOCK:
+                nbytes = None
+            else:
+                bs, tsz = _BLOCK[ttype]
+                n = int(np.prod(dims)) if dims else 1
+                if dims and dims[0] % bs:
+                    raise GGUFError(f"{path}: tensor {name}: row length {dims[0]} is not a "
+                                    f"multiple of the {TYPE_NAMES[ttype]} block {bs}")
+                nbytes = n // bs * tsz
+            start = data_offset + off
+            if nbytes is not None and start + nbytes > size:
+                raise GGUFError(f"{path}: tensor {name} ends at byte {start + nbytes} but "
+                                f"the file has {size} bytes (truncated?)")
+            tensors[name] = {"shape": tuple(int(d) for d in reversed(dims)), "type": ttype,
+                             "offset": start, "nbytes": nbytes}
+        return GGUFHeader(path, version, meta, tensors, data_offset, size)
+    finally:
+        mm.close()
+
+
+# ---------------------------------------------------------------- config
+
+def _arch_key(meta, arch, key, default=None):
+    v = meta.get(f"{arch}.{key}", default)
+    return v
+
+
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+def gguf_config(header: GGUFHeader) -> dict:
+    """A Hugging Face-style config dict from GGUF metadata (plus Gemma 3's
+    values that GGUF files leave out)."""
+    meta = header.metadata
+    path = header.path
+    arch = header.architecture
+    if arch not in _MODEL_TYPES:
+        raise GGUFError(f"{path}: unsupported GGUF architecture {arch!r} "
+                        f"(supported: {', '.join(_MODEL_TYPES)})")
+
+    def req(key):
+        v = meta.get(f"{arch}.{key}")
+        if v is None:
+            raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
+        return v
+
+    hidden = int(req("embedding_length"))
+    heads = int(req("attention.head_count"))
+    kv = meta.get(f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv, list):                 # per-layer counts: all equal here
+        if len(set(kv)) != 1:
+            raise GGUFError(f"{path}: per-layer kv head counts {set(kv)} are not supported")
+        kv = kv[0]
+    head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
+    emb = header.tensors.get("token_embd.weight")
+    vocab = meta.get(f"{arch}.vocab_size")
+    if vocab is None:
+        toks = meta.get("tokenizer.ggml.tokens")
+        vocab = len(toks) if toks is not None else (emb["shape"][0] if emb else None)
+    if vocab is None:
+        raise GGUFError(f"{path}: cannot tell the vocabulary size")
+    ffn = req("feed_forward_length")
+    if isinstance(ffn, list):
+        ffn = ffn[0]
+    cfg = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": _MODEL_TYPES[arch],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(ffn),
+        "num_hidden_layers": int(req("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv),
+        "head_dim": int(head_dim),
+        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 4096)),
+        "rms_norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in header.tensors,
+    }
+    for src, dst in (("tokenizer.ggml.bos_token_id", "bos_token_id"),
+                     ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+                     ("tokenizer.ggml.padding_token_id", "pad_token_id")):
+        if src in meta:
+            cfg[dst] = int(meta[src])
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling and scaling != "none":
+        factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+        cfg["rope_scaling"] = {"type": scaling, "rope_type": scaling, "factor": factor}
+        if scaling == "yarn":
+            orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+            if orig:
+                cfg["rope_scaling"]["original_max_position_embeddings"] = int(orig)
+    if arch == "llama":
+        cfg.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
+    elif arch in ("qwen2", "qwen3"):
+        cfg.update(hidden_act="silu", use_sliding_window=False, sliding_window=None,
+                   max_window_layers=cfg["num_hidden_layers"])
+    elif arch == "gemma3":
+        sw = meta.get("gemma3.attention.sliding_window")
+        pattern = 6
+        cfg.update(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=256,          # missing from the GGUF; 256 for these sizes
+            rope_local_base_freq=10000.0,       # missing from the GGUF
+            sliding_window_pattern=pattern,     # 5 local layers then 1 global
+            sliding_window=int(sw) if sw is not None else 512,
+            layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                         for i in range(cfg["num_hidden_layers"])],
+            final_logit_softcapping=None,
+            attn_logit_softcapping=None,
+            rope_scaling=cfg.get("rope_scaling"),
+        )
+    return cfg
+
+
+# ---------------------------------------------------------------- names
+
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+_COMMON = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_LLAMA = dict(_COMMON, ffn_norm="post_attention_layernorm")
+_GEMMA = dict(_COMMON, post_attention_norm="post_attention_layernorm",
+              ffn_norm="pre_feedforward_layernorm", post_ffw_norm="post_feedforward_layernorm")
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_name(gguf_name: str, arch: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor (None for tensors HF does not keep,
+    such as llama.cpp's precomputed rope_freqs)."""
+    table = _GEMMA if arch.startswith("gemma") else _LLAMA
+    m = _LAYER.match(gguf_name)
+    if m:
+        i, part, kind = m.groups()
+        if part not in table:
+            return None
+        return f"model.layers.{i}.{table[part]}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    if base in _TOP and kind in ("weight", "bias"):
+        return f"{_TOP[base]}.{kind}"
+    return None
+
+
+def _unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py `permute`):
+    rows of each head go from [pairs interleaved] back to [first half | second half]."""
+    rows = x.shape[0]
+    if rows % (2 * n_head):
+        raise GGUFError(f"cannot un-permute {rows} rows over {n_head} heads")
+    return (x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:])
+            .swapaxes(1, 2).reshape(x.shape))
+
+
+# ---------------------------------------------------------------- tensors
+
+def _repack_native(raw: np.ndarray, ttype: int, shape):
+    """Q4_0 / Q4_1 / Q8_0 blocks → MLX affine triplets (weight uint32, scales, biases
+    as float16), exactly as mlx::core::load_gguf lays them out."""
+    rows, cols = shape[0] if len(shape) > 1 else 1, shape[-1]
+    nb = cols // 32
+    if ttype == 8:      # Q8_0: f16 d, 32 x int8;  w = d*q = d*(q+128) - 128 d
+        blk = raw.reshape(rows, nb, 34)
+        d = blk[..., :2].copy().view(np.float16)[..., 0]
+        q = blk[..., 2:].view(np.int8).astype(np.int16) + 128
+        q = q.astype(np.uint8).reshape(rows, cols)
+        packed = q.view(np.uint32).reshape(rows, cols // 4)   # 4 x 8 bit, low byte first
+        scales = d
+        biases = (d.astype(np.float32) * -128).astype(np.float16)
+    else:
+        bsz = 18 if ttype == 2 else 20
+        blk = raw.reshape(rows, nb, bsz)
+        d = blk[..., :2].copy().view(np.float16)[..., 0]
+        if ttype == 2:  # Q4_0: w = d*(q-8)
+            qs = blk[..., 2:]
+            biases = (d.astype(np.float32) * -8).astype(np.float16)
+        else:           # Q4_1: w = d*q + m
+            qs = blk[..., 4:]
+            biases = blk[..., 2:4].copy().view(np.float16)[..., 0]
+        lo, hi = qs & 0x0F, qs >> 4            # element j = lo[j], j+16 = hi[j]
+        q = np.concatenate([lo, hi], axis=-1).reshape(rows, cols).astype(np.uint32)
+        q = q.reshape(rows, cols // 8, 8) << (np.arange(8, dtype=np.uint32) * 4)
+        packed = np.bitwise_or.reduce(q, axis=-1).astype(np.uint32)
+        scales = d
+    lead = tuple(shape[:-1])
+    return (packed.reshape(*lead, -1), scales.reshape(*lead, nb), biases.reshape(*lead, nb))
+
+
+def _tensor_bytes(mm, header, name):
+    t = header.tensors[name]
+    if t["nbytes"] is None:
+        raise GGUFError(f"{header.path}: tensor {name} has unsupported type "
+                        f"{TYPE_NAMES.get(t['type'], t['type'])}")
+    return np.frombuffer(mm, dtype=np.uint8, count=t["nbytes"], offset=t["offset"])
+
+
+def _numpy_float(raw, t):
+    if t["type"] == 30:
+        return raw.view(np.uint16).reshape(t["shape"]), True
+    return raw.view(_FLOAT_TYPES[t["type"]]).reshape(t["shape"]), False
+
+
+def _dequantize(raw, t):
+    from gguf.quants import dequantize
+    from gguf.constants import GGMLQuantizationType
+    shape = t["shape"]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    out = dequantize(raw.reshape(rows, -1), GGMLQuantizationType(t["type"]))
+    return np.asarray(out, dtype=np.float32).reshape(shape)
+
+
+def load_gguf(path, dtype=None, dequantize: bool | None = None):
+    """Read a GGUF file into (weights, config, quantization).
+
+    weights: dict of Hugging Face names → mlxcy Arrays (quantized tensors as
+    `<name>.weight/.scales/.biases`); config: a Hugging Face-style config dict;
+    quantization: None, or {"group_size": 32, "bits": 4, "<hf module path>": {...}}
+    in mlx-lm's per-layer form.
+
+    dtype: float dtype for every float tensor, scales and biases (default bfloat16).
+    dequantize: True forces dequantizing to dtype; None keeps Q4_0/Q4_1/Q8_0 when
+    every tensor of the file has a type MLX reads (as mlx::core::load_gguf does)."""
+    import mlxcy
+    dtype = mlxcy.bfloat16 if dtype is None else mlxcy.dtype(dtype)
+    if not dtype.is_floating:
+        raise ValueError(f"{path}: dtype must be a float type, got {dtype}")
+    header = read_header(path)
+    cfg = gguf_config(header)
+    arch = header.architecture
+    types = {t["type"] for t in header.tensors.values()}
+    unknown = [n for n, t in header.tensors.items() if t["nbytes"] is None]
+    if unknown:
+        raise GGUFError(f"{path}: tensor {unknown[0]} has unsupported type "
+                        f"{header.tensors[unknown[0]]['type']}")
+    native = types <= NATIVE_TYPES if dequantize is None else not dequantize
+    if native and not types <= NATIVE_TYPES:
+        raise GGUFError(f"{path}: types {sorted(TYPE_NAMES.get(t, t) for t in types - NATIVE_TYPES)}"
+                        " cannot stay quantized; pass dequantize=True")
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    is_gemma = arch.startswith("gemma")
+    weights: dict = {}
+    quant_layers: dict = {}
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        for gname, t in header.tensors.items():
+            name = hf_name(gname, arch)
+            if name is None:
+                continue
+            perm = None
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                perm = n_head if ".q_proj." in name else n_kv
+            raw = _tensor_bytes(mm, header, gname)
+            if t["type"] in (2, 3, 8) and native:
+                if len(t["shape"]) != 2:
+                    raise GGUFError(f"{path}: quantized tensor {gname} is not 2-D")
+                w, s, b = _repack_native(raw, t["type"], t["shape"])
+                if perm:
+                    w, s, b = (_unpermute_rows(x, perm) for x in (w, s, b))
+                base = name[: -len(".weight")]
+                weights[name] = mlxcy.array(np.ascontiguousarray(w))
+                weights[base + ".scales"] = mlxcy.array(np.ascontiguousarray(s)).astype(dtype)
+                weights[base + ".biases"] = mlxcy.array(np.ascontiguousarray(b)).astype(dtype)
+                quant_layers[base] = {"group_size": 32, "bits": 8 if t["type"] == 8 else 4}
+                continue
+            if t["type"] in _FLOAT_TYPES or t["type"] == 30:
+                x, is_bf16 = _numpy_float(raw, t)
+                if is_gemma and name.endswith("norm.weight") or perm:
+                    x = x.astype(np.float32) if not is_bf16 else \
+                        (x.astype(np.uint32) << 16).view(np.float32)
+                    is_bf16 = False
+            else:
+                x, is_bf16 = _dequantize(raw, t), False
+            if perm:
+                x = _unpermute_rows(x, perm)
+            if is_gemma and name.endswith("norm.weight"):
+                x = x - 1.0
+            if is_bf16:
+                a = mlxcy.array(np.ascontiguousarray(x)).view(mlxcy.bfloat16)
+            else:
+                a = mlxcy.array(np.ascontiguousarray(x))
+            weights[name] = a if a.dtype == dtype else a.astype(dtype)
+    except BaseException:
+        for a in weights.values():
+            a.free()
+        raise
+    finally:
+        mm.close()
+    missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
+    if missing:
+        for a in weights.values():
+            a.free()
+        raise GGUFError(f"{path}: tensor {missing[0]} (GGUF "
+                        f"{'token_embd' if 'embed' in missing[0] else 'output_norm'}.weight) is missing")
+    quantization = None
+    if quant_layers:
+        counts = {}
+        for q in quant_layers.values():
+            counts[q["bits"]] = counts.get(q["bits"], 0) + 1
+        bits = max(counts, key=counts.get)
+        quantization = {"group_size": 32, "bits": bits, "mode": "affine"}
+        for base, q in quant_layers.items():
+            if q["bits"] != bits:
+                quantization[base] = dict(q, mode="affine")
+    return weights, cfg, quantization

@@ -1,0 +1,219 @@
+# cython: language_level=3, cpp_locals=True
+"""Layers over native MLX arrays: Linear (optionally biased, optionally
+quantized in MLX's affine layout), Embedding (optionally quantized, usable as
+a tied output head) and RMSNorm (with Gemma's (1 + w) variant).
+
+Each layer owns its arrays; `free()` releases them at once. The Python-level
+`__call__` is a convenience (tests, scripts); models call the cdef methods.
+"""
+from mlxcy.core cimport Array, wrap, handle, to_array
+from mlxcy.native cimport array as na
+from mlxcy.native cimport nn as nnn
+from mlxcy.native cimport fast as nfast
+from mlxcy.native.array cimport heap
+from libcpp.vector cimport vector
+
+
+cdef na.array* copy_handle(object a, str name) except NULL:
+    """A new native handle sharing `a`'s data (a must be an Array)."""
+    if type(a) is not Array:
+        raise TypeError(f"{name}: expected an mlxcy Array, got {type(a).__name__}")
+    return new na.array(handle(<Array>a)[0])
+
+
+cdef inline void _del(na.array** p) noexcept:
+    if p[0] != NULL:
+        del p[0]
+        p[0] = NULL
+
+
+cdef inline na.array* _live(na.array* p, object owner) except NULL:
+    if p == NULL:
+        raise ValueError(f"{type(owner).__name__}: its weights have been freed")
+    return p
+
+
+cdef long long _packed_params(na.array* w, int bits):
+    # uint32 packs 32 // bits values per element
+    if w == NULL:
+        return 0
+    return <long long>w.size() * (32 // bits)
+
+
+cdef long long _nb(na.array* p):
+    return 0 if p == NULL else <long long>p.nbytes()
+
+
+cdef class Linear:
+    """y = x @ W.T (+ b).  Quantized when `scales` is given (W packed uint32)."""
+
+    def __init__(self, Array weight, Array bias=None, Array scales=None, Array biases=None,
+                 int group_size=64, int bits=4):
+        self.weight = copy_handle(weight, "Linear.weight")
+        if bias is not None:
+            self.bias = copy_handle(bias, "Linear.bias")
+        self.quantized = scales is not None
+        self.group_size = group_size
+        self.bits = bits
+        self.out_features = self.weight.shape(0)
+        if self.quantized:
+            if bits not in (2, 3, 4, 5, 6, 8):
+                raise ValueError(f"Linear: unsupported bits {bits}")
+            self.scales = copy_handle(scales, "Linear.scales")
+            if biases is not None:
+                self.qbiases = copy_handle(biases, "Linear.biases")
+            self.in_features = self.weight.shape(1) * 32 // bits
+        else:
+            self.in_features = self.weight.shape(1)
+
+    def __dealloc__(self):
+        self.free()
+
+    cpdef free(self):
+        _del(&self.weight)
+        _del(&self.scales)
+        _del(&self.qbiases)
+        _del(&self.bias)
+
+    cdef na.array* forward(self, const na.array& x) except NULL:
+        cdef na.array* w = _live(self.weight, self)
+        if self.quantized:
+            return heap(nnn.qlinear(x, w[0], self.scales[0], self.qbiases, self.group_size,
+                                    self.bits, self.bias))
+        return heap(nnn.linear(x, w[0], self.bias))
+
+    def __call__(self, Array x):
+        return wrap(self.forward(handle(x)[0]))
+
+    cpdef long long nparams(self):
+        cdef long long n = _packed_params(self.weight, self.bits) if self.quantized \
+            else (0 if self.weight == NULL else <long long>self.weight.size())
+        if self.bias != NULL:
+            n += self.bias.size()
+        return n
+
+    cpdef long long nbytes(self):
+        return _nb(self.weight) + _nb(self.scales) + _nb(self.qbiases) + _nb(self.bias)
+
+
+cdef class Embedding:
+    """Rows of a [vocab, dims] table; quantized when `scales` is given."""
+
+    def __init__(self, Array weight, Array scales=None, Array biases=None,
+                 int group_size=64, int bits=4):
+        self.weight = copy_handle(weight, "Embedding.weight")
+        self.quantized = scales is not None
+        self.group_size = group_size
+        self.bits = bits
+        self.num_embeddings = self.weight.shape(0)
+        if self.quantized:
+            self.scales = copy_handle(scales, "Embedding.scales")
+            if biases is not None:
+                self.qbiases = copy_handle(biases, "Embedding.biases")
+            self.dims = self.weight.shape(1) * 32 // bits
+        else:
+            self.dims = self.weight.shape(1)
+
+    def __dealloc__(self):
+        self.free()
+
+    cpdef free(self):
+        _del(&self.weight)
+        _del(&self.scales)
+        _del(&self.qbiases)
+
+    cpdef int dtype_code(self) except -1:
+        """The dtype of the looked-up rows (the scales' for quantized tables)."""
+        cdef na.array* w = _live(self.weight, self)
+        if self.quantized:
+            return na.dtype_code(self.scales.dtype())
+        return na.dtype_code(w.dtype())
+
+    cdef na.array* lookup(self, const na.array& ids) except NULL:
+        cdef na.array* w = _live(self.weight, self)
+        if not self.quantized:
+            return heap(nnn.take(w[0], ids, 0))
+        cdef na.array rows = nnn.take(w[0], ids, 0)
+        cdef na.array sc = nnn.take(self.scales[0], ids, 0)
+        cdef na.array bi
+        if self.qbiases != NULL:
+            bi = nnn.take(self.qbiases[0], ids, 0)
+            return heap(nnn.dequantize(rows, sc, &bi, self.group_size, self.bits))
+        return heap(nnn.dequantize(rows, sc, NULL, self.group_size, self.bits))
+
+    cdef na.array* as_linear(self, const na.array& x) except NULL:
+        cdef na.array* w = _live(self.weight, self)
+        if self.quantized:
+            return heap(nnn.qlinear(x, w[0], self.scales[0], self.qbiases, self.group_size,
+                                    self.bits, NULL))
+        return heap(nnn.linear(x, w[0], NULL))
+
+    def __call__(self, Array ids):
+        return wrap(self.lookup(handle(ids)[0]))
+
+    cpdef long long nparams(self):
+        if self.quantized:
+            return _packed_params(self.weight, self.bits)
+        return 0 if self.weight == NULL else <long long>self.weight.size()
+
+    cpdef long long nbytes(self):
+        return _nb(self.weight) + _nb(self.scales) + _nb(self.qbiases)
+
+
+cdef class RMSNorm:
+    """x / rms(x) * w, or * (1 + w) with offset=1 (Gemma).  The (1 + w) is
+    computed once, in the weight's dtype."""
+
+    def __init__(self, Array weight, float eps=1e-5, float offset=0.0):
+        cdef na.array* w = copy_handle(weight, "RMSNorm.weight")
+        if w.ndim() != 1:
+            del w
+            raise ValueError("RMSNorm.weight must be 1-dimensional")
+        if offset != 0.0:
+            self.weight = heap(nnn.add(w[0], nnn.scalar(offset, w.dtype())))
+            del w
+            self.weight.eval()
+        else:
+            self.weight = w
+        self.eps = eps
+        self.dims = self.weight.shape(0)
+
+    def __dealloc__(self):
+        self.free()
+
+    cpdef free(self):
+        _del(&self.weight)
+
+    cdef na.array* forward(self, const na.array& x) except NULL:
+        return heap(nfast.rms_norm(x, _live(self.weight, self), self.eps))
+
+    def __call__(self, Array x):
+        return wrap(self.forward(handle(x)[0]))
+
+    cpdef long long nparams(self):
+        return 0 if self.weight == NULL else <long long>self.weight.size()
+
+    cpdef long long nbytes(self):
+        return _nb(self.weight)
+
+
+def quantize(Array w, int group_size=64, int bits=4):
+    """(wq, scales, biases): MLX's affine quantization of w along its last axis."""
+    cdef vector[na.array] r = nnn.quantize(handle(w)[0], group_size, bits)
+    return tuple(wrap(heap(r[i])) for i in range(r.size()))
+
+
+def dequantize(Array w, Array scales, Array biases=None, int group_size=64, int bits=4):
+    cdef na.array* b = NULL
+    if biases is not None:
+        b = handle(biases)
+    return wrap(heap(nnn.dequantize(handle(w)[0], handle(scales)[0], b, group_size, bits)))
+
+
+def active_memory():
+    """Bytes MLX currently holds in live arrays (mlx::core::get_active_memory)."""
+    return nnn.active_memory()
+
+
+def clear_memory_cache():
+    nnn.clear_memory_cache()
