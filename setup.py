@@ -62,4 +62,15 @@ def extensions():
     )
 
 
+def ship_headers():
+    """Copy include/mlxcy/*.h into the package, so mlxcy.get_include() finds
+    them after a normal (non-editable) install."""
+    here = Path(__file__).parent
+    dst = here / "mlxcy" / "include" / "mlxcy"
+    dst.mkdir(parents=True, exist_ok=True)
+    for h in (here / "include" / "mlxcy").glob("*.h"):
+        (dst / h.name).write_bytes(h.read_bytes())
+
+
+ship_headers()
 setup(ext_modules=extensions())

@@ -560,22 +560,41 @@ cdef na.array* _binop(const na.array& x, const na.array& y, int op) except NULL:
     return heap(nops.greater_equal(x, y))
 
 
-cdef object _apply(object a, object b, int op, bint reflected):
+cdef inline object _apply(object a, object b, int op, bint reflected):
     """Operator dispatch: `a` is the Array whose method was called."""
-    cdef Array x = <Array>a
-    cdef na.array* px = handle(x)
+    cdef na.array* px = (<Array>a).ptr
+    cdef na.array* py
     cdef Array y
-    if type(b) is Array:
-        y = <Array>b
-        handle(y)
+    if px == NULL:
+        freed_error()
+    if type(b) is Array:          # fast path: no temporary objects
+        py = (<Array>b).ptr
+        if py == NULL:
+            freed_error()
     else:
         try:
             y = scalar_like(b, px)
         except TypeError:
             return NotImplemented
+        py = y.ptr
     if reflected:
-        return na_wrap(_binop(y.ptr[0], px[0], op))
-    return na_wrap(_binop(px[0], y.ptr[0], op))
+        return na_wrap(_binop(py[0], px[0], op))
+    return na_wrap(_binop(px[0], py[0], op))
+
+
+def _time_native_add(Array a, Array b, int n):
+    """Seconds per native `mlx::core::add` call (no Python in the loop): the
+    floor that binding-overhead benchmarks compare against."""
+    import time
+    cdef na.array* pa = handle(a)
+    cdef na.array* pb = handle(b)
+    cdef int i
+    cdef na.array* r
+    t0 = time.perf_counter()
+    for i in range(n):
+        r = heap(nops.add(pa[0], pb[0]))
+        del r
+    return (time.perf_counter() - t0) / n
 
 
 @cython.freelist(256)

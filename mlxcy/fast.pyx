@@ -15,17 +15,21 @@ from mlxcy.native cimport fast as nf
 from mlxcy.native.array cimport heap
 
 
-cdef inline Array _arr(object x):
-    """x as an Array: Arrays pass through (checked not freed), else converted."""
+cdef Array _arr(object x, str name):
+    """x as an Array: Arrays pass through (checked not freed), else converted;
+    a failed conversion names the argument `name`."""
     if type(x) is Array:
         handle(<Array>x)
         return <Array>x
-    return to_array(x)
+    try:
+        return to_array(x)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
 
 
-cdef inline Array _opt(object x):
+cdef inline Array _opt(object x, str name):
     """Like _arr, but None stays None (an absent optional argument)."""
-    return None if x is None else _arr(x)
+    return None if x is None else _arr(x, name)
 
 
 cdef inline na.array* _ptr(Array a):
@@ -40,17 +44,17 @@ def rms_norm(x, weight, eps=1e-5):
     """x / sqrt(mean(x**2, axis=-1) + eps) * weight, over the last axis.
 
     weight (shape (x.shape[-1],)) may be None for no scaling."""
-    cdef Array a = _arr(x)
-    cdef Array w = _opt(weight)
+    cdef Array a = _arr(x, "x")
+    cdef Array w = _opt(weight, "weight")
     return wrap(heap(nf.rms_norm(a.ptr[0], _ptr(w), <float>eps)))
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis; weight
     and bias may each be None."""
-    cdef Array a = _arr(x)
-    cdef Array w = _opt(weight)
-    cdef Array b = _opt(bias)
+    cdef Array a = _arr(x, "x")
+    cdef Array w = _opt(weight, "weight")
+    cdef Array b = _opt(bias, "bias")
     return wrap(heap(nf.layer_norm(a.ptr[0], _ptr(w), _ptr(b), <float>eps)))
 
 
@@ -79,8 +83,8 @@ def rope(x, int dims, *, bint traditional, base, float scale, offset, freqs=None
     if base is not None and not base > 0:
         raise ValueError(f"rope: base must be positive, got {base!r}")
     cdef float b = 0.0 if base is None else base      # 0: "use freqs" in the shim
-    cdef Array a = _arr(x)
-    cdef Array f = _opt(freqs)
+    cdef Array a = _arr(x, "x")
+    cdef Array f = _opt(freqs, "freqs")
     cdef Array off
     if _is_int(offset):
         o = _index(offset)
@@ -89,7 +93,7 @@ def rope(x, int dims, *, bint traditional, base, float scale, offset, freqs=None
         return wrap(heap(nf.rope(a.ptr[0], dims, traditional, b, scale, <int>o, _ptr(f))))
     if offset is None or isinstance(offset, bool):
         raise TypeError(f"rope: offset must be an int or an integer array, got {offset!r}")
-    off = _arr(offset)
+    off = _arr(offset, "offset")
     return wrap(heap(nf.rope_offsets(a.ptr[0], dims, traditional, b, scale, off.ptr[0],
                                      _ptr(f))))
 
@@ -103,9 +107,9 @@ def scaled_dot_product_attention(q, k, v, *, float scale, mask=None, sinks=None)
     additive array or a boolean array (True = attend), broadcasting to
     (B, Hq, Lq, Lk).  sinks (shape (Hq,)) are per-head logits of an extra key
     that takes part in the softmax but contributes no value."""
-    cdef Array qa = _arr(q), ka = _arr(k), va = _arr(v)
+    cdef Array qa = _arr(q, "q"), ka = _arr(k, "k"), va = _arr(v, "v")
     cdef Array m = None
-    cdef Array s = _opt(sinks)
+    cdef Array s = _opt(sinks, "sinks")
     cdef string mode = b""
     if isinstance(mask, str):
         if mask != "causal":
@@ -113,6 +117,6 @@ def scaled_dot_product_attention(q, k, v, *, float scale, mask=None, sinks=None)
                              f"'causal' or an array, got {mask!r}")
         mode = b"causal"
     elif mask is not None:
-        m = _arr(mask)
+        m = _arr(mask, "mask")
     return wrap(heap(nf.sdpa(qa.ptr[0], ka.ptr[0], va.ptr[0], scale, mode, _ptr(m),
                              _ptr(s))))

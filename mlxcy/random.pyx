@@ -50,27 +50,31 @@ cdef inline int _dtype_code(object dtype):
     return (<Dtype>as_dtype(dtype)).code
 
 
-cdef inline Array _arr(object x, object dtype=None):
-    """x as an Array: Arrays pass through, anything else is converted."""
+cdef Array _arr(object x, str name, object dtype=None):
+    """x as an Array: Arrays pass through, anything else is converted; a failed
+    conversion names the argument `name`."""
     if type(x) is Array:
         handle(<Array>x)
         return <Array>x
-    return to_array(x, dtype)
+    try:
+        return to_array(x, dtype)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
 
 
-cdef inline Array _num(object x, object dtype):
+cdef inline Array _num(object x, str name, object dtype):
     """A Python number becomes an array of `dtype`; arrays pass through
     (MLX casts or checks them itself)."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return to_array(x, dtype)
-    return _arr(x)
+    return _arr(x, name)
 
 
 cdef inline Array _key_or_none(object key):
     """The key as an Array, or None for the global key sequence."""
     if key is None:
         return None
-    return _arr(key)
+    return _arr(key, "key")
 
 
 cdef inline na.array* _kp(Array k):
@@ -98,7 +102,7 @@ def split(key, num=2):
     n = _index(num)
     if n < 0 or n > 2147483647:
         raise ValueError(f"split: num must be a non-negative int32, got {num}")
-    cdef Array k = _arr(key)
+    cdef Array k = _arr(key, "key")
     return wrap(heap(nr.split(k.ptr[0], <int>n)))
 
 
@@ -116,7 +120,7 @@ def bits(shape=(), width=4, key=None):
 def uniform(low=0.0, high=1.0, shape=(), dtype="float32", key=None):
     """Uniform samples in [low, high); low and high broadcast against `shape`."""
     cdef int code = _dtype_code(dtype)
-    cdef Array lo = _arr(low), hi = _arr(high)
+    cdef Array lo = _arr(low, "low"), hi = _arr(high, "high")
     cdef na.Shape s = _shape(shape, "uniform")
     cdef Array k = _key_or_none(key)
     return wrap(heap(nr.uniform(lo.ptr[0], hi.ptr[0], s, na.dtype_from_code(code), _kp(k))))
@@ -128,8 +132,8 @@ def normal(shape=(), dtype="float32", loc=None, scale=None, key=None):
     cdef int code = _dtype_code(dtype)
     cdef na.Shape s = _shape(shape, "normal")
     # The standard values are left out so MLX skips the affine transform.
-    cdef Array lo = None if _is_num(loc, 0) else _num(loc, dtype)
-    cdef Array sc = None if _is_num(scale, 1) else _num(scale, dtype)
+    cdef Array lo = None if _is_num(loc, 0) else _num(loc, "loc", dtype)
+    cdef Array sc = None if _is_num(scale, 1) else _num(scale, "scale", dtype)
     cdef Array k = _key_or_none(key)
     return wrap(heap(nr.normal(s, na.dtype_from_code(code), _kp(lo), _kp(sc), _kp(k))))
 
@@ -143,7 +147,7 @@ cdef inline bint _is_num(object x, double value):
 def randint(low, high, shape=(), dtype="int32", key=None):
     """Integers drawn uniformly from [low, high)."""
     cdef int code = _dtype_code(dtype)
-    cdef Array lo = _arr(low), hi = _arr(high)
+    cdef Array lo = _arr(low, "low"), hi = _arr(high, "high")
     cdef na.Shape s = _shape(shape, "randint")
     cdef Array k = _key_or_none(key)
     return wrap(heap(nr.randint(lo.ptr[0], hi.ptr[0], s, na.dtype_from_code(code), _kp(k))))
@@ -151,7 +155,7 @@ def randint(low, high, shape=(), dtype="int32", key=None):
 
 def bernoulli(p=0.5, shape=None, key=None):
     """Booleans that are True with probability `p` (shape defaults to p's)."""
-    cdef Array pa = _num(p, "float32")
+    cdef Array pa = _num(p, "p", "float32")
     cdef Array k = _key_or_none(key)
     cdef na.Shape s = na.Shape()
     if shape is None:
@@ -164,7 +168,7 @@ def truncated_normal(lower, upper, shape=None, dtype="float32", key=None):
     """Standard normal samples truncated to [lower, upper] (shape defaults to
     the broadcast shape of lower and upper)."""
     cdef int code = _dtype_code(dtype)
-    cdef Array lo = _num(lower, dtype), hi = _num(upper, dtype)
+    cdef Array lo = _num(lower, "lower", dtype), hi = _num(upper, "upper", dtype)
     cdef Array k = _key_or_none(key)
     cdef na.Shape s = na.Shape()
     if shape is None:
@@ -198,7 +202,7 @@ def categorical(logits, axis=-1, shape=None, num_samples=None, key=None):
     distribution, appended as the last axis)."""
     if shape is not None and num_samples is not None:
         raise ValueError("categorical: give at most one of shape and num_samples")
-    cdef Array lg = _arr(logits)
+    cdef Array lg = _arr(logits, "logits")
     cdef Array k = _key_or_none(key)
     cdef int ax = _index(axis)
     cdef na.Shape s = na.Shape()
@@ -223,5 +227,5 @@ def permutation(x, axis=0, key=None):
         if x < 0 or x > 2147483647:
             raise ValueError(f"permutation: x must be a non-negative int32, got {x}")
         return wrap(heap(nr.permutation_n(<int>x, _kp(k))))
-    a = _arr(x)
+    a = _arr(x, "x")
     return wrap(heap(nr.permutation(a.ptr[0], <int>_index(axis), _kp(k))))

@@ -89,6 +89,41 @@ inline mx::array causal_window_mask(int L, int qstart, int K, int kstart, int wi
   return m;
 }
 
+// x[:, :, t0:t1] of a [B, H, T, D] array.
+inline mx::array slice_t(const mx::array& x, int t0, int t1) {
+  return mx::slice(x, mx::Shape{0, 0, t0, 0}, mx::Shape{x.shape(0), x.shape(1), t1, x.shape(3)});
+}
+
+// concatenate along the time axis (2)
+inline mx::array cat_t(const mx::array& a, const mx::array& b) {
+  return mx::concatenate({a, b}, 2);
+}
+
+// buf[:, :, :used] followed by `extra` zero positions.
+inline mx::array grow_t(const mx::array& buf, int used, int extra) {
+  auto z = mx::zeros({buf.shape(0), buf.shape(1), extra, buf.shape(3)}, buf.dtype());
+  if (used == 0) return z;
+  return cat_t(slice_t(buf, 0, used), z);
+}
+
+// ring[:, :, idx:] ++ ring[:, :, :idx] (temporal order of a full ring)
+inline mx::array unroll_t(const mx::array& ring, int idx) {
+  if (idx == 0) return ring;
+  return cat_t(slice_t(ring, idx, ring.shape(2)), slice_t(ring, 0, idx));
+}
+
+// buf[:, :, t0:t0+T] = upd
+inline mx::array write_t(const mx::array& buf, const mx::array& upd, int t0) {
+  return mx::slice_update(buf, upd, mx::Shape{0, 0, t0, 0},
+                          mx::Shape{upd.shape(0), upd.shape(1), t0 + upd.shape(2), upd.shape(3)});
+}
+
+inline mx::array zeros4(int a, int b, int c, int d, mx::Dtype dt) {
+  return mx::zeros({a, b, c, d}, dt);
+}
+
+inline bool same_dtype(const mx::array& a, const mx::array& b) { return a.dtype() == b.dtype(); }
+
 inline size_t active_memory() { return mx::get_active_memory(); }
 inline void clear_memory_cache() { mx::clear_cache(); }
 

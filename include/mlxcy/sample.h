@@ -24,6 +24,16 @@ inline mx::array categorical(const mx::array& logits, int axis, const mx::array*
                          key ? std::optional<mx::array>(*key) : std::nullopt);
 }
 
+// A draw that advances a sampler's own key: *key is split in two, *key
+// becomes the first half (for later steps) and the second half drives this
+// draw. A null key uses the global key sequence instead.
+inline mx::array categorical_step(const mx::array& logits, int axis, mx::array* key) {
+  if (key == nullptr) return mr::categorical(logits, axis);
+  auto parts = mr::split(*key);
+  *key = std::move(parts.first);
+  return mr::categorical(logits, axis, parts.second);
+}
+
 inline mx::array key(uint64_t seed) { return mr::key(seed); }
 
 // Split *key in two: *key becomes the first half (the key for later steps),

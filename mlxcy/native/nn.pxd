@@ -52,5 +52,12 @@ cdef extern from "mlxcy/nn.h" namespace "mlxcy" nogil:
     array scalar(double v, Dtype dt) except +
     array arange_i(int start, int stop) except +
     array causal_window_mask(int L, int qstart, int K, int kstart, int window) except +
+    array slice_t(const array& x, int t0, int t1) except +
+    array cat_t(const array& a, const array& b) except +
+    array grow_t(const array& buf, int used, int extra) except +
+    array unroll_t(const array& ring, int idx) except +
+    array write_t(const array& buf, const array& upd, int t0) except +
+    array zeros4(int a, int b, int c, int d, Dtype dt) except +
+    bool same_dtype(const array& a, const array& b)
     size_t active_memory() except +
     void clear_memory_cache() except +

@@ -67,6 +67,7 @@ cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
     array concatenate(vector[array], int) except +
     array concatenate(vector[array]) except +
     array stack(const vector[array]&, int) except +
+    vector[array] broadcast_arrays(const vector[array]&) except +
 
     # ---- added for mlxcy.ops (keep the declarations above: core.pyx uses them) ----
     # creation

@@ -1,0 +1,246 @@
+# cython: language_level=3, cpp_locals=True
+"""KV caches: KVCache (grows in steps, written in place with slice_update)
+and RotatingKVCache (keeps the last `window` positions, for sliding-window
+layers), plus Cache, the per-model list of layer caches."""
+from libcpp.vector cimport vector
+
+from mlxcy.native cimport array as na
+from mlxcy.native cimport nn as nnn
+from mlxcy.native.array cimport heap
+
+
+cdef inline void _set(na.array** slot, na.array* p) noexcept:
+    if slot[0] != NULL:
+        del slot[0]
+    slot[0] = p
+
+
+cdef int _check(na.array* buf, const na.array& k, const na.array& v) except -1:
+    if k.ndim() != 4 or v.ndim() != 4:
+        raise ValueError("KV cache: keys and values must be [B, heads, T, head_dim]")
+    if buf != NULL and (buf.shape(0) != k.shape(0) or buf.shape(1) != k.shape(1)
+                        or buf.shape(3) != k.shape(3)):
+        raise ValueError(
+            f"KV cache: new keys of shape B={k.shape(0)}, heads={k.shape(1)}, "
+            f"head_dim={k.shape(3)} do not match the cached B={buf.shape(0)}, "
+            f"heads={buf.shape(1)}, head_dim={buf.shape(3)}")
+    return 0
+
+
+cdef class LayerCache:
+    """Base of the layer caches (not used directly)."""
+
+    def __dealloc__(self):
+        self.free()
+
+    cpdef free(self):
+        """Drop every held array; the cache is empty afterwards (offset 0)."""
+        _set(&self.keys, NULL)
+        _set(&self.values, NULL)
+        _set(&self.out_k, NULL)
+        _set(&self.out_v, NULL)
+        self.offset = 0
+
+    cdef int update(self, const na.array& k, const na.array& v, bint ordered) except -1:
+        raise NotImplementedError
+
+    cpdef trim(self, int n):
+        raise NotImplementedError
+
+    cpdef long long nbytes(self):
+        cdef long long n = 0
+        if self.keys != NULL:
+            n += self.keys.nbytes()
+        if self.values != NULL:
+            n += self.values.nbytes()
+        return n
+
+    def release_outputs(self):
+        """Drop the keys/values handed to attention by the last update."""
+        _set(&self.out_k, NULL)
+        _set(&self.out_v, NULL)
+
+
+cdef class KVCache(LayerCache):
+    """Keys/values of every position, preallocated `step` positions at a time."""
+
+    def __init__(self, int step=256):
+        if step <= 0:
+            raise ValueError("KVCache: step must be positive")
+        self.step = step
+        self.window = 0
+
+    def __repr__(self):
+        return f"KVCache(offset={self.offset})"
+
+    cdef int update(self, const na.array& k, const na.array& v, bint ordered) except -1:
+        _check(self.keys, k, v)
+        cdef int L = k.shape(2), prev = self.offset
+        cdef int cap = 0 if self.keys == NULL else self.keys.shape(2)
+        cdef int need
+        if self.keys != NULL and not nnn.same_dtype(self.keys[0], k):
+            raise ValueError("KVCache: new keys' dtype differs from the cached keys'")
+        if prev + L > cap:
+            need = ((prev + L - cap + self.step - 1) // self.step) * self.step
+            if self.keys == NULL:
+                _set(&self.keys, heap(nnn.zeros4(k.shape(0), k.shape(1), need, k.shape(3), k.dtype())))
+                _set(&self.values, heap(nnn.zeros4(v.shape(0), v.shape(1), need, v.shape(3), v.dtype())))
+            else:
+                _set(&self.keys, heap(nnn.grow_t(self.keys[0], prev, cap - prev + need)))
+                _set(&self.values, heap(nnn.grow_t(self.values[0], prev, cap - prev + need)))
+        _set(&self.keys, heap(nnn.write_t(self.keys[0], k, prev)))
+        _set(&self.values, heap(nnn.write_t(self.values[0], v, prev)))
+        self.offset = prev + L
+        _set(&self.out_k, heap(nnn.slice_t(self.keys[0], 0, self.offset)))
+        _set(&self.out_v, heap(nnn.slice_t(self.values[0], 0, self.offset)))
+        self.out_start = 0
+        return 0
+
+    cpdef trim(self, int n):
+        """Forget the last n positions (at most offset); returns how many."""
+        if n < 0:
+            raise ValueError("trim: n must be >= 0")
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+
+cdef class RotatingKVCache(LayerCache):
+    """Keeps the last `window` positions in a ring written in place."""
+
+    def __init__(self, int window, int step=256):
+        if window <= 0:
+            raise ValueError("RotatingKVCache: window must be positive")
+        self.window = window
+        self.step = step
+
+    def __repr__(self):
+        return f"RotatingKVCache(window={self.window}, offset={self.offset})"
+
+    cpdef free(self):
+        LayerCache.free(self)
+        self.filled = 0
+        self.idx = 0
+
+    cdef void _store_ordered(self, const na.array& k, const na.array& v, int keep) except *:
+        """Keep the last `keep` positions of temporally ordered k/v."""
+        cdef int T = k.shape(2)
+        _set(&self.keys, heap(nnn.contiguous(nnn.slice_t(k, T - keep, T), False)))
+        _set(&self.values, heap(nnn.contiguous(nnn.slice_t(v, T - keep, T), False)))
+        self.filled = keep
+        self.idx = 0 if keep == self.window else keep
+
+    cdef int update(self, const na.array& k, const na.array& v, bint ordered) except -1:
+        _check(self.keys, k, v)
+        cdef int L = k.shape(2), W = self.window, cap, extra, nprev
+        if self.keys != NULL and not nnn.same_dtype(self.keys[0], k):
+            raise ValueError("RotatingKVCache: new keys' dtype differs from the cached keys'")
+        if L == 1:
+            cap = 0 if self.keys == NULL else self.keys.shape(2)
+            if self.filled < W and self.filled == cap:
+                extra = min(W - cap, self.step)
+                if self.keys == NULL:
+                    _set(&self.keys, heap(nnn.zeros4(k.shape(0), k.shape(1), extra, k.shape(3), k.dtype())))
+                    _set(&self.values, heap(nnn.zeros4(v.shape(0), v.shape(1), extra, v.shape(3), v.dtype())))
+                else:
+                    _set(&self.keys, heap(nnn.grow_t(self.keys[0], cap, extra)))
+                    _set(&self.values, heap(nnn.grow_t(self.values[0], cap, extra)))
+            _set(&self.keys, heap(nnn.write_t(self.keys[0], k, self.idx)))
+            _set(&self.values, heap(nnn.write_t(self.values[0], v, self.idx)))
+            self.offset += 1
+            if self.filled < W:
+                self.filled += 1
+            self.idx = (self.idx + 1) % W
+            if self.filled < W:
+                _set(&self.out_k, heap(nnn.slice_t(self.keys[0], 0, self.filled)))
+                _set(&self.out_v, heap(nnn.slice_t(self.values[0], 0, self.filled)))
+                self.out_start = self.offset - self.filled
+            elif self.idx == 0 or not ordered:
+                _set(&self.out_k, new na.array(self.keys[0]))
+                _set(&self.out_v, new na.array(self.values[0]))
+                self.out_start = self.offset - W if self.idx == 0 else -1
+            else:
+                _set(&self.out_k, heap(nnn.unroll_t(self.keys[0], self.idx)))
+                _set(&self.out_v, heap(nnn.unroll_t(self.values[0], self.idx)))
+                self.out_start = self.offset - W
+            return 0
+        # Several positions: attend over (held, in temporal order) + new.
+        nprev = self.filled
+        if self.keys == NULL or nprev == 0:
+            _set(&self.out_k, new na.array(k))
+            _set(&self.out_v, new na.array(v))
+        else:
+            if self.filled < W:
+                _set(&self.out_k, heap(nnn.cat_t(nnn.slice_t(self.keys[0], 0, nprev), k)))
+                _set(&self.out_v, heap(nnn.cat_t(nnn.slice_t(self.values[0], 0, nprev), v)))
+            else:
+                _set(&self.out_k, heap(nnn.cat_t(nnn.unroll_t(self.keys[0], self.idx), k)))
+                _set(&self.out_v, heap(nnn.cat_t(nnn.unroll_t(self.values[0], self.idx), v)))
+        self.out_start = self.offset - nprev
+        self.offset += L
+        self._store_ordered(self.out_k[0], self.out_v[0], min(W, nprev + L))
+        return 0
+
+    cpdef trim(self, int n):
+        """Forget the last n positions; only before the ring dropped any."""
+        if n < 0:
+            raise ValueError("trim: n must be >= 0")
+        n = min(n, self.offset)
+        if n == 0:
+            return 0
+        if self.filled != self.offset:
+            raise ValueError("RotatingKVCache: cannot trim after positions left the window")
+        self.offset -= n
+        self.filled -= n
+        self.idx = self.filled % self.window
+        return n
+
+
+cdef class Cache:
+    """The KV caches of one model, one per layer (model.make_cache())."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        for c in self.layers:
+            if not isinstance(c, LayerCache):
+                raise TypeError("Cache: every layer cache must be a KVCache or RotatingKVCache")
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __repr__(self):
+        return f"Cache(layers={len(self.layers)}, offset={self.offset})"
+
+    @property
+    def offset(self):
+        return (<LayerCache>self.layers[0]).offset if self.layers else 0
+
+    def trim(self, int n):
+        """Forget the last n positions of every layer; returns how many."""
+        for c in self.layers:
+            if (<LayerCache>c).window and (<LayerCache>c).offset > (<LayerCache>c).window:
+                if (<RotatingKVCache>c).filled != (<LayerCache>c).offset and n:
+                    raise ValueError("Cache.trim: a sliding-window layer already "
+                                     "dropped positions; cannot trim")
+        done = 0
+        for c in self.layers:
+            done = (<LayerCache>c).trim(n)
+        return done
+
+    @property
+    def nbytes(self):
+        return sum((<LayerCache>c).nbytes() for c in self.layers)
+
+    cpdef free(self):
+        for c in self.layers:
+            (<LayerCache>c).free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+        return False

@@ -1,0 +1,53 @@
+"""Normalizers from tokenizer.json, as plain str -> str functions."""
+from __future__ import annotations
+
+import unicodedata
+
+from .errors import TokenizerError
+
+
+def _pattern(spec: dict, what: str):
+    """A Replace/Split pattern: {"String": s} (literal) or {"Regex": r}."""
+    pat = spec.get("pattern")
+    if not isinstance(pat, dict) or len(pat) != 1:
+        raise TokenizerError(f"{what}: malformed pattern {pat!r}")
+    (kind, value), = pat.items()
+    if kind == "String":
+        return value, None
+    if kind == "Regex":
+        import regex  # Oniguruma-like syntax (\p{L}); only for unusual files
+        return None, regex.compile(value)
+    raise TokenizerError(f"{what}: unsupported pattern kind {kind!r}")
+
+
+def build_normalizer(spec: dict | None):
+    """Return a function str -> str (or None for no normalizer)."""
+    if spec is None:
+        return None
+    kind = spec.get("type")
+    if kind == "Sequence":
+        steps = [f for f in (build_normalizer(s) for s in spec.get("normalizers", [])) if f]
+        if not steps:
+            return None
+
+        def seq(text: str) -> str:
+            for f in steps:
+                text = f(text)
+            return text
+        return seq
+    if kind in ("NFC", "NFKC", "NFD", "NFKD"):
+        form = kind
+        # is_normalized is a fast check that avoids copying already-normal text
+        return lambda t: t if unicodedata.is_normalized(form, t) else unicodedata.normalize(form, t)
+    if kind == "Lowercase":
+        return str.lower
+    if kind == "Prepend":
+        pre = spec["prepend"]
+        return lambda t: pre + t if t else t
+    if kind == "Replace":
+        lit, rx = _pattern(spec, "Replace normalizer")
+        content = spec.get("content", "")
+        if rx is None:
+            return lambda t: t.replace(lit, content)
+        return lambda t: rx.sub(content.replace("\\", "\\\\"), t)
+    raise TokenizerError(f"unsupported normalizer type {kind!r} in tokenizer.json")
