@@ -21,6 +21,7 @@ cdef class LayerCache:
     cdef readonly int window      # 0: unbounded (KVCache); W: keeps the last W positions
     cdef readonly int step
     cdef int update(self, const na.array& k, const na.array& v, bint ordered) except -1
+    cdef void drop_outputs(self) noexcept
     cpdef free(self)
     cpdef trim(self, int n)
     cpdef long long nbytes(self)

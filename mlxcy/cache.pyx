@@ -55,8 +55,9 @@ cdef class LayerCache:
             n += self.values.nbytes()
         return n
 
-    def release_outputs(self):
-        """Drop the keys/values handed to attention by the last update."""
+    cdef void drop_outputs(self) noexcept:
+        """Drop the keys/values handed to attention by the last update (so
+        the next slice_update may write the buffer in place)."""
         _set(&self.out_k, NULL)
         _set(&self.out_v, NULL)
 

@@ -7,7 +7,9 @@ argument is already an Array, an op creates no Python object but its result.
 """
 import builtins as _b
 
+from cpython.number cimport PyNumber_Index
 from libc.math cimport M_SQRT1_2, M_2_SQRTPI
+from libcpp cimport bool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
@@ -32,9 +34,10 @@ cdef inline Array _arr(object x):
 
 
 cdef int _int(object v, str name) except? -1:
-    """A C int from v, or a TypeError naming the argument."""
+    """A C int from v (anything with __index__, not floats), or a TypeError
+    naming the argument."""
     try:
-        return v
+        return v if type(v) is int else PyNumber_Index(v)
     except TypeError:
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}") from None
 
@@ -92,15 +95,26 @@ cdef list _list(const vector[na.array]& v):
     return [wrap(heap(v[i])) for i in range(v.size())]
 
 
-cdef na.Dtype _native(object dtype) except *:
-    cdef Dtype d = as_dtype(dtype)
-    return na.dtype_from_code(d.code)
+cdef int _code(object dtype, int default=-1) except? -2:
+    """The dtype code of dtype, or default when dtype is None."""
+    if dtype is None:
+        if default < 0:
+            raise TypeError("dtype: a dtype is required")
+        return default
+    return as_dtype(dtype).code
 
 
 cdef string _str(object s, str name) except *:
     if not isinstance(s, str):
         raise TypeError(f"{name}: expected a str, got {type(s).__name__}")
     return s.encode("utf-8")
+
+
+cdef inline const na.array* _ptr(Array a):
+    """The native array of an optional argument; NULL when it is absent."""
+    if a is None:
+        return NULL
+    return a.ptr
 
 
 cdef inline bint _is_float(const na.array& a):
@@ -327,8 +341,7 @@ def clip(a, a_min, a_max):
         lo = operand(a_min, x.ptr)
     if a_max is not None:
         hi = operand(a_max, x.ptr)
-    return wrap(heap(nops.clip_(x.ptr[0], NULL if lo is None else lo.ptr,
-                                NULL if hi is None else hi.ptr)))
+    return wrap(heap(nops.clip_(x.ptr[0], _ptr(lo), _ptr(hi))))
 
 
 # --------------------------------------------------------------- unary ops
@@ -546,12 +559,15 @@ def nan_to_num(a, float nan=0.0, posinf=None, neginf=None):
     largest finite values)."""
     cdef Array x = _arr(a)
     cdef float p = 0.0, n = 0.0
+    cdef const float* pp = NULL
+    cdef const float* pn = NULL
     if posinf is not None:
         p = posinf
+        pp = &p
     if neginf is not None:
         n = neginf
-    return wrap(heap(nops.nan_to_num_(x.ptr[0], nan, NULL if posinf is None else &p,
-                                      NULL if neginf is None else &n)))
+        pn = &n
+    return wrap(heap(nops.nan_to_num_(x.ptr[0], nan, pp, pn)))
 
 
 # ------------------------------------------------------------- activations
@@ -639,12 +655,12 @@ def log_softmax(a, axis=-1):
 
 def zeros(shape, dtype=None):
     """An array of zeros (float32 unless dtype is given)."""
-    return wrap(heap(nops.zeros(_shape(shape), na.float32 if dtype is None else _native(dtype))))
+    return wrap(heap(nops.zeros(_shape(shape), na.dtype_from_code(_code(dtype, F32)))))
 
 
 def ones(shape, dtype=None):
     """An array of ones (float32 unless dtype is given)."""
-    return wrap(heap(nops.ones(_shape(shape), na.float32 if dtype is None else _native(dtype))))
+    return wrap(heap(nops.ones(_shape(shape), na.dtype_from_code(_code(dtype, F32)))))
 
 
 def full(shape, vals, dtype=None):
@@ -653,7 +669,7 @@ def full(shape, vals, dtype=None):
     cdef Array v = _arr(vals)
     if dtype is None:
         return wrap(heap(nops.full(_shape(shape), v.ptr[0])))
-    return wrap(heap(nops.full(_shape(shape), v.ptr[0], _native(dtype))))
+    return wrap(heap(nops.full(_shape(shape), v.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 def zeros_like(a):
@@ -674,7 +690,7 @@ def full_like(a, vals, dtype=None):
     cdef Array v = operand(vals, x.ptr)
     if dtype is None:
         return wrap(heap(nops.full_like(x.ptr[0], v.ptr[0], x.ptr.dtype())))
-    return wrap(heap(nops.full_like(x.ptr[0], v.ptr[0], _native(dtype))))
+    return wrap(heap(nops.full_like(x.ptr[0], v.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 def arange(start, stop=None, step=None, dtype=None):
@@ -690,33 +706,34 @@ def arange(start, stop=None, step=None, dtype=None):
     if dtype is None:
         dtype = "int32" if (type(start) is int and type(stop) is int and
                             type(step) is int) else "float32"
-    return wrap(heap(nops.arange(<double>start, <double>stop, <double>step, _native(dtype))))
+    return wrap(heap(nops.arange(<double>start, <double>stop, <double>step,
+                                 na.dtype_from_code(_code(dtype)))))
 
 
 def linspace(start, stop, num=50, dtype=None, endpoint=True):
     """`num` evenly spaced values from start to stop (stop included unless
     endpoint=False); float32 unless dtype is given."""
     return wrap(heap(nops.linspace(<double>start, <double>stop, _int(num, "num"),
-                                   endpoint, na.float32 if dtype is None else _native(dtype))))
+                                   endpoint, na.dtype_from_code(_code(dtype, F32)))))
 
 
 def eye(n, m=None, k=0, dtype=None):
     """An n x m matrix with ones on diagonal k."""
     cdef int rows = _int(n, "n")
     return wrap(heap(nops.eye(rows, rows if m is None else _int(m, "m"), _int(k, "k"),
-                              na.float32 if dtype is None else _native(dtype))))
+                              na.dtype_from_code(_code(dtype, F32)))))
 
 
 def identity(n, dtype=None):
     """The n x n identity matrix."""
-    return wrap(heap(nops.identity(_int(n, "n"), na.float32 if dtype is None else _native(dtype))))
+    return wrap(heap(nops.identity(_int(n, "n"), na.dtype_from_code(_code(dtype, F32)))))
 
 
 def tri(n, m=None, k=0, dtype=None):
     """An n x m matrix with ones at and below diagonal k."""
     cdef int rows = _int(n, "n")
     return wrap(heap(nops.tri(rows, rows if m is None else _int(m, "m"), _int(k, "k"),
-                              na.float32 if dtype is None else _native(dtype))))
+                              na.dtype_from_code(_code(dtype, F32)))))
 
 
 def tril(x, k=0):
@@ -734,14 +751,14 @@ def triu(x, k=0):
 def astype(a, dtype):
     """a converted to dtype."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.astype(x.ptr[0], _native(dtype))))
+    return wrap(heap(nops.astype(x.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 def view(a, dtype):
     """a's bytes reinterpreted as dtype (the last axis is rescaled when the
     item sizes differ)."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.view(x.ptr[0], _native(dtype))))
+    return wrap(heap(nops.view(x.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 # ------------------------------------------------------------------- shape
@@ -906,10 +923,21 @@ def take(a, indices, axis=None):
     """Elements (axis=None: of the flattened array) or slices along axis at
     the given indices."""
     cdef Array x = _arr(a)
+    cdef int ax, n, k
     if isinstance(indices, int):
         if axis is None:
-            return wrap(heap(nops.take(nops.reshape(x.ptr[0], _shape(-1)), <int>indices, 0)))
-        return wrap(heap(nops.take(x.ptr[0], <int>indices, _int(axis, "axis"))))
+            x = wrap(heap(nops.reshape(x.ptr[0], _shape(-1))))
+            axis = 0
+        ax = _int(axis, "axis")
+        if ax < -<int>x.ptr.ndim() or ax >= <int>x.ptr.ndim():
+            raise ValueError(f"take: axis {axis} is out of bounds for an array of "
+                             f"{x.ptr.ndim()} dimensions")
+        n = x.ptr.shape(ax)
+        k = _int(indices, "indices")
+        if k < -n or k >= n:
+            raise IndexError(f"take: index {indices} is out of bounds for axis {axis} "
+                             f"of size {n}")
+        return wrap(heap(nops.take(x.ptr[0], k + n if k < 0 else k, ax)))
     cdef Array i = _arr(indices)
     if axis is None:
         return wrap(heap(nops.take(x.ptr[0], i.ptr[0])))
@@ -1087,16 +1115,16 @@ def argmax(a, axis=None, keepdims=False):
     """Index of the maximum along axis (None: of the flattened array)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.argmax(x.ptr[0], <bint>keepdims)))
-    return wrap(heap(nops.argmax(x.ptr[0], _int(axis, "axis"), <bint>keepdims)))
+        return wrap(heap(nops.argmax(x.ptr[0], <bool>keepdims)))
+    return wrap(heap(nops.argmax(x.ptr[0], _int(axis, "axis"), <bool>keepdims)))
 
 
 def argmin(a, axis=None, keepdims=False):
     """Index of the minimum along axis (None: of the flattened array)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.argmin(x.ptr[0], <bint>keepdims)))
-    return wrap(heap(nops.argmin(x.ptr[0], _int(axis, "axis"), <bint>keepdims)))
+        return wrap(heap(nops.argmin(x.ptr[0], <bool>keepdims)))
+    return wrap(heap(nops.argmin(x.ptr[0], _int(axis, "axis"), <bool>keepdims)))
 
 
 cdef enum:
@@ -1112,12 +1140,12 @@ cdef Array _scan(object a, object axis, bint reverse, bint inclusive, int op):
     else:
         ax = _int(axis, "axis")
     if op == C_SUM:
-        return wrap(heap(nops.cumsum(x.ptr[0], ax, reverse, inclusive)))
+        return wrap(heap(nops.cumsum(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
     if op == C_PROD:
-        return wrap(heap(nops.cumprod(x.ptr[0], ax, reverse, inclusive)))
+        return wrap(heap(nops.cumprod(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
     if op == C_MAX:
-        return wrap(heap(nops.cummax(x.ptr[0], ax, reverse, inclusive)))
-    return wrap(heap(nops.cummin(x.ptr[0], ax, reverse, inclusive)))
+        return wrap(heap(nops.cummax(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
+    return wrap(heap(nops.cummin(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
 
 
 def cumsum(a, axis=None, reverse=False, inclusive=True):
@@ -1219,8 +1247,6 @@ cdef int _opt_int(object v, str name) except? -1:
     return r
 
 
-cdef inline const na.array* _ptr(Array a):
-    return NULL if a is None else a.ptr
 
 
 def quantize(w, group_size=None, bits=None, mode="affine"):

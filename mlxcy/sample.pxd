@@ -43,6 +43,7 @@ cdef class Sampler:
     cdef na.array* sample(self, const na.array& logits, const na.array* history) except NULL
     # The filter chain and draw alone, on already processed logits.
     cdef na.array* draw(self, const na.array& logits) except NULL
+    cdef na.array* _draw_top_k(self, const na.array& logits) except NULL
 
 
 # Filters (last axis). k <= 0 or k >= V: unchanged copy. 0 < p <= 1. 0 <= min_p <= 1.

@@ -103,9 +103,16 @@ cdef na.array* top_k_filter(const na.array& x, int k) except NULL:
 
 
 cdef na.array* top_p_filter(const na.array& x, double p) except NULL:
-    cdef int V = _last(x)
-    if p >= 1.0 or V == 1:
+    if p >= 1.0 or _last(x) == 1:
         return new na.array(x)
+    return _top_p(x, p, NULL)
+
+
+cdef na.array* _top_p(const na.array& x, double p, const na.array* total) except NULL:
+    """Top-p along the last axis of x. `total`: the row's probability mass
+    relative to the row maximum (sum of exp(logit - max)), when x holds only
+    the top entries of a longer row; NULL: x is the whole row."""
+    cdef int V = _last(x)
     # Sorted ascending; probabilities relative to the row maximum (no overflow).
     cdef na.array s = nsm.sort(x, -1)
     cdef na.array s32 = nsm.astype(s, na.float32)
@@ -114,11 +121,15 @@ cdef na.array* top_p_filter(const na.array& x, double p) except NULL:
     # mass strictly above each sorted position; drop a position while the
     # tokens above it already hold >= p of the mass.
     cdef na.array above = nsm.cumsum(pr, -1, True, False)
-    cdef na.array total = nsm.add(nsm.slice(above, _cols_start(x, 0), _cols_stop(x, 1)),
-                                  nsm.slice(pr, _cols_start(x, 0), _cols_stop(x, 1)))
-    cdef na.array target = nsm.multiply(total, na.array(p, na.float32))
+    cdef na.array tot
+    if total == NULL:
+        tot = nsm.add(nsm.slice(above, _cols_start(x, 0), _cols_stop(x, 1)),
+                      nsm.slice(pr, _cols_start(x, 0), _cols_stop(x, 1)))
+    else:
+        tot = total[0]
+    cdef na.array target = nsm.multiply(tot, na.array(p, na.float32))
     cdef na.array ndrop = nsm.sum(nsm.greater_equal(above, target), -1, True)
-    # ndrop <= V - 1 because total >= 1 and p > 0 (the top entry has mass 1).
+    # ndrop <= V - 1: the top entry's own mass is 1 <= total, and p > 0.
     cdef na.array thr = nsm.take_along_axis(s, ndrop, -1)
     cdef na.array ninf = na.array(<double>-INFINITY, x.dtype())
     return heap(nsm.where(nsm.less(x, thr), ninf, x))
@@ -400,6 +411,8 @@ cdef class Sampler:
         _check_logits(logits, "logits")
         if self.temperature == 0.0:
             return heap(nsm.astype(nsm.argmax(logits, -1, False), na.int32))
+        if 0 < self.top_k < _last(logits):
+            return self._draw_top_k(logits)
         cdef na.array x = logits
         cdef na.array* p
         if self.top_p < 1.0:
@@ -410,13 +423,40 @@ cdef class Sampler:
             p = min_p_filter(x, self.min_p, self.min_tokens_to_keep)
             x = p[0]
             del p
-        if self.top_k > 0:
-            p = top_k_filter(x, self.top_k)
-            x = p[0]
-            del p
         if self.temperature != 1.0:
             x = nsm.multiply(x, na.array(1.0 / self.temperature, x.dtype()))
         return heap(nsm.astype(nsm.categorical_step(x, -1, self.key), na.int32))
+
+    cdef na.array* _draw_top_k(self, const na.array& logits) except NULL:
+        """top-k active: filter and draw over the k best entries only (what
+        survives top-k is a subset of them), then map back to token ids.
+        Top-p still measures mass against the whole row."""
+        cdef int k = self.top_k, nd = logits.ndim(), i
+        cdef na.array idx = nsm.slice(nsm.argpartition(nsm.negative(logits), k - 1, -1),
+                                      _cols_start(logits, 0), _cols_stop(logits, k))
+        cdef na.array vals = nsm.take_along_axis(logits, idx, -1)
+        cdef na.array m, total
+        cdef na.array* p
+        if self.top_p < 1.0:
+            m = nsm.astype(nsm.max(vals, -1, True), na.float32)
+            total = nsm.sum(nsm.exp(nsm.subtract(nsm.astype(logits, na.float32), m)), -1, True)
+            p = _top_p(vals, self.top_p, &total)
+            vals = p[0]
+            del p
+        if self.min_p > 0.0:
+            p = min_p_filter(vals, self.min_p, self.min_tokens_to_keep)
+            vals = p[0]
+            del p
+        if self.temperature != 1.0:
+            vals = nsm.multiply(vals, na.array(1.0 / self.temperature, vals.dtype()))
+        cdef na.Shape lead = na.Shape(), lead1 = na.Shape()
+        for i in range(nd - 1):
+            lead.push_back(logits.shape(i))
+            lead1.push_back(logits.shape(i))
+        lead1.push_back(1)
+        cdef na.array pos = nsm.reshape(nsm.astype(nsm.categorical_step(vals, -1, self.key),
+                                                   na.int32), lead1)
+        return heap(nsm.astype(nsm.reshape(nsm.take_along_axis(idx, pos, -1), lead), na.int32))
 
     cdef na.array* sample(self, const na.array& logits, const na.array* history) except NULL:
         cdef na.array* p = self.process(logits, history)

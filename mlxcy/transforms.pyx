@@ -514,18 +514,20 @@ cdef class NativeCompiled:
         return _to_list(outs)
 
 
-cdef inline PyObject* _owner(object owner):
-    return NULL if owner is None else <PyObject*>owner
+cdef _FnBox _native_box(NativeFn fn, void* ctx, object owner):
+    cdef _FnBox b = _FnBox.__new__(_FnBox)
+    cdef PyObject* o = NULL
+    if owner is not None:
+        o = <PyObject*>owner
+    b.fn = ntr.native_closure(fn, ctx, o)
+    return b
 
 
 cdef pair[vector[na.array], vector[na.array]] value_and_grad_native(
         NativeFn fn, void* ctx, const vector[na.array]& inputs, const vector[int]& argnums,
         object owner=None) except *:
-    cdef ArrayFn* f = ntr.native_closure(fn, ctx, _owner(owner))
-    try:
-        return ntr.value_and_grad(f[0], inputs, argnums)
-    finally:
-        del f
+    cdef _FnBox box = _native_box(fn, ctx, owner)
+    return ntr.value_and_grad(box.fn[0], inputs, argnums)
 
 
 cdef vector[na.array] grad_native(NativeFn fn, void* ctx, const vector[na.array]& inputs,
@@ -536,30 +538,21 @@ cdef vector[na.array] grad_native(NativeFn fn, void* ctx, const vector[na.array]
 cdef pair[vector[na.array], vector[na.array]] vjp_native(
         NativeFn fn, void* ctx, const vector[na.array]& primals,
         const vector[na.array]& cotangents, object owner=None) except *:
-    cdef ArrayFn* f = ntr.native_closure(fn, ctx, _owner(owner))
-    try:
-        return ntr.vjp(f[0], primals, cotangents)
-    finally:
-        del f
+    cdef _FnBox box = _native_box(fn, ctx, owner)
+    return ntr.vjp(box.fn[0], primals, cotangents)
 
 
 cdef pair[vector[na.array], vector[na.array]] jvp_native(
         NativeFn fn, void* ctx, const vector[na.array]& primals,
         const vector[na.array]& tangents, object owner=None) except *:
-    cdef ArrayFn* f = ntr.native_closure(fn, ctx, _owner(owner))
-    try:
-        return ntr.jvp(f[0], primals, tangents)
-    finally:
-        del f
+    cdef _FnBox box = _native_box(fn, ctx, owner)
+    return ntr.jvp(box.fn[0], primals, tangents)
 
 
 cdef NativeCompiled compile_native(NativeFn fn, void* ctx, bint shapeless=False,
                                    object owner=None):
     cdef NativeCompiled c = NativeCompiled.__new__(NativeCompiled)
     c.owner = owner
-    cdef ArrayFn* f = ntr.native_closure(fn, ctx, _owner(owner))
-    try:
-        c.impl = new ntr.Compiled(f[0], <uintptr_t><PyObject*>c, shapeless)
-    finally:
-        del f
+    cdef _FnBox box = _native_box(fn, ctx, owner)
+    c.impl = new ntr.Compiled(box.fn[0], <uintptr_t><PyObject*>c, shapeless)
     return c

@@ -5,6 +5,9 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -123,6 +126,103 @@ inline mx::array zeros4(int a, int b, int c, int d, mx::Dtype dt) {
 }
 
 inline bool same_dtype(const mx::array& a, const mx::array& b) { return a.dtype() == b.dtype(); }
+
+// [B, L, H*D] -> [B, H, L, D]
+inline mx::array heads_first(const mx::array& x, int H, int D) {
+  return mx::transpose(mx::reshape(x, {x.shape(0), x.shape(1), H, D}), {0, 2, 1, 3});
+}
+
+// [B, H, L, D] -> [B, L, H*D]
+inline mx::array heads_merge(const mx::array& x) {
+  return mx::reshape(mx::transpose(x, {0, 2, 1, 3}),
+                     {x.shape(0), x.shape(2), x.shape(1) * x.shape(3)});
+}
+
+// x[:, t:t+1, :] of [B, L, D]
+inline mx::array take_position(const mx::array& x, int t) {
+  return mx::slice(x, mx::Shape{0, t, 0}, mx::Shape{x.shape(0), t + 1, x.shape(2)});
+}
+
+inline mx::array neg_inf_like(mx::Dtype dt) {
+  return mx::array(-std::numeric_limits<float>::infinity(), dt);
+}
+
+// The mask attention applies, given the structural part and the caller's.
+// kind: 0 none, 1 causal, 2 causal within `window`. user: NULL or a mask whose
+// last axis covers absolute key positions [0, qstart + L); its [kstart,
+// kstart + K) columns are used. Returns false (no mask) or true with *out set;
+// `causal_mode` is set when the plain causal mode of the fused kernel suffices.
+inline bool build_mask(int kind, int L, int qstart, int K, int kstart, int window,
+                       const mx::array* user, mx::Dtype dt, bool allow_causal_mode,
+                       bool* causal_mode, mx::array* out) {
+  *causal_mode = false;
+  if (user == nullptr) {
+    if (kind == 0) return false;
+    if (kind == 1 && allow_causal_mode) {
+      *causal_mode = true;
+      return false;
+    }
+    *out = causal_window_mask(L, qstart, K, kstart, kind == 2 ? window : 0);
+    return true;
+  }
+  if (user->ndim() < 1 || user->shape(-1) != qstart + L) {
+    throw std::invalid_argument(
+        "[mlxcy] attention mask: its last axis must cover all " +
+        std::to_string(qstart + L) + " key positions (cache offset + new tokens), got " +
+        std::to_string(user->ndim() ? user->shape(-1) : 0));
+  }
+  if (user->ndim() >= 2 && user->shape(-2) != L && user->shape(-2) != 1) {
+    throw std::invalid_argument("[mlxcy] attention mask: its query axis must be 1 or " +
+                                std::to_string(L));
+  }
+  mx::array u = *user;
+  if (kstart != 0 || K != qstart + L) {
+    mx::Shape start(u.ndim(), 0), stop(u.shape().begin(), u.shape().end());
+    start.back() = kstart;
+    stop.back() = kstart + K;
+    u = mx::slice(u, start, stop);
+  }
+  bool is_bool = u.dtype() == mx::bool_;
+  if (!is_bool) u = mx::astype(u, dt);
+  if (kind == 0) {
+    *out = u;
+    return true;
+  }
+  auto st = causal_window_mask(L, qstart, K, kstart, kind == 2 ? window : 0);
+  *out = is_bool ? mx::logical_and(u, st) : mx::where(st, u, neg_inf_like(dt));
+  return true;
+}
+
+// softmax(tanh(q k^T * scale / cap) * cap + mask) v, with grouped kv heads
+// (q: [B, H, L, D], k/v: [B, Hkv, K, D]); the mask (bool or additive) broadcasts
+// to [B, H, L, K].
+inline mx::array attention_softcap(const mx::array& q, const mx::array& k, const mx::array& v,
+                                   float scale, float cap, const mx::array* mask) {
+  int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
+  int Hkv = k.shape(1), K = k.shape(2);
+  int rep = H / Hkv;
+  auto qg = mx::reshape(q, {B, Hkv, rep, L, D});
+  auto kg = mx::expand_dims(k, 2);
+  auto vg = mx::expand_dims(v, 2);
+  auto s = mx::multiply(mx::matmul(qg, mx::swapaxes(kg, -1, -2)), mx::array(scale, q.dtype()));
+  if (cap > 0) s = softcap(s, cap);
+  if (mask) {
+    mx::array m = *mask;
+    while (m.ndim() < 4) m = mx::expand_dims(m, 0);
+    if (m.shape(1) == 1) {
+      m = mx::expand_dims(m, 2);
+    } else {
+      m = mx::reshape(m, {m.shape(0), Hkv, rep, m.shape(2), m.shape(3)});
+    }
+    if (m.dtype() == mx::bool_) {
+      s = mx::where(m, s, neg_inf_like(s.dtype()));
+    } else {
+      s = mx::add(s, m);
+    }
+  }
+  auto p = mx::softmax(s, -1, true);
+  return mx::reshape(mx::matmul(p, vg), {B, H, L, D});
+}
 
 inline size_t active_memory() { return mx::get_active_memory(); }
 inline void clear_memory_cache() { mx::clear_cache(); }

@@ -536,4 +536,9 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None):
         for base, q in quant_layers.items():
             if q["bits"] != bits:
                 quantization[base] = dict(q, mode="affine")
+        for name in weights:      # linear layers stored as floats stay unquantized
+            base = name[: -len(".weight")]
+            if name.endswith((".weight")) and base not in quant_layers and \
+                    base.endswith(("_proj", "embed_tokens", "lm_head")):
+                quantization[base] = False
     return weights, cfg, quantization

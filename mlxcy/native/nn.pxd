@@ -59,5 +59,13 @@ cdef extern from "mlxcy/nn.h" namespace "mlxcy" nogil:
     array write_t(const array& buf, const array& upd, int t0) except +
     array zeros4(int a, int b, int c, int d, Dtype dt) except +
     bool same_dtype(const array& a, const array& b)
+    array heads_first(const array& x, int H, int D) except +
+    array heads_merge(const array& x) except +
+    array take_position(const array& x, int t) except +
+    bool build_mask(int kind, int L, int qstart, int K, int kstart, int window,
+                    const array* user, Dtype dt, bool allow_causal_mode,
+                    bool* causal_mode, array* out) except +
+    array attention_softcap(const array& q, const array& k, const array& v, float scale,
+                            float cap, const array* mask) except +
     size_t active_memory() except +
     void clear_memory_cache() except +

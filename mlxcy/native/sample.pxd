@@ -29,6 +29,8 @@ cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
     array logsumexp(const array&, int axis, bool keepdims) except +
     array sort(const array&, int axis) except +
     array partition(const array&, int kth, int axis) except +
+    array argpartition(const array&, int kth, int axis) except +
+    array negative(const array&) except +
     array take_along_axis(const array&, const array&, int axis) except +
     array scatter_add_axis(const array&, const array&, const array&, int axis) except +
 

@@ -222,6 +222,7 @@ cdef class BPECore:
     cdef int mode, max_digits
     cdef bint digits_individual
     cdef uint32_t split_before        # split words before this code point (0: off)
+    cdef vector[uint32_t] split_guard # ...unless the previous code point is one of these
     cdef vector[uint32_t] buf         # the piece being encoded, as code points
 
     def __init__(self, dict vocab_bytes, list merges, *, bint byte_level,
@@ -254,17 +255,21 @@ cdef class BPECore:
         self.split_before = 0
 
     def set_pretokenizer(self, int mode, int max_digits=0, bint digits_individual=False,
-                         str split_before=None):
+                         str split_before=None, str split_guard=""):
         """Choose the native pre-tokenizer: MODE_NONE / MODE_LLAMA3 / MODE_GPT2,
         optionally preceded by Digits(individual_digits=True). split_before: a
-        character before which a word may always be cut (SentencePiece's U+2581
-        when no vocabulary token has it after another character)."""
+        character before which a word may be cut (SentencePiece's U+2581), except
+        after itself or after a character of split_guard: the characters that
+        precede it inside some vocabulary token, so no merge can cross a cut."""
         if mode not in (_NONE, _LLAMA3, _GPT2):
             raise ValueError(f"unknown pre-tokenizer mode {mode}")
         self.mode = mode
         self.max_digits = max_digits if max_digits > 0 else 1 << 30
         self.digits_individual = digits_individual
         self.split_before = ord(split_before) if split_before else 0
+        self.split_guard.clear()
+        for ch in split_guard:
+            self.split_guard.push_back(ord(ch))
 
     def encode(self, str text, list out):
         """Pre-tokenize `text` and append the BPE ids of every word to `out`."""
@@ -329,10 +334,17 @@ cdef class BPECore:
         cdef Py_ssize_t i, start = a
         if m:
             for i in range(a + 1, b):
-                if s[i] == m and s[i - 1] != m:
+                if s[i] == m and s[i - 1] != m and not self._guarded(s[i - 1]):
                     self._word(start, i, ids)
                     start = i
         self._word(start, b, ids)
+
+    cdef inline bint _guarded(self, uint32_t c) noexcept:
+        cdef size_t k
+        for k in range(self.split_guard.size()):
+            if self.split_guard[k] == c:
+                return True
+        return False
 
     cdef void _word(self, Py_ssize_t a, Py_ssize_t b, vector[int32_t]& ids) except *:
         """BPE-encode buf[a:b] (through the cache) and append its ids."""
@@ -400,11 +412,8 @@ cdef class BPECore:
                 if ok:
                     for j in range(ln):
                         self._push(syms, self.byte_ids[<uint8_t>w[i + j]], 1, False)
-                elif self.unk_id >= 0:
-                    self._push(syms, self.unk_id, ln, self.fuse_unk)
                 else:
-                    raise ValueError(f"character {(<bytes>ch).decode('utf-8', 'replace')!r} is not in the "
-                                     "vocabulary and the model has no unk token or byte fallback")
+                    self._push(syms, self.unk_id, ln, self.fuse_unk)
             i += ln
 
     cdef inline void _push(self, vector[Sym]& syms, int32_t id, int32_t nb, bint fuse) except *:
@@ -413,8 +422,8 @@ cdef class BPECore:
         if fuse and m > 0 and syms[m - 1].id == self.unk_id:
             syms[m - 1].nbytes += nb
             return
-        if id < 0:
-            raise ValueError("byte-level vocabulary lacks a byte token")
+        if id < 0:   # no token and no unk: tokenizers drops the character too
+            return
         s.id = id
         s.prev = m - 1
         s.next = m + 1

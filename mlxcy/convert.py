@@ -1,0 +1,204 @@
+"""Checkpoint conversion.
+
+    convert_hf_to_mlx(src_dir, dst_dir, bits=4, group_size=64, dtype=None)
+        Hugging Face safetensors → mlx-lm's quantized layout (config.json with
+        "quantization" and "quantization_config"; model.safetensors with
+        `<name>.weight` uint32, `.scales`, `.biases`; model.safetensors.index.json;
+        tokenizer files copied). mlx_lm.load reads it, and we read mlx-lm's.
+
+    convert_gguf_to_hf(gguf_path, dst_dir, dtype="float32", tokenizer=True)
+        GGUF → Hugging Face layout (dequantized weights, config.json, and, when
+        transformers is installed, the tokenizer files it derives from the GGUF).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["convert_hf_to_mlx", "convert_gguf_to_hf", "quantize_affine", "save_weights"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                    "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def _dtype_name(d) -> str:
+    return str(d).rsplit(".", 1)[-1]
+
+
+def quantize_affine(w, group_size: int, bits: int):
+    """MLX affine quantization of a 2-D Array along its last axis: (w_q uint32,
+    scales, biases) in w's dtype. Uses mlxcy.ops.quantize when built, else a numpy
+    transcription of mlx::core's affine_quantize."""
+    import mlxcy
+    from mlxcy import ops
+    q = getattr(ops, "quantize", None)
+    if q is not None:
+        wq, s, b = q(w, group_size=group_size, bits=bits)
+        return wq, s, b
+    x = w.astype(mlxcy.float32).numpy()
+    rows, cols = x.shape
+    g = x.reshape(rows, cols // group_size, group_size)
+    w_max, w_min = g.max(-1, keepdims=True), g.min(-1, keepdims=True)
+    n_bins = np.float32((1 << bits) - 1)
+    mask = np.abs(w_min) > np.abs(w_max)
+    scales = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scales = np.where(mask, scales, -scales)
+    edge = np.where(mask, w_min, w_max)
+    q0 = np.round(edge / scales)
+    scales = np.where(q0 != 0, edge / np.where(q0 == 0, 1, q0), scales).astype(np.float32)
+    biases = np.where(q0 == 0, 0, edge).astype(np.float32)
+    qv = np.clip(np.round((g - biases) / scales), 0, n_bins).astype(np.uint32)
+    per = 32 // bits
+    qv = qv.reshape(rows, cols // per, per) << (np.arange(per, dtype=np.uint32) * bits)
+    packed = np.bitwise_or.reduce(qv, axis=-1).astype(np.uint32)
+    dt = w.dtype
+    return (mlxcy.array(packed), mlxcy.array(scales[..., 0]).astype(dt),
+            mlxcy.array(biases[..., 0]).astype(dt))
+
+
+def save_weights(dst: Path, weights: dict, max_shard_bytes: int = 5 << 30,
+                 metadata: dict | None = None) -> list[str]:
+    """Write weights as mlx-lm does: model.safetensors (or model-0000i-of-0000n)
+    plus model.safetensors.index.json. Returns the file names."""
+    from mlxcy.models.load import save_safetensors
+    shards, size = [], 0
+    for k in weights:
+        nb = int(weights[k].nbytes)
+        if not shards or size + nb > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nb
+    n = len(shards)
+    fmt = "model-{:05d}-of-{:05d}.safetensors" if n > 1 else "model.safetensors"
+    index = {"metadata": {"total_size": sum(int(v.nbytes) for v in weights.values())},
+             "weight_map": {}}
+    names = []
+    for i, keys in enumerate(shards):
+        fn = fmt.format(i + 1, n)
+        save_safetensors(dst / fn, {k: weights[k] for k in keys}, metadata or {"format": "mlx"})
+        for k in keys:
+            index["weight_map"][k] = fn
+        names.append(fn)
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    with open(dst / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f, indent=4)
+    return names
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in _TOKENIZER_FILES:
+        p = src / name
+        if p.is_file():
+            shutil.copyfile(p, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _quantizable(name: str, a, group_size: int) -> bool:
+    if not name.endswith(".weight") or a.ndim != 2:
+        return False
+    base = name[: -len(".weight")]
+    if not base.endswith(("_proj", "embed_tokens", "lm_head")):
+        return False
+    return a.shape[-1] % group_size == 0
+
+
+def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dtype=None,
+                      max_shard_bytes: int = 5 << 30) -> Path:
+    """Quantize a Hugging Face checkpoint directory into mlx-lm's layout."""
+    import mlxcy
+    from mlxcy.models.load import load_weights, _free, LoadError
+    src, dst = Path(src_dir), Path(dst_dir)
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 8; got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64 or 128; got {group_size}")
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"{dst}: destination must differ from the source")
+    weights, config, quantization = load_weights(src)
+    out = {}
+    try:
+        if quantization:
+            raise LoadError(f"{src / 'config.json'}: already quantized")
+        if dtype is None:
+            dname = config.get("torch_dtype") or config.get("dtype")
+            dtype = mlxcy.dtype(dname) if dname in ("float16", "bfloat16", "float32") else None
+        else:
+            dtype = mlxcy.dtype(dtype)
+        tied = config.get("tie_word_embeddings", config.get("model_type", "").startswith("gemma"))
+        for name in list(weights):
+            a = weights.pop(name)
+            if tied and name == "lm_head.weight":
+                a.free()
+                continue
+            if dtype is not None and a.dtype.is_floating and a.dtype != dtype:
+                b = a.astype(dtype)
+                a.free()
+                a = b
+            if _quantizable(name, a, group_size):
+                wq, s, b = quantize_affine(a, group_size, bits)
+                a.free()
+                base = name[: -len(".weight")]
+                out[name], out[base + ".scales"], out[base + ".biases"] = wq, s, b
+            else:
+                out[name] = a
+        dst.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(config)
+        q = {"group_size": group_size, "bits": bits, "mode": "affine"}
+        cfg["quantization"] = dict(q)
+        cfg["quantization_config"] = dict(q)
+        if dtype is not None:
+            cfg["torch_dtype"] = _dtype_name(dtype)
+        save_weights(dst, out, max_shard_bytes)
+        with open(dst / "config.json", "w") as f:
+            json.dump(dict(sorted(cfg.items())), f, indent=4)
+        _copy_tokenizer(src, dst)
+    finally:
+        _free(weights)
+        _free(out)
+    return dst
+
+
+def convert_gguf_to_hf(gguf_path, dst_dir, dtype="float32", tokenizer: bool = True) -> Path:
+    """Dequantize a GGUF file into a Hugging Face checkpoint directory
+    (config.json + model.safetensors [+ tokenizer files])."""
+    import mlxcy
+    from mlxcy.models import gguf
+    from mlxcy.models.load import _free
+    src, dst = Path(gguf_path), Path(dst_dir)
+    dtype = mlxcy.dtype(dtype)
+    if _dtype_name(dtype) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
+    weights, cfg, _ = gguf.load_gguf(src, dtype=dtype, dequantize=True)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        cfg = dict(cfg, torch_dtype=_dtype_name(dtype))
+        save_weights(dst, weights, metadata={"format": "pt"})
+    finally:
+        _free(weights)
+    with open(dst / "config.json", "w") as f:
+        json.dump(cfg, f, indent=2)
+    if tokenizer:
+        _gguf_tokenizer(src, dst)
+    return dst
+
+
+def _gguf_tokenizer(src: Path, dst: Path) -> bool:
+    """Tokenizer files derived from the GGUF by transformers (if installed)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return False
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    except Exception:       # an architecture transformers cannot read: weights only
+        return False
+    tok.save_pretrained(str(dst))
+    return True

@@ -1,0 +1,214 @@
+# cython: language_level=3, cpp_locals=True
+"""The token loop: chunked prefill, then pipelined decode.
+
+Decode builds and queues the next step's graph (async evaluation) before it
+reads the current token back, so the device never waits on Python.  Every
+per-step intermediate is a heap array owned by this loop and deleted as soon
+as the step that needed it is queued; the only Python object made per token is
+the int handed to the caller.
+"""
+from libc.stdint cimport int32_t
+from libcpp.vector cimport vector
+
+from mlxcy.core cimport Array, wrap, handle, to_array
+from mlxcy.native cimport array as na
+from mlxcy.native cimport ops as nops
+from mlxcy.native.array cimport heap
+from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
+from mlxcy.models.base cimport Model
+from mlxcy.cache cimport Cache
+from mlxcy.sample cimport Sampler
+
+import numpy as np
+
+
+cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
+    na.array logsumexp(const na.array&, int, bint) except +
+    na.array take_along_axis(const na.array&, const na.array&, int) except +
+
+
+cdef inline void _drop(na.array** slot) noexcept:
+    if slot[0] != NULL:
+        del slot[0]
+        slot[0] = NULL
+
+
+cdef class TokenLoop:
+    """Iterates (token_id, logprob or None) for one prompt on one cache.
+
+    The cache may already hold a prefix (a chat session's earlier turns): only
+    `prompt_ids` are prefilled.  The loop owns nothing but its step arrays;
+    the model and cache belong to the caller.
+    """
+    cdef Model model
+    cdef Cache cache
+    cdef Sampler sampler
+    cdef na.array* pending        # next token, queued, shape [1]
+    cdef na.array* pending_lp     # its log-probability, or NULL
+    cdef na.array* history        # int32 [1, T] recent tokens, for penalties; or NULL
+    cdef int history_size
+    cdef bint want_logprobs
+    cdef readonly int produced
+    cdef readonly int max_tokens
+    cdef readonly double prefill_seconds
+
+    def __init__(self, Model model, Cache cache, Sampler sampler, prompt_ids, int max_tokens,
+                 int prefill_chunk=512, bint logprobs=False, history_ids=None):
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        ids = np.asarray(prompt_ids, dtype=np.int32).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("the prompt has no tokens")
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.max_tokens = max_tokens
+        self.want_logprobs = logprobs
+        self.history_size = _history_size(sampler)
+        if self.history_size > 0:
+            hist = ids if history_ids is None else np.asarray(history_ids, np.int32).reshape(-1)
+            hist = hist[-self.history_size:]
+            h = to_array(hist.reshape(1, -1))   # keep the Array alive while copying
+            self.history = heap((<Array>h).ptr[0])
+        import time
+        t0 = time.perf_counter()
+        self._prefill(ids, prefill_chunk)
+        self.prefill_seconds = time.perf_counter() - t0
+
+    def __dealloc__(self):
+        _drop(&self.pending)
+        _drop(&self.pending_lp)
+        _drop(&self.history)
+
+    def close(self):
+        """Drop the queued step (the cache keeps what was computed)."""
+        _drop(&self.pending)
+        _drop(&self.pending_lp)
+        _drop(&self.history)
+
+    cdef void _prefill(self, object ids, int chunk) except *:
+        cdef int n = ids.shape[0], start = 0
+        cdef Array part
+        cdef na.array* out
+        cdef vector[na.array] outs = vector[na.array]()
+        # All but the last chunk only fill the cache: evaluating their output
+        # (which depends on every layer's cache update) bounds graph size.
+        while n - start > chunk:
+            part = to_array(ids[start:start + chunk].reshape(1, -1))
+            out = self.model.forward(part.ptr[0], self.cache, NULL, NULL, True)
+            outs.clear()
+            outs.push_back(out[0])
+            del out
+            with nogil:
+                neval(outs)
+            start += chunk
+        part = to_array(ids[start:].reshape(1, -1))
+        out = self.model.forward(part.ptr[0], self.cache, NULL, NULL, True)
+        self._queue(out)          # takes ownership of out
+        # Wait for the prompt to finish, so prefill time is measured honestly.
+        outs.clear()
+        outs.push_back(self.pending[0])
+        with nogil:
+            neval(outs)
+
+    cdef void _queue(self, na.array* logits3) except *:
+        """Sample from logits [1, 1, V] and queue the result; frees logits3."""
+        cdef na.array* logits = heap(nops.reshape(logits3[0], _shape1(-1)))
+        del logits3
+        cdef na.array* tok
+        cdef vector[na.array] outs = vector[na.array]()
+        try:
+            tok = self.sampler.sample(logits[0], self.history)
+            self.pending = tok
+            outs.push_back(tok[0])
+            if self.want_logprobs:
+                self.pending_lp = _logprob_of(logits[0], tok[0])
+                outs.push_back(self.pending_lp[0])
+            if self.history != NULL:
+                self._push_history(tok[0])
+        finally:
+            del logits
+        with nogil:
+            nasync_eval(outs)
+
+    cdef void _push_history(self, const na.array& tok) except *:
+        cdef na.array* h = self.history
+        cdef vector[na.array] parts = vector[na.array]()
+        parts.push_back(h[0])
+        parts.push_back(nops.reshape(tok, _shape2(1, 1)))
+        cdef na.array joined = nops.concatenate(parts, 1)
+        cdef int T = joined.shape(1)
+        if T > self.history_size:
+            self.history = heap(nops.slice(joined, _shape2(0, T - self.history_size),
+                                           _shape2(1, T)))
+        else:
+            self.history = heap(joined)
+        del h
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef na.array* cur
+        cdef na.array* cur_lp
+        cdef na.array* out
+        cdef int32_t tokv
+        cdef float lpv
+        if self.pending == NULL or self.produced >= self.max_tokens:
+            self.close()
+            raise StopIteration
+        cur, cur_lp = self.pending, self.pending_lp
+        self.pending = NULL
+        self.pending_lp = NULL
+        try:
+            self.produced += 1
+            if self.produced < self.max_tokens:
+                # Queue step n+1 before reading token n back.
+                out = self.model.forward(nops.reshape(cur[0], _shape2(1, 1)), self.cache,
+                                         NULL, NULL, True)
+                self._queue(out)
+            with nogil:
+                tokv = cur.item[int32_t]()
+            lp = None
+            if cur_lp != NULL:
+                with nogil:
+                    lpv = cur_lp.item[float]()
+                lp = lpv
+        finally:
+            del cur
+            if cur_lp != NULL:
+                del cur_lp
+        return tokv, lp
+
+
+cdef int _history_size(Sampler s):
+    """How many recent tokens the sampler's penalties look at (0: none)."""
+    cdef int n = 0
+    if s.repetition_penalty != 1.0:
+        n = max(n, s.repetition_context_size)
+    if s.presence_penalty != 0.0:
+        n = max(n, s.presence_context_size)
+    if s.frequency_penalty != 0.0:
+        n = max(n, s.frequency_context_size)
+    return n
+
+
+cdef na.array* _logprob_of(const na.array& logits, const na.array& tok) except NULL:
+    """log softmax(logits)[tok] for logits [V] and tok [1]."""
+    cdef na.array lse = logsumexp(nops.astype(logits, na.float32), 0, True)
+    cdef na.array picked = take_along_axis(nops.astype(logits, na.float32),
+                                           nops.astype(tok, na.int32), 0)
+    return heap(nops.subtract(picked, lse))
+
+
+cdef na.Shape _shape1(int a):
+    cdef na.Shape s = na.Shape()
+    s.push_back(a)
+    return s
+
+
+cdef na.Shape _shape2(int a, int b):
+    cdef na.Shape s = na.Shape()
+    s.push_back(a)
+    s.push_back(b)
+    return s

@@ -1,0 +1,460 @@
+"""TextModel: load a model and stream text from a prompt or a chat.
+
+    import mlxcy
+    with mlxcy.load("SmolLM2-135M-Instruct.Q4_1.gguf") as m:
+        print(m.generate("The capital of France is", max_tokens=16))
+        for tok in m.stream_chat([{"role": "user", "content": "Hi!"}]):
+            print(tok.text, end="", flush=True)
+
+Backends: "mlx" (mlxcy's own Cython stack) and "mlx_lm" (an adapter over
+mlx-lm, when installed) share the TextModel interface, so scripts and
+benchmarks can swap them (`load(path, backend="mlx_lm")`).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, asdict, field
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+__all__ = ["Token", "GenerationOptions", "Metrics", "TextModel", "MlxTextModel", "load",
+           "register", "get", "list_backends", "default_backend", "set_default_backend",
+           "load_model"]
+
+
+class Token(NamedTuple):
+    """One generated token: its id, the text it completed, and its log-prob
+    (None unless `logprobs=True`)."""
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+@dataclass
+class GenerationOptions:
+    """Sampling and stopping options shared by every backend."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)
+    max_context: int | None = None
+    logprobs: bool = False
+    prefill_chunk: int = 512
+    cancel: object = None          # threading.Event, or a callable returning True to stop
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "GenerationOptions":
+        names = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(unknown)}")
+        opts = cls(**kwargs)
+        if isinstance(opts.stop, str):
+            opts.stop = [opts.stop]
+        if opts.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {opts.max_tokens}")
+        return opts
+
+    def cancelled(self) -> bool:
+        c = self.cancel
+        if c is None:
+            return False
+        if isinstance(c, threading.Event):
+            return c.is_set()
+        return bool(c())
+
+
+@dataclass
+class Metrics:
+    """Figures of the last generate/stream call."""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0
+    prefill_tokens_per_second: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    total_time: float = 0.0
+    peak_memory: int = 0
+    active_memory: int = 0
+    stop_reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        mb = 1 << 20
+        return (f"prompt {self.prompt_tokens} tok, {self.prefill_tokens_per_second:.1f} tok/s | "
+                f"generated {self.generated_tokens} tok, {self.decode_tokens_per_second:.1f} tok/s | "
+                f"first token {self.time_to_first_token * 1e3:.0f} ms | total {self.total_time:.2f} s | "
+                f"peak {self.peak_memory / mb:.1f} MB, active {self.active_memory / mb:.1f} MB"
+                f" | stop: {self.stop_reason}")
+
+
+class TextModel:
+    """The interface every backend implements."""
+
+    backend = "?"
+
+    def generate(self, prompt: str, **opts) -> str:
+        return "".join(t.text for t in self.stream(prompt, **opts))
+
+    def chat(self, messages: list[dict], **opts) -> str:
+        return "".join(t.text for t in self.stream_chat(messages, **opts))
+
+    def stream(self, prompt: str, **opts) -> Iterator[Token]:
+        raise NotImplementedError
+
+    def stream_chat(self, messages: list[dict], **opts) -> Iterator[Token]:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        raise NotImplementedError
+
+    def metrics(self) -> Metrics:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop string, so no part
+    of a stop string is ever emitted."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        if not self.stops:
+            return text, False
+        self.buf += text
+        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf = self.buf[:cut], ""
+            return out, True
+        keep = 0
+        for s in self.stops:   # longest suffix of buf that is a prefix of a stop
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out = self.buf[:len(self.buf) - keep]
+        self.buf = self.buf[len(self.buf) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class MlxTextModel(TextModel):
+    """mlxcy's own backend: Cython decoder, samplers and token loop."""
+
+    backend = "mlx"
+
+    def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None):
+        from mlxcy import memory
+        from mlxcy.models.load import load_model
+        from mlxcy.tokenizer import Tokenizer
+        self.path = Path(path)
+        self._mem_before = memory.get_active_memory()
+        self.model = load_model(self.path, dtype=dtype)
+        try:
+            self.tokenizer = Tokenizer.load(self.path)
+        except Exception:
+            self.model.close()
+            raise
+        self.max_context = max_context
+        self._template_str = chat_template or self.tokenizer.chat_template
+        self._template = None
+        self._metrics = Metrics()
+        # Prompt-cache reuse across chat turns: the cache and the ids it holds.
+        self._session_cache = None
+        self._session_ids: list[int] = []
+        self._closed = False
+
+    # -- templates -------------------------------------------------------------
+    def chat_template(self):
+        from mlxcy.chat import ChatTemplate, builtin
+        if self._template is None:
+            tok = self.tokenizer
+            special = {"bos_token": _tok_text(tok, tok.bos_id), "eos_token": _tok_text(tok, tok.eos_id)}
+            if self._template_str:
+                self._template = ChatTemplate(self._template_str, **special)
+            else:
+                self._template = ChatTemplate(builtin(self.model.config.model_type), **special)
+        return self._template
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs) -> str:
+        return self.chat_template().render(messages, add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
+
+    # -- generation ------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise ValueError("this model has been closed")
+
+    def stream(self, prompt: str, **opts) -> Iterator[Token]:
+        """Stream tokens for a plain-text prompt (a fresh cache each call)."""
+        self._check_open()
+        o = GenerationOptions.from_kwargs(opts)
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        cache = self.model.make_cache()
+        return self._run(ids, cache, o, own_cache=True)
+
+    def stream_ids(self, ids: list[int], **opts) -> Iterator[Token]:
+        """Stream tokens for a prompt given as token ids."""
+        self._check_open()
+        o = GenerationOptions.from_kwargs(opts)
+        return self._run(list(ids), self.model.make_cache(), o, own_cache=True)
+
+    def stream_chat(self, messages: list[dict], chat_kwargs: dict | None = None,
+                    **opts) -> Iterator[Token]:
+        """Stream a reply to `messages`.  The session keeps its KV cache, so a
+        later call whose rendered prompt extends this one's (the next turn)
+        prefills only the new tokens."""
+        self._check_open()
+        o = GenerationOptions.from_kwargs(opts)
+        text = self.apply_chat_template(messages, add_generation_prompt=True, **(chat_kwargs or {}))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.bos_id
+        if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        cache, new_ids = self._reuse_session(ids)
+        return self._run(new_ids, cache, o, own_cache=False, full_ids=ids)
+
+    def _reuse_session(self, ids):
+        """Trim the session cache to the longest common prefix with `ids`."""
+        cache = self._session_cache
+        if cache is None:
+            cache = self._session_cache = self.model.make_cache()
+            self._session_ids = []
+        old = self._session_ids
+        n = 0
+        limit = min(len(old), len(ids) - 1)   # always prefill at least one token
+        while n < limit and old[n] == ids[n]:
+            n += 1
+        if cache.offset() != len(old) or not _trimmable(cache, len(old) - n):
+            cache.free()
+            cache = self._session_cache = self.model.make_cache()
+            n = 0
+        elif len(old) > n:
+            cache.trim(len(old) - n)
+        self._session_ids = list(ids[:n])
+        return cache, ids[n:]
+
+    def reset_session(self):
+        """Forget the chat session's cache."""
+        if self._session_cache is not None:
+            self._session_cache.free()
+        self._session_cache, self._session_ids = None, []
+
+    def save_session(self, path):
+        """Save the chat session's KV cache and its token ids (safetensors)."""
+        from mlxcy.cache_io import save_cache
+        if self._session_cache is None:
+            raise ValueError("no chat session to save")
+        save_cache(path, self._session_cache, self._session_ids)
+
+    def load_session(self, path):
+        from mlxcy.cache_io import load_cache
+        self.reset_session()
+        self._session_cache, self._session_ids = load_cache(path, self.model)
+
+    def _run(self, ids, cache, o: GenerationOptions, own_cache, full_ids=None):
+        from mlxcy import memory
+        from mlxcy.generate import TokenLoop
+        from mlxcy.sample import Sampler
+        limit = o.max_context or self.max_context
+        total = (len(full_ids) if full_ids is not None else len(ids))
+        if limit and total + o.max_tokens > limit:
+            raise ValueError(f"prompt ({total} tokens) + max_tokens ({o.max_tokens}) exceeds "
+                             f"max_context ({limit})")
+        sampler = Sampler(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
+                          repetition_penalty=o.repetition_penalty,
+                          repetition_context_size=o.repetition_context_size,
+                          presence_penalty=o.presence_penalty,
+                          frequency_penalty=o.frequency_penalty,
+                          logit_bias=o.logit_bias, seed=o.seed)
+        stop_ids = set(self.tokenizer.eos_ids) | set(o.stop_ids)
+        memory.reset_peak_memory()
+        m = self._metrics = Metrics(prompt_tokens=len(ids))
+        return self._iterate(ids, cache, sampler, o, stop_ids, own_cache, full_ids, m)
+
+    def _iterate(self, ids, cache, sampler, o, stop_ids, own_cache, full_ids, m):
+        from mlxcy import memory
+        from mlxcy.generate import TokenLoop
+        from mlxcy.tokenizer import StreamDecoder
+        t0 = time.perf_counter()
+        loop = None
+        generated: list[int] = []
+        reason = "length"
+        try:
+            if o.max_tokens == 0 or o.cancelled():
+                reason = "cancelled" if o.cancelled() else "length"
+                return
+            loop = TokenLoop(self.model, cache, sampler, ids, o.max_tokens,
+                             prefill_chunk=o.prefill_chunk, logprobs=o.logprobs,
+                             history_ids=full_ids)
+            t_first = None
+            detok = StreamDecoder(self.tokenizer, skip_special_tokens=True)
+            stops = _StopMatcher(o.stop)
+            for tok, lp in loop:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    m.time_to_first_token = t_first - t0
+                    m.prefill_tokens_per_second = len(ids) / max(loop.prefill_seconds, 1e-9)
+                generated.append(tok)
+                m.generated_tokens = len(generated)
+                if tok in stop_ids:
+                    reason = "eos"
+                    break
+                text, hit = stops.feed(detok.push(tok))
+                if text or lp is not None:
+                    yield Token(tok, text, lp)
+                if hit:
+                    reason = "stop"
+                    break
+                if o.cancelled():
+                    reason = "cancelled"
+                    break
+            else:
+                tail, _ = stops.feed(detok.finish())
+                tail += stops.flush()
+                if tail:
+                    yield Token(-1, tail, None)
+        finally:
+            if loop is not None:
+                loop.close()
+            now = time.perf_counter()
+            m.total_time = now - t0
+            if m.generated_tokens > 1 and m.time_to_first_token:
+                m.decode_tokens_per_second = (m.generated_tokens - 1) / max(
+                    now - t0 - m.time_to_first_token, 1e-9)
+            m.peak_memory = memory.get_peak_memory()
+            m.stop_reason = reason
+            if own_cache:
+                cache.free()
+            else:
+                # The session cache now holds the prompt and the generated
+                # tokens that were fed back (all but the last one produced).
+                fed = generated[:-1] if generated else []
+                self._session_ids = list(full_ids) + fed
+                if cache.offset() != len(self._session_ids):
+                    self.reset_session()
+            m.active_memory = memory.get_active_memory()
+
+    # -- bookkeeping -----------------------------------------------------------
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    def info(self) -> dict:
+        self._check_open()
+        d = dict(self.model.info())
+        d["path"] = str(self.path)
+        d["backend"] = self.backend
+        return d
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.reset_session()
+        self.model.close()
+        self._closed = True
+
+
+def _tok_text(tok, i):
+    return tok.id_to_token(i) if i is not None else None
+
+
+def _trimmable(cache, n) -> bool:
+    """Whether `cache.trim(n)` is exact (rotating caches that wrapped are not)."""
+    if n == 0:
+        return True
+    try:
+        return all(getattr(layer, "window", 0) == 0 or layer.offset <= layer.window
+                   for layer in cache.layers)
+    except AttributeError:
+        return False
+
+
+# ---------------------------------------------------------------- registry --
+
+_BACKENDS: dict[str, Callable[..., TextModel]] = {}
+_DEFAULT = ["mlx"]
+
+
+def register(name: str, loader: Callable[..., TextModel]) -> None:
+    """Register a backend: `loader(path, **options) -> TextModel`."""
+    if not callable(loader):
+        raise TypeError("loader must be callable")
+    _BACKENDS[name] = loader
+
+
+def get(name: str) -> Callable[..., TextModel]:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise KeyError(f"unknown backend {name!r}; registered: {sorted(_BACKENDS)}") from None
+
+
+def list_backends() -> list[str]:
+    """Registered backends whose dependencies are importable."""
+    out = []
+    for name in sorted(_BACKENDS):
+        if name == "mlx_lm":
+            import importlib.util
+            if importlib.util.find_spec("mlx_lm") is None:
+                continue
+        out.append(name)
+    return out
+
+
+def default_backend() -> str:
+    return _DEFAULT[0]
+
+
+def set_default_backend(name: str) -> None:
+    get(name)
+    _DEFAULT[0] = name
+
+
+def load_model(path, backend: str | None = None, **options) -> TextModel:
+    """Load `path` (a model directory or a .gguf file) with a backend."""
+    return get(backend or default_backend())(path, **options)
+
+
+def load(path, backend: str | None = None, **options) -> TextModel:
+    """mlxcy.load(path_or_gguf, **options) -> TextModel (backend "mlx" by default)."""
+    return load_model(path, backend=backend, **options)
+
+
+register("mlx", MlxTextModel)
+
+
+def _load_mlx_lm(path, **options):
+    from mlxcy.backends.mlx_lm import MlxLmTextModel
+    return MlxLmTextModel(path, **options)
+
+
+register("mlx_lm", _load_mlx_lm)

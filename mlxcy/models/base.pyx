@@ -1,0 +1,612 @@
+# cython: language_level=3, cpp_locals=True
+"""The decoder shared by mlxcy's model families: RoPE variants, attention
+(GQA through the fused kernel, or composed when logits are soft-capped),
+MLP, pre-norm block, and Model with its cdef forward over native arrays.
+
+Family files (llama.pyx, qwen2.pyx, qwen3.pyx, gemma3.pyx) subclass Model
+and build their blocks with the helpers here; they override only what
+differs (Gemma's block, embedding scale and logit soft-capping).
+"""
+import math
+
+import numpy as np
+
+from libcpp cimport bool as cbool
+
+from mlxcy.core cimport Array, wrap, handle, to_array
+from mlxcy.native cimport array as na
+from mlxcy.native cimport nn as nnn
+from mlxcy.native cimport fast as nfast
+from mlxcy.native.array cimport heap
+from mlxcy.nn cimport Linear, Embedding, RMSNorm
+from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
+
+from mlxcy.core import Array as _Array
+import mlxcy.core as _core
+
+
+# ------------------------------------------------------------------ RoPE ---
+
+cdef class Rope:
+    """Rotary embedding (non-traditional layout, as in HF checkpoints)."""
+
+    def __init__(self, int dims, double theta, scaling=None, int max_position_embeddings=0):
+        self.dims = dims
+        self.base = theta
+        self.scale = 1.0
+        if scaling is None:
+            return
+        kind = scaling["rope_type"]
+        factor = float(scaling["factor"])
+        if kind == "linear":
+            self.scale = 1.0 / factor
+        elif kind == "dynamic":
+            self.dyn_factor = factor
+            self.dyn_max_pos = max_position_embeddings
+        elif kind == "llama3":
+            # transformers' _compute_llama3_parameters, in float32 as there
+            inv = (1.0 / (np.float32(theta) ** (np.arange(0, dims, 2, dtype=np.int64)
+                                                .astype(np.float32) / np.float32(dims))))
+            inv = inv.astype(np.float32)
+            low = scaling["low_freq_factor"]
+            high = scaling["high_freq_factor"]
+            old = scaling["original_max_position_embeddings"]
+            low_wl, high_wl = old / low, old / high
+            wl = (2 * math.pi / inv).astype(np.float32)
+            inv_l = np.where(wl > low_wl, inv / np.float32(factor), inv).astype(np.float32)
+            smooth = ((old / wl - low) / (high - low)).astype(np.float32)
+            smoothed = ((1 - smooth) * inv_l / np.float32(factor) + smooth * inv_l)
+            medium = ~(wl < high_wl) & ~(wl > low_wl)
+            inv_f = np.where(medium, smoothed, inv_l).astype(np.float32)
+            self.freqs = copy_native(to_array((1.0 / inv_f.astype(np.float64)).astype(np.float32)))
+            self.base = 0
+        else:
+            raise ValueError(f"rope: unsupported rope type {kind!r}")
+
+    def __dealloc__(self):
+        self.free()
+
+    cpdef free(self):
+        if self.freqs != NULL:
+            del self.freqs
+            self.freqs = NULL
+
+    cdef na.array* apply(self, const na.array& x, int offset, const na.array* offsets) except NULL:
+        cdef double base = self.base
+        cdef long long seq_len
+        if self.dyn_factor > 0:
+            seq_len = offset + x.shape(2)
+            if seq_len > self.dyn_max_pos:
+                base = self.base * ((self.dyn_factor * seq_len / self.dyn_max_pos)
+                                    - (self.dyn_factor - 1)) ** (self.dims / (self.dims - 2.0))
+        if offsets != NULL:
+            return heap(nfast.rope_offsets(x, self.dims, False, base, self.scale, offsets[0],
+                                           self.freqs))
+        return heap(nfast.rope(x, self.dims, False, base, self.scale, offset, self.freqs))
+
+
+cdef na.array* copy_native(Array a) except NULL:
+    return new na.array(handle(a)[0])
+
+
+# ------------------------------------------------------------- attention ---
+
+cdef class Attention:
+
+    def __init__(self, Linear q_proj, Linear k_proj, Linear v_proj, Linear o_proj,
+                 Rope rope, int n_heads, int n_kv_heads, int head_dim, float scale,
+                 RMSNorm q_norm=None, RMSNorm k_norm=None, int window=0, float softcap=0):
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.rope = rope
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = scale
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.window = window
+        self.softcap = softcap
+
+    cpdef free(self):
+        for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.q_norm,
+                  self.k_norm, self.rope):
+            if m is not None:
+                m.free()
+
+    cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
+                           const na.array* offsets) except NULL:
+        cdef int L = x.shape(1)
+        cdef int offset = 0 if cache is None else cache.offset
+        cdef int window = self.window
+        cdef int kstart = 0
+        cdef na.array q = nnn.heads_first(nnn.own(self.q_proj.forward(x)), self.n_heads,
+                                          self.head_dim)
+        cdef na.array k = nnn.heads_first(nnn.own(self.k_proj.forward(x)), self.n_kv_heads,
+                                          self.head_dim)
+        cdef na.array v = nnn.heads_first(nnn.own(self.v_proj.forward(x)), self.n_kv_heads,
+                                          self.head_dim)
+        cdef na.array* o
+        if self.q_norm is not None:
+            q = nnn.own(self.q_norm.forward(q))
+            k = nnn.own(self.k_norm.forward(k))
+        q = nnn.own(self.rope.apply(q, offset, offsets))
+        k = nnn.own(self.rope.apply(k, offset, offsets))
+        if cache is None:
+            o = self.attend(q, k, v, L, 0, 0, window, mask)
+        else:
+            if cache.window > 0 and (window == 0 or cache.window < window):
+                window = cache.window
+            cache.update(k, v, mask != NULL or L > 1)
+            try:
+                o = self.attend(q, cache.out_k[0], cache.out_v[0], L, offset,
+                                cache.out_start, window, mask)
+            finally:
+                cache.drop_outputs()
+        q = nnn.heads_merge(nnn.own(o))
+        return self.o_proj.forward(q)
+
+    cdef na.array* attend(self, const na.array& q, const na.array& k, const na.array& v,
+                          int L, int qstart, int kstart, int window,
+                          const na.array* mask) except NULL:
+        cdef int K = k.shape(2)
+        cdef int kind = 0
+        cdef cbool causal_mode = False
+        cdef const na.array* mp = NULL
+        cdef bint has_mask
+        cdef na.array m = k      # placeholder; replaced by build_mask
+        if kstart >= 0:
+            if window > 0 and (qstart + L - 1) - kstart >= window:
+                kind = 2
+            elif L > 1:
+                kind = 1
+        elif mask != NULL:
+            raise RuntimeError("attention: an unordered cache cannot take a mask")
+        has_mask = nnn.build_mask(kind, L, qstart, K, kstart, window, mask, q.dtype(),
+                                  self.softcap <= 0, &causal_mode, &m)
+        if has_mask:
+            mp = &m
+        if self.softcap > 0:
+            return heap(nnn.attention_softcap(q, k, v, self.scale, self.softcap, mp))
+        if causal_mode:
+            return heap(nfast.sdpa(q, k, v, self.scale, b"causal", NULL, NULL))
+        return heap(nfast.sdpa(q, k, v, self.scale, b"", mp, NULL))
+
+
+# ------------------------------------------------------------------- MLP ---
+
+cdef class MLP:
+
+    def __init__(self, Linear gate_proj, Linear up_proj, Linear down_proj, bint gelu=False):
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.gelu = gelu
+
+    cpdef free(self):
+        self.gate_proj.free()
+        self.up_proj.free()
+        self.down_proj.free()
+
+    cdef na.array* forward(self, const na.array& x) except NULL:
+        cdef na.array g = nnn.own(self.gate_proj.forward(x))
+        cdef na.array u = nnn.own(self.up_proj.forward(x))
+        if self.gelu:
+            g = nnn.gelu_tanh(g)
+        else:
+            g = nnn.silu(g)
+        u = nnn.multiply(g, u)
+        return self.down_proj.forward(u)
+
+
+# ----------------------------------------------------------------- block ---
+
+cdef class Block:
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)).
+    Gemma's sandwich-norm block overrides forward (pre_ff/post_ff norms)."""
+
+    def __init__(self, Attention attn, MLP mlp, RMSNorm input_norm, RMSNorm post_attn_norm,
+                 RMSNorm pre_ff_norm=None, RMSNorm post_ff_norm=None):
+        self.attn, self.mlp = attn, mlp
+        self.input_norm, self.post_attn_norm = input_norm, post_attn_norm
+        self.pre_ff_norm, self.post_ff_norm = pre_ff_norm, post_ff_norm
+
+    cpdef free(self):
+        self.attn.free()
+        self.mlp.free()
+        for m in (self.input_norm, self.post_attn_norm, self.pre_ff_norm, self.post_ff_norm):
+            if m is not None:
+                m.free()
+
+    def nparams(self):
+        a = self.attn
+        n = sum(l.nparams() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        n += sum(l.nparams() for l in (a.q_norm, a.k_norm) if l is not None)
+        n += sum(l.nparams() for l in (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj))
+        n += sum(l.nparams() for l in (self.input_norm, self.post_attn_norm, self.pre_ff_norm,
+                                       self.post_ff_norm) if l is not None)
+        return n
+
+    def nbytes(self):
+        a = self.attn
+        n = sum(l.nbytes() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        n += sum(l.nbytes() for l in (a.q_norm, a.k_norm) if l is not None)
+        n += sum(l.nbytes() for l in (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj))
+        n += sum(l.nbytes() for l in (self.input_norm, self.post_attn_norm, self.pre_ff_norm,
+                                      self.post_ff_norm) if l is not None)
+        return n
+
+    cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
+                           const na.array* offsets) except NULL:
+        cdef na.array h = nnn.own(self.input_norm.forward(x))
+        cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
+        h = nnn.add(x, r)
+        r = nnn.own(self.post_attn_norm.forward(h))
+        r = nnn.own(self.mlp.forward(r))
+        return heap(nnn.add(h, r))
+
+
+# --------------------------------------------------------------- weights ---
+
+class Weights:
+    """Hugging Face-named weights with MLX's quantized layout: hands out
+    validated layers and names the tensor in every error."""
+
+    def __init__(self, weights, quantization=None, dtype=None, prefix_map=()):
+        if not isinstance(weights, dict):
+            raise TypeError(f"weights must be a dict of name -> Array, got {type(weights).__name__}")
+
+        def rename(name):
+            for old, new in prefix_map:
+                if name.startswith(old):
+                    return new + name[len(old):]
+            return name
+
+        self.w = {rename(name): a for name, a in weights.items()}
+        q = quantization
+        if q is not None:
+            if not isinstance(q, dict):
+                raise TypeError("quantization must be a dict like {'group_size': 64, 'bits': 4}")
+            q = {rename(k): val for k, val in q.items()}
+        self.q = q
+        self.dtype = None if dtype is None else _core.dtype(dtype)
+        if self.dtype is not None and not self.dtype.is_floating:
+            raise ValueError(f"dtype must be a floating type, got {self.dtype}")
+
+    def has(self, name):
+        return name in self.w
+
+    def get(self, name, shape=None, floating=True):
+        a = self.w.get(name)
+        if a is None:
+            raise ValueError(f"weights: missing tensor {name!r}")
+        if not isinstance(a, _Array):
+            try:
+                a = to_array(a)
+            except Exception as e:
+                raise TypeError(f"weights: tensor {name!r} is not an array ({e})") from None
+        if a.freed:
+            raise ValueError(f"weights: tensor {name!r} has been freed")
+        if shape is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"weights: tensor {name!r} has shape {tuple(a.shape)}, "
+                             f"expected {tuple(shape)}")
+        if floating:
+            if not a.dtype.is_floating:
+                raise ValueError(f"weights: tensor {name!r} has dtype {a.dtype}, expected a float")
+            if self.dtype is not None and a.dtype != self.dtype:
+                a = a.astype(self.dtype)
+        a.eval()
+        return a
+
+    def qspec(self, path):
+        """(group_size, bits) when `path` is stored quantized, else None."""
+        if path + ".scales" not in self.w:
+            if self.q is not None and isinstance(self.q.get(path), dict):
+                raise ValueError(f"weights: missing tensor {path + '.scales'!r} "
+                                 f"(quantization lists {path!r})")
+            return None
+        if self.q is None:
+            raise ValueError(f"weights: {path + '.scales'!r} is present (quantized) but no "
+                             "quantization config was given")
+        spec = self.q.get(path, self.q)
+        if spec is False:
+            raise ValueError(f"weights: {path!r} is marked unquantized but has scales")
+        if not isinstance(spec, dict):
+            spec = self.q
+        try:
+            gs, bits = int(spec.get("group_size", self.q.get("group_size"))), \
+                int(spec.get("bits", self.q.get("bits")))
+        except (TypeError, ValueError):
+            raise ValueError(f"quantization: need integer group_size and bits for {path!r}") from None
+        mode = spec.get("mode", self.q.get("mode", "affine"))
+        if mode != "affine":
+            raise ValueError(f"quantization: mode {mode!r} of {path!r} is not supported")
+        if bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(f"quantization: unsupported bits {bits} for {path!r}")
+        return gs, bits
+
+    def _qtriplet(self, path, rows, cols, gs, bits):
+        if cols % gs:
+            raise ValueError(f"weights: {path!r} has {cols} columns, not a multiple of "
+                             f"group_size {gs}")
+        w = self.get(path + ".weight", (rows, cols * bits // 32), floating=False)
+        if w.dtype != _core.uint32:
+            raise ValueError(f"weights: quantized tensor {path + '.weight'!r} must be uint32, "
+                             f"got {w.dtype}")
+        s = self.get(path + ".scales", (rows, cols // gs))
+        b = self.get(path + ".biases", (rows, cols // gs)) if self.has(path + ".biases") else None
+        return w, s, b
+
+    def linear(self, path, int in_f, int out_f, bias=False):
+        qs = self.qspec(path)
+        bb = self.get(path + ".bias", (out_f,)) if bias else None
+        if qs is None:
+            return Linear(self.get(path + ".weight", (out_f, in_f)), bb)
+        gs, bits = qs
+        w, s, b = self._qtriplet(path, out_f, in_f, gs, bits)
+        return Linear(w, bb, s, b, gs, bits)
+
+    def embedding(self, path, int vocab, int dims):
+        qs = self.qspec(path)
+        if qs is None:
+            return Embedding(self.get(path + ".weight", (vocab, dims)))
+        gs, bits = qs
+        w, s, b = self._qtriplet(path, vocab, dims, gs, bits)
+        return Embedding(w, s, b, gs, bits)
+
+    def norm(self, path, int dims, float eps, float offset=0.0):
+        return RMSNorm(self.get(path + ".weight", (dims,)), eps, offset)
+
+
+def make_rope(cfg, theta, scaling):
+    return Rope(cfg.head_dim, theta, scaling, cfg.max_position_embeddings)
+
+
+def build_attention(W, cfg, int i, qkv_bias=False, o_bias=False, qk_norm_offset=None,
+                    scale=None, window=0, softcap=0.0, rope=None):
+    """The attention of layer i from `model.layers.{i}.self_attn.*`."""
+    p = f"model.layers.{i}.self_attn."
+    H, Hkv, D, hid = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    qn = kn = None
+    if qk_norm_offset is not None:
+        qn = W.norm(p + "q_norm", D, cfg.rms_norm_eps, qk_norm_offset)
+        kn = W.norm(p + "k_norm", D, cfg.rms_norm_eps, qk_norm_offset)
+    return Attention(
+        W.linear(p + "q_proj", hid, H * D, qkv_bias),
+        W.linear(p + "k_proj", hid, Hkv * D, qkv_bias),
+        W.linear(p + "v_proj", hid, Hkv * D, qkv_bias),
+        W.linear(p + "o_proj", H * D, hid, o_bias),
+        rope if rope is not None else make_rope(cfg, cfg.rope_theta, cfg.rope_scaling),
+        H, Hkv, D, D ** -0.5 if scale is None else scale, qn, kn, window, softcap)
+
+
+def build_mlp(W, cfg, int i, bias=False, gelu=False):
+    p = f"model.layers.{i}.mlp."
+    hid, inter = cfg.hidden_size, cfg.intermediate_size
+    return MLP(W.linear(p + "gate_proj", hid, inter, bias),
+               W.linear(p + "up_proj", hid, inter, bias),
+               W.linear(p + "down_proj", inter, hid, bias), gelu)
+
+
+# ----------------------------------------------------------------- model ---
+
+cdef Array _ids_array(object ids, int vocab):
+    if isinstance(ids, _Array):
+        if (<Array>ids).freed:
+            raise ValueError("ids: this array has been freed")
+        npids = ids.numpy()
+    else:
+        npids = np.asarray(ids)
+    if npids.dtype.kind not in "iu":
+        if npids.size == 0 and npids.dtype.kind == "f":
+            npids = npids.astype(np.int32)
+        else:
+            raise TypeError(f"ids must be integers, got dtype {npids.dtype}")
+    if npids.ndim == 1:
+        npids = npids[None, :]
+    if npids.ndim != 2:
+        raise ValueError(f"ids must have shape [B, L] or [L], got {npids.shape}")
+    if npids.shape[0] == 0 or npids.shape[1] == 0:
+        raise ValueError(f"ids must not be empty, got shape {npids.shape}")
+    lo, hi = int(npids.min()), int(npids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"ids: token id {lo if lo < 0 else hi} is outside the vocabulary "
+                         f"[0, {vocab})")
+    return to_array(npids.astype(np.int32))
+
+
+cdef class Model:
+    """A decoder-only language model over native MLX arrays.
+
+    model(ids, cache=None, mask=None, offsets=None, last_only=False) -> logits
+    Array [B, L, vocab] (L = 1 with last_only).  Use make_cache() for
+    incremental decoding; close() (or a `with` block) frees every weight.
+    """
+    family = None
+    prefixes = ()
+
+    def __init__(self, config, weights, quantization=None, dtype=None):
+        from mlxcy.models.config import ModelConfig
+        cfg = ModelConfig.from_dict(config) if isinstance(config, dict) else config
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError("config must be a ModelConfig or a config.json dict")
+        if self.family is not None and cfg.family != self.family:
+            raise ValueError(f"{type(self).__name__} cannot build model_type {cfg.model_type!r}")
+        self.config = cfg
+        self.quant = quantization
+        W = Weights(weights, quantization, dtype, self.prefixes)
+        self.layers = []
+        try:
+            self.embed = W.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)
+            self.dtype_code = self.embed.dtype_code()
+            for i in range(cfg.num_hidden_layers):
+                self.layers.append(self.build_block(W, cfg, i))
+            self.norm = W.norm("model.norm", cfg.hidden_size, cfg.rms_norm_eps,
+                               self.norm_offset())
+            if not cfg.tie_word_embeddings:
+                self.lm_head = W.linear("lm_head", cfg.hidden_size, cfg.vocab_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def norm_offset(self):
+        return 0.0
+
+    def build_block(self, W, cfg, int i):
+        raise NotImplementedError
+
+    # -- lifetime ---------------------------------------------------------------
+    def close(self):
+        """Free every weight now; later calls raise."""
+        if self.embed is not None:
+            self.embed.free()
+        for b in self.layers or ():
+            (<Block>b).free()
+        if self.norm is not None:
+            self.norm.free()
+        if self.lm_head is not None:
+            self.lm_head.free()
+        self.layers = []
+        self.is_closed = True
+
+    @property
+    def closed(self):
+        return self.is_closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    cdef int _check_open(self) except -1:
+        if self.is_closed:
+            raise ValueError(f"{type(self).__name__}: the model has been closed")
+        return 0
+
+    # -- native forward -----------------------------------------------------------
+    cdef na.array* embed_tokens(self, const na.array& ids) except NULL:
+        return self.embed.lookup(ids)
+
+    cdef na.array* head(self, const na.array& h) except NULL:
+        if self.lm_head is not None:
+            return self.lm_head.forward(h)
+        return self.embed.as_linear(h)
+
+    cdef na.array* forward(self, const na.array& ids, Cache cache, const na.array* mask,
+                           const na.array* offsets, bint last_only) except NULL:
+        self._check_open()
+        cdef int n = len(self.layers), i
+        cdef int L = ids.shape(1)
+        cdef LayerCache lc = None
+        cdef Block blk
+        cdef na.array* nh
+        if cache is not None and len(cache.layers) != n:
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
+        cdef na.array* h = self.embed_tokens(ids)
+        try:
+            for i in range(n):
+                blk = <Block>self.layers[i]
+                if cache is not None:
+                    lc = <LayerCache>cache.layers[i]
+                nh = blk.forward(h[0], lc, mask, offsets)
+                del h
+                h = nh
+            if last_only and L > 1:
+                nh = heap(nnn.take_position(h[0], L - 1))
+                del h
+                h = nh
+            nh = self.norm.forward(h[0])
+            del h
+            h = nh
+            nh = self.head(h[0])
+        finally:
+            del h
+        return nh
+
+    # -- Python boundary ------------------------------------------------------------
+    def __call__(self, ids, cache=None, mask=None, offsets=None, bint last_only=False):
+        self._check_open()
+        cdef Array a = _ids_array(ids, self.config.vocab_size)
+        cdef Array m = None
+        cdef Array o = None
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError("cache must come from make_cache()")
+        if mask is not None:
+            m = mask if isinstance(mask, _Array) else to_array(np.asarray(mask))
+            handle(m)
+        if offsets is not None:
+            o = to_array(offsets, _core.int32) if not isinstance(offsets, _Array) \
+                else offsets.astype(_core.int32)
+            if o.ndim == 0:
+                o = o.reshape(1)
+            if o.ndim != 1 or o.shape[0] not in (1, a.shape[0]):
+                raise ValueError(f"offsets must have shape [B] = [{a.shape[0]}], got {o.shape}")
+        cdef const na.array* mp = NULL
+        cdef const na.array* op = NULL
+        if m is not None:
+            mp = handle(m)
+        if o is not None:
+            op = handle(o)
+        return wrap(self.forward(handle(a)[0], cache, mp, op, last_only))
+
+    def make_cache(self, max_size=None):
+        """One cache per layer: rotating ones (the window) for sliding-window
+        layers; with max_size, every layer keeps at most max_size positions."""
+        self._check_open()
+        caches = []
+        for b in self.layers:
+            w = (<Block>b).attn.window
+            if max_size is not None:
+                w = int(max_size) if w == 0 else min(w, int(max_size))
+            caches.append(RotatingKVCache(w) if w > 0 else KVCache())
+        return Cache(caches)
+
+    # -- description ------------------------------------------------------------------
+    def nparams(self):
+        self._check_open()
+        n = self.embed.nparams() + self.norm.nparams()
+        n += sum(b.nparams() for b in self.layers)
+        if self.lm_head is not None:
+            n += self.lm_head.nparams()
+        return n
+
+    def nbytes(self):
+        self._check_open()
+        n = self.embed.nbytes() + self.norm.nbytes()
+        n += sum(b.nbytes() for b in self.layers)
+        if self.lm_head is not None:
+            n += self.lm_head.nbytes()
+        return n
+
+    @property
+    def dtype(self):
+        return _core.dtype(_DTYPE_NAMES[self.dtype_code])
+
+    def info(self):
+        self._check_open()
+        c = self.config
+        q = None
+        if self.quant:
+            q = {"bits": self.quant.get("bits"), "group_size": self.quant.get("group_size")}
+        return {
+            "architecture": c.model_type,
+            "family": c.family,
+            "vocab_size": c.vocab_size,
+            "layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size,
+            "heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "context_length": c.max_position_embeddings,
+            "sliding_window": c.sliding_window if "sliding_attention" in c.layer_types else None,
+            "tied_embeddings": self.lm_head is None,
+            "dtype": self.dtype.name,
+            "quantization": q,
+            "parameters": self.nparams(),
+            "bytes": self.nbytes(),
+        }
+
+    def __repr__(self):
+        c = self.config
+        state = "closed" if self.is_closed else f"{c.num_hidden_layers} layers, hidden {c.hidden_size}"
+        return f"<{type(self).__name__} {c.model_type}: {state}>"
+
+
+_DTYPE_NAMES = ("bool_", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32",
+                "int64", "float16", "float32", "float64", "bfloat16", "complex64")

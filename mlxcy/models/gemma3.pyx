@@ -1,0 +1,83 @@
+# cython: language_level=3, cpp_locals=True
+"""Gemma 3 (gemma3_text, and the language model of the multimodal gemma3):
+embeddings scaled by sqrt(hidden) in the weights' dtype, (1 + w) RMSNorms
+(q/k norms included), four norms per block, gelu-tanh MLP, attention scale
+query_pre_attn_scalar**-0.5, sliding-window layers with their own RoPE base,
+optional attention-logit and final-logit soft-capping."""
+import math
+
+import numpy as np
+
+from mlxcy.native cimport array as na
+from mlxcy.native cimport nn as nnn
+from mlxcy.native.array cimport heap
+from mlxcy.cache cimport LayerCache
+from mlxcy.models.base cimport Model, Block
+from mlxcy.models.base import Rope, build_attention, build_mlp
+
+
+cdef class GemmaBlock(Block):
+    """h = x + post_attn(attn(input(x))); out = h + post_ff(mlp(pre_ff(h)))"""
+
+    cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
+                           const na.array* offsets) except NULL:
+        cdef na.array h = nnn.own(self.input_norm.forward(x))
+        cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
+        r = nnn.own(self.post_attn_norm.forward(r))
+        h = nnn.add(x, r)
+        r = nnn.own(self.pre_ff_norm.forward(h))
+        r = nnn.own(self.mlp.forward(r))
+        r = nnn.own(self.post_ff_norm.forward(r))
+        return heap(nnn.add(h, r))
+
+
+cdef class Gemma3Model(Model):
+    family = "gemma3"
+    # multimodal checkpoints: the language model's weights
+    prefixes = (("model.language_model.", "model."), ("language_model.", ""))
+
+    cdef double embed_scale
+    cdef float final_softcap
+
+    def __init__(self, config, weights, quantization=None, dtype=None):
+        Model.__init__(self, config, weights, quantization, dtype)
+        cfg = self.config
+        # sqrt(hidden) as float32, then rounded to the weights' dtype in forward
+        self.embed_scale = float(np.float32(math.sqrt(cfg.hidden_size)))
+        self.final_softcap = cfg.final_logit_softcapping or 0.0
+
+    def norm_offset(self):
+        return 1.0
+
+    def build_block(self, W, cfg, int i):
+        sliding = cfg.layer_types[i] == "sliding_attention"
+        if sliding:
+            rope = Rope(cfg.head_dim, cfg.rope_local_base_freq, cfg.local_rope_scaling,
+                        cfg.max_position_embeddings)
+        else:
+            rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                        cfg.max_position_embeddings)
+        p = f"model.layers.{i}."
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        return GemmaBlock(
+            build_attention(W, cfg, i, qkv_bias=cfg.attention_bias, o_bias=cfg.attention_bias,
+                            qk_norm_offset=1.0, scale=cfg.query_pre_attn_scalar ** -0.5,
+                            window=cfg.sliding_window if sliding else 0,
+                            softcap=cfg.attn_logit_softcapping or 0.0, rope=rope),
+            build_mlp(W, cfg, i, gelu=True),
+            W.norm(p + "input_layernorm", h, eps, 1.0),
+            W.norm(p + "post_attention_layernorm", h, eps, 1.0),
+            W.norm(p + "pre_feedforward_layernorm", h, eps, 1.0),
+            W.norm(p + "post_feedforward_layernorm", h, eps, 1.0))
+
+    cdef na.array* embed_tokens(self, const na.array& ids) except NULL:
+        cdef na.array e = nnn.own(self.embed.lookup(ids))
+        return heap(nnn.multiply(e, nnn.scalar(self.embed_scale, e.dtype())))
+
+    cdef na.array* head(self, const na.array& h) except NULL:
+        cdef na.array* logits = Model.head(self, h)
+        cdef na.array out
+        if self.final_softcap <= 0:
+            return logits
+        out = nnn.own(logits)
+        return heap(nnn.softcap(out, self.final_softcap))
