@@ -1,4 +1,14 @@
-"""mlxcy: Cython bindings to Apple's MLX, and a small-LLM stack built on them."""
+"""mlxcy: Cython bindings to Apple's MLX, and a small-LLM stack built on them.
+
+    import mlxcy as mx
+    a = mx.array([[1.0, 2.0], [3.0, 4.0]])
+    b = mx.softmax(a @ a.T, axis=-1)
+    mx.eval(b)
+
+Submodules: ops (also re-exported here), fast, random, transforms (eval,
+grad, compile ... re-exported here), device, memory, io, models, tokenizer,
+sample, chat, inference (load, TextModel).
+"""
 import os as _os
 
 from mlxcy.core import (  # noqa: F401
@@ -7,8 +17,40 @@ from mlxcy.core import (  # noqa: F401
     float16, float32, float64, bfloat16, complex64,
 )
 from mlxcy.ops import *  # noqa: F401,F403
+from mlxcy.transforms import (  # noqa: F401
+    eval, async_eval, grad, value_and_grad, vjp, jvp, vmap, checkpoint, compile,
+    disable_compile, enable_compile,
+)
+from mlxcy.device import (  # noqa: F401
+    Device, Stream, cpu, gpu, default_device, set_default_device, default_stream, new_stream,
+    set_default_stream, stream, synchronize, is_available, device_count, device_info,
+)
+from mlxcy import fast, random, memory, io  # noqa: F401
+from mlxcy.memory import (  # noqa: F401
+    get_active_memory, get_peak_memory, reset_peak_memory, get_cache_memory, clear_cache,
+    set_memory_limit, set_cache_limit, set_wired_limit, get_memory_limit,
+)
 
 __version__ = "0.1.0"
+
+# The LLM stack is imported on first use (it pulls in more modules).
+_LAZY = {
+    "load": ("mlxcy.inference", "load"),
+    "TextModel": ("mlxcy.inference", "TextModel"),
+    "Tokenizer": ("mlxcy.tokenizer", "Tokenizer"),
+    "Sampler": ("mlxcy.sample", "Sampler"),
+    "ChatTemplate": ("mlxcy.chat", "ChatTemplate"),
+    "load_model": ("mlxcy.models.load", "load_model"),
+    "discover": ("mlxcy.models.discover", "discover"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'mlxcy' has no attribute {name!r}")
 
 
 def get_include():

@@ -28,9 +28,9 @@ cdef class Sampler:
     cdef readonly int presence_context_size
     cdef readonly double frequency_penalty  # 0: off
     cdef readonly int frequency_context_size
-    cdef readonly object seed               # None: MLX's global key sequence
+    cdef readonly object seed               # None: key taken from MLX's global sequence
     cdef dict _bias                         # token id -> additive bias
-    cdef na.array* key                      # per-sampler key, split each step; NULL if seed is None
+    cdef na.array* key                      # per-sampler key, split at each draw
     cdef na.array* bias_idx                 # [1, n] int32, NULL when no logit_bias
     cdef na.array* bias_val                 # [1, n] float32
     cdef int bias_max                       # largest biased token id

@@ -222,9 +222,10 @@ cdef class Sampler:
             frequency_context_size=20, logit_bias=None, seed=None)
 
     temperature 0 means greedy (argmax).  top_k 0, top_p 1 and min_p 0 turn
-    those filters off.  With `seed`, the sampler owns an MLX random key that
-    it splits at every draw, so the same seed gives the same tokens; without
-    one it draws from MLX's global key sequence (mlxcy.random.seed()).
+    those filters off.  The sampler owns an MLX random key that it splits at
+    every draw, so the same seed gives the same tokens; with seed=None the
+    key is drawn from MLX's global key sequence when the sampler is made (or
+    reset), so mlxcy.random.seed() before construction also reproduces.
 
     sampler(logits, history=None) -> int32 Array of shape logits.shape[:-1]
     (lazy).  logits: [V] or [B, V] (any leading dims); history: token ids
@@ -297,8 +298,8 @@ cdef class Sampler:
 
     def reset(self, seed=None):
         """Restart the random stream from `seed` (or from the seed given at
-        construction when None).  seed=None at construction and here: use
-        MLX's global key sequence."""
+        construction when None).  seed=None at construction and here: a new
+        key from MLX's global key sequence."""
         if seed is None:
             seed = self.seed
         if seed is not None:
@@ -307,9 +308,11 @@ cdef class Sampler:
             seed = int(seed)
             if not (0 <= seed < 2 ** 64):
                 raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
-        cdef na.array* k = NULL
+        cdef na.array* k
         if seed is not None:
             k = heap(nsm.key(<unsigned long long>seed))
+        else:
+            k = heap(nsm.key_from_global())
         if self.key != NULL:
             del self.key
         self.key = k
@@ -423,9 +426,8 @@ cdef class Sampler:
             p = min_p_filter(x, self.min_p, self.min_tokens_to_keep)
             x = p[0]
             del p
-        if self.temperature != 1.0:
-            x = nsm.multiply(x, na.array(1.0 / self.temperature, x.dtype()))
-        return heap(nsm.astype(nsm.categorical_step(x, -1, self.key), na.int32))
+        return heap(nsm.astype(nsm.categorical_step(x, 1.0 / self.temperature, self.key),
+                               na.int32))
 
     cdef na.array* _draw_top_k(self, const na.array& logits) except NULL:
         """top-k active: filter and draw over the k best entries only (what
@@ -447,14 +449,12 @@ cdef class Sampler:
             p = min_p_filter(vals, self.min_p, self.min_tokens_to_keep)
             vals = p[0]
             del p
-        if self.temperature != 1.0:
-            vals = nsm.multiply(vals, na.array(1.0 / self.temperature, vals.dtype()))
         cdef na.Shape lead = na.Shape(), lead1 = na.Shape()
         for i in range(nd - 1):
             lead.push_back(logits.shape(i))
             lead1.push_back(logits.shape(i))
         lead1.push_back(1)
-        cdef na.array pos = nsm.reshape(nsm.astype(nsm.categorical_step(vals, -1, self.key),
+        cdef na.array pos = nsm.reshape(nsm.astype(nsm.categorical_step(vals, 1.0 / self.temperature, self.key),
                                                    na.int32), lead1)
         return heap(nsm.astype(nsm.reshape(nsm.take_along_axis(idx, pos, -1), lead), na.int32))
 

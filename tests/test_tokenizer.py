@@ -32,11 +32,16 @@ CASES = {
 NFC_MODELS = {"qwen3", "qwen25"}  # NFC first: lossless only on NFC text
 
 
-def _lossless_on(name, s):
+def _lossless_on(name, s, ours):
     """Gemma spells spaces U+2581, so text that has U+2581 itself does not
-    come back; NFC tokenizers give back only NFC text."""
+    come back; NFC tokenizers give back only NFC text; a byte-level vocabulary
+    missing some byte tokens (SmolLM2 lacks a few) drops those bytes."""
     if name in NFC_MODELS and not unicodedata.is_normalized("NFC", s):
         return False
+    if name != "gemma3":
+        from mlxcy.tokenizer.decoders import BYTE_ENCODER
+        if any(ours.token_to_id(BYTE_ENCODER[b]) is None for b in s.encode()):
+            return False
     return not (name == "gemma3" and "\u2581" in s)
 
 
@@ -93,7 +98,7 @@ def test_decode_matches_and_roundtrips(pair, texts):
         ids = ours.encode(s, add_special_tokens=False)
         for skip in (False, True):
             assert ours.decode(ids, skip) == ref.decode(ids, skip_special_tokens=skip), (name, s)
-        if _lossless_on(name, s):
+        if _lossless_on(name, s, ours):
             assert ours.decode(ids) == s, (name, s)
 
 

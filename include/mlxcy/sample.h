@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include <mlx/mlx.h>
 
@@ -24,15 +25,25 @@ inline mx::array categorical(const mx::array& logits, int axis, const mx::array*
                          key ? std::optional<mx::array>(*key) : std::nullopt);
 }
 
+// Gumbel-max draw with an explicit key and 1/temperature, compiled once so
+// MLX fuses the noise and scaling element-wise ops (as mlx-lm compiles its
+// categorical_sampling).
+inline std::vector<mx::array> categorical_fn(const std::vector<mx::array>& in) {
+  return {mr::categorical(mx::multiply(in[0], in[2]), -1, in[1])};
+}
+
 // A draw that advances a sampler's own key: *key is split in two, *key
 // becomes the first half (for later steps) and the second half drives this
-// draw. A null key uses the global key sequence instead.
-inline mx::array categorical_step(const mx::array& logits, int axis, mx::array* key) {
-  if (key == nullptr) return mr::categorical(logits, axis);
+// draw over the last axis of logits * inv_temp.
+inline mx::array categorical_step(const mx::array& logits, double inv_temp, mx::array* key) {
+  static auto compiled = mx::compile(categorical_fn);
   auto parts = mr::split(*key);
   *key = std::move(parts.first);
-  return mr::categorical(logits, axis, parts.second);
+  return compiled({logits, parts.second, mx::array(inv_temp, logits.dtype())})[0];
 }
+
+// A fresh key drawn from (and advancing) the thread's global key sequence.
+inline mx::array key_from_global() { return mr::bits({2}, 4); }
 
 inline mx::array key(uint64_t seed) { return mr::key(seed); }
 

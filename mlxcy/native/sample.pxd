@@ -38,6 +38,7 @@ cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
 cdef extern from "mlxcy/sample.h" namespace "mlxcy::smp" nogil:
     array cumsum(const array& a, int axis, bool reverse, bool inclusive) except +
     array categorical(const array& logits, int axis, const array* key) except +
-    array categorical_step(const array& logits, int axis, array* key) except +
+    array categorical_step(const array& logits, double inv_temp, array* key) except +
+    array key_from_global() except +
     array key(uint64_t seed) except +
     array next_key(array* key) except +

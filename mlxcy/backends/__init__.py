@@ -1,0 +1,1 @@
+"""Adapters that put other engines behind mlxcy's TextModel interface."""

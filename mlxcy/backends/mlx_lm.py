@@ -1,0 +1,100 @@
+"""The "mlx_lm" backend: mlx-lm behind mlxcy's TextModel interface, so users
+and benchmarks can swap engines on the same weights.
+
+mlx-lm reads Hugging Face / MLX directories; a GGUF file is first converted
+to a Hugging Face directory (cached next to the other mlxcy assets).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mlxcy.inference import GenerationOptions, Metrics, TextModel, Token
+
+
+def hf_dir_for(path: Path, dtype: str = "float32") -> Path:
+    """A Hugging Face directory for `path`: itself, or its GGUF converted once."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    from mlxcy.assets import cache_dir
+    from mlxcy.convert import convert_gguf_to_hf
+    st = path.stat()
+    out = cache_dir() / "hf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-{dtype}"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + ".tmp")
+        convert_gguf_to_hf(path, tmp, dtype=dtype)
+        tmp.rename(out)
+    return out
+
+
+class MlxLmTextModel(TextModel):
+    backend = "mlx_lm"
+
+    def __init__(self, path, dtype: str | None = None, **_ignored):
+        import mlx_lm
+        self.path = Path(path)
+        self.model, self.tokenizer = mlx_lm.load(str(hf_dir_for(self.path, dtype or "float32")))
+        self._metrics = Metrics()
+
+    def _sampler(self, o: GenerationOptions):
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        if o.seed is not None:
+            import mlx.core as mx
+            mx.random.seed(o.seed)
+        sampler = make_sampler(temp=o.temperature, top_p=o.top_p, min_p=o.min_p, top_k=o.top_k)
+        procs = make_logits_processors(
+            logit_bias=o.logit_bias,
+            repetition_penalty=o.repetition_penalty if o.repetition_penalty != 1.0 else None,
+            repetition_context_size=o.repetition_context_size)
+        return sampler, procs
+
+    def stream(self, prompt, **opts):
+        o = GenerationOptions.from_kwargs(opts)
+        ids = self.tokenizer.encode(prompt)
+        return self._run(ids, o)
+
+    def stream_ids(self, ids, **opts):
+        return self._run(list(ids), GenerationOptions.from_kwargs(opts))
+
+    def stream_chat(self, messages, chat_kwargs=None, **opts):
+        o = GenerationOptions.from_kwargs(opts)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 **(chat_kwargs or {}))
+        if isinstance(ids, str):
+            ids = self.tokenizer.encode(ids, add_special_tokens=False)
+        return self._run(list(ids), o)
+
+    def _run(self, ids, o):
+        import mlx_lm
+        sampler, procs = self._sampler(o)
+        m = self._metrics = Metrics(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        text_so_far = ""
+        stops = set(o.stop_ids)
+        for r in mlx_lm.stream_generate(self.model, self.tokenizer, ids, max_tokens=o.max_tokens,
+                                        sampler=sampler, logits_processors=procs,
+                                        prefill_step_size=o.prefill_chunk):
+            m.generated_tokens = r.generation_tokens
+            m.prefill_tokens_per_second = r.prompt_tps
+            m.decode_tokens_per_second = r.generation_tps
+            m.peak_memory = int(r.peak_memory * 1e9)
+            if not m.time_to_first_token:
+                m.time_to_first_token = time.perf_counter() - t0
+            if r.token in stops or o.cancelled():
+                m.stop_reason = "stop"
+                break
+            text_so_far += r.text
+            yield Token(int(r.token), r.text, None)
+            if r.finish_reason:
+                m.stop_reason = r.finish_reason
+        m.total_time = time.perf_counter() - t0
+
+    def metrics(self):
+        return self._metrics
+
+    def info(self):
+        return {"path": str(self.path), "backend": self.backend}
+
+    def close(self):
+        self.model = None
