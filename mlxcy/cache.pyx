@@ -31,7 +31,10 @@ cdef class LayerCache:
     """Base of the layer caches (not used directly)."""
 
     def __dealloc__(self):
-        self.free()
+        _set(&self.keys, NULL)
+        _set(&self.values, NULL)
+        _set(&self.out_k, NULL)
+        _set(&self.out_v, NULL)
 
     cpdef free(self):
         """Drop every held array; the cache is empty afterwards (offset 0)."""

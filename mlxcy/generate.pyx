@@ -197,7 +197,7 @@ cdef na.array* _logprob_of(const na.array& logits, const na.array& tok) except N
     """log softmax(logits)[tok] for logits [V] and tok [1]."""
     cdef na.array lse = logsumexp(nops.astype(logits, na.float32), 0, True)
     cdef na.array picked = take_along_axis(nops.astype(logits, na.float32),
-                                           nops.astype(tok, na.int32), 0)
+                                           nops.reshape(nops.astype(tok, na.int32), _shape1(1)), 0)
     return heap(nops.subtract(picked, lse))
 
 

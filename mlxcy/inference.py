@@ -254,7 +254,7 @@ class MlxTextModel(TextModel):
         limit = min(len(old), len(ids) - 1)   # always prefill at least one token
         while n < limit and old[n] == ids[n]:
             n += 1
-        if cache.offset() != len(old) or not _trimmable(cache, len(old) - n):
+        if cache.offset != len(old) or not _trimmable(cache, len(old) - n):
             cache.free()
             cache = self._session_cache = self.model.make_cache()
             n = 0
@@ -360,7 +360,7 @@ class MlxTextModel(TextModel):
                 # tokens that were fed back (all but the last one produced).
                 fed = generated[:-1] if generated else []
                 self._session_ids = list(full_ids) + fed
-                if cache.offset() != len(self._session_ids):
+                if cache.offset != len(self._session_ids):
                     self.reset_session()
             m.active_memory = memory.get_active_memory()
 

@@ -67,7 +67,10 @@ cdef class Linear:
             self.in_features = self.weight.shape(1)
 
     def __dealloc__(self):
-        self.free()
+        _del(&self.weight)
+        _del(&self.scales)
+        _del(&self.qbiases)
+        _del(&self.bias)
 
     cpdef free(self):
         _del(&self.weight)
@@ -115,7 +118,9 @@ cdef class Embedding:
             self.dims = self.weight.shape(1)
 
     def __dealloc__(self):
-        self.free()
+        _del(&self.weight)
+        _del(&self.scales)
+        _del(&self.qbiases)
 
     cpdef free(self):
         _del(&self.weight)
@@ -179,7 +184,7 @@ cdef class RMSNorm:
         self.dims = self.weight.shape(0)
 
     def __dealloc__(self):
-        self.free()
+        _del(&self.weight)
 
     cpdef free(self):
         _del(&self.weight)

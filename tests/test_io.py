@@ -198,6 +198,7 @@ def test_load_and_save_dispatch_on_extension(tmp_path):
     assert list(IO.load(tmp_path / "b.safetensors")) == ["x"]
     write_gguf(tmp_path / "c.gguf", {"t": (np.ones((2, 32), np.float32), None)}, {})
     assert IO.load(tmp_path / "c.gguf")["t"].shape == (2, 32)
+    (tmp_path / "a.bin").write_bytes(b"\0" * 16)
     with pytest.raises(ValueError, match="format"):
         IO.load(tmp_path / "a.bin")
     with pytest.raises(ValueError, match="metadata"):

@@ -75,6 +75,10 @@ def test_corpus_and_random_ids(pair, texts):
     assert sum(len(d.encode()) for d in docs) >= 1 << 20
     for data in (docs, rand):
         want = [e.ids for e in ref.encode_batch(data)]
+        if name == "gemma3":
+            # The GGUF says add_bos_token=true; transformers adds that BOS
+            # outside its `tokenizers` object.
+            want = [[2] + w for w in want]
         got = ours.encode_batch(data)
         skipped = 0
         for s, a, b in zip(data, got, want):

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -36,10 +37,12 @@ inline std::vector<mx::array> categorical_fn(const std::vector<mx::array>& in) {
 // becomes the first half (for later steps) and the second half drives this
 // draw over the last axis of logits * inv_temp.
 inline mx::array categorical_step(const mx::array& logits, double inv_temp, mx::array* key) {
-  static auto compiled = mx::compile(categorical_fn);
+  // Never destroyed: no teardown ordering against MLX's compile cache at exit.
+  static auto* compiled = new std::function<std::vector<mx::array>(
+      const std::vector<mx::array>&)>(mx::compile(categorical_fn));
   auto parts = mr::split(*key);
   *key = std::move(parts.first);
-  return compiled({logits, parts.second, mx::array(inv_temp, logits.dtype())})[0];
+  return (*compiled)({logits, parts.second, mx::array(inv_temp, logits.dtype())})[0];
 }
 
 // A fresh key drawn from (and advancing) the thread's global key sequence.

@@ -64,7 +64,9 @@ cdef class Rope:
             raise ValueError(f"rope: unsupported rope type {kind!r}")
 
     def __dealloc__(self):
-        self.free()
+        if self.freqs != NULL:
+            del self.freqs
+            self.freqs = NULL
 
     cpdef free(self):
         if self.freqs != NULL:

@@ -444,7 +444,7 @@ def _dequantize(raw, t):
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
-def load_gguf(path, dtype=None, dequantize: bool | None = None):
+def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: bool = True):
     """Read a GGUF file into (weights, config, quantization).
 
     weights: dict of Hugging Face names → mlxcy Arrays (quantized tensors as
@@ -452,13 +452,17 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None):
     quantization: None, or {"group_size": 32, "bits": 4, "<hf module path>": {...}}
     in mlx-lm's per-layer form.
 
-    dtype: float dtype for every float tensor, scales and biases (default bfloat16).
-    dequantize: True forces dequantizing to dtype; None keeps Q4_0/Q4_1/Q8_0 when
-    every tensor of the file has a type MLX reads (as mlx::core::load_gguf does)."""
+    Q4_0 / Q4_1 / Q8_0 stay quantized when every tensor of the file has a type MLX
+    reads (as mlx::core::load_gguf does), unless `dequantize` is True or dtype is
+    bfloat16: bf16 scales and biases lose too much (Q4_1 biases rounded to 8 bits
+    moved SmolLM2's logits by 13%), so a bf16 request dequantizes.
+    dtype: the float dtype of every float tensor (and of scales/biases, whose
+    float16 values convert exactly to float32). Default: float32 for a file kept
+    quantized (float32 scales are exact and MLX's CPU quantized matmul is fastest
+    in float32), bfloat16 for a dequantized one.
+    native_reader: use mlxcy.io.load_gguf (MLX's reader) for quantized files when
+    it is built; otherwise a numpy repack that produces the same bits."""
     import mlxcy
-    dtype = mlxcy.bfloat16 if dtype is None else mlxcy.dtype(dtype)
-    if not dtype.is_floating:
-        raise ValueError(f"{path}: dtype must be a float type, got {dtype}")
     header = read_header(path)
     cfg = gguf_config(header)
     arch = header.architecture
@@ -467,10 +471,27 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None):
     if unknown:
         raise GGUFError(f"{path}: tensor {unknown[0]} has unsupported type "
                         f"{header.tensors[unknown[0]]['type']}")
-    native = types <= NATIVE_TYPES if dequantize is None else not dequantize
+    want = None if dtype is None else mlxcy.dtype(dtype)
+    if want is not None and not want.is_floating:
+        raise ValueError(f"{path}: dtype must be a float type, got {want}")
+    if dequantize is None:
+        native = types <= NATIVE_TYPES and want != mlxcy.bfloat16
+    else:
+        native = not dequantize
     if native and not types <= NATIVE_TYPES:
         raise GGUFError(f"{path}: types {sorted(TYPE_NAMES.get(t, t) for t in types - NATIVE_TYPES)}"
                         " cannot stay quantized; pass dequantize=True")
+    if native and not types & {2, 3, 8}:
+        native = False                     # nothing quantized: plain floats
+    dtype = want if want is not None else (mlxcy.float32 if native else mlxcy.bfloat16)
+    io = None
+    if native and native_reader:
+        try:
+            from mlxcy import io
+        except ImportError:
+            io = None
+    if io is not None and hasattr(io, "load_gguf"):
+        return _load_native_io(io, path, header, cfg, dtype)
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     is_gemma = arch.startswith("gemma")
     weights: dict = {}
@@ -514,6 +535,8 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None):
             else:
                 a = mlxcy.array(np.ascontiguousarray(x))
             weights[name] = a if a.dtype == dtype else a.astype(dtype)
+        from mlxcy import transforms
+        transforms.eval(weights)           # lazy casts: release their sources now
     except BaseException:
         for a in weights.values():
             a.free()
@@ -526,6 +549,12 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None):
             a.free()
         raise GGUFError(f"{path}: tensor {missing[0]} (GGUF "
                         f"{'token_embd' if 'embed' in missing[0] else 'output_norm'}.weight) is missing")
+    return weights, cfg, _quant_summary(weights, quant_layers)
+
+
+def _quant_summary(weights, quant_layers):
+    """mlx-lm's quantization dict: the most common (bits, group) at the top,
+    exceptions per layer path, and False for linear layers stored as floats."""
     quantization = None
     if quant_layers:
         counts = {}
@@ -541,4 +570,65 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None):
             if name.endswith((".weight")) and base not in quant_layers and \
                     base.endswith(("_proj", "embed_tokens", "lm_head")):
                 quantization[base] = False
-    return weights, cfg, quantization
+    return quantization
+
+
+def _load_native_io(io, path, header, cfg, dtype):
+    """Quantized GGUF through MLX's own reader (mlxcy.io.load_gguf)."""
+    import mlxcy
+    arch = header.architecture
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    try:
+        raw, _meta = io.load_gguf(str(path))
+    except Exception as e:
+        msg = str(e)
+        raise GGUFError(msg if str(path) in msg else f"{path}: {msg}") from e
+    weights, quant_layers = {}, {}
+    try:
+        for gname in list(raw):
+            a = raw.pop(gname)
+            base, _, kind = gname.rpartition(".")
+            if kind in ("scales", "biases"):
+                name = hf_name(base + ".weight", arch)
+                name = None if name is None else name[: -len("weight")] + kind
+            else:
+                name = hf_name(gname, arch)
+            if name is None:
+                a.free()
+                continue
+            perm = None
+            if arch == "llama" and ".self_attn.q_proj." in name:
+                perm = n_head
+            elif arch == "llama" and ".self_attn.k_proj." in name:
+                perm = n_kv
+            if perm and name.endswith(".weight") or perm and kind in ("scales", "biases"):
+                x = a.numpy() if a.dtype != mlxcy.bfloat16 else None
+                if x is None:       # bf16 float tensor: permute through a uint16 view
+                    x = a.view(mlxcy.uint16).numpy()
+                    b = mlxcy.array(np.ascontiguousarray(_unpermute_rows(x, perm))).view(mlxcy.bfloat16)
+                else:
+                    b = mlxcy.array(np.ascontiguousarray(_unpermute_rows(x, perm)))
+                a.free()
+                a = b
+            if name.endswith("norm.weight") and arch.startswith("gemma"):
+                b = a.astype(mlxcy.float32) - 1.0
+                a.free()
+                a = b
+            if a.dtype.is_floating and a.dtype != dtype:
+                b = a.astype(dtype)
+                a.free()
+                a = b
+            weights[name] = a
+            if kind == "scales":
+                w = raw.get(base + ".weight")
+                hb = name[: -len(".scales")]
+                wshape = (w.shape if w is not None else weights[hb + ".weight"].shape)
+                bits = wshape[-1] * 32 // (a.shape[-1] * 32)
+                quant_layers[hb] = {"group_size": 32, "bits": bits}
+        from mlxcy import transforms
+        transforms.eval(weights)           # read now: errors surface here, not later
+    except BaseException:
+        for x in list(weights.values()) + list(raw.values()):
+            x.free()
+        raise
+    return weights, cfg, _quant_summary(weights, quant_layers)

@@ -435,8 +435,10 @@ def _load_dir(d: Path, dtype=None):
 
 def load_weights(path, dtype=None):
     """(weights, config, quantization) of a directory or GGUF file, validated.
-    dtype applies to GGUF dequantization (default bfloat16); directory weights
-    are returned as stored (build_model casts)."""
+    For a GGUF file dtype chooses the float type (see gguf.load_gguf: default
+    float32 for a file kept quantized, bfloat16 for a dequantized one; bfloat16
+    dequantizes Q4_0/Q4_1/Q8_0). Directory weights are returned as stored
+    (build_model casts)."""
     path = Path(path)
     if path.is_file() and _is_gguf(path):
         from mlxcy.models import gguf
@@ -458,9 +460,6 @@ def load_model(path, dtype=None):
     """A Model from a checkpoint directory or GGUF file."""
     from mlxcy.models import build_model
     weights, config, quantization = load_weights(path, dtype)
-    if dtype is None and Path(path).is_file():
-        import mlxcy
-        dtype = mlxcy.bfloat16
     try:
         return build_model(config, weights, quantization=quantization, dtype=dtype)
     except BaseException as e:
