@@ -17,7 +17,7 @@ def mlx_dirs():
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         sys.exit("mlxcy: the `mlx` package must be installed before building "
-                 "(pip install 'mlx[cpu]==0.32.4')")
+                 "(pip install "mlx[cpu]==0.32.4" or "mlx[cuda13]==0.32.4")")
     root = Path(list(spec.submodule_search_locations)[0])
     inc, lib = root / "include", root / "lib"
     if not (inc / "mlx" / "mlx.h").exists() or not (lib / "libmlx.so").exists():

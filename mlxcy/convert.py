@@ -30,16 +30,18 @@ def _dtype_name(d) -> str:
     return str(d).rsplit(".", 1)[-1]
 
 
-def quantize_affine(w, group_size: int, bits: int):
+def quantize_affine(w, group_size: int, bits: int, native: bool = True):
     """MLX affine quantization of a 2-D Array along its last axis: (w_q uint32,
     scales, biases) in w's dtype. Uses mlxcy.ops.quantize when built, else a numpy
-    transcription of mlx::core's affine_quantize."""
+    transcription of mlx::core's affine_quantize (bits 2, 4 or 8)."""
     import mlxcy
     from mlxcy import ops
-    q = getattr(ops, "quantize", None)
+    q = getattr(ops, "quantize", None) if native else None
     if q is not None:
         wq, s, b = q(w, group_size=group_size, bits=bits)
         return wq, s, b
+    if 32 % bits:
+        raise ValueError(f"the numpy quantizer packs 2, 4 or 8 bits, not {bits}")
     x = w.astype(mlxcy.float32).numpy()
     rows, cols = x.shape
     g = x.reshape(rows, cols // group_size, group_size)

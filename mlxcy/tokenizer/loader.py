@@ -205,9 +205,11 @@ def _spm_spec(md, tokens, types, arch, meta, path) -> dict:
             raise TokenizerError(f"{path}: SentencePiece GGUF without tokenizer.ggml.scores")
         merges = _score_merges(tokens, scores)
         prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
-        normalizer = None
-        pre_tok = {"type": "Metaspace", "replacement": "\u2581",
-                   "prepend_scheme": "first" if prefix else "never", "split": False}
+        # As Llama 2's tokenizer.json and llama.cpp: always a leading U+2581.
+        normalizer = {"type": "Sequence", "normalizers": (
+            [{"type": "Prepend", "prepend": "\u2581"}] if prefix else []) + [
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        pre_tok = None
         decoder = {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
             {"type": "ByteFallback"}, {"type": "Fuse"}]
