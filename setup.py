@@ -17,11 +17,12 @@ def mlx_dirs():
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         sys.exit("mlxcy: the `mlx` package must be installed before building "
-                 "(pip install "mlx[cpu]==0.32.4" or "mlx[cuda13]==0.32.4")")
+                 "(pip install 'mlx[cpu]==0.32.4' or 'mlx[cuda13]==0.32.4')")
     root = Path(list(spec.submodule_search_locations)[0])
     inc, lib = root / "include", root / "lib"
     if not (inc / "mlx" / "mlx.h").exists() or not (lib / "libmlx.so").exists():
-        sys.exit(f"mlxcy: {root} lacks include/mlx/mlx.h or lib/libmlx.so")
+        sys.exit(f"mlxcy: {root} lacks include/mlx/mlx.h or lib/libmlx.so: install a backend "
+                 "wheel, e.g. pip install 'mlx[cpu]==0.32.4'")
     return root, inc, lib
 
 

@@ -67,7 +67,7 @@ def test_ours_read_by_mlx_lm(hf, tmp_path, mt, bits, gs):
     assert rel(ours, theirs) < 1e-5
     # and quantization really happened (close to, but not equal to, the float model)
     err = rel(ours, torch_logits(ref_model, ids))
-    assert 0 < err < (0.1 if bits == 4 else 0.02)
+    assert 0 < err < (0.35 if bits == 4 else 0.05)
 
 
 def test_same_bits_as_mlx_lm_convert(hf, tmp_path):
