@@ -7,6 +7,7 @@ from libcpp.vector cimport vector
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native.array cimport heap
+from mlxcy.core cimport Array, wrap, handle
 
 
 cdef inline void _set(na.array** slot, na.array* p) noexcept:
@@ -57,6 +58,32 @@ cdef class LayerCache:
         if self.values != NULL:
             n += self.values.nbytes()
         return n
+
+    def state(self):
+        """The layer's buffers and counters, for saving: {"keys": Array or
+        None, "values": ..., "offset": int, "filled": int, "idx": int}."""
+        out = {"offset": self.offset, "filled": 0, "idx": 0, "keys": None, "values": None}
+        if self.keys != NULL:
+            out["keys"] = wrap(new na.array(self.keys[0]))
+            out["values"] = wrap(new na.array(self.values[0]))
+        if isinstance(self, RotatingKVCache):
+            out["filled"] = (<RotatingKVCache>self).filled
+            out["idx"] = (<RotatingKVCache>self).idx
+        return out
+
+    def set_state(self, keys, values, int offset, int filled=0, int idx=0):
+        """Restore what state() returned (keys/values as Arrays, or None)."""
+        self.free()
+        if keys is not None:
+            _set(&self.keys, new na.array(handle(<Array?>keys)[0]))
+            _set(&self.values, new na.array(handle(<Array?>values)[0]))
+            if self.keys.ndim() != 4 or self.values.ndim() != 4:
+                self.free()
+                raise ValueError("set_state: keys and values must be [B, heads, T, head_dim]")
+        self.offset = offset
+        if isinstance(self, RotatingKVCache):
+            (<RotatingKVCache>self).filled = filled
+            (<RotatingKVCache>self).idx = idx
 
     cdef void drop_outputs(self) noexcept:
         """Drop the keys/values handed to attention by the last update (so

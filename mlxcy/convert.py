@@ -112,6 +112,22 @@ def _quantizable(name: str, a, group_size: int) -> bool:
     return a.shape[-1] % group_size == 0
 
 
+def _legacy_rope_keys(cfg: dict) -> None:
+    """transformers 5 writes rope_parameters (per layer type for gemma3) and no
+    rope_theta; mlx-lm 0.32 reads rope_theta / rope_local_base_freq and would fall
+    back to its defaults. Add the legacy keys when they are missing."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return
+    full = rp.get("full_attention", rp)
+    if cfg.get("rope_theta") is None and isinstance(full, dict) and "rope_theta" in full:
+        cfg["rope_theta"] = full["rope_theta"]
+    local = rp.get("sliding_attention")
+    if cfg.get("rope_local_base_freq") is None and isinstance(local, dict) \
+            and "rope_theta" in local:
+        cfg["rope_local_base_freq"] = local["rope_theta"]
+
+
 def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dtype=None,
                       max_shard_bytes: int = 5 << 30) -> Path:
     """Quantize a Hugging Face checkpoint directory into mlx-lm's layout."""
@@ -158,6 +174,7 @@ def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dty
         cfg["quantization_config"] = dict(q)
         if dtype is not None:
             cfg["torch_dtype"] = _dtype_name(dtype)
+        _legacy_rope_keys(cfg)
         save_weights(dst, out, max_shard_bytes)
         with open(dst / "config.json", "w") as f:
             json.dump(dict(sorted(cfg.items())), f, indent=4)

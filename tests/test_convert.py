@@ -135,6 +135,6 @@ def test_gguf_to_hf_synthetic(tmp_path):
         np.testing.assert_array_equal(a.numpy(), sd[k].numpy(), err_msg=k)
     L._free(w)
     assert ref.config.query_pre_attn_scalar == 256
-    assert ref.config.layer_types[5] == "full_attention" and ref.config.layer_types[0] == "sliding_attention"
+    assert ref.config.layer_types == ["sliding_attention"] * 2    # 5 local, then 1 global
     ids = np.array([[1, 5, 7, 9, 11, 3]], np.int32)
     assert rel(our_logits(d, ids, "float32"), torch_logits(ref, ids)) < 1e-4

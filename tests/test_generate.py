@@ -195,3 +195,20 @@ def test_closed_model_raises(tiny_dir):
     m.close()
     with pytest.raises(ValueError, match="closed"):
         m.generate("x")
+
+
+def test_session_cache_save_and_load(tm, tmp_path):
+    msgs = [{"role": "user", "content": "Tell me"}]
+    kw = {"enable_thinking": False}
+    list(tm.stream_chat(msgs, max_tokens=5, chat_kwargs=kw))
+    tm.save_session(tmp_path / "s.safetensors")
+    follow = msgs + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    a = [t.id for t in tm.stream_chat(follow, max_tokens=5, chat_kwargs=kw)]
+    n_a = tm.metrics().prompt_tokens
+    tm.reset_session()
+    tm.load_session(tmp_path / "s.safetensors")
+    b = [t.id for t in tm.stream_chat(follow, max_tokens=5, chat_kwargs=kw)]
+    assert a == b and tm.metrics().prompt_tokens == n_a
+    with pytest.raises(ValueError, match="not an mlxcy cache"):
+        mlxcy.io.save_safetensors(str(tmp_path / "x.safetensors"), {"a": mlxcy.array([1.0])})
+        tm.load_session(tmp_path / "x.safetensors")

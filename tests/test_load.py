@@ -82,13 +82,17 @@ def test_save_safetensors_roundtrip_is_read_by_safetensors(tmp_path):
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     arrs = {"a": mlxcy.array(x), "b": mlxcy.array(x).astype(mlxcy.bfloat16),
             "c": mlxcy.array(np.arange(5, dtype=np.uint32))}
-    L.save_safetensors(tmp_path / "t.safetensors", arrs, {"format": "mlx"})
-    back, meta = L.read_safetensors(tmp_path / "t.safetensors")
-    assert meta == {"format": "mlx"}
-    np.testing.assert_array_equal(back["b"].astype(mlxcy.float32).numpy(), x)
-    ref = load_file(str(tmp_path / "t.safetensors"))   # numpy loader: no bf16, skip b
-    np.testing.assert_array_equal(ref["a"], x)
-    np.testing.assert_array_equal(ref["c"], np.arange(5, dtype=np.uint32))
+    for native in (True, False):
+        p = tmp_path / f"t{native}.safetensors"
+        L.save_safetensors(p, arrs, {"format": "mlx"}, native=native)
+        for rnative in (True, False):
+            back, meta = L.read_safetensors(p, native=rnative)
+            assert meta == {"format": "mlx"}
+            np.testing.assert_array_equal(back["b"].astype(mlxcy.float32).numpy(), x)
+            np.testing.assert_array_equal(back["c"].numpy(), np.arange(5, dtype=np.uint32))
+        ref = load_file(str(p))   # the safetensors package's numpy loader (no bf16)
+        np.testing.assert_array_equal(ref["a"], x)
+        np.testing.assert_array_equal(ref["c"], np.arange(5, dtype=np.uint32))
 
 
 def test_sharded_checkpoint(tmp_path):

@@ -124,8 +124,6 @@ def test_stream_equals_decode(pair, texts):
         pieces = [st.push(i) for i in ids]
         pieces.append(st.finish())
         assert "".join(pieces) == ours.decode(ids), (name, ids)
-        assert not any(p.endswith("\ufffd") and p != ours.decode([i]) for p, i in zip(pieces, ids)
-                       if False)
 
 
 def test_vocab_and_special_ids(pair):

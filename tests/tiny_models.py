@@ -14,9 +14,13 @@ CONFIGS = {
     "llama": dict(BASE, tie_word_embeddings=False),
     "qwen2": dict(BASE, tie_word_embeddings=True),
     "qwen3": dict(BASE, tie_word_embeddings=False),
-    "gemma3_text": dict(BASE, tie_word_embeddings=True, query_pre_attn_scalar=16,
+    # gemma: transformers' default rope thetas (1e6 global, 1e4 local), which are also
+    # mlx-lm 0.32's defaults: mlx-lm does not read transformers 5's rope_parameters.
+    "gemma3_text": dict({k: v for k, v in BASE.items() if k != "rope_theta"},
+                        tie_word_embeddings=True, query_pre_attn_scalar=16,
                         sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                        hidden_activation="gelu_pytorch_tanh", rope_local_base_freq=10000.0),
+                        sliding_window_pattern=2,
+                        hidden_activation="gelu_pytorch_tanh"),
 }
 
 

@@ -148,9 +148,23 @@ def _to_numpy_bytes(a) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(x), _ST_NAMES[name]
 
 
-def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write {name: Array} to a .safetensors file (atomically: tmp + rename)."""
+def save_safetensors(path, tensors: dict, metadata: dict | None = None,
+                     native: bool | None = None) -> None:
+    """Write {name: Array} to a .safetensors file (atomically: tmp + rename),
+    through MLX's writer (mlxcy.io.save_safetensors) when built."""
     path = Path(path)
+    io = _native_io() if native is not False else None
+    if io is not None and hasattr(io, "save_safetensors"):
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}.safetensors")
+        try:
+            io.save_safetensors(str(tmp), tensors,
+                                {str(k): str(v) for k, v in (metadata or {}).items()})
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp.exists():
+                tmp.unlink()
+            raise
+        return
     header = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

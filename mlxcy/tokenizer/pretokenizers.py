@@ -64,8 +64,6 @@ def _split_spans(text: str, spans, behavior: str, invert: bool) -> list[str]:
         pending = ""
         for a, b, m in marks:
             if m:
-                if pending and not pieces:
-                    pass
                 pending += text[a:b]
             else:
                 pieces.append(pending + text[a:b])

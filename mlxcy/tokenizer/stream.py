@@ -9,8 +9,10 @@ class StreamDecoder:
     new ones) and emits what the window adds beyond the context's own text,
     only once that does not end in U+FFFD (a UTF-8 character still being
     spelled out in bytes). The context token keeps SentencePiece's leading
-    space handling right. `finish()` returns whatever is left, so the pieces
-    always join to `decode` of the whole sequence.
+    space handling right. With a ByteFallback decoder a run of <0xXX> tokens
+    is decoded as one group (all of it becomes U+FFFD if any of it is bad),
+    so nothing is emitted while the run is open. `finish()` returns whatever
+    is left, so the pieces always join to `decode` of the whole sequence.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = False):
@@ -19,7 +21,7 @@ class StreamDecoder:
         self.start = 0            # window start in self.ids
         self.window_text = ""     # decode(ids[start:]) already accounted for
         self.emitted_len = 0      # characters emitted in total
-        self.emitted: list[str] = []
+        self.byte_tokens = _byte_fallback_ids(tokenizer)
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, self.skip)
@@ -27,6 +29,8 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         self.tok.decode([token_id])          # range check, clear error
         self.ids.append(token_id)
+        if token_id in self.byte_tokens:
+            return ""
         text = self._decode(self.ids[self.start:])
         if text.endswith("\ufffd") or len(text) <= len(self.window_text):
             return ""
@@ -45,3 +49,14 @@ class StreamDecoder:
         rest = self._decode(self.ids)[self.emitted_len:]
         self.emitted_len += len(rest)
         return rest
+
+
+def _byte_fallback_ids(tok) -> frozenset:
+    """Ids of <0xXX> tokens when the decoder has a ByteFallback step."""
+    import json
+    import re
+    if '"ByteFallback"' not in json.dumps(tok._decoder_spec):
+        return frozenset()
+    pat = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    return frozenset(i for i in range(tok.vocab_size)
+                     if (t := tok.id_to_token(i)) is not None and len(t) == 6 and pat.fullmatch(t))
