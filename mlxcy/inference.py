@@ -170,7 +170,8 @@ class MlxTextModel(TextModel):
 
     backend = "mlx"
 
-    def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None):
+    def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None,
+                 fuse: bool = True):
         from mlxcy import memory
         from mlxcy.models.load import load_model
         from mlxcy.tokenizer import Tokenizer
@@ -178,6 +179,8 @@ class MlxTextModel(TextModel):
         self._mem_before = memory.get_active_memory()
         self.model = load_model(self.path, dtype=dtype)
         try:
+            if fuse:   # one matmul for q/k/v and one for gate/up: same logits, fewer kernels
+                self.model.fuse()
             self.tokenizer = Tokenizer.load(self.path)
         except Exception:
             self.model.close()

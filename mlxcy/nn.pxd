@@ -13,7 +13,15 @@ cdef class Linear:
     cdef na.array* bias        # optional additive bias [out]
     cdef readonly int in_features, out_features, bits, group_size
     cdef readonly bint quantized
+    # Optional LoRA adapter (mlxcy.train.lora): y = base(x) + scale * (drop(x) @ A) @ B.
+    # NULL when no adapter is set (forward is then exactly the plain layer).
+    cdef na.array* lora_a      # [in, r]
+    cdef na.array* lora_b      # [r, out]
+    cdef public float lora_scale
+    cdef public float lora_dropout
+    cdef public bint training  # dropout only while training
     cdef na.array* forward(self, const na.array& x) except NULL
+    cdef na.array* lora_forward(self, const na.array& x, na.array* y) except NULL
     cpdef free(self)
     cpdef long long nparams(self)
     cpdef long long nbytes(self)

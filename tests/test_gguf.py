@@ -269,3 +269,15 @@ def test_gguf_errors(tmp_path):
     _write_gguf(p, "gemma3", t3, meta)
     with pytest.raises(L.LoadError, match=r"missing\.gguf.*v_proj\.weight.*missing"):
         L.load_model(p)
+
+
+def test_describe_gguf_reads_header_only(smol, tmp_path):
+    from mlxcy.models.discover import discover, describe
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "smol.gguf").symlink_to(smol)
+    e = describe(smol)
+    assert (e["format"], e["architecture"], e["vocab_size"], e["num_layers"], e["hidden_size"],
+            e["num_heads"], e["num_kv_heads"], e["head_dim"], e["context_length"],
+            e["dtype"]) == ("gguf", "llama", 49152, 30, 576, 9, 3, 64, 8192, "Q4_1")
+    assert e["quantization"]["types"] == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
+    assert [x["path"] for x in discover(tmp_path)] == [str(tmp_path / "m" / "smol.gguf")]

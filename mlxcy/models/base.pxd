@@ -32,6 +32,7 @@ cdef class Rope:
 
 cdef class Attention:
     cdef Linear q_proj, k_proj, v_proj, o_proj
+    cdef Linear qkv_proj           # fused q/k/v (then q/k/v_proj are None), see Model.fuse()
     cdef RMSNorm q_norm, k_norm    # None unless the family normalizes q/k per head
     cdef Rope rope
     cdef int n_heads, n_kv_heads, head_dim, window
@@ -46,6 +47,7 @@ cdef class Attention:
 
 cdef class MLP:
     cdef Linear gate_proj, up_proj, down_proj
+    cdef Linear gate_up_proj       # fused gate/up (then gate/up_proj are None)
     cdef bint gelu                 # gelu-tanh (Gemma) instead of SiLU
     cdef na.array* forward(self, const na.array& x) except NULL
     cpdef free(self)

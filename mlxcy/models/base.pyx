@@ -17,6 +17,7 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fast as nfast
+from mlxcy.native cimport fused as nfused
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
@@ -107,7 +108,7 @@ cdef class Attention:
         self.softcap = softcap
 
     cpdef free(self):
-        for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.q_norm,
+        for m in (self.q_proj, self.k_proj, self.v_proj, self.qkv_proj, self.o_proj, self.q_norm,
                   self.k_norm, self.rope):
             if m is not None:
                 m.free()
@@ -118,12 +119,21 @@ cdef class Attention:
         cdef int offset = 0 if cache is None else cache.offset
         cdef int window = self.window
         cdef int kstart = 0
-        cdef na.array q = nnn.heads_first(nnn.own(self.q_proj.forward(x)), self.n_heads,
-                                          self.head_dim)
-        cdef na.array k = nnn.heads_first(nnn.own(self.k_proj.forward(x)), self.n_kv_heads,
-                                          self.head_dim)
-        cdef na.array v = nnn.heads_first(nnn.own(self.v_proj.forward(x)), self.n_kv_heads,
-                                          self.head_dim)
+        cdef int nq = self.n_heads * self.head_dim, nk = self.n_kv_heads * self.head_dim
+        cdef na.array q = x if self.qkv_proj is None else nnn.own(self.qkv_proj.forward(x))
+        cdef na.array k = q
+        cdef na.array v = q
+        if self.qkv_proj is None:
+            q = nnn.own(self.q_proj.forward(x))
+            k = nnn.own(self.k_proj.forward(x))
+            v = nnn.own(self.v_proj.forward(x))
+        else:   # one matmul for q, k and v: slice the fused output
+            k = nfused.last_axis_slice(q, nq, nq + nk)
+            v = nfused.last_axis_slice(q, nq + nk, nq + 2 * nk)
+            q = nfused.last_axis_slice(q, 0, nq)
+        q = nnn.heads_first(q, self.n_heads, self.head_dim)
+        k = nnn.heads_first(k, self.n_kv_heads, self.head_dim)
+        v = nnn.heads_first(v, self.n_kv_heads, self.head_dim)
         cdef na.array* o
         if self.q_norm is not None:
             q = nnn.own(self.q_norm.forward(q))
@@ -180,18 +190,26 @@ cdef class MLP:
         self.gelu = gelu
 
     cpdef free(self):
-        self.gate_proj.free()
-        self.up_proj.free()
-        self.down_proj.free()
+        for m in (self.gate_proj, self.up_proj, self.gate_up_proj, self.down_proj):
+            if m is not None:
+                m.free()
 
     cdef na.array* forward(self, const na.array& x) except NULL:
-        cdef na.array g = nnn.own(self.gate_proj.forward(x))
-        cdef na.array u = nnn.own(self.up_proj.forward(x))
+        cdef int inter = self.down_proj.in_features
+        cdef na.array g = x
+        cdef na.array u = x
+        if self.gate_up_proj is None:
+            g = nnn.own(self.gate_proj.forward(x))
+            u = nnn.own(self.up_proj.forward(x))
+        else:   # one matmul for gate and up
+            u = nnn.own(self.gate_up_proj.forward(x))
+            g = nfused.last_axis_slice(u, 0, inter)
+            u = nfused.last_axis_slice(u, inter, 2 * inter)
+        # The activation and product run as one compiled kernel.
         if self.gelu:
-            g = nnn.gelu_tanh(g)
+            u = nfused.geglu_tanh(g, u)
         else:
-            g = nnn.silu(g)
-        u = nnn.multiply(g, u)
+            u = nfused.swiglu(g, u)
         return self.down_proj.forward(u)
 
 
@@ -214,23 +232,35 @@ cdef class Block:
             if m is not None:
                 m.free()
 
+    def parts(self):
+        """Every weight-holding layer of the block (fused or not)."""
+        a, m = self.attn, self.mlp
+        return [l for l in (a.q_proj, a.k_proj, a.v_proj, a.qkv_proj, a.o_proj, a.q_norm,
+                            a.k_norm, m.gate_proj, m.up_proj, m.gate_up_proj, m.down_proj,
+                            self.input_norm, self.post_attn_norm, self.pre_ff_norm,
+                            self.post_ff_norm) if l is not None]
+
     def nparams(self):
-        a = self.attn
-        n = sum(l.nparams() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-        n += sum(l.nparams() for l in (a.q_norm, a.k_norm) if l is not None)
-        n += sum(l.nparams() for l in (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj))
-        n += sum(l.nparams() for l in (self.input_norm, self.post_attn_norm, self.pre_ff_norm,
-                                       self.post_ff_norm) if l is not None)
-        return n
+        return sum(l.nparams() for l in self.parts())
 
     def nbytes(self):
-        a = self.attn
-        n = sum(l.nbytes() for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-        n += sum(l.nbytes() for l in (a.q_norm, a.k_norm) if l is not None)
-        n += sum(l.nbytes() for l in (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj))
-        n += sum(l.nbytes() for l in (self.input_norm, self.post_attn_norm, self.pre_ff_norm,
-                                      self.post_ff_norm) if l is not None)
-        return n
+        return sum(l.nbytes() for l in self.parts())
+
+    def fuse(self):
+        """Concatenate q/k/v and gate/up weights (fewer matmuls per token)."""
+        a, m = self.attn, self.mlp
+        if a.qkv_proj is None and a.q_proj is not None:
+            fused = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+            if fused is not None:
+                for l in (a.q_proj, a.k_proj, a.v_proj):
+                    l.free()
+                a.qkv_proj, a.q_proj, a.k_proj, a.v_proj = fused, None, None, None
+        if m.gate_up_proj is None and m.gate_proj is not None:
+            fused = fuse_linears([m.gate_proj, m.up_proj])
+            if fused is not None:
+                m.gate_proj.free()
+                m.up_proj.free()
+                m.gate_up_proj, m.gate_proj, m.up_proj = fused, None, None
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
@@ -240,6 +270,30 @@ cdef class Block:
         r = nnn.own(self.post_attn_norm.forward(h))
         r = nnn.own(self.mlp.forward(r))
         return heap(nnn.add(h, r))
+
+
+cdef object _copy(na.array* p):
+    return None if p == NULL else wrap(new na.array(p[0]))
+
+
+def fuse_linears(list parts):
+    """One Linear whose output is the parts' outputs side by side, or None
+    when they cannot share one matmul (mixed quantization or biases)."""
+    from mlxcy import ops
+    cdef Linear l, first = parts[0]
+    for l in parts:
+        if (l.quantized != first.quantized or l.bits != first.bits
+                or l.group_size != first.group_size or (l.bias == NULL) != (first.bias == NULL)
+                or (l.qbiases == NULL) != (first.qbiases == NULL)
+                or l.in_features != first.in_features):
+            return None
+    cat = lambda ptrs: None if ptrs[0] is None else ops.concatenate(ptrs, axis=0)
+    w = cat([_copy((<Linear>l).weight) for l in parts])
+    b = cat([_copy((<Linear>l).bias) for l in parts])
+    if not first.quantized:
+        return Linear(w, b)
+    return Linear(w, b, cat([_copy((<Linear>l).scales) for l in parts]),
+                  cat([_copy((<Linear>l).qbiases) for l in parts]), first.group_size, first.bits)
 
 
 # --------------------------------------------------------------- weights ---
@@ -450,6 +504,15 @@ cdef class Model:
 
     def build_block(self, W, cfg, int i):
         raise NotImplementedError
+
+    def fuse(self):
+        """Fuse each block's q/k/v and gate/up weights into single matmuls (the
+        same logits, fewer kernel launches per token).  Inference only: LoRA
+        training wants the separate projections."""
+        self._check_open()
+        for b in self.layers:
+            b.fuse()
+        return self
 
     # -- lifetime ---------------------------------------------------------------
     def close(self):

@@ -1,0 +1,8 @@
+# Compiled elementwise pieces of the decoder (include/mlxcy/fused.h).
+from mlxcy.native.array cimport array
+
+
+cdef extern from "mlxcy/fused.h" namespace "mlxcy" nogil:
+    array swiglu(const array& g, const array& u) except +
+    array geglu_tanh(const array& g, const array& u) except +
+    array last_axis_slice(const array& x, int start, int stop) except +
