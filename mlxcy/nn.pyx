@@ -10,6 +10,7 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fast as nfast
+from mlxcy.native cimport random as nrnd
 from mlxcy.native.array cimport heap
 from libcpp.vector cimport vector
 
@@ -71,19 +72,92 @@ cdef class Linear:
         _del(&self.scales)
         _del(&self.qbiases)
         _del(&self.bias)
+        _del(&self.lora_a)
+        _del(&self.lora_b)
 
     cpdef free(self):
         _del(&self.weight)
         _del(&self.scales)
         _del(&self.qbiases)
         _del(&self.bias)
+        _del(&self.lora_a)
+        _del(&self.lora_b)
 
     cdef na.array* forward(self, const na.array& x) except NULL:
         cdef na.array* w = _live(self.weight, self)
+        cdef na.array* y
         if self.quantized:
-            return heap(nnn.qlinear(x, w[0], self.scales[0], self.qbiases, self.group_size,
-                                    self.bits, self.bias))
-        return heap(nnn.linear(x, w[0], self.bias))
+            y = heap(nnn.qlinear(x, w[0], self.scales[0], self.qbiases, self.group_size,
+                                 self.bits, self.bias))
+        else:
+            y = heap(nnn.linear(x, w[0], self.bias))
+        if self.lora_a == NULL or self.lora_b == NULL:
+            return y
+        return self.lora_forward(x, y)
+
+    cdef na.array* lora_forward(self, const na.array& x, na.array* y) except NULL:
+        """y + (scale * (dropout(x) @ A) @ B).astype(x.dtype), as mlx-lm's
+        LoRALinear; takes ownership of y."""
+        cdef na.array base = nnn.own(y)
+        cdef na.array h = x
+        cdef na.Shape shp
+        cdef na.array keep
+        cdef double p = self.lora_dropout
+        if self.training and p > 0:
+            shp = x.shape()
+            keep = nrnd.bernoulli(na.array(1.0 - p), &shp, NULL)
+            h = nnn.multiply(nnn.multiply(h, nnn.astype(keep, x.dtype())),
+                             nnn.scalar(1.0 / (1.0 - p), x.dtype()))
+        cdef na.array z = nnn.matmul(nnn.matmul(h, self.lora_a[0]), self.lora_b[0])
+        z = nnn.astype(nnn.multiply(z, nnn.scalar(self.lora_scale, z.dtype())), x.dtype())
+        return heap(nnn.add(base, z))
+
+    # -- LoRA adapter ------------------------------------------------------------
+    def set_lora(self, Array a, Array b, float scale=20.0, float dropout=0.0):
+        """Attach a LoRA adapter: a [in, r], b [r, out] (mlx-lm's layout)."""
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != self.in_features \
+                or b.shape[1] != self.out_features or a.shape[1] != b.shape[0]:
+            raise ValueError(f"Linear.set_lora: need lora_a [{self.in_features}, r] and "
+                             f"lora_b [r, {self.out_features}], got {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}")
+        if not (0.0 <= dropout < 1.0):
+            raise ValueError(f"Linear.set_lora: dropout must be in [0, 1), got {dropout}")
+        cdef na.array* pa = copy_handle(a, "lora_a")
+        cdef na.array* pb = copy_handle(b, "lora_b")
+        _del(&self.lora_a)
+        _del(&self.lora_b)
+        self.lora_a, self.lora_b = pa, pb
+        self.lora_scale = scale
+        self.lora_dropout = dropout
+
+    def clear_lora(self):
+        """Remove the adapter (the layer is the plain base layer again)."""
+        _del(&self.lora_a)
+        _del(&self.lora_b)
+
+    @property
+    def has_lora(self):
+        return self.lora_a != NULL and self.lora_b != NULL
+
+    @property
+    def lora(self):
+        """(lora_a, lora_b) as new Arrays sharing the adapter's data, or None."""
+        if self.lora_a == NULL or self.lora_b == NULL:
+            return None
+        return wrap(new na.array(self.lora_a[0])), wrap(new na.array(self.lora_b[0]))
+
+    def base_arrays(self):
+        """{'weight', 'bias', 'scales', 'biases'} present on this layer, as Arrays."""
+        out = {}
+        if self.weight != NULL:
+            out["weight"] = wrap(new na.array(self.weight[0]))
+        if self.bias != NULL:
+            out["bias"] = wrap(new na.array(self.bias[0]))
+        if self.scales != NULL:
+            out["scales"] = wrap(new na.array(self.scales[0]))
+        if self.qbiases != NULL:
+            out["biases"] = wrap(new na.array(self.qbiases[0]))
+        return out
 
     def __call__(self, Array x):
         return wrap(self.forward(handle(x)[0]))
