@@ -11,6 +11,22 @@ sample, chat, inference (load, TextModel).
 """
 import os as _os
 
+
+def _cuda_runtime_setup():
+    """With MLX's CUDA backend, kernels that MLX compiles at run time (gather,
+    attention, compiled graphs) crash the process unless MLX's own Python
+    module has been initialised first (seen with mlx-cuda-13 0.32.4 on an H100;
+    benchmarks/gpu_probe.py shows it).  Importing it once costs ~0.1 s."""
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("mlx-cuda-13")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    import mlx.core  # noqa: F401
+
+
+_cuda_runtime_setup()
+
 from mlxcy.core import (  # noqa: F401
     Array, Dtype, array, asarray, dtype,
     bool_, uint8, uint16, uint32, uint64, int8, int16, int32, int64,
