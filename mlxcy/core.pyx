@@ -70,6 +70,7 @@ cdef class Dtype:
 
     @property
     def itemsize(self):
+        """Bytes per element."""
         return self.size
 
     @property
@@ -632,33 +633,40 @@ cdef class Array:
 
     @property
     def freed(self):
+        """True once free() released the native handle."""
         return self.ptr == NULL
 
     def __enter__(self):
+        """`with mlxcy.array(...) as a:` frees `a` on leaving the block."""
         handle(self)
         return self
 
     def __exit__(self, *exc):
+        """Free the array (see free())."""
         self.free()
         return False
 
     # -- metadata --------------------------------------------------------------
     @property
     def shape(self):
+        """The dimensions, as a tuple of ints."""
         cdef na.array* a = handle(self)
         cdef size_t i
         return tuple([a.shape(<int>i) for i in range(a.ndim())])
 
     @property
     def ndim(self):
+        """Number of dimensions."""
         return handle(self).ndim()
 
     @property
     def size(self):
+        """Number of elements."""
         return handle(self).size()
 
     @property
     def nbytes(self):
+        """Bytes the elements take."""
         return handle(self).nbytes()
 
     @property
@@ -667,10 +675,12 @@ cdef class Array:
 
     @property
     def dtype(self):
+        """The element type (an mlxcy.Dtype)."""
         return dtype_from_native(handle(self).dtype())
 
     @property
     def id(self):
+        """An identifier of the native array node."""
         return handle(self).id()
 
     def __len__(self):
@@ -746,10 +756,12 @@ cdef class Array:
         return out
 
     def __array__(self, dtype=None, copy=None):
+        """numpy conversion: np.asarray(a) returns a copy (see numpy())."""
         out = self.numpy()
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def tolist(self):
+        """Nested Python lists (half types as floats)."""
         cdef int code = na.dtype_code(handle(self).dtype())
         out = self.numpy()
         if code == 12 or code == 9:
@@ -757,6 +769,7 @@ cdef class Array:
         return out.tolist()
 
     def item(self):
+        """The single element as a Python scalar."""
         cdef na.array* a = handle(self)
         if a.size() != 1:
             raise ValueError(f"item(): can only convert an array of size 1, not {a.size()}")
@@ -805,20 +818,24 @@ cdef class Array:
 
     # -- conversions -------------------------------------------------------------
     def astype(self, dtype):
+        """A copy converted to `dtype` (lazy)."""
         cdef Dtype d = as_dtype(dtype)
         return na_wrap(heap(nops.astype(handle(self)[0], na.dtype_from_code(d.code))))
 
     def view(self, dtype):
+        """Reinterpret the bytes as `dtype` (e.g. uint16 <-> bfloat16)."""
         cdef Dtype d = as_dtype(dtype)
         return na_wrap(heap(nops.view(handle(self)[0], na.dtype_from_code(d.code))))
 
     def reshape(self, *shape):
+        """A lazy reshape: a.reshape(2, 3) or a.reshape((2, 3))."""
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = shape[0]
         return na_wrap(heap(nops.reshape(handle(self)[0], _shape_of(shape))))
 
     @property
     def T(self):
+        """Transpose (all axes reversed), a lazy view."""
         return na_wrap(heap(nops.transpose(handle(self)[0])))
 
     def __getattr__(self, name):
