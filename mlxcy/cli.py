@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--dtype", default=None)
     b.set_defaults(fn=cmd_bench)
+
+    from mlxcy.train.cli import add_parser as add_training_commands   # lora, fuse
+    add_training_commands(sub)
     return p
 
 

@@ -1,0 +1,151 @@
+"""`mlxcy lora` and `mlxcy fuse`: command functions and their argparse hook.
+
+Wiring (mlxcy/cli.py, build_parser):  from mlxcy.train.cli import add_parser; add_parser(sub)
+Each command is `fn(args) -> int`, set with set_defaults(fn=...), as the others.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_parser", "cmd_lora", "cmd_fuse", "load_for_training"]
+
+
+def load_for_training(model_path, dtype=None):
+    """(model, tokenizer, chat template or None) for a directory or GGUF file.
+    Models for training are always built unfused."""
+    from mlxcy.chat import ChatTemplate, builtin
+    from mlxcy.models.load import load_model
+    from mlxcy.tokenizer import Tokenizer
+    model = load_model(model_path, dtype)
+    tok = Tokenizer.load(model_path)
+    special = {"bos_token": tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None,
+               "eos_token": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else None}
+    template = None
+    try:
+        if tok.chat_template:
+            template = ChatTemplate(tok.chat_template, **special)
+        else:
+            template = ChatTemplate(builtin(model.config.model_type), **special)
+    except (ValueError, KeyError):
+        template = None
+    return model, tok, template
+
+
+def cmd_lora(args) -> int:
+    from mlxcy.train.adapters import load_adapters
+    from mlxcy.train.data import load_datasets
+    from mlxcy.train.lora import LoRA
+    from mlxcy.train.trainer import TrainConfig, train, evaluate
+    from mlxcy.train.lora import TrainStep
+    model, tok, template = load_for_training(args.model, args.dtype)
+    ds = load_datasets(args.data, tok, template, mask_prompt=args.mask_prompt,
+                       max_seq_length=args.max_seq_length, on_overflow=args.on_overflow,
+                       splits=("train", "valid", "test"))
+    print(f"Loaded {len(ds['train'])} training examples ({ds['train'].ntokens()} tokens)"
+          + (f", {len(ds['valid'])} validation" if ds["valid"] is not None else ""))
+    if args.resume_adapter_file:
+        import shutil
+        from pathlib import Path
+        lora = load_adapters(model, Path(args.resume_adapter_file).parent)
+    else:
+        lora = LoRA(model, rank=args.rank, scale=args.scale, dropout=args.dropout,
+                    keys=args.keys, num_layers=args.num_layers, seed=args.seed,
+                    compute_dtype=args.dtype)
+    print(f"Trainable parameters: {lora.nparams():,} in {len(lora)} adapters")
+    cfg = TrainConfig(iters=args.iters, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, optimizer=args.optimizer,
+                      weight_decay=args.weight_decay, schedule=args.lr_schedule,
+                      warmup=args.warmup, min_lr=args.min_lr, grad_accum=args.grad_accum,
+                      clip_grad_norm=args.clip_grad_norm, grad_checkpoint=args.grad_checkpoint,
+                      steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
+                      val_batches=args.val_batches, save_every=args.save_every,
+                      adapter_path=args.adapter_path, seed=args.seed,
+                      max_seq_length=args.max_seq_length)
+    train(model, lora, ds["train"], ds["valid"], cfg, resume=args.resume,
+          extra_config={"model": str(args.model), "data": str(args.data)})
+    if args.test and ds["test"] is not None:
+        loss, ppl, _ = evaluate(TrainStep(lora, None), ds["test"], args.batch_size,
+                                args.test_batches, args.max_seq_length)
+        print(f"Test loss {loss:.3f}, Test ppl {ppl:.3f}.")
+    model.close()
+    return 0
+
+
+def cmd_fuse(args) -> int:
+    from mlxcy.train.adapters import fuse_model
+    out = fuse_model(args.model, args.adapter_path, args.save_path,
+                     dequantize=args.dequantize, dtype=args.dtype)
+    print(f"Saved fused model to {out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register `lora` and `fuse` on an argparse subparsers object."""
+    t = subparsers.add_parser("lora", help="LoRA fine-tuning (mlx-lm's data and adapter formats)")
+    t.add_argument("--model", required=True, help="model directory or .gguf file")
+    t.add_argument("--data", required=True, help="directory with train.jsonl, valid.jsonl")
+    t.add_argument("--iters", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--learning-rate", type=float, default=1e-5)
+    t.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant")
+    t.add_argument("--warmup", type=int, default=0)
+    t.add_argument("--min-lr", type=float, default=0.0)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--scale", type=float, default=20.0)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--keys", default="q_proj,v_proj",
+                   help="target modules, comma-separated: q_proj k_proj v_proj o_proj "
+                        "gate_proj up_proj down_proj")
+    t.add_argument("--num-layers", type=int, default=16, help="adapt the top N blocks (-1: all)")
+    t.add_argument("--max-seq-length", type=int, default=2048)
+    t.add_argument("--on-overflow", choices=("truncate", "error"), default="truncate")
+    t.add_argument("--mask-prompt", action="store_true",
+                   help="train only on completions / the last chat message")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--clip-grad-norm", type=float, default=0.0)
+    t.add_argument("--grad-checkpoint", action="store_true")
+    t.add_argument("--dtype", default=None,
+                   help="model/activation dtype, e.g. bfloat16 (adapters and optimizer "
+                        "state stay float32)")
+    t.add_argument("--steps-per-report", type=int, default=10)
+    t.add_argument("--steps-per-eval", type=int, default=200)
+    t.add_argument("--val-batches", type=int, default=25)
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--adapter-path", default="adapters")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the training state in --adapter-path")
+    t.add_argument("--resume-adapter-file", default=None,
+                   help="start from these adapters (an adapters.safetensors in a directory "
+                        "with its adapter_config.json)")
+    t.add_argument("--test", action="store_true", help="evaluate on test.jsonl at the end")
+    t.add_argument("--test-batches", type=int, default=500)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_lora)
+
+    f = subparsers.add_parser("fuse", help="fold LoRA adapters into a model and save it")
+    f.add_argument("--model", required=True)
+    f.add_argument("--adapter-path", default="adapters")
+    f.add_argument("--save-path", default="fused_model")
+    f.add_argument("--dequantize", action="store_true",
+                   help="write float weights even for a quantized base")
+    f.add_argument("--dtype", default=None)
+    f.set_defaults(fn=cmd_fuse)
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry: python -m mlxcy.train.cli lora|fuse ..."""
+    p = argparse.ArgumentParser(prog="mlxcy")
+    add_parser(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        print(f"mlxcy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

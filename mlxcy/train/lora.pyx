@@ -1,0 +1,621 @@
+# cython: language_level=3, cpp_locals=True
+"""LoRA adapters over mlxcy's native decoder, and the native training step.
+
+    lora = LoRA(model, rank=8, scale=20.0, keys=("q_proj", "v_proj"), num_layers=16)
+    step = TrainStep(lora, AdamW(1e-4), grad_checkpoint=False, clip_grad_norm=1.0)
+    loss, ntoks, updated = step(ids, offsets, lengths)      # one batch
+
+The adapter of a Linear is mlx-lm's LoRALinear: y = W x + scale * (drop(x) @ A) @ B
+with A [in, r] (uniform +-1/sqrt(in)) and B [r, out] (zeros).
+
+The training step is a native closure over Model.forward: MLX's value_and_grad
+calls it with the adapter arrays (the tracers) as inputs; it installs them in
+the Linear layers, runs the model and the masked cross-entropy, and the
+optimizer update then runs over the native arrays. With grad_checkpoint each
+block runs under MLX's checkpoint transform (its activations are recomputed in
+the backward pass), its adapter arrays passed as inputs so they get gradients.
+"""
+import math
+import warnings
+
+import numpy as np
+
+from cpython.ref cimport PyObject
+from libcpp.pair cimport pair
+from libcpp.vector cimport vector
+
+from mlxcy.core cimport Array, wrap, handle, to_array
+from mlxcy.native cimport array as na
+from mlxcy.native cimport ops as nops
+from mlxcy.native cimport nn as nnn
+from mlxcy.native cimport transforms as ntr
+from mlxcy.native.transforms cimport ArrayFn
+from mlxcy.native.array cimport heap
+from mlxcy.nn cimport Linear
+from mlxcy.models.base cimport Model, Block
+from mlxcy.train.optim cimport Optimizer, clip_global_norm, add_all, scale_all
+
+import mlxcy.core as _core
+from mlxcy.nn import quantize as _quantize, dequantize as _dequantize
+
+__all__ = ["LoRA", "TrainStep", "KEYS", "DEFAULT_KEYS", "normalize_keys", "cross_entropy",
+           "make_batch_arrays"]
+
+KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+DEFAULT_KEYS = ("self_attn.q_proj", "self_attn.v_proj")
+_SHORT = {k.split(".")[1]: k for k in KEYS}
+
+
+def normalize_keys(keys):
+    """('q_proj', 'mlp.up_proj', ...) -> mlx-lm's layer-relative paths, checked."""
+    if keys is None:
+        return DEFAULT_KEYS
+    if isinstance(keys, str):
+        keys = [k for k in keys.replace(",", " ").split() if k]
+    out = []
+    for k in keys:
+        full = _SHORT.get(k, k)
+        if full not in KEYS:
+            raise ValueError(f"LoRA: unknown target module {k!r}; choose from "
+                             f"{', '.join(_SHORT)} (or {', '.join(KEYS)})")
+        if full not in out:
+            out.append(full)
+    if not out:
+        raise ValueError("LoRA: no target modules given")
+    return tuple(out)
+
+
+cdef Linear _module(Block b, str key):
+    if key == "self_attn.q_proj":
+        return b.attn.q_proj
+    if key == "self_attn.k_proj":
+        return b.attn.k_proj
+    if key == "self_attn.v_proj":
+        return b.attn.v_proj
+    if key == "self_attn.o_proj":
+        return b.attn.o_proj
+    if key == "mlp.gate_proj":
+        return b.mlp.gate_proj
+    if key == "mlp.up_proj":
+        return b.mlp.up_proj
+    if key == "mlp.down_proj":
+        return b.mlp.down_proj
+    raise ValueError(f"LoRA: unknown target module {key!r}")
+
+
+cdef inline void _del(na.array** p) noexcept:
+    if p[0] != NULL:
+        del p[0]
+        p[0] = NULL
+
+
+cdef list _list(const vector[na.array]& v):
+    cdef size_t i
+    return [wrap(new na.array(v[i])) for i in range(v.size())]
+
+
+# ------------------------------------------------------------------ loss -----
+
+cdef vector[na.array] masked_ce(const na.array& logits, const na.array& targets,
+                                const na.array& mask) except *:
+    """[sum(ce * mask) / sum(mask), sum(mask)] in float32 (logits [B, L, V],
+    targets int [B, L], mask float [B, L])."""
+    cdef vector[int] last = vector[int]()
+    last.push_back(-1)
+    cdef vector[int] every = vector[int]()
+    cdef size_t d
+    for d in range(mask.ndim()):
+        every.push_back(d)
+    cdef na.array lf = nnn.astype(logits, na.float32)
+    cdef na.array lse = nops.logsumexp(lf, last, False)
+    cdef na.array tgt = nops.squeeze(nops.take_along_axis(
+        lf, nops.expand_dims(nnn.astype(targets, na.int32), -1), -1), -1)
+    cdef na.array m = nnn.astype(mask, na.float32)
+    cdef na.array ntoks = nops.sum(m, every, False)
+    cdef na.array ce = nops.sum(nnn.multiply(nops.subtract(lse, tgt), m), every, False)
+    cdef vector[na.array] out = vector[na.array]()
+    out.push_back(nnn.divide(ce, nops.maximum(ntoks, nnn.scalar(1.0, na.float32))))
+    out.push_back(ntoks)
+    return out
+
+
+def cross_entropy(Array logits, Array targets, Array mask):
+    """(mean masked next-token cross-entropy, number of counted tokens)."""
+    cdef vector[na.array] r = masked_ce(handle(logits)[0], handle(targets)[0], handle(mask)[0])
+    return wrap(new na.array(r[0])), wrap(new na.array(r[1]))
+
+
+def make_batch_arrays(ids, offsets=None, lengths=None):
+    """(inputs, targets, mask) numpy arrays from padded ids [B, T]: target j
+    (token j+1) counts when offset <= j+1 < length. offsets default to 0
+    (nothing masked), lengths to T."""
+    ids = np.asarray(ids, dtype=np.int32)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"batch ids must have shape [B, T] with T >= 2, got {ids.shape}")
+    B, T = ids.shape
+    off = np.zeros(B, np.int64) if offsets is None else np.asarray(offsets, np.int64).reshape(B)
+    ln = np.full(B, T, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(B)
+    pos = np.arange(1, T)[None, :]
+    mask = ((pos >= off[:, None]) & (pos < ln[:, None])).astype(np.float32)
+    return ids[:, :-1], ids[:, 1:], mask
+
+
+# ------------------------------------------------------------------ LoRA -----
+
+cdef class LoRA:
+    """LoRA adapters on some Linear layers of a Model (see module docstring).
+
+    rank, scale (mlx-lm's name; alpha / rank in PEFT terms), dropout, keys
+    (target modules: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj),
+    num_layers (adapt the top N blocks; -1 = all). dtype: the adapters'
+    storage dtype (float32: the master copy the optimizer updates);
+    compute_dtype: the dtype they are cast to in the forward pass (None: the
+    model's dtype, e.g. bfloat16 for mixed precision).
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.params = new vector[na.array]()
+        self.compute_code = -1
+
+    def __dealloc__(self):
+        if self.params != NULL:
+            del self.params
+            self.params = NULL
+
+    def __init__(self, Model model, int rank=8, double scale=20.0, double dropout=0.0,
+                 keys=None, int num_layers=16, seed=0, dtype="float32", compute_dtype=None,
+                 alpha=None):
+        if model is None or model.closed:
+            raise ValueError("LoRA: the model is closed")
+        if rank < 1:
+            raise ValueError(f"LoRA: rank must be >= 1, got {rank}")
+        if not (0.0 <= dropout < 1.0):
+            raise ValueError(f"LoRA: dropout must be in [0, 1), got {dropout}")
+        if alpha is not None:
+            scale = float(alpha) / rank
+        self.model = model
+        self.rank, self.scale, self.dropout = rank, scale, dropout
+        self.keys = normalize_keys(keys)
+        nblocks = len(model.layers)
+        if num_layers == 0 or num_layers < -1:
+            raise ValueError(f"LoRA: num_layers must be >= 1 or -1 (all), got {num_layers}")
+        if num_layers > nblocks:
+            raise ValueError(f"LoRA: num_layers {num_layers} exceeds the model's "
+                             f"{nblocks} layers")
+        self.num_layers = nblocks if num_layers == -1 else num_layers
+        st = _core.dtype(dtype)
+        if not st.is_floating:
+            raise ValueError(f"LoRA: dtype must be floating, got {st}")
+        cdt = model.dtype if compute_dtype is None else _core.dtype(compute_dtype)
+        self.compute_code = -1 if cdt == st else cdt.code
+        self.names, self.layers, self.block_of = [], [], []
+        self.originals = {}
+        rng = np.random.default_rng(seed)
+        cdef Linear lin
+        cdef Block blk
+        cdef Array a, b
+        for i in range(nblocks - self.num_layers, nblocks):
+            blk = <Block>model.layers[i]
+            for key in self.keys:
+                lin = _module(blk, key)
+                if lin is None:
+                    raise ValueError(f"LoRA: layer {i} has no {key}")
+                if lin.has_lora:
+                    raise ValueError(f"LoRA: model.layers.{i}.{key} already has an adapter")
+                bound = 1.0 / math.sqrt(lin.in_features)
+                a = to_array(rng.uniform(-bound, bound, (lin.in_features, rank))
+                             .astype(np.float32)).astype(st)
+                b = to_array(np.zeros((rank, lin.out_features), np.float32)).astype(st)
+                self.params[0].push_back(handle(a)[0])
+                self.params[0].push_back(handle(b)[0])
+                self.names.append(f"model.layers.{i}.{key}")
+                self.layers.append(lin)
+                self.block_of.append(i)
+        for lin in self.layers:
+            lin.lora_scale = scale
+            lin.lora_dropout = dropout
+        self._install(self.params[0])
+
+    # -- installing arrays into the layers -------------------------------------
+    cdef int _install_range(self, const vector[na.array]& p, size_t off, size_t first,
+                            size_t count) except -1:
+        cdef size_t k
+        cdef Linear lin
+        for k in range(count):
+            lin = <Linear>self.layers[first + k]
+            _del(&lin.lora_a)
+            _del(&lin.lora_b)
+            if self.compute_code >= 0:
+                lin.lora_a = heap(nnn.astype(p[off + 2 * k],
+                                             na.dtype_from_code(self.compute_code)))
+                lin.lora_b = heap(nnn.astype(p[off + 2 * k + 1],
+                                             na.dtype_from_code(self.compute_code)))
+            else:
+                lin.lora_a = new na.array(p[off + 2 * k])
+                lin.lora_b = new na.array(p[off + 2 * k + 1])
+        return 0
+
+    cdef int _install(self, const vector[na.array]& p) except -1:
+        if self.merged:
+            raise ValueError("LoRA: the adapters are merged into the weights (unmerge() first)")
+        return self._install_range(p, 0, 0, len(self.layers))
+
+    def install(self):
+        """(Re)attach the current adapter arrays to the layers."""
+        self._install(self.params[0])
+
+    def remove(self):
+        """Detach the adapters from the layers (the model is its base again)."""
+        for lin in self.layers:
+            (<Linear>lin).clear_lora()
+
+    def train(self, bint mode=True):
+        """Dropout on (training) or off (evaluation)."""
+        for lin in self.layers:
+            (<Linear>lin).training = mode
+
+    def eval(self):
+        self.train(False)
+
+    # -- parameters ----------------------------------------------------------------
+    def __len__(self):
+        return len(self.names)
+
+    def nparams(self):
+        cdef size_t i
+        return sum(int(self.params[0][i].size()) for i in range(self.params[0].size()))
+
+    def parameter_names(self):
+        return [f"{n}.{s}" for n in self.names for s in ("lora_a", "lora_b")]
+
+    def parameters(self):
+        """{'model.layers.N.<key>.lora_a' | '.lora_b': Array} (mlx-lm's names)."""
+        return dict(zip(self.parameter_names(), _list(self.params[0])))
+
+    def parameter_list(self):
+        return _list(self.params[0])
+
+    def set_parameters(self, dict weights, bint strict=True):
+        """Replace adapter arrays by name (as parameters() names them); shapes
+        must match; with strict, every adapter must be given and no other name."""
+        names = self.parameter_names()
+        index = {n: i for i, n in enumerate(names)}
+        unknown = [k for k in weights if k not in index]
+        if unknown:
+            raise ValueError(f"LoRA: not an adapter parameter of this model: {unknown[:5]}")
+        if strict:
+            missing = [n for n in names if n not in weights]
+            if missing:
+                raise ValueError(f"LoRA: missing adapter parameters: {missing[:5]}")
+        cdef Array a
+        cdef size_t i
+        for k, v in weights.items():
+            i = index[k]
+            a = v if isinstance(v, Array) else to_array(np.asarray(v))
+            want = tuple(self.params[0][i].shape(d) for d in range(self.params[0][i].ndim()))
+            if tuple(a.shape) != want:
+                raise ValueError(f"LoRA: {k} has shape {tuple(a.shape)}, expected {want}")
+            self.params[0][i] = nnn.astype(handle(a)[0], self.params[0][i].dtype())
+        ev = vector[na.array](self.params[0])
+        with nogil:
+            ntr.eval(ev)
+        if not self.merged:
+            self._install(self.params[0])
+
+    def config(self):
+        """mlx-lm's adapter_config.json fields for these adapters."""
+        return {"fine_tune_type": "lora", "num_layers": self.num_layers,
+                "lora_parameters": {"rank": self.rank, "scale": self.scale,
+                                    "dropout": self.dropout, "keys": list(self.keys)}}
+
+    # -- merge / unmerge / fuse ------------------------------------------------------
+    def delta(self, int j):
+        """scale * (A @ B).T for adapter j, float32 [out, in]."""
+        cdef na.array d = nnn.transpose(nnn.matmul(nnn.astype(self.params[0][2 * j], na.float32),
+                                                   nnn.astype(self.params[0][2 * j + 1],
+                                                              na.float32)),
+                                        [1, 0])
+        return wrap(heap(nnn.multiply(d, nnn.scalar(self.scale, na.float32))))
+
+    def fused_weights(self, bint dequantize=False):
+        """{'model.layers.N.<key>.weight' (+ '.scales', '.biases'): Array} with the
+        adapters folded in: W + scale * B.T A.T in W's dtype; quantized bases are
+        dequantized, merged and requantized with their group size and bits
+        (unless dequantize). Uses the unmerged base weights."""
+        out = {}
+        for j, (name, lin) in enumerate(zip(self.names, self.layers)):
+            base = self.originals.get(name) or (<Linear>lin).base_arrays()
+            l = <Linear>lin
+            if l.quantized:
+                w = _dequantize(base["weight"], base["scales"], base.get("biases"),
+                                l.group_size, l.bits)
+                fused = (w.astype(_core.float32) + self.delta(j)).astype(w.dtype)
+                if dequantize:
+                    out[name + ".weight"] = fused
+                else:
+                    wq, sc, bi = _quantize(fused, l.group_size, l.bits)
+                    out[name + ".weight"], out[name + ".scales"] = wq, sc
+                    out[name + ".biases"] = bi.astype(sc.dtype)
+            else:
+                w = base["weight"]
+                out[name + ".weight"] = (w.astype(_core.float32) + self.delta(j)).astype(w.dtype)
+        _core_eval(out)
+        return out
+
+    def merge(self):
+        """Fold the adapters into the base weights (quantized bases are
+        requantized: lossy); the original weights are kept for unmerge()."""
+        if self.merged:
+            return
+        fused = self.fused_weights()
+        cdef Linear lin
+        for name, l in zip(self.names, self.layers):
+            lin = <Linear>l
+            self.originals[name] = lin.base_arrays()
+            _set_base(lin, fused[name + ".weight"], fused.get(name + ".scales"),
+                      fused.get(name + ".biases"))
+            lin.clear_lora()
+        self.merged = True
+
+    def unmerge(self):
+        """Restore the original base weights and re-attach the adapters."""
+        if not self.merged:
+            return
+        cdef Linear lin
+        for name, l in zip(self.names, self.layers):
+            lin = <Linear>l
+            o = self.originals[name]
+            _set_base(lin, o["weight"], o.get("scales"), o.get("biases"))
+        self.originals = {}
+        self.merged = False
+        self._install(self.params[0])
+
+    def fuse(self):
+        """merge() for good: the originals are dropped and the adapters removed;
+        returns the model (now a plain model with updated weights)."""
+        self.merge()
+        self.originals = {}
+        return self.model
+
+
+cdef _set_base(Linear lin, Array w, Array scales, Array biases):
+    _del(&lin.weight)
+    lin.weight = new na.array(handle(w)[0])
+    if scales is not None:
+        _del(&lin.scales)
+        lin.scales = new na.array(handle(scales)[0])
+    if biases is not None:
+        _del(&lin.qbiases)
+        lin.qbiases = new na.array(handle(biases)[0])
+
+
+def _core_eval(d):
+    from mlxcy.transforms import eval as _eval
+    _eval(list(d.values()))
+
+
+# ------------------------------------------------------------- training -----
+
+cdef class _Fn:
+    """Owns an ArrayFn (a native closure, possibly wrapped by checkpoint)."""
+    cdef ArrayFn* fn
+
+    def __dealloc__(self):
+        if self.fn != NULL:
+            del self.fn
+            self.fn = NULL
+
+
+cdef class _BlockCk:
+    """Checkpointed forward of one block: inputs [h, A0, B0, ...] -> [block(h)]."""
+    cdef TrainStep owner
+    cdef Block blk
+    cdef size_t first, count
+    cdef _Fn fn
+
+
+cdef vector[na.array] _block_fn(const vector[na.array]& inputs, void* ctx) except *:
+    cdef _BlockCk c = <_BlockCk>ctx
+    c.owner.lora._install_range(inputs, 1, c.first, c.count)
+    cdef vector[na.array] out = vector[na.array]()
+    out.push_back(nnn.own(c.blk.forward(inputs[0], None, NULL, NULL)))
+    return out
+
+
+cdef vector[na.array] _loss_fn(const vector[na.array]& inputs, void* ctx) except *:
+    return (<TrainStep>ctx).loss_outputs(inputs)
+
+
+cdef class TrainStep:
+    """One optimizer step per call (or per `grad_accum` calls): loss and
+    gradients of the adapters through a native closure, optional global-norm
+    clipping, the optimizer's native update.
+
+    step(ids, offsets=None, lengths=None) -> (loss float, ntoks int, updated bool)
+    value_and_grad(ids, offsets, lengths) -> (loss Array, ntoks Array, [grad Arrays])
+    evaluate(ids, offsets, lengths) -> (sum of token losses, ntoks)
+    """
+    cdef readonly LoRA lora
+    cdef readonly Optimizer optimizer
+    cdef readonly bint grad_checkpoint
+    cdef readonly double clip
+    cdef readonly int grad_accum
+    cdef int count
+    cdef vector[na.array]* acc
+    cdef Array x, y, mask
+    cdef list blocks                # _BlockCk per block (grad_checkpoint)
+    cdef readonly object last_grad_norm
+
+    def __cinit__(self, *args, **kwargs):
+        self.acc = new vector[na.array]()
+
+    def __dealloc__(self):
+        if self.acc != NULL:
+            del self.acc
+            self.acc = NULL
+
+    def __init__(self, LoRA lora, Optimizer optimizer=None, bint grad_checkpoint=False,
+                 double clip_grad_norm=0.0, int grad_accum=1):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if grad_checkpoint and lora.dropout > 0:
+            raise ValueError("grad_checkpoint with LoRA dropout > 0 is not supported: the "
+                             "recomputed forward pass would draw new dropout masks")
+        self.lora, self.optimizer = lora, optimizer
+        self.grad_checkpoint = grad_checkpoint
+        self.clip = clip_grad_norm
+        self.grad_accum = grad_accum
+        self.blocks = []
+        if grad_checkpoint:
+            self._build_checkpoints()
+
+    def _build_checkpoints(self):
+        cdef _BlockCk c
+        cdef _Fn raw
+        model = self.lora.model
+        first = {}
+        counts = {}
+        for j, b in enumerate(self.lora.block_of):
+            first.setdefault(b, j)
+            counts[b] = counts.get(b, 0) + 1
+        for i in range(len(model.layers)):
+            c = _BlockCk.__new__(_BlockCk)
+            c.owner = self
+            c.blk = <Block>model.layers[i]
+            c.first = first.get(i, 0)
+            c.count = counts.get(i, 0)
+            raw = _Fn.__new__(_Fn)
+            raw.fn = ntr.native_closure(_block_fn, <void*>c, <PyObject*>c)
+            c.fn = _Fn.__new__(_Fn)
+            c.fn.fn = ntr.checkpoint(raw.fn[0])
+            self.blocks.append(c)
+
+    cdef vector[na.array] loss_outputs(self, const vector[na.array]& inputs) except *:
+        cdef LoRA lora = self.lora
+        cdef Model model = lora.model
+        lora._install(inputs)
+        cdef na.array* logits
+        if self.grad_checkpoint:
+            logits = self._ck_forward(inputs)
+        else:
+            logits = model.forward(handle(self.x)[0], None, NULL, NULL, False)
+        cdef na.array lg = nnn.own(logits)
+        return masked_ce(lg, handle(self.y)[0], handle(self.mask)[0])
+
+    cdef na.array* _ck_forward(self, const vector[na.array]& params) except NULL:
+        cdef Model model = self.lora.model
+        cdef _BlockCk c
+        cdef size_t k
+        cdef vector[na.array] ins
+        cdef vector[na.array] outs
+        cdef na.array* nh
+        cdef na.array* h = model.embed_tokens(handle(self.x)[0])
+        try:
+            for c in self.blocks:
+                ins = vector[na.array]()
+                ins.push_back(h[0])
+                for k in range(2 * c.first, 2 * (c.first + c.count)):
+                    ins.push_back(params[k])
+                outs = ntr.call(c.fn.fn[0], ins)
+                nh = new na.array(outs[0])
+                del h
+                h = nh
+            nh = model.norm.forward(h[0])
+            del h
+            h = nh
+            nh = model.head(h[0])
+        finally:
+            del h
+        return nh
+
+    cdef int _set_batch(self, ids, offsets, lengths) except -1:
+        x, y, m = make_batch_arrays(ids, offsets, lengths)
+        vocab = self.lora.model.config.vocab_size
+        if x.min() < 0 or max(int(x.max()), int(y.max())) >= vocab:
+            raise ValueError(f"batch: token ids outside the vocabulary [0, {vocab})")
+        self.x, self.y, self.mask = to_array(x), to_array(y), to_array(m)
+        return 0
+
+    cdef pair[vector[na.array], vector[na.array]] _vg(self) except *:
+        cdef vector[int] argnums = vector[int]()
+        cdef size_t i
+        for i in range(self.lora.params[0].size()):
+            argnums.push_back(i)
+        cdef _Fn f = _Fn.__new__(_Fn)
+        f.fn = ntr.native_closure(_loss_fn, <void*>self, <PyObject*>self)
+        cdef pair[vector[na.array], vector[na.array]] res
+        try:
+            res = ntr.value_and_grad(f.fn[0], self.lora.params[0], argnums)
+        finally:
+            # never leave tracers in the layers
+            self.lora._install(self.lora.params[0])
+        return res
+
+    def value_and_grad(self, ids, offsets=None, lengths=None):
+        """(loss, ntoks, grads): no update; grads in parameter_names() order."""
+        self._set_batch(ids, offsets, lengths)
+        cdef pair[vector[na.array], vector[na.array]] r = self._vg()
+        cdef vector[na.array] ev = vector[na.array](r.first)
+        cdef size_t i
+        for i in range(r.second.size()):
+            ev.push_back(r.second[i])
+        with nogil:
+            ntr.eval(ev)
+        return wrap(new na.array(r.first[0])), wrap(new na.array(r.first[1])), _list(r.second)
+
+    def __call__(self, ids, offsets=None, lengths=None):
+        return self.step(ids, offsets, lengths)
+
+    def step(self, ids, offsets=None, lengths=None):
+        """Forward + backward on one batch; applies the update every
+        grad_accum calls. Returns (loss, ntoks, updated)."""
+        if self.optimizer is None:
+            raise ValueError("TrainStep: no optimizer given")
+        self._set_batch(ids, offsets, lengths)
+        self.lora.train(True)
+        cdef pair[vector[na.array], vector[na.array]] r = self._vg()
+        cdef vector[na.array] g
+        cdef vector[na.array] nrm = vector[na.array]()
+        cdef vector[na.array] ev = vector[na.array](r.first)
+        cdef size_t i
+        updated = False
+        self.acc[0] = add_all(self.acc[0], r.second)
+        self.count += 1
+        if self.count >= self.grad_accum:
+            g = self.acc[0] if self.grad_accum == 1 else scale_all(self.acc[0],
+                                                                    1.0 / self.grad_accum)
+            if self.clip > 0:
+                g = clip_global_norm(g, self.clip, nrm)
+            self.optimizer.apply(self.lora.params[0], g)
+            self.lora._install(self.lora.params[0])
+            self.acc[0].clear()
+            self.count = 0
+            updated = True
+            for i in range(self.lora.params[0].size()):
+                ev.push_back(self.lora.params[0][i])
+            self.optimizer.state_arrays(ev)
+            if nrm.size():
+                ev.push_back(nrm[0])
+        else:
+            for i in range(self.acc[0].size()):
+                ev.push_back(self.acc[0][i])
+        with nogil:
+            ntr.eval(ev)
+        self.last_grad_norm = float(wrap(new na.array(nrm[0])).item()) if nrm.size() else None
+        return float(wrap(new na.array(r.first[0])).item()), \
+            int(wrap(new na.array(r.first[1])).item()), updated
+
+    def evaluate(self, ids, offsets=None, lengths=None):
+        """(sum of the counted tokens' losses, their number) without gradients."""
+        self._set_batch(ids, offsets, lengths)
+        self.lora.train(False)
+        cdef Model model = self.lora.model
+        cdef na.array lg = nnn.own(model.forward(handle(self.x)[0], None, NULL, NULL, False))
+        cdef vector[na.array] r = masked_ce(lg, handle(self.y)[0], handle(self.mask)[0])
+        with nogil:
+            ntr.eval(r)
+        n = int(wrap(new na.array(r[1])).item())
+        return float(wrap(new na.array(r[0])).item()) * n, n
