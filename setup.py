@@ -74,4 +74,6 @@ def ship_headers():
 
 
 ship_headers()
-setup(ext_modules=extensions())
+# Compile the extensions in parallel (pip's build runs build_ext without -j).
+setup(ext_modules=extensions(),
+      options={"build_ext": {"parallel": int(os.environ.get("MLXCY_JOBS") or os.cpu_count() or 1)}})
