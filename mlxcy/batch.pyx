@@ -274,14 +274,18 @@ cdef class BatchLoop:
             else:
                 for i in range(B):
                     s = <Sampler>self.samplers[i]
-                    row = nops.slice(logits[0], _shape2(i, 0), _shape2(i + 1, V))
+                    # A row is sampled as a [V] vector, as a prompt alone is
+                    # (mlxcy.generate), so seeded draws reproduce it.
+                    row = nops.reshape(nops.slice(logits[0], _shape2(i, 0), _shape2(i + 1, V)),
+                                       _shape1(V))
                     if self.history != NULL:
-                        hrow = nops.slice(self.history[0], _shape2(i, 0),
-                                          _shape2(i + 1, self.history.shape(1)))
+                        hrow = nops.reshape(nops.slice(self.history[0], _shape2(i, 0),
+                                                       _shape2(i + 1, self.history.shape(1))),
+                                            _shape1(self.history.shape(1)))
                         t1 = s.sample(row, &hrow)
                     else:
                         t1 = s.sample(row, NULL)
-                    parts.push_back(t1[0])
+                    parts.push_back(nops.reshape(t1[0], _shape1(1)))
                     del t1
                 tok = heap(nops.concatenate(parts, 0))
             _set(&self.pending, heap(nops.astype(tok[0], na.int32)))
@@ -524,7 +528,8 @@ class BatchMetrics:
 class BatchGeneration:
     """Results of batch_generate, in the prompts' order: texts (stop strings
     cut, special tokens skipped), token_ids (generated ids; a final EOS/stop id
-    is not included, as TextModel.stream does not yield it), stop_reasons
+    is not included, as TextModel.stream does not yield it; ids beyond the
+    tokenizer's vocabulary -- a padded model vocabulary -- add no text), stop_reasons
     ("eos", "stop", "length", "cancelled"), logprobs (per token, with
     logprobs=True, else None) and metrics (BatchMetrics)."""
     __slots__ = ("texts", "token_ids", "stop_reasons", "logprobs", "metrics")
@@ -549,6 +554,13 @@ def _parts(text_model):
     if getattr(text_model, "_closed", False) or model.closed:
         raise ValueError("this model has been closed")
     return model, tok
+
+
+def _tok_vocab(tok):
+    """Ids at or above this have no text (a model's vocabulary is often
+    padded beyond its tokenizer's); they are kept in token_ids, not decoded."""
+    v = getattr(tok, "vocab_size", None)
+    return int(v) if isinstance(v, int) else 1 << 62
 
 
 def _context_limit(text_model, model, max_context=None):
@@ -730,7 +742,10 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
     grouped by length.  Greedy decoding (temperature 0) gives the same tokens
     as generating each prompt alone; seeded sampling of a batch draws one
     key per step for the whole batch, so it does not reproduce single-prompt
-    draws.  Returns a BatchGeneration (input order).
+    draws; per-prompt sampling settings (`options`) give each row its own
+    sampler, which samples that row as a prompt alone would, so seeded rows
+    reproduce single-prompt generation.  Returns a BatchGeneration (input
+    order).
     """
     from mlxcy import memory
     from mlxcy.inference import GenerationOptions
@@ -786,9 +801,11 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
             continue
         prefill += _run_group(model, tok, [todo[k] for k in g], seqs, per, base, eos,
                               token_ids, lps, reasons, texts)
+    nvocab = _tok_vocab(tok)
     for i in range(n):
         if texts[i] is None:
-            texts[i] = tok.decode(token_ids[i], skip_special_tokens=True)
+            texts[i] = tok.decode([t for t in token_ids[i] if t < nvocab],
+                                  skip_special_tokens=True)
     met.total_time = time.perf_counter() - t0
     met.prefill_time = prefill
     met.generated_tokens = sum(len(t) for t in token_ids)
@@ -824,6 +841,7 @@ def _run_group(Model model, tok, group, seqs, per, base, eos, token_ids, lps, re
     budget = [o.max_tokens for o in opts]
     matchers = [(_StopMatcher(o.stop), StreamDecoder(tok, skip_special_tokens=True), [])
                 if [s for s in o.stop if s] else None for o in opts]
+    nvocab = _tok_vocab(tok)
     cache = model.make_cache()
     loop = None
     try:
@@ -834,6 +852,7 @@ def _run_group(Model model, tok, group, seqs, per, base, eos, token_ids, lps, re
         while live:
             more = any(produced[r] + 1 < budget[r] for r in live)
             toks, tlp = loop.step(more)
+            cancel = base.cancel is not None and base.cancelled()
             keep = []
             for row, r in enumerate(live):
                 i = group[r]
@@ -847,14 +866,14 @@ def _run_group(Model model, tok, group, seqs, per, base, eos, token_ids, lps, re
                     if lps is not None:
                         lps[i].append(float(tlp[row]))
                     mt = matchers[r]
-                    if mt is not None:
+                    if mt is not None and t < nvocab:
                         text, hit = mt[0].feed(mt[1].push(t))
                         mt[2].append(text)
                         if hit:
                             done = "stop"
                 if done is None and produced[r] >= budget[r]:
                     done = "length"
-                if done is None and base.cancelled():
+                if done is None and cancel:
                     done = "cancelled"
                 if done is None:
                     keep.append(row)

@@ -45,7 +45,7 @@ cdef class TokenLoop:
     cdef Sampler sampler
     cdef na.array* pending        # next token, queued, shape [1]
     cdef na.array* pending_lp     # its log-probability, or NULL
-    cdef na.array* history        # int32 [1, T] recent tokens, for penalties; or NULL
+    cdef na.array* history        # int32 [T] recent tokens, for penalties; or NULL
     cdef int history_size
     cdef bint want_logprobs
     cdef readonly int produced
@@ -68,7 +68,7 @@ cdef class TokenLoop:
         if self.history_size > 0:
             hist = ids if history_ids is None else np.asarray(history_ids, np.int32).reshape(-1)
             hist = hist[-self.history_size:]
-            h = to_array(hist.reshape(1, -1))   # keep the Array alive while copying
+            h = to_array(hist.reshape(-1))      # [T], like the [V] logits; kept alive while copied
             self.history = heap((<Array>h).ptr[0])
         import time
         t0 = time.perf_counter()
@@ -132,18 +132,20 @@ cdef class TokenLoop:
             nasync_eval(outs)
 
     cdef void _push_history(self, const na.array& tok) except *:
+        """Append the queued token to the [T] history, keeping the last
+        history_size tokens."""
         cdef na.array* h = self.history
         cdef vector[na.array] parts = vector[na.array]()
         parts.push_back(h[0])
-        parts.push_back(nops.reshape(tok, _shape2(1, 1)))
-        cdef na.array joined = nops.concatenate(parts, 1)
-        cdef int T = joined.shape(1)
-        if T > self.history_size:
-            self.history = heap(nops.slice(joined, _shape2(0, T - self.history_size),
-                                           _shape2(1, T)))
-        else:
-            self.history = heap(joined)
+        parts.push_back(nops.reshape(nops.astype(tok, h.dtype()), _shape1(1)))
+        cdef na.array* joined = heap(nops.concatenate(parts, 0))
+        cdef int T = joined.shape(0)
         del h
+        if T > self.history_size:
+            self.history = heap(nops.slice(joined[0], _shape1(T - self.history_size), _shape1(T)))
+            del joined
+        else:
+            self.history = joined
 
     def __iter__(self):
         return self

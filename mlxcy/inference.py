@@ -122,6 +122,15 @@ class TextModel:
     def metrics(self) -> Metrics:
         raise NotImplementedError
 
+    def classify(self, prompts, **kw):
+        """Last-position distributions of many prompts (see mlxcy.batch.classify)."""
+        raise NotImplementedError(f"classify is not available with the {self.backend!r} backend")
+
+    def batch_generate(self, prompts, **kw):
+        """Generate for many prompts together (see mlxcy.batch.batch_generate)."""
+        raise NotImplementedError(
+            f"batch_generate is not available with the {self.backend!r} backend")
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -366,6 +375,21 @@ class MlxTextModel(TextModel):
                 if cache.offset != len(self._session_ids):
                     self.reset_session()
             m.active_memory = memory.get_active_memory()
+
+    # -- batches -----------------------------------------------------------------
+    def classify(self, prompts, **kw):
+        """Top-k ids/probabilities, label scores or logits of the last position
+        for each prompt, in batches (mlxcy.batch.classify)."""
+        self._check_open()
+        from mlxcy.batch import classify
+        return classify(self, prompts, **kw)
+
+    def batch_generate(self, prompts, **kw):
+        """Decode many prompts together; results in input order
+        (mlxcy.batch.batch_generate)."""
+        self._check_open()
+        from mlxcy.batch import batch_generate
+        return batch_generate(self, prompts, **kw)
 
     # -- bookkeeping -----------------------------------------------------------
     def metrics(self) -> Metrics:

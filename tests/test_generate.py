@@ -212,3 +212,19 @@ def test_session_cache_save_and_load(tm, tmp_path):
     with pytest.raises(ValueError, match="not an mlxcy cache"):
         mlxcy.io.save_safetensors(str(tmp_path / "x.safetensors"), {"a": mlxcy.array([1.0])})
         tm.load_session(tmp_path / "x.safetensors")
+
+
+def test_repetition_penalty_matches_transformers(tiny_dir, tm):
+    """Greedy with a CTRL repetition penalty over the whole (short) context,
+    as transformers' RepetitionPenaltyLogitsProcessor applies it."""
+    ids = [101, 202, 303, 404, 505]
+    with torch.no_grad():
+        out = tiny_dir[1].generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                   min_new_tokens=12, eos_token_id=None, pad_token_id=0,
+                                   repetition_penalty=50.0)
+    want = out[0, len(ids):].tolist()
+    got = [t.id for t in tm.stream_ids(ids, max_tokens=12, stop_ids=[], repetition_penalty=50.0,
+                                       repetition_context_size=64)]
+    assert got == want
+    plain = [t.id for t in tm.stream_ids(ids, max_tokens=12, stop_ids=[])]
+    assert plain != want        # the penalty changed the continuation
