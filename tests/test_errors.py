@@ -5,6 +5,7 @@ import gc
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import mlx.core as mx
@@ -107,8 +108,10 @@ def run_isolated(code):
     """Run code in a fresh interpreter, so a crash fails the test, not the run."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(mc.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    # cwd outside the repository: `python -c` puts the cwd first on sys.path,
+    # where the source tree (without built extensions) would shadow the install.
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=120, cwd=tempfile.gettempdir())
 
 
 def test_allocation_larger_than_memory_raises_instead_of_crashing():

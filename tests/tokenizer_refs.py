@@ -60,6 +60,26 @@ def hf_from_gguf(path: Path):
     return tok
 
 
+def _fetch_sdist_from_pypi(dl: Path) -> None:
+    """Download the sdist file itself from PyPI's JSON API (pip download of an
+    sdist also prepares its metadata, which needs its build backend)."""
+    import re
+    import urllib.request
+    try:
+        with urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=60) as r:
+            page = r.read().decode("utf-8", "replace")
+        url = next(m.group(1) for m in re.finditer(r'href="([^"]+)"', page)
+                   if "llama_cpp_python-0.3.36.tar.gz" in m.group(1))
+        if url.startswith("/"):
+            url = "https://pypi.org" + url
+        tmp = dl / "llama_cpp_python-0.3.36.tar.gz.part"
+        with urllib.request.urlopen(url, timeout=600) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        tmp.rename(dl / "llama_cpp_python-0.3.36.tar.gz")
+    except Exception:   # no network: the pip route below is tried next
+        pass
+
+
 def llama_cpp_vectors() -> Path:
     """Directory with llama.cpp's ggml-vocab-*.gguf and .inp/.out files,
     extracted from the llama-cpp-python sdist (downloaded once into the
@@ -70,6 +90,9 @@ def llama_cpp_vectors() -> Path:
     dl = assets.cache_dir() / "sdist"
     dl.mkdir(exist_ok=True)
     sdists = sorted(dl.glob("llama_cpp_python-0.3.36.tar.gz"))
+    if not sdists:
+        _fetch_sdist_from_pypi(dl)
+        sdists = sorted(dl.glob("llama_cpp_python-0.3.36.tar.gz"))
     if not sdists:
         # --no-build-isolation: pip must not try to build the package
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
