@@ -44,6 +44,7 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
+from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as _shape3
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache, LayerCache
@@ -70,27 +71,6 @@ cdef inline void _set(na.array** slot, na.array* p) noexcept:
     if slot[0] != NULL:
         del slot[0]
     slot[0] = p
-
-
-cdef na.Shape _shape1(int a):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    return s
-
-
-cdef na.Shape _shape2(int a, int b):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
-    return s
-
-
-cdef na.Shape _shape3(int a, int b, int c):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
-    s.push_back(c)
-    return s
 
 
 cdef na.Shape _shape4(int a, int b, int c, int d):

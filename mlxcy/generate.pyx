@@ -14,6 +14,7 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
+from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache
@@ -201,16 +202,3 @@ cdef na.array* _logprob_of(const na.array& logits, const na.array& tok) except N
     cdef na.array picked = take_along_axis(nops.astype(logits, na.float32),
                                            nops.reshape(nops.astype(tok, na.int32), _shape1(1)), 0)
     return heap(nops.subtract(picked, lse))
-
-
-cdef na.Shape _shape1(int a):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    return s
-
-
-cdef na.Shape _shape2(int a, int b):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
-    return s

@@ -30,6 +30,7 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport sample as nsm
 from mlxcy.native.array cimport heap
+from mlxcy.native.array cimport shape2 as _shape2
 
 import numpy as np
 
@@ -58,13 +59,6 @@ cdef na.Shape _cols_stop(const na.array& x, int hi):
     for i in range(x.ndim() - 1):
         s.push_back(x.shape(<int>i))
     s.push_back(hi)
-    return s
-
-
-cdef na.Shape _shape2(int a, int b):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
     return s
 
 

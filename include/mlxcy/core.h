@@ -45,6 +45,11 @@ inline mx::Shape make_shape(const int32_t* dims, int ndim) {
   return mx::Shape(dims, dims + ndim);
 }
 
+// Small shapes, built in one call from Cython.
+inline mx::Shape shape1(int a) { return mx::Shape{a}; }
+inline mx::Shape shape2(int a, int b) { return mx::Shape{a, b}; }
+inline mx::Shape shape3(int a, int b, int c) { return mx::Shape{a, b, c}; }
+
 // Copy `nbytes` of host memory into a new, evaluated array. The copy is ours,
 // so the caller's buffer (a numpy array, say) may be released right after.
 inline mx::array* array_from_host(const void* data, const int32_t* dims, int ndim,

@@ -97,6 +97,9 @@ cdef extern from "mlxcy/core.h" namespace "mlxcy" nogil:
     int dtype_code(Dtype)
     Dtype dtype_from_code(int) except +
     Shape make_shape(const int32_t*, int)
+    Shape shape1(int)
+    Shape shape2(int, int)
+    Shape shape3(int, int, int)
     array* array_from_host(const void*, const int32_t*, int, Dtype) except +
     const void* host_data(const array&)
     bool row_contiguous(const array&)
