@@ -50,16 +50,16 @@ inline mx::Shape shape1(int a) { return mx::Shape{a}; }
 inline mx::Shape shape2(int a, int b) { return mx::Shape{a, b}; }
 inline mx::Shape shape3(int a, int b, int c) { return mx::Shape{a, b, c}; }
 
-// Copy `nbytes` of host memory into a new, evaluated array. The copy is ours,
-// so the caller's buffer (a numpy array, say) may be released right after.
+// Copy host memory into a new, evaluated array whose buffer comes from MLX's
+// own allocator (aligned as its kernels expect; on CUDA, memory the device can
+// read).  The caller's buffer (a numpy array, say) may be released right after.
 inline mx::array* array_from_host(const void* data, const int32_t* dims, int ndim,
                                   mx::Dtype dtype) {
   size_t n = dtype.size();
   for (int i = 0; i < ndim; ++i) n *= static_cast<size_t>(dims[i]);
-  void* copy = std::malloc(n ? n : 1);
-  if (copy == nullptr) throw std::bad_alloc();
-  if (n) std::memcpy(copy, data, n);
-  return new mx::array(copy, make_shape(dims, ndim), dtype, [](void* p) { std::free(p); });
+  auto buf = mx::allocator::malloc(n ? n : 1);
+  if (n) std::memcpy(buf.buffer().raw_ptr(), data, n);
+  return new mx::array(std::move(buf), make_shape(dims, ndim), dtype);
 }
 
 // Pointer to the first element of an evaluated array (offset included).
