@@ -295,7 +295,6 @@ class MlxTextModel(TextModel):
 
     def _run(self, ids, cache, o: GenerationOptions, own_cache, full_ids=None):
         from mlxcy import memory
-        from mlxcy.generate import TokenLoop
         from mlxcy.sample import Sampler
         limit = o.max_context or self.max_context
         total = (len(full_ids) if full_ids is not None else len(ids))

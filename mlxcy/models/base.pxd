@@ -75,4 +75,4 @@ cdef class Model:
                            const na.array* offsets, bint last_only) except NULL
     cdef int _check_open(self) except -1
     cdef na.array* embed_tokens(self, const na.array& ids) except NULL
-    cdef na.array* head(self, const na.array& h) except NULL
+    cdef na.array* head(self, const na.array& h) except NULL   # final norm + output projection

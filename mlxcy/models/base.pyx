@@ -549,9 +549,14 @@ cdef class Model:
         return self.embed.lookup(ids)
 
     cdef na.array* head(self, const na.array& h) except NULL:
-        if self.lm_head is not None:
-            return self.lm_head.forward(h)
-        return self.embed.as_linear(h)
+        """Final norm, then the output projection (tied or not)."""
+        cdef na.array* n = self.norm.forward(h)
+        try:
+            if self.lm_head is not None:
+                return self.lm_head.forward(n[0])
+            return self.embed.as_linear(n[0])
+        finally:
+            del n
 
     cdef na.array* forward(self, const na.array& ids, Cache cache, const na.array* mask,
                            const na.array* offsets, bint last_only) except NULL:
@@ -576,9 +581,6 @@ cdef class Model:
                 nh = heap(nnn.take_position(h[0], L - 1))
                 del h
                 h = nh
-            nh = self.norm.forward(h[0])
-            del h
-            h = nh
             nh = self.head(h[0])
         finally:
             del h

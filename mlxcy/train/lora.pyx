@@ -523,9 +523,6 @@ cdef class TrainStep:
                 nh = new na.array(outs[0])
                 del h
                 h = nh
-            nh = model.norm.forward(h[0])
-            del h
-            h = nh
             nh = model.head(h[0])
         finally:
             del h
