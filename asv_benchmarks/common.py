@@ -1,6 +1,19 @@
 """Shared helpers: both implementations behind one small interface, so each
 benchmark runs mlxcy and mlx.core (MLX's own bindings) side by side."""
+import os
+import sys
+
 import numpy as np
+
+# asv's "existing" environment runs whatever Python finds first, which may be
+# an older installed copy of mlxcy; time this checkout's in-place build
+# (tools/build.sh) instead whenever there is one.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG = os.path.join(_ROOT, "mlxcy")
+if os.path.isdir(_PKG) and any(f.startswith("core.") and f.endswith((".so", ".pyd"))
+                               for f in os.listdir(_PKG)):
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
 
 
 def backend(impl):

@@ -7,6 +7,10 @@ after `free()` raises ValueError instead of touching freed memory.
 """
 cimport cython
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE
+from cpython.exc cimport PyErr_Occurred
+from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.slice cimport PySlice_AdjustIndices
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, int8_t, int16_t
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
@@ -238,10 +242,11 @@ cdef Array scalar_like(object obj, na.array* like):
     floating.  Anything else goes through to_array."""
     cdef int code = na.dtype_code(like.dtype())
     t = type(obj)
+    cdef bint floating = 9 <= code <= 12      # the codes of _FLOATING
     if t is int and code != 0 and code != 13:
-        return na_wrap(new na.array(<double>obj if code in _FLOATING else <int64_t>obj,
+        return na_wrap(new na.array(<double>obj if floating else <int64_t>obj,
                                     like.dtype()))
-    if t is float and (code in _FLOATING or code == 13):
+    if t is float and (floating or code == 13):
         return na_wrap(new na.array(<double>obj, like.dtype()))
     return to_array(obj)
 
@@ -269,6 +274,34 @@ def asarray(obj, dtype=None):
                               as_dtype(dtype).code == na.dtype_code(handle(<Array>obj).dtype())):
         return obj
     return to_array(obj, dtype)
+
+
+# Storage for the native arrays of operator and indexing results.  An Array
+# owns its native array through a heap block of sizeof(array) (heap() in
+# include/mlxcy/core.h is `new array(...)`).  Array.__dealloc__ keeps up to 256
+# released blocks, and the operators and basic indexing below reuse them, so
+# `a @ b` pays no malloc and free per result.  A kept block is an ordinary
+# operator-new block: `del ptr` elsewhere stays valid.  Used only with the GIL
+# held (tp_dealloc, operator methods).
+cdef extern from *:
+    """
+    #include <new>
+    namespace mlxcy_core_pool {
+    static void* slots[256];
+    static int count = 0;
+    static inline mlx::core::array* take(mlx::core::array a) {
+      void* p = count ? slots[--count] : ::operator new(sizeof(mlx::core::array));
+      return new (p) mlx::core::array(std::move(a));
+    }
+    static inline void give(mlx::core::array* p) {
+      p->~array();
+      if (count < 256) slots[count++] = p;
+      else ::operator delete(p);
+    }
+    }  // namespace mlxcy_core_pool
+    """
+    na.array* _pool_take "mlxcy_core_pool::take"(na.array) except +
+    void _pool_give "mlxcy_core_pool::give"(na.array*) noexcept
 
 
 # ------------------------------------------------------------ indexing -----
@@ -314,8 +347,78 @@ cdef object _index_array(object k):
     return None
 
 
+cdef extern from "Python.h":
+    # Declared without `except` (unlike cpython.slice / cpython.long): the
+    # basic-index fast path below clears the error and falls back instead.
+    int _slice_unpack "PySlice_Unpack"(object, Py_ssize_t*, Py_ssize_t*, Py_ssize_t*)
+    Py_ssize_t _long_as_ssize "PyLong_AsSsize_t"(object)
+    void _clear_error "PyErr_Clear"()
+
+
+cdef object _getitem_basic(na.array* a, object key):
+    """a[key] for the common basic index, built with no Python object but the
+    result: an int, a slice with a positive step, or a tuple of at most ndim
+    of these.  Returns None for any other key and for anything unusual (an
+    out-of-bounds or huge int, a negative or huge step, an invalid slice):
+    _getitem's general path then handles it, errors included, so results
+    and messages are the same either way."""
+    cdef int ndim = a.ndim()
+    cdef bint is_tuple = type(key) is tuple
+    cdef Py_ssize_t nk, i, dim, lo, hi, st, n
+    cdef bint drop = False
+    cdef object k
+    if is_tuple:
+        nk = PyTuple_GET_SIZE(key)
+    elif type(key) is slice or type(key) is int:
+        nk = 1
+    else:
+        return None
+    if nk > ndim:
+        return None
+    cdef na.Shape start = na.Shape(), stop = na.Shape(), strides = na.Shape()
+    cdef na.Shape shape = na.Shape()   # result shape: int-indexed axes dropped
+    for i in range(ndim):
+        dim = a.shape(<int>i)
+        if i >= nk:
+            start.push_back(0); stop.push_back(dim); strides.push_back(1)
+            shape.push_back(dim)
+            continue
+        k = <object>PyTuple_GET_ITEM(key, i) if is_tuple else key
+        if type(k) is slice:
+            if _slice_unpack(k, &lo, &hi, &st) < 0:
+                _clear_error()
+                return None
+            if st <= 0 or st == PY_SSIZE_T_MAX:     # (a larger step is clamped to the max)
+                return None
+            n = PySlice_AdjustIndices(dim, &lo, &hi, st)
+            if n <= 1:
+                st = 1      # the step of 0 or 1 element is moot (and may not fit int32)
+            start.push_back(lo); stop.push_back(lo + (n - 1) * st + 1 if n else lo)
+            strides.push_back(st)
+            shape.push_back(n)
+        elif type(k) is int:
+            lo = _long_as_ssize(k)
+            if lo == -1 and PyErr_Occurred():
+                _clear_error()
+                return None
+            if lo < -dim or lo >= dim:
+                return None
+            if lo < 0:
+                lo += dim
+            start.push_back(lo); stop.push_back(lo + 1); strides.push_back(1)
+            drop = True
+        else:
+            return None
+    if drop:
+        return na_wrap(_pool_take(nops.reshape(nops.slice(a[0], start, stop, strides), shape)))
+    return na_wrap(_pool_take(nops.slice(a[0], start, stop, strides)))
+
+
 cdef Array _getitem(Array self, object key):
     cdef na.array* a = handle(self)
+    fast = _getitem_basic(a, key)
+    if fast is not None:
+        return <Array>fast
     cdef int ndim = a.ndim()
     cdef tuple keys = _expand_key(key, ndim)
     cdef na.Shape start = na.Shape(), stop = na.Shape(), strides = na.Shape()
@@ -344,13 +447,15 @@ cdef Array _getitem(Array self, object key):
             if st > 0:
                 n = max(0, (hi - lo + st - 1) // st)
                 start.push_back(lo); stop.push_back(lo + (n - 1) * st + 1 if n else lo)
-                strides.push_back(st)
+                # The step of at most one element is moot; a huge one would
+                # not fit MLX's int32 strides.
+                strides.push_back(st if n > 1 else 1)
             else:
                 # Negative step: take the mirrored positive-step slice, flip later.
                 n = max(0, (lo - hi - st - 1) // (-st))
                 first = lo + (n - 1) * st if n else 0
                 start.push_back(first); stop.push_back(first + (n - 1) * (-st) + 1 if n else first)
-                strides.push_back(-st)
+                strides.push_back(-st if n > 1 else 1)
                 if n > 1:
                     rev_axes.append(axis)
             final_shape.append(n)
@@ -534,31 +639,31 @@ cdef enum:
 
 
 cdef na.array* _binop(const na.array& x, const na.array& y, int op) except NULL:
-    if op == OP_ADD: return heap(nops.add(x, y))
-    if op == OP_SUB: return heap(nops.subtract(x, y))
-    if op == OP_MUL: return heap(nops.multiply(x, y))
-    if op == OP_DIV: return heap(nops.divide(x, y))
-    if op == OP_FLOORDIV: return heap(nops.floor_divide(x, y))
-    if op == OP_MOD: return heap(nops.remainder(x, y))
-    if op == OP_POW: return heap(nops.power(x, y))
-    if op == OP_MATMUL: return heap(nops.matmul(x, y))
+    if op == OP_ADD: return _pool_take(nops.add(x, y))
+    if op == OP_SUB: return _pool_take(nops.subtract(x, y))
+    if op == OP_MUL: return _pool_take(nops.multiply(x, y))
+    if op == OP_DIV: return _pool_take(nops.divide(x, y))
+    if op == OP_FLOORDIV: return _pool_take(nops.floor_divide(x, y))
+    if op == OP_MOD: return _pool_take(nops.remainder(x, y))
+    if op == OP_POW: return _pool_take(nops.power(x, y))
+    if op == OP_MATMUL: return _pool_take(nops.matmul(x, y))
     if op == OP_AND:
         if na.dtype_code(x.dtype()) == 0 and na.dtype_code(y.dtype()) == 0:
-            return heap(nops.logical_and(x, y))
-        return heap(nops.bitwise_and(x, y))
+            return _pool_take(nops.logical_and(x, y))
+        return _pool_take(nops.bitwise_and(x, y))
     if op == OP_OR:
         if na.dtype_code(x.dtype()) == 0 and na.dtype_code(y.dtype()) == 0:
-            return heap(nops.logical_or(x, y))
-        return heap(nops.bitwise_or(x, y))
-    if op == OP_XOR: return heap(nops.bitwise_xor(x, y))
-    if op == OP_LSHIFT: return heap(nops.left_shift(x, y))
-    if op == OP_RSHIFT: return heap(nops.right_shift(x, y))
-    if op == OP_EQ: return heap(nops.equal(x, y))
-    if op == OP_NE: return heap(nops.not_equal(x, y))
-    if op == OP_LT: return heap(nops.less(x, y))
-    if op == OP_LE: return heap(nops.less_equal(x, y))
-    if op == OP_GT: return heap(nops.greater(x, y))
-    return heap(nops.greater_equal(x, y))
+            return _pool_take(nops.logical_or(x, y))
+        return _pool_take(nops.bitwise_or(x, y))
+    if op == OP_XOR: return _pool_take(nops.bitwise_xor(x, y))
+    if op == OP_LSHIFT: return _pool_take(nops.left_shift(x, y))
+    if op == OP_RSHIFT: return _pool_take(nops.right_shift(x, y))
+    if op == OP_EQ: return _pool_take(nops.equal(x, y))
+    if op == OP_NE: return _pool_take(nops.not_equal(x, y))
+    if op == OP_LT: return _pool_take(nops.less(x, y))
+    if op == OP_LE: return _pool_take(nops.less_equal(x, y))
+    if op == OP_GT: return _pool_take(nops.greater(x, y))
+    return _pool_take(nops.greater_equal(x, y))
 
 
 cdef inline object _apply(object a, object b, int op, bint reflected):
@@ -572,6 +677,8 @@ cdef inline object _apply(object a, object b, int op, bint reflected):
         py = (<Array>b).ptr
         if py == NULL:
             freed_error()
+    elif type(b) is float or type(b) is int:
+        return _apply_scalar(px, b, op, reflected)
     else:
         try:
             y = scalar_like(b, px)
@@ -583,19 +690,29 @@ cdef inline object _apply(object a, object b, int op, bint reflected):
     return na_wrap(_binop(px[0], py[0], op))
 
 
-def _time_native_add(Array a, Array b, int n):
-    """Seconds per native `mlx::core::add` call (no Python in the loop): the
-    floor that binding-overhead benchmarks compare against."""
-    import time
-    cdef na.array* pa = handle(a)
-    cdef na.array* pb = handle(b)
-    cdef int i
-    cdef na.array* r
-    t0 = time.perf_counter()
-    for i in range(n):
-        r = heap(nops.add(pa[0], pb[0]))
-        del r
-    return (time.perf_counter() - t0) / n
+cdef object _apply_scalar(na.array* px, object b, int op, bint reflected):
+    """`px <op> b` for a Python float or int `b`: the scalar typed exactly as
+    scalar_like types it, but held in a C++ local rather than a temporary
+    Array (an operator with a scalar is as common as one with an Array)."""
+    cdef int code = na.dtype_code(px.dtype())
+    cdef bint floating = 9 <= code <= 12      # the codes of _FLOATING
+    cdef na.array s
+    if type(b) is float and (floating or code == 13):
+        s = na.array(<double>b, px.dtype())
+    elif type(b) is int and code != 0 and code != 13:
+        # As scalar_like converts it: to int64 first unless floating, then
+        # through a double (its conditional expression is typed double).
+        if floating:
+            s = na.array(<double>b, px.dtype())
+        else:
+            s = na.array(<double><int64_t>b, px.dtype())
+    else:
+        # Not typed after `px`: to_array's default type, as scalar_like does.
+        y = to_array(b)
+        s = (<Array>y).ptr[0]
+    if reflected:
+        return na_wrap(_binop(s, px[0], op))
+    return na_wrap(_binop(px[0], s, op))
 
 
 @cython.freelist(256)
@@ -613,7 +730,7 @@ cdef class Array:
 
     def __dealloc__(self):
         if self.ptr != NULL:
-            del self.ptr
+            _pool_give(self.ptr)
             self.ptr = NULL
 
     cdef void _replace(self, na.array* p) noexcept:
@@ -836,7 +953,7 @@ cdef class Array:
     @property
     def T(self):
         """Transpose (all axes reversed), a lazy view."""
-        return na_wrap(heap(nops.transpose(handle(self)[0])))
+        return na_wrap(_pool_take(nops.transpose(handle(self)[0])))
 
     def __getattr__(self, name):
         # Methods such as a.sum(axis=0) forward to mlxcy.ops functions.
@@ -893,7 +1010,7 @@ cdef class Array:
         return _apply(self, other, code, False)
 
     def __neg__(self):
-        return na_wrap(heap(nops.negative(handle(self)[0])))
+        return na_wrap(_pool_take(nops.negative(handle(self)[0])))
 
     def __pos__(self):
         handle(self)

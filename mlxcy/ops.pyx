@@ -8,6 +8,7 @@ argument is already an Array, an op creates no Python object but its result.
 import builtins as _b
 
 from cpython.number cimport PyNumber_Index
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport M_SQRT1_2, M_2_SQRTPI
 from libcpp cimport bool
 from libcpp.string cimport string
@@ -44,6 +45,19 @@ cdef int _int(object v, str name) except? -1:
 
 cdef na.Shape _shape(object dims, str name="shape") except *:
     cdef na.Shape s = na.Shape()
+    cdef Py_ssize_t i, n
+    if type(dims) is tuple:
+        # Fast path, the usual case: a tuple of exact ints, converted with no
+        # per-element call (an int too large for a C int raises OverflowError,
+        # as in _int).  Anything else takes the general loop below.
+        n = PyTuple_GET_SIZE(dims)
+        for i in range(n):
+            if type(<object>PyTuple_GET_ITEM(dims, i)) is not int:
+                break
+        else:
+            for i in range(n):
+                s.push_back(<int><object>PyTuple_GET_ITEM(dims, i))
+            return s
     if isinstance(dims, int):
         s.push_back(_int(dims, name))
         return s
