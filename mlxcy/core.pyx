@@ -154,7 +154,9 @@ cdef Array _from_numpy(object arr, object dtype):
     else:
         raise TypeError(f"array: unsupported numpy dtype {npd}")
     # MLX keeps float64 only when asked: like mlx.core, default to float32.
-    if dt.code == 11 and want is None:
+    # Any other target goes through float32 in numpy too, because the GPU
+    # backends cannot run a float64 astype.
+    if dt.code == 11 and (want is None or want.code != 11):
         arr = arr.astype(np.float32)
         dt = float32
     if want is not None and want.code != dt.code and want.code != 12 and dt.code != 12:
@@ -817,9 +819,10 @@ cdef class Array:
     def __repr__(self):
         if self.ptr == NULL:
             return "<mlxcy.Array (freed)>"
-        with nogil:
-            self.ptr.eval()
-        return na.to_string(self.ptr[0]).decode("utf-8", "replace")
+        # Formatted from the numpy export rather than MLX's C++ operator<<,
+        # which crashed reading a CUDA array's memory (MLX 0.32.4, H200).
+        body = np.array2string(self.numpy(), separator=", ", prefix="array(")
+        return f"array({body}, dtype={self.dtype.name})"
 
     def __hash__(self):
         return id(self)

@@ -7,12 +7,24 @@ import pytest
 
 import mlxcy
 from mlxcy import convert as C
+from mlxcy import device as D
 from mlxcy.models import load as L
 
 from tiny_models import make_tiny, torch_logits, ids_for, rel
 
 mx = pytest.importorskip("mlx.core")
 mlx_utils = pytest.importorskip("mlx_lm.utils")
+
+
+ON_GPU = D.default_device().type == "gpu"
+
+
+def skip_cuda_single_group(gs):
+    """MLX 0.32.4's CUDA quantized_matmul returns zeros for several rows when
+    in_features == group_size (mlx.core alike; benchmarks/gpu_probe.py): the
+    tiny models are 64 wide, so mlx-lm's reference logits are zeros there."""
+    if ON_GPU and gs >= 64:
+        pytest.skip("MLX CUDA quantized_matmul bug for in_features == group_size")
 
 
 def mlx_lm_logits(path, ids):
@@ -51,6 +63,7 @@ def test_numpy_quantizer_matches_mlx(bits, gs):
 @pytest.mark.parametrize("mt,bits,gs", [("llama", 4, 64), ("gemma3_text", 8, 32),
                                         ("qwen2", 4, 32)])
 def test_ours_read_by_mlx_lm(hf, tmp_path, mt, bits, gs):
+    skip_cuda_single_group(gs)
     src, ref_model = hf[mt]
     dst = C.convert_hf_to_mlx(src, tmp_path / "q", bits=bits, group_size=gs)
     cfg = json.loads((dst / "config.json").read_text())
@@ -86,6 +99,7 @@ def test_same_bits_as_mlx_lm_convert(hf, tmp_path):
 @pytest.mark.parametrize("mt,bits", [("qwen3", 4), ("gemma3_text", 8), ("llama", 8)])
 def test_mlx_lm_convert_read_by_ours(hf, tmp_path, mt, bits):
     from mlx_lm import convert
+    skip_cuda_single_group(64)      # mlx-lm's default group size
     src, _ = hf[mt]
     dst = tmp_path / "mlx"
     convert(str(src), str(dst), quantize=True, q_bits=bits)

@@ -476,12 +476,15 @@ def test_reductions(dtype, axis, keepdims):
         out = getattr(mx, name)(a, axis=axis, keepdims=keepdims)
         close(out, want, "float32" if dtype == "int32" and name == "mean" else dtype,
               rtol=5e-5 if dtype == "float32" else None)
+    # Absolute slack near zero: a half-precision variance of nearly equal
+    # values cancels, and the square root magnifies that (GPU sums reorder).
+    atol = {"bfloat16": 3e-2, "float16": 1e-3}.get(dtype, 1e-5)
     for ddof in (0, 1):
         close(mx.var(a, axis, keepdims, ddof), np.var(x, axis=axis, keepdims=keepdims, ddof=ddof),
-              dtype if dtype != "int32" else "float32", atol=1e-5 if dtype != "bfloat16" else 3e-2)
+              dtype if dtype != "int32" else "float32", atol=atol)
         close(mx.std(a, axis, keepdims, ddof=ddof),
               np.std(x, axis=axis, keepdims=keepdims, ddof=ddof),
-              dtype if dtype != "int32" else "float32", atol=1e-5 if dtype != "bfloat16" else 3e-2)
+              dtype if dtype != "int32" else "float32", atol=atol)
     b, bn = make((3, 4, 2), "bool_")
     close(mx.all(b, axis=axis, keepdims=keepdims), np.all(bn, axis=axis, keepdims=keepdims), "bool_")
     close(mx.any(b, axis=axis, keepdims=keepdims), np.any(bn, axis=axis, keepdims=keepdims), "bool_")
@@ -662,7 +665,12 @@ def test_quantize_defaults_and_dtypes():
         mx.quantize(w, bits=0)
 
 
-def test_gather_mm_and_qmm():
+def test_gather_mm():
+    from mlxcy import device
+    if device.default_device().type == "gpu":
+        # mlx.core.gather_mm fails alike there and leaves the CUDA context
+        # broken for every later test (benchmarks/gpu_probe.py, mx_gather_mm)
+        pytest.skip("MLX 0.32.4 CUDA gather_mm: 'misaligned address'")
     a, an = make((3, 2, 8), "float32")
     b, bn = make((4, 8, 5), "float32")
     li = np.array([0, 2, 1, 2], np.int32)
@@ -671,6 +679,9 @@ def test_gather_mm_and_qmm():
     close(mx.gather_mm(a, b, li, ri), want, rtol=1e-4, atol=1e-5)
     close(mx.gather_mm(a, b, None, mx.array([1, 2, 3])),
           np.stack([an[i] @ bn[j] for i, j in zip(range(3), [1, 2, 3])]), rtol=1e-4, atol=1e-5)
+
+
+def test_gather_qmm():
     k, n, e, gs, bits = 64, 16, 3, 32, 4
     w, wn = make((e, n, k), "float32", -1, 1)
     wq, s, bias = mx.quantize(w, group_size=gs, bits=bits)
