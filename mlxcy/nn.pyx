@@ -15,6 +15,66 @@ from mlxcy.native.array cimport heap
 from libcpp.vector cimport vector
 
 
+# Fold residual adds into the output projections' GEMMs (Linear.forward_add):
+# one kernel fewer per call.  Off by default: on SmolLM2 in bfloat16 (CPU) it
+# doubled the logits' error against float32 (0.023 -> 0.043) although addmm
+# alone is as accurate as matmul + add on random data; not understood yet.
+cdef bint FOLD_RESIDUAL = False
+
+
+def set_fold_residual(bint on):
+    global FOLD_RESIDUAL
+    FOLD_RESIDUAL = on
+
+
+cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
+    na.array qlinear_dequant(const na.array& x, const na.array& w, const na.array& scales,
+                             const na.array* biases, int group_size, int bits,
+                             const na.array* bias, int block) except +
+
+
+# Quantized layers on the CPU: dequantize the weight right before the product
+# and use MLX's float GEMM instead of its CPU quantized_matmul (a scalar loop,
+# 2.5x slower for one token and ~20x for a 512-token prefill chunk on the
+# 2-core development VM; see include/mlxcy/qcpu.h).  -1: automatic (when the
+# default device is the CPU); 0: never; 1: always.  The GPU keeps MLX's fused
+# quantized kernels, which read the packed weight directly.
+cdef int CPU_DEQUANT = -1
+# Rows dequantized at a time (bounds the temporary of a vocabulary head).
+cdef int DEQUANT_BLOCK = 1024
+
+
+def set_cpu_dequant(mode, int block=1024):
+    """Choose how quantized layers multiply: mode None (automatic: dequantize
+    then GEMM on the CPU, MLX's quantized kernel elsewhere), True or False;
+    `block` rows are dequantized at a time.  For A/B benchmarks."""
+    global CPU_DEQUANT, DEQUANT_BLOCK
+    CPU_DEQUANT = -1 if mode is None else (1 if mode else 0)
+    DEQUANT_BLOCK = block
+
+
+cdef inline bint _dequant_path(const na.array& w, int group_size, int bits) noexcept:
+    if CPU_DEQUANT >= 0:
+        return CPU_DEQUANT == 1
+    if na.default_device().type == na.cpu:
+        return True
+    # MLX 0.32.4's CUDA quantized_matmul returns zeros for inputs of several
+    # rows when each weight row is a single group (in_features == group_size;
+    # mlx.core alike: benchmarks/gpu_probe.py, mx_qmm_k64_gs64_*).  Only tiny
+    # layers are that narrow, so the dequantized product costs nothing there.
+    return w.shape(w.ndim() - 1) * 32 // bits == group_size
+
+
+cdef na.array* _qmatmul(const na.array& x, const na.array& w, const na.array& scales,
+                        const na.array* qbiases, int group_size, int bits,
+                        const na.array* bias) except NULL:
+    """x @ dequantize(w).T (+ bias) by the fastest path for the device."""
+    if _dequant_path(w, group_size, bits):
+        return heap(qlinear_dequant(x, w, scales, qbiases, group_size, bits, bias,
+                                    DEQUANT_BLOCK))
+    return heap(nnn.qlinear(x, w, scales, qbiases, group_size, bits, bias))
+
+
 cdef na.array* copy_handle(object a, str name) except NULL:
     """A new native handle sharing `a`'s data (a must be an Array)."""
     if type(a) is not Array:
@@ -87,13 +147,27 @@ cdef class Linear:
         cdef na.array* w = _live(self.weight, self)
         cdef na.array* y
         if self.quantized:
-            y = heap(nnn.qlinear(x, w[0], self.scales[0], self.qbiases, self.group_size,
-                                 self.bits, self.bias))
+            y = _qmatmul(x, w[0], self.scales[0], self.qbiases, self.group_size, self.bits,
+                         self.bias)
         else:
             y = heap(nnn.linear(x, w[0], self.bias))
         if self.lora_a == NULL or self.lora_b == NULL:
             return y
         return self.lora_forward(x, y)
+
+    cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL:
+        """residual + forward(x).  A plain float layer folds the add into its
+        GEMM (addmm): one kernel fewer per call, which counts in a decode step
+        bound by kernel dispatch."""
+        cdef na.array* w = _live(self.weight, self)
+        # Only when all three share a dtype: addmm casts the residual to the
+        # product's dtype, which would round a float32 residual stream.
+        if (FOLD_RESIDUAL and not self.quantized and self.bias == NULL
+                and (self.lora_a == NULL or self.lora_b == NULL)
+                and nnn.same_dtype(x, w[0]) and nnn.same_dtype(residual, w[0])):
+            return heap(nnn.linear_add(x, w[0], residual))
+        cdef na.array y = nnn.own(self.forward(x))
+        return heap(nnn.add(residual, y))
 
     cdef na.array* lora_forward(self, const na.array& x, na.array* y) except NULL:
         """y + (scale * (dropout(x) @ A) @ B).astype(x.dtype), as mlx-lm's
@@ -223,8 +297,8 @@ cdef class Embedding:
     cdef na.array* as_linear(self, const na.array& x) except NULL:
         cdef na.array* w = _live(self.weight, self)
         if self.quantized:
-            return heap(nnn.qlinear(x, w[0], self.scales[0], self.qbiases, self.group_size,
-                                    self.bits, NULL))
+            return _qmatmul(x, w[0], self.scales[0], self.qbiases, self.group_size, self.bits,
+                            NULL)
         return heap(nnn.linear(x, w[0], NULL))
 
     def __call__(self, Array ids):

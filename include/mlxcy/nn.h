@@ -33,6 +33,17 @@ inline mx::array linear(const mx::array& x, const mx::array& w, const mx::array*
   return mx::matmul(x, mx::transpose(w));
 }
 
+// residual + x @ w.T as one GEMM (beta = 1): the residual add costs no kernel.
+inline mx::array linear_add(const mx::array& x, const mx::array& w, const mx::array& residual) {
+  return mx::addmm(residual, x, mx::transpose(w));
+}
+
+// x[:, h0:h1] of [B, H, L, D] (a view)
+inline mx::array heads_slice(const mx::array& x, int h0, int h1) {
+  return mx::slice(x, mx::Shape{0, h0, 0, 0},
+                   mx::Shape{x.shape(0), h1, x.shape(2), x.shape(3)});
+}
+
 // x @ dequantize(w).T (+ bias): MLX's affine quantized layout.
 inline mx::array qlinear(const mx::array& x, const mx::array& w, const mx::array& scales,
                          const mx::array* biases, int group_size, int bits,

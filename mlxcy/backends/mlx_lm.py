@@ -72,9 +72,10 @@ class MlxLmTextModel(TextModel):
         t0 = time.perf_counter()
         text_so_far = ""
         stops = set(o.stop_ids)
+        # prefill_chunk None: mlx-lm's own default step (2048)
         for r in mlx_lm.stream_generate(self.model, self.tokenizer, ids, max_tokens=o.max_tokens,
                                         sampler=sampler, logits_processors=procs,
-                                        prefill_step_size=o.prefill_chunk):
+                                        prefill_step_size=o.prefill_chunk or 2048):
             m.generated_tokens = r.generation_tokens
             m.prefill_tokens_per_second = r.prompt_tps
             m.decode_tokens_per_second = r.generation_tps

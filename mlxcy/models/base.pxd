@@ -39,6 +39,8 @@ cdef class Attention:
     cdef float scale, softcap      # softcap <= 0: none
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL
+    cdef na.array* core(self, const na.array& x, LayerCache cache, const na.array* mask,
+                        const na.array* offsets) except NULL   # up to o_proj
     cdef na.array* attend(self, const na.array& q, const na.array& k, const na.array& v,
                           int L, int qstart, int kstart, int window,
                           const na.array* mask) except NULL
@@ -50,6 +52,7 @@ cdef class MLP:
     cdef Linear gate_up_proj       # fused gate/up (then gate/up_proj are None)
     cdef bint gelu                 # gelu-tanh (Gemma) instead of SiLU
     cdef na.array* forward(self, const na.array& x) except NULL
+    cdef na.array* hidden(self, const na.array& x) except NULL        # up to down_proj
     cpdef free(self)
 
 

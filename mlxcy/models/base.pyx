@@ -26,6 +26,25 @@ from mlxcy.core import Array as _Array
 import mlxcy.core as _core
 
 
+# Rotate q and k heads with one RoPE kernel when they come out of one fused
+# q/k/v matmul without per-head norms (one kernel fewer per layer).  On by
+# default; set_decode_options(joint_rope=False) for A/B benchmarks.
+cdef bint JOINT_ROPE = True
+
+
+def set_decode_options(fold_residual=None, joint_rope=None):
+    """Switch the decode-step kernel savings on or off, for A/B benchmarks:
+    fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
+    (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
+    q and k heads of a fused projection (on by default; identical results)."""
+    global JOINT_ROPE
+    from mlxcy import nn as _nn
+    if fold_residual is not None:
+        _nn.set_fold_residual(bool(fold_residual))
+    if joint_rope is not None:
+        JOINT_ROPE = bool(joint_rope)
+
+
 # ------------------------------------------------------------------ RoPE ---
 
 cdef class Rope:
@@ -115,31 +134,46 @@ cdef class Attention:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
+        cdef na.array o = nnn.own(self.core(x, cache, mask, offsets))
+        return self.o_proj.forward(o)
+
+    cdef na.array* core(self, const na.array& x, LayerCache cache, const na.array* mask,
+                        const na.array* offsets) except NULL:
+        """Attention up to (not including) o_proj: [B, L, heads * head_dim]."""
         cdef int L = x.shape(1)
         cdef int offset = 0 if cache is None else cache.offset
         cdef int window = self.window
         cdef int kstart = 0
-        cdef int nq = self.n_heads * self.head_dim, nk = self.n_kv_heads * self.head_dim
+        cdef int H = self.n_heads, Hkv = self.n_kv_heads
+        cdef int nq = H * self.head_dim, nk = Hkv * self.head_dim
         cdef na.array q = x if self.qkv_proj is None else nnn.own(self.qkv_proj.forward(x))
         cdef na.array k = q
         cdef na.array v = q
-        if self.qkv_proj is None:
-            q = nnn.own(self.q_proj.forward(x))
-            k = nnn.own(self.k_proj.forward(x))
-            v = nnn.own(self.v_proj.forward(x))
-        else:   # one matmul for q, k and v: slice the fused output
-            k = nfused.last_axis_slice(q, nq, nq + nk)
-            v = nfused.last_axis_slice(q, nq + nk, nq + 2 * nk)
-            q = nfused.last_axis_slice(q, 0, nq)
-        q = nnn.heads_first(q, self.n_heads, self.head_dim)
-        k = nnn.heads_first(k, self.n_kv_heads, self.head_dim)
-        v = nnn.heads_first(v, self.n_kv_heads, self.head_dim)
+        if self.qkv_proj is not None and self.q_norm is None and JOINT_ROPE:
+            # [B, H + 2 Hkv, L, D]: rotate the q and k heads in one call
+            v = nnn.heads_first(q, H + 2 * Hkv, self.head_dim)
+            k = nnn.own(self.rope.apply(nnn.heads_slice(v, 0, H + Hkv), offset, offsets))
+            q = nnn.heads_slice(k, 0, H)
+            k = nnn.heads_slice(k, H, H + Hkv)
+            v = nnn.heads_slice(v, H + Hkv, H + 2 * Hkv)
+        else:
+            if self.qkv_proj is None:
+                q = nnn.own(self.q_proj.forward(x))
+                k = nnn.own(self.k_proj.forward(x))
+                v = nnn.own(self.v_proj.forward(x))
+            else:   # one matmul for q, k and v: slice the fused output
+                k = nfused.last_axis_slice(q, nq, nq + nk)
+                v = nfused.last_axis_slice(q, nq + nk, nq + 2 * nk)
+                q = nfused.last_axis_slice(q, 0, nq)
+            q = nnn.heads_first(q, H, self.head_dim)
+            k = nnn.heads_first(k, Hkv, self.head_dim)
+            v = nnn.heads_first(v, Hkv, self.head_dim)
+            if self.q_norm is not None:
+                q = nnn.own(self.q_norm.forward(q))
+                k = nnn.own(self.k_norm.forward(k))
+            q = nnn.own(self.rope.apply(q, offset, offsets))
+            k = nnn.own(self.rope.apply(k, offset, offsets))
         cdef na.array* o
-        if self.q_norm is not None:
-            q = nnn.own(self.q_norm.forward(q))
-            k = nnn.own(self.k_norm.forward(k))
-        q = nnn.own(self.rope.apply(q, offset, offsets))
-        k = nnn.own(self.rope.apply(k, offset, offsets))
         if cache is None:
             o = self.attend(q, k, v, L, 0, 0, window, mask)
         else:
@@ -151,8 +185,7 @@ cdef class Attention:
                                 cache.out_start, window, mask)
             finally:
                 cache.drop_outputs()
-        q = nnn.heads_merge(nnn.own(o))
-        return self.o_proj.forward(q)
+        return heap(nnn.heads_merge(nnn.own(o)))
 
     cdef na.array* attend(self, const na.array& q, const na.array& k, const na.array& v,
                           int L, int qstart, int kstart, int window,
@@ -195,6 +228,11 @@ cdef class MLP:
                 m.free()
 
     cdef na.array* forward(self, const na.array& x) except NULL:
+        cdef na.array u = nnn.own(self.hidden(x))
+        return self.down_proj.forward(u)
+
+    cdef na.array* hidden(self, const na.array& x) except NULL:
+        """The MLP up to (not including) down_proj: act(gate) * up."""
         cdef int inter = self.down_proj.in_features
         cdef na.array g = x
         cdef na.array u = x
@@ -207,10 +245,8 @@ cdef class MLP:
             u = nfused.last_axis_slice(u, inter, 2 * inter)
         # The activation and product run as one compiled kernel.
         if self.gelu:
-            u = nfused.geglu_tanh(g, u)
-        else:
-            u = nfused.swiglu(g, u)
-        return self.down_proj.forward(u)
+            return heap(nfused.geglu_tanh(g, u))
+        return heap(nfused.swiglu(g, u))
 
 
 # ----------------------------------------------------------------- block ---
@@ -264,12 +300,13 @@ cdef class Block:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
+        # The residual adds ride on the o_proj and down_proj GEMMs (forward_add).
         cdef na.array h = nnn.own(self.input_norm.forward(x))
-        cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
-        h = nnn.add(x, r)
+        cdef na.array r = nnn.own(self.attn.core(h, cache, mask, offsets))
+        h = nnn.own(self.attn.o_proj.forward_add(r, x))
         r = nnn.own(self.post_attn_norm.forward(h))
-        r = nnn.own(self.mlp.forward(r))
-        return heap(nnn.add(h, r))
+        r = nnn.own(self.mlp.hidden(r))
+        return self.mlp.down_proj.forward_add(r, h)
 
 
 cdef object _copy(na.array* p):
