@@ -49,24 +49,16 @@ from mlxcy.memory import (  # noqa: F401
 
 __version__ = "0.1.0"
 
-# The LLM stack is imported on first use (it pulls in more modules).
-_LAZY = {
-    "load": ("mlxcy.inference", "load"),
-    "TextModel": ("mlxcy.inference", "TextModel"),
-    "Tokenizer": ("mlxcy.tokenizer", "Tokenizer"),
-    "Sampler": ("mlxcy.sample", "Sampler"),
-    "ChatTemplate": ("mlxcy.chat", "ChatTemplate"),
-    "load_model": ("mlxcy.models.load", "load_model"),
-    "discover": ("mlxcy.models.discover", "discover"),
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
-    raise AttributeError(f"module 'mlxcy' has no attribute {name!r}")
+# The LLM stack's entry points.  Imported eagerly (~30 ms) rather than through
+# a module __getattr__: a module defining __getattr__ keeps CPython from
+# specializing attribute loads on it, which made every `mx.reshape`-style
+# lookup ~15 ns slower (benchmarks/overhead.py).
+from mlxcy.inference import load, TextModel  # noqa: E402,F401
+from mlxcy.tokenizer import Tokenizer  # noqa: E402,F401
+from mlxcy.sample import Sampler  # noqa: E402,F401
+from mlxcy.chat import ChatTemplate  # noqa: E402,F401
+from mlxcy.models.load import load_model  # noqa: E402,F401
+from mlxcy.models.discover import discover  # noqa: E402,F401
 
 
 def get_include():

@@ -27,6 +27,7 @@ cdef Array to_array(object obj, object dtype=*)
 cdef Array scalar_like(object obj, na.array* like)
 cdef Array operand(object obj, na.array* like)
 cdef na.array* freed_error() except NULL
+cdef Array wrap_new(na.array a)
 
 
 cdef inline Array wrap(na.array* p):

@@ -13,6 +13,7 @@ from cpython.slice cimport PySlice_AdjustIndices
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, int8_t, int16_t
 from libc.string cimport memcpy
+from libcpp.utility cimport move
 from libcpp.vector cimport vector
 
 from mlxcy.native cimport array as na
@@ -304,6 +305,13 @@ cdef extern from *:
     """
     na.array* _pool_take "mlxcy_core_pool::take"(na.array) except +
     void _pool_give "mlxcy_core_pool::give"(na.array*) noexcept
+
+
+cdef Array wrap_new(na.array a):
+    """A new Array owning `a`, its native block taken from the pool above (no
+    malloc): for ops in other modules (mlxcy.ops) whose per-call overhead
+    counts.  GIL held."""
+    return na_wrap(_pool_take(move(a)))
 
 
 # ------------------------------------------------------------ indexing -----

@@ -12,9 +12,12 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.math cimport M_SQRT1_2, M_2_SQRTPI
 from libcpp cimport bool
 from libcpp.string cimport string
+cimport cython
+from libc.stdint cimport int32_t
+from libcpp.utility cimport move
 from libcpp.vector cimport vector
 
-from mlxcy.core cimport Array, wrap, handle, to_array, operand, as_dtype, Dtype
+from mlxcy.core cimport Array, wrap, wrap_new, handle, to_array, operand, as_dtype, Dtype
 from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
@@ -69,6 +72,23 @@ cdef na.Shape _shape(object dims, str name="shape") except *:
     return s
 
 
+cdef inline int _tuple_dims(object dims, int32_t* buf) except -2:
+    """A tuple of at most 8 exact ints into buf; returns its length, or -1
+    when dims is anything else (then _shape parses it).  Lets reshape build
+    its Shape in one allocation: no vector returned by value and copied."""
+    if type(dims) is not tuple:
+        return -1
+    cdef Py_ssize_t i, n = PyTuple_GET_SIZE(dims)
+    if n > 8:
+        return -1
+    for i in range(n):
+        d = <object>PyTuple_GET_ITEM(dims, i)
+        if type(d) is not int:
+            return -1
+        buf[i] = <int>d
+    return <int>n
+
+
 cdef vector[int] _ints(object xs, str name="axes") except *:
     cdef vector[int] v = vector[int]()
     if isinstance(xs, int):
@@ -106,7 +126,7 @@ cdef vector[na.array] _arrays(object xs, str name="arrays") except *:
 
 cdef list _list(const vector[na.array]& v):
     cdef size_t i
-    return [wrap(heap(v[i])) for i in range(v.size())]
+    return [wrap_new((v[i])) for i in range(v.size())]
 
 
 cdef int _code(object dtype, int default=-1) except? -2:
@@ -141,7 +161,7 @@ cdef Array _floating(object a):
     cdef Array x = _arr(a)
     if _is_float(x.ptr[0]):
         return x
-    return wrap(heap(nops.astype(x.ptr[0], na.float32)))
+    return wrap_new((nops.astype(x.ptr[0], na.float32)))
 
 
 # -------------------------------------------------------------- binary ops
@@ -343,7 +363,7 @@ def where(cond, x, y):
     else:
         xx = to_array(x)
         yy = to_array(y)
-    return wrap(heap(nops.where(c.ptr[0], xx.ptr[0], yy.ptr[0])))
+    return wrap_new((nops.where(c.ptr[0], xx.ptr[0], yy.ptr[0])))
 
 
 def clip(a, a_min, a_max):
@@ -355,7 +375,7 @@ def clip(a, a_min, a_max):
         lo = operand(a_min, x.ptr)
     if a_max is not None:
         hi = operand(a_max, x.ptr)
-    return wrap(heap(nops.clip_(x.ptr[0], _ptr(lo), _ptr(hi))))
+    return wrap_new((nops.clip_(x.ptr[0], _ptr(lo), _ptr(hi))))
 
 
 # --------------------------------------------------------------- unary ops
@@ -565,7 +585,7 @@ def stop_gradient(a):
 def round(a, decimals=0):
     """Round to the given number of decimals (halves go to even)."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.round(x.ptr[0], _int(decimals, "decimals"))))
+    return wrap_new((nops.round(x.ptr[0], _int(decimals, "decimals"))))
 
 
 def nan_to_num(a, float nan=0.0, posinf=None, neginf=None):
@@ -581,7 +601,7 @@ def nan_to_num(a, float nan=0.0, posinf=None, neginf=None):
     if neginf is not None:
         n = neginf
         pn = &n
-    return wrap(heap(nops.nan_to_num_(x.ptr[0], nan, pp, pn)))
+    return wrap_new((nops.nan_to_num_(x.ptr[0], nan, pp, pn)))
 
 
 # ------------------------------------------------------------- activations
@@ -612,13 +632,13 @@ cdef na.array* _gelu_tanh(const na.array& x) except NULL:
 def relu(x):
     """max(x, 0)."""
     cdef Array a = _arr(x)
-    return wrap(heap(nops.maximum(a.ptr[0], na.array(<double>0.0, a.ptr.dtype()))))
+    return wrap_new((nops.maximum(a.ptr[0], na.array(<double>0.0, a.ptr.dtype()))))
 
 
 def silu(x):
     """x * sigmoid(x) (a.k.a. swish); integers are computed in float32."""
     cdef Array a = _floating(x)
-    return wrap(heap(nops.multiply(a.ptr[0], nops.sigmoid(a.ptr[0]))))
+    return wrap_new((nops.multiply(a.ptr[0], nops.sigmoid(a.ptr[0]))))
 
 
 def gelu(x, approximate="none"):
@@ -641,13 +661,13 @@ def gelu_approx(x):
 def softplus(x):
     """log(1 + exp(x)), computed stably as logaddexp(x, 0)."""
     cdef Array a = _floating(x)
-    return wrap(heap(nops.logaddexp(a.ptr[0], na.array(<double>0.0, a.ptr.dtype()))))
+    return wrap_new((nops.logaddexp(a.ptr[0], na.array(<double>0.0, a.ptr.dtype()))))
 
 
 def log_sigmoid(x):
     """log(sigmoid(x)) = -softplus(-x)."""
     cdef Array a = _floating(x)
-    return wrap(heap(nops.negative(nops.logaddexp(nops.negative(a.ptr[0]),
+    return wrap_new((nops.negative(nops.logaddexp(nops.negative(a.ptr[0]),
                                                   na.array(<double>0.0, a.ptr.dtype())))))
 
 
@@ -655,26 +675,26 @@ def softmax(a, axis=None, precise=False):
     """exp(a) / sum(exp(a)) over axis (None: all axes).  precise=True
     accumulates half-precision inputs in float32."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.softmax(x.ptr[0], _axes(axis, x.ptr.ndim()), precise)))
+    return wrap_new((nops.softmax(x.ptr[0], _axes(axis, x.ptr.ndim()), precise)))
 
 
 def log_softmax(a, axis=-1):
     """a - logsumexp(a, axis, keepdims=True)."""
     cdef Array x = _arr(a)
     cdef vector[int] ax = _axes(axis, x.ptr.ndim())
-    return wrap(heap(nops.subtract(x.ptr[0], nops.logsumexp(x.ptr[0], ax, True))))
+    return wrap_new((nops.subtract(x.ptr[0], nops.logsumexp(x.ptr[0], ax, True))))
 
 
 # ---------------------------------------------------------------- creation
 
 def zeros(shape, dtype=None):
     """An array of zeros (float32 unless dtype is given)."""
-    return wrap(heap(nops.zeros(_shape(shape), na.dtype_from_code(_code(dtype, F32)))))
+    return wrap_new((nops.zeros(_shape(shape), na.dtype_from_code(_code(dtype, F32)))))
 
 
 def ones(shape, dtype=None):
     """An array of ones (float32 unless dtype is given)."""
-    return wrap(heap(nops.ones(_shape(shape), na.dtype_from_code(_code(dtype, F32)))))
+    return wrap_new((nops.ones(_shape(shape), na.dtype_from_code(_code(dtype, F32)))))
 
 
 def full(shape, vals, dtype=None):
@@ -682,20 +702,20 @@ def full(shape, vals, dtype=None):
     that of vals."""
     cdef Array v = _arr(vals)
     if dtype is None:
-        return wrap(heap(nops.full(_shape(shape), v.ptr[0])))
-    return wrap(heap(nops.full(_shape(shape), v.ptr[0], na.dtype_from_code(_code(dtype)))))
+        return wrap_new((nops.full(_shape(shape), v.ptr[0])))
+    return wrap_new((nops.full(_shape(shape), v.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 def zeros_like(a):
     """Zeros with the shape and dtype of a."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.zeros_like(x.ptr[0])))
+    return wrap_new((nops.zeros_like(x.ptr[0])))
 
 
 def ones_like(a):
     """Ones with the shape and dtype of a."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.ones_like(x.ptr[0])))
+    return wrap_new((nops.ones_like(x.ptr[0])))
 
 
 def full_like(a, vals, dtype=None):
@@ -703,8 +723,8 @@ def full_like(a, vals, dtype=None):
     cdef Array x = _arr(a)
     cdef Array v = operand(vals, x.ptr)
     if dtype is None:
-        return wrap(heap(nops.full_like(x.ptr[0], v.ptr[0], x.ptr.dtype())))
-    return wrap(heap(nops.full_like(x.ptr[0], v.ptr[0], na.dtype_from_code(_code(dtype)))))
+        return wrap_new((nops.full_like(x.ptr[0], v.ptr[0], x.ptr.dtype())))
+    return wrap_new((nops.full_like(x.ptr[0], v.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 def arange(start, stop=None, step=None, dtype=None):
@@ -720,73 +740,78 @@ def arange(start, stop=None, step=None, dtype=None):
     if dtype is None:
         dtype = "int32" if (type(start) is int and type(stop) is int and
                             type(step) is int) else "float32"
-    return wrap(heap(nops.arange(<double>start, <double>stop, <double>step,
+    return wrap_new((nops.arange(<double>start, <double>stop, <double>step,
                                  na.dtype_from_code(_code(dtype)))))
 
 
 def linspace(start, stop, num=50, dtype=None, endpoint=True):
     """`num` evenly spaced values from start to stop (stop included unless
     endpoint=False); float32 unless dtype is given."""
-    return wrap(heap(nops.linspace(<double>start, <double>stop, _int(num, "num"),
+    return wrap_new((nops.linspace(<double>start, <double>stop, _int(num, "num"),
                                    endpoint, na.dtype_from_code(_code(dtype, F32)))))
 
 
 def eye(n, m=None, k=0, dtype=None):
     """An n x m matrix with ones on diagonal k."""
     cdef int rows = _int(n, "n")
-    return wrap(heap(nops.eye(rows, rows if m is None else _int(m, "m"), _int(k, "k"),
+    return wrap_new((nops.eye(rows, rows if m is None else _int(m, "m"), _int(k, "k"),
                               na.dtype_from_code(_code(dtype, F32)))))
 
 
 def identity(n, dtype=None):
     """The n x n identity matrix."""
-    return wrap(heap(nops.identity(_int(n, "n"), na.dtype_from_code(_code(dtype, F32)))))
+    return wrap_new((nops.identity(_int(n, "n"), na.dtype_from_code(_code(dtype, F32)))))
 
 
 def tri(n, m=None, k=0, dtype=None):
     """An n x m matrix with ones at and below diagonal k."""
     cdef int rows = _int(n, "n")
-    return wrap(heap(nops.tri(rows, rows if m is None else _int(m, "m"), _int(k, "k"),
+    return wrap_new((nops.tri(rows, rows if m is None else _int(m, "m"), _int(k, "k"),
                               na.dtype_from_code(_code(dtype, F32)))))
 
 
 def tril(x, k=0):
     """x with elements above diagonal k zeroed."""
     cdef Array a = _arr(x)
-    return wrap(heap(nops.tril(a.ptr[0], _int(k, "k"))))
+    return wrap_new((nops.tril(a.ptr[0], _int(k, "k"))))
 
 
 def triu(x, k=0):
     """x with elements below diagonal k zeroed."""
     cdef Array a = _arr(x)
-    return wrap(heap(nops.triu(a.ptr[0], _int(k, "k"))))
+    return wrap_new((nops.triu(a.ptr[0], _int(k, "k"))))
 
 
 def astype(a, dtype):
     """a converted to dtype."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.astype(x.ptr[0], na.dtype_from_code(_code(dtype)))))
+    return wrap_new((nops.astype(x.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 def view(a, dtype):
     """a's bytes reinterpreted as dtype (the last axis is rescaled when the
     item sizes differ)."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.view(x.ptr[0], na.dtype_from_code(_code(dtype)))))
+    return wrap_new((nops.view(x.ptr[0], na.dtype_from_code(_code(dtype)))))
 
 
 # ------------------------------------------------------------------- shape
 
+@cython.binding(False)
 def reshape(a, shape):
     """a with a new shape (one dimension may be -1)."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.reshape(x.ptr[0], _shape(shape))))
+    cdef int32_t dims[8]
+    cdef int n = _tuple_dims(shape, dims)
+    if n >= 0:
+        return wrap_new(nops.reshape(x.ptr[0], na.make_shape(dims, n)))
+    return wrap_new(nops.reshape(x.ptr[0], move(_shape(shape))))
 
 
 def flatten(a, start_axis=0, end_axis=-1):
     """Merge axes start_axis..end_axis (inclusive) into one."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.flatten(x.ptr[0], _int(start_axis, "start_axis"),
+    return wrap_new((nops.flatten(x.ptr[0], _int(start_axis, "start_axis"),
                                   _int(end_axis, "end_axis"))))
 
 
@@ -799,20 +824,20 @@ def transpose(a, *args, axes=None):
             raise TypeError("transpose: axes given both by position and by keyword")
         axes = args[0] if len(args) == 1 else args
     if axes is None:
-        return wrap(heap(nops.transpose(x.ptr[0])))
-    return wrap(heap(nops.transpose(x.ptr[0], _ints(axes, "axes"))))
+        return wrap_new((nops.transpose(x.ptr[0])))
+    return wrap_new((nops.transpose(x.ptr[0], _ints(axes, "axes"))))
 
 
 def swapaxes(a, axis1, axis2):
     """a with two axes exchanged."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.swapaxes(x.ptr[0], _int(axis1, "axis1"), _int(axis2, "axis2"))))
+    return wrap_new((nops.swapaxes(x.ptr[0], _int(axis1, "axis1"), _int(axis2, "axis2"))))
 
 
 def moveaxis(a, source, destination):
     """a with axis `source` moved to position `destination`."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.moveaxis(x.ptr[0], _int(source, "source"),
+    return wrap_new((nops.moveaxis(x.ptr[0], _int(source, "source"),
                                    _int(destination, "destination"))))
 
 
@@ -820,22 +845,22 @@ def expand_dims(a, axis):
     """a with new size-1 axes inserted at axis (an int or a sequence)."""
     cdef Array x = _arr(a)
     if isinstance(axis, int):
-        return wrap(heap(nops.expand_dims(x.ptr[0], <int>axis)))
-    return wrap(heap(nops.expand_dims(x.ptr[0], _ints(axis, "axis"))))
+        return wrap_new((nops.expand_dims(x.ptr[0], <int>axis)))
+    return wrap_new((nops.expand_dims(x.ptr[0], _ints(axis, "axis"))))
 
 
 def squeeze(a, axis=None):
     """a without its size-1 axes (all of them, or those in axis)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.squeeze(x.ptr[0])))
-    return wrap(heap(nops.squeeze(x.ptr[0], _ints(axis, "axis"))))
+        return wrap_new((nops.squeeze(x.ptr[0])))
+    return wrap_new((nops.squeeze(x.ptr[0], _ints(axis, "axis"))))
 
 
 def broadcast_to(a, shape):
     """a broadcast to shape (numpy rules)."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.broadcast_to(x.ptr[0], _shape(shape))))
+    return wrap_new((nops.broadcast_to(x.ptr[0], _shape(shape))))
 
 
 def broadcast_arrays(*arrays):
@@ -849,15 +874,15 @@ def concatenate(arrays, axis=0):
     cdef vector[na.array] v
     if axis is None:
         v = _arrays([reshape(x, -1) for x in arrays])
-        return wrap(heap(nops.concatenate(v, 0)))
+        return wrap_new((nops.concatenate(v, 0)))
     v = _arrays(arrays)
-    return wrap(heap(nops.concatenate(v, _int(axis, "axis"))))
+    return wrap_new((nops.concatenate(v, _int(axis, "axis"))))
 
 
 def stack(arrays, axis=0):
     """Join arrays of one shape along a new axis."""
     cdef vector[na.array] v = _arrays(arrays)
-    return wrap(heap(nops.stack(v, _int(axis, "axis"))))
+    return wrap_new((nops.stack(v, _int(axis, "axis"))))
 
 
 def split(a, indices_or_sections, axis=0):
@@ -873,7 +898,7 @@ def split(a, indices_or_sections, axis=0):
 def tile(a, reps):
     """a repeated reps times along each axis (numpy.tile)."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.tile(x.ptr[0], _ints(reps, "reps"))))
+    return wrap_new((nops.tile(x.ptr[0], _ints(reps, "reps"))))
 
 
 def repeat(a, repeats, axis=None):
@@ -881,8 +906,8 @@ def repeat(a, repeats, axis=None):
     cdef Array x = _arr(a)
     cdef int r = _int(repeats, "repeats")
     if axis is None:
-        return wrap(heap(nops.repeat(x.ptr[0], r)))
-    return wrap(heap(nops.repeat(x.ptr[0], r, _int(axis, "axis"))))
+        return wrap_new((nops.repeat(x.ptr[0], r)))
+    return wrap_new((nops.repeat(x.ptr[0], r, _int(axis, "axis"))))
 
 
 cdef tuple _pad_widths(object pad_width, int ndim):
@@ -912,7 +937,7 @@ def pad(a, pad_width, mode="constant", constant_values=0):
         axes.push_back(i)
     lo, hi = _pad_widths(pad_width, nd)
     cdef Array v = operand(constant_values, x.ptr)
-    return wrap(heap(nops.pad(x.ptr[0], axes, _shape(lo, "pad_width"), _shape(hi, "pad_width"),
+    return wrap_new((nops.pad(x.ptr[0], axes, _shape(lo, "pad_width"), _shape(hi, "pad_width"),
                               v.ptr[0], _str(mode, "mode"))))
 
 
@@ -921,7 +946,7 @@ def slice(a, start_indices, axes, slice_size):
     each of `axes` is read from the array start_indices (other axes start at 0)."""
     cdef Array x = _arr(a)
     cdef Array st = _arr(start_indices)
-    return wrap(heap(nops.slice(x.ptr[0], st.ptr[0], _ints(axes, "axes"),
+    return wrap_new((nops.slice(x.ptr[0], st.ptr[0], _ints(axes, "axes"),
                                 _shape(slice_size, "slice_size"))))
 
 
@@ -930,7 +955,7 @@ def slice_update(a, update, start_indices, axes):
     cdef Array x = _arr(a)
     cdef Array u = operand(update, x.ptr)
     cdef Array st = _arr(start_indices)
-    return wrap(heap(nops.slice_update(x.ptr[0], u.ptr[0], st.ptr[0], _ints(axes, "axes"))))
+    return wrap_new((nops.slice_update(x.ptr[0], u.ptr[0], st.ptr[0], _ints(axes, "axes"))))
 
 
 def take(a, indices, axis=None):
@@ -940,7 +965,7 @@ def take(a, indices, axis=None):
     cdef int ax, n, k
     if isinstance(indices, int):
         if axis is None:
-            x = wrap(heap(nops.reshape(x.ptr[0], _shape(-1))))
+            x = wrap_new((nops.reshape(x.ptr[0], _shape(-1))))
             axis = 0
         ax = _int(axis, "axis")
         if ax < -<int>x.ptr.ndim() or ax >= <int>x.ptr.ndim():
@@ -951,11 +976,11 @@ def take(a, indices, axis=None):
         if k < -n or k >= n:
             raise IndexError(f"take: index {indices} is out of bounds for axis {axis} "
                              f"of size {n}")
-        return wrap(heap(nops.take(x.ptr[0], k + n if k < 0 else k, ax)))
+        return wrap_new((nops.take(x.ptr[0], k + n if k < 0 else k, ax)))
     cdef Array i = _arr(indices)
     if axis is None:
-        return wrap(heap(nops.take(x.ptr[0], i.ptr[0])))
-    return wrap(heap(nops.take(x.ptr[0], i.ptr[0], _int(axis, "axis"))))
+        return wrap_new((nops.take(x.ptr[0], i.ptr[0])))
+    return wrap_new((nops.take(x.ptr[0], i.ptr[0], _int(axis, "axis"))))
 
 
 def take_along_axis(a, indices, axis):
@@ -963,9 +988,9 @@ def take_along_axis(a, indices, axis):
     cdef Array x = _arr(a)
     cdef Array i = _arr(indices)
     if axis is None:
-        return wrap(heap(nops.take_along_axis(nops.reshape(x.ptr[0], _shape(-1)),
+        return wrap_new((nops.take_along_axis(nops.reshape(x.ptr[0], _shape(-1)),
                                               nops.reshape(i.ptr[0], _shape(-1)), 0)))
-    return wrap(heap(nops.take_along_axis(x.ptr[0], i.ptr[0], _int(axis, "axis"))))
+    return wrap_new((nops.take_along_axis(x.ptr[0], i.ptr[0], _int(axis, "axis"))))
 
 
 def put_along_axis(a, indices, values, axis):
@@ -975,11 +1000,11 @@ def put_along_axis(a, indices, values, axis):
     cdef Array i = _arr(indices)
     cdef Array v = operand(values, x.ptr)
     if axis is None:
-        flat = wrap(heap(nops.put_along_axis(nops.reshape(x.ptr[0], _shape(-1)),
+        flat = wrap_new((nops.put_along_axis(nops.reshape(x.ptr[0], _shape(-1)),
                                              nops.reshape(i.ptr[0], _shape(-1)),
                                              nops.reshape(v.ptr[0], _shape(-1)), 0)))
         return reshape(flat, x.shape)
-    return wrap(heap(nops.put_along_axis(x.ptr[0], i.ptr[0], v.ptr[0], _int(axis, "axis"))))
+    return wrap_new((nops.put_along_axis(x.ptr[0], i.ptr[0], v.ptr[0], _int(axis, "axis"))))
 
 
 def scatter_add(a, indices, updates, axes):
@@ -990,7 +1015,7 @@ def scatter_add(a, indices, updates, axes):
     cdef Array u = operand(updates, x.ptr)
     idx = [indices] if not isinstance(indices, (list, tuple)) else indices
     cdef vector[na.array] iv = _arrays(idx, "indices")
-    return wrap(heap(nops.scatter_add(x.ptr[0], iv, u.ptr[0], _ints(axes, "axes"))))
+    return wrap_new((nops.scatter_add(x.ptr[0], iv, u.ptr[0], _ints(axes, "axes"))))
 
 
 def add_at(a, indices, updates, axis=0):
@@ -1017,8 +1042,8 @@ def flip(a, axis=None):
     """a with the order of elements reversed along axis (None: all axes)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.flip(x.ptr[0])))
-    return wrap(heap(nops.flip(x.ptr[0], _ints(axis, "axis"))))
+        return wrap_new((nops.flip(x.ptr[0])))
+    return wrap_new((nops.flip(x.ptr[0], _ints(axis, "axis"))))
 
 
 def roll(a, shift, axis=None):
@@ -1048,14 +1073,14 @@ def diag(a, k=0):
     """The k-th diagonal of a 2-d array, or a 2-d array with the 1-d a on its
     k-th diagonal."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.diag(x.ptr[0], _int(k, "k"))))
+    return wrap_new((nops.diag(x.ptr[0], _int(k, "k"))))
 
 
 def diagonal(a, offset=0, axis1=0, axis2=1):
     """The diagonal at `offset` of the 2-d planes given by axis1 and axis2;
     it becomes the last axis of the result."""
     cdef Array x = _arr(a)
-    return wrap(heap(nops.diagonal(x.ptr[0], _int(offset, "offset"), _int(axis1, "axis1"),
+    return wrap_new((nops.diagonal(x.ptr[0], _int(offset, "offset"), _int(axis1, "axis1"),
                                    _int(axis2, "axis2"))))
 
 
@@ -1129,16 +1154,16 @@ def argmax(a, axis=None, keepdims=False):
     """Index of the maximum along axis (None: of the flattened array)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.argmax(x.ptr[0], <bool>keepdims)))
-    return wrap(heap(nops.argmax(x.ptr[0], _int(axis, "axis"), <bool>keepdims)))
+        return wrap_new((nops.argmax(x.ptr[0], <bool>keepdims)))
+    return wrap_new((nops.argmax(x.ptr[0], _int(axis, "axis"), <bool>keepdims)))
 
 
 def argmin(a, axis=None, keepdims=False):
     """Index of the minimum along axis (None: of the flattened array)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.argmin(x.ptr[0], <bool>keepdims)))
-    return wrap(heap(nops.argmin(x.ptr[0], _int(axis, "axis"), <bool>keepdims)))
+        return wrap_new((nops.argmin(x.ptr[0], <bool>keepdims)))
+    return wrap_new((nops.argmin(x.ptr[0], _int(axis, "axis"), <bool>keepdims)))
 
 
 cdef enum:
@@ -1150,16 +1175,16 @@ cdef Array _scan(object a, object axis, bint reverse, bint inclusive, int op):
     cdef Array x = _arr(a)
     cdef int ax = 0
     if axis is None:
-        x = wrap(heap(nops.reshape(x.ptr[0], _shape(-1))))
+        x = wrap_new((nops.reshape(x.ptr[0], _shape(-1))))
     else:
         ax = _int(axis, "axis")
     if op == C_SUM:
-        return wrap(heap(nops.cumsum(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
+        return wrap_new((nops.cumsum(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
     if op == C_PROD:
-        return wrap(heap(nops.cumprod(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
+        return wrap_new((nops.cumprod(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
     if op == C_MAX:
-        return wrap(heap(nops.cummax(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
-    return wrap(heap(nops.cummin(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
+        return wrap_new((nops.cummax(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
+    return wrap_new((nops.cummin(x.ptr[0], ax, <bool>reverse, <bool>inclusive)))
 
 
 def cumsum(a, axis=None, reverse=False, inclusive=True):
@@ -1185,7 +1210,7 @@ def cummin(a, axis=None, reverse=False, inclusive=True):
 def addmm(c, a, b, alpha=1.0, beta=1.0):
     """beta * c + alpha * (a @ b)."""
     cdef Array x = _arr(a), y = _arr(b), z = _arr(c)
-    return wrap(heap(nops.addmm(z.ptr[0], x.ptr[0], y.ptr[0], <float>alpha, <float>beta)))
+    return wrap_new((nops.addmm(z.ptr[0], x.ptr[0], y.ptr[0], <float>alpha, <float>beta)))
 
 
 def tensordot(a, b, axes=2):
@@ -1193,17 +1218,17 @@ def tensordot(a, b, axes=2):
     over the axis lists of axes=(axes_a, axes_b)."""
     cdef Array x = _arr(a), y = _arr(b)
     if isinstance(axes, int):
-        return wrap(heap(nops.tensordot(x.ptr[0], y.ptr[0], <int>axes)))
+        return wrap_new((nops.tensordot(x.ptr[0], y.ptr[0], <int>axes)))
     if len(axes) != 2:
         raise ValueError(f"tensordot: axes must be an int or a pair of axis lists, got {axes!r}")
-    return wrap(heap(nops.tensordot(x.ptr[0], y.ptr[0], _ints(axes[0], "axes"),
+    return wrap_new((nops.tensordot(x.ptr[0], y.ptr[0], _ints(axes[0], "axes"),
                                     _ints(axes[1], "axes"))))
 
 
 def einsum(subscripts, *operands):
     """Einstein summation, e.g. einsum("ij,jk->ik", a, b)."""
     cdef vector[na.array] v = _arrays(operands, "operands")
-    return wrap(heap(nops.einsum(_str(subscripts, "subscripts"), v)))
+    return wrap_new((nops.einsum(_str(subscripts, "subscripts"), v)))
 
 
 # --------------------------------------------------------- sort and select
@@ -1212,16 +1237,16 @@ def sort(a, axis=-1):
     """Sorted copy along axis (None: of the flattened array); NaNs last."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.sort(x.ptr[0])))
-    return wrap(heap(nops.sort(x.ptr[0], _int(axis, "axis"))))
+        return wrap_new((nops.sort(x.ptr[0])))
+    return wrap_new((nops.sort(x.ptr[0], _int(axis, "axis"))))
 
 
 def argsort(a, axis=-1):
     """Indices that sort a along axis (a stable sort)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.argsort(x.ptr[0])))
-    return wrap(heap(nops.argsort(x.ptr[0], _int(axis, "axis"))))
+        return wrap_new((nops.argsort(x.ptr[0])))
+    return wrap_new((nops.argsort(x.ptr[0], _int(axis, "axis"))))
 
 
 def partition(a, kth, axis=-1):
@@ -1229,24 +1254,24 @@ def partition(a, kth, axis=-1):
     ones before it and larger ones after (in no given order)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.partition(x.ptr[0], _int(kth, "kth"))))
-    return wrap(heap(nops.partition(x.ptr[0], _int(kth, "kth"), _int(axis, "axis"))))
+        return wrap_new((nops.partition(x.ptr[0], _int(kth, "kth"))))
+    return wrap_new((nops.partition(x.ptr[0], _int(kth, "kth"), _int(axis, "axis"))))
 
 
 def argpartition(a, kth, axis=-1):
     """Indices that partition a at kth along axis (see partition)."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.argpartition(x.ptr[0], _int(kth, "kth"))))
-    return wrap(heap(nops.argpartition(x.ptr[0], _int(kth, "kth"), _int(axis, "axis"))))
+        return wrap_new((nops.argpartition(x.ptr[0], _int(kth, "kth"))))
+    return wrap_new((nops.argpartition(x.ptr[0], _int(kth, "kth"), _int(axis, "axis"))))
 
 
 def topk(a, k, axis=-1):
     """The k largest elements along axis, in no particular order."""
     cdef Array x = _arr(a)
     if axis is None:
-        return wrap(heap(nops.topk(x.ptr[0], _int(k, "k"))))
-    return wrap(heap(nops.topk(x.ptr[0], _int(k, "k"), _int(axis, "axis"))))
+        return wrap_new((nops.topk(x.ptr[0], _int(k, "k"))))
+    return wrap_new((nops.topk(x.ptr[0], _int(k, "k"), _int(axis, "axis"))))
 
 
 # ------------------------------------------------------------ quantization
@@ -1277,7 +1302,7 @@ def dequantize(w, scales, biases=None, group_size=None, bits=None, mode="affine"
     cdef Array q = _arr(w), s = _arr(scales)
     cdef Array b = None if biases is None else _arr(biases)
     cdef Dtype d = None if dtype is None else as_dtype(dtype)
-    return wrap(heap(nops.dequantize_(q.ptr[0], s.ptr[0], _ptr(b),
+    return wrap_new((nops.dequantize_(q.ptr[0], s.ptr[0], _ptr(b),
                                       _opt_int(group_size, "group_size"), _opt_int(bits, "bits"),
                                       _str(mode, "mode"), -1 if d is None else d.code)))
 
@@ -1288,7 +1313,7 @@ def quantized_matmul(x, w, scales, biases=None, transpose=True, group_size=None,
     the quantized weights."""
     cdef Array a = _arr(x), q = _arr(w), s = _arr(scales)
     cdef Array b = None if biases is None else _arr(biases)
-    return wrap(heap(nops.quantized_matmul_(a.ptr[0], q.ptr[0], s.ptr[0], _ptr(b),
+    return wrap_new((nops.quantized_matmul_(a.ptr[0], q.ptr[0], s.ptr[0], _ptr(b),
                                             transpose, _opt_int(group_size, "group_size"),
                                             _opt_int(bits, "bits"), _str(mode, "mode"))))
 
@@ -1299,7 +1324,7 @@ def gather_mm(a, b, lhs_indices=None, rhs_indices=None, sorted_indices=False):
     cdef Array x = _arr(a), y = _arr(b)
     cdef Array li = None if lhs_indices is None else _arr(lhs_indices)
     cdef Array ri = None if rhs_indices is None else _arr(rhs_indices)
-    return wrap(heap(nops.gather_mm_(x.ptr[0], y.ptr[0], _ptr(li), _ptr(ri), sorted_indices)))
+    return wrap_new((nops.gather_mm_(x.ptr[0], y.ptr[0], _ptr(li), _ptr(ri), sorted_indices)))
 
 
 def gather_qmm(x, w, scales, biases=None, lhs_indices=None, rhs_indices=None,
@@ -1310,7 +1335,7 @@ def gather_qmm(x, w, scales, biases=None, lhs_indices=None, rhs_indices=None,
     cdef Array b = None if biases is None else _arr(biases)
     cdef Array li = None if lhs_indices is None else _arr(lhs_indices)
     cdef Array ri = None if rhs_indices is None else _arr(rhs_indices)
-    return wrap(heap(nops.gather_qmm_(a.ptr[0], q.ptr[0], s.ptr[0], _ptr(b), _ptr(li), _ptr(ri),
+    return wrap_new((nops.gather_qmm_(a.ptr[0], q.ptr[0], s.ptr[0], _ptr(b), _ptr(li), _ptr(ri),
                                       transpose, _opt_int(group_size, "group_size"),
                                       _opt_int(bits, "bits"), _str(mode, "mode"),
                                       sorted_indices)))
