@@ -46,36 +46,11 @@ cdef int _int(object v, str name) except? -1:
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}") from None
 
 
-cdef na.Shape _shape(object dims, str name="shape") except *:
-    cdef na.Shape s = na.Shape()
-    cdef Py_ssize_t i, n
-    if type(dims) is tuple:
-        # Fast path, the usual case: a tuple of exact ints, converted with no
-        # per-element call (an int too large for a C int raises OverflowError,
-        # as in _int).  Anything else takes the general loop below.
-        n = PyTuple_GET_SIZE(dims)
-        for i in range(n):
-            if type(<object>PyTuple_GET_ITEM(dims, i)) is not int:
-                break
-        else:
-            for i in range(n):
-                s.push_back(<int><object>PyTuple_GET_ITEM(dims, i))
-            return s
-    if isinstance(dims, int):
-        s.push_back(_int(dims, name))
-        return s
-    try:
-        for d in dims:
-            s.push_back(_int(d, name))
-    except TypeError:
-        raise TypeError(f"{name}: expected an int or a sequence of ints, got {dims!r}") from None
-    return s
-
-
 cdef inline int _tuple_dims(object dims, int32_t* buf) except -2:
     """A tuple of at most 8 exact ints into buf; returns its length, or -1
-    when dims is anything else (then _shape parses it).  Lets reshape build
-    its Shape in one allocation: no vector returned by value and copied."""
+    when dims is anything else (for the caller's general path).  reshape
+    builds its Shape straight from buf: one allocation, no vector returned
+    by value and copied (as _shape's result is)."""
     if type(dims) is not tuple:
         return -1
     cdef Py_ssize_t i, n = PyTuple_GET_SIZE(dims)
@@ -87,6 +62,26 @@ cdef inline int _tuple_dims(object dims, int32_t* buf) except -2:
             return -1
         buf[i] = <int>d
     return <int>n
+
+
+cdef na.Shape _shape(object dims, str name="shape") except *:
+    cdef na.Shape s = na.Shape()
+    cdef int32_t buf[8]
+    # Fast path, the usual case: a short tuple of exact ints, converted with
+    # no per-element call (an int too large for a C int raises OverflowError,
+    # as in _int).  Anything else takes the general loop below.
+    cdef int n = _tuple_dims(dims, buf)
+    if n >= 0:
+        return na.make_shape(buf, n)
+    if isinstance(dims, int):
+        s.push_back(_int(dims, name))
+        return s
+    try:
+        for d in dims:
+            s.push_back(_int(d, name))
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a sequence of ints, got {dims!r}") from None
+    return s
 
 
 cdef vector[int] _ints(object xs, str name="axes") except *:

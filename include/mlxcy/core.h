@@ -66,10 +66,4 @@ inline mx::array* array_from_host(const void* data, const int32_t* dims, int ndi
 inline const void* host_data(const mx::array& a) { return a.data<char>(); }
 inline bool row_contiguous(const mx::array& a) { return a.flags().row_contiguous; }
 
-inline std::string to_string(const mx::array& a) {
-  std::ostringstream os;
-  os << a;
-  return os.str();
-}
-
 }  // namespace mlxcy

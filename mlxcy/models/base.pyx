@@ -300,7 +300,8 @@ cdef class Block:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
-        # The residual adds ride on the o_proj and down_proj GEMMs (forward_add).
+        # forward_add: the residual adds may ride on the o_proj and down_proj
+        # GEMMs (only with set_decode_options(fold_residual=True); off by default).
         cdef na.array h = nnn.own(self.input_norm.forward(x))
         cdef na.array r = nnn.own(self.attn.core(h, cache, mask, offsets))
         h = nnn.own(self.attn.o_proj.forward_add(r, x))

@@ -2,7 +2,6 @@
 # and mlx/utils.h, plus mlxcy's own C++ helpers (include/mlxcy/core.h).
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libcpp cimport bool
-from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 
@@ -103,4 +102,3 @@ cdef extern from "mlxcy/core.h" namespace "mlxcy" nogil:
     array* array_from_host(const void*, const int32_t*, int, Dtype) except +
     const void* host_data(const array&)
     bool row_contiguous(const array&)
-    string to_string(const array&) except +
