@@ -179,6 +179,16 @@ cdef class Attention:
         else:
             if cache.window > 0 and (window == 0 or cache.window < window):
                 window = cache.window
+            if L > 1 and self.qkv_proj is not None:
+                # Keys/values that are views of a larger buffer (v of the fused
+                # q/k/v output; k of the joint RoPE output) keep that whole
+                # buffer alive until the end of the evaluation once they are
+                # written into the cache: over a 512-token prefill that held
+                # every layer's fused output (SmolLM2: 71 MB instead of 31).
+                # One copy per layer, in prefill only, lets it go.
+                v = nnn.contiguous(v, False)
+                if self.q_norm is None and JOINT_ROPE:
+                    k = nnn.contiguous(k, False)
             cache.update(k, v, mask != NULL or L > 1)
             try:
                 o = self.attend(q, cache.out_k[0], cache.out_v[0], L, offset,

@@ -28,6 +28,7 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native cimport nn as nnn
+from mlxcy.native cimport fused as nfused
 from mlxcy.native cimport transforms as ntr
 from mlxcy.native.transforms cimport ArrayFn
 from mlxcy.native.array cimport heap
@@ -100,22 +101,21 @@ cdef list _list(const vector[na.array]& v):
 cdef vector[na.array] masked_ce(const na.array& logits, const na.array& targets,
                                 const na.array& mask) except *:
     """[sum(ce * mask) / sum(mask), sum(mask)] in float32 (logits [B, L, V],
-    targets int [B, L], mask float [B, L])."""
-    cdef vector[int] last = vector[int]()
-    last.push_back(-1)
+    targets int [B, L], mask float [B, L]).  The per-token loss is
+    nfused.token_xent: a float32 log-sum-exp without a float32 copy of the
+    logits, and a one-kernel backward pass (include/mlxcy/xent.h)."""
     cdef vector[int] every = vector[int]()
     cdef size_t d
     for d in range(mask.ndim()):
         every.push_back(d)
-    cdef na.array lf = nnn.astype(logits, na.float32)
-    cdef na.array lse = nops.logsumexp(lf, last, False)
-    cdef na.array tgt = nops.squeeze(nops.take_along_axis(
-        lf, nops.expand_dims(nnn.astype(targets, na.int32), -1), -1), -1)
+    cdef int V = logits.shape(logits.ndim() - 1)
+    cdef na.array ce = nfused.token_xent(nops.reshape(logits, na.shape2(-1, V)),
+                                         nops.reshape(targets, na.shape1(-1)))
     cdef na.array m = nnn.astype(mask, na.float32)
     cdef na.array ntoks = nops.sum(m, every, False)
-    cdef na.array ce = nops.sum(nnn.multiply(nops.subtract(lse, tgt), m), every, False)
+    cdef na.array total = nops.sum(nnn.multiply(nops.reshape(ce, mask.shape()), m), every, False)
     cdef vector[na.array] out = vector[na.array]()
-    out.push_back(nnn.divide(ce, nops.maximum(ntoks, nnn.scalar(1.0, na.float32))))
+    out.push_back(nnn.divide(total, nops.maximum(ntoks, nnn.scalar(1.0, na.float32))))
     out.push_back(ntoks)
     return out
 
