@@ -227,3 +227,27 @@ def test_discover(tiny_dirs, tmp_path):
                                    c.head_dim, c.max_position_embeddings, "float32", None)
     assert "error" in found["broken"] and "error" in found["junk.gguf"]
     assert describe(tmp_path / "models" / "g")["hidden_size"] == c.hidden_size
+
+
+def test_cast_on_load_peak_memory(tmp_path):
+    """load_model(dir, dtype=bfloat16) of a float32 checkpoint reads and casts
+    one tensor at a time: the load's peak stays near the bfloat16 model plus
+    the largest float32 tensor, not the whole float32 model on top of it."""
+    memory = pytest.importorskip("mlxcy.memory")
+    import transformers as tf
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    sizes = [int(np.prod(info["shape"])) * 4
+             for info in L.safetensors_header(tmp_path / "model.safetensors")[0].values()]
+    memory.clear_cache()
+    before = memory.get_active_memory()
+    memory.reset_peak_memory()
+    with L.load_model(tmp_path, dtype="bfloat16") as m:
+        held = memory.get_active_memory() - before
+        peak = memory.get_peak_memory() - before
+        assert held <= sum(sizes) // 2 + 4096
+    # float32 sum = 4.2 MB, bfloat16 2.1 MB, largest tensor (float32) 0.5 MB
+    assert peak <= sum(sizes) // 2 + max(sizes) + 4096, (peak, sum(sizes), max(sizes))
