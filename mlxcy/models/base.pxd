@@ -15,6 +15,7 @@
 # last_only: compute the final norm and the lm_head for the last position only.
 # Returns a new heap array [B, L or 1, vocab] that the caller owns.
 from mlxcy.native cimport array as na
+from mlxcy.core cimport Array
 from mlxcy.nn cimport Linear, Embedding, RMSNorm
 from mlxcy.cache cimport LayerCache, Cache
 
@@ -34,6 +35,8 @@ cdef class Attention:
     cdef Linear q_proj, k_proj, v_proj, o_proj
     cdef Linear qkv_proj           # fused q/k/v (then q/k/v_proj are None), see Model.fuse()
     cdef RMSNorm q_norm, k_norm    # None unless the family normalizes q/k per head
+    cdef Array qk_norm_w           # [H + Hkv, 1, D]: q_norm's weight per q head, k_norm's
+                                   # per k head (set by fuse(): one norm over q and k heads)
     cdef Rope rope
     cdef int n_heads, n_kv_heads, head_dim, window
     cdef float scale, softcap      # softcap <= 0: none

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from libcpp cimport bool as cbool
+from libcpp.vector cimport vector
 
 from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
@@ -128,9 +129,24 @@ cdef class Attention:
 
     cpdef free(self):
         for m in (self.q_proj, self.k_proj, self.v_proj, self.qkv_proj, self.o_proj, self.q_norm,
-                  self.k_norm, self.rope):
+                  self.k_norm, self.rope, self.qk_norm_w):
             if m is not None:
                 m.free()
+        self.qk_norm_w = None
+
+    def _join_qk_norms(self):
+        """The per-head weights of q_norm and k_norm side by side, [H + Hkv, 1, D],
+        so that one weightless RMSNorm and one multiply normalize the q and k heads
+        of the fused projection together (3 kernels with the joint RoPE instead
+        of 4: two norms, two RoPEs)."""
+        cdef int D = self.head_dim
+        cdef vector[na.array] parts = vector[na.array]()
+        parts.push_back(nnn.broadcast_to(nnn.reshape(self.q_norm.weight[0], na.shape3(1, 1, D)),
+                                         na.shape3(self.n_heads, 1, D)))
+        parts.push_back(nnn.broadcast_to(nnn.reshape(self.k_norm.weight[0], na.shape3(1, 1, D)),
+                                         na.shape3(self.n_kv_heads, 1, D)))
+        self.qk_norm_w = wrap(heap(nnn.concatenate(parts, 0)))
+        self.qk_norm_w.eval()
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
@@ -149,10 +165,16 @@ cdef class Attention:
         cdef na.array q = x if self.qkv_proj is None else nnn.own(self.qkv_proj.forward(x))
         cdef na.array k = q
         cdef na.array v = q
-        if self.qkv_proj is not None and self.q_norm is None and JOINT_ROPE:
-            # [B, H + 2 Hkv, L, D]: rotate the q and k heads in one call
+        if self.qkv_proj is not None and JOINT_ROPE and (self.q_norm is None
+                                                          or self.qk_norm_w is not None):
+            # [B, H + 2 Hkv, L, D]: normalize (Qwen3, Gemma 3) and rotate the q and
+            # k heads in one call each
             v = nnn.heads_first(q, H + 2 * Hkv, self.head_dim)
-            k = nnn.own(self.rope.apply(nnn.heads_slice(v, 0, H + Hkv), offset, offsets))
+            k = nnn.heads_slice(v, 0, H + Hkv)
+            if self.q_norm is not None:
+                k = nnn.multiply(nfast.rms_norm(k, NULL, self.q_norm.eps),
+                                 handle(self.qk_norm_w)[0])
+            k = nnn.own(self.rope.apply(k, offset, offsets))
             q = nnn.heads_slice(k, 0, H)
             k = nnn.heads_slice(k, H, H + Hkv)
             v = nnn.heads_slice(v, H + Hkv, H + 2 * Hkv)
@@ -187,7 +209,7 @@ cdef class Attention:
                 # every layer's fused output (SmolLM2: 71 MB instead of 31).
                 # One copy per layer, in prefill only, lets it go.
                 v = nnn.contiguous(v, False)
-                if self.q_norm is None and JOINT_ROPE:
+                if JOINT_ROPE and (self.q_norm is None or self.qk_norm_w is not None):
                     k = nnn.contiguous(k, False)
             cache.update(k, v, mask != NULL or L > 1)
             try:
@@ -301,6 +323,8 @@ cdef class Block:
                 for l in (a.q_proj, a.k_proj, a.v_proj):
                     l.free()
                 a.qkv_proj, a.q_proj, a.k_proj, a.v_proj = fused, None, None, None
+                if a.q_norm is not None:
+                    a._join_qk_norms()
         if m.gate_up_proj is None and m.gate_proj is not None:
             fused = fuse_linears([m.gate_proj, m.up_proj])
             if fused is not None:
