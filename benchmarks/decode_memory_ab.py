@@ -50,6 +50,18 @@ def mlxcy_once(engine, chunk, split):
     return once
 
 
+def with_parts_off(once):
+    from mlxcy.models.base import set_decode_options
+
+    def run(prompt, n, mark):
+        set_decode_options(prefill_parts=False)
+        try:
+            return once(prompt, n, mark)
+        finally:
+            set_decode_options(prefill_parts=True)
+    return run
+
+
 def mlx_lm_once(engine):
     from mlx_lm.generate import generate_step
     mx = engine.mx
@@ -88,6 +100,9 @@ def main():
             for split in (False, True):
                 variants.append((f"mlxcy fuse={int(fuse)} chunk={chunk} split={int(split)}",
                                  mlxcy_once(e, chunk, split)))
+        if fuse:   # fused weights run as one matmul in prefill too (the old default)
+            variants.append(("mlxcy fuse=1 chunk=512 split=0 parts=0",
+                             with_parts_off(mlxcy_once(e, 512, False))))
     for name, once in variants:
         once(prompt, 8, lambda: None)          # warm-up
         rows.append((name, *peaks(once, prompt, a.gen)))

@@ -155,6 +155,32 @@ cdef class Linear:
             return y
         return self.lora_forward(x, y)
 
+    cdef na.array* forward_rows(self, const na.array& x, int r0, int r1) except NULL:
+        """Output features [r0, r1) of forward(x), from those rows of the weight
+        alone (views: no copy).  A fused q/k/v or gate/up layer runs its parts
+        this way in prefill, where each part's output is large: separate buffers
+        are freed part by part instead of the fused output living until its
+        last slice is consumed."""
+        cdef na.array* w = _live(self.weight, self)
+        if self.lora_a != NULL and self.lora_b != NULL:
+            raise ValueError("Linear.forward_rows: not with a LoRA adapter")
+        cdef na.array wr = nnn.rows(w[0], r0, r1)
+        cdef na.array b = wr
+        cdef na.array* bp = NULL
+        cdef na.array s = wr
+        cdef na.array qb = wr
+        cdef na.array* qbp = NULL
+        if self.bias != NULL:
+            b = nnn.rows(self.bias[0], r0, r1)
+            bp = &b
+        if not self.quantized:
+            return heap(nnn.linear(x, wr, bp))
+        s = nnn.rows(self.scales[0], r0, r1)
+        if self.qbiases != NULL:
+            qb = nnn.rows(self.qbiases[0], r0, r1)
+            qbp = &qb
+        return _qmatmul(x, wr, s, qbp, self.group_size, self.bits, bp)
+
     cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL:
         """residual + forward(x).  A plain float layer folds the add into its
         GEMM (addmm): one kernel fewer per call, which counts in a decode step

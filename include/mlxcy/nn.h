@@ -38,6 +38,14 @@ inline mx::array linear_add(const mx::array& x, const mx::array& w, const mx::ar
   return mx::addmm(residual, x, mx::transpose(w));
 }
 
+// Rows [r0, r1) of the first axis (a view; contiguous for a row-major array).
+inline mx::array rows(const mx::array& a, int r0, int r1) {
+  mx::Shape start(a.ndim(), 0), stop = a.shape();
+  start[0] = r0;
+  stop[0] = r1;
+  return mx::slice(a, start, stop);
+}
+
 // x[:, h0:h1] of [B, H, L, D] (a view)
 inline mx::array heads_slice(const mx::array& x, int h0, int h1) {
   return mx::slice(x, mx::Shape{0, h0, 0, 0},

@@ -32,18 +32,28 @@ import mlxcy.core as _core
 # default; set_decode_options(joint_rope=False) for A/B benchmarks.
 cdef bint JOINT_ROPE = True
 
+# Prefill (more than one position) runs the parts of fused q/k/v and gate/up
+# weights as separate matmuls over views of the fused weight: on a GPU the
+# fused outputs of a 512-token chunk stayed alive until their command batch
+# completed, 2.2x mlx-lm's transient peak for Qwen2.5-0.5B.  Decode steps keep
+# the single fused matmul (the kernel count is what costs there).
+cdef bint PREFILL_PARTS = True
 
-def set_decode_options(fold_residual=None, joint_rope=None):
+
+def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
     fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
     (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
-    q and k heads of a fused projection (on by default; identical results)."""
-    global JOINT_ROPE
+    q and k heads of a fused projection (on by default; identical results);
+    prefill_parts -- fused layers run as separate matmuls in prefill (on)."""
+    global JOINT_ROPE, PREFILL_PARTS
     from mlxcy import nn as _nn
     if fold_residual is not None:
         _nn.set_fold_residual(bool(fold_residual))
     if joint_rope is not None:
         JOINT_ROPE = bool(joint_rope)
+    if prefill_parts is not None:
+        PREFILL_PARTS = bool(prefill_parts)
 
 
 # ------------------------------------------------------------------ RoPE ---
@@ -162,11 +172,12 @@ cdef class Attention:
         cdef int kstart = 0
         cdef int H = self.n_heads, Hkv = self.n_kv_heads
         cdef int nq = H * self.head_dim, nk = Hkv * self.head_dim
-        cdef na.array q = x if self.qkv_proj is None else nnn.own(self.qkv_proj.forward(x))
+        cdef bint parts = self.qkv_proj is not None and L > 1 and PREFILL_PARTS
+        cdef bint fused = self.qkv_proj is not None and not parts
+        cdef na.array q = nnn.own(self.qkv_proj.forward(x)) if fused else x
         cdef na.array k = q
         cdef na.array v = q
-        if self.qkv_proj is not None and JOINT_ROPE and (self.q_norm is None
-                                                          or self.qk_norm_w is not None):
+        if fused and JOINT_ROPE and (self.q_norm is None or self.qk_norm_w is not None):
             # [B, H + 2 Hkv, L, D]: normalize (Qwen3, Gemma 3) and rotate the q and
             # k heads in one call each
             v = nnn.heads_first(q, H + 2 * Hkv, self.head_dim)
@@ -179,7 +190,11 @@ cdef class Attention:
             k = nnn.heads_slice(k, H, H + Hkv)
             v = nnn.heads_slice(v, H + Hkv, H + 2 * Hkv)
         else:
-            if self.qkv_proj is None:
+            if parts:
+                q = nnn.own(self.qkv_proj.forward_rows(x, 0, nq))
+                k = nnn.own(self.qkv_proj.forward_rows(x, nq, nq + nk))
+                v = nnn.own(self.qkv_proj.forward_rows(x, nq + nk, nq + 2 * nk))
+            elif self.qkv_proj is None:
                 q = nnn.own(self.q_proj.forward(x))
                 k = nnn.own(self.k_proj.forward(x))
                 v = nnn.own(self.v_proj.forward(x))
@@ -201,7 +216,7 @@ cdef class Attention:
         else:
             if cache.window > 0 and (window == 0 or cache.window < window):
                 window = cache.window
-            if L > 1 and self.qkv_proj is not None:
+            if L > 1 and fused:
                 # Keys/values that are views of a larger buffer (v of the fused
                 # q/k/v output; k of the joint RoPE output) keep that whole
                 # buffer alive until the end of the evaluation once they are
@@ -271,6 +286,9 @@ cdef class MLP:
         if self.gate_up_proj is None:
             g = nnn.own(self.gate_proj.forward(x))
             u = nnn.own(self.up_proj.forward(x))
+        elif PREFILL_PARTS and x.ndim() == 3 and x.shape(1) > 1:   # prefill: see PREFILL_PARTS
+            g = nnn.own(self.gate_up_proj.forward_rows(x, 0, inter))
+            u = nnn.own(self.gate_up_proj.forward_rows(x, inter, 2 * inter))
         else:   # one matmul for gate and up
             u = nnn.own(self.gate_up_proj.forward(x))
             g = nfused.last_axis_slice(u, 0, inter)
