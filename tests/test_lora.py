@@ -466,3 +466,34 @@ def test_smollm2_loss_falls():
     losses = [step.step(ids)[0] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.1, losses
     model.close()
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_compiled_step_equals_uncompiled(tiny, checkpoint):
+    """The compiled loss/gradient function (the default) traces once per batch
+    shape and gives the uncompiled step's loss, gradients and AdamW updates."""
+    d, _ = tiny
+    model = load_model(d)
+    lora = LoRA(model, rank=4, scale=2.0, keys=KEYS3, num_layers=2)
+    params = _rand_params(lora)
+    steps = {c: TrainStep(lora, AdamW(1e-2), grad_checkpoint=checkpoint, compile=c)
+             for c in (True, False)}
+    assert steps[True].compile and not steps[False].compile
+    for seed, T in ((1, 14), (2, 9), (3, 14)):        # a new shape, then the first again
+        ids, off, ln = _batch(seed, T=T)
+        res = {c: s.value_and_grad(ids, off, ln) for c, s in steps.items()}
+        assert abs(res[True][0].item() - res[False][0].item()) <= 1e-6 * abs(res[False][0].item())
+        assert res[True][1].item() == res[False][1].item()
+        for g1, g0 in zip(res[True][2], res[False][2]):
+            assert rel(np.array(g1), np.array(g0)) < 1e-5
+    after = {}
+    for c, s in steps.items():
+        lora.set_parameters({k: mlxcy.array(v) for k, v in params.items()})
+        s.step(*_batch(4))
+        after[c] = {k: np.array(v) for k, v in lora.parameters().items()}
+    for k in after[True]:
+        assert rel(after[True][k], after[False][k]) < 1e-5, k
+    lora.remove()
+    assert TrainStep(LoRA(model, rank=2, dropout=0.1, keys=KEYS3, num_layers=1),
+                     AdamW(1e-3)).compile is False         # dropout: never compiled
+    model.close()

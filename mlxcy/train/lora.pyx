@@ -30,7 +30,8 @@ from mlxcy.native cimport ops as nops
 from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fused as nfused
 from mlxcy.native cimport transforms as ntr
-from mlxcy.native.transforms cimport ArrayFn
+from mlxcy.native.transforms cimport ArrayFn, Compiled
+from libc.stdint cimport uintptr_t
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear
 from mlxcy.models.base cimport Model, Block
@@ -429,6 +430,26 @@ cdef vector[na.array] _loss_fn(const vector[na.array]& inputs, void* ctx) except
     return (<TrainStep>ctx).loss_outputs(inputs)
 
 
+cdef vector[na.array] _vg_fn(const vector[na.array]& inputs, void* ctx) except *:
+    """[params..., x, y, mask] -> [loss, ntoks, grads...]: the function that
+    TrainStep compiles (ctx is borrowed: the compiled function lives and dies
+    with its TrainStep)."""
+    cdef TrainStep st = <TrainStep>ctx
+    cdef size_t P = st.lora.params[0].size(), i
+    cdef vector[na.array] params = vector[na.array]()
+    for i in range(P):
+        params.push_back(inputs[i])
+    st.batch[0].clear()
+    for i in range(P, P + 3):
+        st.batch[0].push_back(inputs[i])
+    cdef vector[na.array] out = vector[na.array]()
+    cdef vector[na.array] grads = vector[na.array]()
+    st._vg_traced(params, &out, &grads)
+    for i in range(grads.size()):
+        out.push_back(grads[i])
+    return out
+
+
 cdef class TrainStep:
     """One optimizer step per call (or per `grad_accum` calls): loss and
     gradients of the adapters through a native closure, optional global-norm
@@ -448,17 +469,28 @@ cdef class TrainStep:
     cdef Array x, y, mask
     cdef list blocks                # _BlockCk per block (grad_checkpoint)
     cdef readonly object last_grad_norm
+    cdef vector[na.array]* batch    # [x, y, mask] as the loss sees them (tracers when compiling)
+    cdef readonly bint compile
+    cdef Compiled* compiled         # loss and gradients, compiled (see _vg)
+    cdef _Fn vg_fn
 
     def __cinit__(self, *args, **kwargs):
         self.acc = new vector[na.array]()
+        self.batch = new vector[na.array]()
 
     def __dealloc__(self):
+        if self.compiled != NULL:
+            del self.compiled
+            self.compiled = NULL
         if self.acc != NULL:
             del self.acc
             self.acc = NULL
+        if self.batch != NULL:
+            del self.batch
+            self.batch = NULL
 
     def __init__(self, LoRA lora, Optimizer optimizer=None, bint grad_checkpoint=False,
-                 double clip_grad_norm=0.0, int grad_accum=1):
+                 double clip_grad_norm=0.0, int grad_accum=1, bint compile=True):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if grad_checkpoint and lora.dropout > 0:
@@ -468,6 +500,11 @@ cdef class TrainStep:
         self.grad_checkpoint = grad_checkpoint
         self.clip = clip_grad_norm
         self.grad_accum = grad_accum
+        # The loss and its gradients run as one compiled MLX function (its
+        # elementwise chains fused: on a GPU fewer kernels and fewer
+        # intermediate buffers), traced once per batch shape.  Not with LoRA
+        # dropout: a traced graph would replay the same dropout masks.
+        self.compile = compile and lora.dropout == 0
         self.blocks = []
         if grad_checkpoint:
             self._build_checkpoints()
@@ -501,9 +538,9 @@ cdef class TrainStep:
         if self.grad_checkpoint:
             logits = self._ck_forward(inputs)
         else:
-            logits = model.forward(handle(self.x)[0], None, NULL, NULL, False)
+            logits = model.forward(self.batch[0][0], None, NULL, NULL, False)
         cdef na.array lg = nnn.own(logits)
-        return masked_ce(lg, handle(self.y)[0], handle(self.mask)[0])
+        return masked_ce(lg, self.batch[0][1], self.batch[0][2])
 
     cdef na.array* _ck_forward(self, const vector[na.array]& params) except NULL:
         cdef Model model = self.lora.model
@@ -512,7 +549,7 @@ cdef class TrainStep:
         cdef vector[na.array] ins
         cdef vector[na.array] outs
         cdef na.array* nh
-        cdef na.array* h = model.embed_tokens(handle(self.x)[0])
+        cdef na.array* h = model.embed_tokens(self.batch[0][0])
         try:
             for c in self.blocks:
                 ins = vector[na.array]()
@@ -534,22 +571,58 @@ cdef class TrainStep:
         if x.min() < 0 or max(int(x.max()), int(y.max())) >= vocab:
             raise ValueError(f"batch: token ids outside the vocabulary [0, {vocab})")
         self.x, self.y, self.mask = to_array(x), to_array(y), to_array(m)
+        self._set_batch_arrays()
         return 0
 
-    cdef pair[vector[na.array], vector[na.array]] _vg(self) except *:
+    cdef void _set_batch_arrays(self) except *:
+        self.batch[0].clear()
+        self.batch[0].push_back(handle(self.x)[0])
+        self.batch[0].push_back(handle(self.y)[0])
+        self.batch[0].push_back(handle(self.mask)[0])
+
+    cdef int _vg_traced(self, const vector[na.array]& params,
+                        vector[na.array]* value, vector[na.array]* grads) except -1:
         cdef vector[int] argnums = vector[int]()
         cdef size_t i
-        for i in range(self.lora.params[0].size()):
+        for i in range(params.size()):
             argnums.push_back(i)
         cdef _Fn f = _Fn.__new__(_Fn)
         f.fn = ntr.native_closure(_loss_fn, <void*>self, <PyObject*>self)
-        cdef pair[vector[na.array], vector[na.array]] res
+        cdef pair[vector[na.array], vector[na.array]] r = ntr.value_and_grad(f.fn[0], params,
+                                                                             argnums)
+        value[0] = r.first
+        grads[0] = r.second
+        return 0
+
+    cdef pair[vector[na.array], vector[na.array]] _vg(self) except *:
+        cdef vector[na.array] value = vector[na.array]()
+        cdef vector[na.array] grads = vector[na.array]()
         try:
-            res = ntr.value_and_grad(f.fn[0], self.lora.params[0], argnums)
+            if not self.compile:
+                self._vg_traced(self.lora.params[0], &value, &grads)
+            else:
+                self._vg_compiled(&value, &grads)
         finally:
-            # never leave tracers in the layers
+            # never leave tracers in the layers or the batch
             self.lora._install(self.lora.params[0])
-        return res
+            self._set_batch_arrays()
+        return pair[vector[na.array], vector[na.array]](value, grads)
+
+    cdef int _vg_compiled(self, vector[na.array]* value, vector[na.array]* grads) except -1:
+        cdef size_t i
+        if self.compiled == NULL:
+            self.vg_fn = _Fn.__new__(_Fn)
+            self.vg_fn.fn = ntr.native_closure(_vg_fn, <void*>self, NULL)
+            self.compiled = new Compiled(self.vg_fn.fn[0], <uintptr_t><void*>self, False)
+        cdef vector[na.array] ins = vector[na.array](self.lora.params[0])
+        for i in range(3):
+            ins.push_back(self.batch[0][i])
+        cdef vector[na.array] outs = self.compiled.call(ins, 0)
+        value.push_back(outs[0])
+        value.push_back(outs[1])
+        for i in range(2, outs.size()):
+            grads.push_back(outs[i])
+        return 0
 
     def value_and_grad(self, ids, offsets=None, lengths=None):
         """(loss, ntoks, grads): no update; grads in parameter_names() order."""
