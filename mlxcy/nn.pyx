@@ -16,9 +16,10 @@ from libcpp.vector cimport vector
 
 
 # Fold residual adds into the output projections' GEMMs (Linear.forward_add):
-# one kernel fewer per call.  Off by default: on SmolLM2 in bfloat16 (CPU) it
-# doubled the logits' error against float32 (0.023 -> 0.043) although addmm
-# alone is as accurate as matmul + add on random data; not understood yet.
+# one kernel fewer per call.  Off by default: on an H200 it made bf16 decode
+# slower, not faster (SmolLM2 1.46x -> 1.18x mlx-lm; docs/benchmarks.md), and
+# on the CPU it changes bf16 rounding (SmolLM2's test prompt: error vs float32
+# 0.023 -> 0.043; a random 64-token prompt: 0.0107 -> 0.0108).
 cdef bint FOLD_RESIDUAL = False
 
 
@@ -182,9 +183,8 @@ cdef class Linear:
         return _qmatmul(x, wr, s, qbp, self.group_size, self.bits, bp)
 
     cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL:
-        """residual + forward(x).  A plain float layer folds the add into its
-        GEMM (addmm): one kernel fewer per call, which counts in a decode step
-        bound by kernel dispatch."""
+        """residual + forward(x).  With FOLD_RESIDUAL on (off by default), a
+        plain float layer folds the add into its GEMM (addmm)."""
         cdef na.array* w = _live(self.weight, self)
         # Only when all three share a dtype: addmm casts the residual to the
         # product's dtype, which would round a float32 residual stream.

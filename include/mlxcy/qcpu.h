@@ -15,13 +15,10 @@
 
 #include <mlx/mlx.h>
 
+#include "mlxcy/nn.h"   // rows()
+
 namespace mlxcy {
 namespace mx = mlx::core;
-
-// Rows [start, stop) of a 2-D array.
-inline mx::array rows_of(const mx::array& a, int start, int stop) {
-  return mx::slice(a, mx::Shape{start, 0}, mx::Shape{stop, a.shape(1)});
-}
 
 // x @ dequantize(w).T (+ bias) for MLX's affine layout (w [out, in*bits/32]).
 // Large weights (a vocabulary head) are dequantized `block` rows at a time:
@@ -34,9 +31,9 @@ inline mx::array qlinear_dequant(const mx::array& x, const mx::array& w,
   auto part = [&](int start, int stop) {
     bool whole = start == 0 && stop == n;
     std::optional<mx::array> qb = std::nullopt;
-    if (biases) qb = whole ? *biases : rows_of(*biases, start, stop);
-    mx::array wd = mx::dequantize(whole ? w : rows_of(w, start, stop),
-                                  whole ? scales : rows_of(scales, start, stop), qb,
+    if (biases) qb = whole ? *biases : rows(*biases, start, stop);
+    mx::array wd = mx::dequantize(whole ? w : rows(w, start, stop),
+                                  whole ? scales : rows(scales, start, stop), qb,
                                   group_size, bits, "affine");
     return mx::matmul(x, mx::transpose(wd));
   };

@@ -21,6 +21,8 @@
 #include <mlx/mlx.h>
 #include <mlx/transforms.h>
 
+#include "mlxcy/nn.h"   // rows()
+
 namespace mlxcy {
 namespace mx = mlx::core;
 
@@ -39,12 +41,11 @@ inline int xent_chunk_rows(int V) { return std::max(1, (16 << 20) / std::max(V, 
 inline mx::array xent_lse(const mx::array& logits) {
   int N = logits.shape(0), V = logits.shape(1);
   if (logits.dtype() == mx::float32) return mx::logsumexp(logits, -1, true);
-  int rows = xent_chunk_rows(V);
-  if (rows >= N) return mx::logsumexp(mx::astype(logits, mx::float32), -1, true);
+  int chunk = xent_chunk_rows(V);
+  if (chunk >= N) return mx::logsumexp(mx::astype(logits, mx::float32), -1, true);
   std::vector<mx::array> parts;
-  for (int r = 0; r < N; r += rows) {
-    int stop = std::min(N, r + rows);
-    auto part = mx::slice(logits, mx::Shape{r, 0}, mx::Shape{stop, V});
+  for (int r = 0; r < N; r += chunk) {
+    auto part = rows(logits, r, std::min(N, r + chunk));
     parts.push_back(mx::logsumexp(mx::astype(part, mx::float32), -1, true));
   }
   return mx::concatenate(parts, 0);
