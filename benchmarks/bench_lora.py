@@ -11,6 +11,7 @@ memory. mlx-lm runs through its own API: mlx_lm.tuner.trainer.train.
 
     python benchmarks/bench_lora.py [--steps 6] [--warmup 2] [--seq 64] [--batch 4]
                                     [--grad-checkpoint] [--dtype float32|bfloat16] [--random]
+                                    [--compile auto|on|off]
 
 --random uses a random-weight model of SmolLM2-135M's shape (written once by
 transformers) and random token ids instead: for machines without the model
@@ -76,6 +77,9 @@ def examples(d, seq, n, random=False):
     return out
 
 
+T0 = time.perf_counter()
+
+
 def run_mlxcy(a):
     import numpy as np
     from mlxcy.memory import get_peak_memory
@@ -88,19 +92,27 @@ def run_mlxcy(a):
     model = load_model(d, dtype=a.dtype)
     lora = LoRA(model, rank=8, scale=20.0, keys=["q_proj", "v_proj"], num_layers=16,
                 compute_dtype=a.dtype)
-    step = TrainStep(lora, Adam(1e-5, bias_correction=False), grad_checkpoint=a.grad_checkpoint)
+    compile_ = {"auto": None, "on": True, "off": False}[a.compile]
+    step = TrainStep(lora, Adam(1e-5, bias_correction=False), grad_checkpoint=a.grad_checkpoint,
+                     compile=compile_)
+    load_peak = get_peak_memory() / 1e9
     toks, t0, losses = 0, None, []
     for i in range(a.warmup + a.steps):
         if i == a.warmup:
             t0 = time.perf_counter()
         ids, off, ln = pad_batch([(t, 0) for t in data[i * a.batch:(i + 1) * a.batch]], pad_to=1)
+        ts = time.perf_counter()
         loss, n, _ = step.step(ids, off, ln)
+        # per-step times on stderr: the first step includes tracing and kernel builds
+        print(f"step {i}: {time.perf_counter() - ts:.3f} s (compiled: {step.compile})",
+              file=sys.stderr, flush=True)
         losses.append(loss)
         if i >= a.warmup:
             toks += n
     dt = time.perf_counter() - t0
-    return {"tokens_per_s": toks / dt, "s_per_step": dt / a.steps,
-            "peak_mem_gb": get_peak_memory() / 1e9, "loss_first": losses[0],
+    return {"tokens_per_s": toks / dt, "s_per_step": dt / a.steps, "compiled": step.compile,
+            "peak_mem_gb": get_peak_memory() / 1e9, "load_peak_gb": load_peak,
+            "wall_s": time.perf_counter() - T0, "loss_first": losses[0],
             "loss_last": losses[-1]}
 
 
@@ -118,6 +130,8 @@ def run_mlx_lm(a):
     model.freeze()
     linear_to_lora_layers(model, 16, {"rank": 8, "scale": 20.0, "dropout": 0.0,
                                       "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
+    mx.eval(model.parameters())
+    load_peak = mx.get_peak_memory() / 1e9
     reports = []
 
     class CB(TrainingCallback):
@@ -136,6 +150,7 @@ def run_mlx_lm(a):
     toks = sum(r["trained_tokens"] for r in timed) - (reports[0]["trained_tokens"] if timed else 0)
     tps = sum(r["tokens_per_second"] for r in timed) / max(len(timed), 1)
     return {"tokens_per_s": tps, "peak_mem_gb": mx.get_peak_memory() / 1e9,
+            "load_peak_gb": load_peak, "wall_s": time.perf_counter() - T0,
             "loss_first": reports[0]["train_loss"], "loss_last": reports[-1]["train_loss"]}
 
 
@@ -148,6 +163,8 @@ def main():
     p.add_argument("--dtype", default=None)
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--random", action="store_true")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="mlxcy's TrainStep(compile=...): auto is its default")
     p.add_argument("--side", choices=("mlxcy", "mlx-lm"), default=None)
     a = p.parse_args()
     if a.side:
@@ -168,11 +185,13 @@ def main():
         rows[side] = json.loads(line[0][7:])
     print(f"SmolLM2-135M{' shape, random weights,' if a.random else ''} LoRA (rank 8, q/v, 16 layers), batch {a.batch} x {a.seq} tokens, "
           f"{a.steps} timed steps after {a.warmup} warm-up, dtype {a.dtype or 'float32'}"
-          f"{', grad checkpoint' if a.grad_checkpoint else ''}")
-    print(f"{'':8} {'tokens/s':>10} {'peak GB':>8} {'loss first->last':>18}")
+          f"{', grad checkpoint' if a.grad_checkpoint else ''}, "
+          f"mlxcy step {'compiled' if rows['mlxcy'].get('compiled') else 'uncompiled'}")
+    print(f"{'':8} {'tokens/s':>10} {'peak GB':>8} {'load GB':>8} {'wall s':>7} "
+          f"{'loss first->last':>18}")
     for side, r in rows.items():
-        print(f"{side:8} {r['tokens_per_s']:10.1f} {r['peak_mem_gb']:8.3f} "
-              f"{r['loss_first']:8.3f} -> {r['loss_last']:.3f}")
+        print(f"{side:8} {r['tokens_per_s']:10.1f} {r['peak_mem_gb']:8.3f} {r['load_peak_gb']:8.3f} "
+              f"{r['wall_s']:7.1f} {r['loss_first']:8.3f} -> {r['loss_last']:.3f}")
 
 
 if __name__ == "__main__":

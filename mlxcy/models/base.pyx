@@ -39,14 +39,24 @@ cdef bint JOINT_ROPE = True
 # the single fused matmul (the kernel count is what costs there).
 cdef bint PREFILL_PARTS = True
 
+# With a cache (inference), each residual add runs together with the RMSNorm
+# that follows it: one kernel instead of two on a CUDA GPU (fused.h's
+# add_rms_norm), two fewer per block.  Blocks then return their last branch
+# output unadded; the next block (or the final norm) adds it.  Elsewhere the
+# same ops run as before, in the same order.
+cdef bint ADD_NORM = True
 
-def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None):
+
+def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
+                       add_norm=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
     fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
     (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
     q and k heads of a fused projection (on by default; identical results);
-    prefill_parts -- fused layers run as separate matmuls in prefill (on)."""
-    global JOINT_ROPE, PREFILL_PARTS
+    prefill_parts -- fused layers run as separate matmuls in prefill (on);
+    add_norm -- residual add and the following RMSNorm as one kernel on a
+    CUDA GPU (on)."""
+    global JOINT_ROPE, PREFILL_PARTS, ADD_NORM
     from mlxcy import nn as _nn
     if fold_residual is not None:
         _nn.set_fold_residual(bool(fold_residual))
@@ -54,6 +64,8 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None):
         JOINT_ROPE = bool(joint_rope)
     if prefill_parts is not None:
         PREFILL_PARTS = bool(prefill_parts)
+    if add_norm is not None:
+        ADD_NORM = bool(add_norm)
 
 
 # ------------------------------------------------------------------ RoPE ---
@@ -361,6 +373,27 @@ cdef class Block:
         r = nnn.own(self.mlp.hidden(r))
         return self.mlp.down_proj.forward_add(r, h)
 
+    cdef na.array* forward_deferred(self, na.array* h, const na.array* r, LayerCache cache,
+                                    const na.array* mask, const na.array* offsets) except NULL:
+        cdef na.array n = nnn.own(add_norm(h, r, self.input_norm))
+        cdef na.array a = nnn.own(self.attn.core(n, cache, mask, offsets))
+        a = nnn.own(self.attn.o_proj.forward(a))
+        n = nnn.own(add_norm(h, &a, self.post_attn_norm))
+        n = nnn.own(self.mlp.hidden(n))
+        return self.mlp.down_proj.forward(n)
+
+
+cdef na.array* add_norm(na.array* h, const na.array* r, RMSNorm norm) except NULL:
+    """h[0] += r[0] (when r is given), and returns norm(h[0]): one kernel on a
+    CUDA GPU (fused.h)."""
+    if r == NULL:
+        return norm.forward(h[0])
+    if norm.weight == NULL:
+        norm.forward(h[0])          # raises: the norm has been freed
+    cdef vector[na.array] hy = nfused.add_rms_norm(h[0], r[0], norm.weight, norm.eps)
+    h[0] = hy[0]
+    return heap(hy[1])
+
 
 cdef object _copy(na.array* p):
     return None if p == NULL else wrap(new na.array(p[0]))
@@ -639,14 +672,18 @@ cdef class Model:
         return self.embed.lookup(ids)
 
     cdef na.array* head(self, const na.array& h) except NULL:
-        """Final norm, then the output projection (tied or not)."""
+        """Final norm, then the output projection."""
         cdef na.array* n = self.norm.forward(h)
         try:
-            if self.lm_head is not None:
-                return self.lm_head.forward(n[0])
-            return self.embed.as_linear(n[0])
+            return self.project(n[0])
         finally:
             del n
+
+    cdef na.array* project(self, const na.array& n) except NULL:
+        """The output projection (tied or not) of normalized hidden states."""
+        if self.lm_head is not None:
+            return self.lm_head.forward(n)
+        return self.embed.as_linear(n)
 
     cdef na.array* forward(self, const na.array& ids, Cache cache, const na.array* mask,
                            const na.array* offsets, bint last_only) except NULL:
@@ -658,6 +695,8 @@ cdef class Model:
         cdef na.array* nh
         if cache is not None and len(cache.layers) != n:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
+        if ADD_NORM and cache is not None:
+            return self.forward_deferred(ids, cache, mask, offsets, last_only)
         cdef na.array* h = self.embed_tokens(ids)
         try:
             for i in range(n):
@@ -675,6 +714,31 @@ cdef class Model:
         finally:
             del h
         return nh
+
+    cdef na.array* forward_deferred(self, const na.array& ids, Cache cache, const na.array* mask,
+                                    const na.array* offsets, bint last_only) except NULL:
+        """forward() with each residual add joined to the next RMSNorm (ADD_NORM)."""
+        cdef int L = ids.shape(1)
+        cdef Block blk
+        cdef na.array* r = NULL
+        cdef na.array* nr
+        cdef na.array* h = self.embed_tokens(ids)
+        try:
+            for i in range(len(self.layers)):
+                blk = <Block>self.layers[i]
+                nr = blk.forward_deferred(h, r, <LayerCache>cache.layers[i], mask, offsets)
+                del r
+                r = nr
+            if last_only and L > 1:
+                h[0] = nnn.take_position(h[0], L - 1)
+                r[0] = nnn.take_position(r[0], L - 1)
+            nr = add_norm(h, r, self.norm)
+            del r
+            r = nr
+            return self.project(r[0])
+        finally:
+            del h
+            del r
 
     # -- Python boundary ------------------------------------------------------------
     def __call__(self, ids, cache=None, mask=None, offsets=None, bint last_only=False):
