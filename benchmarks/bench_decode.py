@@ -217,7 +217,7 @@ def main():
                     "(default: the library's setting)")
     ap.add_argument("--add-norm", choices=["on", "off"], default=None,
                     help="mlxcy's residual add + RMSNorm as one kernel on a CUDA GPU "
-                    "(default: the library's setting, on)")
+                    "(default: the library's setting, off)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args()
     from mlxcy.assets import cache_dir

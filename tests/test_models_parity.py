@@ -463,8 +463,8 @@ def test_fused_projections_match_transformers(name):
 @pytest.mark.parametrize("name", ["llama-gqa2-bias-llama3", "qwen3-gqa4-headdim",
                                   "gemma3-sliding-softcap"])
 def test_add_norm_path_matches_plain(name):
-    """With a cache, blocks hand their last branch output to the next block's
-    add + RMSNorm (ADD_NORM; one kernel on a CUDA GPU).  The logits equal the
+    """With add_norm (off by default) and a cache, blocks hand their last branch
+    output to the next block's add + RMSNorm (one kernel on a CUDA GPU).  The logits equal the
     plain path's: exactly on the CPU (the same ops), within float32 rounding
     on a GPU; prefill, last_only and decode steps."""
     from mlxcy import fast
@@ -483,7 +483,7 @@ def test_add_norm_path_matches_plain(name):
                 out.append(m(ids[:, 8:9], cache).numpy())
                 return out
         finally:
-            set_decode_options(add_norm=True)
+            set_decode_options(add_norm=False)      # the default
 
     for a, b in zip(run(True), run(False)):
         if exact:

@@ -17,7 +17,9 @@
 #include <cstdint>
 #include <vector>
 
+#include <mlx/backend/cuda/cuda.h>
 #include <mlx/compile.h>
+#include <mlx/fast.h>
 #include <mlx/mlx.h>
 #include <mlx/transforms.h>
 
@@ -38,9 +40,61 @@ inline std::vector<mx::array> xent_grad_impl(const std::vector<mx::array>& x) {
 // Rows per float32 chunk of the forward log-sum-exp (~64 MB).
 inline int xent_chunk_rows(int V) { return std::max(1, (16 << 20) / std::max(V, 1)); }
 
+// On a CUDA GPU the float32 chunks above are no use: buffers are released
+// when their command batch completes, so every chunk's float32 copy is alive
+// at once (the whole float32 logits again).  There the log-sum-exp is one
+// kernel that reads the logits in their own dtype and accumulates in float32
+// (a running max and rescaled sum per thread, then over the block).  It sits
+// in the forward pass of a custom VJP, so it never needs a gradient.
+inline const char* xent_lse_source() {
+  return R"(
+  const int row = blockIdx.x;
+  const T* x = logits + (size_t)row * V;
+  float m = -INFINITY, s = 0.0f;
+  for (int j = threadIdx.x; j < V; j += blockDim.x) {
+    float v = static_cast<float>(x[j]);
+    if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }
+    else if (m != -INFINITY) { s += expf(v - m); }
+  }
+  __shared__ float pm[32], ps[32];
+  for (int o = 16; o > 0; o >>= 1) {
+    float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    float mm = fmaxf(m, m2);
+    s = (m == -INFINITY ? 0.0f : s * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
+    m = mm;
+  }
+  if ((threadIdx.x & 31) == 0) { pm[threadIdx.x >> 5] = m; ps[threadIdx.x >> 5] = s; }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    bool live = threadIdx.x < (blockDim.x >> 5);
+    m = live ? pm[threadIdx.x] : -INFINITY;
+    s = live ? ps[threadIdx.x] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) {
+      float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+      float mm = fmaxf(m, m2);
+      s = (m == -INFINITY ? 0.0f : s * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
+      m = mm;
+    }
+    if (threadIdx.x == 0) lse[row] = m + logf(s);
+  }
+)";
+}
+
+inline bool xent_cuda_lse() {
+  static bool cuda = mx::cu::is_available();
+  return cuda && mx::default_device() == mx::Device::gpu;
+}
+
 inline mx::array xent_lse(const mx::array& logits) {
   int N = logits.shape(0), V = logits.shape(1);
   if (logits.dtype() == mx::float32) return mx::logsumexp(logits, -1, true);
+  if (xent_cuda_lse()) {
+    static auto fn = mx::fast::cuda_kernel("mlxcy_xent_lse", {"logits"}, {"lse"},
+                                           xent_lse_source());
+    constexpr int threads = 256;
+    return fn({logits}, {mx::Shape{N, 1}}, {mx::float32}, {N * threads, 1, 1},
+              {threads, 1, 1}, {{"T", logits.dtype()}, {"V", V}}, std::nullopt, false, {})[0];
+  }
   int chunk = xent_chunk_rows(V);
   if (chunk >= N) return mx::logsumexp(mx::astype(logits, mx::float32), -1, true);
   std::vector<mx::array> parts;

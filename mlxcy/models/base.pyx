@@ -39,12 +39,16 @@ cdef bint JOINT_ROPE = True
 # the single fused matmul (the kernel count is what costs there).
 cdef bint PREFILL_PARTS = True
 
-# With a cache (inference), each residual add runs together with the RMSNorm
-# that follows it: one kernel instead of two on a CUDA GPU (fused.h's
+# With a cache (inference), each residual add can run together with the
+# RMSNorm that follows it: one kernel instead of two on a CUDA GPU (fused.h's
 # add_rms_norm), two fewer per block.  Blocks then return their last branch
-# output unadded; the next block (or the final norm) adds it.  Elsewhere the
-# same ops run as before, in the same order.
-cdef bint ADD_NORM = True
+# output unadded; the next block (or the final norm) adds it.  Off by default:
+# on an H200 (benchmarks/decode_option_ab.py, 2026-11-28) decode was slower
+# with it (SmolLM2 bf16 301 vs 329 tok/s, Qwen3 4-bit 227 vs 279): an MLX
+# custom kernel costs more host time per call than the two kernels it
+# replaces, and decode is bound by host dispatch.  Elsewhere (CPU) the path
+# runs the same ops as the plain one.
+cdef bint ADD_NORM = False
 
 
 def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
@@ -55,7 +59,7 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
     q and k heads of a fused projection (on by default; identical results);
     prefill_parts -- fused layers run as separate matmuls in prefill (on);
     add_norm -- residual add and the following RMSNorm as one kernel on a
-    CUDA GPU (on)."""
+    CUDA GPU (off: slower there, see ADD_NORM)."""
     global JOINT_ROPE, PREFILL_PARTS, ADD_NORM
     from mlxcy import nn as _nn
     if fold_residual is not None:
