@@ -58,7 +58,8 @@ def cmd_lora(args) -> int:
                       weight_decay=args.weight_decay, schedule=args.lr_schedule,
                       warmup=args.warmup, min_lr=args.min_lr, grad_accum=args.grad_accum,
                       clip_grad_norm=args.clip_grad_norm, grad_checkpoint=args.grad_checkpoint,
-                      steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
+                      compile=args.compile, steps_per_report=args.steps_per_report,
+                      steps_per_eval=args.steps_per_eval,
                       val_batches=args.val_batches, save_every=args.save_every,
                       adapter_path=args.adapter_path, seed=args.seed,
                       max_seq_length=args.max_seq_length)
@@ -107,6 +108,10 @@ def add_parser(subparsers) -> None:
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--clip-grad-norm", type=float, default=0.0)
     t.add_argument("--grad-checkpoint", action="store_true")
+    t.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the training step uncompiled (a compiled step's first call per "
+                        "batch shape builds its kernels: up to a minute on a GPU's empty "
+                        "kernel cache)")
     t.add_argument("--dtype", default=None,
                    help="model/activation dtype, e.g. bfloat16 (adapters and optimizer "
                         "state stay float32)")
