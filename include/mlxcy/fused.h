@@ -103,8 +103,9 @@ inline std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& 
   if (x.shape() != r.shape())
     throw std::invalid_argument("add_rms_norm: x and r must have the same shape");
   int D = x.ndim() ? x.shape(-1) : 0;
-  bool kernel = add_rms_norm_native() && w != nullptr && D > 0 && x.dtype() == r.dtype() &&
-                x.dtype() == w->dtype() && w->ndim() == 1 && w->shape(0) == D &&
+  // (x.size() > 0: a launch of zero blocks is an error)
+  bool kernel = add_rms_norm_native() && w != nullptr && D > 0 && x.size() > 0 &&
+                x.dtype() == r.dtype() && x.dtype() == w->dtype() && w->ndim() == 1 && w->shape(0) == D &&
                 mx::issubdtype(x.dtype(), mx::floating);
   if (!kernel) {
     auto h = mx::add(x, r);
