@@ -65,23 +65,15 @@ cdef inline int _tuple_dims(object dims, int32_t* buf) except -2:
 
 
 cdef na.Shape _shape(object dims, str name="shape") except *:
-    cdef na.Shape s = na.Shape()
     cdef int32_t buf[8]
     # Fast path, the usual case: a short tuple of exact ints, converted with
     # no per-element call (an int too large for a C int raises OverflowError,
-    # as in _int).  Anything else takes the general loop below.
+    # as in _int).  Anything else is parsed as _ints parses axes.
     cdef int n = _tuple_dims(dims, buf)
     if n >= 0:
         return na.make_shape(buf, n)
-    if isinstance(dims, int):
-        s.push_back(_int(dims, name))
-        return s
-    try:
-        for d in dims:
-            s.push_back(_int(d, name))
-    except TypeError:
-        raise TypeError(f"{name}: expected an int or a sequence of ints, got {dims!r}") from None
-    return s
+    cdef vector[int] v = _ints(dims, name)
+    return na.make_shape(<const int32_t*>v.data(), <int>v.size())
 
 
 cdef vector[int] _ints(object xs, str name="axes") except *:
