@@ -89,11 +89,15 @@ inline const char* add_rms_norm_source() {
 )";
 }
 
-// Whether add_rms_norm runs its own kernel here (a CUDA default device).
-inline bool add_rms_norm_native() {
+// Whether the default device is a CUDA GPU: where mlxcy's own CUDA kernels
+// (add_rms_norm here, the log-sum-exp in xent.h) run instead of MLX ops.
+inline bool cuda_default_device() {
   static bool cuda = mx::cu::is_available();
   return cuda && mx::default_device() == mx::Device::gpu;
 }
+
+// Whether add_rms_norm runs its own kernel here.
+inline bool add_rms_norm_native() { return cuda_default_device(); }
 
 // {x + r, rms_norm(x + r) * w}.  One CUDA kernel on a CUDA GPU when the three
 // share a floating dtype and w is given; otherwise the add and MLX's RMSNorm
@@ -105,8 +109,8 @@ inline std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& 
   int D = x.ndim() ? x.shape(-1) : 0;
   // (x.size() > 0: a launch of zero blocks is an error)
   bool kernel = add_rms_norm_native() && w != nullptr && D > 0 && x.size() > 0 &&
-                x.dtype() == r.dtype() && x.dtype() == w->dtype() && w->ndim() == 1 && w->shape(0) == D &&
-                mx::issubdtype(x.dtype(), mx::floating);
+                x.dtype() == r.dtype() && x.dtype() == w->dtype() && w->ndim() == 1 &&
+                w->shape(0) == D && mx::issubdtype(x.dtype(), mx::floating);
   if (!kernel) {
     auto h = mx::add(x, r);
     std::optional<mx::array> wo;

@@ -17,13 +17,13 @@
 #include <cstdint>
 #include <vector>
 
-#include <mlx/backend/cuda/cuda.h>
 #include <mlx/compile.h>
 #include <mlx/fast.h>
 #include <mlx/mlx.h>
 #include <mlx/transforms.h>
 
-#include "mlxcy/nn.h"   // rows()
+#include "mlxcy/fused.h"   // cuda_default_device()
+#include "mlxcy/nn.h"      // rows()
 
 namespace mlxcy {
 namespace mx = mlx::core;
@@ -80,15 +80,10 @@ inline const char* xent_lse_source() {
 )";
 }
 
-inline bool xent_cuda_lse() {
-  static bool cuda = mx::cu::is_available();
-  return cuda && mx::default_device() == mx::Device::gpu;
-}
-
 inline mx::array xent_lse(const mx::array& logits) {
   int N = logits.shape(0), V = logits.shape(1);
   if (logits.dtype() == mx::float32) return mx::logsumexp(logits, -1, true);
-  if (xent_cuda_lse() && N > 0 && V > 0) {   // (a launch of zero blocks is an error)
+  if (cuda_default_device() && N > 0 && V > 0) {   // (a launch of zero blocks is an error)
     static auto fn = mx::fast::cuda_kernel("mlxcy_xent_lse", {"logits"}, {"lse"},
                                            xent_lse_source());
     constexpr int threads = 256;
