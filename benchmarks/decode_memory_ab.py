@@ -51,14 +51,11 @@ def mlxcy_once(engine, chunk, split):
 
 
 def with_parts_off(once):
-    from mlxcy.models.base import set_decode_options
+    from mlxcy.models.base import decode_options
 
     def run(prompt, n, mark):
-        set_decode_options(prefill_parts=False)
-        try:
+        with decode_options(prefill_parts=False):
             return once(prompt, n, mark)
-        finally:
-            set_decode_options(prefill_parts=True)
     return run
 
 

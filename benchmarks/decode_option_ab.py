@@ -27,12 +27,9 @@ class WithOption:
         self.weight_bytes = engine.weight_bytes
 
     def once(self, prompt, n):
-        from mlxcy.models.base import set_decode_options
-        set_decode_options(**{self.option: self.value})
-        try:
+        from mlxcy.models.base import decode_options
+        with decode_options(**{self.option: self.value}):
             return self.engine.once(prompt, n)
-        finally:
-            set_decode_options(**{self.option: not self.value})
 
 
 def run(label, path, vocab, option, prompt_len, n, rounds):

@@ -24,8 +24,11 @@ cdef bint FOLD_RESIDUAL = False
 
 
 def set_fold_residual(bint on):
+    """Sets FOLD_RESIDUAL; returns its previous value."""
     global FOLD_RESIDUAL
+    old = FOLD_RESIDUAL
     FOLD_RESIDUAL = on
+    return old
 
 
 cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:

@@ -468,22 +468,19 @@ def test_add_norm_path_matches_plain(name):
     plain path's: exactly on the CPU (the same ops), within float32 rounding
     on a GPU; prefill, last_only and decode steps."""
     from mlxcy import fast
-    from mlxcy.models.base import set_decode_options
+    from mlxcy.models.base import decode_options
     hf, cfg = hf_case(name)
     ids = ids_for(9, cfg.vocab_size, batch=2, seed=3)
     exact = not fast.add_rms_norm_is_native()
 
     def run(add_norm):
-        set_decode_options(add_norm=add_norm)
-        try:
-            with build_model(cfg.to_dict(), torch_weights(hf)) as m:
-                m.fuse()
-                cache = m.make_cache()
-                out = [m(ids[:, :6], cache).numpy(), m(ids[:, 6:8], cache, last_only=True).numpy()]
-                out.append(m(ids[:, 8:9], cache).numpy())
-                return out
-        finally:
-            set_decode_options(add_norm=False)      # the default
+        with decode_options(add_norm=add_norm), \
+                build_model(cfg.to_dict(), torch_weights(hf)) as m:
+            m.fuse()
+            cache = m.make_cache()
+            out = [m(ids[:, :6], cache).numpy(), m(ids[:, 6:8], cache, last_only=True).numpy()]
+            out.append(m(ids[:, 8:9], cache).numpy())
+            return out
 
     for a, b in zip(run(True), run(False)):
         if exact:
@@ -501,7 +498,7 @@ def test_fused_prefill_peak_memory_as_unfused(joint_rope, prefill_parts):
     its transient peak stays within 10% of the unfused model's, which holds
     less than one fused output per layer."""
     from mlxcy.memory import get_peak_memory, reset_peak_memory, clear_cache
-    from mlxcy.models.base import set_decode_options
+    from mlxcy.models.base import decode_options
     cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256,
                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          max_position_embeddings=1024, tie_word_embeddings=True)
@@ -524,10 +521,7 @@ def test_fused_prefill_peak_memory_as_unfused(joint_rope, prefill_parts):
 
     # prefill_parts=False: the fused matmul runs in prefill too, and the keys and
     # values are copied out of its output before the cache write
-    set_decode_options(joint_rope=joint_rope, prefill_parts=prefill_parts)
-    try:
+    with decode_options(joint_rope=joint_rope, prefill_parts=prefill_parts):
         plain, fused = peak(False), peak(True)
-    finally:
-        set_decode_options(joint_rope=True, prefill_parts=True)
     # q/k/v output: 256 x 512 float32 = 0.5 MB per layer, 4 MB over the 8 layers
     assert fused <= 1.1 * plain, (fused, plain)

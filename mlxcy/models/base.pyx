@@ -8,6 +8,7 @@ and build their blocks with the helpers here; they override only what
 differs (Gemma's block, embedding scale and logit soft-capping).
 """
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -59,17 +60,31 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
     q and k heads of a fused projection (on by default; identical results);
     prefill_parts -- fused layers run as separate matmuls in prefill (on);
     add_norm -- residual add and the following RMSNorm as one kernel on a
-    CUDA GPU (off: slower there, see ADD_NORM)."""
+    CUDA GPU (off: slower there, see ADD_NORM).  Returns the previous values
+    of the options given (for decode_options to restore)."""
     global JOINT_ROPE, PREFILL_PARTS, ADD_NORM
     from mlxcy import nn as _nn
+    old = {}
     if fold_residual is not None:
-        _nn.set_fold_residual(bool(fold_residual))
+        old["fold_residual"] = _nn.set_fold_residual(bool(fold_residual))
     if joint_rope is not None:
-        JOINT_ROPE = bool(joint_rope)
+        old["joint_rope"], JOINT_ROPE = JOINT_ROPE, bool(joint_rope)
     if prefill_parts is not None:
-        PREFILL_PARTS = bool(prefill_parts)
+        old["prefill_parts"], PREFILL_PARTS = PREFILL_PARTS, bool(prefill_parts)
     if add_norm is not None:
-        ADD_NORM = bool(add_norm)
+        old["add_norm"], ADD_NORM = ADD_NORM, bool(add_norm)
+    return old
+
+
+@contextmanager
+def decode_options(**options):
+    """with decode_options(add_norm=True): ...  -- set_decode_options(**options)
+    inside the block, the previous settings restored after it."""
+    old = set_decode_options(**options)
+    try:
+        yield
+    finally:
+        set_decode_options(**old)
 
 
 # ------------------------------------------------------------------ RoPE ---
