@@ -11,7 +11,7 @@ memory. mlx-lm runs through its own API: mlx_lm.tuner.trainer.train.
 
     python benchmarks/bench_lora.py [--steps 6] [--warmup 2] [--seq 64] [--batch 4]
                                     [--grad-checkpoint] [--dtype float32|bfloat16] [--random]
-                                    [--compile auto|on|off]
+                                    [--compile on|off]
 
 --random uses a random-weight model of SmolLM2-135M's shape (written once by
 transformers) and random token ids instead: for machines without the model
@@ -92,9 +92,8 @@ def run_mlxcy(a):
     model = load_model(d, dtype=a.dtype)
     lora = LoRA(model, rank=8, scale=20.0, keys=["q_proj", "v_proj"], num_layers=16,
                 compute_dtype=a.dtype)
-    compile_ = {"auto": None, "on": True, "off": False}[a.compile]
     step = TrainStep(lora, Adam(1e-5, bias_correction=False), grad_checkpoint=a.grad_checkpoint,
-                     compile=compile_)
+                     compile=a.compile == "on")
     load_peak = get_peak_memory() / 1e9
     toks, t0, losses = 0, None, []
     for i in range(a.warmup + a.steps):
@@ -163,8 +162,8 @@ def main():
     p.add_argument("--dtype", default=None)
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--random", action="store_true")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="mlxcy's TrainStep(compile=...): auto is its default")
+    p.add_argument("--compile", choices=("on", "off"), default="on",
+                   help="mlxcy's TrainStep(compile=...); on is its default")
     p.add_argument("--side", choices=("mlxcy", "mlx-lm"), default=None)
     a = p.parse_args()
     if a.side:

@@ -490,7 +490,7 @@ cdef class TrainStep:
             self.batch = NULL
 
     def __init__(self, LoRA lora, Optimizer optimizer=None, bint grad_checkpoint=False,
-                 double clip_grad_norm=0.0, int grad_accum=1, compile=None):
+                 double clip_grad_norm=0.0, int grad_accum=1, bint compile=True):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if grad_checkpoint and lora.dropout > 0:
@@ -503,15 +503,13 @@ cdef class TrainStep:
         # compile: the loss and its gradients run as one compiled MLX function
         # (elementwise chains fused, fewer intermediate buffers), traced once
         # per batch shape.  Never with LoRA dropout (a traced graph would
-        # replay the same dropout masks).  On by default (None): on the CPU it
+        # replay the same dropout masks).  On by default: on the CPU it
         # cut SmolLM2's bf16 training peak from 0.57 to 0.47 GB at the same
         # speed; on an H200 it ran 1.5x mlx-lm's speed.  A CUDA GPU's first step
         # of each new batch shape builds its fused kernels with NVRTC (~60 s for
         # SmolLM2 on an empty kernel cache, as for mlx-lm's compiled step; 0.6 s
         # once MLX's on-disk PTX cache holds them).
-        if compile is None:
-            compile = True
-        self.compile = bool(compile) and lora.dropout == 0
+        self.compile = compile and lora.dropout == 0
         self.blocks = []
         if grad_checkpoint:
             self._build_checkpoints()
