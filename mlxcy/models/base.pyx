@@ -205,10 +205,13 @@ cdef class Attention:
         cdef int nq = H * self.head_dim, nk = Hkv * self.head_dim
         cdef bint parts = self.qkv_proj is not None and L > 1 and PREFILL_PARTS
         cdef bint fused = self.qkv_proj is not None and not parts
+        # one RoPE call over the fused q and k heads (their norms joined by fuse())
+        cdef bint joint = fused and JOINT_ROPE and (self.q_norm is None
+                                                   or self.qk_norm_w is not None)
         cdef na.array q = nnn.own(self.qkv_proj.forward(x)) if fused else x
         cdef na.array k = q
         cdef na.array v = q
-        if fused and JOINT_ROPE and (self.q_norm is None or self.qk_norm_w is not None):
+        if joint:
             # [B, H + 2 Hkv, L, D]: normalize (Qwen3, Gemma 3) and rotate the q and
             # k heads in one call each
             v = nnn.heads_first(q, H + 2 * Hkv, self.head_dim)
@@ -255,7 +258,7 @@ cdef class Attention:
                 # every layer's fused output (SmolLM2: 71 MB instead of 31).
                 # One copy per layer, in prefill only, lets it go.
                 v = nnn.contiguous(v, False)
-                if JOINT_ROPE and (self.q_norm is None or self.qk_norm_w is not None):
+                if joint:
                     k = nnn.contiguous(k, False)
             cache.update(k, v, mask != NULL or L > 1)
             try:
