@@ -11,7 +11,13 @@ memory. mlx-lm runs through its own API: mlx_lm.tuner.trainer.train.
 
     python benchmarks/bench_lora.py [--steps 6] [--warmup 2] [--seq 64] [--batch 4]
                                     [--grad-checkpoint] [--dtype float32|bfloat16] [--random]
-                                    [--compile on|off]
+                                    [--compile on|off] [--memory-limit-gb X]
+
+--memory-limit-gb sets MLX's memory limit on both sides (mlxcy.memory /
+mx.set_memory_limit).  On a CUDA GPU the host encodes ahead of the device and
+every kernel's inputs live until its command batch completes; above the limit,
+MLX waits for batches in flight before encoding more.  A diagnostic: how much of
+a peak is buffers in flight rather than live arrays.
 
 --random uses a random-weight model of SmolLM2-135M's shape (written once by
 transformers) and random token ids instead: for machines without the model
@@ -90,6 +96,9 @@ def run_mlxcy(a):
     d = model_dir(a.random)
     data = examples(d, a.seq, a.batch * (a.steps + a.warmup), a.random)
     model = load_model(d, dtype=a.dtype)
+    if a.memory_limit_gb:
+        from mlxcy.memory import set_memory_limit
+        set_memory_limit(int(a.memory_limit_gb * 1e9))
     lora = LoRA(model, rank=8, scale=20.0, keys=["q_proj", "v_proj"], num_layers=16,
                 compute_dtype=a.dtype)
     step = TrainStep(lora, Adam(1e-5, bias_correction=False), grad_checkpoint=a.grad_checkpoint,
@@ -124,6 +133,8 @@ def run_mlx_lm(a):
     d = model_dir(a.random)
     data = examples(d, a.seq + 1, a.batch * (a.steps + a.warmup), a.random)   # mlx-lm drops one
     model, _ = load(str(d))
+    if a.memory_limit_gb:
+        mx.set_memory_limit(int(a.memory_limit_gb * 1e9))
     if a.dtype:
         model.set_dtype(getattr(mx, a.dtype))
     model.freeze()
@@ -164,6 +175,7 @@ def main():
     p.add_argument("--random", action="store_true")
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="mlxcy's TrainStep(compile=...); on is its default")
+    p.add_argument("--memory-limit-gb", type=float, default=0.0)
     p.add_argument("--side", choices=("mlxcy", "mlx-lm"), default=None)
     a = p.parse_args()
     if a.side:
