@@ -11,13 +11,15 @@ memory. mlx-lm runs through its own API: mlx_lm.tuner.trainer.train.
 
     python benchmarks/bench_lora.py [--steps 6] [--warmup 2] [--seq 64] [--batch 4]
                                     [--grad-checkpoint] [--dtype float32|bfloat16] [--random]
-                                    [--compile on|off] [--memory-limit-gb X]
+                                    [--compile on|off] [--memory-limit auto|off|GB]
+                                    [--memory-margin M] [--mlx-lm-memory-limit-gb X]
 
---memory-limit-gb sets MLX's memory limit on both sides (mlxcy.memory /
-mx.set_memory_limit).  On a CUDA GPU the host encodes ahead of the device and
-every kernel's inputs live until its command batch completes; above the limit,
-MLX waits for batches in flight before encoding more.  A diagnostic: how much of
-a peak is buffers in flight rather than live arrays.
+--memory-limit and --memory-margin are TrainStep's (mlxcy side): on a GPU the
+host encodes ahead of the device and every kernel's inputs live until its
+command batch completes, so buffers in flight add to the peak; "auto" (the
+default) bounds them.  --mlx-lm-memory-limit-gb sets MLX's global memory limit
+in the mlx-lm process (MLX's own mechanism: above it, eval waits for batches in
+flight), for comparison.
 
 --random uses a random-weight model of SmolLM2-135M's shape (written once by
 transformers) and random token ids instead: for machines without the model
@@ -96,13 +98,14 @@ def run_mlxcy(a):
     d = model_dir(a.random)
     data = examples(d, a.seq, a.batch * (a.steps + a.warmup), a.random)
     model = load_model(d, dtype=a.dtype)
-    if a.memory_limit_gb:
-        from mlxcy.memory import set_memory_limit
-        set_memory_limit(int(a.memory_limit_gb * 1e9))
     lora = LoRA(model, rank=8, scale=20.0, keys=["q_proj", "v_proj"], num_layers=16,
                 compute_dtype=a.dtype)
+    limit = {"auto": "auto", "off": None}.get(a.memory_limit)
+    if limit is None and a.memory_limit != "off":
+        limit = int(float(a.memory_limit) * 1e9)
     step = TrainStep(lora, Adam(1e-5, bias_correction=False), grad_checkpoint=a.grad_checkpoint,
-                     compile=a.compile == "on")
+                     compile=a.compile == "on", memory_limit=limit,
+                     memory_margin=a.memory_margin)
     load_peak = get_peak_memory() / 1e9
     toks, t0, losses = 0, None, []
     for i in range(a.warmup + a.steps):
@@ -120,6 +123,7 @@ def run_mlxcy(a):
     dt = time.perf_counter() - t0
     return {"tokens_per_s": toks / dt, "s_per_step": dt / a.steps, "compiled": step.compile,
             "peak_mem_gb": get_peak_memory() / 1e9, "load_peak_gb": load_peak,
+            "memory_limit": a.memory_limit, "memory_margin": a.memory_margin,
             "wall_s": time.perf_counter() - T0, "loss_first": losses[0],
             "loss_last": losses[-1]}
 
@@ -133,8 +137,8 @@ def run_mlx_lm(a):
     d = model_dir(a.random)
     data = examples(d, a.seq + 1, a.batch * (a.steps + a.warmup), a.random)   # mlx-lm drops one
     model, _ = load(str(d))
-    if a.memory_limit_gb:
-        mx.set_memory_limit(int(a.memory_limit_gb * 1e9))
+    if a.mlx_lm_memory_limit_gb:
+        mx.set_memory_limit(int(a.mlx_lm_memory_limit_gb * 1e9))
     if a.dtype:
         model.set_dtype(getattr(mx, a.dtype))
     model.freeze()
@@ -175,7 +179,10 @@ def main():
     p.add_argument("--random", action="store_true")
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="mlxcy's TrainStep(compile=...); on is its default")
-    p.add_argument("--memory-limit-gb", type=float, default=0.0)
+    p.add_argument("--memory-limit", default="auto",
+                   help="mlxcy's TrainStep(memory_limit=...): auto (default), off, or GB")
+    p.add_argument("--memory-margin", type=float, default=0.25)
+    p.add_argument("--mlx-lm-memory-limit-gb", type=float, default=0.0)
     p.add_argument("--side", choices=("mlxcy", "mlx-lm"), default=None)
     a = p.parse_args()
     if a.side:

@@ -486,6 +486,13 @@ def test_compiled_step_equals_uncompiled(tiny, checkpoint):
         assert res[True][1].item() == res[False][1].item()
         for g1, g0 in zip(res[True][2], res[False][2]):
             assert rel(np.array(g1), np.array(g0)) < 1e-5
+    # The update through step(): eps large enough that Adam's update is smooth in
+    # the gradient.  With eps=1e-8 the first update is ~lr * sign(g), and the
+    # elements whose gradient is ~1e-8 turn the ~1e-6 relative rounding
+    # differences between compiled and separate GPU kernels into 2.6e-5
+    # relative differences of the parameters (an H200).
+    steps = {c: TrainStep(lora, AdamW(1e-2, eps=1e-3), grad_checkpoint=checkpoint, compile=c)
+             for c in (True, False)}
     after = {}
     for c, s in steps.items():
         lora.set_parameters({k: mlxcy.array(v) for k, v in params.items()})
@@ -496,4 +503,44 @@ def test_compiled_step_equals_uncompiled(tiny, checkpoint):
     lora.remove()
     assert TrainStep(LoRA(model, rank=2, dropout=0.1, keys=KEYS3, num_layers=1),
                      AdamW(1e-3)).compile is False         # dropout: never compiled
+    model.close()
+
+
+def test_memory_limit_gives_the_same_step_and_restores_mlx_limit(tiny, monkeypatch):
+    """TrainStep's memory_limit only changes how far MLX encodes ahead of the
+    device: the same losses and gradients bit for bit, MLX's own limit as it
+    was after each call, and "auto" measures each (call, batch shape) once."""
+    import mlxcy.train.lora as lora_mod
+    from mlxcy.memory import get_memory_limit
+    monkeypatch.setattr(lora_mod, "AUTO_ON_CPU", True)     # "auto" is GPU-only otherwise
+    d, _ = tiny
+    model = load_model(d)
+    lora = LoRA(model, rank=4, scale=2.0, keys=KEYS3, num_layers=2)
+    _rand_params(lora)
+    before = get_memory_limit()
+    steps = {m: TrainStep(lora, AdamW(1e-2), memory_limit=m) for m in (None, "auto", 1)}
+    res = {}
+    for m, s in steps.items():
+        res[m] = [s.value_and_grad(*_batch(seed, T=T)) for seed, T in ((1, 14), (2, 9), (3, 14))]
+        assert get_memory_limit() == before
+    for m in ("auto", 1):
+        for (l1, n1, g1), (l0, n0, g0) in zip(res[m], res[None]):
+            assert l1.item() == l0.item() and n1.item() == n0.item()
+            for a, b in zip(g1, g0):
+                assert np.array_equal(np.array(a), np.array(b))
+    live = steps["auto"].live_bytes
+    assert sorted(live) == [("grad", (3, 8)), ("grad", (3, 13))]
+    assert all(v > 0 for v in live.values())
+    assert steps[None].live_bytes == {} and steps[1].live_bytes == {}
+    steps["auto"].step(*_batch(4))
+    assert ("step", (3, 13)) in live and get_memory_limit() == before
+    monkeypatch.setattr(lora_mod, "AUTO_ON_CPU", False)
+    off = TrainStep(lora, AdamW(1e-2))
+    off.value_and_grad(*_batch(1))
+    assert off.memory_limit == "auto" and off.live_bytes == {}     # CPU: left alone
+    for bad in ("big", 0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="memory_limit"):
+            TrainStep(lora, AdamW(1e-2), memory_limit=bad)
+    with pytest.raises(ValueError, match="memory_margin"):
+        TrainStep(lora, AdamW(1e-2), memory_margin=-0.1)
     model.close()

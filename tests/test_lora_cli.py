@@ -117,6 +117,17 @@ def test_lora_command_bad_arguments(setup, tmp_path, capsys, args, msg):
     assert not (tmp_path / "x" / "adapters.safetensors").exists()
 
 
+def test_memory_limit_option_values(setup, tmp_path, capsys):
+    from mlxcy.train.cli import _memory_limit
+    assert _memory_limit("auto") == "auto" and _memory_limit("off") is None
+    assert _memory_limit("1.5") == 1_500_000_000
+    for bad in ("lots", "0"):
+        with pytest.raises(SystemExit) as e:          # argparse's usage error
+            _train(setup, tmp_path / "x", "--memory-limit", bad)
+        assert e.value.code == 2 and "--memory-limit" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_lora_command_missing_data(setup, tmp_path, capsys):
     rc = main(["lora", "--model", str(setup / "model"), "--data", str(tmp_path / "nodata"),
                "--iters", "1", "--adapter-path", str(tmp_path / "y")])

@@ -21,24 +21,24 @@ for s in "$@"; do
         step lora-ck 150 python benchmarks/bench_lora.py --random --seq 256 --batch 8 --dtype bfloat16 --grad-checkpoint
         tail -3 "$out/lora-ck.log" ;;
     loramem)
-        # where the bf16 step's peak goes: each side alone, then mlxcy under MLX
-        # memory limits (MLX waits for command batches in flight above it) and
-        # both sides with smaller command batches (MLX_MAX_OPS_PER_BUFFER)
+        # the bf16 step's peak with TrainStep's memory_limit off, and "auto" with
+        # several margins (each side alone; mlxcy only), checkpoint and float32 too
         a="--random --seq 256 --batch 8 --dtype bfloat16"
-        side() {   # name side [env...] -- extra args
-            local name=$1 sd=$2; shift 2
-            step "lm-$name" 170 env "$@" python benchmarks/bench_lora.py $a --side "$sd" ${EXTRA:-}
+        side() {   # name extra-args...
+            local name=$1; shift
+            step "lm-$name" 170 python benchmarks/bench_lora.py $a --side mlxcy "$@"
             r=$(grep RESULT "$out/lm-$name.log" | sed 's/RESULT //')
             python -c "import json,sys; r=json.loads(sys.argv[2] or '{}'); print(f\"{sys.argv[1]:24} tok/s {r.get('tokens_per_s',0):9.0f}  peak GB {r.get('peak_mem_gb',0):.3f}\")" "$name" "$r"
         }
-        side mlxcy mlxcy
-        side mlxlm mlx-lm
-        EXTRA="--memory-limit-gb 1.5" side mlxcy-limit1.5 mlxcy
-        EXTRA="--memory-limit-gb 1.3" side mlxcy-limit1.3 mlxcy
-        side mlxcy-ops5 mlxcy MLX_MAX_OPS_PER_BUFFER=5
-        side mlxlm-ops5 mlx-lm MLX_MAX_OPS_PER_BUFFER=5 ;;
+        side off --memory-limit off
+        for m in 0 0.1 0.25 0.5; do side auto-$m --memory-margin $m; done
+        side off-again --memory-limit off
+        side ck-off --memory-limit off --grad-checkpoint
+        side ck-auto --grad-checkpoint ;;
     lorarows)
-        # the float32 and grad-checkpoint rows with the default (compiled) step
+        # the three rows side by side with the defaults (compiled, memory_limit auto)
+        step lora-bfloat16 200 python benchmarks/bench_lora.py --random --seq 256 --batch 8 --dtype bfloat16
+        tail -3 "$out/lora-bfloat16.log"
         step lora-float32 200 python benchmarks/bench_lora.py --random --seq 256 --batch 8 --dtype float32
         tail -3 "$out/lora-float32.log"
         step lora-ck 200 python benchmarks/bench_lora.py --random --seq 256 --batch 8 --dtype bfloat16 --grad-checkpoint

@@ -58,7 +58,8 @@ def cmd_lora(args) -> int:
                       weight_decay=args.weight_decay, schedule=args.lr_schedule,
                       warmup=args.warmup, min_lr=args.min_lr, grad_accum=args.grad_accum,
                       clip_grad_norm=args.clip_grad_norm, grad_checkpoint=args.grad_checkpoint,
-                      compile=args.compile, steps_per_report=args.steps_per_report,
+                      compile=args.compile, memory_limit=args.memory_limit,
+                      steps_per_report=args.steps_per_report,
                       steps_per_eval=args.steps_per_eval,
                       val_batches=args.val_batches, save_every=args.save_every,
                       adapter_path=args.adapter_path, seed=args.seed,
@@ -79,6 +80,19 @@ def cmd_fuse(args) -> int:
                      dequantize=args.dequantize, dtype=args.dtype)
     print(f"Saved fused model to {out}")
     return 0
+
+
+def _memory_limit(text):
+    """--memory-limit: auto | off | a size in GB -> TrainStep's memory_limit."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        gb = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a size in GB, got {text!r}")
+    if not gb > 0:
+        raise argparse.ArgumentTypeError(f"the size must be > 0 GB, got {text!r}")
+    return int(gb * 1e9)
 
 
 def add_parser(subparsers) -> None:
@@ -112,6 +126,9 @@ def add_parser(subparsers) -> None:
                    help="run the training step uncompiled (a compiled step's first call per "
                         "batch shape builds its kernels: up to a minute on a GPU's empty "
                         "kernel cache)")
+    t.add_argument("--memory-limit", type=_memory_limit, default="auto",
+                   help="auto (default), off, or GB: bounds the memory of GPU command batches "
+                        "in flight during a step (TrainStep's memory_limit)")
     t.add_argument("--dtype", default=None,
                    help="model/activation dtype, e.g. bfloat16 (adapters and optimizer "
                         "state stay float32)")

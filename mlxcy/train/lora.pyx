@@ -30,6 +30,7 @@ from mlxcy.native cimport ops as nops
 from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fused as nfused
 from mlxcy.native cimport transforms as ntr
+from mlxcy.native cimport memory as nmem
 from mlxcy.native.transforms cimport ArrayFn, Compiled
 from libc.stdint cimport uintptr_t
 from mlxcy.native.array cimport heap
@@ -450,6 +451,15 @@ cdef vector[na.array] _vg_fn(const vector[na.array]& inputs, void* ctx) except *
     return out
 
 
+# memory_limit="auto" applies on GPUs only: there the host encodes kernels far
+# ahead of the device, and every kernel's inputs stay allocated until its
+# command batch completes, so buffers in flight add to the live arrays (an
+# H200, SmolLM2 shape, bf16 batch 8 x 256: peak 1.69 GB unbounded, 1.39 GB with
+# MLX's limit at 1.3 GB, same speed).  The CPU's peak was already below
+# mlx-lm's.  Tests switch it on for the CPU to exercise the bookkeeping.
+AUTO_ON_CPU = False
+
+
 cdef class TrainStep:
     """One optimizer step per call (or per `grad_accum` calls): loss and
     gradients of the adapters through a native closure, optional global-norm
@@ -458,6 +468,16 @@ cdef class TrainStep:
     step(ids, offsets=None, lengths=None) -> (loss float, ntoks int, updated bool)
     value_and_grad(ids, offsets, lengths) -> (loss Array, ntoks Array, [grad Arrays])
     evaluate(ids, offsets, lengths) -> (sum of token losses, ntoks)
+
+    memory_limit bounds what a step holds on a GPU, where the buffers of
+    command batches in flight add to the live arrays: MLX's memory limit is
+    lowered while the step evaluates (and restored after), so that above it
+    MLX waits for batches in flight before encoding more.  "auto" (the
+    default): the first step of each batch shape runs with the limit at the
+    resident memory (one batch in flight at a time), which measures the
+    step's live set; later steps of that shape get the resident memory plus
+    (1 + memory_margin) times that live set.  An int: that many bytes.
+    None: MLX's limit untouched.  "auto" does nothing on the CPU.
     """
     cdef readonly LoRA lora
     cdef readonly Optimizer optimizer
@@ -473,6 +493,9 @@ cdef class TrainStep:
     cdef readonly bint compile
     cdef Compiled* compiled         # loss and gradients, compiled (see _vg)
     cdef _Fn vg_fn
+    cdef readonly object memory_limit   # "auto", bytes, or None
+    cdef readonly double memory_margin
+    cdef readonly dict live_bytes       # "auto": (kind, batch shape) -> measured live set
 
     def __cinit__(self, *args, **kwargs):
         self.acc = new vector[na.array]()
@@ -490,9 +513,19 @@ cdef class TrainStep:
             self.batch = NULL
 
     def __init__(self, LoRA lora, Optimizer optimizer=None, bint grad_checkpoint=False,
-                 double clip_grad_norm=0.0, int grad_accum=1, bint compile=True):
+                 double clip_grad_norm=0.0, int grad_accum=1, bint compile=True,
+                 memory_limit="auto", double memory_margin=0.25):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if not (memory_limit is None or memory_limit == "auto"
+                or (isinstance(memory_limit, int) and not isinstance(memory_limit, bool)
+                    and memory_limit > 0)):
+            raise ValueError(f"memory_limit must be 'auto', None or a number of bytes > 0, "
+                             f"got {memory_limit!r}")
+        if not (memory_margin >= 0):
+            raise ValueError(f"memory_margin must be >= 0, got {memory_margin}")
+        self.memory_limit, self.memory_margin = memory_limit, memory_margin
+        self.live_bytes = {}
         if grad_checkpoint and lora.dropout > 0:
             raise ValueError("grad_checkpoint with LoRA dropout > 0 is not supported: the "
                              "recomputed forward pass would draw new dropout masks")
@@ -629,6 +662,34 @@ cdef class TrainStep:
             grads.push_back(outs[i])
         return 0
 
+    cdef void _eval(self, vector[na.array]& arrays, str kind) except *:
+        """Evaluate a step's arrays under memory_limit (see the class doc)."""
+        cdef size_t resident = 0, cap = 0, old = 0
+        cdef bint auto = self.memory_limit == "auto"
+        key = None
+        if auto and (AUTO_ON_CPU or na.default_device().type != na.cpu):
+            resident = nmem.get_active_memory()
+            key = (kind, tuple(self.x.shape))
+            live = self.live_bytes.get(key)
+            # an unmeasured shape: one batch in flight at a time (the limit at
+            # the resident memory), which measures the live set
+            cap = resident if live is None else \
+                resident + <size_t>((1.0 + self.memory_margin) * live)
+        elif not auto and self.memory_limit is not None:
+            cap = self.memory_limit
+        if cap:
+            old = nmem.set_memory_limit(min(max(cap, <size_t>1), nmem.get_memory_limit()))
+        try:
+            with nogil:
+                ntr.eval(arrays)
+        finally:
+            if cap:
+                nmem.set_memory_limit(old)
+        if key is not None and key not in self.live_bytes:
+            # the peak since start is this step's peak or an earlier, higher
+            # one: either way an upper bound of the live set
+            self.live_bytes[key] = max(0, <long long>nmem.get_peak_memory() - <long long>resident)
+
     def value_and_grad(self, ids, offsets=None, lengths=None):
         """(loss, ntoks, grads): no update; grads in parameter_names() order."""
         self._set_batch(ids, offsets, lengths)
@@ -637,8 +698,7 @@ cdef class TrainStep:
         cdef size_t i
         for i in range(r.second.size()):
             ev.push_back(r.second[i])
-        with nogil:
-            ntr.eval(ev)
+        self._eval(ev, "grad")
         return wrap(new na.array(r.first[0])), wrap(new na.array(r.first[1])), _list(r.second)
 
     def __call__(self, ids, offsets=None, lengths=None):
@@ -677,8 +737,7 @@ cdef class TrainStep:
         else:
             for i in range(self.acc[0].size()):
                 ev.push_back(self.acc[0][i])
-        with nogil:
-            ntr.eval(ev)
+        self._eval(ev, "step")
         self.last_grad_norm = float(wrap(new na.array(nrm[0])).item()) if nrm.size() else None
         return float(wrap(new na.array(r.first[0])).item()), \
             int(wrap(new na.array(r.first[1])).item()), updated
@@ -690,7 +749,6 @@ cdef class TrainStep:
         cdef Model model = self.lora.model
         cdef na.array lg = nnn.own(model.forward(handle(self.x)[0], None, NULL, NULL, False))
         cdef vector[na.array] r = masked_ce(lg, handle(self.y)[0], handle(self.mask)[0])
-        with nogil:
-            ntr.eval(r)
+        self._eval(r, "evaluate")
         n = int(wrap(new na.array(r[1])).item())
         return float(wrap(new na.array(r[0])).item()) * n, n

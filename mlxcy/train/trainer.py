@@ -39,6 +39,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.0      # 0: no clipping
     grad_checkpoint: bool = False
     compile: bool = True             # TrainStep(compile=...): never with LoRA dropout
+    memory_limit: object = "auto"    # TrainStep(memory_limit=...): "auto", bytes, or None
     steps_per_report: int = 10
     steps_per_eval: int = 200        # 0: only at the end
     val_batches: int = 25            # -1: the whole validation set
@@ -127,7 +128,7 @@ def train(model, lora, train_set, val_set=None, cfg: TrainConfig | None = None,
     opt = optimizer or make_optimizer(cfg)
     step = TrainStep(lora, opt, grad_checkpoint=cfg.grad_checkpoint,
                      clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
-                     compile=cfg.compile)
+                     compile=cfg.compile, memory_limit=cfg.memory_limit)
     out = Path(cfg.adapter_path) if cfg.adapter_path else None
     meta = dict(extra_config or {})
     meta.update({k: v for k, v in cfg.as_dict().items() if k not in meta})
