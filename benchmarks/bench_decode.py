@@ -169,11 +169,7 @@ def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None):
     prompt = np.random.default_rng(0).integers(100, vocab - 1, prompt_len).tolist()
     engines = {"mlxcy": MlxcyEngine(path, fuse), "mlx_lm": MlxLmEngine(path)}
     try:
-        from mlxcy import memory
         for e in engines.values():   # warm-up at full length: kernels built, compile traced
-            # (peak reset: mlxcy's first prefill of a shape on a GPU measures its
-            # live set from the peak, as the measured runs below do)
-            memory.reset_peak_memory()
             e.once(prompt, 8)
         runs = {k: [] for k in engines}
         tokens = {}

@@ -28,13 +28,6 @@ class WithOption:
 
     def once(self, prompt, n):
         from mlxcy.models.base import decode_options
-        if self.option == "prefill_cap":        # mlxcy.generate's, not a decode option
-            from mlxcy import generate as G
-            old = G.set_prefill_cap(self.value)
-            try:
-                return self.engine.once(prompt, n)
-            finally:
-                G.set_prefill_cap(*old)
         with decode_options(**{self.option: self.value}):
             return self.engine.once(prompt, n)
 
@@ -46,9 +39,7 @@ def run(label, path, vocab, option, prompt_len, n, rounds):
     variants = {f"{option}=on": WithOption(ours, option, True),
                 f"{option}=off": WithOption(ours, option, False), "mlx-lm": lm}
     try:
-        from mlxcy import memory
         for e in variants.values():
-            memory.reset_peak_memory()      # (the prefill cap measures from the peak)
             e.once(prompt, 8)
         runs = {k: [] for k in variants}
         for _ in range(rounds):
@@ -69,8 +60,7 @@ def run(label, path, vocab, option, prompt_len, n, rounds):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--option", required=True,
-                    help="a set_decode_options keyword (add_norm, joint_rope, ...), "
-                         "or prefill_cap (mlxcy.generate.set_prefill_cap)")
+                    help="a set_decode_options keyword (add_norm, joint_rope, ...)")
     ap.add_argument("--models", default="smollm2-135m,qwen3-0.6b,llama-3.2-1b")
     ap.add_argument("--quant", default="bf16")
     ap.add_argument("--prompt", type=int, default=512)

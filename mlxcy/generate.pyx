@@ -16,7 +16,6 @@ from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
 from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
-from mlxcy.native cimport memory as nmem
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache, LayerCache
 from mlxcy.sample cimport Sampler
@@ -114,7 +113,8 @@ cdef class TokenLoop:
             else:
                 outs.push_back(out[0])
                 del out
-            _capped_eval(outs, self.model, stop - start, self.cache)
+            with nogil:
+                neval(outs)
             start = stop
         part = to_array(ids[start:].reshape(1, -1))
         out = self.model.forward(part.ptr[0], self.cache, NULL, NULL, True)
@@ -122,7 +122,8 @@ cdef class TokenLoop:
         # Wait for the prompt to finish, so prefill time is measured honestly.
         outs.clear()
         outs.push_back(self.pending[0])
-        _capped_eval(outs, self.model, n - start, self.cache)
+        with nogil:
+            neval(outs)
 
     cdef void _queue(self, na.array* logits3) except *:
         """Sample from logits [1, 1, V] and queue the result; frees logits3."""
@@ -234,53 +235,6 @@ cdef bint _split_prefill() noexcept:
     if PREFILL_SPLIT >= 0:
         return PREFILL_SPLIT == 1
     return _on_cpu()
-
-
-# Prefill memory on a GPU.  The host encodes a chunk's kernels ahead of the
-# device, and every kernel's inputs stay allocated until its command batch
-# completes, so buffers in flight add to the chunk's live arrays.  The first
-# prefill chunk of each (model, length, cache size) runs with MLX's memory
-# limit at the resident memory -- one command batch in flight -- and records
-# the peak above the resident memory (the chunk's live set, or an earlier and
-# higher peak of the process: then prefill stays below that one).  Later
-# chunks of that shape run with the limit at resident + that live set, above
-# which MLX waits for batches in flight.  set_prefill_cap(False) for A/B runs.
-cdef bint PREFILL_CAP = True
-cdef bint CAP_ON_CPU = False
-cdef dict _prefill_live = {}
-
-
-def set_prefill_cap(bint on, bint cpu=False):
-    """Bound prefill's buffers in flight on a GPU (on by default); cpu=True
-    applies it on the CPU too (tests).  Returns the previous settings."""
-    global PREFILL_CAP, CAP_ON_CPU
-    old = (PREFILL_CAP, CAP_ON_CPU)
-    PREFILL_CAP, CAP_ON_CPU = on, cpu
-    return old
-
-
-def prefill_live_bytes():
-    """{(id(model), chunk length, cache size in 1024s): measured live bytes}."""
-    return dict(_prefill_live)
-
-
-cdef void _capped_eval(vector[na.array]& outs, Model model, int length, Cache cache) except *:
-    cdef size_t resident = 0, cap = 0, old = 0
-    key = None
-    if PREFILL_CAP and (CAP_ON_CPU or not _on_cpu()):
-        resident = nmem.get_active_memory()
-        key = (id(model), length, (cache.offset + 1023) // 1024)   # (offset: after the chunk)
-        live = _prefill_live.get(key)
-        cap = resident if live is None else resident + <size_t>live
-        old = nmem.set_memory_limit(min(max(cap, <size_t>1), nmem.get_memory_limit()))
-    try:
-        with nogil:
-            neval(outs)
-    finally:
-        if key is not None:
-            nmem.set_memory_limit(old)
-    if key is not None and key not in _prefill_live:
-        _prefill_live[key] = max(0, <long long>nmem.get_peak_memory() - <long long>resident)
 
 
 cdef void _cache_arrays(Cache cache, vector[na.array]& out) except *:

@@ -232,28 +232,3 @@ def test_repetition_penalty_matches_transformers(tiny_dir, tm):
     assert got == want
     plain = [t.id for t in tm.stream_ids(ids, max_tokens=12, stop_ids=[])]
     assert plain != want        # the penalty changed the continuation
-
-
-def test_prefill_cap_gives_the_same_tokens_and_restores_mlx_limit(tiny_dir, tm):
-    """The prefill cap (GPU default; forced on the CPU here) only changes how
-    far MLX encodes ahead: the same greedy tokens as transformers, MLX's memory
-    limit as it was, and one live-set measurement per (model, chunk shape)."""
-    from mlxcy import generate as G
-    ids = np.random.default_rng(40).integers(0, 150000, 40).tolist()
-    want = hf_greedy(tiny_dir[1], ids, 12)
-    before = memory.get_memory_limit()
-    old = G.set_prefill_cap(True, cpu=True)
-    G.set_prefill_split(True)       # chunks of 16, 16 and 7 prompt tokens, then the last one
-    try:
-        known = set(G.prefill_live_bytes())
-        for _ in range(2):      # the first run measures, the second runs capped
-            got = [t.id for t in tm.stream_ids(ids, max_tokens=12, prefill_chunk=16,
-                                               stop_ids=[])]
-            assert got == want
-            assert memory.get_memory_limit() == before
-        new = {k: v for k, v in G.prefill_live_bytes().items() if k not in known}
-        assert sorted(k[1] for k in new) == [1, 7, 16]      # both 16s: one shape
-        assert all(v > 0 for v in new.values())
-    finally:
-        G.set_prefill_cap(*old)
-        G.set_prefill_split(None)

@@ -76,10 +76,6 @@ for s in "$@"; do
         grep RESULT "$out/loradiag-mlxlm.log"; echo "ptx modules: $(ls /tmp/ptx-mlxlm 2>/dev/null | grep -c ptx$)"
         MLX_PTX_CACHE_DIR=/tmp/ptx-mlxcy step loradiag-mlxcy-warm 120 python benchmarks/bench_lora.py $a --side mlxcy
         grep -E "^step|RESULT" "$out/loradiag-mlxcy-warm.log" ;;
-    prefillcap)
-        step prefillcap 330 python benchmarks/decode_option_ab.py --option prefill_cap --rounds 3 \
-            --models smollm2-135m,qwen3-0.6b,gemma-3-1b --quant bf16,4bit
-        grep '^|' "$out/prefillcap.log" ;;
     addnorm)
         step addnorm 300 python benchmarks/decode_option_ab.py --option add_norm --rounds 3 \
             --models smollm2-135m,qwen3-0.6b,llama-3.2-1b --quant bf16,4bit
