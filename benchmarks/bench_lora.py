@@ -181,7 +181,7 @@ def main():
                    help="mlxcy's TrainStep(compile=...); on is its default")
     p.add_argument("--memory-limit", default="auto",
                    help="mlxcy's TrainStep(memory_limit=...): auto (default), off, or GB")
-    p.add_argument("--memory-margin", type=float, default=0.25)
+    p.add_argument("--memory-margin", type=float, default=0.0)
     p.add_argument("--mlx-lm-memory-limit-gb", type=float, default=0.0)
     p.add_argument("--side", choices=("mlxcy", "mlx-lm"), default=None)
     a = p.parse_args()

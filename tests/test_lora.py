@@ -535,9 +535,11 @@ def test_memory_limit_gives_the_same_step_and_restores_mlx_limit(tiny, monkeypat
     steps["auto"].step(*_batch(4))
     assert ("step", (3, 13)) in live and get_memory_limit() == before
     monkeypatch.setattr(lora_mod, "AUTO_ON_CPU", False)
-    off = TrainStep(lora, AdamW(1e-2))
-    off.value_and_grad(*_batch(1))
-    assert off.memory_limit == "auto" and off.live_bytes == {}     # CPU: left alone
+    dflt = TrainStep(lora, AdamW(1e-2))
+    dflt.value_and_grad(*_batch(1))
+    assert dflt.memory_limit == "auto" and dflt.memory_margin == 0.0
+    on_gpu = mlxcy.default_device().type != "cpu"
+    assert bool(dflt.live_bytes) == on_gpu          # "auto" leaves the CPU alone
     for bad in ("big", 0, -5, 1.5, True):
         with pytest.raises(ValueError, match="memory_limit"):
             TrainStep(lora, AdamW(1e-2), memory_limit=bad)
