@@ -519,6 +519,7 @@ def test_memory_limit_gives_the_same_step_and_restores_mlx_limit(tiny, monkeypat
     _rand_params(lora)
     before = get_memory_limit()
     steps = {m: TrainStep(lora, AdamW(1e-2), memory_limit=m) for m in (None, "auto", 1)}
+    assert TrainStep(lora, None, memory_limit=np.int64(5)).memory_limit == 5
     res = {}
     for m, s in steps.items():
         res[m] = [s.value_and_grad(*_batch(seed, T=T)) for seed, T in ((1, 14), (2, 9), (3, 14))]

@@ -16,6 +16,7 @@ block runs under MLX's checkpoint transform (its activations are recomputed in
 the backward pass), its adapter arrays passed as inputs so they get gradients.
 """
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -479,7 +480,9 @@ cdef class TrainStep:
     (1 + memory_margin) times that live set (margin 0 by default: on an
     H200, margins 0 / 0.1 / 0.25 / 0.5 gave bf16 peaks of 1.39 / 1.50 /
     1.60 / 1.67 GB against 1.67 unbounded).  An int: that many bytes.
-    None: MLX's limit untouched.  "auto" does nothing on the CPU.
+    None: MLX's limit untouched.  "auto" does nothing on the CPU.  MLX's
+    limit is process-wide: other threads' evaluations see the lowered limit
+    while a step runs.
     """
     cdef readonly LoRA lora
     cdef readonly Optimizer optimizer
@@ -520,13 +523,14 @@ cdef class TrainStep:
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if not (memory_limit is None or memory_limit == "auto"
-                or (isinstance(memory_limit, int) and not isinstance(memory_limit, bool)
-                    and memory_limit > 0)):
+                or (isinstance(memory_limit, numbers.Integral)
+                    and not isinstance(memory_limit, bool) and memory_limit > 0)):
             raise ValueError(f"memory_limit must be 'auto', None or a number of bytes > 0, "
                              f"got {memory_limit!r}")
         if not (memory_margin >= 0):
             raise ValueError(f"memory_margin must be >= 0, got {memory_margin}")
-        self.memory_limit, self.memory_margin = memory_limit, memory_margin
+        self.memory_limit = memory_limit if memory_limit in (None, "auto") else int(memory_limit)
+        self.memory_margin = memory_margin
         self.live_bytes = {}
         if grad_checkpoint and lora.dropout > 0:
             raise ValueError("grad_checkpoint with LoRA dropout > 0 is not supported: the "
