@@ -7,6 +7,11 @@ argmax) is built and timed, then evaluated untimed.  mlxcy runs through its
 Python-level Model.__call__ (one Python call and an id conversion more than its
 token loop), with q/k/v and gate/up fused as on a GPU.
 
+On the CPU, MLX's fast ops (rms_norm, rope, sdpa) have no CPU kernel and are
+built as their fallback compositions of elementwise ops, which a GPU does not
+do; so on the CPU this measures a larger graph than a GPU builds, for both
+engines alike.
+
     python benchmarks/host_overhead.py [--models smollm2-135m,qwen3-0.6b] [--steps 40]
 """
 import argparse
