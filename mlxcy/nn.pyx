@@ -34,7 +34,7 @@ def set_fold_residual(bint on):
 cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
     na.array qlinear_dequant(const na.array& x, const na.array& w, const na.array& scales,
                              const na.array* biases, int group_size, int bits,
-                             const na.array* bias, int block) except +
+                             const na.array* bias, int block, bint eval_blocks) except +
 
 
 # Quantized layers on the CPU: dequantize the weight right before the product
@@ -46,6 +46,16 @@ cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
 cdef int CPU_DEQUANT = -1
 # Rows dequantized at a time (bounds the temporary of a vocabulary head).
 cdef int DEQUANT_BLOCK = 1024
+# Evaluate each block's product before building the next (Model.forward sets
+# it around the head in CPU inference; see include/mlxcy/qcpu.h).
+cdef bint EVAL_BLOCKS = False
+
+
+def _set_eval_blocks(bint on):
+    """Returns the previous setting (for Model.forward's try/finally)."""
+    global EVAL_BLOCKS
+    old, EVAL_BLOCKS = EVAL_BLOCKS, on
+    return old
 
 
 def set_cpu_dequant(mode, int block=1024):
@@ -75,7 +85,7 @@ cdef na.array* _qmatmul(const na.array& x, const na.array& w, const na.array& sc
     """x @ dequantize(w).T (+ bias) by the fastest path for the device."""
     if _dequant_path(w, group_size, bits):
         return heap(qlinear_dequant(x, w, scales, qbiases, group_size, bits, bias,
-                                    DEQUANT_BLOCK))
+                                    DEQUANT_BLOCK, EVAL_BLOCKS))
     return heap(nnn.qlinear(x, w, scales, qbiases, group_size, bits, bias))
 
 

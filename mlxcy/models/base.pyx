@@ -51,18 +51,35 @@ cdef bint PREFILL_PARTS = True
 # runs the same ops as the plain one.
 cdef bint ADD_NORM = False
 
+# Inference with a quantized model on the CPU evaluates the hidden state after
+# every block, and the vocabulary head block by block: there each quantized
+# layer dequantizes its weight for MLX's float GEMM (mlxcy/nn.pyx), and MLX's
+# CPU backend allocates an op's output when the host encodes it, ahead of the
+# worker that computes it, so the dequantized weights of every encoded layer
+# were alive at once.  SmolLM2-135M 4-bit, 64-token prompt + 12 tokens, 2-core
+# VM: peak 131 MB above the resident memory (76 MB of weights) -> ~10 MB, decode
+# 1.88 -> 1.9x tok/s (the CPU is compute-bound: the host's head start bought
+# nothing).  set_decode_options(cpu_sync=False) for A/B runs.
+cdef bint CPU_SYNC = True
+
+
+cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
+    void eval_now(const na.array&) except +
+
 
 def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
-                       add_norm=None):
+                       add_norm=None, cpu_sync=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
     fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
     (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
     q and k heads of a fused projection (on by default; identical results);
     prefill_parts -- fused layers run as separate matmuls in prefill (on);
     add_norm -- residual add and the following RMSNorm as one kernel on a
-    CUDA GPU (off: slower there, see ADD_NORM).  Returns the previous values
-    of the options given (for decode_options to restore)."""
-    global JOINT_ROPE, PREFILL_PARTS, ADD_NORM
+    CUDA GPU (off: slower there, see ADD_NORM); cpu_sync -- a quantized
+    model's CPU inference evaluates block by block (on, see CPU_SYNC).
+    Returns the previous values of the options given (for decode_options to
+    restore)."""
+    global JOINT_ROPE, PREFILL_PARTS, ADD_NORM, CPU_SYNC
     from mlxcy import nn as _nn
     old = {}
     if fold_residual is not None:
@@ -73,6 +90,8 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
         old["prefill_parts"], PREFILL_PARTS = PREFILL_PARTS, bool(prefill_parts)
     if add_norm is not None:
         old["add_norm"], ADD_NORM = ADD_NORM, bool(add_norm)
+    if cpu_sync is not None:
+        old["cpu_sync"], CPU_SYNC = CPU_SYNC, bool(cpu_sync)
     return old
 
 
@@ -405,6 +424,23 @@ cdef class Block:
         return self.mlp.down_proj.forward(n)
 
 
+cdef bint _cpu_sync(Model m) except -1:
+    """CPU inference with quantized layers: evaluate as it goes (CPU_SYNC)."""
+    if not CPU_SYNC or na.default_device().type != na.cpu or not m.layers:
+        return False
+    return m.embed.quantized or (<Block>m.layers[0]).attn.o_proj.quantized
+
+
+cdef na.array* _head_in_blocks(Model m, const na.array& h) except NULL:
+    """m.head(h) with a quantized head's blocks evaluated one by one."""
+    from mlxcy import nn as _nn
+    old = _nn._set_eval_blocks(True)
+    try:
+        return m.head(h)
+    finally:
+        _nn._set_eval_blocks(old)
+
+
 cdef na.array* add_norm(na.array* h, const na.array* r, RMSNorm norm) except NULL:
     """h[0] += r[0] (when r is given), and returns norm(h[0]): one kernel on a
     CUDA GPU (fused.h)."""
@@ -719,6 +755,7 @@ cdef class Model:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
         if ADD_NORM and cache is not None:
             return self.forward_deferred(ids, cache, mask, offsets, last_only)
+        cdef bint sync = cache is not None and _cpu_sync(self)
         cdef na.array* h = self.embed_tokens(ids)
         try:
             for i in range(n):
@@ -728,11 +765,16 @@ cdef class Model:
                 nh = blk.forward(h[0], lc, mask, offsets)
                 del h
                 h = nh
+                if sync:
+                    eval_now(h[0])
             if last_only and L > 1:
                 nh = heap(nnn.take_position(h[0], L - 1))
                 del h
                 h = nh
-            nh = self.head(h[0])
+            if sync:
+                nh = _head_in_blocks(self, h[0])
+            else:
+                nh = self.head(h[0])
         finally:
             del h
         return nh
