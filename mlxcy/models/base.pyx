@@ -57,8 +57,8 @@ cdef bint ADD_NORM = False
 # CPU backend allocates an op's output when the host encodes it, ahead of the
 # worker that computes it, so the dequantized weights of every encoded layer
 # were alive at once.  SmolLM2-135M 4-bit, 64-token prompt + 12 tokens, 2-core
-# VM: peak 131 MB above the resident memory (76 MB of weights) -> ~10 MB, decode
-# 1.88 -> 1.9x tok/s (the CPU is compute-bound: the host's head start bought
+# VM: peak 131 -> 33 MB above the resident memory (76 MB of weights), decode
+# 1.82 -> 2.02 tok/s (the CPU is compute-bound: the host's head start bought
 # nothing).  set_decode_options(cpu_sync=False) for A/B runs.
 cdef bint CPU_SYNC = True
 
