@@ -98,6 +98,12 @@ def quantized_dir(src: Path, bits: int = 4, group_size: int = 64) -> Path:
     return dst
 
 
+def variant_dir(src: Path, quant: str) -> Path:
+    """The checkpoint for a --quant entry: "bf16" is src itself, "4bit" (or
+    "8bit") its MLX-quantized copy."""
+    return src if quant == "bf16" else quantized_dir(src, bits=int(quant.rstrip("bit")))
+
+
 class MlxcyEngine:
     def __init__(self, path, fuse=None):
         from mlxcy.inference import default_fuse
@@ -233,7 +239,7 @@ def main():
     if args.gguf:
         hf = gguf_dir(root)
         for q in quants:
-            path = hf if q == "bf16" else quantized_dir(hf, bits=int(q.rstrip("bit")))
+            path = variant_dir(hf, q)
             rows.append(compare(f"SmolLM2-135M (GGUF) {q}", path, 49152, args.prompt, args.gen,
                                 args.rounds, fuse))
             print(json.dumps(rows[-1]), flush=True)
@@ -242,7 +248,7 @@ def main():
             src = random_hf_dir(name, root)
             vocab = SHAPES[name]["vocab_size"]
             for q in quants:
-                path = src if q == "bf16" else quantized_dir(src, bits=int(q.rstrip("bit")))
+                path = variant_dir(src, q)
                 rows.append(compare(f"{name} {q}", path, vocab, args.prompt, args.gen,
                                     args.rounds, fuse))
                 print(json.dumps(rows[-1]), flush=True)

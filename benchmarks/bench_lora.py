@@ -100,11 +100,8 @@ def run_mlxcy(a):
     model = load_model(d, dtype=a.dtype)
     lora = LoRA(model, rank=8, scale=20.0, keys=["q_proj", "v_proj"], num_layers=16,
                 compute_dtype=a.dtype)
-    limit = {"auto": "auto", "off": None}.get(a.memory_limit)
-    if limit is None and a.memory_limit != "off":
-        limit = int(float(a.memory_limit) * 1e9)
     step = TrainStep(lora, Adam(1e-5, bias_correction=False), grad_checkpoint=a.grad_checkpoint,
-                     compile=a.compile == "on", memory_limit=limit,
+                     compile=a.compile == "on", memory_limit=a.memory_limit,
                      memory_margin=a.memory_margin)
     load_peak = get_peak_memory() / 1e9
     toks, t0, losses = 0, None, []
@@ -179,7 +176,8 @@ def main():
     p.add_argument("--random", action="store_true")
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="mlxcy's TrainStep(compile=...); on is its default")
-    p.add_argument("--memory-limit", default="auto",
+    from mlxcy.train.cli import _memory_limit      # mlxcy lora's parser: auto | off | GB
+    p.add_argument("--memory-limit", type=_memory_limit, default="auto",
                    help="mlxcy's TrainStep(memory_limit=...): auto (default), off, or GB")
     p.add_argument("--memory-margin", type=float, default=0.0)
     p.add_argument("--mlx-lm-memory-limit-gb", type=float, default=0.0)

@@ -83,7 +83,7 @@ def main():
     a = ap.parse_args()
     from mlxcy.assets import cache_dir
     src = B.random_hf_dir(a.model, cache_dir() / "bench")
-    path = src if a.quant == "bf16" else B.quantized_dir(src, bits=int(a.quant.rstrip("bit")))
+    path = B.variant_dir(src, a.quant)
     prompt = np.random.default_rng(0).integers(100, B.SHAPES[a.model]["vocab_size"] - 1,
                                                a.prompt).tolist()
     rows = []

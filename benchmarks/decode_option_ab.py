@@ -75,7 +75,7 @@ def main():
     for name in a.models.split(","):
         src = B.random_hf_dir(name, root)
         for q in a.quant.split(","):
-            path = src if q == "bf16" else B.quantized_dir(src, bits=int(q.rstrip("bit")))
+            path = B.variant_dir(src, q)
             run(f"{name} {q}", path, B.SHAPES[name]["vocab_size"], a.option, a.prompt, a.gen,
                 a.rounds)
 

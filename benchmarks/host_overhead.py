@@ -84,7 +84,7 @@ def main():
     for name in a.models.split(","):
         src = B.random_hf_dir(name, root)
         for q in a.quant.split(","):
-            path = src if q == "bf16" else B.quantized_dir(src, bits=int(q.rstrip("bit")))
+            path = B.variant_dir(src, q)
             prompt = np.random.default_rng(0).integers(100, 1000, a.prompt).tolist()
             ours = statistics.median(mlxcy_build_times(path, prompt, a.steps)[5:]) * 1e6
             theirs = statistics.median(mlx_lm_build_times(path, prompt, a.steps)[5:]) * 1e6
