@@ -10,6 +10,28 @@ from mlxcy.native.array cimport heap
 from mlxcy.core cimport Array, wrap, handle
 
 
+# Every cache buffer holds PAD positions more than it needs (8 by default):
+# MLX's CUDA backend attends a one-token query over a cache slice with cuDNN
+# when the buffer's length is a multiple of 256 (mlx-lm's cache step, and
+# ours), and with its own single-kernel vector attention otherwise.  In a decode
+# step, which is bound by the host's work of encoding kernels, cuDNN's path
+# costs more: on an H200 (benchmarks/decode_profile.py, 2026-11-29) the vector
+# kernel took SmolLM2-135M from 3.3 to 2.6 ms per token in bf16 and from 3.5 to
+# 2.2 ms in 4-bit.  The padding changes nothing else (8 positions per layer of
+# memory; on the CPU the same kernels run).  set_pad(0) for A/B runs.
+cdef int PAD = 8
+
+
+def set_pad(int n):
+    """Positions every newly allocated cache buffer holds beyond its need (see
+    PAD); returns the previous value.  Caches already allocated keep theirs."""
+    global PAD
+    if n < 0:
+        raise ValueError(f"cache pad must be >= 0, got {n}")
+    old, PAD = PAD, n
+    return old
+
+
 cdef inline void _set(na.array** slot, na.array* p) noexcept:
     if slot[0] != NULL:
         del slot[0]
@@ -114,6 +136,7 @@ cdef class KVCache(LayerCache):
         if prev + L > cap:
             need = ((prev + L - cap + self.step - 1) // self.step) * self.step
             if self.keys == NULL:
+                need += PAD     # later growth adds whole steps: the length stays off 256s
                 _set(&self.keys, heap(nnn.zeros4(k.shape(0), k.shape(1), need, k.shape(3), k.dtype())))
                 _set(&self.values, heap(nnn.zeros4(v.shape(0), v.shape(1), need, v.shape(3), v.dtype())))
             else:
@@ -136,6 +159,11 @@ cdef class KVCache(LayerCache):
         return n
 
 
+cdef inline int _ring_cap(RotatingKVCache c) noexcept:
+    """Usable ring slots: the buffer's length (PAD included) up to the window."""
+    return 0 if c.keys == NULL else min(c.keys.shape(2), c.window)
+
+
 cdef class RotatingKVCache(LayerCache):
     """Keeps the last `window` positions in a ring written in place."""
 
@@ -156,8 +184,12 @@ cdef class RotatingKVCache(LayerCache):
     cdef void _store_ordered(self, const na.array& k, const na.array& v, int keep) except *:
         """Keep the last `keep` positions of temporally ordered k/v."""
         cdef int T = k.shape(2)
-        _set(&self.keys, heap(nnn.contiguous(nnn.slice_t(k, T - keep, T), False)))
-        _set(&self.values, heap(nnn.contiguous(nnn.slice_t(v, T - keep, T), False)))
+        if PAD > 0:     # the copy with PAD spare positions (see PAD)
+            _set(&self.keys, heap(nnn.grow_t(nnn.slice_t(k, T - keep, T), keep, PAD)))
+            _set(&self.values, heap(nnn.grow_t(nnn.slice_t(v, T - keep, T), keep, PAD)))
+        else:
+            _set(&self.keys, heap(nnn.contiguous(nnn.slice_t(k, T - keep, T), False)))
+            _set(&self.values, heap(nnn.contiguous(nnn.slice_t(v, T - keep, T), False)))
         self.filled = keep
         self.idx = 0 if keep == self.window else keep
 
@@ -167,9 +199,9 @@ cdef class RotatingKVCache(LayerCache):
         if self.keys != NULL and not nnn.same_dtype(self.keys[0], k):
             raise ValueError("RotatingKVCache: new keys' dtype differs from the cached keys'")
         if L == 1:
-            cap = 0 if self.keys == NULL else self.keys.shape(2)
+            cap = _ring_cap(self)
             if self.filled < W and self.filled == cap:
-                extra = min(W - cap, self.step)
+                extra = min(W - cap, self.step) + PAD
                 if self.keys == NULL:
                     _set(&self.keys, heap(nnn.zeros4(k.shape(0), k.shape(1), extra, k.shape(3), k.dtype())))
                     _set(&self.values, heap(nnn.zeros4(v.shape(0), v.shape(1), extra, v.shape(3), v.dtype())))
@@ -187,12 +219,12 @@ cdef class RotatingKVCache(LayerCache):
                 _set(&self.out_v, heap(nnn.slice_t(self.values[0], 0, self.filled)))
                 self.out_start = self.offset - self.filled
             elif self.idx == 0 or not ordered:
-                _set(&self.out_k, new na.array(self.keys[0]))
-                _set(&self.out_v, new na.array(self.values[0]))
+                _set(&self.out_k, heap(nnn.slice_t(self.keys[0], 0, W)))
+                _set(&self.out_v, heap(nnn.slice_t(self.values[0], 0, W)))
                 self.out_start = self.offset - W if self.idx == 0 else -1
             else:
-                _set(&self.out_k, heap(nnn.unroll_t(self.keys[0], self.idx)))
-                _set(&self.out_v, heap(nnn.unroll_t(self.values[0], self.idx)))
+                _set(&self.out_k, heap(nnn.unroll_t(nnn.slice_t(self.keys[0], 0, W), self.idx)))
+                _set(&self.out_v, heap(nnn.unroll_t(nnn.slice_t(self.values[0], 0, W), self.idx)))
                 self.out_start = self.offset - W
             return 0
         # Several positions: attend over (held, in temporal order) + new.
@@ -205,8 +237,10 @@ cdef class RotatingKVCache(LayerCache):
                 _set(&self.out_k, heap(nnn.cat_t(nnn.slice_t(self.keys[0], 0, nprev), k)))
                 _set(&self.out_v, heap(nnn.cat_t(nnn.slice_t(self.values[0], 0, nprev), v)))
             else:
-                _set(&self.out_k, heap(nnn.cat_t(nnn.unroll_t(self.keys[0], self.idx), k)))
-                _set(&self.out_v, heap(nnn.cat_t(nnn.unroll_t(self.values[0], self.idx), v)))
+                _set(&self.out_k, heap(nnn.cat_t(nnn.unroll_t(nnn.slice_t(self.keys[0], 0, W),
+                                                              self.idx), k)))
+                _set(&self.out_v, heap(nnn.cat_t(nnn.unroll_t(nnn.slice_t(self.values[0], 0, W),
+                                                              self.idx), v)))
         self.out_start = self.offset - nprev
         self.offset += L
         self._store_ordered(self.out_k[0], self.out_v[0], min(W, nprev + L))

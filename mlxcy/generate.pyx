@@ -22,6 +22,14 @@ from mlxcy.sample cimport Sampler
 
 import numpy as np
 
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + t.tv_nsec * 1e-9
+
 
 cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
     na.array logsumexp(const na.array&, int, bint) except +
@@ -52,6 +60,13 @@ cdef class TokenLoop:
     cdef readonly int produced
     cdef readonly int max_tokens
     cdef readonly double prefill_seconds
+    # Host time of the decode steps, split three ways (seconds, summed over the
+    # steps queued so far): building each step's graph (forward + sampler),
+    # handing it to MLX (async_eval, which encodes the kernels on a GPU), and
+    # waiting for the previous token.  benchmarks/decode_profile.py reads them.
+    cdef readonly double build_seconds
+    cdef readonly double queue_seconds
+    cdef readonly double wait_seconds
 
     def __init__(self, Model model, Cache cache, Sampler sampler, prompt_ids, int max_tokens,
                  prefill_chunk=None, bint logprobs=False, history_ids=None):
@@ -77,6 +92,7 @@ cdef class TokenLoop:
         t0 = time.perf_counter()
         self._prefill(ids, prefill_chunk)
         self.prefill_seconds = time.perf_counter() - t0
+        self.queue_seconds = 0.0      # the decode steps' only, not the prompt's
 
     def __dealloc__(self):
         _drop(&self.pending)
@@ -131,6 +147,7 @@ cdef class TokenLoop:
         del logits3
         cdef na.array* tok
         cdef vector[na.array] outs = vector[na.array]()
+        cdef double t0
         try:
             tok = self.sampler.sample(logits[0], self.history)
             self.pending = tok
@@ -143,7 +160,9 @@ cdef class TokenLoop:
         finally:
             del logits
         with nogil:
+            t0 = _now()
             nasync_eval(outs)
+            self.queue_seconds += _now() - t0
 
     cdef void _push_history(self, const na.array& tok) except *:
         """Append the queued token to the [T] history, keeping the last
@@ -170,6 +189,7 @@ cdef class TokenLoop:
         cdef na.array* out
         cdef int32_t tokv
         cdef float lpv
+        cdef double t0, t1
         if self.pending == NULL or self.produced >= self.max_tokens:
             self.close()
             raise StopIteration
@@ -180,11 +200,17 @@ cdef class TokenLoop:
             self.produced += 1
             if self.produced < self.max_tokens:
                 # Queue step n+1 before reading token n back.
+                t0 = _now()
                 out = self.model.forward(nops.reshape(cur[0], _shape2(1, 1)), self.cache,
                                          NULL, NULL, True)
+                t1 = self.queue_seconds
                 self._queue(out)
+                # _queue timed its async_eval; the rest of the time built the graph
+                self.build_seconds += _now() - t0 - (self.queue_seconds - t1)
             with nogil:
+                t0 = _now()
                 tokv = cur.item[int32_t]()
+                self.wait_seconds += _now() - t0
             lp = None
             if cur_lp != NULL:
                 with nogil:

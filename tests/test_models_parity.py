@@ -189,6 +189,37 @@ def test_sliding_cache_wraps():
             assert rel(np.concatenate(outs, 1), ref[:, :pos]) <= TOL, chunks
 
 
+def test_cache_pad_changes_no_logit():
+    """Cache buffers carry PAD spare positions (so that MLX's CUDA backend
+    attends one-token queries with its vector kernel, not cuDNN's): the logits
+    over prefill, single steps around the ring and chunks are exactly those of
+    unpadded buffers, and no buffer's length is a multiple of 256."""
+    from mlxcy import cache as C
+    hf, cfg = hf_case("gemma3-sliding-softcap")
+    with build_model(cfg.to_dict(), torch_weights(hf)) as model:
+        ids = ids_for(48, cfg.vocab_size, batch=1, seed=9)
+        runs = {}
+        for pad in (0, 8):
+            old = C.set_pad(pad)
+            try:
+                cache = model.make_cache()
+                pos, outs = 0, []
+                for n in [20] + [1] * 12 + [5, 3]:
+                    outs.append(model(ids[:, pos:pos + n], cache).numpy())
+                    pos += n
+                lengths = [c.state()["keys"].shape[2] for c in cache.layers]
+                kinds = {type(c).__name__ for c in cache.layers}
+            finally:
+                C.set_pad(old)
+            runs[pad] = np.concatenate(outs, 1)
+            assert kinds == {"KVCache", "RotatingKVCache"}
+            if pad:
+                assert all(n % 256 for n in lengths), lengths
+        np.testing.assert_array_equal(runs[8], runs[0])
+    with pytest.raises(ValueError, match="pad"):
+        C.set_pad(-1)
+
+
 def test_cache_trim():
     hf, cfg = hf_case("qwen3-gqa2-tied")
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:

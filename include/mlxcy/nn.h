@@ -147,12 +147,19 @@ inline mx::array zeros4(int a, int b, int c, int d, mx::Dtype dt) {
 inline bool same_dtype(const mx::array& a, const mx::array& b) { return a.dtype() == b.dtype(); }
 
 // [B, L, H*D] -> [B, H, L, D]
+// One position (a decode step): a plain reshape, the same elements in the same
+// order.  The transposed view would carry the position axis's stride (H * D)
+// on a size-1 axis, and MLX's CUDA RMSNorm copies any input whose second-to-
+// last stride is not the row length: one copy kernel per layer for the q/k
+// norms of Qwen 3 and Gemma 3 (benchmarks/decode_profile.py --kernels).
 inline mx::array heads_first(const mx::array& x, int H, int D) {
+  if (x.shape(1) == 1) return mx::reshape(x, {x.shape(0), H, 1, D});
   return mx::transpose(mx::reshape(x, {x.shape(0), x.shape(1), H, D}), {0, 2, 1, 3});
 }
 
 // [B, H, L, D] -> [B, L, H*D]
 inline mx::array heads_merge(const mx::array& x) {
+  if (x.shape(2) == 1) return mx::reshape(x, {x.shape(0), 1, x.shape(1) * x.shape(3)});
   return mx::reshape(mx::transpose(x, {0, 2, 1, 3}),
                      {x.shape(0), x.shape(2), x.shape(1) * x.shape(3)});
 }

@@ -68,7 +68,7 @@ cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
 
 
 def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
-                       add_norm=None, cpu_sync=None):
+                       add_norm=None, cpu_sync=None, vector_attention=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
     fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
     (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
@@ -76,7 +76,10 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
     prefill_parts -- fused layers run as separate matmuls in prefill (on);
     add_norm -- residual add and the following RMSNorm as one kernel on a
     CUDA GPU (off: slower there, see ADD_NORM); cpu_sync -- a quantized
-    model's CPU inference evaluates block by block (on, see CPU_SYNC).
+    model's CPU inference evaluates block by block (on, see CPU_SYNC);
+    vector_attention -- new KV caches are padded off multiples of 256, which
+    keeps MLX's CUDA backend on its single-kernel attention for one-token
+    queries instead of cuDNN's (on, see mlxcy/cache.pyx's PAD).
     Returns the previous values of the options given (for decode_options to
     restore)."""
     global JOINT_ROPE, PREFILL_PARTS, ADD_NORM, CPU_SYNC
@@ -92,6 +95,9 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
         old["add_norm"], ADD_NORM = ADD_NORM, bool(add_norm)
     if cpu_sync is not None:
         old["cpu_sync"], CPU_SYNC = CPU_SYNC, bool(cpu_sync)
+    if vector_attention is not None:
+        from mlxcy import cache as _cache
+        old["vector_attention"] = _cache.set_pad(8 if vector_attention else 0) > 0
     return old
 
 
