@@ -13,12 +13,14 @@ from mlxcy.core cimport Array, wrap, handle
 # Every cache buffer holds PAD positions more than it needs (8 by default):
 # MLX's CUDA backend attends a one-token query over a cache slice with cuDNN
 # when the buffer's length is a multiple of 256 (mlx-lm's cache step, and
-# ours), and with its own single-kernel vector attention otherwise.  In a decode
-# step, which is bound by the host's work of encoding kernels, cuDNN's path
-# costs more: on an H200 (benchmarks/decode_profile.py, 2026-11-29) the vector
-# kernel took SmolLM2-135M from 3.3 to 2.6 ms per token in bf16 and from 3.5 to
-# 2.2 ms in 4-bit.  The padding changes nothing else (8 positions per layer of
-# memory; on the CPU the same kernels run).  set_pad(0) for A/B runs.
+# ours), and with its own single-kernel vector attention otherwise.  A decode
+# step is bound by the host's work of encoding kernels, and cuDNN's path costs
+# more of it.  On an H200 (benchmarks/decode_option_ab.py --option
+# vector_attention, 2026-11-29) the padding took SmolLM2-135M from 196 to 248
+# tok/s in bf16 and from 261 to 360 in 4-bit, and Qwen3-0.6B from 179 to 241
+# and 211 to 241.  With the default step of 256 a buffer's length stays 8 past
+# a multiple of 256.  Nothing else changes (8 positions per layer of memory; on
+# the CPU the same kernels run).  set_pad(0) for A/B runs.
 cdef int PAD = 8
 
 
@@ -136,7 +138,7 @@ cdef class KVCache(LayerCache):
         if prev + L > cap:
             need = ((prev + L - cap + self.step - 1) // self.step) * self.step
             if self.keys == NULL:
-                need += PAD     # later growth adds whole steps: the length stays off 256s
+                need += PAD     # later growth adds whole steps (see PAD)
                 _set(&self.keys, heap(nnn.zeros4(k.shape(0), k.shape(1), need, k.shape(3), k.dtype())))
                 _set(&self.values, heap(nnn.zeros4(v.shape(0), v.shape(1), need, v.shape(3), v.dtype())))
             else:
