@@ -262,3 +262,25 @@ def test_quantized_cpu_inference_evaluates_block_by_block(tiny_dir, tmp_path):
         assert res[True][0] == res[False][0]
         # 2-core VM: 1.5 MB vs 7.0 MB above the resident memory (149 head blocks)
         assert res[True][1] < 0.6 * res[False][1], res
+
+
+def test_token_loop_host_timers(tiny_dir):
+    """TokenLoop splits the decode steps' host time into building the graph,
+    queueing it (async_eval) and waiting for the token: each is counted once
+    per step, and together they fit inside the loop's wall time."""
+    import time
+    from mlxcy.generate import TokenLoop
+    from mlxcy.models.load import load_model
+    from mlxcy.sample import Sampler
+    ids = np.random.default_rng(3).integers(0, 150000, 9).tolist()
+    with load_model(tiny_dir[0]) as m:
+        cache = m.make_cache()
+        loop = TokenLoop(m, cache, Sampler(temperature=0.0), ids, 12)
+        assert (loop.build_seconds, loop.queue_seconds, loop.wait_seconds) == (0, 0, 0)
+        t0 = time.perf_counter()
+        toks = [t for t, _ in loop]
+        wall = time.perf_counter() - t0
+        cache.free()
+    assert len(toks) == 12
+    assert loop.build_seconds > 0 and loop.queue_seconds > 0 and loop.wait_seconds > 0
+    assert loop.build_seconds + loop.queue_seconds + loop.wait_seconds <= wall
