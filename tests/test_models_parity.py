@@ -220,6 +220,30 @@ def test_cache_pad_changes_no_logit():
         C.set_pad(-1)
 
 
+@pytest.mark.parametrize("pad", [0, 2, 8])
+def test_small_step_caches_grow_and_wrap(pad):
+    """Caches whose step is smaller than the window: a ring that grows in
+    several steps (each with `pad` spare positions) before it wraps, and a
+    plain cache grown step by step, give the reference logits, one token at a
+    time from an empty cache and then in chunks."""
+    from mlxcy import cache as C
+    hf, cfg = hf_case("gemma3-sliding-softcap")     # sliding window 8
+    with build_model(cfg.to_dict(), torch_weights(hf)) as model:
+        ids = ids_for(40, cfg.vocab_size, batch=1, seed=4)
+        ref = ref_logits(hf, ids)
+        old = C.set_pad(pad)
+        try:
+            cache = C.Cache([C.RotatingKVCache(c.window, step=3) if c.window else
+                             C.KVCache(step=4) for c in model.make_cache().layers])
+            pos, outs = 0, []
+            for n in [1] * 19 + [6, 1, 1, 13]:
+                outs.append(model(ids[:, pos:pos + n], cache).numpy())
+                pos += n
+        finally:
+            C.set_pad(old)
+        assert rel(np.concatenate(outs, 1), ref[:, :pos]) <= TOL
+
+
 def test_cache_trim():
     hf, cfg = hf_case("qwen3-gqa2-tied")
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:
