@@ -6,6 +6,11 @@
 from mlxcy.native cimport array as na
 
 
+# Quantized layers on the CPU: evaluate each dequantized block's product before
+# building the next (see EVAL_BLOCKS in nn.pyx); returns the previous setting.
+cdef bint set_eval_blocks(bint on) noexcept
+
+
 cdef class Linear:
     cdef na.array* weight      # [out, in] float, or packed uint32 when quantized
     cdef na.array* scales      # quantized only

@@ -51,10 +51,12 @@ cdef int DEQUANT_BLOCK = 1024
 cdef bint EVAL_BLOCKS = False
 
 
-def _set_eval_blocks(bint on):
-    """Returns the previous setting (for Model.forward's try/finally)."""
+cdef bint set_eval_blocks(bint on) noexcept:
+    """Returns the previous setting (for Model.forward's try/finally); a cdef
+    function, so the CPU decode step switches it with no Python call."""
     global EVAL_BLOCKS
-    old, EVAL_BLOCKS = EVAL_BLOCKS, on
+    cdef bint old = EVAL_BLOCKS
+    EVAL_BLOCKS = on
     return old
 
 

@@ -21,7 +21,7 @@ from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport fused as nfused
 from mlxcy.native.array cimport heap
-from mlxcy.nn cimport Linear, Embedding, RMSNorm
+from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 
 from mlxcy.core import Array as _Array
@@ -439,12 +439,11 @@ cdef bint _cpu_sync(Model m) except -1:
 
 cdef na.array* _head_in_blocks(Model m, const na.array& h) except NULL:
     """m.head(h) with a quantized head's blocks evaluated one by one."""
-    from mlxcy import nn as _nn
-    old = _nn._set_eval_blocks(True)
+    cdef bint old = set_eval_blocks(True)
     try:
         return m.head(h)
     finally:
-        _nn._set_eval_blocks(old)
+        set_eval_blocks(old)
 
 
 cdef na.array* add_norm(na.array* h, const na.array* r, RMSNorm norm) except NULL:
