@@ -57,7 +57,7 @@ class MlxLmLoop:
         self.stream = mx.new_stream(mx.default_device())
         self.make_cache = make_prompt_cache
 
-    def run(self, prompt, steps, profile=None):
+    def run(self, prompt, steps):
         mx = self.mx
         cache = self.make_cache(self.model)
         build = queue = wait = 0.0
@@ -72,7 +72,7 @@ class MlxLmLoop:
         y = step(y)
         mx.async_eval(y)
         t_start = time.perf_counter()
-        for i in range(steps):
+        for _ in range(steps):
             t0 = time.perf_counter()
             nxt = step(y)
             t1 = time.perf_counter()
@@ -84,8 +84,6 @@ class MlxLmLoop:
             queue += t2 - t1
             wait += t3 - t2
             y = nxt
-            if profile is not None:
-                profile.step()
         wall = time.perf_counter() - t_start
         y.item()
         return {"wall": wall / steps, "build": build / steps, "queue": queue / steps,
@@ -93,7 +91,8 @@ class MlxLmLoop:
 
 
 def _kernels(run):
-    import torch  # noqa: F401  (the profiler needs it imported)
+    """CUDA kernels (name counts) and their device time under torch.profiler,
+    which records every kernel in the process, MLX's included."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
