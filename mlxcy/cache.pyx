@@ -21,7 +21,8 @@ from mlxcy.core cimport Array, wrap, handle
 # and 211 to 241.  With the default step of 256 a buffer's length stays 8 past
 # a multiple of 256.  Nothing else changes (8 positions per layer of memory; on
 # the CPU the same kernels run).  set_pad(0) for A/B runs.
-cdef int PAD = 8
+DEFAULT_PAD = 8
+cdef int PAD = DEFAULT_PAD
 
 
 def set_pad(int n):
@@ -161,11 +162,6 @@ cdef class KVCache(LayerCache):
         return n
 
 
-cdef inline int _ring_cap(RotatingKVCache c) noexcept:
-    """Usable ring slots: the buffer's length (PAD included) up to the window."""
-    return 0 if c.keys == NULL else min(c.keys.shape(2), c.window)
-
-
 cdef class RotatingKVCache(LayerCache):
     """Keeps the last `window` positions in a ring written in place."""
 
@@ -201,7 +197,7 @@ cdef class RotatingKVCache(LayerCache):
         if self.keys != NULL and not nnn.same_dtype(self.keys[0], k):
             raise ValueError("RotatingKVCache: new keys' dtype differs from the cached keys'")
         if L == 1:
-            cap = _ring_cap(self)
+            cap = 0 if self.keys == NULL else self.keys.shape(2)   # PAD slots included: the ring uses [0, W)
             if self.filled < W and self.filled == cap:
                 extra = min(W - cap, self.step) + PAD
                 if self.keys == NULL:

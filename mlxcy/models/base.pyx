@@ -97,7 +97,8 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
         old["cpu_sync"], CPU_SYNC = CPU_SYNC, bool(cpu_sync)
     if vector_attention is not None:
         from mlxcy import cache as _cache
-        old["vector_attention"] = _cache.set_pad(8 if vector_attention else 0) > 0
+        old["vector_attention"] = _cache.set_pad(
+            _cache.DEFAULT_PAD if vector_attention else 0) > 0
     return old
 
 
