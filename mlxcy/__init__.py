@@ -53,6 +53,10 @@ __version__ = "0.1.0"
 # a module __getattr__: a module defining __getattr__ keeps CPython from
 # specializing attribute loads on it, which made every `mx.reshape`-style
 # lookup ~15 ns slower (benchmarks/overhead.py).
+from mlxcy.errors import (  # noqa: E402,F401
+    Error, ModelFormatError, LoadError, GGUFError, TokenizerError, ChatTemplateError, OptionError,
+    OptionTypeError, DataError, AdapterError, SessionError,
+)
 from mlxcy.inference import load, TextModel  # noqa: E402,F401
 from mlxcy.tokenizer import Tokenizer  # noqa: E402,F401
 from mlxcy.sample import Sampler  # noqa: E402,F401

@@ -45,9 +45,7 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
-class ChatTemplateError(ValueError):
-    """A chat template failed to compile or to render (including the
-    template's own raise_exception(...))."""
+from mlxcy.errors import ChatTemplateError  # noqa: E402,F401  (re-exported)
 
 
 # ----------------------------------------------------------- environment ----

@@ -39,8 +39,7 @@ __all__ = ["GGUFError", "read_header", "gguf_config", "load_gguf", "hf_name",
            "NATIVE_TYPES", "TYPE_NAMES"]
 
 
-class GGUFError(ValueError):
-    """A GGUF file is malformed, truncated, or holds something we cannot map."""
+from mlxcy.errors import GGUFError  # noqa: E402,F401  (re-exported)
 
 
 # ggml tensor types (ggml.h): id -> (name, block size, bytes per block)

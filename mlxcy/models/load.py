@@ -27,8 +27,7 @@ __all__ = ["LoadError", "load", "load_model", "load_config", "load_weights",
            "expected_shapes", "SUPPORTED_MODEL_TYPES"]
 
 
-class LoadError(ValueError):
-    """A checkpoint is missing, malformed, or does not fit its config."""
+from mlxcy.errors import LoadError  # noqa: E402,F401  (re-exported)
 
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "gemma3")

@@ -1,5 +1,4 @@
 """The one exception type the tokenizer raises for unsupported or bad files."""
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file is malformed, truncated, or uses an unsupported component."""
+from mlxcy.errors import TokenizerError  # noqa: E402,F401  (re-exported)

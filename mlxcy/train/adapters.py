@@ -22,8 +22,7 @@ ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
-class AdapterError(ValueError):
-    """An adapter directory is missing, malformed or does not fit the model."""
+from mlxcy.errors import AdapterError  # noqa: E402,F401  (re-exported)
 
 
 def save_adapters(lora, path, extra_config: dict | None = None,

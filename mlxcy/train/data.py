@@ -23,8 +23,7 @@ __all__ = ["DataError", "Dataset", "load_jsonl", "load_datasets", "iterate_batch
            "pad_batch"]
 
 
-class DataError(ValueError):
-    """A malformed or unusable data file (the message names file and line)."""
+from mlxcy.errors import DataError  # noqa: E402,F401  (re-exported)
 
 
 def load_jsonl(path) -> list[dict]:
