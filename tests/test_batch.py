@@ -271,10 +271,14 @@ def test_cancellation_stops_every_row(tiny):
     tm = tiny.tm
     calls = []
     out = batch_generate(tm, PROMPTS[:3], max_tokens=50,
-                         cancel=lambda: calls.append(1) or len(calls) > 3)
+                         cancel=lambda: calls.append(1) or len(calls) > 6)
     assert out.stop_reasons == ["cancelled"] * 3
-    for i in range(3):   # one check before prefill, then one per step: 3 tokens each
-        full = [t for t, _ in _single(tm, tm.tokenizer.encode(PROMPTS[i]), 3)]
+    # checked before the run and before every engine step: the rows stop
+    # together, after the same number of tokens, each a prefix of its run
+    n = len(out.token_ids[0])
+    assert 1 <= n < 6 and len(calls) == 7
+    for i in range(3):
+        full = [t for t, _ in _single(tm, tm.tokenizer.encode(PROMPTS[i]), n)]
         assert out.token_ids[i] == full
 
 
