@@ -31,7 +31,7 @@ __all__ = ["LoadError", "load", "load_model", "load_config", "load_weights",
 from mlxcy.errors import LoadError  # noqa: E402,F401  (re-exported)
 
 
-from mlxcy.models.families import MODEL_TYPES as _MODEL_TYPES, spec_for  # noqa: E402
+from mlxcy.models.families import MODEL_TYPES as _MODEL_TYPES  # noqa: E402
 from mlxcy.models.config import ModelConfig  # noqa: E402
 from mlxcy.models.spec import ConfigError  # noqa: E402
 
@@ -349,10 +349,9 @@ def _check(infos: dict, cfg: ModelConfig, quantization, where, config_file=None,
     layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, infos) if m}
     n = cfg.num_hidden_layers
     if layers != set(range(n)):
-        have = f"layers 0-{max(layers)}" if layers == set(range(len(layers))) and layers \
-            else f"layers {sorted(layers)[:8]}{'...' if len(layers) > 8 else ''}"
-        raise LoadError(f"{config_file}: num_hidden_layers is {n} but the weights hold "
-                        f"{len(layers)} ({have})")
+        have = sorted(layers)
+        have = (f"{len(have)} (model.layers.{have[0]} to {have[-1]})" if have else "none")
+        raise LoadError(f"{config_file}: num_hidden_layers is {n} but the weights hold {have}")
     quantized = {k[: -len(".scales")] for k in infos if k.endswith(".scales")}
     for name, shape, kind, keys in _expected(cfg, quantization, quantized):
         info = infos.get(name)

@@ -22,6 +22,7 @@ a model family") has the steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
 import re
@@ -72,7 +73,7 @@ class Field:
         key = where + self.name
         v = d.get(self.name)
         if v is None:
-            if v is None and self.name in d and self.nullable:
+            if self.nullable and self.name in d:
                 return None
             if self.default is _MISSING:
                 raise _err(f"missing required field {key!r}")
@@ -125,7 +126,6 @@ def fields(base, **changes):
 
 # Sanity bounds: far above any released model, low enough that no size
 # derived from them overflows or allocates for minutes.
-_BIG = 1 << 20
 BASE_FIELDS = (
     Field("vocab_size", "int", minimum=1, maximum=1 << 24),
     Field("hidden_size", "int", minimum=1, maximum=1 << 17),
@@ -317,7 +317,7 @@ class ArchSpec:
                 raise _err("layer_types has sliding_attention layers but sliding_window is null")
         elif not self.keeps_window:
             sliding = None
-        known = {f.name for f in dataclass_fields(ModelConfig)}
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
         kw = {k: val for k, val in v.items() if k in known}
         kw.update(model_type=self.model_type_of(hf), rope_theta=theta, rope_scaling=scaling,
                   layer_types=list(layer_types), sliding_window=sliding,
@@ -538,8 +538,3 @@ class ArchSpec:
         """The GGUF metadata key a config key is read from (for messages)."""
         k = self.gguf_keys.get(config_key)
         return None if k is None else f"{arch}.{k}"
-
-
-def dataclass_fields(cls):
-    import dataclasses
-    return dataclasses.fields(cls)
