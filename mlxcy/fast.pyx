@@ -152,7 +152,7 @@ cdef str _gemv_args(nfu.GemvArgs* g, Array x, Array w, Array s, Array qb, int bi
     g.scales, g.qbiases, g.bits, g.group_size = _ptr(s), _ptr(qb), bits, group_size
     g.bias, g.norm, g.eps, g.residual = _ptr(b), _ptr(n), eps, _ptr(r)
     g.act = _ACTS[act]
-    cdef string why
+    cdef string why = string()
     if nfu.gemv_supported(x.ptr[0], w.ptr[0], g[0], &why):
         return None
     return why.decode()
@@ -176,7 +176,7 @@ def gemv(x, w, *, scales=None, biases=None, int bits=0, int group_size=64, bias=
     cdef Array s = _opt(scales, "scales"), qb = _opt(biases, "biases")
     cdef Array b = _opt(bias, "bias"), n = _opt(norm_weight, "norm_weight")
     cdef Array r = _opt(residual, "residual")
-    cdef nfu.GemvArgs g
+    cdef nfu.GemvArgs g = nfu.GemvArgs()
     why = _gemv_args(&g, a, wa, s, qb, bits, group_size, b, n, eps, r, act)
     if why is not None:
         raise ValueError(f"gemv: {why}")
@@ -191,7 +191,7 @@ def gemv_unsupported_reason(x, w, *, scales=None, biases=None, int bits=0,
     cdef Array s = _opt(scales, "scales"), qb = _opt(biases, "biases")
     cdef Array b = _opt(bias, "bias"), n = _opt(norm_weight, "norm_weight")
     cdef Array r = _opt(residual, "residual")
-    cdef nfu.GemvArgs g
+    cdef nfu.GemvArgs g = nfu.GemvArgs()
     return _gemv_args(&g, a, wa, s, qb, bits, group_size, b, n, eps, r, act)
 
 

@@ -9,7 +9,7 @@ import pytest
 import mlxcy as mx
 from mlxcy import fast, ops
 from mlxcy.models import build_model
-from mlxcy.models.base import decode_options
+from mlxcy.models.base import decode_options, gpu_block_steps
 
 _REASON = fast.gemv_unsupported_reason(mx.zeros((1, 64), dtype=mx.bfloat16),
                                        mx.zeros((8, 64), dtype=mx.bfloat16))
@@ -76,8 +76,8 @@ WEIGHTS = [(mx.bfloat16, 0, 0), (mx.float16, 0, 0), (mx.float32, 0, 0),
 
 @cuda
 @pytest.mark.parametrize("dtype,bits,gs", WEIGHTS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 13])
-@pytest.mark.parametrize("n,k", [(37, 128), (1000, 576), (577, 2304)])
+@pytest.mark.parametrize("rows", [1, 3, 13])
+@pytest.mark.parametrize("n,k", [(37, 128), (1000, 640), (577, 2304)])
 def test_plain_product(dtype, bits, gs, rows, n, k):
     rng = np.random.default_rng(rows * 1000 + n + k)
     lay = _layer(rng, n, k, dtype, bits, gs)
@@ -90,7 +90,7 @@ def test_plain_product(dtype, bits, gs, rows, n, k):
 
 @cuda
 @pytest.mark.parametrize("dtype,bits,gs", WEIGHTS)
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 16])
 def test_fused_prologue_and_epilogues(dtype, bits, gs, rows):
     rng = np.random.default_rng(rows + bits + gs)
     k, n = 640, 2 * 321
@@ -188,10 +188,14 @@ def _both(cfg, dtype, quantization=None, batch=2, steps=12):
     ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], (batch, 9)).astype(np.int32)
     with build_model(cfg, w, quantization) as model:
         model.fuse()
+        n0 = gpu_block_steps()
         with decode_options(gpu_kernels=False):
             ref, ref_ids = _decode(model, ids, steps)
+        assert gpu_block_steps() == n0
         with decode_options(gpu_kernels=True):
             got, got_ids = _decode(model, ids, steps)
+        # every decode step of every block went through the fused kernels
+        assert gpu_block_steps() - n0 == steps * cfg["num_hidden_layers"]
     return ref, ref_ids, got, got_ids
 
 

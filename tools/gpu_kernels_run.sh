@@ -19,7 +19,7 @@ for s in "$@"; do
         MLXCY_JOBS=12 step build 300 python setup.py -q build_ext --inplace
         tail -5 "$out/build.log" ;;
     tests)
-        step tests 300 python -m pytest -q -x -n 4 -p no:cacheprovider tests/test_gpu_kernels.py
+        step tests 300 python -m pytest -q -n 6 -p no:cacheprovider tests/test_gpu_kernels.py
         tail -15 "$out/tests.log" ;;
     parity)
         step parity 300 python -m pytest -q -n 4 -p no:cacheprovider tests/test_models_parity.py tests/test_generate.py
@@ -31,6 +31,10 @@ for s in "$@"; do
         step decode 330 python benchmarks/bench_decode.py --rounds 1 --out "$out/decode.jsonl" \
             --models smollm2-135m,qwen3-0.6b,llama-3.2-1b --quant bf16,4bit
         grep '^|' "$out/decode.log" ;;
+    ab)
+        step ab 300 python benchmarks/decode_option_ab.py --option gpu_kernels --rounds 1 \
+            --models smollm2-135m,llama-3.2-1b --quant bf16,4bit
+        grep '^|' "$out/ab.log" ;;
     profile)
         step profile 200 python benchmarks/decode_profile.py --models smollm2-135m,llama-3.2-1b \
             --quant bf16,4bit --kernels

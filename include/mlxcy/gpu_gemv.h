@@ -13,6 +13,9 @@
 // On a CUDA GPU one decode step of a standard pre-norm block is then four of
 // these launches (norm+qkv, o_proj+residual, norm+gate/up+act, down+residual)
 // instead of eight MLX kernels, and each launch streams its weight once.
+// (Off by default: through mx::fast::cuda_kernel each launch costs about twice
+// the host time of an MLX op, which cancels the saving -- docs/benchmarks.md,
+// "GPU decode kernels of our own".)
 //
 // The kernels are MLX custom CUDA kernels (mx::fast::cuda_kernel: compiled by
 // NVRTC on first use for each shape, cached on disk by MLX); nothing here is

@@ -63,8 +63,16 @@ cdef bint ADD_NORM = False
 cdef bint CPU_SYNC = True
 
 # Decode steps of standard pre-norm blocks on a CUDA GPU through mlxcy's own
-# fused matrix-vector kernels (see _gpu_block_step).
-cdef bint GPU_KERNELS = True
+# fused matrix-vector kernels (see _gpu_block_step).  Off by default: on an
+# H200 (2026-12-03, benchmarks/decode_option_ab.py --option gpu_kernels) decode
+# was 4-13% slower with it (Llama-3.2-1B bf16 430 vs 494 tok/s), although the
+# kernels themselves match or beat MLX's on the device (docs/benchmarks.md,
+# "GPU decode kernels"): an MLX custom kernel (mx::fast::cuda_kernel) costs
+# ~19 us of host time per launch against ~9 us for MLX's own ops, so four
+# fused launches cost what the eight MLX kernels did, and decode is bound by
+# host dispatch.  The path stays for A/B runs and as the base of a
+# lower-overhead launch (a custom primitive, or a replayed CUDA graph).
+cdef bint GPU_KERNELS = False
 
 
 cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
@@ -86,7 +94,8 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
     keeps MLX's CUDA backend on its single-kernel attention for one-token
     queries instead of cuDNN's (on, see mlxcy/cache.pyx's PAD).
     gpu_kernels -- decode steps of pre-norm blocks through mlxcy's fused
-    CUDA matrix-vector kernels on a CUDA GPU (on, see GPU_KERNELS).
+    CUDA matrix-vector kernels on a CUDA GPU (off: slower end to end with
+    MLX's custom-kernel launch cost, see GPU_KERNELS).
     Returns the previous values of the options given (for decode_options to
     restore)."""
     global JOINT_ROPE, PREFILL_PARTS, ADD_NORM, CPU_SYNC, GPU_KERNELS
@@ -454,8 +463,8 @@ cdef class Block:
 # own kernels (include/mlxcy/gpu_gemv.h), each with the block's neighbouring
 # pieces fused in: input RMSNorm + q/k/v (+ bias); o_proj + residual;
 # post-attention RMSNorm + gate/up + activation; down + residual.  Eight MLX
-# kernels per block become four.  set_decode_options(gpu_kernels=False) for
-# A/B runs.
+# kernels per block become four.  set_decode_options(gpu_kernels=True) turns
+# it on (off by default, see GPU_KERNELS).
 
 cdef inline void _gemv_weights(Linear l, nfused.GemvArgs* g) noexcept:
     if l.quantized:
@@ -470,7 +479,7 @@ cdef bint _gemv_layer_ok(Linear l, na.Dtype t, int rows, const na.array* norm,
         return False
     if l.quantized and l.qbiases == NULL:
         return False
-    cdef nfused.GemvArgs g
+    cdef nfused.GemvArgs g = nfused.GemvArgs()
     _gemv_weights(l, &g)
     g.norm = norm
     g.act = act
@@ -498,11 +507,23 @@ cdef bint _gpu_block_ok(Block b, const na.array& x) except -1:
             and _gemv_layer_ok(m.down_proj, t, rows, NULL, 0))
 
 
+cdef long long GPU_BLOCK_STEPS = 0
+
+
+def gpu_block_steps():
+    """How many block steps have run through the fused GPU decode kernels in
+    this process (tests check that the path they compare was taken)."""
+    return GPU_BLOCK_STEPS
+
+
 cdef na.array* _gpu_block_step(Block b, const na.array& x, LayerCache cache,
                                const na.array* mask, const na.array* offsets) except NULL:
+    global GPU_BLOCK_STEPS
+    GPU_BLOCK_STEPS += 1
     cdef Attention at = b.attn
     cdef MLP m = b.mlp
-    cdef nfused.GemvArgs g1, g2, g3, g4
+    cdef nfused.GemvArgs g1 = nfused.GemvArgs(), g2 = nfused.GemvArgs()
+    cdef nfused.GemvArgs g3 = nfused.GemvArgs(), g4 = nfused.GemvArgs()
     _gemv_weights(at.qkv_proj, &g1)
     g1.norm, g1.eps = b.input_norm.weight, b.input_norm.eps
     cdef na.array qkv = nfused.gemv(x, at.qkv_proj.weight[0], g1)

@@ -23,6 +23,7 @@ cdef extern from "mlxcy/xent.h" namespace "mlxcy" nogil:
 # residual, as mlxcy's own CUDA kernels (include/mlxcy/gpu_gemv.h).
 cdef extern from "mlxcy/gpu_gemv.h" namespace "mlxcy" nogil:
     cdef cppclass GemvArgs:
+        GemvArgs()
         const array* scales
         const array* qbiases
         int bits
