@@ -221,9 +221,6 @@ def main():
     ap.add_argument("--fold-residual", choices=["on", "off"], default=None,
                     help="mlxcy's residual adds folded into the o_proj/down_proj GEMMs "
                     "(default: the library's setting)")
-    ap.add_argument("--add-norm", choices=["on", "off"], default=None,
-                    help="mlxcy's residual add + RMSNorm as one kernel on a CUDA GPU "
-                    "(default: the library's setting, off)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args()
     from mlxcy.assets import cache_dir
@@ -232,8 +229,6 @@ def main():
     from mlxcy.models.base import set_decode_options
     if args.fold_residual is not None:
         set_decode_options(fold_residual=args.fold_residual == "on")
-    if args.add_norm is not None:
-        set_decode_options(add_norm=args.add_norm == "on")
     quants = [q for q in args.quant.split(",") if q]
     rows = []
     if args.gguf:

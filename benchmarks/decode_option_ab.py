@@ -2,7 +2,7 @@
 in one process, the three taking turns each round: on a host whose speed
 drifts between runs, only turns within one run compare fairly.
 
-    python benchmarks/decode_option_ab.py --option add_norm [--models smollm2-135m,...]
+    python benchmarks/decode_option_ab.py --option vector_attention [--models smollm2-135m,...]
                                           [--quant bf16,4bit] [--rounds 5]
 
 Prints median decode and prefill tok/s and peak MB per variant, and the
@@ -60,7 +60,7 @@ def run(label, path, vocab, option, prompt_len, n, rounds):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--option", required=True,
-                    help="a set_decode_options keyword (add_norm, joint_rope, ...)")
+                    help="a set_decode_options keyword (vector_attention, cpu_sync, ...)")
     ap.add_argument("--models", default="smollm2-135m,qwen3-0.6b,llama-3.2-1b")
     ap.add_argument("--quant", default="bf16")
     ap.add_argument("--prompt", type=int, default=512)

@@ -40,17 +40,6 @@ cdef bint JOINT_ROPE = True
 # the single fused matmul (the kernel count is what costs there).
 cdef bint PREFILL_PARTS = True
 
-# With a cache (inference), each residual add can run together with the
-# RMSNorm that follows it: one kernel instead of two on a CUDA GPU (fused.h's
-# add_rms_norm), two fewer per block.  Blocks then return their last branch
-# output unadded; the next block (or the final norm) adds it.  Off by default:
-# on an H200 (benchmarks/decode_option_ab.py, 2026-11-28) decode was slower
-# with it (SmolLM2 bf16 301 vs 329 tok/s, Qwen3 4-bit 227 vs 279): an MLX
-# custom kernel costs more host time per call than the two kernels it
-# replaces, and decode is bound by host dispatch.  Elsewhere (CPU) the path
-# runs the same ops as the plain one.
-cdef bint ADD_NORM = False
-
 # Inference with a quantized model on the CPU evaluates the hidden state after
 # every block, and the vocabulary head block by block: there each quantized
 # layer dequantizes its weight for MLX's float GEMM (mlxcy/nn.pyx), and MLX's
@@ -68,21 +57,20 @@ cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
 
 
 def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
-                       add_norm=None, cpu_sync=None, vector_attention=None):
+                       cpu_sync=None, vector_attention=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
     fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
     (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
     q and k heads of a fused projection (on by default; identical results);
     prefill_parts -- fused layers run as separate matmuls in prefill (on);
-    add_norm -- residual add and the following RMSNorm as one kernel on a
-    CUDA GPU (off: slower there, see ADD_NORM); cpu_sync -- a quantized
+    cpu_sync -- a quantized
     model's CPU inference evaluates block by block (on, see CPU_SYNC);
     vector_attention -- new KV caches are padded off multiples of 256, which
     keeps MLX's CUDA backend on its single-kernel attention for one-token
     queries instead of cuDNN's (on, see mlxcy/cache.pyx's PAD).
     Returns the previous values of the options given (for decode_options to
     restore)."""
-    global JOINT_ROPE, PREFILL_PARTS, ADD_NORM, CPU_SYNC
+    global JOINT_ROPE, PREFILL_PARTS, CPU_SYNC
     from mlxcy import nn as _nn
     old = {}
     if fold_residual is not None:
@@ -91,8 +79,6 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
         old["joint_rope"], JOINT_ROPE = JOINT_ROPE, bool(joint_rope)
     if prefill_parts is not None:
         old["prefill_parts"], PREFILL_PARTS = PREFILL_PARTS, bool(prefill_parts)
-    if add_norm is not None:
-        old["add_norm"], ADD_NORM = ADD_NORM, bool(add_norm)
     if cpu_sync is not None:
         old["cpu_sync"], CPU_SYNC = CPU_SYNC, bool(cpu_sync)
     if vector_attention is not None:
@@ -104,7 +90,7 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
 
 @contextmanager
 def decode_options(**options):
-    """with decode_options(add_norm=True): ...  -- set_decode_options(**options)
+    """with decode_options(cpu_sync=False): ...  -- set_decode_options(**options)
     inside the block, the previous settings restored after it."""
     old = set_decode_options(**options)
     try:
@@ -421,15 +407,6 @@ cdef class Block:
         r = nnn.own(self.mlp.hidden(r))
         return self.mlp.down_proj.forward_add(r, h)
 
-    cdef na.array* forward_deferred(self, na.array* h, const na.array* r, LayerCache cache,
-                                    const na.array* mask, const na.array* offsets) except NULL:
-        cdef na.array n = nnn.own(add_norm(h, r, self.input_norm))
-        cdef na.array a = nnn.own(self.attn.core(n, cache, mask, offsets))
-        a = nnn.own(self.attn.o_proj.forward(a))
-        n = nnn.own(add_norm(h, &a, self.post_attn_norm))
-        n = nnn.own(self.mlp.hidden(n))
-        return self.mlp.down_proj.forward(n)
-
 
 cdef bint _cpu_sync(Model m) except -1:
     """CPU inference with quantized layers: evaluate as it goes (CPU_SYNC)."""
@@ -445,18 +422,6 @@ cdef na.array* _head_in_blocks(Model m, const na.array& h) except NULL:
         return m.head(h)
     finally:
         set_eval_blocks(old)
-
-
-cdef na.array* add_norm(na.array* h, const na.array* r, RMSNorm norm) except NULL:
-    """h[0] += r[0] (when r is given), and returns norm(h[0]): one kernel on a
-    CUDA GPU (fused.h)."""
-    if r == NULL:
-        return norm.forward(h[0])
-    if norm.weight == NULL:
-        norm.forward(h[0])          # raises: the norm has been freed
-    cdef vector[na.array] hy = nfused.add_rms_norm(h[0], r[0], norm.weight, norm.eps)
-    h[0] = hy[0]
-    return heap(hy[1])
 
 
 cdef object _copy(na.array* p):
@@ -759,8 +724,6 @@ cdef class Model:
         cdef na.array* nh
         if cache is not None and len(cache.layers) != n:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
-        if ADD_NORM and cache is not None:
-            return self.forward_deferred(ids, cache, mask, offsets, last_only)
         cdef bint sync = cache is not None and _cpu_sync(self)
         cdef na.array* h = self.embed_tokens(ids)
         try:
@@ -784,31 +747,6 @@ cdef class Model:
         finally:
             del h
         return nh
-
-    cdef na.array* forward_deferred(self, const na.array& ids, Cache cache, const na.array* mask,
-                                    const na.array* offsets, bint last_only) except NULL:
-        """forward() with each residual add joined to the next RMSNorm (ADD_NORM)."""
-        cdef int L = ids.shape(1)
-        cdef Block blk
-        cdef na.array* r = NULL
-        cdef na.array* nr
-        cdef na.array* h = self.embed_tokens(ids)
-        try:
-            for i in range(len(self.layers)):
-                blk = <Block>self.layers[i]
-                nr = blk.forward_deferred(h, r, <LayerCache>cache.layers[i], mask, offsets)
-                del r
-                r = nr
-            if last_only and L > 1:
-                h[0] = nnn.take_position(h[0], L - 1)
-                r[0] = nnn.take_position(r[0], L - 1)
-            nr = add_norm(h, r, self.norm)
-            del r
-            r = nr
-            return self.project(r[0])
-        finally:
-            del h
-            del r
 
     # -- Python boundary ------------------------------------------------------------
     def __call__(self, ids, cache=None, mask=None, offsets=None, bint last_only=False):

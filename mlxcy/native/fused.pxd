@@ -1,5 +1,4 @@
 # Compiled elementwise pieces of the decoder (include/mlxcy/fused.h).
-from libcpp.vector cimport vector
 from mlxcy.native.array cimport array
 
 
@@ -7,9 +6,6 @@ cdef extern from "mlxcy/fused.h" namespace "mlxcy" nogil:
     array swiglu(const array& g, const array& u) except +
     array geglu_tanh(const array& g, const array& u) except +
     array last_axis_slice(const array& x, int start, int stop) except +
-    vector[array] add_rms_norm(const array& x, const array& r, const array* w,
-                               float eps) except +
-    bint add_rms_norm_native()
 
 
 # Cross-entropy with a hand-written VJP (include/mlxcy/xent.h).
