@@ -15,22 +15,6 @@ from mlxcy.native.array cimport heap
 from libcpp.vector cimport vector
 
 
-# Fold residual adds into the output projections' GEMMs (Linear.forward_add):
-# one kernel fewer per call.  Off by default: on an H200 it made bf16 decode
-# slower, not faster (SmolLM2 1.46x -> 1.18x mlx-lm; docs/benchmarks.md), and
-# on the CPU it changes bf16 rounding (SmolLM2's test prompt: error vs float32
-# 0.023 -> 0.043; a random 64-token prompt: 0.0107 -> 0.0108).
-cdef bint FOLD_RESIDUAL = False
-
-
-def set_fold_residual(bint on):
-    """Sets FOLD_RESIDUAL; returns its previous value."""
-    global FOLD_RESIDUAL
-    old = FOLD_RESIDUAL
-    FOLD_RESIDUAL = on
-    return old
-
-
 cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
     na.array qlinear_dequant(const na.array& x, const na.array& w, const na.array& scales,
                              const na.array* biases, int group_size, int bits,
@@ -196,19 +180,6 @@ cdef class Linear:
             qb = nnn.rows(self.qbiases[0], r0, r1)
             qbp = &qb
         return _qmatmul(x, wr, s, qbp, self.group_size, self.bits, bp)
-
-    cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL:
-        """residual + forward(x).  With FOLD_RESIDUAL on (off by default), a
-        plain float layer folds the add into its GEMM (addmm)."""
-        cdef na.array* w = _live(self.weight, self)
-        # Only when all three share a dtype: addmm casts the residual to the
-        # product's dtype, which would round a float32 residual stream.
-        if (FOLD_RESIDUAL and not self.quantized and self.bias == NULL
-                and (self.lora_a == NULL or self.lora_b == NULL)
-                and nnn.same_dtype(x, w[0]) and nnn.same_dtype(residual, w[0])):
-            return heap(nnn.linear_add(x, w[0], residual))
-        cdef na.array y = nnn.own(self.forward(x))
-        return heap(nnn.add(residual, y))
 
     cdef na.array* lora_forward(self, const na.array& x, na.array* y) except NULL:
         """y + (scale * (dropout(x) @ A) @ B).astype(x.dtype), as mlx-lm's

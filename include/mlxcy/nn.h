@@ -33,11 +33,6 @@ inline mx::array linear(const mx::array& x, const mx::array& w, const mx::array*
   return mx::matmul(x, mx::transpose(w));
 }
 
-// residual + x @ w.T as one GEMM (beta = 1): the residual add costs no kernel.
-inline mx::array linear_add(const mx::array& x, const mx::array& w, const mx::array& residual) {
-  return mx::addmm(residual, x, mx::transpose(w));
-}
-
 // Rows [r0, r1) of the first axis (a view; contiguous for a row-major array).
 inline mx::array rows(const mx::array& a, int r0, int r1) {
   mx::Shape start(a.ndim(), 0), stop = a.shape();

@@ -56,11 +56,10 @@ cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
     void eval_now(const na.array&) except +
 
 
-def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
+def set_decode_options(joint_rope=None, prefill_parts=None,
                        cpu_sync=None, vector_attention=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
-    fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
-    (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
+    joint_rope -- one RoPE call over the
     q and k heads of a fused projection (on by default; identical results);
     prefill_parts -- fused layers run as separate matmuls in prefill (on);
     cpu_sync -- a quantized
@@ -71,10 +70,7 @@ def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
     Returns the previous values of the options given (for decode_options to
     restore)."""
     global JOINT_ROPE, PREFILL_PARTS, CPU_SYNC
-    from mlxcy import nn as _nn
     old = {}
-    if fold_residual is not None:
-        old["fold_residual"] = _nn.set_fold_residual(bool(fold_residual))
     if joint_rope is not None:
         old["joint_rope"], JOINT_ROPE = JOINT_ROPE, bool(joint_rope)
     if prefill_parts is not None:
@@ -398,14 +394,12 @@ cdef class Block:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
-        # forward_add: the residual adds may ride on the o_proj and down_proj
-        # GEMMs (only with set_decode_options(fold_residual=True); off by default).
         cdef na.array h = nnn.own(self.input_norm.forward(x))
-        cdef na.array r = nnn.own(self.attn.core(h, cache, mask, offsets))
-        h = nnn.own(self.attn.o_proj.forward_add(r, x))
+        cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
+        h = nnn.add(x, r)
         r = nnn.own(self.post_attn_norm.forward(h))
-        r = nnn.own(self.mlp.hidden(r))
-        return self.mlp.down_proj.forward_add(r, h)
+        r = nnn.own(self.mlp.forward(r))
+        return heap(nnn.add(h, r))
 
 
 cdef bint _cpu_sync(Model m) except -1:

@@ -40,7 +40,6 @@ cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
 cdef extern from "mlxcy/nn.h" namespace "mlxcy" nogil:
     array own(array*) except +
     array linear(const array& x, const array& w, const array* bias) except +
-    array linear_add(const array& x, const array& w, const array& residual) except +
     array heads_slice(const array& x, int h0, int h1) except +
     array rows(const array& a, int r0, int r1) except +
     array qlinear(const array& x, const array& w, const array& scales, const array* biases,
