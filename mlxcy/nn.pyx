@@ -21,15 +21,15 @@ cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
                              const na.array* bias, int block, bint eval_blocks) except +
 
 
-# Quantized layers on the CPU: dequantize the weight right before the product
+# Quantized layers on the CPU dequantize the weight right before the product
 # and use MLX's float GEMM instead of its CPU quantized_matmul (a scalar loop,
 # 2.5x slower for one token and ~20x for a 512-token prefill chunk on the
-# 2-core development VM; see include/mlxcy/qcpu.h).  -1: automatic (when the
-# default device is the CPU); 0: never; 1: always.  The GPU keeps MLX's fused
+# 2-core development VM; see include/mlxcy/qcpu.h), DEQUANT_BLOCK rows at a
+# time (bounds the temporary of a vocabulary head).  The GPU keeps MLX's fused
 # quantized kernels, which read the packed weight directly.
-cdef int CPU_DEQUANT = -1
-# Rows dequantized at a time (bounds the temporary of a vocabulary head).
-cdef int DEQUANT_BLOCK = 1024
+cdef enum:
+    DEQUANT_BLOCK = 1024
+
 # Evaluate each block's product before building the next (Model.forward sets
 # it around the head in CPU inference; see include/mlxcy/qcpu.h).
 cdef bint EVAL_BLOCKS = False
@@ -44,18 +44,7 @@ cdef bint set_eval_blocks(bint on) noexcept:
     return old
 
 
-def set_cpu_dequant(mode, int block=1024):
-    """Choose how quantized layers multiply: mode None (automatic: dequantize
-    then GEMM on the CPU, MLX's quantized kernel elsewhere), True or False;
-    `block` rows are dequantized at a time.  For A/B benchmarks."""
-    global CPU_DEQUANT, DEQUANT_BLOCK
-    CPU_DEQUANT = -1 if mode is None else (1 if mode else 0)
-    DEQUANT_BLOCK = block
-
-
 cdef inline bint _dequant_path(const na.array& w, int group_size, int bits) noexcept:
-    if CPU_DEQUANT >= 0:
-        return CPU_DEQUANT == 1
     if na.default_device().type == na.cpu:
         return True
     # MLX 0.32.4's CUDA quantized_matmul returns zeros for inputs of several
