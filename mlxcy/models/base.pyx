@@ -28,11 +28,6 @@ from mlxcy.core import Array as _Array
 import mlxcy.core as _core
 
 
-# Rotate q and k heads with one RoPE kernel when they come out of one fused
-# q/k/v matmul without per-head norms (one kernel fewer per layer).  On by
-# default; set_decode_options(joint_rope=False) for A/B benchmarks.
-cdef bint JOINT_ROPE = True
-
 # Prefill (more than one position) runs the parts of fused q/k/v and gate/up
 # weights as separate matmuls over views of the fused weight: on a GPU the
 # fused outputs of a 512-token chunk stayed alive until their command batch
@@ -56,11 +51,9 @@ cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
     void eval_now(const na.array&) except +
 
 
-def set_decode_options(joint_rope=None, prefill_parts=None,
+def set_decode_options(prefill_parts=None,
                        cpu_sync=None, vector_attention=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
-    joint_rope -- one RoPE call over the
-    q and k heads of a fused projection (on by default; identical results);
     prefill_parts -- fused layers run as separate matmuls in prefill (on);
     cpu_sync -- a quantized
     model's CPU inference evaluates block by block (on, see CPU_SYNC);
@@ -69,10 +62,8 @@ def set_decode_options(joint_rope=None, prefill_parts=None,
     queries instead of cuDNN's (on, see mlxcy/cache.pyx's PAD).
     Returns the previous values of the options given (for decode_options to
     restore)."""
-    global JOINT_ROPE, PREFILL_PARTS, CPU_SYNC
+    global PREFILL_PARTS, CPU_SYNC
     old = {}
-    if joint_rope is not None:
-        old["joint_rope"], JOINT_ROPE = JOINT_ROPE, bool(joint_rope)
     if prefill_parts is not None:
         old["prefill_parts"], PREFILL_PARTS = PREFILL_PARTS, bool(prefill_parts)
     if cpu_sync is not None:
@@ -213,15 +204,13 @@ cdef class Attention:
         cdef int nq = H * self.head_dim, nk = Hkv * self.head_dim
         cdef bint parts = self.qkv_proj is not None and L > 1 and PREFILL_PARTS
         cdef bint fused = self.qkv_proj is not None and not parts
-        # one RoPE call over the fused q and k heads (their norms joined by fuse())
-        cdef bint joint = fused and JOINT_ROPE and (self.q_norm is None
-                                                   or self.qk_norm_w is not None)
         cdef na.array q = nnn.own(self.qkv_proj.forward(x)) if fused else x
         cdef na.array k = q
         cdef na.array v = q
-        if joint:
-            # [B, H + 2 Hkv, L, D]: normalize (Qwen3, Gemma 3) and rotate the q and
-            # k heads in one call each
+        if fused:
+            # One matmul for q, k and v, viewed as [B, H + 2 Hkv, L, D]; the q and
+            # k heads are normalized (Qwen3, Gemma 3: their weights joined by
+            # fuse()) and rotated in one call each: one kernel fewer per layer.
             v = nnn.heads_first(q, H + 2 * Hkv, self.head_dim)
             k = nnn.heads_slice(v, 0, H + Hkv)
             if self.q_norm is not None:
@@ -236,14 +225,10 @@ cdef class Attention:
                 q = nnn.own(self.qkv_proj.forward_rows(x, 0, nq))
                 k = nnn.own(self.qkv_proj.forward_rows(x, nq, nq + nk))
                 v = nnn.own(self.qkv_proj.forward_rows(x, nq + nk, nq + 2 * nk))
-            elif self.qkv_proj is None:
+            else:
                 q = nnn.own(self.q_proj.forward(x))
                 k = nnn.own(self.k_proj.forward(x))
                 v = nnn.own(self.v_proj.forward(x))
-            else:   # one matmul for q, k and v: slice the fused output
-                k = nfused.last_axis_slice(q, nq, nq + nk)
-                v = nfused.last_axis_slice(q, nq + nk, nq + 2 * nk)
-                q = nfused.last_axis_slice(q, 0, nq)
             q = nnn.heads_first(q, H, self.head_dim)
             k = nnn.heads_first(k, Hkv, self.head_dim)
             v = nnn.heads_first(v, Hkv, self.head_dim)
@@ -266,8 +251,7 @@ cdef class Attention:
                 # every layer's fused output (SmolLM2: 71 MB instead of 31).
                 # One copy per layer, in prefill only, lets it go.
                 v = nnn.contiguous(v, False)
-                if joint:
-                    k = nnn.contiguous(k, False)
+                k = nnn.contiguous(k, False)
             cache.update(k, v, mask != NULL or L > 1)
             try:
                 o = self.attend(q, cache.out_k[0], cache.out_v[0], L, offset,
