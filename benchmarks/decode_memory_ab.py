@@ -50,15 +50,6 @@ def mlxcy_once(engine, chunk, split):
     return once
 
 
-def with_parts_off(once):
-    from mlxcy.models.base import decode_options
-
-    def run(prompt, n, mark):
-        with decode_options(prefill_parts=False):
-            return once(prompt, n, mark)
-    return run
-
-
 def mlx_lm_once(engine):
     from mlx_lm.generate import generate_step
     mx = engine.mx
@@ -97,9 +88,6 @@ def main():
             for split in (False, True):
                 variants.append((f"mlxcy fuse={int(fuse)} chunk={chunk} split={int(split)}",
                                  mlxcy_once(e, chunk, split)))
-        if fuse:   # fused weights run as one matmul in prefill too (the old default)
-            variants.append(("mlxcy fuse=1 chunk=512 split=0 parts=0",
-                             with_parts_off(mlxcy_once(e, 512, False))))
     for name, once in variants:
         once(prompt, 8, lambda: None)          # warm-up
         rows.append((name, *peaks(once, prompt, a.gen)))

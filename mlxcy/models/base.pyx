@@ -28,13 +28,6 @@ from mlxcy.core import Array as _Array
 import mlxcy.core as _core
 
 
-# Prefill (more than one position) runs the parts of fused q/k/v and gate/up
-# weights as separate matmuls over views of the fused weight: on a GPU the
-# fused outputs of a 512-token chunk stayed alive until their command batch
-# completed, 2.2x mlx-lm's transient peak for Qwen2.5-0.5B.  Decode steps keep
-# the single fused matmul (the kernel count is what costs there).
-cdef bint PREFILL_PARTS = True
-
 # Inference with a quantized model on the CPU evaluates the hidden state after
 # every block, and the vocabulary head block by block: there each quantized
 # layer dequantizes its weight for MLX's float GEMM (mlxcy/nn.pyx), and MLX's
@@ -51,10 +44,8 @@ cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
     void eval_now(const na.array&) except +
 
 
-def set_decode_options(prefill_parts=None,
-                       cpu_sync=None, vector_attention=None):
+def set_decode_options(cpu_sync=None, vector_attention=None):
     """Switch the decode-step kernel savings on or off, for A/B benchmarks:
-    prefill_parts -- fused layers run as separate matmuls in prefill (on);
     cpu_sync -- a quantized
     model's CPU inference evaluates block by block (on, see CPU_SYNC);
     vector_attention -- new KV caches are padded off multiples of 256, which
@@ -62,10 +53,8 @@ def set_decode_options(prefill_parts=None,
     queries instead of cuDNN's (on, see mlxcy/cache.pyx's PAD).
     Returns the previous values of the options given (for decode_options to
     restore)."""
-    global PREFILL_PARTS, CPU_SYNC
+    global CPU_SYNC
     old = {}
-    if prefill_parts is not None:
-        old["prefill_parts"], PREFILL_PARTS = PREFILL_PARTS, bool(prefill_parts)
     if cpu_sync is not None:
         old["cpu_sync"], CPU_SYNC = CPU_SYNC, bool(cpu_sync)
     if vector_attention is not None:
@@ -202,7 +191,13 @@ cdef class Attention:
         cdef int kstart = 0
         cdef int H = self.n_heads, Hkv = self.n_kv_heads
         cdef int nq = H * self.head_dim, nk = Hkv * self.head_dim
-        cdef bint parts = self.qkv_proj is not None and L > 1 and PREFILL_PARTS
+        # Prefill (more than one position) runs the parts of fused q/k/v weights
+        # as separate matmuls over views of the fused weight: separate outputs
+        # are freed part by part, where the fused output of a 512-token chunk
+        # stays alive until its last slice is consumed (and, on CUDA, until its
+        # command batch completes).  Decode keeps the single fused matmul: the
+        # kernel count is what costs there.
+        cdef bint parts = self.qkv_proj is not None and L > 1
         cdef bint fused = self.qkv_proj is not None and not parts
         cdef na.array q = nnn.own(self.qkv_proj.forward(x)) if fused else x
         cdef na.array k = q
@@ -243,15 +238,6 @@ cdef class Attention:
         else:
             if cache.window > 0 and (window == 0 or cache.window < window):
                 window = cache.window
-            if L > 1 and fused:
-                # Keys/values that are views of a larger buffer (v of the fused
-                # q/k/v output; k of the joint RoPE output) keep that whole
-                # buffer alive until the end of the evaluation once they are
-                # written into the cache: over a 512-token prefill that held
-                # every layer's fused output (SmolLM2: 71 MB instead of 31).
-                # One copy per layer, in prefill only, lets it go.
-                v = nnn.contiguous(v, False)
-                k = nnn.contiguous(k, False)
             cache.update(k, v, mask != NULL or L > 1)
             try:
                 o = self.attend(q, cache.out_k[0], cache.out_v[0], L, offset,
@@ -312,7 +298,7 @@ cdef class MLP:
         if self.gate_up_proj is None:
             g = nnn.own(self.gate_proj.forward(x))
             u = nnn.own(self.up_proj.forward(x))
-        elif PREFILL_PARTS and x.ndim() == 3 and x.shape(1) > 1:   # prefill: see PREFILL_PARTS
+        elif x.ndim() == 3 and x.shape(1) > 1:   # prefill: by parts, as in Attention.core
             g = nnn.own(self.gate_up_proj.forward_rows(x, 0, inter))
             u = nnn.own(self.gate_up_proj.forward_rows(x, inter, 2 * inter))
         else:   # one matmul for gate and up
