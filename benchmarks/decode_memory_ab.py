@@ -32,20 +32,20 @@ def peaks(engine_once, prompt, n):
 
 
 def mlxcy_once(engine, chunk, split):
-    from mlxcy import generate as G
+    from mlxcy import tuning
     from mlxcy.generate import TokenLoop
 
     def once(prompt, n, mark):
-        G.set_prefill_split(split)
-        cache = engine.model.make_cache()
-        it = iter(TokenLoop(engine.model, cache, engine.sampler, prompt, n, prefill_chunk=chunk))
-        next(it)
-        mark()
-        t0 = time.perf_counter()
-        k = sum(1 for _ in it)
-        dt = time.perf_counter() - t0
-        cache.free()
-        G.set_prefill_split(None)
+        with tuning.override(prefill_split=split):
+            cache = engine.model.make_cache()
+            it = iter(TokenLoop(engine.model, cache, engine.sampler, prompt, n,
+                                prefill_chunk=chunk))
+            next(it)
+            mark()
+            t0 = time.perf_counter()
+            k = sum(1 for _ in it)
+            dt = time.perf_counter() - t0
+            cache.free()
         return k / dt
     return once
 

@@ -190,18 +190,17 @@ def test_sliding_cache_wraps():
 
 
 def test_cache_pad_changes_no_logit():
-    """Cache buffers carry PAD spare positions (so that MLX's CUDA backend
+    """Cache buffers carry tuning.cache_pad spare positions (so that MLX's CUDA backend
     attends one-token queries with its vector kernel, not cuDNN's): the logits
     over prefill, single steps around the ring and chunks are exactly those of
     unpadded buffers, and no buffer's length is a multiple of 256."""
-    from mlxcy import cache as C
+    from mlxcy import tuning
     hf, cfg = hf_case("gemma3-sliding-softcap")
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:
         ids = ids_for(48, cfg.vocab_size, batch=1, seed=9)
         runs = {}
         for pad in (0, 8):
-            old = C.set_pad(pad)
-            try:
+            with tuning.override(cache_pad=pad):
                 cache = model.make_cache()
                 pos, outs = 0, []
                 for n in [20] + [1] * 12 + [5, 3]:
@@ -209,15 +208,13 @@ def test_cache_pad_changes_no_logit():
                     pos += n
                 lengths = [c.state()["keys"].shape[2] for c in cache.layers]
                 kinds = {type(c).__name__ for c in cache.layers}
-            finally:
-                C.set_pad(old)
             runs[pad] = np.concatenate(outs, 1)
             assert kinds == {"KVCache", "RotatingKVCache"}
             if pad:
                 assert all(n % 256 for n in lengths), lengths
         np.testing.assert_array_equal(runs[8], runs[0])
-    with pytest.raises(ValueError, match="pad"):
-        C.set_pad(-1)
+    with pytest.raises(ValueError, match="cache_pad"):
+        tuning.set(cache_pad=-1)
 
 
 @pytest.mark.parametrize("pad", [0, 2, 8])
@@ -226,21 +223,18 @@ def test_small_step_caches_grow_and_wrap(pad):
     several steps (each with `pad` spare positions) before it wraps, and a
     plain cache grown step by step, give the reference logits, one token at a
     time from an empty cache and then in chunks."""
-    from mlxcy import cache as C
+    from mlxcy import cache as C, tuning
     hf, cfg = hf_case("gemma3-sliding-softcap")     # sliding window 8
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:
         ids = ids_for(40, cfg.vocab_size, batch=1, seed=4)
         ref = ref_logits(hf, ids)
-        old = C.set_pad(pad)
-        try:
+        with tuning.override(cache_pad=pad):
             cache = C.Cache([C.RotatingKVCache(c.window, step=3) if c.window else
                              C.KVCache(step=4) for c in model.make_cache().layers])
             pos, outs = 0, []
             for n in [1] * 19 + [6, 1, 1, 13]:
                 outs.append(model(ids[:, pos:pos + n], cache).numpy())
                 pos += n
-        finally:
-            C.set_pad(old)
         assert rel(np.concatenate(outs, 1), ref[:, :pos]) <= TOL
 
 

@@ -8,7 +8,6 @@ and build their blocks with the helpers here; they override only what
 differs (Gemma's block, embedding scale and logit soft-capping).
 """
 import math
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,56 +22,18 @@ from mlxcy.native cimport fused as nfused
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
+from mlxcy.tuning cimport Tuning, current
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
 
 
-# Inference with a quantized model on the CPU evaluates the hidden state after
-# every block, and the vocabulary head block by block: there each quantized
-# layer dequantizes its weight for MLX's float GEMM (mlxcy/nn.pyx), and MLX's
-# CPU backend allocates an op's output when the host encodes it, ahead of the
-# worker that computes it, so the dequantized weights of every encoded layer
-# were alive at once.  SmolLM2-135M 4-bit, 64-token prompt + 12 tokens, 2-core
-# VM: peak 131 -> 33 MB above the resident memory (76 MB of weights), decode
-# 1.82 -> 2.02 tok/s (the CPU is compute-bound: the host's head start bought
-# nothing).  set_decode_options(cpu_sync=False) for A/B runs.
-cdef bint CPU_SYNC = True
+# Quantized CPU inference evaluates as it goes (mlxcy.tuning's cpu_sync says why).
+cdef Tuning* _tuning = current()
 
 
 cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
     void eval_now(const na.array&) except +
-
-
-def set_decode_options(cpu_sync=None, vector_attention=None):
-    """Switch the decode-step kernel savings on or off, for A/B benchmarks:
-    cpu_sync -- a quantized
-    model's CPU inference evaluates block by block (on, see CPU_SYNC);
-    vector_attention -- new KV caches are padded off multiples of 256, which
-    keeps MLX's CUDA backend on its single-kernel attention for one-token
-    queries instead of cuDNN's (on, see mlxcy/cache.pyx's PAD).
-    Returns the previous values of the options given (for decode_options to
-    restore)."""
-    global CPU_SYNC
-    old = {}
-    if cpu_sync is not None:
-        old["cpu_sync"], CPU_SYNC = CPU_SYNC, bool(cpu_sync)
-    if vector_attention is not None:
-        from mlxcy import cache as _cache
-        old["vector_attention"] = _cache.set_pad(
-            _cache.DEFAULT_PAD if vector_attention else 0) > 0
-    return old
-
-
-@contextmanager
-def decode_options(**options):
-    """with decode_options(cpu_sync=False): ...  -- set_decode_options(**options)
-    inside the block, the previous settings restored after it."""
-    old = set_decode_options(**options)
-    try:
-        yield
-    finally:
-        set_decode_options(**old)
 
 
 # ------------------------------------------------------------------ RoPE ---
@@ -373,8 +334,8 @@ cdef class Block:
 
 
 cdef bint _cpu_sync(Model m) except -1:
-    """CPU inference with quantized layers: evaluate as it goes (CPU_SYNC)."""
-    if not CPU_SYNC or na.default_device().type != na.cpu or not m.layers:
+    """CPU inference with quantized layers: evaluate as it goes (cpu_sync)."""
+    if not _tuning.cpu_sync or na.default_device().type != na.cpu or not m.layers:
         return False
     return m.embed.quantized or (<Block>m.layers[0]).attn.o_proj.quantized
 
