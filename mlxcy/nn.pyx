@@ -9,16 +9,11 @@ Each layer owns its arrays; `free()` releases them at once. The Python-level
 from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
+from mlxcy.native cimport ops as nops
 from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport random as nrnd
 from mlxcy.native.array cimport heap
 from libcpp.vector cimport vector
-
-
-cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
-    na.array qlinear_dequant(const na.array& x, const na.array& w, const na.array& scales,
-                             const na.array* biases, int group_size, int bits,
-                             const na.array* bias, int block, bint eval_blocks) except +
 
 
 # Quantized layers on the CPU dequantize the weight right before the product
@@ -59,8 +54,8 @@ cdef na.array* _qmatmul(const na.array& x, const na.array& w, const na.array& sc
                         const na.array* bias) except NULL:
     """x @ dequantize(w).T (+ bias) by the fastest path for the device."""
     if _dequant_path(w, group_size, bits):
-        return heap(qlinear_dequant(x, w, scales, qbiases, group_size, bits, bias,
-                                    DEQUANT_BLOCK, EVAL_BLOCKS))
+        return heap(nnn.qlinear_dequant(x, w, scales, qbiases, group_size, bits, bias,
+                                        DEQUANT_BLOCK, EVAL_BLOCKS))
     return heap(nnn.qlinear(x, w, scales, qbiases, group_size, bits, bias))
 
 
@@ -292,8 +287,8 @@ cdef class Embedding:
         cdef na.array bi
         if self.qbiases != NULL:
             bi = nnn.take(self.qbiases[0], ids, 0)
-            return heap(nnn.dequantize(rows, sc, &bi, self.group_size, self.bits))
-        return heap(nnn.dequantize(rows, sc, NULL, self.group_size, self.bits))
+            return heap(nops.dequantize_(rows, sc, &bi, self.group_size, self.bits, b"affine", -1))
+        return heap(nops.dequantize_(rows, sc, NULL, self.group_size, self.bits, b"affine", -1))
 
     cdef na.array* as_linear(self, const na.array& x) except NULL:
         cdef na.array* w = _live(self.weight, self)
@@ -353,7 +348,7 @@ cdef class RMSNorm:
 
 def quantize(Array w, int group_size=64, int bits=4):
     """(wq, scales, biases): MLX's affine quantization of w along its last axis."""
-    cdef vector[na.array] r = nnn.quantize(handle(w)[0], group_size, bits)
+    cdef vector[na.array] r = nops.quantize_(handle(w)[0], group_size, bits, b"affine")
     return tuple(wrap(heap(r[i])) for i in range(r.size()))
 
 
@@ -361,13 +356,5 @@ def dequantize(Array w, Array scales, Array biases=None, int group_size=64, int 
     cdef na.array* b = NULL
     if biases is not None:
         b = handle(biases)
-    return wrap(heap(nnn.dequantize(handle(w)[0], handle(scales)[0], b, group_size, bits)))
-
-
-def active_memory():
-    """Bytes MLX currently holds in live arrays (mlx::core::get_active_memory)."""
-    return nnn.active_memory()
-
-
-def clear_memory_cache():
-    nnn.clear_memory_cache()
+    return wrap(heap(nops.dequantize_(handle(w)[0], handle(scales)[0], b, group_size, bits,
+                                      b"affine", -1)))

@@ -32,10 +32,6 @@ import mlxcy.core as _core
 cdef Tuning* _tuning = current()
 
 
-cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
-    void eval_now(const na.array&) except +
-
-
 # ------------------------------------------------------------------ RoPE ---
 
 cdef class Rope:
@@ -660,7 +656,7 @@ cdef class Model:
                 del h
                 h = nh
                 if sync:
-                    eval_now(h[0])
+                    nnn.eval_now(h[0])
             if last_only and L > 1:
                 nh = heap(nnn.take_position(h[0], L - 1))
                 del h
