@@ -78,6 +78,21 @@ cdef inline na.array* _live(na.array* p, object owner) except NULL:
     return p
 
 
+cdef int _take_weights(na.array** weight, na.array** scales, na.array** qbiases, Array w,
+                       Array s, Array b, int bits, str owner) except -1:
+    """A layer's own handles on its weight and, when quantized (s given), its
+    scales and affine biases; returns the unpacked input width."""
+    weight[0] = copy_handle(w, owner + ".weight")
+    if s is None:
+        return weight[0].shape(1)
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"{owner}: unsupported bits {bits}")
+    scales[0] = copy_handle(s, owner + ".scales")
+    if b is not None:
+        qbiases[0] = copy_handle(b, owner + ".biases")
+    return weight[0].shape(1) * 32 // bits
+
+
 cdef long long _packed_params(na.array* w, int bits):
     # uint32 packs 32 // bits values per element
     if w == NULL:
@@ -94,38 +109,20 @@ cdef class Linear:
 
     def __init__(self, Array weight, Array bias=None, Array scales=None, Array biases=None,
                  int group_size=64, int bits=4):
-        self.weight = copy_handle(weight, "Linear.weight")
+        self.in_features = _take_weights(&self.weight, &self.scales, &self.qbiases, weight,
+                                         scales, biases, bits, "Linear")
         if bias is not None:
             self.bias = copy_handle(bias, "Linear.bias")
         self.quantized = scales is not None
         self.group_size = group_size
         self.bits = bits
         self.out_features = self.weight.shape(0)
-        if self.quantized:
-            if bits not in (2, 3, 4, 5, 6, 8):
-                raise ValueError(f"Linear: unsupported bits {bits}")
-            self.scales = copy_handle(scales, "Linear.scales")
-            if biases is not None:
-                self.qbiases = copy_handle(biases, "Linear.biases")
-            self.in_features = self.weight.shape(1) * 32 // bits
-        else:
-            self.in_features = self.weight.shape(1)
 
     def __dealloc__(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
-        _del(&self.bias)
-        _del(&self.lora_a)
-        _del(&self.lora_b)
+        _free_linear(self)
 
     cpdef free(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
-        _del(&self.bias)
-        _del(&self.lora_a)
-        _del(&self.lora_b)
+        _free_linear(self)
 
     cdef na.array* forward(self, const na.array& x) except NULL:
         cdef na.array* w = _live(self.weight, self)
@@ -243,33 +240,32 @@ cdef class Linear:
         return _nb(self.weight) + _nb(self.scales) + _nb(self.qbiases) + _nb(self.bias)
 
 
+cdef void _free_linear(Linear l) noexcept:
+    _del(&l.weight)
+    _del(&l.scales)
+    _del(&l.qbiases)
+    _del(&l.bias)
+    _del(&l.lora_a)
+    _del(&l.lora_b)
+
+
 cdef class Embedding:
     """Rows of a [vocab, dims] table; quantized when `scales` is given."""
 
     def __init__(self, Array weight, Array scales=None, Array biases=None,
                  int group_size=64, int bits=4):
-        self.weight = copy_handle(weight, "Embedding.weight")
+        self.dims = _take_weights(&self.weight, &self.scales, &self.qbiases, weight, scales,
+                                  biases, bits, "Embedding")
         self.quantized = scales is not None
         self.group_size = group_size
         self.bits = bits
         self.num_embeddings = self.weight.shape(0)
-        if self.quantized:
-            self.scales = copy_handle(scales, "Embedding.scales")
-            if biases is not None:
-                self.qbiases = copy_handle(biases, "Embedding.biases")
-            self.dims = self.weight.shape(1) * 32 // bits
-        else:
-            self.dims = self.weight.shape(1)
 
     def __dealloc__(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
+        _free_embedding(self)
 
     cpdef free(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
+        _free_embedding(self)
 
     cpdef int dtype_code(self) except -1:
         """The dtype of the looked-up rows (the scales' for quantized tables)."""
@@ -307,6 +303,12 @@ cdef class Embedding:
 
     cpdef long long nbytes(self):
         return _nb(self.weight) + _nb(self.scales) + _nb(self.qbiases)
+
+
+cdef void _free_embedding(Embedding e) noexcept:
+    _del(&e.weight)
+    _del(&e.scales)
+    _del(&e.qbiases)
 
 
 cdef class RMSNorm:
