@@ -62,3 +62,32 @@ def test_bad_options_name_the_option_and_change_nothing(options, error, match):
         with tuning.override(**options):
             pass
     assert tuning.get() == tuning.DEFAULTS
+
+
+def test_engine_reads_the_prefill_knobs(tmp_path):
+    """The engine's default chunk follows prefill_chunk_cpu / _gpu, and
+    prefill_split picks the prefill plan: forced on, the prompt's last token
+    runs as a step of its own (one step more than forced off), with the same
+    greedy tokens."""
+    import numpy as np
+    from tiny_models import VOCAB, make_tiny
+    from mlxcy import engine
+    from mlxcy.models.load import load_model
+    from mlxcy.sample import Sampler
+    key = "prefill_chunk_cpu" if mlxcy.default_device().type == "cpu" else "prefill_chunk_gpu"
+    assert engine.default_prefill_chunk() == getattr(tuning.DEFAULTS, key)
+    with tuning.override(**{key: 7}):
+        assert engine.default_prefill_chunk() == 7
+    make_tiny("qwen3", tmp_path, tokenizer=False)
+    ids = np.random.default_rng(2).integers(0, VOCAB, 40).tolist()
+    runs = {}
+    with load_model(tmp_path) as m:
+        for split in (False, True):
+            stats = {}
+            with tuning.override(prefill_split=split):
+                toks = [ev.token for ev in engine.generate_ids(
+                    m, ids, prefill_chunk=16, sampler=Sampler(temperature=0.0), max_tokens=6,
+                    stats=stats)]
+            runs[split] = toks, stats["steps"]
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 6
+    assert runs[True][1] == runs[False][1] + 1, runs
