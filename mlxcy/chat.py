@@ -518,9 +518,9 @@ _GEMMA3 = """{{ bos_token }}
 {%- endif -%}
 """
 
-# ChatML (Qwen, SmolLM, ...): `<|im_start|>{role}\n{content}<|im_end|>\n`.
-_CHATML = """{%- for message in messages -%}
-    {%- if message['content'] is string -%}
+# Inside a message loop: `content` is the message's text (a string, or the
+# text items of a list of content parts joined).
+_TEXT_CONTENT = """    {%- if message['content'] is string -%}
         {%- set content = message['content'] -%}
     {%- else -%}
         {%- set content = namespace(text='') -%}
@@ -529,7 +529,11 @@ _CHATML = """{%- for message in messages -%}
         {%- endfor -%}
         {%- set content = content.text -%}
     {%- endif -%}
-    {{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}
+"""
+
+# ChatML (Qwen, SmolLM, ...): `<|im_start|>{role}\n{content}<|im_end|>\n`.
+_CHATML = """{%- for message in messages -%}
+""" + _TEXT_CONTENT + """    {{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{ '<|im_start|>assistant\n' }}
@@ -541,16 +545,7 @@ _CHATML = """{%- for message in messages -%}
 # trimmed.
 _LLAMA3 = """{{ bos_token }}
 {%- for message in messages -%}
-    {%- if message['content'] is string -%}
-        {%- set content = message['content'] -%}
-    {%- else -%}
-        {%- set content = namespace(text='') -%}
-        {%- for item in message['content'] if item['type'] == 'text' -%}
-            {%- set content.text = content.text + item['text'] -%}
-        {%- endfor -%}
-        {%- set content = content.text -%}
-    {%- endif -%}
-    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>' }}
+""" + _TEXT_CONTENT + """    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}

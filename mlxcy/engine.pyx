@@ -49,14 +49,14 @@ from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.sample cimport Sampler
+from mlxcy.tuning cimport Tuning, current
 
 import time
 from collections import deque
 
 import numpy as np
 
-__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
-           "set_prefill_split"]
+__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk"]
 
 
 # ---------------------------------------------------------------- settings --
@@ -71,21 +71,16 @@ __all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chun
 #    triangle, and their activations stay in cache.
 # On a GPU the extra one-token pass costs a whole step of kernel launches and
 # the arithmetic is cheap, so the GPU evaluates chunks of 512 by their output.
-cdef int PREFILL_SPLIT = -1      # -1: automatic (split on the CPU); 0: never; 1: always
-CPU_PREFILL_CHUNK = 128
-GPU_PREFILL_CHUNK = 512
-
-
-def set_prefill_split(mode):
-    """None: automatic; True/False: force split or chunked prefill (A/B runs)."""
-    global PREFILL_SPLIT
-    PREFILL_SPLIT = -1 if mode is None else (1 if mode else 0)
+# The split and the chunk sizes are mlxcy.tuning's prefill_split,
+# prefill_chunk_cpu and prefill_chunk_gpu.
+cdef Tuning* _tuning = current()
 
 
 def default_prefill_chunk():
     """Prompt tokens per row per prefill step when the caller does not say:
-    128 on the CPU, 512 on a GPU (see above)."""
-    return CPU_PREFILL_CHUNK if _on_cpu() else GPU_PREFILL_CHUNK
+    tuning's prefill_chunk_cpu (128) on the CPU, prefill_chunk_gpu (512) on a
+    GPU (see above)."""
+    return _tuning.prefill_chunk_cpu if _on_cpu() else _tuning.prefill_chunk_gpu
 
 
 cdef inline double _now() noexcept nogil:
@@ -99,8 +94,8 @@ cdef inline bint _on_cpu() noexcept:
 
 
 cdef bint _split_prefill() noexcept:
-    if PREFILL_SPLIT >= 0:
-        return PREFILL_SPLIT == 1
+    if _tuning.prefill_split >= 0:
+        return _tuning.prefill_split == 1
     return _on_cpu()
 
 

@@ -463,18 +463,20 @@ cdef class Sampler:
     def __call__(self, logits, history=None):
         """Token ids (int32, shape logits.shape[:-1]) for `logits`, lazily."""
         cdef Array l = _as_array(logits, "logits")
-        if history is None:
-            return wrap(self.sample(l.ptr[0], NULL))
-        cdef Array h = _as_array(history, "history")
-        return wrap(self.sample(l.ptr[0], h.ptr))
+        cdef Array h = None if history is None else _as_array(history, "history")
+        return wrap(self.sample(l.ptr[0], _ptr_or_null(h)))
 
     def process_logits(self, logits, history=None):
         """The logits after logit bias and penalties (no filtering or draw)."""
         cdef Array l = _as_array(logits, "logits")
-        if history is None:
-            return wrap(self.process(l.ptr[0], NULL))
-        cdef Array h = _as_array(history, "history")
-        return wrap(self.process(l.ptr[0], h.ptr))
+        cdef Array h = None if history is None else _as_array(history, "history")
+        return wrap(self.process(l.ptr[0], _ptr_or_null(h)))
+
+
+cdef inline na.array* _ptr_or_null(Array a) noexcept:
+    if a is None:
+        return NULL
+    return a.ptr
 
 
 cdef Array _as_array(object x, str name):
