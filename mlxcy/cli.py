@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mlxcy.train.cli import add_parser as add_training_commands   # lora, fuse
     add_training_commands(sub)
+
+    from mlxcy.serve import add_parser as add_serve_command         # serve (mlxcy[serve])
+    add_serve_command(sub, default_model_path)
     return p
 
 
