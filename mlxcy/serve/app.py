@@ -114,7 +114,7 @@ class ServerState:
         if max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. "
                                 f"However, you requested {n_prompt + max_tokens} tokens "
-                                f"({n_prompt} in the prompt, {max_tokens} for the completion).",
+                                f"({n_prompt} in the prompt, {max_tokens} in max_tokens).",
                            param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
