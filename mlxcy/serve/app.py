@@ -107,7 +107,7 @@ class ServerState:
         room = self.context - n_prompt
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; "
-                                f"the prompt has {n_prompt} tokens.", param=param,
+                                f"the prompt ({param}) has {n_prompt} tokens.", param=param,
                            code="context_length_exceeded")
         if max_tokens is None:
             return room

@@ -305,12 +305,15 @@ class Worker:
         self.by_sub[id(sub)] = seq
 
     def _cancel(self, sub, out):
+        """The engine drops the sequence (its rows are freed at the next
+        step); it is over for the client now."""
         seq = self.by_sub.get(id(sub))
         if seq is not None and not seq.ended:
             try:
                 self.engine.cancel(seq.sid)
             except Exception:  # noqa: BLE001 - it may have ended in the same step
                 pass
+            self._end(seq, sub, "cancelled", out)
 
     def _step(self, out):
         try:
@@ -330,8 +333,8 @@ class Worker:
         m = self.metrics
         for ev in events:
             seq = self.seqs.get(ev.seq_id)
-            if seq is None:
-                self._keep(ev, None)
+            if seq is None:              # cancelled here already
+                self._keep(ev.cache, None)
                 continue
             sub = seq.sub
             if ev.token is not None and ev.token >= 0:
@@ -351,10 +354,10 @@ class Worker:
                     text, hit = seq.stops.feed(seq.detok.push(tok))
                 out[sub.loop].append((sub, Item("tok", text, tok, ev.logprob, ev.top_logprobs)))
                 if hit:          # a stop string: end here, whatever the engine said
-                    ret = ev
-                    if ev.finish_reason is None:
-                        ret = self.engine.finish(seq.sid, "stop")
-                    self._keep(ret, seq)
+                    cache = ev.cache
+                    if ev.finish_reason is None:     # finish() hands back the cache
+                        cache = self.engine.finish(seq.sid, "stop")
+                    self._keep(cache, seq)
                     self._end(seq, sub, "stop", out)
                     continue
             if ev.finish_reason is not None:
@@ -363,12 +366,11 @@ class Worker:
                     tail += seq.stops.flush()
                     if tail:
                         out[sub.loop].append((sub, Item("tok", tail)))
-                self._keep(ev, seq)
+                self._keep(ev.cache, seq)
                 self._end(seq, sub, ev.finish_reason, out)
 
-    def _keep(self, ev, seq):
+    def _keep(self, cache, seq):
         """Store a finished sequence's cache in the prefix cache."""
-        cache = getattr(ev, "cache", None)
         if cache is None:
             return
         if self.prefix is None or seq is None:
