@@ -53,6 +53,9 @@ class ServerState:
         self.model_type = info.model_type
         self.stop_ids = frozenset(i for i in self.tokenizer.eos_ids if i < self.vocab_size)
         self.api_key = api_key
+        # build the tokenizer's native core now: handlers encode on worker threads
+        # (the encoder holds the GIL; only its lazy construction could race)
+        self.tokenizer.encode("warm up", add_special_tokens=False)
         self.metrics = metrics or worker.metrics or Metrics()
         self.max_body = max_body
         self.created = int(time.time())
