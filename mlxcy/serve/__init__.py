@@ -69,9 +69,12 @@ def _bytes(s: str) -> int:
     return int(v)
 
 
-def add_parser(sub, default_model):
+def add_parser(sub, default_model, **kw):
     """Add the `serve` subcommand to mlxcy's argparse subparsers."""
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs mlxcy[serve])")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs mlxcy[serve])",
+                       description="Serve a model over an OpenAI-compatible HTTP API, with a "
+                                   "chat page at / (needs the serve extra: "
+                                   "pip install 'mlxcy[serve]').", **kw)
     p.add_argument("--model", "-m", help="model directory or .gguf file "
                                          "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")

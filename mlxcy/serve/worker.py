@@ -83,10 +83,10 @@ async def merged_items(subs):
 
 class _Seq:
     """The worker's state of one running submission."""
-    __slots__ = ("sub", "sid", "detok", "stops", "generated", "t_last", "mask", "ended")
+    __slots__ = ("sub", "sid", "text", "generated", "t_last", "mask", "ended")
 
-    def __init__(self, sub, sid, detok, stops, mask):
-        self.sub, self.sid, self.detok, self.stops, self.mask = sub, sid, detok, stops, mask
+    def __init__(self, sub, sid, text, mask):
+        self.sub, self.sid, self.text, self.mask = sub, sid, text, mask
         self.generated = []
         self.t_last = None
         self.ended = False
@@ -269,9 +269,8 @@ class Worker:
         if sub.cancelled:
             self._end(None, sub, "cancelled", out)
             return
-        from mlxcy.inference import _StopMatcher
         from mlxcy.sample import Sampler
-        from mlxcy.tokenizer import StreamDecoder
+        from mlxcy.text_stream import TextStream
         try:
             s = sub.sampling
             sampler = Sampler(temperature=s.get("temperature", 0.0), top_k=s.get("top_k", 0),
@@ -299,8 +298,7 @@ class Worker:
             return
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(sub.prompt_ids))
-        seq = _Seq(sub, sid, StreamDecoder(self.text_model.tokenizer, skip_special_tokens=True),
-                   _StopMatcher(sub.stop), mask)
+        seq = _Seq(sub, sid, TextStream(self.text_model.tokenizer, sub.stop), mask)
         self.seqs[sid] = seq
         self.by_sub[id(sub)] = seq
 
@@ -351,7 +349,7 @@ class Worker:
                 if tok in sub.stop_ids and ev.finish_reason == "stop":
                     text, hit = "", False
                 else:
-                    text, hit = seq.stops.feed(seq.detok.push(tok))
+                    text, hit = seq.text.push(tok)
                 out[sub.loop].append((sub, Item("tok", text, tok, ev.logprob, ev.top_logprobs)))
                 if hit:          # a stop string: end here, whatever the engine said
                     cache = ev.cache
@@ -362,8 +360,7 @@ class Worker:
                     continue
             if ev.finish_reason is not None:
                 if not seq.ended and ev.finish_reason != "cancelled":
-                    tail, _ = seq.stops.feed(seq.detok.finish())
-                    tail += seq.stops.flush()
+                    tail = seq.text.finish()
                     if tail:
                         out[sub.loop].append((sub, Item("tok", tail)))
                 self._keep(ev.cache, seq)
