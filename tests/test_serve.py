@@ -639,3 +639,42 @@ def test_page_served(srv):
     assert st == 200 and h["content-type"].startswith("text/html")
     assert "<script>" in text and "/v1/chat/completions" in text
     assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text
+
+
+def test_cli_serve_subprocess(tiny):
+    """`mlxcy serve` as users start it: it comes up, serves, and stops on Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    port = H.free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(__import__("pathlib").Path(
+        __file__).resolve().parent.parent)] + sys.path))
+    p = subprocess.Popen([sys.executable, "-m", "mlxcy", "serve", "--model", str(tiny[0]),
+                          "--port", str(port), "--max-batch", "4", "--kv-budget", "16M",
+                          "--api-key", "k", "--log-level", "warning"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while True:
+            assert p.poll() is None, p.stdout.read().decode()
+            try:
+                st, _, body = H.request(port, "GET", "/health", timeout=2)
+                if st == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() - t0 < 120, "server did not come up"
+            time.sleep(0.25)
+        assert body["model"] == tiny[0].name
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        r = c.completions.create(model=tiny[0].name, prompt="hi", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    assert p.returncode in (0, -signal.SIGINT, 130)

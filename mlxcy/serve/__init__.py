@@ -78,7 +78,7 @@ def add_parser(sub, default_model, **kw):
     p.add_argument("--model", "-m", help="model directory or .gguf file "
                                          "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="TCP port")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences waiting beyond the batch before requests get 429")
@@ -87,9 +87,14 @@ def add_parser(sub, default_model, **kw):
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on API requests")
     p.add_argument("--model-id", default=None, help="the name clients use (default: file name)")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--prefill-chunk", type=int, default=None)
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="load in this dtype (default: the checkpoint's)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled per engine step, interleaved with decoding "
+                        "(default: the device's)")
+    p.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
 
     def run(args):
         serve(args.model or str(default_model()), host=args.host, port=args.port,
