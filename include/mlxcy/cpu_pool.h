@@ -102,14 +102,19 @@ class Pool {
       if (sleeping_ > 0) sleep_cv_.notify_all();
     }
     work(gen);
-    while (done_.load(std::memory_order_acquire) < uint32_t(ntasks)) MLXCY_CPU_RELAX();
+    for (int i = 0; done_.load(std::memory_order_acquire) < uint32_t(ntasks); ++i) {
+      if (i < kSpin) MLXCY_CPU_RELAX();
+      else std::this_thread::yield();
+    }
   }
 
   ~Pool() { stop_workers(); }
 
  private:
   static constexpr uint64_t kClosed = 0xffffffffu;
-  static constexpr int kSpin = 20000;   // ~ tens of microseconds of _mm_pause
+  // Spin this many pauses (a few microseconds) before sleeping: long spins
+  // starve the host thread that builds the next ops when cores are few.
+  static constexpr int kSpin = 256;
 
   explicit Pool(int n) : nthreads_(n < 1 ? 1 : n) { start_workers(); }
 
