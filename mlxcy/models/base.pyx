@@ -26,6 +26,7 @@ from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
+from mlxcy import cpu_kernels as _cpu_kernels
 
 
 # Rotate q and k heads with one RoPE kernel when they come out of one fused
@@ -432,8 +433,13 @@ cdef class Block:
 
 
 cdef bint _cpu_sync(Model m) except -1:
-    """CPU inference with quantized layers: evaluate as it goes (CPU_SYNC)."""
+    """CPU inference with quantized layers: evaluate as it goes (CPU_SYNC).
+    Not when mlxcy.cpu_kernels runs them: its products read the packed weights
+    directly (no dequantized temporaries to bound), and each sync is a wait on
+    MLX's CPU thread."""
     if not CPU_SYNC or na.default_device().type != na.cpu or not m.layers:
+        return False
+    if _cpu_kernels.enabled() is not False and (<Block>m.layers[0]).attn.o_proj.bits in (4, 8):
         return False
     return m.embed.quantized or (<Block>m.layers[0]).attn.o_proj.quantized
 
