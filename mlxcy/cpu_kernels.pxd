@@ -13,3 +13,8 @@ cdef bint use_kernels(const na.array& x, const na.array& w, const na.array* scal
 cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* scales,
                       const na.array* biases, int group_size, int bits,
                       const na.array* bias) except NULL
+
+# One-position attention over the cache (include/mlxcy/cpu_attention.h).
+cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept
+cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const na.array& v,
+                                    float scale) except NULL

@@ -30,7 +30,14 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     bint cpu_has_avx2()
     const char* isa_name()
     void set_simd_level(int)
+    void cpp_set_int8 "mlxcy::cpu::set_int8_activations"(bint)
+    bint& cpp_int8 "mlxcy::cpu::int8_activations"()
     void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
+
+cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
+    bint attention_supported(const na.array& q, const na.array& k, const na.array& v)
+    na.array cpp_decode_attention "mlxcy::cpu::decode_attention"(
+        const na.array& q, const na.array& k, const na.array& v, float scale) except +
 
 cdef extern from "mlxcy/cpu_pool.h" namespace "mlxcy::cpu" nogil:
     cdef cppclass Pool:
@@ -58,6 +65,28 @@ cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* 
                       const na.array* biases, int group_size, int bits,
                       const na.array* bias) except NULL:
     return heap(cpp_linear(x, w, scales, biases, group_size, bits, bias))
+
+
+cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept:
+    if MODE == 0:
+        return False
+    if MODE < 0 and na.default_device().type != na.cpu:
+        return False
+    return attention_supported(q, k, v)
+
+
+cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const na.array& v,
+                                    float scale) except NULL:
+    return heap(cpp_decode_attention(q, k, v, scale))
+
+
+def decode_attention(Array q, Array k, Array v, float scale):
+    """softmax(scale * q k^T) v for one query position: q [B, H, 1, D], k and v
+    [B, Hkv, T, D] (H a multiple of Hkv; no mask)."""
+    if not attention_supported(handle(q)[0], handle(k)[0], handle(v)[0]):
+        raise ValueError(f"decode_attention: need q [B, H, 1, D] and k, v [B, Hkv, T, D], "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return wrap(heap(cpp_decode_attention(handle(q)[0], handle(k)[0], handle(v)[0], scale)))
 
 
 def set_enabled(mode):
@@ -101,6 +130,15 @@ def set_isa(str name):
 def isa():
     """The instruction set the kernels run with now: 'avx2+fma' or 'scalar'."""
     return isa_name().decode()
+
+
+def set_int8_activations(bint on):
+    """4-bit products of one row of x (decode) with x quantized to int8 per
+    block of 32 and integer dot products (AVX2 only): faster, not exact (off by
+    default).  Returns the previous setting."""
+    old = cpp_int8()
+    cpp_set_int8(on)
+    return old
 
 
 def has_avx2():

@@ -70,6 +70,15 @@ inline int& simd_level_setting() {
 inline bool use_avx2() { return simd_level_setting() >= 1 && cpu_has_avx2(); }
 inline void set_simd_level(int level) { simd_level_setting() = level; }
 
+// Activations quantized to int8 per block of 32 for the 4-bit matvec (integer
+// dot products, llama.cpp's approach): faster but not exact (~1e-3 relative
+// on SmolLM2's logits), so off by default; see docs/cpu.md for the figures.
+inline bool& int8_activations() {
+  static bool on = false;
+  return on;
+}
+inline void set_int8_activations(bool on) { int8_activations() = on; }
+
 inline const char* isa_name() { return use_avx2() ? "avx2+fma" : "scalar"; }
 
 // ------------------------------------------------------ scalar helpers ---
@@ -256,6 +265,36 @@ MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum
   if (n < n1) matvec_scalar(W, x, xsum, y, n, n1);
 }
 
+// x quantized per block of 32: xq int8 with each block's even k first, then
+// its odd k (the order of a 4-bit row's low and high nibbles), xd the blocks'
+// scales.  y[n] = sum_g s[n,g] * sum_blocks(xd * idot) + b[n,g] * xsum[g].
+MLXCY_AVX2 void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float* xd,
+                                  const float* xsum, float* y, int n0, int n1) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int G = W.K / W.gs, bpg = W.gs / 32;   // 32-value blocks per group
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = w + int64_t(n) * W.w_ld * 4;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc = _mm256_setzero_ps();
+    float bs = 0;
+    for (int g = 0; g < G; ++g) {
+      const float s = load_elt(W.s, W.st, si + g);
+      for (int j = g * bpg; j < (g + 1) * bpg; ++j) {
+        __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
+        __m256i q = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j));
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[j]), acc);
+      }
+      bs += load_elt(W.b, W.st, si + g) * xsum[g];
+    }
+    y[n] = hsum8(acc) + bs;
+  }
+}
+
 MLXCY_AVX2 inline void matvec_f_avx2(const Weight& W, const float* x, float* y, int n0,
                                      int n1) {
   const int K8 = W.K & ~15;
@@ -428,6 +467,36 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
         for (int k = g * W.gs; k < (g + 1) * W.gs; ++k) s += x[int64_t(m) * K + k];
         xsum[m * G + g] = s;
       }
+#if MLXCY_X86
+    if (W.bits == 4 && int8_activations() && use_avx2()) {
+      const int NB = K / 32;
+      std::vector<int8_t> xq(size_t(M) * K);
+      float* xd = scratch_f(3, size_t(M) * NB);
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < NB; ++j) {
+          const float* xb = x + int64_t(m) * K + 32 * j;
+          float amax = 0;
+          for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+          float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
+          xd[m * NB + j] = d;
+          int8_t* dst = xq.data() + int64_t(m) * K + 32 * j;
+          for (int i = 0; i < 16; ++i) {
+            dst[i] = int8_t(std::nearbyint(xb[2 * i] * inv));
+            dst[16 + i] = int8_t(std::nearbyint(xb[2 * i + 1] * inv));
+          }
+        }
+      auto body8 = [&](int n0, int n1) {
+        for (int m = 0; m < M; ++m) {
+          matvec_q4_i8_avx2(W, xq.data() + int64_t(m) * K, xd + m * NB, xsum + m * G,
+                            y + m * ldy, n0, n1);
+          add_bias(y + m * ldy, n0, n1);
+        }
+      };
+      if (per_thread == 0) body8(0, N);
+      else parallel_rows(N, 8, body8, per_thread);
+      return;
+    }
+#endif
     auto body = [&](int n0, int n1) {
       for (int m = 0; m < M; ++m) {
         matvec_rows(W, x + int64_t(m) * K, xsum + m * G, y + m * ldy, n0, n1);

@@ -23,6 +23,7 @@ from mlxcy.native cimport fused as nfused
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
+from mlxcy.cpu_kernels cimport use_attention, cpu_decode_attention
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
@@ -315,6 +316,8 @@ cdef class Attention:
                                   self.softcap <= 0, &causal_mode, &m)
         if has_mask:
             mp = &m
+        elif L == 1 and not causal_mode and self.softcap <= 0 and use_attention(q, k, v):
+            return cpu_decode_attention(q, k, v, self.scale)   # mlxcy.cpu_kernels
         if self.softcap > 0:
             return heap(nnn.attention_softcap(q, k, v, self.scale, self.softcap, mp))
         if causal_mode:
