@@ -121,7 +121,8 @@ def main():
         g["decode step"] = step
         cols[mode] = (g, pre, dec)
     print(f"# {Path(path).name}: prompt {a.prompt}, decode {a.tokens} tokens, "
-          f"{cpu_kernels.num_threads()} threads, isa {cpu_kernels.isa()}, fuse {bool(a.fuse)}")
+          f"{cpu_kernels.num_threads()} threads, isa {cpu_kernels.isa()}, "
+          f"fuse {'on' if a.fuse else 'the default (on with the kernels enabled at load)'}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, load average "
           f"{' '.join(open('/proc/loadavg').read().split()[:3])}")
     names = list(next(iter(cols.values()))[0])
