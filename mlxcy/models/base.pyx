@@ -23,9 +23,11 @@ from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
+from mlxcy.cpu_kernels cimport use_attention, cpu_decode_attention
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
+from mlxcy import cpu_kernels as _cpu_kernels
 
 
 # Quantized CPU inference evaluates as it goes (mlxcy.tuning's cpu_sync says why).
@@ -223,6 +225,8 @@ cdef class Attention:
                                   self.softcap <= 0, &causal_mode, &m)
         if has_mask:
             mp = &m
+        elif L == 1 and not causal_mode and self.softcap <= 0 and use_attention(q, k, v):
+            return cpu_decode_attention(q, k, v, self.scale)   # mlxcy.cpu_kernels
         if self.softcap > 0:
             return heap(nnn.attention_softcap(q, k, v, self.scale, self.softcap, mp))
         if causal_mode:
@@ -330,8 +334,13 @@ cdef class Block:
 
 
 cdef bint _cpu_sync(Model m) except -1:
-    """CPU inference with quantized layers: evaluate as it goes (cpu_sync)."""
+    """CPU inference with quantized layers: evaluate as it goes (cpu_sync).
+    Not when mlxcy.cpu_kernels runs them: its products read the packed weights
+    directly (no dequantized temporaries to bound), and each sync is a wait on
+    MLX's CPU thread."""
     if not _tuning.cpu_sync or na.default_device().type != na.cpu or not m.layers:
+        return False
+    if _cpu_kernels.enabled() is not False and (<Block>m.layers[0]).attn.o_proj.bits in (4, 8):
         return False
     return m.embed.quantized or (<Block>m.layers[0]).attn.o_proj.quantized
 
