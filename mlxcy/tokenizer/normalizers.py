@@ -12,11 +12,18 @@ def _pattern(spec: dict, what: str):
     if not isinstance(pat, dict) or len(pat) != 1:
         raise TokenizerError(f"{what}: malformed pattern {pat!r}")
     (kind, value), = pat.items()
+    if not isinstance(value, str):
+        raise TokenizerError(f"{what}: pattern.{kind} must be a string, not "
+                             f"{type(value).__name__}")
     if kind == "String":
         return value, None
     if kind == "Regex":
         import regex  # Oniguruma-like syntax (\p{L}); only for unusual files
-        return None, regex.compile(value)
+        try:
+            return None, regex.compile(value)
+        except (regex.error, ValueError, OverflowError, RecursionError) as e:
+            raise TokenizerError(f"{what}: pattern.Regex {value!r:.80} is not a valid regex "
+                                 f"({e})") from None
     raise TokenizerError(f"{what}: unsupported pattern kind {kind!r}")
 
 
