@@ -461,7 +461,8 @@ def _check_index_bounds(idx, Py_ssize_t dim, axis, str fn="index"):
     lo, hi = int(vals.min()), int(vals.max())
     if lo < -dim or hi >= dim:
         bad = hi if hi >= dim else lo
-        raise IndexError(f"{fn}: index {bad} is out of bounds for axis {axis} with size {dim}")
+        where = f"axis {axis} with size {dim}" if axis is not None else f"size {dim}"
+        raise IndexError(f"{fn}: index {bad} is out of bounds for {where}")
 
 
 cdef Array _getitem(Array self, object key):

@@ -45,11 +45,12 @@ BLOCK = {0: (1, 4), 1: (1, 2), 30: (1, 2), 28: (1, 8), 24: (1, 1), 25: (1, 2), 2
          14: (256, 210), 15: (256, 292)}
 # Types MLX keeps quantized (as mlx::core::load_gguf does) or reads as floats.
 NATIVE_TYPES = {0, 1, 30, 2, 3, 8}
-# Types mlx::core::load_gguf (MLX 0.32) reads without crashing: F32, F16, BF16
-# directly, Q4_0/Q4_1/Q8_0 repacked, and those its bundled gguflib converts to
-# float16 (Q6_K, Q4_K, Q2_K...). Others it mishandles (division by a zero
-# block size: SIGFPE), so mlxcy.io.load_gguf refuses them first.
-MLX_TYPES = {0, 1, 30, 2, 3, 8, 10, 11, 12, 13, 14}
+# Types mlx::core::load_gguf (MLX 0.32) reads, found by giving it one tensor of
+# each type id: F32, F16, BF16, I8, I16, I32 directly, Q4_0/Q4_1/Q8_0
+# repacked, Q2_K/Q4_K/Q6_K converted to float16 by its bundled gguflib.  Ids
+# 4 and 5 (retired Q4_2/Q4_3) crash it with SIGFPE (a zero block size); the
+# other quantized types fail in gguflib.  mlxcy.io.load_gguf refuses the rest.
+MLX_TYPES = {0, 1, 30, 24, 25, 26, 2, 3, 8, 10, 12, 14}
 
 # metadata value types -> struct format
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -110,7 +111,7 @@ class _Reader:
         if vtype == STRING:
             return self.string(what)
         if vtype != ARRAY:
-            raise GGUFError(f"{self.path}: metadata key {what!r} has unknown value type {vtype}")
+            raise GGUFError(f"{self.path}: {what} has unknown value type {vtype}")
         etype = self.scalar("<I", what)
         count = self.scalar("<Q", what)
         if etype in SCALARS:
@@ -133,11 +134,11 @@ class _Reader:
             return Skipped(count, etype)
         if etype == ARRAY:
             if depth >= 1:
-                raise GGUFError(f"{self.path}: metadata key {what!r}: arrays nested more "
+                raise GGUFError(f"{self.path}: {what}: arrays nested more "
                                 f"than two deep are not supported")
             self.need(12 * count, what)         # each inner array: type and count at least
             return [self.value(ARRAY, what, keep, depth + 1) for _ in range(count)]
-        raise GGUFError(f"{self.path}: metadata key {what!r} has unknown array element "
+        raise GGUFError(f"{self.path}: {what} has unknown array element "
                         f"type {etype}")
 
 
@@ -221,14 +222,14 @@ def _parse(mm, path, size, keep_arrays):
     # a key/value takes 8 + 4 bytes at least, a tensor entry 8 + 4 + 8 + 4 + 8
     if n_kv * 12 + n_tensors * 32 > size - r.pos:
         raise GGUFError(f"{path}: {n_tensors} tensors and {n_kv} metadata keys cannot fit "
-                        f"in a {size}-byte file")
+                        f"in a {size}-byte file (truncated or corrupt)")
     meta = {}
     for _ in range(n_kv):
         key = r.string("a metadata key")
-        vtype = r.scalar("<I", f"the type of {key!r}")
+        vtype = r.scalar("<I", f"the type of metadata key {key!r}")
         if key in meta:
             raise GGUFError(f"{path}: metadata key {key!r} appears twice")
-        meta[key] = r.value(vtype, key, _keep(keep_arrays, key))
+        meta[key] = r.value(vtype, f"metadata key {key!r}", _keep(keep_arrays, key))
     infos = []
     for _ in range(n_tensors):
         name = r.string("a tensor name")

@@ -112,9 +112,9 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_gguf(quant=False, blocks=2) -> bytes:
+def tiny_gguf(quant=False, blocks=2, meta_overrides=None) -> bytes:
     """A complete tiny llama model (F32 or Q8_0 linear weights) with a gpt2
-    tokenizer and a chat template."""
+    tokenizer and a chat template; meta_overrides replaces metadata values."""
     import numpy as np
     rng = np.random.default_rng(0)
     V, H, F, heads, kv = len(TOKENS), 32, 64, 2, 1
@@ -148,6 +148,7 @@ def tiny_gguf(quant=False, blocks=2) -> bytes:
             "tokenizer.ggml.token_type": [1] * (V - 2) + [3, 3],
             "tokenizer.ggml.bos_token_id": V - 2, "tokenizer.ggml.eos_token_id": V - 1,
             "tokenizer.chat_template": CHAT}
+    meta.update(meta_overrides or {})
     return gguf_bytes(meta, tensors)
 
 
@@ -442,6 +443,8 @@ class Targets:
 
     def chat(self, p):
         from mlxcy.chat import ChatTemplate
+        if os.environ.get("MLXCY_FUZZ_SELFTEST"):      # tests/test_fuzz.py: a crash is caught
+            os.kill(os.getpid(), signal.SIGSEGV)
         src = Path(p).read_bytes().decode("utf-8", "replace")
         ChatTemplate(src, bos_token="<s>", eos_token="</s>").render(
             [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},

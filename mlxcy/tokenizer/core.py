@@ -101,11 +101,11 @@ class Tokenizer:
             self._decoder_spec = spec.get("decoder")
             self._decode_tokens = build_decoder(spec.get("decoder"))
             self._prefix, self._suffix = _template(spec.get("post_processor"), self._vocab, source)
+            plan(spec.get("pre_tokenizer"))     # checked now (regexes compile), used later
         except TokenizerError as e:
             if source in str(e):
                 raise
             raise TokenizerError(f"{source}: {e}") from None
-            plan(spec.get("pre_tokenizer"))     # checked now (regexes compile), used later
         except (KeyError, TypeError, AttributeError, ValueError, OverflowError, IndexError,
                 RecursionError) as e:
             raise TokenizerError(f"{source}: malformed tokenizer definition ({e!r})") from e
