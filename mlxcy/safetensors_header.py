@@ -131,7 +131,7 @@ def _tensor(p, name, t, data_len):
     begin, end = offs
     if not 0 <= begin <= end <= data_len:
         raise ModelFormatError(f"{where}: data_offsets [{begin}, {end}] are outside the "
-                               f"{data_len}-byte data section")
+                               f"{data_len}-byte data section (truncated?)")
     if end - begin != nbytes:
         raise ModelFormatError(f"{where}: data_offsets [{begin}, {end}] hold {end - begin} "
                                f"bytes but shape {shape} of {dtype} needs {nbytes}")
