@@ -131,7 +131,8 @@ def _compile(source: str):
     except RecursionError:
         raise ChatTemplateError("chat template is nested too deeply to compile") from None
     except (jinja2.exceptions.TemplateError, TypeError, ValueError, AttributeError,
-            KeyError, IndexError, ArithmeticError) as e:
+            KeyError, IndexError, ArithmeticError, SyntaxError) as e:
+        # (SyntaxError: jinja compiles `{% break %}` outside a loop to invalid Python)
         raise ChatTemplateError(f"chat template failed to compile: {type(e).__name__}: "
                                 f"{e}") from e
 

@@ -765,6 +765,69 @@ def write_failure_leaves_no_file(d):
         raise ValueError(str(e)) from None
 
 
+# ------------------------------------------ regressions found by tools/fuzz.py --
+
+def _renamed_tensor_gguf(old, new) -> bytes:
+    data = fuzz.tiny_gguf(True, blocks=1)
+    a, b = fuzz._gstr(old), fuzz._gstr(new)
+    assert len(a) == len(b) and data.count(a) == 1
+    return data.replace(a, b)
+
+
+@case("GGUFError", r"renamed\.gguf.*blk\.0\.ffn_gate")
+def fuzz_quantized_weight_renamed(d):
+    # a mangled name left MLX's <prefix>.scales without its weight: KeyError
+    load_model(write(d, "renamed.gguf", _renamed_tensor_gguf("blk.0.ffn_gate.weight",
+                                                             b"blk.0.ffn_gate.we\xff\x03\x00\x00")))
+
+
+def _tok_edit(d, name, edit):
+    t = tok_seed()
+    edit(t)
+    load_tok(write(d, name, json.dumps(t)))
+
+
+@case("TokenizerError", r"repl\.json.*Replace normalizer.*'content'")
+def fuzz_tok_replace_content_not_a_string(d):
+    _tok_edit(d, "repl.json", lambda t: t.update(normalizer={
+        "type": "Replace", "pattern": {"String": " "}, "content": 5}))
+
+
+@case("TokenizerError", r"prep\.json.*Prepend normalizer.*'prepend'")
+def fuzz_tok_prepend_not_a_string(d):
+    _tok_edit(d, "prep.json", lambda t: t.update(normalizer={"type": "Prepend",
+                                                              "prepend": ["x"]}))
+
+
+@case("TokenizerError", r"meta\.json.*Metaspace pre-tokenizer.*'replacement'")
+def fuzz_tok_metaspace_replacement_not_a_string(d):
+    _tok_edit(d, "meta.json", lambda t: t.update(pre_tokenizer={"type": "Metaspace",
+                                                                 "replacement": {}}))
+
+
+@case("TokenizerError", r"dec\.json.*Replace decoder.*'content'")
+def fuzz_tok_decoder_replace_content_float(d):
+    _tok_edit(d, "dec.json", lambda t: t.update(decoder={
+        "type": "Replace", "pattern": {"String": "x"}, "content": 1.5}))
+
+
+@case("TokenizerError", r"unk\.json.*unk_token")
+def fuzz_tok_unk_token_a_dict(d):
+    _tok_edit(d, "unk.json", lambda t: t["model"].update(unk_token={"a": 1}))
+
+
+@case("TokenizerError", r"post\.json.*post_processor.*261")
+def fuzz_tok_post_processor_id_outside_vocabulary(d):
+    def edit(t):
+        t["added_tokens"] = []          # the template's <|endoftext|> id 261 is gone
+    _tok_edit(d, "post.json", edit)
+
+
+@case("ChatTemplateError", r"failed to compile.*break")
+def fuzz_chat_break_outside_loop(d):
+    render("{% break %}")
+
+
 # ------------------------------------------- config.json (the spec helper's) --
 
 def config_case(d, **fields):

@@ -447,6 +447,9 @@ def _load_native_io(io, path, header, cfg, dtype):
             if kind == "scales":
                 w = raw.get(base + ".weight")
                 hb = name[: -len(".scales")]
+                if w is None and hb + ".weight" not in weights:
+                    raise GGUFError(f"{path}: quantized tensor {base!r} has scales but no "
+                                    f"{base + '.weight'!r}")
                 wshape = (w.shape if w is not None else weights[hb + ".weight"].shape)
                 bits = wshape[-1] * 32 // (a.shape[-1] * 32)
                 quant_layers[hb] = {"group_size": 32, "bits": bits}

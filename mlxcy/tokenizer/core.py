@@ -102,6 +102,10 @@ class Tokenizer:
             self._decode_tokens = build_decoder(spec.get("decoder"))
             self._prefix, self._suffix = _template(spec.get("post_processor"), self._vocab, source)
             plan(spec.get("pre_tokenizer"))     # checked now (regexes compile), used later
+            for i in self._prefix + self._suffix:
+                if type(i) is not int or i not in self._id_to_token:
+                    raise TokenizerError(f"post_processor: token id {i!r:.40} is not in the "
+                                         f"vocabulary")
         except TokenizerError as e:
             if source in str(e):
                 raise
@@ -125,6 +129,8 @@ class Tokenizer:
                 raise TokenizerError(f"unsupported BPE option {key}={m[key]!r}")
         if m.get("dropout"):
             raise TokenizerError("unsupported BPE option dropout (non-deterministic)")
+        if m.get("unk_token") is not None and not isinstance(m["unk_token"], str):
+            raise TokenizerError("model.unk_token must be a string or null")
         vocab = m["vocab"]
         if not isinstance(vocab, dict):
             raise TokenizerError("model.vocab must be an object")

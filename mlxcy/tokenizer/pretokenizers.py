@@ -108,7 +108,10 @@ def _split_step(spec: dict):
 
 
 def _metaspace_step(spec: dict):
-    rep = spec.get("replacement", "\u2581")
+    from .normalizers import str_field
+    rep = str_field(spec, "replacement", "\u2581", "Metaspace pre-tokenizer")
+    if not rep:
+        raise TokenizerError("Metaspace pre-tokenizer: field 'replacement' is empty")
     scheme = spec.get("prepend_scheme")
     if scheme is None:  # older files: add_prefix_space
         scheme = "always" if spec.get("add_prefix_space", True) else "never"
