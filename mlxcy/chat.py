@@ -59,6 +59,10 @@ def _jinja():
     return jinja2
 
 
+_MAX_POW_BITS = 1 << 16         # an int result of at most 64 kbit
+_MAX_REPEAT = 1 << 24           # 16 M items from `seq * n`
+
+
 @lru_cache(maxsize=64)
 def _compile(source: str):
     jinja2 = _jinja()
@@ -116,8 +120,29 @@ def _compile(source: str):
                     f"chat templates cannot store underscore-prefixed attributes on a "
                     f"namespace, but got {name!r}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        # The sandbox bounds range() but not `9**9**9` (minutes of CPU) or
+        # `'a' * 10**12` (a MemoryError after swapping): refuse results that
+        # large before computing them.
+        intercepted_binops = frozenset(["**", "*"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right > 0 \
+                    and right * max(abs(left).bit_length(), 1) > _MAX_POW_BITS:
+                raise jinja2.exceptions.SecurityError(
+                    f"{left} ** {right} is too large for a chat template")
+            if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)) \
+                    or operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+                n, seq = (right, left) if isinstance(right, int) else (left, right)
+                if n * len(seq) > _MAX_REPEAT:
+                    raise jinja2.exceptions.SecurityError(
+                        f"repeating a sequence of {len(seq)} {n} times is too large for a "
+                        f"chat template")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                             extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

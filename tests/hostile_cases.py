@@ -513,6 +513,16 @@ def chat_deeply_nested_expression(d):
     render("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}")
 
 
+@case("ChatTemplateError", r"too large")
+def chat_huge_power(d):
+    render("{{ 7 ** 999999999 }}")      # minutes of CPU without the bound
+
+
+@case("ChatTemplateError", r"too large")
+def chat_huge_string_repeat(d):
+    render("{{ 'ab' * 10 ** 12 }}")     # a MemoryError (after swapping) without the bound
+
+
 # -------------------------------------------------------- training data --
 
 def load_jsonl(p):
