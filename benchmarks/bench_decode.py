@@ -116,15 +116,13 @@ class MlxcyEngine:
         self.weight_bytes = self.model.nbytes()
 
     def once(self, prompt, n):
-        from mlxcy.generate import TokenLoop
-        cache = self.model.make_cache()
+        from mlxcy.engine import generate_ids
         t0 = time.perf_counter()
-        it = iter(TokenLoop(self.model, cache, self.sampler, prompt, n))
-        first = next(it)[0]
+        it = generate_ids(self.model, prompt, sampler=self.sampler, max_tokens=n)
+        first = next(it).token
         t1 = time.perf_counter()
-        tokens = [first] + [t for t, _ in it]
+        tokens = [first] + [ev.token for ev in it]
         t2 = time.perf_counter()
-        cache.free()
         return t1 - t0, t2 - t1, tokens
 
     def close(self):

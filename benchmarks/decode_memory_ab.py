@@ -32,19 +32,17 @@ def peaks(engine_once, prompt, n):
 
 
 def mlxcy_once(engine, chunk, split):
-    from mlxcy import generate as G
-    from mlxcy.generate import TokenLoop
+    from mlxcy import engine as G
 
     def once(prompt, n, mark):
         G.set_prefill_split(split)
-        cache = engine.model.make_cache()
-        it = iter(TokenLoop(engine.model, cache, engine.sampler, prompt, n, prefill_chunk=chunk))
+        it = G.generate_ids(engine.model, prompt, prefill_chunk=chunk, sampler=engine.sampler,
+                            max_tokens=n)
         next(it)
         mark()
         t0 = time.perf_counter()
         k = sum(1 for _ in it)
         dt = time.perf_counter() - t0
-        cache.free()
         G.set_prefill_split(None)
         return k / dt
     return once

@@ -7,7 +7,7 @@ step's host time is split three ways:
             into CUDA graphs on the calling thread here
   wait   -- reading the previous token back (the host idle, the device busy)
 If build + queue fill the step, decode is bound by the host; if wait does, by
-the device.  mlxcy's split comes from its own token loop (TokenLoop's
+the device.  mlxcy's split comes from its own token loop (the engine's
 build/queue/wait_seconds); mlx-lm's from a loop written like its
 generate_step (same stream use, the next step queued before the token is read).
 
@@ -34,16 +34,21 @@ import bench_decode as B  # noqa: E402
 
 
 def mlxcy_split(engine, prompt, steps):
-    from mlxcy.generate import TokenLoop
-    cache = engine.model.make_cache()
-    loop = TokenLoop(engine.model, cache, engine.sampler, prompt, steps + 1)
-    it = iter(loop)
+    from mlxcy.engine import Engine
+    eng = Engine(engine.model, max_batch=1)
+    eng.add(prompt, sampler=engine.sampler, max_tokens=steps + 1)
+    while not eng.stats["decode_tokens"] and eng.has_work():
+        eng.step()                 # prefill, up to the first token
+    st0 = dict(eng.stats)
     t0 = time.perf_counter()     # the prompt is evaluated: the steps from here
-    n = sum(1 for _ in it) - 1   # steps + 1 tokens, `steps` decode steps queued
+    while eng.has_work():
+        eng.step()
     wall = time.perf_counter() - t0
-    out = {"wall": wall / n, "build": loop.build_seconds / n, "queue": loop.queue_seconds / n,
-           "wait": loop.wait_seconds / n}
-    cache.free()
+    n = eng.stats["decode_tokens"] - st0["decode_tokens"]
+    out = {"wall": wall / n}
+    for k in ("build", "queue", "wait"):
+        out[k] = (eng.stats[k + "_seconds"] - st0[k + "_seconds"]) / n
+    eng.close()
     return out
 
 

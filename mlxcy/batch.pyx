@@ -26,12 +26,10 @@ one token is scored from the first pass alone (its token's log-prob); labels of
 several tokens get a second, teacher-forced pass over prompt + label[:-1],
 whose output head runs only on the label's positions.
 
-batch_generate() prefills the batch (in `prefill_chunk` pieces), then decodes
-all rows together on one cache of batch B.  Each step's graph is queued
-before the previous step's tokens are read back (as in mlxcy.generate); rows
-that finish (EOS / stop id, stop string, their own max_tokens) are removed
-from the batch -- the cache, pending tokens, padding and penalty history are
-gathered down to the live rows -- so the others never wait.
+batch_generate() hands every prompt to the generation engine
+(mlxcy.engine): up to `batch_size` rows decode together, rows that finish
+(EOS / stop id, stop string, their own max_tokens) leave the batch, and
+waiting prompts join as rows free up.
 
 Empty prompts: an empty string becomes the tokenizer's BOS token alone when
 the tokenizer adds one; otherwise (and for an empty id list) ValueError
@@ -48,15 +46,14 @@ from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as 
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache, LayerCache
-from mlxcy.sample cimport Sampler
+from mlxcy.engine cimport padded_forward, log_softmax
 
 import time
 from collections import namedtuple
 
 import numpy as np
 
-__all__ = ["classify", "batch_generate", "ClassifyResult", "BatchGeneration", "BatchMetrics",
-           "BatchLoop"]
+__all__ = ["classify", "batch_generate", "ClassifyResult", "BatchGeneration", "BatchMetrics"]
 
 
 # ------------------------------------------------------------ native helpers --
@@ -67,66 +64,10 @@ cdef inline void _drop(na.array** slot) noexcept:
         slot[0] = NULL
 
 
-cdef inline void _set(na.array** slot, na.array* p) noexcept:
-    if slot[0] != NULL:
-        del slot[0]
-    slot[0] = p
-
-
-cdef na.Shape _shape4(int a, int b, int c, int d):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
-    s.push_back(c)
-    s.push_back(d)
-    return s
-
-
 cdef vector[int] _axis(int a):
     cdef vector[int] v = vector[int]()
     v.push_back(a)
     return v
-
-
-cdef na.array* _pad_mask(const na.array& pads, int off, int L) except NULL:
-    """Bool [B, 1, L, off + L] over absolute key positions for queries at
-    off .. off+L-1 of left-padded rows (pads: int32 [B]): key k is visible iff
-    k >= min(pad, q) -- real queries skip the padding, a padding query sees
-    itself (the causal part is added by the attention)."""
-    cdef int B = pads.shape(0)
-    cdef na.array p4 = nops.reshape(pads, _shape4(B, 1, 1, 1))
-    cdef na.array kpos = nops.reshape(nops.arange(0, off + L, 1, na.int32),
-                                      _shape4(1, 1, 1, off + L))
-    if L == 1:
-        return heap(nops.greater_equal(kpos, p4))
-    cdef na.array qpos = nops.reshape(nops.arange(off, off + L, 1, na.int32),
-                                      _shape4(1, 1, L, 1))
-    return heap(nops.greater_equal(kpos, nops.minimum(p4, qpos)))
-
-
-cdef na.array* _rope_offsets(const na.array& pads, int off) except NULL:
-    """int32 [B]: the RoPE position of each row's token at padded position off."""
-    return heap(nops.subtract(na.array(<int64_t>off, na.int32), pads))
-
-
-cdef na.array* _forward(Model model, const na.array& ids, Cache cache, const na.array& pads,
-                        int off, bint last_only) except NULL:
-    """model.forward over a left-padded chunk whose first column is padded position off."""
-    cdef na.array* m = _pad_mask(pads, off, ids.shape(1))
-    cdef na.array* o = NULL
-    try:
-        o = _rope_offsets(pads, off)
-        return model.forward(ids, cache, m, o, last_only)
-    finally:
-        del m
-        if o != NULL:
-            del o
-
-
-cdef na.array* _log_softmax(const na.array& x) except NULL:
-    """float32 log-softmax over the last axis."""
-    cdef na.array xf = nops.astype(x, na.float32)
-    return heap(nops.subtract(xf, nops.logsumexp(xf, _axis(-1), True)))
 
 
 cdef void _eval1(const na.array& x) except *:
@@ -141,241 +82,6 @@ cdef object _to_numpy(na.array* p):
     return wrap(p).numpy()
 
 
-# ------------------------------------------------------------------ the loop --
-
-cdef class BatchLoop:
-    """Decodes B left-padded prompts together on one cache.
-
-    BatchLoop(model, cache, ids [B, T] int32 left-padded, pads [B], samplers,
-              prefill_chunk=None, logprobs=False, history=None)
-
-    samplers: one Sampler for every row, or a list of B Samplers.  history:
-    int32 [B, H] recent ids per row (-1 pads), for penalties.  `step(more)`
-    returns (tokens int32 [rows], logprobs float32 [rows] or None) for the
-    live rows, after queueing the following step when `more` is true;
-    `keep(rows)` keeps only those live rows (indices into the current rows).
-    The model and cache belong to the caller.
-    """
-    cdef Model model
-    cdef Cache cache
-    cdef Sampler shared            # one sampler for all rows, or None
-    cdef list samplers             # per-row samplers (live rows), or None
-    cdef na.array* pads            # int32 [rows]
-    cdef na.array* pending         # int32 [rows], queued
-    cdef na.array* pending_lp      # float32 [rows] or NULL
-    cdef na.array* history         # int32 [rows, H] or NULL
-    cdef int history_size
-    cdef bint want_lp
-    cdef readonly int rows
-    cdef readonly double prefill_seconds
-
-    def __init__(self, Model model, Cache cache, ids, pads, samplers, prefill_chunk=None,
-                 bint logprobs=False, history=None):
-        # None (GenerationOptions' default): 512 positions per row.  The
-        # single-sequence CPU default (mlxcy.generate.default_prefill_chunk)
-        # is tuned for one row; a batch's chunk is already rows times wider.
-        if prefill_chunk is None:
-            prefill_chunk = 512
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        ids = np.ascontiguousarray(ids, dtype=np.int32)
-        pads = np.ascontiguousarray(pads, dtype=np.int32).reshape(-1)
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"ids must be a non-empty [B, T] array, got shape {ids.shape}")
-        if pads.shape[0] != ids.shape[0] or (pads < 0).any() or (pads >= ids.shape[1]).any():
-            raise ValueError("pads: one padding count in [0, T) per row expected")
-        if cache is None or cache.offset != 0:
-            raise ValueError("BatchLoop needs a fresh cache from model.make_cache()")
-        self.model, self.cache = model, cache
-        self.rows = ids.shape[0]
-        if isinstance(samplers, Sampler):
-            self.shared = samplers
-        else:
-            samplers = list(samplers)
-            if len(samplers) != self.rows or not all(isinstance(s, Sampler) for s in samplers):
-                raise TypeError("samplers: a Sampler, or one Sampler per row")
-            self.samplers = samplers
-        self.want_lp = logprobs
-        cdef Array a = to_array(pads)
-        self.pads = new na.array(a.ptr[0])
-        if history is not None:
-            h = np.ascontiguousarray(history, dtype=np.int32)
-            if h.ndim != 2 or h.shape[0] != self.rows:
-                raise ValueError("history must be int32 [B, H]")
-            self.history_size = h.shape[1]
-            if self.history_size > 0:
-                a = to_array(h)
-                self.history = new na.array(a.ptr[0])
-        t0 = time.perf_counter()
-        self._prefill(ids, prefill_chunk)
-        self.prefill_seconds = time.perf_counter() - t0
-
-    def __dealloc__(self):
-        self._release()
-
-    cdef void _release(self) noexcept:
-        _drop(&self.pads)
-        _drop(&self.pending)
-        _drop(&self.pending_lp)
-        _drop(&self.history)
-
-    def close(self):
-        """Drop the queued step and every per-row array (the cache stays)."""
-        self._release()
-        self.rows = 0
-
-    cdef void _prefill(self, object ids, int chunk) except *:
-        cdef int T = ids.shape[1], start = 0
-        cdef Array part
-        cdef na.array* out
-        while T - start > chunk:
-            part = to_array(ids[:, start:start + chunk])
-            out = _forward(self.model, part.ptr[0], self.cache, self.pads[0], start, True)
-            try:
-                _eval1(out[0])        # bounds the graph; fills the cache
-            finally:
-                del out
-            start += chunk
-        part = to_array(ids[:, start:])
-        out = _forward(self.model, part.ptr[0], self.cache, self.pads[0], start, True)
-        self._queue(out)
-        _eval1(self.pending[0])       # prefill time measured honestly
-
-    cdef void _queue(self, na.array* logits3) except *:
-        """Sample from logits [rows, 1, V]; queue the tokens. Frees logits3."""
-        cdef int B = logits3.shape(0), V = logits3.shape(2), i
-        cdef na.array* logits = NULL
-        cdef na.array* tok = NULL
-        cdef na.array* t1
-        cdef Sampler s
-        cdef vector[na.array] parts = vector[na.array]()
-        cdef vector[na.array] outs = vector[na.array]()
-        cdef na.array row = logits3[0]
-        cdef na.array hrow = logits3[0]
-        try:
-            logits = heap(nops.reshape(logits3[0], _shape2(B, V)))
-            if self.shared is not None:
-                tok = self.shared.sample(logits[0], self.history)
-            else:
-                for i in range(B):
-                    s = <Sampler>self.samplers[i]
-                    # A row is sampled as a [V] vector, as a prompt alone is
-                    # (mlxcy.generate), so seeded draws reproduce it.
-                    row = nops.reshape(nops.slice(logits[0], _shape2(i, 0), _shape2(i + 1, V)),
-                                       _shape1(V))
-                    if self.history != NULL:
-                        hrow = nops.reshape(nops.slice(self.history[0], _shape2(i, 0),
-                                                       _shape2(i + 1, self.history.shape(1))),
-                                            _shape1(self.history.shape(1)))
-                        t1 = s.sample(row, &hrow)
-                    else:
-                        t1 = s.sample(row, NULL)
-                    parts.push_back(nops.reshape(t1[0], _shape1(1)))
-                    del t1
-                tok = heap(nops.concatenate(parts, 0))
-            _set(&self.pending, heap(nops.astype(tok[0], na.int32)))
-            outs.push_back(self.pending[0])
-            if self.want_lp:
-                self._logprob_of(logits[0], self.pending[0])
-            if self.history != NULL:
-                self._push_history(self.pending[0])
-        finally:
-            del logits3
-            if logits != NULL:
-                del logits
-            if tok != NULL:
-                del tok
-        if self.want_lp:
-            outs.push_back(self.pending_lp[0])
-        with nogil:
-            nasync_eval(outs)
-
-    cdef int _logprob_of(self, const na.array& logits, const na.array& tok) except -1:
-        cdef int B = tok.shape(0)
-        cdef na.array* lp = _log_softmax(logits)
-        try:
-            _set(&self.pending_lp, heap(nops.reshape(
-                nops.take_along_axis(lp[0], nops.reshape(tok, _shape2(B, 1)), 1), _shape1(B))))
-        finally:
-            del lp
-        return 0
-
-    cdef void _push_history(self, const na.array& tok) except *:
-        cdef int B = tok.shape(0)
-        cdef vector[na.array] parts = vector[na.array]()
-        parts.push_back(self.history[0])
-        parts.push_back(nops.reshape(tok, _shape2(B, 1)))
-        cdef na.array joined = nops.concatenate(parts, 1)
-        cdef int T = joined.shape(1)
-        if T > self.history_size:
-            _set(&self.history, heap(nops.slice(joined, _shape2(0, T - self.history_size),
-                                                _shape2(B, T))))
-        else:
-            _set(&self.history, heap(joined))
-
-    def step(self, bint more=True):
-        """(tokens, logprobs or None) of the live rows; with `more`, the next
-        step is queued (on every live row) before these are read back."""
-        cdef na.array* cur = self.pending
-        cdef na.array* cur_lp = self.pending_lp
-        cdef na.array* out
-        cdef na.array* ids
-        cdef int B = self.rows
-        if cur == NULL:
-            raise RuntimeError("BatchLoop: no step queued (closed, or stepped without `more`)")
-        self.pending = NULL
-        self.pending_lp = NULL
-        try:
-            if more:
-                ids = heap(nops.reshape(cur[0], _shape2(B, 1)))
-                try:
-                    out = _forward(self.model, ids[0], self.cache, self.pads[0],
-                                   self.cache.layers[0].offset, True)
-                finally:
-                    del ids
-                self._queue(out)
-            toks = _to_numpy(cur)
-            cur = NULL
-            lps = None
-            if cur_lp != NULL:
-                lps = _to_numpy(cur_lp)
-                cur_lp = NULL
-        finally:
-            if cur != NULL:
-                del cur
-            if cur_lp != NULL:
-                del cur_lp
-        return toks, lps
-
-    def keep(self, rows):
-        """Keep only the given live rows (indices into the current rows, in
-        the order given): the cache, queued tokens, padding and history."""
-        idx_np = np.ascontiguousarray(rows, dtype=np.int32).reshape(-1)
-        if idx_np.size and (idx_np.min() < 0 or idx_np.max() >= self.rows):
-            raise IndexError(f"keep: row index out of range for {self.rows} rows")
-        if idx_np.size == 0:
-            self.close()
-            return
-        cdef Array ia = to_array(idx_np)
-        cdef na.array* idx = ia.ptr
-        cdef LayerCache lc
-        for layer in self.cache.layers:
-            lc = <LayerCache>layer
-            if lc.keys != NULL:
-                _set(&lc.keys, heap(nops.take(lc.keys[0], idx[0], 0)))
-                _set(&lc.values, heap(nops.take(lc.values[0], idx[0], 0)))
-        _set(&self.pads, heap(nops.take(self.pads[0], idx[0], 0)))
-        if self.pending != NULL:
-            _set(&self.pending, heap(nops.take(self.pending[0], idx[0], 0)))
-        if self.pending_lp != NULL:
-            _set(&self.pending_lp, heap(nops.take(self.pending_lp[0], idx[0], 0)))
-        if self.history != NULL:
-            _set(&self.history, heap(nops.take(self.history[0], idx[0], 0)))
-        if self.samplers is not None:
-            self.samplers = [self.samplers[i] for i in idx_np.tolist()]
-        self.rows = idx_np.size
-
-
 # ------------------------------------------------------------ classification --
 
 cdef object _classify_batch(Model model, object ids, object pads, int top_k, object label_ids,
@@ -386,7 +92,7 @@ cdef object _classify_batch(Model model, object ids, object pads, int top_k, obj
     cdef Array a = to_array(ids)
     cdef Array p = to_array(pads)
     cdef int B = ids.shape[0]
-    cdef na.array* out = _forward(model, a.ptr[0], None, p.ptr[0], 0, True)
+    cdef na.array* out = padded_forward(model, a.ptr[0], None, p.ptr, 0, True)
     cdef na.array* logits = NULL
     cdef na.array* lp = NULL
     cdef int V
@@ -399,7 +105,7 @@ cdef object _classify_batch(Model model, object ids, object pads, int top_k, obj
     try:
         V = out.shape(2)
         logits = heap(nops.reshape(out[0], _shape2(B, V)))
-        lp = _log_softmax(logits[0])
+        lp = log_softmax(logits[0])
         if top_k > 0:
             r_ids = heap(nops.slice(nops.argpartition(nops.negative(lp[0]), top_k - 1, 1),
                                     _shape2(0, 0), _shape2(B, top_k)))
@@ -448,12 +154,12 @@ cdef object _teacher_forced(Model model, object ids, object pads, object targets
     try:
         if T > m:
             a = to_array(ids[:, :T - m])
-            out = _forward(model, a.ptr[0], cache, p.ptr[0], 0, True)
+            out = padded_forward(model, a.ptr[0], cache, p.ptr, 0, True)
             del out
             out = NULL
         a = to_array(ids[:, T - m:])
-        out = _forward(model, a.ptr[0], cache, p.ptr[0], T - m, False)
-        lp = _log_softmax(out[0])                                  # [B, m, V]
+        out = padded_forward(model, a.ptr[0], cache, p.ptr, T - m, False)
+        lp = log_softmax(out[0])                                  # [B, m, V]
         res = heap(nops.sum(
             nops.where(valid.ptr[0],
                        nops.reshape(nops.take_along_axis(
@@ -695,26 +401,6 @@ _SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                  "logit_bias", "seed")
 
 
-def _sampler_for(o):
-    return Sampler(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
-                   repetition_penalty=o.repetition_penalty,
-                   repetition_context_size=o.repetition_context_size,
-                   presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
-                   logit_bias=o.logit_bias, seed=o.seed)
-
-
-def _history_size(Sampler s):
-    """How many recent tokens the sampler's penalties look at (0: none)."""
-    n = 0
-    if s.repetition_penalty != 1.0:
-        n = max(n, s.repetition_context_size)
-    if s.presence_penalty != 0.0:
-        n = max(n, s.presence_context_size)
-    if s.frequency_penalty != 0.0:
-        n = max(n, s.frequency_context_size)
-    return n
-
-
 def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts):
     """Generate a continuation for every prompt, decoding them together.
 
@@ -767,30 +453,8 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
     met = BatchMetrics()
     met.prompts = n
     met.prompt_tokens = sum(len(s) for s in seqs)
-    token_ids = [[] for _ in range(n)]
-    lps = [[] for _ in range(n)] if base.logprobs else None
-    reasons = ["length"] * n
-    texts = [None] * n
-    eos = set(tok.eos_ids)
     t0 = time.perf_counter()
-    todo = [i for i in range(n) if per[i].max_tokens > 0]
-    if base.cancelled():
-        for i in todo:
-            reasons[i] = "cancelled"
-        todo = []
-    groups = _buckets([len(seqs[i]) for i in todo], batch_size) if batch_size else [
-        list(range(len(todo)))]
-    prefill = 0.0
-    for g in groups:
-        if not g:
-            continue
-        prefill += _run_group(model, tok, [todo[k] for k in g], seqs, per, base, eos,
-                              token_ids, lps, reasons, texts)
-    nvocab = _tok_vocab(tok)
-    for i in range(n):
-        if texts[i] is None:
-            texts[i] = tok.decode([t for t in token_ids[i] if t < nvocab],
-                                  skip_special_tokens=True)
+    token_ids, lps, reasons, texts, prefill = _run(model, tok, seqs, per, base, batch_size)
     met.total_time = time.perf_counter() - t0
     met.prefill_time = prefill
     met.generated_tokens = sum(len(t) for t in token_ids)
@@ -802,81 +466,75 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
     return BatchGeneration(texts, token_ids, reasons, lps, met)
 
 
-def _run_group(Model model, tok, group, seqs, per, base, eos, token_ids, lps, reasons, texts):
-    """Decode the prompts `group` together; fills the per-prompt outputs.
-    Returns the prefill time."""
-    from mlxcy.inference import _StopMatcher
-    from mlxcy.tokenizer import StreamDecoder
-    opts = [per[i] for i in group]
-    keys = [tuple(repr(getattr(o, k)) for k in _SAMPLER_KEYS) for o in opts]
-    if all(k == keys[0] for k in keys):
-        samplers = _sampler_for(opts[0])
-        hsize = _history_size(samplers)
-    else:
-        samplers = [_sampler_for(o) for o in opts]
-        hsize = max(_history_size(s) for s in samplers)
-    history = None
-    if hsize > 0:
-        history = np.full((len(group), hsize), -1, dtype=np.int32)
-        for r, i in enumerate(group):
-            h = seqs[i][-hsize:]
-            history[r, hsize - len(h):] = h
-    ids, pads = _left_pad([seqs[i] for i in group])
-    stop_ids = [eos | set(o.stop_ids) for o in opts]
-    budget = [o.max_tokens for o in opts]
-    matchers = [(_StopMatcher(o.stop), StreamDecoder(tok, skip_special_tokens=True), [])
-                if [s for s in o.stop if s] else None for o in opts]
+def _run(Model model, tok, seqs, per, base, batch_size):
+    """Every prompt through one engine: (token_ids, logprobs, stop reasons,
+    texts, prefill seconds), in input order."""
+    from mlxcy.engine import Engine
+    from mlxcy.inference import sampler_for
+    from mlxcy.text_stream import TextStream
+    n = len(seqs)
+    token_ids = [[] for _ in range(n)]
+    lps = [[] for _ in range(n)] if base.logprobs else None
+    reasons = ["length"] * n
+    texts = [None] * n
+    todo = [i for i in range(n) if per[i].max_tokens > 0]
+    if base.cancelled():
+        for i in todo:
+            reasons[i] = "cancelled"
+        todo = []
+    # Rows of one sampler share one draw per step (see the docstring); rows
+    # with their own settings get their own sampler.
+    keys = [tuple(repr(getattr(per[i], k)) for k in _SAMPLER_KEYS) for i in todo]
+    shared = sampler_for(per[todo[0]]) if todo and all(k == keys[0] for k in keys) else None
+    eos = set(tok.eos_ids)
+    # Prompts of similar length are admitted together (less padding).
+    order = sorted(todo, key=lambda i: -len(seqs[i])) if batch_size else todo
+    eng = Engine(model, max_batch=batch_size or max(1, len(todo)),
+                 prefill_chunk=base.prefill_chunk or 512)
+    streams = {}
+    row_of = {}
     nvocab = _tok_vocab(tok)
-    cache = model.make_cache()
-    loop = None
     try:
-        loop = BatchLoop(model, cache, ids, pads, samplers, prefill_chunk=base.prefill_chunk,
-                         logprobs=base.logprobs, history=history)
-        live = list(range(len(group)))     # live row -> position in group
-        produced = [0] * len(group)
-        while live:
-            more = any(produced[r] + 1 < budget[r] for r in live)
-            toks, tlp = loop.step(more)
-            cancel = base.cancel is not None and base.cancelled()
-            keep = []
-            for row, r in enumerate(live):
-                i = group[r]
-                t = int(toks[row])
-                produced[r] += 1
-                done = None
-                if t in stop_ids[r]:
+        for i in order:
+            o = per[i]
+            sid = eng.add(seqs[i], sampler=shared or sampler_for(o), max_tokens=o.max_tokens,
+                          stop_ids=eos | set(o.stop_ids), logprobs=base.logprobs)
+            row_of[sid] = i
+            if [s for s in o.stop if s]:
+                streams[sid] = (TextStream(tok, o.stop), [])
+        active = set(row_of)
+        while eng.has_work():
+            if base.cancel is not None and base.cancelled():
+                for sid in active:
+                    reasons[row_of[sid]] = "cancelled"
+                    eng.cancel(sid)
+                break
+            for ev in eng.step():
+                i = row_of[ev.seq_id]
+                done = ev.finish_reason
+                if done == "stop":
                     done = "eos"
                 else:
-                    token_ids[i].append(t)
+                    token_ids[i].append(ev.token)
                     if lps is not None:
-                        lps[i].append(float(tlp[row]))
-                    mt = matchers[r]
-                    if mt is not None and t < nvocab:
-                        text, hit = mt[0].feed(mt[1].push(t))
-                        mt[2].append(text)
+                        lps[i].append(ev.logprob)
+                    st = streams.get(ev.seq_id)
+                    if st is not None and ev.token < nvocab:
+                        piece, hit = st[0].push(ev.token)
+                        st[1].append(piece)
                         if hit:
                             done = "stop"
-                if done is None and produced[r] >= budget[r]:
-                    done = "length"
-                if done is None and cancel:
-                    done = "cancelled"
-                if done is None:
-                    keep.append(row)
-                    continue
-                reasons[i] = done
-                mt = matchers[r]
-                if mt is not None:
-                    if done != "stop":
-                        tail, _ = mt[0].feed(mt[1].finish())
-                        mt[2].append(tail + mt[0].flush())
-                    texts[i] = "".join(mt[2])
-            if not keep:
-                break
-            if len(keep) < len(live):
-                loop.keep(keep)
-                live = [live[row] for row in keep]
-        return loop.prefill_seconds
+                            eng.finish(ev.seq_id, "stop")
+                if done is not None:
+                    reasons[i] = done
+                    active.discard(ev.seq_id)
+        for sid, (st, parts) in streams.items():
+            parts.append(st.finish())
+            texts[row_of[sid]] = "".join(parts)
+        for i in range(n):
+            if texts[i] is None:
+                texts[i] = tok.decode([t for t in token_ids[i] if t < nvocab],
+                                      skip_special_tokens=True)
+        return token_ids, lps, reasons, texts, eng.stats["prefill_seconds"]
     finally:
-        if loop is not None:
-            loop.close()
-        cache.free()
+        eng.close()

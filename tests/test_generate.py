@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 import mlxcy
 from mlxcy import assets, memory
-from mlxcy.inference import GenerationOptions, _StopMatcher, load
+from mlxcy.inference import GenerationOptions, load
+from mlxcy.text_stream import StopMatcher as _StopMatcher
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +241,7 @@ def test_quantized_cpu_inference_evaluates_block_by_block(tiny_dir, tmp_path):
     dequantized head blocks no longer all alive at once (MLX's CPU backend
     allocates an op's output when the host encodes it, ahead of the worker)."""
     from mlxcy.convert import convert_hf_to_mlx
-    from mlxcy.generate import TokenLoop
+    from mlxcy.engine import Engine
     from mlxcy.models.base import decode_options
     from mlxcy.models.load import load_model
     from mlxcy.sample import Sampler
@@ -255,32 +256,13 @@ def test_quantized_cpu_inference_evaluates_block_by_block(tiny_dir, tmp_path):
                 memory.clear_cache()
                 before = memory.get_active_memory()
                 memory.reset_peak_memory()
-                cache = m.make_cache()
-                toks = [t for t, _ in TokenLoop(m, cache, Sampler(temperature=0.0), ids, 8)]
+                eng = Engine(m)
+                eng.add(ids, sampler=Sampler(temperature=0.0), max_tokens=8)
+                toks = []
+                while eng.has_work():
+                    toks += [ev.token for ev in eng.step()]
                 res[sync] = (toks, memory.get_peak_memory() - before)
-                cache.free()
+                eng.close()
         assert res[True][0] == res[False][0]
         # 2-core VM: 1.5 MB vs 7.0 MB above the resident memory (149 head blocks)
         assert res[True][1] < 0.6 * res[False][1], res
-
-
-def test_token_loop_host_timers(tiny_dir):
-    """TokenLoop splits the decode steps' host time into building the graph,
-    queueing it (async_eval) and waiting for the token: each is counted once
-    per step, and together they fit inside the loop's wall time."""
-    import time
-    from mlxcy.generate import TokenLoop
-    from mlxcy.models.load import load_model
-    from mlxcy.sample import Sampler
-    ids = np.random.default_rng(3).integers(0, 150000, 9).tolist()
-    with load_model(tiny_dir[0]) as m:
-        cache = m.make_cache()
-        loop = TokenLoop(m, cache, Sampler(temperature=0.0), ids, 12)
-        assert (loop.build_seconds, loop.queue_seconds, loop.wait_seconds) == (0, 0, 0)
-        t0 = time.perf_counter()
-        toks = [t for t, _ in loop]
-        wall = time.perf_counter() - t0
-        cache.free()
-    assert len(toks) == 12
-    assert loop.build_seconds > 0 and loop.queue_seconds > 0 and loop.wait_seconds > 0
-    assert loop.build_seconds + loop.queue_seconds + loop.wait_seconds <= wall

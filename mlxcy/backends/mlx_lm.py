@@ -46,7 +46,9 @@ class MlxLmTextModel(TextModel):
         procs = make_logits_processors(
             logit_bias=o.logit_bias,
             repetition_penalty=o.repetition_penalty if o.repetition_penalty != 1.0 else None,
-            repetition_context_size=o.repetition_context_size)
+            repetition_context_size=o.repetition_context_size,
+            presence_penalty=o.presence_penalty or None,
+            frequency_penalty=o.frequency_penalty or None)
         return sampler, procs
 
     def stream(self, prompt, **opts):
@@ -66,12 +68,25 @@ class MlxLmTextModel(TextModel):
         return self._run(list(ids), o)
 
     def _run(self, ids, o):
+        """mlx-lm's stream_generate under mlxcy's options: stop ids and the
+        tokenizer's EOS end the stream ("eos"), stop strings are matched on
+        the text as mlxcy's backend matches them ("stop"), logprobs come
+        from mlx-lm's per-step log-probabilities, max_context is checked."""
         import mlx_lm
+        from mlxcy.text_stream import StopMatcher
+        limit = o.max_context
+        if limit and len(ids) + o.max_tokens > limit:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({o.max_tokens}) "
+                             f"exceeds max_context ({limit})")
         sampler, procs = self._sampler(o)
         m = self._metrics = Metrics(prompt_tokens=len(ids))
         t0 = time.perf_counter()
-        text_so_far = ""
-        stops = set(o.stop_ids)
+        stops = set(o.stop_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        matcher = StopMatcher(o.stop)
+        m.stop_reason = "length"
+        if o.max_tokens == 0 or o.cancelled():
+            m.stop_reason = "cancelled" if o.cancelled() else "length"
+            return
         # prefill_chunk None: mlx-lm's own default step (2048)
         for r in mlx_lm.stream_generate(self.model, self.tokenizer, ids, max_tokens=o.max_tokens,
                                         sampler=sampler, logits_processors=procs,
@@ -82,13 +97,23 @@ class MlxLmTextModel(TextModel):
             m.peak_memory = int(r.peak_memory * 1e9)
             if not m.time_to_first_token:
                 m.time_to_first_token = time.perf_counter() - t0
-            if r.token in stops or o.cancelled():
+            if int(r.token) in stops:
+                m.stop_reason = "eos"
+                break
+            text, hit = matcher.feed(r.text)
+            lp = float(r.logprobs[int(r.token)]) if o.logprobs else None
+            if text or lp is not None:
+                yield Token(int(r.token), text, lp)
+            if hit:
                 m.stop_reason = "stop"
                 break
-            text_so_far += r.text
-            yield Token(int(r.token), r.text, None)
-            if r.finish_reason:
-                m.stop_reason = r.finish_reason
+            if o.cancelled():
+                m.stop_reason = "cancelled"
+                break
+        else:
+            tail = matcher.flush()
+            if tail:
+                yield Token(-1, tail, None)
         m.total_time = time.perf_counter() - t0
 
     def metrics(self):

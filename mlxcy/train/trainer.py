@@ -66,10 +66,16 @@ def make_optimizer(cfg: TrainConfig):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw, adam, sgd)")
 
 
-def evaluate(step, dataset, batch_size, num_batches=-1, max_len=None, pad_to=8):
-    """(mean token loss, perplexity, tokens) over the first num_batches batches."""
+def evaluate(step, dataset, batch_size, num_batches=-1, max_len=None, pad_to=8,
+             desc="validating"):
+    """(mean token loss, perplexity, tokens) over the first num_batches batches
+    (a progress bar on a terminal)."""
+    from mlxcy import _progress
     from mlxcy.train.data import iterate_batches
     total, ntoks = 0.0, 0
+    nb = -(-len(dataset) // batch_size)
+    bar = _progress.bar(total=nb if num_batches < 0 else min(nb, num_batches), desc=desc,
+                        unit="batch", leave=False)
     for i, (ids, off, ln) in enumerate(iterate_batches(dataset, batch_size, shuffle=False,
                                                        pad_to=pad_to, max_len=max_len)):
         if 0 <= num_batches <= i:
@@ -77,6 +83,8 @@ def evaluate(step, dataset, batch_size, num_batches=-1, max_len=None, pad_to=8):
         s, n = step.evaluate(ids, off, ln)
         total += s
         ntoks += n
+        bar.update(1)
+    bar.close()
     if ntoks == 0:
         raise ValueError("evaluate: no trained tokens in the validation data")
     loss = total / ntoks
@@ -146,6 +154,10 @@ def train(model, lora, train_set, val_set=None, cfg: TrainConfig | None = None,
     for _ in range(start * cfg.grad_accum):
         next(batches)
     hist = {"train": [], "val": []}
+    from mlxcy import _progress
+    bar = _progress.bar(total=cfg.iters, initial=start, desc="training", unit="it")
+    if not bar.disable and report is print:
+        report = bar.write          # report lines above the bar
 
     def validate(it):
         if val_set is None:
@@ -182,6 +194,10 @@ def train(model, lora, train_set, val_set=None, cfg: TrainConfig | None = None,
         if not updated:
             continue
         it += 1
+        dt_bar = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{losses / nsteps:.3f}", tok_s=f"{ntoks / max(dt_bar, 1e-9):.0f}",
+                        refresh=False)
+        bar.update(1)
         if it % cfg.steps_per_report == 0 or it == cfg.iters:
             dt = time.perf_counter() - t0
             mean = losses / nsteps
@@ -194,6 +210,7 @@ def train(model, lora, train_set, val_set=None, cfg: TrainConfig | None = None,
             validate(it)
         if cfg.save_every > 0 and it % cfg.save_every == 0 and it != cfg.iters:
             save(it)
+    bar.close()
     validate(it)
     save(it)
     lora.eval()

@@ -1,0 +1,21 @@
+"""What a wheel ships: setuptools' build_py step copies exactly the package
+files a wheel gets (the compiled modules come from build_ext), so running it
+with every extension declared shows whether the generated .cpp files go in."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_sources_but_not_generated_cpp(tmp_path):
+    if not list((ROOT / "mlxcy").glob("*.cpp")):
+        import pytest
+        pytest.skip("no generated .cpp files in this checkout")
+    p = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    files = [f.relative_to(tmp_path).as_posix() for f in tmp_path.rglob("*") if f.is_file()]
+    assert "mlxcy/core.pyx" in files and "mlxcy/core.pxd" in files
+    assert "mlxcy/cli.py" in files and "mlxcy/perplexity.py" in files
+    assert not [f for f in files if f.endswith(".cpp")]
