@@ -66,17 +66,7 @@ def worker():
     w.stop()
 
 
-def params():
-    for name in CASES:
-        marks = []
-        if name in CONFIG_CASES:
-            # config.json values are validated by the "spec" work (typed and
-            # bounded from each architecture's spec); kept here as a check.
-            marks.append(pytest.mark.xfail(strict=False, reason="config.json validation: spec"))
-        yield pytest.param(name, marks=marks, id=name)
-
-
-@pytest.mark.parametrize("name", list(params()))
+@pytest.mark.parametrize("name", list(CASES))
 def test_hostile(worker, name):
     _, expected, pattern = CASES[name]
     r = worker.run(name)
