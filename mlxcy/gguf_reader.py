@@ -295,6 +295,13 @@ _SIZE_KEYS = {"block_count": 1024, "embedding_length": 1 << 20, "feed_forward_le
               "context_length": 1 << 26, "vocab_size": 1 << 26,
               "attention.sliding_window": 1 << 26, "rope.scaling.original_context_length": 1 << 26}
 _FLOAT_KEYS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor")
+# the Hugging Face config field each size key becomes
+_HF_NAMES = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+             "feed_forward_length": "intermediate_size",
+             "attention.head_count": "num_attention_heads",
+             "attention.head_count_kv": "num_key_value_heads", "attention.key_length": "head_dim",
+             "context_length": "max_position_embeddings", "vocab_size": "vocab_size",
+             "attention.sliding_window": "sliding_window"}
 
 
 def check_model_metadata(header: GGUFHeader) -> None:
@@ -319,8 +326,9 @@ def check_model_metadata(header: GGUFHeader) -> None:
         items = v if isinstance(v, list) else [v]
         if isinstance(v, Skipped) or not items or any(
                 type(x) is not int or not 1 <= x <= hi for x in items):
-            raise GGUFError(f"{path}: metadata key {full!r} = {v!r:.60} must be an int in "
-                            f"[1, {hi}]" + (" (or a list of them)" if isinstance(v, list) else ""))
+            raise GGUFError(f"{path}: {_HF_NAMES.get(key, full)} = {v!r:.60} must be an int in "
+                            f"[1, {hi}]" + (" (or a list of them)" if isinstance(v, list) else "")
+                            + f" (GGUF metadata {full!r})")
         vals[key] = items
     for key in _FLOAT_KEYS:
         full = f"{arch}.{key}"
@@ -345,22 +353,15 @@ def check_model_metadata(header: GGUFHeader) -> None:
                                              or len(blocks) != n):
         have = f"blocks {min(blocks)}..{max(blocks)} ({len(blocks)} of them)" if blocks \
             else "no blk.N tensors"
-        raise GGUFError(f"{path}: metadata key '{arch}.block_count' = {n} does not match the "
-                        f"tensors, which hold {have}")
+        raise GGUFError(f"{path}: metadata key '{arch}.block_count': num_hidden_layers is {n} "
+                        f"but the tensors hold {have}")
     for key in ("attention.head_count_kv", "feed_forward_length"):
         if n is not None and len(vals.get(key, [0])) not in (1, n):
             raise GGUFError(f"{path}: metadata key '{arch}.{key}' lists "
                             f"{len(vals[key])} values for {n} blocks")
+    # (heads dividing the embedding, KV heads dividing the heads: the family
+    # spec checks those, naming the GGUF key)
     hidden = vals.get("embedding_length", [None])[0]
-    heads = vals.get("attention.head_count", [None])[0]
-    if hidden and heads and "attention.key_length" not in vals and hidden % heads:
-        raise GGUFError(f"{path}: '{arch}.embedding_length' {hidden} is not a multiple of "
-                        f"'{arch}.attention.head_count' {heads}")
-    if heads:
-        for kv in vals.get("attention.head_count_kv", []):
-            if heads % kv:
-                raise GGUFError(f"{path}: '{arch}.attention.head_count' {heads} is not a "
-                                f"multiple of '{arch}.attention.head_count_kv' {kv}")
     emb = header.tensors.get("token_embd.weight")
     if emb is not None and hidden is not None:
         if len(emb["shape"]) != 2 or emb["shape"][1] != hidden:
