@@ -583,8 +583,8 @@ _BUILTINS = {
     "llama3": (_LLAMA3, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
     "llama3.2": (_LLAMA32, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
 }
-_ALIASES = {"gemma": "gemma3", "gemma-3": "gemma3", "qwen": "chatml", "qwen2": "chatml",
-            "qwen2.5": "chatml", "qwen3": "chatml", "smollm": "chatml", "llama-3": "llama3",
+_ALIASES = {"gemma": "gemma3", "gemma-3": "gemma3", "qwen": "chatml",
+            "qwen2.5": "chatml", "smollm": "chatml", "llama-3": "llama3",
             "llama3.1": "llama3.2", "llama-3.2": "llama3.2", "llama-3.1": "llama3.2"}
 BUILTIN_FAMILIES = tuple(_BUILTINS)
 
@@ -592,12 +592,17 @@ BUILTIN_FAMILIES = tuple(_BUILTINS)
 def builtin(family: str, **special) -> ChatTemplate:
     """A standard template for checkpoints without one: "gemma3", "chatml"
     (also "qwen"), "llama3" or "llama3.2" (Llama 3.1/3.2, with the dated
-    system header).  Special tokens default to the family's own and may be
+    system header), or a config.json model_type whose family spec names one
+    (qwen2, qwen3: chatml; gemma3_text: gemma3).  Special tokens default to the family's own and may be
     overridden."""
     if not isinstance(family, str):
         raise TypeError(f"family: expected a string, got {type(family).__name__}")
     key = family.lower()
     key = _ALIASES.get(key, key)
+    if key not in _BUILTINS:        # a model_type: its family spec's template, if it has one
+        from mlxcy.models.families import MODEL_TYPES
+        spec = MODEL_TYPES.get(key)
+        key = spec.chat_template if spec is not None and spec.chat_template else key
     if key not in _BUILTINS:
         raise ValueError(f"family: unknown chat template family {family!r}; known: "
                          f"{', '.join(BUILTIN_FAMILIES)} (aliases: {', '.join(sorted(_ALIASES))})")

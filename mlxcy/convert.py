@@ -109,13 +109,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _quantizable(name: str, a, group_size: int) -> bool:
+def _quantizable(name: str, a, group_size: int, paths: set) -> bool:
+    """A linear or embedding weight of the family's spec (`paths`) whose rows
+    split into groups."""
     if not name.endswith(".weight") or a.ndim != 2:
         return False
-    base = name[: -len(".weight")]
-    if not base.endswith(("_proj", "embed_tokens", "lm_head")):
-        return False
-    return a.shape[-1] % group_size == 0
+    return name[: -len(".weight")] in paths and a.shape[-1] % group_size == 0
 
 
 def _legacy_rope_keys(cfg: dict) -> None:
@@ -138,7 +137,7 @@ def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dty
                       max_shard_bytes: int = 5 << 30) -> Path:
     """Quantize a Hugging Face checkpoint directory into mlx-lm's layout."""
     import mlxcy
-    from mlxcy.models.load import load_weights, _free, LoadError
+    from mlxcy.models.load import load_weights, parse_config, _free, LoadError
     src, dst = Path(src_dir), Path(dst_dir)
     if bits not in (2, 3, 4, 5, 6, 8):
         raise ValueError(f"bits must be one of 2, 3, 4, 5, 6, 8; got {bits}")
@@ -156,20 +155,21 @@ def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dty
             dtype = mlxcy.dtype(dname) if dname in ("float16", "bfloat16", "float32") else None
         else:
             dtype = mlxcy.dtype(dtype)
-        tied = config.get("tie_word_embeddings", config.get("model_type", "").startswith("gemma"))
+        mc = parse_config(config, src / "config.json")
+        paths = {m.path for m in mc.spec.modules(mc) if m.quantizable}
         from mlxcy import _progress
         bar = _progress.bar(total=len(weights), desc="quantizing", unit="tensor")
         for name in list(weights):
             bar.update(1)
             a = weights.pop(name)
-            if tied and name == "lm_head.weight":
+            if mc.tie_word_embeddings and name == "lm_head.weight":
                 a.free()
                 continue
             if dtype is not None and a.dtype.is_floating and a.dtype != dtype:
                 b = a.astype(dtype)
                 a.free()
                 a = b
-            if _quantizable(name, a, group_size):
+            if _quantizable(name, a, group_size, paths):
                 wq, s, b = quantize_affine(a, group_size, bits)
                 a.free()
                 base = name[: -len(".weight")]

@@ -72,6 +72,14 @@ CASES = {
         num_hidden_layers=3, num_key_value_heads=4, head_dim=24, sliding_window=6,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         query_pre_attn_scalar=24)),
+    # Mistral: every layer slides (window 8), GQA 2, head_dim from hidden/heads
+    "mistral-sliding": (tf.MistralConfig, tf.MistralForCausalLM, dict(
+        num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False)),
+    # Ministral: layer_types choose the sliding layers, explicit head_dim, tied
+    "ministral-layertypes": (tf.MinistralConfig, tf.MinistralForCausalLM, dict(
+        num_hidden_layers=3, num_key_value_heads=1, head_dim=24, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        tie_word_embeddings=True)),
 }
 
 _MODELS = {}
@@ -158,7 +166,8 @@ def test_reference_sensitivity():
 
 @pytest.mark.parametrize("name", ["llama-gqa2-bias-llama3", "qwen3-gqa4-headdim",
                                   "gemma3-sliding-softcap", "gemma3-layertypes",
-                                  "llama-gqa4-dynamic"])
+                                  "llama-gqa4-dynamic", "mistral-sliding",
+                                  "ministral-layertypes"])
 def test_incremental_decoding(built, name):
     hf, cfg = hf_case(name)
     model = built(name)
@@ -173,10 +182,23 @@ def test_incremental_decoding(built, name):
     assert rel(full, ref_logits(hf, ids)) <= TOL
 
 
-def test_sliding_cache_wraps():
+def test_mistral_window_matters():
+    """The Mistral references depend on the window: the same weights without
+    it (sliding_window null: full attention) are far from them."""
+    for name in ("mistral-sliding", "ministral-layertypes"):
+        hf, cfg = hf_case(name)
+        ids = ids_for(40, cfg.vocab_size)
+        d = {**cfg.to_dict(), "sliding_window": None, "layer_types": None}
+        with build_model(d, torch_weights(hf)) as full:
+            assert set(full.config.layer_types) == {"full_attention"}
+            assert rel(full(ids).numpy(), ref_logits(hf, ids)) > 100 * TOL, name
+
+
+@pytest.mark.parametrize("name", ["gemma3-sliding-softcap", "mistral-sliding"])
+def test_sliding_cache_wraps(name):
     """Rotating caches: prefill past the window, single steps around the ring,
     then multi-token chunks over a wrapped ring."""
-    hf, cfg = hf_case("gemma3-sliding-softcap")
+    hf, cfg = hf_case(name)
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:
         ids = ids_for(48, cfg.vocab_size, batch=1, seed=9)
         ref = ref_logits(hf, ids)
@@ -332,7 +354,9 @@ def _quantized_weights(float_weights, quantization, skip=()):
 
 @pytest.mark.parametrize("name,family", [("llama-mha-tied-linear", "llama"),
                                          ("qwen3-gqa4-headdim", "qwen3"),
-                                         ("gemma3-layertypes", "gemma3_text")])
+                                         ("gemma3-layertypes", "gemma3_text"),
+                                         # mlx-lm runs Ministral as llama with layer_types
+                                         ("ministral-layertypes", "llama")])
 def test_quantized_matches_mlx_lm(name, family):
     import mlx.core as mx
     hf, cfg = hf_case(name)

@@ -1,29 +1,18 @@
-"""Decoder models over native MLX arrays: llama, qwen2, qwen3, gemma3.
+"""Decoder models over native MLX arrays: llama, qwen2, qwen3, gemma3, mistral
+(one spec per family in mlxcy/models/families/).
 
     from mlxcy.models import build_model
     model = build_model(config_json_dict, {"model.embed_tokens.weight": Array, ...})
     logits = model(ids)                        # [B, L, vocab]
     cache = model.make_cache(); model(prompt, cache); model([[next_id]], cache)
 """
-from mlxcy.models.config import ModelConfig, FAMILIES  # noqa: F401
+from mlxcy.models.config import ModelConfig  # noqa: F401
+from mlxcy.models.families import spec_for, MODEL_TYPES  # noqa: F401
 from mlxcy.models.base import Model  # noqa: F401
 from mlxcy.cache import Cache, KVCache, RotatingKVCache  # noqa: F401
 
-
-def model_class(family):
-    if family == "llama":
-        from mlxcy.models.llama import LlamaModel
-        return LlamaModel
-    if family == "qwen2":
-        from mlxcy.models.qwen2 import Qwen2Model
-        return Qwen2Model
-    if family == "qwen3":
-        from mlxcy.models.qwen3 import Qwen3Model
-        return Qwen3Model
-    if family == "gemma3":
-        from mlxcy.models.gemma3 import Gemma3Model
-        return Gemma3Model
-    raise ValueError(f"unknown model family {family!r}")
+# model_type -> family name
+FAMILIES = {mt: s.name for mt, s in MODEL_TYPES.items()}
 
 
 def build_model(config, weights, quantization=None, dtype=None):
@@ -36,4 +25,4 @@ def build_model(config, weights, quantization=None, dtype=None):
     Missing or misshapen tensors raise ValueError naming the tensor.
     """
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
-    return model_class(cfg.family)(cfg, weights, quantization, dtype)
+    return cfg.spec.build(cfg, weights, quantization, dtype)

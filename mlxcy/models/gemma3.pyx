@@ -1,9 +1,9 @@
 # cython: language_level=3, cpp_locals=True
-"""Gemma 3 (gemma3_text, and the language model of the multimodal gemma3):
-embeddings scaled by sqrt(hidden) in the weights' dtype, (1 + w) RMSNorms
-(q/k norms included), four norms per block, gelu-tanh MLP, attention scale
-query_pre_attn_scalar**-0.5, sliding-window layers with their own RoPE base,
-optional attention-logit and final-logit soft-capping."""
+"""Gemma 3's forward (the family's spec: mlxcy/models/families/gemma3.py):
+embeddings scaled by sqrt(hidden) in the weights' dtype, the sandwich block
+(four norms), gelu-tanh MLP, attention scale query_pre_attn_scalar**-0.5,
+sliding-window layers with their own RoPE base, optional attention-logit and
+final-logit soft-capping."""
 import math
 
 import numpy as np
@@ -32,10 +32,8 @@ cdef class GemmaBlock(Block):
 
 
 cdef class Gemma3Model(Model):
-    family = "gemma3"
-    # multimodal checkpoints: the language model's weights
-    prefixes = (("model.language_model.", "model."), ("language_model.", ""))
-
+    """Gemma 3's forward; its tensors, config and GGUF names are declared in
+    mlxcy/models/families/gemma3.py."""
     cdef double embed_scale
     cdef float final_softcap
 
@@ -46,29 +44,22 @@ cdef class Gemma3Model(Model):
         self.embed_scale = float(np.float32(math.sqrt(cfg.hidden_size)))
         self.final_softcap = cfg.final_logit_softcapping or 0.0
 
-    def norm_offset(self):
-        return 1.0
-
     def build_block(self, W, cfg, int i):
-        sliding = cfg.layer_types[i] == "sliding_attention"
-        if sliding:
+        """Sliding layers with the local RoPE base, the sandwich norms, gelu-tanh."""
+        if cfg.window(i):
             rope = Rope(cfg.head_dim, cfg.rope_local_base_freq, cfg.local_rope_scaling,
                         cfg.max_position_embeddings)
         else:
             rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
                         cfg.max_position_embeddings)
-        p = f"model.layers.{i}."
-        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        m = cfg.spec.layer_modules(cfg, i)
+        eps = cfg.rms_norm_eps
         return GemmaBlock(
-            build_attention(W, cfg, i, qkv_bias=cfg.attention_bias, o_bias=cfg.attention_bias,
-                            qk_norm_offset=1.0, scale=cfg.query_pre_attn_scalar ** -0.5,
-                            window=cfg.sliding_window if sliding else 0,
-                            softcap=cfg.attn_logit_softcapping or 0.0, rope=rope),
-            build_mlp(W, cfg, i, gelu=True),
-            W.norm(p + "input_layernorm", h, eps, 1.0),
-            W.norm(p + "post_attention_layernorm", h, eps, 1.0),
-            W.norm(p + "pre_feedforward_layernorm", h, eps, 1.0),
-            W.norm(p + "post_feedforward_layernorm", h, eps, 1.0))
+            build_attention(W, cfg, m, scale=cfg.query_pre_attn_scalar ** -0.5,
+                            window=cfg.window(i), softcap=cfg.attn_logit_softcapping or 0.0,
+                            rope=rope),
+            build_mlp(W, m, gelu=True),
+            *[W.module(m[n], eps) for n in cfg.spec.block_norms])
 
     cdef na.array* embed_tokens(self, const na.array& ids) except NULL:
         cdef na.array e = nnn.own(self.embed.lookup(ids))

@@ -9,27 +9,17 @@ Two readers:
   `<name>.weight` uint32 packed, `<name>.scales`, `<name>.biases`); others (Q4_K,
   Q5_0, Q6_K ...) are dequantized with `gguf.quants.dequantize` to `dtype`.
 
-Name mapping, llama.cpp → Hugging Face:
-- `token_embd` → `model.embed_tokens`, `output_norm` → `model.norm`, `output` → `lm_head`
-- `blk.N.attn_{q,k,v,output}` → `model.layers.N.self_attn.{q,k,v,o}_proj`
-- `blk.N.attn_{q,k}_norm` → `self_attn.{q,k}_norm`, `blk.N.attn_norm` → `input_layernorm`
-- `blk.N.ffn_{gate,up,down}` → `mlp.{gate,up,down}_proj`
-- llama/qwen: `blk.N.ffn_norm` → `post_attention_layernorm`
-- gemma: `blk.N.post_attention_norm` → `post_attention_layernorm`,
-  `blk.N.ffn_norm` → `pre_feedforward_layernorm`, `blk.N.post_ffw_norm` →
-  `post_feedforward_layernorm`
-
-Value transforms:
-- llama: q/k rows were permuted by llama.cpp for its interleaved RoPE; we undo it
-  (also on quantized triplets: a row permutation applies to weight, scales, biases).
-- gemma: RMSNorm weights are stored as (1 + w); we subtract 1.
+Names, metadata keys and value quirks are the family's (its ArchSpec in
+mlxcy/models/families/): `blk.N.attn_q` → `model.layers.N.self_attn.q_proj`
+and so on, llama's q/k rows un-permuted (llama.cpp permuted them for its
+interleaved RoPE; also on quantized triplets: a row permutation applies to
+weight, scales, biases), Gemma's (1 + w) norms stored back as w.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import os
-import re
 import struct
 from pathlib import Path
 
@@ -221,130 +211,46 @@ def read_header(path, keep_arrays=False) -> GGUFHeader:
 
 # ---------------------------------------------------------------- config
 
-def _f32(v) -> float:
-    """A float32 metadata value as the shortest decimal (1e-05, not 9.9999997e-06)."""
-    return float(str(np.float32(v)))
-
-
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+def _spec(header):
+    from mlxcy.models.families import spec_for_gguf
+    return spec_for_gguf(header.architecture, header.path)
 
 
 def gguf_config(header: GGUFHeader) -> dict:
-    """A Hugging Face-style config dict from GGUF metadata (plus Gemma 3's
-    values that GGUF files leave out)."""
-    meta = header.metadata
-    path = header.path
-    arch = header.architecture
-    if arch not in _MODEL_TYPES:
-        raise GGUFError(f"{path}: unsupported GGUF architecture {arch!r} "
-                        f"(supported: {', '.join(_MODEL_TYPES)})")
-
-    def req(key):
-        v = meta.get(f"{arch}.{key}")
-        if v is None:
-            raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
-        return v
-
-    hidden = int(req("embedding_length"))
-    heads = int(req("attention.head_count"))
-    kv = meta.get(f"{arch}.attention.head_count_kv", heads)
-    if isinstance(kv, list):                 # per-layer counts: all equal here
-        if len(set(kv)) != 1:
-            raise GGUFError(f"{path}: per-layer kv head counts {set(kv)} are not supported")
-        kv = kv[0]
-    head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
-    emb = header.tensors.get("token_embd.weight")
-    vocab = meta.get(f"{arch}.vocab_size")
-    if vocab is None:
-        toks = meta.get("tokenizer.ggml.tokens")
-        vocab = len(toks) if toks is not None else (emb["shape"][0] if emb else None)
-    if vocab is None:
-        raise GGUFError(f"{path}: cannot tell the vocabulary size")
-    ffn = req("feed_forward_length")
-    if isinstance(ffn, list):
-        ffn = ffn[0]
-    cfg = {
-        "architectures": [_ARCHITECTURES[arch]],
-        "model_type": _MODEL_TYPES[arch],
-        "vocab_size": int(vocab),
-        "hidden_size": hidden,
-        "intermediate_size": int(ffn),
-        "num_hidden_layers": int(req("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(kv),
-        "head_dim": int(head_dim),
-        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 4096)),
-        "rms_norm_eps": _f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        "tie_word_embeddings": "output.weight" not in header.tensors,
-    }
-    for src, dst in (("tokenizer.ggml.bos_token_id", "bos_token_id"),
-                     ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-                     ("tokenizer.ggml.padding_token_id", "pad_token_id")):
-        if src in meta:
-            cfg[dst] = int(meta[src])
-    scaling = meta.get(f"{arch}.rope.scaling.type")
-    if scaling and scaling != "none":
-        factor = _f32(meta.get(f"{arch}.rope.scaling.factor", 1.0))
-        cfg["rope_scaling"] = {"type": scaling, "rope_type": scaling, "factor": factor}
-        if scaling == "yarn":
-            orig = meta.get(f"{arch}.rope.scaling.original_context_length")
-            if orig:
-                cfg["rope_scaling"]["original_max_position_embeddings"] = int(orig)
-    if arch == "llama":
-        cfg.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
-    elif arch in ("qwen2", "qwen3"):
-        cfg.update(hidden_act="silu", use_sliding_window=False, sliding_window=None,
-                   max_window_layers=cfg["num_hidden_layers"])
-    elif arch == "gemma3":
-        sw = meta.get("gemma3.attention.sliding_window")
-        pattern = 6
-        cfg.update(
-            hidden_activation="gelu_pytorch_tanh",
-            query_pre_attn_scalar=256,          # missing from the GGUF; 256 for these sizes
-            rope_local_base_freq=10000.0,       # missing from the GGUF
-            sliding_window_pattern=pattern,     # 5 local layers then 1 global
-            sliding_window=int(sw) if sw is not None else 512,
-            layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                         for i in range(cfg["num_hidden_layers"])],
-            final_logit_softcapping=None,
-            attn_logit_softcapping=None,
-            rope_scaling=cfg.get("rope_scaling"),
-        )
+    """A Hugging Face-style config dict from GGUF metadata (plus the values
+    the family's GGUF files leave out), validated by the family's spec:
+    GGUFError naming the file and the metadata key."""
+    spec = _spec(header)
+    cfg = spec.gguf_config(header.architecture, header.metadata, header.tensors, header.path)
+    parse_gguf_config(cfg, header.path, header.architecture)
     return cfg
+
+
+def parse_gguf_config(cfg: dict, path, arch=None):
+    """The ModelConfig of a config dict made from a GGUF file (GGUFError
+    naming the GGUF metadata key the faulty value came from)."""
+    from mlxcy.models.config import ModelConfig
+    from mlxcy.models.families import spec_for
+    from mlxcy.models.spec import ConfigError
+    try:
+        return ModelConfig.from_dict(cfg)
+    except ConfigError as e:
+        msg = str(e)
+        spec = spec_for(cfg["model_type"])
+        arch = arch or (spec.gguf_architectures or ("?",))[0]
+        keys = [spec.gguf_key(arch, k) for k in spec.gguf_keys
+                if f"'{k}'" in msg or f"{k} (" in msg]
+        hint = f" (GGUF metadata {', '.join(keys)})" if keys else ""
+        raise GGUFError(f"{path}: {msg}{hint}") from None
 
 
 # ---------------------------------------------------------------- names
 
-_LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
-_COMMON = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_LLAMA = dict(_COMMON, ffn_norm="post_attention_layernorm")
-_GEMMA = dict(_COMMON, post_attention_norm="post_attention_layernorm",
-              ffn_norm="pre_feedforward_layernorm", post_ffw_norm="post_feedforward_layernorm")
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
 def hf_name(gguf_name: str, arch: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor (None for tensors HF does not keep,
-    such as llama.cpp's precomputed rope_freqs)."""
-    table = _GEMMA if arch.startswith("gemma") else _LLAMA
-    m = _LAYER.match(gguf_name)
-    if m:
-        i, part, kind = m.groups()
-        if part not in table:
-            return None
-        return f"model.layers.{i}.{table[part]}.{kind}"
-    base, _, kind = gguf_name.rpartition(".")
-    if base in _TOP and kind in ("weight", "bias"):
-        return f"{_TOP[base]}.{kind}"
-    return None
+    """The Hugging Face name of a GGUF tensor of architecture `arch` (None for
+    tensors HF does not keep, such as llama.cpp's precomputed rope_freqs)."""
+    from mlxcy.models.families import spec_for_gguf
+    return spec_for_gguf(arch).hf_name(gguf_name)
 
 
 def _unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
@@ -443,6 +349,20 @@ def _dequantize(raw, t):
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
+def _check_header(header, spec, cfg):
+    """Every tensor the config needs, present with its shape in the GGUF
+    tensor table: checked before any tensor is read (LoadError naming the
+    file, the tensor and the config keys)."""
+    from mlxcy.models.load import _check
+    infos = {}
+    for gname, t in header.tensors.items():
+        name = spec.hf_name(gname)
+        if name is not None:
+            infos[name] = (t["shape"], TYPE_NAMES.get(t["type"], "?"))
+    _check(infos, parse_gguf_config(cfg, header.path, header.architecture), None,
+           lambda name: header.path, dtypes=False)
+
+
 def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: bool = True):
     """Read a GGUF file into (weights, config, quantization).
 
@@ -464,7 +384,8 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
     import mlxcy
     header = read_header(path)
     cfg = gguf_config(header)
-    arch = header.architecture
+    spec = _spec(header)
+    _check_header(header, spec, cfg)
     types = {t["type"] for t in header.tensors.values()}
     unknown = [n for n, t in header.tensors.items() if t["nbytes"] is None]
     if unknown:
@@ -490,20 +411,17 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
         except ImportError:
             io = None
     if io is not None and hasattr(io, "load_gguf"):
-        return _load_native_io(io, path, header, cfg, dtype)
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    is_gemma = arch.startswith("gemma")
+        return _load_native_io(io, path, header, cfg, dtype, spec)
     weights: dict = {}
     quant_layers: dict = {}
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     try:
         for gname, t in header.tensors.items():
-            name = hf_name(gname, arch)
+            name = spec.hf_name(gname)
             if name is None:
                 continue
-            perm = None
-            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-                perm = n_head if ".q_proj." in name else n_kv
+            perm = spec.gguf_permute_heads(name, cfg) if name.endswith(".weight") else None
+            plus_one = spec.gguf_plus_one(name)
             raw = _tensor_bytes(mm, header, gname)
             if t["type"] in (2, 3, 8) and native:
                 if len(t["shape"]) != 2:
@@ -519,7 +437,7 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
                 continue
             if t["type"] in _FLOAT_TYPES or t["type"] == 30:
                 x, is_bf16 = _numpy_float(raw, t)
-                if is_gemma and name.endswith("norm.weight") or perm:
+                if plus_one or perm:
                     x = x.astype(np.float32) if not is_bf16 else \
                         (x.astype(np.uint32) << 16).view(np.float32)
                     is_bf16 = False
@@ -527,7 +445,7 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
                 x, is_bf16 = _dequantize(raw, t), False
             if perm:
                 x = _unpermute_rows(x, perm)
-            if is_gemma and name.endswith("norm.weight"):
+            if plus_one:
                 x = x - 1.0
             if is_bf16:
                 a = mlxcy.array(np.ascontiguousarray(x)).view(mlxcy.bfloat16)
@@ -572,11 +490,9 @@ def _quant_summary(weights, quant_layers):
     return quantization
 
 
-def _load_native_io(io, path, header, cfg, dtype):
+def _load_native_io(io, path, header, cfg, dtype, spec):
     """Quantized GGUF through MLX's own reader (mlxcy.io.load_gguf)."""
     import mlxcy
-    arch = header.architecture
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     try:
         raw, _meta = io.load_gguf(str(path))
     except Exception as e:
@@ -588,18 +504,14 @@ def _load_native_io(io, path, header, cfg, dtype):
             a = raw.pop(gname)
             base, _, kind = gname.rpartition(".")
             if kind in ("scales", "biases"):
-                name = hf_name(base + ".weight", arch)
+                name = spec.hf_name(base + ".weight")
                 name = None if name is None else name[: -len("weight")] + kind
             else:
-                name = hf_name(gname, arch)
+                name = spec.hf_name(gname)
             if name is None:
                 a.free()
                 continue
-            perm = None
-            if arch == "llama" and ".self_attn.q_proj." in name:
-                perm = n_head
-            elif arch == "llama" and ".self_attn.k_proj." in name:
-                perm = n_kv
+            perm = spec.gguf_permute_heads(name, cfg)
             if perm and name.endswith(".weight") or perm and kind in ("scales", "biases"):
                 x = a.numpy() if a.dtype != mlxcy.bfloat16 else None
                 if x is None:       # bf16 float tensor: permute through a uint16 view
@@ -609,7 +521,7 @@ def _load_native_io(io, path, header, cfg, dtype):
                     b = mlxcy.array(np.ascontiguousarray(_unpermute_rows(x, perm)))
                 a.free()
                 a = b
-            if name.endswith("norm.weight") and arch.startswith("gemma"):
+            if spec.gguf_plus_one(name):
                 b = a.astype(mlxcy.float32) - 1.0
                 a.free()
                 a = b

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -30,7 +31,11 @@ __all__ = ["LoadError", "load", "load_model", "load_config", "load_weights",
 from mlxcy.errors import LoadError  # noqa: E402,F401  (re-exported)
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text", "gemma3")
+from mlxcy.models.families import MODEL_TYPES as _MODEL_TYPES  # noqa: E402
+from mlxcy.models.config import ModelConfig  # noqa: E402
+from mlxcy.models.spec import ConfigError  # noqa: E402
+
+SUPPORTED_MODEL_TYPES = tuple(_MODEL_TYPES)
 
 # ---------------------------------------------------------------- safetensors
 
@@ -230,33 +235,51 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _text_config(config: dict) -> dict:
-    """The language-model part of a config (gemma3 multimodal keeps it in text_config)."""
-    tc = config.get("text_config")
-    if isinstance(tc, dict) and config.get("model_type") == "gemma3":
-        merged = dict(tc)
-        merged.setdefault("model_type", "gemma3_text")
-        for k in ("quantization", "quantization_config", "tie_word_embeddings"):
-            if k in config and k not in merged:
-                merged[k] = config[k]
-        return merged
-    return config
+    """The language-model part of a config (gemma3 multimodal keeps it in
+    text_config), with the top level's quantization settings."""
+    spec = _MODEL_TYPES.get(config.get("model_type"))
+    if spec is None:
+        return config
+    text = spec.text_config(config)
+    if text is config:
+        return config
+    merged = dict(text, model_type=spec.model_type_of(config))
+    for k in ("quantization", "quantization_config"):
+        if k in config and k not in merged:
+            merged[k] = config[k]
+    return merged
+
+
+def parse_config(config: dict, where) -> ModelConfig:
+    """The validated ModelConfig of a config dict; LoadError naming `where`
+    (the file) and the key."""
+    try:
+        return ModelConfig.from_dict(config)
+    except ConfigError as e:
+        raise LoadError(f"{where}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise LoadError(f"{where}: config: {e}") from None
 
 
 def load_config(path) -> dict:
     """The config dict of a checkpoint directory (config.json) or GGUF file
-    (from its metadata); raises naming the file for a missing or unsupported one."""
+    (from its metadata), validated (every key typed and bounded by its
+    family's spec); raises naming the file and key for a missing, malformed
+    or unsupported one."""
     path = Path(path)
     if path.is_file() and _is_gguf(path):
         from mlxcy.models import gguf
         return gguf.gguf_config(gguf.read_header(path))
     if path.is_dir():
-        cfg = _read_json(path / "config.json", "config.json")
+        f = path / "config.json"
+        cfg = _read_json(f, "config.json")
         mt = cfg.get("model_type")
         if mt is None:
-            raise LoadError(f"{path / 'config.json'}: no model_type")
+            raise LoadError(f"{f}: no model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise LoadError(f"{path / 'config.json'}: unknown model_type {mt!r} "
+            raise LoadError(f"{f}: unknown model_type {mt!r} "
                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        parse_config(cfg, f)
         return cfg
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint (directory or .gguf file)")
@@ -277,86 +300,84 @@ def _quant_params(quantization: dict | None, path: str):
     return base
 
 
-def expected_shapes(config: dict, quantization: dict | None = None,
-                    quantized: set | None = None) -> dict:
-    """name -> (shape, kind) for every tensor a supported model needs.
-    kind: "float" or "uint32". `quantized`: the module paths stored quantized
-    (those with `.scales`); their `.weight/.scales/.biases` shapes follow
-    (bits, group_size) from `quantization`."""
-    c = _text_config(config)
-    mt = c.get("model_type")
-    h = c["hidden_size"]
-    nh = c["num_attention_heads"]
-    nkv = c.get("num_key_value_heads") or nh
-    hd = c.get("head_dim") or h // nh
-    ffn = c["intermediate_size"]
-    vocab = c["vocab_size"]
-    L = c["num_hidden_layers"]
-    quantized = quantized or set()
-    out = {}
+def _config(config) -> ModelConfig:
+    return config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
 
-    def lin(path, o, i, bias=False):
-        q = _quant_params(quantization, path) if path in quantized else None
+
+def expected_shapes(config, quantization: dict | None = None,
+                    quantized: set | None = None) -> dict:
+    """name -> (shape, kind) for every tensor a model of this config (a dict
+    or ModelConfig) needs, as its family's spec lays them out.  kind: "float"
+    or "uint32".  `quantized`: the module paths stored quantized (those with
+    `.scales`); their `.weight/.scales/.biases` shapes follow (bits,
+    group_size) from `quantization`."""
+    return {name: (shape, kind) for name, shape, kind, _ in
+            _expected(_config(config), quantization, quantized or set())}
+
+
+def _expected(cfg, quantization, quantized):
+    """(name, shape or None, kind or message, config keys) per tensor."""
+    for m in cfg.spec.modules(cfg):
+        q = _quant_params(quantization, m.path) if m.quantizable and m.path in quantized else None
+        o, i = m.shape[0], m.shape[-1]
         if q:
             bits, gs = q["bits"], q["group_size"]
             if i % gs or (i * bits) % 32:
-                out[path + ".weight"] = (None, f"input size {i} fits no group of {gs}")
-                return
-            out[path + ".weight"] = ((o, i * bits // 32), "uint32")
-            out[path + ".scales"] = ((o, i // gs), "float")
-            out[path + ".biases"] = ((o, i // gs), "float")
+                yield m.path + ".weight", None, f"input size {i} fits no group of {gs}", m.keys
+                continue
+            yield m.path + ".weight", (o, i * bits // 32), "uint32", m.keys
+            yield m.path + ".scales", (o, i // gs), "float", m.keys
+            yield m.path + ".biases", (o, i // gs), "float", m.keys
         else:
-            out[path + ".weight"] = ((o, i), "float")
-        if bias:
-            out[path + ".bias"] = ((o,), "float")
-
-    lin("model.embed_tokens", vocab, h)
-    out["model.norm.weight"] = ((h,), "float")
-    if not c.get("tie_word_embeddings", mt in ("gemma3_text", "gemma3")):
-        lin("lm_head", vocab, h)
-    qkv_bias = mt == "qwen2" or bool(c.get("attention_bias"))
-    for i in range(L):
-        p = f"model.layers.{i}"
-        lin(f"{p}.self_attn.q_proj", nh * hd, h, qkv_bias)
-        lin(f"{p}.self_attn.k_proj", nkv * hd, h, qkv_bias)
-        lin(f"{p}.self_attn.v_proj", nkv * hd, h, qkv_bias)
-        lin(f"{p}.self_attn.o_proj", h, nh * hd, bool(c.get("attention_bias")) and mt == "llama")
-        lin(f"{p}.mlp.gate_proj", ffn, h, bool(c.get("mlp_bias")))
-        lin(f"{p}.mlp.up_proj", ffn, h, bool(c.get("mlp_bias")))
-        lin(f"{p}.mlp.down_proj", h, ffn, bool(c.get("mlp_bias")))
-        out[f"{p}.input_layernorm.weight"] = ((h,), "float")
-        out[f"{p}.post_attention_layernorm.weight"] = ((h,), "float")
-        if mt in ("qwen3", "gemma3_text", "gemma3"):
-            out[f"{p}.self_attn.q_norm.weight"] = ((hd,), "float")
-            out[f"{p}.self_attn.k_norm.weight"] = ((hd,), "float")
-        if mt in ("gemma3_text", "gemma3"):
-            out[f"{p}.pre_feedforward_layernorm.weight"] = ((h,), "float")
-            out[f"{p}.post_feedforward_layernorm.weight"] = ((h,), "float")
-    return out
+            yield m.path + ".weight", m.shape, "float", m.keys
+        if m.bias:
+            yield m.path + ".bias", (o,), "float", m.keys[:1]
 
 
-def _check(weights: dict, config: dict, quantization, where) -> None:
-    """Raise LoadError naming file and tensor for a missing / misshapen tensor.
-    `where(name)` says which file a tensor came from (or should have)."""
-    quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
-    try:
-        want = expected_shapes(config, quantization, quantized)
-    except (KeyError, TypeError) as e:
-        raise LoadError(f"{where(None)}: config lacks {e}") from None
-    for name, (shape, kind) in want.items():
-        a = weights.get(name)
-        if a is None:
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+_FLOAT_KINDS = ("float16", "float32", "bfloat16", "float64", "F16", "F32", "BF16", "F64")
+
+
+def _check(infos: dict, cfg: ModelConfig, quantization, where, config_file=None,
+           dtypes=True) -> None:
+    """Raise LoadError naming the file and tensor (and the config keys its
+    shape comes from) for a missing or misshapen tensor.  infos: name ->
+    (shape, dtype name): safetensors headers before anything is read, or
+    loaded arrays.  `where(name)` says which file a tensor came from (or
+    should have); config_file: where the config came from."""
+    config_file = config_file or where(None)
+    layers = {int(m.group(1)) for m in map(_LAYER_NAME.match, infos) if m}
+    n = cfg.num_hidden_layers
+    if layers != set(range(n)):
+        have = sorted(layers)
+        have = (f"{len(have)} (model.layers.{have[0]} to {have[-1]})" if have else "none")
+        raise LoadError(f"{config_file}: num_hidden_layers is {n} but the weights hold {have}")
+    quantized = {k[: -len(".scales")] for k in infos if k.endswith(".scales")}
+    for name, shape, kind, keys in _expected(cfg, quantization, quantized):
+        info = infos.get(name)
+        if info is None:
             raise LoadError(f"{where(name)}: tensor {name} is missing")
         if shape is None:
             raise LoadError(f"{where(name)}: tensor {name}: {kind}")
-        if tuple(a.shape) != tuple(shape):
-            raise LoadError(f"{where(name)}: tensor {name} has shape {tuple(a.shape)}, "
-                            f"expected {tuple(shape)}")
-        if kind == "float" and not a.dtype.is_floating:
-            raise LoadError(f"{where(name)}: tensor {name} has dtype {a.dtype}, expected floats")
-        if kind == "uint32" and str(a.dtype).rsplit(".", 1)[-1] != "uint32":
-            raise LoadError(f"{where(name)}: quantized tensor {name} has dtype {a.dtype}, "
+        have, dt = tuple(info[0]), str(info[1]).rsplit(".", 1)[-1]
+        if have != tuple(shape):
+            from_keys = ", ".join(f"{k}={_eval_key(cfg, k)}" for k in keys)
+            raise LoadError(f"{where(name)}: tensor {name} has shape {have}, expected "
+                            f"{tuple(shape)} (config {config_file}: {from_keys})")
+        if not dtypes:
+            continue
+        if kind == "float" and dt not in _FLOAT_KINDS:
+            raise LoadError(f"{where(name)}: tensor {name} has dtype {dt}, expected floats")
+        if kind == "uint32" and dt not in ("uint32", "U32"):
+            raise LoadError(f"{where(name)}: quantized tensor {name} has dtype {dt}, "
                             f"expected uint32")
+
+
+def _eval_key(cfg, key):
+    out = 1
+    for k in key.split("*"):
+        out *= getattr(cfg, k)
+    return out
 
 
 # ---------------------------------------------------------------- weights
@@ -390,56 +411,66 @@ def _weight_files(d: Path) -> tuple[list[Path], dict | None]:
     return files, None
 
 
-def _normalize_names(weights: dict, config: dict) -> dict:
-    """Strip the multimodal gemma3 prefix and drop tensors no text model uses."""
-    if config.get("model_type") == "gemma3" or any(k.startswith("language_model.") for k in weights):
-        out = {}
-        for k, v in weights.items():
-            if k.startswith("language_model."):
-                out[k[len("language_model."):]] = v
-            elif k.startswith(("vision_tower.", "multi_modal_projector.")):
+def _normalize_names(weights: dict, spec) -> dict:
+    """The text model's names (the family's prefixes renamed, tensors no text
+    model uses dropped and freed)."""
+    out = {}
+    for k, v in weights.items():
+        new = spec.rename(k)
+        if new is None or new.endswith(_DROP):
+            if hasattr(v, "free"):
                 v.free()
-            else:
-                out[k] = v
-        weights = out
-    for k in [k for k in weights if k.endswith(_DROP)]:
-        weights.pop(k).free()
-    return weights
+        else:
+            out[new] = v
+    return out
 
 
 def _load_dir(d: Path, dtype=None):
+    config_file = d / "config.json"
     config = load_config(d)
+    text = _text_config(config)
+    cfg = parse_config(config, config_file)
     files, wm = _weight_files(d)
-    weights: dict = {}
+    # Check every tensor's name, shape and dtype against the config from the
+    # headers, before anything is read.
+    infos: dict = {}
     origin: dict = {}
+    for f in files:
+        header, _, _ = safetensors_header(f)
+        for k, info in header.items():
+            if k in origin:
+                raise LoadError(f"{f}: tensor {k} also in {origin[k]}")
+            origin[k] = f
+            infos[k] = (info["shape"], info["dtype"])
+    if wm is not None:
+        for name, fn in wm.items():
+            if name not in origin:
+                raise LoadError(f"{d / fn}: tensor {name} (listed in "
+                                f"model.safetensors.index.json) is missing")
+    renamed = {}
+    for k, f in origin.items():
+        new = cfg.spec.rename(k)
+        if new is not None:
+            renamed[new] = f
+    infos = _normalize_names(infos, cfg.spec)
+    quantization = text.get("quantization")
+    qc = text.get("quantization_config")
+    if quantization is None and isinstance(qc, dict) and qc.get("quant_method"):
+        raise LoadError(f"{config_file}: quantization method {qc['quant_method']!r} "
+                        f"is not supported")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise LoadError(f"{config_file}: 'quantization' must be an object")
+    default = files[0] if len(files) == 1 else d / "model.safetensors.index.json"
+
+    def where(name):
+        return config_file if name is None else renamed.get(name, default)
+    _check(infos, cfg, quantization, where, config_file)
+    weights: dict = {}
     try:
         for f in files:
             ws, _ = read_safetensors(f)
-            for k, v in ws.items():
-                if k in weights:
-                    _free(ws)
-                    raise LoadError(f"{f}: tensor {k} also in {origin[k]}")
-                weights[k] = v
-                origin[k] = f
-        if wm is not None:
-            for name, fn in wm.items():
-                if name not in weights:
-                    raise LoadError(f"{d / fn}: tensor {name} (listed in "
-                                    f"model.safetensors.index.json) is missing")
-        weights = _normalize_names(weights, config)
-        text = _text_config(config)
-        quantization = text.get("quantization")
-        if quantization is None and text.get("quantization_config", {}).get("quant_method"):
-            raise LoadError(f"{d / 'config.json'}: quantization method "
-                            f"{text['quantization_config']['quant_method']!r} is not supported")
-        default = files[0] if len(files) == 1 else d / "model.safetensors.index.json"
-
-        def where(name):
-            if name is None:
-                return d / "config.json"
-            f = origin.get(name) or origin.get("language_model." + name)
-            return f or default
-        _check(weights, config, quantization, where)
+            weights.update(ws)
+        weights = _normalize_names(weights, cfg.spec)
         if dtype is not None:
             _cast_lazily(weights, dtype)
     except BaseException:
@@ -463,17 +494,21 @@ def _cast_lazily(weights, dtype):
 
 
 def load_weights(path, dtype=None):
-    """(weights, config, quantization) of a directory or GGUF file, validated.
-    For a GGUF file dtype chooses the float type (see gguf.load_gguf: default
-    float32 for a file kept quantized, bfloat16 for a dequantized one; bfloat16
-    dequantizes Q4_0/Q4_1/Q8_0). Directory weights are returned as stored
-    (build_model casts)."""
+    """(weights, config, quantization) of a directory or GGUF file, validated:
+    the config's keys by their family's spec, then every tensor's name, shape
+    and dtype against the config, from the file headers before any tensor is
+    read.  For a GGUF file dtype chooses the float type (see gguf.load_gguf:
+    default float32 for a file kept quantized, bfloat16 for a dequantized
+    one; bfloat16 dequantizes Q4_0/Q4_1/Q8_0). Directory weights are returned
+    as stored (build_model casts)."""
     path = Path(path)
     if path.is_file() and _is_gguf(path):
         from mlxcy.models import gguf
         weights, config, quantization = gguf.load_gguf(path, dtype=dtype)
         try:
-            _check(weights, config, quantization, lambda name: path)
+            infos = {k: (a.shape, a.dtype) for k, a in weights.items()}
+            _check(infos, gguf.parse_gguf_config(config, path), quantization,
+                   lambda name: path)
         except BaseException:
             _free(weights)
             raise

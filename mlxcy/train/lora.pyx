@@ -45,8 +45,8 @@ from mlxcy.nn import quantize as _quantize, dequantize as _dequantize
 __all__ = ["LoRA", "TrainStep", "KEYS", "DEFAULT_KEYS", "normalize_keys", "cross_entropy",
            "make_batch_arrays"]
 
-KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# a decoder layer's linear layers, as the model specs name them (mlx-lm's names)
+from mlxcy.models.spec import LAYER_LINEARS as KEYS
 DEFAULT_KEYS = ("self_attn.q_proj", "self_attn.v_proj")
 _SHORT = {k.split(".")[1]: k for k in KEYS}
 
