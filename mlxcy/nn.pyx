@@ -13,6 +13,7 @@ from mlxcy.native cimport ops as nops
 from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport random as nrnd
 from mlxcy.native.array cimport heap
+from mlxcy.cpu_kernels cimport use_kernels, cpu_linear
 from libcpp.vector cimport vector
 
 
@@ -53,10 +54,19 @@ cdef na.array* _qmatmul(const na.array& x, const na.array& w, const na.array& sc
                         const na.array* qbiases, int group_size, int bits,
                         const na.array* bias) except NULL:
     """x @ dequantize(w).T (+ bias) by the fastest path for the device."""
+    if qbiases != NULL and use_kernels(x, w, &scales, group_size, bits):   # mlxcy.cpu_kernels
+        return cpu_linear(x, w, &scales, qbiases, group_size, bits, bias)
     if _dequant_path(w, group_size, bits):
         return heap(nnn.qlinear_dequant(x, w, scales, qbiases, group_size, bits, bias,
                                         DEQUANT_BLOCK, EVAL_BLOCKS))
     return heap(nnn.qlinear(x, w, scales, qbiases, group_size, bits, bias))
+
+
+cdef na.array* _flinear(const na.array& x, const na.array& w, const na.array* bias) except NULL:
+    """x @ w.T (+ bias): mlxcy.cpu_kernels on the CPU, MLX's matmul elsewhere."""
+    if use_kernels(x, w, NULL, 0, 0):
+        return cpu_linear(x, w, NULL, NULL, 0, 0, bias)
+    return heap(nnn.linear(x, w, bias))
 
 
 cdef na.array* copy_handle(object a, str name) except NULL:
@@ -131,7 +141,7 @@ cdef class Linear:
             y = _qmatmul(x, w[0], self.scales[0], self.qbiases, self.group_size, self.bits,
                          self.bias)
         else:
-            y = heap(nnn.linear(x, w[0], self.bias))
+            y = _flinear(x, w[0], self.bias)
         if self.lora_a == NULL or self.lora_b == NULL:
             return y
         return self.lora_forward(x, y)
@@ -155,7 +165,7 @@ cdef class Linear:
             b = nnn.rows(self.bias[0], r0, r1)
             bp = &b
         if not self.quantized:
-            return heap(nnn.linear(x, wr, bp))
+            return _flinear(x, wr, bp)
         s = nnn.rows(self.scales[0], r0, r1)
         if self.qbiases != NULL:
             qb = nnn.rows(self.qbiases[0], r0, r1)
@@ -291,7 +301,7 @@ cdef class Embedding:
         if self.quantized:
             return _qmatmul(x, w[0], self.scales[0], self.qbiases, self.group_size, self.bits,
                             NULL)
-        return heap(nnn.linear(x, w[0], NULL))
+        return _flinear(x, w[0], NULL)
 
     def __call__(self, Array ids):
         return wrap(self.lookup(handle(ids)[0]))

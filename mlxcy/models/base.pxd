@@ -42,9 +42,9 @@ cdef class Attention:
     cdef float scale, softcap      # softcap <= 0: none
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL
-    # up to o_proj; qkv: the fused q/k/v projection of x already computed
+    # up to o_proj
     cdef na.array* core(self, const na.array& x, LayerCache cache, const na.array* mask,
-                        const na.array* offsets, const na.array* qkv=*) except NULL
+                        const na.array* offsets) except NULL
     cdef na.array* attend(self, const na.array& q, const na.array& k, const na.array& v,
                           int L, int qstart, int kstart, int window,
                           const na.array* mask) except NULL

@@ -3,9 +3,9 @@
 (GQA through the fused kernel, or composed when logits are soft-capped),
 MLP, pre-norm block, and Model with its cdef forward over native arrays.
 
-Model builds the layers its family's spec lays out (mlxcy/models/spec.py,
-mlxcy/models/families/); families whose forward differs subclass it
-(gemma3.pyx: Gemma's block, embedding scale and logit soft-capping).
+Family files (llama.pyx, qwen2.pyx, qwen3.pyx, gemma3.pyx) subclass Model
+and build their blocks with the helpers here; they override only what
+differs (Gemma's block, embedding scale and logit soft-capping).
 """
 import math
 
@@ -23,14 +23,14 @@ from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
+from mlxcy.cpu_kernels cimport use_attention, cpu_decode_attention
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
+from mlxcy import cpu_kernels as _cpu_kernels
 
 
-# Quantized CPU inference evaluates as it goes, and decode steps may run
-# through mlxcy's fused GPU kernels: mlxcy.tuning's cpu_sync and gpu_kernels
-# say why each is on or off by default.
+# Quantized CPU inference evaluates as it goes (mlxcy.tuning's cpu_sync says why).
 cdef Tuning* _tuning = current()
 
 
@@ -142,10 +142,8 @@ cdef class Attention:
         return self.o_proj.forward(o)
 
     cdef na.array* core(self, const na.array& x, LayerCache cache, const na.array* mask,
-                        const na.array* offsets, const na.array* qkv=NULL) except NULL:
-        """Attention up to (not including) o_proj: [B, L, heads * head_dim].
-        qkv: qkv_proj's output for x when the caller computed it (the GPU
-        decode path, which fuses the norm before it into the product)."""
+                        const na.array* offsets) except NULL:
+        """Attention up to (not including) o_proj: [B, L, heads * head_dim]."""
         cdef int L = x.shape(1)
         cdef int offset = 0 if cache is None else cache.offset
         cdef int window = self.window
@@ -160,11 +158,7 @@ cdef class Attention:
         # kernel count is what costs there.
         cdef bint parts = self.qkv_proj is not None and L > 1 and qkv == NULL
         cdef bint fused = self.qkv_proj is not None and not parts
-        cdef na.array q = x
-        if qkv != NULL:
-            q = qkv[0]
-        elif fused:
-            q = nnn.own(self.qkv_proj.forward(x))
+        cdef na.array q = nnn.own(self.qkv_proj.forward(x)) if fused else x
         cdef na.array k = q
         cdef na.array v = q
         if fused:
@@ -231,6 +225,8 @@ cdef class Attention:
                                   self.softcap <= 0, &causal_mode, &m)
         if has_mask:
             mp = &m
+        elif L == 1 and not causal_mode and self.softcap <= 0 and use_attention(q, k, v):
+            return cpu_decode_attention(q, k, v, self.scale)   # mlxcy.cpu_kernels
         if self.softcap > 0:
             return heap(nnn.attention_softcap(q, k, v, self.scale, self.softcap, mp))
         if causal_mode:
@@ -329,8 +325,6 @@ cdef class Block:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
-        if _tuning.gpu_kernels and x.ndim() == 3 and x.shape(1) == 1 and _gpu_block_ok(self, x):
-            return _gpu_block_step(self, x, cache, mask, offsets)
         cdef na.array h = nnn.own(self.input_norm.forward(x))
         cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
         h = nnn.add(x, r)
@@ -339,92 +333,14 @@ cdef class Block:
         return heap(nnn.add(h, r))
 
 
-# ---------------------------------------------------- GPU decode kernels ---
-# A decode step (one position per row, at most gemv_max_rows() rows) of a
-# standard pre-norm block on a CUDA GPU runs its four projections as mlxcy's
-# own kernels (include/mlxcy/gpu_gemv.h), each with the block's neighbouring
-# pieces fused in: input RMSNorm + q/k/v (+ bias); o_proj + residual;
-# post-attention RMSNorm + gate/up + activation; down + residual.  Eight MLX
-# kernels per block become four.  mlxcy.tuning's gpu_kernels turns it on (off
-# by default; the tuning docstring says why).
-
-cdef inline void _gemv_weights(Linear l, nfused.GemvArgs* g) noexcept:
-    if l.quantized:
-        g.scales, g.qbiases = l.scales, l.qbiases
-        g.bits, g.group_size = l.bits, l.group_size
-    g.bias = l.bias
-
-
-cdef bint _gemv_layer_ok(Linear l, na.Dtype t, int rows, const na.array* norm,
-                         int act) except -1:
-    if l is None or l.weight == NULL or l.lora_a != NULL or l.lora_b != NULL:
-        return False
-    if l.quantized and l.qbiases == NULL:
-        return False
-    cdef nfused.GemvArgs g = nfused.GemvArgs()
-    _gemv_weights(l, &g)
-    g.norm = norm
-    g.act = act
-    # (the residual, when given, is the block's own [B, 1, out] in dtype t)
-    return nfused.gemv_supported(t, l.in_features, rows, l.weight[0], g, NULL)
-
-
-cdef bint _gpu_block_ok(Block b, const na.array& x) except -1:
-    """Whether _gpu_block_step can run this block on x [B, 1, hidden]."""
-    if type(b) is not Block or not nfused.cuda_default_device():
-        return False
-    cdef Attention at = b.attn
-    cdef MLP m = b.mlp
-    if at is None or m is None or at.qkv_proj is None or m.gate_up_proj is None:
-        return False
-    if b.input_norm is None or b.post_attn_norm is None or b.input_norm.weight == NULL \
-            or b.post_attn_norm.weight == NULL:
-        return False
-    cdef int rows = x.shape(0)
-    cdef na.Dtype t = x.dtype()
-    return (_gemv_layer_ok(at.qkv_proj, t, rows, b.input_norm.weight, 0)
-            and _gemv_layer_ok(at.o_proj, t, rows, NULL, 0)
-            and _gemv_layer_ok(m.gate_up_proj, t, rows, b.post_attn_norm.weight,
-                               2 if m.gelu else 1)
-            and _gemv_layer_ok(m.down_proj, t, rows, NULL, 0))
-
-
-cdef long long GPU_BLOCK_STEPS = 0
-
-
-def gpu_block_steps():
-    """How many block steps have run through the fused GPU decode kernels in
-    this process (tests check that the path they compare was taken)."""
-    return GPU_BLOCK_STEPS
-
-
-cdef na.array* _gpu_block_step(Block b, const na.array& x, LayerCache cache,
-                               const na.array* mask, const na.array* offsets) except NULL:
-    global GPU_BLOCK_STEPS
-    GPU_BLOCK_STEPS += 1
-    cdef Attention at = b.attn
-    cdef MLP m = b.mlp
-    cdef nfused.GemvArgs g1 = nfused.GemvArgs(), g2 = nfused.GemvArgs()
-    cdef nfused.GemvArgs g3 = nfused.GemvArgs(), g4 = nfused.GemvArgs()
-    _gemv_weights(at.qkv_proj, &g1)
-    g1.norm, g1.eps = b.input_norm.weight, b.input_norm.eps
-    cdef na.array qkv = nfused.gemv(x, at.qkv_proj.weight[0], g1)
-    cdef na.array r = nnn.own(at.core(x, cache, mask, offsets, &qkv))
-    _gemv_weights(at.o_proj, &g2)
-    g2.residual = &x
-    cdef na.array h = nfused.gemv(r, at.o_proj.weight[0], g2)
-    _gemv_weights(m.gate_up_proj, &g3)
-    g3.norm, g3.eps = b.post_attn_norm.weight, b.post_attn_norm.eps
-    g3.act = 2 if m.gelu else 1
-    cdef na.array u = nfused.gemv(h, m.gate_up_proj.weight[0], g3)
-    _gemv_weights(m.down_proj, &g4)
-    g4.residual = &h
-    return heap(nfused.gemv(u, m.down_proj.weight[0], g4))
-
-
 cdef bint _cpu_sync(Model m) except -1:
-    """CPU inference with quantized layers: evaluate as it goes (cpu_sync)."""
+    """CPU inference with quantized layers: evaluate as it goes (cpu_sync).
+    Not when mlxcy.cpu_kernels runs them: its products read the packed weights
+    directly (no dequantized temporaries to bound), and each sync is a wait on
+    MLX's CPU thread."""
     if not _tuning.cpu_sync or na.default_device().type != na.cpu or not m.layers:
+        return False
+    if _cpu_kernels.enabled() is not False and (<Block>m.layers[0]).attn.o_proj.bits in (4, 8):
         return False
     return m.embed.quantized or (<Block>m.layers[0]).attn.o_proj.quantized
 
@@ -468,20 +384,22 @@ class Weights:
     """Hugging Face-named weights with MLX's quantized layout: hands out
     validated layers and names the tensor in every error."""
 
-    def __init__(self, weights, quantization=None, dtype=None, spec=None):
+    def __init__(self, weights, quantization=None, dtype=None, prefix_map=()):
         if not isinstance(weights, dict):
             raise TypeError(f"weights must be a dict of name -> Array, got {type(weights).__name__}")
-        rename = spec.rename if spec is not None else (lambda name: name)
-        self.w = {}
-        for name, a in weights.items():
-            new = rename(name)
-            if new is not None:
-                self.w[new] = a
+
+        def rename(name):
+            for old, new in prefix_map:
+                if name.startswith(old):
+                    return new + name[len(old):]
+            return name
+
+        self.w = {rename(name): a for name, a in weights.items()}
         q = quantization
         if q is not None:
             if not isinstance(q, dict):
                 raise TypeError("quantization must be a dict like {'group_size': 64, 'bits': 4}")
-            q = {rename(k) or k: val for k, val in q.items()}
+            q = {rename(k): val for k, val in q.items()}
         self.q = q
         self.dtype = None if dtype is None else _core.dtype(dtype)
         if self.dtype is not None and not self.dtype.is_floating:
@@ -571,35 +489,35 @@ class Weights:
     def norm(self, path, int dims, float eps, float offset=0.0):
         return RMSNorm(self.get(path + ".weight", (dims,)), eps, offset)
 
-    def module(self, m, float eps=0.0):
-        """The layer a spec Module (mlxcy/models/spec.py) describes."""
-        if m.kind == "linear":
-            return self.linear(m.path, m.shape[1], m.shape[0], m.bias)
-        if m.kind == "embedding":
-            return self.embedding(m.path, m.shape[0], m.shape[1])
-        return self.norm(m.path, m.shape[0], eps, m.offset)
-
 
 def make_rope(cfg, theta, scaling):
     return Rope(cfg.head_dim, theta, scaling, cfg.max_position_embeddings)
 
 
-def build_attention(W, cfg, dict m, scale=None, window=0, softcap=0.0, rope=None):
-    """The attention of a layer from its spec modules `m` (q/k/v/o_proj and,
-    when the family has them, q_norm/k_norm)."""
-    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    eps = cfg.rms_norm_eps
-    qn = W.module(m["q_norm"], eps) if "q_norm" in m else None
-    kn = W.module(m["k_norm"], eps) if "k_norm" in m else None
+def build_attention(W, cfg, int i, qkv_bias=False, o_bias=False, qk_norm_offset=None,
+                    scale=None, window=0, softcap=0.0, rope=None):
+    """The attention of layer i from `model.layers.{i}.self_attn.*`."""
+    p = f"model.layers.{i}.self_attn."
+    H, Hkv, D, hid = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    qn = kn = None
+    if qk_norm_offset is not None:
+        qn = W.norm(p + "q_norm", D, cfg.rms_norm_eps, qk_norm_offset)
+        kn = W.norm(p + "k_norm", D, cfg.rms_norm_eps, qk_norm_offset)
     return Attention(
-        W.module(m["q_proj"]), W.module(m["k_proj"]), W.module(m["v_proj"]),
-        W.module(m["o_proj"]),
+        W.linear(p + "q_proj", hid, H * D, qkv_bias),
+        W.linear(p + "k_proj", hid, Hkv * D, qkv_bias),
+        W.linear(p + "v_proj", hid, Hkv * D, qkv_bias),
+        W.linear(p + "o_proj", H * D, hid, o_bias),
         rope if rope is not None else make_rope(cfg, cfg.rope_theta, cfg.rope_scaling),
         H, Hkv, D, D ** -0.5 if scale is None else scale, qn, kn, window, softcap)
 
 
-def build_mlp(W, dict m, gelu=False):
-    return MLP(W.module(m["gate_proj"]), W.module(m["up_proj"]), W.module(m["down_proj"]), gelu)
+def build_mlp(W, cfg, int i, bias=False, gelu=False):
+    p = f"model.layers.{i}.mlp."
+    hid, inter = cfg.hidden_size, cfg.intermediate_size
+    return MLP(W.linear(p + "gate_proj", hid, inter, bias),
+               W.linear(p + "up_proj", hid, inter, bias),
+               W.linear(p + "down_proj", inter, hid, bias), gelu)
 
 
 # ----------------------------------------------------------------- model ---
@@ -636,38 +554,38 @@ cdef class Model:
     Array [B, L, vocab] (L = 1 with last_only).  Use make_cache() for
     incremental decoding; close() (or a `with` block) frees every weight.
     """
+    family = None
+    prefixes = ()
+
     def __init__(self, config, weights, quantization=None, dtype=None):
         from mlxcy.models.config import ModelConfig
         cfg = ModelConfig.from_dict(config) if isinstance(config, dict) else config
         if not isinstance(cfg, ModelConfig):
             raise TypeError("config must be a ModelConfig or a config.json dict")
-        spec = cfg.spec
-        if spec.model_class.rpartition(":")[2] != type(self).__name__:
-            raise ValueError(f"{type(self).__name__} cannot build model_type {cfg.model_type!r} "
-                             f"(its forward is {spec.model_class})")
+        if self.family is not None and cfg.family != self.family:
+            raise ValueError(f"{type(self).__name__} cannot build model_type {cfg.model_type!r}")
         self.config = cfg
         self.quant = quantization
-        W = Weights(weights, quantization, dtype, spec)
+        W = Weights(weights, quantization, dtype, self.prefixes)
         self.layers = []
-        top = spec.top_modules(cfg)
         try:
-            self.embed = W.module(top["embed_tokens"])
+            self.embed = W.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)
             self.dtype_code = self.embed.dtype_code()
             for i in range(cfg.num_hidden_layers):
                 self.layers.append(self.build_block(W, cfg, i))
-            self.norm = W.module(top["norm"], cfg.rms_norm_eps)
-            if "lm_head" in top:
-                self.lm_head = W.module(top["lm_head"])
+            self.norm = W.norm("model.norm", cfg.hidden_size, cfg.rms_norm_eps,
+                               self.norm_offset())
+            if not cfg.tie_word_embeddings:
+                self.lm_head = W.linear("lm_head", cfg.hidden_size, cfg.vocab_size)
         except BaseException:
             self.close()
             raise
 
+    def norm_offset(self):
+        return 0.0
+
     def build_block(self, W, cfg, int i):
-        """Layer i: the pre-norm block with the modules the spec lists."""
-        m = cfg.spec.layer_modules(cfg, i)
-        eps = cfg.rms_norm_eps
-        norms = [W.module(m[n], eps) for n in cfg.spec.block_norms]
-        return Block(build_attention(W, cfg, m, window=cfg.window(i)), build_mlp(W, m), *norms)
+        raise NotImplementedError
 
     def fuse(self):
         """Fuse each block's q/k/v and gate/up weights into single matmuls (the
