@@ -16,7 +16,6 @@ cdef struct Tuning:
     int prefill_split           # -1: automatic (on the CPU); 0: never; 1: always
     int prefill_chunk_cpu       # default prompt tokens per prefill step on the CPU
     int prefill_chunk_gpu       # ... and on a GPU
-    bint gpu_kernels            # decode steps through mlxcy's fused CUDA matvec kernels
 
 
 cdef Tuning* current() noexcept nogil

@@ -40,15 +40,6 @@ prefill_chunk_cpu [128], prefill_chunk_gpu [512]
     so smaller chunks skip most of the masked triangle; a GPU wants large
     chunks (fewer launches).  A smaller GPU chunk lowers the prefill's peak
     memory at some prefill speed.
-gpu_kernels [False]
-    On a CUDA GPU, decode steps of standard pre-norm blocks run their four
-    projections as mlxcy's own matrix-vector kernels with the neighbouring
-    norm, bias, activation and residual fused in (include/mlxcy/gpu_gemv.h):
-    four kernels per block instead of eight.  Off by default: the kernels
-    match or beat MLX's on the device, but an MLX custom kernel costs ~19 us
-    of host time per launch against ~9 us for MLX's own ops, and decode is
-    bound by host dispatch (H200: 4-13% slower end to end).  No effect
-    elsewhere.
 
 The options are process-wide, like MLX's own settings: override() is not
 local to a thread.  Bad names or values raise mlxcy.OptionError /
@@ -62,11 +53,11 @@ from mlxcy.errors import OptionError, OptionTypeError
 __all__ = ["Options", "DEFAULTS", "get", "set", "override", "reset"]
 
 Options = namedtuple("Options", ["cpu_sync", "cache_pad", "prefill_split",
-                                 "prefill_chunk_cpu", "prefill_chunk_gpu", "gpu_kernels"])
+                                 "prefill_chunk_cpu", "prefill_chunk_gpu"])
 Options.__doc__ = "A snapshot of mlxcy's tuning knobs (see mlxcy.tuning)."
 
 DEFAULTS = Options(cpu_sync=True, cache_pad=8, prefill_split=None,
-                   prefill_chunk_cpu=128, prefill_chunk_gpu=512, gpu_kernels=False)
+                   prefill_chunk_cpu=128, prefill_chunk_gpu=512)
 
 cdef Tuning _current
 
@@ -102,7 +93,6 @@ _CHECKS = {
     "prefill_split": _split,
     "prefill_chunk_cpu": lambda n, v: _int(n, v, 1),
     "prefill_chunk_gpu": lambda n, v: _int(n, v, 1),
-    "gpu_kernels": _bool,
 }
 
 
@@ -114,7 +104,6 @@ def get():
         prefill_split=None if _current.prefill_split < 0 else bool(_current.prefill_split),
         prefill_chunk_cpu=_current.prefill_chunk_cpu,
         prefill_chunk_gpu=_current.prefill_chunk_gpu,
-        gpu_kernels=bool(_current.gpu_kernels),
     )
 
 
@@ -140,8 +129,6 @@ def set(**options):
             _current.prefill_chunk_cpu = value
         elif name == "prefill_chunk_gpu":
             _current.prefill_chunk_gpu = value
-        elif name == "gpu_kernels":
-            _current.gpu_kernels = value
     return old
 
 

@@ -10,8 +10,7 @@ from mlxcy import tuning
 def test_defaults_and_snapshot():
     assert tuning.get() == tuning.DEFAULTS
     assert tuning.DEFAULTS._asdict() == {"cpu_sync": True, "cache_pad": 8, "prefill_split": None,
-                                         "prefill_chunk_cpu": 128, "prefill_chunk_gpu": 512,
-                                         "gpu_kernels": False}
+                                         "prefill_chunk_cpu": 128, "prefill_chunk_gpu": 512}
     assert mlxcy.tuning is tuning
 
 

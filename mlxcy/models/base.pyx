@@ -156,7 +156,7 @@ cdef class Attention:
         # stays alive until its last slice is consumed (and, on CUDA, until its
         # command batch completes).  Decode keeps the single fused matmul: the
         # kernel count is what costs there.
-        cdef bint parts = self.qkv_proj is not None and L > 1 and qkv == NULL
+        cdef bint parts = self.qkv_proj is not None and L > 1
         cdef bint fused = self.qkv_proj is not None and not parts
         cdef na.array q = nnn.own(self.qkv_proj.forward(x)) if fused else x
         cdef na.array k = q
