@@ -49,7 +49,7 @@ class GenerationOptions:
     stop_ids: list[int] = field(default_factory=list)
     max_context: int | None = None
     logprobs: bool = False
-    prefill_chunk: int | None = None   # None: the device's default (mlxcy.generate)
+    prefill_chunk: int | None = None   # None: the device's default (mlxcy.tuning)
     cancel: object = None          # threading.Event, or a callable returning True to stop
 
     def __post_init__(self):
