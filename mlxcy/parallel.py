@@ -216,3 +216,78 @@ def _check_groups(weights, local, quantization, n):
                 raise ParallelPlanError(
                     f"tensor parallel: {path} is quantized in groups of {gs} but its "
                     f"{cols * n} input features do not split into {n} whole-group shards")
+
+
+# ------------------------------------------------------------- generation ---
+#
+# Scheme: every rank runs the same engine on the same token ids.  The
+# tensor-parallel model gives every rank bit-identical logits (the ring's
+# all_sum and all_gather hand each rank the same reduced bytes; the rest of
+# the forward is replicated), so greedy decoding -- and sampling from one
+# shared seed, chosen by rank 0 and summed into the others -- picks the same
+# ids on every rank with no per-token broadcast.  Rank 0 alone prints;
+# `checked()` verifies at the end that every rank generated the same ids and
+# bounds each step with the distributed deadline (a dead rank ends the run).
+
+def launched() -> bool:
+    """Whether this process was started as one rank of several (mlx.launch,
+    mlxcy launch, mpirun)."""
+    import os
+    e = os.environ
+    if "MLX_RANK" in e and (e.get("MLX_HOSTFILE") or e.get("MLX_WORLD_SIZE")):
+        return True
+    return int(e.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def world_if_launched():
+    """The group of all ranks when launched as several (backend from
+    MLXCY_DIST_BACKEND, default any), else None."""
+    import os
+    if not launched():
+        return None
+    from mlxcy import distributed as dist
+    g = dist.init(backend=os.environ.get("MLXCY_DIST_BACKEND", "any"), strict=True)
+    return g if g.size > 1 else None
+
+
+def load_model_for_process(path, dtype=None):
+    """The model for this process: tensor parallel over the launched ranks
+    (safetensors directories), else the ordinary single-process load."""
+    from mlxcy.models.load import load_model
+    g = world_if_launched()
+    if g is None:
+        return load_model(path, dtype=dtype)
+    return load_tensor_parallel(path, g, dtype=dtype)
+
+
+def shared_seed(group):
+    """A sampling seed equal on every rank: rank 0's random draw."""
+    import mlxcy
+    import secrets
+    from mlxcy import distributed as dist
+    mine = secrets.randbits(31) if group.rank == 0 else 0
+    return int(dist.all_sum(mlxcy.array([mine], mlxcy.int32), group).numpy()[0])
+
+
+def checked(tokens, group, step_timeout=None):
+    """Iterate a token stream with each step bounded by the distributed
+    deadline; at the end raise when the ranks generated different ids."""
+    import mlxcy
+    from mlxcy import distributed as dist
+    ids = []
+    it = iter(tokens)
+    while True:
+        with dist.deadline(step_timeout, "a generation step"):
+            try:
+                tok = next(it)
+            except StopIteration:
+                break
+        ids.append(int(tok.id))
+        yield tok
+    h = np.array([len(ids), sum((i + 1) * t for i, t in enumerate(ids)) % (1 << 30)], np.int32)
+    with dist.deadline(step_timeout, "the final consistency check"):
+        hi = dist.all_max(mlxcy.array(h), group).numpy()
+        lo = dist.all_min(mlxcy.array(h), group).numpy()
+    if (hi != lo).any():
+        raise RuntimeError(f"tensor parallel: the ranks generated different tokens "
+                           f"(rank {group.rank}: {len(ids)} ids)")

@@ -174,3 +174,48 @@ def test_hanging_peer_trips_the_deadline(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+# ------------------------------------------------------------------ generation ---
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    sys.path.insert(0, str(HERE))
+    from cli_models import make_cli_model
+    d = tmp_path_factory.mktemp("dist_cli") / "model"
+    make_cli_model(d)              # vocabulary 320: the head splits 160 + 160
+    return d
+
+
+def _cli(args, launcher=None, timeout=180):
+    cmd = [sys.executable, "-m", "mlxcy"] + args
+    if launcher == "mlxcy":
+        cmd = [sys.executable, "-m", "mlxcy", "launch", "-n", "2", "--timeout", str(timeout),
+               "--"] + cmd
+    elif launcher == "mlx":
+        cmd = [os.path.join(os.path.dirname(sys.executable), "mlx.launch"), "-n", "2",
+               "--backend", "ring", "--"] + cmd
+    p = subprocess.run(["nice", "-n", "5"] + cmd, env=_env(), cwd=ROOT, capture_output=True,
+                       timeout=timeout + 30)
+    return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("sampling", [["--temperature", "0"],
+                                      ["--temperature", "0.8", "--seed", "3"]])
+def test_generate_under_mlxcy_launch(cli_model, sampling):
+    args = ["generate", "--model", str(cli_model), "--raw", "hello", "--max-tokens", "12"]
+    c1, single, e1 = _cli(args + sampling)
+    assert c1 == 0, e1
+    c2, tp, e2 = _cli(args + sampling, launcher="mlxcy")
+    assert c2 == 0, e2
+    assert tp == single            # rank 0 prints once; the other ranks stay silent
+    assert len(single.strip()) > 0
+
+
+def test_generate_under_mlx_launch_with_a_shared_seed(cli_model):
+    # no --seed: rank 0 draws one and the ranks share it; the end-of-run check
+    # raises if the ranks' ids differ
+    c, out, err = _cli(["generate", "--model", str(cli_model), "--raw", "hello",
+                        "--max-tokens", "8", "--temperature", "1.0"], launcher="mlx")
+    assert c == 0, err
+    assert "different tokens" not in err and out.count("\n") == 1
