@@ -35,6 +35,7 @@ from mlxcy.native cimport nn as nnn
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear
 from mlxcy.models.base cimport Model, Block, Attention, MLP
+from mlxcy.cache cimport LayerCache
 
 import os
 
@@ -314,6 +315,104 @@ def install_tensor_parallel(Model model, Group group, Linear head, int vocab, co
     h = GatherLinear.__new__(GatherLinear)
     _adopt(h, head)
     h.set_group(group, vocab)
+    if model.lm_head is not None:
+        model.lm_head.free()
+    model.lm_head = h
+    model.config = config
+    return model
+
+
+# ---------------------------------------------------------- pipeline layers ---
+
+cdef class PipeBlock(Block):
+    """A stage boundary of a pipeline-parallel model: the block `inner` (its
+    modules shared, so caches, fusing and sizes see a normal block), with
+    the hidden states received from rank `src` before it (src >= 0: the
+    input x is ignored) and sent to rank `dst` after it (dst >= 0)."""
+    cdef Block inner
+    cdef Group group
+    cdef int src, dst
+
+    def __init__(self, Block inner, Group group, int src=-1, int dst=-1):
+        Block.__init__(self, inner.attn, inner.mlp, inner.input_norm, inner.post_attn_norm,
+                       inner.pre_ff_norm, inner.post_ff_norm)
+        self.inner, self.group, self.src, self.dst = inner, group, src, dst
+
+    cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
+                           const na.array* offsets) except NULL:
+        cdef optional[nd.Group] g = make_optional[nd.Group](self.group.g[0])
+        cdef na.array h = x
+        if self.src >= 0:
+            h = nd.recv_like(x, self.src, g)
+        cdef na.array y = nnn.own(self.inner.forward(h, cache, mask, offsets))
+        if self.dst >= 0:
+            y = nd.send(y, self.dst, g)
+        return heap(y)
+
+    cdef na.array* forward_deferred(self, na.array* h, const na.array* r, LayerCache cache,
+                                    const na.array* mask, const na.array* offsets) except NULL:
+        raise NotImplementedError("pipeline parallel: the ADD_NORM decode option is not "
+                                  "supported (set_decode_options(add_norm=False))")
+
+
+cdef class PipeHead(Linear):
+    """The output head of a pipeline: the last stage (`owner`) computes the
+    logits, the other ranks contribute zeros, and one all_sum gives every
+    rank the last stage's logits (x + 0 is exact)."""
+    cdef Group group
+    cdef int vocab
+    cdef bint owner
+
+    def set_group(self, Group group, int vocab, bint owner):
+        self.group, self.vocab, self.owner = group, vocab, owner
+        return self
+
+    cdef na.array* forward(self, const na.array& x) except NULL:
+        cdef na.array y = x
+        cdef na.Shape s = na.Shape()
+        cdef na.Shape start = na.Shape()
+        cdef int i, nd_ = x.ndim()
+        if self.owner:
+            y = nnn.own(Linear.forward(self, x))
+        else:
+            # zeros [..., vocab] that still depend on x, so this stage's send runs
+            for i in range(nd_):
+                start.push_back(0)
+                s.push_back(x.shape(i) if i < nd_ - 1 else 1)
+            y = nops.multiply(nops.slice(x, start, s), nnn.scalar(0.0, x.dtype()))
+            s[nd_ - 1] = self.vocab
+            y = nnn.broadcast_to(y, s)
+        return heap(nd.all_sum(y, make_optional[nd.Group](self.group.g[0])))
+
+    cpdef long long nparams(self):
+        return Linear.nparams(self) if self.owner else 0
+
+    cpdef long long nbytes(self):
+        return Linear.nbytes(self) if self.owner else 0
+
+
+def install_pipeline(Model model, Group group, list owned, Linear head, int vocab, config):
+    """Turn a model built from this rank's layers into its pipeline stage:
+    the first block receives from the previous rank, the last sends to the
+    next, and the head is the last stage's (PipeHead)."""
+    cdef int r = group.rank, n = group.size
+    if not model.layers:
+        raise ValueError("pipeline parallel: this rank has no layers")
+    if n > 1 and r > 0 and r < n - 1 and len(model.layers) == 1:
+        model.layers[0] = PipeBlock(<Block>model.layers[0], group, r - 1, r + 1)
+    else:
+        if r > 0:
+            model.layers[0] = PipeBlock(<Block>model.layers[0], group, r - 1, -1)
+        if r < n - 1:
+            last = model.layers[len(model.layers) - 1]
+            if isinstance(last, PipeBlock):
+                (<PipeBlock>last).dst = r + 1
+            else:
+                model.layers[len(model.layers) - 1] = PipeBlock(<Block>last, group, -1, r + 1)
+    cdef PipeHead h = PipeHead.__new__(PipeHead)
+    if head is not None:
+        _adopt(h, head)
+    h.set_group(group, vocab, r == n - 1)
     if model.lm_head is not None:
         model.lm_head.free()
     model.lm_head = h

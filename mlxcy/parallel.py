@@ -250,14 +250,23 @@ def world_if_launched():
     return g if g.size > 1 else None
 
 
+PLANS = ("tensor", "pipeline")
+
+
 def load_model_for_process(path, dtype=None):
-    """The model for this process: tensor parallel over the launched ranks
-    (safetensors directories), else the ordinary single-process load."""
+    """The model for this process: split over the launched ranks by the plan
+    MLXCY_PARALLEL names (tensor, the default, or pipeline; safetensors
+    directories), else the ordinary single-process load."""
+    import os
     from mlxcy.models.load import load_model
     g = world_if_launched()
     if g is None:
         return load_model(path, dtype=dtype)
-    return load_tensor_parallel(path, g, dtype=dtype)
+    plan = os.environ.get("MLXCY_PARALLEL", "tensor")
+    if plan not in PLANS:
+        raise ValueError(f"MLXCY_PARALLEL must be one of {', '.join(PLANS)}, got {plan!r}")
+    load = load_tensor_parallel if plan == "tensor" else load_pipeline
+    return load(path, g, dtype=dtype)
 
 
 def shared_seed(group):
@@ -291,3 +300,100 @@ def checked(tokens, group, step_timeout=None):
     if (hi != lo).any():
         raise RuntimeError(f"tensor parallel: the ranks generated different tokens "
                            f"(rank {group.rank}: {len(ids)} ids)")
+
+
+# ---------------------------------------------------------------- pipeline ---
+
+def pipeline_stages(num_layers: int, n: int):
+    """[start, stop) layer ranges of n stages, as equal as they can be (the
+    first stages take the extra layers)."""
+    if num_layers < n:
+        raise ParallelPlanError(f"pipeline parallel: num_hidden_layers = {num_layers} is "
+                                f"fewer than the {n} ranks (each stage needs a layer)")
+    q, extra = divmod(num_layers, n)
+    out, a = [], 0
+    for r in range(n):
+        b = a + q + (1 if r < extra else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def load_pipeline(path, group=None, dtype=None):
+    """This rank's stage of a pipeline-parallel model over `group`: layers
+    pipeline_stages(...)[rank] (read from the checkpoint alone, plus the
+    embedding and, on the last rank, the final norm's output head); hidden
+    states go from rank r to r+1 (send/recv: the ring's neighbours), the last
+    stage's logits to every rank (one all_sum).  Every rank runs the engine
+    on the same ids and gets the same logits, as with the tensor plan."""
+    import re
+    from mlxcy import distributed as dist
+    from mlxcy.models import load as L
+    from mlxcy.models.base import Weights
+
+    group = dist.world() if group is None else group
+    n, r = group.size, group.rank
+    path = Path(path)
+    if not path.is_dir():
+        raise ParallelPlanError(f"{path}: pipeline loading needs a safetensors checkpoint "
+                                "directory (GGUF files are not split)")
+    config_file = path / "config.json"
+    config = L.load_config(path)
+    text = L._text_config(config)
+    cfg = L.parse_config(config, config_file)
+    quantization = text.get("quantization")
+    l0, l1 = pipeline_stages(cfg.num_hidden_layers, n)[r]
+    last = r == n - 1
+    lt = list(cfg.layer_types)
+    local = cfg.replace(num_hidden_layers=l1 - l0, tie_word_embeddings=True,
+                        layer_types=lt[l0:l1] if lt else lt)
+    files, _ = L._weight_files(path)
+    layer = re.compile(r"^(.*\.layers\.)(\d+)\.(.*)$")
+    head_src = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+    weights, head = {}, {}
+    infos = {}
+    readers = [_Reader(f) for f in files]
+    try:
+        for rd in readers:
+            for k, info in rd.header.items():
+                new = cfg.spec.rename(k)
+                if new is None or new.endswith(L._DROP):
+                    continue
+                infos[new] = (info["shape"], info["dtype"])
+        L._check(infos, cfg, quantization, lambda name: config_file if name is None else path,
+                 config_file)
+        for rd in readers:
+            for k in rd.header:
+                new = cfg.spec.rename(k)
+                if new is None or new.endswith(L._DROP):
+                    continue
+                if new.startswith(head_src + "."):
+                    if last:
+                        head["lm_head." + new.rsplit(".", 1)[1]] = rd.read(k)
+                    if not cfg.tie_word_embeddings:
+                        continue
+                m = layer.match(new)
+                if m:
+                    i = int(m.group(2))
+                    if l0 <= i < l1:
+                        weights[f"{m.group(1)}{i - l0}.{m.group(3)}"] = rd.read(k)
+                    continue
+                weights[new] = rd.read(k)
+        model = cfg.spec.build(local, weights, quantization, dtype)
+    except BaseException:
+        L._free(weights)
+        L._free(head)
+        raise
+    finally:
+        for rd in readers:
+            del rd.mm
+    hl = None
+    if last:
+        q = quantization
+        if q is not None and head_src != "lm_head" and isinstance(q.get(head_src), (dict, bool)):
+            q = dict(q, lm_head=q[head_src])
+        try:
+            hl = Weights(head, q, dtype).linear("lm_head", cfg.hidden_size, cfg.vocab_size)
+        finally:
+            L._free(head)
+    return dist.install_pipeline(model, group, list(range(l0, l1)), hl, cfg.vocab_size, cfg)

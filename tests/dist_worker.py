@@ -53,8 +53,10 @@ def main():
             dist.all_sum(mlxcy.ones((4,))).eval()
         save("survived", np.array([1]))
     elif mode == "logits":
-        from mlxcy.parallel import load_tensor_parallel
-        model = load_tensor_parallel(sys.argv[3], g, dtype="float32")
+        from mlxcy.parallel import load_pipeline, load_tensor_parallel
+        plan = os.environ.get("PLAN", "tensor")
+        load = load_tensor_parallel if plan == "tensor" else load_pipeline
+        model = load(sys.argv[3], g, dtype="float32")
         ids = np.load(os.path.join(out, "ids.npy"))
         with dist.deadline(60, "the forward pass"):
             save("logits", model(ids).numpy())

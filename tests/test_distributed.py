@@ -33,18 +33,20 @@ def _launch(n, args, timeout=120, **env):
     return code, msg
 
 
-def test_collectives_two_ranks(tmp_path):
-    code, msg = _launch(2, ["ops", str(tmp_path)], timeout=60)
+@pytest.mark.parametrize("n", [2, 4])
+def test_collectives(tmp_path, n):
+    code, msg = _launch(n, ["ops", str(tmp_path)], timeout=90)
     assert code == 0, msg
-    xs = [np.arange(24, dtype=np.float32).reshape(2, 3, 4) * (r + 1) - r for r in range(2)]
-    for r in range(2):
+    xs = [np.arange(24, dtype=np.float32).reshape(2, 3, 4) * (r + 1) - r for r in range(n)]
+    for r in range(n):
         ld = lambda name: np.load(tmp_path / f"{name}.{r}.npy")
-        assert ld("size")[0] == 2
-        np.testing.assert_array_equal(ld("sum"), xs[0] + xs[1])
-        np.testing.assert_array_equal(ld("max"), np.maximum(xs[0], xs[1]))
+        assert ld("size")[0] == n
+        np.testing.assert_array_equal(ld("sum"), np.sum(xs, axis=0))
+        np.testing.assert_array_equal(ld("max"), np.max(xs, axis=0))
         np.testing.assert_array_equal(ld("gather"), np.concatenate([x[:, :2] for x in xs]))
-        np.testing.assert_array_equal(ld("isum"), np.array([3, 10], np.int32))
-        np.testing.assert_array_equal(ld("recv"), np.full(3, 100 + (r - 1) % 2, np.float32))
+        np.testing.assert_array_equal(
+            ld("isum"), np.array([sum(q + 1 for q in range(n)), 10 * sum(range(n))], np.int32))
+        np.testing.assert_array_equal(ld("recv"), np.full(3, 100 + (r - 1) % n, np.float32))
 
 
 def test_dead_rank_ends_the_run(tmp_path):
@@ -126,10 +128,12 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3_text", "llama4bit"])
-def test_tensor_parallel_logits(tiny_dirs, tmp_path, name):
+@pytest.mark.parametrize("plan", ["tensor", "pipeline"])
+def test_parallel_logits(tiny_dirs, tmp_path, name, plan):
     ids = np.random.default_rng(3).integers(0, 96, (2, 12)).astype(np.int32)
     np.save(tmp_path / "ids.npy", ids)
-    code, msg = _launch(2, ["logits", str(tmp_path), str(tiny_dirs[name])], timeout=120)
+    code, msg = _launch(2, ["logits", str(tmp_path), str(tiny_dirs[name])], timeout=120,
+                        PLAN=plan)
     assert code == 0, msg
     full, steps, nbytes = _reference(tiny_dirs[name], ids)
     for r in range(2):
@@ -187,7 +191,7 @@ def cli_model(tmp_path_factory):
     return d
 
 
-def _cli(args, launcher=None, timeout=180):
+def _cli(args, launcher=None, timeout=180, **env):
     cmd = [sys.executable, "-m", "mlxcy"] + args
     if launcher == "mlxcy":
         cmd = [sys.executable, "-m", "mlxcy", "launch", "-n", "2", "--timeout", str(timeout),
@@ -195,18 +199,19 @@ def _cli(args, launcher=None, timeout=180):
     elif launcher == "mlx":
         cmd = [os.path.join(os.path.dirname(sys.executable), "mlx.launch"), "-n", "2",
                "--backend", "ring", "--"] + cmd
-    p = subprocess.run(["nice", "-n", "5"] + cmd, env=_env(), cwd=ROOT, capture_output=True,
+    p = subprocess.run(["nice", "-n", "5"] + cmd, env=_env(**env), cwd=ROOT, capture_output=True,
                        timeout=timeout + 30)
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
 
-@pytest.mark.parametrize("sampling", [["--temperature", "0"],
-                                      ["--temperature", "0.8", "--seed", "3"]])
-def test_generate_under_mlxcy_launch(cli_model, sampling):
+@pytest.mark.parametrize("sampling,plan", [(["--temperature", "0"], "tensor"),
+                                           (["--temperature", "0.8", "--seed", "3"], "tensor"),
+                                           (["--temperature", "0.8", "--seed", "3"], "pipeline")])
+def test_generate_under_mlxcy_launch(cli_model, sampling, plan):
     args = ["generate", "--model", str(cli_model), "--raw", "hello", "--max-tokens", "12"]
     c1, single, e1 = _cli(args + sampling)
     assert c1 == 0, e1
-    c2, tp, e2 = _cli(args + sampling, launcher="mlxcy")
+    c2, tp, e2 = _cli(args + sampling, launcher="mlxcy", MLXCY_PARALLEL=plan)
     assert c2 == 0, e2
     assert tp == single            # rank 0 prints once; the other ranks stay silent
     assert len(single.strip()) > 0
