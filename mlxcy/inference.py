@@ -228,7 +228,7 @@ class MlxTextModel(TextModel):
     def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None,
                  fuse: bool | None = None):
         from mlxcy import memory
-        from mlxcy.models.load import load_model
+        from mlxcy.parallel import load_model_for_process as load_model  # tensor parallel
         from mlxcy.tokenizer import Tokenizer
         self.path = Path(path)
         self._mem_before = memory.get_active_memory()
