@@ -1067,9 +1067,9 @@ cdef class Engine:
                     else:
                         t1 = _dist(s.sampler, xr)
                         rows_lq[r].append(wrap(t1))
-                        d = nops.astype(nsm.categorical(nops.reshape(t1[0], _shape2(1, V)), -1,
+                        d = nops.astype(nrand.categorical(nops.reshape(t1[0], _shape2(1, V)), -1,
                                                         &s.sampler.key[0]), na.int32)
-                        _set(&s.sampler.key, heap(nsm.next_key(s.sampler.key)))
+                        _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
                     toks.push_back(nops.reshape(d, _shape1(1)))
                 d = nops.reshape(nops.concatenate(toks, 0), _shape2(B, 1))
                 cols.push_back(d)
@@ -1182,7 +1182,7 @@ cdef class Engine:
                             _shape1(K)))
                     u = nrand.uniform(na.array(0.0, na.float32), na.array(1.0, na.float32),
                                       _shape1(K), na.float32, s.sampler.key)
-                    _set(&s.sampler.key, heap(nsm.next_key(s.sampler.key)))
+                    _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
                     accs.push_back(nops.less(nops.log(u), lqd))    # u < p(d) / q(d)
                     two = vector[na.array]()
                     two.push_back(q)
@@ -1191,9 +1191,9 @@ cdef class Engine:
                                        na.array(0.0, na.float32))
                     res = nops.where(nops.greater(nops.sum(res, _axis(-1), True),
                                                   na.array(0.0, na.float32)), res, p)
-                cand = nops.astype(nsm.categorical(nops.log(res), -1, &s.sampler.key[0]),
+                cand = nops.astype(nrand.categorical(nops.log(res), -1, &s.sampler.key[0]),
                                    na.int32)
-                _set(&s.sampler.key, heap(nsm.next_key(s.sampler.key)))
+                _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
             cands.push_back(nops.reshape(cand, _shape2(1, K + 1)))
         cdef na.array cand_all = nops.concatenate(cands, 0)               # [B, K + 1]
         cdef na.array emit = cand_all, a_dev
