@@ -538,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mlxcy.train.cli import add_parser as add_training_commands   # lora, fuse
     add_training_commands(sub, formatter_class=_HelpFormatter)
 
+    from mlxcy.serve import add_parser as add_serve_command         # serve (mlxcy[serve])
+    add_serve_command(sub, default_model_path, formatter_class=_HelpFormatter)
+
     p.description = ("mlxcy: text generation, chat, conversion, benchmarks, perplexity and "
                      "fine-tuning on MLX, from Cython (commands: " + ", ".join(sub.choices) +
                      ").\n`mlxcy COMMAND --help` lists a command's options and their defaults.")

@@ -13,7 +13,6 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport fast as nf
 from mlxcy.native cimport fused as nfu
-from libcpp.vector cimport vector
 from mlxcy.native.array cimport heap
 
 
@@ -49,22 +48,6 @@ def rms_norm(x, weight, eps=1e-5):
     cdef Array a = _arr(x, "x")
     cdef Array w = _opt(weight, "weight")
     return wrap(heap(nf.rms_norm(a.ptr[0], _ptr(w), <float>eps)))
-
-
-def add_rms_norm(x, r, weight, eps=1e-5):
-    """(h, rms_norm(h, weight, eps)) with h = x + r: a residual add and the
-    RMSNorm after it, as one kernel on a CUDA GPU (the decoder's ADD_NORM path;
-    no gradient there); elsewhere the add and rms_norm."""
-    cdef Array a = _arr(x, "x")
-    cdef Array b = _arr(r, "r")
-    cdef Array w = _opt(weight, "weight")
-    cdef vector[na.array] hy = nfu.add_rms_norm(a.ptr[0], b.ptr[0], _ptr(w), <float>eps)
-    return wrap(heap(hy[0])), wrap(heap(hy[1]))
-
-
-def add_rms_norm_is_native():
-    """Whether add_rms_norm runs its own CUDA kernel (default device a CUDA GPU)."""
-    return nfu.add_rms_norm_native()
 
 
 def layer_norm(x, weight, bias, eps=1e-5):

@@ -31,10 +31,6 @@ for s in "$@"; do
         step decode 330 python benchmarks/bench_decode.py --rounds 1 --out "$out/decode.jsonl" \
             --models smollm2-135m,qwen3-0.6b,llama-3.2-1b --quant bf16,4bit
         grep '^|' "$out/decode.log" ;;
-    ab)
-        step ab 300 python benchmarks/decode_option_ab.py --option gpu_kernels --rounds 1 \
-            --models smollm2-135m,llama-3.2-1b --quant bf16,4bit
-        grep '^|' "$out/ab.log" ;;
     profile)
         step profile 200 python benchmarks/decode_profile.py --models smollm2-135m,llama-3.2-1b \
             --quant bf16,4bit --kernels

@@ -1,6 +1,5 @@
 # Compiled elementwise pieces of the decoder (include/mlxcy/fused.h).
 from libcpp.string cimport string
-from libcpp.vector cimport vector
 from mlxcy.native.array cimport array, Dtype
 
 
@@ -8,10 +7,6 @@ cdef extern from "mlxcy/fused.h" namespace "mlxcy" nogil:
     array swiglu(const array& g, const array& u) except +
     array geglu_tanh(const array& g, const array& u) except +
     array last_axis_slice(const array& x, int start, int stop) except +
-    vector[array] add_rms_norm(const array& x, const array& r, const array* w,
-                               float eps) except +
-    bint add_rms_norm_native()
-    bint cuda_default_device()
 
 
 # Cross-entropy with a hand-written VJP (include/mlxcy/xent.h).
