@@ -532,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(e.g. mlxcy launch -n 2 -- mlxcy generate --model M 'Hi')")
     la.add_argument("-n", type=int, default=2, help="number of ranks")
     la.add_argument("--timeout", type=float, default=None, help="stop the run after this many s")
-    la.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    la.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                    help="the command every rank runs, after --")
     la.set_defaults(fn=cmd_launch)
 
     from mlxcy.train.cli import add_parser as add_training_commands   # lora, fuse
