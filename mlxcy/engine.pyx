@@ -879,28 +879,10 @@ cdef class Engine:
             s = <_Seq>b.seqs[r]
             if s.finish is not None:
                 continue
-            t = int(toks[r])
-            s.produced += 1
-            s.generated.append(t)
-            if s.lookup_k:
-                _record(s, t)
-            self.stats["decode_tokens"] += 1
-            ev = Event(s.id, t)
-            if s.logprobs and lps is not None:
-                ev.logprob = float(lps[r])
-            if s.top_logprobs and tops is not None:
-                order = np.argsort(-top_lps[r], kind="stable")[:s.top_logprobs]
-                ev.top_logprobs = [(int(tops[r][j]), float(top_lps[r][j])) for j in order]
-            if t in s.stop_ids:
-                ev.finish_reason = "stop"
-            elif s.produced >= s.max_tokens:
-                ev.finish_reason = "length"
-            if ev.finish_reason is not None:
-                s.finish = ev.finish_reason
-                self.seqs.pop(s.id, None)
-                if s.keep_cache:
-                    ev.cache = self._take_cache(b, r, s)
-            events.append(ev)
+            events.append(self._token_event(
+                b, r, s, int(toks[r]), lps[r] if lps is not None else None,
+                tops[r] if tops is not None else None,
+                top_lps[r] if top_lps is not None else None, 0))
 
     cdef void _sample(self, _Batch b, na.array* logits3, bint first) except *:
         """Sample every row of logits [B, 1, V] (frees it) and queue the tokens
@@ -1290,17 +1272,27 @@ cdef class Engine:
                           object tv_h, int j, int unfed, list events) except *:
         """The Event of an accepted proposal (row r, verify position j);
         `unfed`: cache positions past it (trimmed from a returned cache)."""
+        events.append(self._token_event(
+            b, r, s, t, lp_h[r, j] if lp_h is not None else None,
+            ti_h[r, j] if ti_h is not None else None,
+            tv_h[r, j] if tv_h is not None else None, unfed))
+
+    cdef object _token_event(self, _Batch b, int r, _Seq s, int t, object lp, object top_ids,
+                             object top_lps, int unfed):
+        """Record token t for row r's sequence and return its Event (log-prob,
+        top log-probs, finish reason; the cache handed back when it ends, less
+        `unfed` positions computed past t)."""
         s.produced += 1
         s.generated.append(t)
         if s.lookup_k:
             _record(s, t)
         self.stats["decode_tokens"] += 1
         ev = Event(s.id, t)
-        if s.logprobs and lp_h is not None:
-            ev.logprob = float(lp_h[r, j])
-        if s.top_logprobs and ti_h is not None:
-            order = np.argsort(-tv_h[r, j], kind="stable")[:s.top_logprobs]
-            ev.top_logprobs = [(int(ti_h[r, j][i]), float(tv_h[r, j][i])) for i in order]
+        if s.logprobs and lp is not None:
+            ev.logprob = float(lp)
+        if s.top_logprobs and top_ids is not None:
+            order = np.argsort(-top_lps, kind="stable")[:s.top_logprobs]
+            ev.top_logprobs = [(int(top_ids[i]), float(top_lps[i])) for i in order]
         if t in s.stop_ids:
             ev.finish_reason = "stop"
         elif s.produced >= s.max_tokens:
@@ -1315,8 +1307,7 @@ cdef class Engine:
                         ev.cache.trim(unfed)
                     except ValueError:
                         pass    # a sliding window dropped positions: keep them fed
-        events.append(ev)
-
+        return ev
 
 
 cpdef object check_ids(ids, int vocab, str what, bint empty=False):
