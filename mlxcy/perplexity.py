@@ -18,7 +18,6 @@ template), or any other file read as UTF-8 text.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

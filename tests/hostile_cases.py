@@ -884,5 +884,5 @@ def worker():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))      # a fallback only: PYTHONPATH names the mlxcy under test
     worker()

@@ -17,7 +17,6 @@ from mlxcy import assets
 from mlxcy.batch import batch_generate, classify
 from mlxcy.engine import Engine
 from mlxcy.inference import load
-from mlxcy.sample import Sampler
 
 WINDOW = 6
 PROMPTS = [

@@ -1,6 +1,5 @@
 """Another Cython module can cimport mlxcy and call MLX ops natively: compile a
 small external extension against the installed package and run it."""
-import os
 import sys
 import subprocess
 import textwrap
@@ -8,6 +7,7 @@ import textwrap
 import numpy as np
 
 import mlxcy
+import subproc
 
 EXT = textwrap.dedent('''
     # cython: language_level=3, cpp_locals=True
@@ -37,11 +37,8 @@ SETUP = textwrap.dedent('''
 def test_external_cython_module_cimports_mlxcy(tmp_path):
     (tmp_path / "extfma.pyx").write_text(EXT)
     (tmp_path / "setup.py").write_text(SETUP)
-    env = dict(os.environ)
-    pkg_root = os.path.dirname(os.path.dirname(mlxcy.__file__))
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "setup.py"], cwd=tmp_path, capture_output=True,
-                       text=True, env=env)
+                       text=True, env=subproc.env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sys.path.insert(0, str(tmp_path))
     try:

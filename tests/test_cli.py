@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import subproc
 from cli_models import make_cli_model, make_llama_gguf
 
 from mlxcy.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox jumps over the lazy dog"
 
 
@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MLXCY_PROGRESS="")
+    env = subproc.env(MLXCY_PROGRESS="")
     env.pop("MLXCY_DEBUG", None)
     return env
 
@@ -122,7 +122,7 @@ def test_generate_into_closed_pipe_is_quiet(tiny):
     try:
         p = subprocess.run([sys.executable, "-m", "mlxcy", "generate", "--model",
                             str(tiny / "model"), "--raw", "--max-tokens", "50", TEXT],
-                           stdout=w, stderr=subprocess.PIPE, env=_env(), timeout=300)
+                           stdout=w, stderr=subprocess.PIPE, env=_env(), cwd=subproc.CWD, timeout=300)
     finally:
         os.close(w)
     err = p.stderr.decode()
@@ -401,7 +401,7 @@ def _run_on_tty(args):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     p = subprocess.Popen([sys.executable, "-m", "mlxcy", *args], stdout=subprocess.DEVNULL,
-                         stderr=slave, env=_env())
+                         stderr=slave, env=_env(), cwd=subproc.CWD)
     os.close(slave)
     chunks = []
     while True:
@@ -426,6 +426,6 @@ def test_progress_bars_on_a_terminal_only(tiny, tmp_path):
     assert "training" in tty and "3/3" in tty and "loss=" in tty and "tok_s=" in tty, tty
     assert "validating" in tty
     p = subprocess.run([sys.executable, "-m", "mlxcy", *args[:-1], str(tmp_path / "ad2")],
-                       capture_output=True, text=True, env=_env(), timeout=300)
+                       capture_output=True, text=True, env=_env(), cwd=subproc.CWD, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "\r" not in p.stderr and "3/3" not in p.stderr

@@ -12,22 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import subproc
 from mlxcy import launch
 
 HERE = Path(__file__).parent
 WORKER = str(HERE / "dist_worker.py")
-ROOT = str(HERE.parent)
 
 
 def _env(**kw):
-    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             OMP_NUM_THREADS="1")
-    e.update({k: str(v) for k, v in kw.items()})
-    return e
+    return subproc.env(OMP_NUM_THREADS=1, **kw)
 
 
 def _launch(n, args, timeout=120, **env):
-    out_path = None
     code, msg = launch.run(n, ["nice", "-n", "5", sys.executable, WORKER] + args,
                            timeout=timeout, env=_env(**env))
     return code, msg
@@ -199,7 +195,7 @@ def _cli(args, launcher=None, timeout=180, **env):
     elif launcher == "mlx":
         cmd = [os.path.join(os.path.dirname(sys.executable), "mlx.launch"), "-n", "2",
                "--backend", "ring", "--"] + cmd
-    p = subprocess.run(["nice", "-n", "5"] + cmd, env=_env(**env), cwd=ROOT, capture_output=True,
+    p = subprocess.run(["nice", "-n", "5"] + cmd, env=_env(**env), cwd=subproc.CWD, capture_output=True,
                        timeout=timeout + 30)
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import subproc
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -53,7 +54,7 @@ SNIPPETS = [(f.relative_to(ROOT).as_posix(), *s) for f in FILES for s in extract
 
 
 def _env(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MLXCY_PROGRESS="0")
+    env = subproc.env(MLXCY_PROGRESS="0")
     if shutil.which("mlxcy") is None:           # the in-place build has no console script
         bindir = tmp_path / ".bin"
         bindir.mkdir()

@@ -2,10 +2,8 @@
 own bindings, is the reference for the message), naming the file at fault;
 nothing crashes the process, and nothing is printed and swallowed."""
 import gc
-import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import mlx.core as mx
@@ -14,7 +12,6 @@ import pytest
 
 import mlxcy as mc
 from mlxcy import io as IO
-from mlxcy import memory as M
 from mlxcy import transforms as T
 
 # MLX's safetensors writer rejects float64; on a GPU, evaluating the array
@@ -110,12 +107,9 @@ def test_freed_array_raises_value_error():
 
 def run_isolated(code):
     """Run code in a fresh interpreter, so a crash fails the test, not the run."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mc.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    # cwd outside the repository: `python -c` puts the cwd first on sys.path,
-    # where the source tree (without built extensions) would shadow the install.
+    import subproc
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tempfile.gettempdir())
+                          text=True, env=subproc.env(), timeout=120, cwd=subproc.CWD)
 
 
 def test_allocation_larger_than_memory_raises_instead_of_crashing():

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import mlxcy
 from mlxcy import assets, memory
-from mlxcy.inference import GenerationOptions, load
+from mlxcy.inference import load
 from mlxcy.text_stream import StopMatcher as _StopMatcher
 
 

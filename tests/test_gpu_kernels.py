@@ -8,7 +8,6 @@ import pytest
 
 import mlxcy as mx
 from mlxcy import fast, ops
-from mlxcy.models import build_model
 
 _REASON = fast.gemv_unsupported_reason(mx.zeros((1, 64), dtype=mx.bfloat16),
                                        mx.zeros((8, 64), dtype=mx.bfloat16))

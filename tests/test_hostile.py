@@ -5,7 +5,6 @@ tensor, key, field or argument at fault -- no signal, no hang, no wrong class.
 The cases run in a worker process (started once, restarted after a death), so
 a segfault or an abort fails its case instead of killing pytest."""
 import json
-import os
 import re
 import select
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import subproc  # noqa: E402
 from hostile_cases import CASES, CONFIG_CASES  # noqa: E402
 
 TIMEOUT = 120
@@ -26,8 +26,7 @@ class Worker:
         self.proc = None
 
     def start(self):
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep +
-                   os.environ.get("PYTHONPATH", ""))
+        env = subproc.env()
         self.proc = subprocess.Popen([sys.executable, "-u", str(HERE / "hostile_cases.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env)

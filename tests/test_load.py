@@ -245,7 +245,7 @@ def test_cast_on_load_peak_memory(tmp_path):
     memory.clear_cache()
     before = memory.get_active_memory()
     memory.reset_peak_memory()
-    with L.load_model(tmp_path, dtype="bfloat16") as m:
+    with L.load_model(tmp_path, dtype="bfloat16"):
         held = memory.get_active_memory() - before
         peak = memory.get_peak_memory() - before
         assert held <= sum(sizes) // 2 + 4096

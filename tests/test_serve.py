@@ -4,7 +4,6 @@ the real Qwen3 tokenizer.  References: transformers (greedy tokens, log-probs,
 chat template), `tokenizers` (token ids), jsonschema (structured output)."""
 import asyncio
 import json
-import math
 import threading
 import time
 
@@ -643,17 +642,17 @@ def test_page_served(srv):
 
 def test_cli_serve_subprocess(tiny):
     """`mlxcy serve` as users start it: it comes up, serves, and stops on Ctrl-C."""
-    import os
     import signal
     import subprocess
     import sys
+
+    import subproc
     port = H.free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(__import__("pathlib").Path(
-        __file__).resolve().parent.parent)] + sys.path))
     p = subprocess.Popen([sys.executable, "-m", "mlxcy", "serve", "--model", str(tiny[0]),
                           "--port", str(port), "--max-batch", "4", "--kv-budget", "16M",
                           "--api-key", "k", "--log-level", "warning"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                         env=subproc.env(), cwd=subproc.CWD, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
     try:
         t0 = time.time()
         while True:

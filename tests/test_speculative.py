@@ -21,7 +21,6 @@ pytest.importorskip("transformers")
 
 from mlxcy.engine import Engine
 from mlxcy.models.load import load_model
-from mlxcy.sample import Sampler
 from tiny_models import VOCAB, make_tiny
 
 

@@ -45,7 +45,6 @@ def test_completions_mask_prompt(tmp_path):
 
 def test_chat_with_real_template_masks_all_but_last_message():
     from mlxcy.assets import smollm2_gguf
-    from mlxcy.train.cli import load_for_training
     from mlxcy.tokenizer import Tokenizer
     from mlxcy.chat import ChatTemplate
     path = smollm2_gguf()     # a missing asset skips (tests/conftest.py)

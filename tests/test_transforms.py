@@ -315,9 +315,9 @@ def native(tmp_path_factory):
     src = os.path.join(os.path.dirname(__file__), "cython_ext", "native_fn.pyx")
     (d / "native_fn.pyx").write_text(open(src).read())
     (d / "setup.py").write_text(NATIVE_SETUP)
-    pkg_root = os.path.dirname(os.path.dirname(mc.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "setup.py"], cwd=d, capture_output=True, text=True, env=env)
+    import subproc
+    r = subprocess.run([sys.executable, "setup.py"], cwd=d, capture_output=True, text=True,
+                       env=subproc.env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sys.path.insert(0, str(d))
     try:

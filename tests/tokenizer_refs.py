@@ -2,7 +2,6 @@
 objects built from the same files, and llama.cpp's test vectors."""
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import tarfile

@@ -23,6 +23,7 @@ Prints one line per reader: cases, accepted, clean errors, findings, seconds.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -537,7 +538,9 @@ class Pool:
         self.proc = None
 
     def start(self):
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # the worker imports the mlxcy this process would (an install or an in-place build)
+        pkg = os.path.dirname(os.path.dirname(importlib.util.find_spec("mlxcy").origin))
+        env = dict(os.environ, PYTHONPATH=pkg + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
             [sys.executable, "-u", str(Path(__file__).resolve()), "--worker", self.reader,
              "--work", str(self.work)],
@@ -644,5 +647,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))      # an in-place build in this checkout, when nothing is installed
     sys.exit(main())

@@ -151,7 +151,6 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None,
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     names = sorted(tensors)
-    infos = []
     for name in names:
         a = tensors[name]
         nbytes = int(a.nbytes)

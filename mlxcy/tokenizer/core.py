@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import _bpe
 from .added import AddedTokens
-from .decoders import BYTE_DECODER, BYTE_ENCODER, build_decoder, byte_level_bytes
+from .decoders import BYTE_ENCODER, build_decoder, byte_level_bytes
 from .errors import TokenizerError
 from .loader import END_OF_GENERATION, Meta, dir_meta, gguf_spec, locate, read_json
 from .normalizers import build_normalizer

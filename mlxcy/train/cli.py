@@ -58,7 +58,6 @@ def cmd_lora(args) -> int:
     print(f"Loaded {len(ds['train'])} training examples ({ds['train'].ntokens()} tokens)"
           + (f", {len(ds['valid'])} validation" if ds["valid"] is not None else ""))
     if args.resume_adapter_file:
-        import shutil
         from pathlib import Path
         lora = load_adapters(model, Path(args.resume_adapter_file).parent)
     else:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["TrainConfig", "train", "evaluate", "make_optimizer"]
@@ -124,7 +124,7 @@ def train(model, lora, train_set, val_set=None, cfg: TrainConfig | None = None,
     """Train `lora` (a mlxcy.train.lora.LoRA on `model`) for cfg.iters updates.
     Returns {"train": [(it, loss, tokens/s)], "val": [(it, loss, ppl)]}."""
     from mlxcy.memory import get_peak_memory, reset_peak_memory
-    from mlxcy.train.adapters import save_adapters, load_adapters
+    from mlxcy.train.adapters import save_adapters
     from mlxcy.train.data import iterate_batches
     from mlxcy.train.lora import TrainStep
     cfg = cfg or TrainConfig()
