@@ -15,7 +15,9 @@ def save_cache(path, cache, ids) -> None:
         if st["keys"] is not None:
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = st["keys"], st["values"]
         layers.append({k: st[k] for k in ("offset", "filled", "idx")} | {"window": layer.window})
-    meta = {"mlxcy.cache": "1", "layers": json.dumps(layers), "ids": json.dumps(list(ids))}
+    from mlxcy.cache import kv_quantization
+    meta = {"mlxcy.cache": "1", "layers": json.dumps(layers), "ids": json.dumps(list(ids)),
+            "kv_quantization": json.dumps(kv_quantization(cache))}
     io.save_safetensors(str(path), arrays, meta)
 
 
@@ -24,8 +26,10 @@ def load_cache(path, model):
     arrays, meta = io.load_safetensors(str(path))
     if meta.get("mlxcy.cache") != "1":
         raise ValueError(f"{path}: not an mlxcy cache file")
+    from mlxcy.cache import quantized_cache
     layers = json.loads(meta["layers"])
-    cache = model.make_cache()
+    kvq = json.loads(meta.get("kv_quantization", "null"))     # [bits, group_size] or None
+    cache = quantized_cache(model.make_cache(), *(kvq or (None,)))
     if len(layers) != len(cache.layers):
         raise ValueError(f"{path}: cache has {len(layers)} layers, the model {len(cache.layers)}")
     for i, (layer, st) in enumerate(zip(cache.layers, layers)):

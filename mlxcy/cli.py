@@ -132,6 +132,11 @@ def _add_sampling(p):
                    help="refuse prompts where prompt + max tokens exceeds this")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per prefill step (default: the device's)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+                   help="quantize the KV cache to this many bits (default: not quantized; "
+                        "sliding-window layers stay unquantized)")
+    p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="elements per scale and bias of the quantized KV cache")
     p.add_argument("--verbose", "-v", action="store_true", help="print metrics to stderr")
 
 

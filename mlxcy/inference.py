@@ -50,6 +50,8 @@ class GenerationOptions:
     max_context: int | None = None
     logprobs: bool = False
     prefill_chunk: int | None = None   # None: the device's default (mlxcy.generate)
+    kv_bits: int | None = None     # quantize the KV cache (mlxcy.cache.QuantizedKVCache)
+    kv_group_size: int = 64
     cancel: object = None          # threading.Event, or a callable returning True to stop
 
     @classmethod
@@ -63,6 +65,8 @@ class GenerationOptions:
             opts.stop = [opts.stop]
         if opts.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {opts.max_tokens}")
+        from mlxcy.cache import check_kv_options
+        check_kv_options(opts.kv_bits, opts.kv_group_size)
         return opts
 
     def cancelled(self) -> bool:
@@ -222,14 +226,23 @@ class MlxTextModel(TextModel):
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
-        cache, new_ids = self._reuse_session(ids)
+        cache, new_ids = self._reuse_session(ids, o)
         return self._run(new_ids, cache, o, own_cache=False, full_ids=ids)
 
-    def _reuse_session(self, ids):
-        """Trim the session cache to the longest common prefix with `ids`."""
+    def _new_cache(self, o):
+        from mlxcy.cache import quantized_cache
+        return quantized_cache(self.model.make_cache(), o.kv_bits, o.kv_group_size)
+
+    def _reuse_session(self, ids, o):
+        """Trim the session cache to the longest common prefix with `ids`
+        (a new cache when kv_bits changed)."""
+        from mlxcy.cache import kv_quantization
         cache = self._session_cache
+        if cache is not None and kv_quantization(cache) != kv_quantization(self._new_cache(o)):
+            self.reset_session()
+            cache = None
         if cache is None:
-            cache = self._session_cache = self.model.make_cache()
+            cache = self._session_cache = self._new_cache(o)
             self._session_ids = []
         old = self._session_ids
         n = 0
@@ -238,7 +251,7 @@ class MlxTextModel(TextModel):
             n += 1
         if cache.offset != len(old) or not _trimmable(cache, len(old) - n):
             cache.free()
-            cache = self._session_cache = self.model.make_cache()
+            cache = self._session_cache = self._new_cache(o)
             n = 0
         elif len(old) > n:
             cache.trim(len(old) - n)
@@ -292,7 +305,8 @@ class MlxTextModel(TextModel):
             if o.max_tokens == 0 or o.cancelled():
                 reason = "cancelled" if o.cancelled() else "length"
                 return
-            eng = Engine(self.model, max_batch=1, prefill_chunk=o.prefill_chunk)
+            eng = Engine(self.model, max_batch=1, prefill_chunk=o.prefill_chunk,
+                         kv_bits=o.kv_bits, kv_group_size=o.kv_group_size)
             sid = eng.add(prompt, sampler=sampler_for(o), max_tokens=o.max_tokens,
                           stop_ids=set(self.tokenizer.eos_ids) | set(o.stop_ids),
                           logprobs=o.logprobs, cache=None if own_cache else cache,

@@ -88,9 +88,12 @@ class MlxLmTextModel(TextModel):
             m.stop_reason = "cancelled" if o.cancelled() else "length"
             return
         # prefill_chunk None: mlx-lm's own default step (2048)
+        kv = {} if o.kv_bits is None else {"kv_bits": o.kv_bits,
+                                           "kv_group_size": o.kv_group_size,
+                                           "quantized_kv_start": 0}
         for r in mlx_lm.stream_generate(self.model, self.tokenizer, ids, max_tokens=o.max_tokens,
                                         sampler=sampler, logits_processors=procs,
-                                        prefill_step_size=o.prefill_chunk or 2048):
+                                        prefill_step_size=o.prefill_chunk or 2048, **kv):
             m.generated_tokens = r.generation_tokens
             m.prefill_tokens_per_second = r.prompt_tps
             m.decode_tokens_per_second = r.generation_tps
