@@ -431,7 +431,7 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
                 raise TypeError(f"options[{i}] must be a dict or None")
             merged = dict(opts)
             merged.update(d or {})
-            for k in ("logprobs", "prefill_chunk", "cancel"):
+            for k in ("logprobs", "prefill_chunk", "kv_bits", "kv_group_size", "cancel"):
                 if d and k in d and d[k] != getattr(base, k):
                     raise ValueError(f"options[{i}]: {k} is batch-wide; pass it as a keyword")
             per.append(GenerationOptions.from_kwargs(merged))

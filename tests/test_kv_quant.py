@@ -230,9 +230,15 @@ def test_cli_generate_kv_bits(tmp_path, capsys):
     try:
         want = tm.generate(text, max_tokens=10, kv_bits=8, kv_group_size=32)
         other = tm.generate(text, max_tokens=10, kv_bits=4, kv_group_size=32)
+        prompts = [text, "over the lazy dog while seven", "a"]
+        alone = [tm.generate(p, max_tokens=6, kv_bits=8, kv_group_size=32) for p in prompts]
+        together = tm.batch_generate(prompts, max_tokens=6, kv_bits=8, kv_group_size=32)
+        with pytest.raises(ValueError, match="kv_bits is batch-wide"):
+            tm.batch_generate(prompts, options=[{"kv_bits": 4}, None, None], max_tokens=2)
     finally:
         tm.close()
     assert out.rstrip("\n") == want and want
+    assert together.texts == alone
     assert isinstance(other, str)
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(d), "--kv-bits", "7", text])
