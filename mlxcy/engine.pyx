@@ -43,21 +43,23 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport rows
+from mlxcy.native cimport random as nrand
+from mlxcy.native cimport sample as nsm
 from mlxcy.native.array cimport heap
 from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.cache import empty_like, kv_quantization, quantized_cache, check_kv_options
-from mlxcy.sample cimport Sampler
+from mlxcy.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
+from mlxcy.tuning cimport Tuning, current
 
 import time
 from collections import deque
 
 import numpy as np
 
-__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
-           "set_prefill_split"]
+__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk"]
 
 
 # ---------------------------------------------------------------- settings --
@@ -72,21 +74,16 @@ __all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chun
 #    triangle, and their activations stay in cache.
 # On a GPU the extra one-token pass costs a whole step of kernel launches and
 # the arithmetic is cheap, so the GPU evaluates chunks of 512 by their output.
-cdef int PREFILL_SPLIT = -1      # -1: automatic (split on the CPU); 0: never; 1: always
-CPU_PREFILL_CHUNK = 128
-GPU_PREFILL_CHUNK = 512
-
-
-def set_prefill_split(mode):
-    """None: automatic; True/False: force split or chunked prefill (A/B runs)."""
-    global PREFILL_SPLIT
-    PREFILL_SPLIT = -1 if mode is None else (1 if mode else 0)
+# The split and the chunk sizes are mlxcy.tuning's prefill_split,
+# prefill_chunk_cpu and prefill_chunk_gpu.
+cdef Tuning* _tuning = current()
 
 
 def default_prefill_chunk():
     """Prompt tokens per row per prefill step when the caller does not say:
-    128 on the CPU, 512 on a GPU (see above)."""
-    return CPU_PREFILL_CHUNK if _on_cpu() else GPU_PREFILL_CHUNK
+    tuning's prefill_chunk_cpu (128) on the CPU, prefill_chunk_gpu (512) on a
+    GPU (see above)."""
+    return _tuning.prefill_chunk_cpu if _on_cpu() else _tuning.prefill_chunk_gpu
 
 
 cdef inline double _now() noexcept nogil:
@@ -100,8 +97,8 @@ cdef inline bint _on_cpu() noexcept:
 
 
 cdef bint _split_prefill() noexcept:
-    if PREFILL_SPLIT >= 0:
-        return PREFILL_SPLIT == 1
+    if _tuning.prefill_split >= 0:
+        return _tuning.prefill_split == 1
     return _on_cpu()
 
 
@@ -281,6 +278,13 @@ cdef Cache row_cache(Model model, Cache cache, int row, int pad):
     return out
 
 
+cdef bint _can_trim(Cache cache):
+    for c in cache.layers:
+        if (<LayerCache>c).window:
+            return False
+    return True
+
+
 cdef int trim_left(Cache cache, int n) except -1:
     """Drop the first n (padding) positions of every layer of a cache whose
     layers all hold every position (no sliding window); returns n or 0."""
@@ -337,6 +341,15 @@ cdef class _Seq:
     cdef list generated
     cdef object finish            # None, or the finish reason
     cdef int pad                  # left padding in the batch it is in
+    # speculative decoding (see "speculative decoding" below)
+    cdef bint can_spec            # no penalties, no token mask: verification is exact
+    cdef int lookup_k             # prompt lookup: most tokens proposed per step (0: off)
+    cdef int cur_k                # its current proposal length (adapts)
+    cdef int cool                 # steps left without proposing (after misses)
+    cdef int misses               # consecutive verifications that accepted nothing
+    cdef list hist                # prompt + generated ids (prompt lookup)
+    cdef dict ngrams              # n-gram -> where its latest continuation starts in hist
+    cdef object full_prompt       # the whole prompt (a draft model prefills it all)
 
 
 cdef int history_size(Sampler s):
@@ -367,6 +380,8 @@ cdef class _Batch:
     cdef na.array* pending_top    # int32 [B, k] or NULL
     cdef na.array* pending_top_lp # float32 [B, k] or NULL
     cdef na.array* history        # int32 [B, H] (-1: none) or NULL
+    cdef Cache dcache             # the draft model's cache (same rows, pads, offset), or None
+    cdef object pending_host      # numpy int32 [B]: `pending` as read back, or None
     # prefill state (a group not yet decoding)
     cdef object ids               # int32 numpy [B, T] left-padded prompts, or None
     cdef int start                # prompt columns already prefilled
@@ -391,6 +406,10 @@ cdef class _Batch:
         cdef na.array* idx = ia.ptr
         cdef int m
         take_rows(self.cache, idx[0])
+        if self.dcache is not None:
+            take_rows(self.dcache, idx[0])
+        if self.pending_host is not None:
+            self.pending_host = self.pending_host[np.asarray(rows, dtype=np.int64)]
         if self.pads != NULL:
             _set(&self.pads, heap(nops.take(self.pads[0], idx[0], 0)))
         if self.pending != NULL:
@@ -406,7 +425,10 @@ cdef class _Batch:
         # Padding every remaining row shares is dropped (caches without
         # sliding windows), so memory follows the live rows.
         m = min((<_Seq>s).pad for s in self.seqs)
-        if m > 0 and trim_left(self.cache, m):
+        if m > 0 and _can_trim(self.cache) and (self.dcache is None or _can_trim(self.dcache)):
+            trim_left(self.cache, m)
+            if self.dcache is not None:
+                trim_left(self.dcache, m)
             for s in self.seqs:
                 (<_Seq>s).pad -= m
             self._set_pads()
@@ -425,6 +447,10 @@ cdef class _Batch:
         cdef int ta = self.cache.offset, tb = other.cache.offset
         cdef int t = max(ta, tb)
         merge_caches(self.cache, other.cache, t - ta, t - tb)
+        if self.dcache is not None:
+            merge_caches(self.dcache, other.dcache, t - ta, t - tb)
+        if self.pending_host is not None:
+            self.pending_host = None
         for s in self.seqs:
             (<_Seq>s).pad += t - ta
         for s in other.seqs:
@@ -493,11 +519,14 @@ cdef class Engine:
     cdef int vocab
     cdef double queue_seconds
     cdef readonly dict stats
+    cdef Model draft              # draft model (speculative decoding), or None
+    cdef readonly int num_draft   # tokens it drafts per step
+    cdef int spec_cap             # most tokens verified per step (sliding windows bound it)
     cdef readonly object kv_bits, kv_group_size
     cdef object kv_kind               # kv_quantization() of the caches it makes
 
-    def __init__(self, Model model, int max_batch=32, prefill_chunk=None, kv_bits=None,
-                 int kv_group_size=64):
+    def __init__(self, Model model, int max_batch=32, prefill_chunk=None, Model draft_model=None,
+                 int num_draft=4, kv_bits=None, int kv_group_size=64):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk is None:
@@ -519,7 +548,28 @@ cdef class Engine:
         # benchmarks/decode_profile.py reads them.
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "prefill_seconds": 0.0, "decode_seconds": 0.0,
-                      "build_seconds": 0.0, "queue_seconds": 0.0, "wait_seconds": 0.0}
+                      "build_seconds": 0.0, "queue_seconds": 0.0, "wait_seconds": 0.0,
+                      # speculative decoding: forwards of the running batch, rows they
+                      # advanced, verification steps, tokens proposed / accepted
+                      "decode_steps": 0, "row_steps": 0, "spec_steps": 0,
+                      "proposed_tokens": 0, "accepted_tokens": 0,
+                      "acceptance_rate": 0.0, "tokens_per_step": 0.0}
+        if num_draft < 1:
+            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+        self.num_draft = num_draft
+        self.spec_cap = 16 if model.config.vocab_size else 16
+        self.spec_cap = min(self.spec_cap, _min_window(model) - 1)
+        if draft_model is not None:
+            if draft_model is model:
+                raise ValueError("draft_model must be a second model, not the target itself")
+            if draft_model.config.vocab_size != self.vocab:
+                raise ValueError(f"draft_model's vocabulary ({draft_model.config.vocab_size} "
+                                 f"tokens) differs from the model's ({self.vocab}): a draft "
+                                 f"model must share the target's tokenizer")
+            self.draft = draft_model
+            self.spec_cap = min(self.spec_cap, _min_window(draft_model) - 1)
+        if self.spec_cap < 1:
+            self.spec_cap = 0
 
     def make_cache(self):
         """An empty cache of the kind this engine uses (see kv_bits)."""
@@ -528,8 +578,15 @@ cdef class Engine:
     # -- admission -----------------------------------------------------------
     def add(self, prompt_ids, Sampler sampler=None, int max_tokens=256, stop_ids=(),
             bint logprobs=False, int top_logprobs=0, history_ids=None, Cache cache=None,
-            bint keep_cache=False, token_mask=None):
-        """Queue a sequence; returns its id.  See ENGINE docs in the module."""
+            bint keep_cache=False, token_mask=None, prompt_lookup=None):
+        """Queue a sequence; returns its id.  See ENGINE docs in the module.
+
+        prompt_lookup: None/False (off), True (up to 8 tokens) or an int k:
+        propose up to k tokens per step by matching the last 3 (or 2)
+        generated tokens against the prompt and the generated history, and
+        verify them in one forward (see "speculative decoding" below).
+        Greedy output is unchanged; sampled output keeps its distribution.
+        Sequences with penalties or a token_mask are never speculated."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if top_logprobs < 0:
@@ -548,6 +605,26 @@ cdef class Engine:
         s.token_mask = token_mask
         s.generated = []
         s.history_size = history_size(s.sampler)
+        s.can_spec = s.history_size == 0 and token_mask is None
+        if prompt_lookup is None or prompt_lookup is False:
+            s.lookup_k = 0
+        elif prompt_lookup is True:
+            s.lookup_k = DEFAULT_LOOKUP
+        elif isinstance(prompt_lookup, (int, np.integer)) and prompt_lookup >= 0:
+            s.lookup_k = int(prompt_lookup)
+        else:
+            raise ValueError(f"prompt_lookup must be None, a bool or an int >= 0, "
+                             f"got {prompt_lookup!r}")
+        if not s.can_spec or self.draft is not None:
+            s.lookup_k = 0      # a draft model proposes instead
+        s.lookup_k = min(s.lookup_k, self.spec_cap)
+        s.cur_k = s.lookup_k
+        if s.lookup_k:
+            s.hist = []
+            s.ngrams = {}
+            for t in ids.tolist():
+                _record(s, t)
+        s.full_prompt = ids
         if s.history_size > 0:
             hist = ids if history_ids is None else check_ids(history_ids, self.vocab,
                                                              "history_ids", empty=True)
@@ -625,6 +702,8 @@ cdef class Engine:
             if b is not None:
                 (<_Batch>b).release()
                 (<_Batch>b).cache.free()
+                if (<_Batch>b).dcache is not None:
+                    (<_Batch>b).dcache.free()
         self.group = self.running = None
 
     def __dealloc__(self):
@@ -654,6 +733,8 @@ cdef class Engine:
         if not keep:
             b.release()
             b.cache.free()
+            if b.dcache is not None:
+                b.dcache.free()
             self.running = None
         elif len(keep) < b.rows():
             b.keep(keep)
@@ -680,6 +761,10 @@ cdef class Engine:
             g.cache, s.cache = s.cache, None
         else:
             g.cache = self.make_cache()
+        if self.draft is not None:
+            g.dcache = self.draft.make_cache()
+            if g.cache.offset:      # the target brought a prefix cache: the draft prefills it
+                self._draft_prefix(g.dcache, s.full_prompt[:g.cache.offset])
         T = max(len((<_Seq>x).prompt) for x in take)
         ids = np.zeros((len(take), T), dtype=np.int32)
         for r, x in enumerate(take):
@@ -716,6 +801,10 @@ cdef class Engine:
             else:
                 outs.push_back(out[0])
                 del out
+            if g.dcache is not None:
+                out = padded_forward(self.draft, part.ptr[0], g.dcache, g.pads, off, True)
+                del out
+                _cache_arrays(g.dcache, outs)
             _eval(outs)
             g.start = stop
         else:
@@ -725,6 +814,10 @@ cdef class Engine:
             g.start = T
             self._sample(g, out, True)
             outs.push_back(g.pending[0])
+            if g.dcache is not None:
+                out = padded_forward(self.draft, part.ptr[0], g.dcache, g.pads, off, True)
+                del out
+                _cache_arrays(g.dcache, outs)
             _eval(outs)
             g.ids = None
             self._retire()      # rows that finished this step leave before the group joins
@@ -749,20 +842,29 @@ cdef class Engine:
         if cur == NULL:
             raise RuntimeError("engine: the running batch has no queued step")
         t0 = time.perf_counter()
+        cdef bint spec = self.draft is not None or self._want_lookup(b)
         b.pending = b.pending_lp = b.pending_top = b.pending_top_lp = NULL
+        b.pending_host = None
+        self.stats["decode_steps"] += 1
+        self.stats["row_steps"] += sum(1 for x in b.seqs if (<_Seq>x).finish is None)
         try:
-            if sync:
+            if spec:
                 self._emit(b, cur, cur_lp, cur_top, cur_top_lp, events)
-            if more:
-                self._queue_next(b, cur)
-            if not sync:
-                self._emit(b, cur, cur_lp, cur_top, cur_top_lp, events)
+                self._speculate(b, cur, events)
+            else:
+                if sync:
+                    self._emit(b, cur, cur_lp, cur_top, cur_top_lp, events)
+                if more:
+                    self._queue_next(b, cur)
+                if not sync:
+                    self._emit(b, cur, cur_lp, cur_top, cur_top_lp, events)
         finally:
             _set(&cur, NULL)
             _set(&cur_lp, NULL)
             _set(&cur_top, NULL)
             _set(&cur_top_lp, NULL)
         self.stats["decode_seconds"] += time.perf_counter() - t0
+        _rates(self.stats)
 
     cdef void _queue_next(self, _Batch b, na.array* cur) except *:
         cdef int B = b.rows()
@@ -795,6 +897,8 @@ cdef class Engine:
             t = int(toks[r])
             s.produced += 1
             s.generated.append(t)
+            if s.lookup_k:
+                _record(s, t)
             self.stats["decode_tokens"] += 1
             ev = Event(s.id, t)
             if s.logprobs and lps is not None:
@@ -924,6 +1028,311 @@ cdef class Engine:
         cdef na.array joined = rows.cat_axis(b.history[0], nops.reshape(b.pending[0], _shape2(B, 1)), 1)
         _set(&b.history, heap(nops.slice(joined, _shape2(0, 1), _shape2(B, H + 1))))
 
+    # -- speculative decoding (see the notes at the end of the module) ----------
+    cdef bint _want_lookup(self, _Batch b) except -1:
+        """Does a row of the batch have a prompt-lookup proposal?  Looked up
+        on what the host knows (the pending token too, when it was read)."""
+        cdef _Seq s
+        cdef int r
+        for r in range(b.rows()):
+            s = <_Seq>b.seqs[r]
+            if (s.lookup_k and s.cool == 0 and s.finish is None
+                    and s.produced + 2 < s.max_tokens
+                    and _lookup(s, 1, -1 if b.pending_host is None else int(b.pending_host[r]))):
+                return True
+        return False
+
+    cdef void _draft_prefix(self, Cache dcache, object ids) except *:
+        """Prefill the draft's cache with the prefix the target's cache holds."""
+        cdef Array part
+        cdef na.array* out = NULL
+        cdef vector[na.array] outs
+        for i in range(0, len(ids), self.chunk):
+            part = to_array(np.ascontiguousarray(ids[i:i + self.chunk]).reshape(1, -1))
+            _set(&out, self.draft.forward(part.ptr[0], dcache, NULL, NULL, True))
+            _set(&out, NULL)
+            outs = vector[na.array]()
+            _cache_arrays(dcache, outs)
+            _eval(outs)
+
+    cdef na.array* _draft_round(self, _Batch b, const na.array& cur2, int K,
+                                list qlp) except NULL:
+        """Draft K tokens per row (lazily, on the device) from the pending
+        tokens cur2 [B, 1]; feeds the K-th too, so the draft's cache ends at
+        the same offset as the target's after verification.  Sampled rows
+        get their draft log-probs [K, V] in qlp[r]."""
+        cdef int B = b.rows(), V = self.vocab, T = b.dcache.offset, j, r
+        cdef _Seq s
+        cdef na.array x, xr, d
+        cdef na.array* t1
+        cdef vector[na.array] cols = vector[na.array]()
+        cdef vector[na.array] toks
+        cdef list rows_lq = [[] for _ in range(B)]
+        cdef na.array* dl = padded_forward(self.draft, cur2, b.dcache, b.pads, T, True)
+        try:
+            for j in range(K):
+                x = nops.reshape(dl[0], _shape2(B, V))
+                toks = vector[na.array]()
+                for r in range(B):
+                    s = <_Seq>b.seqs[r]
+                    t1 = s.sampler.process(nnn.own(_row_p(x, r)), NULL)
+                    xr = nnn.own(t1)
+                    if s.sampler.temperature == 0.0:
+                        d = nops.astype(nops.argmax(xr, 0, True), na.int32)
+                    else:
+                        t1 = _dist(s.sampler, xr)
+                        rows_lq[r].append(wrap(t1))
+                        d = nops.astype(nrand.categorical(nops.reshape(t1[0], _shape2(1, V)), -1,
+                                                        &s.sampler.key[0]), na.int32)
+                        _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
+                    toks.push_back(nops.reshape(d, _shape1(1)))
+                d = nops.reshape(nops.concatenate(toks, 0), _shape2(B, 1))
+                cols.push_back(d)
+                _set(&dl, padded_forward(self.draft, d, b.dcache, b.pads, T + 1 + j, True))
+        finally:
+            _set(&dl, NULL)
+        cdef vector[na.array] parts
+        for r in range(B):
+            if rows_lq[r]:
+                parts = vector[na.array]()
+                for a in rows_lq[r]:
+                    parts.push_back(nops.reshape((<Array>a).ptr[0], _shape2(1, V)))
+                qlp[r] = wrap(heap(nops.concatenate(parts, 0)))
+        return heap(nops.concatenate(cols, 1))
+
+    cdef void _speculate(self, _Batch b, na.array* cur, list events) except *:
+        """One verification step of the running batch, after its pending
+        tokens `cur` were emitted (see the notes at the end of the module)."""
+        cdef int B = b.rows(), V = self.vocab, K = 0, T, r, j, amax, base, k
+        cdef _Seq s
+        cdef Array pa, ka
+        cdef na.array cur2 = nops.reshape(cur[0], _shape2(B, 1))
+        cdef na.array pdev, ids, logits, x, hrow, cand, acc, lp, lqd, q, p, res, u, kr_dev
+        cdef na.array* t1 = NULL
+        cdef vector[na.array] accs = vector[na.array]()
+        cdef vector[na.array] cands = vector[na.array]()
+        cdef vector[na.array] outs = vector[na.array]()
+        cdef vector[na.array] two
+        cdef Array ma
+        caps = np.full(B, -1, dtype=np.int64)
+        for r in range(B):
+            s = <_Seq>b.seqs[r]
+            if s.finish is None and s.produced < s.max_tokens:
+                caps[r] = s.max_tokens - s.produced - 1
+        if caps.max() < 0:
+            return
+        kr = np.zeros(B, dtype=np.int32)
+        props = None
+        if self.draft is None:
+            found = []
+            for r in range(B):
+                s = <_Seq>b.seqs[r]
+                p_ = []
+                if caps[r] > 0 and s.lookup_k and s.cool == 0:
+                    p_ = _lookup(s, min(s.cur_k, int(caps[r])), -1)
+                found.append(p_)
+                kr[r] = len(p_)
+            K = int(kr.max())
+            if K == 0:
+                self._queue_next(b, cur)
+                return
+            props = np.zeros((B, K), dtype=np.int32)
+            for r in range(B):
+                props[r, :kr[r]] = found[r]
+        else:
+            if any(caps[r] > 0 and (<_Seq>b.seqs[r]).can_spec for r in range(B)):
+                K = min(self.num_draft, self.spec_cap)
+            for r in range(B):
+                if caps[r] > 0 and (<_Seq>b.seqs[r]).can_spec:
+                    kr[r] = min(K, int(caps[r]))
+        T = b.cache.offset
+        tsnap = _snapshot(b.cache) if K else None
+        dsnap = _snapshot(b.dcache) if K and b.dcache is not None else None
+        qlp = [None] * B
+        if self.draft is not None:
+            if K:
+                pdev = nnn.own(self._draft_round(b, cur2, K, qlp))
+            else:   # keep the draft's cache in step
+                _set(&t1, padded_forward(self.draft, cur2, b.dcache, b.pads, T, True))
+                _set(&t1, NULL)
+        else:
+            pa = to_array(props)
+            pdev = pa.ptr[0]
+        ids = rows.cat_axis(cur2, pdev, 1) if K else cur2
+        logits = nnn.own(padded_forward(self.model, ids, b.cache, b.pads, T, False))
+        masks = self._masks(b, V)
+        if masks is not None:
+            ma = to_array(masks)
+            logits = nops.add(logits, nops.reshape(ma.ptr[0], _shape3(B, 1, V)))
+        for r in range(B):
+            s = <_Seq>b.seqs[r]
+            x = nnn.own(_row_p(logits, r))                                   # [K + 1, V]
+            if b.history != NULL and s.history_size:
+                hrow = nnn.own(_row_p(b.history[0], r))
+                x = nnn.own(s.sampler.process(x, &hrow))
+            else:
+                x = nnn.own(s.sampler.process(x, NULL))
+            if K:
+                prow = nnn.own(_row_p(pdev, r))                              # [K]
+            if s.sampler.temperature == 0.0:
+                cand = nops.astype(nops.argmax(x, 1, False), na.int32)
+                if K:
+                    accs.push_back(nops.equal(prow, nops.slice(cand, _shape1(0), _shape1(K))))
+            else:
+                lp = nnn.own(_dist(s.sampler, x))                  # [K + 1, V]
+                p = nops.exp(lp)
+                res = p
+                if K:
+                    lqd = nops.reshape(nops.take_along_axis(
+                        nops.slice(lp, _shape2(0, 0), _shape2(K, V)),
+                        nops.reshape(prow, _shape2(K, 1)), 1), _shape1(K))
+                    if qlp[r] is None:      # prompt lookup: q is a point mass
+                        q = nops.astype(nops.equal(nops.reshape(nops.arange(0, V, 1, na.int32),
+                                                                _shape2(1, V)),
+                                                   nops.reshape(prow, _shape2(K, 1))), na.float32)
+                    else:
+                        q = nops.exp((<Array>qlp[r]).ptr[0])
+                        lqd = nops.subtract(lqd, nops.reshape(nops.take_along_axis(
+                            (<Array>qlp[r]).ptr[0], nops.reshape(prow, _shape2(K, 1)), 1),
+                            _shape1(K)))
+                    u = nrand.uniform(na.array(0.0, na.float32), na.array(1.0, na.float32),
+                                      _shape1(K), na.float32, s.sampler.key)
+                    _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
+                    accs.push_back(nops.less(nops.log(u), lqd))    # u < p(d) / q(d)
+                    two = vector[na.array]()
+                    two.push_back(q)
+                    two.push_back(nops.zeros(_shape2(1, V), na.float32))
+                    res = nops.maximum(nops.subtract(p, nops.concatenate(two, 0)),
+                                       na.array(0.0, na.float32))
+                    res = nops.where(nops.greater(nops.sum(res, _axis(-1), True),
+                                                  na.array(0.0, na.float32)), res, p)
+                cand = nops.astype(nrand.categorical(nops.log(res), -1, &s.sampler.key[0]),
+                                   na.int32)
+                _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
+            cands.push_back(nops.reshape(cand, _shape2(1, K + 1)))
+        cdef na.array cand_all = nops.concatenate(cands, 0)               # [B, K + 1]
+        cdef na.array emit = cand_all, a_dev
+        if K:
+            for r in range(B):
+                accs[r] = nops.reshape(accs[r], _shape2(1, K))
+            acc = nops.concatenate(accs, 0)
+            ka = to_array(kr.reshape(B, 1))
+            acc = nops.logical_and(acc, nops.less(nops.reshape(nops.arange(0, K, 1, na.int32),
+                                                               _shape2(1, K)), ka.ptr[0]))
+            prefix = nops.cumprod(nops.astype(acc, na.int32), 1, False, True)
+            a_dev = nops.sum(prefix, _axis(1), False)
+            zcol = nops.zeros(_shape2(B, 1), na.int32)
+            emit = nops.where(nops.greater(rows.cat_axis(prefix, zcol, 1), zcol),
+                              rows.cat_axis(pdev, zcol, 1), cand_all)
+        else:
+            a_dev = nops.zeros(_shape1(B), na.int32)
+        outs.push_back(emit)
+        outs.push_back(a_dev)
+        cdef na.array lps, top_i, top_v, lsm
+        k = max((<_Seq>x_).top_logprobs for x_ in b.seqs)
+        want_lp = any((<_Seq>x_).logprobs for x_ in b.seqs)
+        if want_lp:
+            lsm = nnn.own(log_softmax(logits))                            # [B, K + 1, V]
+            lps = nops.reshape(nops.take_along_axis(lsm, nops.reshape(emit, _shape3(B, K + 1, 1)), 2),
+                               _shape2(B, K + 1))
+            outs.push_back(lps)
+            if k > 0:
+                k = min(k, V)
+                top_i = nops.astype(nops.slice(nops.argpartition(nops.negative(lsm), k - 1, 2),
+                                               _shape3(0, 0, 0), _shape3(B, K + 1, k)),
+                                    na.int32)
+                top_v = nops.take_along_axis(lsm, top_i, 2)
+                outs.push_back(top_i)
+                outs.push_back(top_v)
+        if b.dcache is not None:
+            _cache_arrays(b.dcache, outs)
+        t0 = _now()
+        _eval(outs)
+        self.stats["wait_seconds"] += _now() - t0
+        emit_h = _numpy(emit)
+        a_h = _numpy(a_dev).astype(np.int64)
+        lp_h = _numpy(lps) if want_lp else None
+        ti_h = _numpy(top_i) if want_lp and k > 0 else None
+        tv_h = _numpy(top_v) if want_lp and k > 0 else None
+        # re-align the rows at their new ends (see the notes)
+        amax = int(a_h.max())
+        d = (amax - a_h).astype(np.int64)
+        base = 0
+        if K:
+            self.stats["spec_steps"] += 1
+            if d.any() and _can_trim(b.cache) and (b.dcache is None or _can_trim(b.dcache)):
+                base = int(min((<_Seq>b.seqs[r]).pad + d[r] for r in range(B)))
+            _realign(b.cache, tsnap, T, K + 1, amax, d, base)
+            if b.dcache is not None:
+                _realign(b.dcache, dsnap, T, K + 1, amax, d, base)
+            if d.any() or base:
+                for r in range(B):
+                    (<_Seq>b.seqs[r]).pad += int(d[r]) - base
+                b._set_pads()
+        # the accepted proposals are this step's tokens too
+        for r in range(B):
+            s = <_Seq>b.seqs[r]
+            if s.finish is not None or caps[r] < 0:
+                continue
+            if kr[r]:
+                self.stats["proposed_tokens"] += int(kr[r])
+                self.stats["accepted_tokens"] += int(a_h[r])
+                if s.lookup_k:
+                    _adapt(s, int(kr[r]), int(a_h[r]))
+            for j in range(a_h[r]):
+                self._spec_event(b, r, s, int(emit_h[r, j]), lp_h, ti_h, tv_h, j,
+                                 int(a_h[r]) - j - 1, events)
+                if s.finish is not None:
+                    break
+        # each row's next token is pending, as after a plain step
+        sel = np.arange(B)
+        nxt = np.ascontiguousarray(emit_h[sel, a_h], dtype=np.int32)
+        pa = to_array(nxt)
+        _set(&b.pending, new na.array(pa.ptr[0]))
+        b.pending_host = nxt
+        if want_lp:
+            pa = to_array(np.ascontiguousarray(lp_h[sel, a_h], dtype=np.float32))
+            _set(&b.pending_lp, new na.array(pa.ptr[0]))
+            if k > 0:
+                pa = to_array(np.ascontiguousarray(ti_h[sel, a_h], dtype=np.int32))
+                _set(&b.pending_top, new na.array(pa.ptr[0]))
+                pa = to_array(np.ascontiguousarray(tv_h[sel, a_h], dtype=np.float32))
+                _set(&b.pending_top_lp, new na.array(pa.ptr[0]))
+        if b.history != NULL:
+            self._push_history(b)
+
+    cdef void _spec_event(self, _Batch b, int r, _Seq s, int t, object lp_h, object ti_h,
+                          object tv_h, int j, int unfed, list events) except *:
+        """The Event of an accepted proposal (row r, verify position j);
+        `unfed`: cache positions past it (trimmed from a returned cache)."""
+        s.produced += 1
+        s.generated.append(t)
+        if s.lookup_k:
+            _record(s, t)
+        self.stats["decode_tokens"] += 1
+        ev = Event(s.id, t)
+        if s.logprobs and lp_h is not None:
+            ev.logprob = float(lp_h[r, j])
+        if s.top_logprobs and ti_h is not None:
+            order = np.argsort(-tv_h[r, j], kind="stable")[:s.top_logprobs]
+            ev.top_logprobs = [(int(ti_h[r, j][i]), float(tv_h[r, j][i])) for i in order]
+        if t in s.stop_ids:
+            ev.finish_reason = "stop"
+        elif s.produced >= s.max_tokens:
+            ev.finish_reason = "length"
+        if ev.finish_reason is not None:
+            s.finish = ev.finish_reason
+            self.seqs.pop(s.id, None)
+            if s.keep_cache:
+                ev.cache = self._take_cache(b, r, s)
+                if unfed:
+                    try:
+                        ev.cache.trim(unfed)
+                    except ValueError:
+                        pass    # a sliding window dropped positions: keep them fed
+        events.append(ev)
+
+
 
 cpdef object check_ids(ids, int vocab, str what, bint empty=False):
     """ids as int32 numpy [T], each in [0, vocab); ValueError naming `what` otherwise."""
@@ -963,3 +1372,229 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
         if stats is not None:
             stats.update(eng.stats)
         eng.close()
+
+
+# ------------------------------------------------------ speculative decoding --
+#
+# A decode step costs about the same for one token as for a few, so a step may
+# verify k proposed tokens per row in ONE forward over [B, k+1] ids: the
+# pending token followed by the proposals.  The target's distributions at the
+# k+1 positions decide, row by row, how many proposals to keep (a_r) and one
+# more token (the correction at the first rejection, or a bonus token when all
+# were kept), which becomes the row's pending token.
+#
+#  - greedy rows keep proposals while they equal the target's argmax, so the
+#    output is exactly plain greedy decoding's;
+#  - sampled rows use speculative sampling: proposal d_j (drafted from q_j) is
+#    kept with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection
+#    the token is drawn from the normalized residual max(0, p_j - q_j), after
+#    k acceptances from p_k.  Each emitted token is then distributed exactly
+#    as the target's sampler would draw it (p is the sampler's distribution:
+#    logit bias, top-p, top-k, min-p, temperature).  Prompt lookup's q is a
+#    point mass on the proposal.
+#
+# Proposers: prompt lookup (per sequence: the continuation of the latest
+# earlier occurrence of the last 3, else 2, tokens in prompt + generated ids)
+# or a draft model (per engine: k tokens drafted one at a time on a cache of
+# its own that mirrors the target's rows, padding and offset).
+#
+# Rows accept different numbers of tokens, but the batch keeps ONE padded
+# offset.  After a verification at offset T every row holds T + k + 1
+# positions of which its first T + a_r + 1 are real.  The batch keeps
+# E = T + max(a) + 1 positions and re-aligns each row by shifting it right by
+# d_r = max(a) - a_r positions, adding d_r to its left padding: its rejected
+# positions fall off the end and zeros come in as padding.  RoPE stays right
+# because a row's real position is (padded position - pad) and both move by
+# d_r; the per-row masks then hide the new padding.  Padding every row shares
+# is dropped (caches without sliding windows), so it does not accumulate.
+# With one row (or rows that agree) nothing moves: a standard cache just sets
+# its offset back.  A rotating (sliding-window) cache cannot hand rejected
+# positions back (the verify step let older ones leave the ring), so before
+# the verification the engine keeps a lazy view of what it held, and rebuilds
+# the ring from that view + the new positions, shifted the same way.  The
+# verification width k + 1 never exceeds a window, so those two cover every
+# position a row's window needs.  The draft cache is re-aligned like the
+# target's.
+#
+# Pipelining: a plain step queues the next token before reading the current
+# one; a verification needs the current token on the host (the proposals
+# follow it) and the acceptance counts before the next forward, so it runs
+# read-first.  Prompt lookup therefore only switches to verification when a
+# row has a match, and a row whose proposals were all rejected stops
+# proposing for 2, 4, ... 64 tokens: text that copies nothing decodes with
+# plain pipelined steps.
+
+DEFAULT_LOOKUP = 8
+cdef tuple NGRAMS = (3, 2)
+
+
+cdef inline void _record(_Seq s, int t) except *:
+    """Append t to the lookup history and index the n-grams that end just
+    before it (their continuation starts at t)."""
+    cdef list h = s.hist
+    h.append(t)
+    cdef int m = len(h) - 1
+    for n in NGRAMS:
+        if m >= n:
+            s.ngrams[tuple(h[m - n:m])] = m
+    if s.cool > 0:
+        s.cool -= 1
+
+
+cdef list _lookup(_Seq s, int k, int extra):
+    """Up to k tokens continuing the latest earlier occurrence of the last
+    3 (else 2) ids of hist (+ `extra` when >= 0)."""
+    cdef list h = s.hist if extra < 0 else s.hist + [extra]
+    cdef int n = len(h)
+    if k <= 0:
+        return []
+    for g in NGRAMS:
+        if n >= g:
+            j = s.ngrams.get(tuple(h[n - g:]))
+            if j is not None:
+                return h[j:j + k]
+    return []
+
+
+def _min_window(Model model):
+    """The smallest sliding window of the model's layers (a large number if none)."""
+    w = [(<LayerCache>c).window for c in model.make_cache().layers if (<LayerCache>c).window]
+    return min(w) if w else 1 << 30
+
+
+cdef void _rates(dict st) except *:
+    st["acceptance_rate"] = st["accepted_tokens"] / st["proposed_tokens"] \
+        if st["proposed_tokens"] else 0.0
+    st["tokens_per_step"] = st["decode_tokens"] / st["row_steps"] if st["row_steps"] else 0.0
+
+
+cdef class _Snap:
+    """A rotating layer's positions before a verification, oldest first (lazy views)."""
+    cdef na.array* k
+    cdef na.array* v
+    cdef int n
+
+    def __dealloc__(self):
+        _set(&self.k, NULL)
+        _set(&self.v, NULL)
+
+
+cdef list _snapshot(Cache cache):
+    cdef list out = []
+    cdef LayerCache lc
+    cdef _Snap sn
+    for c in cache.layers:
+        lc = <LayerCache>c
+        if lc.window == 0:
+            out.append(None)
+            continue
+        sn = _Snap()
+        if lc.keys != NULL:
+            sn.k = _ordered(lc, lc.keys)
+            sn.v = _ordered(lc, lc.values)
+            sn.n = _held(lc)
+        out.append(sn)
+    return out
+
+
+cdef na.array* _gather_t(const na.array& x, object idx) except NULL:
+    """x [B, H, n, D] gathered along time with per-row indices idx (numpy [B, m])."""
+    cdef Array ia = to_array(np.ascontiguousarray(idx, dtype=np.int32))
+    cdef int B = x.shape(0), H = x.shape(1), m = idx.shape[1], D = x.shape(3)
+    cdef na.array i4 = nops.broadcast_to(nops.reshape(ia.ptr[0], _shape4(B, 1, m, 1)),
+                                         _shape4(B, H, m, D))
+    return heap(nops.take_along_axis(x, i4, 2))
+
+
+cdef void _realign(Cache cache, list snaps, int T, int L, int amax, object d, int base) except *:
+    """After a verification of L positions at offset T: keep E = T + amax + 1
+    padded positions, row r shifted right by d[r], then drop `base` positions
+    of common left padding (see the notes above)."""
+    cdef int E = T + amax + 1, n, n2, held, i
+    cdef bint shift = bool(d.any()) or base > 0
+    cdef LayerCache lc
+    cdef _Snap sn
+    cdef na.array ck, cv
+    dcol = np.asarray(d, dtype=np.int64)[:, None]
+    for i in range(len(cache.layers)):
+        lc = <LayerCache>cache.layers[i]
+        if lc.keys == NULL:
+            continue
+        if lc.window == 0:
+            if not shift:
+                lc.offset = E
+                continue
+            n = E - base
+            idx = np.clip(base + np.arange(n)[None, :] - dcol, 0, E - 1)
+            ck = nnn.own(_gather_t(nnn.slice_t(lc.keys[0], 0, E), idx))
+            cv = nnn.own(_gather_t(nnn.slice_t(lc.values[0], 0, E), idx))
+            _install(lc, ck, cv, n)
+            continue
+        if amax == L - 1 and not shift:
+            continue
+        sn = <_Snap>snaps[i]
+        held = _held(lc)
+        ck = nnn.slice_t(nnn.own(_ordered(lc, lc.keys)), held - L, held)
+        cv = nnn.slice_t(nnn.own(_ordered(lc, lc.values)), held - L, held)
+        if sn.n:
+            ck = nnn.cat_t(sn.k[0], ck)
+            cv = nnn.cat_t(sn.v[0], cv)
+        n2 = min(lc.window, sn.n + amax + 1)
+        idx = np.clip((E - n2) + np.arange(n2)[None, :] - dcol - (T - sn.n), 0, sn.n + L - 1)
+        _install(lc, nnn.own(_gather_t(ck, idx)), nnn.own(_gather_t(cv, idx)), E)
+
+
+cdef na.array* _dist(Sampler s, const na.array& x) except NULL:
+    """Log-probabilities of the distribution s draws from, given processed
+    logits x [..., V] (top-p, top-k, min-p, temperature; see Sampler.draw)."""
+    cdef na.array y = x
+    cdef int V = x.shape(x.ndim() - 1)
+    if s.top_p < 1.0:
+        y = nnn.own(top_p_filter(y, s.top_p))
+    if 0 < s.top_k < V:
+        y = nnn.own(top_k_filter(y, s.top_k))
+    if s.min_p > 0.0:
+        y = nnn.own(min_p_filter(y, s.min_p, s.min_tokens_to_keep))
+    y = nops.multiply(nops.astype(y, na.float32), na.array(1.0 / s.temperature, na.float32))
+    return log_softmax(y)
+
+
+cdef na.array* _row_p(const na.array& x, int r) except NULL:
+    """x[r] of [B, ...] (2-D or 3-D)."""
+    cdef int nd = x.ndim()
+    if nd == 2:
+        return heap(nops.reshape(nops.slice(x, _shape2(r, 0), _shape2(r + 1, x.shape(1))),
+                            _shape1(x.shape(1))))
+    cdef na.Shape a = na.Shape(), z = na.Shape()
+    a.push_back(r)
+    a.push_back(0)
+    a.push_back(0)
+    z.push_back(r + 1)
+    z.push_back(x.shape(1))
+    z.push_back(x.shape(2))
+    return heap(nops.reshape(nops.slice(x, a, z), _shape2(x.shape(1), x.shape(2))))
+
+
+cdef na.Shape _shape3(int a, int b, int c):
+    cdef na.Shape s = na.Shape()
+    s.push_back(a)
+    s.push_back(b)
+    s.push_back(c)
+    return s
+
+
+cdef void _adapt(_Seq s, int proposed, int accepted) except *:
+    """Prompt lookup's proposal length follows the acceptance: doubled after
+    a full acceptance, cut to what was accepted + 1 after a partial one; a
+    row whose proposals were all rejected stops proposing for 2, 4, ... 64
+    tokens (consecutive misses), so text that copies nothing decodes plainly."""
+    if accepted == proposed:
+        s.cur_k = min(s.lookup_k, max(s.cur_k, 2 * proposed))
+        s.misses = 0
+    elif accepted == 0:
+        s.misses += 1
+        s.cool = min(1 << s.misses, 64)
+        s.cur_k = max(1, s.cur_k // 2)
+    else:
+        s.cur_k = max(2, accepted + 1)
+        s.misses = 0
