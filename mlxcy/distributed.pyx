@@ -243,10 +243,6 @@ cdef class AllSumLinear(Linear):
         cdef na.array y = nnn.own(Linear.forward(self, x))
         return heap(nd.all_sum(y, make_optional[nd.Group](self.group.g[0])))
 
-    cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL:
-        cdef na.array y = nnn.own(self.forward(x))
-        return heap(nops.add(residual, y))
-
 
 cdef class GatherLinear(Linear):
     """The vocabulary-split output head: this rank holds rows [r*V/N,
@@ -277,9 +273,6 @@ cdef class GatherLinear(Linear):
             stop[nd_ - 1] = self.vocab
             y = nops.slice(y, start, stop)
         return heap(y)
-
-    cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL:
-        raise NotImplementedError("GatherLinear is an output head (no residual add)")
 
 
 
@@ -340,19 +333,21 @@ cdef class PipeBlock(Block):
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
+        # Both transfers are evaluated here, at once: a caller may evaluate
+        # only part of a step's graph (the engine's prefill evaluates the
+        # caches, not the logits), and a send or recv left in an unevaluated
+        # graph would stall the peer or pair with the wrong message later.
+        # So every forward call moves exactly one message per boundary.
         cdef optional[nd.Group] g = make_optional[nd.Group](self.group.g[0])
         cdef na.array h = x
         if self.src >= 0:
             h = nd.recv_like(x, self.src, g)
+            h.eval()
         cdef na.array y = nnn.own(self.inner.forward(h, cache, mask, offsets))
         if self.dst >= 0:
-            y = nd.send(y, self.dst, g)
+            y.eval()
+            nd.send(y, self.dst, g).eval()
         return heap(y)
-
-    cdef na.array* forward_deferred(self, na.array* h, const na.array* r, LayerCache cache,
-                                    const na.array* mask, const na.array* offsets) except NULL:
-        raise NotImplementedError("pipeline parallel: the ADD_NORM decode option is not "
-                                  "supported (set_decode_options(add_norm=False))")
 
 
 cdef class PipeHead(Linear):
