@@ -3,7 +3,7 @@ a prefill, decode speed, and the quality cost as perplexity, against the
 float cache.
 
     python benchmarks/kv_cache_quant.py [--context 2048] [--gen 32] [--dtype bfloat16]
-        [--data FILE] [--sequence-length 512]
+        [--data FILE] [--sequence-length 512] [--ppl-tokens N]
 
 Memory: Cache.nbytes after prefilling --context tokens (every layer's
 buffers, grown in steps of 256 positions as generation would leave them).
@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--data", default=str(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"))
     ap.add_argument("--sequence-length", type=int, default=512)
+    ap.add_argument("--ppl-tokens", type=int, default=None,
+                    help="score only the data's first N tokens (default: all)")
     a = ap.parse_args()
 
     from mlxcy import memory
@@ -44,10 +46,11 @@ def main():
     model = load_model(path, a.dtype)
     tok = Tokenizer.load(path)
     text_ids = data_tokens(a.data, tok)
+    ppl_ids = text_ids[:a.ppl_tokens] if a.ppl_tokens else text_ids
     reps = -(-a.context // len(text_ids))
     prompt = (text_ids * reps)[:a.context]
     print(f"model {Path(path).name} dtype {model.dtype}, context {a.context} tokens, "
-          f"perplexity on {Path(a.data).name} ({len(text_ids)} tokens, sequences of "
+          f"perplexity on {Path(a.data).name} ({len(ppl_ids)} tokens, sequences of "
           f"{a.sequence_length})")
     print("| KV cache | cache MB after prefill | vs float | decode tok/s | perplexity |")
     print("|---|---|---|---|---|")
@@ -65,7 +68,7 @@ def main():
             eng.step()
         tps = eng.stats["decode_tokens"] / max(eng.stats["decode_seconds"], 1e-9)
         t0 = time.perf_counter()
-        r = perplexity(model, text_ids, sequence_length=a.sequence_length, batch_size=1,
+        r = perplexity(model, ppl_ids, sequence_length=a.sequence_length, batch_size=1,
                        tokenizer=tok, progress=False, kv_bits=bits,
                        kv_group_size=a.group_size)
         name = "float" if bits is None else f"{bits}-bit (group {a.group_size})"

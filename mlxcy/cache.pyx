@@ -199,7 +199,7 @@ cdef class QuantizedKVCache(KVCache):
         return f"QuantizedKVCache(bits={self.bits}, offset={self.offset})"
 
     cdef na.array* _pack(self, const na.array& x) except NULL:
-        cdef vector[na.array] q = nnn.quantize(x, self.group_size, self.bits)
+        cdef vector[na.array] q = nops.quantize_(x, self.group_size, self.bits, b"affine")
         cdef vector[na.array] parts = vector[na.array]()
         parts.push_back(q[0])
         parts.push_back(nops.view(nnn.astype(q[1], na.float32), na.uint32))
@@ -214,7 +214,7 @@ cdef class QuantizedKVCache(KVCache):
                                                 _shape4(B, H, T, nw + ng)), na.float32)
         cdef na.array bi = nops.view(nops.slice(buf, _shape4(0, 0, 0, nw + ng),
                                                 _shape4(B, H, T, nw + 2 * ng)), na.float32)
-        return heap(nnn.astype(nnn.dequantize(w, sc, &bi, self.group_size, self.bits),
+        return heap(nnn.astype(nops.dequantize_(w, sc, &bi, self.group_size, self.bits, b"affine", -1),
                                na.dtype_from_code(self.dtype_code)))
 
     cdef int update(self, const na.array& k, const na.array& v, bint ordered) except -1:

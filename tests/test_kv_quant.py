@@ -242,3 +242,31 @@ def test_cli_generate_kv_bits(tmp_path, capsys):
     assert isinstance(other, str)
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(d), "--kv-bits", "7", text])
+
+
+def test_perplexity_kv_bits_matches_mlx_lm(tiny):
+    """perplexity(kv_bits=...) against the NLL of mlx-lm's logits over its own
+    QuantizedKVCache (each sequence one forward through a fresh cache)."""
+    from mlxcy.perplexity import perplexity
+    ids = _ids(40, 96)[0].tolist()
+    ref = perplexity(tiny.m, ids, sequence_length=32, tokenizer=object(), progress=False)
+    got = {b: perplexity(tiny.m, ids, sequence_length=32, tokenizer=object(), progress=False,
+                         kv_bits=b, kv_group_size=32) for b in (8, 4)}
+    assert got[8].tokens == ref.tokens == 3 * 31
+    assert abs(got[8].loss - ref.loss) < abs(got[4].loss - ref.loss) + 1e-3
+    if tiny.kind != "llama":
+        return
+    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.models.cache import QuantizedKVCache as TheirCache
+    from mlx_lm.utils import load_model as lm_load
+    theirs = lm_load(tiny.d)[0]
+    for b in (8, 4):
+        nll = []
+        for s in np.asarray(ids, np.int32).reshape(3, 32):
+            cache = [TheirCache(group_size=32, bits=b) for _ in theirs.layers]
+            lg = np.array(theirs(mx.array(s[None, :-1]), cache=cache).astype(mx.float32))[0]
+            lg = lg.astype(np.float64)
+            lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+            nll.append(lse - lg[np.arange(31), s[1:]])
+        assert abs(got[b].loss - float(np.mean(nll))) < 1e-4, b

@@ -245,7 +245,7 @@ cdef class LoRA:
                     self.dweights.append(w)
                     # m: the row norms of the base weight (float32), as mlx-lm's set_linear
                     self.params[0].push_back(nops.sqrt(nops.sum(
-                        nnn.square(nnn.astype(handle(w)[0], na.float32)), [1], False)))
+                        nops.square(nnn.astype(handle(w)[0], na.float32)), 1, False)))
                     if lin.quantized:      # the layer runs float weights while adapted
                         _set_linear(lin, w, None, None, False)
                 self.names.append(f"model.layers.{i}.{key}")
@@ -349,7 +349,7 @@ cdef class LoRA:
         cdef na.array ab = nnn.matmul(nnn.astype(a, na.float32), bf)             # [in, out]
         cdef na.array adapted = nnn.add(wf, nnn.transpose(
             nnn.multiply(ab, nnn.scalar(self.scale, na.float32)), [1, 0]))
-        cdef na.array denom = nops.stop_gradient(nops.sqrt(nops.sum(nnn.square(adapted), [1],
+        cdef na.array denom = nops.stop_gradient(nops.sqrt(nops.sum(nops.square(adapted), 1,
                                                                     False)))
         cdef na.array g = nnn.divide(nnn.astype(m, na.float32), denom)         # [out]
         cdef int out = lin.out_features
