@@ -3,9 +3,9 @@
 (GQA through the fused kernel, or composed when logits are soft-capped),
 MLP, pre-norm block, and Model with its cdef forward over native arrays.
 
-Family files (llama.pyx, qwen2.pyx, qwen3.pyx, gemma3.pyx) subclass Model
-and build their blocks with the helpers here; they override only what
-differs (Gemma's block, embedding scale and logit soft-capping).
+Model builds the layers its family's spec lays out (mlxcy/models/spec.py,
+mlxcy/models/families/); families whose forward differs subclass it
+(gemma3.pyx: Gemma's block, embedding scale and logit soft-capping).
 """
 import math
 
@@ -384,22 +384,20 @@ class Weights:
     """Hugging Face-named weights with MLX's quantized layout: hands out
     validated layers and names the tensor in every error."""
 
-    def __init__(self, weights, quantization=None, dtype=None, prefix_map=()):
+    def __init__(self, weights, quantization=None, dtype=None, spec=None):
         if not isinstance(weights, dict):
             raise TypeError(f"weights must be a dict of name -> Array, got {type(weights).__name__}")
-
-        def rename(name):
-            for old, new in prefix_map:
-                if name.startswith(old):
-                    return new + name[len(old):]
-            return name
-
-        self.w = {rename(name): a for name, a in weights.items()}
+        rename = spec.rename if spec is not None else (lambda name: name)
+        self.w = {}
+        for name, a in weights.items():
+            new = rename(name)
+            if new is not None:
+                self.w[new] = a
         q = quantization
         if q is not None:
             if not isinstance(q, dict):
                 raise TypeError("quantization must be a dict like {'group_size': 64, 'bits': 4}")
-            q = {rename(k): val for k, val in q.items()}
+            q = {rename(k) or k: val for k, val in q.items()}
         self.q = q
         self.dtype = None if dtype is None else _core.dtype(dtype)
         if self.dtype is not None and not self.dtype.is_floating:
@@ -489,35 +487,35 @@ class Weights:
     def norm(self, path, int dims, float eps, float offset=0.0):
         return RMSNorm(self.get(path + ".weight", (dims,)), eps, offset)
 
+    def module(self, m, float eps=0.0):
+        """The layer a spec Module (mlxcy/models/spec.py) describes."""
+        if m.kind == "linear":
+            return self.linear(m.path, m.shape[1], m.shape[0], m.bias)
+        if m.kind == "embedding":
+            return self.embedding(m.path, m.shape[0], m.shape[1])
+        return self.norm(m.path, m.shape[0], eps, m.offset)
+
 
 def make_rope(cfg, theta, scaling):
     return Rope(cfg.head_dim, theta, scaling, cfg.max_position_embeddings)
 
 
-def build_attention(W, cfg, int i, qkv_bias=False, o_bias=False, qk_norm_offset=None,
-                    scale=None, window=0, softcap=0.0, rope=None):
-    """The attention of layer i from `model.layers.{i}.self_attn.*`."""
-    p = f"model.layers.{i}.self_attn."
-    H, Hkv, D, hid = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    qn = kn = None
-    if qk_norm_offset is not None:
-        qn = W.norm(p + "q_norm", D, cfg.rms_norm_eps, qk_norm_offset)
-        kn = W.norm(p + "k_norm", D, cfg.rms_norm_eps, qk_norm_offset)
+def build_attention(W, cfg, dict m, scale=None, window=0, softcap=0.0, rope=None):
+    """The attention of a layer from its spec modules `m` (q/k/v/o_proj and,
+    when the family has them, q_norm/k_norm)."""
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    qn = W.module(m["q_norm"], eps) if "q_norm" in m else None
+    kn = W.module(m["k_norm"], eps) if "k_norm" in m else None
     return Attention(
-        W.linear(p + "q_proj", hid, H * D, qkv_bias),
-        W.linear(p + "k_proj", hid, Hkv * D, qkv_bias),
-        W.linear(p + "v_proj", hid, Hkv * D, qkv_bias),
-        W.linear(p + "o_proj", H * D, hid, o_bias),
+        W.module(m["q_proj"]), W.module(m["k_proj"]), W.module(m["v_proj"]),
+        W.module(m["o_proj"]),
         rope if rope is not None else make_rope(cfg, cfg.rope_theta, cfg.rope_scaling),
         H, Hkv, D, D ** -0.5 if scale is None else scale, qn, kn, window, softcap)
 
 
-def build_mlp(W, cfg, int i, bias=False, gelu=False):
-    p = f"model.layers.{i}.mlp."
-    hid, inter = cfg.hidden_size, cfg.intermediate_size
-    return MLP(W.linear(p + "gate_proj", hid, inter, bias),
-               W.linear(p + "up_proj", hid, inter, bias),
-               W.linear(p + "down_proj", inter, hid, bias), gelu)
+def build_mlp(W, dict m, gelu=False):
+    return MLP(W.module(m["gate_proj"]), W.module(m["up_proj"]), W.module(m["down_proj"]), gelu)
 
 
 # ----------------------------------------------------------------- model ---
@@ -554,38 +552,38 @@ cdef class Model:
     Array [B, L, vocab] (L = 1 with last_only).  Use make_cache() for
     incremental decoding; close() (or a `with` block) frees every weight.
     """
-    family = None
-    prefixes = ()
-
     def __init__(self, config, weights, quantization=None, dtype=None):
         from mlxcy.models.config import ModelConfig
         cfg = ModelConfig.from_dict(config) if isinstance(config, dict) else config
         if not isinstance(cfg, ModelConfig):
             raise TypeError("config must be a ModelConfig or a config.json dict")
-        if self.family is not None and cfg.family != self.family:
-            raise ValueError(f"{type(self).__name__} cannot build model_type {cfg.model_type!r}")
+        spec = cfg.spec
+        if spec.model_class.rpartition(":")[2] != type(self).__name__:
+            raise ValueError(f"{type(self).__name__} cannot build model_type {cfg.model_type!r} "
+                             f"(its forward is {spec.model_class})")
         self.config = cfg
         self.quant = quantization
-        W = Weights(weights, quantization, dtype, self.prefixes)
+        W = Weights(weights, quantization, dtype, spec)
         self.layers = []
+        top = spec.top_modules(cfg)
         try:
-            self.embed = W.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)
+            self.embed = W.module(top["embed_tokens"])
             self.dtype_code = self.embed.dtype_code()
             for i in range(cfg.num_hidden_layers):
                 self.layers.append(self.build_block(W, cfg, i))
-            self.norm = W.norm("model.norm", cfg.hidden_size, cfg.rms_norm_eps,
-                               self.norm_offset())
-            if not cfg.tie_word_embeddings:
-                self.lm_head = W.linear("lm_head", cfg.hidden_size, cfg.vocab_size)
+            self.norm = W.module(top["norm"], cfg.rms_norm_eps)
+            if "lm_head" in top:
+                self.lm_head = W.module(top["lm_head"])
         except BaseException:
             self.close()
             raise
 
-    def norm_offset(self):
-        return 0.0
-
     def build_block(self, W, cfg, int i):
-        raise NotImplementedError
+        """Layer i: the pre-norm block with the modules the spec lists."""
+        m = cfg.spec.layer_modules(cfg, i)
+        eps = cfg.rms_norm_eps
+        norms = [W.module(m[n], eps) for n in cfg.spec.block_norms]
+        return Block(build_attention(W, cfg, m, window=cfg.window(i)), build_mlp(W, m), *norms)
 
     def fuse(self):
         """Fuse each block's q/k/v and gate/up weights into single matmuls (the
