@@ -242,6 +242,9 @@ cdef class QuantizedKVCache(KVCache):
         """(keys, values) of the held positions, dequantized: [B, H, offset, D]."""
         if self.keys == NULL or self.offset == 0:
             return None
+        if self.head_dim == 0:      # restored by set_state(): the dtype is known after an update
+            raise ValueError("QuantizedKVCache.dequantized: no update since set_state(); the "
+                             "keys' dtype is set by the next update")
         return (wrap(self._unpack(nnn.slice_t(self.keys[0], 0, self.offset))),
                 wrap(self._unpack(nnn.slice_t(self.values[0], 0, self.offset))))
 
