@@ -65,6 +65,7 @@ from mlxcy.sample import Sampler  # noqa: E402,F401
 from mlxcy.chat import ChatTemplate  # noqa: E402,F401
 from mlxcy.models.load import load_model  # noqa: E402,F401
 from mlxcy.models.discover import discover  # noqa: E402,F401
+from mlxcy import assets  # noqa: E402,F401  (mlxcy.assets.smollm2_gguf() etc.)
 
 
 def get_include():

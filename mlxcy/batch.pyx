@@ -431,7 +431,7 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
                 raise TypeError(f"options[{i}] must be a dict or None")
             merged = dict(opts)
             merged.update(d or {})
-            for k in ("logprobs", "prefill_chunk", "cancel"):
+            for k in ("logprobs", "prefill_chunk", "kv_bits", "kv_group_size", "cancel"):
                 if d and k in d and d[k] != getattr(base, k):
                     raise ValueError(f"options[{i}]: {k} is batch-wide; pass it as a keyword")
             per.append(GenerationOptions.from_kwargs(merged))
@@ -490,7 +490,8 @@ def _run(Model model, tok, seqs, per, base, batch_size):
     # Prompts of similar length are admitted together (less padding).
     order = sorted(todo, key=lambda i: -len(seqs[i])) if batch_size else todo
     eng = Engine(model, max_batch=batch_size or max(1, len(todo)),
-                 prefill_chunk=base.prefill_chunk or 512)
+                 prefill_chunk=base.prefill_chunk or 512, kv_bits=base.kv_bits,
+                 kv_group_size=base.kv_group_size)
     streams = {}
     row_of = {}
     nvocab = _tok_vocab(tok)

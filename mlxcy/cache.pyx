@@ -1,11 +1,13 @@
 # cython: language_level=3, cpp_locals=True
-"""KV caches: KVCache (grows in steps, written in place with slice_update)
-and RotatingKVCache (keeps the last `window` positions, for sliding-window
-layers), plus Cache, the per-model list of layer caches."""
+"""KV caches: KVCache (grows in steps, written in place with slice_update),
+QuantizedKVCache (the same, holding MLX's affine quantization of the keys and
+values), and RotatingKVCache (keeps the last `window` positions, for
+sliding-window layers), plus Cache, the per-model list of layer caches."""
 from libcpp.vector cimport vector
 
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
+from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.tuning cimport Tuning, current
@@ -143,6 +145,143 @@ cdef class KVCache(LayerCache):
         n = min(n, self.offset)
         self.offset -= n
         return n
+
+
+cdef na.Shape _shape4(int a, int b, int c, int d):
+    cdef na.Shape s = na.Shape()
+    s.push_back(a)
+    s.push_back(b)
+    s.push_back(c)
+    s.push_back(d)
+    return s
+
+
+KV_BITS = (2, 3, 4, 5, 6, 8)          # MLX's affine quantization
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def check_kv_options(kv_bits, kv_group_size=64):
+    """Raise ValueError naming the option unless (kv_bits, kv_group_size) is
+    None/anything or a width and group size MLX's quantization supports."""
+    if kv_bits is None:
+        return
+    if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (or None), "
+                         f"got {kv_bits!r}")
+    if isinstance(kv_group_size, bool) or kv_group_size not in KV_GROUP_SIZES:
+        raise ValueError(f"kv_group_size must be one of "
+                         f"{', '.join(map(str, KV_GROUP_SIZES))}, got {kv_group_size!r}")
+
+
+cdef class QuantizedKVCache(KVCache):
+    """A KVCache whose buffers hold MLX's affine quantization of the keys and
+    values (`bits` per element, a float32 scale and bias per `group_size`
+    elements of head_dim); attention gets them dequantized to the model's dtype.
+
+    Each position's row of a buffer is one uint32 vector: the packed values
+    (head_dim * bits / 32 words), then the scales and the biases (float32,
+    bit-cast: head_dim / group_size words each).  Being a single array along
+    the time axis, the buffers are grown, written, sliced, padded, joined and
+    row-selected exactly as a float KVCache's (the engine's batch merging and
+    cache saving need nothing else).  SmolLM2's head_dim 64, 8-bit, group 64:
+    18 words (72 bytes) a position and head against 128 in bfloat16."""
+    cdef readonly int bits, group_size
+    cdef int head_dim, dtype_code
+
+    def __init__(self, int bits=8, int group_size=64, int step=256):
+        check_kv_options(bits, group_size)
+        KVCache.__init__(self, step)
+        self.bits, self.group_size = bits, group_size
+        self.head_dim = 0
+        self.dtype_code = -1
+
+    def __repr__(self):
+        return f"QuantizedKVCache(bits={self.bits}, offset={self.offset})"
+
+    cdef na.array* _pack(self, const na.array& x) except NULL:
+        cdef vector[na.array] q = nops.quantize_(x, self.group_size, self.bits, b"affine")
+        cdef vector[na.array] parts = vector[na.array]()
+        parts.push_back(q[0])
+        parts.push_back(nops.view(nnn.astype(q[1], na.float32), na.uint32))
+        parts.push_back(nops.view(nnn.astype(q[2], na.float32), na.uint32))
+        return heap(nnn.concatenate(parts, 3))
+
+    cdef na.array* _unpack(self, const na.array& buf) except NULL:
+        cdef int D = self.head_dim, nw = D * self.bits // 32, ng = D // self.group_size
+        cdef int B = buf.shape(0), H = buf.shape(1), T = buf.shape(2)
+        cdef na.array w = nops.slice(buf, _shape4(0, 0, 0, 0), _shape4(B, H, T, nw))
+        cdef na.array sc = nops.view(nops.slice(buf, _shape4(0, 0, 0, nw),
+                                                _shape4(B, H, T, nw + ng)), na.float32)
+        cdef na.array bi = nops.view(nops.slice(buf, _shape4(0, 0, 0, nw + ng),
+                                                _shape4(B, H, T, nw + 2 * ng)), na.float32)
+        return heap(nnn.astype(nops.dequantize_(w, sc, &bi, self.group_size, self.bits, b"affine", -1),
+                               na.dtype_from_code(self.dtype_code)))
+
+    cdef int update(self, const na.array& k, const na.array& v, bint ordered) except -1:
+        if k.ndim() != 4 or v.ndim() != 4:
+            raise ValueError("KV cache: keys and values must be [B, heads, T, head_dim]")
+        cdef int D = k.shape(3)
+        if self.head_dim == 0:
+            if D % self.group_size or D * self.bits % 32:
+                raise ValueError(f"kv_group_size {self.group_size}: the head dimension {D} "
+                                 f"must be a multiple of it (and of 32 / kv_bits) to "
+                                 f"quantize the KV cache")
+            self.head_dim = D
+            self.dtype_code = na.dtype_code(k.dtype())
+        elif D != self.head_dim:
+            raise ValueError(f"QuantizedKVCache: head_dim {D} differs from the cached "
+                             f"{self.head_dim}")
+        cdef na.array pk = nnn.own(self._pack(k))
+        cdef na.array pv = nnn.own(self._pack(v))
+        KVCache.update(self, pk, pv, ordered)
+        _set(&self.out_k, self._unpack(self.out_k[0]))
+        _set(&self.out_v, self._unpack(self.out_v[0]))
+        return 0
+
+    def dequantized(self):
+        """(keys, values) of the held positions, dequantized: [B, H, offset, D]."""
+        if self.keys == NULL or self.offset == 0:
+            return None
+        if self.head_dim == 0:      # restored by set_state(): the dtype is known after an update
+            raise ValueError("QuantizedKVCache.dequantized: no update since set_state(); the "
+                             "keys' dtype is set by the next update")
+        return (wrap(self._unpack(nnn.slice_t(self.keys[0], 0, self.offset))),
+                wrap(self._unpack(nnn.slice_t(self.values[0], 0, self.offset))))
+
+
+def empty_like(Cache cache):
+    """An empty cache with the same kind of layer caches as `cache`."""
+    out = []
+    for c in cache.layers:
+        if isinstance(c, QuantizedKVCache):
+            out.append(QuantizedKVCache((<QuantizedKVCache>c).bits,
+                                        (<QuantizedKVCache>c).group_size, (<LayerCache>c).step))
+        elif isinstance(c, RotatingKVCache):
+            out.append(RotatingKVCache((<LayerCache>c).window, (<LayerCache>c).step))
+        else:
+            out.append(KVCache((<LayerCache>c).step))
+    return Cache(out)
+
+
+def kv_quantization(Cache cache):
+    """(bits, group_size) of the cache's quantized layers, or None."""
+    for c in cache.layers:
+        if isinstance(c, QuantizedKVCache):
+            return ((<QuantizedKVCache>c).bits, (<QuantizedKVCache>c).group_size)
+    return None
+
+
+def quantized_cache(Cache cache, kv_bits, int kv_group_size=64):
+    """`cache` (empty, from model.make_cache()) with its unbounded layers made
+    QuantizedKVCache(kv_bits, kv_group_size); sliding-window (rotating) layers
+    stay float.  kv_bits None: `cache` unchanged."""
+    check_kv_options(kv_bits, kv_group_size)
+    if kv_bits is None:
+        return cache
+    if cache.offset:
+        raise ValueError("quantized_cache: the cache already holds positions")
+    return Cache([QuantizedKVCache(kv_bits, kv_group_size, (<LayerCache>c).step)
+                  if (<LayerCache>c).window == 0 else c for c in cache.layers])
 
 
 cdef class RotatingKVCache(LayerCache):

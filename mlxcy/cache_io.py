@@ -23,8 +23,10 @@ def save_cache(path, cache, ids) -> None:
         if st["keys"] is not None:
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = st["keys"], st["values"]
         layers.append({k: st[k] for k in ("offset", "filled", "idx")} | {"window": layer.window})
+    from mlxcy.cache import kv_quantization
     meta = {"mlxcy.cache": "1", "layers": json.dumps(layers),
-            "ids": json.dumps([int(i) for i in ids])}
+            "ids": json.dumps([int(i) for i in ids]),
+            "kv_quantization": json.dumps(kv_quantization(cache))}
     io.save_safetensors(str(path), arrays, meta)
 
 
@@ -48,7 +50,9 @@ def _count(path, i, st, key, lo=0):
     return v
 
 
-def _check_layer(path, i, st, window, keys, values, n_ids, heads_dim):
+def _check_layer(path, i, st, window, keys, values, n_ids, heads_dim, kvq=None):
+    """kvq: (bits, group_size) when the layer is a QuantizedKVCache (uint32 rows
+    of packed values, scales and biases: see mlxcy.cache.QuantizedKVCache)."""
     if not isinstance(st, dict):
         raise SessionError(f"{path}: layer {i}: expected a JSON object, got {type(st).__name__}")
     if st.get("window") != window:
@@ -70,7 +74,15 @@ def _check_layer(path, i, st, window, keys, values, n_ids, heads_dim):
     if keys.ndim != 4 or keys.shape != values.shape:
         raise SessionError(f"{path}: layer {i}: keys {keys.shape} and values {values.shape} "
                            f"must share a [batch, heads, positions, head_dim] shape")
-    if keys.dtype != values.dtype or not keys.dtype.is_floating:
+    if kvq is not None:
+        if keys.dtype != values.dtype or "uint32" not in str(keys.dtype):
+            raise SessionError(f"{path}: layer {i}: quantized keys/values must be uint32 "
+                               f"({keys.dtype}, {values.dtype})")
+        if heads_dim is not None:
+            bits, gs = kvq
+            words = heads_dim[1] * bits // 32 + 2 * (heads_dim[1] // gs)
+            heads_dim = (heads_dim[0], words)
+    elif keys.dtype != values.dtype or not keys.dtype.is_floating:
         raise SessionError(f"{path}: layer {i}: keys/values must share a float dtype "
                            f"({keys.dtype}, {values.dtype})")
     if keys.shape[0] != 1 or min(keys.shape[1], keys.shape[3]) < 1:
@@ -118,7 +130,17 @@ def load_cache(path, model):
             if type(t) is not int or t < 0 or (isinstance(vocab, int) and t >= vocab):
                 raise SessionError(f"{path}: ids[{j}] = {t!r} is not a token id"
                                    + (f" of this model (vocabulary {vocab})" if vocab else ""))
-        cache = model.make_cache()
+        from mlxcy.cache import check_kv_options, quantized_cache, QuantizedKVCache
+        kvq = json.loads(meta.get("kv_quantization", "null"))   # [bits, group_size] or null
+        if kvq is not None:
+            try:
+                bits, gs = kvq
+                check_kv_options(bits, gs)
+            except (TypeError, ValueError) as e:
+                raise SessionError(f"{path}: metadata 'kv_quantization' {kvq!r}: {e}") from None
+            cache = quantized_cache(model.make_cache(), bits, gs)
+        else:
+            cache = model.make_cache()
         if len(layers) != len(cache.layers):
             raise SessionError(f"{path}: cache has {len(layers)} layers, the model "
                                f"{len(cache.layers)}")
@@ -128,7 +150,8 @@ def load_cache(path, model):
             raise SessionError(f"{path}: unexpected array {extra[0]!r}")
         for i, (layer, st) in enumerate(zip(cache.layers, layers)):
             _check_layer(path, i, st, layer.window, arrays.get(f"{i}.keys"),
-                         arrays.get(f"{i}.values"), len(ids), heads_dim)
+                         arrays.get(f"{i}.values"), len(ids), heads_dim,
+                         kvq if isinstance(layer, QuantizedKVCache) else None)
         for i, (layer, st) in enumerate(zip(cache.layers, layers)):
             layer.set_state(arrays.get(f"{i}.keys"), arrays.get(f"{i}.values"), st["offset"],
                             st["filled"], st["idx"])

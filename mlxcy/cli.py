@@ -132,6 +132,11 @@ def _add_sampling(p):
                    help="refuse prompts where prompt + max tokens exceeds this")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per prefill step (default: the device's)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+                   help="quantize the KV cache to this many bits (default: not quantized; "
+                        "sliding-window layers stay unquantized)")
+    p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="elements per scale and bias of the quantized KV cache")
     p.add_argument("--verbose", "-v", action="store_true", help="print metrics to stderr")
 
 
@@ -426,7 +431,8 @@ def cmd_perplexity(args) -> int:
     if not Path(model).exists():
         raise UsageError(f"{model}: no such model file or directory")
     r = perplexity(model, args.data, sequence_length=args.sequence_length,
-                   batch_size=args.batch_size, num_samples=args.num_samples, dtype=args.dtype)
+                   batch_size=args.batch_size, num_samples=args.num_samples, dtype=args.dtype,
+                   kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     print(f"Perplexity: {r.perplexity:.3f} ± {r.perplexity_stderr:.3f} "
           f"(mean loss {r.loss:.4f} over {r.tokens} tokens in {r.sequences} sequences)")
     return 0
@@ -526,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at most this many sequences (-1: all)")
     x.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="load in this dtype (default: the checkpoint's)")
+    x.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+                   help="run through a KV cache quantized to this many bits (its quality cost)")
+    x.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="elements per scale and bias of the quantized KV cache")
     x.set_defaults(fn=cmd_perplexity)
 
     la = _subparser(sub, "launch", "run a command as N local ranks over MLX's ring backend "

@@ -50,6 +50,7 @@ from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache, LayerCache, RotatingKVCache
+from mlxcy.cache import empty_like, kv_quantization, quantized_cache, check_kv_options
 from mlxcy.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
 from mlxcy.tuning cimport Tuning, current
 
@@ -256,7 +257,7 @@ cdef void take_rows(Cache cache, const na.array& idx) except *:
 
 cdef Cache row_cache(Model model, Cache cache, int row, int pad):
     """A batch-1 cache holding row `row`'s real positions (from its pad on)."""
-    cdef Cache out = model.make_cache()
+    cdef Cache out = empty_like(cache)
     cdef LayerCache src, dst
     cdef na.array k, v
     cdef int n, i, B
@@ -501,10 +502,12 @@ cdef class Engine:
     docstring).  All calls must come from one thread: MLX's streams are
     thread-local.
 
-    Engine(model, max_batch=32, prefill_chunk=None)
+    Engine(model, max_batch=32, prefill_chunk=None, kv_bits=None, kv_group_size=64)
     max_batch: most rows decoding at once (waiting sequences join as rows
     free up); prefill_chunk: prompt tokens per row per step (None: the
-    device's default, see default_prefill_chunk)."""
+    device's default, see default_prefill_chunk); kv_bits: quantize the KV
+    caches the engine makes (mlxcy.cache.QuantizedKVCache; caches given to
+    add() must be of the same kind)."""
     cdef Model model
     cdef readonly int max_batch
     cdef int chunk
@@ -519,16 +522,21 @@ cdef class Engine:
     cdef Model draft              # draft model (speculative decoding), or None
     cdef readonly int num_draft   # tokens it drafts per step
     cdef int spec_cap             # most tokens verified per step (sliding windows bound it)
+    cdef readonly object kv_bits, kv_group_size
+    cdef object kv_kind               # kv_quantization() of the caches it makes
 
     def __init__(self, Model model, int max_batch=32, prefill_chunk=None, Model draft_model=None,
-                 int num_draft=4):
+                 int num_draft=4, kv_bits=None, int kv_group_size=64):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk is None:
             prefill_chunk = default_prefill_chunk()
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        check_kv_options(kv_bits, kv_group_size)
         self.model = model
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.kv_kind = kv_quantization(self.make_cache())
         self.max_batch = max_batch
         self.chunk = prefill_chunk
         self.waiting = deque()
@@ -562,6 +570,10 @@ cdef class Engine:
             self.spec_cap = min(self.spec_cap, _min_window(draft_model) - 1)
         if self.spec_cap < 1:
             self.spec_cap = 0
+
+    def make_cache(self):
+        """An empty cache of the kind this engine uses (see kv_bits)."""
+        return quantized_cache(self.model.make_cache(), self.kv_bits, self.kv_group_size)
 
     # -- admission -----------------------------------------------------------
     def add(self, prompt_ids, Sampler sampler=None, int max_tokens=256, stop_ids=(),
@@ -623,6 +635,9 @@ cdef class Engine:
                                  f"{ids.shape[0]} tokens: at least one must be left to prefill")
             if len(cache.layers) != len(self.model.layers):
                 raise ValueError("cache does not belong to this model (layer count differs)")
+            if kv_quantization(cache) != self.kv_kind:
+                raise ValueError(f"cache: its KV quantization {kv_quantization(cache)} differs "
+                                 f"from the engine's {self.kv_kind} (kv_bits, kv_group_size)")
             s.cache = cache
             ids = ids[cache.offset:]
         s.prompt = ids
@@ -660,7 +675,7 @@ cdef class Engine:
         is its only row and unpadded (no copy), else a copy of the row."""
         cdef Cache out
         if b.rows() == 1 and s.pad == 0:
-            out, b.cache = b.cache, self.model.make_cache()
+            out, b.cache = b.cache, self.make_cache()
             return out
         return row_cache(self.model, b.cache, r, s.pad)
 
@@ -745,7 +760,7 @@ cdef class Engine:
         if s.cache is not None:
             g.cache, s.cache = s.cache, None
         else:
-            g.cache = self.model.make_cache()
+            g.cache = self.make_cache()
         if self.draft is not None:
             g.dcache = self.draft.make_cache()
             if g.cache.offset:      # the target brought a prefix cache: the draft prefills it

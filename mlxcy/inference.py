@@ -50,6 +50,8 @@ class GenerationOptions:
     max_context: int | None = None
     logprobs: bool = False
     prefill_chunk: int | None = None   # None: the device's default (mlxcy.tuning)
+    kv_bits: int | None = None     # quantize the KV cache (mlxcy.cache.QuantizedKVCache)
+    kv_group_size: int = 64
     cancel: object = None          # threading.Event, or a callable returning True to stop
 
     def __post_init__(self):
@@ -102,6 +104,13 @@ class GenerationOptions:
         number("frequency_penalty")
         integer("max_context", 1, none=True)
         integer("prefill_chunk", 1, none=True)
+        integer("kv_bits", 1, 8, none=True)
+        integer("kv_group_size", 1)
+        from mlxcy.cache import check_kv_options
+        try:
+            check_kv_options(self.kv_bits, self.kv_group_size)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
         if self.seed is not None:
             integer("seed", 0, 2**64 - 1)
         if self.logit_bias is not None:
@@ -152,6 +161,67 @@ class GenerationOptions:
         return bool(c())
 
 
+# Every GenerationOptions field, as the docstrings of the generation methods
+# list them (tests/test_api_docs.py checks that each field is described).
+OPTIONS_DOC = """
+Options (keywords; GenerationOptions fields):
+    max_tokens=256          most tokens to generate (0: none)
+    temperature=0.0         sampling temperature; 0 is greedy
+    top_k=0                 keep the k most likely tokens (0: all)
+    top_p=1.0               nucleus sampling: the smallest set with this probability mass
+    min_p=0.0               drop tokens below min_p times the top token's probability
+    repetition_penalty=1.0  divide the logits of recent tokens by this (1: off)
+    repetition_context_size=20  how many recent tokens repetition_penalty looks at
+    presence_penalty=0.0    subtracted from the logits of tokens already generated
+    frequency_penalty=0.0   subtracted per occurrence of a token already generated
+    logit_bias=None         {token id: added logit}
+    seed=None               random seed for sampling
+    stop=[]                 stop strings (a str or a list); the text stops before them
+    stop_ids=[]             token ids that end generation (besides the tokenizer's EOS)
+    max_context=None        refuse prompt + max_tokens beyond this many tokens
+    logprobs=False          give each Token its log-probability
+    prefill_chunk=None      prompt tokens per prefill step (None: the device's default)
+    kv_bits=None            quantize the KV cache to 2-8 bits (None: float); sliding-window
+                            layers stay float
+    kv_group_size=64        elements per scale and bias of the quantized KV cache (32, 64, 128)
+    cancel=None             a threading.Event, or a callable returning True, that stops
+                            generation
+Unknown names raise TypeError; out-of-range values ValueError naming the option.
+"""
+
+
+def _options_doc(summary):
+    """Decorator: the method's docstring is `summary` plus OPTIONS_DOC."""
+    def deco(fn):
+        fn.__doc__ = summary.rstrip() + "\n" + OPTIONS_DOC
+        return fn
+    return deco
+
+
+_GENERATE = "Generate a continuation of a plain-text prompt; returns the text."
+_CHAT = ("Reply to a conversation, messages = [{'role': 'system'|'user'|'assistant', "
+         "'content': str}, ...];\nreturns the reply's text.")
+_STREAM = "Stream the continuation of a plain-text prompt as Token(id, text, logprob) items."
+_STREAM_CHAT = ("Stream the reply to `messages` as Token items.  The mlx backend keeps the\n"
+                "session's KV cache: a next turn that extends this one prefills only the new\n"
+                "tokens (chat_kwargs: extra variables for the chat template).")
+_STREAM_IDS = "Stream the continuation of a prompt given as token ids."
+_BATCH = ("Decode many prompts together; returns a BatchGeneration (input order).\n"
+          "options: a list of one dict per prompt overriding the keyword options for it\n"
+          "(logprobs, prefill_chunk, kv_bits, kv_group_size and cancel are batch-wide);\n"
+          "batch_size: most prompts decoding at once (default: all).  Greedy decoding\n"
+          "gives each prompt's single-prompt tokens (mlxcy.batch.batch_generate).")
+_CLASSIFY = """The next-token distribution after each prompt, in batches; one
+ClassifyResult per prompt (input order).
+
+    labels=None          candidate continuations: each gets its log-likelihood
+                         (teacher-forced over its tokens) in .scores, the best in .label
+    top_k=5              the top_k most likely next tokens (.top_ids, .top_probs)
+    return_logits=False  also give the raw last-position logits (.logits)
+    batch_size=None      prompts per forward (default 16), bucketed by length
+"""
+
+
 @dataclass
 class Metrics:
     """Figures of the last generate/stream call."""
@@ -182,15 +252,19 @@ class TextModel:
 
     backend = "?"
 
+    @_options_doc(_GENERATE)
     def generate(self, prompt: str, **opts) -> str:
         return "".join(t.text for t in self.stream(prompt, **opts))
 
+    @_options_doc(_CHAT)
     def chat(self, messages: list[dict], **opts) -> str:
         return "".join(t.text for t in self.stream_chat(messages, **opts))
 
+    @_options_doc(_STREAM)
     def stream(self, prompt: str, **opts) -> Iterator[Token]:
         raise NotImplementedError
 
+    @_options_doc(_STREAM_CHAT)
     def stream_chat(self, messages: list[dict], **opts) -> Iterator[Token]:
         raise NotImplementedError
 
@@ -200,12 +274,14 @@ class TextModel:
     def metrics(self) -> Metrics:
         raise NotImplementedError
 
-    def classify(self, prompts, **kw):
-        """Last-position distributions of many prompts (see mlxcy.batch.classify)."""
+    def classify(self, prompts, *, labels=None, top_k=5, return_logits=False,
+                 batch_size=None):
         raise NotImplementedError(f"classify is not available with the {self.backend!r} backend")
 
-    def batch_generate(self, prompts, **kw):
-        """Generate for many prompts together (see mlxcy.batch.batch_generate)."""
+    classify.__doc__ = _CLASSIFY
+
+    @_options_doc(_BATCH)
+    def batch_generate(self, prompts, *, options=None, batch_size=None, **opts):
         raise NotImplementedError(
             f"batch_generate is not available with the {self.backend!r} backend")
 
@@ -272,8 +348,8 @@ class MlxTextModel(TextModel):
         if self._closed:
             raise ValueError("this model has been closed")
 
+    @_options_doc(_STREAM)
     def stream(self, prompt: str, **opts) -> Iterator[Token]:
-        """Stream tokens for a plain-text prompt (a fresh cache each call)."""
         self._check_open()
         o = GenerationOptions.from_kwargs(opts)
         if not isinstance(prompt, str):
@@ -282,17 +358,15 @@ class MlxTextModel(TextModel):
         cache = self.model.make_cache()
         return self._run(ids, cache, o, own_cache=True)
 
+    @_options_doc(_STREAM_IDS)
     def stream_ids(self, ids: list[int], **opts) -> Iterator[Token]:
-        """Stream tokens for a prompt given as token ids."""
         self._check_open()
         o = GenerationOptions.from_kwargs(opts)
         return self._run(list(ids), self.model.make_cache(), o, own_cache=True)
 
+    @_options_doc(_STREAM_CHAT)
     def stream_chat(self, messages: list[dict], chat_kwargs: dict | None = None,
                     **opts) -> Iterator[Token]:
-        """Stream a reply to `messages`.  The session keeps its KV cache, so a
-        later call whose rendered prompt extends this one's (the next turn)
-        prefills only the new tokens."""
         self._check_open()
         o = GenerationOptions.from_kwargs(opts)
         text = self.apply_chat_template(messages, add_generation_prompt=True, **(chat_kwargs or {}))
@@ -300,14 +374,23 @@ class MlxTextModel(TextModel):
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
-        cache, new_ids = self._reuse_session(ids)
+        cache, new_ids = self._reuse_session(ids, o)
         return self._run(new_ids, cache, o, own_cache=False, full_ids=ids)
 
-    def _reuse_session(self, ids):
-        """Trim the session cache to the longest common prefix with `ids`."""
+    def _new_cache(self, o):
+        from mlxcy.cache import quantized_cache
+        return quantized_cache(self.model.make_cache(), o.kv_bits, o.kv_group_size)
+
+    def _reuse_session(self, ids, o):
+        """Trim the session cache to the longest common prefix with `ids`
+        (a new cache when kv_bits changed)."""
+        from mlxcy.cache import kv_quantization
         cache = self._session_cache
+        if cache is not None and kv_quantization(cache) != kv_quantization(self._new_cache(o)):
+            self.reset_session()
+            cache = None
         if cache is None:
-            cache = self._session_cache = self.model.make_cache()
+            cache = self._session_cache = self._new_cache(o)
             self._session_ids = []
         old = self._session_ids
         n = 0
@@ -316,7 +399,7 @@ class MlxTextModel(TextModel):
             n += 1
         if cache.offset != len(old) or not _trimmable(cache, len(old) - n):
             cache.free()
-            cache = self._session_cache = self.model.make_cache()
+            cache = self._session_cache = self._new_cache(o)
             n = 0
         elif len(old) > n:
             cache.trim(len(old) - n)
@@ -370,7 +453,8 @@ class MlxTextModel(TextModel):
             if o.max_tokens == 0 or o.cancelled():
                 reason = "cancelled" if o.cancelled() else "length"
                 return
-            eng = Engine(self.model, max_batch=1, prefill_chunk=o.prefill_chunk)
+            eng = Engine(self.model, max_batch=1, prefill_chunk=o.prefill_chunk,
+                         kv_bits=o.kv_bits, kv_group_size=o.kv_group_size)
             sid = eng.add(prompt, sampler=sampler_for(o), max_tokens=o.max_tokens,
                           stop_ids=set(self.tokenizer.eos_ids) | set(o.stop_ids),
                           logprobs=o.logprobs, cache=None if own_cache else cache,
@@ -430,19 +514,20 @@ class MlxTextModel(TextModel):
         self._session_ids = list(ids[:cache.offset])
 
     # -- batches -----------------------------------------------------------------
-    def classify(self, prompts, **kw):
-        """Top-k ids/probabilities, label scores or logits of the last position
-        for each prompt, in batches (mlxcy.batch.classify)."""
+    def classify(self, prompts, *, labels=None, top_k=5, return_logits=False,
+                 batch_size=None):
         self._check_open()
         from mlxcy.batch import classify
-        return classify(self, prompts, **kw)
+        return classify(self, prompts, labels=labels, top_k=top_k,
+                        return_logits=return_logits, batch_size=batch_size)
 
-    def batch_generate(self, prompts, **kw):
-        """Decode many prompts together; results in input order
-        (mlxcy.batch.batch_generate)."""
+    classify.__doc__ = _CLASSIFY
+
+    @_options_doc(_BATCH)
+    def batch_generate(self, prompts, *, options=None, batch_size=None, **opts):
         self._check_open()
         from mlxcy.batch import batch_generate
-        return batch_generate(self, prompts, **kw)
+        return batch_generate(self, prompts, options=options, batch_size=batch_size, **opts)
 
     # -- bookkeeping -----------------------------------------------------------
     def metrics(self) -> Metrics:

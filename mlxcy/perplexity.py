@@ -12,6 +12,11 @@ before it in its sequence.  Perplexity is exp(mean negative log-likelihood);
 its standard error follows by the delta method from the standard error of the
 mean token loss.
 
+With kv_bits, every batch runs over a fresh quantized KV cache
+(mlxcy.cache.QuantizedKVCache): every attention read, of each position's own
+and earlier keys and values, goes through the quantization, the cost that
+generation with kv_bits pays over its whole context.
+
 The data: a .jsonl file in mlx-lm's training formats ("text",
 "prompt"/"completion", or chat "messages", rendered with the model's chat
 template), or any other file read as UTF-8 text.
@@ -53,17 +58,23 @@ def data_tokens(path, tokenizer, template=None) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=True)
 
 
-def token_losses(model, ids) -> np.ndarray:
+def token_losses(model, ids, kv_bits=None, kv_group_size=64) -> np.ndarray:
     """Negative log-likelihood of ids[:, 1:] given the tokens before them, for
-    a batch ids [B, L] (float64 numpy [B, L-1])."""
+    a batch ids [B, L] (float64 numpy [B, L-1]); kv_bits: through a quantized
+    KV cache."""
     import mlxcy as mx
+    from mlxcy.cache import quantized_cache
     x = mx.array(np.ascontiguousarray(ids[:, :-1], dtype=np.int32))
     y = mx.array(np.ascontiguousarray(ids[:, 1:], dtype=np.int32))
-    with model(x) as logits:
+    cache = None if kv_bits is None else quantized_cache(model.make_cache(), kv_bits,
+                                                         kv_group_size)
+    with model(x, cache=cache) as logits:
         with logits.astype(mx.float32) as lg:
             with mx.logsumexp(lg, axis=-1) as lse, \
                     mx.take_along_axis(lg, mx.expand_dims(y, -1), axis=-1) as picked:
                 nll = (lse - mx.squeeze(picked, -1)).numpy().astype(np.float64)
+    if cache is not None:
+        cache.free()
     x.free()
     y.free()
     return nll
@@ -90,11 +101,17 @@ def _resolve(model, tokenizer, dtype):
 
 def perplexity(model, data, sequence_length: int = 512, batch_size: int = 4,
                num_samples: int = -1, dtype=None, tokenizer=None,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, kv_bits=None, kv_group_size: int = 64) -> PerplexityResult:
     """Perplexity of `model` (a path, an mlxcy.load() model, or a native Model
-    with tokenizer=) on `data` (a file path, or a list of token ids)."""
+    with tokenizer=) on `data` (a file path, or a list of token ids); kv_bits
+    (2-8) and kv_group_size: through a quantized KV cache (module docstring)."""
     from mlxcy import _progress
+    from mlxcy.cache import check_kv_options
     from mlxcy.errors import OptionError
+    try:
+        check_kv_options(kv_bits, kv_group_size)
+    except ValueError as e:
+        raise OptionError(f"perplexity: {e}") from None
     for name, v, lo in (("sequence_length", sequence_length, 2), ("batch_size", batch_size, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise OptionError(f"perplexity: {name} must be an int >= {lo}, got {v!r}")
@@ -119,7 +136,8 @@ def perplexity(model, data, sequence_length: int = 512, batch_size: int = 4,
         losses = []
         bar = _progress.bar(total=n, desc="perplexity", unit="seq", show=progress)
         for i in range(0, n, batch_size):
-            losses.append(token_losses(m, seqs[i:i + batch_size]).ravel())
+            losses.append(token_losses(m, seqs[i:i + batch_size], kv_bits,
+                                       kv_group_size).ravel())
             bar.update(len(seqs[i:i + batch_size]))
         bar.close()
     finally:

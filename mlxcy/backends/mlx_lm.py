@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mlxcy.inference import GenerationOptions, Metrics, TextModel, Token
+from mlxcy.inference import (GenerationOptions, Metrics, TextModel, Token, _options_doc,
+                              _STREAM, _STREAM_IDS, _STREAM_CHAT)
 
 
 def hf_dir_for(path: Path, dtype: str = "float32") -> Path:
@@ -51,14 +52,17 @@ class MlxLmTextModel(TextModel):
             frequency_penalty=o.frequency_penalty or None)
         return sampler, procs
 
+    @_options_doc(_STREAM)
     def stream(self, prompt, **opts):
         o = GenerationOptions.from_kwargs(opts)
         ids = self.tokenizer.encode(prompt)
         return self._run(ids, o)
 
+    @_options_doc(_STREAM_IDS)
     def stream_ids(self, ids, **opts):
         return self._run(list(ids), GenerationOptions.from_kwargs(opts))
 
+    @_options_doc(_STREAM_CHAT)
     def stream_chat(self, messages, chat_kwargs=None, **opts):
         o = GenerationOptions.from_kwargs(opts)
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -88,9 +92,12 @@ class MlxLmTextModel(TextModel):
             m.stop_reason = "cancelled" if o.cancelled() else "length"
             return
         # prefill_chunk None: mlx-lm's own default step (2048)
+        kv = {} if o.kv_bits is None else {"kv_bits": o.kv_bits,
+                                           "kv_group_size": o.kv_group_size,
+                                           "quantized_kv_start": 0}
         for r in mlx_lm.stream_generate(self.model, self.tokenizer, ids, max_tokens=o.max_tokens,
                                         sampler=sampler, logits_processors=procs,
-                                        prefill_step_size=o.prefill_chunk or 2048):
+                                        prefill_step_size=o.prefill_chunk or 2048, **kv):
             m.generated_tokens = r.generation_tokens
             m.prefill_tokens_per_second = r.prompt_tps
             m.decode_tokens_per_second = r.generation_tps

@@ -1,7 +1,9 @@
 """Adapters in mlx-lm's layout, and fusing them into a saved model.
 
     adapters.safetensors   model.layers.N.<key>.lora_a [in, r], .lora_b [r, out]
-    adapter_config.json    {"fine_tune_type": "lora", "num_layers": N,
+                           (+ .m [out] for DoRA; for full fine-tuning the top N
+                           blocks' own tensors, model.layers.N.<module>.weight/.bias)
+    adapter_config.json    {"fine_tune_type": "lora" | "dora" | "full", "num_layers": N,
                             "lora_parameters": {"rank", "scale", "dropout", "keys"}, ...}
 
 so `mlx_lm.load(model, adapter_path=dir)` loads ours and load_adapters() loads
@@ -50,9 +52,15 @@ def read_adapter_config(path) -> dict:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{p}: invalid JSON: {e}") from None
+    from mlxcy.train.lora import FINE_TUNE_TYPES
     ftype = cfg.get("fine_tune_type", "lora")
-    if ftype != "lora":
-        raise AdapterError(f"{p}: fine_tune_type {ftype!r} is not supported (only 'lora')")
+    if ftype not in FINE_TUNE_TYPES:
+        raise AdapterError(f"{p}: fine_tune_type {ftype!r} is not supported (choose from "
+                           f"{', '.join(FINE_TUNE_TYPES)})")
+    if "num_layers" not in cfg:
+        raise AdapterError(f"{p}: no num_layers")
+    if ftype == "full":
+        return cfg
     lp = cfg.get("lora_parameters")
     if not isinstance(lp, dict) or "rank" not in lp or "scale" not in lp:
         raise AdapterError(f"{p}: lora_parameters must give 'rank' and 'scale'")
@@ -68,23 +76,33 @@ def load_adapters(model, path, filename: str | None = None, strict: bool = True)
     from mlxcy.train.lora import LoRA, KEYS
     d = Path(path)
     cfg = read_adapter_config(d)
-    lp = cfg["lora_parameters"]
+    ftype = cfg.get("fine_tune_type", "lora")
     f = d / (filename or ADAPTER_FILE)
     weights, _ = read_safetensors(f)
+    num_layers = int(cfg["num_layers"])
+    nblocks = len(model.layers) if hasattr(model, "layers") else model.config.num_hidden_layers
+    num_layers = -1 if num_layers < 0 or num_layers > nblocks else num_layers
+    if ftype == "full":
+        try:
+            lora = LoRA(model, num_layers=num_layers, fine_tune_type="full")
+            lora.set_parameters(weights, strict=strict)
+        except ValueError as e:
+            raise AdapterError(f"{d}: {e}") from None
+        return lora
+    lp = cfg["lora_parameters"]
     keys = lp.get("keys")
     if keys is None:      # mlx-lm: every linear layer of the adapted blocks
         present = {k.split(".", 3)[3].rsplit(".", 1)[0] for k in weights
                    if k.startswith("model.layers.")}
         keys = [k for k in KEYS if k in present]
-    bad = [k for k in weights if not k.endswith((".lora_a", ".lora_b"))]
+    leaves = (".lora_a", ".lora_b", ".m") if ftype == "dora" else (".lora_a", ".lora_b")
+    bad = [k for k in weights if not k.endswith(leaves)]
     if bad:
-        raise AdapterError(f"{f}: not LoRA tensors: {bad[:5]}")
-    num_layers = int(cfg["num_layers"])
-    nblocks = len(model.layers) if hasattr(model, "layers") else model.config.num_hidden_layers
+        raise AdapterError(f"{f}: not {ftype.upper()} tensors: {bad[:5]}")
     try:
         lora = LoRA(model, rank=int(lp["rank"]), scale=float(lp["scale"]),
                     dropout=float(lp.get("dropout", 0.0)), keys=keys,
-                    num_layers=-1 if num_layers < 0 or num_layers > nblocks else num_layers)
+                    num_layers=num_layers, fine_tune_type=ftype)
         lora.set_parameters(weights, strict=strict)
     except ValueError as e:
         raise AdapterError(f"{d}: {e}") from None

@@ -10,7 +10,7 @@ import sys
 
 __all__ = ["add_parser", "cmd_lora", "cmd_fuse", "load_for_training", "FINE_TUNE_TYPES"]
 
-FINE_TUNE_TYPES = ("lora",)
+FINE_TUNE_TYPES = ("lora", "dora", "full")   # mlxcy.train.lora.FINE_TUNE_TYPES
 
 
 def load_for_training(model_path, dtype=None):
@@ -61,10 +61,15 @@ def cmd_lora(args) -> int:
         from pathlib import Path
         lora = load_adapters(model, Path(args.resume_adapter_file).parent)
     else:
-        lora = LoRA(model, rank=args.rank, scale=args.scale, dropout=args.dropout,
-                    keys=args.keys, num_layers=args.num_layers, seed=args.seed,
-                    compute_dtype=args.dtype)
-    print(f"Trainable parameters: {lora.nparams():,} in {len(lora)} adapters")
+        try:
+            lora = LoRA(model, rank=args.rank, scale=args.scale, dropout=args.dropout,
+                        keys=args.keys, num_layers=args.num_layers, seed=args.seed,
+                        compute_dtype=args.dtype, fine_tune_type=args.fine_tune_type)
+        except ValueError as e:
+            model.close()
+            raise UsageError(f"--fine-tune-type {args.fine_tune_type}: {e}") from None
+    what = "tensors" if lora.fine_tune_type == "full" else f"{lora.fine_tune_type.upper()} adapters"
+    print(f"Trainable parameters: {lora.nparams():,} in {len(lora)} {what}")
     cfg = TrainConfig(iters=args.iters, batch_size=args.batch_size,
                       learning_rate=args.learning_rate, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, schedule=args.lr_schedule,
@@ -116,14 +121,17 @@ def _memory_limit(text):
 def add_parser(subparsers, formatter_class=None) -> None:
     """Register `lora` and `fuse` on an argparse subparsers object."""
     kw = {"formatter_class": formatter_class} if formatter_class else {}
-    t = subparsers.add_parser("lora", help="LoRA fine-tuning (mlx-lm's data and adapter formats)",
+    t = subparsers.add_parser("lora", help="LoRA, DoRA or full fine-tuning (mlx-lm's data "
+                                           "and adapter formats)",
                               description="LoRA fine-tuning on mlx-lm's train.jsonl / "
                                           "valid.jsonl; adapters in mlx-lm's format.", **kw)
     t.add_argument("--model", required=True, help="model directory or .gguf file")
     t.add_argument("--data", required=True, help="directory with train.jsonl, valid.jsonl "
                                                  "(and test.jsonl for --test)")
     t.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default="lora",
-                   help="mlx-lm's option; only lora (low-rank adapters) is implemented")
+                   help="lora: low-rank adapters; dora: LoRA plus a learned magnitude per "
+                        "output (DoRA); full: every tensor of the top --num-layers blocks "
+                        "(float models only; --rank/--scale/--dropout/--keys unused)")
     t.add_argument("--iters", type=int, default=100, help="optimizer updates")
     t.add_argument("--batch-size", type=int, default=4, help="examples per step")
     t.add_argument("--learning-rate", type=float, default=1e-5, help="peak learning rate")
@@ -187,8 +195,10 @@ def add_parser(subparsers, formatter_class=None) -> None:
                    help="seed of the adapters' initialisation and the batch order")
     t.set_defaults(fn=cmd_lora)
 
-    f = subparsers.add_parser("fuse", help="fold LoRA adapters into a model and save it",
-                              description="Fold LoRA adapters into a model and save a model "
+    f = subparsers.add_parser("fuse", help="fold LoRA/DoRA adapters (or fully fine-tuned "
+                                           "layers) into a model and save it",
+                              description="Fold LoRA/DoRA adapters or fully fine-tuned layers "
+                                          "into a model and save a model "
                                           "directory (a GGUF base's tokenizer is written too).",
                               **kw)
     f.add_argument("--model", required=True, help="the base model: directory or .gguf file")

@@ -8,6 +8,18 @@
 The adapter of a Linear is mlx-lm's LoRALinear: y = W x + scale * (drop(x) @ A) @ B
 with A [in, r] (uniform +-1/sqrt(in)) and B [r, out] (zeros).
 
+fine_tune_type="dora" is mlx-lm's DoRALinear: a magnitude m [out] (float32,
+initially the row norms of W) on top of the low-rank update,
+    y = g * (W x + scale * (drop(x) @ A) @ B) + bias,
+    g = m / stop_gradient(||W + scale * (A @ B).T||_row).
+The layer runs it as a plain LoRA layer over installed arrays: weight g[:, None] * W
+and lora_b B * g (the same values and gradients); a quantized base is
+dequantized once (its Linear holds the float weight while the adapter is on).
+
+fine_tune_type="full" trains every tensor of the top num_layers blocks (mlx-lm's
+full fine-tuning): the model's own weights are the parameters, installed into
+its layers on each step (float bases only).
+
 The training step is a native closure over Model.forward: MLX's value_and_grad
 calls it with the adapter arrays (the tracers) as inputs; it installs them in
 the Linear layers, runs the model and the masked cross-entropy, and the
@@ -35,7 +47,7 @@ from mlxcy.native cimport memory as nmem
 from mlxcy.native.transforms cimport ArrayFn, Compiled
 from libc.stdint cimport uintptr_t
 from mlxcy.native.array cimport heap
-from mlxcy.nn cimport Linear
+from mlxcy.nn cimport Linear, RMSNorm
 from mlxcy.models.base cimport Model, Block
 from mlxcy.train.optim cimport Optimizer, clip_global_norm, add_all, scale_all
 
@@ -43,7 +55,9 @@ import mlxcy.core as _core
 from mlxcy.nn import quantize as _quantize, dequantize as _dequantize
 
 __all__ = ["LoRA", "TrainStep", "KEYS", "DEFAULT_KEYS", "normalize_keys", "cross_entropy",
-           "make_batch_arrays"]
+           "make_batch_arrays", "FINE_TUNE_TYPES"]
+
+FINE_TUNE_TYPES = ("lora", "dora", "full")
 
 # a decoder layer's linear layers, as the model specs name them (mlx-lm's names)
 from mlxcy.models.spec import LAYER_LINEARS as KEYS
@@ -170,9 +184,14 @@ cdef class LoRA:
 
     def __init__(self, Model model, int rank=8, double scale=20.0, double dropout=0.0,
                  keys=None, int num_layers=16, seed=0, dtype="float32", compute_dtype=None,
-                 alpha=None):
+                 alpha=None, fine_tune_type="lora"):
         if model is None or model.closed:
             raise ValueError("LoRA: the model is closed")
+        if fine_tune_type not in FINE_TUNE_TYPES:
+            raise ValueError(f"LoRA: fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, "
+                             f"got {fine_tune_type!r}")
+        self.fine_tune_type = fine_tune_type
+        self.per = {"lora": 2, "dora": 3, "full": 1}[fine_tune_type]
         if rank < 1:
             raise ValueError(f"LoRA: rank must be >= 1, got {rank}")
         if not (0.0 <= dropout < 1.0):
@@ -196,10 +215,15 @@ cdef class LoRA:
         self.compute_code = -1 if cdt == st else cdt.code
         self.names, self.layers, self.block_of = [], [], []
         self.originals = {}
+        self.bases, self.dweights = [], []
+        self.kinds, self.offsets, self.codes = [], [], []
+        if fine_tune_type == "full":
+            self._init_full(st)
+            return
         rng = np.random.default_rng(seed)
         cdef Linear lin
         cdef Block blk
-        cdef Array a, b
+        cdef Array a, b, w
         for i in range(nblocks - self.num_layers, nblocks):
             blk = <Block>model.layers[i]
             for key in self.keys:
@@ -214,6 +238,16 @@ cdef class LoRA:
                 b = to_array(np.zeros((rank, lin.out_features), np.float32)).astype(st)
                 self.params[0].push_back(handle(a)[0])
                 self.params[0].push_back(handle(b)[0])
+                if fine_tune_type == "dora":
+                    base = lin.base_arrays()
+                    w = _float_weight(lin, base)
+                    self.bases.append(base)
+                    self.dweights.append(w)
+                    # m: the row norms of the base weight (float32), as mlx-lm's set_linear
+                    self.params[0].push_back(nops.sqrt(nops.sum(
+                        nops.square(nnn.astype(handle(w)[0], na.float32)), 1, False)))
+                    if lin.quantized:      # the layer runs float weights while adapted
+                        _set_linear(lin, w, None, None, False)
                 self.names.append(f"model.layers.{i}.{key}")
                 self.layers.append(lin)
                 self.block_of.append(i)
@@ -222,11 +256,74 @@ cdef class LoRA:
             lin.lora_dropout = dropout
         self._install(self.params[0])
 
+    def _init_full(self, st):
+        """Full fine-tuning: every tensor of the top num_layers blocks, as HF names them."""
+        cdef Model model = self.model
+        cdef Block blk
+        cdef Linear lin
+        cdef RMSNorm nm
+        cdef na.array src
+        spec = model.config.spec
+        off = float(spec.norm_offset)
+        nblocks = len(model.layers)
+        for i in range(nblocks - self.num_layers, nblocks):
+            blk = <Block>model.layers[i]
+            p = f"model.layers.{i}."
+            units = []
+            for key in KEYS:
+                lin = _module(blk, key)
+                if lin is None:
+                    raise ValueError(f"LoRA: full fine-tuning needs unfused layers "
+                                     f"(model.layers.{i} has no {key})")
+                if lin.quantized:
+                    raise ValueError(f"LoRA: full fine-tuning of a quantized model is not "
+                                     f"supported ({p}{key} is quantized): use a float model")
+                if lin.has_lora:
+                    raise ValueError(f"LoRA: {p}{key} already has an adapter")
+                units.append((p + key + ".weight", lin, 0, 0.0))
+                if lin.bias != NULL:
+                    units.append((p + key + ".bias", lin, 1, 0.0))
+            if blk.attn.q_norm is not None:
+                units.append((p + "self_attn.q_norm.weight", blk.attn.q_norm, 2, off))
+                units.append((p + "self_attn.k_norm.weight", blk.attn.k_norm, 2, off))
+            norms = (blk.input_norm, blk.post_attn_norm, blk.pre_ff_norm, blk.post_ff_norm)
+            for name, norm in zip(spec.block_norms, norms):
+                if norm is not None:
+                    units.append((p + name + ".weight", norm, 2, off))
+            for name, obj, kind, o in units:
+                if kind == 0:
+                    src = (<Linear>obj).weight[0]
+                elif kind == 1:
+                    src = (<Linear>obj).bias[0]
+                else:
+                    nm = <RMSNorm>obj
+                    src = nm.weight[0]
+                self.names.append(name)
+                self.layers.append(obj)
+                self.block_of.append(i)
+                self.kinds.append(kind)
+                self.offsets.append(o)
+                self.codes.append(wrap(new na.array(src)).dtype)
+                self.params[0].push_back(nnn.astype(src, na.dtype_from_code(st.code)))
+        ev = vector[na.array](self.params[0])
+        with nogil:
+            ntr.eval(ev)
+        self._install(self.params[0])
+
     # -- installing arrays into the layers -------------------------------------
     cdef int _install_range(self, const vector[na.array]& p, size_t off, size_t first,
                             size_t count) except -1:
         cdef size_t k
         cdef Linear lin
+        if self.per == 3:
+            for k in range(count):
+                self._install_dora(first + k, p[off + 3 * k], p[off + 3 * k + 1],
+                                   p[off + 3 * k + 2])
+            return 0
+        if self.per == 1:
+            for k in range(count):
+                self._install_full(first + k, p[off + k])
+            return 0
         for k in range(count):
             lin = <Linear>self.layers[first + k]
             _del(&lin.lora_a)
@@ -241,6 +338,51 @@ cdef class LoRA:
                 lin.lora_b = new na.array(p[off + 2 * k + 1])
         return 0
 
+    cdef int _install_dora(self, size_t j, const na.array& a, const na.array& b,
+                           const na.array& m) except -1:
+        """weight g[:, None] * W and lora_b B * g[None, :], g = m / ||W + s (A B).T||_row
+        (the norm without gradient): the layer's forward is then DoRA's."""
+        cdef Linear lin = <Linear>self.layers[j]
+        cdef na.array w = handle(<Array>self.dweights[j])[0]
+        cdef na.array wf = nnn.astype(w, na.float32)
+        cdef na.array bf = nnn.astype(b, na.float32)
+        cdef na.array ab = nnn.matmul(nnn.astype(a, na.float32), bf)             # [in, out]
+        cdef na.array adapted = nnn.add(wf, nnn.transpose(
+            nnn.multiply(ab, nnn.scalar(self.scale, na.float32)), [1, 0]))
+        cdef na.array denom = nops.stop_gradient(nops.sqrt(nops.sum(nops.square(adapted), 1,
+                                                                    False)))
+        cdef na.array g = nnn.divide(nnn.astype(m, na.float32), denom)         # [out]
+        cdef int out = lin.out_features
+        cdef na.Dtype cd = b.dtype() if self.compute_code < 0 else \
+            na.dtype_from_code(self.compute_code)
+        _del(&lin.weight)
+        lin.weight = heap(nnn.astype(nnn.multiply(nnn.reshape(g, na.shape2(out, 1)), wf),
+                                     w.dtype()))
+        _del(&lin.lora_a)
+        _del(&lin.lora_b)
+        lin.lora_a = heap(nnn.astype(a, cd))
+        lin.lora_b = heap(nnn.astype(nnn.multiply(bf, nnn.reshape(g, na.shape2(1, out))), cd))
+        return 0
+
+    cdef int _install_full(self, size_t j, const na.array& t) except -1:
+        cdef int kind = self.kinds[j]
+        cdef na.Dtype dt = na.dtype_from_code(self.codes[j].code)
+        cdef Linear lin
+        cdef RMSNorm nm
+        if kind == 2:
+            nm = <RMSNorm>self.layers[j]
+            _del(&nm.weight)
+            nm.weight = heap(nnn.astype(t, dt))
+            return 0
+        lin = <Linear>self.layers[j]
+        if kind == 0:
+            _del(&lin.weight)
+            lin.weight = heap(nnn.astype(t, dt))
+        else:
+            _del(&lin.bias)
+            lin.bias = heap(nnn.astype(t, dt))
+        return 0
+
     cdef int _install(self, const vector[na.array]& p) except -1:
         if self.merged:
             raise ValueError("LoRA: the adapters are merged into the weights (unmerge() first)")
@@ -252,11 +394,18 @@ cdef class LoRA:
 
     def remove(self):
         """Detach the adapters from the layers (the model is its base again)."""
-        for lin in self.layers:
+        if self.fine_tune_type == "full":
+            raise ValueError("LoRA: full fine-tuning trains the model's own weights; there is "
+                             "no adapter to remove (load the model again for its base)")
+        for j, lin in enumerate(self.layers):
             (<Linear>lin).clear_lora()
+            if self.fine_tune_type == "dora" and not self.merged:
+                _restore(<Linear>lin, self.bases[j])
 
     def train(self, bint mode=True):
         """Dropout on (training) or off (evaluation)."""
+        if self.fine_tune_type == "full":
+            return
         for lin in self.layers:
             (<Linear>lin).training = mode
 
@@ -272,11 +421,24 @@ cdef class LoRA:
         return sum(int(self.params[0][i].size()) for i in range(self.params[0].size()))
 
     def parameter_names(self):
-        return [f"{n}.{s}" for n in self.names for s in ("lora_a", "lora_b")]
+        if self.per == 1:
+            return list(self.names)
+        leaves = ("lora_a", "lora_b", "m")[:self.per]
+        return [f"{n}.{s}" for n in self.names for s in leaves]
 
     def parameters(self):
-        """{'model.layers.N.<key>.lora_a' | '.lora_b': Array} (mlx-lm's names)."""
-        return dict(zip(self.parameter_names(), _list(self.params[0])))
+        """{'model.layers.N.<key>.lora_a' | '.lora_b' (| '.m' for DoRA): Array}
+        (mlx-lm's names); for full fine-tuning the blocks' tensors by their
+        checkpoint names, in the model's dtypes (norms as checkpoints store them)."""
+        if self.per != 1:
+            return dict(zip(self.parameter_names(), _list(self.params[0])))
+        out = {}
+        for j, (name, a) in enumerate(zip(self.names, _list(self.params[0]))):
+            a = a.astype(self.codes[j])
+            if self.offsets[j]:
+                a = a - self.offsets[j]
+            out[name] = a
+        return out
 
     def parameter_list(self):
         return _list(self.params[0])
@@ -298,6 +460,8 @@ cdef class LoRA:
         for k, v in weights.items():
             i = index[k]
             a = v if isinstance(v, Array) else to_array(np.asarray(v))
+            if self.per == 1 and self.offsets[i]:
+                a = a.astype(_core.float32) + self.offsets[i]
             want = tuple(self.params[0][i].shape(d) for d in range(self.params[0][i].ndim()))
             if tuple(a.shape) != want:
                 raise ValueError(f"LoRA: {k} has shape {tuple(a.shape)}, expected {want}")
@@ -310,15 +474,21 @@ cdef class LoRA:
 
     def config(self):
         """mlx-lm's adapter_config.json fields for these adapters."""
-        return {"fine_tune_type": "lora", "num_layers": self.num_layers,
+        if self.fine_tune_type == "full":
+            return {"fine_tune_type": "full", "num_layers": self.num_layers,
+                    "lora_parameters": None}
+        return {"fine_tune_type": self.fine_tune_type, "num_layers": self.num_layers,
                 "lora_parameters": {"rank": self.rank, "scale": self.scale,
                                     "dropout": self.dropout, "keys": list(self.keys)}}
 
     # -- merge / unmerge / fuse ------------------------------------------------------
     def delta(self, int j):
         """scale * (A @ B).T for adapter j, float32 [out, in]."""
-        cdef na.array d = nnn.transpose(nnn.matmul(nnn.astype(self.params[0][2 * j], na.float32),
-                                                   nnn.astype(self.params[0][2 * j + 1],
+        if self.per == 1:
+            raise ValueError("LoRA: full fine-tuning has no low-rank deltas")
+        cdef int o = self.per * j
+        cdef na.array d = nnn.transpose(nnn.matmul(nnn.astype(self.params[0][o], na.float32),
+                                                   nnn.astype(self.params[0][o + 1],
                                                               na.float32)),
                                         [1, 0])
         return wrap(heap(nnn.multiply(d, nnn.scalar(self.scale, na.float32))))
@@ -329,13 +499,27 @@ cdef class LoRA:
         dequantized, merged and requantized with their group size and bits
         (unless dequantize). Uses the unmerged base weights."""
         out = {}
+        if self.per == 1:       # full: the trained tensors themselves
+            out = self.parameters()
+            _core_eval(out)
+            return out
         for j, (name, lin) in enumerate(zip(self.names, self.layers)):
-            base = self.originals.get(name) or (<Linear>lin).base_arrays()
+            if self.per == 3:
+                base = self.bases[j]
+            else:
+                base = self.originals.get(name) or (<Linear>lin).base_arrays()
             l = <Linear>lin
-            if l.quantized:
+            quantized = "scales" in base
+            if self.per == 3:
+                fused = self.dora_weight(j)
+            elif quantized:
                 w = _dequantize(base["weight"], base["scales"], base.get("biases"),
                                 l.group_size, l.bits)
                 fused = (w.astype(_core.float32) + self.delta(j)).astype(w.dtype)
+            else:
+                w = base["weight"]
+                fused = (w.astype(_core.float32) + self.delta(j)).astype(w.dtype)
+            if quantized:
                 if dequantize:
                     out[name + ".weight"] = fused
                 else:
@@ -343,23 +527,37 @@ cdef class LoRA:
                     out[name + ".weight"], out[name + ".scales"] = wq, sc
                     out[name + ".biases"] = bi.astype(sc.dtype)
             else:
-                w = base["weight"]
-                out[name + ".weight"] = (w.astype(_core.float32) + self.delta(j)).astype(w.dtype)
+                out[name + ".weight"] = fused
         _core_eval(out)
         return out
+
+    def dora_weight(self, int j):
+        """DoRA layer j's fused weight (mlx-lm's DoRALinear.fuse): V = W + scale *
+        (A B).T, then m / ||V||_row times V, in W's dtype."""
+        if self.per != 3:
+            raise ValueError("LoRA: not DoRA adapters")
+        w = <Array>self.dweights[j]
+        v = w.astype(_core.float32) + self.delta(j)
+        m = _list(self.params[0])[3 * j + 2].astype(_core.float32)
+        norm = ((v * v).sum(axis=1)) ** 0.5
+        return ((m / norm).reshape(-1, 1) * v).astype(w.dtype)
 
     def merge(self):
         """Fold the adapters into the base weights (quantized bases are
         requantized: lossy); the original weights are kept for unmerge()."""
         if self.merged:
             return
+        if self.per == 1:
+            return          # full: the model holds the trained weights already
         fused = self.fused_weights()
         cdef Linear lin
-        for name, l in zip(self.names, self.layers):
+        for j, (name, l) in enumerate(zip(self.names, self.layers)):
             lin = <Linear>l
-            self.originals[name] = lin.base_arrays()
+            self.originals[name] = self.bases[j] if self.per == 3 else lin.base_arrays()
             _set_base(lin, fused[name + ".weight"], fused.get(name + ".scales"),
                       fused.get(name + ".biases"))
+            if self.per == 3:
+                lin.quantized = name + ".scales" in fused
             lin.clear_lora()
         self.merged = True
 
@@ -368,10 +566,13 @@ cdef class LoRA:
         if not self.merged:
             return
         cdef Linear lin
-        for name, l in zip(self.names, self.layers):
+        for j, (name, l) in enumerate(zip(self.names, self.layers)):
             lin = <Linear>l
             o = self.originals[name]
-            _set_base(lin, o["weight"], o.get("scales"), o.get("biases"))
+            if self.per == 3:           # the adapted layer runs its float weight
+                _set_linear(lin, self.dweights[j], None, None, False)
+            else:
+                _set_base(lin, o["weight"], o.get("scales"), o.get("biases"))
         self.originals = {}
         self.merged = False
         self._install(self.params[0])
@@ -393,6 +594,35 @@ cdef _set_base(Linear lin, Array w, Array scales, Array biases):
     if biases is not None:
         _del(&lin.qbiases)
         lin.qbiases = new na.array(handle(biases)[0])
+
+
+cdef _set_linear(Linear lin, Array w, Array scales, Array biases, bint quantized):
+    """Replace a Linear's weight (and its quantization arrays: None drops them)."""
+    _del(&lin.weight)
+    lin.weight = new na.array(handle(w)[0])
+    _del(&lin.scales)
+    _del(&lin.qbiases)
+    if scales is not None:
+        lin.scales = new na.array(handle(scales)[0])
+    if biases is not None:
+        lin.qbiases = new na.array(handle(biases)[0])
+    lin.quantized = quantized
+
+
+cdef _restore(Linear lin, dict base):
+    """A DoRA layer back to the base arrays it was built with."""
+    _set_linear(lin, base["weight"], base.get("scales"), base.get("biases"),
+                "scales" in base)
+
+
+cdef Array _float_weight(Linear lin, dict base):
+    """The layer's weight as floats (dequantized when quantized), evaluated."""
+    if "scales" not in base:
+        return base["weight"]
+    w = _dequantize(base["weight"], base["scales"], base.get("biases"), lin.group_size,
+                    lin.bits)
+    _core_eval({"w": w})
+    return w
 
 
 def _core_eval(d):
@@ -598,7 +828,7 @@ cdef class TrainStep:
             for c in self.blocks:
                 ins = vector[na.array]()
                 ins.push_back(h[0])
-                for k in range(2 * c.first, 2 * (c.first + c.count)):
+                for k in range(self.lora.per * c.first, self.lora.per * (c.first + c.count)):
                     ins.push_back(params[k])
                 outs = ntr.call(c.fn.fn[0], ins)
                 nh = new na.array(outs[0])
