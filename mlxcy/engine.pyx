@@ -1189,6 +1189,9 @@ cdef class Engine:
                                       _shape1(K), na.float32, s.sampler.key)
                     _set(&s.sampler.key, heap(nsm.next_key(s.sampler.key)))
                     accs.push_back(nops.less(nops.log(u), lqd))    # u < p(d) / q(d)
+                    if kr[r] < K:       # positions past the row's own proposals: q = 0
+                        ka = to_array((np.arange(K) < kr[r]).astype(np.float32).reshape(K, 1))
+                        q = nops.multiply(q, ka.ptr[0])
                     two = vector[na.array]()
                     two.push_back(q)
                     two.push_back(nops.zeros(_shape2(1, V), na.float32))
