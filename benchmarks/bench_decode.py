@@ -216,22 +216,11 @@ def main():
                     help="SmolLM2-135M from its real GGUF instead of random weights: "
                     "dequantized to a bf16 HF directory, and that converted to MLX 4-bit "
                     "(group 64) by convert_hf_to_mlx; --quant picks the rows")
-    ap.add_argument("--fold-residual", choices=["on", "off"], default=None,
-                    help="mlxcy's residual adds folded into the o_proj/down_proj GEMMs "
-                    "(default: the library's setting)")
-    ap.add_argument("--add-norm", choices=["on", "off"], default=None,
-                    help="mlxcy's residual add + RMSNorm as one kernel on a CUDA GPU "
-                    "(default: the library's setting, off)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args()
     from mlxcy.assets import cache_dir
     root = cache_dir() / "bench"
     fuse = {"auto": None, "on": True, "off": False}[args.fuse]
-    from mlxcy.models.base import set_decode_options
-    if args.fold_residual is not None:
-        set_decode_options(fold_residual=args.fold_residual == "on")
-    if args.add_norm is not None:
-        set_decode_options(add_norm=args.add_norm == "on")
     quants = [q for q in args.quant.split(",") if q]
     rows = []
     if args.gguf:

@@ -33,28 +33,19 @@ def peaks(engine_once, prompt, n):
 
 def mlxcy_once(engine, chunk, split):
     from mlxcy import engine as G
+    from mlxcy import tuning
 
     def once(prompt, n, mark):
-        G.set_prefill_split(split)
-        it = G.generate_ids(engine.model, prompt, prefill_chunk=chunk, sampler=engine.sampler,
-                            max_tokens=n)
-        next(it)
-        mark()
-        t0 = time.perf_counter()
-        k = sum(1 for _ in it)
-        dt = time.perf_counter() - t0
-        G.set_prefill_split(None)
+        with tuning.override(prefill_split=split):
+            it = G.generate_ids(engine.model, prompt, prefill_chunk=chunk,
+                                sampler=engine.sampler, max_tokens=n)
+            next(it)
+            mark()
+            t0 = time.perf_counter()
+            k = sum(1 for _ in it)
+            dt = time.perf_counter() - t0
         return k / dt
     return once
-
-
-def with_parts_off(once):
-    from mlxcy.models.base import decode_options
-
-    def run(prompt, n, mark):
-        with decode_options(prefill_parts=False):
-            return once(prompt, n, mark)
-    return run
 
 
 def mlx_lm_once(engine):
@@ -95,9 +86,6 @@ def main():
             for split in (False, True):
                 variants.append((f"mlxcy fuse={int(fuse)} chunk={chunk} split={int(split)}",
                                  mlxcy_once(e, chunk, split)))
-        if fuse:   # fused weights run as one matmul in prefill too (the old default)
-            variants.append(("mlxcy fuse=1 chunk=512 split=0 parts=0",
-                             with_parts_off(mlxcy_once(e, 512, False))))
     for name, once in variants:
         once(prompt, 8, lambda: None)          # warm-up
         rows.append((name, *peaks(once, prompt, a.gen)))

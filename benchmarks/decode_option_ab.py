@@ -1,8 +1,8 @@
-"""A/B of one mlxcy decode option (set_decode_options) with mlx-lm alongside,
-in one process, the three taking turns each round: on a host whose speed
-drifts between runs, only turns within one run compare fairly.
+"""A/B of one mlxcy tuning option (mlxcy.tuning) against the defaults, with
+mlx-lm alongside, in one process, the three taking turns each round: on a
+host whose speed drifts between runs, only turns within one run compare fairly.
 
-    python benchmarks/decode_option_ab.py --option add_norm [--models smollm2-135m,...]
+    python benchmarks/decode_option_ab.py --option cache_pad=0 [--models smollm2-135m,...]
                                           [--quant bf16,4bit] [--rounds 5]
 
 Prints median decode and prefill tok/s and peak MB per variant, and the
@@ -19,25 +19,36 @@ import bench_decode as B  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-class WithOption:
-    """An mlxcy engine run with one decode option set to `value`."""
+class WithOptions:
+    """An mlxcy engine run under mlxcy.tuning.override(**options)."""
 
-    def __init__(self, engine, option, value):
-        self.engine, self.option, self.value = engine, option, value
+    def __init__(self, engine, options):
+        self.engine, self.options = engine, options
         self.weight_bytes = engine.weight_bytes
 
     def once(self, prompt, n):
-        from mlxcy.models.base import decode_options
-        with decode_options(**{self.option: self.value}):
+        from mlxcy import tuning
+        with tuning.override(**self.options):
             return self.engine.once(prompt, n)
+
+
+def parse_option(text):
+    """'cache_pad=0' -> {'cache_pad': 0}; values are Python literals
+    (True, False, None, numbers)."""
+    import ast
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--option: expected NAME=VALUE, got {text!r}")
+    return {name.strip(): ast.literal_eval(value.strip())}
 
 
 def run(label, path, vocab, option, prompt_len, n, rounds):
     prompt = np.random.default_rng(0).integers(100, vocab - 1, prompt_len).tolist()
     ours = B.MlxcyEngine(path)
     lm = B.MlxLmEngine(path)
-    variants = {f"{option}=on": WithOption(ours, option, True),
-                f"{option}=off": WithOption(ours, option, False), "mlx-lm": lm}
+    (name, value), = option.items()
+    variants = {f"{name}={value!r}": WithOptions(ours, option),
+                "defaults": WithOptions(ours, {}), "mlx-lm": lm}
     try:
         for e in variants.values():
             e.once(prompt, 8)
@@ -59,8 +70,8 @@ def run(label, path, vocab, option, prompt_len, n, rounds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--option", required=True,
-                    help="a set_decode_options keyword (add_norm, joint_rope, ...)")
+    ap.add_argument("--option", required=True, type=parse_option,
+                    help="NAME=VALUE of an mlxcy.tuning option, e.g. cache_pad=0 or cpu_sync=False")
     ap.add_argument("--models", default="smollm2-135m,qwen3-0.6b,llama-3.2-1b")
     ap.add_argument("--quant", default="bf16")
     ap.add_argument("--prompt", type=int, default=512)

@@ -1,7 +1,7 @@
 """Binding overhead, mlxcy vs mlx.core in one process: the time to build (not
 evaluate) a lazy op from Python, and the native floor of each case: the same
 MLX C++ ops called from a Cython loop with no Python in between
-(mlxcy/_native_timers.pyx).  What each binding adds above the floor is its
+(benchmarks/native_timers.pyx).  What each binding adds above the floor is its
 overhead; the last column is mlxcy's overhead over mlx.core's (target <= 0.7).
 
     python benchmarks/overhead.py [--processes 7] [--repeat 25] [--scale 1.0]
@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mc  # noqa: E402
 import mlxcy as mx  # noqa: E402
 import mlxcy.ops as mops  # noqa: E402
-from mlxcy import _native_timers as nt  # noqa: E402
+import build_native_timers  # noqa: E402
+
+nt = build_native_timers.load()
 
 CHAIN = """\
 y = a + b

@@ -7,7 +7,8 @@
 
 Submodules: ops (also re-exported here), fast, random, transforms (eval,
 grad, compile ... re-exported here), device, memory, io, models, tokenizer,
-sample, chat, inference (load, TextModel).
+sample, chat, inference (load, TextModel), tuning (the process-wide tuning
+knobs).
 """
 import os as _os
 
@@ -57,6 +58,7 @@ from mlxcy.errors import (  # noqa: E402,F401
     Error, ModelFormatError, LoadError, GGUFError, TokenizerError, ChatTemplateError, OptionError,
     OptionTypeError, DataError, AdapterError, SessionError,
 )
+from mlxcy import tuning  # noqa: E402,F401
 from mlxcy.inference import load, TextModel  # noqa: E402,F401
 from mlxcy.tokenizer import Tokenizer  # noqa: E402,F401
 from mlxcy.sample import Sampler  # noqa: E402,F401

@@ -8,31 +8,14 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native.array cimport heap
 from mlxcy.core cimport Array, wrap, handle
+from mlxcy.tuning cimport Tuning, current
 
 
-# Every cache buffer holds PAD positions more than it needs (8 by default):
-# MLX's CUDA backend attends a one-token query over a cache slice with cuDNN
-# when the buffer's length is a multiple of 256 (mlx-lm's cache step, and
-# ours), and with its own single-kernel vector attention otherwise.  A decode
-# step is bound by the host's work of encoding kernels, and cuDNN's path costs
-# more of it.  On an H200 (benchmarks/decode_option_ab.py --option
-# vector_attention, 2026-11-29) the padding took SmolLM2-135M from 196 to 248
-# tok/s in bf16 and from 261 to 360 in 4-bit, and Qwen3-0.6B from 179 to 241
-# and 211 to 241.  With the default step of 256 a buffer's length stays 8 past
-# a multiple of 256.  Nothing else changes (8 positions per layer of memory; on
-# the CPU the same kernels run).  set_pad(0) for A/B runs.
-DEFAULT_PAD = 8
-cdef int PAD = DEFAULT_PAD
-
-
-def set_pad(int n):
-    """Positions every newly allocated cache buffer holds beyond its need (see
-    PAD); returns the previous value.  Caches already allocated keep theirs."""
-    global PAD
-    if n < 0:
-        raise ValueError(f"cache pad must be >= 0, got {n}")
-    old, PAD = PAD, n
-    return old
+# Every cache buffer holds `cache_pad` positions more than it needs (8 by
+# default; mlxcy.tuning says why: MLX's CUDA backend then attends one-token
+# queries with its vector kernel instead of cuDNN's).  With the default step of
+# 256 a buffer's length stays 8 past a multiple of 256.
+cdef Tuning* _tuning = current()
 
 
 cdef inline void _set(na.array** slot, na.array* p) noexcept:
@@ -139,7 +122,7 @@ cdef class KVCache(LayerCache):
         if prev + L > cap:
             need = ((prev + L - cap + self.step - 1) // self.step) * self.step
             if self.keys == NULL:
-                need += PAD     # later growth adds whole steps (see PAD)
+                need += _tuning.cache_pad     # later growth adds whole steps
                 _set(&self.keys, heap(nnn.zeros4(k.shape(0), k.shape(1), need, k.shape(3), k.dtype())))
                 _set(&self.values, heap(nnn.zeros4(v.shape(0), v.shape(1), need, v.shape(3), v.dtype())))
             else:
@@ -181,10 +164,10 @@ cdef class RotatingKVCache(LayerCache):
 
     cdef void _store_ordered(self, const na.array& k, const na.array& v, int keep) except *:
         """Keep the last `keep` positions of temporally ordered k/v."""
-        cdef int T = k.shape(2)
-        if PAD > 0:     # the copy with PAD spare positions (see PAD)
-            _set(&self.keys, heap(nnn.grow_t(nnn.slice_t(k, T - keep, T), keep, PAD)))
-            _set(&self.values, heap(nnn.grow_t(nnn.slice_t(v, T - keep, T), keep, PAD)))
+        cdef int T = k.shape(2), pad = _tuning.cache_pad
+        if pad > 0:     # the copy with the spare positions
+            _set(&self.keys, heap(nnn.grow_t(nnn.slice_t(k, T - keep, T), keep, pad)))
+            _set(&self.values, heap(nnn.grow_t(nnn.slice_t(v, T - keep, T), keep, pad)))
         else:
             _set(&self.keys, heap(nnn.contiguous(nnn.slice_t(k, T - keep, T), False)))
             _set(&self.values, heap(nnn.contiguous(nnn.slice_t(v, T - keep, T), False)))
@@ -197,9 +180,9 @@ cdef class RotatingKVCache(LayerCache):
         if self.keys != NULL and not nnn.same_dtype(self.keys[0], k):
             raise ValueError("RotatingKVCache: new keys' dtype differs from the cached keys'")
         if L == 1:
-            cap = 0 if self.keys == NULL else self.keys.shape(2)   # PAD slots included: the ring uses [0, W)
+            cap = 0 if self.keys == NULL else self.keys.shape(2)   # pad slots included: the ring uses [0, W)
             if self.filled < W and self.filled == cap:
-                extra = min(W - cap, self.step) + PAD
+                extra = min(W - cap, self.step) + _tuning.cache_pad
                 if self.keys == NULL:
                     _set(&self.keys, heap(nnn.zeros4(k.shape(0), k.shape(1), extra, k.shape(3), k.dtype())))
                     _set(&self.values, heap(nnn.zeros4(v.shape(0), v.shape(1), extra, v.shape(3), v.dtype())))

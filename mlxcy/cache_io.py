@@ -1,10 +1,18 @@
 """Save and load a KV cache (with the token ids it holds) as safetensors, so a
-chat session or a long shared prompt can be resumed without prefilling."""
+chat session or a long shared prompt can be resumed without prefilling.
+
+A saved file is checked before any of it reaches the model's cache: the
+metadata (JSON, types), every layer's counters against its arrays' shapes and
+against the token ids stored beside them.  Anything inconsistent raises
+SessionError naming the file and the layer or field."""
 from __future__ import annotations
 
 import json
 
 from mlxcy import io
+from mlxcy.errors import SessionError
+
+__all__ = ["save_cache", "load_cache", "SessionError"]
 
 
 def save_cache(path, cache, ids) -> None:
@@ -15,22 +23,117 @@ def save_cache(path, cache, ids) -> None:
         if st["keys"] is not None:
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = st["keys"], st["values"]
         layers.append({k: st[k] for k in ("offset", "filled", "idx")} | {"window": layer.window})
-    meta = {"mlxcy.cache": "1", "layers": json.dumps(layers), "ids": json.dumps(list(ids))}
+    meta = {"mlxcy.cache": "1", "layers": json.dumps(layers),
+            "ids": json.dumps([int(i) for i in ids])}
     io.save_safetensors(str(path), arrays, meta)
+
+
+def _json(path, meta, key, kind):
+    if key not in meta:
+        raise SessionError(f"{path}: metadata key {key!r} is missing")
+    try:
+        v = json.loads(meta[key])
+    except (ValueError, RecursionError) as e:
+        raise SessionError(f"{path}: metadata key {key!r} is not valid JSON ({e})") from None
+    if not isinstance(v, kind):
+        raise SessionError(f"{path}: metadata key {key!r} must be a JSON "
+                           f"{'list' if kind is list else 'object'}, not {type(v).__name__}")
+    return v
+
+
+def _count(path, i, st, key, lo=0):
+    v = st.get(key)
+    if type(v) is not int or v < lo or v > 2**31 - 1:
+        raise SessionError(f"{path}: layer {i}: {key!r} must be an int in [{lo}, 2**31), got {v!r}")
+    return v
+
+
+def _check_layer(path, i, st, window, keys, values, n_ids, heads_dim):
+    if not isinstance(st, dict):
+        raise SessionError(f"{path}: layer {i}: expected a JSON object, got {type(st).__name__}")
+    if st.get("window") != window:
+        raise SessionError(f"{path}: layer {i}: window {st.get('window')!r} differs from the "
+                           f"model's {window}")
+    offset, filled, idx = (_count(path, i, st, k) for k in ("offset", "filled", "idx"))
+    if offset != n_ids:
+        raise SessionError(f"{path}: layer {i}: offset {offset} differs from the {n_ids} "
+                           f"token ids stored")
+    if (keys is None) != (values is None):
+        raise SessionError(f"{path}: layer {i}: has {'keys' if values is None else 'values'} "
+                           f"but not {'values' if values is None else 'keys'}")
+    if keys is None:
+        if offset:
+            raise SessionError(f"{path}: layer {i}: offset {offset} but no keys/values arrays")
+        if filled or idx:
+            raise SessionError(f"{path}: layer {i}: filled/idx set but no keys/values arrays")
+        return
+    if keys.ndim != 4 or keys.shape != values.shape:
+        raise SessionError(f"{path}: layer {i}: keys {keys.shape} and values {values.shape} "
+                           f"must share a [batch, heads, positions, head_dim] shape")
+    if keys.dtype != values.dtype or not keys.dtype.is_floating:
+        raise SessionError(f"{path}: layer {i}: keys/values must share a float dtype "
+                           f"({keys.dtype}, {values.dtype})")
+    if keys.shape[0] != 1 or min(keys.shape[1], keys.shape[3]) < 1:
+        raise SessionError(f"{path}: layer {i}: keys shape {keys.shape} is not that of a "
+                           f"one-sequence cache")
+    if heads_dim is not None and (keys.shape[1], keys.shape[3]) != heads_dim:
+        raise SessionError(f"{path}: layer {i}: keys shape {keys.shape} does not fit the "
+                           f"model's (kv heads, head_dim) = {heads_dim}")
+    cap = keys.shape[2]
+    if window == 0:
+        if offset > cap:
+            raise SessionError(f"{path}: layer {i}: offset {offset} exceeds the {cap} "
+                               f"positions its keys hold")
+        if filled or idx:
+            raise SessionError(f"{path}: layer {i}: 'filled'/'idx' must be 0 for a full cache")
+        return
+    if filled > min(window, offset, cap):
+        raise SessionError(f"{path}: layer {i}: filled {filled} exceeds min(window {window}, "
+                           f"offset {offset}, {cap} positions held)")
+    if filled < window and (filled != offset or idx != filled):
+        raise SessionError(f"{path}: layer {i}: a ring not yet full must have filled == offset "
+                           f"== idx (filled {filled}, offset {offset}, idx {idx})")
+    if idx >= window and not (filled < window and idx == filled):
+        raise SessionError(f"{path}: layer {i}: idx {idx} is outside the window {window}")
 
 
 def load_cache(path, model):
     """Read a cache written by save_cache for `model`: returns (cache, ids)."""
-    arrays, meta = io.load_safetensors(str(path))
-    if meta.get("mlxcy.cache") != "1":
-        raise ValueError(f"{path}: not an mlxcy cache file")
-    layers = json.loads(meta["layers"])
-    cache = model.make_cache()
-    if len(layers) != len(cache.layers):
-        raise ValueError(f"{path}: cache has {len(layers)} layers, the model {len(cache.layers)}")
-    for i, (layer, st) in enumerate(zip(cache.layers, layers)):
-        if st["window"] != layer.window:
-            raise ValueError(f"{path}: layer {i} window {st['window']} != model's {layer.window}")
-        layer.set_state(arrays.get(f"{i}.keys"), arrays.get(f"{i}.values"), st["offset"],
-                        st["filled"], st["idx"])
-    return cache, json.loads(meta["ids"])
+    from mlxcy.errors import ModelFormatError
+    try:
+        arrays, meta = io.load_safetensors(str(path))
+    except ModelFormatError as e:
+        raise SessionError(str(e)) from None
+    try:
+        if meta.get("mlxcy.cache") != "1":
+            raise SessionError(f"{path}: not an mlxcy cache file (metadata 'mlxcy.cache' is "
+                               f"{meta.get('mlxcy.cache')!r}, expected '1')")
+        layers = _json(path, meta, "layers", list)
+        ids = _json(path, meta, "ids", list)
+        cfg = getattr(model, "config", None)
+        vocab = getattr(cfg, "vocab_size", None)
+        kv, hd = getattr(cfg, "num_key_value_heads", None), getattr(cfg, "head_dim", None)
+        heads_dim = (kv, hd) if isinstance(kv, int) and isinstance(hd, int) else None
+        for j, t in enumerate(ids):
+            if type(t) is not int or t < 0 or (isinstance(vocab, int) and t >= vocab):
+                raise SessionError(f"{path}: ids[{j}] = {t!r} is not a token id"
+                                   + (f" of this model (vocabulary {vocab})" if vocab else ""))
+        cache = model.make_cache()
+        if len(layers) != len(cache.layers):
+            raise SessionError(f"{path}: cache has {len(layers)} layers, the model "
+                               f"{len(cache.layers)}")
+        known = {f"{i}.{k}" for i in range(len(layers)) for k in ("keys", "values")}
+        extra = sorted(set(arrays) - known)
+        if extra:
+            raise SessionError(f"{path}: unexpected array {extra[0]!r}")
+        for i, (layer, st) in enumerate(zip(cache.layers, layers)):
+            _check_layer(path, i, st, layer.window, arrays.get(f"{i}.keys"),
+                         arrays.get(f"{i}.values"), len(ids), heads_dim)
+        for i, (layer, st) in enumerate(zip(cache.layers, layers)):
+            layer.set_state(arrays.get(f"{i}.keys"), arrays.get(f"{i}.values"), st["offset"],
+                            st["filled"], st["idx"])
+        return cache, ids
+    except BaseException:
+        for a in arrays.values():
+            a.free()
+        raise

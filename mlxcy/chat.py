@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -58,6 +57,10 @@ def _jinja():
     except ImportError as e:  # pragma: no cover - jinja2 is a dependency
         raise ImportError("mlxcy.chat needs jinja2>=3.1.6: pip install 'jinja2>=3.1.6'") from e
     return jinja2
+
+
+_MAX_POW_BITS = 1 << 16         # an int result of at most 64 kbit
+_MAX_REPEAT = 1 << 24           # 16 M items from `seq * n`
 
 
 @lru_cache(maxsize=64)
@@ -117,8 +120,29 @@ def _compile(source: str):
                     f"chat templates cannot store underscore-prefixed attributes on a "
                     f"namespace, but got {name!r}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        # The sandbox bounds range() but not `9**9**9` (minutes of CPU) or
+        # `'a' * 10**12` (a MemoryError after swapping): refuse results that
+        # large before computing them.
+        intercepted_binops = frozenset(["**", "*"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right > 0 \
+                    and right * max(abs(left).bit_length(), 1) > _MAX_POW_BITS:
+                raise jinja2.exceptions.SecurityError(
+                    f"{left} ** {right} is too large for a chat template")
+            if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)) \
+                    or operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+                n, seq = (right, left) if isinstance(right, int) else (left, right)
+                if n * len(seq) > _MAX_REPEAT:
+                    raise jinja2.exceptions.SecurityError(
+                        f"repeating a sequence of {len(seq)} {n} times is too large for a "
+                        f"chat template")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                             extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -129,6 +153,13 @@ def _compile(source: str):
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ChatTemplateError(f"chat template syntax error at line {e.lineno}: "
                                 f"{e.message}") from e
+    except RecursionError:
+        raise ChatTemplateError("chat template is nested too deeply to compile") from None
+    except (jinja2.exceptions.TemplateError, TypeError, ValueError, AttributeError,
+            KeyError, IndexError, ArithmeticError, SyntaxError) as e:
+        # (SyntaxError: jinja compiles `{% break %}` outside a loop to invalid Python)
+        raise ChatTemplateError(f"chat template failed to compile: {type(e).__name__}: "
+                                f"{e}") from e
 
 
 # ---------------------------------------------------------- input shaping ----
@@ -329,7 +360,13 @@ class ChatTemplate:
                                   add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template error: {e.message or e}") from e
-        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
+        except RecursionError:
+            raise ChatTemplateError("chat template recursed too deeply while rendering "
+                                    "(a macro or include calling itself?)") from None
+        except MemoryError:
+            raise ChatTemplateError("chat template ran out of memory while rendering") from None
+        except (TypeError, KeyError, AttributeError, IndexError, ValueError,
+                ArithmeticError, UnicodeError) as e:
             raise ChatTemplateError(f"chat template failed while rendering: "
                                     f"{type(e).__name__}: {e}") from e
 
@@ -397,16 +434,21 @@ class ChatTemplate:
         meta = read_gguf_metadata(path, wanted_prefix="tokenizer.")
         template = meta.get("tokenizer.chat_template")
         if template is None:
-            raise ValueError(f"path: {path} has no tokenizer.chat_template; use "
-                             f"mlxcy.chat.builtin(family) for a standard one")
+            raise ChatTemplateError(f"path: {path} has no tokenizer.chat_template; use "
+                                    f"mlxcy.chat.builtin(family) for a standard one")
+        if not isinstance(template, str):
+            raise ChatTemplateError(f"{path}: metadata key 'tokenizer.chat_template' must be a "
+                                    f"string, not {type(template).__name__}")
         tokens = meta.get("tokenizer.ggml.tokens") or []
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            tokens = []
         ids = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown",
                "sep_token": "seperator", "pad_token": "padding", "cls_token": "cls",
                "mask_token": "mask"}
         special = {}
         for name, key in ids.items():
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
-            if i is not None and 0 <= i < len(tokens):
+            if type(i) is int and 0 <= i < len(tokens):
                 special[name] = tokens[i]
         special.update(overrides)
         return cls(template, **special)
@@ -414,61 +456,14 @@ class ChatTemplate:
 
 # ------------------------------------------------------------ GGUF reading ----
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
-
-
 def read_gguf_metadata(path, wanted_prefix: str = "") -> dict:
-    """The key/value metadata of a GGUF file (stops before the tensor table).
-    Keys not starting with `wanted_prefix` are skipped without decoding."""
-    with open(os.fspath(path), "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"path: {path} is not a GGUF file")
-        version, = struct.unpack("<I", f.read(4))
-        if version not in (2, 3):
-            raise ValueError(f"path: unsupported GGUF version {version}")
-        _, n_kv = struct.unpack("<QQ", f.read(16))
-
-        def read_str():
-            n, = struct.unpack("<Q", f.read(8))
-            return f.read(n).decode("utf-8", "replace")
-
-        def skip_str():
-            n, = struct.unpack("<Q", f.read(8))
-            f.seek(n, 1)
-
-        def value(t, keep):
-            if t in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[t]
-                raw = f.read(struct.calcsize(fmt))
-                return struct.unpack(fmt, raw)[0] if keep else None
-            if t == 8:
-                if keep:
-                    return read_str()
-                skip_str()
-                return None
-            if t == 9:
-                et, n = struct.unpack("<IQ", f.read(12))
-                if et in _GGUF_SCALARS and not keep:
-                    f.seek(struct.calcsize(_GGUF_SCALARS[et]) * n, 1)
-                    return None
-                if et in _GGUF_SCALARS:
-                    fmt = _GGUF_SCALARS[et]
-                    return list(struct.unpack(f"<{n}{fmt[1]}", f.read(struct.calcsize(fmt) * n)))
-                items = [value(et, keep) for _ in range(n)]
-                return items if keep else None
-            raise ValueError(f"path: corrupt GGUF metadata (value type {t})")
-
-        meta = {}
-        for _ in range(n_kv):
-            key = read_str()
-            t, = struct.unpack("<I", f.read(4))
-            keep = key.startswith(wanted_prefix) and key not in (
-                "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
-            v = value(t, keep)
-            if keep:
-                meta[key] = v
-    return meta
+    """The key/value metadata of a GGUF file whose keys start with
+    `wanted_prefix`, read (and checked) by mlxcy.gguf_reader; the tokenizer's
+    large merges/scores/token_type arrays are skipped.  Raises GGUFError."""
+    from mlxcy.gguf_reader import read_metadata
+    skip = ("tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    meta = read_metadata(path, keep_arrays=lambda k: k.startswith(wanted_prefix) and k not in skip)
+    return {k: v for k, v in meta.items() if k.startswith(wanted_prefix) and k not in skip}
 
 
 # --------------------------------------------------------------- builtins ----
@@ -518,9 +513,9 @@ _GEMMA3 = """{{ bos_token }}
 {%- endif -%}
 """
 
-# ChatML (Qwen, SmolLM, ...): `<|im_start|>{role}\n{content}<|im_end|>\n`.
-_CHATML = """{%- for message in messages -%}
-    {%- if message['content'] is string -%}
+# Inside a message loop: `content` is the message's text (a string, or the
+# text items of a list of content parts joined).
+_TEXT_CONTENT = """    {%- if message['content'] is string -%}
         {%- set content = message['content'] -%}
     {%- else -%}
         {%- set content = namespace(text='') -%}
@@ -529,7 +524,11 @@ _CHATML = """{%- for message in messages -%}
         {%- endfor -%}
         {%- set content = content.text -%}
     {%- endif -%}
-    {{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}
+"""
+
+# ChatML (Qwen, SmolLM, ...): `<|im_start|>{role}\n{content}<|im_end|>\n`.
+_CHATML = """{%- for message in messages -%}
+""" + _TEXT_CONTENT + """    {{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{ '<|im_start|>assistant\n' }}
@@ -541,16 +540,7 @@ _CHATML = """{%- for message in messages -%}
 # trimmed.
 _LLAMA3 = """{{ bos_token }}
 {%- for message in messages -%}
-    {%- if message['content'] is string -%}
-        {%- set content = message['content'] -%}
-    {%- else -%}
-        {%- set content = namespace(text='') -%}
-        {%- for item in message['content'] if item['type'] == 'text' -%}
-            {%- set content.text = content.text + item['text'] -%}
-        {%- endfor -%}
-        {%- set content = content.text -%}
-    {%- endif -%}
-    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>' }}
+""" + _TEXT_CONTENT + """    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}

@@ -158,22 +158,46 @@ def _has_template(m) -> bool:
 
 
 def cmd_generate(args) -> int:
+    from mlxcy import parallel
+    group = parallel.world_if_launched() if args.backend in (None, "mlx") else None
     with _load(args) as m:
         opts = _gen_options(args)
+        if group is not None and opts.get("seed") is None:
+            opts["seed"] = parallel.shared_seed(group)   # every rank samples alike
         if args.raw or not _has_template(m):
             it = m.stream(args.prompt, **opts)
         else:
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             msgs.append({"role": "user", "content": args.prompt})
             it = m.stream_chat(msgs, **opts)
+        out = sys.stdout
+        if group is not None:       # tensor parallel: the ranks follow rank 0's steps
+            it = parallel.checked(it, group)
+            if group.rank != 0:
+                out = open(os.devnull, "w")
         for tok in it:
-            sys.stdout.write(tok.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+            out.write(tok.text)
+            out.flush()
+        out.write("\n")
+        out.flush()
         if args.verbose:
             _status(m.metrics().format())
     return 0
+
+
+def cmd_launch(args) -> int:
+    from mlxcy import launch
+    cmd = args.launch_command[1:] if args.launch_command[:1] == ["--"] else args.launch_command
+    if not cmd:
+        raise UsageError("launch: missing the command to run (mlxcy launch -n 2 -- COMMAND ...)")
+    if cmd[0] == "mlxcy":
+        cmd = [sys.executable, "-m", "mlxcy"] + cmd[1:]
+    elif cmd[0].endswith(".py"):
+        cmd = [sys.executable] + cmd
+    code, msg = launch.run(args.n, cmd, timeout=args.timeout)
+    if msg:
+        print(msg, file=sys.stderr)
+    return code
 
 
 # ------------------------------------------------------------------ chat
@@ -522,8 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load in this dtype (default: the checkpoint's)")
     x.set_defaults(fn=cmd_perplexity)
 
+    la = _subparser(sub, "launch", "run a command as N local ranks over MLX's ring backend "
+                    "(e.g. mlxcy launch -n 2 -- mlxcy generate --model M 'Hi')")
+    la.add_argument("-n", type=int, default=2, help="number of ranks")
+    la.add_argument("--timeout", type=float, default=None, help="stop the run after this many s")
+    la.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    la.set_defaults(fn=cmd_launch)
+
     from mlxcy.train.cli import add_parser as add_training_commands   # lora, fuse
     add_training_commands(sub, formatter_class=_HelpFormatter)
+
+    from mlxcy.serve import add_parser as add_serve_command         # serve (mlxcy[serve])
+    add_serve_command(sub, default_model_path, formatter_class=_HelpFormatter)
 
     p.description = ("mlxcy: text generation, chat, conversion, benchmarks, perplexity and "
                      "fine-tuning on MLX, from Cython (commands: " + ", ".join(sub.choices) +

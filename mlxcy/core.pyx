@@ -20,6 +20,8 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
 
+import os
+
 import numpy as np
 
 try:
@@ -424,6 +426,45 @@ cdef object _getitem_basic(na.array* a, object key):
     return na_wrap(_pool_take(nops.slice(a[0], start, stop, strides)))
 
 
+cdef size_t _physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+cdef size_t _PHYS = _physical_memory()
+
+
+cdef int _check_fits(na.array* a, str fn) except -1:
+    """MLX 0.32's CPU allocator does not check for failed allocations: an
+    output larger than the machine's memory crashes its worker thread (as
+    mlxcy.eval documents).  Refuse such an output up front."""
+    if _PHYS and not a.is_available() and a.nbytes() > _PHYS:
+        raise MemoryError(f"{fn}: an output of {a.nbytes()} bytes exceeds this machine's "
+                          f"{_PHYS} bytes of memory")
+    return 0
+
+
+def _check_index_bounds(idx, Py_ssize_t dim, axis, str fn="index"):
+    """Raise numpy's IndexError when an integer index array holds a value
+    outside [-dim, dim): MLX's gather and scatter read and write out of
+    bounds instead (a crash or a garbage value).  The indices are evaluated."""
+    cdef Array ia = idx if type(idx) is Array else to_array(idx)
+    cdef int code = na.dtype_code(handle(ia).dtype())
+    if not (1 <= code <= 8):
+        raise IndexError(f"{fn}: arrays used as indices must be of integer type, not "
+                         f"{dtype_from_native(handle(ia).dtype())}")
+    if handle(ia).size() == 0:
+        return
+    vals = ia.numpy()
+    lo, hi = int(vals.min()), int(vals.max())
+    if lo < -dim or hi >= dim:
+        bad = hi if hi >= dim else lo
+        where = f"axis {axis} with size {dim}" if axis is not None else f"size {dim}"
+        raise IndexError(f"{fn}: index {bad} is out of bounds for {where}")
+
+
 cdef Array _getitem(Array self, object key):
     cdef na.array* a = handle(self)
     fast = _getitem_basic(a, key)
@@ -476,6 +517,7 @@ cdef Array _getitem(Array self, object key):
             if na.dtype_code(handle(<Array>idx).dtype()) == 0:
                 raise IndexError("boolean mask indexing has a data-dependent shape, which "
                                  "MLX does not support; use mlxcy.where() instead")
+            _check_index_bounds(idx, dim, axis)
             start.push_back(0); stop.push_back(dim); strides.push_back(1)
             arr_axes.append((axis, len(final_shape), idx))
             final_shape.append(None)
@@ -608,6 +650,7 @@ cdef void _setitem_array(Array self, tuple keys, Array v) except *:
         raise IndexError("array-index assignment supports one integer index array on "
                          "the first axis (x[idx] = v)")
     idx = to_array(keys[0])
+    _check_index_bounds(idx, self.shape[0], 0)
     idx = ops.where(idx < 0, idx + self.shape[0], idx).reshape(-1)
     upd_shape = [idx.size, 1] + list(self.shape[1:])
     upd = ops.broadcast_to(ops.astype(v, self.dtype), [idx.size] + list(self.shape[1:]))
@@ -858,6 +901,7 @@ cdef class Array:
     def eval(self):
         """Evaluate this array now (the GIL is released meanwhile)."""
         cdef na.array* a = handle(self)
+        _check_fits(a, "eval")
         with nogil:
             a.eval()
         return self
@@ -870,6 +914,7 @@ cdef class Array:
         if npd is None:
             raise TypeError("bfloat16 export needs the ml_dtypes package")
         cdef na.array c = a[0]
+        _check_fits(a, "numpy")
         with nogil:
             c.eval()
             if not na.row_contiguous(c):
@@ -913,6 +958,7 @@ cdef class Array:
                               "(ml_dtypes.bfloat16) or a.view(mlxcy.uint16)")
         if flags & PyBUF_WRITABLE:
             raise BufferError("MLX arrays are exported read-only")
+        _check_fits(a, "buffer")
         with nogil:
             a.eval()
         cdef int nd = a.ndim()

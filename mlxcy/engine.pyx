@@ -51,14 +51,14 @@ from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
+from mlxcy.tuning cimport Tuning, current
 
 import time
 from collections import deque
 
 import numpy as np
 
-__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
-           "set_prefill_split"]
+__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk"]
 
 
 # ---------------------------------------------------------------- settings --
@@ -73,21 +73,16 @@ __all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chun
 #    triangle, and their activations stay in cache.
 # On a GPU the extra one-token pass costs a whole step of kernel launches and
 # the arithmetic is cheap, so the GPU evaluates chunks of 512 by their output.
-cdef int PREFILL_SPLIT = -1      # -1: automatic (split on the CPU); 0: never; 1: always
-CPU_PREFILL_CHUNK = 128
-GPU_PREFILL_CHUNK = 512
-
-
-def set_prefill_split(mode):
-    """None: automatic; True/False: force split or chunked prefill (A/B runs)."""
-    global PREFILL_SPLIT
-    PREFILL_SPLIT = -1 if mode is None else (1 if mode else 0)
+# The split and the chunk sizes are mlxcy.tuning's prefill_split,
+# prefill_chunk_cpu and prefill_chunk_gpu.
+cdef Tuning* _tuning = current()
 
 
 def default_prefill_chunk():
     """Prompt tokens per row per prefill step when the caller does not say:
-    128 on the CPU, 512 on a GPU (see above)."""
-    return CPU_PREFILL_CHUNK if _on_cpu() else GPU_PREFILL_CHUNK
+    tuning's prefill_chunk_cpu (128) on the CPU, prefill_chunk_gpu (512) on a
+    GPU (see above)."""
+    return _tuning.prefill_chunk_cpu if _on_cpu() else _tuning.prefill_chunk_gpu
 
 
 cdef inline double _now() noexcept nogil:
@@ -101,8 +96,8 @@ cdef inline bint _on_cpu() noexcept:
 
 
 cdef bint _split_prefill() noexcept:
-    if PREFILL_SPLIT >= 0:
-        return PREFILL_SPLIT == 1
+    if _tuning.prefill_split >= 0:
+        return _tuning.prefill_split == 1
     return _on_cpu()
 
 
@@ -1072,9 +1067,9 @@ cdef class Engine:
                     else:
                         t1 = _dist(s.sampler, xr)
                         rows_lq[r].append(wrap(t1))
-                        d = nops.astype(nsm.categorical(nops.reshape(t1[0], _shape2(1, V)), -1,
+                        d = nops.astype(nrand.categorical(nops.reshape(t1[0], _shape2(1, V)), -1,
                                                         &s.sampler.key[0]), na.int32)
-                        _set(&s.sampler.key, heap(nsm.next_key(s.sampler.key)))
+                        _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
                     toks.push_back(nops.reshape(d, _shape1(1)))
                 d = nops.reshape(nops.concatenate(toks, 0), _shape2(B, 1))
                 cols.push_back(d)
@@ -1187,7 +1182,7 @@ cdef class Engine:
                             _shape1(K)))
                     u = nrand.uniform(na.array(0.0, na.float32), na.array(1.0, na.float32),
                                       _shape1(K), na.float32, s.sampler.key)
-                    _set(&s.sampler.key, heap(nsm.next_key(s.sampler.key)))
+                    _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
                     accs.push_back(nops.less(nops.log(u), lqd))    # u < p(d) / q(d)
                     if kr[r] < K:       # positions past the row's own proposals: q = 0
                         ka = to_array((np.arange(K) < kr[r]).astype(np.float32).reshape(K, 1))
@@ -1199,9 +1194,9 @@ cdef class Engine:
                                        na.array(0.0, na.float32))
                     res = nops.where(nops.greater(nops.sum(res, _axis(-1), True),
                                                   na.array(0.0, na.float32)), res, p)
-                cand = nops.astype(nsm.categorical(nops.log(res), -1, &s.sampler.key[0]),
+                cand = nops.astype(nrand.categorical(nops.log(res), -1, &s.sampler.key[0]),
                                    na.int32)
-                _set(&s.sampler.key, heap(nsm.next_key(s.sampler.key)))
+                _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
             cands.push_back(nops.reshape(cand, _shape2(1, K + 1)))
         cdef na.array cand_all = nops.concatenate(cands, 0)               # [B, K + 1]
         cdef na.array emit = cand_all, a_dev

@@ -13,7 +13,6 @@ from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport fast as nf
 from mlxcy.native cimport fused as nfu
-from libcpp.vector cimport vector
 from mlxcy.native.array cimport heap
 
 
@@ -49,22 +48,6 @@ def rms_norm(x, weight, eps=1e-5):
     cdef Array a = _arr(x, "x")
     cdef Array w = _opt(weight, "weight")
     return wrap(heap(nf.rms_norm(a.ptr[0], _ptr(w), <float>eps)))
-
-
-def add_rms_norm(x, r, weight, eps=1e-5):
-    """(h, rms_norm(h, weight, eps)) with h = x + r: a residual add and the
-    RMSNorm after it, as one kernel on a CUDA GPU (the decoder's ADD_NORM path;
-    no gradient there); elsewhere the add and rms_norm."""
-    cdef Array a = _arr(x, "x")
-    cdef Array b = _arr(r, "r")
-    cdef Array w = _opt(weight, "weight")
-    cdef vector[na.array] hy = nfu.add_rms_norm(a.ptr[0], b.ptr[0], _ptr(w), <float>eps)
-    return wrap(heap(hy[0])), wrap(heap(hy[1]))
-
-
-def add_rms_norm_is_native():
-    """Whether add_rms_norm runs its own CUDA kernel (default device a CUDA GPU)."""
-    return nfu.add_rms_norm_native()
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -138,3 +121,68 @@ def scaled_dot_product_attention(q, k, v, *, float scale, mask=None, sinks=None)
         m = _arr(mask, "mask")
     return wrap(heap(nf.sdpa(qa.ptr[0], ka.ptr[0], va.ptr[0], scale, mode, _ptr(m),
                              _ptr(s))))
+
+
+_ACTS = {None: 0, "silu": 1, "gelu_tanh": 2}
+
+
+cdef str _gemv_args(nfu.GemvArgs* g, Array x, Array w, Array s, Array qb, int bits,
+                    int group_size, Array b, Array n, float eps, Array r, object act):
+    if act not in _ACTS:
+        raise ValueError(f"gemv: act must be None, 'silu' or 'gelu_tanh', got {act!r}")
+    if (s is None) != (bits == 0) or (qb is None) != (bits == 0):
+        raise ValueError("gemv: give scales and biases exactly when bits is 4 or 8")
+    g.scales, g.qbiases, g.bits, g.group_size = _ptr(s), _ptr(qb), bits, group_size
+    g.bias, g.norm, g.eps, g.residual = _ptr(b), _ptr(n), eps, _ptr(r)
+    g.act = _ACTS[act]
+    cdef string why = string()
+    if nfu.gemv_supported(x.ptr[0], w.ptr[0], g[0], &why):
+        return None
+    return why.decode()
+
+
+def gemv(x, w, *, scales=None, biases=None, int bits=0, int group_size=64, bias=None,
+         norm_weight=None, float eps=1e-5, residual=None, act=None):
+    """One decode-time matrix-vector product as mlxcy's own CUDA kernel:
+
+        y = epilogue(prologue(x) @ dequantize(w).T)
+
+    x: [..., K] (at most gemv_max_rows() rows); w: [N, K] in x's dtype, or
+    MLX's affine layout (uint32 [N, K*bits/32] with `scales` and `biases`
+    [N, K/group_size], bits 4 or 8).  norm_weight: RMSNorm x first (weight
+    [K], eps); bias: [N] added to the product; act: 'silu' or 'gelu_tanh' --
+    w holds gate rows then up rows and y = act(gate) * up ([..., N/2]);
+    residual: added last.  Only where the default device is a CUDA GPU
+    (ValueError naming the reason otherwise; gemv_unsupported_reason says
+    it without raising)."""
+    cdef Array a = _arr(x, "x"), wa = _arr(w, "w")
+    cdef Array s = _opt(scales, "scales"), qb = _opt(biases, "biases")
+    cdef Array b = _opt(bias, "bias"), n = _opt(norm_weight, "norm_weight")
+    cdef Array r = _opt(residual, "residual")
+    cdef nfu.GemvArgs g = nfu.GemvArgs()
+    why = _gemv_args(&g, a, wa, s, qb, bits, group_size, b, n, eps, r, act)
+    if why is not None:
+        raise ValueError(f"gemv: {why}")
+    return wrap(heap(nfu.gemv(a.ptr[0], wa.ptr[0], g)))
+
+
+def gemv_unsupported_reason(x, w, *, scales=None, biases=None, int bits=0,
+                            int group_size=64, bias=None, norm_weight=None, float eps=1e-5,
+                            residual=None, act=None):
+    """None when gemv(...) with these arguments runs its CUDA kernel, else why not."""
+    cdef Array a = _arr(x, "x"), wa = _arr(w, "w")
+    cdef Array s = _opt(scales, "scales"), qb = _opt(biases, "biases")
+    cdef Array b = _opt(bias, "bias"), n = _opt(norm_weight, "norm_weight")
+    cdef Array r = _opt(residual, "residual")
+    cdef nfu.GemvArgs g = nfu.GemvArgs()
+    return _gemv_args(&g, a, wa, s, qb, bits, group_size, b, n, eps, r, act)
+
+
+def set_gemv_max_rows(int rows):
+    """Most activation rows the decode kernels take (default 16; more rows
+    go to MLX's GEMMs); returns the previous value."""
+    if rows < 0:
+        raise ValueError(f"set_gemv_max_rows: rows must be >= 0, got {rows}")
+    cdef int old = nfu.gemv_max_rows()
+    (&nfu.gemv_max_rows())[0] = rows
+    return old

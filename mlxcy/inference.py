@@ -49,24 +49,104 @@ class GenerationOptions:
     stop_ids: list[int] = field(default_factory=list)
     max_context: int | None = None
     logprobs: bool = False
-    prefill_chunk: int | None = None   # None: the device's default (mlxcy.generate)
+    prefill_chunk: int | None = None   # None: the device's default (mlxcy.tuning)
     # speculative decoding by prompt lookup: True (up to 8 tokens per step) or
     # an int k; greedy output is unchanged (mlxcy.engine, "speculative decoding")
     prompt_lookup: bool | int | None = None
     cancel: object = None          # threading.Event, or a callable returning True to stop
 
+    def __post_init__(self):
+        """Every option checked by type and range, naming it (OptionTypeError,
+        a TypeError, or OptionError, a ValueError); `stop` may be one string."""
+        from mlxcy.errors import OptionError, OptionTypeError
+
+        def integer(name, lo, hi=2**31 - 1, none=False):
+            v = getattr(self, name)
+            if v is None and none:
+                return
+            if type(v) is bool or not isinstance(v, int):
+                if hasattr(v, "__index__") and type(v) is not bool:     # numpy ints
+                    v = v.__index__()
+                    setattr(self, name, v)
+                else:
+                    raise OptionTypeError(f"{name}: expected an int{' or None' if none else ''}"
+                                          f", got {type(v).__name__} ({v!r:.40})")
+            if not lo <= v <= hi:
+                raise OptionError(f"{name}: must be in [{lo}, {hi}], got {v}")
+
+        def number(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if type(v) is bool or not isinstance(v, (int, float)):
+                try:
+                    import numpy as np
+                    ok = isinstance(v, (np.integer, np.floating))
+                except ImportError:
+                    ok = False
+                if not ok:
+                    raise OptionTypeError(f"{name}: expected a number, got "
+                                          f"{type(v).__name__} ({v!r:.40})")
+            v = float(v)
+            setattr(self, name, v)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise OptionError(f"{name}: must be finite, got {v}")
+            if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+                rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, " \
+                      f"{hi if hi is not None else 'inf'}]"
+                raise OptionError(f"{name}: must be in {rng}, got {v}")
+
+        integer("max_tokens", 0)
+        number("temperature", 0.0)
+        integer("top_k", 0)
+        number("top_p", 0.0, 1.0, lo_open=True)
+        number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, lo_open=True)
+        integer("repetition_context_size", 1)
+        number("presence_penalty")
+        number("frequency_penalty")
+        integer("max_context", 1, none=True)
+        integer("prefill_chunk", 1, none=True)
+        if self.prompt_lookup is not None and type(self.prompt_lookup) is not bool:
+            integer("prompt_lookup", 0)
+        if self.seed is not None:
+            integer("seed", 0, 2**64 - 1)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise OptionTypeError(f"logit_bias: expected a dict {{token_id: bias}}, got "
+                                      f"{type(self.logit_bias).__name__}")
+            for k, v in self.logit_bias.items():
+                if type(k) is not int or k < 0:
+                    raise OptionError(f"logit_bias: key {k!r:.40} is not a token id")
+                if type(v) is bool or not isinstance(v, (int, float)) or v != v:
+                    raise OptionTypeError(f"logit_bias[{k}]: expected a number, got {v!r:.40}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or \
+                not all(isinstance(x, str) for x in self.stop):
+            raise OptionTypeError(f"stop: expected a string or a list of strings, got "
+                                  f"{type(self.stop).__name__} ({self.stop!r:.40})")
+        if any(not x for x in self.stop):
+            raise OptionError("stop: stop strings must not be empty")
+        self.stop = list(self.stop)
+        if not isinstance(self.stop_ids, (list, tuple)) or \
+                not all(type(x) is int and x >= 0 for x in self.stop_ids):
+            raise OptionTypeError(f"stop_ids: expected a list of token ids (ints >= 0), got "
+                                  f"{self.stop_ids!r:.40}")
+        self.stop_ids = list(self.stop_ids)
+        if not isinstance(self.logprobs, bool):
+            raise OptionTypeError(f"logprobs: expected a bool, got {type(self.logprobs).__name__}")
+        c = self.cancel
+        if c is not None and not isinstance(c, threading.Event) and not callable(c):
+            raise OptionTypeError(f"cancel: expected a threading.Event or a callable, got "
+                                  f"{type(c).__name__}")
+
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "GenerationOptions":
+        from mlxcy.errors import OptionTypeError
         names = set(cls.__dataclass_fields__)
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise TypeError(f"unknown generation option(s): {', '.join(unknown)}")
-        opts = cls(**kwargs)
-        if isinstance(opts.stop, str):
-            opts.stop = [opts.stop]
-        if opts.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {opts.max_tokens}")
-        return opts
+            raise OptionTypeError(f"unknown generation option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
 
     def cancelled(self) -> bool:
         c = self.cancel
@@ -158,7 +238,7 @@ class MlxTextModel(TextModel):
     def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None,
                  fuse: bool | None = None, draft_model=None, num_draft: int = 4):
         from mlxcy import memory
-        from mlxcy.models.load import load_model
+        from mlxcy.parallel import load_model_for_process as load_model  # tensor parallel
         from mlxcy.tokenizer import Tokenizer
         self.path = Path(path)
         self._mem_before = memory.get_active_memory()
@@ -447,9 +527,12 @@ def default_fuse() -> bool:
     the CPU, no.  MLX's CPU kernels are not launch-bound, and there the slices
     of a fused output are strided views that the elementwise ops after them
     (rope, the compiled SwiGLU) read more slowly: SmolLM2-135M bf16 decoded and
-    prefilled ~2-4% slower fused on the 2-core development VM (docs/benchmarks.md)."""
+    prefilled ~2-4% slower fused on the 2-core development VM (docs/benchmarks.md).
+    With mlxcy.cpu_kernels (the CPU default) the products are ours: fused ones
+    are fewer, larger ops per token, decode faster (docs/cpu.md)."""
+    from mlxcy import cpu_kernels
     from mlxcy.device import default_device
-    return default_device().type != "cpu"
+    return default_device().type != "cpu" or cpu_kernels.enabled() is not False
 
 
 def _tok_text(tok, i):

@@ -22,6 +22,10 @@ from mlxcy.native cimport transforms as ntr
 
 import os
 
+from mlxcy.errors import GGUFError, ModelFormatError
+from mlxcy import gguf_reader as _gguf
+from mlxcy import safetensors_header as _st
+
 __all__ = ["load_safetensors", "save_safetensors", "load_gguf", "load_npy", "save_npy",
            "load", "save"]
 
@@ -43,6 +47,22 @@ cdef string _writable(object path, str fn) except *:
     if not os.path.isdir(parent):
         raise FileNotFoundError(2, f"{fn}: no such directory {parent!r}", p)
     return os.fsencode(p)
+
+
+cdef _format_error(Exception e, object path, type cls):
+    """MLX's exception on reading a file, as `cls` (a ModelFormatError) naming it."""
+    msg = str(e)
+    p = os.fspath(path)
+    raise cls(msg if str(p) in msg else f"{p}: {msg}") from None
+
+
+cdef str _temp_beside(str final):
+    """A fresh name in final's folder, keeping its extension (MLX appends one
+    when it is missing): a write goes there, then is renamed over final, so a
+    failed write leaves no partial file."""
+    d, base = os.path.split(final)
+    stem, ext = os.path.splitext(base)
+    return os.path.join(d, f".{stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp{ext}")
 
 
 cdef _with_path(Exception e, object path):
@@ -71,10 +91,11 @@ def load_safetensors(path):
     """Read a .safetensors file: (dict name -> Array, metadata dict str -> str)."""
     cdef string p = _readable(path, "load_safetensors")
     cdef nio.LoadResult* r = NULL
+    _st.read_header(path)           # checked before MLX's reader sees it
     try:
         r = nio.load_safetensors(p)
     except (RuntimeError, ValueError) as e:
-        _with_path(e, path)
+        _format_error(e, path, ModelFormatError)
     cdef size_t i
     try:
         meta = {_text(r.meta[i].key): _text(r.meta[i].str) for i in range(r.meta.size())}
@@ -115,13 +136,22 @@ def save_safetensors(path, arrays, metadata=None):
             raise TypeError(f"{fn}: metadata must map str to str; got {k!r}: {val!r}")
         keys.push_back(k.encode())
         values.push_back(val.encode())
-    cdef string p = _writable(path, fn)
+    _writable(path, fn)
+    final = os.fsdecode(os.fspath(path))
+    if not final.endswith(".safetensors"):
+        final += ".safetensors"
+    tmp = _temp_beside(final)
+    cdef string p = os.fsencode(tmp)
     try:
         with nogil:
             ntr.eval(v)
             nio.save_safetensors(p, names, v, keys, values)
+        os.replace(tmp, final)
     except (RuntimeError, ValueError) as e:
-        _with_path(e, path)
+        _with_path(type(e)(str(e).replace(tmp, final)), path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 cdef object _meta_value(nio.LoadResult* r, size_t i):
@@ -145,11 +175,19 @@ def load_gguf(path):
     quantized tensors arrive."""
     cdef string p = _readable(path, "load_gguf")
     cdef nio.LoadResult* r = NULL
+    # MLX's reader trusts the header (malformed files crash it): mlxcy's
+    # checked reader goes first, and only types MLX handles pass.
+    h = _gguf.read_header(path)
+    for name, t in h.tensors.items():
+        if t["type"] not in _gguf.MLX_TYPES:
+            raise GGUFError(f"{os.fspath(path)}: tensor {name!r} has ggml type "
+                            f"{_gguf.TYPE_NAMES.get(t['type'], t['type'])}, which MLX's "
+                            f"GGUF reader does not support")
     try:
         with nogil:
             r = nio.load_gguf(p)
     except (RuntimeError, ValueError) as e:
-        _with_path(e, path)
+        _format_error(e, path, GGUFError)
     cdef size_t i
     try:
         meta = {_text(r.meta[i].key): _meta_value(r, i) for i in range(r.meta.size())}
@@ -170,13 +208,22 @@ def load_npy(path):
 def save_npy(path, array):
     """Write one Array to a .npy file (".npy" is appended when missing, as in MLX)."""
     cdef Array a = array if type(array) is Array else to_array(array)
-    cdef string p = _writable(path, "save_npy")
+    _writable(path, "save_npy")
+    final = os.fsdecode(os.fspath(path))
+    if not final.endswith(".npy"):
+        final += ".npy"
+    tmp = _temp_beside(final)
+    cdef string p = os.fsencode(tmp)
     cdef na.array* h = handle(a)
     try:
         with nogil:
             nio.save_npy(p, h[0])
+        os.replace(tmp, final)
     except (RuntimeError, ValueError) as e:
-        _with_path(e, path)
+        _with_path(type(e)(str(e).replace(tmp, final)), path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 cdef str _kind(object path):

@@ -26,7 +26,6 @@ cdef class Linear:
     cdef public float lora_dropout
     cdef public bint training  # dropout only while training
     cdef na.array* forward(self, const na.array& x) except NULL
-    cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL
     cdef na.array* forward_rows(self, const na.array& x, int r0, int r1) except NULL
     cdef na.array* lora_forward(self, const na.array& x, na.array* y) except NULL
     cpdef free(self)

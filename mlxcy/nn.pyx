@@ -9,43 +9,23 @@ Each layer owns its arrays; `free()` releases them at once. The Python-level
 from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
+from mlxcy.native cimport ops as nops
 from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport random as nrnd
 from mlxcy.native.array cimport heap
+from mlxcy.cpu_kernels cimport use_kernels, cpu_linear
 from libcpp.vector cimport vector
 
 
-# Fold residual adds into the output projections' GEMMs (Linear.forward_add):
-# one kernel fewer per call.  Off by default: on an H200 it made bf16 decode
-# slower, not faster (SmolLM2 1.46x -> 1.18x mlx-lm; docs/benchmarks.md), and
-# on the CPU it changes bf16 rounding (SmolLM2's test prompt: error vs float32
-# 0.023 -> 0.043; a random 64-token prompt: 0.0107 -> 0.0108).
-cdef bint FOLD_RESIDUAL = False
-
-
-def set_fold_residual(bint on):
-    """Sets FOLD_RESIDUAL; returns its previous value."""
-    global FOLD_RESIDUAL
-    old = FOLD_RESIDUAL
-    FOLD_RESIDUAL = on
-    return old
-
-
-cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
-    na.array qlinear_dequant(const na.array& x, const na.array& w, const na.array& scales,
-                             const na.array* biases, int group_size, int bits,
-                             const na.array* bias, int block, bint eval_blocks) except +
-
-
-# Quantized layers on the CPU: dequantize the weight right before the product
+# Quantized layers on the CPU dequantize the weight right before the product
 # and use MLX's float GEMM instead of its CPU quantized_matmul (a scalar loop,
 # 2.5x slower for one token and ~20x for a 512-token prefill chunk on the
-# 2-core development VM; see include/mlxcy/qcpu.h).  -1: automatic (when the
-# default device is the CPU); 0: never; 1: always.  The GPU keeps MLX's fused
+# 2-core development VM; see include/mlxcy/qcpu.h), DEQUANT_BLOCK rows at a
+# time (bounds the temporary of a vocabulary head).  The GPU keeps MLX's fused
 # quantized kernels, which read the packed weight directly.
-cdef int CPU_DEQUANT = -1
-# Rows dequantized at a time (bounds the temporary of a vocabulary head).
-cdef int DEQUANT_BLOCK = 1024
+cdef enum:
+    DEQUANT_BLOCK = 1024
+
 # Evaluate each block's product before building the next (Model.forward sets
 # it around the head in CPU inference; see include/mlxcy/qcpu.h).
 cdef bint EVAL_BLOCKS = False
@@ -60,18 +40,7 @@ cdef bint set_eval_blocks(bint on) noexcept:
     return old
 
 
-def set_cpu_dequant(mode, int block=1024):
-    """Choose how quantized layers multiply: mode None (automatic: dequantize
-    then GEMM on the CPU, MLX's quantized kernel elsewhere), True or False;
-    `block` rows are dequantized at a time.  For A/B benchmarks."""
-    global CPU_DEQUANT, DEQUANT_BLOCK
-    CPU_DEQUANT = -1 if mode is None else (1 if mode else 0)
-    DEQUANT_BLOCK = block
-
-
 cdef inline bint _dequant_path(const na.array& w, int group_size, int bits) noexcept:
-    if CPU_DEQUANT >= 0:
-        return CPU_DEQUANT == 1
     if na.default_device().type == na.cpu:
         return True
     # MLX 0.32.4's CUDA quantized_matmul returns zeros for inputs of several
@@ -85,10 +54,19 @@ cdef na.array* _qmatmul(const na.array& x, const na.array& w, const na.array& sc
                         const na.array* qbiases, int group_size, int bits,
                         const na.array* bias) except NULL:
     """x @ dequantize(w).T (+ bias) by the fastest path for the device."""
+    if qbiases != NULL and use_kernels(x, w, &scales, group_size, bits):   # mlxcy.cpu_kernels
+        return cpu_linear(x, w, &scales, qbiases, group_size, bits, bias)
     if _dequant_path(w, group_size, bits):
-        return heap(qlinear_dequant(x, w, scales, qbiases, group_size, bits, bias,
-                                    DEQUANT_BLOCK, EVAL_BLOCKS))
+        return heap(nnn.qlinear_dequant(x, w, scales, qbiases, group_size, bits, bias,
+                                        DEQUANT_BLOCK, EVAL_BLOCKS))
     return heap(nnn.qlinear(x, w, scales, qbiases, group_size, bits, bias))
+
+
+cdef na.array* _flinear(const na.array& x, const na.array& w, const na.array* bias) except NULL:
+    """x @ w.T (+ bias): mlxcy.cpu_kernels on the CPU, MLX's matmul elsewhere."""
+    if use_kernels(x, w, NULL, 0, 0):
+        return cpu_linear(x, w, NULL, NULL, 0, 0, bias)
+    return heap(nnn.linear(x, w, bias))
 
 
 cdef na.array* copy_handle(object a, str name) except NULL:
@@ -110,6 +88,21 @@ cdef inline na.array* _live(na.array* p, object owner) except NULL:
     return p
 
 
+cdef int _take_weights(na.array** weight, na.array** scales, na.array** qbiases, Array w,
+                       Array s, Array b, int bits, str owner) except -1:
+    """A layer's own handles on its weight and, when quantized (s given), its
+    scales and affine biases; returns the unpacked input width."""
+    weight[0] = copy_handle(w, owner + ".weight")
+    if s is None:
+        return weight[0].shape(1)
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"{owner}: unsupported bits {bits}")
+    scales[0] = copy_handle(s, owner + ".scales")
+    if b is not None:
+        qbiases[0] = copy_handle(b, owner + ".biases")
+    return weight[0].shape(1) * 32 // bits
+
+
 cdef long long _packed_params(na.array* w, int bits):
     # uint32 packs 32 // bits values per element
     if w == NULL:
@@ -126,38 +119,20 @@ cdef class Linear:
 
     def __init__(self, Array weight, Array bias=None, Array scales=None, Array biases=None,
                  int group_size=64, int bits=4):
-        self.weight = copy_handle(weight, "Linear.weight")
+        self.in_features = _take_weights(&self.weight, &self.scales, &self.qbiases, weight,
+                                         scales, biases, bits, "Linear")
         if bias is not None:
             self.bias = copy_handle(bias, "Linear.bias")
         self.quantized = scales is not None
         self.group_size = group_size
         self.bits = bits
         self.out_features = self.weight.shape(0)
-        if self.quantized:
-            if bits not in (2, 3, 4, 5, 6, 8):
-                raise ValueError(f"Linear: unsupported bits {bits}")
-            self.scales = copy_handle(scales, "Linear.scales")
-            if biases is not None:
-                self.qbiases = copy_handle(biases, "Linear.biases")
-            self.in_features = self.weight.shape(1) * 32 // bits
-        else:
-            self.in_features = self.weight.shape(1)
 
     def __dealloc__(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
-        _del(&self.bias)
-        _del(&self.lora_a)
-        _del(&self.lora_b)
+        _free_linear(self)
 
     cpdef free(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
-        _del(&self.bias)
-        _del(&self.lora_a)
-        _del(&self.lora_b)
+        _free_linear(self)
 
     cdef na.array* forward(self, const na.array& x) except NULL:
         cdef na.array* w = _live(self.weight, self)
@@ -166,7 +141,7 @@ cdef class Linear:
             y = _qmatmul(x, w[0], self.scales[0], self.qbiases, self.group_size, self.bits,
                          self.bias)
         else:
-            y = heap(nnn.linear(x, w[0], self.bias))
+            y = _flinear(x, w[0], self.bias)
         if self.lora_a == NULL or self.lora_b == NULL:
             return y
         return self.lora_forward(x, y)
@@ -190,25 +165,12 @@ cdef class Linear:
             b = nnn.rows(self.bias[0], r0, r1)
             bp = &b
         if not self.quantized:
-            return heap(nnn.linear(x, wr, bp))
+            return _flinear(x, wr, bp)
         s = nnn.rows(self.scales[0], r0, r1)
         if self.qbiases != NULL:
             qb = nnn.rows(self.qbiases[0], r0, r1)
             qbp = &qb
         return _qmatmul(x, wr, s, qbp, self.group_size, self.bits, bp)
-
-    cdef na.array* forward_add(self, const na.array& x, const na.array& residual) except NULL:
-        """residual + forward(x).  With FOLD_RESIDUAL on (off by default), a
-        plain float layer folds the add into its GEMM (addmm)."""
-        cdef na.array* w = _live(self.weight, self)
-        # Only when all three share a dtype: addmm casts the residual to the
-        # product's dtype, which would round a float32 residual stream.
-        if (FOLD_RESIDUAL and not self.quantized and self.bias == NULL
-                and (self.lora_a == NULL or self.lora_b == NULL)
-                and nnn.same_dtype(x, w[0]) and nnn.same_dtype(residual, w[0])):
-            return heap(nnn.linear_add(x, w[0], residual))
-        cdef na.array y = nnn.own(self.forward(x))
-        return heap(nnn.add(residual, y))
 
     cdef na.array* lora_forward(self, const na.array& x, na.array* y) except NULL:
         """y + (scale * (dropout(x) @ A) @ B).astype(x.dtype), as mlx-lm's
@@ -288,33 +250,32 @@ cdef class Linear:
         return _nb(self.weight) + _nb(self.scales) + _nb(self.qbiases) + _nb(self.bias)
 
 
+cdef void _free_linear(Linear l) noexcept:
+    _del(&l.weight)
+    _del(&l.scales)
+    _del(&l.qbiases)
+    _del(&l.bias)
+    _del(&l.lora_a)
+    _del(&l.lora_b)
+
+
 cdef class Embedding:
     """Rows of a [vocab, dims] table; quantized when `scales` is given."""
 
     def __init__(self, Array weight, Array scales=None, Array biases=None,
                  int group_size=64, int bits=4):
-        self.weight = copy_handle(weight, "Embedding.weight")
+        self.dims = _take_weights(&self.weight, &self.scales, &self.qbiases, weight, scales,
+                                  biases, bits, "Embedding")
         self.quantized = scales is not None
         self.group_size = group_size
         self.bits = bits
         self.num_embeddings = self.weight.shape(0)
-        if self.quantized:
-            self.scales = copy_handle(scales, "Embedding.scales")
-            if biases is not None:
-                self.qbiases = copy_handle(biases, "Embedding.biases")
-            self.dims = self.weight.shape(1) * 32 // bits
-        else:
-            self.dims = self.weight.shape(1)
 
     def __dealloc__(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
+        _free_embedding(self)
 
     cpdef free(self):
-        _del(&self.weight)
-        _del(&self.scales)
-        _del(&self.qbiases)
+        _free_embedding(self)
 
     cpdef int dtype_code(self) except -1:
         """The dtype of the looked-up rows (the scales' for quantized tables)."""
@@ -332,15 +293,15 @@ cdef class Embedding:
         cdef na.array bi
         if self.qbiases != NULL:
             bi = nnn.take(self.qbiases[0], ids, 0)
-            return heap(nnn.dequantize(rows, sc, &bi, self.group_size, self.bits))
-        return heap(nnn.dequantize(rows, sc, NULL, self.group_size, self.bits))
+            return heap(nops.dequantize_(rows, sc, &bi, self.group_size, self.bits, b"affine", -1))
+        return heap(nops.dequantize_(rows, sc, NULL, self.group_size, self.bits, b"affine", -1))
 
     cdef na.array* as_linear(self, const na.array& x) except NULL:
         cdef na.array* w = _live(self.weight, self)
         if self.quantized:
             return _qmatmul(x, w[0], self.scales[0], self.qbiases, self.group_size, self.bits,
                             NULL)
-        return heap(nnn.linear(x, w[0], NULL))
+        return _flinear(x, w[0], NULL)
 
     def __call__(self, Array ids):
         return wrap(self.lookup(handle(ids)[0]))
@@ -352,6 +313,12 @@ cdef class Embedding:
 
     cpdef long long nbytes(self):
         return _nb(self.weight) + _nb(self.scales) + _nb(self.qbiases)
+
+
+cdef void _free_embedding(Embedding e) noexcept:
+    _del(&e.weight)
+    _del(&e.scales)
+    _del(&e.qbiases)
 
 
 cdef class RMSNorm:
@@ -393,7 +360,7 @@ cdef class RMSNorm:
 
 def quantize(Array w, int group_size=64, int bits=4):
     """(wq, scales, biases): MLX's affine quantization of w along its last axis."""
-    cdef vector[na.array] r = nnn.quantize(handle(w)[0], group_size, bits)
+    cdef vector[na.array] r = nops.quantize_(handle(w)[0], group_size, bits, b"affine")
     return tuple(wrap(heap(r[i])) for i in range(r.size()))
 
 
@@ -401,13 +368,5 @@ def dequantize(Array w, Array scales, Array biases=None, int group_size=64, int 
     cdef na.array* b = NULL
     if biases is not None:
         b = handle(biases)
-    return wrap(heap(nnn.dequantize(handle(w)[0], handle(scales)[0], b, group_size, bits)))
-
-
-def active_memory():
-    """Bytes MLX currently holds in live arrays (mlx::core::get_active_memory)."""
-    return nnn.active_memory()
-
-
-def clear_memory_cache():
-    nnn.clear_memory_cache()
+    return wrap(heap(nops.dequantize_(handle(w)[0], handle(scales)[0], b, group_size, bits,
+                                      b"affine", -1)))

@@ -13,7 +13,7 @@ from libc.math cimport M_SQRT1_2, M_2_SQRTPI
 from libcpp cimport bool
 from libcpp.string cimport string
 cimport cython
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, int64_t
 from libcpp.utility cimport move
 from libcpp.vector cimport vector
 
@@ -21,6 +21,8 @@ from mlxcy.core cimport Array, wrap, wrap_new, handle, to_array, operand, as_dty
 from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
+
+from mlxcy.core import _check_index_bounds
 
 # Floating dtype codes (mlx::core::Dtype::Val): float16, float32, float64, bfloat16.
 cdef int F16 = 9, F32 = 10, F64 = 11, BF16 = 12
@@ -64,15 +66,48 @@ cdef inline int _tuple_dims(object dims, int32_t* buf) except -2:
     return <int>n
 
 
+cdef int _check_count(const int32_t* d, int n, str name) except -1:
+    """Refuse a shape whose element count overflows int64 (MLX would wrap
+    its size_t product and allocate too little); -1 entries are skipped."""
+    cdef int i
+    cdef int64_t count = 1
+    cdef int64_t limit = 0x7FFFFFFFFFFFFFFF
+    for i in range(n):
+        if d[i] > 0:
+            if count > limit // d[i]:
+                raise ValueError(f"{name}: {[d[j] for j in range(n)]} has more elements "
+                                 f"than fit in a 64-bit count")
+            count *= d[i]
+    return 0
+
+
+cdef inline int _tuple_dims_checked(object dims, int32_t* buf, str name) except -2:
+    cdef int n
+    try:
+        n = _tuple_dims(dims, buf)
+    except OverflowError:
+        raise ValueError(f"{name}: dimensions of {dims!r:.100} must fit in int32 "
+                         f"(at most 2**31 - 1)") from None
+    if n > 0:
+        _check_count(buf, n, name)
+    return n
+
+
 cdef na.Shape _shape(object dims, str name="shape") except *:
     cdef int32_t buf[8]
     # Fast path, the usual case: a short tuple of exact ints, converted with
-    # no per-element call (an int too large for a C int raises OverflowError,
-    # as in _int).  Anything else is parsed as _ints parses axes.
-    cdef int n = _tuple_dims(dims, buf)
+    # no per-element call.  Anything else is parsed as _ints parses axes.
+    # Dimensions must fit in int32 and their product in int64.
+    cdef int n = _tuple_dims_checked(dims, buf, name)
     if n >= 0:
         return na.make_shape(buf, n)
-    cdef vector[int] v = _ints(dims, name)
+    cdef vector[int] v
+    try:
+        v = _ints(dims, name)
+    except OverflowError:
+        raise ValueError(f"{name}: dimensions of {dims!r:.100} must fit in int32 "
+                         f"(at most 2**31 - 1)") from None
+    _check_count(<const int32_t*>v.data(), <int>v.size(), name)
     return na.make_shape(<const int32_t*>v.data(), <int>v.size())
 
 
@@ -789,7 +824,7 @@ def reshape(a, shape):
     """a with a new shape (one dimension may be -1)."""
     cdef Array x = _arr(a)
     cdef int32_t dims[8]
-    cdef int n = _tuple_dims(shape, dims)
+    cdef int n = _tuple_dims_checked(shape, dims, "shape")
     if n >= 0:
         return wrap_new(nops.reshape(x.ptr[0], na.make_shape(dims, n)))
     return wrap_new(nops.reshape(x.ptr[0], move(_shape(shape))))
@@ -966,18 +1001,29 @@ def take(a, indices, axis=None):
         return wrap_new((nops.take(x.ptr[0], k + n if k < 0 else k, ax)))
     cdef Array i = _arr(indices)
     if axis is None:
+        _check_index_bounds(i, x.ptr.size(), None, "take")
         return wrap_new((nops.take(x.ptr[0], i.ptr[0])))
-    return wrap_new((nops.take(x.ptr[0], i.ptr[0], _int(axis, "axis"))))
+    ax = _int(axis, "axis")
+    if ax < -<int>x.ptr.ndim() or ax >= <int>x.ptr.ndim():
+        raise ValueError(f"take: axis {axis} is out of bounds for an array of "
+                         f"{x.ptr.ndim()} dimensions")
+    _check_index_bounds(i, x.ptr.shape(ax), axis, "take")
+    return wrap_new((nops.take(x.ptr[0], i.ptr[0], ax)))
 
 
 def take_along_axis(a, indices, axis):
     """numpy.take_along_axis (axis=None: over the flattened array)."""
     cdef Array x = _arr(a)
     cdef Array i = _arr(indices)
+    cdef int ax
     if axis is None:
+        _check_index_bounds(i, x.ptr.size(), None, "take_along_axis")
         return wrap_new((nops.take_along_axis(nops.reshape(x.ptr[0], _shape(-1)),
                                               nops.reshape(i.ptr[0], _shape(-1)), 0)))
-    return wrap_new((nops.take_along_axis(x.ptr[0], i.ptr[0], _int(axis, "axis"))))
+    ax = _int(axis, "axis")
+    if -<int>x.ptr.ndim() <= ax < <int>x.ptr.ndim():
+        _check_index_bounds(i, x.ptr.shape(ax), axis, "take_along_axis")
+    return wrap_new((nops.take_along_axis(x.ptr[0], i.ptr[0], ax)))
 
 
 def put_along_axis(a, indices, values, axis):
@@ -986,6 +1032,13 @@ def put_along_axis(a, indices, values, axis):
     cdef Array x = _arr(a)
     cdef Array i = _arr(indices)
     cdef Array v = operand(values, x.ptr)
+    cdef int ax
+    if axis is None:
+        _check_index_bounds(i, x.ptr.size(), None, "put_along_axis")
+    else:
+        ax = _int(axis, "axis")
+        if -<int>x.ptr.ndim() <= ax < <int>x.ptr.ndim():
+            _check_index_bounds(i, x.ptr.shape(ax), axis, "put_along_axis")
     if axis is None:
         flat = wrap_new((nops.put_along_axis(nops.reshape(x.ptr[0], _shape(-1)),
                                              nops.reshape(i.ptr[0], _shape(-1)),

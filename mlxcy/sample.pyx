@@ -34,6 +34,8 @@ from mlxcy.native.array cimport shape2 as _shape2
 
 import numpy as np
 
+from mlxcy.errors import OptionError, OptionTypeError
+
 __all__ = ["Sampler", "apply_top_k", "apply_top_p", "apply_min_p", "apply_penalties"]
 
 
@@ -188,21 +190,21 @@ cdef na.array* _counts(const na.array& h, int window, int V, na.Dtype dt) except
 
 cdef object _int_arg(object v, str name, long lo):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name}: expected an integer, got {type(v).__name__}")
+        raise OptionTypeError(f"{name}: expected an integer, got {type(v).__name__}")
     v = int(v)
     if v < lo:
-        raise ValueError(f"{name}: must be >= {lo}, got {v}")
+        raise OptionError(f"{name}: must be >= {lo}, got {v}")
     if v > 2147483647:
-        raise ValueError(f"{name}: {v} is too large")
+        raise OptionError(f"{name}: {v} is too large")
     return v
 
 
 cdef double _float_arg(object v, str name) except? -1.0:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+        raise OptionTypeError(f"{name}: expected a number, got {type(v).__name__}")
     cdef double d = float(v)
     if not isfinite(d):
-        raise ValueError(f"{name}: must be finite, got {d}")
+        raise OptionError(f"{name}: must be finite, got {d}")
     return d
 
 
@@ -239,24 +241,24 @@ cdef class Sampler:
                  frequency_context_size=20, logit_bias=None, seed=None):
         self.temperature = _float_arg(temperature, "temperature")
         if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {temperature}")
+            raise OptionError(f"temperature: must be >= 0, got {temperature}")
         self.top_k = _int_arg(top_k, "top_k", 0)
         if top_p is None:
             top_p = 1.0
         self.top_p = _float_arg(top_p, "top_p")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+            raise OptionError(f"top_p: must be in (0, 1], got {top_p}")
         if min_p is None:
             min_p = 0.0
         self.min_p = _float_arg(min_p, "min_p")
         if not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min_p: must be in [0, 1], got {min_p}")
+            raise OptionError(f"min_p: must be in [0, 1], got {min_p}")
         self.min_tokens_to_keep = _int_arg(min_tokens_to_keep, "min_tokens_to_keep", 1)
         if repetition_penalty is None:
             repetition_penalty = 1.0
         self.repetition_penalty = _float_arg(repetition_penalty, "repetition_penalty")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty: must be > 0, got {repetition_penalty}")
+            raise OptionError(f"repetition_penalty: must be > 0, got {repetition_penalty}")
         self.presence_penalty = _float_arg(presence_penalty or 0.0, "presence_penalty")
         self.frequency_penalty = _float_arg(frequency_penalty or 0.0, "frequency_penalty")
         self.repetition_context_size = _int_arg(repetition_context_size,
@@ -272,15 +274,15 @@ cdef class Sampler:
         if logit_bias is None:
             logit_bias = {}
         if not isinstance(logit_bias, dict):
-            raise TypeError(f"logit_bias: expected a dict {{token_id: bias}}, "
+            raise OptionTypeError(f"logit_bias: expected a dict {{token_id: bias}}, "
                             f"got {type(logit_bias).__name__}")
         bias = {}
         for k, v in logit_bias.items():
             tok = _int_arg(k, "logit_bias key", 0)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-                raise TypeError(f"logit_bias[{k}]: expected a number, got {type(v).__name__}")
+                raise OptionTypeError(f"logit_bias[{k}]: expected a number, got {type(v).__name__}")
             if isnan(float(v)):
-                raise ValueError(f"logit_bias[{k}]: is NaN")
+                raise OptionError(f"logit_bias[{k}]: is NaN")
             bias[tok] = float(v)
         self._bias = bias
         if bias:
@@ -298,10 +300,10 @@ cdef class Sampler:
             seed = self.seed
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-                raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
+                raise OptionTypeError(f"seed: expected an integer, got {type(seed).__name__}")
             seed = int(seed)
             if not (0 <= seed < 2 ** 64):
-                raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
+                raise OptionError(f"seed: must be in [0, 2**64), got {seed}")
         cdef na.array* k
         if seed is not None:
             k = heap(nsm.key(<unsigned long long>seed))
@@ -463,18 +465,20 @@ cdef class Sampler:
     def __call__(self, logits, history=None):
         """Token ids (int32, shape logits.shape[:-1]) for `logits`, lazily."""
         cdef Array l = _as_array(logits, "logits")
-        if history is None:
-            return wrap(self.sample(l.ptr[0], NULL))
-        cdef Array h = _as_array(history, "history")
-        return wrap(self.sample(l.ptr[0], h.ptr))
+        cdef Array h = None if history is None else _as_array(history, "history")
+        return wrap(self.sample(l.ptr[0], _ptr_or_null(h)))
 
     def process_logits(self, logits, history=None):
         """The logits after logit bias and penalties (no filtering or draw)."""
         cdef Array l = _as_array(logits, "logits")
-        if history is None:
-            return wrap(self.process(l.ptr[0], NULL))
-        cdef Array h = _as_array(history, "history")
-        return wrap(self.process(l.ptr[0], h.ptr))
+        cdef Array h = None if history is None else _as_array(history, "history")
+        return wrap(self.process(l.ptr[0], _ptr_or_null(h)))
+
+
+cdef inline na.array* _ptr_or_null(Array a) noexcept:
+    if a is None:
+        return NULL
+    return a.ptr
 
 
 cdef Array _as_array(object x, str name):
@@ -505,7 +509,7 @@ def apply_top_p(logprobs, p):
     _check_logits(x.ptr[0], "logprobs")
     cdef double pp = _float_arg(p, "p")
     if not (0.0 < pp <= 1.0):
-        raise ValueError(f"p: must be in (0, 1], got {p}")
+        raise OptionError(f"p: must be in (0, 1], got {p}")
     return wrap(top_p_filter(x.ptr[0], pp))
 
 
@@ -516,7 +520,7 @@ def apply_min_p(logprobs, min_p, min_tokens_to_keep=1):
     _check_logits(x.ptr[0], "logprobs")
     cdef double mp = _float_arg(min_p, "min_p")
     if not (0.0 <= mp <= 1.0):
-        raise ValueError(f"min_p: must be in [0, 1], got {min_p}")
+        raise OptionError(f"min_p: must be in [0, 1], got {min_p}")
     cdef int keep = _int_arg(min_tokens_to_keep, "min_tokens_to_keep", 1)
     return wrap(min_p_filter(x.ptr[0], mp, keep))
 

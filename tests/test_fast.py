@@ -48,33 +48,6 @@ def test_rms_norm_float32(with_weight):
     np.testing.assert_allclose(as_np(out), ref_rms_norm(x, w, 1e-5), **TIGHT)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 3, 1000), (4, 2048), (3, 37)])
-def test_add_rms_norm(dtype, shape):
-    """The decoder's residual add + RMSNorm (one CUDA kernel on a CUDA GPU):
-    h is exactly x + r in the dtype; y matches float64 numpy on h's values
-    (float32: tightly; low precision: within the rounding of y) and MLX's own
-    add + rms_norm (which is what runs on the CPU)."""
-    (x, xv), (r, rv), (w, wv) = (lowp(randn(*shape), dtype), lowp(randn(*shape), dtype),
-                                 lowp(randn(shape[-1]), dtype))
-    h, y = fast.add_rms_norm(x, r, w, 1e-5)
-    assert h.dtype == y.dtype == mlxcy.dtype(dtype) and h.shape == y.shape == shape
-    np.testing.assert_array_equal(as_np(h), as_np(x + r))
-    tol = TIGHT if dtype == "float32" else LOOSE[dtype]
-    np.testing.assert_allclose(as_np(y), ref_rms_norm(as_np(h), wv, 1e-5), **tol)
-    plain = as_np(fast.rms_norm(x + r, w, 1e-5))
-    if fast.add_rms_norm_is_native():
-        # the kernel sums in another order: at most one rounding step apart
-        np.testing.assert_allclose(as_np(y), plain, **tol)
-    else:
-        np.testing.assert_array_equal(as_np(y), plain)
-
-
-def test_add_rms_norm_bad_input():
-    with pytest.raises(ValueError, match="same shape"):
-        fast.add_rms_norm(mlxcy.array(randn(2, 8)), mlxcy.array(randn(3, 8)), None)
-
-
 @pytest.mark.parametrize("with_weight,with_bias", [(True, True), (True, False),
                                                    (False, True), (False, False)])
 def test_layer_norm_float32(with_weight, with_bias):

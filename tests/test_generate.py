@@ -237,12 +237,12 @@ def test_repetition_penalty_matches_transformers(tiny_dir, tm):
 
 def test_quantized_cpu_inference_evaluates_block_by_block(tiny_dir, tmp_path):
     """A quantized model's CPU inference evaluates after every block and the
-    vocabulary head block by block (base.CPU_SYNC): the same tokens, and the
+    vocabulary head block by block (tuning.cpu_sync): the same tokens, and the
     dequantized head blocks no longer all alive at once (MLX's CPU backend
     allocates an op's output when the host encodes it, ahead of the worker)."""
     from mlxcy.convert import convert_hf_to_mlx
+    from mlxcy import tuning
     from mlxcy.engine import Engine
-    from mlxcy.models.base import decode_options
     from mlxcy.models.load import load_model
     from mlxcy.sample import Sampler
     if mlxcy.default_device().type != "cpu":
@@ -252,7 +252,7 @@ def test_quantized_cpu_inference_evaluates_block_by_block(tiny_dir, tmp_path):
     with load_model(q) as m:
         res = {}
         for sync in (False, True):
-            with decode_options(cpu_sync=sync):
+            with tuning.override(cpu_sync=sync):
                 memory.clear_cache()
                 before = memory.get_active_memory()
                 memory.reset_peak_memory()

@@ -212,18 +212,17 @@ def test_sliding_cache_wraps(name):
 
 
 def test_cache_pad_changes_no_logit():
-    """Cache buffers carry PAD spare positions (so that MLX's CUDA backend
+    """Cache buffers carry tuning.cache_pad spare positions (so that MLX's CUDA backend
     attends one-token queries with its vector kernel, not cuDNN's): the logits
     over prefill, single steps around the ring and chunks are exactly those of
     unpadded buffers, and no buffer's length is a multiple of 256."""
-    from mlxcy import cache as C
+    from mlxcy import tuning
     hf, cfg = hf_case("gemma3-sliding-softcap")
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:
         ids = ids_for(48, cfg.vocab_size, batch=1, seed=9)
         runs = {}
         for pad in (0, 8):
-            old = C.set_pad(pad)
-            try:
+            with tuning.override(cache_pad=pad):
                 cache = model.make_cache()
                 pos, outs = 0, []
                 for n in [20] + [1] * 12 + [5, 3]:
@@ -231,15 +230,13 @@ def test_cache_pad_changes_no_logit():
                     pos += n
                 lengths = [c.state()["keys"].shape[2] for c in cache.layers]
                 kinds = {type(c).__name__ for c in cache.layers}
-            finally:
-                C.set_pad(old)
             runs[pad] = np.concatenate(outs, 1)
             assert kinds == {"KVCache", "RotatingKVCache"}
             if pad:
                 assert all(n % 256 for n in lengths), lengths
         np.testing.assert_array_equal(runs[8], runs[0])
-    with pytest.raises(ValueError, match="pad"):
-        C.set_pad(-1)
+    with pytest.raises(ValueError, match="cache_pad"):
+        tuning.set(cache_pad=-1)
 
 
 @pytest.mark.parametrize("pad", [0, 2, 8])
@@ -248,21 +245,18 @@ def test_small_step_caches_grow_and_wrap(pad):
     several steps (each with `pad` spare positions) before it wraps, and a
     plain cache grown step by step, give the reference logits, one token at a
     time from an empty cache and then in chunks."""
-    from mlxcy import cache as C
+    from mlxcy import cache as C, tuning
     hf, cfg = hf_case("gemma3-sliding-softcap")     # sliding window 8
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:
         ids = ids_for(40, cfg.vocab_size, batch=1, seed=4)
         ref = ref_logits(hf, ids)
-        old = C.set_pad(pad)
-        try:
+        with tuning.override(cache_pad=pad):
             cache = C.Cache([C.RotatingKVCache(c.window, step=3) if c.window else
                              C.KVCache(step=4) for c in model.make_cache().layers])
             pos, outs = 0, []
             for n in [1] * 19 + [6, 1, 1, 13]:
                 outs.append(model(ids[:, pos:pos + n], cache).numpy())
                 pos += n
-        finally:
-            C.set_pad(old)
         assert rel(np.concatenate(outs, 1), ref[:, :pos]) <= TOL
 
 
@@ -539,45 +533,14 @@ def test_fused_projections_match_transformers(name):
         assert rel(fused(ids).numpy(), plain(ids).numpy()) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama-gqa2-bias-llama3", "qwen3-gqa4-headdim",
-                                  "gemma3-sliding-softcap"])
-def test_add_norm_path_matches_plain(name):
-    """With add_norm (off by default) and a cache, blocks hand their last branch
-    output to the next block's add + RMSNorm (one kernel on a CUDA GPU).  The logits equal the
-    plain path's: exactly on the CPU (the same ops), within float32 rounding
-    on a GPU; prefill, last_only and decode steps."""
-    from mlxcy import fast
-    from mlxcy.models.base import decode_options
-    hf, cfg = hf_case(name)
-    ids = ids_for(9, cfg.vocab_size, batch=2, seed=3)
-    exact = not fast.add_rms_norm_is_native()
-
-    def run(add_norm):
-        with decode_options(add_norm=add_norm), \
-                build_model(cfg.to_dict(), torch_weights(hf)) as m:
-            m.fuse()
-            cache = m.make_cache()
-            out = [m(ids[:, :6], cache).numpy(), m(ids[:, 6:8], cache, last_only=True).numpy()]
-            out.append(m(ids[:, 8:9], cache).numpy())
-            return out
-
-    for a, b in zip(run(True), run(False)):
-        if exact:
-            np.testing.assert_array_equal(a, b)
-        else:
-            assert rel(a, b) <= 1e-5
-
-
 @pytest.mark.skipif(mlxcy.default_device().type != "cpu",
                     reason="CUDA frees buffers when their command batch completes, not at once")
-@pytest.mark.parametrize("joint_rope,prefill_parts", [(True, True), (True, False), (False, False)])
-def test_fused_prefill_peak_memory_as_unfused(joint_rope, prefill_parts):
+def test_fused_prefill_peak_memory_as_unfused():
     """A cached prefill with fused q/k/v must not keep every layer's fused
-    output alive (the keys/values written to the cache were views of it):
-    its transient peak stays within 10% of the unfused model's, which holds
-    less than one fused output per layer."""
+    output alive (keys/values written to the cache as views of it would): its
+    transient peak stays within 10% of the unfused model's, which holds less
+    than one fused output per layer."""
     from mlxcy.memory import get_peak_memory, reset_peak_memory, clear_cache
-    from mlxcy.models.base import decode_options
     cfg = tf.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256,
                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                          max_position_embeddings=1024, tie_word_embeddings=True)
@@ -598,9 +561,6 @@ def test_fused_prefill_peak_memory_as_unfused(joint_rope, prefill_parts):
             m(ids, cache, last_only=True).numpy()
             return get_peak_memory() - before
 
-    # prefill_parts=False: the fused matmul runs in prefill too, and the keys and
-    # values are copied out of its output before the cache write
-    with decode_options(joint_rope=joint_rope, prefill_parts=prefill_parts):
-        plain, fused = peak(False), peak(True)
+    plain, fused = peak(False), peak(True)
     # q/k/v output: 256 x 512 float32 = 0.5 MB per layer, 4 MB over the 8 layers
     assert fused <= 1.1 * plain, (fused, plain)

@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 from mlxcy import assets
-from mlxcy.tokenizer.gguf_meta import read_metadata
+from mlxcy.gguf_reader import read_metadata
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 

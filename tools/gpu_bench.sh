@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks on the GPU machine, each step under a time limit, logs in $OUT.
-# Usage: tools/gpu_bench.sh STEP...   (steps: lora loramem lorac loradiag addnorm decode fold batch memab)
+# Usage: tools/gpu_bench.sh STEP...   (steps: lora loramem lorac loradiag decode batch memab)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-bench}"
@@ -76,18 +76,10 @@ for s in "$@"; do
         grep RESULT "$out/loradiag-mlxlm.log"; echo "ptx modules: $(ls /tmp/ptx-mlxlm 2>/dev/null | grep -c ptx$)"
         MLX_PTX_CACHE_DIR=/tmp/ptx-mlxcy step loradiag-mlxcy-warm 120 python benchmarks/bench_lora.py $a --side mlxcy
         grep -E "^step|RESULT" "$out/loradiag-mlxcy-warm.log" ;;
-    addnorm)
-        step addnorm 300 python benchmarks/decode_option_ab.py --option add_norm --rounds 3 \
-            --models smollm2-135m,qwen3-0.6b,llama-3.2-1b --quant bf16,4bit
-        grep '^|' "$out/addnorm.log" ;;
     decode)
         step decode 420 python benchmarks/bench_decode.py --rounds 3 --out "$out/decode.jsonl" \
             --models smollm2-135m,gemma-3-270m,qwen2.5-0.5b,qwen3-0.6b,llama-3.2-1b,gemma-3-1b
         grep '^|' "$out/decode.log" ;;
-    fold)
-        step fold 240 python benchmarks/bench_decode.py --rounds 3 --quant bf16 --fold-residual on \
-            --models smollm2-135m,qwen3-0.6b,llama-3.2-1b --out "$out/fold.jsonl"
-        grep '^|' "$out/fold.log" ;;
     batch)
         step batch 240 python benchmarks/bench_batch.py --device gpu --dtype bfloat16 --model-shape qwen3-0.6b \
             --n-prompts 512 --skip-classify --gen-batches 8,32,128 --repeats 3 --json "$out/batch.json"

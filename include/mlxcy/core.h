@@ -1,10 +1,12 @@
 // Small C++ helpers for mlxcy's Cython code: things Cython cannot express
-// directly (moving a result onto the heap, dtype codes, building Shapes,
-// copying host buffers into new arrays). Nothing third-party lives here.
+// directly (optional array arguments, moving a result onto the heap, dtype
+// codes, building Shapes, copying host buffers into new arrays). Nothing
+// third-party lives here.
 #pragma once
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -12,6 +14,12 @@
 
 namespace mlxcy {
 namespace mx = mlx::core;
+
+// An optional array argument from Cython, where std::optional<array> cannot
+// be built: a null pointer means "absent".  Every shim in include/mlxcy uses it.
+inline std::optional<mx::array> opt(const mx::array* a) {
+  return a ? std::optional<mx::array>(*a) : std::nullopt;
+}
 
 // Move an op's result onto the heap so a Python extension type can own it.
 inline mx::array* heap(mx::array a) { return new mx::array(std::move(a)); }

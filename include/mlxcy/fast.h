@@ -7,12 +7,10 @@
 
 #include <mlx/mlx.h>
 
+#include "mlxcy/core.h"  // opt
+
 namespace mlxcy {
 namespace mx = mlx::core;
-
-inline std::optional<mx::array> opt(const mx::array* a) {
-  return a ? std::optional<mx::array>(*a) : std::nullopt;
-}
 
 inline mx::array rms_norm(const mx::array& x, const mx::array* w, float eps) {
   return mx::fast::rms_norm(x, opt(w), eps);
@@ -40,9 +38,7 @@ inline mx::array rope_offsets(const mx::array& x, int dims, bool traditional, fl
 inline mx::array sdpa(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                       const std::string& mask_mode, const mx::array* mask,
                       const mx::array* sinks) {
-  return mx::fast::scaled_dot_product_attention(q, k, v, scale, mask_mode,
-                                                mask ? std::optional<mx::array>(*mask)
-                                                     : std::nullopt,
+  return mx::fast::scaled_dot_product_attention(q, k, v, scale, mask_mode, opt(mask),
                                                 opt(sinks));
 }
 

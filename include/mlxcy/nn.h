@@ -13,6 +13,8 @@
 
 #include <mlx/mlx.h>
 
+#include "mlxcy/core.h"  // opt
+
 namespace mlxcy {
 namespace mx = mlx::core;
 
@@ -23,19 +25,10 @@ inline mx::array own(mx::array* p) {
   return a;
 }
 
-inline std::optional<mx::array> nn_opt(const mx::array* a) {
-  return a ? std::optional<mx::array>(*a) : std::nullopt;
-}
-
 // x @ w.T (+ bias) for a float weight [out, in].
 inline mx::array linear(const mx::array& x, const mx::array& w, const mx::array* bias) {
   if (bias) return mx::addmm(*bias, x, mx::transpose(w));
   return mx::matmul(x, mx::transpose(w));
-}
-
-// residual + x @ w.T as one GEMM (beta = 1): the residual add costs no kernel.
-inline mx::array linear_add(const mx::array& x, const mx::array& w, const mx::array& residual) {
-  return mx::addmm(residual, x, mx::transpose(w));
 }
 
 // Rows [r0, r1) of the first axis (a view; contiguous for a row-major array).
@@ -56,20 +49,10 @@ inline mx::array heads_slice(const mx::array& x, int h0, int h1) {
 inline mx::array qlinear(const mx::array& x, const mx::array& w, const mx::array& scales,
                          const mx::array* biases, int group_size, int bits,
                          const mx::array* bias) {
-  mx::array y = mx::quantized_matmul(x, w, scales, nn_opt(biases), true, group_size, bits,
+  mx::array y = mx::quantized_matmul(x, w, scales, opt(biases), true, group_size, bits,
                                      "affine");
   if (bias) return mx::add(y, *bias);
   return y;
-}
-
-inline mx::array dequantize(const mx::array& w, const mx::array& scales,
-                            const mx::array* biases, int group_size, int bits) {
-  return mx::dequantize(w, scales, nn_opt(biases), group_size, bits, "affine");
-}
-
-// quantize(w) -> [wq, scales, biases]
-inline std::vector<mx::array> quantize(const mx::array& w, int group_size, int bits) {
-  return mx::quantize(w, group_size, bits, "affine");
 }
 
 inline mx::array softmax_last(const mx::array& x, bool precise) {
@@ -249,8 +232,5 @@ inline mx::array attention_softcap(const mx::array& q, const mx::array& k, const
   auto p = mx::softmax(s, -1, true);
   return mx::reshape(mx::matmul(p, vg), {B, H, L, D});
 }
-
-inline size_t active_memory() { return mx::get_active_memory(); }
-inline void clear_memory_cache() { mx::clear_cache(); }
 
 }  // namespace mlxcy

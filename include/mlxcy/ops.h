@@ -10,22 +10,19 @@
 
 #include <mlx/mlx.h>
 
-#include "mlxcy/core.h"  // dtype_from_code
+#include "mlxcy/core.h"  // opt, dtype_from_code
 
 namespace mlxcy {
 namespace mx = mlx::core;
 
 namespace ops_detail {
-inline std::optional<mx::array> opt(const mx::array* a) {
-  return a ? std::optional<mx::array>(*a) : std::nullopt;
-}
 inline std::optional<int> opt_int(int v) {
   return v > 0 ? std::optional<int>(v) : std::nullopt;
 }
 }  // namespace ops_detail
 
 inline mx::array clip(const mx::array& a, const mx::array* lo, const mx::array* hi) {
-  return mx::clip(a, ops_detail::opt(lo), ops_detail::opt(hi));
+  return mx::clip(a, opt(lo), opt(hi));
 }
 
 inline mx::array nan_to_num(const mx::array& a, float nan, const float* posinf,
@@ -45,7 +42,7 @@ inline mx::array dequantize(const mx::array& w, const mx::array& scales,
                             const std::string& mode, int dtype_code) {
   std::optional<mx::Dtype> dt =
       dtype_code >= 0 ? std::optional<mx::Dtype>(dtype_from_code(dtype_code)) : std::nullopt;
-  return mx::dequantize(w, scales, ops_detail::opt(biases), ops_detail::opt_int(group_size),
+  return mx::dequantize(w, scales, opt(biases), ops_detail::opt_int(group_size),
                         ops_detail::opt_int(bits), mode, std::nullopt, dt);
 }
 
@@ -54,22 +51,22 @@ inline mx::array quantized_matmul(const mx::array& x, const mx::array& w,
                                   const mx::array& scales, const mx::array* biases,
                                   bool transpose, int group_size, int bits,
                                   const std::string& mode) {
-  return mx::quantized_matmul(x, w, scales, ops_detail::opt(biases), transpose,
+  return mx::quantized_matmul(x, w, scales, opt(biases), transpose,
                               ops_detail::opt_int(group_size), ops_detail::opt_int(bits),
                               mode);
 }
 
 inline mx::array gather_mm(const mx::array& a, const mx::array& b, const mx::array* lhs,
                            const mx::array* rhs, bool sorted_indices) {
-  return mx::gather_mm(a, b, ops_detail::opt(lhs), ops_detail::opt(rhs), sorted_indices);
+  return mx::gather_mm(a, b, opt(lhs), opt(rhs), sorted_indices);
 }
 
 inline mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales,
                             const mx::array* biases, const mx::array* lhs,
                             const mx::array* rhs, bool transpose, int group_size, int bits,
                             const std::string& mode, bool sorted_indices) {
-  return mx::gather_qmm(x, w, scales, ops_detail::opt(biases), ops_detail::opt(lhs),
-                        ops_detail::opt(rhs), transpose, ops_detail::opt_int(group_size),
+  return mx::gather_qmm(x, w, scales, opt(biases), opt(lhs),
+                        opt(rhs), transpose, ops_detail::opt_int(group_size),
                         ops_detail::opt_int(bits), mode, std::nullopt, sorted_indices);
 }
 

@@ -1,10 +1,8 @@
-// Pointer-based shims used by mlxcy/sample.pyx (samplers and logit
-// processors): MLX functions whose optional arguments Cython cannot build.
+// Helpers of mlxcy/sample.pyx (samplers): the compiled categorical draw
+// with a sampler's own key, and a key drawn from the global sequence.
 #pragma once
 
-#include <cstdint>
 #include <functional>
-#include <optional>
 #include <utility>
 #include <vector>
 
@@ -13,18 +11,6 @@
 namespace mlxcy::smp {
 namespace mx = mlx::core;
 namespace mr = mlx::core::random;
-
-// Cumulative sum along `axis` in the input's dtype.
-inline mx::array cumsum(const mx::array& a, int axis, bool reverse, bool inclusive) {
-  return mx::cumsum(a, axis, reverse, inclusive);
-}
-
-// One draw per distribution along `axis`; a null key uses (and advances)
-// the thread's global key sequence.
-inline mx::array categorical(const mx::array& logits, int axis, const mx::array* key) {
-  return mr::categorical(logits, axis,
-                         key ? std::optional<mx::array>(*key) : std::nullopt);
-}
 
 // Gumbel-max draw with an explicit key and 1/temperature, compiled once so
 // MLX fuses the noise and scaling element-wise ops (as mlx-lm compiles its
@@ -47,15 +33,5 @@ inline mx::array categorical_step(const mx::array& logits, double inv_temp, mx::
 
 // A fresh key drawn from (and advancing) the thread's global key sequence.
 inline mx::array key_from_global() { return mr::bits({2}, 4); }
-
-inline mx::array key(uint64_t seed) { return mr::key(seed); }
-
-// Split *key in two: *key becomes the first half (the key for later steps),
-// the second half is returned for this step's draw.
-inline mx::array next_key(mx::array* key) {
-  auto parts = mr::split(*key);
-  *key = std::move(parts.first);
-  return std::move(parts.second);
-}
 
 }  // namespace mlxcy::smp

@@ -42,8 +42,9 @@ cdef class Attention:
     cdef float scale, softcap      # softcap <= 0: none
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL
+    # up to o_proj
     cdef na.array* core(self, const na.array& x, LayerCache cache, const na.array* mask,
-                        const na.array* offsets) except NULL   # up to o_proj
+                        const na.array* offsets) except NULL
     cdef na.array* attend(self, const na.array& q, const na.array& k, const na.array& v,
                           int L, int qstart, int kstart, int window,
                           const na.array* mask) except NULL
@@ -65,15 +66,7 @@ cdef class Block:
     cdef RMSNorm input_norm, post_attn_norm, pre_ff_norm, post_ff_norm
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL
-    # h[0] + r[0] (r NULL: nothing pending) is the block's input; the block
-    # leaves its residual stream in h[0] and returns the branch output still
-    # to be added (see ADD_NORM in base.pyx)
-    cdef na.array* forward_deferred(self, na.array* h, const na.array* r, LayerCache cache,
-                                    const na.array* mask, const na.array* offsets) except NULL
     cpdef free(self)
-
-
-cdef na.array* add_norm(na.array* h, const na.array* r, RMSNorm norm) except NULL
 
 
 cdef class Model:
@@ -87,8 +80,6 @@ cdef class Model:
     cdef int dtype_code
     cdef na.array* forward(self, const na.array& ids, Cache cache, const na.array* mask,
                            const na.array* offsets, bint last_only) except NULL
-    cdef na.array* forward_deferred(self, const na.array& ids, Cache cache, const na.array* mask,
-                                    const na.array* offsets, bint last_only) except NULL
     cdef int _check_open(self) except -1
     cdef na.array* embed_tokens(self, const na.array& ids) except NULL
     cdef na.array* head(self, const na.array& h) except NULL   # final norm + output projection

@@ -8,7 +8,6 @@ mlxcy/models/families/); families whose forward differs subclass it
 (gemma3.pyx: Gemma's block, embedding scale and logit soft-capping).
 """
 import math
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,94 +22,16 @@ from mlxcy.native cimport fused as nfused
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
+from mlxcy.tuning cimport Tuning, current
+from mlxcy.cpu_kernels cimport use_attention, cpu_decode_attention
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
+from mlxcy import cpu_kernels as _cpu_kernels
 
 
-# Rotate q and k heads with one RoPE kernel when they come out of one fused
-# q/k/v matmul without per-head norms (one kernel fewer per layer).  On by
-# default; set_decode_options(joint_rope=False) for A/B benchmarks.
-cdef bint JOINT_ROPE = True
-
-# Prefill (more than one position) runs the parts of fused q/k/v and gate/up
-# weights as separate matmuls over views of the fused weight: on a GPU the
-# fused outputs of a 512-token chunk stayed alive until their command batch
-# completed, 2.2x mlx-lm's transient peak for Qwen2.5-0.5B.  Decode steps keep
-# the single fused matmul (the kernel count is what costs there).
-cdef bint PREFILL_PARTS = True
-
-# With a cache (inference), each residual add can run together with the
-# RMSNorm that follows it: one kernel instead of two on a CUDA GPU (fused.h's
-# add_rms_norm), two fewer per block.  Blocks then return their last branch
-# output unadded; the next block (or the final norm) adds it.  Off by default:
-# on an H200 (benchmarks/decode_option_ab.py, 2026-11-28) decode was slower
-# with it (SmolLM2 bf16 301 vs 329 tok/s, Qwen3 4-bit 227 vs 279): an MLX
-# custom kernel costs more host time per call than the two kernels it
-# replaces, and decode is bound by host dispatch.  Elsewhere (CPU) the path
-# runs the same ops as the plain one.
-cdef bint ADD_NORM = False
-
-# Inference with a quantized model on the CPU evaluates the hidden state after
-# every block, and the vocabulary head block by block: there each quantized
-# layer dequantizes its weight for MLX's float GEMM (mlxcy/nn.pyx), and MLX's
-# CPU backend allocates an op's output when the host encodes it, ahead of the
-# worker that computes it, so the dequantized weights of every encoded layer
-# were alive at once.  SmolLM2-135M 4-bit, 64-token prompt + 12 tokens, 2-core
-# VM: peak 131 -> 33 MB above the resident memory (76 MB of weights), decode
-# 1.82 -> 2.02 tok/s (the CPU is compute-bound: the host's head start bought
-# nothing).  set_decode_options(cpu_sync=False) for A/B runs.
-cdef bint CPU_SYNC = True
-
-
-cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
-    void eval_now(const na.array&) except +
-
-
-def set_decode_options(fold_residual=None, joint_rope=None, prefill_parts=None,
-                       add_norm=None, cpu_sync=None, vector_attention=None):
-    """Switch the decode-step kernel savings on or off, for A/B benchmarks:
-    fold_residual -- residual adds folded into the o_proj/down_proj GEMMs
-    (off by default, see mlxcy/nn.pyx); joint_rope -- one RoPE call over the
-    q and k heads of a fused projection (on by default; identical results);
-    prefill_parts -- fused layers run as separate matmuls in prefill (on);
-    add_norm -- residual add and the following RMSNorm as one kernel on a
-    CUDA GPU (off: slower there, see ADD_NORM); cpu_sync -- a quantized
-    model's CPU inference evaluates block by block (on, see CPU_SYNC);
-    vector_attention -- new KV caches are padded off multiples of 256, which
-    keeps MLX's CUDA backend on its single-kernel attention for one-token
-    queries instead of cuDNN's (on, see mlxcy/cache.pyx's PAD).
-    Returns the previous values of the options given (for decode_options to
-    restore)."""
-    global JOINT_ROPE, PREFILL_PARTS, ADD_NORM, CPU_SYNC
-    from mlxcy import nn as _nn
-    old = {}
-    if fold_residual is not None:
-        old["fold_residual"] = _nn.set_fold_residual(bool(fold_residual))
-    if joint_rope is not None:
-        old["joint_rope"], JOINT_ROPE = JOINT_ROPE, bool(joint_rope)
-    if prefill_parts is not None:
-        old["prefill_parts"], PREFILL_PARTS = PREFILL_PARTS, bool(prefill_parts)
-    if add_norm is not None:
-        old["add_norm"], ADD_NORM = ADD_NORM, bool(add_norm)
-    if cpu_sync is not None:
-        old["cpu_sync"], CPU_SYNC = CPU_SYNC, bool(cpu_sync)
-    if vector_attention is not None:
-        from mlxcy import cache as _cache
-        old["vector_attention"] = _cache.set_pad(
-            _cache.DEFAULT_PAD if vector_attention else 0) > 0
-    return old
-
-
-@contextmanager
-def decode_options(**options):
-    """with decode_options(add_norm=True): ...  -- set_decode_options(**options)
-    inside the block, the previous settings restored after it."""
-    old = set_decode_options(**options)
-    try:
-        yield
-    finally:
-        set_decode_options(**old)
+# Quantized CPU inference evaluates as it goes (mlxcy.tuning's cpu_sync says why).
+cdef Tuning* _tuning = current()
 
 
 # ------------------------------------------------------------------ RoPE ---
@@ -229,17 +150,21 @@ cdef class Attention:
         cdef int kstart = 0
         cdef int H = self.n_heads, Hkv = self.n_kv_heads
         cdef int nq = H * self.head_dim, nk = Hkv * self.head_dim
-        cdef bint parts = self.qkv_proj is not None and L > 1 and PREFILL_PARTS
+        # Prefill (more than one position) runs the parts of fused q/k/v weights
+        # as separate matmuls over views of the fused weight: separate outputs
+        # are freed part by part, where the fused output of a 512-token chunk
+        # stays alive until its last slice is consumed (and, on CUDA, until its
+        # command batch completes).  Decode keeps the single fused matmul: the
+        # kernel count is what costs there.
+        cdef bint parts = self.qkv_proj is not None and L > 1
         cdef bint fused = self.qkv_proj is not None and not parts
-        # one RoPE call over the fused q and k heads (their norms joined by fuse())
-        cdef bint joint = fused and JOINT_ROPE and (self.q_norm is None
-                                                   or self.qk_norm_w is not None)
         cdef na.array q = nnn.own(self.qkv_proj.forward(x)) if fused else x
         cdef na.array k = q
         cdef na.array v = q
-        if joint:
-            # [B, H + 2 Hkv, L, D]: normalize (Qwen3, Gemma 3) and rotate the q and
-            # k heads in one call each
+        if fused:
+            # One matmul for q, k and v, viewed as [B, H + 2 Hkv, L, D]; the q and
+            # k heads are normalized (Qwen3, Gemma 3: their weights joined by
+            # fuse()) and rotated in one call each: one kernel fewer per layer.
             v = nnn.heads_first(q, H + 2 * Hkv, self.head_dim)
             k = nnn.heads_slice(v, 0, H + Hkv)
             if self.q_norm is not None:
@@ -254,14 +179,10 @@ cdef class Attention:
                 q = nnn.own(self.qkv_proj.forward_rows(x, 0, nq))
                 k = nnn.own(self.qkv_proj.forward_rows(x, nq, nq + nk))
                 v = nnn.own(self.qkv_proj.forward_rows(x, nq + nk, nq + 2 * nk))
-            elif self.qkv_proj is None:
+            else:
                 q = nnn.own(self.q_proj.forward(x))
                 k = nnn.own(self.k_proj.forward(x))
                 v = nnn.own(self.v_proj.forward(x))
-            else:   # one matmul for q, k and v: slice the fused output
-                k = nfused.last_axis_slice(q, nq, nq + nk)
-                v = nfused.last_axis_slice(q, nq + nk, nq + 2 * nk)
-                q = nfused.last_axis_slice(q, 0, nq)
             q = nnn.heads_first(q, H, self.head_dim)
             k = nnn.heads_first(k, Hkv, self.head_dim)
             v = nnn.heads_first(v, Hkv, self.head_dim)
@@ -276,16 +197,6 @@ cdef class Attention:
         else:
             if cache.window > 0 and (window == 0 or cache.window < window):
                 window = cache.window
-            if L > 1 and fused:
-                # Keys/values that are views of a larger buffer (v of the fused
-                # q/k/v output; k of the joint RoPE output) keep that whole
-                # buffer alive until the end of the evaluation once they are
-                # written into the cache: over a 512-token prefill that held
-                # every layer's fused output (SmolLM2: 71 MB instead of 31).
-                # One copy per layer, in prefill only, lets it go.
-                v = nnn.contiguous(v, False)
-                if joint:
-                    k = nnn.contiguous(k, False)
             cache.update(k, v, mask != NULL or L > 1)
             try:
                 o = self.attend(q, cache.out_k[0], cache.out_v[0], L, offset,
@@ -314,6 +225,8 @@ cdef class Attention:
                                   self.softcap <= 0, &causal_mode, &m)
         if has_mask:
             mp = &m
+        elif L == 1 and not causal_mode and self.softcap <= 0 and use_attention(q, k, v):
+            return cpu_decode_attention(q, k, v, self.scale)   # mlxcy.cpu_kernels
         if self.softcap > 0:
             return heap(nnn.attention_softcap(q, k, v, self.scale, self.softcap, mp))
         if causal_mode:
@@ -346,7 +259,7 @@ cdef class MLP:
         if self.gate_up_proj is None:
             g = nnn.own(self.gate_proj.forward(x))
             u = nnn.own(self.up_proj.forward(x))
-        elif PREFILL_PARTS and x.ndim() == 3 and x.shape(1) > 1:   # prefill: see PREFILL_PARTS
+        elif x.ndim() == 3 and x.shape(1) > 1:   # prefill: by parts, as in Attention.core
             g = nnn.own(self.gate_up_proj.forward_rows(x, 0, inter))
             u = nnn.own(self.gate_up_proj.forward_rows(x, inter, 2 * inter))
         else:   # one matmul for gate and up
@@ -412,28 +325,22 @@ cdef class Block:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
-        # forward_add: the residual adds may ride on the o_proj and down_proj
-        # GEMMs (only with set_decode_options(fold_residual=True); off by default).
         cdef na.array h = nnn.own(self.input_norm.forward(x))
-        cdef na.array r = nnn.own(self.attn.core(h, cache, mask, offsets))
-        h = nnn.own(self.attn.o_proj.forward_add(r, x))
+        cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
+        h = nnn.add(x, r)
         r = nnn.own(self.post_attn_norm.forward(h))
-        r = nnn.own(self.mlp.hidden(r))
-        return self.mlp.down_proj.forward_add(r, h)
-
-    cdef na.array* forward_deferred(self, na.array* h, const na.array* r, LayerCache cache,
-                                    const na.array* mask, const na.array* offsets) except NULL:
-        cdef na.array n = nnn.own(add_norm(h, r, self.input_norm))
-        cdef na.array a = nnn.own(self.attn.core(n, cache, mask, offsets))
-        a = nnn.own(self.attn.o_proj.forward(a))
-        n = nnn.own(add_norm(h, &a, self.post_attn_norm))
-        n = nnn.own(self.mlp.hidden(n))
-        return self.mlp.down_proj.forward(n)
+        r = nnn.own(self.mlp.forward(r))
+        return heap(nnn.add(h, r))
 
 
 cdef bint _cpu_sync(Model m) except -1:
-    """CPU inference with quantized layers: evaluate as it goes (CPU_SYNC)."""
-    if not CPU_SYNC or na.default_device().type != na.cpu or not m.layers:
+    """CPU inference with quantized layers: evaluate as it goes (cpu_sync).
+    Not when mlxcy.cpu_kernels runs them: its products read the packed weights
+    directly (no dequantized temporaries to bound), and each sync is a wait on
+    MLX's CPU thread."""
+    if not _tuning.cpu_sync or na.default_device().type != na.cpu or not m.layers:
+        return False
+    if _cpu_kernels.enabled() is not False and (<Block>m.layers[0]).attn.o_proj.bits in (4, 8):
         return False
     return m.embed.quantized or (<Block>m.layers[0]).attn.o_proj.quantized
 
@@ -445,18 +352,6 @@ cdef na.array* _head_in_blocks(Model m, const na.array& h) except NULL:
         return m.head(h)
     finally:
         set_eval_blocks(old)
-
-
-cdef na.array* add_norm(na.array* h, const na.array* r, RMSNorm norm) except NULL:
-    """h[0] += r[0] (when r is given), and returns norm(h[0]): one kernel on a
-    CUDA GPU (fused.h)."""
-    if r == NULL:
-        return norm.forward(h[0])
-    if norm.weight == NULL:
-        norm.forward(h[0])          # raises: the norm has been freed
-    cdef vector[na.array] hy = nfused.add_rms_norm(h[0], r[0], norm.weight, norm.eps)
-    h[0] = hy[0]
-    return heap(hy[1])
 
 
 cdef object _copy(na.array* p):
@@ -757,8 +652,6 @@ cdef class Model:
         cdef na.array* nh
         if cache is not None and len(cache.layers) != n:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
-        if ADD_NORM and cache is not None:
-            return self.forward_deferred(ids, cache, mask, offsets, last_only)
         cdef bint sync = cache is not None and _cpu_sync(self)
         cdef na.array* h = self.embed_tokens(ids)
         try:
@@ -770,7 +663,7 @@ cdef class Model:
                 del h
                 h = nh
                 if sync:
-                    eval_now(h[0])
+                    nnn.eval_now(h[0])
             if last_only and L > 1:
                 nh = heap(nnn.take_position(h[0], L - 1))
                 del h
@@ -782,31 +675,6 @@ cdef class Model:
         finally:
             del h
         return nh
-
-    cdef na.array* forward_deferred(self, const na.array& ids, Cache cache, const na.array* mask,
-                                    const na.array* offsets, bint last_only) except NULL:
-        """forward() with each residual add joined to the next RMSNorm (ADD_NORM)."""
-        cdef int L = ids.shape(1)
-        cdef Block blk
-        cdef na.array* r = NULL
-        cdef na.array* nr
-        cdef na.array* h = self.embed_tokens(ids)
-        try:
-            for i in range(len(self.layers)):
-                blk = <Block>self.layers[i]
-                nr = blk.forward_deferred(h, r, <LayerCache>cache.layers[i], mask, offsets)
-                del r
-                r = nr
-            if last_only and L > 1:
-                h[0] = nnn.take_position(h[0], L - 1)
-                r[0] = nnn.take_position(r[0], L - 1)
-            nr = add_norm(h, r, self.norm)
-            del r
-            r = nr
-            return self.project(r[0])
-        finally:
-            del h
-            del r
 
     # -- Python boundary ------------------------------------------------------------
     def __call__(self, ids, cache=None, mask=None, offsets=None, bint last_only=False):

@@ -12,7 +12,7 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native.array cimport heap
 from mlxcy.cache cimport LayerCache
-from mlxcy.models.base cimport Model, Block, add_norm
+from mlxcy.models.base cimport Model, Block
 from mlxcy.models.base import Rope, build_attention, build_mlp
 
 
@@ -29,15 +29,6 @@ cdef class GemmaBlock(Block):
         r = nnn.own(self.mlp.forward(r))
         r = nnn.own(self.post_ff_norm.forward(r))
         return heap(nnn.add(h, r))
-
-    cdef na.array* forward_deferred(self, na.array* h, const na.array* r, LayerCache cache,
-                                    const na.array* mask, const na.array* offsets) except NULL:
-        cdef na.array n = nnn.own(add_norm(h, r, self.input_norm))
-        cdef na.array a = nnn.own(self.attn.forward(n, cache, mask, offsets))
-        a = nnn.own(self.post_attn_norm.forward(a))
-        n = nnn.own(add_norm(h, &a, self.pre_ff_norm))
-        n = nnn.own(self.mlp.forward(n))
-        return self.post_ff_norm.forward(n)
 
 
 cdef class Gemma3Model(Model):

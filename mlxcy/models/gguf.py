@@ -1,9 +1,7 @@
 """GGUF files → Hugging Face-named weights and a Hugging Face-style config dict.
 
-Two readers:
-- `read_header(path)`: a small pure-Python parser of the GGUF header (metadata and
-  tensor table). It never touches tensor data, skips large arrays (the tokenizer
-  vocabulary) unless asked, and checks that every tensor lies inside the file.
+- `read_header(path)`: mlxcy.gguf_reader's checked parser of the GGUF header
+  (metadata and tensor table), the one every GGUF reader of mlxcy goes through.
 - `load_gguf(path, dtype=None)`: the weights. Files whose tensors are all F32, F16,
   BF16, Q4_0, Q4_1 or Q8_0 keep their quantization (MLX's affine layout:
   `<name>.weight` uint32 packed, `<name>.scales`, `<name>.biases`); others (Q4_K,
@@ -17,12 +15,6 @@ weight, scales, biases), Gemma's (1 + w) norms stored back as w.
 """
 from __future__ import annotations
 
-import json
-import mmap
-import os
-import struct
-from pathlib import Path
-
 import numpy as np
 
 __all__ = ["GGUFError", "read_header", "gguf_config", "load_gguf", "hf_name",
@@ -32,181 +24,13 @@ __all__ = ["GGUFError", "read_header", "gguf_config", "load_gguf", "hf_name",
 from mlxcy.errors import GGUFError  # noqa: E402,F401  (re-exported)
 
 
-# ggml tensor types (ggml.h): id -> (name, block size, bytes per block)
-TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
-              9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-              15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-              20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
-              26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
-              35: "TQ2_0"}
-_BLOCK = {0: (1, 4), 1: (1, 2), 30: (1, 2), 28: (1, 8), 24: (1, 1), 25: (1, 2), 26: (1, 4),
-          27: (1, 8), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-          9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-          14: (256, 210), 15: (256, 292)}
-# Types MLX keeps quantized (as mlx::core::load_gguf does) or reads as floats.
-NATIVE_TYPES = {0, 1, 30, 2, 3, 8}
+# The header reader (metadata, tensor table, all checks) is mlxcy.gguf_reader,
+# shared with the tokenizer, the chat templates and mlxcy.io.load_gguf.
+from mlxcy.gguf_reader import (  # noqa: E402,F401  (re-exported)
+    BLOCK as _BLOCK, NATIVE_TYPES, TYPE_NAMES, GGUFHeader, Skipped as _Skipped, read_header,
+    check_model_metadata)
+
 _FLOAT_TYPES = {0: np.float32, 1: np.float16, 28: np.float64}
-
-# metadata value types
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-
-
-class _Reader:
-    __slots__ = ("buf", "pos", "path", "size")
-
-    def __init__(self, buf, path, size):
-        self.buf, self.pos, self.path, self.size = buf, 0, path, size
-
-    def need(self, n, what):
-        if self.pos + n > self.size:
-            raise GGUFError(f"{self.path}: truncated GGUF header while reading {what} "
-                            f"(needs {self.pos + n} bytes, file has {self.size})")
-
-    def scalar(self, fmt, what):
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += n
-        return v
-
-    def string(self, what):
-        n = self.scalar("<Q", what)
-        self.need(n, what)
-        s = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return s.decode("utf-8", errors="replace")
-
-    def value(self, vtype, what, keep_arrays):
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype], what)
-        if vtype == 8:
-            return self.string(what)
-        if vtype == 9:
-            etype = self.scalar("<I", what)
-            count = self.scalar("<Q", what)
-            if etype in _SCALARS:
-                fmt = _SCALARS[etype]
-                nb = struct.calcsize(fmt) * count
-                self.need(nb, what)
-                if keep_arrays or count <= 64:
-                    arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=count,
-                                        offset=self.pos).copy()
-                    self.pos += nb
-                    return arr.tolist() if count <= 64 else arr
-                self.pos += nb
-                return _Skipped(count, etype)
-            if etype == 8:
-                if keep_arrays or count <= 64:
-                    return [self.string(what) for _ in range(count)]
-                for _ in range(count):      # skip: lengths only
-                    n = self.scalar("<Q", what)
-                    self.need(n, what)
-                    self.pos += n
-                return _Skipped(count, etype)
-            if etype == 9:
-                return [self.value(9, what, keep_arrays) for _ in range(count)]
-            raise GGUFError(f"{self.path}: unknown array element type {etype} in {what}")
-        raise GGUFError(f"{self.path}: unknown metadata value type {vtype} in {what}")
-
-
-class _Skipped:
-    """An array left unread by read_header (its length is known)."""
-    __slots__ = ("count", "etype")
-
-    def __init__(self, count, etype):
-        self.count, self.etype = count, etype
-
-    def __len__(self):
-        return self.count
-
-    def __repr__(self):
-        return f"<array of {self.count} not read>"
-
-
-class GGUFHeader:
-    """Metadata and tensor table of a GGUF file (no tensor data)."""
-
-    def __init__(self, path, version, metadata, tensors, data_offset, size):
-        self.path = path
-        self.version = version
-        self.metadata = metadata
-        self.tensors = tensors          # name -> dict(shape=numpy order, type=, offset=abs, nbytes=)
-        self.data_offset = data_offset
-        self.size = size
-
-    @property
-    def architecture(self):
-        return self.metadata.get("general.architecture")
-
-    def type_counts(self):
-        out = {}
-        for t in self.tensors.values():
-            name = TYPE_NAMES.get(t["type"], str(t["type"]))
-            out[name] = out.get(name, 0) + 1
-        return out
-
-
-def read_header(path, keep_arrays=False) -> GGUFHeader:
-    """Parse a GGUF file's header. Large metadata arrays are skipped unless
-    `keep_arrays`; raises GGUFError (naming the file) on anything malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    size = path.stat().st_size
-    if size < 24:
-        raise GGUFError(f"{path}: too small to be a GGUF file ({size} bytes)")
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        r = _Reader(mm, path, size)
-        if bytes(mm[:4]) != b"GGUF":
-            raise GGUFError(f"{path}: not a GGUF file (magic {bytes(mm[:4])!r})")
-        r.pos = 4
-        version = r.scalar("<I", "version")
-        if version not in (2, 3):
-            raise GGUFError(f"{path}: unsupported GGUF version {version}")
-        n_tensors = r.scalar("<Q", "tensor count")
-        n_kv = r.scalar("<Q", "metadata count")
-        if n_tensors > 1 << 24 or n_kv > 1 << 24:
-            raise GGUFError(f"{path}: implausible counts ({n_tensors} tensors, {n_kv} keys)")
-        meta = {}
-        for _ in range(n_kv):
-            key = r.string("a metadata key")
-            vtype = r.scalar("<I", f"the type of {key}")
-            meta[key] = r.value(vtype, key, keep_arrays)
-        infos = []
-        for _ in range(n_tensors):
-            name = r.string("a tensor name")
-            nd = r.scalar("<I", f"tensor {name}")
-            if nd > 8:
-                raise GGUFError(f"{path}: tensor {name} has {nd} dimensions")
-            dims = [r.scalar("<Q", f"tensor {name}") for _ in range(nd)]
-            ttype = r.scalar("<I", f"tensor {name}")
-            off = r.scalar("<Q", f"tensor {name}")
-            infos.append((name, dims, ttype, off))
-        align = int(meta.get("general.alignment", 32))
-        data_offset = (r.pos + align - 1) // align * align
-        tensors = {}
-        for name, dims, ttype, off in infos:
-            if ttype not in _BLOCK:
-                nbytes = None
-            else:
-                bs, tsz = _BLOCK[ttype]
-                n = int(np.prod(dims)) if dims else 1
-                if dims and dims[0] % bs:
-                    raise GGUFError(f"{path}: tensor {name}: row length {dims[0]} is not a "
-                                    f"multiple of the {TYPE_NAMES[ttype]} block {bs}")
-                nbytes = n // bs * tsz
-            start = data_offset + off
-            if nbytes is not None and start + nbytes > size:
-                raise GGUFError(f"{path}: tensor {name} ends at byte {start + nbytes} but "
-                                f"the file has {size} bytes (truncated?)")
-            tensors[name] = {"shape": tuple(int(d) for d in reversed(dims)), "type": ttype,
-                             "offset": start, "nbytes": nbytes}
-        return GGUFHeader(path, version, meta, tensors, data_offset, size)
-    finally:
-        mm.close()
 
 
 # ---------------------------------------------------------------- config
@@ -220,6 +44,7 @@ def gguf_config(header: GGUFHeader) -> dict:
     """A Hugging Face-style config dict from GGUF metadata (plus the values
     the family's GGUF files leave out), validated by the family's spec:
     GGUFError naming the file and the metadata key."""
+    check_model_metadata(header)        # sizes typed, bounded, and agreeing with the tensors
     spec = _spec(header)
     cfg = spec.gguf_config(header.architecture, header.metadata, header.tensors, header.path)
     parse_gguf_config(cfg, header.path, header.architecture)
@@ -533,6 +358,9 @@ def _load_native_io(io, path, header, cfg, dtype, spec):
             if kind == "scales":
                 w = raw.get(base + ".weight")
                 hb = name[: -len(".scales")]
+                if w is None and hb + ".weight" not in weights:
+                    raise GGUFError(f"{path}: quantized tensor {base!r} has scales but no "
+                                    f"{base + '.weight'!r}")
                 wshape = (w.shape if w is not None else weights[hb + ".weight"].shape)
                 bits = wshape[-1] * 32 // (a.shape[-1] * 32)
                 quant_layers[hb] = {"group_size": 32, "bits": bits}

@@ -52,43 +52,20 @@ _ST_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "
 
 
 def safetensors_header(path) -> tuple[dict, dict, int]:
-    """(tensors, metadata, data_start) of a .safetensors file, validated against
-    the file size; tensors: name -> {"dtype", "shape", "data_offsets"}."""
+    """(tensors, metadata, data_start) of a .safetensors file, checked by
+    mlxcy.safetensors_header (sizes, offsets, dtypes, shapes; LoadError naming
+    the file and tensor); tensors: name -> {"dtype", "shape", "data_offsets"}."""
+    from mlxcy.errors import ModelFormatError
+    from mlxcy.safetensors_header import read_header
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: safetensors file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LoadError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise LoadError(f"{path}: corrupt or truncated safetensors header "
-                            f"(header length {n}, file size {size})")
-        raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(f"{path}: unreadable safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise LoadError(f"{path}: safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    start = 8 + n
-    for name, info in header.items():
-        try:
-            dt, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise LoadError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
-        if dt not in _ST_DTYPES:
-            raise LoadError(f"{path}: tensor {name}: unsupported dtype {dt}")
-        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dt][0]).itemsize
-        if e - b != want or b < 0:
-            raise LoadError(f"{path}: tensor {name}: {e - b} bytes for shape {shape} {dt} "
-                            f"(expected {want})")
-        if start + e > size:
-            raise LoadError(f"{path}: tensor {name} ends at byte {start + e} but the file "
-                            f"has {size} bytes (truncated?)")
+        tensors, meta, start = read_header(path)
+    except ModelFormatError as e:
+        raise LoadError(str(e)) from None
+    header = {name: {"dtype": t["dtype"], "shape": list(t["shape"]),
+                     "data_offsets": [t["begin"], t["end"]]} for name, t in tensors.items()}
     return header, meta, start
 
 

@@ -1,53 +1,23 @@
-# Native declarations used by mlxcy's layers, caches and models: ops that
-# mlxcy/native/ops.pxd does not (yet) declare, and the shims of
-# include/mlxcy/nn.h. Duplicates of other native .pxd files are harmless.
+# Native declarations used by mlxcy's layers, caches and models: the mlx/ops.h
+# functions they call (declared in native/ops.pxd, cimported here so that
+# `nnn.add(...)` works) and the shims of include/mlxcy/nn.h.
 from libcpp cimport bool
 from libcpp.vector cimport vector
 from mlxcy.native.array cimport array, Dtype, Shape
-
-
-cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
-    array tanh(const array&) except +
-    array sigmoid(const array&) except +
-    array sqrt(const array&) except +
-    array square(const array&) except +
-    array exp(const array&) except +
-    array take(const array&, const array&, int) except +
-    array take(const array&, const array&) except +
-    array slice(const array&, Shape, Shape) except +
-    array slice_update(const array&, const array&, Shape, Shape) except +
-    array concatenate(vector[array], int) except +
-    array zeros(const Shape&, Dtype) except +
-    array astype(array, Dtype) except +
-    array where(const array&, const array&, const array&) except +
-    array logical_and(const array&, const array&) except +
-    array reshape(const array&, Shape) except +
-    array transpose(const array&, vector[int]) except +
-    array matmul(const array&, const array&) except +
-    array multiply(const array&, const array&) except +
-    array add(const array&, const array&) except +
-    array power(const array&, const array&) except +
-    array divide(const array&, const array&) except +
-    array broadcast_to(const array&, const Shape&) except +
-    array repeat(const array&, int, int) except +
-    array expand_dims(const array&, int) except +
-    array min(const array&, bool) except +
-    array max(const array&, bool) except +
-    array contiguous(const array&, bool) except +
-    array arange(double, double, double, Dtype) except +
+from mlxcy.native.ops cimport (
+    tanh, sigmoid, sqrt, square, exp, take, slice, slice_update, concatenate, zeros, astype,
+    where, logical_and, reshape, transpose, matmul, multiply, add, power, divide,
+    broadcast_to, repeat, expand_dims, min, max, contiguous, arange,
+)
 
 
 cdef extern from "mlxcy/nn.h" namespace "mlxcy" nogil:
     array own(array*) except +
     array linear(const array& x, const array& w, const array* bias) except +
-    array linear_add(const array& x, const array& w, const array& residual) except +
     array heads_slice(const array& x, int h0, int h1) except +
     array rows(const array& a, int r0, int r1) except +
     array qlinear(const array& x, const array& w, const array& scales, const array* biases,
                   int group_size, int bits, const array* bias) except +
-    array dequantize(const array& w, const array& scales, const array* biases,
-                     int group_size, int bits) except +
-    vector[array] quantize(const array& w, int group_size, int bits) except +
     array softmax_last(const array& x, bool precise) except +
     array gelu_tanh(const array& x) except +
     array silu(const array& x) except +
@@ -70,5 +40,11 @@ cdef extern from "mlxcy/nn.h" namespace "mlxcy" nogil:
                     bool* causal_mode, array* out) except +
     array attention_softcap(const array& q, const array& k, const array& v, float scale,
                             float cap, const array* mask) except +
-    size_t active_memory() except +
-    void clear_memory_cache() except +
+
+
+# Quantized products on the CPU (include/mlxcy/qcpu.h).
+cdef extern from "mlxcy/qcpu.h" namespace "mlxcy" nogil:
+    array qlinear_dequant(const array& x, const array& w, const array& scales,
+                          const array* biases, int group_size, int bits,
+                          const array* bias, int block, bool eval_blocks) except +
+    void eval_now(const array&) except +

@@ -1,5 +1,7 @@
-# Declarations mirroring mlx/ops.h. Every op takes an optional trailing
-# StreamOrDevice in C++; we leave it out, so ops run on the default stream.
+# Declarations mirroring mlx/ops.h: the one place an mlx/ops.h function is
+# declared (native/nn.pxd and native/sample.pxd cimport what their modules use
+# from here).  Every op takes an optional trailing StreamOrDevice in C++; we
+# leave it out, so ops run on the default stream.
 from libcpp cimport bool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
@@ -69,7 +71,6 @@ cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
     array stack(const vector[array]&, int) except +
     vector[array] broadcast_arrays(const vector[array]&) except +
 
-    # ---- added for mlxcy.ops (keep the declarations above: core.pyx uses them) ----
     # creation
     array full(Shape, array) except +
     array full_like(const array&, array, Dtype) except +
@@ -143,20 +144,26 @@ cdef extern from "mlx/ops.h" namespace "mlx::core" nogil:
     array put_along_axis(const array&, const array&, const array&, int) except +
     array scatter_add(const array&, const vector[array]&, const array&,
                       const vector[int]&) except +
+    array scatter_add_axis(const array&, const array&, const array&, int) except +
     array flip(const array&, const vector[int]&) except +
     array flip(const array&) except +
     array diag(const array&, int) except +
     array diagonal(const array&, int, int, int) except +
 
-    # reductions (always given the axes; mlxcy passes all of them for axis=None)
+    # reductions: over the given axes, over one axis, or over all (keepdims)
     array sum(const array&, const vector[int]&, bool) except +
+    array sum(const array&, int, bool) except +
     array mean(const array&, const vector[int]&, bool) except +
     array prod(const array&, const vector[int]&, bool) except +
     array max(const array&, const vector[int]&, bool) except +
+    array max(const array&, int, bool) except +
+    array max(const array&, bool) except +
     array min(const array&, const vector[int]&, bool) except +
+    array min(const array&, bool) except +
     array all(const array&, const vector[int]&, bool) except +
     array any(const array&, const vector[int]&, bool) except +
     array logsumexp(const array&, const vector[int]&, bool) except +
+    array logsumexp(const array&, int, bool) except +
     array var(const array&, const vector[int]&, bool, int) except +
     array argmax(const array&, bool) except +
     array argmax(const array&, int, bool) except +

@@ -12,6 +12,7 @@ from libcpp.pair cimport pair
 from libcpp.vector cimport vector
 
 from mlxcy.native.array cimport array
+from mlxcy.native.ops cimport stop_gradient
 
 
 cdef extern from "mlxcy/closure.h" namespace "mlxcy":
@@ -55,7 +56,3 @@ cdef extern from "mlx/transforms_impl.h" namespace "mlx::core::detail":
 cdef extern from "mlx/compile.h" namespace "mlx::core":
     void disable_compile() except +
     void enable_compile() except +
-
-
-cdef extern from "mlx/ops.h" namespace "mlx::core":
-    array stop_gradient(const array&) except +

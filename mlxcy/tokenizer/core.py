@@ -101,11 +101,17 @@ class Tokenizer:
             self._decoder_spec = spec.get("decoder")
             self._decode_tokens = build_decoder(spec.get("decoder"))
             self._prefix, self._suffix = _template(spec.get("post_processor"), self._vocab, source)
+            plan(spec.get("pre_tokenizer"))     # checked now (regexes compile), used later
+            for i in self._prefix + self._suffix:
+                if type(i) is not int or i not in self._id_to_token:
+                    raise TokenizerError(f"post_processor: token id {i!r:.40} is not in the "
+                                         f"vocabulary")
         except TokenizerError as e:
             if source in str(e):
                 raise
             raise TokenizerError(f"{source}: {e}") from None
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError, IndexError,
+                RecursionError) as e:
             raise TokenizerError(f"{source}: malformed tokenizer definition ({e!r})") from e
         if spec.get("id_to_token"):
             for i, t in enumerate(spec["id_to_token"]):
@@ -123,9 +129,21 @@ class Tokenizer:
                 raise TokenizerError(f"unsupported BPE option {key}={m[key]!r}")
         if m.get("dropout"):
             raise TokenizerError("unsupported BPE option dropout (non-deterministic)")
+        if m.get("unk_token") is not None and not isinstance(m["unk_token"], str):
+            raise TokenizerError("model.unk_token must be a string or null")
         vocab = m["vocab"]
         if not isinstance(vocab, dict):
             raise TokenizerError("model.vocab must be an object")
+        for t, i in vocab.items():
+            if type(i) is not int or not 0 <= i < 2**31 - 1:
+                raise TokenizerError(f"model.vocab[{t!r:.40}] = {i!r:.40} is not a token id "
+                                     f"(an int in [0, 2**31 - 1))")
+        merges = m.get("merges", [])
+        if not isinstance(merges, list) or not all(
+                isinstance(x, str) and " " in x
+                or isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x)
+                for x in merges):
+            raise TokenizerError("model.merges must be a list of \"a b\" strings or [a, b] pairs")
         self._vocab = dict(vocab)
         self._id_to_token = {i: t for t, i in vocab.items()}
         self._plan = None
@@ -170,8 +188,16 @@ class Tokenizer:
     def _build_added(self, added: list) -> None:
         self._model_vocab = dict(self._vocab)
         self._special_ids = set()
-        self._added_ids = {t["id"] for t in added}
         raw, norm = [], []
+        if not isinstance(added, list):
+            raise TokenizerError("added_tokens must be a list")
+        for k, t in enumerate(added):
+            if not isinstance(t, dict) or type(t.get("id")) is not int \
+                    or not 0 <= t["id"] < 2**31 - 1 or not isinstance(t.get("content"), str) \
+                    or not t["content"]:
+                raise TokenizerError(f"added_tokens[{k}] must be an object with an int 'id' in "
+                                     f"[0, 2**31 - 1) and a non-empty string 'content'")
+        self._added_ids = {t["id"] for t in added}
         for t in added:
             tid, content = t["id"], t["content"]
             self._vocab.setdefault(content, tid)
@@ -210,7 +236,16 @@ class Tokenizer:
     # ------------------------------------------------------------ encoding
     def _ensure_core(self):
         if self._plan is None:
-            self._make_core(self._pretok_spec)
+            try:
+                self._make_core(self._pretok_spec)
+            except TokenizerError as e:
+                if self.source in str(e):
+                    raise
+                raise TokenizerError(f"{self.source}: {e}") from None
+            except (KeyError, TypeError, AttributeError, ValueError, OverflowError,
+                    IndexError, RecursionError) as e:
+                raise TokenizerError(f"{self.source}: malformed tokenizer definition "
+                                     f"({e!r})") from e
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, with the post-processor's BOS/EOS when asked."""

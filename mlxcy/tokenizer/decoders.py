@@ -93,10 +93,15 @@ def _metaspace(spec):
 
 def build_decoder(spec: dict | None):
     """A function list[str] -> list[str] for the tokenizer.json decoder."""
+    from .normalizers import str_field
     if spec is None:
         return lambda tokens: tokens
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"decoder must be a JSON object, not {type(spec).__name__}")
     kind = spec.get("type")
     if kind == "Sequence":
+        if not isinstance(spec.get("decoders", []), list):
+            raise TokenizerError("decoder.decoders must be a list")
         steps = [build_decoder(s) for s in spec.get("decoders", [])]
 
         def seq(tokens):
@@ -111,14 +116,18 @@ def build_decoder(spec: dict | None):
     if kind == "Fuse":
         return lambda tokens: ["".join(tokens)]
     if kind == "Strip":
-        return _strip(spec.get("content", " "), int(spec.get("start", 0)), int(spec.get("stop", 0)))
+        start, stop = spec.get("start", 0), spec.get("stop", 0)
+        if type(start) is not int or type(stop) is not int or min(start, stop) < 0:
+            raise TokenizerError("Strip decoder: 'start' and 'stop' must be ints >= 0")
+        return _strip(str_field(spec, "content", " ", "Strip decoder"), start, stop)
     if kind == "Replace":
         from .normalizers import _pattern
         lit, rx = _pattern(spec, "Replace decoder")
-        content = spec.get("content", "")
+        content = str_field(spec, "content", "", "Replace decoder")
         if rx is not None:
             return lambda tokens: [rx.sub(content.replace("\\", "\\\\"), t) for t in tokens]
         return lambda tokens: [t.replace(lit, content) for t in tokens]
     if kind == "Metaspace":
+        str_field(spec, "replacement", "\u2581", "Metaspace decoder")
         return _metaspace(spec)
     raise TokenizerError(f"unsupported decoder type {kind!r} in tokenizer.json")

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TokenizerError
-from .gguf_meta import read_metadata
+from mlxcy.errors import GGUFError
+from mlxcy.gguf_reader import read_metadata
 from .pretokenizers import GPT2_REGEX, _LLAMA3_TEMPLATE  # noqa: F401
 
 # Texts llama.cpp also treats as end of generation when present in a vocabulary.
@@ -138,14 +139,38 @@ def _score_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
     return [[a, b] for _, _, _, a, b in cand]
 
 
+def _check_list(path, md, key, kind, length=None):
+    v = md.get(key)
+    if v is None:
+        return
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(v, list) or not all(type(x) in kinds for x in v):
+        raise TokenizerError(f"{path}: GGUF key {key!r} must be a list of "
+                             f"{' or '.join(k.__name__ for k in kinds)}")
+    if length is not None and len(v) != length:
+        raise TokenizerError(f"{path}: GGUF key {key!r} has {len(v)} entries for "
+                             f"{length} tokens")
+
+
 def gguf_spec(path) -> tuple[dict, Meta]:
     """A tokenizer.json-shaped dict and Meta from a GGUF file's metadata."""
-    md = read_metadata(path)
+    try:
+        md = read_metadata(path)
+    except GGUFError as e:          # a tokenizer file at fault: the tokenizer's error class
+        raise TokenizerError(str(e)) from e
     try:
         model = md["tokenizer.ggml.model"]
-        tokens = list(md["tokenizer.ggml.tokens"])
+        tokens = md["tokenizer.ggml.tokens"]
     except KeyError as e:
         raise TokenizerError(f"{path}: GGUF metadata lacks {e.args[0]}") from None
+    _check_list(path, md, "tokenizer.ggml.tokens", str)
+    _check_list(path, md, "tokenizer.ggml.merges", str)
+    _check_list(path, md, "tokenizer.ggml.token_type", int, len(tokens))
+    _check_list(path, md, "tokenizer.ggml.scores", (int, float), len(tokens))
+    if not isinstance(model, str):
+        raise TokenizerError(f"{path}: GGUF key 'tokenizer.ggml.model' must be a string")
+    if not tokens:
+        raise TokenizerError(f"{path}: GGUF key 'tokenizer.ggml.tokens' is empty")
     types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     arch = md.get("general.architecture", "")
     meta = Meta(source=str(path), chat_template=md.get("tokenizer.chat_template"))

@@ -12,20 +12,39 @@ def _pattern(spec: dict, what: str):
     if not isinstance(pat, dict) or len(pat) != 1:
         raise TokenizerError(f"{what}: malformed pattern {pat!r}")
     (kind, value), = pat.items()
+    if not isinstance(value, str):
+        raise TokenizerError(f"{what}: pattern.{kind} must be a string, not "
+                             f"{type(value).__name__}")
     if kind == "String":
         return value, None
     if kind == "Regex":
         import regex  # Oniguruma-like syntax (\p{L}); only for unusual files
-        return None, regex.compile(value)
+        try:
+            return None, regex.compile(value)
+        except (regex.error, ValueError, OverflowError, RecursionError) as e:
+            raise TokenizerError(f"{what}: pattern.Regex {value!r:.80} is not a valid regex "
+                                 f"({e})") from None
     raise TokenizerError(f"{what}: unsupported pattern kind {kind!r}")
+
+
+def str_field(spec: dict, key: str, default, what: str) -> str:
+    """spec[key] (default when absent), which must be a string."""
+    v = spec.get(key, default)
+    if not isinstance(v, str):
+        raise TokenizerError(f"{what}: field {key!r} must be a string, not {type(v).__name__}")
+    return v
 
 
 def build_normalizer(spec: dict | None):
     """Return a function str -> str (or None for no normalizer)."""
     if spec is None:
         return None
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"normalizer must be a JSON object, not {type(spec).__name__}")
     kind = spec.get("type")
     if kind == "Sequence":
+        if not isinstance(spec.get("normalizers", []), list):
+            raise TokenizerError("normalizer.normalizers must be a list")
         steps = [f for f in (build_normalizer(s) for s in spec.get("normalizers", [])) if f]
         if not steps:
             return None
@@ -42,11 +61,11 @@ def build_normalizer(spec: dict | None):
     if kind == "Lowercase":
         return str.lower
     if kind == "Prepend":
-        pre = spec["prepend"]
+        pre = str_field(spec, "prepend", None, "Prepend normalizer")
         return lambda t: pre + t if t else t
     if kind == "Replace":
         lit, rx = _pattern(spec, "Replace normalizer")
-        content = spec.get("content", "")
+        content = str_field(spec, "content", "", "Replace normalizer")
         if rx is None:
             return lambda t: t.replace(lit, content)
         return lambda t: rx.sub(content.replace("\\", "\\\\"), t)

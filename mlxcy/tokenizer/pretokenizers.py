@@ -108,7 +108,10 @@ def _split_step(spec: dict):
 
 
 def _metaspace_step(spec: dict):
-    rep = spec.get("replacement", "\u2581")
+    from .normalizers import str_field
+    rep = str_field(spec, "replacement", "\u2581", "Metaspace pre-tokenizer")
+    if not rep:
+        raise TokenizerError("Metaspace pre-tokenizer: field 'replacement' is empty")
     scheme = spec.get("prepend_scheme")
     if scheme is None:  # older files: add_prefix_space
         scheme = "always" if spec.get("add_prefix_space", True) else "never"
@@ -135,8 +138,13 @@ def _metaspace_step(spec: dict):
 def plan(spec: dict | None) -> PreTokenizerPlan:
     """Translate a tokenizer.json pre_tokenizer into a PreTokenizerPlan."""
     p = PreTokenizerPlan()
+    if spec is not None and not isinstance(spec, dict):
+        raise TokenizerError(f"pre_tokenizer must be a JSON object or null, not "
+                             f"{type(spec).__name__}")
     steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else (
         [spec] if spec else [])
+    if not isinstance(steps, list):
+        raise TokenizerError("pre_tokenizer.pretokenizers must be a list")
     for s in steps:
         _add_step(p, s)
     return p

@@ -31,8 +31,13 @@ def load_jsonl(path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start}: "
+                                f"{raw[e.start:e.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:

@@ -7,7 +7,7 @@ iteration, and returns the seconds per iteration.  What a binding adds on top
 of this floor is its overhead.  Like a C++ caller, each iteration builds the
 op's arguments (Shapes, scalar arrays) and lets the result go out of scope; no
 result is moved to the heap (a heap copy is part of a binding's cost, not of
-MLX's).  Not part of the public API.
+MLX's).  Built by benchmarks/build_native_timers.py; not part of the package.
 """
 from libc.stdint cimport int64_t
 

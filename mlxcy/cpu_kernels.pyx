@@ -1,0 +1,174 @@
+# cython: language_level=3, cpp_locals=True
+"""mlxcy's CPU kernels for linear layers (include/mlxcy/cpu_quant.h).
+
+One MLX primitive computes y = x @ W.T (+ bias) for W in MLX's affine
+quantized layout (4 or 8 bits, group size 32/64/128, scales and biases in
+float32/bfloat16/float16) or in float32/bfloat16/float16: AVX2+FMA code chosen
+at run time from CPUID (a portable scalar path elsewhere), output rows split
+over a persistent thread pool.  The layers of mlxcy.nn use it when the default
+device is the CPU; its vjp (x's gradient through the dequantized weight) keeps
+LoRA training over quantized layers working.
+
+    linear(x, w, scales=None, biases=None, group_size=64, bits=4, bias=None)
+    set_num_threads(n) / num_threads()   (default: MLXCY_NUM_THREADS,
+                                          OMP_NUM_THREADS, else the cores)
+    set_enabled(None | True | False)     (None: on when the device is the CPU)
+    set_isa("avx2" | "scalar") / isa()
+"""
+from mlxcy.core cimport Array, wrap, handle
+from mlxcy.native cimport array as na
+from mlxcy.native.array cimport heap
+
+
+cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
+    bint linear_supported(const na.array& x, const na.array& w, const na.array* scales,
+                          int group_size, int bits)
+    na.array cpp_linear "mlxcy::cpu::linear"(const na.array& x, const na.array& w,
+                                             const na.array* scales, const na.array* biases,
+                                             int group_size, int bits,
+                                             const na.array* bias) except +
+    bint cpu_has_avx2()
+    const char* isa_name()
+    void set_simd_level(int)
+    void cpp_set_int8 "mlxcy::cpu::set_int8_activations"(bint)
+    bint& cpp_int8 "mlxcy::cpu::int8_activations"()
+    void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
+
+cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
+    bint attention_supported(const na.array& q, const na.array& k, const na.array& v)
+    na.array cpp_decode_attention "mlxcy::cpu::decode_attention"(
+        const na.array& q, const na.array& k, const na.array& v, float scale) except +
+
+cdef extern from "mlxcy/cpu_pool.h" namespace "mlxcy::cpu" nogil:
+    cdef cppclass Pool:
+        @staticmethod
+        Pool& instance()
+        int size()
+        void resize(int) except +
+    int available_cores()
+
+
+# -1: automatic (on when the default device is the CPU); 0: off; 1: on.
+cdef int MODE = -1
+
+
+cdef bint use_kernels(const na.array& x, const na.array& w, const na.array* scales,
+                      int group_size, int bits) noexcept:
+    if MODE == 0:
+        return False
+    if MODE < 0 and na.default_device().type != na.cpu:
+        return False
+    return linear_supported(x, w, scales, group_size, bits)
+
+
+cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* scales,
+                      const na.array* biases, int group_size, int bits,
+                      const na.array* bias) except NULL:
+    return heap(cpp_linear(x, w, scales, biases, group_size, bits, bias))
+
+
+cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept:
+    if MODE == 0:
+        return False
+    if MODE < 0 and na.default_device().type != na.cpu:
+        return False
+    return attention_supported(q, k, v)
+
+
+cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const na.array& v,
+                                    float scale) except NULL:
+    return heap(cpp_decode_attention(q, k, v, scale))
+
+
+def decode_attention(Array q, Array k, Array v, float scale):
+    """softmax(scale * q k^T) v for one query position: q [B, H, 1, D], k and v
+    [B, Hkv, T, D] (H a multiple of Hkv; no mask)."""
+    if not attention_supported(handle(q)[0], handle(k)[0], handle(v)[0]):
+        raise ValueError(f"decode_attention: need q [B, H, 1, D] and k, v [B, Hkv, T, D], "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return wrap(heap(cpp_decode_attention(handle(q)[0], handle(k)[0], handle(v)[0], scale)))
+
+
+def set_enabled(mode):
+    """None: the layers of mlxcy.nn use these kernels when the default device
+    is the CPU (the default); True: always when supported; False: never (MLX's
+    ops).  Returns the previous setting."""
+    global MODE
+    old = None if MODE < 0 else bool(MODE)
+    MODE = -1 if mode is None else (1 if mode else 0)
+    return old
+
+
+def enabled():
+    return None if MODE < 0 else bool(MODE)
+
+
+def set_num_threads(int n):
+    """Threads of the kernels' pool (the calling thread counts as one)."""
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    Pool.instance().resize(n)
+
+
+def num_threads():
+    return Pool.instance().size()
+
+
+def cores():
+    """The cores this process may run on."""
+    return available_cores()
+
+
+def set_isa(str name):
+    """'avx2' (the default, when the CPU has AVX2+FMA+F16C) or 'scalar' (the
+    portable code: for tests and A/B runs)."""
+    if name not in ("avx2", "scalar"):
+        raise ValueError(f"set_isa: expected 'avx2' or 'scalar', got {name!r}")
+    set_simd_level(1 if name == "avx2" else 0)
+
+
+def isa():
+    """The instruction set the kernels run with now: 'avx2+fma' or 'scalar'."""
+    return isa_name().decode()
+
+
+def set_int8_activations(bint on):
+    """4-bit products of one row of x (decode) with x quantized to int8 per
+    block of 32 and integer dot products (AVX2 only): faster, not exact (off by
+    default).  Returns the previous setting."""
+    old = cpp_int8()
+    cpp_set_int8(on)
+    return old
+
+
+def has_avx2():
+    return cpu_has_avx2()
+
+
+def set_gemm_min_rows(int m):
+    """Rows of x from which a product runs as a GEMM rather than row by row."""
+    if m < 1:
+        raise ValueError(f"set_gemm_min_rows: m must be >= 1, got {m}")
+    cpp_set_gemm_min_rows(m)
+
+
+def linear(Array x, Array w, Array scales=None, Array biases=None, int group_size=64,
+           int bits=4, Array bias=None):
+    """x @ W.T (+ bias) by mlxcy's CPU kernels (lazy, like any MLX op).  W is
+    quantized (w packed uint32, scales, biases: MLX's affine layout) when
+    `scales` is given, else float."""
+    cdef const na.array* sp = NULL
+    cdef const na.array* bp = NULL
+    cdef const na.array* biasp = NULL
+    if scales is not None:
+        sp = handle(scales)
+        if biases is None:
+            raise ValueError("linear: affine quantization needs `biases`")
+        bp = handle(biases)
+    if bias is not None:
+        biasp = handle(bias)
+    if not linear_supported(handle(x)[0], handle(w)[0], sp, group_size, bits):
+        raise ValueError(f"linear: unsupported layer for the CPU kernels: x {tuple(x.shape)} "
+                         f"{x.dtype}, w {tuple(w.shape)} {w.dtype}, bits {bits}, "
+                         f"group_size {group_size}")
+    return wrap(heap(cpp_linear(handle(x)[0], handle(w)[0], sp, bp, group_size, bits, biasp)))

@@ -1,0 +1,87 @@
+"""Compile mlxcy's CUDA kernel sources (include/mlxcy/gpu_*.h) with nvcc, no GPU needed.
+
+MLX compiles them at run time with NVRTC (mx::fast::cuda_kernel) on the first
+call for each shape; this catches compile errors before a GPU session.  It
+writes the same kind of translation unit MLX generates (device code at file
+scope, then one kernel per instantiation with the template constants declared
+in its body) and compiles it for sm_90:
+
+    python tools/check_gpu_kernels.py [--keep DIR] [--ptxas-verbose]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CTYPE = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float"}
+
+PRELUDE = """\
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cooperative_groups.h>
+"""
+
+
+def raw_strings(header: Path) -> dict[str, str]:
+    """name of each `inline const char* NAME() { return R"CUDA(...)CUDA"; }` -> text."""
+    text = header.read_text()
+    pat = re.compile(r'inline const char\* (\w+)\(\) \{\s*return R"CUDA\((.*?)\)CUDA";', re.S)
+    return {m.group(1): m.group(2) for m in pat.finditer(text)}
+
+
+def gemv_kernel(i: int, body: str, t: str, **c) -> str:
+    """One instantiation of the gemv kernel, declared as MLX declares it."""
+    ty = CTYPE[t]
+    wty = "uint32_t" if c["BITS"] else ty
+    consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
+                     f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in c.items())
+    return (f"namespace mlx::core::cu {{\n__global__ void gemv_{i}(const {ty}* x, const int* x_shape,"
+            f" const {ty}* nw, const {wty}* w, const int* w_shape, const {ty}* scales, const {ty}* qbiases,"
+            f" const {ty}* bias, const {ty}* res, {ty}* y) {{\n  using T = {ty};\n{consts}{body}}}\n}}\n")
+
+
+def gemv_cases():
+    eps = 0x3727C5AC   # 1e-5
+    for t, bits, gs, rt, ks in (("bf16", 0, 0, 1, 4), ("f16", 4, 64, 8, 1), ("f32", 0, 0, 4, 2),
+                                ("bf16", 4, 32, 2, 8), ("bf16", 8, 128, 8, 2)):
+        yield t, dict(K=2048, KS=ks, RT=rt, BITS=bits, GS=gs, NORM=True, BIAS=True, RES=False,
+                      ACT=0, EPS_BITS=eps)
+        yield t, dict(K=1536, KS=ks, RT=rt, BITS=bits, GS=gs, NORM=True, BIAS=False, RES=False,
+                      ACT=1, EPS_BITS=eps)
+        yield t, dict(K=8192, KS=ks, RT=rt, BITS=bits, GS=gs, NORM=False, BIAS=False, RES=True,
+                      ACT=2, EPS_BITS=eps)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", help="write the .cu here and keep it")
+    ap.add_argument("--ptxas-verbose", action="store_true", help="registers and spills per kernel")
+    a = ap.parse_args()
+    src = raw_strings(ROOT / "include/mlxcy/gpu_gemv.h")
+    parts = [PRELUDE, src["gemv_device_source"]]
+    body = src["gemv_body_source"].replace("x_shape[0]", "x_shape[0]")
+    for i, (t, c) in enumerate(gemv_cases()):
+        parts.append(gemv_kernel(i, body, t, **c))
+    cu = "\n".join(parts)
+    d = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / "mlxcy_gpu_kernels.cu"
+    f.write_text(cu)
+    cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "-c", "-o", str(d / "k.o"), str(f)]
+    if a.ptxas_verbose:
+        cmd.insert(1, "-Xptxas=-v")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    print(("ok" if r.returncode == 0 else "FAILED") + f": {len(list(gemv_cases()))} gemv kernels, {f}")
+    sys.exit(r.returncode)
+
+
+if __name__ == "__main__":
+    main()
