@@ -185,14 +185,13 @@ def test_smollm2_prompt_lookup_and_draft_single_and_batched():
     from mlxcy.batch import batch_generate
     path = _smollm2()
     tm = mlxcy.load(path)
-    prompts = [QUOTE, "Repeat exactly: one two three four five six seven eight. Repeat: one two",
-               "Write a haiku about the sea."]
+    prompts = [QUOTE, "Write a haiku about the sea."]
     try:
-        ref = [list(t.id for t in tm.stream(p, max_tokens=40)) for p in prompts]
-        got = [list(t.id for t in tm.stream(p, max_tokens=40, prompt_lookup=True)) for p in prompts]
+        ref = [list(t.id for t in tm.stream(p, max_tokens=32)) for p in prompts]
+        got = [list(t.id for t in tm.stream(p, max_tokens=32, prompt_lookup=True)) for p in prompts]
         assert got == ref
         assert tm.metrics().tokens_per_step >= 1.0
-        b = batch_generate(tm, prompts, max_tokens=40, prompt_lookup=True)
+        b = batch_generate(tm, prompts, max_tokens=32, prompt_lookup=True)
         assert b.token_ids == [r[:len(x)] for r, x in zip(ref, b.token_ids)]
         assert [len(x) for x in b.token_ids] == [len(r) for r in ref]
         assert b.metrics.acceptance_rate > 0 and b.metrics.tokens_per_step > 1.2
@@ -202,10 +201,10 @@ def test_smollm2_prompt_lookup_and_draft_single_and_batched():
     # partial acceptance is covered by the tiny models above)
     td = mlxcy.load(path, draft_model=path, num_draft=3)
     try:
-        got = [list(t.id for t in td.stream(p, max_tokens=40)) for p in prompts]
+        got = [list(t.id for t in td.stream(p, max_tokens=32)) for p in prompts]
         assert got == ref
         assert td.metrics().acceptance_rate > 0.9
-        b = batch_generate(td, prompts, max_tokens=40)
+        b = batch_generate(td, prompts, max_tokens=32)
         assert b.token_ids == ref
     finally:
         td.close()
