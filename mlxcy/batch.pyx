@@ -195,7 +195,8 @@ class BatchMetrics:
     """Figures of one batch_generate call."""
     __slots__ = ("prompts", "prompt_tokens", "generated_tokens", "prefill_time",
                  "total_time", "prompts_per_second", "prefill_tokens_per_second",
-                 "tokens_per_second", "decode_tokens_per_second", "peak_memory")
+                 "tokens_per_second", "decode_tokens_per_second", "peak_memory",
+                 "acceptance_rate", "tokens_per_step")   # the last two: speculative decoding
 
     def __init__(self):
         for k in self.__slots__:
@@ -454,7 +455,12 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
     met.prompts = n
     met.prompt_tokens = sum(len(s) for s in seqs)
     t0 = time.perf_counter()
-    token_ids, lps, reasons, texts, prefill = _run(model, tok, seqs, per, base, batch_size)
+    token_ids, lps, reasons, texts, st = _run(model, tok, seqs, per, base, batch_size,
+                                              getattr(text_model, "draft_model", None),
+                                              getattr(text_model, "num_draft", 4))
+    prefill = st["prefill_seconds"]
+    met.acceptance_rate = st["acceptance_rate"]
+    met.tokens_per_step = st["tokens_per_step"]
     met.total_time = time.perf_counter() - t0
     met.prefill_time = prefill
     met.generated_tokens = sum(len(t) for t in token_ids)
@@ -466,9 +472,9 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
     return BatchGeneration(texts, token_ids, reasons, lps, met)
 
 
-def _run(Model model, tok, seqs, per, base, batch_size):
+def _run(Model model, tok, seqs, per, base, batch_size, draft=None, num_draft=4):
     """Every prompt through one engine: (token_ids, logprobs, stop reasons,
-    texts, prefill seconds), in input order."""
+    texts, engine stats), in input order."""
     from mlxcy.engine import Engine
     from mlxcy.inference import sampler_for
     from mlxcy.text_stream import TextStream
@@ -491,7 +497,7 @@ def _run(Model model, tok, seqs, per, base, batch_size):
     order = sorted(todo, key=lambda i: -len(seqs[i])) if batch_size else todo
     eng = Engine(model, max_batch=batch_size or max(1, len(todo)),
                  prefill_chunk=base.prefill_chunk or 512, kv_bits=base.kv_bits,
-                 kv_group_size=base.kv_group_size)
+                 kv_group_size=base.kv_group_size, draft_model=draft, num_draft=num_draft)
     streams = {}
     row_of = {}
     nvocab = _tok_vocab(tok)
@@ -499,7 +505,8 @@ def _run(Model model, tok, seqs, per, base, batch_size):
         for i in order:
             o = per[i]
             sid = eng.add(seqs[i], sampler=shared or sampler_for(o), max_tokens=o.max_tokens,
-                          stop_ids=eos | set(o.stop_ids), logprobs=base.logprobs)
+                          stop_ids=eos | set(o.stop_ids), logprobs=base.logprobs,
+                          prompt_lookup=o.prompt_lookup)
             row_of[sid] = i
             if [s for s in o.stop if s]:
                 streams[sid] = (TextStream(tok, o.stop), [])
@@ -536,6 +543,6 @@ def _run(Model model, tok, seqs, per, base, batch_size):
             if texts[i] is None:
                 texts[i] = tok.decode([t for t in token_ids[i] if t < nvocab],
                                       skip_special_tokens=True)
-        return token_ids, lps, reasons, texts, eng.stats["prefill_seconds"]
+        return token_ids, lps, reasons, texts, dict(eng.stats)
     finally:
         eng.close()

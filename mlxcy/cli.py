@@ -49,8 +49,15 @@ def _load(args):
         raise UsageError(f"{path}: no such model file or directory")
     _status(f"loading {path} ...")
     t0 = time.perf_counter()
+    extra = {}
+    if getattr(args, "draft_model", None):
+        if not Path(args.draft_model).exists():
+            raise UsageError(f"--draft-model {args.draft_model}: no such model file or directory")
+        if args.backend not in (None, "mlx"):
+            raise UsageError("--draft-model needs the mlx backend")
+        extra = {"draft_model": args.draft_model, "num_draft": args.num_draft}
     with _progress.spinner(f"loading {Path(path).name}"):
-        m = load(path, backend=args.backend, dtype=args.dtype)
+        m = load(path, backend=args.backend, dtype=args.dtype, **extra)
     _status(f"loaded in {time.perf_counter() - t0:.2f} s")
     return m
 
@@ -92,6 +99,8 @@ def _gen_options(args) -> dict:
     o = {k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "stop", None):
         o["stop"] = args.stop
+    if getattr(args, "prompt_lookup", None):
+        o["prompt_lookup"] = args.prompt_lookup
     if getattr(args, "kv_bits", None):
         o["kv_bits"] = args.kv_bits
         o["kv_group_size"] = args.kv_group_size
@@ -137,6 +146,15 @@ def _add_sampling(p):
                         "sliding-window layers stay unquantized)")
     p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
                    help="elements per scale and bias of the quantized KV cache")
+    p.add_argument("--prompt-lookup", nargs="?", type=int, const=8, default=None, metavar="K",
+                   help="speculative decoding by prompt lookup: propose up to K tokens (default "
+                        "8) copied from the prompt/history, verified in one step; greedy "
+                        "output is unchanged")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with this draft model (same tokenizer: a "
+                        "directory or .gguf)")
+    p.add_argument("--num-draft", type=int, default=4,
+                   help="tokens the draft model proposes per step (with --draft-model)")
     p.add_argument("--verbose", "-v", action="store_true", help="print metrics to stderr")
 
 

@@ -502,12 +502,15 @@ cdef class Engine:
     docstring).  All calls must come from one thread: MLX's streams are
     thread-local.
 
-    Engine(model, max_batch=32, prefill_chunk=None, kv_bits=None, kv_group_size=64)
+    Engine(model, max_batch=32, prefill_chunk=None, draft_model=None, num_draft=4,
+           kv_bits=None, kv_group_size=64)
     max_batch: most rows decoding at once (waiting sequences join as rows
     free up); prefill_chunk: prompt tokens per row per step (None: the
-    device's default, see default_prefill_chunk); kv_bits: quantize the KV
-    caches the engine makes (mlxcy.cache.QuantizedKVCache; caches given to
-    add() must be of the same kind)."""
+    device's default, see default_prefill_chunk); draft_model: a second model
+    with the same vocabulary that proposes num_draft tokens per step for
+    speculative decoding; kv_bits: quantize the KV caches the engine makes
+    (mlxcy.cache.QuantizedKVCache; caches given to add() must be of the same
+    kind)."""
     cdef Model model
     cdef readonly int max_batch
     cdef int chunk
@@ -1181,6 +1184,9 @@ cdef class Engine:
                                       _shape1(K), na.float32, s.sampler.key)
                     _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
                     accs.push_back(nops.less(nops.log(u), lqd))    # u < p(d) / q(d)
+                    if kr[r] < K:       # positions past the row's own proposals: q = 0
+                        ka = to_array((np.arange(K) < kr[r]).astype(np.float32).reshape(K, 1))
+                        q = nops.multiply(q, ka.ptr[0])
                     two = vector[na.array]()
                     two.push_back(q)
                     two.push_back(nops.zeros(_shape2(1, V), na.float32))

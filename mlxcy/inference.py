@@ -52,6 +52,9 @@ class GenerationOptions:
     prefill_chunk: int | None = None   # None: the device's default (mlxcy.tuning)
     kv_bits: int | None = None     # quantize the KV cache (mlxcy.cache.QuantizedKVCache)
     kv_group_size: int = 64
+    # speculative decoding by prompt lookup: True (up to 8 tokens per step) or
+    # an int k; greedy output is unchanged (mlxcy.engine, "speculative decoding")
+    prompt_lookup: bool | int | None = None
     cancel: object = None          # threading.Event, or a callable returning True to stop
 
     def __post_init__(self):
@@ -111,6 +114,8 @@ class GenerationOptions:
             check_kv_options(self.kv_bits, self.kv_group_size)
         except ValueError as e:
             raise OptionError(str(e)) from None
+        if self.prompt_lookup is not None and type(self.prompt_lookup) is not bool:
+            integer("prompt_lookup", 0)
         if self.seed is not None:
             integer("seed", 0, 2**64 - 1)
         if self.logit_bias is not None:
@@ -234,6 +239,9 @@ class Metrics:
     peak_memory: int = 0
     active_memory: int = 0
     stop_reason: str = ""
+    # speculative decoding: accepted / proposed tokens, and tokens per decode step
+    acceptance_rate: float = 0.0
+    tokens_per_step: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -244,7 +252,9 @@ class Metrics:
                 f"generated {self.generated_tokens} tok, {self.decode_tokens_per_second:.1f} tok/s | "
                 f"first token {self.time_to_first_token * 1e3:.0f} ms | total {self.total_time:.2f} s | "
                 f"peak {self.peak_memory / mb:.1f} MB, active {self.active_memory / mb:.1f} MB"
-                f" | stop: {self.stop_reason}")
+                f" | stop: {self.stop_reason}"
+                + (f" | speculative: {self.acceptance_rate:.0%} accepted, "
+                   f"{self.tokens_per_step:.2f} tok/step" if self.tokens_per_step > 1.0 else ""))
 
 
 class TextModel:
@@ -302,7 +312,7 @@ class MlxTextModel(TextModel):
     backend = "mlx"
 
     def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None,
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, draft_model=None, num_draft: int = 4):
         from mlxcy import memory
         from mlxcy.parallel import load_model_for_process as load_model  # tensor parallel
         from mlxcy.tokenizer import Tokenizer
@@ -319,6 +329,17 @@ class MlxTextModel(TextModel):
             self.model.close()
             raise
         self.max_context = max_context
+        # speculative decoding with a draft model (same tokenizer): a path or an
+        # MlxTextModel; every generation then drafts num_draft tokens per step
+        self.draft_model = None
+        self._own_draft = False
+        self.num_draft = int(num_draft)
+        if draft_model is not None:
+            try:
+                self._set_draft(draft_model, dtype, fuse)
+            except Exception:
+                self.model.close()
+                raise
         self._template_str = chat_template or self.tokenizer.chat_template
         self._template = None
         self._metrics = Metrics()
@@ -326,6 +347,27 @@ class MlxTextModel(TextModel):
         self._session_cache = None
         self._session_ids: list[int] = []
         self._closed = False
+
+    def _set_draft(self, draft, dtype, fuse):
+        from mlxcy.models.base import Model
+        from mlxcy.models.load import load_model
+        if isinstance(draft, MlxTextModel):
+            draft = draft.model
+        if not isinstance(draft, Model):
+            p = Path(draft)
+            if not p.exists():
+                raise FileNotFoundError(f"draft_model: {p}: no such model file or directory")
+            draft = load_model(p, dtype=dtype)
+            self._own_draft = True
+            if default_fuse() if fuse is None else fuse:
+                draft.fuse()
+        if draft.config.vocab_size != self.model.config.vocab_size:
+            if self._own_draft:
+                draft.close()
+            raise ValueError(f"draft_model: its vocabulary ({draft.config.vocab_size} tokens) "
+                             f"differs from the model's ({self.model.config.vocab_size}); a draft "
+                             f"model must share the target's tokenizer")
+        self.draft_model = draft
 
     # -- templates -------------------------------------------------------------
     def chat_template(self):
@@ -454,11 +496,12 @@ class MlxTextModel(TextModel):
                 reason = "cancelled" if o.cancelled() else "length"
                 return
             eng = Engine(self.model, max_batch=1, prefill_chunk=o.prefill_chunk,
-                         kv_bits=o.kv_bits, kv_group_size=o.kv_group_size)
+                         kv_bits=o.kv_bits, kv_group_size=o.kv_group_size,
+                         draft_model=self.draft_model, num_draft=self.num_draft)
             sid = eng.add(prompt, sampler=sampler_for(o), max_tokens=o.max_tokens,
                           stop_ids=set(self.tokenizer.eos_ids) | set(o.stop_ids),
                           logprobs=o.logprobs, cache=None if own_cache else cache,
-                          keep_cache=not own_cache)
+                          keep_cache=not own_cache, prompt_lookup=o.prompt_lookup)
             if own_cache:
                 cache.free()
             text = TextStream(self.tokenizer, o.stop)
@@ -500,6 +543,9 @@ class MlxTextModel(TextModel):
                     now - t0 - m.time_to_first_token, 1e-9)
             m.peak_memory = memory.get_peak_memory()
             m.stop_reason = reason
+            if eng is not None:
+                m.acceptance_rate = eng.stats["acceptance_rate"]
+                m.tokens_per_step = eng.stats["tokens_per_step"]
             if not own_cache:
                 self._keep_session(back, prompt + generated)
             m.active_memory = memory.get_active_memory()
@@ -545,6 +591,8 @@ class MlxTextModel(TextModel):
             return
         self.reset_session()
         self.model.close()
+        if self._own_draft and self.draft_model is not None:
+            self.draft_model.close()
         self._closed = True
 
 

@@ -118,3 +118,92 @@ def test_draft_model_single_and_batched(tiny):
             assert st["acceptance_rate"] == 1.0
         else:
             assert 0 < st["acceptance_rate"] < 1.0, st
+
+
+def test_sampled_tokens_follow_the_target_distribution(tiny):
+    """Speculative sampling keeps the target's distribution.  The vocabulary
+    is cut to 5 tokens by logit_bias; 600 seeded rows sample 3 tokens each;
+    the 2nd and 3rd (the first ones verified) are compared with their exact
+    marginals, computed from the model's own probabilities over every
+    possible prefix.  Chi-square, false-alarm rate 1e-3 per comparison;
+    the rng seeds are fixed, so the test is deterministic."""
+    from scipy.stats import chisquare
+    allowed = [3, 17, 40, 41, 77]
+    bias = {t: -1e4 for t in range(VOCAB) if t not in allowed}
+    a = [allowed[i] for i in np.random.default_rng(5).integers(0, 5, 12)]
+    prompt = a + a
+
+    def probs(ids):
+        lg = np.asarray(tiny.m(np.asarray([ids], np.int32)).astype("float32"))[0, -1]
+        x = np.full(VOCAB, -np.inf)
+        x[allowed] = lg[allowed]
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    p0 = probs(prompt)
+    m1 = np.zeros(VOCAB)
+    m2 = np.zeros(VOCAB)
+    for t0 in allowed:
+        p1 = probs(prompt + [t0])
+        m1 += p0[t0] * p1
+        for t1 in allowed:
+            m2 += p0[t0] * p1[t1] * probs(prompt + [t0, t1])
+    n = 600
+    for how in ("lookup", "draft"):
+        samplers = [Sampler(temperature=1.0, logit_bias=bias, seed=1000 + i) for i in range(n)]
+        toks, _, st = _run(tiny.m, [prompt] * n, 3, samplers=samplers, max_batch=200,
+                           lookup=4 if how == "lookup" else None,
+                           draft=tiny.near if how == "draft" else None, num_draft=2)
+        assert st["proposed_tokens"] > 0 and 0 < st["acceptance_rate"] < 1, (how, st)
+        for pos, m in ((1, m1), (2, m2)):
+            counts = np.bincount([t[pos] for t in toks], minlength=VOCAB)[allowed]
+            exp = m[allowed] * n
+            keep = exp > 0
+            assert counts[~keep].sum() == 0
+            assert chisquare(counts[keep], exp[keep] * counts.sum() / exp[keep].sum()).pvalue > 1e-3, \
+                (how, pos, counts, exp)
+
+
+def _smollm2():
+    from mlxcy.assets import AssetMissing, smollm2_gguf
+    try:
+        return smollm2_gguf()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+
+
+QUOTE = ("Summarize the report, quoting it.\n\nReport: The bridge on Route 9 will close for "
+         "repairs from March 3 to March 17. Drivers should use the detour through Elm Street "
+         "and Oak Avenue. Buses 12 and 14 will stop at the temporary station near the library. "
+         "The city expects the repairs to cost 2.4 million dollars.\n\nSummary: The report says "
+         "that \"the bridge on Route 9 will close")
+
+
+def test_smollm2_prompt_lookup_and_draft_single_and_batched():
+    import mlxcy
+    from mlxcy.batch import batch_generate
+    path = _smollm2()
+    tm = mlxcy.load(path)
+    prompts = [QUOTE, "Write a haiku about the sea."]
+    try:
+        ref = [list(t.id for t in tm.stream(p, max_tokens=32)) for p in prompts]
+        got = [list(t.id for t in tm.stream(p, max_tokens=32, prompt_lookup=True)) for p in prompts]
+        assert got == ref
+        assert tm.metrics().tokens_per_step >= 1.0
+        b = batch_generate(tm, prompts, max_tokens=32, prompt_lookup=True)
+        assert b.token_ids == [r[:len(x)] for r, x in zip(ref, b.token_ids)]
+        assert [len(x) for x in b.token_ids] == [len(r) for r in ref]
+        assert b.metrics.acceptance_rate > 0 and b.metrics.tokens_per_step > 1.2
+    finally:
+        tm.close()
+    # a draft model: the same weights loaded again (acceptance 1: every path of a
+    # partial acceptance is covered by the tiny models above)
+    td = mlxcy.load(path, draft_model=path, num_draft=3)
+    try:
+        got = [list(t.id for t in td.stream(p, max_tokens=32)) for p in prompts]
+        assert got == ref
+        assert td.metrics().acceptance_rate > 0.9
+        b = batch_generate(td, prompts, max_tokens=32)
+        assert b.token_ids == ref
+    finally:
+        td.close()

@@ -1,0 +1,110 @@
+"""Speculative decoding by prompt lookup vs plain decoding (same engine, same
+model, greedy): decode tok/s of each, their ratio, and whether the tokens are
+identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
+summary that quotes with SmolLM2-135M) and prompts that copy nothing.
+
+    python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
+
+Draft models: a speedup measured with a random-weight pair says nothing
+(acceptance is chance), and the registry offers no real pair of models with
+a shared tokenizer small enough for this suite's wheels (see
+docs/benchmarks.md): the script reports what --draft-model pairs it is given
+(--draft TARGET=DRAFT) and otherwise says none was run."""
+import argparse
+import time
+
+import mlxcy
+from mlxcy.assets import qwen25_gguf, smollm2_gguf
+
+CODE = '''def parse_config(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    out = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, value = line.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_all(paths):
+    configs = []
+    for p in paths:
+        configs.append(parse_config(p))
+    return configs
+'''
+
+CASES = [
+    ("qwen", "code edit (copies)",
+     "Rename the function parse_config to read_config everywhere in this file and output "
+     "the whole file:\n\n```python\n" + CODE + "```", True),
+    ("smol", "quoting summary (copies)",
+     "Summarize the report, quoting it.\n\nReport: The bridge on Route 9 will close for repairs "
+     "from March 3 to March 17. Drivers should use the detour through Elm Street and Oak "
+     "Avenue. Buses 12 and 14 will stop at the temporary station near the library. The city "
+     "expects the repairs to cost 2.4 million dollars.\n\nQuote the report's sentences "
+     "word for word.", True),
+    ("qwen", "no copying", "Write a short poem about autumn leaves.", True),
+    ("smol", "no copying", "Write a short poem about autumn leaves.", True),
+]
+
+
+def run(tm, prompt, chat, max_tokens, **opts):
+    msgs = [{"role": "user", "content": prompt}]
+    it = tm.stream_chat(msgs, max_tokens=max_tokens, **opts) if chat else \
+        tm.stream(prompt, max_tokens=max_tokens, **opts)
+    ids = [t.id for t in it]
+    return ids, tm.metrics()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--draft", action="append", default=[], metavar="TARGET=DRAFT")
+    a = ap.parse_args()
+    models = {"qwen": qwen25_gguf(), "smol": smollm2_gguf()}
+    loaded = {}
+    print(f"{'model':6} {'prompt':26} {'plain tok/s':>11} {'lookup tok/s':>12} {'ratio':>6} "
+          f"{'accept':>6} {'tok/step':>8} identical")
+    for name, what, prompt, chat in CASES:
+        if name not in loaded:
+            loaded[name] = mlxcy.load(models[name])
+        tm = loaded[name]
+        run(tm, prompt, chat, 8)                    # warm-up
+        best = {}
+        for _ in range(a.repeats):
+            for mode, opts in (("plain", {}), ("lookup", {"prompt_lookup": a.k})):
+                ids, m = run(tm, prompt, chat, a.max_tokens, **opts)
+                if mode not in best or m.decode_tokens_per_second > best[mode][1].decode_tokens_per_second:
+                    best[mode] = (ids, m)
+        (pi, pm), (li, lm) = best["plain"], best["lookup"]
+        print(f"{name:6} {what:26} {pm.decode_tokens_per_second:11.1f} "
+              f"{lm.decode_tokens_per_second:12.1f} "
+              f"{lm.decode_tokens_per_second / pm.decode_tokens_per_second:6.2f} "
+              f"{lm.acceptance_rate:6.0%} {lm.tokens_per_step:8.2f} {pi == li} "
+              f"({len(pi)} tokens)", flush=True)
+    for tm in loaded.values():
+        tm.close()
+    if not a.draft:
+        print("draft model: no real target/draft pair given (--draft TARGET=DRAFT); none run")
+    for spec in a.draft:
+        target, draft = spec.split("=", 1)
+        plain = mlxcy.load(target)
+        ids0, m0 = run(plain, CASES[0][2], True, a.max_tokens)
+        plain.close()
+        tm = mlxcy.load(target, draft_model=draft)
+        ids1, m1 = run(tm, CASES[0][2], True, a.max_tokens)
+        tm.close()
+        print(f"draft {draft} for {target}: {m0.decode_tokens_per_second:.1f} -> "
+              f"{m1.decode_tokens_per_second:.1f} tok/s, acceptance {m1.acceptance_rate:.0%}, "
+              f"identical {ids0 == ids1}")
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"({time.time() - t0:.0f} s)")
