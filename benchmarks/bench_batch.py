@@ -1,5 +1,5 @@
-"""Batch inference timings: mlxcy.batch.classify against a loop of single
-prompts, and mlxcy.batch.batch_generate side by side with mlx-lm's
+"""Batch inference timings: mlxcy.generation.batch.classify against a loop of single
+prompts, and mlxcy.generation.batch.batch_generate side by side with mlx-lm's
 batch_generate on the same random-weight safetensors.
 
     python benchmarks/bench_batch.py                        # CPU, tiny + small shapes
@@ -125,7 +125,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench_classify(tm, prompts, batches, repeats):
-    from mlxcy.batch import classify
+    from mlxcy.generation.batch import classify
     loop = timed(lambda: [classify(tm, [p], top_k=5) for p in prompts], repeats)
     n = len(prompts)
     print(f"\nclassify: {n} prompts of {min(map(len, map(tm.tokenizer.encode, prompts)))}.."
@@ -141,7 +141,7 @@ def bench_classify(tm, prompts, batches, repeats):
 
 
 def bench_generate(tm, path, prompts, batches, max_tokens, with_mlx_lm, device, repeats=1):
-    from mlxcy.batch import batch_generate
+    from mlxcy.generation.batch import batch_generate
     lm = None
     if with_mlx_lm:
         try:
@@ -218,7 +218,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from mlxcy import device as dev
     dev.set_default_device(dev.gpu if a.device == "gpu" else dev.cpu)
-    from mlxcy.inference import load
+    from mlxcy.generation.inference import load
     results = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_batch_"))
     try:

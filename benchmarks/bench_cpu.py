@@ -64,7 +64,7 @@ def run_mlxcy(a):
     sys.path.insert(0, str(ROOT))
     import mlxcy
     from mlxcy import cpu_kernels
-    from mlxcy.inference import MlxTextModel
+    from mlxcy.generation.inference import MlxTextModel
     mlxcy.set_default_device(mlxcy.cpu)
     cpu_kernels.set_num_threads(a.threads)
     tm = MlxTextModel(model_path("gguf" if a.model == "q4_1" else "hf-bf16"))

@@ -6,14 +6,14 @@ same process.  Greedy, end-of-sequence ignored, a fixed random prompt.
 
 Models are random-weight Hugging Face directories of real shapes (speed does
 not depend on the values), written once under $MLXCY_CACHE/bench; 4-bit ones
-are converted with mlxcy.convert.convert_hf_to_mlx (mlx-lm's layout), so
+are converted with mlxcy.models.convert.convert_hf_to_mlx (mlx-lm's layout), so
 both engines read byte-identical files.
 
 Each engine's model is loaded once and warmed up; then the engines take turns
 for --rounds runs and the medians are reported (turns, so that load from
 other processes on the machine hits both alike).  mlxcy runs with
 TextModel's defaults for the device (q/k/v and gate/up fused on a GPU, not on
-the CPU: mlxcy.inference.default_fuse) unless --fuse says otherwise.
+the CPU: mlxcy.generation.inference.default_fuse) unless --fuse says otherwise.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def random_hf_dir(name: str, root: Path) -> Path:
 
 
 def quantized_dir(src: Path, bits: int = 4, group_size: int = 64) -> Path:
-    from mlxcy.convert import convert_hf_to_mlx
+    from mlxcy.models.convert import convert_hf_to_mlx
     dst = src.parent / f"{src.name}-{bits}bit"
     if not (dst / "config.json").exists():
         convert_hf_to_mlx(src, dst, bits=bits, group_size=group_size)
@@ -106,9 +106,9 @@ def variant_dir(src: Path, quant: str) -> Path:
 
 class MlxcyEngine:
     def __init__(self, path, fuse=None):
-        from mlxcy.inference import default_fuse
+        from mlxcy.generation.inference import default_fuse
         from mlxcy.models.load import load_model
-        from mlxcy.sample import Sampler
+        from mlxcy.generation.sample import Sampler
         self.model = load_model(path)
         if default_fuse() if fuse is None else fuse:
             self.model.fuse()
@@ -116,7 +116,7 @@ class MlxcyEngine:
         self.weight_bytes = self.model.nbytes()
 
     def once(self, prompt, n):
-        from mlxcy.engine import generate_ids
+        from mlxcy.generation.engine import generate_ids
         t0 = time.perf_counter()
         it = generate_ids(self.model, prompt, sampler=self.sampler, max_tokens=n)
         first = next(it).token
@@ -247,7 +247,7 @@ def main():
 def gguf_dir(root):
     """SmolLM2-135M's real GGUF, dequantized once to a bf16 HF directory."""
     from mlxcy.assets import smollm2_gguf
-    from mlxcy.convert import convert_gguf_to_hf
+    from mlxcy.models.convert import convert_gguf_to_hf
     hf = root / "smollm2-gguf-bf16"
     if not (hf / "config.json").exists():
         convert_gguf_to_hf(smollm2_gguf(), hf, dtype="bfloat16", tokenizer=False)

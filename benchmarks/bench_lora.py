@@ -62,7 +62,7 @@ def model_dir(random=False):
     if random:
         return random_model_dir()
     from mlxcy.assets import smollm2_gguf, cache_dir
-    from mlxcy.convert import convert_gguf_to_hf
+    from mlxcy.models.convert import convert_gguf_to_hf
     d = cache_dir() / "smollm2-135m-hf-f32"
     if not (d / "config.json").is_file():
         convert_gguf_to_hf(smollm2_gguf(), d, dtype="float32")
@@ -176,7 +176,7 @@ def main():
     p.add_argument("--random", action="store_true")
     p.add_argument("--compile", choices=("on", "off"), default="on",
                    help="mlxcy's TrainStep(compile=...); on is its default")
-    from mlxcy.train.cli import _memory_limit      # mlxcy lora's parser: auto | off | GB
+    from mlxcy.cli.train import _memory_limit      # mlxcy lora's parser: auto | off | GB
     p.add_argument("--memory-limit", type=_memory_limit, default="auto",
                    help="mlxcy's TrainStep(memory_limit=...): auto (default), off, or GB")
     p.add_argument("--memory-margin", type=float, default=0.0)

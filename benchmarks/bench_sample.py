@@ -1,6 +1,6 @@
 """Sampler timings over one row of 32,000 logits, evaluation included.
 
-mlxcy.sample.Sampler side by side with mlx-lm's samplers
+mlxcy.generation.sample.Sampler side by side with mlx-lm's samplers
 (mlx_lm.sample_utils.make_sampler / make_logits_processors) in the same
 process. Prints a table of microseconds per call (median of N calls).
 
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import mlxcy
-from mlxcy.sample import Sampler
+from mlxcy.generation.sample import Sampler
 
 try:
     import mlx.core as mx

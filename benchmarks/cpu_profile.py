@@ -102,7 +102,7 @@ def main():
 
     import mlxcy
     from mlxcy import assets, cpu_kernels
-    from mlxcy.inference import MlxTextModel
+    from mlxcy.generation.inference import MlxTextModel
     mlxcy.set_default_device(mlxcy.cpu)
     if a.threads:
         cpu_kernels.set_num_threads(a.threads)

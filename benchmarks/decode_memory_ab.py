@@ -32,7 +32,7 @@ def peaks(engine_once, prompt, n):
 
 
 def mlxcy_once(engine, chunk, split):
-    from mlxcy import engine as G
+    from mlxcy.generation import engine as G
     from mlxcy import tuning
 
     def once(prompt, n, mark):

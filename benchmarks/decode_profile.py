@@ -34,7 +34,7 @@ import bench_decode as B  # noqa: E402
 
 
 def mlxcy_split(engine, prompt, steps):
-    from mlxcy.engine import Engine
+    from mlxcy.generation.engine import Engine
     eng = Engine(engine.model, max_batch=1)
     eng.add(prompt, sampler=engine.sampler, max_tokens=steps + 1)
     while not eng.stats["decode_tokens"] and eng.has_work():

@@ -7,7 +7,7 @@ float cache.
 
 Memory: Cache.nbytes after prefilling --context tokens (every layer's
 buffers, grown in steps of 256 positions as generation would leave them).
-Perplexity: mlxcy.perplexity over --data (default: CPython's LICENSE.txt),
+Perplexity: mlxcy.train.perplexity over --data (default: CPython's LICENSE.txt),
 each batch run through a fresh cache of the kind measured, so every attention
 read goes through the quantization.  Prints one table row per setting.
 """
@@ -36,10 +36,10 @@ def main():
 
     from mlxcy import memory
     from mlxcy.assets import smollm2_gguf
-    from mlxcy.cache import quantized_cache
-    from mlxcy.engine import Engine
+    from mlxcy.models.cache import quantized_cache
+    from mlxcy.generation.engine import Engine
     from mlxcy.models.load import load_model
-    from mlxcy.perplexity import data_tokens, perplexity
+    from mlxcy.train.perplexity import data_tokens, perplexity
     from mlxcy.tokenizer import Tokenizer
 
     path = a.model or smollm2_gguf()

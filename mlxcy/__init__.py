@@ -5,10 +5,14 @@
     b = mx.softmax(a @ a.T, axis=-1)
     mx.eval(b)
 
-Submodules: ops (also re-exported here), fast, random, transforms (eval,
-grad, compile ... re-exported here), device, memory, io, models, tokenizer,
-sample, chat, inference (load, TextModel), tuning (the process-wide tuning
-knobs).
+The array layer is this package's top level, as in mlx.core: core (Array,
+dtypes), ops (also re-exported here), fast, random, transforms (eval, grad,
+compile ... re-exported here), device, memory, io, cpu_kernels, native
+(Cython declarations of MLX's C++ API).  Above it, one folder per layer:
+nn and models (layers, model families, KV caches, loading, conversion),
+tokenizer and chat, generation (engine, samplers, TextModel and load),
+train, distributed, serve, cli.  tuning holds the process-wide knobs.
+docs/internals.md maps the layers.
 """
 import os as _os
 
@@ -59,9 +63,10 @@ from mlxcy.errors import (  # noqa: E402,F401
     OptionTypeError, DataError, AdapterError, SessionError,
 )
 from mlxcy import tuning  # noqa: E402,F401
-from mlxcy.inference import load, TextModel  # noqa: E402,F401
+from mlxcy.generation.inference import load, TextModel  # noqa: E402,F401
+from mlxcy.generation.api import GenerationOptions  # noqa: E402,F401
 from mlxcy.tokenizer import Tokenizer  # noqa: E402,F401
-from mlxcy.sample import Sampler  # noqa: E402,F401
+from mlxcy.generation.sample import Sampler  # noqa: E402,F401
 from mlxcy.chat import ChatTemplate  # noqa: E402,F401
 from mlxcy.models.load import load_model  # noqa: E402,F401
 from mlxcy.models.discover import discover  # noqa: E402,F401

@@ -53,7 +53,7 @@ def main():
             dist.all_sum(mlxcy.ones((4,))).eval()
         save("survived", np.array([1]))
     elif mode == "logits":
-        from mlxcy.parallel import load_pipeline, load_tensor_parallel
+        from mlxcy.distributed.parallel import load_pipeline, load_tensor_parallel
         plan = os.environ.get("PLAN", "tensor")
         load = load_tensor_parallel if plan == "tensor" else load_pipeline
         model = load(sys.argv[3], g, dtype="float32")

@@ -559,7 +559,7 @@ def session_file(d: Path, name: str, edit) -> Path:
 
 
 def load_session(p):
-    from mlxcy.cache_io import load_cache
+    from mlxcy.generation.cache_io import load_cache
     from mlxcy.models.load import load_model as lm
     model = lm(p.parent / "tiny_model")
     load_cache(p, model)
@@ -618,7 +618,7 @@ def session_keys_shape_edited(d):
 # ------------------------------------------------------------------ options --
 
 def options(**kw):
-    from mlxcy.inference import GenerationOptions
+    from mlxcy.generation.inference import GenerationOptions
     GenerationOptions.from_kwargs(kw)
 
 
@@ -686,13 +686,13 @@ def opt_nan_temperature(d):
 
 @case("OptionTypeError", r"temperature")
 def sampler_temperature_string(d):
-    from mlxcy.sample import Sampler
+    from mlxcy.generation.sample import Sampler
     Sampler(temperature="hot")
 
 
 @case("OptionError", r"top_k")
 def sampler_negative_top_k(d):
-    from mlxcy.sample import Sampler
+    from mlxcy.generation.sample import Sampler
     Sampler(top_k=-1)
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import mlxcy
-from mlxcy.inference import GenerationOptions, MlxTextModel, TextModel
+from mlxcy.generation.inference import GenerationOptions, MlxTextModel, TextModel
 
 METHODS = ("generate", "chat", "stream", "stream_chat", "batch_generate")
 
@@ -39,8 +39,8 @@ def test_classify_and_batch_signatures(cls):
         assert k in inspect.getdoc(cls.classify)
     p = inspect.signature(cls.batch_generate).parameters
     assert {"options", "batch_size", "opts"} <= set(p)
-    # classify's keywords are exactly mlxcy.batch.classify's
-    from mlxcy.batch import classify
+    # classify's keywords are exactly mlxcy.generation.batch.classify's
+    from mlxcy.generation.batch import classify
     assert [k for k in p if k != "opts"] == ["self", "prompts", "options", "batch_size"]
     assert list(inspect.signature(cls.classify).parameters)[1:] == \
         list(inspect.signature(classify).parameters)[1:]

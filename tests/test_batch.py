@@ -1,4 +1,4 @@
-"""Batch inference (mlxcy.batch): classify and batch_generate on tiny fp32
+"""Batch inference (mlxcy.generation.batch): classify and batch_generate on tiny fp32
 random-weight models (Qwen3, and Gemma3 with a 6-token sliding window)
 saved as Hugging Face directories with the real Qwen3 tokenizer.  Every
 result is compared with an independent reference: the same prompt run alone
@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 import mlxcy
 from mlxcy import assets
-from mlxcy.batch import batch_generate, classify
-from mlxcy.engine import Engine
-from mlxcy.inference import load
+from mlxcy.generation.batch import batch_generate, classify
+from mlxcy.generation.engine import Engine
+from mlxcy.generation.inference import load
 
 WINDOW = 6
 PROMPTS = [

@@ -1,4 +1,4 @@
-"""The `mlxcy` command end to end on tiny models (mlxcy.cli.main in process, or
+"""The `mlxcy` command end to end on tiny models (mlxcy.cli.commands in process, or
 a subprocess where the process itself matters: pipes, terminals).
 
 generate is checked against transformers' greedy tokens, perplexity against a
@@ -18,7 +18,7 @@ import pytest
 import subproc
 from cli_models import make_cli_model, make_llama_gguf
 
-from mlxcy.cli import build_parser, main
+from mlxcy.cli.commands import build_parser, main
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 
@@ -89,12 +89,12 @@ def test_help_lists_every_command_and_every_option_has_help():
 
 
 def test_cli_names_match_python_names():
-    from mlxcy.inference import GenerationOptions
+    from mlxcy.generation.inference import GenerationOptions
     p = build_parser()
     a = p.parse_args(["generate", "x", "--temperature", "0.5", "--top-k", "3"])
     b = p.parse_args(["generate", "x", "--temp", "0.5", "--top-k", "3"])
     assert a.temperature == b.temperature == 0.5
-    from mlxcy.cli import _GEN_FLAGS
+    from mlxcy.cli.commands import _GEN_FLAGS
     assert set(_GEN_FLAGS) <= set(GenerationOptions.__dataclass_fields__)
     t = p.parse_args(["lora", "--model", "m", "--data", "d", "--schedule", "cosine"])
     assert t.lr_schedule == "cosine"
@@ -264,7 +264,7 @@ def test_convert_refuses_to_overwrite_and_checks_paths_first(tiny, tmp_path, cap
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     capsys.readouterr()
     # an existing file, a read-only folder: refused before any conversion starts
-    import mlxcy.convert as C
+    import mlxcy.models.convert as C
     monkeypatch.setattr(C, "convert_hf_to_mlx", lambda *a, **k: pytest.fail("converted"))
     f = tmp_path / "file"
     f.write_text("x")
@@ -372,7 +372,7 @@ def _torch_perplexity(d, ids, L):
 
 
 def test_perplexity_command_and_function_match_torch(tiny, tmp_path, capsys):
-    from mlxcy.perplexity import perplexity
+    from mlxcy.train.perplexity import perplexity
     from mlxcy.tokenizer import Tokenizer
     d = tiny / "model"
     f = tmp_path / "t.txt"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mlxcy
-from mlxcy import convert as C
+from mlxcy.models import convert as C
 from mlxcy import device as D
 from mlxcy.models import load as L
 

@@ -181,7 +181,7 @@ def test_layers_use_kernels_only_when_enabled():
 @pytest.fixture(scope="module")
 def smollm2():
     from mlxcy import assets
-    from mlxcy.inference import MlxTextModel
+    from mlxcy.generation.inference import MlxTextModel
     try:
         path = assets.smollm2_gguf()
     except assets.AssetMissing as e:

@@ -1,5 +1,5 @@
 """Distributed inference over MLX's ring backend: N local processes on
-127.0.0.1 (mlxcy.launch, as mlx.launch starts them), each with a hard
+127.0.0.1 (mlxcy.distributed.launch, as mlx.launch starts them), each with a hard
 timeout.  Collectives against numpy; tensor-parallel logits, incremental
 decoding and greedy ids against the single-process model (fp32); a rank
 that dies or never connects ends the run with an error within seconds."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import subproc
-from mlxcy import launch
+from mlxcy.distributed import launch
 
 HERE = Path(__file__).parent
 WORKER = str(HERE / "dist_worker.py")
@@ -102,7 +102,7 @@ def tiny_dirs(tmp_path_factory):
     for mt in ("llama", "qwen3", "gemma3_text"):
         tiny_models.make_tiny(mt, base / mt, tokenizer=True)
         out[mt] = base / mt
-    from mlxcy.convert import convert_hf_to_mlx
+    from mlxcy.models.convert import convert_hf_to_mlx
     convert_hf_to_mlx(base / "llama", base / "llama4bit", bits=4, group_size=32)
     out["llama4bit"] = base / "llama4bit"
     return out
@@ -146,7 +146,7 @@ def test_parallel_logits(tiny_dirs, tmp_path, name, plan):
 
 def test_kv_heads_must_divide(tiny_dirs, tmp_path):
     from mlxcy.models.load import load_config, parse_config
-    from mlxcy.parallel import ParallelPlanError, tensor_parallel_config
+    from mlxcy.distributed.parallel import ParallelPlanError, tensor_parallel_config
     cfg = parse_config(load_config(tiny_dirs["llama"]), "config.json")
     with pytest.raises(ParallelPlanError, match="num_key_value_heads = 2 is not divisible by 4"):
         tensor_parallel_config(cfg, 4)

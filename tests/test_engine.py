@@ -1,4 +1,4 @@
-"""The generation engine (mlxcy.engine): sequences that join and leave a
+"""The generation engine (mlxcy.generation.engine): sequences that join and leave a
 running batch, at different positions, on tiny fp32 random-weight models
 (Qwen3, and Gemma 3 with an 8-token sliding window, so rows run past the
 window).  The reference for every greedy continuation is transformers: the
@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mlxcy.engine import Engine, check_ids
+from mlxcy.generation.engine import Engine, check_ids
 from mlxcy.models.load import load_model
-from mlxcy.sample import Sampler
+from mlxcy.generation.sample import Sampler
 from tiny_models import VOCAB, make_tiny
 
 

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 import mlxcy
 from mlxcy import assets, memory
-from mlxcy.inference import load
-from mlxcy.text_stream import StopMatcher as _StopMatcher
+from mlxcy.generation.inference import load
+from mlxcy.generation.text_stream import StopMatcher as _StopMatcher
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +240,11 @@ def test_quantized_cpu_inference_evaluates_block_by_block(tiny_dir, tmp_path):
     vocabulary head block by block (tuning.cpu_sync): the same tokens, and the
     dequantized head blocks no longer all alive at once (MLX's CPU backend
     allocates an op's output when the host encodes it, ahead of the worker)."""
-    from mlxcy.convert import convert_hf_to_mlx
+    from mlxcy.models.convert import convert_hf_to_mlx
     from mlxcy import tuning
-    from mlxcy.engine import Engine
+    from mlxcy.generation.engine import Engine
     from mlxcy.models.load import load_model
-    from mlxcy.sample import Sampler
+    from mlxcy.generation.sample import Sampler
     if mlxcy.default_device().type != "cpu":
         pytest.skip("the CPU's quantized path")
     q = convert_hf_to_mlx(tiny_dir[0], tmp_path / "q4", bits=4, group_size=64)

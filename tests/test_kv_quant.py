@@ -1,4 +1,4 @@
-"""The quantized KV cache (mlxcy.cache.QuantizedKVCache, the kv_bits option):
+"""The quantized KV cache (mlxcy.models.cache.QuantizedKVCache, the kv_bits option):
 its contents equal MLX's own quantize/dequantize of the float cache, the
 logits of a model running on it equal mlx-lm's QuantizedKVCache's and stay
 within a measured distance of the float cache's, the engine batches such
@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
-from mlxcy.cache import QuantizedKVCache, quantized_cache, kv_quantization  # noqa: E402
-from mlxcy.engine import Engine  # noqa: E402
+from mlxcy.models.cache import QuantizedKVCache, quantized_cache, kv_quantization  # noqa: E402
+from mlxcy.generation.engine import Engine  # noqa: E402
 from mlxcy.models.load import load_model  # noqa: E402
 from tiny_models import CONFIGS, VOCAB, rel  # noqa: E402
 
@@ -172,7 +172,7 @@ def test_greedy_tokens_mostly_equal_float(tiny, tmp_path):
 
 
 def test_saved_session_keeps_its_quantization(tiny, tmp_path):
-    from mlxcy.cache_io import save_cache, load_cache
+    from mlxcy.generation.cache_io import save_cache, load_cache
     ids = _ids(20, 15)
     c = quantized_cache(tiny.m.make_cache(), 8, 32)
     tiny.m(ids, cache=c)
@@ -184,7 +184,7 @@ def test_saved_session_keeps_its_quantization(tiny, tmp_path):
 
 
 def test_bad_options_name_the_option(tiny):
-    from mlxcy.inference import GenerationOptions
+    from mlxcy.generation.inference import GenerationOptions
     with pytest.raises(ValueError, match="kv_bits"):
         GenerationOptions.from_kwargs({"kv_bits": 7})
     with pytest.raises(ValueError, match="kv_group_size"):
@@ -214,7 +214,7 @@ def test_memory_saved(tiny):
 
 def test_cli_generate_kv_bits(tmp_path, capsys):
     from test_lora_cli import make_model
-    from mlxcy.cli import main
+    from mlxcy.cli.commands import main
     import mlxcy
     d = tmp_path / "m"
     vocab = make_model(d)
@@ -247,7 +247,7 @@ def test_cli_generate_kv_bits(tmp_path, capsys):
 def test_perplexity_kv_bits_matches_mlx_lm(tiny):
     """perplexity(kv_bits=...) against the NLL of mlx-lm's logits over its own
     QuantizedKVCache (each sequence one forward through a fresh cache)."""
-    from mlxcy.perplexity import perplexity
+    from mlxcy.train.perplexity import perplexity
     ids = _ids(40, 96)[0].tolist()
     ref = perplexity(tiny.m, ids, sequence_length=32, tokenizer=object(), progress=False)
     got = {b: perplexity(tiny.m, ids, sequence_length=32, tokenizer=object(), progress=False,

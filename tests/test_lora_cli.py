@@ -11,7 +11,7 @@ from tiny_models import BASE, ids_for, rel
 
 from mlxcy.models.load import load_model
 from mlxcy.train.adapters import load_adapters
-from mlxcy.train.cli import main
+from mlxcy.cli.train import main
 
 
 TEXT = ("the quick brown fox jumps over the lazy dog while seven wizards quietly "
@@ -118,7 +118,7 @@ def test_lora_command_bad_arguments(setup, tmp_path, capsys, args, msg):
 
 
 def test_memory_limit_option_values(setup, tmp_path, capsys):
-    from mlxcy.train.cli import _memory_limit
+    from mlxcy.cli.train import _memory_limit
     assert _memory_limit("auto") == "auto" and _memory_limit("off") is None
     assert _memory_limit("1.5") == 1_500_000_000
     for bad in ("lots", "0"):

@@ -332,7 +332,7 @@ def test_full_rejects_quantized_model(tiny, tmp_path):
 @pytest.mark.parametrize("ft", ["dora", "full"])
 def test_cli_fine_tune_type_trains_and_fuses(tmp_path, capsys, ft):
     from test_lora_cli import make_model, TEXT
-    from mlxcy.train.cli import main
+    from mlxcy.cli.train import main
     make_model(tmp_path / "model")
     data = tmp_path / "data"
     data.mkdir()

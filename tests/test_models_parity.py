@@ -245,7 +245,8 @@ def test_small_step_caches_grow_and_wrap(pad):
     several steps (each with `pad` spare positions) before it wraps, and a
     plain cache grown step by step, give the reference logits, one token at a
     time from an empty cache and then in chunks."""
-    from mlxcy import cache as C, tuning
+    from mlxcy.models import cache as C
+    from mlxcy import tuning
     hf, cfg = hf_case("gemma3-sliding-softcap")     # sliding window 8
     with build_model(cfg.to_dict(), torch_weights(hf)) as model:
         ids = ids_for(40, cfg.vocab_size, batch=1, seed=4)

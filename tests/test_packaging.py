@@ -17,5 +17,5 @@ def test_wheel_ships_sources_but_not_generated_cpp(tmp_path):
     assert p.returncode == 0, p.stderr
     files = [f.relative_to(tmp_path).as_posix() for f in tmp_path.rglob("*") if f.is_file()]
     assert "mlxcy/core.pyx" in files and "mlxcy/core.pxd" in files
-    assert "mlxcy/cli.py" in files and "mlxcy/perplexity.py" in files
+    assert "mlxcy/cli/commands.py" in files and "mlxcy/train/perplexity.py" in files
     assert not [f for f in files if f.endswith(".cpp")]

@@ -12,7 +12,7 @@ import pytest
 
 import mlxcy
 from mlxcy import assets
-from mlxcy.convert import convert_gguf_to_hf
+from mlxcy.models.convert import convert_gguf_to_hf
 from mlxcy.models import gguf as G
 from mlxcy.models.load import load_model
 

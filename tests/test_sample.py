@@ -1,10 +1,10 @@
-"""mlxcy.sample against numpy reference implementations."""
+"""mlxcy.generation.sample against numpy reference implementations."""
 import numpy as np
 import pytest
 from scipy import stats
 
 import mlxcy
-from mlxcy.sample import Sampler, apply_min_p, apply_penalties, apply_top_k, apply_top_p
+from mlxcy.generation.sample import Sampler, apply_min_p, apply_penalties, apply_top_k, apply_top_p
 
 NEG = -np.inf
 

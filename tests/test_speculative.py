@@ -1,4 +1,4 @@
-"""Speculative decoding on the engine (mlxcy.engine): prompt lookup and draft
+"""Speculative decoding on the engine (mlxcy.generation.engine): prompt lookup and draft
 models verify several proposed tokens per row in one forward.
 
 Greedy: the tokens must be exactly plain greedy decoding's (the reference is
@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mlxcy.engine import Engine
+from mlxcy.generation.engine import Engine
 from mlxcy.models.load import load_model
 from tiny_models import VOCAB, make_tiny
 
@@ -181,7 +181,7 @@ QUOTE = ("Summarize the report, quoting it.\n\nReport: The bridge on Route 9 wil
 
 def test_smollm2_prompt_lookup_and_draft_single_and_batched():
     import mlxcy
-    from mlxcy.batch import batch_generate
+    from mlxcy.generation.batch import batch_generate
     path = _smollm2()
     tm = mlxcy.load(path)
     prompts = [QUOTE, "Write a haiku about the sea."]

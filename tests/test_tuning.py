@@ -71,9 +71,9 @@ def test_engine_reads_the_prefill_knobs(tmp_path):
     greedy tokens."""
     import numpy as np
     from tiny_models import VOCAB, make_tiny
-    from mlxcy import engine
+    from mlxcy.generation import engine
     from mlxcy.models.load import load_model
-    from mlxcy.sample import Sampler
+    from mlxcy.generation.sample import Sampler
     key = "prefill_chunk_cpu" if mlxcy.default_device().type == "cpu" else "prefill_chunk_gpu"
     assert engine.default_prefill_chunk() == getattr(tuning.DEFAULTS, key)
     with tuning.override(**{key: 7}):

@@ -459,7 +459,7 @@ class Targets:
 
     def session(self, p):
         from mlxcy import transforms
-        from mlxcy.cache_io import load_cache
+        from mlxcy.generation.cache_io import load_cache
         model = self._model()
         cache, ids = load_cache(p, model)
         transforms.eval(model(self.mlxcy.array([[1, 2]]), cache=cache))
@@ -468,7 +468,7 @@ class Targets:
 
 def session_seeds(work: Path) -> list[bytes]:
     from mlxcy import transforms
-    from mlxcy.cache_io import save_cache
+    from mlxcy.generation.cache_io import save_cache
     from mlxcy.models.load import load_model
     import mlxcy
     model = load_model(tiny_model_dir(work / "tiny_model"))

@@ -1,4 +1,4 @@
-// Helpers for mlxcy's layers, caches and models (mlxcy/nn.pyx, cache.pyx,
+// Helpers for mlxcy's layers, caches and models (mlxcy/nn.pyx, models/cache.pyx,
 // models/*.pyx): pointer-based shims for ops with optional arguments, and
 // `own`, which turns a heap result of a `cdef ... except NULL` method back
 // into a value so Cython code can keep it in a local.

@@ -1,4 +1,4 @@
-// Helpers of the generation engine (mlxcy/engine.pyx) for arrays with one
+// Helpers of the generation engine (mlxcy/generation/engine.pyx) for arrays with one
 // row per sequence: joining row sets whose widths differ, left padding.
 #pragma once
 #include <mlx/mlx.h>

@@ -1,4 +1,4 @@
-// Helpers of mlxcy/sample.pyx (samplers): the compiled categorical draw
+// Helpers of mlxcy/generation/sample.pyx (samplers): the compiled categorical draw
 // with a sampler's own key, and a key drawn from the global sequence.
 #pragma once
 

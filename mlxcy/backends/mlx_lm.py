@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mlxcy.inference import (GenerationOptions, Metrics, TextModel, Token, _options_doc,
-                              _STREAM, _STREAM_IDS, _STREAM_CHAT)
+from mlxcy.generation.api import (GenerationOptions, Metrics, TextModel, Token, options_doc,
+                                  STREAM_DOC, STREAM_IDS_DOC, STREAM_CHAT_DOC)
 
 
 def hf_dir_for(path: Path, dtype: str = "float32") -> Path:
@@ -19,7 +19,7 @@ def hf_dir_for(path: Path, dtype: str = "float32") -> Path:
     if path.is_dir():
         return path
     from mlxcy.assets import cache_dir
-    from mlxcy.convert import convert_gguf_to_hf
+    from mlxcy.models.convert import convert_gguf_to_hf
     st = path.stat()
     out = cache_dir() / "hf" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-{dtype}"
     if not (out / "config.json").exists():
@@ -52,17 +52,17 @@ class MlxLmTextModel(TextModel):
             frequency_penalty=o.frequency_penalty or None)
         return sampler, procs
 
-    @_options_doc(_STREAM)
+    @options_doc(STREAM_DOC)
     def stream(self, prompt, **opts):
         o = GenerationOptions.from_kwargs(opts)
         ids = self.tokenizer.encode(prompt)
         return self._run(ids, o)
 
-    @_options_doc(_STREAM_IDS)
+    @options_doc(STREAM_IDS_DOC)
     def stream_ids(self, ids, **opts):
         return self._run(list(ids), GenerationOptions.from_kwargs(opts))
 
-    @_options_doc(_STREAM_CHAT)
+    @options_doc(STREAM_CHAT_DOC)
     def stream_chat(self, messages, chat_kwargs=None, **opts):
         o = GenerationOptions.from_kwargs(opts)
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -77,7 +77,7 @@ class MlxLmTextModel(TextModel):
         the text as mlxcy's backend matches them ("stop"), logprobs come
         from mlx-lm's per-step log-probabilities, max_context is checked."""
         import mlx_lm
-        from mlxcy.text_stream import StopMatcher
+        from mlxcy.generation.text_stream import StopMatcher
         limit = o.max_context
         if limit and len(ids) + o.max_tokens > limit:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({o.max_tokens}) "

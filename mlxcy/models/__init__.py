@@ -9,7 +9,7 @@
 from mlxcy.models.config import ModelConfig  # noqa: F401
 from mlxcy.models.families import spec_for, MODEL_TYPES  # noqa: F401
 from mlxcy.models.base import Model  # noqa: F401
-from mlxcy.cache import Cache, KVCache, RotatingKVCache  # noqa: F401
+from mlxcy.models.cache import Cache, KVCache, RotatingKVCache  # noqa: F401
 
 # model_type -> family name
 FAMILIES = {mt: s.name for mt, s in MODEL_TYPES.items()}

@@ -17,7 +17,7 @@
 from mlxcy.native cimport array as na
 from mlxcy.core cimport Array
 from mlxcy.nn cimport Linear, Embedding, RMSNorm
-from mlxcy.cache cimport LayerCache, Cache
+from mlxcy.models.cache cimport LayerCache, Cache
 
 
 cdef class Rope:

@@ -21,7 +21,7 @@ from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport fused as nfused
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
-from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
+from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
 from mlxcy.cpu_kernels cimport use_attention, cpu_decode_attention
 

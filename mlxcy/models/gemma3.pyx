@@ -11,7 +11,7 @@ import numpy as np
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native.array cimport heap
-from mlxcy.cache cimport LayerCache
+from mlxcy.models.cache cimport LayerCache
 from mlxcy.models.base cimport Model, Block
 from mlxcy.models.base import Rope, build_attention, build_mlp
 

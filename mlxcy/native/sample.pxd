@@ -1,4 +1,4 @@
-# Native declarations used by mlxcy/sample.pyx: the mlx/ops.h and random
+# Native declarations used by mlxcy/generation/sample.pyx: the mlx/ops.h and random
 # functions the samplers need (declared in native/ops.pxd and native/random.pxd,
 # cimported here so that `nsm.where(...)` works) and the shims of
 # include/mlxcy/sample.h.

@@ -201,7 +201,7 @@ class Worker:
 
     # ---------------------------------------------------------- thread side --
     def _load(self):
-        from mlxcy.inference import load
+        from mlxcy.generation.inference import load
         opts = dict(self.load_options)
         if self.dtype:
             opts["dtype"] = self.dtype
@@ -214,7 +214,7 @@ class Worker:
     def _make_engine(self):
         factory = self.engine_factory
         if factory is None:
-            from mlxcy.engine import Engine as factory
+            from mlxcy.generation.engine import Engine as factory
         self.engine = factory(self.text_model.model, max_batch=self.max_batch,
                               prefill_chunk=self.prefill_chunk)
 
@@ -269,8 +269,8 @@ class Worker:
         if sub.cancelled:
             self._end(None, sub, "cancelled", out)
             return
-        from mlxcy.sample import Sampler
-        from mlxcy.text_stream import TextStream
+        from mlxcy.generation.sample import Sampler
+        from mlxcy.generation.text_stream import TextStream
         try:
             s = sub.sampling
             sampler = Sampler(temperature=s.get("temperature", 0.0), top_k=s.get("top_k", 0),

@@ -172,7 +172,7 @@ def fuse_model(model_path, adapter_path, out_path, dequantize: bool = False,
             if (src / name).is_file():
                 shutil.copyfile(src / name, out / name)
     else:                       # a GGUF base: its tokenizer, written out
-        from mlxcy.convert import write_gguf_tokenizer
+        from mlxcy.models.convert import write_gguf_tokenizer
         write_gguf_tokenizer(src, out)
     for a in weights.values():
         try:

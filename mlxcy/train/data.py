@@ -20,10 +20,31 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["DataError", "Dataset", "load_jsonl", "load_datasets", "iterate_batches",
-           "pad_batch"]
+           "pad_batch", "load_for_training"]
 
 
 from mlxcy.errors import DataError  # noqa: E402,F401  (re-exported)
+
+
+def load_for_training(model_path, dtype=None):
+    """(model, tokenizer, chat template or None) for a directory or GGUF file.
+    Models for training are always built unfused."""
+    from mlxcy.chat import ChatTemplate, builtin
+    from mlxcy.models.load import load_model
+    from mlxcy.tokenizer import Tokenizer
+    model = load_model(model_path, dtype)
+    tok = Tokenizer.load(model_path)
+    special = {"bos_token": tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None,
+               "eos_token": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else None}
+    template = None
+    try:
+        if tok.chat_template:
+            template = ChatTemplate(tok.chat_template, **special)
+        else:
+            template = ChatTemplate(builtin(model.config.model_type), **special)
+    except (ValueError, KeyError):
+        template = None
+    return model, tok, template
 
 
 def load_jsonl(path) -> list[dict]:

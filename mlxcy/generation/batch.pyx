@@ -1,7 +1,7 @@
 # cython: language_level=3, cpp_locals=True
 """Batch inference: many prompts through one model together.
 
-    from mlxcy.batch import classify, batch_generate
+    from mlxcy.generation.batch import classify, batch_generate
     res = classify(tm, ["The movie was great.", "Awful!"], labels=[" good", " bad"])
     res[0].label, res[0].scores                  # best label, label -> log-likelihood
     out = batch_generate(tm, ["Hello", "Once upon a time"], max_tokens=32)
@@ -27,7 +27,7 @@ several tokens get a second, teacher-forced pass over prompt + label[:-1],
 whose output head runs only on the label's positions.
 
 batch_generate() hands every prompt to the generation engine
-(mlxcy.engine): up to `batch_size` rows decode together, rows that finish
+(mlxcy.generation.engine): up to `batch_size` rows decode together, rows that finish
 (EOS / stop id, stop string, their own max_tokens) leave the batch, and
 waiting prompts join as rows free up.
 
@@ -45,8 +45,8 @@ from mlxcy.native.array cimport heap
 from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as _shape3
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
-from mlxcy.cache cimport Cache, LayerCache
-from mlxcy.engine cimport padded_forward, log_softmax
+from mlxcy.models.cache cimport Cache, LayerCache
+from mlxcy.generation.engine cimport padded_forward, log_softmax
 
 import time
 from collections import namedtuple
@@ -420,7 +420,7 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
     order).
     """
     from mlxcy import memory
-    from mlxcy.inference import GenerationOptions
+    from mlxcy.generation.api import GenerationOptions
     model, tok = _parts(text_model)
     base = GenerationOptions.from_kwargs(opts)
     if options is not None:
@@ -475,9 +475,9 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
 def _run(Model model, tok, seqs, per, base, batch_size, draft=None, num_draft=4):
     """Every prompt through one engine: (token_ids, logprobs, stop reasons,
     texts, engine stats), in input order."""
-    from mlxcy.engine import Engine
-    from mlxcy.inference import sampler_for
-    from mlxcy.text_stream import TextStream
+    from mlxcy.generation.engine import Engine
+    from mlxcy.generation.api import sampler_for
+    from mlxcy.generation.text_stream import TextStream
     n = len(seqs)
     token_ids = [[] for _ in range(n)]
     lps = [[] for _ in range(n)] if base.logprobs else None

@@ -27,7 +27,7 @@ def run_bench(path, prompt_tokens=512, gen_tokens=128, vs_mlx_lm=False, dtype=No
     Both backends get the same prompt: random ids below the model's vocabulary."""
     from mlxcy import _progress
     from mlxcy.errors import OptionError
-    from mlxcy.inference import load
+    from mlxcy.generation.inference import load
     for name, v in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens),
                     ("repeats", repeats)):
         if not isinstance(v, int) or v < 1:

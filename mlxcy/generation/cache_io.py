@@ -23,7 +23,7 @@ def save_cache(path, cache, ids) -> None:
         if st["keys"] is not None:
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = st["keys"], st["values"]
         layers.append({k: st[k] for k in ("offset", "filled", "idx")} | {"window": layer.window})
-    from mlxcy.cache import kv_quantization
+    from mlxcy.models.cache import kv_quantization
     meta = {"mlxcy.cache": "1", "layers": json.dumps(layers),
             "ids": json.dumps([int(i) for i in ids]),
             "kv_quantization": json.dumps(kv_quantization(cache))}
@@ -52,7 +52,7 @@ def _count(path, i, st, key, lo=0):
 
 def _check_layer(path, i, st, window, keys, values, n_ids, heads_dim, kvq=None):
     """kvq: (bits, group_size) when the layer is a QuantizedKVCache (uint32 rows
-    of packed values, scales and biases: see mlxcy.cache.QuantizedKVCache)."""
+    of packed values, scales and biases: see mlxcy.models.cache.QuantizedKVCache)."""
     if not isinstance(st, dict):
         raise SessionError(f"{path}: layer {i}: expected a JSON object, got {type(st).__name__}")
     if st.get("window") != window:
@@ -130,7 +130,7 @@ def load_cache(path, model):
             if type(t) is not int or t < 0 or (isinstance(vocab, int) and t >= vocab):
                 raise SessionError(f"{path}: ids[{j}] = {t!r} is not a token id"
                                    + (f" of this model (vocabulary {vocab})" if vocab else ""))
-        from mlxcy.cache import check_kv_options, quantized_cache, QuantizedKVCache
+        from mlxcy.models.cache import check_kv_options, quantized_cache, QuantizedKVCache
         kvq = json.loads(meta.get("kv_quantization", "null"))   # [bits, group_size] or null
         if kvq is not None:
             try:

@@ -1,6 +1,6 @@
 """Perplexity of a model on a text: `mlxcy perplexity MODEL --data FILE` and
 
-    from mlxcy.perplexity import perplexity
+    from mlxcy.train.perplexity import perplexity
     r = perplexity("model_dir_or.gguf", "text.txt", sequence_length=512)
     r.perplexity, r.perplexity_stderr, r.loss, r.tokens
 
@@ -13,7 +13,7 @@ its standard error follows by the delta method from the standard error of the
 mean token loss.
 
 With kv_bits, every batch runs over a fresh quantized KV cache
-(mlxcy.cache.QuantizedKVCache): every attention read, of each position's own
+(mlxcy.models.cache.QuantizedKVCache): every attention read, of each position's own
 and earlier keys and values, goes through the quantization, the cost that
 generation with kv_bits pays over its whole context.
 
@@ -63,7 +63,7 @@ def token_losses(model, ids, kv_bits=None, kv_group_size=64) -> np.ndarray:
     a batch ids [B, L] (float64 numpy [B, L-1]); kv_bits: through a quantized
     KV cache."""
     import mlxcy as mx
-    from mlxcy.cache import quantized_cache
+    from mlxcy.models.cache import quantized_cache
     x = mx.array(np.ascontiguousarray(ids[:, :-1], dtype=np.int32))
     y = mx.array(np.ascontiguousarray(ids[:, 1:], dtype=np.int32))
     cache = None if kv_bits is None else quantized_cache(model.make_cache(), kv_bits,
@@ -84,7 +84,7 @@ def _resolve(model, tokenizer, dtype):
     """(native Model, tokenizer, chat template or None, owned) from a path, a
     TextModel of the mlx backend, or a native Model plus tokenizer."""
     if isinstance(model, (str, Path)):
-        from mlxcy.train.cli import load_for_training
+        from mlxcy.train.data import load_for_training
         m, tok, tpl = load_for_training(model, dtype)
         return m, tok, tpl, True
     inner = getattr(model, "model", None)
@@ -106,7 +106,7 @@ def perplexity(model, data, sequence_length: int = 512, batch_size: int = 4,
     with tokenizer=) on `data` (a file path, or a list of token ids); kv_bits
     (2-8) and kv_group_size: through a quantized KV cache (module docstring)."""
     from mlxcy import _progress
-    from mlxcy.cache import check_kv_options
+    from mlxcy.models.cache import check_kv_options
     from mlxcy.errors import OptionError
     try:
         check_kv_options(kv_bits, kv_group_size)

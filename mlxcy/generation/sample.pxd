@@ -1,8 +1,8 @@
 # cython: language_level=3
-# The Cython-level API of mlxcy.sample: token samplers and logit processors
+# The Cython-level API of mlxcy.generation.sample: token samplers and logit processors
 # over native arrays, for generation loops written in Cython.
 #
-#     from mlxcy.sample cimport Sampler
+#     from mlxcy.generation.sample cimport Sampler
 #     cdef Sampler s = Sampler(temperature=0.7, top_p=0.9, seed=0)
 #     # logits: [B, V] (or [V]) floating; history: NULL or integer [T] / [B, T]
 #     cdef na.array* tok = s.sample(logits, &history)   # [B] int32, lazy

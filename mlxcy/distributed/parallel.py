@@ -1,7 +1,7 @@
 """Tensor-parallel loading over MLX's distributed layer (mlxcy.distributed).
 
     import mlxcy.distributed as dist
-    from mlxcy.parallel import load_tensor_parallel
+    from mlxcy.distributed.parallel import load_tensor_parallel
     model = load_tensor_parallel("path/to/model", dist.init(backend="ring"))
 
 Each of the N ranks of the group reads only its shard of the safetensors
@@ -85,7 +85,7 @@ class _Reader:
     def read(self, name, rows=None, cols=None, pad_rows=0):
         """Tensor `name` (its stored name), rows/cols as (start, stop) ranges;
         pad_rows zero rows appended.  Returns an mlxcy Array (a copy)."""
-        import mlxcy
+        import mlxcy.core as core
         from mlxcy.models.load import _ST_DTYPES
         info = self.header[name]
         npd, mlxname = _ST_DTYPES[info["dtype"]]
@@ -99,9 +99,9 @@ class _Reader:
         x = np.ascontiguousarray(x)
         if pad_rows:
             x = np.concatenate([x, np.zeros((pad_rows,) + x.shape[1:], x.dtype)])
-        a = mlxcy.array(x)
+        a = core.array(x)
         if mlxname == "bfloat16":
-            a = a.view(mlxcy.bfloat16)
+            a = a.view(core.bfloat16)
         return a
 
 
@@ -109,8 +109,8 @@ def load_tensor_parallel(path, group=None, dtype=None):
     """This rank's part of the checkpoint directory `path` as a tensor-parallel
     Model over `group` (default: mlxcy.distributed.world()).  Logits and
     generation equal the single-process model's (up to float summation order)."""
-    import mlxcy
     from mlxcy import distributed as dist
+    from mlxcy import ops
     from mlxcy.models import build_model
     from mlxcy.models import load as L
     from mlxcy.models.base import Weights
@@ -171,7 +171,7 @@ def load_tensor_parallel(path, group=None, dtype=None):
                 weights[name] = rd.read(k, rows=(r * s, (r + 1) * s))
             elif leaf == "bias":                    # row parallel: rank 0 adds it
                 a = rd.read(k)
-                weights[name] = a if r == 0 else mlxcy.zeros(a.shape, a.dtype)
+                weights[name] = a if r == 0 else ops.zeros(a.shape, a.dtype)
             else:
                 cols = shape[1]
                 if cols % n:
@@ -271,17 +271,17 @@ def load_model_for_process(path, dtype=None):
 
 def shared_seed(group):
     """A sampling seed equal on every rank: rank 0's random draw."""
-    import mlxcy
+    import mlxcy.core as core
     import secrets
     from mlxcy import distributed as dist
     mine = secrets.randbits(31) if group.rank == 0 else 0
-    return int(dist.all_sum(mlxcy.array([mine], mlxcy.int32), group).numpy()[0])
+    return int(dist.all_sum(core.array([mine], core.int32), group).numpy()[0])
 
 
 def checked(tokens, group, step_timeout=None):
     """Iterate a token stream with each step bounded by the distributed
     deadline; at the end raise when the ranks generated different ids."""
-    import mlxcy
+    import mlxcy.core as core
     from mlxcy import distributed as dist
     ids = []
     it = iter(tokens)
@@ -295,8 +295,8 @@ def checked(tokens, group, step_timeout=None):
         yield tok
     h = np.array([len(ids), sum((i + 1) * t for i, t in enumerate(ids)) % (1 << 30)], np.int32)
     with dist.deadline(step_timeout, "the final consistency check"):
-        hi = dist.all_max(mlxcy.array(h), group).numpy()
-        lo = dist.all_min(mlxcy.array(h), group).numpy()
+        hi = dist.all_max(core.array(h), group).numpy()
+        lo = dist.all_min(core.array(h), group).numpy()
     if (hi != lo).any():
         raise RuntimeError(f"tensor parallel: the ranks generated different tokens "
                            f"(rank {group.rank}: {len(ids)} ids)")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mlxcy import __version__
+from mlxcy.cli.common import UsageError, check_output_dir, run, one_line
 
 # GenerationOptions fields that the sampling flags set, flag -> field
 _GEN_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -26,10 +27,6 @@ _GEN_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetitio
 
 def _status(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class UsageError(Exception):
-    """A CLI-level user error (bad path, refused overwrite): one line, exit 2."""
 
 
 def default_model_path():
@@ -43,7 +40,7 @@ def default_model_path():
 
 def _load(args):
     from mlxcy import _progress
-    from mlxcy.inference import load
+    from mlxcy.generation.inference import load
     path = args.model or default_model_path()
     if not Path(path).exists():
         raise UsageError(f"{path}: no such model file or directory")
@@ -60,37 +57,6 @@ def _load(args):
         m = load(path, backend=args.backend, dtype=args.dtype, **extra)
     _status(f"loaded in {time.perf_counter() - t0:.2f} s")
     return m
-
-
-# ------------------------------------------------------------------ output paths
-
-def check_output_dir(path, what: str, force: bool = False, allow_existing: bool = False) -> Path:
-    """Refuse an output directory before any long work: an existing file at
-    `path`, an existing non-empty directory (unless force / allow_existing),
-    or a place where no file can be written.  Creates nothing."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UsageError(f"{what} {p}: exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not (force or allow_existing):
-        raise UsageError(f"{what} {p}: already exists and is not empty (use --force to "
-                         f"overwrite it)")
-    # the nearest existing ancestor must take a new file
-    anc = p.absolute()
-    while not anc.exists():
-        if anc.parent == anc:
-            break
-        anc = anc.parent
-    if not anc.is_dir():
-        raise UsageError(f"{what} {p}: {anc} is not a directory")
-    probe = anc / f".mlxcy-write-test-{os.getpid()}"
-    try:
-        with open(probe, "x"):
-            pass
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"{what} {p}: cannot write in {anc} "
-                         f"({e.strerror or type(e).__name__})") from None
-    return p
 
 
 # ------------------------------------------------------------------ generation
@@ -163,7 +129,7 @@ def _has_template(m) -> bool:
 
 
 def cmd_generate(args) -> int:
-    from mlxcy import parallel
+    from mlxcy.distributed import parallel
     group = parallel.world_if_launched() if args.backend in (None, "mlx") else None
     with _load(args) as m:
         opts = _gen_options(args)
@@ -191,7 +157,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from mlxcy import launch
+    from mlxcy.distributed import launch
     cmd = args.launch_command[1:] if args.launch_command[:1] == ["--"] else args.launch_command
     if not cmd:
         raise UsageError("launch: missing the command to run (mlxcy launch -n 2 -- COMMAND ...)")
@@ -356,7 +322,7 @@ def _chat_command(line, state: ChatState, m) -> bool:
                 _status(f"chat: loaded {len(state.messages)} messages from {arg}"
                         + (" (with its KV cache)" if kv else ""))
         except (OSError, ValueError) as e:
-            _status(f"chat: error: {_one_line(e)}")
+            _status(f"chat: error: {one_line(e)}")
     else:
         _status(f"chat: unknown command {cmd!r}; {CHAT_HELP}")
     return True
@@ -416,7 +382,7 @@ def cmd_discover(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from mlxcy import convert
+    from mlxcy.models import convert
     src = Path(args.src)
     if not src.exists():
         raise UsageError(f"{src}: no such file or directory")
@@ -434,7 +400,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mlxcy.bench import run_bench
+    from mlxcy.cli.bench import run_bench
     rows = run_bench(args.model or str(default_model_path()), prompt_tokens=args.prompt_tokens,
                      gen_tokens=args.gen_tokens, vs_mlx_lm=(args.vs == "mlx-lm"), dtype=args.dtype,
                      repeats=args.repeats)
@@ -444,7 +410,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from mlxcy.perplexity import perplexity
+    from mlxcy.train.perplexity import perplexity
     model = args.model or default_model_path()
     if not Path(model).exists():
         raise UsageError(f"{model}: no such model file or directory")
@@ -564,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the command every rank runs, after --")
     la.set_defaults(fn=cmd_launch)
 
-    from mlxcy.train.cli import add_parser as add_training_commands   # lora, fuse
+    from mlxcy.cli.train import add_parser as add_training_commands   # lora, fuse
     add_training_commands(sub, formatter_class=_HelpFormatter)
 
     from mlxcy.serve import add_parser as add_serve_command         # serve (mlxcy[serve])
@@ -587,50 +553,8 @@ def _version_text() -> str:
 
 # ------------------------------------------------------------------ entry point
 
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    if isinstance(e, KeyError) and len(e.args) == 1:
-        msg = f"missing key {e.args[0]!r}"
-    return msg or type(e).__name__
-
-
-def _quiet_stdout():
-    """stdout's reader went away (`| head`): send the rest to /dev/null so the
-    interpreter's final flush raises nothing."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
 def main(argv=None) -> int:
     return run(build_parser().parse_args(argv))
-
-
-def run(args) -> int:
-    """Run a parsed command: user errors -> one line on stderr, exit status 2."""
-    from mlxcy.errors import Error
-    user_errors = (Error, UsageError, OSError, ValueError, KeyError, TypeError, MemoryError,
-                   FloatingPointError, RuntimeError)
-    try:
-        return args.fn(args) or 0
-    except BrokenPipeError:
-        _quiet_stdout()
-        return 0
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("MLXCY_DEBUG"):
-            raise
-        if isinstance(e, user_errors):
-            print(f"mlxcy {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        else:
-            print(f"mlxcy {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
-                  f"(MLXCY_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

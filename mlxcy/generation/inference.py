@@ -12,298 +12,17 @@ benchmarks can swap them (`load(path, backend="mlx_lm")`).
 """
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, asdict, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
+
+from mlxcy.generation.api import (  # noqa: F401  (re-exported: mlxcy.generation.inference.X)
+    BATCH_DOC, CLASSIFY_DOC, STREAM_CHAT_DOC, STREAM_DOC, STREAM_IDS_DOC,
+    GenerationOptions, Metrics, TextModel, Token, options_doc, sampler_for)
 
 __all__ = ["Token", "GenerationOptions", "Metrics", "TextModel", "MlxTextModel", "load",
            "register", "get", "list_backends", "default_backend", "set_default_backend",
            "load_model"]
-
-
-class Token(NamedTuple):
-    """One generated token: its id, the text it completed, and its log-prob
-    (None unless `logprobs=True`)."""
-    id: int
-    text: str
-    logprob: float | None = None
-
-
-@dataclass
-class GenerationOptions:
-    """Sampling and stopping options shared by every backend."""
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context_size: int = 20
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_ids: list[int] = field(default_factory=list)
-    max_context: int | None = None
-    logprobs: bool = False
-    prefill_chunk: int | None = None   # None: the device's default (mlxcy.tuning)
-    kv_bits: int | None = None     # quantize the KV cache (mlxcy.cache.QuantizedKVCache)
-    kv_group_size: int = 64
-    # speculative decoding by prompt lookup: True (up to 8 tokens per step) or
-    # an int k; greedy output is unchanged (mlxcy.engine, "speculative decoding")
-    prompt_lookup: bool | int | None = None
-    cancel: object = None          # threading.Event, or a callable returning True to stop
-
-    def __post_init__(self):
-        """Every option checked by type and range, naming it (OptionTypeError,
-        a TypeError, or OptionError, a ValueError); `stop` may be one string."""
-        from mlxcy.errors import OptionError, OptionTypeError
-
-        def integer(name, lo, hi=2**31 - 1, none=False):
-            v = getattr(self, name)
-            if v is None and none:
-                return
-            if type(v) is bool or not isinstance(v, int):
-                if hasattr(v, "__index__") and type(v) is not bool:     # numpy ints
-                    v = v.__index__()
-                    setattr(self, name, v)
-                else:
-                    raise OptionTypeError(f"{name}: expected an int{' or None' if none else ''}"
-                                          f", got {type(v).__name__} ({v!r:.40})")
-            if not lo <= v <= hi:
-                raise OptionError(f"{name}: must be in [{lo}, {hi}], got {v}")
-
-        def number(name, lo=None, hi=None, lo_open=False):
-            v = getattr(self, name)
-            if type(v) is bool or not isinstance(v, (int, float)):
-                try:
-                    import numpy as np
-                    ok = isinstance(v, (np.integer, np.floating))
-                except ImportError:
-                    ok = False
-                if not ok:
-                    raise OptionTypeError(f"{name}: expected a number, got "
-                                          f"{type(v).__name__} ({v!r:.40})")
-            v = float(v)
-            setattr(self, name, v)
-            if v != v or v in (float("inf"), float("-inf")):
-                raise OptionError(f"{name}: must be finite, got {v}")
-            if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
-                rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, " \
-                      f"{hi if hi is not None else 'inf'}]"
-                raise OptionError(f"{name}: must be in {rng}, got {v}")
-
-        integer("max_tokens", 0)
-        number("temperature", 0.0)
-        integer("top_k", 0)
-        number("top_p", 0.0, 1.0, lo_open=True)
-        number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, lo_open=True)
-        integer("repetition_context_size", 1)
-        number("presence_penalty")
-        number("frequency_penalty")
-        integer("max_context", 1, none=True)
-        integer("prefill_chunk", 1, none=True)
-        integer("kv_bits", 1, 8, none=True)
-        integer("kv_group_size", 1)
-        from mlxcy.cache import check_kv_options
-        try:
-            check_kv_options(self.kv_bits, self.kv_group_size)
-        except ValueError as e:
-            raise OptionError(str(e)) from None
-        if self.prompt_lookup is not None and type(self.prompt_lookup) is not bool:
-            integer("prompt_lookup", 0)
-        if self.seed is not None:
-            integer("seed", 0, 2**64 - 1)
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict):
-                raise OptionTypeError(f"logit_bias: expected a dict {{token_id: bias}}, got "
-                                      f"{type(self.logit_bias).__name__}")
-            for k, v in self.logit_bias.items():
-                if type(k) is not int or k < 0:
-                    raise OptionError(f"logit_bias: key {k!r:.40} is not a token id")
-                if type(v) is bool or not isinstance(v, (int, float)) or v != v:
-                    raise OptionTypeError(f"logit_bias[{k}]: expected a number, got {v!r:.40}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple)) or \
-                not all(isinstance(x, str) for x in self.stop):
-            raise OptionTypeError(f"stop: expected a string or a list of strings, got "
-                                  f"{type(self.stop).__name__} ({self.stop!r:.40})")
-        if any(not x for x in self.stop):
-            raise OptionError("stop: stop strings must not be empty")
-        self.stop = list(self.stop)
-        if not isinstance(self.stop_ids, (list, tuple)) or \
-                not all(type(x) is int and x >= 0 for x in self.stop_ids):
-            raise OptionTypeError(f"stop_ids: expected a list of token ids (ints >= 0), got "
-                                  f"{self.stop_ids!r:.40}")
-        self.stop_ids = list(self.stop_ids)
-        if not isinstance(self.logprobs, bool):
-            raise OptionTypeError(f"logprobs: expected a bool, got {type(self.logprobs).__name__}")
-        c = self.cancel
-        if c is not None and not isinstance(c, threading.Event) and not callable(c):
-            raise OptionTypeError(f"cancel: expected a threading.Event or a callable, got "
-                                  f"{type(c).__name__}")
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict) -> "GenerationOptions":
-        from mlxcy.errors import OptionTypeError
-        names = set(cls.__dataclass_fields__)
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise OptionTypeError(f"unknown generation option(s): {', '.join(unknown)}")
-        return cls(**kwargs)
-
-    def cancelled(self) -> bool:
-        c = self.cancel
-        if c is None:
-            return False
-        if isinstance(c, threading.Event):
-            return c.is_set()
-        return bool(c())
-
-
-# Every GenerationOptions field, as the docstrings of the generation methods
-# list them (tests/test_api_docs.py checks that each field is described).
-OPTIONS_DOC = """
-Options (keywords; GenerationOptions fields):
-    max_tokens=256          most tokens to generate (0: none)
-    temperature=0.0         sampling temperature; 0 is greedy
-    top_k=0                 keep the k most likely tokens (0: all)
-    top_p=1.0               nucleus sampling: the smallest set with this probability mass
-    min_p=0.0               drop tokens below min_p times the top token's probability
-    repetition_penalty=1.0  divide the logits of recent tokens by this (1: off)
-    repetition_context_size=20  how many recent tokens repetition_penalty looks at
-    presence_penalty=0.0    subtracted from the logits of tokens already generated
-    frequency_penalty=0.0   subtracted per occurrence of a token already generated
-    logit_bias=None         {token id: added logit}
-    seed=None               random seed for sampling
-    stop=[]                 stop strings (a str or a list); the text stops before them
-    stop_ids=[]             token ids that end generation (besides the tokenizer's EOS)
-    max_context=None        refuse prompt + max_tokens beyond this many tokens
-    logprobs=False          give each Token its log-probability
-    prefill_chunk=None      prompt tokens per prefill step (None: the device's default)
-    kv_bits=None            quantize the KV cache to 2-8 bits (None: float); sliding-window
-                            layers stay float
-    kv_group_size=64        elements per scale and bias of the quantized KV cache (32, 64, 128)
-    cancel=None             a threading.Event, or a callable returning True, that stops
-                            generation
-Unknown names raise TypeError; out-of-range values ValueError naming the option.
-"""
-
-
-def _options_doc(summary):
-    """Decorator: the method's docstring is `summary` plus OPTIONS_DOC."""
-    def deco(fn):
-        fn.__doc__ = summary.rstrip() + "\n" + OPTIONS_DOC
-        return fn
-    return deco
-
-
-_GENERATE = "Generate a continuation of a plain-text prompt; returns the text."
-_CHAT = ("Reply to a conversation, messages = [{'role': 'system'|'user'|'assistant', "
-         "'content': str}, ...];\nreturns the reply's text.")
-_STREAM = "Stream the continuation of a plain-text prompt as Token(id, text, logprob) items."
-_STREAM_CHAT = ("Stream the reply to `messages` as Token items.  The mlx backend keeps the\n"
-                "session's KV cache: a next turn that extends this one prefills only the new\n"
-                "tokens (chat_kwargs: extra variables for the chat template).")
-_STREAM_IDS = "Stream the continuation of a prompt given as token ids."
-_BATCH = ("Decode many prompts together; returns a BatchGeneration (input order).\n"
-          "options: a list of one dict per prompt overriding the keyword options for it\n"
-          "(logprobs, prefill_chunk, kv_bits, kv_group_size and cancel are batch-wide);\n"
-          "batch_size: most prompts decoding at once (default: all).  Greedy decoding\n"
-          "gives each prompt's single-prompt tokens (mlxcy.batch.batch_generate).")
-_CLASSIFY = """The next-token distribution after each prompt, in batches; one
-ClassifyResult per prompt (input order).
-
-    labels=None          candidate continuations: each gets its log-likelihood
-                         (teacher-forced over its tokens) in .scores, the best in .label
-    top_k=5              the top_k most likely next tokens (.top_ids, .top_probs)
-    return_logits=False  also give the raw last-position logits (.logits)
-    batch_size=None      prompts per forward (default 16), bucketed by length
-"""
-
-
-@dataclass
-class Metrics:
-    """Figures of the last generate/stream call."""
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    time_to_first_token: float = 0.0
-    prefill_tokens_per_second: float = 0.0
-    decode_tokens_per_second: float = 0.0
-    total_time: float = 0.0
-    peak_memory: int = 0
-    active_memory: int = 0
-    stop_reason: str = ""
-    # speculative decoding: accepted / proposed tokens, and tokens per decode step
-    acceptance_rate: float = 0.0
-    tokens_per_step: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def format(self) -> str:
-        mb = 1 << 20
-        return (f"prompt {self.prompt_tokens} tok, {self.prefill_tokens_per_second:.1f} tok/s | "
-                f"generated {self.generated_tokens} tok, {self.decode_tokens_per_second:.1f} tok/s | "
-                f"first token {self.time_to_first_token * 1e3:.0f} ms | total {self.total_time:.2f} s | "
-                f"peak {self.peak_memory / mb:.1f} MB, active {self.active_memory / mb:.1f} MB"
-                f" | stop: {self.stop_reason}"
-                + (f" | speculative: {self.acceptance_rate:.0%} accepted, "
-                   f"{self.tokens_per_step:.2f} tok/step" if self.tokens_per_step > 1.0 else ""))
-
-
-class TextModel:
-    """The interface every backend implements."""
-
-    backend = "?"
-
-    @_options_doc(_GENERATE)
-    def generate(self, prompt: str, **opts) -> str:
-        return "".join(t.text for t in self.stream(prompt, **opts))
-
-    @_options_doc(_CHAT)
-    def chat(self, messages: list[dict], **opts) -> str:
-        return "".join(t.text for t in self.stream_chat(messages, **opts))
-
-    @_options_doc(_STREAM)
-    def stream(self, prompt: str, **opts) -> Iterator[Token]:
-        raise NotImplementedError
-
-    @_options_doc(_STREAM_CHAT)
-    def stream_chat(self, messages: list[dict], **opts) -> Iterator[Token]:
-        raise NotImplementedError
-
-    def info(self) -> dict:
-        raise NotImplementedError
-
-    def metrics(self) -> Metrics:
-        raise NotImplementedError
-
-    def classify(self, prompts, *, labels=None, top_k=5, return_logits=False,
-                 batch_size=None):
-        raise NotImplementedError(f"classify is not available with the {self.backend!r} backend")
-
-    classify.__doc__ = _CLASSIFY
-
-    @_options_doc(_BATCH)
-    def batch_generate(self, prompts, *, options=None, batch_size=None, **opts):
-        raise NotImplementedError(
-            f"batch_generate is not available with the {self.backend!r} backend")
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 class MlxTextModel(TextModel):
@@ -314,7 +33,7 @@ class MlxTextModel(TextModel):
     def __init__(self, path, dtype=None, chat_template: str | None = None, max_context=None,
                  fuse: bool | None = None, draft_model=None, num_draft: int = 4):
         from mlxcy import memory
-        from mlxcy.parallel import load_model_for_process as load_model  # tensor parallel
+        from mlxcy.distributed.parallel import load_model_for_process as load_model  # tensor parallel
         from mlxcy.tokenizer import Tokenizer
         self.path = Path(path)
         self._mem_before = memory.get_active_memory()
@@ -390,7 +109,7 @@ class MlxTextModel(TextModel):
         if self._closed:
             raise ValueError("this model has been closed")
 
-    @_options_doc(_STREAM)
+    @options_doc(STREAM_DOC)
     def stream(self, prompt: str, **opts) -> Iterator[Token]:
         self._check_open()
         o = GenerationOptions.from_kwargs(opts)
@@ -400,13 +119,13 @@ class MlxTextModel(TextModel):
         cache = self.model.make_cache()
         return self._run(ids, cache, o, own_cache=True)
 
-    @_options_doc(_STREAM_IDS)
+    @options_doc(STREAM_IDS_DOC)
     def stream_ids(self, ids: list[int], **opts) -> Iterator[Token]:
         self._check_open()
         o = GenerationOptions.from_kwargs(opts)
         return self._run(list(ids), self.model.make_cache(), o, own_cache=True)
 
-    @_options_doc(_STREAM_CHAT)
+    @options_doc(STREAM_CHAT_DOC)
     def stream_chat(self, messages: list[dict], chat_kwargs: dict | None = None,
                     **opts) -> Iterator[Token]:
         self._check_open()
@@ -420,13 +139,13 @@ class MlxTextModel(TextModel):
         return self._run(new_ids, cache, o, own_cache=False, full_ids=ids)
 
     def _new_cache(self, o):
-        from mlxcy.cache import quantized_cache
+        from mlxcy.models.cache import quantized_cache
         return quantized_cache(self.model.make_cache(), o.kv_bits, o.kv_group_size)
 
     def _reuse_session(self, ids, o):
         """Trim the session cache to the longest common prefix with `ids`
         (a new cache when kv_bits changed)."""
-        from mlxcy.cache import kv_quantization
+        from mlxcy.models.cache import kv_quantization
         cache = self._session_cache
         if cache is not None and kv_quantization(cache) != kv_quantization(self._new_cache(o)):
             self.reset_session()
@@ -456,19 +175,19 @@ class MlxTextModel(TextModel):
 
     def save_session(self, path):
         """Save the chat session's KV cache and its token ids (safetensors)."""
-        from mlxcy.cache_io import save_cache
+        from mlxcy.generation.cache_io import save_cache
         if self._session_cache is None:
             raise ValueError("no chat session to save")
         save_cache(path, self._session_cache, self._session_ids)
 
     def load_session(self, path):
-        from mlxcy.cache_io import load_cache
+        from mlxcy.generation.cache_io import load_cache
         self.reset_session()
         self._session_cache, self._session_ids = load_cache(path, self.model)
 
     def _run(self, ids, cache, o: GenerationOptions, own_cache, full_ids=None):
         from mlxcy import memory
-        from mlxcy.engine import check_ids
+        from mlxcy.generation.engine import check_ids
         limit = o.max_context or self.max_context
         prompt = full_ids if full_ids is not None else ids
         ids = check_ids(ids, self.model.config.vocab_size, "prompt")
@@ -484,8 +203,8 @@ class MlxTextModel(TextModel):
         A chat session hands the engine its cache (holding a prefix of
         `prompt`) and takes it back, holding prompt + generated tokens."""
         from mlxcy import memory
-        from mlxcy.engine import Engine
-        from mlxcy.text_stream import TextStream
+        from mlxcy.generation.engine import Engine
+        from mlxcy.generation.text_stream import TextStream
         t0 = time.perf_counter()
         eng = sid = None
         generated: list[int] = []
@@ -563,16 +282,16 @@ class MlxTextModel(TextModel):
     def classify(self, prompts, *, labels=None, top_k=5, return_logits=False,
                  batch_size=None):
         self._check_open()
-        from mlxcy.batch import classify
+        from mlxcy.generation.batch import classify
         return classify(self, prompts, labels=labels, top_k=top_k,
                         return_logits=return_logits, batch_size=batch_size)
 
-    classify.__doc__ = _CLASSIFY
+    classify.__doc__ = CLASSIFY_DOC
 
-    @_options_doc(_BATCH)
+    @options_doc(BATCH_DOC)
     def batch_generate(self, prompts, *, options=None, batch_size=None, **opts):
         self._check_open()
-        from mlxcy.batch import batch_generate
+        from mlxcy.generation.batch import batch_generate
         return batch_generate(self, prompts, options=options, batch_size=batch_size, **opts)
 
     # -- bookkeeping -----------------------------------------------------------
@@ -594,16 +313,6 @@ class MlxTextModel(TextModel):
         if self._own_draft and self.draft_model is not None:
             self.draft_model.close()
         self._closed = True
-
-
-def sampler_for(o: GenerationOptions):
-    """The Sampler a GenerationOptions asks for."""
-    from mlxcy.sample import Sampler
-    return Sampler(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
-                   repetition_penalty=o.repetition_penalty,
-                   repetition_context_size=o.repetition_context_size,
-                   presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
-                   logit_bias=o.logit_bias, seed=o.seed)
 
 
 def default_fuse() -> bool:

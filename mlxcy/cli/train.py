@@ -1,6 +1,6 @@
 """`mlxcy lora` and `mlxcy fuse`: command functions and their argparse hook.
 
-Wiring (mlxcy/cli.py, build_parser):  from mlxcy.train.cli import add_parser; add_parser(sub)
+Wiring (mlxcy/cli/commands.py, build_parser):  from mlxcy.cli.train import add_parser; add_parser(sub)
 Each command is `fn(args) -> int`, set with set_defaults(fn=...), as the others.
 """
 from __future__ import annotations
@@ -8,39 +8,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_parser", "cmd_lora", "cmd_fuse", "load_for_training", "FINE_TUNE_TYPES"]
+__all__ = ["add_parser", "cmd_lora", "cmd_fuse", "FINE_TUNE_TYPES"]
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")   # mlxcy.train.lora.FINE_TUNE_TYPES
 
 
-def load_for_training(model_path, dtype=None):
-    """(model, tokenizer, chat template or None) for a directory or GGUF file.
-    Models for training are always built unfused."""
-    from mlxcy.chat import ChatTemplate, builtin
-    from mlxcy.models.load import load_model
-    from mlxcy.tokenizer import Tokenizer
-    model = load_model(model_path, dtype)
-    tok = Tokenizer.load(model_path)
-    special = {"bos_token": tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None,
-               "eos_token": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else None}
-    template = None
-    try:
-        if tok.chat_template:
-            template = ChatTemplate(tok.chat_template, **special)
-        else:
-            template = ChatTemplate(builtin(model.config.model_type), **special)
-    except (ValueError, KeyError):
-        template = None
-    return model, tok, template
-
-
 def cmd_lora(args) -> int:
     from mlxcy.train.adapters import load_adapters
-    from mlxcy.train.data import load_datasets
+    from mlxcy.train.data import load_datasets, load_for_training
     from mlxcy.train.lora import LoRA
     from mlxcy.train.trainer import TrainConfig, train, evaluate
     from mlxcy.train.lora import TrainStep
-    from mlxcy.cli import UsageError, check_output_dir
+    from mlxcy.cli.common import UsageError, check_output_dir
     from pathlib import Path
     # every path is checked before the model loads and training runs
     if not Path(args.model).exists():
@@ -93,7 +72,7 @@ def cmd_lora(args) -> int:
 
 def cmd_fuse(args) -> int:
     from pathlib import Path
-    from mlxcy.cli import UsageError, check_output_dir
+    from mlxcy.cli.common import UsageError, check_output_dir
     from mlxcy.train.adapters import fuse_model, read_adapter_config
     if not Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or directory")
@@ -216,10 +195,10 @@ def add_parser(subparsers, formatter_class=None) -> None:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry: python -m mlxcy.train.cli lora|fuse ..."""
+    """Stand-alone entry: python -m mlxcy.cli.train lora|fuse ..."""
     p = argparse.ArgumentParser(prog="mlxcy")
     add_parser(p.add_subparsers(dest="command", required=True))
-    from mlxcy.cli import run
+    from mlxcy.cli.common import run
     return run(p.parse_args(argv))
 
 

@@ -40,7 +40,7 @@ def quantize_affine(w, group_size: int, bits: int, native: bool = True):
     """MLX affine quantization of a 2-D Array along its last axis: (w_q uint32,
     scales, biases) in w's dtype. Uses mlxcy.ops.quantize when built, else a numpy
     transcription of mlx::core's affine_quantize (bits 2, 4 or 8)."""
-    import mlxcy
+    import mlxcy.core as core
     from mlxcy import ops
     q = getattr(ops, "quantize", None) if native else None
     if q is not None:
@@ -48,7 +48,7 @@ def quantize_affine(w, group_size: int, bits: int, native: bool = True):
         return wq, s, b
     if 32 % bits:
         raise ValueError(f"the numpy quantizer packs 2, 4 or 8 bits, not {bits}")
-    x = w.astype(mlxcy.float32).numpy()
+    x = w.astype(core.float32).numpy()
     rows, cols = x.shape
     g = x.reshape(rows, cols // group_size, group_size)
     w_max, w_min = g.max(-1, keepdims=True), g.min(-1, keepdims=True)
@@ -65,8 +65,8 @@ def quantize_affine(w, group_size: int, bits: int, native: bool = True):
     qv = qv.reshape(rows, cols // per, per) << (np.arange(per, dtype=np.uint32) * bits)
     packed = np.bitwise_or.reduce(qv, axis=-1).astype(np.uint32)
     dt = w.dtype
-    return (mlxcy.array(packed), mlxcy.array(scales[..., 0]).astype(dt),
-            mlxcy.array(biases[..., 0]).astype(dt))
+    return (core.array(packed), core.array(scales[..., 0]).astype(dt),
+            core.array(biases[..., 0]).astype(dt))
 
 
 def save_weights(dst: Path, weights: dict, max_shard_bytes: int = 5 << 30,
@@ -136,7 +136,7 @@ def _legacy_rope_keys(cfg: dict) -> None:
 def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dtype=None,
                       max_shard_bytes: int = 5 << 30) -> Path:
     """Quantize a Hugging Face checkpoint directory into mlx-lm's layout."""
-    import mlxcy
+    import mlxcy.core as core
     from mlxcy.models.load import load_weights, parse_config, _free, LoadError
     src, dst = Path(src_dir), Path(dst_dir)
     if bits not in (2, 3, 4, 5, 6, 8):
@@ -152,9 +152,9 @@ def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dty
             raise LoadError(f"{src / 'config.json'}: already quantized")
         if dtype is None:
             dname = config.get("torch_dtype") or config.get("dtype")
-            dtype = mlxcy.dtype(dname) if dname in ("float16", "bfloat16", "float32") else None
+            dtype = core.dtype(dname) if dname in ("float16", "bfloat16", "float32") else None
         else:
-            dtype = mlxcy.dtype(dtype)
+            dtype = core.dtype(dtype)
         mc = parse_config(config, src / "config.json")
         paths = {m.path for m in mc.spec.modules(mc) if m.quantizable}
         from mlxcy import _progress
@@ -198,11 +198,11 @@ def convert_hf_to_mlx(src_dir, dst_dir, bits: int = 4, group_size: int = 64, dty
 def convert_gguf_to_hf(gguf_path, dst_dir, dtype="float32", tokenizer: bool = True) -> Path:
     """Dequantize a GGUF file into a Hugging Face checkpoint directory
     (config.json + model.safetensors [+ tokenizer files])."""
-    import mlxcy
+    import mlxcy.core as core
     from mlxcy.models import gguf
     from mlxcy.models.load import _free
     src, dst = Path(gguf_path), Path(dst_dir)
-    dtype = mlxcy.dtype(dtype)
+    dtype = core.dtype(dtype)
     if _dtype_name(dtype) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
     from mlxcy import _progress

@@ -1,10 +1,10 @@
 # cython: language_level=3
 # The engine's native helpers, for Cython code that runs a model over
-# left-padded rows (mlxcy.batch's classify) or extends the engine.
+# left-padded rows (mlxcy.generation.batch's classify) or extends the engine.
 from mlxcy.native cimport array as na
 from mlxcy.models.base cimport Model
-from mlxcy.cache cimport Cache
-from mlxcy.sample cimport Sampler
+from mlxcy.models.cache cimport Cache
+from mlxcy.generation.sample cimport Sampler
 
 # model.forward over a chunk of left-padded rows whose first column sits at
 # padded position `off` (pads: int32 [B], or NULL when no row is padded).

@@ -1,7 +1,7 @@
 # cython: language_level=3, cpp_locals=True
 """The generation engine: one scheduler under every way of generating text.
 
-    from mlxcy.engine import Engine
+    from mlxcy.generation.engine import Engine
     eng = Engine(model, max_batch=32)
     sid = eng.add(prompt_ids, sampler=Sampler(temperature=0.7), max_tokens=64, stop_ids={eos})
     while eng.has_work():
@@ -49,9 +49,9 @@ from mlxcy.native.array cimport heap
 from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
-from mlxcy.cache cimport Cache, LayerCache, RotatingKVCache
-from mlxcy.cache import empty_like, kv_quantization, quantized_cache, check_kv_options
-from mlxcy.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
+from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
+from mlxcy.models.cache import empty_like, kv_quantization, quantized_cache, check_kv_options
+from mlxcy.generation.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
 from mlxcy.tuning cimport Tuning, current
 
 import time
@@ -509,7 +509,7 @@ cdef class Engine:
     device's default, see default_prefill_chunk); draft_model: a second model
     with the same vocabulary that proposes num_draft tokens per step for
     speculative decoding; kv_bits: quantize the KV caches the engine makes
-    (mlxcy.cache.QuantizedKVCache; caches given to add() must be of the same
+    (mlxcy.models.cache.QuantizedKVCache; caches given to add() must be of the same
     kind)."""
     cdef Model model
     cdef readonly int max_batch

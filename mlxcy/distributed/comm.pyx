@@ -17,7 +17,7 @@ thread (C++, no GIL needed) that prints a message naming the rank and ends
 the process with exit code 75 when the deadline passes, so a launcher sees
 the failure and stops the other ranks.
 
-Also here: the two Linear layers of a tensor-parallel model (mlxcy.parallel)
+Also here: the two Linear layers of a tensor-parallel model (mlxcy.distributed.parallel)
 -- AllSumLinear (row-parallel: o_proj and down_proj, partial products summed
 over the group) and GatherLinear (the vocabulary-split head: each rank's
 logits gathered into the full vocabulary).
@@ -35,7 +35,7 @@ from mlxcy.native cimport nn as nnn
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear
 from mlxcy.models.base cimport Model, Block, Attention, MLP
-from mlxcy.cache cimport LayerCache
+from mlxcy.models.cache cimport LayerCache
 
 import os
 
@@ -285,7 +285,7 @@ cdef _adopt(Linear dst, Linear src):
 
 
 def install_tensor_parallel(Model model, Group group, Linear head, int vocab, config):
-    """Turn a model built from this rank's shards (mlxcy.parallel) into its
+    """Turn a model built from this rank's shards (mlxcy.distributed.parallel) into its
     tensor-parallel form: each block's o_proj and down_proj become
     AllSumLinear, the output head the vocabulary-split GatherLinear `head`,
     and model.config the full model's config."""
