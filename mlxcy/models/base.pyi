@@ -1,0 +1,150 @@
+"""Types of mlxcy.models.base (base.pyx): the decoder shared by the model
+families (RoPE, attention, MLP, block, Model) and the weight loader."""
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+from typing_extensions import disjoint_base
+
+from mlxcy.core import Array, Dtype, _ArrayLike, _DtypeLike
+from mlxcy.models.cache import Cache
+from mlxcy.models.config import ModelConfig
+from mlxcy.models.spec import ArchSpec, Module
+from mlxcy.nn import Embedding, Linear, RMSNorm
+
+@disjoint_base
+class Rope:
+    """Rotary embedding (non-traditional layout, as in HF checkpoints)."""
+
+    def __init__(
+        self, dims: int, theta: float, scaling: Mapping[str, Any] | None = None, max_position_embeddings: int = 0
+    ) -> None: ...
+    def free(self) -> None: ...
+
+@disjoint_base
+class Attention:
+    def __init__(
+        self,
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+        o_proj: Linear,
+        rope: Rope,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+        window: int = 0,
+        softcap: float = 0,
+    ) -> None: ...
+    def free(self) -> None: ...
+
+@disjoint_base
+class MLP:
+    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear, gelu: bool = False) -> None: ...
+    def free(self) -> None: ...
+
+@disjoint_base
+class Block:
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(
+        self,
+        attn: Attention,
+        mlp: MLP,
+        input_norm: RMSNorm,
+        post_attn_norm: RMSNorm,
+        pre_ff_norm: RMSNorm | None = None,
+        post_ff_norm: RMSNorm | None = None,
+    ) -> None: ...
+    def parts(self) -> list[Linear | RMSNorm]:
+        """Every weight-holding layer of the block (fused or not)."""
+    def nparams(self) -> int: ...
+    def nbytes(self) -> int: ...
+    def fuse(self) -> None:
+        """Concatenate q/k/v and gate/up weights (fewer matmuls per token)."""
+    def free(self) -> None: ...
+
+def fuse_linears(parts: list[Linear]) -> Linear | None:
+    """One Linear whose output is the parts' outputs side by side, or None."""
+
+class Weights:
+    """Hugging Face-named weights with MLX's quantized layout: hands out
+    validated layers and names the tensor in every error."""
+
+    w: dict[str, Any]
+    q: dict[str, Any] | None
+    dtype: Dtype | None
+    def __init__(
+        self,
+        weights: dict[str, Any],
+        quantization: dict[str, Any] | None = None,
+        dtype: _DtypeLike | None = None,
+        spec: ArchSpec | None = None,
+    ) -> None: ...
+    def has(self, name: str) -> bool: ...
+    def get(self, name: str, shape: Sequence[int] | None = None, floating: bool = True) -> Array: ...
+    def qspec(self, path: str) -> tuple[int, int] | None:
+        """(group_size, bits) when `path` is stored quantized, else None."""
+    def linear(self, path: str, in_f: int, out_f: int, bias: bool = False) -> Linear: ...
+    def embedding(self, path: str, vocab: int, dims: int) -> Embedding: ...
+    def norm(self, path: str, dims: int, eps: float, offset: float = 0.0) -> RMSNorm: ...
+    def module(self, m: Module, eps: float = 0.0) -> Linear | Embedding | RMSNorm:
+        """The layer a spec Module (mlxcy/models/spec.py) describes."""
+
+def make_rope(cfg: ModelConfig, theta: float, scaling: Mapping[str, Any] | None) -> Rope: ...
+def build_attention(
+    W: Weights,
+    cfg: ModelConfig,
+    m: dict[str, Module],
+    scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+    rope: Rope | None = None,
+) -> Attention: ...
+def build_mlp(W: Weights, m: dict[str, Module], gelu: bool = False) -> MLP: ...
+
+@disjoint_base
+class Model:
+    """A decoder-only language model over native MLX arrays.
+
+    model(ids, cache=None, mask=None, offsets=None, last_only=False) -> logits
+    Array [B, L, vocab] (L = 1 with last_only)."""
+
+    def __init__(
+        self,
+        config: ModelConfig | dict[str, Any],
+        weights: dict[str, Any],
+        quantization: dict[str, Any] | None = None,
+        dtype: _DtypeLike | None = None,
+    ) -> None: ...
+    @property
+    def config(self) -> ModelConfig: ...
+    def __call__(
+        self,
+        ids: _ArrayLike,
+        cache: Cache | None = None,
+        mask: _ArrayLike | None = None,
+        offsets: _ArrayLike | None = None,
+        last_only: bool = False,
+    ) -> Array:
+        """Logits [B, L, vocab] for token ids [B, L] or [L]."""
+    def build_block(self, W: Weights, cfg: ModelConfig, i: int) -> Block: ...
+    def fuse(self) -> Model:
+        """Fuse each block's q/k/v and gate/up weights (inference only); returns the model."""
+    def close(self) -> None:
+        """Free every weight now; later calls raise."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> Model: ...
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> Literal[False]: ...
+    def make_cache(self, max_size: int | None = None) -> Cache:
+        """One cache per layer (rotating ones for sliding-window layers)."""
+    def nparams(self) -> int: ...
+    def nbytes(self) -> int: ...
+    @property
+    def dtype(self) -> Dtype: ...
+    def info(self) -> dict[str, Any]:
+        """Architecture, sizes, dtype, quantization, parameter count and bytes."""
