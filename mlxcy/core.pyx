@@ -214,8 +214,7 @@ cdef Array to_array(object obj, object dtype=None):
         a = na_wrap(new na.array(<double>obj, na.float32))
     elif isinstance(obj, (list, tuple)):
         if _has_array(obj):
-            from mlxcy.ops import stack
-            a = stack([to_array(x) for x in obj])
+            a = _stack([to_array(x) for x in obj])
         else:
             npa = np.asarray(obj)
             # Python ints become int32 and floats float32, as in mlx.core.
@@ -524,10 +523,9 @@ cdef Array _getitem(Array self, object key):
         axis += 1
     cdef Array out = na_wrap(heap(nops.slice(a[0], start, stop, strides)))
     if rev_axes:
-        from mlxcy import ops
         for ax in rev_axes:
             n = out.ptr.shape(ax)
-            out = ops.take(out, np.arange(n - 1, -1, -1, dtype=np.int32), axis=ax)
+            out = _take(out, to_array(np.arange(n - 1, -1, -1, dtype=np.int32)), ax)
     if arr_axes:
         return _advanced(out, arr_axes, final_shape)
     if need_reshape:
@@ -542,34 +540,76 @@ cdef na.Shape _shape_of(object dims) except *:
     return s
 
 
+# The few ops that indexing needs, on native arrays (mlxcy.ops, above this
+# module, has the checked public versions).
+
+cdef Array _take(Array a, Array idx, int axis):
+    return wrap_new(nops.take(handle(a)[0], handle(idx)[0], axis))
+
+
+cdef Array _transpose(Array a, list axes):
+    cdef vector[int] v = axes
+    return wrap_new(nops.transpose(handle(a)[0], v))
+
+
+cdef Array _reshape(Array a, list shape):
+    return wrap_new(nops.reshape(handle(a)[0], _shape_of(shape)))
+
+
+cdef Array _broadcast_to(Array a, list shape):
+    return wrap_new(nops.broadcast_to(handle(a)[0], _shape_of(shape)))
+
+
+cdef Array _where(Array cond, Array x, Array y):
+    return wrap_new(nops.where(handle(cond)[0], handle(x)[0], handle(y)[0]))
+
+
+cdef Array _astype_like(Array a, na.array* like):
+    return wrap_new(nops.astype(handle(a)[0], like.dtype()))
+
+
+cdef Array _stack(list arrays):
+    cdef vector[na.array] v = vector[na.array]()
+    for x in arrays:
+        v.push_back(handle(<Array>x)[0])
+    return wrap_new(nops.stack(v, 0))
+
+
+cdef list _broadcast_arrays(list arrays):
+    cdef vector[na.array] v = vector[na.array]()
+    for x in arrays:
+        v.push_back(handle(<Array>x)[0])
+    v = nops.broadcast_arrays(v)
+    return [wrap_new(v[i]) for i in range(v.size())]
+
+
 cdef Array _advanced(Array base, list arr_axes, list final_shape):
     """Integer-array indexing over the already sliced array `r`.  Indices are
     broadcast together (numpy rules); the result dims replace the first indexed
     axis when the indexed axes are adjacent, else they go first."""
-    from mlxcy import ops
     idxs = [t[2] for t in arr_axes]
     axes = [t[0] for t in arr_axes]
     if len(idxs) == 1:
-        out = ops.take(base, idxs[0], axis=axes[0])
+        out = _take(base, idxs[0], axes[0])
         pos = arr_axes[0][1]
         idx_shape = list(idxs[0].shape)
         shape = final_shape[:pos] + idx_shape + final_shape[pos + 1:]
     else:
-        idxs = ops.broadcast_arrays(*idxs)
+        idxs = _broadcast_arrays(idxs)
         bshape = list(idxs[0].shape)
         # Move the indexed axes to the front, flatten them, and take.
         rest = [i for i in range(base.ndim) if i not in axes]
-        moved = ops.transpose(base, axes + rest)
+        moved = _transpose(base, axes + rest)
         sizes = [base.shape[ax] for ax in axes]
         flat = None
         mult = 1
         for ix, size in zip(reversed(idxs), reversed(sizes)):
-            ix = ops.where(ix < 0, ix + size, ix)
+            ix = _where(ix < 0, ix + size, ix)
             term = ix * mult if mult != 1 else ix
             flat = term if flat is None else flat + term
             mult *= size
-        moved = ops.reshape(moved, [-1] + [base.shape[i] for i in rest])
-        out = ops.take(moved, flat, axis=0)
+        moved = _reshape(moved, [-1] + [base.shape[i] for i in rest])
+        out = _take(moved, flat, 0)
         adjacent = axes == list(range(axes[0], axes[0] + len(axes)))
         positions = [t[1] for t in arr_axes]
         others = [d for i, d in enumerate(final_shape) if i not in positions]
@@ -582,10 +622,10 @@ cdef Array _advanced(Array base, list arr_axes, list final_shape):
             nb = len(bshape)
             out_nd = out.ndim
             perm = list(range(nb, nb + lead)) + list(range(nb)) + list(range(nb + lead, out_nd))
-            out = ops.transpose(out, perm)
+            out = _transpose(out, perm)
         else:
             shape = bshape + others
-    return ops.reshape(out, [d for d in shape]) if list(out.shape) != shape else out
+    return _reshape(out, [d for d in shape]) if list(out.shape) != shape else out
 
 
 cdef void _setitem(Array self, object key, object value) except *:
@@ -593,9 +633,8 @@ cdef void _setitem(Array self, object key, object value) except *:
     cdef int ndim = a.ndim()
     cdef Array v = operand(value, a)
     if type(key) is Array and na.dtype_code(handle(<Array>key).dtype()) == 0:
-        from mlxcy import ops
-        mask = ops.broadcast_to(key, self.shape)
-        val = ops.broadcast_to(ops.astype(v, self.dtype), self.shape)
+        mask = _broadcast_to(key, list(self.shape))
+        val = _broadcast_to(_astype_like(v, a), list(self.shape))
         self._replace(heap(nops.where(handle(mask)[0], handle(val)[0], a[0])))
         return
     cdef tuple keys = _expand_key(key, ndim)
@@ -645,16 +684,15 @@ cdef void _setitem(Array self, object key, object value) except *:
 
 cdef void _setitem_array(Array self, tuple keys, Array v) except *:
     """Assignment through integer-array indices: a scatter along those axes."""
-    from mlxcy import ops
     if len(keys) != 1 and not all(isinstance(k, slice) and k == slice(None) for k in keys[1:]):
         raise IndexError("array-index assignment supports one integer index array on "
                          "the first axis (x[idx] = v)")
     idx = to_array(keys[0])
     _check_index_bounds(idx, self.shape[0], 0)
-    idx = ops.where(idx < 0, idx + self.shape[0], idx).reshape(-1)
+    idx = _where(idx < 0, idx + self.shape[0], idx).reshape(-1)
     upd_shape = [idx.size, 1] + list(self.shape[1:])
-    upd = ops.broadcast_to(ops.astype(v, self.dtype), [idx.size] + list(self.shape[1:]))
-    upd = ops.reshape(upd, upd_shape)
+    upd = _broadcast_to(_astype_like(v, handle(self)), [idx.size] + list(self.shape[1:]))
+    upd = _reshape(upd, upd_shape)
     self._replace((_scatter0(handle(self)[0], handle(idx)[0], handle(upd)[0])))
 
 
@@ -1014,10 +1052,9 @@ cdef class Array:
 
     def __getattr__(self, name):
         # Methods such as a.sum(axis=0) forward to mlxcy.ops functions.
-        from mlxcy import ops
-        if name.startswith("_") or name not in _METHODS:
+        fn = None if name.startswith("_") else _METHODS.get(name)
+        if fn is None:
             raise AttributeError(f"'mlxcy.Array' object has no attribute {name!r}")
-        fn = getattr(ops, name)
         def method(*args, **kwargs):
             return fn(self, *args, **kwargs)
         return method
@@ -1095,9 +1132,12 @@ cdef extern from "Python.h":
     void cpython_decref "Py_DECREF"(object)
 
 
-# Array methods that forward to mlxcy.ops (a.sum(), a.transpose(1, 0), ...).
-_METHODS = frozenset("""
-abs all any argmax argmin argsort cummax cummin cumprod cumsum diag diagonal
-exp flatten log log1p logsumexp max mean min moveaxis prod reciprocal round
-rsqrt sin cos sqrt square squeeze std sum swapaxes split transpose var
-""".split())
+# Array methods that are mlxcy.ops functions (a.sum(), a.transpose(1, 0), ...):
+# name -> function.  mlxcy.ops, which imports this module (never the other way
+# round), registers them when it is imported; `import mlxcy` imports it first.
+_METHODS = {}
+
+
+def _register_methods(dict fns):
+    """Called once by mlxcy.ops: these functions become Array methods."""
+    _METHODS.update(fns)

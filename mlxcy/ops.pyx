@@ -22,7 +22,7 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
 
-from mlxcy.core import _check_index_bounds
+from mlxcy.core import _check_index_bounds, _register_methods
 
 # Floating dtype codes (mlx::core::Dtype::Val): float16, float32, float64, bfloat16.
 cdef int F16 = 9, F32 = 10, F64 = 11, BF16 = 12
@@ -1415,3 +1415,11 @@ __all__ = [
     # quantization
     "quantize", "dequantize", "quantized_matmul", "gather_mm", "gather_qmm",
 ]
+
+
+# The ops that are also Array methods (a.sum(axis=0), a.transpose(1, 0), ...).
+_register_methods({name: globals()[name] for name in """
+abs all any argmax argmin argsort cummax cummin cumprod cumsum diag diagonal
+exp flatten log log1p logsumexp max mean min moveaxis prod reciprocal round
+rsqrt sin cos sqrt square squeeze std sum swapaxes split transpose var
+""".split()})

@@ -6,8 +6,19 @@ MLX_ENABLE_TF32=0 (its default is 1).  The fp32 parity bounds in this suite
 suite asks for full fp32 before MLX is loaded.  A user can still override it.
 """
 import os
+import sys
 
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+# tests/ mirrors the package (tests/generation/test_engine.py, ...): the test
+# files in the subfolders import the shared helpers of this folder
+# (tiny_models, subproc, cli_models, ...) by their plain names.  pytest's
+# default import mode puts this folder on sys.path for this conftest anyway;
+# saying so here keeps it true under --import-mode=importlib too.  Test file
+# names must stay unique across the subfolders (no __init__.py in them).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 import pytest  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""One rank of the distributed tests (tests/test_distributed.py starts N of
+"""One rank of the distributed tests (tests/distributed/test_distributed.py starts N of
 these with MLX_RANK / MLX_HOSTFILE, as mlx.launch does).
 
     python tests/dist_worker.py MODE OUTDIR [MODEL_DIR]

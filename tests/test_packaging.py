@@ -17,5 +17,11 @@ def test_wheel_ships_sources_but_not_generated_cpp(tmp_path):
     assert p.returncode == 0, p.stderr
     files = [f.relative_to(tmp_path).as_posix() for f in tmp_path.rglob("*") if f.is_file()]
     assert "mlxcy/core.pyx" in files and "mlxcy/core.pxd" in files
-    assert "mlxcy/cli/commands.py" in files and "mlxcy/train/perplexity.py" in files
+    # every layer's subpackage, its Cython sources and declarations (cimport-able)
+    for f in ("mlxcy/cli/__init__.py", "mlxcy/cli/commands.py", "mlxcy/generation/__init__.py",
+              "mlxcy/generation/engine.pyx", "mlxcy/generation/engine.pxd",
+              "mlxcy/generation/sample.pxd", "mlxcy/models/cache.pxd",
+              "mlxcy/distributed/__init__.py", "mlxcy/distributed/comm.pyx",
+              "mlxcy/train/perplexity.py", "mlxcy/native/array.pxd"):
+        assert f in files, f
     assert not [f for f in files if f.endswith(".cpp")]

@@ -22,7 +22,7 @@ for s in "$@"; do
         step tests 300 python -m pytest -q -n 6 -p no:cacheprovider tests/test_gpu_kernels.py
         tail -15 "$out/tests.log" ;;
     parity)
-        step parity 300 python -m pytest -q -n 4 -p no:cacheprovider tests/test_models_parity.py tests/test_generate.py
+        step parity 300 python -m pytest -q -n 4 -p no:cacheprovider tests/models/test_models_parity.py tests/generation/test_generate.py
         tail -6 "$out/parity.log" ;;
     gemv)
         step gemv 240 python benchmarks/bench_gemv.py --rows 1,8 --reps 50

@@ -9,7 +9,7 @@ out="${OUT:-/tmp/gpu-tests}"
 mkdir -p "$out"
 par="${1:-4}"; shift || true
 files=("$@")
-[ ${#files[@]} -eq 0 ] && files=(tests/test_*.py)
+[ ${#files[@]} -eq 0 ] && mapfile -t files < <(find tests -name "test_*.py" | sort)
 run_one() {
     f="$1"; out="$2"; n=$(basename "$f" .py)
     timeout 540 python -m pytest -q -n 2 -p no:cacheprovider "$f" --junitxml="$out/$n.xml" >"$out/$n.log" 2>&1

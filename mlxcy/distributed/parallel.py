@@ -143,8 +143,8 @@ def load_tensor_parallel(path, group=None, dtype=None):
                 raise L.LoadError(f"{rd.path}: tensor {k} also in {where[new][0].path}")
             where[new] = (rd, k)
             infos[new] = (info["shape"], info["dtype"])
-    L._check(infos, cfg, quantization, lambda name: config_file if name is None else path,
-             config_file)
+    L.check_tensors(infos, cfg, quantization, lambda name: config_file if name is None else path,
+                    config_file)
     local = tensor_parallel_config(cfg, n)
     weights = {}
     head = {}
@@ -360,8 +360,8 @@ def load_pipeline(path, group=None, dtype=None):
                 if new is None or new.endswith(L._DROP):
                     continue
                 infos[new] = (info["shape"], info["dtype"])
-        L._check(infos, cfg, quantization, lambda name: config_file if name is None else path,
-                 config_file)
+        L.check_tensors(infos, cfg, quantization, lambda name: config_file if name is None else path,
+                        config_file)
         for rd in readers:
             for k in rd.header:
                 new = cfg.spec.rename(k)

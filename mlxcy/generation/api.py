@@ -158,7 +158,7 @@ class GenerationOptions:
 
 
 # Every GenerationOptions field, as the docstrings of the generation methods
-# list them (tests/test_api_docs.py checks that each field is described).
+# list them (tests/generation/test_api_docs.py checks that each field is described).
 OPTIONS_DOC = """
 Options (keywords; GenerationOptions fields):
     max_tokens=256          most tokens to generate (0: none)

@@ -38,7 +38,7 @@ from libc.stdint cimport int32_t, int64_t
 from libcpp.vector cimport vector
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from mlxcy.core cimport Array, wrap, to_array
+from mlxcy.core cimport Array, wrap, handle, to_array
 from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native cimport nn as nnn
@@ -59,7 +59,8 @@ from collections import deque
 
 import numpy as np
 
-__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk"]
+__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
+           "take_cache_rows", "merge_cache_rows"]
 
 
 # ---------------------------------------------------------------- settings --
@@ -298,6 +299,50 @@ cdef int trim_left(Cache cache, int n) except -1:
             _install(lc, nnn.slice_t(lc.keys[0], n, lc.offset),
                      nnn.slice_t(lc.values[0], n, lc.offset), lc.offset - n)
     return n
+
+
+def _check_layers(Cache a, Cache b, str fn):
+    if len(a.layers) != len(b.layers):
+        raise ValueError(f"{fn}: the caches have {len(a.layers)} and {len(b.layers)} layers")
+    cdef LayerCache la, lb
+    for i in range(len(a.layers)):
+        la, lb = <LayerCache>a.layers[i], <LayerCache>b.layers[i]
+        if type(la) is not type(lb) or la.window != lb.window:
+            raise ValueError(f"{fn}: layer {i} is a {la!r} in one cache and a {lb!r} in the other")
+        if la.keys == NULL or lb.keys == NULL:
+            raise ValueError(f"{fn}: layer {i} of a cache holds no positions")
+        if (la.keys.shape(1) != lb.keys.shape(1) or la.keys.shape(3) != lb.keys.shape(3)
+                or not nnn.same_dtype(la.keys[0], lb.keys[0])):
+            raise ValueError(f"{fn}: layer {i}'s heads, head_dim or dtype differ")
+
+
+def take_cache_rows(Cache cache, rows):
+    """Keep the batch rows `rows` (a sequence of ints, in the order given) of
+    every layer of `cache`, as the engine does when sequences leave a batch."""
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    cdef LayerCache lc
+    for i, c in enumerate(cache.layers):
+        lc = <LayerCache>c
+        if lc.keys != NULL and idx.size and (idx.min() < 0 or idx.max() >= lc.keys.shape(0)):
+            raise IndexError(f"take_cache_rows: rows {idx.tolist()} out of range for layer {i}'s "
+                             f"{lc.keys.shape(0)} rows")
+    cdef Array a = to_array(idx.astype(np.int32))
+    take_rows(cache, handle(a)[0])
+
+
+def merge_cache_rows(Cache a, Cache b, int pad_a=0, int pad_b=0):
+    """Stack b's batch rows under a's, as the engine does when a group joins
+    the running batch: a's rows are left-padded by pad_a positions and b's by
+    pad_b (zeros), so that both end at the same padded position
+    (a.offset + pad_a == b.offset + pad_b), which becomes a's offset.
+    Sliding-window layers keep the last `window` positions.  b is left empty."""
+    if pad_a < 0 or pad_b < 0:
+        raise ValueError(f"merge_cache_rows: pads must be >= 0, got {pad_a}, {pad_b}")
+    _check_layers(a, b, "merge_cache_rows")
+    if a.offset + pad_a != b.offset + pad_b:
+        raise ValueError(f"merge_cache_rows: a.offset + pad_a ({a.offset} + {pad_a}) must equal "
+                         f"b.offset + pad_b ({b.offset} + {pad_b})")
+    merge_caches(a, b, pad_a, pad_b)
 
 
 # ----------------------------------------------------------- the sequences --

@@ -95,6 +95,21 @@ cdef class LayerCache:
             (<RotatingKVCache>self).filled = filled
             (<RotatingKVCache>self).idx = idx
 
+    def update_and_fetch(self, keys, values, bint ordered=True):
+        """Append L new positions (keys and values: Arrays [B, heads, L,
+        head_dim], already rotated) and return (keys, values) to attend over,
+        as a model's attention does: every held position, oldest first.  A full
+        RotatingKVCache given one position with ordered=False returns its ring
+        as stored (any order does for attention over the whole window)."""
+        cdef Array k = <Array?>keys, v = <Array?>values
+        if k.shape != v.shape:
+            raise ValueError(f"update_and_fetch: keys {k.shape} and values {v.shape} differ "
+                             f"in shape")
+        self.update(handle(k)[0], handle(v)[0], ordered)
+        out = (wrap(new na.array(self.out_k[0])), wrap(new na.array(self.out_v[0])))
+        self.drop_outputs()
+        return out
+
     cdef void drop_outputs(self) noexcept:
         """Drop the keys/values handed to attention by the last update (so
         the next slice_update may write the buffer in place)."""

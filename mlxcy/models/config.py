@@ -66,7 +66,8 @@ class ModelConfig:
         mt = hf.get("model_type")
         if mt is None:
             raise ConfigError("config: missing 'model_type'")
-        return spec_for(mt).parse(hf)
+        v = spec_for(mt).parse(hf)
+        return cls(**{f.name: v[f.name] for f in dataclasses.fields(cls) if f.name in v})
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json-style dict that from_dict reads back to this config."""

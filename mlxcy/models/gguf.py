@@ -178,14 +178,14 @@ def _check_header(header, spec, cfg):
     """Every tensor the config needs, present with its shape in the GGUF
     tensor table: checked before any tensor is read (LoadError naming the
     file, the tensor and the config keys)."""
-    from mlxcy.models.load import _check
+    from mlxcy.models.check import check_tensors
     infos = {}
     for gname, t in header.tensors.items():
         name = spec.hf_name(gname)
         if name is not None:
             infos[name] = (t["shape"], TYPE_NAMES.get(t["type"], "?"))
-    _check(infos, parse_gguf_config(cfg, header.path, header.architecture), None,
-           lambda name: header.path, dtypes=False)
+    check_tensors(infos, parse_gguf_config(cfg, header.path, header.architecture), None,
+                  lambda name: header.path, dtypes=False)
 
 
 def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: bool = True):
@@ -206,7 +206,7 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
     in float32), bfloat16 for a dequantized one.
     native_reader: use mlxcy.io.load_gguf (MLX's reader) for quantized files when
     it is built; otherwise a numpy repack that produces the same bits."""
-    import mlxcy
+    import mlxcy.core as core
     header = read_header(path)
     cfg = gguf_config(header)
     spec = _spec(header)
@@ -216,11 +216,11 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
     if unknown:
         raise GGUFError(f"{path}: tensor {unknown[0]} has unsupported type "
                         f"{header.tensors[unknown[0]]['type']}")
-    want = None if dtype is None else mlxcy.dtype(dtype)
+    want = None if dtype is None else core.dtype(dtype)
     if want is not None and not want.is_floating:
         raise ValueError(f"{path}: dtype must be a float type, got {want}")
     if dequantize is None:
-        native = types <= NATIVE_TYPES and want != mlxcy.bfloat16
+        native = types <= NATIVE_TYPES and want != core.bfloat16
     else:
         native = not dequantize
     if native and not types <= NATIVE_TYPES:
@@ -228,7 +228,7 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
                         " cannot stay quantized; pass dequantize=True")
     if native and not types & {2, 3, 8}:
         native = False                     # nothing quantized: plain floats
-    dtype = want if want is not None else (mlxcy.float32 if native else mlxcy.bfloat16)
+    dtype = want if want is not None else (core.float32 if native else core.bfloat16)
     io = None
     if native and native_reader:
         try:
@@ -255,9 +255,9 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
                 if perm:
                     w, s, b = (_unpermute_rows(x, perm) for x in (w, s, b))
                 base = name[: -len(".weight")]
-                weights[name] = mlxcy.array(np.ascontiguousarray(w))
-                weights[base + ".scales"] = mlxcy.array(np.ascontiguousarray(s)).astype(dtype)
-                weights[base + ".biases"] = mlxcy.array(np.ascontiguousarray(b)).astype(dtype)
+                weights[name] = core.array(np.ascontiguousarray(w))
+                weights[base + ".scales"] = core.array(np.ascontiguousarray(s)).astype(dtype)
+                weights[base + ".biases"] = core.array(np.ascontiguousarray(b)).astype(dtype)
                 quant_layers[base] = {"group_size": 32, "bits": 8 if t["type"] == 8 else 4}
                 continue
             if t["type"] in _FLOAT_TYPES or t["type"] == 30:
@@ -273,9 +273,9 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
             if plus_one:
                 x = x - 1.0
             if is_bf16:
-                a = mlxcy.array(np.ascontiguousarray(x)).view(mlxcy.bfloat16)
+                a = core.array(np.ascontiguousarray(x)).view(core.bfloat16)
             else:
-                a = mlxcy.array(np.ascontiguousarray(x))
+                a = core.array(np.ascontiguousarray(x))
             weights[name] = a if a.dtype == dtype else a.astype(dtype)
         from mlxcy import transforms
         transforms.eval(weights)           # lazy casts: release their sources now
@@ -317,7 +317,7 @@ def _quant_summary(weights, quant_layers):
 
 def _load_native_io(io, path, header, cfg, dtype, spec):
     """Quantized GGUF through MLX's own reader (mlxcy.io.load_gguf)."""
-    import mlxcy
+    import mlxcy.core as core
     try:
         raw, _meta = io.load_gguf(str(path))
     except Exception as e:
@@ -338,16 +338,16 @@ def _load_native_io(io, path, header, cfg, dtype, spec):
                 continue
             perm = spec.gguf_permute_heads(name, cfg)
             if perm and name.endswith(".weight") or perm and kind in ("scales", "biases"):
-                x = a.numpy() if a.dtype != mlxcy.bfloat16 else None
+                x = a.numpy() if a.dtype != core.bfloat16 else None
                 if x is None:       # bf16 float tensor: permute through a uint16 view
-                    x = a.view(mlxcy.uint16).numpy()
-                    b = mlxcy.array(np.ascontiguousarray(_unpermute_rows(x, perm))).view(mlxcy.bfloat16)
+                    x = a.view(core.uint16).numpy()
+                    b = core.array(np.ascontiguousarray(_unpermute_rows(x, perm))).view(core.bfloat16)
                 else:
-                    b = mlxcy.array(np.ascontiguousarray(_unpermute_rows(x, perm)))
+                    b = core.array(np.ascontiguousarray(_unpermute_rows(x, perm)))
                 a.free()
                 a = b
             if spec.gguf_plus_one(name):
-                b = a.astype(mlxcy.float32) - 1.0
+                b = a.astype(core.float32) - 1.0
                 a.free()
                 a = b
             if a.dtype.is_floating and a.dtype != dtype:

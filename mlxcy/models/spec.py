@@ -22,7 +22,6 @@ a model family") has the steps.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib
 import math
 import re
@@ -285,10 +284,9 @@ class ArchSpec:
         """The language model's part of a config.json dict."""
         return hf
 
-    def parse(self, hf: dict):
-        """A validated ModelConfig from a config.json dict; raises ConfigError
-        naming the key."""
-        from mlxcy.models.config import ModelConfig
+    def parse(self, hf: dict) -> dict:
+        """The validated fields of a ModelConfig (mlxcy.models.config) from a
+        config.json dict, as keywords; raises ConfigError naming the key."""
         raw = copy.deepcopy(hf)
         d = self.text_config(hf)
         v = {name: f.read(d) for name, f in self._fields.items()}
@@ -317,13 +315,12 @@ class ArchSpec:
                 raise _err("layer_types has sliding_attention layers but sliding_window is null")
         elif not self.keeps_window:
             sliding = None
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        kw = {k: val for k, val in v.items() if k in known}
+        kw = dict(v)
         kw.update(model_type=self.model_type_of(hf), rope_theta=theta, rope_scaling=scaling,
                   layer_types=list(layer_types), sliding_window=sliding,
                   attention_bias=self.flag(self.qkv_bias, v),
                   mlp_bias=self.flag(self.mlp_bias, v), raw=raw, **extra)
-        return ModelConfig(**kw)
+        return kw
 
     keeps_window = False              # keep sliding_window in the config with no sliding layer
 

@@ -118,7 +118,7 @@ def fuse_model(model_path, adapter_path, out_path, dequantize: bool = False,
                dtype=None) -> Path:
     """Fold the adapters at adapter_path into the checkpoint at model_path
     (a directory or GGUF file) and write a model directory to out_path."""
-    import mlxcy
+    from mlxcy import core, transforms
     from mlxcy.models import build_model
     from mlxcy.models.load import load_weights, save_safetensors
     from mlxcy.nn import dequantize as dq
@@ -133,7 +133,7 @@ def fuse_model(model_path, adapter_path, out_path, dequantize: bool = False,
         raise
     model.close()
     if dtype is not None:
-        dt = mlxcy.dtype(dtype) if hasattr(mlxcy, "dtype") else dtype
+        dt = core.dtype(dtype)
         for k, v in list(weights.items()):
             if v.dtype.is_floating and v.dtype != dt:
                 weights[k] = v.astype(dt)
@@ -163,7 +163,7 @@ def fuse_model(model_path, adapter_path, out_path, dequantize: bool = False,
         config["quantization_config"] = quant
     out = Path(out_path)
     out.mkdir(parents=True, exist_ok=True)
-    mlxcy.eval(list(weights.values()))
+    transforms.eval(list(weights.values()))
     save_safetensors(out / "model.safetensors", weights, {"format": "mlx"})
     with open(out / "config.json", "w") as f:
         json.dump(config, f, indent=4, default=str)

@@ -62,17 +62,17 @@ def token_losses(model, ids, kv_bits=None, kv_group_size=64) -> np.ndarray:
     """Negative log-likelihood of ids[:, 1:] given the tokens before them, for
     a batch ids [B, L] (float64 numpy [B, L-1]); kv_bits: through a quantized
     KV cache."""
-    import mlxcy as mx
+    from mlxcy import core, ops
     from mlxcy.models.cache import quantized_cache
-    x = mx.array(np.ascontiguousarray(ids[:, :-1], dtype=np.int32))
-    y = mx.array(np.ascontiguousarray(ids[:, 1:], dtype=np.int32))
+    x = core.array(np.ascontiguousarray(ids[:, :-1], dtype=np.int32))
+    y = core.array(np.ascontiguousarray(ids[:, 1:], dtype=np.int32))
     cache = None if kv_bits is None else quantized_cache(model.make_cache(), kv_bits,
                                                          kv_group_size)
     with model(x, cache=cache) as logits:
-        with logits.astype(mx.float32) as lg:
-            with mx.logsumexp(lg, axis=-1) as lse, \
-                    mx.take_along_axis(lg, mx.expand_dims(y, -1), axis=-1) as picked:
-                nll = (lse - mx.squeeze(picked, -1)).numpy().astype(np.float64)
+        with logits.astype(core.float32) as lg:
+            with ops.logsumexp(lg, axis=-1) as lse, \
+                    ops.take_along_axis(lg, ops.expand_dims(y, -1), axis=-1) as picked:
+                nll = (lse - ops.squeeze(picked, -1)).numpy().astype(np.float64)
     if cache is not None:
         cache.free()
     x.free()

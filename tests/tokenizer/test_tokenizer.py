@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/: the shared helpers
 from corpus import corpus, random_strings  # noqa: E402
 import tokenizer_refs as refs  # noqa: E402
 

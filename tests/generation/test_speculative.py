@@ -3,7 +3,7 @@ models verify several proposed tokens per row in one forward.
 
 Greedy: the tokens must be exactly plain greedy decoding's (the reference is
 the engine without speculation, itself tested against transformers in
-tests/test_engine.py), for one sequence and for batches whose rows accept
+tests/generation/test_engine.py), for one sequence and for batches whose rows accept
 different numbers of tokens, on tiny fp32 random models (Qwen3; Gemma 3 with
 an 8-token sliding window, generating well past it) and on SmolLM2-135M.
 Every test also checks that proposals were made and that some (not all) were

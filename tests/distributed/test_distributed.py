@@ -15,7 +15,7 @@ import pytest
 import subproc
 from mlxcy.distributed import launch
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]       # tests/: the shared helpers
 WORKER = str(HERE / "dist_worker.py")
 
 
