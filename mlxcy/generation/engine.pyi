@@ -12,7 +12,8 @@ from mlxcy.generation.sample import Sampler
 from mlxcy.models.base import Model
 from mlxcy.models.cache import Cache
 
-__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk"]
+__all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
+           "take_cache_rows", "merge_cache_rows"]
 
 DEFAULT_LOOKUP: int
 
@@ -106,3 +107,8 @@ def generate_ids(
 ) -> Iterator[Event]:
     """One sequence on an engine of its own: yields its Events, the last one
     with its finish_reason (add_kwargs are Engine.add's, and stats=<a dict>)."""
+def take_cache_rows(cache: Cache, rows: Sequence[int] | _ArrayLike) -> None:
+    """Keep the batch rows `rows` (in the order given) of every layer of `cache`."""
+def merge_cache_rows(a: Cache, b: Cache, pad_a: int = 0, pad_b: int = 0) -> None:
+    """Stack b's batch rows under a's, left-padding a's rows by pad_a positions
+    and b's by pad_b (a.offset + pad_a == b.offset + pad_b); b is left empty."""

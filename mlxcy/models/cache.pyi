@@ -29,6 +29,9 @@ class LayerCache:
     def nbytes(self) -> int: ...
     def state(self) -> dict[str, Any]:
         """{"keys": Array or None, "values": ..., "offset": int, "filled": int, "idx": int}."""
+    def update_and_fetch(self, keys: Array, values: Array, ordered: bool = True) -> tuple[Array, Array]:
+        """Append L new positions ([B, heads, L, head_dim]) and return the
+        (keys, values) to attend over."""
     def set_state(self, keys: Array | None, values: Array | None, offset: int, filled: int = 0, idx: int = 0) -> None:
         """Restore what state() returned."""
 
