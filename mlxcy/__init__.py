@@ -17,7 +17,7 @@ docs/internals.md maps the layers.
 import os as _os
 
 
-def _cuda_runtime_setup():
+def _cuda_runtime_setup() -> None:
     """With MLX's CUDA backend, kernels that MLX compiles at run time (gather,
     attention, compiled graphs) crash the process unless MLX's own Python
     module has been initialised first (seen with mlx-cuda-13 0.32.4 on an H100;
@@ -38,6 +38,7 @@ from mlxcy.core import (  # noqa: F401
     float16, float32, float64, bfloat16, complex64,
 )
 from mlxcy.ops import *  # noqa: F401,F403
+from mlxcy import ops as _ops
 from mlxcy.transforms import (  # noqa: F401
     eval, async_eval, grad, value_and_grad, vjp, jvp, vmap, checkpoint, compile,
     disable_compile, enable_compile,
@@ -73,7 +74,7 @@ from mlxcy.models.discover import discover  # noqa: E402,F401
 from mlxcy import assets  # noqa: E402,F401  (mlxcy.assets.smollm2_gguf() etc.)
 
 
-def get_include():
+def get_include() -> list[str]:
     """Directories to pass to a C++ compiler building a module that cimports
     mlxcy: mlxcy's own helper headers, then MLX's headers."""
     import mlx
@@ -85,7 +86,30 @@ def get_include():
     return [ours, _os.path.join(mlx_root, "include")]
 
 
-def get_library_dirs():
+def get_library_dirs() -> list[str]:
     """Where libmlx.so lives, for linking a module that cimports mlxcy."""
     import mlx
     return [_os.path.join(list(mlx.__path__)[0], "lib")]
+
+
+# The public names: what `from mlxcy import *` binds, and what type checkers
+# count as re-exported (mypy --strict sees an imported name as this module's
+# only when it is listed here).  The ops come from mlxcy.ops.__all__.
+__all__ = [
+    "Array", "Dtype", "array", "asarray", "dtype",
+    "bool_", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+    "float16", "float32", "float64", "bfloat16", "complex64",
+    "eval", "async_eval", "grad", "value_and_grad", "vjp", "jvp", "vmap", "checkpoint",
+    "compile", "disable_compile", "enable_compile",
+    "Device", "Stream", "cpu", "gpu", "default_device", "set_default_device", "default_stream",
+    "new_stream", "set_default_stream", "stream", "synchronize", "is_available", "device_count",
+    "device_info",
+    "fast", "random", "memory", "io", "tuning", "assets",
+    "get_active_memory", "get_peak_memory", "reset_peak_memory", "get_cache_memory",
+    "clear_cache", "set_memory_limit", "set_cache_limit", "set_wired_limit", "get_memory_limit",
+    "Error", "ModelFormatError", "LoadError", "GGUFError", "TokenizerError", "ChatTemplateError",
+    "OptionError", "OptionTypeError", "DataError", "AdapterError", "SessionError",
+    "load", "TextModel", "GenerationOptions", "Tokenizer", "Sampler", "ChatTemplate",
+    "load_model", "discover", "get_include", "get_library_dirs",
+]
+__all__ += _ops.__all__

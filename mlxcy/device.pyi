@@ -1,15 +1,14 @@
 """Types of mlxcy.device (device.pyx): devices, streams, synchronization."""
-from collections.abc import Iterator
 from contextlib import _GeneratorContextManager
-from typing import Literal, final
+from typing import Literal, TypeAlias, final
 
 __all__ = ["Device", "Stream", "cpu", "gpu", "default_device", "set_default_device",
            "device", "default_stream", "new_stream", "set_default_stream", "stream",
            "synchronize", "is_available", "device_count", "device_info"]
 
-_DeviceType = Literal["cpu", "gpu"]
+_DeviceType: TypeAlias = Literal["cpu", "gpu"]
 # Where a device is expected: a Device, "cpu" or "gpu" (or a Stream: its device).
-_DeviceLike = Device | _DeviceType | Stream
+_DeviceLike: TypeAlias = Device | _DeviceType | Stream
 
 @final
 class Device:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, asdict, field
-from typing import Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 __all__ = ["Token", "GenerationOptions", "Metrics", "TextModel", "OPTIONS_DOC", "options_doc",
            "sampler_for"]
@@ -188,9 +188,14 @@ Unknown names raise TypeError; out-of-range values ValueError naming the option.
 """
 
 
-def options_doc(summary):
-    """Decorator: the method's docstring is `summary` plus OPTIONS_DOC."""
-    def deco(fn):
+_F = TypeVar("_F", bound=Callable[..., Any])
+_TM = TypeVar("_TM", bound="TextModel")
+
+
+def options_doc(summary: str) -> Callable[[_F], _F]:
+    """Decorator: the method's docstring is `summary` plus OPTIONS_DOC.
+    (Typed so that type checkers keep the decorated method's signature.)"""
+    def deco(fn: _F) -> _F:
         fn.__doc__ = summary.rstrip() + "\n" + OPTIONS_DOC
         return fn
     return deco
@@ -291,10 +296,10 @@ class TextModel:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self):
+    def __enter__(self: _TM) -> _TM:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         self.close()
         return False
 

@@ -1,7 +1,7 @@
 """Types of mlxcy.train.optim (optim.pyx): optimizers over lists of Arrays,
 gradient clipping and learning-rate schedules."""
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from typing_extensions import disjoint_base
 
@@ -91,7 +91,7 @@ def cosine_schedule(
     lr: float, steps: int, end: float = 0.0, warmup: int = 0, warmup_init: float = 0.0
 ) -> Callable[[int], float]: ...
 def make_schedule(
-    name: Literal["constant", "linear", "cosine"] | None,
+    name: str | None,
     lr: float,
     steps: int | None = None,
     warmup: int = 0,
