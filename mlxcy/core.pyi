@@ -14,7 +14,7 @@ import numpy.typing as npt
 # What the ops accept where they take an array: an Array, a Python scalar, a
 # (nested) list or tuple, or a numpy array / scalar.
 _Scalar: TypeAlias = bool | int | float | complex
-_ArrayLike: TypeAlias = Array | bool | int | float | complex | np.ndarray[Any, Any] | np.generic | Sequence[Any]
+_ArrayLike: TypeAlias = Array | bool | int | float | complex | np.ndarray[Any, Any] | np.generic | list[Any] | tuple[Any, ...]
 # A Dtype, a name ("bfloat16", "float32", "bool"...), or anything numpy calls a dtype.
 _DtypeLike: TypeAlias = Dtype | str | np.dtype[Any] | type[Any]
 # One axis, several, or None for all of them.
