@@ -1,6 +1,7 @@
 """What a wheel ships: setuptools' build_py step copies exactly the package
 files a wheel gets (the compiled modules come from build_ext), so running it
 with every extension declared shows whether the generated .cpp files go in."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +26,20 @@ def test_wheel_ships_sources_but_not_generated_cpp(tmp_path):
               "mlxcy/train/perplexity.py", "mlxcy/native/array.pxd"):
         assert f in files, f
     assert not [f for f in files if f.endswith(".cpp")]
+
+
+def test_wheel_ships_a_stub_for_every_compiled_module(tmp_path):
+    """Every .pyx (a compiled module) has its .pyi beside it in the built
+    package, and the package is marked typed (py.typed, PEP 561).  No
+    extension is declared (MLXCY_MODULES names none), so nothing is
+    cythonized: this runs on a clean checkout too."""
+    env = dict(os.environ, MLXCY_MODULES="mlxcy.__no_extension__")
+    p = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr
+    files = {f.relative_to(tmp_path).as_posix() for f in tmp_path.rglob("*") if f.is_file()}
+    compiled = [p.relative_to(ROOT).with_suffix("").as_posix()
+                for p in sorted((ROOT / "mlxcy").rglob("*.pyx"))]
+    assert len(compiled) >= 20 and "mlxcy/core" in compiled
+    assert not [m for m in compiled if m + ".pyi" not in files], sorted(files)
+    assert "mlxcy/py.typed" in files
