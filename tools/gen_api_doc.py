@@ -17,6 +17,25 @@ transforms, devices and memory functions; `mx.fast`, `mx.random`, `mx.io` are
 submodules. The Cython-level API (`cimport`) is described in
 [internals.md](internals.md); the binding-overhead figures are in
 [benchmarks.md](benchmarks.md).
+
+## Types
+
+mlxcy is a typed package (PEP 561: it ships `mlxcy/py.typed`). Every compiled
+module has a `.pyi` stub beside it (`mlxcy/core.pyi`, `mlxcy/ops.pyi`,
+`mlxcy/generation/engine.pyi`, ...) with its signatures, classes, properties
+and constants, and the pure-Python modules carry annotations, so mypy, pyright
+and IDEs see the real API: `mx.array(...)` is an `Array`, `mx.split(a, 2)` a
+`list[Array]`, `mlxcy.load(path)` a `TextModel` whose `generate` takes a `str`.
+Array arguments accept an `Array` or anything `mx.array()` converts (Python
+scalars, nested lists and tuples, numpy arrays); `mlxcy.__all__` lists the
+re-exported names, so `mypy --strict` accepts `from mlxcy import load, Array`.
+`tests/test_stubs.py` keeps the stubs true: `mypy.stubtest` compares them with
+the compiled modules (names, parameters, defaults, classes, read-only
+properties; `tests/stubtest_allowlist.txt` lists the few runtime objects it
+cannot see, each with its reason), and `mypy --strict` checks a user script
+(`tests/typing/user_api.py`) and rejects the misuses in `tests/typing/bad_api.py`.
+A new `.pyx` module needs its `.pyi` (`tests/test_packaging.py` checks the
+built package has one for every compiled module).
 """
 
 
