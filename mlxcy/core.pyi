@@ -5,16 +5,25 @@ checkers; the other stubs of the package import them from here.
 """
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Literal, TypeAlias, final, overload
+from typing import Any, ClassVar, Literal, Protocol, TypeAlias, final, overload, type_check_only
 
 
 import numpy as np
 import numpy.typing as npt
 
+@type_check_only
+class _SupportsArray(Protocol):
+    """An object numpy converts through __array__ (a torch tensor, ...)."""
+
+    def __array__(self) -> np.ndarray[Any, Any]: ...
+
 # What the ops accept where they take an array: an Array, a Python scalar, a
-# (nested) list or tuple, or a numpy array / scalar.
+# (nested) list or tuple, a numpy array / scalar, or anything with __array__.
 _Scalar: TypeAlias = bool | int | float | complex
-_ArrayLike: TypeAlias = Array | bool | int | float | complex | np.ndarray[Any, Any] | np.generic | list[Any] | tuple[Any, ...]
+_ArrayLike: TypeAlias = (
+    Array | bool | int | float | complex | np.ndarray[Any, Any] | np.generic | list[Any] | tuple[Any, ...]
+    | _SupportsArray
+)
 # A Dtype, a name ("bfloat16", "float32", "bool"...), or anything numpy calls a dtype.
 _DtypeLike: TypeAlias = Dtype | str | np.dtype[Any] | type[Any]
 # One axis, several, or None for all of them.

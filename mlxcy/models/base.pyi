@@ -4,7 +4,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-from typing_extensions import disjoint_base
+from typing_extensions import Self, disjoint_base
 
 from mlxcy.core import Array, Dtype, _ArrayLike, _DtypeLike
 from mlxcy.models.cache import Cache
@@ -132,13 +132,13 @@ class Model:
     ) -> Array:
         """Logits [B, L, vocab] for token ids [B, L] or [L]."""
     def build_block(self, W: Weights, cfg: ModelConfig, i: int) -> Block: ...
-    def fuse(self) -> Model:
+    def fuse(self) -> Self:
         """Fuse each block's q/k/v and gate/up weights (inference only); returns the model."""
     def close(self) -> None:
         """Free every weight now; later calls raise."""
     @property
     def closed(self) -> bool: ...
-    def __enter__(self) -> Model: ...
+    def __enter__(self) -> Self: ...
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> Literal[False]: ...
     def make_cache(self, max_size: int | None = None) -> Cache:
         """One cache per layer (rotating ones for sliding-window layers)."""
