@@ -8,8 +8,8 @@ modules themselves and against a user's code.
   covers only genuine false positives, each with its reason);
 - stubtest does fail on a wrong stub (a copy of the stubs with one broken);
 - mypy --strict accepts a user's script over the public API
-  (tests/typing/user_api.py) and rejects each misuse in
-  tests/typing/bad_api.py with the expected error.
+  (tests/typecheck/user_api.py) and rejects each misuse in
+  tests/typecheck/bad_api.py with the expected error.
 
 Everything runs on the mlxcy that this process imports (an in-place build or
 the installed package), through tests/subproc.py.  stubtest covers the
@@ -149,7 +149,7 @@ follow_imports = silent
 def mypy_scripts(tmp_path, *names):
     cfg = tmp_path / "mypy.ini"
     cfg.write_text(MYPY_INI.format(cache=tmp_path / "cache"))
-    paths = [str(HERE / "typing" / n) for n in names]
+    paths = [str(HERE / "typecheck" / n) for n in names]
     return run(["mypy", "--config-file", str(cfg), "--show-error-codes", "--no-pretty",
                 *paths], tmp_path, mypy_env())
 
@@ -160,7 +160,7 @@ def test_user_script_typechecks_against_the_stubs(tmp_path):
 
 
 def test_misuses_of_the_api_are_type_errors(tmp_path):
-    src = (HERE / "typing" / "bad_api.py").read_text().splitlines()
+    src = (HERE / "typecheck" / "bad_api.py").read_text().splitlines()
     want = {(i, m.group(1)) for i, line in enumerate(src, 1)
             if (m := re.search(r"# E: ([\w-]+)$", line))}
     assert len(want) >= 10

@@ -33,7 +33,7 @@ re-exported names, so `mypy --strict` accepts `from mlxcy import load, Array`.
 the compiled modules (names, parameters, defaults, classes, read-only
 properties; `tests/stubtest_allowlist.txt` lists the few runtime objects it
 cannot see, each with its reason), and `mypy --strict` checks a user script
-(`tests/typing/user_api.py`) and rejects the misuses in `tests/typing/bad_api.py`.
+(`tests/typecheck/user_api.py`) and rejects the misuses in `tests/typecheck/bad_api.py`.
 A new `.pyx` module needs its `.pyi` (`tests/test_packaging.py` checks the
 built package has one for every compiled module).
 """
