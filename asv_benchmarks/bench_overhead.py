@@ -1,6 +1,13 @@
 """Binding overhead: the time to *build* (not evaluate) a lazy op from Python,
 for mlxcy and mlx.core (MLX's nanobind bindings) in the same process."""
+import sys
+from pathlib import Path
+
 from .common import backend, rand
+
+# the cases and native floors of benchmarks/overhead.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from overhead_cases import CASES, CHAIN, as_function, floor  # noqa: E402
 
 IMPLS = ["mlxcy", "mlx.core"]
 
@@ -13,6 +20,7 @@ class BuildLazyOp:
     def setup(self, impl):
         self.m = backend(impl)
         self.a, self.b = rand(impl, (16, 16)), rand(impl, (16, 16), seed=1)
+        self.chain = as_function(CHAIN)
 
     def time_add(self, impl):
         self.a + self.b
@@ -30,41 +38,13 @@ class BuildLazyOp:
         self.a[2:10, ::2]
 
     def time_chain_of_10(self, impl):
-        a, b = self.a, self.b
-        x = a + b
-        x = x * a
-        x = x - b
-        x = x @ a
-        x = x + 1.0
-        x = x * 0.5
-        x = -x
-        x = x.T
-        x = x / b
-        x = x + a
+        self.chain(self.m, self.a, self.b)
 
 
-_CHAIN = """\
-y = a + b
-y = y * a
-y = y - b
-y = y @ a
-y = y + 1.0
-y = y * 0.5
-y = -y
-y = y.T
-y = y / b
-y + a"""
-
-# case: (statement, native floor timer name, calls per round); as in
-# benchmarks/overhead.py, which prints the full table.
-_CASES = {
-    "add": ("a + b", "time_add", 10000),
-    "add_function": ("m.add(a, b)", "time_add", 10000),
-    "matmul": ("a @ b", "time_matmul", 10000),
-    "reshape": ("m.reshape(a, (256,))", "time_reshape", 10000),
-    "slice": ("a[2:10, ::2]", "time_slice", 10000),
-    "chain_of_10": (_CHAIN, "time_chain", 1000),
-}
+# asv's name -> the case of benchmarks/overhead_cases.py (half its calls per round)
+_CASES = {"add": "add (a + b)", "add_function": "add (m.add)", "matmul": "matmul (a @ b)",
+          "reshape": "reshape to (256,)", "slice": "slice a[2:10, ::2]",
+          "chain_of_10": "chain of 10 ops"}
 
 
 class OverheadRatio:
@@ -77,9 +57,6 @@ class OverheadRatio:
     timeout = 300
 
     def setup(self, case):
-        import sys
-        from pathlib import Path
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
         try:
             import build_native_timers
             self.nt = build_native_timers.load()
@@ -90,8 +67,9 @@ class OverheadRatio:
 
     def track_overhead_ratio(self, case):
         import timeit
-        stmt, floor, n = _CASES[case]
-        native = getattr(self.nt, floor)
+        stmt, _, _, n = CASES[_CASES[case]]
+        n //= 2
+        native = floor(self.nt, _CASES[case])
         _, a, b = self.x
         timers = [timeit.Timer(stmt, setup="m = _m; a = _a; b = _b",
                                globals={"_m": mm, "_a": aa, "_b": bb})
@@ -100,7 +78,6 @@ class OverheadRatio:
         for _ in range(7):
             best[0] = min(best[0], timers[0].timeit(n) / n)
             best[1] = min(best[1], timers[1].timeit(n) / n)
-            best[2] = min(best[2], native(a, n) if floor in ("time_reshape", "time_slice")
-                          else native(a, b, n))
+            best[2] = min(best[2], native(a, b, n))
         ours, theirs, f = best
         return (ours - f) / (theirs - f)

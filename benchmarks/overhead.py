@@ -32,37 +32,22 @@ import mlx.core as mc  # noqa: E402
 import mlxcy as mx  # noqa: E402
 import mlxcy.ops as mops  # noqa: E402
 import build_native_timers  # noqa: E402
+import overhead_cases  # noqa: E402
+from overhead_cases import floor  # noqa: E402
 
 nt = build_native_timers.load()
 
-CHAIN = """\
-y = a + b
-y = y * a
-y = y - b
-y = y @ a
-y = y + 1.0
-y = y * 0.5
-y = -y
-y = y.T
-y = y / b
-y + a"""
-
 # name, statement (run with m = the binding's module, a, b = 16x16 float32
 # arrays), native floor timer, calls per round
-CASES = [
-    ("add (a + b)", "a + b", lambda a, b, n: nt.time_add(a, b, n), 20000),
-    ("add (m.add)", "m.add(a, b)", lambda a, b, n: nt.time_add(a, b, n), 20000),
-    ("matmul (a @ b)", "a @ b", lambda a, b, n: nt.time_matmul(a, b, n), 20000),
-    ("reshape to (256,)", "m.reshape(a, (256,))", lambda a, b, n: nt.time_reshape(a, n), 20000),
-    ("slice a[2:10, ::2]", "a[2:10, ::2]", lambda a, b, n: nt.time_slice(a, n), 20000),
-    ("chain of 10 ops", CHAIN, lambda a, b, n: nt.time_chain(a, b, n), 2000),
+CASES = [(name, stmt, floor(nt, name), number)
+         for name, (stmt, _, _, number) in overhead_cases.CASES.items()] + [
     # Not part of the target: the two m.* cases again with m = mlxcy.ops for
     # mlxcy (mlx.core unchanged), separating the cost of looking the function
     # up on the mlxcy package, whose module-level __getattr__ (lazy imports)
     # stops Python 3.11 from specialising `mlxcy.<name>` lookups.
-    ("(info) add via mlxcy.ops", "m.add(a, b)", lambda a, b, n: nt.time_add(a, b, n), 20000),
-    ("(info) reshape via mlxcy.ops", "m.reshape(a, (256,))",
-     lambda a, b, n: nt.time_reshape(a, n), 20000),
+    ("(info) add via mlxcy.ops", "m.add(a, b)", floor(nt, "add (m.add)"), 20000),
+    ("(info) reshape via mlxcy.ops", "m.reshape(a, (256,))", floor(nt, "reshape to (256,)"),
+     20000),
 ]
 
 

@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ChatTemplate", "ChatTemplateError", "builtin", "BUILTIN_FAMILIES",
+__all__ = ["ChatTemplate", "ChatTemplateError", "builtin", "model_template", "BUILTIN_FAMILIES",
            "SPECIAL_TOKEN_NAMES"]
 
 # The named special tokens transformers passes to every template.
@@ -603,3 +603,14 @@ def builtin(family: str, **special) -> ChatTemplate:
                          f"{', '.join(BUILTIN_FAMILIES)} (aliases: {', '.join(sorted(_ALIASES))})")
     src, toks = _BUILTINS[key]
     return ChatTemplate(src, **{**toks, **special})
+
+
+def model_template(tokenizer, model_type, source=None) -> ChatTemplate:
+    """A model's chat template: `source` (Jinja text) when given, else the
+    tokenizer's own, else the builtin() one of its model_type; rendered with
+    the tokenizer's BOS and EOS tokens (ValueError when there is none)."""
+    def text(i):
+        return tokenizer.id_to_token(i) if i is not None else None
+    source = source or tokenizer.chat_template
+    return ChatTemplate(source if source else builtin(model_type),
+                        bos_token=text(tokenizer.bos_id), eos_token=text(tokenizer.eos_id))

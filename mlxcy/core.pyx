@@ -425,14 +425,15 @@ cdef object _getitem_basic(na.array* a, object key):
     return na_wrap(_pool_take(nops.slice(a[0], start, stop, strides)))
 
 
-cdef size_t _physical_memory():
+def physical_memory():
+    """Bytes of the machine's memory (0 where the OS does not say)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
 
 
-cdef size_t _PHYS = _physical_memory()
+cdef size_t _PHYS = physical_memory()
 
 
 cdef int _check_fits(na.array* a, str fn) except -1:

@@ -21,6 +21,7 @@ from mlxcy.native cimport io as nio
 from mlxcy.native cimport transforms as ntr
 
 import os
+from contextlib import contextmanager
 
 from mlxcy.errors import GGUFError, ModelFormatError
 from mlxcy import gguf_reader as _gguf
@@ -72,6 +73,26 @@ cdef _with_path(Exception e, object path):
     if str(p) in msg:
         raise e
     raise type(e)(f"{msg} (file: {p})") from None
+
+
+@contextmanager
+def _replacing(path, str ext):
+    """Write a file atomically: yields a fresh name beside `path` (`ext`
+    appended when missing, as MLX does) to write to; when the block ends the
+    file replaces path's, and when it fails the file is removed and MLX's
+    error names `path`, not the temporary name."""
+    final = os.fsdecode(os.fspath(path))
+    if not final.endswith(ext):
+        final += ext
+    tmp = _temp_beside(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except (RuntimeError, ValueError) as e:
+        _with_path(type(e)(str(e).replace(tmp, final)), path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 cdef str _text(const string& s):
@@ -137,21 +158,12 @@ def save_safetensors(path, arrays, metadata=None):
         keys.push_back(k.encode())
         values.push_back(val.encode())
     _writable(path, fn)
-    final = os.fsdecode(os.fspath(path))
-    if not final.endswith(".safetensors"):
-        final += ".safetensors"
-    tmp = _temp_beside(final)
-    cdef string p = os.fsencode(tmp)
-    try:
+    cdef string p
+    with _replacing(path, ".safetensors") as tmp:
+        p = os.fsencode(tmp)
         with nogil:
             ntr.eval(v)
             nio.save_safetensors(p, names, v, keys, values)
-        os.replace(tmp, final)
-    except (RuntimeError, ValueError) as e:
-        _with_path(type(e)(str(e).replace(tmp, final)), path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 cdef object _meta_value(nio.LoadResult* r, size_t i):
@@ -209,21 +221,12 @@ def save_npy(path, array):
     """Write one Array to a .npy file (".npy" is appended when missing, as in MLX)."""
     cdef Array a = array if type(array) is Array else to_array(array)
     _writable(path, "save_npy")
-    final = os.fsdecode(os.fspath(path))
-    if not final.endswith(".npy"):
-        final += ".npy"
-    tmp = _temp_beside(final)
-    cdef string p = os.fsencode(tmp)
+    cdef string p
     cdef na.array* h = handle(a)
-    try:
+    with _replacing(path, ".npy") as tmp:
+        p = os.fsencode(tmp)
         with nogil:
             nio.save_npy(p, h[0])
-        os.replace(tmp, final)
-    except (RuntimeError, ValueError) as e:
-        _with_path(type(e)(str(e).replace(tmp, final)), path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 cdef str _kind(object path):

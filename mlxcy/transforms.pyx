@@ -25,7 +25,8 @@ from mlxcy.native.array cimport heap
 from mlxcy.native.transforms cimport ArrayFn, NativeFn
 
 import functools
-import os
+
+from mlxcy.core import physical_memory
 
 __all__ = ["eval", "async_eval", "grad", "value_and_grad", "vjp", "jvp", "vmap",
            "checkpoint", "compile", "stop_gradient", "disable_compile",
@@ -179,14 +180,7 @@ cdef _FnBox _box(_Fun f):
 
 # --------------------------------------------------------------- evaluation --
 
-cdef size_t _physical_memory():
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-cdef size_t _PHYS = _physical_memory()
+cdef size_t _PHYS = physical_memory()
 
 
 cdef int _check_fits(const vector[na.array]& v) except -1:

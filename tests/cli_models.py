@@ -1,12 +1,40 @@
-"""Tiny models for the CLI tests: a Llama with a byte-level BPE tokenizer (as
-test_lora_cli's) whose EOS row of lm_head is zero, so greedy decoding never
-ends early, and the same model written as a llama GGUF file (f32 tensors,
-llama.cpp's q/k row permutation, gpt2 tokenizer metadata)."""
+"""Tiny models for the CLI tests: a Llama with a byte-level BPE tokenizer
+trained on TEXT (make_model); the same with a chat template and an EOS row of
+lm_head that is zero, so greedy decoding never ends early (make_cli_model);
+and that model written as a llama GGUF file (f32 tensors, llama.cpp's q/k row
+permutation, gpt2 tokenizer metadata)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+
+from tiny_models import BASE
+
+
+TEXT = ("the quick brown fox jumps over the lazy dog while seven wizards quietly "
+        "judge boxing matches and a mild breeze drifts past the old stone mill")
+
+
+def make_model(path):
+    """A tiny Llama with a byte-level BPE tokenizer trained on TEXT (the
+    command reads tokenizer.json with mlxcy's own BPE tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "</s>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
+                                   bos_token="<s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**dict(BASE, vocab_size=tok.get_vocab_size(), tie_word_embeddings=False))
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
+    fast.save_pretrained(str(path))
+    return tok.get_vocab_size()
 
 
 CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -16,7 +44,6 @@ CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{%
 def make_cli_model(path):
     """Write the model directory; returns the EOS id."""
     from safetensors.numpy import load_file, save_file
-    from test_lora_cli import make_model
     make_model(path)
     cfg = json.loads((path / "tokenizer_config.json").read_text())
     cfg["chat_template"] = CHATML

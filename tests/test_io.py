@@ -7,10 +7,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFWriter
 from gguf import quants
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+
+from gguf_files import write_gguf
 
 import mlxcy as mc
 from mlxcy import io as IO
@@ -118,31 +119,6 @@ def dequant(w, scales, biases, bits, group=32):
     return out.reshape(q.shape[0], -1)
 
 
-def write_gguf(path, tensors, kv):
-    w = GGUFWriter(str(path), "llama")
-    for k, v in kv.items():
-        if isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, bool):
-            w.add_bool(k, v)
-        elif isinstance(v, int):
-            w.add_uint32(k, v)
-        elif isinstance(v, float):
-            w.add_float32(k, v)
-        else:
-            w.add_array(k, v)
-    for name, (data, qtype) in tensors.items():
-        if qtype is None:
-            w.add_tensor(name, data)
-        else:
-            q = quants.quantize(data, qtype)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_tensors_and_metadata(tmp_path):
     x = RNG.normal(size=(4, 64)).astype(np.float32)
     tensors = {"f32": (x, None), "f16": (x.astype(np.float16), None),
@@ -151,7 +127,7 @@ def test_gguf_tensors_and_metadata(tmp_path):
     kv = {"tok.name": "hello ✓", "tok.count": 7, "tok.scale": 1.5, "tok.flag": True,
           "tok.ids": [1, 2, 3], "tok.words": ["a", "bc", "déf"]}
     path = tmp_path / "m.gguf"
-    write_gguf(path, tensors, kv)
+    write_gguf(path, "llama", tensors, kv)
     arrays, meta = IO.load_gguf(path)
 
     np.testing.assert_array_equal(arrays["f32"].numpy(), x)
@@ -200,7 +176,7 @@ def test_load_and_save_dispatch_on_extension(tmp_path):
     d, meta = IO.load(tmp_path / "b.safetensors", return_metadata=True)
     assert meta == {"m": "1"} and d["x"].tolist() == x.tolist()
     assert list(IO.load(tmp_path / "b.safetensors")) == ["x"]
-    write_gguf(tmp_path / "c.gguf", {"t": (np.ones((2, 32), np.float32), None)}, {})
+    write_gguf(tmp_path / "c.gguf", "llama", {"t": (np.ones((2, 32), np.float32), None)}, {})
     assert IO.load(tmp_path / "c.gguf")["t"].shape == (2, 32)
     (tmp_path / "a.bin").write_bytes(b"\0" * 16)
     with pytest.raises(ValueError, match="format"):

@@ -5,12 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-bench}"
 mkdir -p "$out"
-step() {   # name limit command...
-    local name=$1 lim=$2; shift 2
-    local t0=$SECONDS
-    timeout "$lim" "$@" >"$out/$name.log" 2>&1
-    echo "== $name rc=$? $((SECONDS - t0))s"
-}
+. tools/steps.sh
 for s in "$@"; do
     case $s in
     lora)

@@ -7,12 +7,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-kernels}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-step() {   # name limit command...
-    local name=$1 lim=$2; shift 2
-    local t0=$SECONDS
-    timeout "$lim" "$@" >"$out/$name.log" 2>&1
-    echo "== $name rc=$? $((SECONDS - t0))s"
-}
+. tools/steps.sh
 for s in "$@"; do
     case $s in
     build)

@@ -57,6 +57,7 @@ inline mx::Shape make_shape(const int32_t* dims, int ndim) {
 inline mx::Shape shape1(int a) { return mx::Shape{a}; }
 inline mx::Shape shape2(int a, int b) { return mx::Shape{a, b}; }
 inline mx::Shape shape3(int a, int b, int c) { return mx::Shape{a, b, c}; }
+inline mx::Shape shape4(int a, int b, int c, int d) { return mx::Shape{a, b, c, d}; }
 
 // Copy host memory into a new, evaluated array whose buffer comes from MLX's
 // own allocator (aligned as its kernels expect; on CUDA, memory the device can

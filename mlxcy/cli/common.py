@@ -7,7 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["UsageError", "check_output_dir", "run", "one_line"]
+__all__ = ["UsageError", "check_output_dir", "run", "one_line", "add_dtype", "DTYPES"]
+
+DTYPES = ("float32", "bfloat16", "float16")        # what --dtype takes
+
+
+def add_dtype(p, help="load in this dtype (default: the checkpoint's)"):
+    """A command's --dtype flag (float32, bfloat16 or float16; default: none)."""
+    p.add_argument("--dtype", default=None, choices=DTYPES, help=help)
 
 
 class UsageError(Exception):

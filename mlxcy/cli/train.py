@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlxcy.cli.common import add_dtype
+
 __all__ = ["add_parser", "cmd_lora", "cmd_fuse", "FINE_TUNE_TYPES"]
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")   # mlxcy.train.lora.FINE_TUNE_TYPES
@@ -189,8 +191,7 @@ def add_parser(subparsers, formatter_class=None) -> None:
                    help="overwrite an existing, non-empty --save-path")
     f.add_argument("--dequantize", action="store_true",
                    help="write float weights even for a quantized base")
-    f.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the float weights written (default: the base's)")
+    add_dtype(f, "dtype of the float weights written (default: the base's)")
     f.set_defaults(fn=cmd_fuse)
 
 

@@ -28,6 +28,7 @@ rank (see mlxcy.distributed_generate / docs/distributed.md).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,54 @@ class _Reader:
         return a
 
 
+def _scan(path, plan):
+    """(ModelConfig, quantization, readers, where, infos) of a checkpoint
+    directory, checked by the loader before anything is read (every tensor
+    present and shaped for the config): where maps each tensor's mlxcy name
+    to (its file's reader, its stored name), infos to (shape, dtype)."""
+    from mlxcy.models.load import scan_dir
+    path = Path(path)
+    if not path.is_dir():
+        raise ParallelPlanError(f"{path}: {plan} loading needs a safetensors checkpoint "
+                                "directory (GGUF files are not split)")
+    _, cfg, quantization, files, tensors = scan_dir(path)
+    readers = {f: _Reader(f) for f in files}
+    where = {name: (readers[f], k) for name, (f, k, _) in tensors.items()}
+    infos = {name: info for name, (_, _, info) in tensors.items()}
+    return cfg, quantization, list(readers.values()), where, infos
+
+
+@contextmanager
+def _reading(readers, *arrays):
+    """Around the reading of a rank's tensors: on failure every array read so
+    far (the dicts `arrays`) is freed; the files' memmaps are closed either way."""
+    from mlxcy.models.load import _free
+    try:
+        yield
+    except BaseException:
+        for d in arrays:
+            _free(d)
+        raise
+    finally:
+        for rd in readers:
+            del rd.mm
+
+
+def _head_linear(head, quantization, head_src, dtype, inputs, rows):
+    """The output head (a Linear of `rows` outputs) over the `head` tensors read
+    from head_src (a tied head is the embedding's rows, quantized as it is);
+    the tensors are freed."""
+    from mlxcy.models.base import Weights
+    from mlxcy.models.load import _free
+    q = quantization
+    if q is not None and head_src != "lm_head" and isinstance(q.get(head_src), (dict, bool)):
+        q = dict(q, lm_head=q[head_src])
+    try:
+        return Weights(head, q, dtype).linear("lm_head", inputs, rows)
+    finally:
+        _free(head)
+
+
 def load_tensor_parallel(path, group=None, dtype=None):
     """This rank's part of the checkpoint directory `path` as a tensor-parallel
     Model over `group` (default: mlxcy.distributed.world()).  Logits and
@@ -112,39 +161,10 @@ def load_tensor_parallel(path, group=None, dtype=None):
     from mlxcy import distributed as dist
     from mlxcy import ops
     from mlxcy.models import build_model
-    from mlxcy.models import load as L
-    from mlxcy.models.base import Weights
 
     group = dist.world() if group is None else group
     n, r = group.size, group.rank
-    path = Path(path)
-    if not path.is_dir():
-        raise ParallelPlanError(f"{path}: tensor parallel loading needs a safetensors "
-                                "checkpoint directory (GGUF files are not split)")
-    config_file = path / "config.json"
-    config = L.load_config(path)
-    text = L._text_config(config)
-    cfg = L.parse_config(config, config_file)
-    quantization = text.get("quantization")
-    qc = text.get("quantization_config")
-    if quantization is None and isinstance(qc, dict) and qc.get("quant_method"):
-        raise L.LoadError(f"{config_file}: quantization method {qc['quant_method']!r} "
-                          f"is not supported")
-    files, _ = L._weight_files(path)
-    readers = [_Reader(f) for f in files]
-    where = {}                     # normalized name -> (reader, stored name)
-    infos = {}
-    for rd in readers:
-        for k, info in rd.header.items():
-            new = cfg.spec.rename(k)
-            if new is None or new.endswith(L._DROP):
-                continue
-            if new in where:
-                raise L.LoadError(f"{rd.path}: tensor {k} also in {where[new][0].path}")
-            where[new] = (rd, k)
-            infos[new] = (info["shape"], info["dtype"])
-    L.check_tensors(infos, cfg, quantization, lambda name: config_file if name is None else path,
-                    config_file)
+    cfg, quantization, readers, where, infos = _scan(path, "tensor parallel")
     local = tensor_parallel_config(cfg, n)
     weights = {}
     head = {}
@@ -153,7 +173,7 @@ def load_tensor_parallel(path, group=None, dtype=None):
     v0, v1 = min(r * vs, V), min((r + 1) * vs, V)
     tied = cfg.tie_word_embeddings
     head_src = "model.embed_tokens" if tied else "lm_head"
-    try:
+    with _reading(readers, weights, head):
         for name, (rd, k) in where.items():
             shape = infos[name][0]
             if name.startswith(head_src + "."):
@@ -181,21 +201,7 @@ def load_tensor_parallel(path, group=None, dtype=None):
                 weights[name] = rd.read(k, cols=(r * s, (r + 1) * s))
         _check_groups(weights, local, quantization, n)
         model = build_model(local, weights, quantization=quantization, dtype=dtype)
-    except BaseException:
-        L._free(weights)
-        L._free(head)
-        raise
-    finally:
-        for rd in readers:
-            del rd.mm
-    q = quantization
-    if q is not None and head_src != "lm_head" and isinstance(q.get(head_src), (dict, bool)):
-        q = dict(q, lm_head=q[head_src])
-    try:
-        hw = Weights(head, q, dtype)
-        hl = hw.linear("lm_head", cfg.hidden_size, vs)
-    finally:
-        L._free(head)
+    hl = _head_linear(head, quantization, head_src, dtype, cfg.hidden_size, vs)
     return dist.install_tensor_parallel(model, group, hl, V, cfg)
 
 
@@ -328,72 +334,33 @@ def load_pipeline(path, group=None, dtype=None):
     on the same ids and gets the same logits, as with the tensor plan."""
     import re
     from mlxcy import distributed as dist
-    from mlxcy.models import load as L
-    from mlxcy.models.base import Weights
 
     group = dist.world() if group is None else group
     n, r = group.size, group.rank
-    path = Path(path)
-    if not path.is_dir():
-        raise ParallelPlanError(f"{path}: pipeline loading needs a safetensors checkpoint "
-                                "directory (GGUF files are not split)")
-    config_file = path / "config.json"
-    config = L.load_config(path)
-    text = L._text_config(config)
-    cfg = L.parse_config(config, config_file)
-    quantization = text.get("quantization")
+    cfg, quantization, readers, where, _ = _scan(path, "pipeline")
     l0, l1 = pipeline_stages(cfg.num_hidden_layers, n)[r]
     last = r == n - 1
     lt = list(cfg.layer_types)
     local = cfg.replace(num_hidden_layers=l1 - l0, tie_word_embeddings=True,
                         layer_types=lt[l0:l1] if lt else lt)
-    files, _ = L._weight_files(path)
     layer = re.compile(r"^(.*\.layers\.)(\d+)\.(.*)$")
     head_src = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
     weights, head = {}, {}
-    infos = {}
-    readers = [_Reader(f) for f in files]
-    try:
-        for rd in readers:
-            for k, info in rd.header.items():
-                new = cfg.spec.rename(k)
-                if new is None or new.endswith(L._DROP):
+    with _reading(readers, weights, head):
+        for name, (rd, k) in where.items():
+            if name.startswith(head_src + "."):
+                if last:
+                    head["lm_head." + name.rsplit(".", 1)[1]] = rd.read(k)
+                if not cfg.tie_word_embeddings:
                     continue
-                infos[new] = (info["shape"], info["dtype"])
-        L.check_tensors(infos, cfg, quantization, lambda name: config_file if name is None else path,
-                        config_file)
-        for rd in readers:
-            for k in rd.header:
-                new = cfg.spec.rename(k)
-                if new is None or new.endswith(L._DROP):
-                    continue
-                if new.startswith(head_src + "."):
-                    if last:
-                        head["lm_head." + new.rsplit(".", 1)[1]] = rd.read(k)
-                    if not cfg.tie_word_embeddings:
-                        continue
-                m = layer.match(new)
-                if m:
-                    i = int(m.group(2))
-                    if l0 <= i < l1:
-                        weights[f"{m.group(1)}{i - l0}.{m.group(3)}"] = rd.read(k)
-                    continue
-                weights[new] = rd.read(k)
+            m = layer.match(name)
+            if m:
+                i = int(m.group(2))
+                if l0 <= i < l1:
+                    weights[f"{m.group(1)}{i - l0}.{m.group(3)}"] = rd.read(k)
+                continue
+            weights[name] = rd.read(k)
         model = cfg.spec.build(local, weights, quantization, dtype)
-    except BaseException:
-        L._free(weights)
-        L._free(head)
-        raise
-    finally:
-        for rd in readers:
-            del rd.mm
-    hl = None
-    if last:
-        q = quantization
-        if q is not None and head_src != "lm_head" and isinstance(q.get(head_src), (dict, bool)):
-            q = dict(q, lm_head=q[head_src])
-        try:
-            hl = Weights(head, q, dtype).linear("lm_head", cfg.hidden_size, cfg.vocab_size)
-        finally:
-            L._free(head)
+    hl = (_head_linear(head, quantization, head_src, dtype, cfg.hidden_size, cfg.vocab_size)
+          if last else None)
     return dist.install_pipeline(model, group, list(range(l0, l1)), hl, cfg.vocab_size, cfg)

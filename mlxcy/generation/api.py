@@ -6,11 +6,14 @@ backend (mlxcy.backends.mlx_lm) and batch generation build on it.
 """
 from __future__ import annotations
 
+import dataclasses
+import textwrap
 import threading
 from dataclasses import dataclass, asdict, field
 from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
-__all__ = ["Token", "GenerationOptions", "Metrics", "TextModel", "OPTIONS_DOC", "options_doc",
+__all__ = ["Token", "GenerationOptions", "Metrics", "TextModel", "OPTION_HELP", "OPTIONS_DOC",
+           "options_doc",
            "sampler_for"]
 
 
@@ -157,35 +160,48 @@ class GenerationOptions:
         return bool(c())
 
 
-# Every GenerationOptions field, as the docstrings of the generation methods
-# list them (tests/generation/test_api_docs.py checks that each field is described).
-OPTIONS_DOC = """
-Options (keywords; GenerationOptions fields):
-    max_tokens=256          most tokens to generate (0: none)
-    temperature=0.0         sampling temperature; 0 is greedy
-    top_k=0                 keep the k most likely tokens (0: all)
-    top_p=1.0               nucleus sampling: the smallest set with this probability mass
-    min_p=0.0               drop tokens below min_p times the top token's probability
-    repetition_penalty=1.0  divide the logits of recent tokens by this (1: off)
-    repetition_context_size=20  how many recent tokens repetition_penalty looks at
-    presence_penalty=0.0    subtracted from the logits of tokens already generated
-    frequency_penalty=0.0   subtracted per occurrence of a token already generated
-    logit_bias=None         {token id: added logit}
-    seed=None               random seed for sampling
-    stop=[]                 stop strings (a str or a list); the text stops before them
-    stop_ids=[]             token ids that end generation (besides the tokenizer's EOS)
-    max_context=None        refuse prompt + max_tokens beyond this many tokens
-    logprobs=False          give each Token its log-probability
-    prefill_chunk=None      prompt tokens per prefill step (None: the device's default)
-    kv_bits=None            quantize the KV cache to 2-8 bits (None: float); sliding-window
-                            layers stay float
-    kv_group_size=64        elements per scale and bias of the quantized KV cache (32, 64, 128)
-    prompt_lookup=None      speculative decoding by prompt lookup: True (up to 8 draft
-                            tokens per step) or an int k; greedy output is unchanged
-    cancel=None             a threading.Event, or a callable returning True, that stops
-                            generation
-Unknown names raise TypeError; out-of-range values ValueError naming the option.
-"""
+# Every GenerationOptions field in one line (or two): the generation methods'
+# docstrings list them all (tests/generation/test_api_docs.py checks that),
+# and the `mlxcy generate/chat` flags take their help from here.
+OPTION_HELP = {
+    "max_tokens": "most tokens to generate (0: none)",
+    "temperature": "sampling temperature; 0 is greedy",
+    "top_k": "keep the k most likely tokens (0: all)",
+    "top_p": "nucleus sampling: the smallest set with this probability mass",
+    "min_p": "drop tokens below min_p times the top token's probability",
+    "repetition_penalty": "divide the logits of recent tokens by this (1: off)",
+    "repetition_context_size": "how many recent tokens repetition_penalty looks at",
+    "presence_penalty": "subtracted from the logits of tokens already generated",
+    "frequency_penalty": "subtracted per occurrence of a token already generated",
+    "logit_bias": "{token id: added logit}",
+    "seed": "random seed for sampling",
+    "stop": "stop strings (a str or a list); the text stops before them",
+    "stop_ids": "token ids that end generation (besides the tokenizer's EOS)",
+    "max_context": "refuse prompt + max_tokens beyond this many tokens",
+    "logprobs": "give each Token its log-probability",
+    "prefill_chunk": "prompt tokens per prefill step (None: the device's default)",
+    "kv_bits": "quantize the KV cache to 2-8 bits (None: float); sliding-window layers "
+               "stay float",
+    "kv_group_size": "elements per scale and bias of the quantized KV cache (32, 64, 128)",
+    "prompt_lookup": "speculative decoding by prompt lookup: True (up to 8 draft tokens per "
+                     "step) or an int k; greedy output is unchanged",
+    "cancel": "a threading.Event, or a callable returning True, that stops generation",
+}
+
+
+def _options_table() -> str:
+    lines = ["", "Options (keywords; GenerationOptions fields):"]
+    for f in dataclasses.fields(GenerationOptions):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        head = f"    {f.name}={default!r}"
+        text = textwrap.wrap(OPTION_HELP[f.name], 68)
+        lines.append(f"{head:<28}{text[0]}" if len(head) < 28 else f"{head}  {text[0]}")
+        lines += [" " * 28 + t for t in text[1:]]
+    lines.append("Unknown names raise TypeError; out-of-range values ValueError naming the option.")
+    return "\n".join(lines) + "\n"
+
+
+OPTIONS_DOC = _options_table()
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

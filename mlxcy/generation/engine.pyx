@@ -46,7 +46,8 @@ from mlxcy.native cimport rows
 from mlxcy.native cimport random as nrand
 from mlxcy.native cimport sample as nsm
 from mlxcy.native.array cimport heap
-from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2
+from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as _shape3, \
+    shape4 as _shape4
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
@@ -109,15 +110,6 @@ cdef inline void _set(na.array** slot, na.array* p) noexcept:
     if slot[0] != NULL:
         del slot[0]
     slot[0] = p
-
-
-cdef na.Shape _shape4(int a, int b, int c, int d):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
-    s.push_back(c)
-    s.push_back(d)
-    return s
 
 
 cdef vector[int] _axis(int a):
@@ -825,6 +817,15 @@ cdef class Engine:
             raise RuntimeError("engine: a prefix-cached group must be a single row")
         self.group = g
 
+    cdef void _draft_fill(self, _Batch g, Array part, int off, vector[na.array]& outs) except *:
+        """The draft model's cache takes the same prompt chunk (its output is
+        not needed: only its cache arrays join `outs`)."""
+        cdef na.array* out
+        if g.dcache is not None:
+            out = padded_forward(self.draft, part.ptr[0], g.dcache, g.pads, off, True)
+            del out
+            _cache_arrays(g.dcache, outs)
+
     cdef void _prefill_chunk(self, list events) except *:
         """Run one chunk of the group's prompts; when the last chunk is done,
         sample each row's first token and move the group into the running batch."""
@@ -849,10 +850,7 @@ cdef class Engine:
             else:
                 outs.push_back(out[0])
                 del out
-            if g.dcache is not None:
-                out = padded_forward(self.draft, part.ptr[0], g.dcache, g.pads, off, True)
-                del out
-                _cache_arrays(g.dcache, outs)
+            self._draft_fill(g, part, off, outs)
             _eval(outs)
             g.start = stop
         else:
@@ -862,10 +860,7 @@ cdef class Engine:
             g.start = T
             self._sample(g, out, True)
             outs.push_back(g.pending[0])
-            if g.dcache is not None:
-                out = padded_forward(self.draft, part.ptr[0], g.dcache, g.pads, off, True)
-                del out
-                _cache_arrays(g.dcache, outs)
+            self._draft_fill(g, part, off, outs)
             _eval(outs)
             g.ids = None
             self._retire()      # rows that finished this step leave before the group joins
@@ -1615,14 +1610,6 @@ cdef na.array* _row_p(const na.array& x, int r) except NULL:
     z.push_back(x.shape(1))
     z.push_back(x.shape(2))
     return heap(nops.reshape(nops.slice(x, a, z), _shape2(x.shape(1), x.shape(2))))
-
-
-cdef na.Shape _shape3(int a, int b, int c):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
-    s.push_back(c)
-    return s
 
 
 cdef void _adapt(_Seq s, int proposed, int accepted) except *:

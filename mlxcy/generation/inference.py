@@ -90,14 +90,10 @@ class MlxTextModel(TextModel):
 
     # -- templates -------------------------------------------------------------
     def chat_template(self):
-        from mlxcy.chat import ChatTemplate, builtin
+        from mlxcy.chat import model_template
         if self._template is None:
-            tok = self.tokenizer
-            special = {"bos_token": _tok_text(tok, tok.bos_id), "eos_token": _tok_text(tok, tok.eos_id)}
-            if self._template_str:
-                self._template = ChatTemplate(self._template_str, **special)
-            else:
-                self._template = ChatTemplate(builtin(self.model.config.model_type), **special)
+            self._template = model_template(self.tokenizer, self.model.config.model_type,
+                                            self._template_str)
         return self._template
 
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs) -> str:
@@ -327,10 +323,6 @@ def default_fuse() -> bool:
     from mlxcy import cpu_kernels
     from mlxcy.device import default_device
     return default_device().type != "cpu" or cpu_kernels.enabled() is not False
-
-
-def _tok_text(tok, i):
-    return tok.id_to_token(i) if i is not None else None
 
 
 def _trimmable(cache, n) -> bool:

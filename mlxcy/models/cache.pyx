@@ -8,7 +8,7 @@ from libcpp.vector cimport vector
 from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport ops as nops
-from mlxcy.native.array cimport heap
+from mlxcy.native.array cimport heap, shape4 as _shape4
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.tuning cimport Tuning, current
 
@@ -160,15 +160,6 @@ cdef class KVCache(LayerCache):
         n = min(n, self.offset)
         self.offset -= n
         return n
-
-
-cdef na.Shape _shape4(int a, int b, int c, int d):
-    cdef na.Shape s = na.Shape()
-    s.push_back(a)
-    s.push_back(b)
-    s.push_back(c)
-    s.push_back(d)
-    return s
 
 
 KV_BITS = (2, 3, 4, 5, 6, 8)          # MLX's affine quantization

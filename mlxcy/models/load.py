@@ -307,34 +307,40 @@ def _normalize_names(weights: dict, spec) -> dict:
     return out
 
 
-def _load_dir(d: Path, dtype=None):
+def scan_dir(d: Path):
+    """A checkpoint directory checked before any tensor is read: (config dict,
+    ModelConfig, quantization or None, weight files, tensors), tensors mapping
+    each tensor's mlxcy name to (its file, its stored name, (shape, dtype)).
+    LoadError names the file and tensor for a tensor stored twice, one the
+    index lists but no file holds, an unsupported quantization, or a tensor
+    missing or misshapen for the config (check_tensors)."""
+    d = Path(d)
     config_file = d / "config.json"
     config = load_config(d)
     text = _text_config(config)
     cfg = parse_config(config, config_file)
     files, wm = _weight_files(d)
-    # Check every tensor's name, shape and dtype against the config from the
-    # headers, before anything is read.
-    infos: dict = {}
-    origin: dict = {}
+    origin: dict = {}               # stored name -> (file, header entry)
     for f in files:
         header, _, _ = safetensors_header(f)
         for k, info in header.items():
             if k in origin:
-                raise LoadError(f"{f}: tensor {k} also in {origin[k]}")
-            origin[k] = f
-            infos[k] = (info["shape"], info["dtype"])
+                raise LoadError(f"{f}: tensor {k} also in {origin[k][0]}")
+            origin[k] = (f, info)
     if wm is not None:
         for name, fn in wm.items():
             if name not in origin:
                 raise LoadError(f"{d / fn}: tensor {name} (listed in "
                                 f"model.safetensors.index.json) is missing")
-    renamed = {}
-    for k, f in origin.items():
+    tensors: dict = {}
+    for k, (f, info) in origin.items():
         new = cfg.spec.rename(k)
-        if new is not None:
-            renamed[new] = f
-    infos = _normalize_names(infos, cfg.spec)
+        if new is None or new.endswith(_DROP):
+            continue
+        if new in tensors:
+            raise LoadError(f"{f}: tensors {k} and {tensors[new][1]} ({tensors[new][0]}) "
+                            f"are both the model's {new}")
+        tensors[new] = (f, k, (info["shape"], info["dtype"]))
     quantization = text.get("quantization")
     qc = text.get("quantization_config")
     if quantization is None and isinstance(qc, dict) and qc.get("quant_method"):
@@ -345,8 +351,13 @@ def _load_dir(d: Path, dtype=None):
     default = files[0] if len(files) == 1 else d / "model.safetensors.index.json"
 
     def where(name):
-        return config_file if name is None else renamed.get(name, default)
-    check_tensors(infos, cfg, quantization, where, config_file)
+        return config_file if name is None else tensors[name][0] if name in tensors else default
+    check_tensors({n: t[2] for n, t in tensors.items()}, cfg, quantization, where, config_file)
+    return config, cfg, quantization, files, tensors
+
+
+def _load_dir(d: Path, dtype=None):
+    config, cfg, quantization, files, _ = scan_dir(d)
     weights: dict = {}
     try:
         for f in files:

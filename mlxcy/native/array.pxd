@@ -99,6 +99,7 @@ cdef extern from "mlxcy/core.h" namespace "mlxcy" nogil:
     Shape shape1(int)
     Shape shape2(int, int)
     Shape shape3(int, int, int)
+    Shape shape4(int, int, int, int)
     array* array_from_host(const void*, const int32_t*, int, Dtype) except +
     const void* host_data(const array&)
     bool row_contiguous(const array&)

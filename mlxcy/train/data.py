@@ -29,19 +29,13 @@ from mlxcy.errors import DataError  # noqa: E402,F401  (re-exported)
 def load_for_training(model_path, dtype=None):
     """(model, tokenizer, chat template or None) for a directory or GGUF file.
     Models for training are always built unfused."""
-    from mlxcy.chat import ChatTemplate, builtin
+    from mlxcy.chat import model_template
     from mlxcy.models.load import load_model
     from mlxcy.tokenizer import Tokenizer
     model = load_model(model_path, dtype)
     tok = Tokenizer.load(model_path)
-    special = {"bos_token": tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None,
-               "eos_token": tok.id_to_token(tok.eos_id) if tok.eos_id is not None else None}
-    template = None
     try:
-        if tok.chat_template:
-            template = ChatTemplate(tok.chat_template, **special)
-        else:
-            template = ChatTemplate(builtin(model.config.model_type), **special)
+        template = model_template(tok, model.config.model_type)
     except (ValueError, KeyError):
         template = None
     return model, tok, template

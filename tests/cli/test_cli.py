@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
     make_llama_gguf(root / "model", root / "tiny.gguf")
     data = root / "data"
     data.mkdir()
-    from test_lora_cli import TEXT as PHRASE
+    from cli_models import TEXT as PHRASE
     for split, n in (("train", 8), ("valid", 4)):
         (data / f"{split}.jsonl").write_text(
             "".join(json.dumps({"text": PHRASE}) + "\n" for _ in range(n)))

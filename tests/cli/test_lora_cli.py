@@ -7,36 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from tiny_models import BASE, ids_for, rel
+from cli_models import TEXT, make_model
+from tiny_models import ids_for, rel
 
 from mlxcy.models.load import load_model
 from mlxcy.train.adapters import load_adapters
 from mlxcy.cli.train import main
-
-
-TEXT = ("the quick brown fox jumps over the lazy dog while seven wizards quietly "
-        "judge boxing matches and a mild breeze drifts past the old stone mill")
-
-
-def make_model(path):
-    """A tiny Llama with a byte-level BPE tokenizer trained on TEXT (the
-    command reads tokenizer.json with mlxcy's own BPE tokenizer)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "</s>", "<s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
-                                   bos_token="<s>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**dict(BASE, vocab_size=tok.get_vocab_size(), tie_word_embeddings=False))
-    LlamaForCausalLM(cfg).eval().save_pretrained(str(path))
-    fast.save_pretrained(str(path))
-    return tok.get_vocab_size()
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,12 @@
 timeout.  Collectives against numpy; tensor-parallel logits, incremental
 decoding and greedy ids against the single-process model (fp32); a rank
 that dies or never connects ends the run with an error within seconds."""
+import json
 import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,29 @@ WORKER = str(HERE / "dist_worker.py")
 
 def _env(**kw):
     return subproc.env(OMP_NUM_THREADS=1, **kw)
+
+
+def _hostfile(tmp_path, n):
+    """A ring hostfile of n free local ports (what mlx.launch writes)."""
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in launch.free_ports(n)]))
+    return hf
+
+
+@contextmanager
+def _two_ranks(tmp_path, action):
+    """Two workers running `action` over a ring hostfile with no launcher to
+    stop them (a 3 s deadline on their collectives); killed when the block ends."""
+    hf = _hostfile(tmp_path, 2)
+    procs = [subprocess.Popen([sys.executable, WORKER, action, str(tmp_path)],
+                              env=_env(MLX_RANK=r, MLX_HOSTFILE=hf, T=3),
+                              stderr=subprocess.PIPE) for r in range(2)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 def _launch(n, args, timeout=120, **env):
@@ -57,14 +82,7 @@ def test_survivor_watchdog_names_the_failure(tmp_path):
     # without a launcher stopping it the survivor ends by itself: MLX's ring
     # raises when the peer's socket closes; a peer that hangs instead trips
     # the deadline's watchdog (exit code 75)
-    import json
-    ports = launch.free_ports(2)
-    hf = tmp_path / "hosts.json"
-    hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
-    procs = [subprocess.Popen([sys.executable, WORKER, "die", str(tmp_path)],
-                              env=_env(MLX_RANK=r, MLX_HOSTFILE=hf, T=3),
-                              stderr=subprocess.PIPE) for r in range(2)]
-    try:
+    with _two_ranks(tmp_path, "die") as procs:
         t0 = time.monotonic()
         err = procs[0].communicate(timeout=40)[1].decode()
         assert procs[0].returncode in (1, 75), err
@@ -72,17 +90,10 @@ def test_survivor_watchdog_names_the_failure(tmp_path):
                 or "rank 0: the test's all_sum did not finish within 3 s" in err), err
         assert time.monotonic() - t0 < 30
         assert procs[1].wait(timeout=10) == 9
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
 
 
 def test_missing_peer_times_out_at_init(tmp_path):
-    import json
-    ports = launch.free_ports(2)
-    hf = tmp_path / "hosts.json"
-    hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    hf = _hostfile(tmp_path, 2)
     p = subprocess.run([sys.executable, WORKER, "ops", str(tmp_path)],
                        env=_env(MLX_RANK=0, MLX_HOSTFILE=hf, MLXCY_DIST_TIMEOUT=3),
                        stderr=subprocess.PIPE, timeout=40)
@@ -156,24 +167,13 @@ def test_kv_heads_must_divide(tiny_dirs, tmp_path):
 
 
 def test_hanging_peer_trips_the_deadline(tmp_path):
-    import json
-    ports = launch.free_ports(2)
-    hf = tmp_path / "hosts.json"
-    hf.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
-    procs = [subprocess.Popen([sys.executable, WORKER, "hang", str(tmp_path)],
-                              env=_env(MLX_RANK=r, MLX_HOSTFILE=hf, T=3),
-                              stderr=subprocess.PIPE) for r in range(2)]
-    try:
+    with _two_ranks(tmp_path, "hang") as procs:
         t0 = time.monotonic()
         err = procs[0].communicate(timeout=40)[1].decode()
         assert procs[0].returncode == 75, err
         assert "rank 0: the test's all_sum did not finish within 3 s" in err
         assert time.monotonic() - t0 < 30
         assert not (tmp_path / "survived.0.npy").exists()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
 
 
 # ------------------------------------------------------------------ generation ---

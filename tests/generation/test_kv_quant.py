@@ -5,7 +5,6 @@ within a measured distance of the float cache's, the engine batches such
 caches (rows joining, kept caches, saved sessions) as it does float ones, and
 `mlxcy generate --kv-bits` runs end to end.  Tiny random models with
 head_dim 32 (the quantization groups split head_dim)."""
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -91,7 +90,7 @@ def test_logits_near_float_and_equal_to_mlx_lm(tiny):
     if tiny.kind != "llama":
         return
     mx = pytest.importorskip("mlx.core")
-    mlx_lm = pytest.importorskip("mlx_lm")
+    pytest.importorskip("mlx_lm")
     from mlx_lm.models.cache import QuantizedKVCache as TheirCache
     from mlx_lm.utils import load_model as lm_load
     theirs = lm_load(tiny.d)[0]
@@ -213,7 +212,7 @@ def test_memory_saved(tiny):
 
 
 def test_cli_generate_kv_bits(tmp_path, capsys):
-    from test_lora_cli import make_model
+    from cli_models import make_model
     from mlxcy.cli.commands import main
     import mlxcy
     d = tmp_path / "m"

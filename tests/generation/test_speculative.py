@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mlxcy.generation.engine import Engine
+from mlxcy.generation.sample import Sampler
 from mlxcy.models.load import load_model
 from tiny_models import VOCAB, make_tiny
 

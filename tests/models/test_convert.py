@@ -136,11 +136,11 @@ def test_dtype_and_errors(hf, tmp_path):
 def test_gguf_to_hf_synthetic(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
-    from test_gguf import _tiny_gemma, _write_gguf
+    from gguf_files import tiny_gemma, write_gguf
     from mlxcy.models import gguf as G
-    t, meta = _tiny_gemma(np.random.default_rng(5))
+    t, meta = tiny_gemma(np.random.default_rng(5))
     p = tmp_path / "g.gguf"
-    _write_gguf(p, "gemma3", t, meta)
+    write_gguf(p, "gemma3", t, meta)
     d = C.convert_gguf_to_hf(p, tmp_path / "hf", dtype="float32", tokenizer=False)
     ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     w, _, _ = G.load_gguf(p, dtype="float32")

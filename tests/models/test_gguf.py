@@ -12,6 +12,8 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
 from gguf.constants import GGMLQuantizationType as Q  # noqa: E402
 
+from gguf_files import tiny_gemma, write_gguf  # noqa: E402
+
 
 def llamacpp_permute(w, n_head):
     """convert_hf_to_gguf.py's LlamaModel.permute (HF rows → llama.cpp rows)."""
@@ -165,54 +167,10 @@ def test_dequantized_and_bf16_paths(smol, smol_reader):
         L._free(w)
 
 
-def _write_gguf(path, arch, tensors, meta, truncate=0):
-    wr = gguf.GGUFWriter(str(path), arch)
-    for k, v in meta.items():
-        if isinstance(v, float):
-            wr.add_float32(k, v)
-        elif isinstance(v, int):
-            wr.add_uint32(k, v)
-        else:
-            wr.add_string(k, v)
-    for name, arr in tensors.items():
-        wr.add_tensor(name, arr)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    if truncate:
-        data = path.read_bytes()
-        path.write_bytes(data[:-truncate])
-
-
-def _tiny_gemma(rng, layers=2, h=32, hd=16, ffn=64, vocab=50):
-    t = {"token_embd.weight": rng.standard_normal((vocab, h)).astype(np.float32),
-         "output_norm.weight": (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)}
-    for i in range(layers):
-        p = f"blk.{i}."
-        t.update({p + "attn_q.weight": rng.standard_normal((2 * hd, h)).astype(np.float16),
-                  p + "attn_k.weight": rng.standard_normal((hd, h)).astype(np.float16),
-                  p + "attn_v.weight": rng.standard_normal((hd, h)).astype(np.float16),
-                  p + "attn_output.weight": rng.standard_normal((h, 2 * hd)).astype(np.float16),
-                  p + "ffn_gate.weight": rng.standard_normal((ffn, h)).astype(np.float16),
-                  p + "ffn_up.weight": rng.standard_normal((ffn, h)).astype(np.float16),
-                  p + "ffn_down.weight": rng.standard_normal((h, ffn)).astype(np.float16)})
-        for n, d in (("attn_norm", h), ("post_attention_norm", h), ("ffn_norm", h),
-                     ("post_ffw_norm", h), ("attn_q_norm", hd), ("attn_k_norm", hd)):
-            t[p + n + ".weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-    meta = {"gemma3.context_length": 128, "gemma3.embedding_length": h,
-            "gemma3.block_count": layers, "gemma3.feed_forward_length": ffn,
-            "gemma3.attention.head_count": 2, "gemma3.attention.head_count_kv": 1,
-            "gemma3.attention.key_length": hd, "gemma3.attention.value_length": hd,
-            "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.rope.freq_base": 1e6,
-            "gemma3.attention.sliding_window": 16}
-    return t, meta
-
-
 def test_gemma_synthetic(tmp_path):
-    t, meta = _tiny_gemma(np.random.default_rng(2))
+    t, meta = tiny_gemma(np.random.default_rng(2))
     p = tmp_path / "g.gguf"
-    _write_gguf(p, "gemma3", t, meta)
+    write_gguf(p, "gemma3", t, meta)
     w, cfg, q = G.load_gguf(p, dtype="float32")
     try:
         assert q is None
@@ -237,9 +195,9 @@ def test_gemma_synthetic(tmp_path):
 
 def test_gguf_errors(tmp_path):
     rng = np.random.default_rng(3)
-    t, meta = _tiny_gemma(rng)
+    t, meta = tiny_gemma(rng)
     p = tmp_path / "trunc.gguf"
-    _write_gguf(p, "gemma3", t, meta, truncate=64)
+    write_gguf(p, "gemma3", t, meta, truncate=64)
     with pytest.raises(G.GGUFError, match=r"trunc\.gguf.*truncated"):
         L.load_model(p)
     p = tmp_path / "magic.gguf"
@@ -247,7 +205,7 @@ def test_gguf_errors(tmp_path):
     with pytest.raises(G.GGUFError, match=r"magic\.gguf.*not a GGUF"):
         L.load_config(p)
     p = tmp_path / "arch.gguf"
-    _write_gguf(p, "mamba", {"x": np.zeros(4, np.float32)}, {})
+    write_gguf(p, "mamba", {"x": np.zeros(4, np.float32)}, {})
     with pytest.raises(G.GGUFError, match=r"arch\.gguf.*mamba"):
         L.load_model(p)
     # a tensor of the wrong shape: named, and the loaded arrays are freed
@@ -255,7 +213,7 @@ def test_gguf_errors(tmp_path):
     t2 = dict(t)
     t2["blk.1.ffn_up.weight"] = t["blk.1.ffn_up.weight"][:32]
     p = tmp_path / "shape.gguf"
-    _write_gguf(p, "gemma3", t2, meta)
+    write_gguf(p, "gemma3", t2, meta)
     # Twice: the first load on a GPU may leave one-time backend state (64 bytes
     # seen on an H200); a failed load must not leave anything of its own.
     for _ in range(2):
@@ -267,7 +225,7 @@ def test_gguf_errors(tmp_path):
     t3 = dict(t)
     del t3["blk.0.attn_v.weight"]
     p = tmp_path / "missing.gguf"
-    _write_gguf(p, "gemma3", t3, meta)
+    write_gguf(p, "gemma3", t3, meta)
     with pytest.raises(L.LoadError, match=r"missing\.gguf.*v_proj\.weight.*missing"):
         L.load_model(p)
 

@@ -184,6 +184,49 @@ def test_wrong_shape_and_dtype(llama_dir):
         L.load_model(d)
 
 
+def test_scan_refuses_two_names_for_one_tensor(tmp_path):
+    """Gemma 3's multimodal prefix (model.language_model.) is renamed to the
+    text model's: a checkpoint holding a tensor under both names is refused."""
+    make_tiny("gemma3_text", tmp_path, tokenizer=False)
+    w, _ = L.read_safetensors(tmp_path / "model.safetensors")
+    arrays = {k: v.numpy() for k, v in w.items()}
+    L._free(w)
+    arrays["model.language_model.norm.weight"] = arrays["model.norm.weight"]
+    _rewrite(tmp_path / "model.safetensors", arrays)
+    with pytest.raises(L.LoadError, match=r"model\.safetensors: tensors .*norm\.weight and "
+                                          r".*norm\.weight .* are both the model's "
+                                          r"model\.norm\.weight"):
+        L.load_model(tmp_path)
+
+
+def test_scan_refuses_ambiguous_or_unsupported_checkpoints(llama_dir):
+    """What the loader (and the tensor-/pipeline-parallel loaders, through
+    scan_dir) refuses before reading a tensor, naming the file and tensor."""
+    d, arrays = llama_dir
+    config, cfg, quantization, files, tensors = L.scan_dir(d)
+    assert files == [d / "model.safetensors"] and quantization is None
+    assert tensors["model.norm.weight"] == (d / "model.safetensors", "model.norm.weight",
+                                            ([64], "F32"))
+    assert set(tensors) == set(arrays)
+    # one tensor in two shards (no index: every model*.safetensors is read)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    _rewrite(d / "model-00002-of-00002.safetensors", {"model.norm.weight": arrays["model.norm.weight"]})
+    with pytest.raises(L.LoadError, match=r"model-00002-of-00002\.safetensors: tensor "
+                                          r"model\.norm\.weight also in .*model-00001-of"):
+        L.load_model(d)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    (d / "model-00001-of-00002.safetensors").rename(d / "model.safetensors")
+    cfg_json = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg_json, quantization=4)))
+    with pytest.raises(L.LoadError, match=r"config\.json: 'quantization' must be an object"):
+        L.load_model(d)
+    (d / "config.json").write_text(json.dumps(dict(cfg_json, quantization_config={
+        "quant_method": "gptq"})))
+    with pytest.raises(L.LoadError, match=r"config\.json: quantization method 'gptq' is not "
+                                          r"supported"):
+        L.load_model(d)
+
+
 def test_error_frees_loaded_arrays(llama_dir):
     memory = pytest.importorskip("mlxcy.memory")
     d, arrays = llama_dir

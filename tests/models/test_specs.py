@@ -189,7 +189,7 @@ def test_shape_mismatch_names_config_keys(tiny_dir, tmp_path):
 
 
 def _tiny_llama_gguf(path, **meta_changes):
-    from test_gguf import _write_gguf
+    from gguf_files import write_gguf
     rng = np.random.default_rng(0)
     h, hd, ffn, vocab = 32, 8, 48, 40
     t = {"token_embd.weight": rng.standard_normal((vocab, h)).astype(np.float32),
@@ -210,7 +210,7 @@ def _tiny_llama_gguf(path, **meta_changes):
             "llama.attention.head_count_kv": 2, "llama.attention.layer_norm_rms_epsilon": 1e-5,
             "llama.rope.freq_base": 10000.0}
     meta.update(meta_changes)
-    _write_gguf(path, "llama", t, meta)
+    write_gguf(path, "llama", t, meta)
     return path
 
 

@@ -16,11 +16,12 @@ import mlxcy  # noqa: E402
 from mlxcy.models.load import load_model  # noqa: E402
 from mlxcy.train.lora import LoRA, TrainStep, make_batch_arrays  # noqa: E402
 from mlxcy.train.optim import AdamW, SGD  # noqa: E402
-from mlxcy.train.adapters import save_adapters, load_adapters, fuse_model  # noqa: E402
+from mlxcy.train.adapters import save_adapters, fuse_model  # noqa: E402
 
 from tiny_models import save_tokenizer, rel, VOCAB  # noqa: E402
+from lora_refs import KEYS3, batch as _batch, central_difference, logits_with_adapters, \
+    lora as lora_math, save_mlx_lm_adapters, torch_grads  # noqa: E402
 
-KEYS3 = ["q_proj", "v_proj", "down_proj"]
 
 
 def _hf(path, layers=2, seed=0, **kw):
@@ -57,47 +58,6 @@ def _rand_params(lora, seed=3, scale_b=0.05):
     return {k: np.array(v) for k, v in w.items()}
 
 
-def _batch(seed=1, B=3, T=14):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
-    offsets = np.array([0, 3, 5][:B], np.int32)
-    lengths = np.array([T, T - 4, T - 2][:B], np.int32)
-    for i in range(B):
-        ids[i, lengths[i]:] = 0
-    return ids, offsets, lengths
-
-
-def _torch_grads(hf, params, keys, scale, ids, offsets, lengths, nlayers):
-    """Loss and gradients of the same LoRA math in PyTorch (hooks on HF modules)."""
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    hooks = []
-    L = hf.config.num_hidden_layers
-    for i in range(L - nlayers, L):
-        layer = hf.model.layers[i]
-        for key in keys:
-            full = {"q_proj": "self_attn.q_proj", "v_proj": "self_attn.v_proj",
-                    "down_proj": "mlp.down_proj", "k_proj": "self_attn.k_proj",
-                    "o_proj": "self_attn.o_proj", "up_proj": "mlp.up_proj",
-                    "gate_proj": "mlp.gate_proj"}[key]
-            mod = layer.get_submodule(full)
-            a, b = tp[f"model.layers.{i}.{full}.lora_a"], tp[f"model.layers.{i}.{full}.lora_b"]
-            hooks.append(mod.register_forward_hook(
-                lambda m, inp, out, a=a, b=b: out + scale * ((inp[0] @ a) @ b)))
-    try:
-        x, y, mask = make_batch_arrays(ids, offsets, lengths)
-        logits = hf(torch.tensor(x, dtype=torch.long)).logits
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               torch.tensor(y, dtype=torch.long).reshape(-1),
-                                               reduction="none").reshape(y.shape)
-        m = torch.tensor(mask)
-        loss = (ce * m).sum() / m.sum()
-        loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    return loss.item(), {k: v.grad.numpy() for k, v in tp.items()}
-
-
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_grads_match_pytorch(tiny, checkpoint):
     d, hf = tiny
@@ -107,7 +67,7 @@ def test_grads_match_pytorch(tiny, checkpoint):
     ids, off, ln = _batch()
     loss, ntoks, grads = TrainStep(lora, None, grad_checkpoint=checkpoint).value_and_grad(
         ids, off, ln)
-    tl, tg = _torch_grads(hf, params, KEYS3, 2.0, ids, off, ln, 2)
+    tl, tg = torch_grads(hf, params, lora_math(2.0), KEYS3, ids, off, ln, 2)
     assert int(ntoks.item()) == int(make_batch_arrays(ids, off, ln)[2].sum())
     assert abs(loss.item() - tl) / abs(tl) < 1e-5
     for name, g in zip(lora.parameter_names(), grads):
@@ -130,13 +90,7 @@ def test_grads_match_finite_differences(tiny):
     rng = np.random.default_rng(0)
     for _ in range(4):
         idx = tuple(rng.integers(0, s) for s in base.shape)
-        vals = []
-        for sgn in (1, -1):
-            p = base.copy()
-            p[idx] += sgn * 1e-2
-            lora.set_parameters({name: mlxcy.array(p.astype(np.float32))}, strict=False)
-            vals.append(step.evaluate(ids, off, ln))
-        fd = (vals[0][0] / vals[0][1] - vals[1][0] / vals[1][1]) / 2e-2
+        fd = central_difference(step, lora, name, base, idx, ids, off, ln)
         assert abs(fd - g[idx]) <= 2e-3 * max(1.0, abs(fd)), (idx, fd, g[idx])
     model.close()
 
@@ -298,10 +252,7 @@ def test_save_load_identical_logits(tiny, tmp_path):
     assert cfg["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj",
                                               "mlp.down_proj"]
     model.close()
-    m2 = load_model(d)
-    load_adapters(m2, tmp_path / "ad")
-    np.testing.assert_array_equal(np.array(m2(ids)), want)
-    m2.close()
+    np.testing.assert_array_equal(logits_with_adapters(d, tmp_path / "ad", ids), want)
 
 
 def test_mlx_lm_loads_ours_and_we_load_theirs(tiny, tmp_path):
@@ -331,17 +282,12 @@ def test_mlx_lm_loads_ours_and_we_load_theirs(tiny, tmp_path):
     for k, v in tree_flatten(ref.trainable_parameters()):
         upd.append((k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.05)))
     ref.load_weights(upd, strict=False)
-    (tmp_path / "theirs").mkdir()
-    mx.save_safetensors(str(tmp_path / "theirs" / "adapters.safetensors"), dict(upd))
-    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2,
-         "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.0,
-                             "keys": ["self_attn.k_proj", "mlp.up_proj"]}}))
+    save_mlx_lm_adapters(tmp_path / "theirs", upd, {
+        "fine_tune_type": "lora", "num_layers": 2,
+        "lora_parameters": {"rank": 2, "scale": 5.0, "dropout": 0.0,
+                            "keys": ["self_attn.k_proj", "mlp.up_proj"]}})
     want = np.array(ref(mx.array(ids)).astype(mx.float32))
-    m2 = load_model(d)
-    load_adapters(m2, tmp_path / "theirs")
-    assert rel(np.array(m2(ids)), want) < 1e-4
-    m2.close()
+    assert rel(logits_with_adapters(d, tmp_path / "theirs", ids), want) < 1e-4
 
 
 def test_merge_unmerge_and_fuse_float(tiny, tmp_path):

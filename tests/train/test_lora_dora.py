@@ -13,14 +13,14 @@ tf = pytest.importorskip("transformers")
 
 import mlxcy  # noqa: E402
 from mlxcy.models.load import load_model  # noqa: E402
-from mlxcy.train.lora import LoRA, TrainStep, make_batch_arrays  # noqa: E402
+from mlxcy.train.lora import LoRA, TrainStep  # noqa: E402
 from mlxcy.train.optim import AdamW  # noqa: E402
 from mlxcy.train.adapters import save_adapters, load_adapters, fuse_model  # noqa: E402
 
 from tiny_models import make_tiny, rel, VOCAB  # noqa: E402
+from lora_refs import KEYS3, batch as _batch, central_difference, dora as dora_math, \
+    logits_with_adapters, save_mlx_lm_adapters, torch_grads, torch_loss  # noqa: E402
 
-KEYS3 = ["q_proj", "v_proj", "down_proj"]
-FULL = {"q_proj": "self_attn.q_proj", "v_proj": "self_attn.v_proj", "down_proj": "mlp.down_proj"}
 
 
 @pytest.fixture(scope="module")
@@ -44,50 +44,6 @@ def _perturb(lora, seed=3, s=0.05):
     return {k: np.array(v) for k, v in w.items()}
 
 
-def _batch(seed=1, B=3, T=14):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
-    off = np.array([0, 3, 5][:B], np.int32)
-    ln = np.array([T, T - 4, T - 2][:B], np.int32)
-    return ids, off, ln
-
-
-def _torch_loss(hf, ids, off, ln):
-    x, y, mask = make_batch_arrays(ids, off, ln)
-    logits = hf(torch.tensor(x, dtype=torch.long)).logits
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           torch.tensor(y, dtype=torch.long).reshape(-1),
-                                           reduction="none").reshape(y.shape)
-    m = torch.tensor(mask)
-    return (ce * m).sum() / m.sum()
-
-
-def _torch_dora_grads(hf, params, scale, ids, off, ln, nlayers):
-    """DoRA written out in PyTorch as mlx-lm's DoRALinear (hooks on the HF layers):
-    out = m / ||W + s (A B).T||_row (no gradient through the norm) * (W x + s x A B)."""
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    hooks = []
-    L = hf.config.num_hidden_layers
-    for i in range(L - nlayers, L):
-        for key in KEYS3:
-            mod = hf.model.layers[i].get_submodule(FULL[key])
-            p = f"model.layers.{i}.{FULL[key]}."
-            a, b, m = tp[p + "lora_a"], tp[p + "lora_b"], tp[p + "m"]
-
-            def hook(mod, inp, out, a=a, b=b, m=m):
-                adapted = mod.weight + scale * (a @ b).T
-                g = m / torch.linalg.norm(adapted, dim=1).detach()
-                return g * (out + scale * ((inp[0] @ a) @ b))
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        loss = _torch_loss(hf, ids, off, ln)
-        loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    return loss.item(), {k: v.grad.numpy() for k, v in tp.items()}
-
-
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_dora_grads_match_pytorch(tiny, checkpoint):
     d, hf = tiny
@@ -100,7 +56,7 @@ def test_dora_grads_match_pytorch(tiny, checkpoint):
     ids, off, ln = _batch()
     loss, _, grads = TrainStep(lora, None, grad_checkpoint=checkpoint).value_and_grad(
         ids, off, ln)
-    tl, tg = _torch_dora_grads(hf, params, 2.0, ids, off, ln, 2)
+    tl, tg = torch_grads(hf, params, dora_math(2.0), KEYS3, ids, off, ln, 2)
     assert abs(loss.item() - tl) / abs(tl) < 1e-5
     for name, g in zip(lora.parameter_names(), grads):
         assert np.abs(tg[name]).max() > 0, name
@@ -125,14 +81,7 @@ def test_dora_grad_of_m_matches_finite_differences(tiny):
         rng = np.random.default_rng(which)
         for _ in range(3):
             idx = tuple(rng.integers(0, s) for s in base.shape)
-            vals = []
-            for sgn in (1, -1):
-                p = base.copy()
-                p[idx] += sgn * 1e-2
-                lora.set_parameters({name: mlxcy.array(p.astype(np.float32))}, strict=False)
-                vals.append(step.evaluate(ids, off, ln))
-            lora.set_parameters({name: mlxcy.array(base.astype(np.float32))}, strict=False)
-            fd = (vals[0][0] / vals[0][1] - vals[1][0] / vals[1][1]) / 2e-2
+            fd = central_difference(step, lora, name, base, idx, ids, off, ln)
             assert abs(fd - g[idx]) <= 3e-3 * max(1.0, abs(fd)), (name, idx, fd, g[idx])
     model.close()
 
@@ -147,7 +96,7 @@ def test_full_grads_match_pytorch(tiny):
     ids, off, ln = _batch()
     loss, _, grads = TrainStep(lora, None).value_and_grad(ids, off, ln)
     hf.zero_grad()
-    tl = _torch_loss(hf, ids, off, ln)
+    tl = torch_loss(hf, ids, off, ln)
     tl.backward()
     assert abs(loss.item() - tl.item()) / tl.item() < 1e-5
     for name, g in zip(names, grads):
@@ -218,14 +167,9 @@ def test_we_load_mlx_lm_dora(tiny, tmp_path):
     assert any(k.endswith(".m") for k, _ in upd)
     ref.load_weights(upd, strict=False)
     want = np.array(ref(mx.array(ids)).astype(mx.float32))
-    (tmp_path / "theirs").mkdir()
-    mx.save_safetensors(str(tmp_path / "theirs" / "adapters.safetensors"), dict(upd))
-    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "dora", "num_layers": 2, "lora_parameters": lp}))
-    m2 = load_model(d)
-    load_adapters(m2, tmp_path / "theirs")
-    assert rel(np.array(m2(ids)), want) < 1e-5
-    m2.close()
+    save_mlx_lm_adapters(tmp_path / "theirs", upd,
+                         {"fine_tune_type": "dora", "num_layers": 2, "lora_parameters": lp})
+    assert rel(logits_with_adapters(d, tmp_path / "theirs", ids), want) < 1e-5
 
 
 def test_dora_merge_remove_and_fuse(tiny, tmp_path):
@@ -249,7 +193,7 @@ def test_dora_merge_remove_and_fuse(tiny, tmp_path):
     assert rel(np.array(fused(ids)), want) < 1e-5
     fused.close()
     # mlx-lm's fuse of the same adapters gives the same weights
-    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx.core")
     mlx_lm = pytest.importorskip("mlx_lm")
     ref, _ = mlx_lm.load(str(d), adapter_path=str(tmp_path / "ad"))
     fused_ref = dict(ref.model.layers[1].mlp.down_proj.fuse().parameters())
@@ -260,7 +204,7 @@ def test_dora_merge_remove_and_fuse(tiny, tmp_path):
 
 
 def test_dora_on_quantized_base_matches_mlx_lm(tiny, tmp_path):
-    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx.core")
     pytest.importorskip("mlx_lm")
     from mlx_lm.convert import convert
     d, _ = tiny
@@ -331,7 +275,7 @@ def test_full_rejects_quantized_model(tiny, tmp_path):
 
 @pytest.mark.parametrize("ft", ["dora", "full"])
 def test_cli_fine_tune_type_trains_and_fuses(tmp_path, capsys, ft):
-    from test_lora_cli import make_model, TEXT
+    from cli_models import make_model, TEXT
     from mlxcy.cli.train import main
     make_model(tmp_path / "model")
     data = tmp_path / "data"
