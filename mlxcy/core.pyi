@@ -71,6 +71,9 @@ float64: Dtype
 bfloat16: Dtype
 complex64: Dtype
 
+def physical_memory() -> int:
+    """Bytes of the machine's memory (0 where the OS does not say)."""
+
 def dtype(obj: _DtypeLike) -> Dtype:
     """Return the mlxcy Dtype for a Dtype, name or numpy dtype."""
 
