@@ -20,6 +20,8 @@ import time
 import traceback
 from collections import defaultdict
 
+from mlxcy import memory
+
 from .errors import APIError
 
 __all__ = ["Worker", "Submission", "Item", "merged_items"]
@@ -96,13 +98,18 @@ class Worker:
     """Owns model + engine + prefix cache on one thread.
 
     Worker(model_path, max_batch=32, max_queue=256, kv_budget=1 GiB, metrics=None,
-           dtype=None, prefill_chunk=None, engine_factory=None)
+           dtype=None, prefill_chunk=None, prompt_lookup=None, draft_model=None,
+           num_draft=4, kv_bits=None, kv_group_size=64, engine_factory=None)
+    prompt_lookup (None, True or K) is handed to every sequence; draft_model
+    (a path) makes the engine verify num_draft drafted tokens per step; kv_bits
+    quantizes the KV cache (the prefix cache keeps it quantized).
     start() loads the model on the thread and returns once it is ready (or
     raises what loading raised)."""
 
     def __init__(self, model_path, *, max_batch=32, max_queue=256, kv_budget=1 << 30,
-                 metrics=None, dtype=None, prefill_chunk=None, engine_factory=None,
-                 load_options=None):
+                 metrics=None, dtype=None, prefill_chunk=None, prompt_lookup=None,
+                 draft_model=None, num_draft=4, kv_bits=None, kv_group_size=64,
+                 engine_factory=None, load_options=None):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -115,7 +122,12 @@ class Worker:
         self.dtype = dtype
         self.prefill_chunk = prefill_chunk
         self.engine_factory = engine_factory
+        self.prompt_lookup = prompt_lookup
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.load_options = dict(load_options or {})
+        if draft_model is not None:
+            self.load_options.update(draft_model=draft_model, num_draft=num_draft)
+        self._spec_seen = {}                # engine stats already added to the metrics
         self._cond = threading.Condition()
         self._inbox = []
         self._live = 0                      # submissions accepted and not ended
@@ -208,15 +220,20 @@ class Worker:
         self.text_model = load(self.model_path, backend="mlx", **opts)
         self._make_engine()
         from .prefix_cache import PrefixCache
-        self.prefix = PrefixCache(self.text_model.model.make_cache, self.kv_budget) \
+        self.prefix = PrefixCache(self.engine.make_cache, self.kv_budget) \
             if self.kv_budget > 0 else None
 
     def _make_engine(self):
         factory = self.engine_factory
         if factory is None:
             from mlxcy.engine import Engine as factory
-        self.engine = factory(self.text_model.model, max_batch=self.max_batch,
-                              prefill_chunk=self.prefill_chunk)
+        tm = self.text_model
+        self.engine = factory(tm.model, max_batch=self.max_batch,
+                              prefill_chunk=self.prefill_chunk,
+                              draft_model=getattr(tm, "draft_model", None),
+                              num_draft=getattr(tm, "num_draft", 4), kv_bits=self.kv_bits,
+                              kv_group_size=self.kv_group_size)
+        self._spec_seen = {}
 
     def _main(self):
         try:
@@ -264,6 +281,9 @@ class Worker:
             m.queue_depth.set(self.num_waiting)
             if self.prefix is not None:
                 m.cache_bytes.set(self.prefix.bytes)
+            self._spec_seen = m.add_engine_stats(self.engine.stats, self._spec_seen)
+            m.mlx_active.set(memory.get_active_memory())
+            m.mlx_cache.set(memory.get_cache_memory())
 
     def _admit(self, sub, out):
         if sub.cancelled:
@@ -292,7 +312,8 @@ class Worker:
             sid = self.engine.add(sub.prompt_ids, sampler=sampler, max_tokens=sub.max_tokens,
                                   stop_ids=sub.stop_ids, logprobs=sub.logprobs,
                                   top_logprobs=sub.top_logprobs, cache=cache,
-                                  keep_cache=self.prefix is not None, token_mask=mask)
+                                  keep_cache=self.prefix is not None, token_mask=mask,
+                                  prompt_lookup=self.prompt_lookup)
         except Exception as e:  # noqa: BLE001 - a bad request must not stop the thread
             self._fail(sub, e, out)
             return
