@@ -218,6 +218,11 @@ class Worker:
         if self.dtype:
             opts["dtype"] = self.dtype
         self.text_model = load(self.model_path, backend="mlx", **opts)
+        hd = self.text_model.model.config.head_dim
+        if self.kv_bits is not None and hd % self.kv_group_size:
+            self.text_model.close()
+            raise ValueError(f"kv_group_size {self.kv_group_size}: the model's head dimension "
+                             f"{hd} is not a multiple of it; pick one that divides {hd}")
         self._make_engine()
         from .prefix_cache import PrefixCache
         self.prefix = PrefixCache(self.engine.make_cache, self.kv_budget) \
