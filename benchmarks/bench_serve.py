@@ -91,7 +91,7 @@ def _tokenizer_for_shape(d: Path, shape: str) -> None:
 
 
 class Server:
-    def __init__(self, kind, path, max_batch, log):
+    def __init__(self, kind, path, max_batch, log, extra=()):
         self.kind, self.port = kind, free_port()
         if kind == "mlxcy":
             cmd = [sys.executable, "-m", "mlxcy", "serve", "--model", str(path), "--port",
@@ -101,6 +101,7 @@ class Server:
             cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port",
                    str(self.port), "--decode-concurrency", str(max_batch),
                    "--prompt-concurrency", str(max_batch), "--log-level", "WARNING"]
+        cmd += list(extra)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=str(ROOT))
         t0 = time.time()

@@ -522,6 +522,9 @@ async def health(request: Request, st: ServerState):
 
 @endpoint("metrics")
 async def metrics(request: Request, st: ServerState):
+    from mlxcy import memory
+    st.metrics.mlx_active.set(memory.get_active_memory())      # now, not at the last step
+    st.metrics.mlx_cache.set(memory.get_cache_memory())
     return Response(st.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -20,8 +20,6 @@ import time
 import traceback
 from collections import defaultdict
 
-from mlxcy import memory
-
 from .errors import APIError
 
 __all__ = ["Worker", "Submission", "Item", "merged_items"]
@@ -251,10 +249,11 @@ class Worker:
         self._ready.set()
         self.seqs = {}                  # engine sid -> _Seq
         self.by_sub = {}                # id(submission) -> _Seq
+        busy = False
         try:
             while True:
                 with self._cond:
-                    while not self._inbox and not self._stop and not self.engine.has_work():
+                    while not (self._inbox or self._stop or busy or self.engine.has_work()):
                         self._cond.wait(1.0)
                     if self._stop:
                         break
@@ -269,6 +268,12 @@ class Worker:
                         arg()
                 if self.engine.has_work():
                     self._step(out)
+                    busy = True
+                elif busy:
+                    # the last sequences ended (or were cancelled): one more step
+                    # retires their rows, so an idle server holds no batch
+                    self._step(out)
+                    busy = False
                 self._gauges()
                 self._deliver(out)
         except BaseException:  # noqa: BLE001 - the thread must say why it died
@@ -287,8 +292,6 @@ class Worker:
             if self.prefix is not None:
                 m.cache_bytes.set(self.prefix.bytes)
             self._spec_seen = m.add_engine_stats(self.engine.stats, self._spec_seen)
-            m.mlx_active.set(memory.get_active_memory())
-            m.mlx_cache.set(memory.get_cache_memory())
 
     def _admit(self, sub, out):
         if sub.cancelled:
