@@ -361,6 +361,21 @@ def test_metrics_exposition(srv, client):
     assert float(line.split()[-1]) >= 1
 
 
+def test_padding_ids_have_no_text(srv, client):
+    """The model's vocabulary (151936) is wider than the tokenizer's (151669):
+    a sampled padding id adds no text and fails nothing (it stopped the engine
+    thread once, found by the soak)."""
+    r = client.completions.create(model=MODEL, prompt="pad", max_tokens=4, temperature=0,
+                                  logit_bias={"151800": 100}, logprobs=1)
+    assert r.choices[0].text == "" and r.usage.completion_tokens == 4
+    assert r.choices[0].logprobs.tokens == [""] * 4
+    parts = [ch.choices[0].text for ch in client.completions.create(
+        model=MODEL, prompt="pad", max_tokens=3, temperature=0, logit_bias={"151800": 100},
+        stream=True) if ch.choices]
+    assert "".join(parts) == ""
+    assert H.request(srv[1].port, "GET", "/health")[0] == 200 and srv[0].alive
+
+
 def test_shared_prefix_outputs_equal_uncached(srv, client, tiny):
     """Prompts sharing a long prefix (a system prompt) reuse its KV from the
     prefix tree: cached_tokens counts it, and every reply equals transformers'

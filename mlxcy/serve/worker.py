@@ -291,7 +291,8 @@ class Worker:
             m.queue_depth.set(self.num_waiting)
             if self.prefix is not None:
                 m.cache_bytes.set(self.prefix.bytes)
-            self._spec_seen = m.add_engine_stats(self.engine.stats, self._spec_seen)
+            self._spec_seen = m.add_engine_stats(getattr(self.engine, "stats", {}),
+                                                 self._spec_seen)
 
     def _admit(self, sub, out):
         if sub.cancelled:
@@ -357,43 +358,56 @@ class Worker:
             return
         self.steps += 1
         now = time.perf_counter()
-        m = self.metrics
         for ev in events:
             seq = self.seqs.get(ev.seq_id)
             if seq is None:              # cancelled here already
                 self._keep(ev.cache, None)
                 continue
-            sub = seq.sub
-            if ev.token is not None and ev.token >= 0:
-                tok = int(ev.token)
-                seq.generated.append(tok)
-                sub.completion_tokens += 1
-                if m is not None:
-                    m.generation_tokens.inc()
-                    if seq.t_last is None:
-                        m.ttft.observe(now - sub.t_arrival)
-                    else:
-                        m.itl.observe(now - seq.t_last)
-                seq.t_last = now
-                if tok in sub.stop_ids and ev.finish_reason == "stop":
-                    text, hit = "", False
+            try:
+                self._event(seq, ev, now, out)
+            except Exception as e:  # noqa: BLE001 - one sequence fails, the others go on
+                log.error("sequence %d failed:\n%s", ev.seq_id, traceback.format_exc())
+                if ev.cache is not None:
+                    ev.cache.free()
+                self.engine.cancel(seq.sid)
+                self._fail(seq.sub, APIError(500, f"generation failed: {type(e).__name__}: "
+                                                  f"{e}", "server_error"), out, seq)
+
+    def _event(self, seq, ev, now, out):
+        """Turn one engine Event of `seq` into its client's items."""
+        sub = seq.sub
+        m = self.metrics
+        if ev.token is not None and ev.token >= 0:
+            tok = int(ev.token)
+            seq.generated.append(tok)
+            sub.completion_tokens += 1
+            if m is not None:
+                m.generation_tokens.inc()
+                if seq.t_last is None:
+                    m.ttft.observe(now - sub.t_arrival)
                 else:
-                    text, hit = seq.text.push(tok)
-                out[sub.loop].append((sub, Item("tok", text, tok, ev.logprob, ev.top_logprobs)))
-                if hit:          # a stop string: end here, whatever the engine said
-                    cache = ev.cache
-                    if ev.finish_reason is None:     # finish() hands back the cache
-                        cache = self.engine.finish(seq.sid, "stop")
-                    self._keep(cache, seq)
-                    self._end(seq, sub, "stop", out)
-                    continue
-            if ev.finish_reason is not None:
-                if not seq.ended and ev.finish_reason != "cancelled":
-                    tail = seq.text.finish()
-                    if tail:
-                        out[sub.loop].append((sub, Item("tok", tail)))
-                self._keep(ev.cache, seq)
-                self._end(seq, sub, ev.finish_reason, out)
+                    m.itl.observe(now - seq.t_last)
+            seq.t_last = now
+            if (tok in sub.stop_ids and ev.finish_reason == "stop") or \
+                    self.text_model.tokenizer.id_to_token(tok) is None:
+                text, hit = "", False      # an end token, or a padding id with no text
+            else:
+                text, hit = seq.text.push(tok)
+            out[sub.loop].append((sub, Item("tok", text, tok, ev.logprob, ev.top_logprobs)))
+            if hit:          # a stop string: end here, whatever the engine said
+                cache = ev.cache
+                if ev.finish_reason is None:     # finish() hands back the cache
+                    cache = self.engine.finish(seq.sid, "stop")
+                self._keep(cache, seq)
+                self._end(seq, sub, "stop", out)
+                return
+        if ev.finish_reason is not None:
+            if not seq.ended and ev.finish_reason != "cancelled":
+                tail = seq.text.finish()
+                if tail:
+                    out[sub.loop].append((sub, Item("tok", tail)))
+            self._keep(ev.cache, seq)
+            self._end(seq, sub, ev.finish_reason, out)
 
     def _keep(self, cache, seq):
         """Store a finished sequence's cache in the prefix cache."""
