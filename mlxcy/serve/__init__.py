@@ -2,6 +2,7 @@
 
     mlxcy serve --model PATH [--host 127.0.0.1] [--port 8080] [--max-batch 32]
                 [--max-queue 256] [--kv-budget BYTES] [--api-key KEY]
+                [--prompt-lookup [K] | --draft-model PATH [--num-draft 4]] [--kv-bits B]
 
 From Python:
 
@@ -34,7 +35,8 @@ def _missing(e):
 
 def serve(model, host="127.0.0.1", port=8080, max_batch=32, max_queue=256,
           kv_budget=1 << 30, api_key=None, model_id=None, dtype=None, log_level="info",
-          prefill_chunk=None):
+          prefill_chunk=None, prompt_lookup=None, draft_model=None, num_draft=4, kv_bits=None,
+          kv_group_size=64):
     """Load `model` and serve it until interrupted."""
     try:
         import uvicorn
@@ -45,7 +47,9 @@ def serve(model, host="127.0.0.1", port=8080, max_batch=32, max_queue=256,
         raise _missing(e) from None
     metrics = Metrics()
     worker = Worker(model, max_batch=max_batch, max_queue=max_queue, kv_budget=kv_budget,
-                    metrics=metrics, dtype=dtype, prefill_chunk=prefill_chunk).start()
+                    metrics=metrics, dtype=dtype, prefill_chunk=prefill_chunk,
+                    prompt_lookup=prompt_lookup, draft_model=draft_model, num_draft=num_draft,
+                    kv_bits=kv_bits, kv_group_size=kv_group_size).start()
     try:
         app = create_app(worker, model_id=model_id, api_key=api_key)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
@@ -92,15 +96,38 @@ def add_parser(sub, default_model, **kw):
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled per engine step, interleaved with decoding "
                         "(default: the device's)")
+    p.add_argument("--prompt-lookup", nargs="?", type=int, const=8, default=None, metavar="K",
+                   help="speculative decoding by prompt lookup: every sequence proposes up to "
+                        "K tokens (default 8) copied from its prompt/history, verified in one "
+                        "step; greedy output is unchanged")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--num-draft", type=int, default=4,
+                   help="tokens the draft model proposes per step (with --draft-model)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+                   help="quantize the KV cache (and the prefix cache) to this many bits")
+    p.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="elements per scale and bias of the quantized KV cache")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
 
     def run(args):
+        from pathlib import Path
+        if args.draft_model is not None and not Path(args.draft_model).exists():
+            raise SystemExit(f"--draft-model {args.draft_model}: no such model file or directory")
+        if args.prompt_lookup is not None and args.draft_model is not None:
+            raise SystemExit("--prompt-lookup and --draft-model are alternatives: give one")
+        if args.prompt_lookup is not None and args.prompt_lookup < 1:
+            raise SystemExit(f"--prompt-lookup: K must be >= 1, got {args.prompt_lookup}")
+        if args.num_draft < 1:
+            raise SystemExit(f"--num-draft: must be >= 1, got {args.num_draft}")
         serve(args.model or str(default_model()), host=args.host, port=args.port,
               max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
               api_key=args.api_key, model_id=args.model_id, dtype=args.dtype,
-              log_level=args.log_level, prefill_chunk=args.prefill_chunk)
+              log_level=args.log_level, prefill_chunk=args.prefill_chunk,
+              prompt_lookup=args.prompt_lookup, draft_model=args.draft_model,
+              num_draft=args.num_draft, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
         return 0
     p.set_defaults(fn=run)
     return p

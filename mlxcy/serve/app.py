@@ -205,7 +205,9 @@ def _check_model(st, model):
 
 
 async def _wait_all(request, subs, worker):
-    """Collect every submission's items; cancel them if the client goes away."""
+    """Every submission's (submission, items, text, finish reason), in order;
+    the first error one of them met is raised.  Cancels them all if the
+    client goes away."""
     results = {id(s): [] for s in subs}
 
     async def collect():
@@ -217,7 +219,7 @@ async def _wait_all(request, subs, worker):
             done, _ = await asyncio.wait({task}, timeout=0.5)
             if done:
                 task.result()
-                return results
+                break
             if await request.is_disconnected():
                 raise asyncio.CancelledError
     except BaseException:
@@ -226,6 +228,15 @@ async def _wait_all(request, subs, worker):
             if not s.finished:
                 worker.cancel(s)
         raise
+    out = []
+    for sub in subs:
+        items = results[id(sub)]
+        err = next((it.error for it in items if it.kind == "err"), None)
+        if err is not None:
+            raise err
+        out.append((sub, items, "".join(it.text for it in items if it.kind == "tok"),
+                    next(it.finish_reason for it in items if it.kind == "end")))
+    return out
 
 
 def _sampling_dict(req, i):
@@ -319,17 +330,9 @@ async def chat_completions(request: Request, st: ServerState):
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if req.stream:
         return _sse(_chat_stream(request, st, req, subs, cid, tooling))
-    results = await _wait_all(request, subs, st.worker)
-    choices, completion = [], 0
-    for sub in subs:
-        items = results[id(sub)]
-        err = next((it.error for it in items if it.kind == "err"), None)
-        if err is not None:
-            raise err
-        completion += sub.completion_tokens
-        text = "".join(it.text for it in items if it.kind == "tok")
-        reason = next(it.finish_reason for it in items if it.kind == "end")
-        style, names, forced = tooling
+    choices = []
+    style, names, forced = tooling
+    for sub, items, text, reason in await _wait_all(request, subs, st.worker):
         msg = {"role": "assistant", "content": text}
         if style is not None:
             full = (toolmod.forced_prefix(style) + text) if forced else text
@@ -344,7 +347,8 @@ async def chat_completions(request: Request, st: ServerState):
     return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()),
                          "model": st.model_id, "system_fingerprint": FINGERPRINT,
                          "choices": choices,
-                         "usage": _usage(subs[0].prompt_tokens, completion,
+                         "usage": _usage(subs[0].prompt_tokens,
+                                         sum(s.completion_tokens for s in subs),
                                          subs[0].cached_tokens)})
 
 
@@ -429,38 +433,30 @@ async def completions(request: Request, st: ServerState):
     prompts = await to_thread.run_sync(lambda: [st.text_ids(p) for p in req.prompts])
     maxes = [st.check_context(len(ids), req.max_tokens, "prompt") for ids in prompts]
     mask = None
-    if body.get("response_format") is not None:
-        rf = schemas._response_format(body)
-        if rf is not None:
-            mask = await to_thread.run_sync(st.grammars.compile_json, rf["schema"],
-                                            "response_format.json_schema.schema")
+    if req.response_format is not None:
+        mask = await to_thread.run_sync(st.grammars.compile_json, req.response_format["schema"],
+                                        "response_format.json_schema.schema")
     subs = _submit(st, req, prompts, None, mask, per_prompt_max=maxes)
     cid = f"cmpl-{uuid.uuid4().hex}"
     n_prompt = sum(len(p) for p in prompts)
     if req.stream:
         return _sse(_completion_stream(st, req, subs, cid, n_prompt))
-    results = await _wait_all(request, subs, st.worker)
-    choices, completion = [], 0
-    for sub in subs:
-        items = results[id(sub)]
-        err = next((it.error for it in items if it.kind == "err"), None)
-        if err is not None:
-            raise err
-        completion += sub.completion_tokens
-        text = "".join(it.text for it in items if it.kind == "tok")
+    choices = []
+    for sub, items, text, reason in await _wait_all(request, subs, st.worker):
         prefix = ""
         if req.echo:
             p = req.prompts[sub.index // req.n]
             prefix = p if isinstance(p, str) else st.tokenizer.decode(p)
         choice = {"index": sub.index, "text": prefix + text, "logprobs": None,
-                  "finish_reason": next(it.finish_reason for it in items if it.kind == "end")}
+                  "finish_reason": reason}
         if req.logprobs:
             choice["logprobs"] = _completion_logprobs(st, items, req.top_logprobs, len(prefix))
         choices.append(choice)
     cached = sum(s.cached_tokens for s in subs[::req.n])
     return JSONResponse({"id": cid, "object": "text_completion", "created": int(time.time()),
                          "model": st.model_id, "system_fingerprint": FINGERPRINT,
-                         "choices": choices, "usage": _usage(n_prompt, completion, cached)})
+                         "choices": choices,
+                         "usage": _usage(n_prompt, sum(s.completion_tokens for s in subs), cached)})
 
 
 async def _completion_stream(st, req, subs, cid, n_prompt):
@@ -526,6 +522,9 @@ async def health(request: Request, st: ServerState):
 
 @endpoint("metrics")
 async def metrics(request: Request, st: ServerState):
+    from mlxcy import memory
+    st.metrics.mlx_active.set(memory.get_active_memory())      # now, not at the last step
+    st.metrics.mlx_cache.set(memory.get_cache_memory())
     return Response(st.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
+                               Histogram, ProcessCollector, generate_latest)
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+# (engine stats key, metric name, help) of the decode counters
+_SPEC = (("decode_tokens", "decode_tokens", "Tokens produced by decode steps"),
+         ("decode_steps", "decode_steps", "Forwards of the running batch"),
+         ("row_steps", "decode_row_steps", "Sequences advanced, summed over decode steps"),
+         ("spec_steps", "spec_verify_steps", "Decode steps that verified proposed tokens"),
+         ("proposed_tokens", "spec_proposed_tokens", "Tokens proposed (prompt lookup or draft)"),
+         ("accepted_tokens", "spec_accepted_tokens", "Proposed tokens the model accepted"))
 
 
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)        # process_resident_memory_bytes, cpu seconds ...
         self.requests = Counter("mlxcy_requests", "HTTP requests answered",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("mlxcy_prompt_tokens", "Prompt tokens admitted",
@@ -40,6 +48,37 @@ class Metrics:
                                      "Prompt tokens served from the prefix cache", registry=r)
         self.cache_bytes = Gauge("mlxcy_prefix_cache_bytes", "Bytes held by the prefix cache",
                                  registry=r)
+        # speculative decoding (--prompt-lookup, --draft-model): the engine's
+        # counters, summed over the engines this server ran
+        self.spec = {key: Counter(f"mlxcy_{name}", doc, registry=r) for key, name, doc in _SPEC}
+        self.spec_totals = dict.fromkeys(self.spec, 0)
+        self.acceptance = Gauge("mlxcy_spec_acceptance_rate",
+                                "Proposed tokens accepted / proposed (speculative decoding)",
+                                registry=r)
+        self.tokens_per_step = Gauge("mlxcy_spec_tokens_per_step",
+                                     "Tokens a decoding sequence gained per forward of the "
+                                     "running batch (1 without speculative decoding)",
+                                     registry=r)
+        self.mlx_active = Gauge("mlxcy_mlx_active_memory_bytes",
+                                "MLX memory held by arrays (mlxcy.memory.get_active_memory)",
+                                registry=r)
+        self.mlx_cache = Gauge("mlxcy_mlx_cache_memory_bytes",
+                               "MLX memory kept for reuse (mlxcy.memory.get_cache_memory)",
+                               registry=r)
+
+    def add_engine_stats(self, stats: dict, seen: dict) -> dict:
+        """Add what an engine's stats counted since `seen` (what they said
+        the last time); returns the new `seen`."""
+        for key, counter in self.spec.items():
+            d = stats.get(key, 0) - seen.get(key, 0)
+            if d > 0:
+                counter.inc(d)
+                self.spec_totals[key] += d
+        t = self.spec_totals
+        self.acceptance.set(t["accepted_tokens"] / t["proposed_tokens"]
+                            if t["proposed_tokens"] else 0.0)
+        self.tokens_per_step.set(t["decode_tokens"] / t["row_steps"] if t["row_steps"] else 0.0)
+        return {key: stats.get(key, 0) for key in self.spec}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

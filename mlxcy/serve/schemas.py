@@ -7,6 +7,7 @@ parallel_tool_calls) that change nothing here.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -240,23 +241,34 @@ def _content(v, p):
     return "".join(texts)
 
 
-def _tool_calls(v, p):
+def _objects(v, p):
+    """(param, item) for each item of an array of objects at `p`."""
     if not isinstance(v, list):
         raise bad_request(p, f"expected an array, got {_type_name(v)}")
-    out = []
-    for i, tc in enumerate(v):
+    for i, item in enumerate(v):
         pp = f"{p}[{i}]"
-        if not isinstance(tc, dict):
-            raise bad_request(pp, f"expected an object, got {_type_name(tc)}")
-        fn = tc.get("function")
-        if not isinstance(fn, dict):
-            raise bad_request(f"{pp}.function", "expected an object with name and arguments")
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{pp}.function.name", "expected a non-empty string")
+        if not isinstance(item, dict):
+            raise bad_request(pp, f"expected an object, got {_type_name(item)}")
+        yield pp, item
+
+
+def _function(item, pp, expected):
+    """(function object, name) of a tool or a tool call at `pp`."""
+    fn = item.get("function")
+    if not isinstance(fn, dict):
+        raise bad_request(f"{pp}.function", expected)
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{pp}.function.name", "expected a non-empty string")
+    return fn, name
+
+
+def _tool_calls(v, p):
+    out = []
+    for i, (pp, tc) in enumerate(_objects(v, p)):
+        fn, name = _function(tc, pp, "expected an object with name and arguments")
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
-            import json
             try:
                 args = json.loads(args) if args.strip() else {}
             except ValueError:
@@ -272,15 +284,10 @@ def _messages(body) -> list:
     msgs = body.get("messages")
     if msgs is None:
         raise bad_request("messages", "is required")
-    if not isinstance(msgs, list):
-        raise bad_request("messages", f"expected an array, got {_type_name(msgs)}")
-    if not msgs:
+    if msgs == []:
         raise bad_request("messages", "must hold at least one message")
     out = []
-    for i, m in enumerate(msgs):
-        p = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad_request(p, f"expected an object, got {_type_name(m)}")
+    for p, m in _objects(msgs, "messages"):
         role = m.get("role")
         if role not in ROLES:
             raise bad_request(f"{p}.role", f"must be one of {', '.join(ROLES)}; got {role!r}")
@@ -310,27 +317,17 @@ def _tools(body):
     tools = body.get("tools")
     if tools is None:
         return None
-    if not isinstance(tools, list):
-        raise bad_request("tools", f"expected an array, got {_type_name(tools)}")
     out = []
-    for i, t in enumerate(tools):
-        p = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise bad_request(p, f"expected an object, got {_type_name(t)}")
+    for pp, t in _objects(tools, "tools"):
         if t.get("type") != "function":
-            raise bad_request(f"{p}.type", f"must be 'function', got {t.get('type')!r}")
-        fn = t.get("function")
-        if not isinstance(fn, dict):
-            raise bad_request(f"{p}.function", "expected an object")
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{p}.function.name", "expected a non-empty string")
+            raise bad_request(f"{pp}.type", f"must be 'function', got {t.get('type')!r}")
+        fn, name = _function(t, pp, "expected an object")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
-            raise bad_request(f"{p}.function.parameters", "expected a JSON schema object")
+            raise bad_request(f"{pp}.function.parameters", "expected a JSON schema object")
         desc = fn.get("description")
         if desc is not None and not isinstance(desc, str):
-            raise bad_request(f"{p}.function.description", "expected a string")
+            raise bad_request(f"{pp}.function.description", "expected a string")
         f = {"name": name, "parameters": params}
         if desc is not None:
             f["description"] = desc
@@ -462,6 +459,7 @@ def parse_completion(body, vocab_size: int, context: int) -> GenRequest:
     req.logprobs = lp is not None
     req.top_logprobs = lp or 0
     req.echo = get_bool(body, "echo")
+    req.response_format = _response_format(body)
     if req.echo and req.stream:
         raise bad_request("echo", "is not supported together with stream")
     for key in ("suffix",):

@@ -96,13 +96,18 @@ class Worker:
     """Owns model + engine + prefix cache on one thread.
 
     Worker(model_path, max_batch=32, max_queue=256, kv_budget=1 GiB, metrics=None,
-           dtype=None, prefill_chunk=None, engine_factory=None)
+           dtype=None, prefill_chunk=None, prompt_lookup=None, draft_model=None,
+           num_draft=4, kv_bits=None, kv_group_size=64, engine_factory=None)
+    prompt_lookup (None, True or K) is handed to every sequence; draft_model
+    (a path) makes the engine verify num_draft drafted tokens per step; kv_bits
+    quantizes the KV cache (the prefix cache keeps it quantized).
     start() loads the model on the thread and returns once it is ready (or
     raises what loading raised)."""
 
     def __init__(self, model_path, *, max_batch=32, max_queue=256, kv_budget=1 << 30,
-                 metrics=None, dtype=None, prefill_chunk=None, engine_factory=None,
-                 load_options=None):
+                 metrics=None, dtype=None, prefill_chunk=None, prompt_lookup=None,
+                 draft_model=None, num_draft=4, kv_bits=None, kv_group_size=64,
+                 engine_factory=None, load_options=None):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -115,7 +120,12 @@ class Worker:
         self.dtype = dtype
         self.prefill_chunk = prefill_chunk
         self.engine_factory = engine_factory
+        self.prompt_lookup = prompt_lookup
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.load_options = dict(load_options or {})
+        if draft_model is not None:
+            self.load_options.update(draft_model=draft_model, num_draft=num_draft)
+        self._spec_seen = {}                # engine stats already added to the metrics
         self._cond = threading.Condition()
         self._inbox = []
         self._live = 0                      # submissions accepted and not ended
@@ -206,17 +216,27 @@ class Worker:
         if self.dtype:
             opts["dtype"] = self.dtype
         self.text_model = load(self.model_path, backend="mlx", **opts)
+        hd = self.text_model.model.config.head_dim
+        if self.kv_bits is not None and hd % self.kv_group_size:
+            self.text_model.close()
+            raise ValueError(f"kv_group_size {self.kv_group_size}: the model's head dimension "
+                             f"{hd} is not a multiple of it; pick one that divides {hd}")
         self._make_engine()
         from .prefix_cache import PrefixCache
-        self.prefix = PrefixCache(self.text_model.model.make_cache, self.kv_budget) \
+        self.prefix = PrefixCache(self.engine.make_cache, self.kv_budget) \
             if self.kv_budget > 0 else None
 
     def _make_engine(self):
         factory = self.engine_factory
         if factory is None:
             from mlxcy.generation.engine import Engine as factory
-        self.engine = factory(self.text_model.model, max_batch=self.max_batch,
-                              prefill_chunk=self.prefill_chunk)
+        tm = self.text_model
+        self.engine = factory(tm.model, max_batch=self.max_batch,
+                              prefill_chunk=self.prefill_chunk,
+                              draft_model=getattr(tm, "draft_model", None),
+                              num_draft=getattr(tm, "num_draft", 4), kv_bits=self.kv_bits,
+                              kv_group_size=self.kv_group_size)
+        self._spec_seen = {}
 
     def _main(self):
         try:
@@ -229,10 +249,11 @@ class Worker:
         self._ready.set()
         self.seqs = {}                  # engine sid -> _Seq
         self.by_sub = {}                # id(submission) -> _Seq
+        busy = False
         try:
             while True:
                 with self._cond:
-                    while not self._inbox and not self._stop and not self.engine.has_work():
+                    while not (self._inbox or self._stop or busy or self.engine.has_work()):
                         self._cond.wait(1.0)
                     if self._stop:
                         break
@@ -247,6 +268,12 @@ class Worker:
                         arg()
                 if self.engine.has_work():
                     self._step(out)
+                    busy = True
+                elif busy:
+                    # the last sequences ended (or were cancelled): one more step
+                    # retires their rows, so an idle server holds no batch
+                    self._step(out)
+                    busy = False
                 self._gauges()
                 self._deliver(out)
         except BaseException:  # noqa: BLE001 - the thread must say why it died
@@ -264,6 +291,8 @@ class Worker:
             m.queue_depth.set(self.num_waiting)
             if self.prefix is not None:
                 m.cache_bytes.set(self.prefix.bytes)
+            self._spec_seen = m.add_engine_stats(getattr(self.engine, "stats", {}),
+                                                 self._spec_seen)
 
     def _admit(self, sub, out):
         if sub.cancelled:
@@ -292,7 +321,8 @@ class Worker:
             sid = self.engine.add(sub.prompt_ids, sampler=sampler, max_tokens=sub.max_tokens,
                                   stop_ids=sub.stop_ids, logprobs=sub.logprobs,
                                   top_logprobs=sub.top_logprobs, cache=cache,
-                                  keep_cache=self.prefix is not None, token_mask=mask)
+                                  keep_cache=self.prefix is not None, token_mask=mask,
+                                  prompt_lookup=self.prompt_lookup)
         except Exception as e:  # noqa: BLE001 - a bad request must not stop the thread
             self._fail(sub, e, out)
             return
@@ -328,43 +358,56 @@ class Worker:
             return
         self.steps += 1
         now = time.perf_counter()
-        m = self.metrics
         for ev in events:
             seq = self.seqs.get(ev.seq_id)
             if seq is None:              # cancelled here already
                 self._keep(ev.cache, None)
                 continue
-            sub = seq.sub
-            if ev.token is not None and ev.token >= 0:
-                tok = int(ev.token)
-                seq.generated.append(tok)
-                sub.completion_tokens += 1
-                if m is not None:
-                    m.generation_tokens.inc()
-                    if seq.t_last is None:
-                        m.ttft.observe(now - sub.t_arrival)
-                    else:
-                        m.itl.observe(now - seq.t_last)
-                seq.t_last = now
-                if tok in sub.stop_ids and ev.finish_reason == "stop":
-                    text, hit = "", False
+            try:
+                self._event(seq, ev, now, out)
+            except Exception as e:  # noqa: BLE001 - one sequence fails, the others go on
+                log.error("sequence %d failed:\n%s", ev.seq_id, traceback.format_exc())
+                if ev.cache is not None:
+                    ev.cache.free()
+                self.engine.cancel(seq.sid)
+                self._fail(seq.sub, APIError(500, f"generation failed: {type(e).__name__}: "
+                                                  f"{e}", "server_error"), out, seq)
+
+    def _event(self, seq, ev, now, out):
+        """Turn one engine Event of `seq` into its client's items."""
+        sub = seq.sub
+        m = self.metrics
+        if ev.token is not None and ev.token >= 0:
+            tok = int(ev.token)
+            seq.generated.append(tok)
+            sub.completion_tokens += 1
+            if m is not None:
+                m.generation_tokens.inc()
+                if seq.t_last is None:
+                    m.ttft.observe(now - sub.t_arrival)
                 else:
-                    text, hit = seq.text.push(tok)
-                out[sub.loop].append((sub, Item("tok", text, tok, ev.logprob, ev.top_logprobs)))
-                if hit:          # a stop string: end here, whatever the engine said
-                    cache = ev.cache
-                    if ev.finish_reason is None:     # finish() hands back the cache
-                        cache = self.engine.finish(seq.sid, "stop")
-                    self._keep(cache, seq)
-                    self._end(seq, sub, "stop", out)
-                    continue
-            if ev.finish_reason is not None:
-                if not seq.ended and ev.finish_reason != "cancelled":
-                    tail = seq.text.finish()
-                    if tail:
-                        out[sub.loop].append((sub, Item("tok", tail)))
-                self._keep(ev.cache, seq)
-                self._end(seq, sub, ev.finish_reason, out)
+                    m.itl.observe(now - seq.t_last)
+            seq.t_last = now
+            if (tok in sub.stop_ids and ev.finish_reason == "stop") or \
+                    self.text_model.tokenizer.id_to_token(tok) is None:
+                text, hit = "", False      # an end token, or a padding id with no text
+            else:
+                text, hit = seq.text.push(tok)
+            out[sub.loop].append((sub, Item("tok", text, tok, ev.logprob, ev.top_logprobs)))
+            if hit:          # a stop string: end here, whatever the engine said
+                cache = ev.cache
+                if ev.finish_reason is None:     # finish() hands back the cache
+                    cache = self.engine.finish(seq.sid, "stop")
+                self._keep(cache, seq)
+                self._end(seq, sub, "stop", out)
+                return
+        if ev.finish_reason is not None:
+            if not seq.ended and ev.finish_reason != "cancelled":
+                tail = seq.text.finish()
+                if tail:
+                    out[sub.loop].append((sub, Item("tok", tail)))
+            self._keep(ev.cache, seq)
+            self._end(seq, sub, ev.finish_reason, out)
 
     def _keep(self, cache, seq):
         """Store a finished sequence's cache in the prefix cache."""

@@ -361,6 +361,111 @@ def test_metrics_exposition(srv, client):
     assert float(line.split()[-1]) >= 1
 
 
+def test_padding_ids_have_no_text(srv, client):
+    """The model's vocabulary (151936) is wider than the tokenizer's (151669):
+    a sampled padding id adds no text and fails nothing (it stopped the engine
+    thread once, found by the soak)."""
+    r = client.completions.create(model=MODEL, prompt="pad", max_tokens=4, temperature=0,
+                                  logit_bias={"151800": 100}, logprobs=1)
+    assert r.choices[0].text == "" and r.usage.completion_tokens == 4
+    assert r.choices[0].logprobs.tokens == [""] * 4
+    parts = [ch.choices[0].text for ch in client.completions.create(
+        model=MODEL, prompt="pad", max_tokens=3, temperature=0, logit_bias={"151800": 100},
+        stream=True) if ch.choices]
+    assert "".join(parts) == ""
+    assert H.request(srv[1].port, "GET", "/health")[0] == 200 and srv[0].alive
+
+
+def test_shared_prefix_outputs_equal_uncached(srv, client, tiny):
+    """Prompts sharing a long prefix (a system prompt) reuse its KV from the
+    prefix tree: cached_tokens counts it, and every reply equals transformers'
+    greedy reply for the whole prompt."""
+    worker = srv[0]
+    _, model, hf_tok = tiny
+    system = random_ids(500, n=40)
+    nodes0 = len(worker.prefix)
+    for i in range(5):
+        p = system + random_ids(600 + i, n=3 + i)
+        r = client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        want = until_stop(hf_greedy(model, p, 8), {151645, 151643})
+        assert r.choices[0].text == hf_tok.decode(want, skip_special_tokens=True)
+        if i:
+            assert r.usage.prompt_tokens_details.cached_tokens >= len(system)
+    assert len(worker.prefix) > nodes0
+    assert any(len(s) >= len(system) and list(s[:len(system)]) == system
+               for s in worker.prefix.sequences())
+
+
+@pytest.mark.parametrize("how", ["prompt_lookup", "draft_model"])
+def test_speculative_serving_and_metrics(client, tiny, how):
+    """With --prompt-lookup or --draft-model the greedy replies are the plain
+    server's, and /metrics carries the engine's speculative counters."""
+    kw = {"prompt_lookup": 8} if how == "prompt_lookup" else \
+        {"draft_model": str(tiny[0]), "num_draft": 4}       # the draft is the model itself
+    worker, live = H.start(tiny[0], max_batch=8, kv_budget=8 << 20, **kw)
+    try:
+        spec = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        prompts = [random_ids(700, n=6) * 4, random_ids(701, n=10) * 3, random_ids(702, n=12)]
+        outs = {}
+
+        def run(i, p):
+            outs[i] = spec.completions.create(model=MODEL, prompt=p, max_tokens=24,
+                                              temperature=0).choices[0].text
+        threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i, p in enumerate(prompts):
+            want = client.completions.create(model=MODEL, prompt=p, max_tokens=24,
+                                             temperature=0).choices[0].text
+            assert outs[i] == want
+        st = worker.engine.stats
+        port = live.port
+        proposed = H.metric(port, "mlxcy_spec_proposed_tokens_total")
+        accepted = H.metric(port, "mlxcy_spec_accepted_tokens_total")
+        decoded = H.metric(port, "mlxcy_decode_tokens_total")
+        rows = H.metric(port, "mlxcy_decode_row_steps_total")
+        assert proposed == st["proposed_tokens"] > 0 and accepted == st["accepted_tokens"]
+        assert H.metric(port, "mlxcy_spec_verify_steps_total") == st["spec_steps"] > 0
+        assert H.metric(port, "mlxcy_spec_acceptance_rate") == pytest.approx(accepted / proposed)
+        assert H.metric(port, "mlxcy_spec_tokens_per_step") == pytest.approx(decoded / rows)
+        if how == "draft_model":      # a draft equal to the model: (nearly) all accepted
+            assert accepted / proposed > 0.8 and decoded / rows > 2
+        assert H.metric(port, "mlxcy_mlx_active_memory_bytes") > 0
+        assert H.metric(port, "process_resident_memory_bytes") > 0
+    finally:
+        live.stop()
+        worker.close()
+
+
+def test_kv_bits_with_prefix_cache(tiny, tmp_path):
+    """--kv-bits: the prefix tree keeps the quantized KV; a cached prompt
+    replies as the uncached one did.  A group size that does not divide the
+    head dimension is refused at start."""
+    from mlxcy.serve.worker import Worker
+    with pytest.raises(ValueError, match="kv_group_size 64: the model's head dimension 16"):
+        Worker(tiny[0], kv_bits=8, dtype="float32").start()
+    H.make_tiny_qwen3(tmp_path, head_dim=32)
+    worker, live = H.start(tmp_path, max_batch=4, kv_budget=8 << 20, kv_bits=8,
+                           kv_group_size=32)
+    try:
+        c = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        p = random_ids(800, n=30)
+        r1 = c.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0)
+        r2 = c.completions.create(model=MODEL, prompt=p + [11, 12], max_tokens=10,
+                                  temperature=0)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        assert r2.usage.prompt_tokens_details.cached_tokens == len(p)
+        r3 = c.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0)
+        assert r3.usage.prompt_tokens_details.cached_tokens == len(p) - 1
+        assert r3.choices[0].text == r1.choices[0].text
+        assert worker.engine.kv_bits == 8 and worker.prefix.bytes > 0
+    finally:
+        live.stop()
+        worker.close()
+
+
 # ------------------------------------------------------------ concurrency --
 
 def test_64_concurrent_streams_match_sequential(srv, client):

@@ -1,6 +1,6 @@
 """Parts of `mlxcy serve` that need no server: tool-call parsing for the Qwen and
-Llama 3 styles, streamed hold-back, request validation, the prefix cache (on
-a tiny random-weight model, against an uncached forward pass), and the
+Llama 3 styles, streamed hold-back, request validation, the prefix tree (on
+tiny random-weight models, against brute force and an uncached forward pass), and the
 grammar mask (every allowed path parses; against jsonschema)."""
 import json
 
@@ -113,15 +113,29 @@ def test_parse_chat_fields():
 
 
 # ----------------------------------------------------------- prefix cache --
+# The tree against brute force: the inserted sequences kept in a list, the
+# longest common prefix computed by comparing ids, KV compared with an uncached
+# prefill, bytes with the count of distinct prefixes (each position stored once).
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def _tiny(tmp_path_factory, kind):
     pytest.importorskip("transformers")
     from tiny_models import make_tiny
     from mlxcy.models.load import load_model
-    d = tmp_path_factory.mktemp("pc_llama")
-    make_tiny("llama", d)
-    m = load_model(d, dtype="float32")
+    d = tmp_path_factory.mktemp(f"pc_{kind}")
+    make_tiny(kind, d)
+    return load_model(d, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    m = _tiny(tmp_path_factory, "llama")
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    m = _tiny(tmp_path_factory, "gemma3_text")      # layers: sliding (window 8), full
     yield m
     m.close()
 
@@ -131,88 +145,196 @@ def _prefill(model, ids, cache):
     return np.asarray(out.numpy())[0]
 
 
-def test_prefix_cache_copy_trim_and_entry_unchanged(tiny_model):
-    from mlxcy.serve.prefix_cache import PrefixCache
-    m = tiny_model
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 96, 20).tolist()
-    b = a[:12] + rng.integers(0, 96, 6).tolist()
-    pc = PrefixCache(m.make_cache, budget=1 << 30)
-    c = m.make_cache()
-    _prefill(m, a, c)
-    assert pc.insert(a, c)
-    assert pc.lookup([1, 2, 3]) == (None, 0) and pc.misses == 1
-    for _ in range(2):                       # the entry survives being used
-        cache, n = pc.lookup(b)
-        assert n == 12 and cache.offset == 12
-        got = _prefill(m, b[12:], cache)     # only the rest is prefilled
-        want = _prefill(m, b, m.make_cache())[12:]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-        cache.free()
-    cache, n = pc.lookup(a)                  # a whole cached prompt: one token left
-    assert n == len(a) - 1
-    np.testing.assert_allclose(_prefill(m, a[-1:], cache), _prefill(m, a, m.make_cache())[-1:],
-                               rtol=1e-4, atol=1e-4)
-    assert pc.hits == 3
+def _cached(model, ids):
+    c = model.make_cache()
+    _prefill(model, ids, c)
+    return c
 
 
-def test_prefix_cache_budget_and_supersede(tiny_model):
-    from mlxcy.serve.prefix_cache import PrefixCache
-    m = tiny_model
-    c = m.make_cache()
-    _prefill(m, list(range(10)), c)
-    one = c.nbytes
-    pc = PrefixCache(m.make_cache, budget=2 * one + 1)
-    for k in range(3):
-        ids = [k + 1] * 10
-        c = m.make_cache()
-        _prefill(m, ids, c)
-        assert pc.insert(ids, c)
-    assert len(pc) == 2 and pc.evictions == 1 and pc.bytes <= pc.budget
-    assert pc.lookup([1] * 11) == (None, 0)          # the oldest went first
-    assert pc.lookup([3] * 11)[1] == 10
-    longer = [3] * 14                                 # supersedes its prefix entry
-    c = m.make_cache()
-    _prefill(m, longer, c)
-    pc.insert(longer, c)
-    assert sorted(len(e[0]) for e in pc.entries.values()) == [10, 14]
-    c = m.make_cache()
-    _prefill(m, [3] * 5, c)
-    assert not pc.insert([3] * 5, c)                  # already held by a longer entry
-    assert not pc.insert([9], m.make_cache())         # cache does not hold those ids
+def _lcp(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
-# ---------------------------------------------------------------- grammar --
+def _pos_bytes(model):
+    """Bytes of one position's keys and values over all layers (float32)."""
+    c = _cached(model, [1])
+    n = sum(np.asarray(lc.state()["keys"].numpy())[:, :, :1].nbytes * 2 for lc in c.layers)
+    c.free()
+    return n
 
-def test_grammar_mask_walks_only_valid_json():
-    from mlxcy import assets
-    from mlxcy.tokenizer import Tokenizer
-    from mlxcy.serve.grammar import Grammars
-    jsonschema = pytest.importorskip("jsonschema")
-    pytest.importorskip("llguidance")
-    tok = Tokenizer.load(assets.qwen3_tokenizer_dir())
-    g = Grammars(tok, 151936, [151645])
-    schema = {"type": "object", "properties": {
-        "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": -5, "maximum": 5},
-        "s": {"type": "string", "maxLength": 5}}, "required": ["ok", "n", "s"],
-        "additionalProperties": False}
-    make = g.compile_json(schema, "schema")
-    rng = np.random.default_rng(0)
-    for trial in range(5):
-        mask = make()
-        out = []
-        for _ in range(60):
-            allowed = mask(out)
-            assert allowed.shape == (151936,) and allowed.dtype == bool
-            assert not allowed[151669:].any() or allowed[151645]   # no padding ids
-            t = int(rng.choice(np.flatnonzero(allowed)))
-            if t == 151645:
-                break
-            out.append(t)
+
+def _sequences(rng, n, vocab=96):
+    """Sequences that often share prefixes with earlier ones (and repeat some)."""
+    out = []
+    for i in range(n):
+        if out and rng.random() < 0.7:
+            base = out[rng.integers(len(out))]
+            cut = int(rng.integers(0, len(base) + 1))
+            s = base[:cut] + rng.integers(0, vocab, int(rng.integers(0, 8))).tolist()
         else:
-            pytest.fail("the grammar never let the sequence end")
-        obj = json.loads(tok.decode(out))
-        jsonschema.validate(obj, schema)
-    with pytest.raises(APIError) as e:
-        g.compile_json({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, "p")
-    assert e.value.status == 400 and e.value.param == "p"
+            s = rng.integers(0, vocab, int(rng.integers(1, 24))).tolist()
+        out.append(s or [int(rng.integers(vocab))])
+    return out
+
+
+def test_prefix_tree_matches_brute_force(tiny_model):
+    from mlxcy.serve.prefix_cache import PrefixCache
+    m = tiny_model
+    rng = np.random.default_rng(0)
+    pc = PrefixCache(m.make_cache, budget=1 << 30)
+    seqs = _sequences(rng, 40)
+    stored = []
+    per_pos = _pos_bytes(m)
+    for k, s in enumerate(seqs):
+        pc.insert(s, _cached(m, s))
+        stored.append(s)
+        prefixes = {tuple(x[:i]) for x in stored for i in range(1, len(x) + 1)}
+        assert pc.bytes == per_pos * len(prefixes)          # each position once
+        leaves = {tuple(x) for x in stored if not any(
+            len(y) > len(x) and y[:len(x)] == x for y in stored)}
+        assert set(pc.sequences()) == leaves
+        if k % 8 != 7:
+            continue
+        for _ in range(10):
+            base = stored[rng.integers(len(stored))]
+            q = base[:int(rng.integers(0, len(base) + 1))] + \
+                rng.integers(0, 96, int(rng.integers(1, 6))).tolist()
+            want = min(max(_lcp(q, x) for x in stored), len(q) - 1)
+            cache, n = pc.lookup(q)
+            assert n == want
+            if n == 0:
+                assert cache is None
+                continue
+            ref = _cached(m, q[:n])
+            for lc, lr in zip(cache.layers, ref.layers):
+                a, b = lc.state(), lr.state()
+                assert a["offset"] == b["offset"] == n
+                np.testing.assert_allclose(np.asarray(a["keys"].numpy())[:, :, :n],
+                                           np.asarray(b["keys"].numpy())[:, :, :n],
+                                           rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(np.asarray(a["values"].numpy())[:, :, :n],
+                                           np.asarray(b["values"].numpy())[:, :, :n],
+                                           rtol=1e-5, atol=1e-6)
+            ref.free()
+            got = _prefill(m, q[n:], cache)              # only the rest is prefilled
+            want_logits = _prefill(m, q, m.make_cache())[n:]
+            np.testing.assert_allclose(got, want_logits, rtol=1e-4, atol=1e-4)
+            cache.free()
+    before = pc.bytes
+    assert before > 0 and pc.hits > 0
+    cache, n = pc.lookup(seqs[0] + [1])
+    cache.free()
+    assert pc.bytes == before                        # lookups copy; the tree is unchanged
+
+
+def test_prefix_tree_lru_eviction(tiny_model):
+    """Sequences with distinct first tokens are separate leaves: the tree must
+    evict exactly what a brute-force LRU over whole sequences evicts."""
+    from collections import OrderedDict
+    from mlxcy.serve.prefix_cache import PrefixCache
+    m = tiny_model
+    per_pos = _pos_bytes(m)
+    rng = np.random.default_rng(1)
+    budget_pos = 40
+    pc = PrefixCache(m.make_cache, budget=budget_pos * per_pos)
+    ref = OrderedDict()
+    for step in range(60):
+        first = int(rng.integers(0, 12))
+        if rng.random() < 0.5 and ref:
+            keys = list(ref)
+            seq = list(keys[rng.integers(len(keys))])
+            q = seq + [5]
+            cache, n = pc.lookup(q)
+            assert n == len(seq)
+            cache.free()
+            ref.move_to_end(tuple(seq))
+            continue
+        s = [first] + rng.integers(0, 96, int(rng.integers(3, 16))).tolist()
+        if any(k[0] == first for k in ref):          # keep first tokens distinct
+            continue
+        pc.insert(s, _cached(m, s))
+        ref[tuple(s)] = len(s)
+        while sum(ref.values()) > budget_pos:
+            ref.popitem(last=False)
+        assert set(pc.sequences()) == set(ref)
+        assert pc.bytes == per_pos * sum(ref.values()) <= pc.budget
+    assert pc.evictions > 0
+    # a shared prefix stays while a sequence through it is used; leaves go first
+    pc.clear()
+    p = [90] * 10
+    a, b, c = p + [1, 2, 3, 4, 5], p + [6, 7, 8, 9, 10], p + [11, 12, 13, 14, 15]
+    pc.budget = 21 * per_pos
+    pc.insert(a, _cached(m, a))
+    pc.insert(b, _cached(m, b))
+    assert pc.bytes == 20 * per_pos
+    pc.lookup(a + [0])[0].free()                     # a is newer than b now
+    pc.insert(c, _cached(m, c))                      # 25 positions: one leaf must go
+    assert set(pc.sequences()) == {tuple(a), tuple(c)} and pc.bytes == 20 * per_pos
+    assert not pc.insert(p + [20] * 30, _cached(m, p + [20] * 30)) or pc.bytes <= pc.budget
+    assert pc.bytes <= pc.budget
+
+
+def test_prefix_tree_sliding_window(tiny_gemma):
+    """A sliding-window layer keeps its last 8 positions: a prefix is usable
+    only where those layers hold the 8 positions before it.  Reference: every
+    position a sequence brought (all of it for the full layer, its last 8 for
+    the sliding one), and the longest prefix whose needs are all met."""
+    from mlxcy.serve.prefix_cache import PrefixCache
+    m = tiny_gemma
+    W = 8
+    rng = np.random.default_rng(2)
+    pc = PrefixCache(m.make_cache, budget=1 << 30)
+    stored = []
+    seqs = _sequences(rng, 24)
+    hits = 0
+    for k, s in enumerate(seqs):
+        pc.insert(s, _cached(m, s))
+        stored.append(s)
+        held = {tuple(x[:p + 1]) for x in stored for p in range(max(0, len(x) - W), len(x))}
+        for _ in range(4):
+            base = stored[rng.integers(len(stored))]
+            q = base[:int(rng.integers(0, len(base) + 1))] + \
+                rng.integers(0, 96, int(rng.integers(1, 4))).tolist()
+            top = min(max(_lcp(q, x) for x in stored), len(q) - 1)
+            want = next((n for n in range(top, 0, -1)
+                         if all(tuple(q[:p + 1]) in held for p in range(n - min(n, W), n))), 0)
+            cache, n = pc.lookup(q)
+            assert n == want, (q, n, want)
+            if n:
+                hits += 1
+                got = _prefill(m, q[n:], cache)
+                np.testing.assert_allclose(got, _prefill(m, q, m.make_cache())[n:],
+                                           rtol=1e-4, atol=1e-4)
+                cache.free()
+    assert hits > 10
+    long = list(range(1, 30))                         # the next turn of a long chat
+    pc.insert(long, _cached(m, long))
+    cache, n = pc.lookup(long + [40, 41])
+    assert n == len(long)
+    np.testing.assert_allclose(_prefill(m, [40, 41], cache),
+                               _prefill(m, long + [40, 41], m.make_cache())[-2:],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_tree_frees_mlx_memory(tiny_model):
+    """The tree keeps its own copies of the positions: the inserted caches'
+    buffers (with their spare room) are freed, and clear() frees the copies."""
+    from mlxcy import memory
+    from mlxcy.serve.prefix_cache import PrefixCache
+    m = tiny_model
+    seqs = [[i] + list(range(20)) for i in range(8)]      # 21 positions in buffers of 256+
+    base = memory.get_active_memory()
+    caches = [_cached(m, s) for s in seqs]
+    whole = sum(c.nbytes for c in caches)
+    pc = PrefixCache(m.make_cache, budget=1 << 30)
+    for s, c in zip(seqs, caches):
+        pc.insert(s, c)
+    assert pc.bytes == _pos_bytes(m) * 21 * 8 < 0.1 * whole
+    assert memory.get_active_memory() - base <= pc.bytes + 0.1 * whole
+    cache, n = pc.lookup(seqs[3] + [1])
+    cache.free()
+    pc.clear()
+    assert memory.get_active_memory() <= base
