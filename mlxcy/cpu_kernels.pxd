@@ -18,3 +18,37 @@ cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* 
 cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept
 cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const na.array& v,
                                     float scale) except NULL
+
+# Is the CPU kernels' decode-step path on (enabled, default device the CPU)?
+cdef bint use_block_kernels() noexcept
+
+# A decode step of a pre-norm block in two primitives (include/mlxcy/cpu_block.h):
+# models/base.pyx fills a LinearArg per layer and calls these for one-token steps.
+from libcpp.vector cimport vector
+
+cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
+    cdef cppclass LinearArg:
+        LinearArg()
+        const na.array* w
+        const na.array* scales
+        const na.array* biases
+        const na.array* bias
+        int gs
+        int bits
+    bint block_qkv_supported(const na.array& x, const na.array& norm_w, const LinearArg& qkv,
+                             int H, int Hkv, int D, int rope_dims, const na.array* freqs)
+    vector[na.array] cpu_block_qkv "mlxcy::cpu::block_qkv"(const na.array& x, const na.array& norm_w, float eps,
+                               const LinearArg& qkv, int H, int Hkv, int D, int rope_dims,
+                               float rope_base, float rope_scale, const na.array* freqs,
+                               int offset) except +
+    bint block_mlp_supported(const na.array& x, int HD, const LinearArg& o,
+                             const na.array& norm_w, const LinearArg& gate_up,
+                             const LinearArg& down)
+    bint block_attn_mlp_supported(const na.array& q, const na.array& k, const na.array& v,
+                                  const na.array& x, const LinearArg& o,
+                                  const na.array& norm_w, const LinearArg& gate_up,
+                                  const LinearArg& down)
+    na.array cpu_block_attn_mlp "mlxcy::cpu::block_attn_mlp"(const na.array& q, const na.array& k, const na.array& v,
+                            const na.array& x, float attn_scale, const LinearArg& o,
+                            const na.array& norm_w, float eps, const LinearArg& gate_up,
+                            const LinearArg& down, int act) except +

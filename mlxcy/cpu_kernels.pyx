@@ -18,7 +18,7 @@ LoRA training over quantized layers working.
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.native cimport array as na
 from mlxcy.native.array cimport heap
-
+from libcpp.vector cimport vector
 
 cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     bint linear_supported(const na.array& x, const na.array& w, const na.array* scales,
@@ -80,6 +80,73 @@ cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const 
     return heap(cpp_decode_attention(q, k, v, scale))
 
 
+# Decode steps of plain pre-norm blocks in two primitives (cpu_block.h).
+cdef bint BLOCKS = True
+
+
+cdef bint use_block_kernels() noexcept:
+    if MODE == 0 or not BLOCKS:
+        return False
+    return MODE > 0 or na.default_device().type == na.cpu
+
+
+cdef LinearArg _linear_arg(Array w, Array scales, Array biases, Array bias, int gs,
+                           int bits) except *:
+    cdef LinearArg a = LinearArg()
+    a.w = handle(w)
+    if scales is not None:
+        if biases is None:
+            raise ValueError("affine quantization needs `biases`")
+        a.scales = handle(scales)
+        a.biases = handle(biases)
+        a.gs = gs
+        a.bits = bits
+    if bias is not None:
+        a.bias = handle(bias)
+    return a
+
+
+def block_qkv(Array x, Array norm_w, float eps, w, int H, int Hkv, int D, int rope_dims,
+              float rope_base=10000.0, float rope_scale=1.0, Array freqs=None, int offset=0):
+    """One decode step's RMSNorm -> q/k/v product -> RoPE of a pre-norm block, as
+    one primitive: x [B, 1, hidden]; w = (weight, scales, biases, bias,
+    group_size, bits) of the fused q/k/v layer (scales/biases/bias None when
+    absent); returns (q [B, H, 1, D], k [B, Hkv, 1, D], v [B, Hkv, 1, D]), q and
+    k rotated at position `offset` (MLX's non-traditional RoPE)."""
+    cdef LinearArg a = _linear_arg(w[0], w[1], w[2], w[3], w[4], w[5])
+    cdef const na.array* fp = NULL
+    if freqs is not None:
+        fp = handle(freqs)
+    if not block_qkv_supported(handle(x)[0], handle(norm_w)[0], a, H, Hkv, D, rope_dims, fp):
+        raise ValueError(f"block_qkv: unsupported shapes or dtypes: x {tuple(x.shape)} "
+                         f"{x.dtype}, norm {tuple(norm_w.shape)}, weight {tuple(w[0].shape)}, "
+                         f"H {H}, Hkv {Hkv}, D {D}, rope_dims {rope_dims}")
+    cdef vector[na.array] r = cpu_block_qkv(handle(x)[0], handle(norm_w)[0], eps, a, H, Hkv, D,
+                                         rope_dims, rope_base, rope_scale, fp, offset)
+    return wrap(heap(r[0])), wrap(heap(r[1])), wrap(heap(r[2]))
+
+
+def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Array norm_w,
+                   float eps, gate_up, down, str act="silu"):
+    """The rest of a pre-norm block's decode step as one primitive: attention of
+    q [B, H, 1, D] over k, v [B, Hkv, T, D] -> o_proj -> + x -> RMSNorm ->
+    gate/up -> act(gate) * up -> down -> + (x + attention): [B, 1, hidden].
+    o, gate_up, down: (weight, scales, biases, bias, group_size, bits)."""
+    if act not in ("silu", "gelu_tanh"):
+        raise ValueError(f"block_attn_mlp: act must be 'silu' or 'gelu_tanh', got {act!r}")
+    cdef LinearArg ao = _linear_arg(o[0], o[1], o[2], o[3], o[4], o[5])
+    cdef LinearArg ag = _linear_arg(gate_up[0], gate_up[1], gate_up[2], gate_up[3], gate_up[4],
+                                   gate_up[5])
+    cdef LinearArg ad = _linear_arg(down[0], down[1], down[2], down[3], down[4], down[5])
+    if not block_attn_mlp_supported(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0], ao,
+                                    handle(norm_w)[0], ag, ad):
+        raise ValueError(f"block_attn_mlp: unsupported shapes or dtypes: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}")
+    return wrap(heap(cpu_block_attn_mlp(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0],
+                                     attn_scale, ao, handle(norm_w)[0], eps, ag, ad,
+                                     0 if act == "silu" else 1)))
+
+
 def decode_attention(Array q, Array k, Array v, float scale):
     """softmax(scale * q k^T) v for one query position: q [B, H, 1, D], k and v
     [B, Hkv, T, D] (H a multiple of Hkv; no mask)."""
@@ -96,6 +163,18 @@ def set_enabled(mode):
     global MODE
     old = None if MODE < 0 else bool(MODE)
     MODE = -1 if mode is None else (1 if mode else 0)
+    return old
+
+
+def set_block_fusion(bint on):
+    """With the kernels enabled, run a one-token step of a plain pre-norm block
+    (Llama, Qwen2, Mistral) as two primitives (RMSNorm + q/k/v + RoPE; attention
+    + o_proj + residual + RMSNorm + gate/up + activation + down + residual)
+    instead of ~25 MLX ops (on by default; off for A/B runs).  Returns the
+    previous setting."""
+    global BLOCKS
+    old = BLOCKS
+    BLOCKS = on
     return old
 
 

@@ -23,7 +23,9 @@ from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
-from mlxcy.cpu_kernels cimport use_attention, cpu_decode_attention
+from mlxcy.cpu_kernels cimport (use_attention, cpu_decode_attention, use_block_kernels,
+                                 LinearArg, block_qkv_supported, block_mlp_supported,
+                                 cpu_block_qkv, cpu_block_attn_mlp)
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
@@ -325,12 +327,73 @@ cdef class Block:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
+        cdef na.array* fused = NULL
+        if (x.shape(1) == 1 and mask == NULL and offsets == NULL and type(cache) is KVCache
+                and use_block_kernels() and _cpu_block_step(self, x, <KVCache>cache, &fused)):
+            return fused      # mlxcy.cpu_kernels: the step in two primitives
         cdef na.array h = nnn.own(self.input_norm.forward(x))
         cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
         h = nnn.add(x, r)
         r = nnn.own(self.post_attn_norm.forward(h))
         r = nnn.own(self.mlp.forward(r))
         return heap(nnn.add(h, r))
+
+
+cdef bint _linear_arg(Linear l, LinearArg* a) noexcept:
+    """A layer's operands for mlxcy.cpu_kernels' block primitives (False when it
+    has a LoRA adapter or was freed)."""
+    if l is None or l.weight == NULL or l.lora_a != NULL:
+        return False
+    a.w = l.weight
+    a.bias = l.bias
+    if l.quantized:
+        if l.qbiases == NULL:
+            return False
+        a.scales = l.scales
+        a.biases = l.qbiases
+        a.gs = l.group_size
+        a.bits = l.bits
+    return True
+
+
+cdef bint _cpu_block_step(Block blk, const na.array& x, KVCache cache,
+                          na.array** out) except -1:
+    """A one-token step of a plain pre-norm block (fused q/k/v and gate/up, no
+    q/k norms, soft-capping or window) over an unpadded KVCache, by
+    mlxcy.cpu_kernels' two block primitives (include/mlxcy/cpu_block.h);
+    returns False, touching nothing, when the block does not qualify."""
+    cdef Attention a = blk.attn
+    cdef MLP m = blk.mlp
+    cdef Rope rope = a.rope
+    cdef LinearArg qkv = LinearArg(), o = LinearArg(), gu = LinearArg(), dn = LinearArg()
+    if (a.qkv_proj is None or m.gate_up_proj is None or a.q_norm is not None
+            or a.softcap > 0 or a.window > 0 or cache.window > 0
+            or blk.input_norm.weight == NULL or blk.post_attn_norm.weight == NULL):
+        return False
+    if not (_linear_arg(a.qkv_proj, &qkv) and _linear_arg(a.o_proj, &o)
+            and _linear_arg(m.gate_up_proj, &gu) and _linear_arg(m.down_proj, &dn)):
+        return False
+    if not block_qkv_supported(x, blk.input_norm.weight[0], qkv, a.n_heads, a.n_kv_heads,
+                               a.head_dim, rope.dims, rope.freqs):
+        return False
+    if not block_mlp_supported(x, a.n_heads * a.head_dim, o, blk.post_attn_norm.weight[0], gu, dn):
+        return False
+    cdef int offset = cache.offset
+    cdef double base = rope.base
+    if rope.dyn_factor > 0 and offset + 1 > rope.dyn_max_pos:   # as Rope.apply
+        base = rope.base * ((rope.dyn_factor * (offset + 1) / rope.dyn_max_pos)
+                            - (rope.dyn_factor - 1)) ** (rope.dims / (rope.dims - 2.0))
+    cdef vector[na.array] qkvo = cpu_block_qkv(x, blk.input_norm.weight[0], blk.input_norm.eps,
+                                               qkv, a.n_heads, a.n_kv_heads, a.head_dim,
+                                               rope.dims, base, rope.scale, rope.freqs, offset)
+    cache.update(qkvo[1], qkvo[2], False)
+    try:
+        out[0] = heap(cpu_block_attn_mlp(qkvo[0], cache.out_k[0], cache.out_v[0], x, a.scale, o,
+                                         blk.post_attn_norm.weight[0], blk.post_attn_norm.eps,
+                                         gu, dn, 1 if m.gelu else 0))
+    finally:
+        cache.drop_outputs()
+    return True
 
 
 cdef bint _cpu_sync(Model m) except -1:
