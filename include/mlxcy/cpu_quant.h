@@ -252,9 +252,21 @@ MLXCY_AVX2 inline __m256 unpack8(const uint32_t* row, int t, const Unpack<BITS>&
     __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 2 * t));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
   } else {
-    // eight values = BITS bytes; copy exactly those (never past the row's end)
+    // eight values = BITS bytes; read exactly those (never past the row's
+    // end), in loads of 4, 2 and 1 bytes (a 5- or 6-byte memcpy is a call)
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(row) + t * BITS;
     uint64_t v = 0;
-    std::memcpy(&v, reinterpret_cast<const uint8_t*>(row) + t * BITS, BITS);
+    if constexpr (BITS >= 4) {
+      uint32_t lo;
+      std::memcpy(&lo, p, 4);
+      v = lo;
+    }
+    if constexpr (BITS == 6 || BITS == 2 || BITS == 3) {
+      uint16_t mid;
+      std::memcpy(&mid, p + (BITS >= 4 ? 4 : 0), 2);
+      v |= uint64_t(mid) << (BITS >= 4 ? 32 : 0);
+    }
+    if constexpr (BITS == 5 || BITS == 3) v |= uint64_t(p[BITS - 1]) << (8 * (BITS - 1));
     __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi64x(int64_t(v)), u.bytes);
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, u.shifts), u.mask));
   }
@@ -346,33 +358,50 @@ MLXCY_AVX2 void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float
   }
 }
 
-MLXCY_AVX2 inline void matvec_f_avx2(const Weight& W, const float* x, float* y, int n0,
-                                     int n1) {
-  const int K8 = W.K & ~15;
+template <Elt T>
+MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
+  if constexpr (T == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+      static_cast<const uint16_t*>(row) + k));
+  if constexpr (T == Elt::BF16)   // bf16 -> fp32: the 16 bits moved to the top
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+template <Elt T>
+MLXCY_AVX2 void matvec_f_avx2_t(const Weight& W, const float* x, float* y, int n0, int n1) {
+  const int K16 = W.K & ~15;
+  const int64_t isz = T == Elt::F32 ? 4 : 2;
   int n = n0;
   for (; n + 2 <= n1; n += 2) {
-    const void* r0 = static_cast<const char*>(W.w) +
-                     int64_t(n) * W.w_ld * (W.wt == Elt::F32 ? 4 : 2);
-    const void* r1 = static_cast<const char*>(r0) + W.w_ld * (W.wt == Elt::F32 ? 4 : 2);
+    const char* r0 = static_cast<const char*>(W.w) + int64_t(n) * W.w_ld * isz;
+    const char* r1 = r0 + W.w_ld * isz;
     __m256 a0 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps();
     __m256 a1 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
     int k = 0;
-    for (; k < K8; k += 16) {
+    for (; k < K16; k += 16) {
       __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      a0 = _mm256_fmadd_ps(x0, load8(r0, W.wt, k), a0);
-      c0 = _mm256_fmadd_ps(x1, load8(r0, W.wt, k + 8), c0);
-      a1 = _mm256_fmadd_ps(x0, load8(r1, W.wt, k), a1);
-      c1 = _mm256_fmadd_ps(x1, load8(r1, W.wt, k + 8), c1);
+      a0 = _mm256_fmadd_ps(x0, load8_t<T>(r0, k), a0);
+      c0 = _mm256_fmadd_ps(x1, load8_t<T>(r0, k + 8), c0);
+      a1 = _mm256_fmadd_ps(x0, load8_t<T>(r1, k), a1);
+      c1 = _mm256_fmadd_ps(x1, load8_t<T>(r1, k + 8), c1);
     }
     float s0 = hsum8(_mm256_add_ps(a0, c0)), s1 = hsum8(_mm256_add_ps(a1, c1));
     for (; k < W.K; ++k) {
-      s0 += load_elt(r0, W.wt, k) * x[k];
-      s1 += load_elt(r1, W.wt, k) * x[k];
+      s0 += load_elt(r0, T, k) * x[k];
+      s1 += load_elt(r1, T, k) * x[k];
     }
     y[n] = s0;
     y[n + 1] = s1;
   }
   if (n < n1) matvec_scalar(W, x, nullptr, y, n, n1);
+}
+
+MLXCY_AVX2 inline void matvec_f_avx2(const Weight& W, const float* x, float* y, int n0,
+                                     int n1) {
+  if (W.wt == Elt::BF16) return matvec_f_avx2_t<Elt::BF16>(W, x, y, n0, n1);
+  if (W.wt == Elt::F16) return matvec_f_avx2_t<Elt::F16>(W, x, y, n0, n1);
+  return matvec_f_avx2_t<Elt::F32>(W, x, y, n0, n1);
 }
 
 // Weight row n unpacked into float32 (K values).
