@@ -106,45 +106,66 @@ cdef LinearArg _linear_arg(Array w, Array scales, Array biases, Array bias, int 
     return a
 
 
-def block_qkv(Array x, Array norm_w, float eps, w, int H, int Hkv, int D, int rope_dims,
-              float rope_base=10000.0, float rope_scale=1.0, Array freqs=None, int offset=0):
-    """One decode step's RMSNorm -> q/k/v product -> RoPE of a pre-norm block, as
-    one primitive: x [B, 1, hidden]; w = (weight, scales, biases, bias,
-    group_size, bits) of the fused q/k/v layer (scales/biases/bias None when
-    absent); returns (q [B, H, 1, D], k [B, Hkv, 1, D], v [B, Hkv, 1, D]), q and
-    k rotated at position `offset` (MLX's non-traditional RoPE)."""
-    cdef LinearArg a = _linear_arg(w[0], w[1], w[2], w[3], w[4], w[5])
-    cdef const na.array* fp = NULL
-    if freqs is not None:
-        fp = handle(freqs)
-    if not block_qkv_supported(handle(x)[0], handle(norm_w)[0], a, H, Hkv, D, rope_dims, fp):
+cdef vector[LinearArg] _parts(list layers) except *:
+    cdef vector[LinearArg] v = vector[LinearArg]()
+    for l in layers:
+        v.push_back(_linear_arg(l[0], l[1], l[2], l[3], l[4], l[5]))
+    return v
+
+
+cdef const na.array* _opt(Array a):
+    if a is None:
+        return NULL
+    return handle(a)
+
+
+def block_qkv(Array x, Array norm_w, float eps, parts, int H, int Hkv, int D, int rope_dims,
+              float rope_base=10000.0, float rope_scale=1.0, Array freqs=None,
+              Array q_norm=None, Array k_norm=None, float qk_eps=1e-6, int offset=0):
+    """One decode step's RMSNorm -> q/k/v products -> (per-head q/k RMSNorm) ->
+    RoPE of a pre-norm block, as one primitive: x [B, 1, hidden]; parts: a list
+    of one fused q/k/v layer or of the q, k and v layers, each (weight, scales,
+    biases, bias, group_size, bits) with None for what is absent; returns
+    (q [B, H, 1, D], k [B, Hkv, 1, D], v [B, Hkv, 1, D]), q and k rotated at
+    position `offset` (MLX's non-traditional RoPE)."""
+    cdef vector[LinearArg] ps = _parts(list(parts))
+    cdef const na.array* fp = _opt(freqs)
+    cdef const na.array* qn = _opt(q_norm)
+    cdef const na.array* kn = _opt(k_norm)
+    if not block_qkv_supported(handle(x)[0], handle(norm_w)[0], ps, H, Hkv, D, rope_dims, fp,
+                               qn, kn):
         raise ValueError(f"block_qkv: unsupported shapes or dtypes: x {tuple(x.shape)} "
-                         f"{x.dtype}, norm {tuple(norm_w.shape)}, weight {tuple(w[0].shape)}, "
+                         f"{x.dtype}, norm {tuple(norm_w.shape)}, {len(parts)} part(s), "
                          f"H {H}, Hkv {Hkv}, D {D}, rope_dims {rope_dims}")
-    cdef vector[na.array] r = cpu_block_qkv(handle(x)[0], handle(norm_w)[0], eps, a, H, Hkv, D,
-                                         rope_dims, rope_base, rope_scale, fp, offset)
+    cdef vector[na.array] r = cpu_block_qkv(handle(x)[0], handle(norm_w)[0], eps, ps, H, Hkv, D,
+                                            rope_dims, rope_base, rope_scale, fp, qn, kn, qk_eps,
+                                            offset)
     return wrap(heap(r[0])), wrap(heap(r[1])), wrap(heap(r[2]))
 
 
-def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Array norm_w,
-                   float eps, gate_up, down, str act="silu"):
+def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Array norm_mid,
+                   float eps, gate_up, down, str act="silu", Array norm_o=None,
+                   Array norm_mlp=None):
     """The rest of a pre-norm block's decode step as one primitive: attention of
-    q [B, H, 1, D] over k, v [B, Hkv, T, D] -> o_proj -> + x -> RMSNorm ->
-    gate/up -> act(gate) * up -> down -> + (x + attention): [B, 1, hidden].
-    o, gate_up, down: (weight, scales, biases, bias, group_size, bits)."""
+    q [B, H, 1, D] over k, v [B, Hkv, T, D] -> o_proj (-> norm_o) -> h = x + that
+    -> RMSNorm(norm_mid) -> gate/up -> act(gate) * up -> down (-> norm_mlp) ->
+    h + that: [B, 1, hidden].  o, down: (weight, scales, biases, bias,
+    group_size, bits); gate_up: a list of one fused layer or of gate and up.
+    norm_o / norm_mlp: Gemma's sandwich norms (same eps)."""
     if act not in ("silu", "gelu_tanh"):
         raise ValueError(f"block_attn_mlp: act must be 'silu' or 'gelu_tanh', got {act!r}")
     cdef LinearArg ao = _linear_arg(o[0], o[1], o[2], o[3], o[4], o[5])
-    cdef LinearArg ag = _linear_arg(gate_up[0], gate_up[1], gate_up[2], gate_up[3], gate_up[4],
-                                   gate_up[5])
+    cdef vector[LinearArg] gu = _parts(list(gate_up))
     cdef LinearArg ad = _linear_arg(down[0], down[1], down[2], down[3], down[4], down[5])
+    cdef const na.array* no = _opt(norm_o)
+    cdef const na.array* nm = _opt(norm_mlp)
     if not block_attn_mlp_supported(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0], ao,
-                                    handle(norm_w)[0], ag, ad):
+                                    no, handle(norm_mid)[0], gu, ad, nm):
         raise ValueError(f"block_attn_mlp: unsupported shapes or dtypes: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}")
     return wrap(heap(cpu_block_attn_mlp(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0],
-                                     attn_scale, ao, handle(norm_w)[0], eps, ag, ad,
-                                     0 if act == "silu" else 1)))
+                                        attn_scale, ao, no, eps, handle(norm_mid)[0], eps, gu,
+                                        ad, nm, eps, 0 if act == "silu" else 1)))
 
 
 def decode_attention(Array q, Array k, Array v, float scale):

@@ -138,55 +138,89 @@ inline void rope_heads(float* x, int heads, int D, int dims, float base, float s
 // -------------------------------------------------------------- BlockQKV ---
 
 struct QKVParams {
-  float eps;
-  int H, Hkv, D;
-  int rope_dims;
-  float rope_base, rope_scale;
-  bool has_freqs;
-  int offset;
-  LinearDesc qkv;
-  mx::Dtype norm_dtype = mx::float32, out_dtype = mx::float32;
+  float eps = 0, qk_eps = 0;
+  int H = 0, Hkv = 0, D = 0;
+  int rope_dims = 0;
+  float rope_base = 0, rope_scale = 1;
+  bool has_freqs = false, has_qk_norm = false;
+  int offset = 0;
+  int nparts = 1;           // 1: one fused q/k/v layer; 3: q, k and v layers
+  LinearDesc part[3];
+  mx::Dtype norm_dtype = mx::float32;
+  mx::Dtype out_dtype[3] = {mx::float32, mx::float32, mx::float32};   // q, k, v
   bool operator==(const QKVParams& o) const {
-    return eps == o.eps && H == o.H && Hkv == o.Hkv && D == o.D && rope_dims == o.rope_dims &&
-           rope_base == o.rope_base && rope_scale == o.rope_scale &&
-           has_freqs == o.has_freqs && offset == o.offset && qkv == o.qkv &&
-           norm_dtype == o.norm_dtype && out_dtype == o.out_dtype;
+    bool same = eps == o.eps && qk_eps == o.qk_eps && H == o.H && Hkv == o.Hkv && D == o.D &&
+                rope_dims == o.rope_dims && rope_base == o.rope_base &&
+                rope_scale == o.rope_scale && has_freqs == o.has_freqs &&
+                has_qk_norm == o.has_qk_norm && offset == o.offset && nparts == o.nparts &&
+                norm_dtype == o.norm_dtype;
+    for (int i = 0; i < 3; ++i)
+      same = same && part[i] == o.part[i] && out_dtype[i] == o.out_dtype[i];
+    return same;
   }
 };
 
-// inputs: x [B, 1, hidden], norm weight, the qkv layer's operands, [freqs];
-// outputs: q, k, v ([B, heads, 1, D], out_dtype).
+// inputs: x [B, 1, hidden], norm weight, the q/k/v layers' operands (one
+// fused layer or three), [freqs], [q_norm, k_norm weights [D]]; outputs: q, k,
+// v ([B, heads, 1, D]).
 inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::array>& out,
                            const QKVParams& p) {
   const mx::array& x = in[0];
   const int B = x.shape(0), hidden = x.shape(-1);
+  const int D = p.D, nh = p.H + 2 * p.Hkv, N = nh * D;
   size_t i = 2;
-  WeightKeep keep;
-  Weight W = bind_weight(in, i, p.qkv.gs, p.qkv.bits, p.qkv.has_bias, keep);
-  std::vector<float> fb;
-  const float* freqs = p.has_freqs ? as_f32(in[i], fb) : nullptr;
+  WeightKeep keep[3];
+  Weight W[3];
+  for (int j = 0; j < p.nparts; ++j)
+    W[j] = bind_weight(in, i, p.part[j].gs, p.part[j].bits, p.part[j].has_bias, keep[j]);
+  std::vector<float> fb, qnb, knb;
+  const float* freqs = p.has_freqs ? as_f32(in[i++], fb) : nullptr;
+  const float* qn = nullptr;
+  const float* kn = nullptr;
+  if (p.has_qk_norm) {
+    qn = as_f32(in[i++], qnb);
+    kn = as_f32(in[i++], knb);
+  }
   std::vector<float> xb;
   const float* xf = as_f32(x, xb);
-  std::vector<float> xn(size_t(B) * hidden), y(size_t(B) * W.N);
+  std::vector<float> xn(size_t(B) * hidden), y(size_t(B) * N);
   rms_norm_rows(xf, B, hidden, in[1], p.eps, xn.data());
   round_to(xn.data(), xn.size(), elt_of(p.norm_dtype));
-  linear_f32(W, xn.data(), B, y.data(), W.N);
-  const Elt ot = elt_of(p.out_dtype);
-  round_to(y.data(), y.size(), ot);
-  const int D = p.D, nh = p.H + 2 * p.Hkv;
-  for (int b = 0; b < B; ++b) {
-    float* yb = y.data() + int64_t(b) * nh * D;
-    rope_heads(yb, p.H + p.Hkv, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, p.offset);
-    round_to(yb, size_t(p.H + p.Hkv) * D, ot);
-  }
-  const int heads[3] = {p.H, p.Hkv, p.Hkv};
+  // head ranges of q, k, v in y's rows
   const int first[3] = {0, p.H, p.H + p.Hkv};
-  for (int o = 0; o < 3; ++o) {
-    void* dst = out[o].data<void>();
-    const int n = heads[o] * D;
+  const int heads[3] = {p.H, p.Hkv, p.Hkv};
+  if (p.nparts == 1) {
+    linear_f32(W[0], xn.data(), B, y.data(), N);
+  } else {
+    for (int j = 0; j < 3; ++j) linear_f32(W[j], xn.data(), B, y.data() + first[j] * D, N);
+  }
+  Elt ot[3];
+  for (int j = 0; j < 3; ++j) ot[j] = elt_of(p.out_dtype[j]);
+  for (int b = 0; b < B; ++b) {
+    float* yb = y.data() + int64_t(b) * N;
+    for (int j = 0; j < 3; ++j) round_to(yb + first[j] * D, size_t(heads[j]) * D, ot[j]);
+    if (p.has_qk_norm) {   // per-head RMSNorm of the q and k heads
+      for (int h = 0; h < p.H + p.Hkv; ++h) {
+        float* r = yb + int64_t(h) * D;
+        const float* w = h < p.H ? qn : kn;
+        float acc = 0;
+        for (int d = 0; d < D; ++d) acc += r[d] * r[d];
+        const float inv = 1.0f / std::sqrt(acc / float(D) + p.qk_eps);
+        for (int d = 0; d < D; ++d) r[d] = w[d] * (r[d] * inv);
+        round_to(r, D, ot[h < p.H ? 0 : 1]);
+      }
+    }
+    rope_heads(yb, p.H, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, p.offset);
+    rope_heads(yb + p.H * D, p.Hkv, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, p.offset);
+    round_to(yb, size_t(p.H) * D, ot[0]);
+    round_to(yb + p.H * D, size_t(p.Hkv) * D, ot[1]);
+  }
+  for (int j = 0; j < 3; ++j) {
+    void* dst = out[j].data<void>();
+    const int n = heads[j] * D;
     for (int b = 0; b < B; ++b) {
-      const float* src = y.data() + (int64_t(b) * nh + first[o]) * D;
-      for (int e = 0; e < n; ++e) store_elt(dst, ot, int64_t(b) * n + e, src[e]);
+      const float* src = y.data() + int64_t(b) * N + first[j] * D;
+      for (int e = 0; e < n; ++e) store_elt(dst, ot[j], int64_t(b) * n + e, src[e]);
     }
   }
 }
@@ -232,56 +266,95 @@ class BlockQKV : public mx::Primitive {
   QKVParams p_;
 };
 
+inline bool norm_weight_ok(const mx::array* w, int n) {
+  return w && w->ndim() == 1 && w->shape(0) == n && is_float(w->dtype());
+}
+
 // Can BlockQKV run this step?  x [B, 1, hidden] float, a float norm weight
-// [hidden], the qkv layer [(H + 2 Hkv) D, hidden], rope_dims even <= D.
+// [hidden], the q/k/v layers (parts: 1 fused [(H + 2 Hkv) D, hidden] or 3),
+// rope_dims even <= D, optional per-head q/k norm weights [D] (both or none).
 inline bool block_qkv_supported(const mx::array& x, const mx::array& norm_w,
-                                const LinearArg& qkv, int H, int Hkv, int D, int rope_dims,
-                                const mx::array* freqs) {
+                                const std::vector<LinearArg>& parts, int H, int Hkv, int D,
+                                int rope_dims, const mx::array* freqs, const mx::array* q_norm,
+                                const mx::array* k_norm) {
   if (x.ndim() != 3 || x.shape(1) != 1 || !is_float(x.dtype())) return false;
   const int hidden = x.shape(2);
-  if (norm_w.ndim() != 1 || norm_w.shape(0) != hidden || !is_float(norm_w.dtype())) return false;
+  if (!norm_weight_ok(&norm_w, hidden)) return false;
   if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || rope_dims <= 0 || rope_dims > D ||
       rope_dims % 2)
     return false;
-  if (freqs && (freqs->ndim() != 1 || freqs->shape(0) != rope_dims / 2 ||
-                !is_float(freqs->dtype())))
-    return false;
-  return linear_arg_ok(qkv, hidden, (H + 2 * Hkv) * D);
+  if (freqs && !norm_weight_ok(freqs, rope_dims / 2)) return false;
+  if ((q_norm != nullptr) != (k_norm != nullptr)) return false;
+  if (q_norm && !(norm_weight_ok(q_norm, D) && norm_weight_ok(k_norm, D))) return false;
+  if (parts.size() == 1) return linear_arg_ok(parts[0], hidden, (H + 2 * Hkv) * D);
+  return parts.size() == 3 && linear_arg_ok(parts[0], hidden, H * D) &&
+         linear_arg_ok(parts[1], hidden, Hkv * D) && linear_arg_ok(parts[2], hidden, Hkv * D);
 }
 
 inline std::vector<mx::array> block_qkv(const mx::array& x, const mx::array& norm_w, float eps,
-                                        const LinearArg& qkv, int H, int Hkv, int D,
-                                        int rope_dims, float rope_base, float rope_scale,
-                                        const mx::array* freqs, int offset) {
-  if (!block_qkv_supported(x, norm_w, qkv, H, Hkv, D, rope_dims, freqs))
+                                        const std::vector<LinearArg>& parts, int H, int Hkv,
+                                        int D, int rope_dims, float rope_base, float rope_scale,
+                                        const mx::array* freqs, const mx::array* q_norm,
+                                        const mx::array* k_norm, float qk_eps, int offset) {
+  if (!block_qkv_supported(x, norm_w, parts, H, Hkv, D, rope_dims, freqs, q_norm, k_norm))
     throw std::invalid_argument("mlxcy block q/k/v: unsupported shapes or dtypes");
-  QKVParams p{eps, H, Hkv, D, rope_dims, rope_base, rope_scale, freqs != nullptr, offset,
-              desc_of(qkv), mx::promote_types(x.dtype(), norm_w.dtype()), mx::float32};
-  p.out_dtype = linear_dtype(p.norm_dtype, qkv);
+  QKVParams p;
+  p.eps = eps;
+  p.qk_eps = qk_eps;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.rope_dims = rope_dims;
+  p.rope_base = rope_base;
+  p.rope_scale = rope_scale;
+  p.has_freqs = freqs != nullptr;
+  p.has_qk_norm = q_norm != nullptr;
+  p.offset = offset;
+  p.nparts = int(parts.size());
+  p.norm_dtype = mx::promote_types(x.dtype(), norm_w.dtype());
   std::vector<mx::array> in = {x, norm_w};
-  push_linear(in, qkv);
+  for (int j = 0; j < p.nparts; ++j) {
+    p.part[j] = desc_of(parts[j]);
+    push_linear(in, parts[j]);
+  }
+  for (int j = 0; j < 3; ++j) {
+    mx::Dtype d = linear_dtype(p.norm_dtype, parts[p.nparts == 1 ? 0 : j]);
+    if (q_norm && j < 2) d = mx::promote_types(d, (j == 0 ? q_norm : k_norm)->dtype());
+    p.out_dtype[j] = d;
+  }
   if (freqs) in.push_back(*freqs);
+  if (q_norm) {
+    in.push_back(*q_norm);
+    in.push_back(*k_norm);
+  }
   const int B = x.shape(0);
   mx::Stream s = mx::default_stream(mx::Device::cpu);
   return mx::array::make_arrays({{B, H, 1, D}, {B, Hkv, 1, D}, {B, Hkv, 1, D}},
-                                {p.out_dtype, p.out_dtype, p.out_dtype},
+                                {p.out_dtype[0], p.out_dtype[1], p.out_dtype[2]},
                                 std::make_shared<BlockQKV>(s, p), std::move(in));
 }
 
 // ---------------------------------------------------------- BlockAttnMLP ---
 
 struct AttnMLPParams {
-  float attn_scale, eps;
-  int act;   // 0: SiLU (SwiGLU), 1: GELU with the tanh approximation
-  LinearDesc o, gate_up, down;
-  mx::Dtype attn_dtype = mx::float32, o_dtype = mx::float32, h_dtype = mx::float32,
-            norm_dtype = mx::float32, gu_dtype = mx::float32, down_dtype = mx::float32,
-            out_dtype = mx::float32;
+  float attn_scale = 1;
+  float eps_o = 0, eps_mid = 0, eps_mlp = 0;
+  bool norm_o = false, norm_mlp = false;   // Gemma's norms after o_proj and after the MLP
+  int act = 0;                              // 0: SiLU (SwiGLU), 1: GELU (tanh approximation)
+  int gu_parts = 1;                         // 1: one fused gate/up layer; 2: gate and up
+  LinearDesc o, gate, up, down;
+  mx::Dtype attn_dtype = mx::float32, o_dtype = mx::float32, on_dtype = mx::float32,
+            h_dtype = mx::float32, mid_dtype = mx::float32, g_dtype = mx::float32,
+            u_dtype = mx::float32, a_dtype = mx::float32, down_dtype = mx::float32,
+            mn_dtype = mx::float32, out_dtype = mx::float32;
   bool operator==(const AttnMLPParams& p) const {
-    return attn_scale == p.attn_scale && eps == p.eps && act == p.act && o == p.o &&
-           gate_up == p.gate_up && down == p.down && attn_dtype == p.attn_dtype &&
-           o_dtype == p.o_dtype && h_dtype == p.h_dtype && norm_dtype == p.norm_dtype &&
-           gu_dtype == p.gu_dtype && down_dtype == p.down_dtype && out_dtype == p.out_dtype;
+    return attn_scale == p.attn_scale && eps_o == p.eps_o && eps_mid == p.eps_mid &&
+           eps_mlp == p.eps_mlp && norm_o == p.norm_o && norm_mlp == p.norm_mlp &&
+           act == p.act && gu_parts == p.gu_parts && o == p.o && gate == p.gate && up == p.up &&
+           down == p.down && attn_dtype == p.attn_dtype && o_dtype == p.o_dtype &&
+           on_dtype == p.on_dtype && h_dtype == p.h_dtype && mid_dtype == p.mid_dtype &&
+           g_dtype == p.g_dtype && u_dtype == p.u_dtype && a_dtype == p.a_dtype &&
+           down_dtype == p.down_dtype && mn_dtype == p.mn_dtype && out_dtype == p.out_dtype;
   }
 };
 
@@ -293,18 +366,23 @@ inline float gelu_tanh(float g) {
 }
 
 // inputs: q [B, H, 1, D], k, v [B, Hkv, T, D] (cache views), x [B, 1, hidden]
-// (the block's input), o_proj's operands, the post-attention norm weight,
-// gate_up's, down's; output [B, 1, hidden].
+// (the block's input), o_proj's operands, [the norm after o_proj], the norm
+// before the MLP, gate/up's operands (one fused layer or two), down's, [the
+// norm after the MLP]; output [B, 1, hidden].
 inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out,
                                 const AttnMLPParams& p) {
   const mx::array &q = in[0], &k = in[1], &v = in[2], &x = in[3];
   const int B = q.shape(0), H = q.shape(1), D = q.shape(3), hidden = x.shape(-1);
   size_t i = 4;
-  WeightKeep ko, kg, kd;
+  WeightKeep ko, kg, ku, kd;
   Weight Wo = bind_weight(in, i, p.o.gs, p.o.bits, p.o.has_bias, ko);
-  const mx::array& norm_w = in[i++];
-  Weight Wg = bind_weight(in, i, p.gate_up.gs, p.gate_up.bits, p.gate_up.has_bias, kg);
+  const mx::array* norm_o = p.norm_o ? &in[i++] : nullptr;
+  const mx::array& norm_mid = in[i++];
+  Weight Wg = bind_weight(in, i, p.gate.gs, p.gate.bits, p.gate.has_bias, kg);
+  Weight Wu;
+  if (p.gu_parts == 2) Wu = bind_weight(in, i, p.up.gs, p.up.bits, p.up.has_bias, ku);
   Weight Wd = bind_weight(in, i, p.down.gs, p.down.bits, p.down.has_bias, kd);
+  const mx::array* norm_mlp = p.norm_mlp ? &in[i++] : nullptr;
   const int I = Wd.K;
   std::vector<float> att(size_t(B) * H * D), h(size_t(B) * hidden), t(size_t(B) * hidden);
   std::vector<float> gu(size_t(B) * 2 * I), a(size_t(B) * I);
@@ -312,27 +390,41 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
   round_to(att.data(), att.size(), elt_of(p.attn_dtype));
   linear_f32(Wo, att.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.o_dtype));
+  if (norm_o) {
+    rms_norm_rows(t.data(), B, hidden, *norm_o, p.eps_o, t.data());
+    round_to(t.data(), t.size(), elt_of(p.on_dtype));
+  }
   std::vector<float> xb;
   const float* xf = as_f32(x, xb);
   for (size_t e = 0; e < h.size(); ++e) h[e] = xf[e] + t[e];
   round_to(h.data(), h.size(), elt_of(p.h_dtype));
-  rms_norm_rows(h.data(), B, hidden, norm_w, p.eps, t.data());
-  round_to(t.data(), t.size(), elt_of(p.norm_dtype));
-  linear_f32(Wg, t.data(), B, gu.data(), 2 * I);
-  const Elt gt = elt_of(p.gu_dtype);
-  round_to(gu.data(), gu.size(), gt);
+  rms_norm_rows(h.data(), B, hidden, norm_mid, p.eps_mid, t.data());
+  round_to(t.data(), t.size(), elt_of(p.mid_dtype));
+  // gate into columns [0, I) and up into [I, 2I) of each row of gu
+  if (p.gu_parts == 1) {
+    linear_f32(Wg, t.data(), B, gu.data(), 2 * I);
+  } else {
+    linear_f32(Wg, t.data(), B, gu.data(), 2 * I);
+    linear_f32(Wu, t.data(), B, gu.data() + I, 2 * I);
+  }
   for (int b = 0; b < B; ++b) {
-    const float* g = gu.data() + int64_t(b) * 2 * I;
-    const float* u = g + I;
+    float* g = gu.data() + int64_t(b) * 2 * I;
+    float* u = g + I;
+    round_to(g, I, elt_of(p.g_dtype));
+    round_to(u, I, elt_of(p.u_dtype));
     float* ab = a.data() + int64_t(b) * I;
     if (p.act == 0)
       for (int e = 0; e < I; ++e) ab[e] = silu(g[e]) * u[e];
     else
       for (int e = 0; e < I; ++e) ab[e] = gelu_tanh(g[e]) * u[e];
   }
-  round_to(a.data(), a.size(), gt);
+  round_to(a.data(), a.size(), elt_of(p.a_dtype));
   linear_f32(Wd, a.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.down_dtype));
+  if (norm_mlp) {
+    rms_norm_rows(t.data(), B, hidden, *norm_mlp, p.eps_mlp, t.data());
+    round_to(t.data(), t.size(), elt_of(p.mn_dtype));
+  }
   for (size_t e = 0; e < h.size(); ++e) h[e] += t[e];
   store_f32(h.data(), out);
 }
@@ -373,49 +465,79 @@ class BlockAttnMLP : public mx::UnaryPrimitive {
   AttnMLPParams p_;
 };
 
-// The weights' part of BlockAttnMLP's checks (before the step touches the
-// cache): x [B, 1, hidden], attention output width HD = H * D.
+// The weights' part of BlockAttnMLP's checks (before a step touches the
+// cache): x [B, 1, hidden], attention output width HD = H * D; gate_up: one
+// fused layer [2 I, hidden] or gate and up [I, hidden] each.
 inline bool block_mlp_supported(const mx::array& x, int HD, const LinearArg& o,
-                                const mx::array& norm_w, const LinearArg& gate_up,
-                                const LinearArg& down) {
+                                const mx::array* norm_o, const mx::array& norm_mid,
+                                const std::vector<LinearArg>& gate_up, const LinearArg& down,
+                                const mx::array* norm_mlp) {
   if (x.ndim() != 3 || x.shape(1) != 1 || !is_float(x.dtype())) return false;
   const int hidden = x.shape(2);
-  if (norm_w.ndim() != 1 || norm_w.shape(0) != hidden || !is_float(norm_w.dtype())) return false;
-  if (!down.w || down.w->ndim() != 2) return false;
+  if (!norm_weight_ok(&norm_mid, hidden)) return false;
+  if (norm_o && !norm_weight_ok(norm_o, hidden)) return false;
+  if (norm_mlp && !norm_weight_ok(norm_mlp, hidden)) return false;
+  if (!down.w || down.w->ndim() != 2 || (down.scales && !supported_bits(down.bits))) return false;
   const int I = down.scales ? int(int64_t(down.w->shape(1)) * 32 / down.bits) : down.w->shape(1);
-  return linear_arg_ok(o, HD, hidden) && linear_arg_ok(gate_up, hidden, 2 * I) &&
-         linear_arg_ok(down, I, hidden);
+  if (!linear_arg_ok(o, HD, hidden) || !linear_arg_ok(down, I, hidden)) return false;
+  if (gate_up.size() == 1) return linear_arg_ok(gate_up[0], hidden, 2 * I);
+  return gate_up.size() == 2 && linear_arg_ok(gate_up[0], hidden, I) &&
+         linear_arg_ok(gate_up[1], hidden, I);
 }
 
 inline bool block_attn_mlp_supported(const mx::array& q, const mx::array& k,
                                      const mx::array& v, const mx::array& x,
-                                     const LinearArg& o, const mx::array& norm_w,
-                                     const LinearArg& gate_up, const LinearArg& down) {
+                                     const LinearArg& o, const mx::array* norm_o,
+                                     const mx::array& norm_mid,
+                                     const std::vector<LinearArg>& gate_up,
+                                     const LinearArg& down, const mx::array* norm_mlp) {
   if (!attention_supported(q, k, v) || x.ndim() != 3 || x.shape(0) != q.shape(0)) return false;
-  return block_mlp_supported(x, q.shape(1) * q.shape(3), o, norm_w, gate_up, down);
+  return block_mlp_supported(x, q.shape(1) * q.shape(3), o, norm_o, norm_mid, gate_up, down,
+                             norm_mlp);
 }
 
 inline mx::array block_attn_mlp(const mx::array& q, const mx::array& k, const mx::array& v,
                                 const mx::array& x, float attn_scale, const LinearArg& o,
-                                const mx::array& norm_w, float eps, const LinearArg& gate_up,
-                                const LinearArg& down, int act) {
-  if (!block_attn_mlp_supported(q, k, v, x, o, norm_w, gate_up, down))
+                                const mx::array* norm_o, float eps_o, const mx::array& norm_mid,
+                                float eps_mid, const std::vector<LinearArg>& gate_up,
+                                const LinearArg& down, const mx::array* norm_mlp, float eps_mlp,
+                                int act) {
+  if (!block_attn_mlp_supported(q, k, v, x, o, norm_o, norm_mid, gate_up, down, norm_mlp))
     throw std::invalid_argument("mlxcy block attention + MLP: unsupported shapes or dtypes");
   if (act != 0 && act != 1)
     throw std::invalid_argument("mlxcy block attention + MLP: act must be 0 (SiLU) or 1 (GELU)");
-  AttnMLPParams p{attn_scale, eps, act, desc_of(o), desc_of(gate_up), desc_of(down)};
+  AttnMLPParams p;
+  p.attn_scale = attn_scale;
+  p.eps_o = eps_o;
+  p.eps_mid = eps_mid;
+  p.eps_mlp = eps_mlp;
+  p.norm_o = norm_o != nullptr;
+  p.norm_mlp = norm_mlp != nullptr;
+  p.act = act;
+  p.gu_parts = int(gate_up.size());
+  p.o = desc_of(o);
+  p.gate = desc_of(gate_up[0]);
+  if (p.gu_parts == 2) p.up = desc_of(gate_up[1]);
+  p.down = desc_of(down);
+  // the dtypes the unfused ops give each intermediate
   p.attn_dtype = q.dtype();
   p.o_dtype = linear_dtype(p.attn_dtype, o);
-  p.h_dtype = mx::promote_types(x.dtype(), p.o_dtype);
-  p.norm_dtype = mx::promote_types(p.h_dtype, norm_w.dtype());
-  p.gu_dtype = linear_dtype(p.norm_dtype, gate_up);
-  p.down_dtype = linear_dtype(p.gu_dtype, down);
-  p.out_dtype = mx::promote_types(p.h_dtype, p.down_dtype);
+  p.on_dtype = norm_o ? mx::promote_types(p.o_dtype, norm_o->dtype()) : p.o_dtype;
+  p.h_dtype = mx::promote_types(x.dtype(), p.on_dtype);
+  p.mid_dtype = mx::promote_types(p.h_dtype, norm_mid.dtype());
+  p.g_dtype = linear_dtype(p.mid_dtype, gate_up[0]);
+  p.u_dtype = linear_dtype(p.mid_dtype, gate_up[p.gu_parts - 1]);
+  p.a_dtype = mx::promote_types(p.g_dtype, p.u_dtype);
+  p.down_dtype = linear_dtype(p.a_dtype, down);
+  p.mn_dtype = norm_mlp ? mx::promote_types(p.down_dtype, norm_mlp->dtype()) : p.down_dtype;
+  p.out_dtype = mx::promote_types(p.h_dtype, p.mn_dtype);
   std::vector<mx::array> in = {q, k, v, x};
   push_linear(in, o);
-  in.push_back(norm_w);
-  push_linear(in, gate_up);
+  if (norm_o) in.push_back(*norm_o);
+  in.push_back(norm_mid);
+  for (auto& g : gate_up) push_linear(in, g);
   push_linear(in, down);
+  if (norm_mlp) in.push_back(*norm_mlp);
   mx::Stream s = mx::default_stream(mx::Device::cpu);
   return mx::array(x.shape(), p.out_dtype, std::make_shared<BlockAttnMLP>(s, p), std::move(in));
 }
