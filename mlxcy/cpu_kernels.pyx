@@ -20,6 +20,30 @@ from mlxcy.native cimport array as na
 from mlxcy.native.array cimport heap
 from libcpp.vector cimport vector
 
+cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
+    bint block_qkv_supported(const na.array& x, const na.array& norm_w,
+                             const vector[LinearArg]& parts, int H, int Hkv, int D,
+                             int rope_dims, const na.array* freqs, const na.array* q_norm,
+                             const na.array* k_norm)
+    vector[na.array] cpu_block_qkv "mlxcy::cpu::block_qkv"(
+        const na.array& x, const na.array& norm_w, float eps, const vector[LinearArg]& parts,
+        int H, int Hkv, int D, int rope_dims, float rope_base, float rope_scale,
+        const na.array* freqs, const na.array* q_norm, const na.array* k_norm, float qk_eps,
+        int offset) except +
+    bint block_mlp_supported(const na.array& x, int HD, const LinearArg& o,
+                             const na.array* norm_o, const na.array& norm_mid,
+                             const vector[LinearArg]& gate_up, const LinearArg& down,
+                             const na.array* norm_mlp)
+    bint block_attn_mlp_supported(const na.array& q, const na.array& k, const na.array& v,
+                                  const na.array& x, const LinearArg& o, const na.array* norm_o,
+                                  const na.array& norm_mid, const vector[LinearArg]& gate_up,
+                                  const LinearArg& down, const na.array* norm_mlp)
+    na.array cpu_block_attn_mlp "mlxcy::cpu::block_attn_mlp"(
+        const na.array& q, const na.array& k, const na.array& v, const na.array& x,
+        float attn_scale, const LinearArg& o, const na.array* norm_o, float eps_o,
+        const na.array& norm_mid, float eps_mid, const vector[LinearArg]& gate_up,
+        const LinearArg& down, const na.array* norm_mlp, float eps_mlp, int act) except +
+
 cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     bint linear_supported(const na.array& x, const na.array& w, const na.array* scales,
                           int group_size, int bits)
@@ -88,6 +112,39 @@ cdef bint use_block_kernels() noexcept:
     if MODE == 0 or not BLOCKS:
         return False
     return MODE > 0 or na.default_device().type == na.cpu
+
+
+cdef bint block_qkv_ok(const na.array& x, const na.array& norm_w,
+                       const vector[LinearArg]& parts, int H, int Hkv, int D, int rope_dims,
+                       const na.array* freqs, const na.array* q_norm,
+                       const na.array* k_norm) noexcept:
+    return block_qkv_supported(x, norm_w, parts, H, Hkv, D, rope_dims, freqs, q_norm, k_norm)
+
+
+cdef int block_qkv_run(vector[na.array]& out, const na.array& x, const na.array& norm_w,
+                       float eps, const vector[LinearArg]& parts, int H, int Hkv, int D,
+                       int rope_dims, float rope_base, float rope_scale, const na.array* freqs,
+                       const na.array* q_norm, const na.array* k_norm, float qk_eps,
+                       int offset) except -1:
+    out = cpu_block_qkv(x, norm_w, eps, parts, H, Hkv, D, rope_dims, rope_base, rope_scale,
+                        freqs, q_norm, k_norm, qk_eps, offset)
+    return 0
+
+
+cdef bint block_mlp_ok(const na.array& x, int HD, const LinearArg& o, const na.array* norm_o,
+                       const na.array& norm_mid, const vector[LinearArg]& gate_up,
+                       const LinearArg& down, const na.array* norm_mlp) noexcept:
+    return block_mlp_supported(x, HD, o, norm_o, norm_mid, gate_up, down, norm_mlp)
+
+
+cdef na.array* block_attn_mlp_run(const na.array& q, const na.array& k, const na.array& v,
+                                  const na.array& x, float attn_scale, const LinearArg& o,
+                                  const na.array* norm_o, float eps_o, const na.array& norm_mid,
+                                  float eps_mid, const vector[LinearArg]& gate_up,
+                                  const LinearArg& down, const na.array* norm_mlp,
+                                  float eps_mlp, int act) except NULL:
+    return heap(cpu_block_attn_mlp(q, k, v, x, attn_scale, o, norm_o, eps_o, norm_mid, eps_mid,
+                                   gate_up, down, norm_mlp, eps_mlp, act))
 
 
 cdef LinearArg _linear_arg(Array w, Array scales, Array biases, Array bias, int gs,

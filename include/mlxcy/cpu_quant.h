@@ -331,8 +331,8 @@ MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum
 // x quantized per block of 32: xq int8 with each block's even k first, then
 // its odd k (the order of a 4-bit row's low and high nibbles), xd the blocks'
 // scales.  y[n] = sum_g s[n,g] * sum_blocks(xd * idot) + b[n,g] * xsum[g].
-MLXCY_AVX2 void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float* xd,
-                                  const float* xsum, float* y, int n0, int n1) {
+MLXCY_AVX2 inline void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float* xd,
+                                         const float* xsum, float* y, int n0, int n1) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   const int G = W.K / W.gs, bpg = W.gs / 32;   // 32-value blocks per group
@@ -803,8 +803,15 @@ class Linear : public mx::UnaryPrimitive {
     int bias_arg = bits_ ? 4 : 2;
     for (int a : argnums) {
       if (a == 0) {
-        mx::array wd = bits_ ? mx::dequantize(primals[1], primals[2], primals[3], gs_, bits_,
-                                              "affine", std::nullopt, std::nullopt, stream())
+        // float16 scales with float32 x: dequantize in float32 (exact), as the kernel reads them
+        auto wide = [&](const mx::array& t) {
+          return primals[0].dtype() == mx::float32 && t.dtype() != mx::float32
+                     ? mx::astype(t, mx::float32, stream())
+                     : t;
+        };
+        mx::array wd = bits_ ? mx::dequantize(primals[1], wide(primals[2]), wide(primals[3]),
+                                              gs_, bits_, "affine", std::nullopt, std::nullopt,
+                                              stream())
                              : primals[1];
         grads.push_back(mx::astype(mx::matmul(cot, wd, stream()), primals[0].dtype(), stream()));
       } else if (has_bias_ && a == bias_arg) {

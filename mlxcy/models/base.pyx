@@ -24,8 +24,8 @@ from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
 from mlxcy.cpu_kernels cimport (use_attention, cpu_decode_attention, use_block_kernels,
-                                 LinearArg, block_qkv_supported, block_mlp_supported,
-                                 cpu_block_qkv, cpu_block_attn_mlp)
+                                 LinearArg, block_qkv_ok, block_qkv_run, block_mlp_ok,
+                                 block_attn_mlp_run)
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
@@ -432,27 +432,26 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint s
         return False
     if not (_linear_arg(a.o_proj, &o) and _linear_arg(m.down_proj, &dn)):
         return False
-    if not block_qkv_supported(x, blk.input_norm.weight[0], qkv, a.n_heads, a.n_kv_heads,
-                               a.head_dim, rope.dims, rope.freqs, qn, kn):
+    if not block_qkv_ok(x, blk.input_norm.weight[0], qkv, a.n_heads, a.n_kv_heads,
+                        a.head_dim, rope.dims, rope.freqs, qn, kn):
         return False
-    if not block_mlp_supported(x, a.n_heads * a.head_dim, o, n_o, n_mid.weight[0], gu, dn,
-                               n_mlp):
+    if not block_mlp_ok(x, a.n_heads * a.head_dim, o, n_o, n_mid.weight[0], gu, dn, n_mlp):
         return False
     cdef int offset = cache.offset
     cdef double base = rope.base
     if rope.dyn_factor > 0 and offset + 1 > rope.dyn_max_pos:   # as Rope.apply
         base = rope.base * ((rope.dyn_factor * (offset + 1) / rope.dyn_max_pos)
                             - (rope.dyn_factor - 1)) ** (rope.dims / (rope.dims - 2.0))
-    cdef vector[na.array] qkvo = cpu_block_qkv(x, blk.input_norm.weight[0], blk.input_norm.eps,
-                                               qkv, a.n_heads, a.n_kv_heads, a.head_dim,
-                                               rope.dims, base, rope.scale, rope.freqs, qn, kn,
-                                               qk_eps, offset)
+    cdef vector[na.array] qkvo = vector[na.array]()
+    block_qkv_run(qkvo, x, blk.input_norm.weight[0], blk.input_norm.eps, qkv, a.n_heads,
+                  a.n_kv_heads, a.head_dim, rope.dims, base, rope.scale, rope.freqs, qn, kn,
+                  qk_eps, offset)
     cache.update(qkvo[1], qkvo[2], False)
     try:
-        out[0] = heap(cpu_block_attn_mlp(
+        out[0] = block_attn_mlp_run(
             qkvo[0], cache.out_k[0], cache.out_v[0], x, a.scale, o, n_o,
             blk.post_attn_norm.eps, n_mid.weight[0], n_mid.eps, gu, dn, n_mlp,
-            blk.post_ff_norm.eps if sandwich else 0.0, 1 if m.gelu else 0))
+            blk.post_ff_norm.eps if sandwich else 0.0, 1 if m.gelu else 0)
     finally:
         cache.drop_outputs()
     return True

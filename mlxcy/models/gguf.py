@@ -222,6 +222,25 @@ def _repack_kquant(raw: np.ndarray, ttype: int, shape):
             biases.reshape(rows, cols // 32).astype(np.float32), bits)
 
 
+def _half_scales(name, dtype):
+    """Scales and biases of quantized linear layers stay float16 when loading
+    float32 for the CPU: GGUF stores Q4_0/Q4_1/Q8_0's as float16 (exact), and
+    mlxcy.cpu_kernels read them with F16C, a sixth less weight traffic per
+    4-bit token than float32.  Embeddings keep `dtype` (their rows set the
+    activations' dtype)."""
+    import mlxcy
+    return (dtype == mlxcy.float32 and mlxcy.default_device().type == "cpu"
+            and name.endswith((".scales", ".biases")) and "embed_tokens" not in name)
+
+
+def _exact_half(a):
+    """a as float16 if that is exact (finite, same values), else None."""
+    import mlxcy
+    h = a.astype(mlxcy.float16)
+    x = np.asarray(a.astype(mlxcy.float32))
+    return h if np.array_equal(np.asarray(h.astype(mlxcy.float32)), x) else None
+
+
 def _tensor_bytes(mm, header, name):
     t = header.tensors[name]
     if t["nbytes"] is None:
@@ -308,7 +327,9 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
     dtype: the float dtype of every float tensor (and of scales/biases, whose
     float16 values convert exactly to float32). Default: float32 for a file kept
     quantized (float32 scales are exact and MLX's CPU quantized matmul is fastest
-    in float32), bfloat16 for a dequantized one.
+    in float32), bfloat16 for a dequantized one.  Loading float32 for the CPU,
+    quantized linear layers keep float16 scales/biases where that is exact
+    (_half_scales: less weight traffic for mlxcy.cpu_kernels).
     native_reader: use mlxcy.io.load_gguf (MLX's reader) for quantized files when
     it is built; otherwise a numpy repack that produces the same bits."""
     import mlxcy
@@ -365,8 +386,9 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
                     w, s, b = (_unpermute_rows(x, perm) for x in (w, s, b))
                 base = name[: -len(".weight")]
                 weights[name] = mlxcy.array(np.ascontiguousarray(w))
-                weights[base + ".scales"] = mlxcy.array(np.ascontiguousarray(s)).astype(dtype)
-                weights[base + ".biases"] = mlxcy.array(np.ascontiguousarray(b)).astype(dtype)
+                sd = mlxcy.float16 if _half_scales(base + ".scales", dtype) else dtype
+                weights[base + ".scales"] = mlxcy.array(np.ascontiguousarray(s)).astype(sd)
+                weights[base + ".biases"] = mlxcy.array(np.ascontiguousarray(b)).astype(sd)
                 quant_layers[base] = {"group_size": 32, "bits": 8 if t["type"] == 8 else 4}
                 continue
             if t["type"] in REPACK_TYPES and native:
@@ -378,8 +400,13 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
                 base = name[: -len(".weight")]
                 weights[name] = mlxcy.array(np.ascontiguousarray(w))
                 sd = mlxcy.float32 if dtype != mlxcy.float64 else dtype   # exact products
-                weights[base + ".scales"] = mlxcy.array(np.ascontiguousarray(s)).astype(sd)
-                weights[base + ".biases"] = mlxcy.array(np.ascontiguousarray(b)).astype(sd)
+                for kind, x in (("scales", s), ("biases", b)):
+                    a = mlxcy.array(np.ascontiguousarray(x)).astype(sd)
+                    h = _exact_half(a) if _half_scales(f"{base}.{kind}", dtype) else None
+                    weights[f"{base}.{kind}"] = a if h is None else h
+                if weights[base + ".scales"].dtype != weights[base + ".biases"].dtype:
+                    weights[base + ".scales"] = weights[base + ".scales"].astype(sd)
+                    weights[base + ".biases"] = weights[base + ".biases"].astype(sd)
                 quant_layers[base] = {"group_size": 32, "bits": bits}
                 continue
             if t["type"] in _FLOAT_TYPES or t["type"] == 30:
@@ -472,8 +499,10 @@ def _load_native_io(io, path, header, cfg, dtype, spec):
                 b = a.astype(mlxcy.float32) - 1.0
                 a.free()
                 a = b
-            if a.dtype.is_floating and a.dtype != dtype:
-                b = a.astype(dtype)
+            want_t = mlxcy.float16 if (kind in ("scales", "biases") and a.dtype == mlxcy.float16
+                                      and _half_scales(name, dtype)) else dtype
+            if a.dtype.is_floating and a.dtype != want_t:
+                b = a.astype(want_t)
                 a.free()
                 a = b
             weights[name] = a
