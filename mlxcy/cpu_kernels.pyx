@@ -18,7 +18,31 @@ LoRA training over quantized layers working.
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.native cimport array as na
 from mlxcy.native.array cimport heap
+from libcpp.vector cimport vector
 
+cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
+    bint block_qkv_supported(const na.array& x, const na.array& norm_w,
+                             const vector[LinearArg]& parts, int H, int Hkv, int D,
+                             int rope_dims, const na.array* freqs, const na.array* q_norm,
+                             const na.array* k_norm)
+    vector[na.array] cpu_block_qkv "mlxcy::cpu::block_qkv"(
+        const na.array& x, const na.array& norm_w, float eps, const vector[LinearArg]& parts,
+        int H, int Hkv, int D, int rope_dims, float rope_base, float rope_scale,
+        const na.array* freqs, const na.array* q_norm, const na.array* k_norm, float qk_eps,
+        int offset) except +
+    bint block_mlp_supported(const na.array& x, int HD, const LinearArg& o,
+                             const na.array* norm_o, const na.array& norm_mid,
+                             const vector[LinearArg]& gate_up, const LinearArg& down,
+                             const na.array* norm_mlp)
+    bint block_attn_mlp_supported(const na.array& q, const na.array& k, const na.array& v,
+                                  const na.array& x, const LinearArg& o, const na.array* norm_o,
+                                  const na.array& norm_mid, const vector[LinearArg]& gate_up,
+                                  const LinearArg& down, const na.array* norm_mlp)
+    na.array cpu_block_attn_mlp "mlxcy::cpu::block_attn_mlp"(
+        const na.array& q, const na.array& k, const na.array& v, const na.array& x,
+        float attn_scale, const LinearArg& o, const na.array* norm_o, float eps_o,
+        const na.array& norm_mid, float eps_mid, const vector[LinearArg]& gate_up,
+        const LinearArg& down, const na.array* norm_mlp, float eps_mlp, int act) except +
 
 cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     bint linear_supported(const na.array& x, const na.array& w, const na.array* scales,
@@ -80,6 +104,127 @@ cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const 
     return heap(cpp_decode_attention(q, k, v, scale))
 
 
+# Decode steps of plain pre-norm blocks in two primitives (cpu_block.h).
+cdef bint BLOCKS = True
+
+
+cdef bint use_block_kernels() noexcept:
+    if MODE == 0 or not BLOCKS:
+        return False
+    return MODE > 0 or na.default_device().type == na.cpu
+
+
+cdef bint block_qkv_ok(const na.array& x, const na.array& norm_w,
+                       const vector[LinearArg]& parts, int H, int Hkv, int D, int rope_dims,
+                       const na.array* freqs, const na.array* q_norm,
+                       const na.array* k_norm) noexcept:
+    return block_qkv_supported(x, norm_w, parts, H, Hkv, D, rope_dims, freqs, q_norm, k_norm)
+
+
+cdef int block_qkv_run(vector[na.array]& out, const na.array& x, const na.array& norm_w,
+                       float eps, const vector[LinearArg]& parts, int H, int Hkv, int D,
+                       int rope_dims, float rope_base, float rope_scale, const na.array* freqs,
+                       const na.array* q_norm, const na.array* k_norm, float qk_eps,
+                       int offset) except -1:
+    out = cpu_block_qkv(x, norm_w, eps, parts, H, Hkv, D, rope_dims, rope_base, rope_scale,
+                        freqs, q_norm, k_norm, qk_eps, offset)
+    return 0
+
+
+cdef bint block_mlp_ok(const na.array& x, int HD, const LinearArg& o, const na.array* norm_o,
+                       const na.array& norm_mid, const vector[LinearArg]& gate_up,
+                       const LinearArg& down, const na.array* norm_mlp) noexcept:
+    return block_mlp_supported(x, HD, o, norm_o, norm_mid, gate_up, down, norm_mlp)
+
+
+cdef na.array* block_attn_mlp_run(const na.array& q, const na.array& k, const na.array& v,
+                                  const na.array& x, float attn_scale, const LinearArg& o,
+                                  const na.array* norm_o, float eps_o, const na.array& norm_mid,
+                                  float eps_mid, const vector[LinearArg]& gate_up,
+                                  const LinearArg& down, const na.array* norm_mlp,
+                                  float eps_mlp, int act) except NULL:
+    return heap(cpu_block_attn_mlp(q, k, v, x, attn_scale, o, norm_o, eps_o, norm_mid, eps_mid,
+                                   gate_up, down, norm_mlp, eps_mlp, act))
+
+
+cdef LinearArg _linear_arg(Array w, Array scales, Array biases, Array bias, int gs,
+                           int bits) except *:
+    cdef LinearArg a = LinearArg()
+    a.w = handle(w)
+    if scales is not None:
+        if biases is None:
+            raise ValueError("affine quantization needs `biases`")
+        a.scales = handle(scales)
+        a.biases = handle(biases)
+        a.gs = gs
+        a.bits = bits
+    if bias is not None:
+        a.bias = handle(bias)
+    return a
+
+
+cdef vector[LinearArg] _parts(list layers) except *:
+    cdef vector[LinearArg] v = vector[LinearArg]()
+    for l in layers:
+        v.push_back(_linear_arg(l[0], l[1], l[2], l[3], l[4], l[5]))
+    return v
+
+
+cdef const na.array* _opt(Array a):
+    if a is None:
+        return NULL
+    return handle(a)
+
+
+def block_qkv(Array x, Array norm_w, float eps, parts, int H, int Hkv, int D, int rope_dims,
+              float rope_base=10000.0, float rope_scale=1.0, Array freqs=None,
+              Array q_norm=None, Array k_norm=None, float qk_eps=1e-6, int offset=0):
+    """One decode step's RMSNorm -> q/k/v products -> (per-head q/k RMSNorm) ->
+    RoPE of a pre-norm block, as one primitive: x [B, 1, hidden]; parts: a list
+    of one fused q/k/v layer or of the q, k and v layers, each (weight, scales,
+    biases, bias, group_size, bits) with None for what is absent; returns
+    (q [B, H, 1, D], k [B, Hkv, 1, D], v [B, Hkv, 1, D]), q and k rotated at
+    position `offset` (MLX's non-traditional RoPE)."""
+    cdef vector[LinearArg] ps = _parts(list(parts))
+    cdef const na.array* fp = _opt(freqs)
+    cdef const na.array* qn = _opt(q_norm)
+    cdef const na.array* kn = _opt(k_norm)
+    if not block_qkv_supported(handle(x)[0], handle(norm_w)[0], ps, H, Hkv, D, rope_dims, fp,
+                               qn, kn):
+        raise ValueError(f"block_qkv: unsupported shapes or dtypes: x {tuple(x.shape)} "
+                         f"{x.dtype}, norm {tuple(norm_w.shape)}, {len(parts)} part(s), "
+                         f"H {H}, Hkv {Hkv}, D {D}, rope_dims {rope_dims}")
+    cdef vector[na.array] r = cpu_block_qkv(handle(x)[0], handle(norm_w)[0], eps, ps, H, Hkv, D,
+                                            rope_dims, rope_base, rope_scale, fp, qn, kn, qk_eps,
+                                            offset)
+    return wrap(heap(r[0])), wrap(heap(r[1])), wrap(heap(r[2]))
+
+
+def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Array norm_mid,
+                   float eps, gate_up, down, str act="silu", Array norm_o=None,
+                   Array norm_mlp=None):
+    """The rest of a pre-norm block's decode step as one primitive: attention of
+    q [B, H, 1, D] over k, v [B, Hkv, T, D] -> o_proj (-> norm_o) -> h = x + that
+    -> RMSNorm(norm_mid) -> gate/up -> act(gate) * up -> down (-> norm_mlp) ->
+    h + that: [B, 1, hidden].  o, down: (weight, scales, biases, bias,
+    group_size, bits); gate_up: a list of one fused layer or of gate and up.
+    norm_o / norm_mlp: Gemma's sandwich norms (same eps)."""
+    if act not in ("silu", "gelu_tanh"):
+        raise ValueError(f"block_attn_mlp: act must be 'silu' or 'gelu_tanh', got {act!r}")
+    cdef LinearArg ao = _linear_arg(o[0], o[1], o[2], o[3], o[4], o[5])
+    cdef vector[LinearArg] gu = _parts(list(gate_up))
+    cdef LinearArg ad = _linear_arg(down[0], down[1], down[2], down[3], down[4], down[5])
+    cdef const na.array* no = _opt(norm_o)
+    cdef const na.array* nm = _opt(norm_mlp)
+    if not block_attn_mlp_supported(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0], ao,
+                                    no, handle(norm_mid)[0], gu, ad, nm):
+        raise ValueError(f"block_attn_mlp: unsupported shapes or dtypes: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}")
+    return wrap(heap(cpu_block_attn_mlp(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0],
+                                        attn_scale, ao, no, eps, handle(norm_mid)[0], eps, gu,
+                                        ad, nm, eps, 0 if act == "silu" else 1)))
+
+
 def decode_attention(Array q, Array k, Array v, float scale):
     """softmax(scale * q k^T) v for one query position: q [B, H, 1, D], k and v
     [B, Hkv, T, D] (H a multiple of Hkv; no mask)."""
@@ -96,6 +241,18 @@ def set_enabled(mode):
     global MODE
     old = None if MODE < 0 else bool(MODE)
     MODE = -1 if mode is None else (1 if mode else 0)
+    return old
+
+
+def set_block_fusion(bint on):
+    """With the kernels enabled, run a one-token step of a plain pre-norm block
+    (Llama, Qwen2, Mistral) as two primitives (RMSNorm + q/k/v + RoPE; attention
+    + o_proj + residual + RMSNorm + gate/up + activation + down + residual)
+    instead of ~25 MLX ops (on by default; off for A/B runs).  Returns the
+    previous setting."""
+    global BLOCKS
+    old = BLOCKS
+    BLOCKS = on
     return old
 
 

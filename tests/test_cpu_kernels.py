@@ -249,3 +249,321 @@ def test_decode_attention_grad_matches_mlx_ops():
     for a, r in zip(grad(ours, argnums=(0, 1, 2))(q, k, v),
                     grad(theirs, argnums=(0, 1, 2))(q, k, v)):
         close(f64(a), f64(r), 1e-5)
+
+
+# ---------------------------------------------------------- 2, 3, 5, 6 bits ---
+
+def unpack_bits_np(wq, scales, biases, gs, bits):
+    """numpy's unpacking of MLX's affine layout for any width: the packed words
+    as one little-endian bit stream, value k at bits [k*bits, (k+1)*bits)."""
+    w = np.asarray(wq)
+    N = w.shape[0]
+    bitstream = np.unpackbits(w.view(np.uint8).reshape(N, -1), axis=1, bitorder="little")
+    K = bitstream.shape[1] // bits
+    q = (bitstream[:, :K * bits].reshape(N, K, bits).astype(np.uint64)
+         << np.arange(bits, dtype=np.uint64)).sum(-1)
+    s = np.asarray(scales.astype(mlxcy.float32)).astype(np.float64)
+    b = np.asarray(biases.astype(mlxcy.float32)).astype(np.float64)
+    return q * np.repeat(s, gs, axis=1) + np.repeat(b, gs, axis=1)
+
+
+def test_bitstream_reference_agrees_with_mlx_dequantize():
+    """The numpy reference above reads MLX's layout as MLX itself does."""
+    for bits in (2, 3, 4, 5, 6, 8):
+        W = mlxcy.array(RNG.standard_normal((5, 128)).astype(np.float32))
+        wq, s, b = nn.quantize(W, 32, bits)
+        np.testing.assert_allclose(unpack_bits_np(wq, s, b, 32, bits),
+                                   f64(nn.dequantize(wq, s, b, 32, bits)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2, 5, 33])
+def test_odd_bit_widths_match_numpy(isa, bits, gs, M):
+    N, K = 29, gs * 3
+    W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
+    wq, s, b = nn.quantize(W, gs, bits)
+    x = mlxcy.array(RNG.standard_normal((M, K)).astype(np.float32))
+    y = ck.linear(x, wq, s, b, gs, bits)
+    close(f64(y), f64(x) @ unpack_bits_np(wq, s, b, gs, bits).T, 2e-6)
+    # float16 scales/biases (F16C loads on the AVX2 path)
+    s16, b16 = s.astype(mlxcy.float16), b.astype(mlxcy.float16)
+    y16 = ck.linear(x, wq, s16, b16, gs, bits)
+    assert y16.dtype == mlxcy.float32
+    close(f64(y16), f64(x) @ unpack_bits_np(wq, s16, b16, gs, bits).T, 2e-6)
+
+
+def test_last_row_of_odd_widths_reads_no_further():
+    """The last group of the last row ends the allocation: its values are read
+    with exact-size copies (valgrind/ASan would flag an over-read; here the
+    values must still be right)."""
+    for bits in (3, 5, 6):
+        W = mlxcy.array(RNG.standard_normal((3, 32)).astype(np.float32))
+        wq, s, b = nn.quantize(W, 32, bits)
+        x = mlxcy.array(np.linspace(0.5, 1.5, 32, dtype=np.float32).reshape(1, 32))
+        close(f64(ck.linear(x, wq, s, b, 32, bits)),
+              f64(x) @ unpack_bits_np(wq, s, b, 32, bits).T, 1e-5)
+
+
+# ------------------------------------------------------ block primitives ---
+
+def rms_np(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def rope_np(x, dims, base, scale, pos, freqs=None):
+    """HF/MLX non-traditional RoPE at one position, float64."""
+    half = dims // 2
+    inv = 1.0 / freqs if freqs is not None else base ** (-np.arange(half) / half)
+    th = pos * scale * inv
+    c, s = np.cos(th), np.sin(th)
+    out = x.copy()
+    x1, x2 = x[..., :half], x[..., half:dims]
+    out[..., :half] = x1 * c - x2 * s
+    out[..., half:dims] = x1 * s + x2 * c
+    return out
+
+
+def make_linear(N, K, kind, seed, bias=False):
+    """(operand tuple for ck.block_*, float64 dense weight, float64 bias)."""
+    rng = np.random.default_rng(seed)
+    W = mlxcy.array((rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32))
+    bv = mlxcy.array(rng.standard_normal(N).astype(np.float32) * 0.1) if bias else None
+    if kind == "float32":
+        return (W, None, None, bv, 0, 0), f64(W), (f64(bv) if bias else 0.0)
+    if kind == "bfloat16":
+        Wb = W.astype(mlxcy.bfloat16)
+        return (Wb, None, None, bv, 0, 0), f64(Wb), (f64(bv) if bias else 0.0)
+    bits = {"q4": 4, "q5": 5, "q8": 8}[kind]
+    wq, s, b = nn.quantize(W, 32, bits)
+    return (wq, s, b, bv, 32, bits), unpack_bits_np(wq, s, b, 32, bits), (f64(bv) if bias else 0.0)
+
+
+@pytest.mark.parametrize("kind", ["q4", "q5", "float32", "split"])
+@pytest.mark.parametrize("B,H,Hkv,D,dims,offset", [(1, 9, 3, 64, 64, 0), (1, 4, 2, 32, 32, 37),
+                                                    (2, 6, 6, 16, 8, 300)])
+def test_block_qkv_matches_numpy(isa, kind, B, H, Hkv, D, dims, offset):
+    """One fused q/k/v layer, or (split) separate q (5-bit), k (8-bit) and v
+    (float) layers as in the Q4_K_M GGUFs, optionally with per-head q/k norms."""
+    hidden, eps, base = 96, 1e-5, 10000.0
+    x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    qn = kn = None
+    if kind == "split":
+        parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
+                 for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
+        lins = [p_[0] for p_ in parts]
+        Wd = np.concatenate([p_[1] for p_ in parts])
+        bd = np.concatenate([p_[2] for p_ in parts])
+        qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+        kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+    else:
+        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
+        lins = [lin]
+    q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
+                           offset)
+    assert tuple(q.shape) == (B, H, 1, D) and tuple(k.shape) == (B, Hkv, 1, D)
+    y = rms_np(f64(x), f64(nw), eps) @ Wd.T + bd                     # [B, 1, N]
+    y = y.reshape(B, H + 2 * Hkv, D)
+    if qn is not None:
+        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
+        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    qk = rope_np(y[:, :H + Hkv], dims, base, 1.0, offset)
+    close(f64(q)[:, :, 0], qk[:, :H], 1e-5)
+    close(f64(k)[:, :, 0], qk[:, H:], 1e-5)
+    close(f64(v)[:, :, 0], y[:, H + Hkv:], 1e-5)
+
+
+def test_block_qkv_matches_mlx_rope_and_freqs():
+    """Against MLX's own RoPE (mlxcy.fast.rope) with custom periods and scale."""
+    from mlxcy import fast
+    H, Hkv, D, hidden = 4, 2, 32, 64
+    lin, Wd, _ = make_linear((H + 2 * Hkv) * D, hidden, "float32", 3)
+    x = mlxcy.array(RNG.standard_normal((1, 1, hidden)).astype(np.float32))
+    nw = mlxcy.array(np.ones(hidden, np.float32))
+    freqs = mlxcy.array((10000.0 ** (np.arange(16) / 16) * RNG.uniform(1, 2, 16)).astype(np.float32))
+    q, k, _v = ck.block_qkv(x, nw, 1e-6, [lin], H, Hkv, D, D, 0.0, 0.5, freqs, offset=123)
+    y = fast.rms_norm(x, nw, 1e-6) @ lin[0].T
+    heads = y.reshape(1, 1, H + 2 * Hkv, D).transpose(0, 2, 1, 3)
+    r = fast.rope(heads[:, :H + Hkv], D, traditional=False, base=None, scale=0.5, offset=123,
+                  freqs=freqs)
+    close(f64(q), f64(r[:, :H]), 1e-5)
+    close(f64(k), f64(r[:, H:]), 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8", "bfloat16", "gemma"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 9, 3, 1, 64), (2, 4, 2, 45, 32)])
+def test_block_attn_mlp_matches_numpy(isa, kind, act, B, H, Hkv, T, D):
+    """Llama's block (one fused gate/up layer), or (gemma) Gemma's sandwich norms
+    with separate 5-bit gate and up layers, a 4-bit o_proj and an 8-bit down."""
+    hidden, inter, eps, scale = 96, 160, 1e-5, D ** -0.5
+    sandwich = kind == "gemma"
+    o, Wo, _ = make_linear(hidden, H * D, "q4" if sandwich else kind, 11)
+    if sandwich:
+        g_, Wg, _ = make_linear(inter, hidden, "q5", 12)
+        u_, Wu, _ = make_linear(inter, hidden, "q5", 14)
+        gu, Wgu = [g_, u_], np.concatenate([Wg, Wu])
+        no = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+        nm = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    else:
+        g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
+        gu, no, nm = [g_], None, None
+    dn, Wdn, _ = make_linear(hidden, inter, "q8" if sandwich else kind, 13)
+    x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    q = mlxcy.array(RNG.standard_normal((B, H, 1, D)).astype(np.float32))
+    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    k, v = kb[:, :, :T], vb[:, :, :T]                        # the cache's views
+    out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, gu, dn, act, norm_o=no, norm_mlp=nm)
+    assert tuple(out.shape) == (B, 1, hidden)
+    att = attention_np(q, k, v, scale).transpose(0, 2, 1, 3).reshape(B, 1, H * D)
+    t = att @ Wo.T
+    h = f64(x) + (rms_np(t, f64(no), eps) if sandwich else t)
+    g = rms_np(h, f64(nw), eps) @ Wgu.T
+    gate, up = g[..., :inter], g[..., inter:]
+    if act == "silu":
+        a = gate / (1 + np.exp(-gate)) * up
+    else:
+        a = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3))) * up
+    m = a @ Wdn.T
+    ref = h + (rms_np(m, f64(nm), eps) if sandwich else m)
+    close(f64(out), ref, 1e-5 if kind != "bfloat16" else 1e-2)
+
+
+def test_block_errors():
+    lin, _, _ = make_linear(8 * 16, 64, "q4", 1)
+    x = mlxcy.array(np.ones((1, 1, 64), np.float32))
+    with pytest.raises(ValueError, match="block_qkv: unsupported"):
+        ck.block_qkv(x, mlxcy.array(np.ones(63, np.float32)), 1e-5, [lin], 4, 2, 16, 16)
+    with pytest.raises(ValueError, match="block_qkv: unsupported"):
+        ck.block_qkv(x, mlxcy.array(np.ones(64, np.float32)), 1e-5, [lin], 4, 2, 16, 17)
+    with pytest.raises(ValueError, match="block_qkv: unsupported"):     # q/k/v as 2 parts
+        ck.block_qkv(x, mlxcy.array(np.ones(64, np.float32)), 1e-5, [lin, lin], 4, 2, 16, 16)
+    q = mlxcy.array(np.ones((1, 4, 1, 16), np.float32))
+    k = mlxcy.array(np.ones((1, 2, 5, 16), np.float32))
+    o, _, _ = make_linear(64, 64, "q4", 2)
+    gu, _, _ = make_linear(2 * 96, 64, "q4", 3)
+    dn, _, _ = make_linear(64, 96, "q4", 4)
+    nw = mlxcy.array(np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="act must be"):
+        ck.block_attn_mlp(q, k, k, x, 0.25, o, nw, 1e-5, [gu], dn, "relu")
+    with pytest.raises(ValueError, match="block_attn_mlp: unsupported"):
+        ck.block_attn_mlp(q, k, k, x, 0.25, o, nw, 1e-5, [dn], dn, "silu")
+
+
+def _decode_logits(model, ids, steps):
+    """Logits of a prefill and then `steps` one-token steps over a cache (the
+    greedy token fed back), float64."""
+    cache = model.make_cache()
+    out = [f64(model(ids, cache=cache))[:, -1]]
+    for _ in range(steps):
+        tok = int(out[-1].argmax())
+        out.append(f64(model([tok], cache=cache))[:, -1])
+    cache.free()
+    return np.stack(out)
+
+
+def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
+    """Real SmolLM2 decode steps (the block primitives) against the same steps
+    with the blocks unfused and against MLX's own ops: logits within 1e-4."""
+    ids = smollm2.tokenizer.encode("The sea is", add_special_tokens=True)
+    model = smollm2.model
+    old = ck.set_enabled(None), ck.set_block_fusion(True)
+    try:
+        fused = _decode_logits(model, ids, 8)
+        ck.set_block_fusion(False)
+        unfused = _decode_logits(model, ids, 8)
+        ck.set_enabled(False)
+        mlx = _decode_logits(model, ids, 8)
+    finally:
+        ck.set_enabled(old[0])
+        ck.set_block_fusion(old[1])
+    close(fused, unfused, 1e-4)
+    close(fused, mlx, 1e-4)
+    assert (fused.argmax(-1) == mlx.argmax(-1)).all()
+
+
+# ------------------------------------------------- K-quant GGUFs, repacked ---
+
+KQUANT = {"gemma3": "gemma3_gguf", "qwen25": "qwen25_gguf"}
+
+
+def _asset(name):
+    from mlxcy import assets
+    try:
+        return str(getattr(assets, KQUANT[name])())
+    except assets.AssetMissing as e:
+        pytest.skip(f"asset not installed: {e}")
+
+
+@pytest.mark.parametrize("name", list(KQUANT))
+def test_kquant_repack_matches_gguf_dequantize(name):
+    """Every K-quant type of the real Q4_K_M files, repacked into MLX's affine
+    layout, against the `gguf` package's own dequantization (float32): exact
+    for Q4_K and Q5_0, Q6_K (re-quantized to 8 bits) within 1/510 of its
+    32-value groups' range."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from mlxcy.models import gguf as G
+    path = _asset(name)
+    h = G.read_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    seen = set()
+    for tname, t in h.tensors.items():
+        if t["type"] not in G.REPACK_TYPES or t["type"] in seen:
+            continue
+        seen.add(t["type"])
+        rows = 48
+        raw = np.asarray(G._tensor_bytes(mm, h, tname))
+        raw = raw[: raw.size * rows // t["shape"][0]]
+        w, s, b, bits = G._repack_kquant(raw, t["type"], (rows, t["shape"][1]))
+        assert bits == G.REPACK_TYPES[t["type"]]
+        ours = unpack_bits_np(w, mlxcy.array(s), mlxcy.array(b), 32, bits)
+        ref = np.asarray(dequantize(raw.reshape(rows, -1), GGMLQuantizationType(t["type"])),
+                         np.float64)
+        if t["type"] in G.REPACK_EXACT:
+            np.testing.assert_array_equal(ours.astype(np.float32), ref.astype(np.float32))
+        else:
+            grp = ref.reshape(rows, -1, 32)
+            span = (grp.max(-1) - grp.min(-1))[..., None]
+            assert (np.abs(ours.reshape(rows, -1, 32) - grp) <= span / 510 + 1e-7).all()
+    assert seen == {6, 12, 14}
+
+
+@pytest.fixture(scope="module", params=list(KQUANT))
+def kquant_model(request):
+    from mlxcy.models.load import load_model
+    path = _asset(request.param)
+    old = mlxcy.default_device()
+    mlxcy.set_default_device(mlxcy.cpu)
+    try:
+        model = load_model(path)
+    finally:
+        mlxcy.set_default_device(old)
+    yield request.param, model
+    model.close()
+
+
+def test_kquant_model_loads_quantized_and_decodes_like_mlx(kquant_model):
+    """Gemma-3 / Qwen2.5 Q4_K_M load in 4/5/8-bit layouts (not bf16), and their
+    decode steps through the block primitives match the unfused kernels and
+    MLX's own ops on the same weights: logits within 1e-4, same greedy ids."""
+    name, model = kquant_model
+    info = model.info()
+    assert info["quantization"]["bits"] == 5 and info["dtype"] == "float32"
+    ids = [2, 818, 5279, 529, 7001, 563] if name == "gemma3" else [750, 75698, 1445, 982, 262]
+    old = ck.set_enabled(None), ck.set_block_fusion(True)
+    try:
+        fused = _decode_logits(model, ids, 6)
+        ck.set_block_fusion(False)
+        unfused = _decode_logits(model, ids, 6)
+        ck.set_enabled(False)
+        mlx = _decode_logits(model, ids, 6)
+    finally:
+        ck.set_enabled(old[0])
+        ck.set_block_fusion(old[1])
+    close(fused, unfused, 1e-4)
+    close(fused, mlx, 1e-4)
+    assert (fused.argmax(-1) == mlx.argmax(-1)).all()

@@ -46,62 +46,76 @@ MLXCY_AVX2 inline void axpy_avx2(float p, const void* v, Elt tv, float* acc, int
 }
 #endif
 
-// out [B, H, 1, D] = softmax(scale * q k^T) v per head; head h reads kv head
-// h / (H / Hkv).
-inline void decode_attention_eval(const mx::array& q, const mx::array& k, const mx::array& v,
-                                  mx::array& out, float scale) {
+// dst [B, H, D] (float32) = softmax(scale * q k^T) v per head, head h reading
+// kv head h / (H / Hkv); heads are spread over the pool (one task computes a
+// head: results do not depend on the thread count).
+inline void decode_attention_f32(const mx::array& q, const mx::array& k, const mx::array& v,
+                                 float scale, float* dst) {
   const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
   const int Hkv = k.shape(1), T = k.shape(2);
   const int rep = H / Hkv;
   const Elt tq = elt_of(q.dtype()), tk = elt_of(k.dtype()), tv = elt_of(v.dtype());
-  const Elt to = elt_of(out.dtype());
   const size_t ik = k.itemsize(), iv = v.itemsize();
   const char* kp = k.data<char>();
   const char* vp = v.data<char>();
   const void* qp = q.data<void>();
-  void* op = out.data<void>();
   const int64_t sk = k.strides()[3], sv = v.strides()[3];
   bool vec = false;
 #if MLXCY_X86
   vec = use_avx2() && D % 8 == 0 && sk == 1 && sv == 1;
 #endif
-  std::vector<float> qf(D), acc(D), p(T);
-  for (int b = 0; b < B; ++b)
-    for (int h = 0; h < H; ++h) {
-      const int kh = h / rep;
-      // q row (b, h, 0, :)
-      int64_t qo = b * q.strides()[0] + h * q.strides()[1];
-      for (int d = 0; d < D; ++d) qf[d] = load_elt(qp, tq, qo + d * q.strides()[3]) * scale;
-      float mx_ = -INFINITY;
-      for (int t = 0; t < T; ++t) {
-        const char* kr = kp + (b * k.strides()[0] + kh * k.strides()[1] + t * k.strides()[2]) * ik;
+  auto head = [&](int bh) {
+    const int b = bh / H, h = bh % H, kh = h / rep;
+    float* qf = scratch_f(4, size_t(D) + T);
+    float* p = qf + D;
+    float* acc = dst + int64_t(bh) * D;
+    int64_t qo = b * q.strides()[0] + h * q.strides()[1];
+    for (int d = 0; d < D; ++d) qf[d] = load_elt(qp, tq, qo + d * q.strides()[3]) * scale;
+    float mx_ = -INFINITY;
+    for (int t = 0; t < T; ++t) {
+      const char* kr = kp + (b * k.strides()[0] + kh * k.strides()[1] + t * k.strides()[2]) * ik;
 #if MLXCY_X86
-        float s = vec ? dot_avx2(kr, tk, qf.data(), D) : dot_scalar(kr, tk, sk, qf.data(), D);
+      float s = vec ? dot_avx2(kr, tk, qf, D) : dot_scalar(kr, tk, sk, qf, D);
 #else
-        float s = dot_scalar(kr, tk, sk, qf.data(), D);
+      float s = dot_scalar(kr, tk, sk, qf, D);
 #endif
-        p[t] = s;
-        mx_ = s > mx_ ? s : mx_;
-      }
-      float den = 0;
-      for (int t = 0; t < T; ++t) {
-        p[t] = std::exp(p[t] - mx_);
-        den += p[t];
-      }
-      const float inv = 1.f / den;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int t = 0; t < T; ++t) {
-        const char* vr = vp + (b * v.strides()[0] + kh * v.strides()[1] + t * v.strides()[2]) * iv;
-#if MLXCY_X86
-        if (vec) axpy_avx2(p[t] * inv, vr, tv, acc.data(), D);
-        else axpy_scalar(p[t] * inv, vr, tv, sv, acc.data(), D);
-#else
-        axpy_scalar(p[t] * inv, vr, tv, sv, acc.data(), D);
-#endif
-      }
-      int64_t oo = (int64_t(b) * H + h) * D;
-      for (int d = 0; d < D; ++d) store_elt(op, to, oo + d, acc[d]);
+      p[t] = s;
+      mx_ = s > mx_ ? s : mx_;
     }
+    float den = 0;
+    for (int t = 0; t < T; ++t) {
+      p[t] = std::exp(p[t] - mx_);
+      den += p[t];
+    }
+    const float inv = 1.f / den;
+    std::fill(acc, acc + D, 0.f);
+    for (int t = 0; t < T; ++t) {
+      const char* vr = vp + (b * v.strides()[0] + kh * v.strides()[1] + t * v.strides()[2]) * iv;
+#if MLXCY_X86
+      if (vec) axpy_avx2(p[t] * inv, vr, tv, acc, D);
+      else axpy_scalar(p[t] * inv, vr, tv, sv, acc, D);
+#else
+      axpy_scalar(p[t] * inv, vr, tv, sv, acc, D);
+#endif
+    }
+  };
+  const int n = B * H;
+  // Small caches: one task (a pool round trip costs more than the work).
+  if (double(n) * T * D < 6e4) {
+    for (int bh = 0; bh < n; ++bh) head(bh);
+    return;
+  }
+  parallel_rows(n, 1, [&](int h0, int h1) {
+    for (int bh = h0; bh < h1; ++bh) head(bh);
+  }, 1);
+}
+
+// out [B, H, 1, D] = softmax(scale * q k^T) v per head.
+inline void decode_attention_eval(const mx::array& q, const mx::array& k, const mx::array& v,
+                                  mx::array& out, float scale) {
+  std::vector<float> o(size_t(q.shape(0)) * q.shape(1) * q.shape(3));
+  decode_attention_f32(q, k, v, scale, o.data());
+  store_f32(o.data(), out);
 }
 
 // The same math with MLX ops (for the vjp).

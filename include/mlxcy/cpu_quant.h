@@ -143,9 +143,22 @@ struct Weight {
 
 // ------------------------------------------------------- scalar kernels ---
 
+// Value k of a packed row.  MLX packs `bits`-bit values as one little-endian
+// bit stream (value k at bits [k * bits, (k + 1) * bits)), so 4 and 8 bits fall
+// on nibble/byte boundaries and 2, 3, 5 and 6 bits may straddle two bytes.
 inline float qvalue(const uint32_t* row, int bits, int k) {
   if (bits == 4) return float((row[k >> 3] >> ((k & 7) * 4)) & 0xfu);
-  return float((row[k >> 2] >> ((k & 3) * 8)) & 0xffu);
+  if (bits == 8) return float((row[k >> 2] >> ((k & 3) * 8)) & 0xffu);
+  const int64_t bit = int64_t(k) * bits;
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(row) + (bit >> 3);
+  const int sh = int(bit & 7);
+  unsigned v = p[0];
+  if (sh + bits > 8) v |= unsigned(p[1]) << 8;   // only read the second byte when used
+  return float((v >> sh) & ((1u << bits) - 1));
+}
+
+inline bool supported_bits(int bits) {
+  return bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8;
 }
 
 // One weight row unpacked into float32 (scale * q + bias, or the float row).
@@ -203,16 +216,67 @@ MLXCY_AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Eight weight values starting at k = 8 t of a packed row, as float32.
+// Per-lane constants of unpack8<BITS>: lane i (value 8 t + i) takes bytes
+// b_i, b_i + 1 (b_i = i * BITS / 8) of the group's BITS bytes into its low
+// 16 bits, then shifts right by i * BITS % 8.  4 bits: the shifts of one word.
 template <int BITS>
-MLXCY_AVX2 inline __m256 unpack8(const uint32_t* row, int t, __m256i shifts, __m256i mask) {
+struct Unpack {
+  __m256i shifts, mask, bytes;
+  MLXCY_AVX2 Unpack() {
+    alignas(32) int32_t sh[8];
+    alignas(32) int8_t ctl[32];
+    for (int i = 0; i < 8; ++i) {
+      const int bit = i * BITS;
+      sh[i] = BITS == 4 ? bit : bit & 7;
+      // _mm256_shuffle_epi8 indexes within each 128-bit half; every 64-bit
+      // quarter holds the same 8 bytes, so lanes 4-7 use the same indices.
+      const int b = bit >> 3;
+      ctl[4 * i + 0] = int8_t(b);
+      ctl[4 * i + 1] = int8_t(b + 1 <= 7 ? b + 1 : -128);
+      ctl[4 * i + 2] = -128;
+      ctl[4 * i + 3] = -128;
+    }
+    shifts = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh));
+    bytes = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctl));
+    mask = _mm256_set1_epi32((1 << (BITS == 8 ? 8 : BITS)) - 1);
+  }
+};
+
+// Eight weight values starting at k = 8 t of a packed row (or group), as float32.
+template <int BITS>
+MLXCY_AVX2 inline __m256 unpack8(const uint32_t* row, int t, const Unpack<BITS>& u) {
   if constexpr (BITS == 4) {
-    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(row[t])), shifts);
-    return _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
-  } else {
+    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(row[t])), u.shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, u.mask));
+  } else if constexpr (BITS == 8) {
     __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 2 * t));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  } else {
+    // eight values = BITS bytes; read exactly those (never past the row's
+    // end), in loads of 4, 2 and 1 bytes (a 5- or 6-byte memcpy is a call)
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(row) + t * BITS;
+    uint64_t v = 0;
+    if constexpr (BITS >= 4) {
+      uint32_t lo;
+      std::memcpy(&lo, p, 4);
+      v = lo;
+    }
+    if constexpr (BITS == 6 || BITS == 2 || BITS == 3) {
+      uint16_t mid;
+      std::memcpy(&mid, p + (BITS >= 4 ? 4 : 0), 2);
+      v |= uint64_t(mid) << (BITS >= 4 ? 32 : 0);
+    }
+    if constexpr (BITS == 5 || BITS == 3) v |= uint64_t(p[BITS - 1]) << (8 * (BITS - 1));
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi64x(int64_t(v)), u.bytes);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, u.shifts), u.mask));
   }
+}
+
+// A scale or bias as float32 (F16C for float16: MLX's float16_t converts in software).
+MLXCY_AVX2 inline float load_sb(const void* p, Elt t, int64_t i) {
+  if (t == Elt::F32) return static_cast<const float*>(p)[i];
+  if (t == Elt::BF16) return bf16_to_f(static_cast<const uint16_t*>(p)[i]);
+  return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
 }
 
 // Eight float weights starting at k of a float row, as float32.
@@ -228,8 +292,7 @@ MLXCY_AVX2 inline __m256 load8(const void* row, Elt t, int64_t k) {
 template <int BITS>
 MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum, float* y,
                               int n0, int n1) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i mask = _mm256_set1_epi32(0xf);
+  const Unpack<BITS> u;
   const int G = W.K / W.gs, steps = W.gs / 8, wpg = W.gs * BITS / 32;
   const uint32_t* w = static_cast<const uint32_t*>(W.w);
   int n = n0;
@@ -247,17 +310,17 @@ MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum
       __m256 a1 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
       for (int t = 0; t < steps; t += 2) {   // steps is even: gs >= 32
         __m256 x0 = _mm256_loadu_ps(xg + 8 * t), x1 = _mm256_loadu_ps(xg + 8 * t + 8);
-        a0 = _mm256_fmadd_ps(x0, unpack8<BITS>(g0, t, shifts, mask), a0);
-        c0 = _mm256_fmadd_ps(x1, unpack8<BITS>(g0, t + 1, shifts, mask), c0);
-        a1 = _mm256_fmadd_ps(x0, unpack8<BITS>(g1, t, shifts, mask), a1);
-        c1 = _mm256_fmadd_ps(x1, unpack8<BITS>(g1, t + 1, shifts, mask), c1);
+        a0 = _mm256_fmadd_ps(x0, unpack8<BITS>(g0, t, u), a0);
+        c0 = _mm256_fmadd_ps(x1, unpack8<BITS>(g0, t + 1, u), c0);
+        a1 = _mm256_fmadd_ps(x0, unpack8<BITS>(g1, t, u), a1);
+        c1 = _mm256_fmadd_ps(x1, unpack8<BITS>(g1, t + 1, u), c1);
       }
-      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(load_elt(W.s, W.st, si + g)),
+      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(load_sb(W.s, W.st, si + g)),
                              _mm256_add_ps(a0, c0), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(load_elt(W.s, W.st, si + W.sb_ld + g)),
+      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(load_sb(W.s, W.st, si + W.sb_ld + g)),
                              _mm256_add_ps(a1, c1), acc1);
-      bs0 += load_elt(W.b, W.st, si + g) * xsum[g];
-      bs1 += load_elt(W.b, W.st, si + W.sb_ld + g) * xsum[g];
+      bs0 += load_sb(W.b, W.st, si + g) * xsum[g];
+      bs1 += load_sb(W.b, W.st, si + W.sb_ld + g) * xsum[g];
     }
     y[n] = hsum8(acc0) + bs0;
     y[n + 1] = hsum8(acc1) + bs1;
@@ -268,8 +331,8 @@ MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum
 // x quantized per block of 32: xq int8 with each block's even k first, then
 // its odd k (the order of a 4-bit row's low and high nibbles), xd the blocks'
 // scales.  y[n] = sum_g s[n,g] * sum_blocks(xd * idot) + b[n,g] * xsum[g].
-MLXCY_AVX2 void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float* xd,
-                                  const float* xsum, float* y, int n0, int n1) {
+MLXCY_AVX2 inline void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float* xd,
+                                         const float* xsum, float* y, int n0, int n1) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   const int G = W.K / W.gs, bpg = W.gs / 32;   // 32-value blocks per group
@@ -280,7 +343,7 @@ MLXCY_AVX2 void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float
     __m256 acc = _mm256_setzero_ps();
     float bs = 0;
     for (int g = 0; g < G; ++g) {
-      const float s = load_elt(W.s, W.st, si + g);
+      const float s = load_sb(W.s, W.st, si + g);
       for (int j = g * bpg; j < (g + 1) * bpg; ++j) {
         __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
         __m256i q = _mm256_and_si256(
@@ -289,34 +352,44 @@ MLXCY_AVX2 void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, const float
         __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * xd[j]), acc);
       }
-      bs += load_elt(W.b, W.st, si + g) * xsum[g];
+      bs += load_sb(W.b, W.st, si + g) * xsum[g];
     }
     y[n] = hsum8(acc) + bs;
   }
 }
 
-MLXCY_AVX2 inline void matvec_f_avx2(const Weight& W, const float* x, float* y, int n0,
-                                     int n1) {
-  const int K8 = W.K & ~15;
+template <Elt T>
+MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
+  if constexpr (T == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+      static_cast<const uint16_t*>(row) + k));
+  if constexpr (T == Elt::BF16)   // bf16 -> fp32: the 16 bits moved to the top
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+template <Elt T>
+MLXCY_AVX2 void matvec_f_avx2_t(const Weight& W, const float* x, float* y, int n0, int n1) {
+  const int K16 = W.K & ~15;
+  const int64_t isz = T == Elt::F32 ? 4 : 2;
   int n = n0;
   for (; n + 2 <= n1; n += 2) {
-    const void* r0 = static_cast<const char*>(W.w) +
-                     int64_t(n) * W.w_ld * (W.wt == Elt::F32 ? 4 : 2);
-    const void* r1 = static_cast<const char*>(r0) + W.w_ld * (W.wt == Elt::F32 ? 4 : 2);
+    const char* r0 = static_cast<const char*>(W.w) + int64_t(n) * W.w_ld * isz;
+    const char* r1 = r0 + W.w_ld * isz;
     __m256 a0 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps();
     __m256 a1 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
     int k = 0;
-    for (; k < K8; k += 16) {
+    for (; k < K16; k += 16) {
       __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      a0 = _mm256_fmadd_ps(x0, load8(r0, W.wt, k), a0);
-      c0 = _mm256_fmadd_ps(x1, load8(r0, W.wt, k + 8), c0);
-      a1 = _mm256_fmadd_ps(x0, load8(r1, W.wt, k), a1);
-      c1 = _mm256_fmadd_ps(x1, load8(r1, W.wt, k + 8), c1);
+      a0 = _mm256_fmadd_ps(x0, load8_t<T>(r0, k), a0);
+      c0 = _mm256_fmadd_ps(x1, load8_t<T>(r0, k + 8), c0);
+      a1 = _mm256_fmadd_ps(x0, load8_t<T>(r1, k), a1);
+      c1 = _mm256_fmadd_ps(x1, load8_t<T>(r1, k + 8), c1);
     }
     float s0 = hsum8(_mm256_add_ps(a0, c0)), s1 = hsum8(_mm256_add_ps(a1, c1));
     for (; k < W.K; ++k) {
-      s0 += load_elt(r0, W.wt, k) * x[k];
-      s1 += load_elt(r1, W.wt, k) * x[k];
+      s0 += load_elt(r0, T, k) * x[k];
+      s1 += load_elt(r1, T, k) * x[k];
     }
     y[n] = s0;
     y[n + 1] = s1;
@@ -324,21 +397,27 @@ MLXCY_AVX2 inline void matvec_f_avx2(const Weight& W, const float* x, float* y, 
   if (n < n1) matvec_scalar(W, x, nullptr, y, n, n1);
 }
 
+MLXCY_AVX2 inline void matvec_f_avx2(const Weight& W, const float* x, float* y, int n0,
+                                     int n1) {
+  if (W.wt == Elt::BF16) return matvec_f_avx2_t<Elt::BF16>(W, x, y, n0, n1);
+  if (W.wt == Elt::F16) return matvec_f_avx2_t<Elt::F16>(W, x, y, n0, n1);
+  return matvec_f_avx2_t<Elt::F32>(W, x, y, n0, n1);
+}
+
 // Weight row n unpacked into float32 (K values).
 template <int BITS>
 MLXCY_AVX2 void row_to_f32_q_avx2(const Weight& W, int n, float* dst) {
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i mask = _mm256_set1_epi32(0xf);
+  const Unpack<BITS> u;
   const int G = W.K / W.gs, steps = W.gs / 8, wpg = W.gs * BITS / 32;
   const uint32_t* row = static_cast<const uint32_t*>(W.w) + int64_t(n) * W.w_ld;
   const int64_t si = int64_t(n) * W.sb_ld;
   for (int g = 0; g < G; ++g) {
-    __m256 s = _mm256_set1_ps(load_elt(W.s, W.st, si + g));
-    __m256 b = _mm256_set1_ps(load_elt(W.b, W.st, si + g));
+    __m256 s = _mm256_set1_ps(load_sb(W.s, W.st, si + g));
+    __m256 b = _mm256_set1_ps(load_sb(W.b, W.st, si + g));
     const uint32_t* rg = row + g * wpg;
     float* d = dst + g * W.gs;
     for (int t = 0; t < steps; ++t)
-      _mm256_storeu_ps(d + 8 * t, _mm256_fmadd_ps(unpack8<BITS>(rg, t, shifts, mask), s, b));
+      _mm256_storeu_ps(d + 8 * t, _mm256_fmadd_ps(unpack8<BITS>(rg, t, u), s, b));
   }
 }
 
@@ -403,9 +482,15 @@ inline void matvec_rows(const Weight& W, const float* x, const float* xsum, floa
                         int n1) {
 #if MLXCY_X86
   if (use_avx2()) {
-    if (W.bits == 4) return matvec_q_avx2<4>(W, x, xsum, y, n0, n1);
-    if (W.bits == 8) return matvec_q_avx2<8>(W, x, xsum, y, n0, n1);
-    if (W.bits == 0) return matvec_f_avx2(W, x, y, n0, n1);
+    switch (W.bits) {
+      case 0: return matvec_f_avx2(W, x, y, n0, n1);
+      case 2: return matvec_q_avx2<2>(W, x, xsum, y, n0, n1);
+      case 3: return matvec_q_avx2<3>(W, x, xsum, y, n0, n1);
+      case 4: return matvec_q_avx2<4>(W, x, xsum, y, n0, n1);
+      case 5: return matvec_q_avx2<5>(W, x, xsum, y, n0, n1);
+      case 6: return matvec_q_avx2<6>(W, x, xsum, y, n0, n1);
+      case 8: return matvec_q_avx2<8>(W, x, xsum, y, n0, n1);
+    }
   }
 #endif
   matvec_scalar(W, x, xsum, y, n0, n1);
@@ -414,9 +499,15 @@ inline void matvec_rows(const Weight& W, const float* x, const float* xsum, floa
 inline void row_to_f32(const Weight& W, int n, float* dst) {
 #if MLXCY_X86
   if (use_avx2()) {
-    if (W.bits == 4) return row_to_f32_q_avx2<4>(W, n, dst);
-    if (W.bits == 8) return row_to_f32_q_avx2<8>(W, n, dst);
-    if (W.bits == 0) return row_to_f32_f_avx2(W, n, dst);
+    switch (W.bits) {
+      case 0: return row_to_f32_f_avx2(W, n, dst);
+      case 2: return row_to_f32_q_avx2<2>(W, n, dst);
+      case 3: return row_to_f32_q_avx2<3>(W, n, dst);
+      case 4: return row_to_f32_q_avx2<4>(W, n, dst);
+      case 5: return row_to_f32_q_avx2<5>(W, n, dst);
+      case 6: return row_to_f32_q_avx2<6>(W, n, dst);
+      case 8: return row_to_f32_q_avx2<8>(W, n, dst);
+    }
   }
 #endif
   row_to_f32_scalar(W, n, dst);
@@ -439,7 +530,7 @@ inline void set_gemm_min_rows(int m) { gemm_min_rows() = m; }
 
 // Scratch buffers reused across calls by the thread that runs them.
 inline std::vector<float>& scratch(int which) {
-  thread_local std::vector<float> bufs[4];
+  thread_local std::vector<float> bufs[6];   // 0-3: linear_f32, 4: attention
   return bufs[which];
 }
 
@@ -588,60 +679,81 @@ inline std::vector<char> contiguous_bytes(const mx::array& a) {
   return out;
 }
 
-// inputs: x, w, [scales, biases,] [bias]; out: x's leading shape + [N].
-inline void linear_eval(const std::vector<mx::array>& in, mx::array& out, int gs, int bits,
-                        bool has_bias) {
-  const mx::array& x = in[0];
-  const mx::array& w = in[1];
+// Copies of strided operands that a Weight points into (rare: views with a
+// non-contiguous last axis); they live as long as the Weight is used.
+struct WeightKeep {
+  std::vector<char> w, s, b, bias;
+};
+
+// A Weight over in[i], in[i+1], ... : w, then [scales, biases] when bits > 0,
+// then [bias] when has_bias; advances i past them.
+inline Weight bind_weight(const std::vector<mx::array>& in, size_t& i, int gs, int bits,
+                          bool has_bias, WeightKeep& keep) {
+  const mx::array& w = in[i++];
   Weight W;
   W.bits = bits;
   W.gs = gs;
   W.N = w.shape(0);
-  std::vector<char> wc, sc, bc;   // copies of strided operands (rare)
-  auto ptr = [](const mx::array& a, std::vector<char>& keep, int64_t& ld) -> const void* {
+  auto ptr = [](const mx::array& a, std::vector<char>& hold, int64_t& ld) -> const void* {
     ld = row_stride(a);
     if (ld >= 0) return a.data<void>();
-    keep = contiguous_bytes(a);
+    hold = contiguous_bytes(a);
     ld = a.shape(1);
-    return keep.data();
+    return hold.data();
   };
-  W.w = ptr(w, wc, W.w_ld);
-  int next = 2;
+  W.w = ptr(w, keep.w, W.w_ld);
   if (bits) {
+    const mx::array& sc = in[i++];
+    const mx::array& bi = in[i++];
     W.K = int(w.shape(1) * 32 / bits);
     int64_t bld = 0;
-    W.s = ptr(in[2], sc, W.sb_ld);
-    W.b = ptr(in[3], bc, bld);
-    W.st = elt_of(in[2].dtype());
-    if (bld != W.sb_ld || in[3].dtype() != in[2].dtype()) {
-      // make both contiguous so that one stride serves
-      sc = contiguous_bytes(in[2]);
-      bc = contiguous_bytes(in[3]);
-      W.s = sc.data();
-      W.b = bc.data();
-      W.sb_ld = in[2].shape(1);
-      if (in[3].dtype() != in[2].dtype())
-        throw std::invalid_argument("mlxcy cpu linear: scales and biases differ in dtype");
+    W.s = ptr(sc, keep.s, W.sb_ld);
+    W.b = ptr(bi, keep.b, bld);
+    W.st = elt_of(sc.dtype());
+    if (bi.dtype() != sc.dtype())
+      throw std::invalid_argument("mlxcy cpu linear: scales and biases differ in dtype");
+    if (bld != W.sb_ld) {   // make both contiguous so that one stride serves
+      keep.s = contiguous_bytes(sc);
+      keep.b = contiguous_bytes(bi);
+      W.s = keep.s.data();
+      W.b = keep.b.data();
+      W.sb_ld = sc.shape(1);
     }
-    next = 4;
   } else {
     W.K = w.shape(1);
     W.wt = elt_of(w.dtype());
   }
-  std::vector<char> biasc;
   if (has_bias) {
-    const mx::array& bias = in[next];
+    const mx::array& bias = in[i++];
     W.bias_t = elt_of(bias.dtype());
     if (bias.flags().row_contiguous) {
       W.bias = bias.data<void>();
     } else {
-      biasc.resize(bias.nbytes());
-      for (int64_t i = 0; i < int64_t(bias.size()); ++i)
-        std::memcpy(biasc.data() + i * bias.itemsize(),
-                    bias.data<char>() + elem_loc(i, bias) * bias.itemsize(), bias.itemsize());
-      W.bias = biasc.data();
+      keep.bias = contiguous_bytes(bias);
+      W.bias = keep.bias.data();
     }
   }
+  return W;
+}
+
+// Float32 results into `out` (any float dtype), element by element.
+inline void store_f32(const float* y, mx::array& out) {
+  if (out.dtype() == mx::float32) {
+    std::memcpy(out.data<float>(), y, out.nbytes());
+    return;
+  }
+  Elt ot = elt_of(out.dtype());
+  void* o = out.data<void>();
+  for (size_t i = 0; i < out.size(); ++i) store_elt(o, ot, int64_t(i), y[i]);
+}
+
+// inputs: x, w, [scales, biases,] [bias]; out: x's leading shape + [N].
+inline void linear_eval(const std::vector<mx::array>& in, mx::array& out, int gs, int bits,
+                        bool has_bias) {
+  const mx::array& x = in[0];
+  size_t i = 1;
+  WeightKeep keep;
+  Weight W = bind_weight(in, i, gs, bits, has_bias, keep);
   const int M = int(x.size() / W.K);
   std::vector<float> xbuf;
   const float* xf = as_f32(x, xbuf);
@@ -650,13 +762,11 @@ inline void linear_eval(const std::vector<mx::array>& in, mx::array& out, int gs
   } else {
     std::vector<float> ybuf(size_t(M) * W.N);
     linear_f32(W, xf, M, ybuf.data(), W.N);
-    Elt ot = elt_of(out.dtype());
-    void* o = out.data<void>();
-    for (size_t i = 0; i < ybuf.size(); ++i) store_elt(o, ot, int64_t(i), ybuf[i]);
+    store_f32(ybuf.data(), out);
   }
 }
 
-// The MLX primitive: x @ W.T (+ bias), W quantized (bits 4/8) or float (bits 0).
+// The MLX primitive: x @ W.T (+ bias), W quantized (bits 2-8) or float (bits 0).
 class Linear : public mx::UnaryPrimitive {
  public:
   Linear(mx::Stream s, int group_size, int bits, bool has_bias)
@@ -693,8 +803,15 @@ class Linear : public mx::UnaryPrimitive {
     int bias_arg = bits_ ? 4 : 2;
     for (int a : argnums) {
       if (a == 0) {
-        mx::array wd = bits_ ? mx::dequantize(primals[1], primals[2], primals[3], gs_, bits_,
-                                              "affine", std::nullopt, std::nullopt, stream())
+        // float16 scales with float32 x: dequantize in float32 (exact), as the kernel reads them
+        auto wide = [&](const mx::array& t) {
+          return primals[0].dtype() == mx::float32 && t.dtype() != mx::float32
+                     ? mx::astype(t, mx::float32, stream())
+                     : t;
+        };
+        mx::array wd = bits_ ? mx::dequantize(primals[1], wide(primals[2]), wide(primals[3]),
+                                              gs_, bits_, "affine", std::nullopt, std::nullopt,
+                                              stream())
                              : primals[1];
         grads.push_back(mx::astype(mx::matmul(cot, wd, stream()), primals[0].dtype(), stream()));
       } else if (has_bias_ && a == bias_arg) {
@@ -745,7 +862,7 @@ inline bool linear_supported(const mx::array& x, const mx::array& w, const mx::a
                              int group_size, int bits) {
   if (!is_float(x.dtype()) || w.ndim() != 2 || x.ndim() < 1) return false;
   if (scales) {
-    if (bits != 4 && bits != 8) return false;
+    if (!supported_bits(bits)) return false;
     if (group_size != 32 && group_size != 64 && group_size != 128) return false;
     if (w.dtype() != mx::uint32 || !is_float(scales->dtype())) return false;
     return x.shape(-1) == int64_t(w.shape(1)) * 32 / bits;

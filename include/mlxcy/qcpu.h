@@ -43,12 +43,19 @@ inline mx::array qlinear_dequant(const mx::array& x, const mx::array& w,
                                  int group_size, int bits, const mx::array* bias, int block,
                                  bool eval_blocks = false) {
   int n = w.shape(0);
+  // float16 scales/biases (GGUF loads for the CPU keep them) with float32
+  // activations: dequantize in float32, as MLX would round w to float16
+  const bool widen = x.dtype() == mx::float32 && scales.dtype() != mx::float32;
   auto part = [&](int start, int stop) {
     bool whole = start == 0 && stop == n;
     std::optional<mx::array> qb = std::nullopt;
     if (biases) qb = whole ? *biases : rows(*biases, start, stop);
-    mx::array wd = mx::dequantize(whole ? w : rows(w, start, stop),
-                                  whole ? scales : rows(scales, start, stop), qb,
+    mx::array sc = whole ? scales : rows(scales, start, stop);
+    if (widen) {
+      sc = mx::astype(sc, mx::float32);
+      if (qb) qb = mx::astype(*qb, mx::float32);
+    }
+    mx::array wd = mx::dequantize(whole ? w : rows(w, start, stop), sc, qb,
                                   group_size, bits, "affine");
     return mx::matmul(x, mx::transpose(wd));
   };

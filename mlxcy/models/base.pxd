@@ -84,3 +84,9 @@ cdef class Model:
     cdef na.array* embed_tokens(self, const na.array& ids) except NULL
     cdef na.array* head(self, const na.array& h) except NULL   # final norm + output projection
     cdef na.array* project(self, const na.array& n) except NULL   # output projection only
+
+
+# One-token CPU step of a block by mlxcy.cpu_kernels' block primitives (sandwich:
+# Gemma's extra norms); False (nothing done) when it does not apply.
+cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
+                         const na.array* offsets, bint sandwich, na.array** out) except -1

@@ -23,7 +23,9 @@ from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
-from mlxcy.cpu_kernels cimport use_attention, cpu_decode_attention
+from mlxcy.cpu_kernels cimport (use_attention, cpu_decode_attention, use_block_kernels,
+                                 LinearArg, block_qkv_ok, block_qkv_run, block_mlp_ok,
+                                 block_attn_mlp_run)
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
@@ -325,12 +327,146 @@ cdef class Block:
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
+        cdef na.array* fused = NULL
+        if cpu_block_step(self, x, cache, mask, offsets, False, &fused):
+            return fused      # mlxcy.cpu_kernels: a one-token step in two primitives
         cdef na.array h = nnn.own(self.input_norm.forward(x))
         cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
         h = nnn.add(x, r)
         r = nnn.own(self.post_attn_norm.forward(h))
         r = nnn.own(self.mlp.forward(r))
         return heap(nnn.add(h, r))
+
+
+cdef bint _linear_arg(Linear l, LinearArg* a) noexcept:
+    """A layer's operands for mlxcy.cpu_kernels' block primitives (False when it
+    has a LoRA adapter or was freed)."""
+    if l is None or l.weight == NULL or l.lora_a != NULL:
+        return False
+    a.w = l.weight
+    a.bias = l.bias
+    if l.quantized:
+        if l.qbiases == NULL:
+            return False
+        a.scales = l.scales
+        a.biases = l.qbiases
+        a.gs = l.group_size
+        a.bits = l.bits
+    return True
+
+
+cdef bint _add_linear(vector[LinearArg]& v, Linear l) noexcept:
+    cdef LinearArg a = LinearArg()
+    if not _linear_arg(l, &a):
+        return False
+    v.push_back(a)
+    return True
+
+
+cdef bint _unmasked_step(Attention a, LayerCache cache) noexcept:
+    """Would Attention.attend, for one new position over this cache, attend
+    with no mask?  (As its window logic: a KVCache past the layer's window
+    needs the sliding mask; a rotating cache's one-token views never do.)"""
+    cdef int window = a.window, kstart, f
+    cdef RotatingKVCache rc
+    if cache.window > 0 and (window == 0 or cache.window < window):
+        window = cache.window
+    if window <= 0:
+        return True
+    if type(cache) is KVCache:
+        kstart = 0
+    else:
+        rc = <RotatingKVCache>cache
+        f = min(rc.filled + 1, rc.window)
+        if f < rc.window:
+            kstart = cache.offset + 1 - f
+        elif (rc.idx + 1) % rc.window == 0:
+            kstart = cache.offset + 1 - rc.window
+        else:
+            kstart = -1
+    return kstart < 0 or cache.offset - kstart < window
+
+
+cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint sandwich,
+                          na.array** out) except -1:
+    """A one-token step of a pre-norm block (Llama/Qwen2/Mistral; sandwich:
+    Gemma's norms after attention and after the MLP) over an unpadded KVCache
+    or RotatingKVCache, by mlxcy.cpu_kernels' two block primitives
+    (include/mlxcy/cpu_block.h); returns False, touching nothing, when the
+    block does not qualify (LoRA, soft-capping, a mask, unsupported layers)."""
+    cdef Attention a = blk.attn
+    cdef MLP m = blk.mlp
+    cdef Rope rope = a.rope
+    cdef vector[LinearArg] qkv = vector[LinearArg](), gu = vector[LinearArg]()
+    cdef LinearArg o = LinearArg(), dn = LinearArg()
+    cdef RMSNorm n_mid = blk.pre_ff_norm if sandwich else blk.post_attn_norm
+    cdef const na.array* n_o = NULL
+    cdef const na.array* n_mlp = NULL
+    cdef const na.array* qn = NULL
+    cdef const na.array* kn = NULL
+    cdef float qk_eps = 0
+    if a.softcap > 0 or blk.input_norm.weight == NULL or n_mid is None or n_mid.weight == NULL:
+        return False
+    if sandwich:
+        if blk.post_attn_norm.weight == NULL or blk.post_ff_norm is None \
+                or blk.post_ff_norm.weight == NULL:
+            return False
+        n_o = blk.post_attn_norm.weight
+        n_mlp = blk.post_ff_norm.weight
+    if a.q_norm is not None:
+        if a.q_norm.weight == NULL or a.k_norm.weight == NULL:
+            return False
+        qn, kn, qk_eps = a.q_norm.weight, a.k_norm.weight, a.q_norm.eps
+    if not _unmasked_step(a, cache):
+        return False
+    if a.qkv_proj is not None:
+        if not _add_linear(qkv, a.qkv_proj):
+            return False
+    elif not (_add_linear(qkv, a.q_proj) and _add_linear(qkv, a.k_proj)
+              and _add_linear(qkv, a.v_proj)):
+        return False
+    if m.gate_up_proj is not None:
+        if not _add_linear(gu, m.gate_up_proj):
+            return False
+    elif not (_add_linear(gu, m.gate_proj) and _add_linear(gu, m.up_proj)):
+        return False
+    if not (_linear_arg(a.o_proj, &o) and _linear_arg(m.down_proj, &dn)):
+        return False
+    if not block_qkv_ok(x, blk.input_norm.weight[0], qkv, a.n_heads, a.n_kv_heads,
+                        a.head_dim, rope.dims, rope.freqs, qn, kn):
+        return False
+    if not block_mlp_ok(x, a.n_heads * a.head_dim, o, n_o, n_mid.weight[0], gu, dn, n_mlp):
+        return False
+    cdef int offset = cache.offset
+    cdef double base = rope.base
+    if rope.dyn_factor > 0 and offset + 1 > rope.dyn_max_pos:   # as Rope.apply
+        base = rope.base * ((rope.dyn_factor * (offset + 1) / rope.dyn_max_pos)
+                            - (rope.dyn_factor - 1)) ** (rope.dims / (rope.dims - 2.0))
+    cdef vector[na.array] qkvo = vector[na.array]()
+    block_qkv_run(qkvo, x, blk.input_norm.weight[0], blk.input_norm.eps, qkv, a.n_heads,
+                  a.n_kv_heads, a.head_dim, rope.dims, base, rope.scale, rope.freqs, qn, kn,
+                  qk_eps, offset)
+    cache.update(qkvo[1], qkvo[2], False)
+    try:
+        out[0] = block_attn_mlp_run(
+            qkvo[0], cache.out_k[0], cache.out_v[0], x, a.scale, o, n_o,
+            blk.post_attn_norm.eps, n_mid.weight[0], n_mid.eps, gu, dn, n_mlp,
+            blk.post_ff_norm.eps if sandwich else 0.0, 1 if m.gelu else 0)
+    finally:
+        cache.drop_outputs()
+    return True
+
+
+cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
+                         const na.array* offsets, bint sandwich, na.array** out) except -1:
+    """Block.forward's fast path for one-token CPU steps (mlxcy.cpu_kernels)."""
+    if x.shape(1) != 1 or mask != NULL or offsets != NULL or cache is None:
+        return False
+    if type(cache) is not KVCache and type(cache) is not RotatingKVCache:
+        return False
+    if not use_block_kernels():
+        return False
+    return _cpu_block_step(blk, x, cache, sandwich, out)
 
 
 cdef bint _cpu_sync(Model m) except -1:

@@ -12,7 +12,7 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native.array cimport heap
 from mlxcy.models.cache cimport LayerCache
-from mlxcy.models.base cimport Model, Block
+from mlxcy.models.base cimport Model, Block, cpu_block_step
 from mlxcy.models.base import Rope, build_attention, build_mlp
 
 
@@ -21,6 +21,9 @@ cdef class GemmaBlock(Block):
 
     cdef na.array* forward(self, const na.array& x, LayerCache cache, const na.array* mask,
                            const na.array* offsets) except NULL:
+        cdef na.array* fused = NULL
+        if cpu_block_step(self, x, cache, mask, offsets, True, &fused):
+            return fused      # mlxcy.cpu_kernels: a one-token step in two primitives
         cdef na.array h = nnn.own(self.input_norm.forward(x))
         cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
         r = nnn.own(self.post_attn_norm.forward(r))

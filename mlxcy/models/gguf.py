@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["GGUFError", "read_header", "gguf_config", "load_gguf", "hf_name",
-           "NATIVE_TYPES", "TYPE_NAMES"]
+           "NATIVE_TYPES", "REPACK_TYPES", "TYPE_NAMES"]
 
 
 from mlxcy.errors import GGUFError  # noqa: E402,F401  (re-exported)
@@ -122,6 +122,126 @@ def _repack_native(raw: np.ndarray, ttype: int, shape):
     return (packed.reshape(*lead, -1), scales.reshape(*lead, nb), biases.reshape(*lead, nb))
 
 
+# Types repacked into MLX's affine layout (group 32) for mlxcy's CPU kernels:
+# Q5_0/Q5_1/Q5_K -> 5 bits, Q4_K -> 4 bits (exactly: per 32 values one scale
+# and one bias, products of float16 and 6-bit integers, exact in float32),
+# Q6_K -> 8 bits re-quantized (its scales change every 16 values, which
+# MLX's group sizes of 32 or more cannot hold: error <= 1/510 of a group's range).
+REPACK_TYPES = {6: 5, 7: 5, 12: 4, 13: 5, 14: 8}
+REPACK_EXACT = {6, 7, 12, 13}
+
+
+def _pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, cols] values < 2**bits -> MLX's packing (one little-endian bit
+    stream per row, in uint32 words): eight values fill `bits` bytes."""
+    rows, cols = q.shape
+    out = np.empty((rows, cols * bits // 8), np.uint8)
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    for r0 in range(0, rows, 1024):            # bounded temporaries for big tables
+        g = q[r0:r0 + 1024].reshape(-1, cols // 8, 8).astype(np.uint64) << shifts
+        v = np.bitwise_or.reduce(g, axis=-1)                       # [r, cols/8] uint64
+        out[r0:r0 + 1024] = v.view(np.uint8).reshape(-1, cols // 8, 8)[..., :bits].reshape(
+            -1, cols * bits // 8)
+    return out.view(np.uint32)
+
+
+def _k_scales_mins(sc: np.ndarray):
+    """The 6-bit scales and mins of Q4_K/Q5_K's 8 sub-blocks from their 12
+    packed bytes (ggml-quants.c get_scale_min_k4): [nb, 8] each."""
+    sc = sc.astype(np.uint8)
+    d = np.empty(sc.shape[:-1] + (8,), np.uint8)
+    m = np.empty_like(d)
+    d[..., :4] = sc[..., 0:4] & 63
+    m[..., :4] = sc[..., 4:8] & 63
+    d[..., 4:] = (sc[..., 8:12] & 0x0F) | ((sc[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
+    return d, m
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Little-endian float16 at the first two bytes of each block, as float32."""
+    return b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _repack_kquant(raw: np.ndarray, ttype: int, shape):
+    """Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks -> (packed uint32, scales,
+    biases as float32 [rows, cols/32], bits) in MLX's affine layout, group 32,
+    w = scale * q + bias (ggml-quants.c dequantize_row_* for the block layouts)."""
+    rows, cols = shape[0] if len(shape) > 1 else 1, shape[-1]
+    vals, bsz = _BLOCK[ttype]
+    blk = raw.view(np.uint8).reshape(rows, cols // vals, bsz)
+    nb = cols // vals
+    if ttype in (6, 7):                   # Q5_0: d, qh, qs;  Q5_1: d, m, qh, qs
+        d = _f16(blk)
+        o = 2 if ttype == 6 else 4
+        qh = blk[..., o:o + 4].copy().view(np.uint32)               # [rows, nb, 1]
+        qs = blk[..., o + 4:]
+        hb = (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | hb      # [rows, nb, 32]
+        scales = d
+        biases = -16.0 * d if ttype == 6 else _f16(blk[..., 2:4])
+        bits = 5
+    elif ttype in (12, 13):               # Q4_K: d, dmin, scales[12], qs[128];  Q5_K: + qh[32]
+        d, dmin = _f16(blk), _f16(blk[..., 2:4])
+        sc, mn = _k_scales_mins(blk[..., 4:16])                     # [rows, nb, 8]
+        if ttype == 12:
+            qs = blk[..., 16:].reshape(rows, nb, 4, 32)
+            qh = None
+        else:
+            qh = blk[..., 16:48]                                    # [rows, nb, 32]
+            qs = blk[..., 48:].reshape(rows, nb, 4, 32)
+        # chunk j of 32 bytes: sub-block 2j = low nibbles, 2j + 1 = high nibbles
+        q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(rows, nb, 8, 32)
+        if qh is not None:
+            hb = ((qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1)
+            q = q | (hb << 4)
+        scales = d[..., None] * sc.astype(np.float32)               # exact in float32
+        biases = -(dmin[..., None] * mn.astype(np.float32))
+        bits = 4 if ttype == 12 else 5
+    elif ttype == 14:                     # Q6_K: ql[128], qh[64], scales[16] int8, d
+        ql = blk[..., :128].reshape(rows, nb, 2, 64)
+        qh = blk[..., 128:192].reshape(rows, nb, 2, 32)
+        sc = blk[..., 192:208].view(np.int8).astype(np.float32).reshape(rows, nb, 16)
+        d = _f16(blk[..., 208:210])
+        lo = np.stack([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4,
+                       ql[..., 32:] >> 4], axis=3)                  # [rows, nb, 2, 4, 32]
+        hi = np.stack([(qh >> 0) & 3, (qh >> 2) & 3, (qh >> 4) & 3, (qh >> 6) & 3], axis=3)
+        q6 = (lo | (hi << 4)).astype(np.float32) - 32.0             # [rows, nb, 2, 4, 32]
+        w = q6.reshape(rows, nb, 16, 16) * (d[..., None, None] * sc[..., None])
+        w = w.reshape(rows, cols // 32, 32)
+        lo_, hi_ = w.min(-1), w.max(-1)
+        scales = ((hi_ - lo_) / 255.0).astype(np.float32)
+        safe = np.where(scales > 0, scales, 1.0)
+        q = np.clip(np.rint((w - lo_[..., None]) / safe[..., None]), 0, 255).astype(np.uint8)
+        biases = lo_.astype(np.float32)
+        return (_pack_bits(q.reshape(rows, cols), 8), scales, biases, 8)
+    else:
+        raise AssertionError(ttype)
+    q = q.reshape(rows, cols).astype(np.uint8)
+    return (_pack_bits(q, bits), scales.reshape(rows, cols // 32).astype(np.float32),
+            biases.reshape(rows, cols // 32).astype(np.float32), bits)
+
+
+def _half_scales(name, dtype):
+    """Scales and biases of quantized linear layers stay float16 when loading
+    float32 for the CPU: GGUF stores Q4_0/Q4_1/Q8_0's as float16 (exact), and
+    mlxcy.cpu_kernels read them with F16C, a sixth less weight traffic per
+    4-bit token than float32.  Embeddings keep `dtype` (their rows set the
+    activations' dtype)."""
+    import mlxcy.core as core
+    from mlxcy.device import default_device
+    return (dtype == core.float32 and default_device().type == "cpu"
+            and name.endswith((".scales", ".biases")) and "embed_tokens" not in name)
+
+
+def _exact_half(a):
+    """a as float16 if that is exact (finite, same values), else None."""
+    import mlxcy.core as core
+    h = a.astype(core.float16)
+    x = np.asarray(a.astype(core.float32))
+    return h if np.array_equal(np.asarray(h.astype(core.float32)), x) else None
+
+
 def _tensor_bytes(mm, header, name):
     t = header.tensors[name]
     if t["nbytes"] is None:
@@ -200,13 +320,21 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
     reads (as mlx::core::load_gguf does), unless `dequantize` is True or dtype is
     bfloat16: bf16 scales and biases lose too much (Q4_1 biases rounded to 8 bits
     moved SmolLM2's logits by 13%), so a bf16 request dequantizes.
+    K-quant files (Q4_K, Q5_K, Q6_K, Q5_0, Q5_1 beside those) are repacked into
+    MLX's affine layout (REPACK_TYPES: 4, 5 or 8 bits, group 32, float32 scales;
+    exact except Q6_K, re-quantized to 8 bits) when loading for the CPU, where
+    mlxcy.cpu_kernels run every width; on other devices, by default, they
+    dequantize to bfloat16 (`dequantize=False` repacks them anywhere).
     dtype: the float dtype of every float tensor (and of scales/biases, whose
     float16 values convert exactly to float32). Default: float32 for a file kept
     quantized (float32 scales are exact and MLX's CPU quantized matmul is fastest
-    in float32), bfloat16 for a dequantized one.
+    in float32), bfloat16 for a dequantized one.  Loading float32 for the CPU,
+    quantized linear layers keep float16 scales/biases where that is exact
+    (_half_scales: less weight traffic for mlxcy.cpu_kernels).
     native_reader: use mlxcy.io.load_gguf (MLX's reader) for quantized files when
     it is built; otherwise a numpy repack that produces the same bits."""
     import mlxcy.core as core
+    from mlxcy.device import default_device
     header = read_header(path)
     cfg = gguf_config(header)
     spec = _spec(header)
@@ -219,15 +347,19 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
     want = None if dtype is None else core.dtype(dtype)
     if want is not None and not want.is_floating:
         raise ValueError(f"{path}: dtype must be a float type, got {want}")
+    keep = NATIVE_TYPES | set(REPACK_TYPES)
     if dequantize is None:
-        native = types <= NATIVE_TYPES and want != core.bfloat16
+        native = want != core.bfloat16 and (
+            types <= NATIVE_TYPES or (types <= keep and default_device().type == "cpu"))
     else:
         native = not dequantize
-    if native and not types <= NATIVE_TYPES:
-        raise GGUFError(f"{path}: types {sorted(TYPE_NAMES.get(t, t) for t in types - NATIVE_TYPES)}"
+    if native and not types <= keep:
+        raise GGUFError(f"{path}: types {sorted(TYPE_NAMES.get(t, t) for t in types - keep)}"
                         " cannot stay quantized; pass dequantize=True")
-    if native and not types & {2, 3, 8}:
+    if native and not types & ({2, 3, 8} | set(REPACK_TYPES)):
         native = False                     # nothing quantized: plain floats
+    if types & set(REPACK_TYPES):
+        native_reader = False              # MLX's reader cannot read K-quants
     dtype = want if want is not None else (core.float32 if native else core.bfloat16)
     io = None
     if native and native_reader:
@@ -256,9 +388,28 @@ def load_gguf(path, dtype=None, dequantize: bool | None = None, native_reader: b
                     w, s, b = (_unpermute_rows(x, perm) for x in (w, s, b))
                 base = name[: -len(".weight")]
                 weights[name] = core.array(np.ascontiguousarray(w))
-                weights[base + ".scales"] = core.array(np.ascontiguousarray(s)).astype(dtype)
-                weights[base + ".biases"] = core.array(np.ascontiguousarray(b)).astype(dtype)
+                sd = core.float16 if _half_scales(base + ".scales", dtype) else dtype
+                weights[base + ".scales"] = core.array(np.ascontiguousarray(s)).astype(sd)
+                weights[base + ".biases"] = core.array(np.ascontiguousarray(b)).astype(sd)
                 quant_layers[base] = {"group_size": 32, "bits": 8 if t["type"] == 8 else 4}
+                continue
+            if t["type"] in REPACK_TYPES and native:
+                if len(t["shape"]) != 2:
+                    raise GGUFError(f"{path}: quantized tensor {gname} is not 2-D")
+                w, s, b, bits = _repack_kquant(raw, t["type"], t["shape"])
+                if perm:
+                    w, s, b = (_unpermute_rows(x, perm) for x in (w, s, b))
+                base = name[: -len(".weight")]
+                weights[name] = core.array(np.ascontiguousarray(w))
+                sd = core.float32 if dtype != core.float64 else dtype   # exact products
+                for kind, x in (("scales", s), ("biases", b)):
+                    a = core.array(np.ascontiguousarray(x)).astype(sd)
+                    h = _exact_half(a) if _half_scales(f"{base}.{kind}", dtype) else None
+                    weights[f"{base}.{kind}"] = a if h is None else h
+                if weights[base + ".scales"].dtype != weights[base + ".biases"].dtype:
+                    weights[base + ".scales"] = weights[base + ".scales"].astype(sd)
+                    weights[base + ".biases"] = weights[base + ".biases"].astype(sd)
+                quant_layers[base] = {"group_size": 32, "bits": bits}
                 continue
             if t["type"] in _FLOAT_TYPES or t["type"] == 30:
                 x, is_bf16 = _numpy_float(raw, t)
@@ -350,8 +501,10 @@ def _load_native_io(io, path, header, cfg, dtype, spec):
                 b = a.astype(core.float32) - 1.0
                 a.free()
                 a = b
-            if a.dtype.is_floating and a.dtype != dtype:
-                b = a.astype(dtype)
+            want_t = core.float16 if (kind in ("scales", "biases") and a.dtype == core.float16
+                                      and _half_scales(name, dtype)) else dtype
+            if a.dtype.is_floating and a.dtype != want_t:
+                b = a.astype(want_t)
                 a.free()
                 a = b
             weights[name] = a
