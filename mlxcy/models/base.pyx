@@ -340,8 +340,10 @@ cdef class Block:
 
 cdef bint _linear_arg(Linear l, LinearArg* a) noexcept:
     """A layer's operands for mlxcy.cpu_kernels' block primitives (False when it
-    has a LoRA adapter or was freed)."""
-    if l is None or l.weight == NULL or l.lora_a != NULL:
+    has a LoRA adapter, was freed, or is a subclass: mlxcy.distributed's
+    AllSumLinear/GatherLinear communicate in forward, which the primitives
+    would skip)."""
+    if l is None or type(l) is not Linear or l.weight == NULL or l.lora_a != NULL:
         return False
     a.w = l.weight
     a.bias = l.bias
