@@ -1,7 +1,48 @@
 """Types of mlxcy.cpu_kernels (cpu_kernels.pyx): mlxcy's own x86 CPU kernels."""
-from typing import Literal
+from typing import Literal, Sequence
 
 from mlxcy.core import Array
+
+# A layer's operands for the block primitives: (weight, scales, biases, bias,
+# group_size, bits), None for what is absent.
+_Layer = tuple[Array, Array | None, Array | None, Array | None, int, int]
+
+def block_qkv(
+    x: Array,
+    norm_w: Array,
+    eps: float,
+    parts: Sequence[_Layer],
+    H: int,
+    Hkv: int,
+    D: int,
+    rope_dims: int,
+    rope_base: float = 10000.0,
+    rope_scale: float = 1.0,
+    freqs: Array | None = None,
+    q_norm: Array | None = None,
+    k_norm: Array | None = None,
+    qk_eps: float = 1e-6,
+    offset: int = 0,
+) -> tuple[Array, Array, Array]:
+    """RMSNorm -> q/k/v -> (q/k norm) -> RoPE of one decode step as one primitive."""
+def block_attn_mlp(
+    q: Array,
+    k: Array,
+    v: Array,
+    x: Array,
+    attn_scale: float,
+    o: _Layer,
+    norm_mid: Array,
+    eps: float,
+    gate_up: Sequence[_Layer],
+    down: _Layer,
+    act: Literal["silu", "gelu_tanh"] = "silu",
+    norm_o: Array | None = None,
+    norm_mlp: Array | None = None,
+) -> Array:
+    """Attention -> o_proj -> residual -> RMSNorm -> gate/up -> act -> down -> residual."""
+def set_block_fusion(on: bool) -> bool:
+    """Fused block primitives for one-token CPU steps (on by default).  Returns the previous setting."""
 
 def decode_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
     """softmax(scale * q k^T) v for one query position: q [B, H, 1, D], k and v [B, Hkv, T, D]."""
