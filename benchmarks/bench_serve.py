@@ -82,8 +82,8 @@ def model_dir(args) -> Path:
         d = gguf_dir(root)
         if not (d / "tokenizer.json").exists():
             from mlxcy.assets import smollm2_gguf
-            from mlxcy.models.convert import _gguf_tokenizer
-            _gguf_tokenizer(smollm2_gguf(), d)
+            from mlxcy.models.convert import write_gguf_tokenizer
+            write_gguf_tokenizer(smollm2_gguf(), d)
     return quantized_dir(d, 4) if args.quant == "4bit" else d
 
 
