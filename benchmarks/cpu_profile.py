@@ -2,17 +2,19 @@
 
 For the real SmolLM2-135M Q4_1 GGUF (or --gguf PATH): the model decodes
 --tokens tokens after a --prompt-token prompt (median of --rounds runs), once
-with MLX's own ops for the linear layers (mlxcy.cpu_kernels.set_enabled(False):
-dequantize + MLX's GEMM, the path before the kernels) and once with the
-kernels.  A decode step is then split by timing each linear layer of block 0
-alone at one position (x [1, 1, in], each product evaluated on its own,
-median of many), times the number of blocks, and the output head (same shape
+with MLX's own ops for the linear layers (`mlx`: mlxcy.cpu_kernels.set_enabled(False),
+dequantize + MLX's GEMM, the path before the kernels), with the kernels for
+the products and attention but the rest of each block as MLX ops (`kernels`:
+set_block_fusion(False)), and with the block primitives (`blocks`: a block's
+one-token step as two primitives, the default).  A decode step is then split by timing each linear layer of block 0
+at one position (x [1, 1, in]; the number of blocks of such products built
+as one graph and evaluated once, median of many), and the output head (same shape
 and bits as the model's, random values); the rest of the step is everything
 else (norms, RoPE, attention over the cache, residual adds, the host's graph
 building and MLX's per-op overhead).
 
     python benchmarks/cpu_profile.py [--gguf PATH] [--prompt 128] [--tokens 64]
-        [--threads N] [--modes mlx,kernels]
+        [--threads N] [--modes mlx,kernels,blocks]
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def time_op(fn, reps):
-    fn().eval()
+    """Median seconds to build and evaluate fn()'s list of arrays as one graph."""
+    from mlxcy import transforms
+    transforms.eval(*fn())
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn().eval()
+        transforms.eval(*fn())
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -66,13 +70,15 @@ def layer_split(tm, reps):
         for i, (rows, cols) in enumerate(shapes):
             layer = _linear(rows, cols, q, model.dtype, i)
             x = mlxcy.array(np.ones((1, 1, cols), np.float32)).astype(model.dtype)
-            t += time_op(lambda: layer(x), reps) * c.num_hidden_layers
+            # the model's L products of this shape in one graph, as in a step:
+            # one eval per product would add a host round trip to each
+            t += time_op(lambda: [layer(x) for _ in range(c.num_hidden_layers)], reps)
             layer.free()
         groups[name] = t
     # the SmolLM2 GGUF's tied head is Q8_0 (8 bits, groups of 32)
     head = _linear(c.vocab_size, H, {"bits": 8, "group_size": 32} if q else None, model.dtype, 9)
     x = mlxcy.array(np.ones((1, 1, H), np.float32)).astype(model.dtype)
-    groups["output head"] = time_op(lambda: head(x), max(3, reps // 10))
+    groups["output head"] = time_op(lambda: [head(x)], max(3, reps // 10))
     head.free()
     return groups
 
@@ -96,7 +102,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--modes", default="mlx,kernels")
+    ap.add_argument("--modes", default="mlx,kernels,blocks")
     ap.add_argument("--fuse", action="store_true", help="fuse q/k/v and gate/up")
     a = ap.parse_args()
 
@@ -112,10 +118,11 @@ def main():
     prompt = [int(t) for t in rng.integers(100, tm.model.config.vocab_size - 100, a.prompt)]
     cols = {}
     for mode in a.modes.split(","):
-        cpu_kernels.set_enabled(mode == "kernels")
-        tokens = a.tokens if mode == "kernels" else min(a.tokens, 16)
+        cpu_kernels.set_enabled(mode != "mlx")
+        cpu_kernels.set_block_fusion(mode == "blocks")
+        tokens = a.tokens if mode != "mlx" else min(a.tokens, 16)
         pre, dec = engine_speed(tm, prompt, tokens, a.rounds)
-        g = layer_split(tm, a.reps if mode == "kernels" else 5)
+        g = layer_split(tm, a.reps if mode != "mlx" else 5)
         step = 1.0 / dec
         g["everything else (norms, RoPE, attention, adds, host)"] = step - sum(g.values())
         g["decode step"] = step

@@ -161,6 +161,10 @@ async def read_json(request: Request, limit: int):
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
 
 
+class ClientGone(Exception):
+    """The client closed the connection before a non-streamed reply was ready."""
+
+
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -176,6 +180,10 @@ def endpoint(name, auth=True):
                 resp = await fn(request, st)
             except APIError as e:
                 resp = _error_response(e)
+            except ClientGone:
+                # nobody reads this reply: no traceback in the log, counted as
+                # 499 (nginx's "client closed request") in /metrics
+                resp = Response(status_code=499)
             except Exception as e:  # noqa: BLE001 - answer, log, keep serving
                 log.exception("%s failed", name)
                 resp = JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
@@ -221,7 +229,7 @@ async def _wait_all(request, subs, worker):
                 task.result()
                 break
             if await request.is_disconnected():
-                raise asyncio.CancelledError
+                raise ClientGone
     except BaseException:
         task.cancel()
         for s in subs:

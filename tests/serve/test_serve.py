@@ -4,6 +4,7 @@ the real Qwen3 tokenizer.  References: transformers (greedy tokens, log-probs,
 chat template), `tokenizers` (token ids), jsonschema (structured output)."""
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -545,6 +546,14 @@ def test_non_streaming_client_gone_is_cancelled(srv):
     assert worker.live == 1
     s.close()
     _wait_idle(worker)
+    # answered as 499 (client closed request) in /metrics, not a 500
+    t0 = time.time()
+    while 'status="499"' not in H.request(live.port, "GET", "/metrics")[2] \
+            and time.time() - t0 < 10:
+        time.sleep(0.05)
+    text = H.request(live.port, "GET", "/metrics")[2]
+    assert re.search(r'mlxcy_requests_total\{endpoint="completions",status="499"\} [1-9]', text), \
+        [ln for ln in text.splitlines() if ln.startswith("mlxcy_requests_total")]
 
 
 # ---------------------------------------------------------------- errors --
