@@ -474,6 +474,31 @@ MLXCY_AVX2 inline void tile_6x16_avx2(const float* wf, const float* xp, int K, f
   _mm256_storeu_ps(tile + 88, c51);
 }
 
+// tile_6x16_avx2 for a block of at most 8 x-rows (lanes 0-7 of xp; tile's
+// lanes 8-15 are left as they are): half the FMAs when few rows remain, as in
+// speculative verification (k + 1 rows) and small server batches.
+MLXCY_AVX2 inline void tile_6x8_avx2(const float* wf, const float* xp, int K, float* tile) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps();
+  __m256 c3 = _mm256_setzero_ps(), c4 = _mm256_setzero_ps(), c5 = _mm256_setzero_ps();
+  const float *w0 = wf, *w1 = wf + K, *w2 = wf + 2 * K, *w3 = wf + 3 * K, *w4 = wf + 4 * K,
+              *w5 = wf + 5 * K;
+  for (int k = 0; k < K; ++k) {
+    __m256 b = _mm256_loadu_ps(xp + int64_t(k) * 16);
+    c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + k), b, c0);
+    c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w1 + k), b, c1);
+    c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(w2 + k), b, c2);
+    c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(w3 + k), b, c3);
+    c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(w4 + k), b, c4);
+    c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(w5 + k), b, c5);
+  }
+  _mm256_storeu_ps(tile + 0, c0);
+  _mm256_storeu_ps(tile + 16, c1);
+  _mm256_storeu_ps(tile + 32, c2);
+  _mm256_storeu_ps(tile + 48, c3);
+  _mm256_storeu_ps(tile + 64, c4);
+  _mm256_storeu_ps(tile + 80, c5);
+}
+
 #endif  // MLXCY_X86
 
 // ---------------------------------------------------- kernel front ends ---
@@ -513,9 +538,13 @@ inline void row_to_f32(const Weight& W, int n, float* dst) {
   row_to_f32_scalar(W, n, dst);
 }
 
-inline void tile_6x16(const float* wf, const float* xp, int K, float* tile) {
+// tile[i][l] for l < mrows (at most 16) of a 6 x 16 tile.
+inline void tile_6xm(const float* wf, const float* xp, int K, int mrows, float* tile) {
 #if MLXCY_X86
-  if (use_avx2()) return tile_6x16_avx2(wf, xp, K, tile);
+  if (use_avx2()) {
+    if (mrows <= 8) return tile_6x8_avx2(wf, xp, K, tile);
+    return tile_6x16_avx2(wf, xp, K, tile);
+  }
 #endif
   tile_6x16_scalar(wf, xp, K, tile);
 }
@@ -623,8 +652,8 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
         else std::memset(wf + int64_t(i) * K, 0, sizeof(float) * K);
       }
       for (int mb = 0; mb < MB; ++mb) {
-        tile_6x16(wf, xp + int64_t(mb) * K * 16, K, tile);
         int mrows = std::min(16, M - mb * 16);
+        tile_6xm(wf, xp + int64_t(mb) * K * 16, K, mrows, tile);
         for (int i = 0; i < rows; ++i) {
           float bv = W.bias ? load_elt(W.bias, W.bias_t, nb + i) : 0.f;
           for (int l = 0; l < mrows; ++l)
