@@ -113,6 +113,49 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+# K-quant and Q5 blocks: (values, bytes, byte offsets of float16 scales)
+_KBLOCKS = {12: (256, 144, (0, 2)), 13: (256, 176, (0, 2)), 14: (256, 210, (208,)),
+            6: (32, 22, (0,))}
+
+
+def _kquant(ttype, rows, cols, rng) -> bytes:
+    """Random blocks of a K-quant/Q5 type with small finite float16 scales."""
+    import numpy as np
+    vals, size, scales = _KBLOCKS[ttype]
+    raw = rng.integers(0, 256, (rows * cols // vals, size), dtype=np.uint8)
+    for o in scales:
+        raw[:, o:o + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    return raw.tobytes()
+
+
+def kquant_gguf() -> bytes:
+    """One block of a tiny llama whose linear layers are Q4_K, Q5_K, Q6_K and
+    Q5_0 (what the CPU loader repacks into MLX's affine layout)."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    V, H, F = len(TOKENS), 256, 256
+    f32 = lambda shape: (0, tuple(reversed(shape)),
+                         (rng.standard_normal(shape) * 0.1).astype(np.float32).tobytes())
+    kq = lambda ttype, r, c: (ttype, (c, r), _kquant(ttype, r, c, rng))
+    p = "blk.0."
+    tensors = {"token_embd.weight": f32((V, H)), "output_norm.weight": f32((H,)),
+               p + "attn_norm.weight": f32((H,)), p + "ffn_norm.weight": f32((H,)),
+               p + "attn_q.weight": kq(12, H, H), p + "attn_k.weight": kq(14, 128, H),
+               p + "attn_v.weight": kq(6, 128, H), p + "attn_output.weight": kq(13, H, H),
+               p + "ffn_gate.weight": kq(12, F, H), p + "ffn_up.weight": kq(12, F, H),
+               p + "ffn_down.weight": kq(14, H, F)}
+    meta = {"general.architecture": "llama", "general.name": "tiny-kquant",
+            "general.alignment": 32, "llama.block_count": 1, "llama.context_length": 128,
+            "llama.embedding_length": H, "llama.feed_forward_length": F,
+            "llama.attention.head_count": 2, "llama.attention.head_count_kv": 1,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES,
+            "tokenizer.ggml.token_type": [1] * (V - 2) + [3, 3],
+            "tokenizer.ggml.bos_token_id": V - 2, "tokenizer.ggml.eos_token_id": V - 1}
+    return gguf_bytes(meta, tensors)
+
+
 def tiny_gguf(quant=False, blocks=2, meta_overrides=None) -> bytes:
     """A complete tiny llama model (F32 or Q8_0 linear weights) with a gpt2
     tokenizer and a chat template; meta_overrides replaces metadata values."""
@@ -489,7 +532,7 @@ def seeds(reader: str, work: Path) -> list[bytes]:
     if reader == "safetensors":
         return safetensors_seeds()
     if reader == "gguf":
-        return [tiny_gguf(False), tiny_gguf(True, blocks=1)]
+        return [tiny_gguf(False), tiny_gguf(True, blocks=1), kquant_gguf()]
     if reader == "tokenizer":
         return tokenizer_seeds()
     if reader == "chat":
