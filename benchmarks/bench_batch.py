@@ -10,7 +10,9 @@ Model shapes (random weights, written once per run to a temp dir as a Hugging
 Face directory: config.json + model.safetensors + the Qwen3 tokenizer, so both
 libraries load the same files): tiny (Qwen3, hidden 64, 2 layers), small
 (Qwen3, hidden 256, 4 layers), and the shapes of Gemma-3-270M, Gemma-3-1B
-and Qwen3-0.6B (full vocabularies; gemma's sliding window 512).
+and Qwen3-0.6B (full vocabularies; gemma's sliding window 512); smollm2-gguf:
+the real SmolLM2-135M-Instruct Q4_1 GGUF (mlxcy.assets; mlxcy only, as mlx-lm
+cannot read GGUF).
 
 classify: N short sentences (8..32 tokens); "loop" classifies them one at a
 time (one forward each); "batch b" classifies them in batches of b (bucketed
@@ -223,10 +225,15 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="bench_batch_"))
     try:
         for shape in a.model_shape.split(","):
-            if shape not in SHAPES:
-                raise SystemExit(f"unknown --model-shape {shape!r}; choose from {list(SHAPES)}")
-            path = make_model_dir(shape, tmp / shape, a.dtype)
-            with load(path) as tm:
+            if shape == "smollm2-gguf":          # the real model, mlxcy only
+                from mlxcy.assets import smollm2_gguf
+                path, a.no_mlx_lm = None, True
+            elif shape not in SHAPES:
+                raise SystemExit(f"unknown --model-shape {shape!r}; choose from "
+                                 f"{list(SHAPES) + ['smollm2-gguf']}")
+            else:
+                path = make_model_dir(shape, tmp / shape, a.dtype)
+            with load(path or str(smollm2_gguf())) as tm:
                 print(f"\n=== {shape} ({tm.model.nparams() / 1e6:.1f}M params, {a.dtype}, "
                       f"{a.device}) ===")
                 prompts = sentences(tm.tokenizer, a.n_prompts)
@@ -239,7 +246,8 @@ def main(argv=None):
                         tm, path, prompts, [int(x) for x in a.gen_batches.split(",")],
                         a.max_tokens, not a.no_mlx_lm, a.device, a.repeats)
                 results[shape] = res
-            shutil.rmtree(path, ignore_errors=True)
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if a.json:

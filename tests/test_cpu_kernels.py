@@ -520,6 +520,10 @@ def test_kquant_repack_matches_gguf_dequantize(name):
         raw = raw[: raw.size * rows // t["shape"][0]]
         w, s, b, bits = G._repack_kquant(raw, t["type"], (rows, t["shape"][1]))
         assert bits == G.REPACK_TYPES[t["type"]]
+        # repacked in row chunks (as big tensors are): the same bits
+        for x, y in zip((w, s, b), G._repack_kquant(raw, t["type"], (rows, t["shape"][1]),
+                                                    chunk_rows=7)):
+            np.testing.assert_array_equal(x, y)
         ours = unpack_bits_np(w, mlxcy.array(s), mlxcy.array(b), 32, bits)
         ref = np.asarray(dequantize(raw.reshape(rows, -1), GGMLQuantizationType(t["type"])),
                          np.float64)

@@ -163,11 +163,22 @@ def _f16(b: np.ndarray) -> np.ndarray:
     return b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
 
 
-def _repack_kquant(raw: np.ndarray, ttype: int, shape):
+def _repack_kquant(raw: np.ndarray, ttype: int, shape, chunk_rows: int = 2048):
     """Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks -> (packed uint32, scales,
     biases as float32 [rows, cols/32], bits) in MLX's affine layout, group 32,
-    w = scale * q + bias (ggml-quants.c dequantize_row_* for the block layouts)."""
+    w = scale * q + bias (ggml-quants.c dequantize_row_* for the block layouts).
+    Rows are repacked chunk_rows at a time: the temporaries of a whole
+    152k-row embedding took the load's peak memory past 1.6 GB."""
     rows, cols = shape[0] if len(shape) > 1 else 1, shape[-1]
+    if rows <= chunk_rows:
+        return _repack_rows(raw, ttype, rows, cols)
+    by_row = raw.view(np.uint8).reshape(rows, -1)
+    parts = [_repack_rows(by_row[r:r + chunk_rows], ttype, min(chunk_rows, rows - r), cols)
+             for r in range(0, rows, chunk_rows)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3)) + (parts[0][3],)
+
+
+def _repack_rows(raw: np.ndarray, ttype: int, rows: int, cols: int):
     vals, bsz = _BLOCK[ttype]
     blk = raw.view(np.uint8).reshape(rows, cols // vals, bsz)
     nb = cols // vals
