@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import mlxcy
+import subproc
 from mlxcy.generation.inference import GenerationOptions, MlxTextModel, TextModel
 
 METHODS = ("generate", "chat", "stream", "stream_chat", "batch_generate")
@@ -51,6 +52,6 @@ def test_assets_is_an_attribute():
     r = subprocess.run([sys.executable, "-c",
                         "import mlxcy; print(mlxcy.assets.__name__, "
                         "callable(mlxcy.assets.smollm2_gguf))"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=subproc.env(), cwd=subproc.CWD)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["mlxcy.assets", "True"]
