@@ -113,6 +113,21 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def llama_meta(name, blocks, H, F, heads, kv) -> dict:
+    """GGUF metadata of a tiny llama with the gpt2 tokenizer and chat template above."""
+    V = len(TOKENS)
+    return {"general.architecture": "llama", "general.name": name, "general.alignment": 32,
+            "llama.block_count": blocks, "llama.context_length": 128,
+            "llama.embedding_length": H, "llama.feed_forward_length": F,
+            "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES,
+            "tokenizer.ggml.token_type": [1] * (V - 2) + [3, 3],
+            "tokenizer.ggml.bos_token_id": V - 2, "tokenizer.ggml.eos_token_id": V - 1,
+            "tokenizer.chat_template": CHAT}
+
+
 # K-quant and Q5 blocks: (values, bytes, byte offsets of float16 scales)
 _KBLOCKS = {12: (256, 144, (0, 2)), 13: (256, 176, (0, 2)), 14: (256, 210, (208,)),
             6: (32, 22, (0,))}
@@ -144,17 +159,7 @@ def kquant_gguf() -> bytes:
                p + "attn_v.weight": kq(6, 128, H), p + "attn_output.weight": kq(13, H, H),
                p + "ffn_gate.weight": kq(12, F, H), p + "ffn_up.weight": kq(12, F, H),
                p + "ffn_down.weight": kq(14, H, F)}
-    meta = {"general.architecture": "llama", "general.name": "tiny-kquant",
-            "general.alignment": 32, "llama.block_count": 1, "llama.context_length": 128,
-            "llama.embedding_length": H, "llama.feed_forward_length": F,
-            "llama.attention.head_count": 2, "llama.attention.head_count_kv": 1,
-            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
-            "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES,
-            "tokenizer.ggml.token_type": [1] * (V - 2) + [3, 3],
-            "tokenizer.ggml.bos_token_id": V - 2, "tokenizer.ggml.eos_token_id": V - 1,
-            "tokenizer.chat_template": CHAT}
-    return gguf_bytes(meta, tensors)
+    return gguf_bytes(llama_meta("tiny-kquant", 1, H, F, 2, 1), tensors)
 
 
 def tiny_gguf(quant=False, blocks=2, meta_overrides=None) -> bytes:
@@ -182,17 +187,7 @@ def tiny_gguf(quant=False, blocks=2, meta_overrides=None) -> bytes:
                         p + "ffn_gate.weight": t((F, H), quant),
                         p + "ffn_up.weight": t((F, H), quant),
                         p + "ffn_down.weight": t((H, F), quant)})
-    meta = {"general.architecture": "llama", "general.name": "tiny",
-            "general.alignment": 32,
-            "llama.block_count": blocks, "llama.context_length": 128,
-            "llama.embedding_length": H, "llama.feed_forward_length": F,
-            "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv,
-            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
-            "tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.merges": MERGES,
-            "tokenizer.ggml.token_type": [1] * (V - 2) + [3, 3],
-            "tokenizer.ggml.bos_token_id": V - 2, "tokenizer.ggml.eos_token_id": V - 1,
-            "tokenizer.chat_template": CHAT}
+    meta = llama_meta("tiny", blocks, H, F, heads, kv)
     meta.update(meta_overrides or {})
     return gguf_bytes(meta, tensors)
 
