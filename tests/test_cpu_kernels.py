@@ -465,24 +465,30 @@ def _decode_logits(model, ids, steps):
     return np.stack(out)
 
 
-def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
-    """Real SmolLM2 decode steps (the block primitives) against the same steps
-    with the blocks unfused and against MLX's own ops: logits within 1e-4."""
-    ids = smollm2.tokenizer.encode("The sea is", add_special_tokens=True)
-    model = smollm2.model
+def _fused_unfused_mlx_agree(model, ids, steps):
+    """Decode logits with the block primitives, with the blocks unfused and
+    with MLX's own ops: within 1e-4 of each other, the same greedy ids."""
     old = ck.set_enabled(None), ck.set_block_fusion(True)
     try:
-        fused = _decode_logits(model, ids, 8)
+        fused = _decode_logits(model, ids, steps)
         ck.set_block_fusion(False)
-        unfused = _decode_logits(model, ids, 8)
+        unfused = _decode_logits(model, ids, steps)
         ck.set_enabled(False)
-        mlx = _decode_logits(model, ids, 8)
+        mlx = _decode_logits(model, ids, steps)
     finally:
         ck.set_enabled(old[0])
         ck.set_block_fusion(old[1])
     close(fused, unfused, 1e-4)
     close(fused, mlx, 1e-4)
     assert (fused.argmax(-1) == mlx.argmax(-1)).all()
+
+
+def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
+    """Real SmolLM2 decode steps (the block primitives) against the same steps
+    with the blocks unfused and against MLX's own ops: logits within 1e-4."""
+    ids = smollm2.tokenizer.encode("The sea is", add_special_tokens=True)
+    model = smollm2.model
+    _fused_unfused_mlx_agree(model, ids, 8)
 
 
 # ------------------------------------------------- K-quant GGUFs, repacked ---
@@ -558,16 +564,4 @@ def test_kquant_model_loads_quantized_and_decodes_like_mlx(kquant_model):
     info = model.info()
     assert info["quantization"]["bits"] == 5 and info["dtype"] == "float32"
     ids = [2, 818, 5279, 529, 7001, 563] if name == "gemma3" else [750, 75698, 1445, 982, 262]
-    old = ck.set_enabled(None), ck.set_block_fusion(True)
-    try:
-        fused = _decode_logits(model, ids, 6)
-        ck.set_block_fusion(False)
-        unfused = _decode_logits(model, ids, 6)
-        ck.set_enabled(False)
-        mlx = _decode_logits(model, ids, 6)
-    finally:
-        ck.set_enabled(old[0])
-        ck.set_block_fusion(old[1])
-    close(fused, unfused, 1e-4)
-    close(fused, mlx, 1e-4)
-    assert (fused.argmax(-1) == mlx.argmax(-1)).all()
+    _fused_unfused_mlx_agree(model, ids, 6)
