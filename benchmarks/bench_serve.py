@@ -151,6 +151,19 @@ class Server:
             self.proc.wait()
 
 
+def sse_events(r):
+    """The parsed `data:` events of a server-sent-event response, "[DONE]" as
+    that string, as they arrive (the caller stops reading when it likes)."""
+    while True:
+        line = r.readline()
+        if not line:
+            return
+        line = line.strip()
+        if line.startswith(b"data: "):
+            data = line[6:]
+            yield "[DONE]" if data == b"[DONE]" else json.loads(data)
+
+
 def one_request(conn, model, i, max_tokens):
     """(ttft, itl or None, tokens): a streamed chat request; tokens from its
     usage chunk, latencies from the content chunks' arrival."""
@@ -165,17 +178,9 @@ def one_request(conn, model, i, max_tokens):
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
     t_first = t_last = None
     n = None
-    while True:
-        line = r.readline()
-        if not line:
+    for ch in sse_events(r):
+        if ch == "[DONE]":
             break
-        line = line.strip()
-        if not line.startswith(b"data: "):
-            continue
-        data = line[6:]
-        if data == b"[DONE]":
-            break
-        ch = json.loads(data)
         if ch.get("usage"):
             n = ch["usage"]["completion_tokens"]
         for c in ch.get("choices") or []:

@@ -41,6 +41,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from bench_serve import sse_events  # benchmarks/, beside this script
 from urllib.parse import urlparse
 
 WORDS = ("river mountain lantern copper violet harbor meadow thunder orchard glacier canyon "
@@ -122,16 +124,9 @@ class Session:
             if r.status != 200:
                 return r.status, _json(r.read())
             events = []
-            while True:
-                line = r.readline()
-                if not line:
-                    break
-                line = line.strip()
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
-                if events[-1] == "[DONE]":
+            for ev in sse_events(r):
+                events.append(ev)
+                if ev == "[DONE]":
                     break
                 if stop_after is not None and len(events) >= stop_after:
                     c.sock.shutdown(socket.SHUT_RDWR)
@@ -464,7 +459,6 @@ def main():
         if not model_id:
             raise SystemExit("--url needs --model-id")
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import tempfile
 
         import bench_serve
