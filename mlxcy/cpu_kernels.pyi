@@ -57,8 +57,11 @@ def cores() -> int:
 def set_isa(name: Literal["avx2", "scalar"]) -> None: ...
 def isa() -> str:
     """'avx2+fma' or 'scalar'."""
-def set_int8_activations(on: bool) -> bool:
-    """Returns the previous setting."""
+ACTIVATIONS: tuple[str, ...]
+
+def set_activations(mode: str) -> str:
+    """'int16' (default), 'float32' or 'int8'; returns the previous mode."""
+def activations() -> str: ...
 def has_avx2() -> bool: ...
 def set_gemm_min_rows(m: int) -> None: ...
 def linear(

@@ -54,8 +54,8 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     bint cpu_has_avx2()
     const char* isa_name()
     void set_simd_level(int)
-    void cpp_set_int8 "mlxcy::cpu::set_int8_activations"(bint)
-    bint& cpp_int8 "mlxcy::cpu::int8_activations"()
+    void cpp_set_activation_mode "mlxcy::cpu::set_activation_mode"(int)
+    int& cpp_activation_mode "mlxcy::cpu::activation_mode"()
     void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
@@ -289,13 +289,25 @@ def isa():
     return isa_name().decode()
 
 
-def set_int8_activations(bint on):
-    """4-bit products of one row of x (decode) with x quantized to int8 per
-    block of 32 and integer dot products (AVX2 only): faster, not exact (off by
-    default).  Returns the previous setting."""
-    old = cpp_int8()
-    cpp_set_int8(on)
+ACTIVATIONS = ("float32", "int16", "int8")
+
+
+def set_activations(str mode):
+    """How one row of x (a decode step) meets 4- and 8-bit weights on AVX2:
+    'int16' (the default: x as int16 per block of 32, integer dot products,
+    ~1e-6 relative error), 'float32' (exact, slower) or 'int8' (4-bit only,
+    llama.cpp's approach, ~1e-2 relative).  Returns the previous mode."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"set_activations: mode must be one of {', '.join(ACTIVATIONS)}, "
+                         f"got {mode!r}")
+    old = activations()
+    cpp_set_activation_mode(ACTIVATIONS.index(mode))
     return old
+
+
+def activations():
+    """The mode set_activations set: 'int16', 'float32' or 'int8'."""
+    return ACTIVATIONS[cpp_activation_mode()]
 
 
 def has_avx2():

@@ -70,14 +70,18 @@ inline int& simd_level_setting() {
 inline bool use_avx2() { return simd_level_setting() >= 1 && cpu_has_avx2(); }
 inline void set_simd_level(int level) { simd_level_setting() = level; }
 
-// Activations quantized to int8 per block of 32 for the 4-bit matvec (integer
-// dot products, llama.cpp's approach): faster but not exact (~1e-3 relative
-// on SmolLM2's logits), so off by default; see docs/cpu.md for the figures.
-inline bool& int8_activations() {
-  static bool on = false;
-  return on;
+// How one row of x (a decode step) meets 4- and 8-bit weights: 0 float32
+// (exact), 1 int16 per block of 32 with integer dot products (vpmaddwd; x's
+// rounding error <= amax / 65534 per block, ~1e-6 relative on SmolLM2's
+// logits), 2 int8 per block of 32 (vpmaddubsw, llama.cpp's approach, 4-bit
+// only; ~1e-2 relative).  The float kernel spends ~5 instructions per 8 weights
+// on unpacking and converting them and is compute-bound on these CPUs; the
+// int16 one ~3 (docs/cpu.md has the figures).
+inline int& activation_mode() {
+  static int mode = 1;
+  return mode;
 }
-inline void set_int8_activations(bool on) { int8_activations() = on; }
+inline void set_activation_mode(int mode) { activation_mode() = mode; }
 
 inline const char* isa_name() { return use_avx2() ? "avx2+fma" : "scalar"; }
 
@@ -328,6 +332,22 @@ MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum
   if (n < n1) matvec_scalar(W, x, xsum, y, n, n1);
 }
 
+// x [K] as int8 per block of 32 (xd[j] = amax / 127), each block's even k
+// first, then its odd k (the order of a 4-bit row's low and high nibbles).
+inline void quantize_i8(const float* x, int K, int8_t* xq, float* xd) {
+  for (int j = 0; j < K / 32; ++j) {
+    const float* xb = x + 32 * j;
+    float amax = 0;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
+    xd[j] = d;
+    for (int i = 0; i < 16; ++i) {
+      xq[32 * j + i] = int8_t(std::nearbyint(xb[2 * i] * inv));
+      xq[32 * j + 16 + i] = int8_t(std::nearbyint(xb[2 * i + 1] * inv));
+    }
+  }
+}
+
 // x quantized per block of 32: xq int8 with each block's even k first, then
 // its odd k (the order of a 4-bit row's low and high nibbles), xd the blocks'
 // scales.  y[n] = sum_g s[n,g] * sum_blocks(xd * idot) + b[n,g] * xsum[g].
@@ -355,6 +375,108 @@ MLXCY_AVX2 inline void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, cons
       bs += load_sb(W.b, W.st, si + g) * xsum[g];
     }
     y[n] = hsum8(acc) + bs;
+  }
+}
+
+// x [K] as int16 per block of 32 (xd[j]: the block's scale, amax / 32767), in
+// the order a row's packed values are read: for 4 bits each block's even k
+// first, then its odd k (the low, then the high nibbles of its 16 bytes).
+inline void quantize_i16(const float* x, int K, int bits, int16_t* xq, float* xd) {
+  for (int j = 0; j < K / 32; ++j) {
+    const float* xb = x + 32 * j;
+    float amax = 0;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float inv = amax > 0 ? 32767.f / amax : 0.f;
+    xd[j] = amax / 32767.f;
+    int16_t* dst = xq + 32 * j;
+    for (int i = 0; i < 32; ++i) {
+      const int src = bits == 4 ? (i < 16 ? 2 * i : 2 * (i - 16) + 1) : i;
+      dst[i] = int16_t(std::lrint(xb[src] * inv));
+    }
+  }
+}
+
+// Block j (32 values) of a 4- or 8-bit row as two vectors of 16 int16, in
+// quantize_i16's order.
+template <int BITS>
+MLXCY_AVX2 inline void block_i16(const uint8_t* row, int j, __m256i& a, __m256i& b) {
+  if constexpr (BITS == 4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
+    const __m128i low = _mm_set1_epi8(0x0f);
+    a = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
+    b = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
+  } else {
+    a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * j)));
+    b = _mm256_cvtepu8_epi16(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * j + 16)));
+  }
+}
+
+// Lane j: the sum of the 8 lanes of v[j].
+MLXCY_AVX2 inline __m256i hsum_8x8(const __m256i* v) {
+  const __m256i ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i cd = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20),
+                          _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+// n <= 8 scales or biases from i on, as float32, zero past n (never read past them).
+MLXCY_AVX2 inline __m256 load_sb8(const void* p, Elt t, int64_t i, int n) {
+  if (n == 8) {
+    if (t == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+        static_cast<const uint16_t*>(p) + i));
+    if (t == Elt::F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  alignas(32) float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int l = 0; l < n; ++l) f[l] = load_sb(p, t, i + l);
+  return _mm256_load_ps(f);
+}
+
+// y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g], one row at
+// a time: the integer dot of each 32-value block j (exact: |q x| < 2^23 per
+// lane) reduced eight blocks at a time, then scaled as one vector.  xd and
+// xsum are readable (zero) up to the next multiple of 8 past their ends.
+template <int BITS>
+MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
+                                  const float* xsum, float* y, int n0, int n1) {
+  const int G = W.K / W.gs, NB = W.K / 32, bpg = W.gs / 32;
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  const int64_t ld = W.w_ld * 4;
+  // lane l of a batch of 8 blocks takes scale l / bpg of the batch's groups
+  const __m256i expand = _mm256_setr_epi32(0, 1 / bpg, 2 / bpg, 3 / bpg, 4 / bpg, 5 / bpg,
+                                           6 / bpg, 7 / bpg);
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = w + int64_t(n) * ld;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < NB; j0 += 8) {
+      const int nb = std::min(8, NB - j0);
+      __m256i p[8];
+      for (int l = 0; l < 8; ++l) {
+        if (l < nb) {
+          const int j = j0 + l;
+          __m256i a, b;
+          block_i16<BITS>(row, j, a, b);
+          const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j));
+          const __m256i xb =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j + 16));
+          p[l] = _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
+        } else {
+          p[l] = _mm256_setzero_si256();
+        }
+      }
+      const int g0 = j0 / bpg, ng = (nb + bpg - 1) / bpg;
+      __m256 sc = load_sb8(W.s, W.st, si + g0, ng);
+      if (bpg > 1) sc = _mm256_permutevar8x32_ps(sc, expand);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
+                            _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)), acc);
+    }
+    for (int g0 = 0; g0 < G; g0 += 8)
+      acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
+                            _mm256_loadu_ps(xsum + g0), acc);
+    y[n] = hsum8(acc);
   }
 }
 
@@ -580,7 +702,9 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
   const double work = double(M) * N * K;
   const int per_thread = work < 1.5e5 ? 0 : 4;   // small products: one task
   if (M < gemm_min_rows()) {
-    float* xsum = scratch_f(0, size_t(std::max(1, M * G)));
+    // 8 zeros past the end: the int16 kernel reads the sums 8 at a time
+    float* xsum = scratch_f(0, size_t(M * G + 8));
+    std::fill(xsum + M * G, xsum + M * G + 8, 0.f);
     for (int m = 0; m < M; ++m)
       for (int g = 0; g < G; ++g) {
         float s = 0;
@@ -588,32 +712,42 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
         xsum[m * G + g] = s;
       }
 #if MLXCY_X86
-    if (W.bits == 4 && int8_activations() && use_avx2()) {
+    const int mode = activation_mode();
+    if (use_avx2() && ((mode == 1 && (W.bits == 4 || W.bits == 8)) || (mode == 2 && W.bits == 4))) {
       const int NB = K / 32;
-      std::vector<int8_t> xq(size_t(M) * K);
-      float* xd = scratch_f(3, size_t(M) * NB);
-      for (int m = 0; m < M; ++m)
-        for (int j = 0; j < NB; ++j) {
-          const float* xb = x + int64_t(m) * K + 32 * j;
-          float amax = 0;
-          for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-          float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
-          xd[m * NB + j] = d;
-          int8_t* dst = xq.data() + int64_t(m) * K + 32 * j;
-          for (int i = 0; i < 16; ++i) {
-            dst[i] = int8_t(std::nearbyint(xb[2 * i] * inv));
-            dst[16 + i] = int8_t(std::nearbyint(xb[2 * i + 1] * inv));
-          }
-        }
-      auto body8 = [&](int n0, int n1) {
+      thread_local std::vector<int16_t> xq16;
+      thread_local std::vector<int8_t> xq8;
+      // padded to a multiple of 8 with zeros: the int16 kernel reads 8 at a time
+      const int NBp = (NB + 7) / 8 * 8;
+      float* xd = scratch_f(3, size_t(M) * NBp);
+      std::fill(xd, xd + size_t(M) * NBp, 0.f);
+      if (mode == 1) {
+        xq16.resize(size_t(M) * K);
+        for (int m = 0; m < M; ++m)
+          quantize_i16(x + int64_t(m) * K, K, W.bits, xq16.data() + int64_t(m) * K, xd + m * NBp);
+      } else {
+        xq8.resize(size_t(M) * K);
+        for (int m = 0; m < M; ++m)
+          quantize_i8(x + int64_t(m) * K, K, xq8.data() + int64_t(m) * K, xd + m * NBp);
+      }
+      // the pool's threads see these through pointers (xq16/xq8 are this thread's)
+      const int16_t* q16 = xq16.data();
+      const int8_t* q8 = xq8.data();
+      auto bodyq = [&](int n0, int n1) {
         for (int m = 0; m < M; ++m) {
-          matvec_q4_i8_avx2(W, xq.data() + int64_t(m) * K, xd + m * NB, xsum + m * G,
-                            y + m * ldy, n0, n1);
-          add_bias(y + m * ldy, n0, n1);
+          float* yr = y + m * ldy;
+          const float* xs = xsum + m * G;
+          if (mode == 2)
+            matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
+          else if (W.bits == 4)
+            matvec_q_i16_avx2<4>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
+          else
+            matvec_q_i16_avx2<8>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
+          add_bias(yr, n0, n1);
         }
       };
-      if (per_thread == 0) body8(0, N);
-      else parallel_rows(N, 8, body8, per_thread);
+      if (per_thread == 0) bodyq(0, N);
+      else parallel_rows(N, 8, bodyq, per_thread);
       return;
     }
 #endif
