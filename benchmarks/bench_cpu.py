@@ -24,7 +24,9 @@ installed) is timed end to end, --rounds times.
 Engines: mlxcy (its CPU kernels, the default), llama.cpp, mlx-lm; with --ab
 also mlxcy-unfused (mlxcy.cpu_kernels.set_block_fusion(False): the kernels'
 products and attention, the rest of a block as MLX ops) and mlxcy-mlx
-(mlxcy.cpu_kernels.set_enabled(False): MLX's own CPU ops throughout).
+(mlxcy.cpu_kernels.set_enabled(False): MLX's own CPU ops throughout); the
+engine mlxcy-float32 (--engines) is mlxcy with float32 activations
+(mlxcy.cpu_kernels.set_activations("float32"): exact products, slower).
 
 llama.cpp is llama-cpp-python 0.3.36 built once from its sdist with native
 AVX2/FMA and installed from a wheel kept outside the repository (docs/cpu.md
@@ -94,6 +96,8 @@ def run_mlxcy(a):
         cpu_kernels.set_enabled(False)
     elif a.child == "mlxcy-unfused":
         cpu_kernels.set_block_fusion(False)
+    elif a.child == "mlxcy-float32":
+        cpu_kernels.set_activations("float32")
     tm = MlxTextModel(model_path("hf-bf16") if a.model == "bf16" else gguf_path(a.model))
     ids = prompt_ids(a.prompt)
     for _ in tm.stream_ids(ids[:16], max_tokens=4):   # warm-up
@@ -147,6 +151,7 @@ def run_mlxlm(a):
 
 
 CHILDREN = {"mlxcy": run_mlxcy, "mlxcy-unfused": run_mlxcy, "mlxcy-mlx": run_mlxcy,
+            "mlxcy-float32": run_mlxcy,
             "llama.cpp": run_llamacpp, "mlx-lm": run_mlxlm}
 
 
