@@ -310,6 +310,20 @@ def activations():
     return ACTIVATIONS[cpp_activation_mode()]
 
 
+def _activations_from_env():
+    """MLXCY_CPU_ACTIVATIONS=float32|int16|int8 sets the mode at import."""
+    import os
+    mode = os.environ.get("MLXCY_CPU_ACTIVATIONS")
+    if mode:
+        if mode not in ACTIVATIONS:
+            raise ValueError(f"MLXCY_CPU_ACTIVATIONS must be one of {', '.join(ACTIVATIONS)}, "
+                             f"got {mode!r}")
+        set_activations(mode)
+
+
+_activations_from_env()
+
+
 def has_avx2():
     return cpu_has_avx2()
 

@@ -22,7 +22,9 @@ WORKER = str(HERE / "dist_worker.py")
 
 
 def _env(**kw):
-    return subproc.env(OMP_NUM_THREADS=1, **kw)
+    # exact products on the CPU (the int16 default rounds one-row products'
+    # x differently from the reference's many-row ones: ~1e-4)
+    return subproc.env(OMP_NUM_THREADS=1, MLXCY_CPU_ACTIVATIONS="float32", **kw)
 
 
 def _hostfile(tmp_path, n):
@@ -120,6 +122,15 @@ def tiny_dirs(tmp_path_factory):
 
 
 def _reference(d, ids):
+    from mlxcy import cpu_kernels
+    old = cpu_kernels.set_activations("float32")     # as the workers (_env)
+    try:
+        return _reference_logits(d, ids)
+    finally:
+        cpu_kernels.set_activations(old)
+
+
+def _reference_logits(d, ids):
     from mlxcy.models.load import load_model
     with load_model(d, dtype="float32") as m:
         full = m(ids).numpy()
