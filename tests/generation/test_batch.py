@@ -326,7 +326,9 @@ def test_quantized_model(quantized):
     for i, p in enumerate(PROMPTS):
         ids = tok.encode(p)
         ref = _log_softmax(np.array(m([ids]))[0, -1])
-        assert np.abs(_log_softmax(res[i].logits) - ref).max() <= 1e-4
+        # 1e-3: on the CPU a prompt of < 4 tokens alone takes the int16
+        # one-row products (docs/cpu.md), the batch the exact many-row ones
+        assert np.abs(_log_softmax(res[i].logits) - ref).max() <= 1e-3
         eng = Engine(m, max_batch=1)
         eng.add(ids, max_tokens=10, logprobs=True)
         alone = []
