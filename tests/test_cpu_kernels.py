@@ -610,3 +610,28 @@ def test_kquant_model_loads_quantized_and_decodes_like_mlx(kquant_model):
     assert info["quantization"]["bits"] == 5 and info["dtype"] == "float32"
     ids = [2, 818, 5279, 529, 7001, 563] if name == "gemma3" else [750, 75698, 1445, 982, 262]
     _fused_unfused_mlx_agree(model, ids, 6)
+
+
+@pytest.mark.parametrize("value,ok", [("float32", True), ("int8", True), ("int4", False)])
+def test_activations_from_the_environment(value, ok):
+    """MLXCY_CPU_ACTIVATIONS sets the mode at import; a bad value is a
+    ValueError naming the variable."""
+    import subprocess
+    import sys
+    import subproc
+    p = subprocess.run([sys.executable, "-c",
+                        "import mlxcy.cpu_kernels as c; print(c.activations())"],
+                       env=subproc.env(MLXCY_CPU_ACTIVATIONS=value), cwd=subproc.CWD,
+                       capture_output=True, text=True, timeout=120)
+    if ok:
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == value
+    else:
+        assert p.returncode != 0
+        assert "MLXCY_CPU_ACTIVATIONS" in p.stderr and "'int4'" in p.stderr
+
+
+def test_set_activations_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="set_activations: mode must be one of"):
+        ck.set_activations("fp8")
+    assert ck.activations() == "int16"
