@@ -41,9 +41,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from bench_serve import sse_events  # benchmarks/, beside this script
-from urllib.parse import urlparse
 
 WORDS = ("river mountain lantern copper violet harbor meadow thunder orchard glacier canyon "
          "ember falcon willow marble compass quartz tundra").split()

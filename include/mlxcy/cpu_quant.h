@@ -72,13 +72,14 @@ inline void set_simd_level(int level) { simd_level_setting() = level; }
 
 // How one row of x (a decode step) meets 4- and 8-bit weights: 0 float32
 // (exact), 1 int16 per block of 32 with integer dot products (vpmaddwd; x's
-// rounding error <= amax / 65534 per block, ~1e-6 relative on SmolLM2's
-// logits), 2 int8 per block of 32 (vpmaddubsw, llama.cpp's approach, 4-bit
-// only; ~1e-2 relative).  The float kernel spends ~5 instructions per 8 weights
+// rounding error <= amax / 65534 per block: ~3e-5 of a product's largest
+// value, ~4e-4 relative on SmolLM2's decode logits), 2 int8 per block of 32
+// (vpmaddubsw, llama.cpp's approach, 4-bit only; ~6e-3 per product).  The float kernel spends ~5 instructions per 8 weights
 // on unpacking and converting them and is compute-bound on these CPUs; the
 // int16 one ~3 (docs/cpu.md has the figures).
+enum Activations { kFloat32 = 0, kInt16 = 1, kInt8 = 2 };   // cpu_kernels.ACTIVATIONS' order
 inline int& activation_mode() {
-  static int mode = 1;
+  static int mode = kInt16;
   return mode;
 }
 inline void set_activation_mode(int mode) { activation_mode() = mode; }
@@ -332,14 +333,19 @@ MLXCY_AVX2 void matvec_q_avx2(const Weight& W, const float* x, const float* xsum
   if (n < n1) matvec_scalar(W, x, xsum, y, n, n1);
 }
 
+// The largest magnitude of 32 values (the scale of an int8/int16 block).
+inline float amax32(const float* xb) {
+  float amax = 0;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  return amax;
+}
+
 // x [K] as int8 per block of 32 (xd[j] = amax / 127), each block's even k
 // first, then its odd k (the order of a 4-bit row's low and high nibbles).
 inline void quantize_i8(const float* x, int K, int8_t* xq, float* xd) {
   for (int j = 0; j < K / 32; ++j) {
     const float* xb = x + 32 * j;
-    float amax = 0;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    const float d = amax / 127.f, inv = d > 0 ? 1.f / d : 0.f;
+    const float d = amax32(xb) / 127.f, inv = d > 0 ? 1.f / d : 0.f;
     xd[j] = d;
     for (int i = 0; i < 16; ++i) {
       xq[32 * j + i] = int8_t(std::nearbyint(xb[2 * i] * inv));
@@ -384,8 +390,7 @@ MLXCY_AVX2 inline void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, cons
 inline void quantize_i16(const float* x, int K, int bits, int16_t* xq, float* xd) {
   for (int j = 0; j < K / 32; ++j) {
     const float* xb = x + 32 * j;
-    float amax = 0;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float amax = amax32(xb);
     const float inv = amax > 0 ? 32767.f / amax : 0.f;
     xd[j] = amax / 32767.f;
     int16_t* dst = xq + 32 * j;
@@ -713,7 +718,8 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
       }
 #if MLXCY_X86
     const int mode = activation_mode();
-    if (use_avx2() && ((mode == 1 && (W.bits == 4 || W.bits == 8)) || (mode == 2 && W.bits == 4))) {
+    if (use_avx2() &&
+        ((mode == kInt16 && (W.bits == 4 || W.bits == 8)) || (mode == kInt8 && W.bits == 4))) {
       const int NB = K / 32;
       thread_local std::vector<int16_t> xq16;
       thread_local std::vector<int8_t> xq8;
@@ -721,7 +727,7 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
       const int NBp = (NB + 7) / 8 * 8;
       float* xd = scratch_f(3, size_t(M) * NBp);
       std::fill(xd, xd + size_t(M) * NBp, 0.f);
-      if (mode == 1) {
+      if (mode == kInt16) {
         xq16.resize(size_t(M) * K);
         for (int m = 0; m < M; ++m)
           quantize_i16(x + int64_t(m) * K, K, W.bits, xq16.data() + int64_t(m) * K, xd + m * NBp);
@@ -737,7 +743,7 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
         for (int m = 0; m < M; ++m) {
           float* yr = y + m * ldy;
           const float* xs = xsum + m * G;
-          if (mode == 2)
+          if (mode == kInt8)
             matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
           else if (W.bits == 4)
             matvec_q_i16_avx2<4>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);

@@ -123,22 +123,18 @@ def tiny_dirs(tmp_path_factory):
 
 def _reference(d, ids):
     from mlxcy import cpu_kernels
+    from mlxcy.models.load import load_model
     old = cpu_kernels.set_activations("float32")     # as the workers (_env)
     try:
-        return _reference_logits(d, ids)
+        with load_model(d, dtype="float32") as m:
+            full = m(ids).numpy()
+            cache = m.make_cache()
+            steps = [m(ids[:, :7], cache=cache).numpy()[:, -1]]
+            for t in range(7, ids.shape[1]):
+                steps.append(m(ids[:, t:t + 1], cache=cache).numpy()[:, -1])
+            return full, np.stack(steps, 1), m.nbytes()
     finally:
         cpu_kernels.set_activations(old)
-
-
-def _reference_logits(d, ids):
-    from mlxcy.models.load import load_model
-    with load_model(d, dtype="float32") as m:
-        full = m(ids).numpy()
-        cache = m.make_cache()
-        steps = [m(ids[:, :7], cache=cache).numpy()[:, -1]]
-        for t in range(7, ids.shape[1]):
-            steps.append(m(ids[:, t:t + 1], cache=cache).numpy()[:, -1])
-        return full, np.stack(steps, 1), m.nbytes()
 
 
 def _rel(a, b):
