@@ -72,18 +72,23 @@ def run(n, command, backend="ring", timeout=None, env=None, stdout=None, stderr=
                 t = threading.Thread(target=_pump, args=(src, dst, pre), daemon=True)
                 t.start()
                 pumps.append(t)
+        # one waiter per rank records the order the ranks end in: when one dies, its
+        # peers fail soon after ("connection lost"), often within one poll of it
+        ended = []
+        for r, p in enumerate(procs):
+            threading.Thread(target=lambda r=r, p=p: (p.wait(), ended.append(r)),
+                             daemon=True).start()
         t0 = time.monotonic()
         code, msg = 0, ""
         while True:
-            codes = [p.poll() for p in procs]
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            bad = [(r, procs[r].returncode) for r in list(ended) if procs[r].returncode != 0]
             if bad:
                 r, c = bad[0]
                 how = f"was killed by signal {-c}" if c < 0 else f"exited with code {c}"
                 code, msg = (c if c > 0 else 128 - c), f"mlxcy launch: rank {r} {how}; " \
                     "stopping the other ranks"
                 break
-            if all(c == 0 for c in codes):
+            if len(ended) == len(procs):
                 break
             if timeout is not None and time.monotonic() - t0 > timeout:
                 code, msg = 124, f"mlxcy launch: the run exceeded {timeout:g} s; stopping it"
