@@ -14,10 +14,11 @@ cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* 
                       const na.array* biases, int group_size, int bits,
                       const na.array* bias) except NULL
 
-# One-position attention over the cache (include/mlxcy/cpu_attention.h).
+# Attention over the cache, one position or a causal prompt
+# (include/mlxcy/cpu_attention.h).
 cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept
-cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const na.array& v,
-                                    float scale) except NULL
+cdef na.array* cpu_attention(const na.array& q, const na.array& k, const na.array& v,
+                             float scale, bint causal) except NULL
 
 # Is the CPU kernels' decode-step path on (enabled, default device the CPU)?
 cdef bint use_block_kernels() noexcept

@@ -60,8 +60,9 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
     bint attention_supported(const na.array& q, const na.array& k, const na.array& v)
-    na.array cpp_decode_attention "mlxcy::cpu::decode_attention"(
-        const na.array& q, const na.array& k, const na.array& v, float scale) except +
+    na.array cpp_attention "mlxcy::cpu::attention"(
+        const na.array& q, const na.array& k, const na.array& v, float scale,
+        bint causal) except +
 
 cdef extern from "mlxcy/cpu_pool.h" namespace "mlxcy::cpu" nogil:
     cdef cppclass Pool:
@@ -99,9 +100,9 @@ cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v)
     return attention_supported(q, k, v)
 
 
-cdef na.array* cpu_decode_attention(const na.array& q, const na.array& k, const na.array& v,
-                                    float scale) except NULL:
-    return heap(cpp_decode_attention(q, k, v, scale))
+cdef na.array* cpu_attention(const na.array& q, const na.array& k, const na.array& v,
+                             float scale, bint causal) except NULL:
+    return heap(cpp_attention(q, k, v, scale, causal))
 
 
 # Decode steps of plain pre-norm blocks in two primitives (cpu_block.h).
@@ -225,13 +226,14 @@ def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Arra
                                         ad, nm, eps, 0 if act == "silu" else 1)))
 
 
-def decode_attention(Array q, Array k, Array v, float scale):
-    """softmax(scale * q k^T) v for one query position: q [B, H, 1, D], k and v
-    [B, Hkv, T, D] (H a multiple of Hkv; no mask)."""
+def attention(Array q, Array k, Array v, float scale, bint causal=False):
+    """softmax(scale * q k^T) v: q [B, H, L, D], k and v [B, Hkv, T, D] (H a
+    multiple of Hkv, L <= T).  causal: the queries are the last L positions, so
+    query i sees keys 0 .. T - L + i."""
     if not attention_supported(handle(q)[0], handle(k)[0], handle(v)[0]):
-        raise ValueError(f"decode_attention: need q [B, H, 1, D] and k, v [B, Hkv, T, D], "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    return wrap(heap(cpp_decode_attention(handle(q)[0], handle(k)[0], handle(v)[0], scale)))
+        raise ValueError(f"attention: need q [B, H, L, D] and k, v [B, Hkv, T, D] with "
+                         f"L <= T, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return wrap(heap(cpp_attention(handle(q)[0], handle(k)[0], handle(v)[0], scale, causal)))
 
 
 def set_enabled(mode):

@@ -245,44 +245,61 @@ def test_smollm2_logits_and_greedy_ids_match_mlx_path(smollm2):
     assert out_ids == ref_ids
 
 
-def attention_np(q, k, v, scale):
+def attention_np(q, k, v, scale, causal=False):
+    """numpy's attention in float64; causal: the L queries are the last L of
+    the T positions (query i sees keys 0 .. T - L + i)."""
     q, k, v = f64(q), f64(k), f64(v)
     B, H, L, D = q.shape
+    T = k.shape[2]
     rep = H // k.shape[1]
     k = np.repeat(k, rep, axis=1)
     v = np.repeat(v, rep, axis=1)
     s = scale * q @ np.swapaxes(k, -1, -2)
+    if causal:
+        s = np.where(np.arange(T)[None, :] <= np.arange(T - L, T)[:, None], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return (p / p.sum(-1, keepdims=True)) @ v
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 9, 3, 1, 64), (2, 4, 4, 37, 64), (1, 6, 2, 130, 12)])
-def test_decode_attention_matches_numpy(isa, dtype, B, H, Hkv, T, D):
+@pytest.mark.parametrize("B,H,Hkv,L,T,D", [(1, 9, 3, 1, 1, 64), (2, 4, 4, 1, 37, 64),
+                                           (1, 6, 2, 1, 130, 12), (1, 9, 3, 7, 7, 64),
+                                           (2, 4, 2, 33, 40, 16), (1, 3, 1, 70, 70, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_numpy(isa, dtype, B, H, Hkv, L, T, D, causal):
     dt = getattr(mlxcy, dtype)
-    q = mlxcy.array(RNG.standard_normal((B, H, 1, D)).astype(np.float32)).astype(dt)
+    q = mlxcy.array(RNG.standard_normal((B, H, L, D)).astype(np.float32)).astype(dt)
     # the cache's view: the first T positions of a longer buffer (strided)
     kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 5, D)).astype(np.float32)).astype(dt)
     vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 5, D)).astype(np.float32)).astype(dt)
     k, v = kb[:, :, :T], vb[:, :, :T]
-    y = ck.decode_attention(q, k, v, 0.125)
-    assert y.dtype == dt and tuple(y.shape) == (B, H, 1, D)
-    close(f64(y), attention_np(q, k, v, 0.125), 1e-5 if dtype == "float32" else 1e-2)
+    y = ck.attention(q, k, v, 0.125, causal)
+    assert y.dtype == dt and tuple(y.shape) == (B, H, L, D)
+    close(f64(y), attention_np(q, k, v, 0.125, causal), 1e-5 if dtype == "float32" else 1e-2)
 
 
-def test_decode_attention_grad_matches_mlx_ops():
+def test_attention_refuses_more_queries_than_keys():
+    q = mlxcy.zeros((1, 2, 5, 8))
+    k = mlxcy.zeros((1, 2, 4, 8))
+    with pytest.raises(ValueError, match="L <= T"):
+        ck.attention(q, k, k, 1.0, True)
+
+
+@pytest.mark.parametrize("L,causal", [(1, False), (6, True), (9, False)])
+def test_attention_grad_matches_mlx_ops(L, causal):
     from mlxcy import fast
     from mlxcy.transforms import grad
-    q = mlxcy.array(RNG.standard_normal((1, 4, 1, 16)).astype(np.float32))
+    q = mlxcy.array(RNG.standard_normal((1, 4, L, 16)).astype(np.float32))
     k = mlxcy.array(RNG.standard_normal((1, 2, 9, 16)).astype(np.float32))
     v = mlxcy.array(RNG.standard_normal((1, 2, 9, 16)).astype(np.float32))
-    c = mlxcy.array(RNG.standard_normal((1, 4, 1, 16)).astype(np.float32))
+    c = mlxcy.array(RNG.standard_normal((1, 4, L, 16)).astype(np.float32))
 
     def ours(q, k, v):
-        return (ck.decode_attention(q, k, v, 0.25) * c).sum()
+        return (ck.attention(q, k, v, 0.25, causal) * c).sum()
 
     def theirs(q, k, v):
-        return (fast.scaled_dot_product_attention(q, k, v, scale=0.25) * c).sum()
+        mask = "causal" if causal else None
+        return (fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask) * c).sum()
 
     for a, r in zip(grad(ours, argnums=(0, 1, 2))(q, k, v),
                     grad(theirs, argnums=(0, 1, 2))(q, k, v)):

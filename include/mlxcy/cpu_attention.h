@@ -1,12 +1,13 @@
-// One-position attention over a KV cache on the CPU, as one MLX primitive.
+// Attention over a KV cache on the CPU, as one MLX primitive.
 //
 // A decode step's attention (q [B, H, 1, D] against the cache's keys and
-// values [B, Hkv, T, D], grouped-query heads, no mask) ran as MLX's CPU
-// scaled_dot_product_attention: two reference-BLAS GEMMs, a softmax and their
-// per-op overhead, ~200 us per layer for SmolLM2 at T = 200 on the 2-core VM
-// (perf: MLX's sgemm_ was 11% of a decode step).  Here one task computes each
-// head's scores, softmax and weighted sum of values in float32, reading the
-// cache views in place (any strides with a contiguous last axis).
+// values [B, Hkv, T, D], grouped-query heads) and a prompt's (q [B, H, L, D],
+// causal) ran as MLX's CPU scaled_dot_product_attention: two reference-BLAS
+// GEMMs (~5 GFLOP/s), a softmax and their per-op overhead: ~200 us per layer
+// for SmolLM2 decoding at T = 200 on the 2-core VM, and 27% of a 128-token
+// prefill (perf: MLX's sgemm_).  Here one task computes a head's scores,
+// softmax and weighted sum of values for a block of queries in float32,
+// reading the cache views in place (any strides with a contiguous last axis).
 // The vjp differentiates the same math written with MLX ops.
 #pragma once
 
@@ -46,12 +47,14 @@ MLXCY_AVX2 inline void axpy_avx2(float p, const void* v, Elt tv, float* acc, int
 }
 #endif
 
-// dst [B, H, D] (float32) = softmax(scale * q k^T) v per head, head h reading
-// kv head h / (H / Hkv); heads are spread over the pool (one task computes a
-// head: results do not depend on the thread count).
-inline void decode_attention_f32(const mx::array& q, const mx::array& k, const mx::array& v,
-                                 float scale, float* dst) {
-  const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+// dst [B, H, L, D] (float32) = softmax(scale * q k^T) v per head, head h reading
+// kv head h / (H / Hkv).  Causal: the L queries are the cache's last L
+// positions, so query i sees keys 0 .. T - L + i (MLX's "causal" mask).
+// Tasks are (head, block of queries): with a prompt (L > 1) the heads alone are
+// too few to balance two threads.  Results do not depend on the thread count.
+inline void attention_f32(const mx::array& q, const mx::array& k, const mx::array& v,
+                          float scale, bool causal, float* dst) {
+  const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
   const int Hkv = k.shape(1), T = k.shape(2);
   const int rep = H / Hkv;
   const Elt tq = elt_of(q.dtype()), tk = elt_of(k.dtype()), tv = elt_of(v.dtype());
@@ -64,77 +67,87 @@ inline void decode_attention_f32(const mx::array& q, const mx::array& k, const m
 #if MLXCY_X86
   vec = use_avx2() && D % 8 == 0 && sk == 1 && sv == 1;
 #endif
-  auto head = [&](int bh) {
-    const int b = bh / H, h = bh % H, kh = h / rep;
-    float* qf = scratch_f(4, size_t(D) + T);
-    float* p = qf + D;
-    float* acc = dst + int64_t(bh) * D;
-    int64_t qo = b * q.strides()[0] + h * q.strides()[1];
+  constexpr int QB = 16;                       // queries per task
+  const int nqb = (L + QB - 1) / QB;
+  auto query = [&](int b, int h, int i, float* qf, float* p) {
+    const int kh = h / rep, n = causal ? T - L + i + 1 : T;
+    float* acc = dst + ((int64_t(b) * H + h) * L + i) * D;
+    const int64_t qo = b * q.strides()[0] + h * q.strides()[1] + i * q.strides()[2];
     for (int d = 0; d < D; ++d) qf[d] = load_elt(qp, tq, qo + d * q.strides()[3]) * scale;
+    const char* k0 = kp + (b * k.strides()[0] + kh * k.strides()[1]) * ik;
+    const char* v0 = vp + (b * v.strides()[0] + kh * v.strides()[1]) * iv;
+    const int64_t kt = k.strides()[2] * ik, vt = v.strides()[2] * iv;
     float mx_ = -INFINITY;
-    for (int t = 0; t < T; ++t) {
-      const char* kr = kp + (b * k.strides()[0] + kh * k.strides()[1] + t * k.strides()[2]) * ik;
+    for (int t = 0; t < n; ++t) {
 #if MLXCY_X86
-      float s = vec ? dot_avx2(kr, tk, qf, D) : dot_scalar(kr, tk, sk, qf, D);
+      float s = vec ? dot_avx2(k0 + t * kt, tk, qf, D) : dot_scalar(k0 + t * kt, tk, sk, qf, D);
 #else
-      float s = dot_scalar(kr, tk, sk, qf, D);
+      float s = dot_scalar(k0 + t * kt, tk, sk, qf, D);
 #endif
       p[t] = s;
       mx_ = s > mx_ ? s : mx_;
     }
     float den = 0;
-    for (int t = 0; t < T; ++t) {
+    for (int t = 0; t < n; ++t) {
       p[t] = std::exp(p[t] - mx_);
       den += p[t];
     }
     const float inv = 1.f / den;
     std::fill(acc, acc + D, 0.f);
-    for (int t = 0; t < T; ++t) {
-      const char* vr = vp + (b * v.strides()[0] + kh * v.strides()[1] + t * v.strides()[2]) * iv;
+    for (int t = 0; t < n; ++t) {
 #if MLXCY_X86
-      if (vec) axpy_avx2(p[t] * inv, vr, tv, acc, D);
-      else axpy_scalar(p[t] * inv, vr, tv, sv, acc, D);
+      if (vec) axpy_avx2(p[t] * inv, v0 + t * vt, tv, acc, D);
+      else axpy_scalar(p[t] * inv, v0 + t * vt, tv, sv, acc, D);
 #else
-      axpy_scalar(p[t] * inv, vr, tv, sv, acc, D);
+      axpy_scalar(p[t] * inv, v0 + t * vt, tv, sv, acc, D);
 #endif
     }
   };
-  const int n = B * H;
+  auto tasks = [&](int j0, int j1) {
+    float* qf = scratch_f(4, size_t(D) + T);
+    for (int j = j0; j < j1; ++j) {
+      const int bh = j / nqb, i0 = (j % nqb) * QB;
+      for (int i = i0; i < std::min(L, i0 + QB); ++i) query(bh / H, bh % H, i, qf, qf + D);
+    }
+  };
+  const int n = B * H * nqb;
   // Small caches: one task (a pool round trip costs more than the work).
-  if (double(n) * T * D < 6e4) {
-    for (int bh = 0; bh < n; ++bh) head(bh);
-    return;
-  }
-  parallel_rows(n, 1, [&](int h0, int h1) {
-    for (int bh = h0; bh < h1; ++bh) head(bh);
-  }, 1);
+  if (double(B) * H * L * T * D < 6e4) return tasks(0, n);
+  parallel_rows(n, 1, tasks, L > 1 ? 8 : 1);
 }
 
-// out [B, H, 1, D] = softmax(scale * q k^T) v per head.
-inline void decode_attention_eval(const mx::array& q, const mx::array& k, const mx::array& v,
-                                  mx::array& out, float scale) {
-  std::vector<float> o(size_t(q.shape(0)) * q.shape(1) * q.shape(3));
-  decode_attention_f32(q, k, v, scale, o.data());
+// out [B, H, L, D] = softmax(scale * q k^T) v per head.
+inline void attention_eval(const mx::array& q, const mx::array& k, const mx::array& v,
+                           mx::array& out, float scale, bool causal) {
+  std::vector<float> o(size_t(q.size()));
+  attention_f32(q, k, v, scale, causal, o.data());
   store_f32(o.data(), out);
 }
 
 // The same math with MLX ops (for the vjp).
 inline mx::array attention_ops(const mx::array& q, const mx::array& k, const mx::array& v,
-                               float scale, mx::Stream s) {
+                               float scale, bool causal, mx::Stream s) {
   const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
-  const int Hkv = k.shape(1);
+  const int Hkv = k.shape(1), T = k.shape(2);
   mx::array qg = mx::reshape(mx::multiply(q, mx::array(scale, q.dtype()), s),
-                             {B, Hkv, H / Hkv * L, D}, s);
-  mx::array sc = mx::matmul(mx::astype(qg, mx::float32, s),
-                            mx::swapaxes(mx::astype(k, mx::float32, s), -1, -2, s), s);
+                             {B, Hkv, H / Hkv, L, D}, s);
+  mx::array kf = mx::expand_dims(mx::astype(k, mx::float32, s), 2, s);
+  mx::array sc = mx::matmul(mx::astype(qg, mx::float32, s), mx::swapaxes(kf, -1, -2, s), s);
+  if (causal) {   // key t is seen by query i when t <= T - L + i
+    mx::array seen = mx::less_equal(
+        mx::reshape(mx::arange(T, mx::int32, s), {1, T}, s),
+        mx::reshape(mx::arange(T - L, T, mx::int32, s), {L, 1}, s), s);
+    sc = mx::where(seen, sc, mx::array(-INFINITY, mx::float32), s);
+  }
   mx::array pr = mx::softmax(sc, std::vector<int>{-1}, false, s);
-  mx::array o = mx::matmul(pr, mx::astype(v, mx::float32, s), s);
+  mx::array o = mx::matmul(pr, mx::expand_dims(mx::astype(v, mx::float32, s), 2, s), s);
   return mx::astype(mx::reshape(o, {B, H, L, D}, s), q.dtype(), s);
 }
 
-class DecodeAttention : public mx::UnaryPrimitive {
+class Attention : public mx::UnaryPrimitive {
  public:
-  DecodeAttention(mx::Stream s, float scale) : mx::UnaryPrimitive(s), scale_(scale) {}
+  Attention(mx::Stream s, float scale, bool causal)
+      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -144,13 +157,12 @@ class DecodeAttention : public mx::UnaryPrimitive {
     enc.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]),
                   k = mx::array::unsafe_weak_copy(inputs[1]),
                   v = mx::array::unsafe_weak_copy(inputs[2]),
-                  out = mx::array::unsafe_weak_copy(out), scale = scale_]() mutable {
-      decode_attention_eval(q, k, v, out, scale);
-    });
+                  out = mx::array::unsafe_weak_copy(out), scale = scale_,
+                  causal = causal_]() mutable { attention_eval(q, k, v, out, scale, causal); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("mlxcy decode attention: this primitive runs on the CPU only");
+    throw std::runtime_error("mlxcy attention: this primitive runs on the CPU only");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
@@ -158,9 +170,10 @@ class DecodeAttention : public mx::UnaryPrimitive {
                              const std::vector<int>& argnums,
                              const std::vector<mx::array>&) override {
     float scale = scale_;
+    bool causal = causal_;
     mx::Stream s = stream();
-    auto f = [scale, s](const std::vector<mx::array>& p) {
-      return std::vector<mx::array>{attention_ops(p[0], p[1], p[2], scale, s)};
+    auto f = [scale, causal, s](const std::vector<mx::array>& p) {
+      return std::vector<mx::array>{attention_ops(p[0], p[1], p[2], scale, causal, s)};
     };
     auto grads = mx::vjp(f, primals, cotangents).second;
     std::vector<mx::array> out;
@@ -168,11 +181,11 @@ class DecodeAttention : public mx::UnaryPrimitive {
     return out;
   }
 
-  const char* name() const override { return "MlxcyDecodeAttention"; }
+  const char* name() const override { return "MlxcyAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const DecodeAttention*>(&other);
-    return o && o->scale_ == scale_;
+    auto* o = dynamic_cast<const Attention*>(&other);
+    return o && o->scale_ == scale_ && o->causal_ == causal_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -181,25 +194,27 @@ class DecodeAttention : public mx::UnaryPrimitive {
 
  private:
   float scale_;
+  bool causal_;
 };
 
+// q [B, H, L, D] against k, v [B, Hkv, T, D] (L <= T), float, H a multiple of Hkv.
 inline bool attention_supported(const mx::array& q, const mx::array& k, const mx::array& v) {
   if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) return false;
   if (!is_float(q.dtype()) || !is_float(k.dtype()) || !is_float(v.dtype())) return false;
-  if (q.shape(2) != 1 || k.shape(2) < 1 || k.shape() != v.shape()) return false;
+  if (q.shape(2) < 1 || q.shape(2) > k.shape(2) || k.shape() != v.shape()) return false;
   if (q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3)) return false;
   return k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0;
 }
 
-// softmax(scale * q k^T) v for one query position per head (no mask).
-inline mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                                  float scale) {
+// softmax(scale * q k^T (+ the causal mask)) v per head, as one primitive.
+inline mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                           float scale, bool causal) {
   if (!attention_supported(q, k, v))
     throw std::invalid_argument(
-        "mlxcy decode attention: need q [B, H, 1, D], k and v [B, Hkv, T, D] float, "
+        "mlxcy attention: need q [B, H, L, D], k and v [B, Hkv, T, D] float, L <= T, "
         "H a multiple of Hkv");
   mx::Stream s = mx::default_stream(mx::Device::cpu);
-  return mx::array(q.shape(), q.dtype(), std::make_shared<DecodeAttention>(s, scale),
+  return mx::array(q.shape(), q.dtype(), std::make_shared<Attention>(s, scale, causal),
                    {q, k, v});
 }
 

@@ -386,7 +386,7 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
   const int I = Wd.K;
   std::vector<float> att(size_t(B) * H * D), h(size_t(B) * hidden), t(size_t(B) * hidden);
   std::vector<float> gu(size_t(B) * 2 * I), a(size_t(B) * I);
-  decode_attention_f32(q, k, v, p.attn_scale, att.data());
+  attention_f32(q, k, v, p.attn_scale, false, att.data());
   round_to(att.data(), att.size(), elt_of(p.attn_dtype));
   linear_f32(Wo, att.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.o_dtype));
@@ -491,7 +491,8 @@ inline bool block_attn_mlp_supported(const mx::array& q, const mx::array& k,
                                      const mx::array& norm_mid,
                                      const std::vector<LinearArg>& gate_up,
                                      const LinearArg& down, const mx::array* norm_mlp) {
-  if (!attention_supported(q, k, v) || x.ndim() != 3 || x.shape(0) != q.shape(0)) return false;
+  if (!attention_supported(q, k, v) || q.shape(2) != 1) return false;
+  if (x.ndim() != 3 || x.shape(0) != q.shape(0)) return false;
   return block_mlp_supported(x, q.shape(1) * q.shape(3), o, norm_o, norm_mid, gate_up, down,
                              norm_mlp);
 }

@@ -23,7 +23,7 @@ from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
-from mlxcy.cpu_kernels cimport (use_attention, cpu_decode_attention, use_block_kernels,
+from mlxcy.cpu_kernels cimport (use_attention, cpu_attention, use_block_kernels,
                                  LinearArg, block_qkv_ok, block_qkv_run, block_mlp_ok,
                                  block_attn_mlp_run)
 
@@ -227,8 +227,8 @@ cdef class Attention:
                                   self.softcap <= 0, &causal_mode, &m)
         if has_mask:
             mp = &m
-        elif L == 1 and not causal_mode and self.softcap <= 0 and use_attention(q, k, v):
-            return cpu_decode_attention(q, k, v, self.scale)   # mlxcy.cpu_kernels
+        elif self.softcap <= 0 and (L == 1 or causal_mode) and use_attention(q, k, v):
+            return cpu_attention(q, k, v, self.scale, causal_mode)   # mlxcy.cpu_kernels
         if self.softcap > 0:
             return heap(nnn.attention_softcap(q, k, v, self.scale, self.softcap, mp))
         if causal_mode:
