@@ -54,19 +54,15 @@ def set_num_threads(n: int) -> None: ...
 def num_threads() -> int: ...
 def cores() -> int:
     """The cores this process may run on."""
-ISAS: tuple[str, ...]
-
-def available_isas() -> tuple[str, ...]:
-    """The instruction sets this CPU can run: 'scalar', 'avx2', 'avx512-vnni'."""
-def set_isa(name: Literal["avx512-vnni", "avx2", "scalar"]) -> str:
-    """Run the kernels with `name`; returns the previous one."""
+def set_isa(name: Literal["avx2", "scalar"]) -> None: ...
 def isa() -> str:
-    """'avx512-vnni', 'avx2' or 'scalar'."""
+    """'avx2+fma' or 'scalar'."""
 ACTIVATIONS: tuple[str, ...]
 
 def set_activations(mode: str) -> str:
     """'int16' (default), 'float32' or 'int8'; returns the previous mode."""
 def activations() -> str: ...
+def has_avx2() -> bool: ...
 def set_gemm_min_rows(m: int) -> None: ...
 def linear(
     x: Array,

@@ -13,7 +13,7 @@ LoRA training over quantized layers working.
     set_num_threads(n) / num_threads()   (default: MLXCY_NUM_THREADS,
                                           OMP_NUM_THREADS, else the cores)
     set_enabled(None | True | False)     (None: on when the device is the CPU)
-    set_isa("avx512-vnni" | "avx2" | "scalar") / isa() / available_isas()
+    set_isa("avx2" | "scalar") / isa()
 """
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.native cimport array as na
@@ -52,7 +52,6 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
                                              int group_size, int bits,
                                              const na.array* bias) except +
     bint cpu_has_avx2()
-    bint cpu_has_vnni()
     const char* isa_name()
     void set_simd_level(int)
     void cpp_set_activation_mode "mlxcy::cpu::set_activation_mode"(int)
@@ -279,30 +278,16 @@ def cores():
     return available_cores()
 
 
-ISAS = ("scalar", "avx2", "avx512-vnni")
-
-
-def available_isas():
-    """The instruction sets this CPU can run, in ISAS' order: 'scalar' (the
-    portable code), 'avx2' (AVX2+FMA+F16C), 'avx512-vnni' (AVX2 plus AVX-512
-    VNNI for the int16 products)."""
-    return ISAS[:1 + bool(cpu_has_avx2()) + bool(cpu_has_vnni())]
-
-
 def set_isa(str name):
-    """Run the kernels with `name` (one of available_isas(); the default is
-    the last of them).  Returns the previous one."""
-    if name not in ISAS:
-        raise ValueError(f"set_isa: expected one of {ISAS}, got {name!r}")
-    if name not in available_isas():
-        raise ValueError(f"set_isa: this CPU cannot run {name!r} (it has {available_isas()})")
-    old = isa()
-    set_simd_level(ISAS.index(name))
-    return old
+    """'avx2' (the default, when the CPU has AVX2+FMA+F16C) or 'scalar' (the
+    portable code: for tests and A/B runs)."""
+    if name not in ("avx2", "scalar"):
+        raise ValueError(f"set_isa: expected 'avx2' or 'scalar', got {name!r}")
+    set_simd_level(1 if name == "avx2" else 0)
 
 
 def isa():
-    """The instruction set the kernels run with now (one of ISAS)."""
+    """The instruction set the kernels run with now: 'avx2+fma' or 'scalar'."""
     return isa_name().decode()
 
 
@@ -340,6 +325,10 @@ def _activations_from_env():
 
 
 _activations_from_env()
+
+
+def has_avx2():
+    return cpu_has_avx2()
 
 
 def set_gemm_min_rows(int m):

@@ -43,8 +43,6 @@
 #define MLXCY_X86 1
 #include <immintrin.h>
 #define MLXCY_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define MLXCY_VNNI \
-  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #else
 #define MLXCY_X86 0
 #endif
@@ -64,29 +62,12 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
-// AVX-512 VNNI on 256-bit vectors (vpdpbusd: four u8 x s8 products summed
-// into each int32 lane), e.g. AMD Zen 4, Intel Ice Lake and later.
-inline bool cpu_has_vnni() {
-#if MLXCY_X86
-  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512vnni");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-// 0: portable scalar code; 1: AVX2+FMA; 2: AVX2+FMA with AVX-512 VNNI for the
-// int16 products.  The default is the best the CPU has; a level above it
-// runs as the best the CPU has.
+// 0: portable scalar code; 1: AVX2+FMA when the CPU has it (default).
 inline int& simd_level_setting() {
-  static int level = 2;
+  static int level = 1;
   return level;
 }
 inline bool use_avx2() { return simd_level_setting() >= 1 && cpu_has_avx2(); }
-inline bool use_vnni() { return simd_level_setting() >= 2 && cpu_has_vnni(); }
 inline void set_simd_level(int level) { simd_level_setting() = level; }
 
 // How one row of x (a decode step) meets 4- and 8-bit weights: 0 float32
@@ -103,9 +84,7 @@ inline int& activation_mode() {
 }
 inline void set_activation_mode(int mode) { activation_mode() = mode; }
 
-inline const char* isa_name() {
-  return use_vnni() ? "avx512-vnni" : use_avx2() ? "avx2" : "scalar";   // cpu_kernels.ISAS
-}
+inline const char* isa_name() { return use_avx2() ? "avx2+fma" : "scalar"; }
 
 // ------------------------------------------------------ scalar helpers ---
 
@@ -506,79 +485,6 @@ MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const floa
   }
 }
 
-// x's int16 values split into bytes for vpdpbusd, which multiplies unsigned
-// by signed bytes: x = 256 * hi + lo, hi signed (xh), lo unsigned (xl).  For
-// 8-bit weights (0..255, not a signed byte) the lo products use w - 128 and
-// xlc[j] = 128 * sum(lo of block j) adds the difference back.
-inline void split_i16(const int16_t* xq, int K, int bits, int8_t* xh, uint8_t* xl,
-                      int32_t* xlc) {
-  for (int k = 0; k < K; ++k) {
-    xh[k] = int8_t(xq[k] >> 8);
-    xl[k] = uint8_t(xq[k] & 0xff);
-  }
-  for (int j = 0; j < K / 32; ++j) {
-    int32_t sum = 0;
-    for (int i = 0; i < 32; ++i) sum += xl[32 * j + i];
-    xlc[j] = bits == 8 ? 128 * sum : 0;
-  }
-}
-
-// matvec_q_i16_avx2 with vpdpbusd: each block's integer dot is
-// 256 * (w . xh) + (w . xl), exact, so y is the same to the bit; the
-// widening of weights to int16 is gone (~9 instructions per block, not ~13).
-// xd, xsum and xlc are readable (zero) up to the next multiple of 8 past NB.
-template <int BITS>
-MLXCY_VNNI void matvec_q_i16_vnni(const Weight& W, const int8_t* xh, const uint8_t* xl,
-                                  const int32_t* xlc, const float* xd, const float* xsum,
-                                  float* y, int n0, int n1) {
-  const int G = W.K / W.gs, NB = W.K / 32, bpg = W.gs / 32;
-  const uint8_t* w = static_cast<const uint8_t*>(W.w);
-  const int64_t ld = W.w_ld * 4;
-  const __m256i expand = _mm256_setr_epi32(0, 1 / bpg, 2 / bpg, 3 / bpg, 4 / bpg, 5 / bpg,
-                                           6 / bpg, 7 / bpg);
-  const __m128i low = _mm_set1_epi8(0x0f);
-  const __m256i flip = _mm256_set1_epi8(char(0x80));
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = w + int64_t(n) * ld;
-    const int64_t si = int64_t(n) * W.sb_ld;
-    __m256 acc = _mm256_setzero_ps();
-    for (int j0 = 0; j0 < NB; j0 += 8) {
-      const int nb = std::min(8, NB - j0);
-      __m256i ph[8], pl[8];
-      for (int l = 0; l < 8; ++l) {
-        ph[l] = pl[l] = _mm256_setzero_si256();
-        if (l >= nb) continue;
-        const int j = j0 + l;
-        const __m256i vh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + 32 * j));
-        const __m256i vl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + 32 * j));
-        if constexpr (BITS == 4) {   // low nibbles (even k), then high (odd k)
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
-          const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low),
-                                             _mm_and_si128(v, low));
-          ph[l] = _mm256_dpbusd_epi32(ph[l], q, vh);
-          pl[l] = _mm256_dpbusd_epi32(pl[l], vl, q);
-        } else {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * j));
-          ph[l] = _mm256_dpbusd_epi32(ph[l], q, vh);
-          pl[l] = _mm256_dpbusd_epi32(pl[l], vl, _mm256_xor_si256(q, flip));
-        }
-      }
-      const __m256i dot = _mm256_add_epi32(
-          _mm256_add_epi32(_mm256_slli_epi32(hsum_8x8(ph), 8), hsum_8x8(pl)),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xlc + j0)));
-      const int g0 = j0 / bpg, ng = (nb + bpg - 1) / bpg;
-      __m256 sc = load_sb8(W.s, W.st, si + g0, ng);
-      if (bpg > 1) sc = _mm256_permutevar8x32_ps(sc, expand);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)),
-                            acc);
-    }
-    for (int g0 = 0; g0 < G; g0 += 8)
-      acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
-                            _mm256_loadu_ps(xsum + g0), acc);
-    y[n] = hsum8(acc);
-  }
-}
-
 template <Elt T>
 MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
   if constexpr (T == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
@@ -830,34 +736,14 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
         for (int m = 0; m < M; ++m)
           quantize_i8(x + int64_t(m) * K, K, xq8.data() + int64_t(m) * K, xd + m * NBp);
       }
-      const bool vnni = mode == kInt16 && use_vnni();
-      thread_local std::vector<int8_t> xh;
-      thread_local std::vector<uint8_t> xl;
-      thread_local std::vector<int32_t> xlc;
-      if (vnni) {
-        xh.resize(size_t(M) * K);
-        xl.resize(size_t(M) * K);
-        xlc.assign(size_t(M) * NBp, 0);
-        for (int m = 0; m < M; ++m)
-          split_i16(xq16.data() + int64_t(m) * K, K, W.bits, xh.data() + int64_t(m) * K,
-                    xl.data() + int64_t(m) * K, xlc.data() + m * NBp);
-      }
-      // the pool's threads see these through pointers (the vectors are this thread's)
+      // the pool's threads see these through pointers (xq16/xq8 are this thread's)
       const int16_t* q16 = xq16.data();
       const int8_t* q8 = xq8.data();
-      const int8_t* ph = xh.data();
-      const uint8_t* pl = xl.data();
-      const int32_t* pc = xlc.data();
       auto bodyq = [&](int n0, int n1) {
         for (int m = 0; m < M; ++m) {
           float* yr = y + m * ldy;
           const float* xs = xsum + m * G;
-          const int64_t o = int64_t(m) * K;
-          if (vnni && W.bits == 4)
-            matvec_q_i16_vnni<4>(W, ph + o, pl + o, pc + m * NBp, xd + m * NBp, xs, yr, n0, n1);
-          else if (vnni)
-            matvec_q_i16_vnni<8>(W, ph + o, pl + o, pc + m * NBp, xd + m * NBp, xs, yr, n0, n1);
-          else if (mode == kInt8)
+          if (mode == kInt8)
             matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
           else if (W.bits == 4)
             matvec_q_i16_avx2<4>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
