@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from importlib import resources
+from json.encoder import encode_basestring as _json_str   # what _dumps writes for a str
 
 from anyio import to_thread
 from starlette.applications import Starlette
@@ -24,7 +25,7 @@ from . import schemas, tools as toolmod
 from .errors import APIError, bad_request, error_body
 from .grammar import tool_call_schema
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .worker import Submission, merged_items
+from .worker import Submission, merged_batches
 
 __all__ = ["create_app", "ServerState"]
 
@@ -219,8 +220,9 @@ async def _wait_all(request, subs, worker):
     results = {id(s): [] for s in subs}
 
     async def collect():
-        async for sub, it in merged_items(subs):
-            results[id(sub)].append(it)
+        async for batch in merged_batches(subs):
+            for sub, it in batch:
+                results[id(sub)].append(it)
     task = asyncio.ensure_future(collect())
     try:
         while True:
@@ -382,51 +384,94 @@ def _sse(gen):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _Chunks:
+    """The `data:` events of one streamed response.  Every chunk repeats the
+    response's id, object, created, model and fingerprint (and "usage": null
+    when the usage chunk was asked for): they are encoded once, a chunk adds
+    its choice.  `piece` writes a choice's next text, the bulk of a stream,
+    without json.dumps; open/close is what wraps that text in the choice
+    ('"delta":{"content":' and '}' for chat, '"text":' and '' for completions)."""
+
+    def __init__(self, cid, obj, created, model, usage, open_, close):
+        self.head = (f'data: {{"id":{_json_str(cid)},"object":"{obj}","created":{created},'
+                     f'"model":{_json_str(model)},"system_fingerprint":"{FINGERPRINT}",'
+                     f'"choices":[')
+        self.tail = '],"usage":null}\n\n' if usage else ']}\n\n'
+        self.open, self.close = open_, close
+
+    def choice(self, choice: dict) -> str:
+        return self.head + _dumps(choice) + self.tail
+
+    def piece(self, index: int, text: str) -> str:
+        return (f'{self.head}{{"index":{index},{self.open}{_json_str(text)}{self.close},'
+                f'"logprobs":null,"finish_reason":null}}{self.tail}')
+
+    def usage(self, usage: dict) -> str:
+        return self.head + '],"usage":' + _dumps(usage) + "}\n\n"
+
+
+def _runs(batch):
+    """[(submission, [Item, ...])]: `batch` cut into runs of one submission's
+    consecutive items, so that a stream that fell behind sends the text of
+    several tokens as one chunk."""
+    runs = []
+    for sub, it in batch:
+        if runs and runs[-1][0] is sub:
+            runs[-1][1].append(it)
+        else:
+            runs.append((sub, [it]))
+    return runs
+
+
 async def _chat_stream(request, st, req, subs, cid, tooling):
-    created = int(time.time())
     style, names, forced = tooling
     streams = {id(s): toolmod.ToolStream(style, names, forced) for s in subs}
-    usage = {"usage": None} if req.include_usage else {}
+    ch = _Chunks(cid, "chat.completion.chunk", int(time.time()), st.model_id,
+                 req.include_usage, '"delta":{"content":', "}")
 
-    def chunk(index, delta, finish=None, logprobs=None):
-        return "data: " + _dumps({"id": cid, "object": "chat.completion.chunk",
-                                  "created": created, "model": st.model_id,
-                                  "system_fingerprint": FINGERPRINT,
-                                  "choices": [{"index": index, "delta": delta,
-                                               "logprobs": logprobs,
-                                               "finish_reason": finish}], **usage}) + "\n\n"
-    try:
-        for s in subs:
-            yield chunk(s.index, {"role": "assistant", "content": ""})
-        async for sub, it in merged_items(subs):
-            ts = streams[id(sub)]
-            if it.kind == "tok":
-                text = ts.feed(it.text)
-                lp = None
-                if req.logprobs and it.logprob is not None and it.token not in st.stop_ids:
-                    lp = {"content": _chat_logprobs(st, [it], req.top_logprobs)}
-                if text or lp:
-                    yield chunk(sub.index, {"content": text}, logprobs=lp)
-            elif it.kind == "end":
+    def choice(index, delta, finish=None, logprobs=None):
+        return ch.choice({"index": index, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": finish})
+
+    def events(sub, items):
+        """The chunks of one run of sub's items."""
+        ts, out = streams[id(sub)], []
+        toks = [it for it in items if it.kind == "tok"]
+        if toks:
+            text = "".join(ts.feed(it.text) for it in toks)
+            lp = _chat_logprobs(st, toks, req.top_logprobs) if req.logprobs else None
+            if lp:
+                out.append(choice(sub.index, {"content": text}, logprobs={"content": lp}))
+            elif text:
+                out.append(ch.piece(sub.index, text))
+        for it in items:
+            if it.kind == "end":
                 rest, calls = ts.finish()
                 reason = it.finish_reason
                 if rest:
-                    yield chunk(sub.index, {"content": rest})
+                    out.append(ch.piece(sub.index, rest))
                 if calls:
-                    yield chunk(sub.index, {"tool_calls": [
-                        dict(c, index=k) for k, c in enumerate(calls)]})
+                    out.append(choice(sub.index, {"tool_calls": [
+                        dict(c, index=k) for k, c in enumerate(calls)]}))
                     if reason == "stop":
                         reason = "tool_calls"
-                yield chunk(sub.index, {}, finish=reason)
-            else:
-                yield "data: " + _dumps(it.error.body()) + "\n\n"
-        if req.include_usage:
-            yield "data: " + _dumps({
-                "id": cid, "object": "chat.completion.chunk", "created": created,
-                "model": st.model_id, "system_fingerprint": FINGERPRINT, "choices": [],
-                "usage": _usage(subs[0].prompt_tokens, sum(s.completion_tokens for s in subs),
-                                subs[0].cached_tokens)}) + "\n\n"
-        yield "data: [DONE]\n\n"
+                out.append(choice(sub.index, {}, finish=reason))
+            elif it.kind == "err":
+                out.append("data: " + _dumps(it.error.body()) + "\n\n")
+        return out
+    try:
+        yield "".join(choice(s.index, {"role": "assistant", "content": ""}) for s in subs)
+        async for batch in merged_batches(subs):
+            # one write per batch: everything delivered since the last one
+            out = [c for sub, items in _runs(batch) for c in events(sub, items)]
+            if all(s.finished for s in subs):
+                if req.include_usage:
+                    out.append(ch.usage(_usage(subs[0].prompt_tokens,
+                                               sum(s.completion_tokens for s in subs),
+                                               subs[0].cached_tokens)))
+                out.append("data: [DONE]\n\n")
+            if out:
+                yield "".join(out)
     finally:
         for s in subs:
             if not s.finished:
@@ -468,36 +513,44 @@ async def completions(request: Request, st: ServerState):
 
 
 async def _completion_stream(st, req, subs, cid, n_prompt):
-    created = int(time.time())
-    usage = {"usage": None} if req.include_usage else {}
+    ch = _Chunks(cid, "text_completion", int(time.time()), st.model_id, req.include_usage,
+                 '"text":', "")
     offsets = {id(s): 0 for s in subs}
 
-    def chunk(index, text, finish=None, logprobs=None):
-        return "data: " + _dumps({"id": cid, "object": "text_completion", "created": created,
-                                  "model": st.model_id, "system_fingerprint": FINGERPRINT,
-                                  "choices": [{"index": index, "text": text,
-                                               "logprobs": logprobs,
-                                               "finish_reason": finish}], **usage}) + "\n\n"
+    def events(sub, items):
+        """The chunks of one run of sub's items."""
+        out = []
+        toks = [it for it in items if it.kind == "tok"]
+        if toks:
+            text = "".join(it.text for it in toks)
+            lp = None
+            if req.logprobs:
+                lp = _completion_logprobs(st, toks, req.top_logprobs, offsets[id(sub)])
+                lp = lp if lp["tokens"] else None
+            offsets[id(sub)] += len(text)
+            if lp:
+                out.append(ch.choice({"index": sub.index, "text": text, "logprobs": lp,
+                                      "finish_reason": None}))
+            elif text:
+                out.append(ch.piece(sub.index, text))
+        for it in items:
+            if it.kind == "end":
+                out.append(ch.choice({"index": sub.index, "text": "", "logprobs": None,
+                                      "finish_reason": it.finish_reason}))
+            elif it.kind == "err":
+                out.append("data: " + _dumps(it.error.body()) + "\n\n")
+        return out
     try:
-        async for sub, it in merged_items(subs):
-            if it.kind == "tok":
-                lp = None
-                if req.logprobs and it.logprob is not None and it.token not in st.stop_ids:
-                    lp = _completion_logprobs(st, [it], req.top_logprobs, offsets[id(sub)])
-                offsets[id(sub)] += len(it.text)
-                if it.text or lp:
-                    yield chunk(sub.index, it.text, logprobs=lp)
-            elif it.kind == "end":
-                yield chunk(sub.index, "", finish=it.finish_reason)
-            else:
-                yield "data: " + _dumps(it.error.body()) + "\n\n"
-        if req.include_usage:
-            yield "data: " + _dumps({
-                "id": cid, "object": "text_completion", "created": created, "model": st.model_id,
-                "system_fingerprint": FINGERPRINT, "choices": [],
-                "usage": _usage(n_prompt, sum(s.completion_tokens for s in subs),
-                                sum(s.cached_tokens for s in subs[::req.n]))}) + "\n\n"
-        yield "data: [DONE]\n\n"
+        async for batch in merged_batches(subs):
+            # one write per batch: everything delivered since the last one
+            out = [c for sub, items in _runs(batch) for c in events(sub, items)]
+            if all(s.finished for s in subs):
+                if req.include_usage:
+                    out.append(ch.usage(_usage(n_prompt, sum(s.completion_tokens for s in subs),
+                                               sum(s.cached_tokens for s in subs[::req.n]))))
+                out.append("data: [DONE]\n\n")
+            if out:
+                yield "".join(out)
     finally:
         for s in subs:
             if not s.finished:

@@ -8,12 +8,15 @@ that arrives while others decode joins the running batch at the next step.
 After each step the thread turns every sequence's events into text
 (incremental detokenization and stop strings) and delivers them to the
 sequences' asyncio queues with one `loop.call_soon_threadsafe` per step.
+The work per token and stream is kept small: at 32-64 streams it is what
+bounds a step on a fast device (the thread shares the GIL with the loop).
 A cancelled submission (a client that went away) is cancelled in the engine
 at the next step, which frees its rows.
 """
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import threading
 import time
@@ -22,7 +25,7 @@ from collections import defaultdict
 
 from .errors import APIError
 
-__all__ = ["Worker", "Submission", "Item", "merged_items"]
+__all__ = ["Worker", "Submission", "Item", "merged_batches"]
 
 log = logging.getLogger("mlxcy.serve")
 
@@ -67,18 +70,25 @@ class Submission:
 
 
 
-async def merged_items(subs):
-    """Yield (submission, Item) for submissions sharing one queue, until every
-    one has ended (its "end" or "err" item included)."""
+async def merged_batches(subs):
+    """Yield lists of (submission, Item) for submissions sharing one queue,
+    until every one has ended (its "end" or "err" item included).  A list
+    holds everything delivered since the last one: a reader that fell behind
+    by several engine steps gets them together (and writes them at once)."""
     left = len(subs)
     q = subs[0].queue
     while left:
-        sub, batch = await q.get()
-        for it in batch:
-            yield sub, it
-            if it.kind in ("end", "err"):
-                sub.finished = True
-                left -= 1
+        delivered = [await q.get()]
+        while not q.empty():
+            delivered.append(q.get_nowait())
+        batch = []
+        for sub, items in delivered:
+            for it in items:
+                batch.append((sub, it))
+                if it.kind in ("end", "err"):
+                    sub.finished = True
+                    left -= 1
+        yield batch
 
 
 class _Seq:
@@ -126,6 +136,8 @@ class Worker:
         if draft_model is not None:
             self.load_options.update(draft_model=draft_model, num_draft=num_draft)
         self._spec_seen = {}                # engine stats already added to the metrics
+        self._samplers = {}                 # unseeded settings -> their shared Sampler
+        self._byte_level = None             # token id -> bytes, for ByteLevel decoders
         self._cond = threading.Condition()
         self._inbox = []
         self._live = 0                      # submissions accepted and not ended
@@ -222,6 +234,8 @@ class Worker:
             raise ValueError(f"kv_group_size {self.kv_group_size}: the model's head dimension "
                              f"{hd} is not a multiple of it; pick one that divides {hd}")
         self._make_engine()
+        if _plain_byte_level(self.text_model.tokenizer):
+            self._byte_level = _TokenBytes(self.text_model.tokenizer)
         from .prefix_cache import PrefixCache
         self.prefix = PrefixCache(self.engine.make_cache, self.kv_budget) \
             if self.kv_budget > 0 else None
@@ -258,7 +272,7 @@ class Worker:
                     if self._stop:
                         break
                     cmds, self._inbox = self._inbox, []
-                out = defaultdict(list)
+                out = defaultdict(list)         # submission -> its items of this step
                 for kind, arg in cmds:
                     if kind == "add":
                         self._admit(arg, out)
@@ -294,20 +308,42 @@ class Worker:
             self._spec_seen = m.add_engine_stats(getattr(self.engine, "stats", {}),
                                                  self._spec_seen)
 
+    def _sampler(self, s):
+        """The Sampler for sampling settings `s`.  Unseeded submissions with
+        equal settings share one: the engine samples a batch whose rows share
+        a sampler with one call, and rows of different samplers one at a time
+        (graph nodes and kernels per row and step).  A seeded submission gets
+        its own, so that its draws do not depend on the batch."""
+        from mlxcy.generation.sample import Sampler
+        kw = {"temperature": s.get("temperature", 0.0), "top_k": s.get("top_k", 0),
+              "top_p": s.get("top_p", 1.0), "min_p": s.get("min_p", 0.0),
+              "repetition_penalty": s.get("repetition_penalty") or None,
+              "presence_penalty": s.get("presence_penalty") or None,
+              "frequency_penalty": s.get("frequency_penalty") or None,
+              "logit_bias": s.get("logit_bias") or None}
+        if s.get("seed") is not None:
+            return Sampler(**kw, seed=s["seed"])
+        key = tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                    for k, v in kw.items())
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            if len(self._samplers) >= 64:       # many distinct settings: start over
+                self._samplers.clear()
+            sampler = self._samplers[key] = Sampler(**kw)
+        return sampler
+
+    def _text_stream(self, stops):
+        if self._byte_level is not None:
+            return _ByteLevelStream(self._byte_level, stops)
+        from mlxcy.generation.text_stream import TextStream
+        return TextStream(self.text_model.tokenizer, stops)
+
     def _admit(self, sub, out):
         if sub.cancelled:
             self._end(None, sub, "cancelled", out)
             return
-        from mlxcy.generation.sample import Sampler
-        from mlxcy.generation.text_stream import TextStream
         try:
-            s = sub.sampling
-            sampler = Sampler(temperature=s.get("temperature", 0.0), top_k=s.get("top_k", 0),
-                              top_p=s.get("top_p", 1.0), min_p=s.get("min_p", 0.0),
-                              repetition_penalty=s.get("repetition_penalty") or None,
-                              presence_penalty=s.get("presence_penalty") or None,
-                              frequency_penalty=s.get("frequency_penalty") or None,
-                              logit_bias=s.get("logit_bias") or None, seed=s.get("seed"))
+            sampler = self._sampler(sub.sampling)
             mask = sub.mask_factory() if sub.mask_factory is not None else None
             cache, n = (None, 0)
             if self.prefix is not None:
@@ -328,7 +364,7 @@ class Worker:
             return
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(sub.prompt_ids))
-        seq = _Seq(sub, sid, TextStream(self.text_model.tokenizer, sub.stop), mask)
+        seq = _Seq(sub, sid, self._text_stream(sub.stop), mask)
         self.seqs[sid] = seq
         self.by_sub[id(sub)] = seq
 
@@ -393,7 +429,7 @@ class Worker:
                 text, hit = "", False      # an end token, or a padding id with no text
             else:
                 text, hit = seq.text.push(tok)
-            out[sub.loop].append((sub, Item("tok", text, tok, ev.logprob, ev.top_logprobs)))
+            out[sub].append(Item("tok", text, tok, ev.logprob, ev.top_logprobs))
             if hit:          # a stop string: end here, whatever the engine said
                 cache = ev.cache
                 if ev.finish_reason is None:     # finish() hands back the cache
@@ -405,7 +441,7 @@ class Worker:
             if not seq.ended and ev.finish_reason != "cancelled":
                 tail = seq.text.finish()
                 if tail:
-                    out[sub.loop].append((sub, Item("tok", tail)))
+                    out[sub].append(Item("tok", tail))
             self._keep(ev.cache, seq)
             self._end(seq, sub, ev.finish_reason, out)
 
@@ -430,7 +466,7 @@ class Worker:
             self.metrics.sequences.labels(reason).inc()
         with self._cond:
             self._live -= 1
-        out[sub.loop].append((sub, Item("end", finish_reason=reason)))
+        out[sub].append(Item("end", finish_reason=reason))
 
     def _fail(self, sub, exc, out, seq=None):
         if seq is not None:
@@ -445,16 +481,17 @@ class Worker:
             err = APIError(400, str(exc), "invalid_request_error")
         else:
             err = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
-        out[sub.loop].append((sub, Item("err", error=err)))
+        out[sub].append(Item("err", error=err))
 
     @staticmethod
     def _deliver(out):
-        for loop, pairs in out.items():
-            groups = defaultdict(list)
-            for sub, item in pairs:
-                groups[sub].append(item)
+        """Hand every submission its items: one call_soon_threadsafe per loop."""
+        by_loop = defaultdict(list)
+        for sub, items in out.items():
+            by_loop[sub.loop].append((sub, items))
+        for loop, groups in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, list(groups.items()))
+                loop.call_soon_threadsafe(_put_all, groups)
             except RuntimeError:       # the loop is closed: nobody is listening
                 pass
 
@@ -483,3 +520,56 @@ class Worker:
 def _put_all(groups):
     for sub, items in groups:
         sub.queue.put_nowait((sub, items))
+
+
+def _plain_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer's decoder is the ByteLevel step alone (GPT-2
+    style BPE: Qwen, Llama 3, SmolLM2): then a sequence's text is the UTF-8
+    of its tokens' bytes joined, which _ByteLevelStream decodes as it goes."""
+    from mlxcy.tokenizer.decoders import _byte_level
+    return getattr(tokenizer, "_decode_tokens", None) is _byte_level
+
+
+class _TokenBytes(dict):
+    """token id -> the bytes it decodes to (b"" for special tokens, which
+    the server skips), filled as ids are first met."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.special = tokenizer.special_ids
+
+    def __missing__(self, tok):
+        from mlxcy.tokenizer.decoders import byte_level_bytes
+        s = self.tokenizer.id_to_token(tok)
+        b = b"" if s is None or tok in self.special else byte_level_bytes(s)
+        self[tok] = b
+        return b
+
+
+class _ByteLevelStream:
+    """TextStream's push/finish for ByteLevel tokenizers: an incremental UTF-8
+    decoder over the tokens' bytes gives the same text as decoding the whole
+    sequence (tokenizer.decode with skip_special_tokens), at a dict lookup
+    and a few bytes decoded per token instead of three decode() calls.  Text
+    before a character still being spelled out in bytes goes out at once
+    (TextStream holds it back with the character), so a stop string there is
+    seen one token sooner; the text is the same."""
+
+    def __init__(self, table, stops):
+        from mlxcy.generation.text_stream import StopMatcher
+        self.table = table
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.matcher = StopMatcher(stops)
+        self.stopped = False
+
+    def push(self, token):
+        text, hit = self.matcher.feed(self.utf8.decode(self.table[token]))
+        self.stopped = self.stopped or hit
+        return text, hit
+
+    def finish(self):
+        if self.stopped:
+            return ""
+        tail, _ = self.matcher.feed(self.utf8.decode(b"", True))
+        return tail + self.matcher.flush()

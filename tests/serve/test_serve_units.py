@@ -1,8 +1,12 @@
 """Parts of `mlxcy serve` that need no server: tool-call parsing for the Qwen and
-Llama 3 styles, streamed hold-back, request validation, the prefix tree (on
+Llama 3 styles, streamed hold-back, request validation, the worker's ByteLevel
+detokenizer (against decode and TextStream), a lagging stream's coalesced
+writes, the prefix tree (on
 tiny random-weight models, against brute force and an uncached forward pass), and the
 grammar mask (every allowed path parses; against jsonschema)."""
+import asyncio
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -110,6 +114,72 @@ def test_parse_chat_fields():
     with pytest.raises(APIError) as e:
         schemas.parse_chat(dict(body, max_completion_tokens=51), 100, 50)
     assert e.value.param == "max_completion_tokens"
+
+
+# ------------------------------------------------------------- streaming --
+
+def test_byte_level_stream_matches_decode():
+    """The worker's incremental detokenizer for ByteLevel tokenizers gives the
+    text of decode(skip_special_tokens=True), and TextStream's text with stop
+    strings, on ids mixing lone bytes (partial UTF-8), any token and specials."""
+    from mlxcy import assets
+    from mlxcy.generation.text_stream import TextStream
+    from mlxcy.serve.worker import _ByteLevelStream, _plain_byte_level, _TokenBytes
+    from mlxcy.tokenizer import Tokenizer
+    tok = Tokenizer.load(assets.qwen3_tokenizer_dir())
+    assert _plain_byte_level(tok)
+    table = _TokenBytes(tok)
+    special = sorted(tok.special_ids)
+    rng = np.random.default_rng(0)
+
+    def text(stream, ids):
+        out = []
+        for i in ids:
+            piece, hit = stream.push(i)
+            out.append(piece)
+            if hit:
+                break
+        return "".join(out) + stream.finish()
+    for trial in range(300):
+        ids = [int(rng.integers(0, 256)) if r < 0.4 else int(rng.choice(special)) if r < 0.45
+               else int(rng.integers(0, 151643)) for r in rng.random(30)]
+        stops = [(), ("e",), ("the", "\n")][trial % 3]
+        got = text(_ByteLevelStream(table, stops), ids)
+        assert got == text(TextStream(tok, stops), ids), (ids, stops)
+        if not stops:
+            assert got == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_lagging_stream_coalesces_writes():
+    """Items of several engine steps waiting in the queue go out as one write,
+    one choice's tokens as one chunk; the chunks keep the OpenAI format."""
+    from mlxcy.serve.app import _chat_stream
+    from mlxcy.serve.worker import Item, Submission
+
+    async def run():
+        sub = Submission([1, 2], max_tokens=3)
+        for items in ([Item("tok", "Hel", 5)], [Item("tok", "lo", 6)],
+                      [Item("tok", " you", 7), Item("end", finish_reason="length")]):
+            sub.queue.put_nowait((sub, items))
+        sub.completion_tokens = 3
+        st = SimpleNamespace(model_id="m", stop_ids=frozenset(),
+                             worker=SimpleNamespace(cancel=lambda s: None))
+        req = SimpleNamespace(include_usage=True, logprobs=False, top_logprobs=0, n=1)
+        return [w async for w in _chat_stream(None, st, req, [sub], "chatcmpl-1", (None, None,
+                                                                                  False))]
+    writes = asyncio.run(run())
+    assert len(writes) == 2                     # the role chunk, then all the rest
+    first = json.loads(writes[0].removeprefix("data: "))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    events = [e.removeprefix("data: ") for e in writes[1].split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [first] + [json.loads(e) for e in events[:-1]]
+    assert {c["id"] for c in chunks} == {"chatcmpl-1"}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert [c["choices"][0]["delta"] for c in chunks[1:3]] == [{"content": "Hello you"}, {}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "length"]
+    assert all(c["usage"] is None for c in chunks[:3])
+    assert chunks[3]["choices"] == [] and chunks[3]["usage"]["completion_tokens"] == 3
 
 
 # ----------------------------------------------------------- prefix cache --
