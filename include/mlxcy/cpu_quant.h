@@ -434,49 +434,90 @@ MLXCY_AVX2 inline __m256 load_sb8(const void* p, Elt t, int64_t i, int n) {
     if (t == Elt::F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
-  alignas(32) float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int l = 0; l < n; ++l) f[l] = load_sb(p, t, i + l);
-  return _mm256_load_ps(f);
+  // n < 8: the n values copied into zeros (reading past them could leave the array)
+  if (t == Elt::F32) {
+    alignas(32) float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(f, static_cast<const float*>(p) + i, sizeof(float) * n);
+    return _mm256_load_ps(f);
+  }
+  alignas(16) uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::memcpy(h, static_cast<const uint16_t*>(p) + i, sizeof(uint16_t) * n);
+  return load_sb8(h, t, 0, 8);
+}
+
+// The integer dot of block j of a 4- or 8-bit row with x (quantize_i16's
+// order): 8 int32 lanes, exact (|q x| < 2^23 per lane).
+template <int BITS>
+MLXCY_AVX2 inline __m256i dot_block_i16(const uint8_t* row, const int16_t* xq, int j) {
+  __m256i a, b;
+  block_i16<BITS>(row, j, a, b);
+  const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j));
+  const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j + 16));
+  return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
+}
+
+// The scales of eight consecutive 32-value blocks from block j0 on (group
+// size 32 << lb, lb <= 2), one lane per block: vector loads of 8 >> lb
+// values, spread by a permutation.
+MLXCY_AVX2 inline __m256 block_scales8(const void* p, Elt t, int64_t g0, int lb,
+                                       __m256i spread) {
+  const int n = 8 >> lb;
+  __m256 v;
+  if (t == Elt::F32) {
+    const float* f = static_cast<const float*>(p) + g0;
+    v = n == 8 ? _mm256_loadu_ps(f)
+        : n == 4 ? _mm256_castps128_ps256(_mm_loadu_ps(f))
+                 : _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f))));
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + g0;
+    __m128i r;
+    if (n == 8) r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
+    else if (n == 4) r = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h));
+    else {
+      int32_t two;
+      std::memcpy(&two, h, 4);
+      r = _mm_cvtsi32_si128(two);
+    }
+    v = t == Elt::F16 ? _mm256_cvtph_ps(r)
+                      : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
+  }
+  return lb ? _mm256_permutevar8x32_ps(v, spread) : v;
 }
 
 // y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g], one row at
-// a time: the integer dot of each 32-value block j (exact: |q x| < 2^23 per
-// lane) reduced eight blocks at a time, then scaled as one vector.  xd and
-// xsum are readable (zero) up to the next multiple of 8 past their ends.
+// a time: the integer dots of eight blocks reduced at once (hsum_8x8), then
+// scaled as one vector.  Full batches of 8 blocks run unrolled with the dots
+// in registers; the last, partial batch pads with zeros.  xd and xsum are
+// readable (zero) up to the next multiple of 8 past their ends.
 template <int BITS>
 MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
                                   const float* xsum, float* y, int n0, int n1) {
-  const int G = W.K / W.gs, NB = W.K / 32, bpg = W.gs / 32;
+  const int G = W.K / W.gs, NB = W.K / 32, NB8 = NB & ~7, bpg = W.gs / 32;
+  const int lb = bpg == 1 ? 0 : bpg == 2 ? 1 : 2;   // blocks per group, log2 (gs <= 128)
   const uint8_t* w = static_cast<const uint8_t*>(W.w);
   const int64_t ld = W.w_ld * 4;
-  // lane l of a batch of 8 blocks takes scale l / bpg of the batch's groups
-  const __m256i expand = _mm256_setr_epi32(0, 1 / bpg, 2 / bpg, 3 / bpg, 4 / bpg, 5 / bpg,
-                                           6 / bpg, 7 / bpg);
+  const __m256i spread = _mm256_setr_epi32(0, 1 >> lb, 2 >> lb, 3 >> lb, 4 >> lb, 5 >> lb,
+                                           6 >> lb, 7 >> lb);
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = w + int64_t(n) * ld;
     const int64_t si = int64_t(n) * W.sb_ld;
     __m256 acc = _mm256_setzero_ps();
-    for (int j0 = 0; j0 < NB; j0 += 8) {
-      const int nb = std::min(8, NB - j0);
-      __m256i p[8];
-      for (int l = 0; l < 8; ++l) {
-        if (l < nb) {
-          const int j = j0 + l;
-          __m256i a, b;
-          block_i16<BITS>(row, j, a, b);
-          const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j));
-          const __m256i xb =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j + 16));
-          p[l] = _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
-        } else {
-          p[l] = _mm256_setzero_si256();
-        }
-      }
-      const int g0 = j0 / bpg, ng = (nb + bpg - 1) / bpg;
-      __m256 sc = load_sb8(W.s, W.st, si + g0, ng);
-      if (bpg > 1) sc = _mm256_permutevar8x32_ps(sc, expand);
+    __m256i p[8];
+    for (int j0 = 0; j0 < NB8; j0 += 8) {
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) p[l] = dot_block_i16<BITS>(row, xq, j0 + l);
+      const __m256 sc = block_scales8(W.s, W.st, si + (j0 >> lb), lb, spread);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
                             _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)), acc);
+    }
+    if (NB8 < NB) {
+      const int nb = NB - NB8;
+      for (int l = 0; l < 8; ++l)
+        p[l] = l < nb ? dot_block_i16<BITS>(row, xq, NB8 + l) : _mm256_setzero_si256();
+      __m256 sc = load_sb8(W.s, W.st, si + (NB8 >> lb), (nb + bpg - 1) >> lb);
+      if (lb) sc = _mm256_permutevar8x32_ps(sc, spread);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
+                            _mm256_mul_ps(sc, _mm256_loadu_ps(xd + NB8)), acc);
     }
     for (int g0 = 0; g0 < G; g0 += 8)
       acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
