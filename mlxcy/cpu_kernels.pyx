@@ -295,7 +295,7 @@ ACTIVATIONS = ("float32", "int16", "int8")
 
 
 def set_activations(str mode):
-    """How one row of x (a decode step) meets 4- and 8-bit weights on AVX2:
+    """How one row of x (a decode step) meets 4-, 5- and 8-bit weights on AVX2:
     'int16' (the default: x as int16 per block of 32, integer dot products;
     ~3e-5 of a product's largest value, ~4e-4 relative on SmolLM2's decode
     logits), 'float32' (exact, slower) or 'int8' (4-bit only, llama.cpp's

@@ -11,7 +11,7 @@ from mlxcy import nn
 
 RNG = np.random.default_rng(1234)
 # "avx2": float32 activations (exact); "avx2-int16": the default, one row of x
-# meeting 4/8-bit weights rounded to int16 per block of 32 (see `expected`)
+# meeting 4/5/8-bit weights rounded to int16 per block of 32 (see `expected`)
 ISAS = ["scalar"] + (["avx2", "avx2-int16"] if ck.has_avx2() else [])
 
 
@@ -52,23 +52,24 @@ def round_i16(x, bits):
 
 def block_tol(isa):
     """The block primitives against float64 numpy: float32 math, or (the
-    int16 mode) every 4/8-bit product's x rounded to int16 per block of 32."""
+    int16 mode) every 4/5/8-bit product's x rounded to int16 per block of 32."""
     return 3e-4 if isa == "avx2-int16" else 1e-5
 
 
 def expected(x, wq, s, b, gs, bits):
     """x @ W.T as the kernels compute it: exact, except that under the int16
-    mode a product of fewer than 4 rows of x (a matvec) with 4- or 8-bit
+    mode a product of fewer than 4 rows of x (a matvec) with 4-, 5- or 8-bit
     weights first rounds x to int16 per block of 32 for the q * scale term
     (the bias term b * sum(x) uses x itself)."""
+    unpack = unpack_np if 32 % bits == 0 else unpack_bits_np
     xf = f64(x)
     rows = int(np.prod(xf.shape[:-1]))
-    if not (ck.isa() == "avx2+fma" and ck.activations() == "int16" and bits in (4, 8)
+    if not (ck.isa() == "avx2+fma" and ck.activations() == "int16" and bits in (4, 5, 8)
             and rows < 4):
-        return xf @ unpack_np(wq, s, b, gs, bits).T
+        return xf @ unpack(wq, s, b, gs, bits).T
     zero = mlxcy.array(np.zeros(tuple(s.shape), np.float32)).astype(s.dtype)
-    qs = unpack_np(wq, s, zero, gs, bits)                  # q * scale
-    bias = unpack_np(wq, zero, b, gs, bits)                # the groups' biases
+    qs = unpack(wq, s, zero, gs, bits)                     # q * scale
+    bias = unpack(wq, zero, b, gs, bits)                   # the groups' biases
     return round_i16(x, bits) @ qs.T + xf @ bias.T
 
 
@@ -340,24 +341,30 @@ def test_odd_bit_widths_match_numpy(isa, bits, gs, M):
     wq, s, b = nn.quantize(W, gs, bits)
     x = mlxcy.array(RNG.standard_normal((M, K)).astype(np.float32))
     y = ck.linear(x, wq, s, b, gs, bits)
-    close(f64(y), f64(x) @ unpack_bits_np(wq, s, b, gs, bits).T, 4e-6)
+    close(f64(y), expected(x, wq, s, b, gs, bits), 4e-6)
     # float16 scales/biases (F16C loads on the AVX2 path)
     s16, b16 = s.astype(mlxcy.float16), b.astype(mlxcy.float16)
     y16 = ck.linear(x, wq, s16, b16, gs, bits)
     assert y16.dtype == mlxcy.float32
-    close(f64(y16), f64(x) @ unpack_bits_np(wq, s16, b16, gs, bits).T, 4e-6)
+    close(f64(y16), expected(x, wq, s16, b16, gs, bits), 4e-6)
 
 
 def test_last_row_of_odd_widths_reads_no_further():
     """The last group of the last row ends the allocation: its values are read
-    with exact-size copies (valgrind/ASan would flag an over-read; here the
-    values must still be right)."""
-    for bits in (3, 5, 6):
-        W = mlxcy.array(RNG.standard_normal((3, 32)).astype(np.float32))
-        wq, s, b = nn.quantize(W, 32, bits)
-        x = mlxcy.array(np.linspace(0.5, 1.5, 32, dtype=np.float32).reshape(1, 32))
-        close(f64(ck.linear(x, wq, s, b, 32, bits)),
-              f64(x) @ unpack_bits_np(wq, s, b, 32, bits).T, 1e-5)
+    with exact-size copies (the 5-bit int16 kernel: from a padded copy of the
+    row; valgrind/ASan would flag an over-read; here the values must still be
+    right), in both activation modes."""
+    for mode in ("float32", "int16"):
+        old = ck.set_activations(mode)
+        try:
+            for bits in (3, 5, 6):
+                W = mlxcy.array(RNG.standard_normal((3, 32)).astype(np.float32))
+                wq, s, b = nn.quantize(W, 32, bits)
+                x = mlxcy.array(np.linspace(0.5, 1.5, 32, dtype=np.float32).reshape(1, 32))
+                close(f64(ck.linear(x, wq, s, b, 32, bits)), expected(x, wq, s, b, 32, bits),
+                      1e-5)
+        finally:
+            ck.set_activations(old)
 
 
 # ------------------------------------------------------ block primitives ---

@@ -70,7 +70,7 @@ inline int& simd_level_setting() {
 inline bool use_avx2() { return simd_level_setting() >= 1 && cpu_has_avx2(); }
 inline void set_simd_level(int level) { simd_level_setting() = level; }
 
-// How one row of x (a decode step) meets 4- and 8-bit weights: 0 float32
+// How one row of x (a decode step) meets 4-, 5- and 8-bit weights: 0 float32
 // (exact), 1 int16 per block of 32 with integer dot products (vpmaddwd; x's
 // rounding error <= amax / 65534 per block: ~3e-5 of a product's largest
 // value, ~4e-4 relative on SmolLM2's decode logits), 2 int8 per block of 32
@@ -401,11 +401,30 @@ inline void quantize_i16(const float* x, int K, int bits, int16_t* xq, float* xd
   }
 }
 
-// Block j (32 values) of a 4- or 8-bit row as two vectors of 16 int16, in
-// quantize_i16's order.
+// 16 5-bit values from p on (reads 16 bytes: 6 past the 10 it uses).  Value
+// i of 8 (40 bits, 5 bytes) lies in bytes i * 5 / 8 and the next, from bit
+// i * 5 % 8 on.  A 16-bit lane takes those two bytes (vpshufb; the upper
+// 128-bit half reads 8 values further, 5 bytes on), a multiply by
+// 2^(11 - bit) moves the value to the lane's top 5 bits and a shift right by
+// 11 brings it down: AVX2 has no per-lane variable 16-bit shift.
+MLXCY_AVX2 inline __m256i unpack16_5(const uint8_t* p) {
+  const __m256i bytes = _mm256_setr_epi8(0, 1, 0, 1, 1, 2, 1, 2, 2, 3, 3, 4, 3, 4, 4, 5,
+                                         5, 6, 5, 6, 6, 7, 6, 7, 7, 8, 8, 9, 8, 9, 9, 10);
+  const __m256i mul = _mm256_setr_epi16(2048, 64, 512, 16, 128, 1024, 32, 256,
+                                        2048, 64, 512, 16, 128, 1024, 32, 256);
+  const __m256i v =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, bytes), mul), 11);
+}
+
+// Block j (32 values) of a 4-, 5- or 8-bit row as two vectors of 16 int16, in
+// quantize_i16's order.  5 bits read 6 bytes past the block.
 template <int BITS>
 MLXCY_AVX2 inline void block_i16(const uint8_t* row, int j, __m256i& a, __m256i& b) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 5) {
+    a = unpack16_5(row + 20 * j);
+    b = unpack16_5(row + 20 * j + 10);
+  } else if constexpr (BITS == 4) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
     const __m128i low = _mm_set1_epi8(0x0f);
     a = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
@@ -498,8 +517,14 @@ MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const floa
   const int64_t ld = W.w_ld * 4;
   const __m256i spread = _mm256_setr_epi32(0, 1 >> lb, 2 >> lb, 3 >> lb, 4 >> lb, 5 >> lb,
                                            6 >> lb, 7 >> lb);
+  thread_local std::vector<uint8_t> last;   // 5 bits: the array's last row, padded
   for (int n = n0; n < n1; ++n) {
     const uint8_t* row = w + int64_t(n) * ld;
+    if (BITS == 5 && n == W.N - 1) {   // block_i16 reads past the block
+      last.assign(size_t(ld) + 16, 0);
+      std::memcpy(last.data(), row, size_t(ld));
+      row = last.data();
+    }
     const int64_t si = int64_t(n) * W.sb_ld;
     __m256 acc = _mm256_setzero_ps();
     __m256i p[8];
@@ -760,7 +785,8 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
 #if MLXCY_X86
     const int mode = activation_mode();
     if (use_avx2() &&
-        ((mode == kInt16 && (W.bits == 4 || W.bits == 8)) || (mode == kInt8 && W.bits == 4))) {
+        ((mode == kInt16 && (W.bits == 4 || W.bits == 5 || W.bits == 8)) ||
+         (mode == kInt8 && W.bits == 4))) {
       const int NB = K / 32;
       thread_local std::vector<int16_t> xq16;
       thread_local std::vector<int8_t> xq8;
@@ -788,6 +814,8 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
             matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
           else if (W.bits == 4)
             matvec_q_i16_avx2<4>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
+          else if (W.bits == 5)
+            matvec_q_i16_avx2<5>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
           else
             matvec_q_i16_avx2<8>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
           add_bias(yr, n0, n1);
