@@ -16,9 +16,10 @@ cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* 
 
 # Attention over the cache, one position or a causal prompt
 # (include/mlxcy/cpu_attention.h).
-cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept
+cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v,
+                        const na.array* mask) noexcept
 cdef na.array* cpu_attention(const na.array& q, const na.array& k, const na.array& v,
-                             float scale, bint causal) except NULL
+                             float scale, bint causal, const na.array* mask) except NULL
 
 # Is the CPU kernels' decode-step path on (enabled, default device the CPU)?
 cdef bint use_block_kernels() noexcept

@@ -44,8 +44,8 @@ def block_attn_mlp(
 def set_block_fusion(on: bool) -> bool:
     """Fused block primitives for one-token CPU steps (on by default).  Returns the previous setting."""
 
-def attention(q: Array, k: Array, v: Array, scale: float, causal: bool = False) -> Array:
-    """softmax(scale * q k^T) v: q [B, H, L, D], k and v [B, Hkv, T, D], L <= T; causal: query i sees keys up to T - L + i."""
+def attention(q: Array, k: Array, v: Array, scale: float, causal: bool = False, mask: Array | None = None) -> Array:
+    """softmax(scale * q k^T (+ mask)) v: q [B, H, L, D], k and v [B, Hkv, T, D], L <= T; causal: query i sees keys up to T - L + i; mask: boolean or additive, broadcast to [B, H, L, T]."""
 def set_enabled(mode: bool | None) -> bool | None:
     """None: used on the CPU (the default); True: always when supported;
     False: never.  Returns the previous setting."""

@@ -60,9 +60,10 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
     bint attention_supported(const na.array& q, const na.array& k, const na.array& v)
+    bint mask_supported(const na.array& m, int B, int H, int L, int T)
     na.array cpp_attention "mlxcy::cpu::attention"(
         const na.array& q, const na.array& k, const na.array& v, float scale,
-        bint causal) except +
+        bint causal, const na.array* mask) except +
 
 cdef extern from "mlxcy/cpu_pool.h" namespace "mlxcy::cpu" nogil:
     cdef cppclass Pool:
@@ -92,17 +93,21 @@ cdef na.array* cpu_linear(const na.array& x, const na.array& w, const na.array* 
     return heap(cpp_linear(x, w, scales, biases, group_size, bits, bias))
 
 
-cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v) noexcept:
+cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v,
+                        const na.array* mask) noexcept:
     if MODE == 0:
         return False
     if MODE < 0 and na.default_device().type != na.cpu:
         return False
-    return attention_supported(q, k, v)
+    if not attention_supported(q, k, v):
+        return False
+    return mask == NULL or mask_supported(mask[0], q.shape(0), q.shape(1), q.shape(2),
+                                          k.shape(2))
 
 
 cdef na.array* cpu_attention(const na.array& q, const na.array& k, const na.array& v,
-                             float scale, bint causal) except NULL:
-    return heap(cpp_attention(q, k, v, scale, causal))
+                             float scale, bint causal, const na.array* mask) except NULL:
+    return heap(cpp_attention(q, k, v, scale, causal, mask))
 
 
 # Decode steps of plain pre-norm blocks in two primitives (cpu_block.h).
@@ -226,14 +231,23 @@ def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Arra
                                         ad, nm, eps, 0 if act == "silu" else 1)))
 
 
-def attention(Array q, Array k, Array v, float scale, bint causal=False):
-    """softmax(scale * q k^T) v: q [B, H, L, D], k and v [B, Hkv, T, D] (H a
-    multiple of Hkv, L <= T).  causal: the queries are the last L positions, so
-    query i sees keys 0 .. T - L + i."""
+def attention(Array q, Array k, Array v, float scale, bint causal=False, Array mask=None):
+    """softmax(scale * q k^T (+ mask)) v: q [B, H, L, D], k and v [B, Hkv, T, D]
+    (H a multiple of Hkv, L <= T).  causal: the queries are the last L
+    positions, so query i sees keys 0 .. T - L + i.  mask: broadcast to
+    [B, H, L, T], boolean (False hides a key) or added to the scaled scores."""
     if not attention_supported(handle(q)[0], handle(k)[0], handle(v)[0]):
         raise ValueError(f"attention: need q [B, H, L, D] and k, v [B, Hkv, T, D] with "
                          f"L <= T, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    return wrap(heap(cpp_attention(handle(q)[0], handle(k)[0], handle(v)[0], scale, causal)))
+    cdef const na.array* mp = NULL
+    if mask is not None:
+        mp = handle(mask)
+        if not mask_supported(mp[0], q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
+            raise ValueError(f"attention: mask {tuple(mask.shape)} ({mask.dtype}) must be "
+                             f"boolean or float and broadcast to [B, H, L, T] = "
+                             f"{(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}")
+    return wrap(heap(cpp_attention(handle(q)[0], handle(k)[0], handle(v)[0], scale, causal,
+                                   mp)))
 
 
 def set_enabled(mode):

@@ -279,6 +279,74 @@ def test_attention_matches_numpy(isa, dtype, B, H, Hkv, L, T, D, causal):
     close(f64(y), attention_np(q, k, v, 0.125, causal), 1e-5 if dtype == "float32" else 1e-2)
 
 
+def masked_attention_np(q, k, v, scale, mask):
+    """numpy's attention with a boolean (False hides) or additive mask."""
+    q, k, v = f64(q), f64(k), f64(v)
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = scale * q @ np.swapaxes(k, -1, -2)
+    m = np.asarray(mask.astype(mlxcy.float32) if mask.dtype != mlxcy.bool_ else mask)
+    s = np.where(m, s, np.finfo(np.float32).min) if m.dtype == bool else s + m.astype(np.float64)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("kind,mshape", [("bool", (2, 1, 5, 12)), ("bool", (5, 12)),
+                                         ("float32", (2, 6, 5, 12)), ("bfloat16", (1, 5, 12)),
+                                         ("bool", (2, 1, 1, 12))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_with_mask_matches_numpy(isa, kind, mshape, causal):
+    B, H, Hkv, T, D = 2, 6, 3, 12, 16
+    L = mshape[-2]
+    q = mlxcy.array(RNG.standard_normal((B, H, L, D)).astype(np.float32))
+    k = mlxcy.array(RNG.standard_normal((B, Hkv, T, D)).astype(np.float32))
+    v = mlxcy.array(RNG.standard_normal((B, Hkv, T, D)).astype(np.float32))
+    if kind == "bool":
+        m = RNG.random(mshape) < 0.6
+        m[..., -1] = True                      # every query sees its own (last) key
+        mask = mlxcy.array(m)
+    else:
+        mask = mlxcy.array(RNG.standard_normal(mshape).astype(np.float32)).astype(
+            getattr(mlxcy, kind))
+    y = ck.attention(q, k, v, 0.25, causal, mask)
+    full = np.asarray(mask.astype(mlxcy.float32) if kind != "bool" else mask)
+    if causal:   # the causal rule and the mask together, as one boolean/additive mask
+        seen = np.arange(T)[None, :] <= np.arange(T - L, T)[:, None]
+        full = full & seen if kind == "bool" else np.where(seen, full, -np.inf)
+    close(f64(y), masked_attention_np(q, k, v, 0.25, mlxcy.array(full)), 1e-5)
+
+
+def test_attention_mask_grad_matches_mlx_ops():
+    from mlxcy import fast
+    from mlxcy.transforms import grad
+    q = mlxcy.array(RNG.standard_normal((1, 4, 3, 16)).astype(np.float32))
+    k = mlxcy.array(RNG.standard_normal((1, 2, 9, 16)).astype(np.float32))
+    v = mlxcy.array(RNG.standard_normal((1, 2, 9, 16)).astype(np.float32))
+    c = mlxcy.array(RNG.standard_normal((1, 4, 3, 16)).astype(np.float32))
+    m = RNG.random((3, 9)) < 0.7
+    m[:, 0] = True
+    mask = mlxcy.array(m)
+
+    def ours(q, k, v):
+        return (ck.attention(q, k, v, 0.25, False, mask) * c).sum()
+
+    def theirs(q, k, v):
+        return (fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask) * c).sum()
+
+    for a, r in zip(grad(ours, argnums=(0, 1, 2))(q, k, v),
+                    grad(theirs, argnums=(0, 1, 2))(q, k, v)):
+        close(f64(a), f64(r), 1e-5)
+
+
+def test_attention_refuses_a_mask_that_does_not_broadcast():
+    q = mlxcy.zeros((1, 2, 3, 8))
+    k = mlxcy.zeros((1, 2, 4, 8))
+    with pytest.raises(ValueError, match="broadcast to"):
+        ck.attention(q, k, k, 1.0, False, mlxcy.zeros((3, 5)))
+    with pytest.raises(ValueError, match="boolean or float"):
+        ck.attention(q, k, k, 1.0, False, mlxcy.zeros((3, 4), dtype=mlxcy.int32))
+
+
 def test_attention_refuses_more_queries_than_keys():
     q = mlxcy.zeros((1, 2, 5, 8))
     k = mlxcy.zeros((1, 2, 4, 8))

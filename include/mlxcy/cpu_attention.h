@@ -11,7 +11,9 @@
 // The vjp differentiates the same math written with MLX ops.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include <mlx/mlx.h>
@@ -47,13 +49,49 @@ MLXCY_AVX2 inline void axpy_avx2(float p, const void* v, Elt tv, float* acc, int
 }
 #endif
 
-// dst [B, H, L, D] (float32) = softmax(scale * q k^T) v per head, head h reading
-// kv head h / (H / Hkv).  Causal: the L queries are the cache's last L
+// A mask broadcast to [B, H, L, T]: boolean (false hides a key) or added to
+// the scaled scores (float32/bf16/fp16), read in place through its strides.
+struct Mask {
+  const char* p = nullptr;
+  bool is_bool = false;
+  Elt t = Elt::F32;
+  size_t item = 0;
+  int64_t st[4] = {0, 0, 0, 0};   // element strides over B, H, L, T (0: broadcast)
+};
+
+inline Mask mask_view(const mx::array* m) {
+  Mask v;
+  if (m == nullptr) return v;
+  v.p = m->data<char>();
+  v.is_bool = m->dtype() == mx::bool_;
+  if (!v.is_bool) v.t = elt_of(m->dtype());
+  v.item = m->itemsize();
+  for (int d = 0; d < m->ndim(); ++d) {
+    const int a = 4 - m->ndim() + d;
+    v.st[a] = m->shape(d) == 1 ? 0 : m->strides()[d];
+  }
+  return v;
+}
+
+// Whether mask m broadcasts to [B, H, L, T] and has a type the kernel reads.
+inline bool mask_supported(const mx::array& m, int B, int H, int L, int T) {
+  if (m.ndim() > 4 || (m.dtype() != mx::bool_ && !is_float(m.dtype()))) return false;
+  const int full[4] = {B, H, L, T};
+  for (int d = 0; d < m.ndim(); ++d) {
+    const int n = m.shape(d), want = full[4 - m.ndim() + d];
+    if (n != 1 && n != want) return false;
+  }
+  return true;
+}
+
+// dst [B, H, L, D] (float32) = softmax(scale * q k^T (+ mask)) v per head, head h
+// reading kv head h / (H / Hkv).  Causal: the L queries are the cache's last L
 // positions, so query i sees keys 0 .. T - L + i (MLX's "causal" mask).
 // Tasks are (head, block of queries): with a prompt (L > 1) the heads alone are
 // too few to balance two threads.  Results do not depend on the thread count.
 inline void attention_f32(const mx::array& q, const mx::array& k, const mx::array& v,
-                          float scale, bool causal, float* dst) {
+                          float scale, bool causal, float* dst,
+                          const mx::array* mask = nullptr) {
   const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
   const int Hkv = k.shape(1), T = k.shape(2);
   const int rep = H / Hkv;
@@ -67,6 +105,7 @@ inline void attention_f32(const mx::array& q, const mx::array& k, const mx::arra
 #if MLXCY_X86
   vec = use_avx2() && D % 8 == 0 && sk == 1 && sv == 1;
 #endif
+  const Mask mk = mask_view(mask);
   constexpr int QB = 16;                       // queries per task
   const int nqb = (L + QB - 1) / QB;
   auto query = [&](int b, int h, int i, float* qf, float* p) {
@@ -77,6 +116,8 @@ inline void attention_f32(const mx::array& q, const mx::array& k, const mx::arra
     const char* k0 = kp + (b * k.strides()[0] + kh * k.strides()[1]) * ik;
     const char* v0 = vp + (b * v.strides()[0] + kh * v.strides()[1]) * iv;
     const int64_t kt = k.strides()[2] * ik, vt = v.strides()[2] * iv;
+    const char* mrow = mk.p ? mk.p + (b * mk.st[0] + h * mk.st[1] + i * mk.st[2]) * mk.item
+                            : nullptr;
     float mx_ = -INFINITY;
     for (int t = 0; t < n; ++t) {
 #if MLXCY_X86
@@ -84,6 +125,12 @@ inline void attention_f32(const mx::array& q, const mx::array& k, const mx::arra
 #else
       float s = dot_scalar(k0 + t * kt, tk, sk, qf, D);
 #endif
+      if (mrow) {
+        const char* e = mrow + t * mk.st[3] * mk.item;
+        // a hidden key scores the lowest finite float, as in MLX: a query that
+        // sees no key (a padding row) averages the values instead of making NaN
+        s = mk.is_bool ? (*e ? s : -FLT_MAX) : s + load_elt(e, mk.t, 0);
+      }
       p[t] = s;
       mx_ = s > mx_ ? s : mx_;
     }
@@ -95,6 +142,7 @@ inline void attention_f32(const mx::array& q, const mx::array& k, const mx::arra
     const float inv = 1.f / den;
     std::fill(acc, acc + D, 0.f);
     for (int t = 0; t < n; ++t) {
+      if (p[t] == 0.f) continue;   // a hidden key: its value may be anything, NaN included
 #if MLXCY_X86
       if (vec) axpy_avx2(p[t] * inv, v0 + t * vt, tv, acc, D);
       else axpy_scalar(p[t] * inv, v0 + t * vt, tv, sv, acc, D);
@@ -118,15 +166,15 @@ inline void attention_f32(const mx::array& q, const mx::array& k, const mx::arra
 
 // out [B, H, L, D] = softmax(scale * q k^T) v per head.
 inline void attention_eval(const mx::array& q, const mx::array& k, const mx::array& v,
-                           mx::array& out, float scale, bool causal) {
+                           const mx::array* mask, mx::array& out, float scale, bool causal) {
   std::vector<float> o(size_t(q.size()));
-  attention_f32(q, k, v, scale, causal, o.data());
+  attention_f32(q, k, v, scale, causal, o.data(), mask);
   store_f32(o.data(), out);
 }
 
 // The same math with MLX ops (for the vjp).
 inline mx::array attention_ops(const mx::array& q, const mx::array& k, const mx::array& v,
-                               float scale, bool causal, mx::Stream s) {
+                               const mx::array* mask, float scale, bool causal, mx::Stream s) {
   const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
   const int Hkv = k.shape(1), T = k.shape(2);
   mx::array qg = mx::reshape(mx::multiply(q, mx::array(scale, q.dtype()), s),
@@ -138,6 +186,13 @@ inline mx::array attention_ops(const mx::array& q, const mx::array& k, const mx:
         mx::reshape(mx::arange(T, mx::int32, s), {1, T}, s),
         mx::reshape(mx::arange(T - L, T, mx::int32, s), {L, 1}, s), s);
     sc = mx::where(seen, sc, mx::array(-INFINITY, mx::float32), s);
+  }
+  if (mask) {   // [B, H, L, T] -> [B, Hkv, H / Hkv, L, T], as the scores are grouped
+    mx::array m = mx::broadcast_to(*mask, {B, H, L, T}, s);
+    m = mx::reshape(m, {B, Hkv, H / Hkv, L, T}, s);
+    sc = mask->dtype() == mx::bool_
+             ? mx::where(m, sc, mx::array(-FLT_MAX, mx::float32), s)
+             : mx::add(sc, mx::astype(m, mx::float32, s), s);
   }
   mx::array pr = mx::softmax(sc, std::vector<int>{-1}, false, s);
   mx::array o = mx::matmul(pr, mx::expand_dims(mx::astype(v, mx::float32, s), 2, s), s);
@@ -154,11 +209,15 @@ class Attention : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : inputs) enc.set_input_array(a);
     enc.set_output_array(out);
+    const bool masked = inputs.size() == 4;
     enc.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]),
                   k = mx::array::unsafe_weak_copy(inputs[1]),
                   v = mx::array::unsafe_weak_copy(inputs[2]),
+                  m = mx::array::unsafe_weak_copy(inputs[masked ? 3 : 0]), masked,
                   out = mx::array::unsafe_weak_copy(out), scale = scale_,
-                  causal = causal_]() mutable { attention_eval(q, k, v, out, scale, causal); });
+                  causal = causal_]() mutable {
+      attention_eval(q, k, v, masked ? &m : nullptr, out, scale, causal);
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -172,12 +231,16 @@ class Attention : public mx::UnaryPrimitive {
     float scale = scale_;
     bool causal = causal_;
     mx::Stream s = stream();
-    auto f = [scale, causal, s](const std::vector<mx::array>& p) {
-      return std::vector<mx::array>{attention_ops(p[0], p[1], p[2], scale, causal, s)};
+    // the mask is a constant: differentiate with respect to q, k, v only
+    std::optional<mx::array> mask;
+    if (primals.size() == 4) mask = primals[3];
+    auto f = [scale, causal, s, mask](const std::vector<mx::array>& p) {
+      return std::vector<mx::array>{
+          attention_ops(p[0], p[1], p[2], mask ? &*mask : nullptr, scale, causal, s)};
     };
-    auto grads = mx::vjp(f, primals, cotangents).second;
+    auto grads = mx::vjp(f, {primals[0], primals[1], primals[2]}, cotangents).second;
     std::vector<mx::array> out;
-    for (int a : argnums) out.push_back(grads[a]);
+    for (int a : argnums) out.push_back(a < 3 ? grads[a] : mx::zeros_like(primals[a]));
     return out;
   }
 
@@ -206,16 +269,21 @@ inline bool attention_supported(const mx::array& q, const mx::array& k, const mx
   return k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0;
 }
 
-// softmax(scale * q k^T (+ the causal mask)) v per head, as one primitive.
+// softmax(scale * q k^T (+ the causal mask) (+ mask)) v per head, as one primitive.
 inline mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                           float scale, bool causal) {
+                           float scale, bool causal, const mx::array* mask = nullptr) {
   if (!attention_supported(q, k, v))
     throw std::invalid_argument(
         "mlxcy attention: need q [B, H, L, D], k and v [B, Hkv, T, D] float, L <= T, "
         "H a multiple of Hkv");
+  if (mask && !mask_supported(*mask, q.shape(0), q.shape(1), q.shape(2), k.shape(2)))
+    throw std::invalid_argument(
+        "mlxcy attention: the mask must be boolean or float and broadcast to [B, H, L, T]");
   mx::Stream s = mx::default_stream(mx::Device::cpu);
+  std::vector<mx::array> in{q, k, v};
+  if (mask) in.push_back(*mask);
   return mx::array(q.shape(), q.dtype(), std::make_shared<Attention>(s, scale, causal),
-                   {q, k, v});
+                   std::move(in));
 }
 
 }  // namespace mlxcy::cpu

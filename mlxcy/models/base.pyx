@@ -227,8 +227,8 @@ cdef class Attention:
                                   self.softcap <= 0, &causal_mode, &m)
         if has_mask:
             mp = &m
-        elif self.softcap <= 0 and (L == 1 or causal_mode) and use_attention(q, k, v):
-            return cpu_attention(q, k, v, self.scale, causal_mode)   # mlxcy.cpu_kernels
+        if self.softcap <= 0 and use_attention(q, k, v, mp):
+            return cpu_attention(q, k, v, self.scale, causal_mode, mp)   # mlxcy.cpu_kernels
         if self.softcap > 0:
             return heap(nnn.attention_softcap(q, k, v, self.scale, self.softcap, mp))
         if causal_mode:
