@@ -484,9 +484,10 @@ MLXCY_AVX2 inline __m256 block_scales8(const void* p, Elt t, int64_t g0, int lb,
   __m256 v;
   if (t == Elt::F32) {
     const float* f = static_cast<const float*>(p) + g0;
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f)));
     v = n == 8 ? _mm256_loadu_ps(f)
         : n == 4 ? _mm256_castps128_ps256(_mm_loadu_ps(f))
-                 : _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f))));
+                 : _mm256_castps128_ps256(two);
   } else {
     const uint16_t* h = static_cast<const uint16_t*>(p) + g0;
     __m128i r;
