@@ -475,35 +475,6 @@ MLXCY_AVX2 inline __m256i dot_block_i16(const uint8_t* row, const int16_t* xq, i
   return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
 }
 
-// The scales of eight consecutive 32-value blocks from block j0 on (group
-// size 32 << lb, lb <= 2), one lane per block: vector loads of 8 >> lb
-// values, spread by a permutation.
-MLXCY_AVX2 inline __m256 block_scales8(const void* p, Elt t, int64_t g0, int lb,
-                                       __m256i spread) {
-  const int n = 8 >> lb;
-  __m256 v;
-  if (t == Elt::F32) {
-    const float* f = static_cast<const float*>(p) + g0;
-    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f)));
-    v = n == 8 ? _mm256_loadu_ps(f)
-        : n == 4 ? _mm256_castps128_ps256(_mm_loadu_ps(f))
-                 : _mm256_castps128_ps256(two);
-  } else {
-    const uint16_t* h = static_cast<const uint16_t*>(p) + g0;
-    __m128i r;
-    if (n == 8) r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
-    else if (n == 4) r = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h));
-    else {
-      int32_t two;
-      std::memcpy(&two, h, 4);
-      r = _mm_cvtsi32_si128(two);
-    }
-    v = t == Elt::F16 ? _mm256_cvtph_ps(r)
-                      : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
-  }
-  return lb ? _mm256_permutevar8x32_ps(v, spread) : v;
-}
-
 // y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g], one row at
 // a time: the integer dots of eight blocks reduced at once (hsum_8x8), then
 // scaled as one vector.  Full batches of 8 blocks run unrolled with the dots
@@ -532,7 +503,8 @@ MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const floa
     for (int j0 = 0; j0 < NB8; j0 += 8) {
 #pragma GCC unroll 8
       for (int l = 0; l < 8; ++l) p[l] = dot_block_i16<BITS>(row, xq, j0 + l);
-      const __m256 sc = block_scales8(W.s, W.st, si + (j0 >> lb), lb, spread);
+      __m256 sc = load_sb8(W.s, W.st, si + (j0 >> lb), 8 >> lb);
+      if (lb) sc = _mm256_permutevar8x32_ps(sc, spread);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
                             _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)), acc);
     }
