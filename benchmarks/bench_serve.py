@@ -20,6 +20,11 @@ max_tokens.  Per level:
   TTFT       from sending a request to its first content chunk: p50, p95, p99
   ITL        a request's (last content chunk - first) / (its tokens - 1): p50, p95
   ratio      mlxcy / mlx_lm (tok/s: higher is better; latencies: lower is better)
+For mlxcy a second table splits the level's wall time by its /metrics counters:
+engine steps, their mean time (ms), the prefill and decode parts of it, the
+engine thread's time outside steps (admitting, detokenizing, handing tokens
+to the streams: "worker"), rows per decode step, and the share of the wall
+time the engine thread was busy (the rest it waited for work).
 The 1-minute load average before and after each run and the CPU count are
 printed: on a shared machine the figures move with it.
 
@@ -135,6 +140,21 @@ class Server:
                 raise SystemExit(f"{kind} server did not come up")
             time.sleep(0.5)
 
+    def counters(self) -> dict:
+        """mlxcy's engine counters from /metrics ({} for mlx_lm)."""
+        if self.kind != "mlxcy":
+            return {}
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        c.close()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in PROFILE_COUNTERS:
+                out[PROFILE_COUNTERS[name]] = float(value)
+        return out
+
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
@@ -196,6 +216,24 @@ def one_request(conn, model, i, max_tokens):
     return ttft, itl, n
 
 
+PROFILE_COUNTERS = {f"mlxcy_{k}_total": k for k in (
+    "engine_steps", "engine_step_seconds", "engine_prefill_seconds", "engine_decode_seconds",
+    "decode_steps", "decode_row_steps", "worker_seconds")}
+
+
+def engine_profile(before, after, wall):
+    """Per-step figures of a level from the /metrics counters before and after it."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in PROFILE_COUNTERS.values()}
+    steps = max(d["engine_steps"], 1)
+    return {"steps": int(d["engine_steps"]),
+            "step_ms": d["engine_step_seconds"] / steps * 1e3,
+            "prefill_ms": d["engine_prefill_seconds"] / steps * 1e3,
+            "decode_ms": d["engine_decode_seconds"] / steps * 1e3,
+            "worker_ms": d["worker_seconds"] / steps * 1e3,
+            "rows": d["decode_row_steps"] / max(d["decode_steps"], 1),
+            "busy": (d["engine_step_seconds"] + d["worker_seconds"]) / wall}
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
@@ -225,19 +263,22 @@ def run_level(server, clients, requests, max_tokens, offset=0):
         conn.close()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     load0 = os.getloadavg()[0]
+    before = server.counters()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    prof = engine_profile(before, server.counters(), wall) if server.kind == "mlxcy" else None
     return {"server": server.kind, "clients": clients, "tok_s": tokens[0] / wall,
             "tokens": tokens[0], "requests": clients * requests, "wall_s": round(wall, 2),
             "ttft_p50_ms": pct(ttfts, 0.5) * 1e3, "ttft_p95_ms": pct(ttfts, 0.95) * 1e3,
             "ttft_p99_ms": pct(ttfts, 0.99) * 1e3, "itl_p50_ms": pct(itls, 0.5) * 1e3,
             "itl_p95_ms": pct(itls, 0.95) * 1e3, "load_before": round(load0, 2),
             "load_after": round(os.getloadavg()[0], 2), "rss_mb": round(server.rss_mb(), 1),
-            "errors": len(errors), "first_error": errors[0] if errors else None}
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "engine": prof}
 
 
 FIGURES = ("tok_s", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms")
@@ -270,6 +311,22 @@ def print_table(med, levels):
               f"| {(a['load'] + b['load']) / 2:.1f} |")
 
 
+def print_profile(rows, levels):
+    """mlxcy's engine profile per level (medians over rounds)."""
+    import statistics
+    print("\n| clients | engine steps | ms per step | prefill ms | decode ms | worker ms "
+          "| rows per decode step | engine thread busy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in levels:
+        ps = [r["engine"] for r in rows.get(("mlxcy", c), []) if r.get("engine")]
+        if not ps:
+            continue
+        m = {k: statistics.median(p[k] for p in ps) for k in ps[0]}
+        print(f"| {c} | {m['steps']:.0f} | {m['step_ms']:.2f} | {m['prefill_ms']:.2f} "
+              f"| {m['decode_ms']:.2f} | {m['worker_ms']:.2f} | {m['rows']:.1f} "
+              f"| {m['busy']:.0%} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a Hugging Face/MLX model directory both servers can read")
@@ -294,7 +351,10 @@ def main():
         for line in Path(args.table).read_text().splitlines():
             r = json.loads(line)
             rows.setdefault((r["server"], r["clients"]), []).append(r)
-        print_table(median_rows(rows), sorted({c for _, c in rows}))
+        levels = sorted({c for _, c in rows})
+        if len({k for k, _ in rows}) == 2:
+            print_table(median_rows(rows), levels)
+        print_profile(rows, levels)
         return
     path = model_dir(args)
     levels = [int(x) for x in args.clients.split(",") if x]
@@ -331,6 +391,7 @@ def main():
     med = median_rows(rows)
     if len(kinds) == 2:
         print_table(med, levels)
+    print_profile(rows, levels)
     print(f"load average at the end: {os.getloadavg()}")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for rs in rows.values()

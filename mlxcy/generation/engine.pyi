@@ -26,7 +26,8 @@ class Event:
     token: the sampled id, or -1 when the event only ends the sequence;
     finish_reason: None while the sequence runs, else "stop", "length" or
     "cancelled"; cache: on the final event of a sequence added with
-    keep_cache=True, its batch-1 Cache."""
+    keep_cache=True, its batch-1 Cache; cached_tokens: on a sequence's first
+    token, the prompt tokens taken from the cache given to add()."""
 
     seq_id: int
     token: int
@@ -34,6 +35,7 @@ class Event:
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None
     cache: Cache | None
+    cached_tokens: int | None
     def __init__(
         self,
         seq_id: int,
@@ -42,6 +44,7 @@ class Event:
         top_logprobs: list[tuple[int, float]] | None = None,
         finish_reason: str | None = None,
         cache: Cache | None = None,
+        cached_tokens: int | None = None,
     ) -> None: ...
 
 @disjoint_base

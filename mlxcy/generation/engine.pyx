@@ -238,6 +238,35 @@ cdef void merge_caches(Cache a, Cache b, int da, int db) except *:
         lb.free()
 
 
+cdef void stack_prefixes(Cache out, list caches, list used, int c) except *:
+    """out := one row per entry of `caches` (batch-1 caches without sliding
+    windows, or None), row r holding the first used[r] positions of its
+    cache right-aligned at column c, zeros before them."""
+    cdef LayerCache lo, lr
+    cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
+    cdef na.array proto, k, v
+    cdef int i, r
+    for i in range(len(out.layers)):
+        lo = <LayerCache>out.layers[i]
+        ks.clear()
+        vs.clear()
+        for r in range(len(caches)):
+            if caches[r] is not None:
+                lr = <LayerCache>(<Cache>caches[r]).layers[i]
+                proto = lr.keys[0]
+                break
+        for r in range(len(caches)):
+            if caches[r] is None:
+                k = nops.zeros(_shape4(1, proto.shape(1), c, proto.shape(3)), proto.dtype())
+                ks.push_back(k)
+                vs.push_back(k)
+                continue
+            lr = <LayerCache>(<Cache>caches[r]).layers[i]
+            ks.push_back(rows.left_pad_t(nnn.slice_t(lr.keys[0], 0, used[r]), c - used[r]))
+            vs.push_back(rows.left_pad_t(nnn.slice_t(lr.values[0], 0, used[r]), c - used[r]))
+        _install(lo, nops.concatenate(ks, 0), nops.concatenate(vs, 0), c)
+
+
 cdef void take_rows(Cache cache, const na.array& idx) except *:
     """Keep the batch rows idx (int32 [n]) of every layer."""
     cdef LayerCache lc
@@ -348,13 +377,18 @@ class Event:
     while the sequence runs, else "stop" (a stop id), "length" (max_tokens),
     "cancelled"; cache: on the final event of a sequence added with
     keep_cache=True, its batch-1 Cache (prompt + the generated tokens fed
-    back, `cache.offset` of them), now the caller's."""
-    __slots__ = ("seq_id", "token", "logprob", "top_logprobs", "finish_reason", "cache")
+    back, `cache.offset` of them), now the caller's; cached_tokens: on a
+    sequence's first token, how many prompt tokens came from the cache given
+    to add() (the engine may prefill part of a cached prefix again to batch
+    prompts together), else None."""
+    __slots__ = ("seq_id", "token", "logprob", "top_logprobs", "finish_reason", "cache",
+                 "cached_tokens")
 
     def __init__(self, seq_id, token, logprob=None, top_logprobs=None, finish_reason=None,
-                 cache=None):
+                 cache=None, cached_tokens=None):
         self.seq_id, self.token, self.logprob = seq_id, token, logprob
         self.top_logprobs, self.finish_reason, self.cache = top_logprobs, finish_reason, cache
+        self.cached_tokens = cached_tokens
 
     def __repr__(self):
         return (f"Event(seq_id={self.seq_id}, token={self.token}, logprob={self.logprob}, "
@@ -378,6 +412,7 @@ cdef class _Seq:
     cdef list generated
     cdef object finish            # None, or the finish reason
     cdef int pad                  # left padding in the batch it is in
+    cdef int cached               # prompt tokens taken from its cache (the rest prefilled)
     # speculative decoding (see "speculative decoding" below)
     cdef bint can_spec            # no penalties, no token mask: verification is exact
     cdef int lookup_k             # prompt lookup: most tokens proposed per step (0: off)
@@ -586,8 +621,9 @@ cdef class Engine:
         # graph (forward + sampler), handing it to MLX (async_eval, which
         # encodes the kernels on a GPU) and waiting for the tokens to read.
         # benchmarks/decode_profile.py reads them.
+        # step_seconds: whole steps (prefill + decode + retiring and admitting rows)
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "prefill_seconds": 0.0, "decode_seconds": 0.0,
+                      "step_seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
                       "build_seconds": 0.0, "queue_seconds": 0.0, "wait_seconds": 0.0,
                       # speculative decoding: forwards of the running batch, rows they
                       # advanced, verification steps, tokens proposed / accepted
@@ -754,14 +790,18 @@ cdef class Engine:
     def step(self):
         """Advance every sequence by one step; returns the list of Events."""
         cdef list events = []
+        cdef double t0 = _now()
         self.stats["steps"] += 1
-        self._retire()
-        if self.group is None:
-            self._start_group()
-        if self.running is not None:
-            self._decode(events)
-        if self.group is not None:
-            self._prefill_chunk(events)
+        try:
+            self._retire()
+            if self.group is None:
+                self._start_group()
+            if self.running is not None:
+                self._decode(events)
+            if self.group is not None:
+                self._prefill_chunk(events)
+        finally:
+            self.stats["step_seconds"] += _now() - t0
         return events
 
     cdef void _retire(self) except *:
@@ -781,41 +821,96 @@ cdef class Engine:
 
     cdef void _start_group(self) except *:
         """Admit waiting sequences (as many as free rows allow) as a prefill
-        group.  A sequence that brings its own cache is a group of its own."""
+        group.  Sequences that bring a prefix cache form groups of their own
+        (see _stack_prefixes; a row without one would make them prefill their
+        prefixes again), the others theirs; the queue's head decides which
+        kind goes first.  A draft model or a sliding-window layer needs a
+        prefix cache whole: such a sequence is a group alone."""
         cdef int free = self.max_batch - (0 if self.running is None else self.running.rows())
         cdef _Seq s
         if free <= 0 or not self.waiting:
             return
-        take = []
-        while self.waiting and len(take) < free:
-            s = <_Seq>self.waiting[0]
-            if s.cache is not None and take:
-                break
-            take.append(self.waiting.popleft())
-            if s.cache is not None:
-                break
+        s = <_Seq>self.waiting[0]
+        cached = s.cache is not None
+        if cached and not self._stackable(s.cache):
+            take = [self.waiting.popleft()]
+        else:
+            take, rest = [], deque()
+            while self.waiting and len(take) < free:
+                s = <_Seq>self.waiting.popleft()
+                if (s.cache is not None) == cached and (not cached or self._stackable(s.cache)):
+                    take.append(s)
+                else:
+                    rest.append(s)
+            rest.extend(self.waiting)
+            self.waiting = rest
         cdef _Batch g = _Batch()
         g.seqs = take
         s = <_Seq>take[0]
-        if s.cache is not None:
+        if len(take) == 1 and s.cache is not None:
             g.cache, s.cache = s.cache, None
+            s.pad, s.cached = 0, g.cache.offset
+        elif any((<_Seq>x).cache is not None for x in take):
+            g.cache = self._stack_prefixes(take)
         else:
             g.cache = self.make_cache()
+            for x in take:
+                (<_Seq>x).pad = 0
         if self.draft is not None:
             g.dcache = self.draft.make_cache()
             if g.cache.offset:      # the target brought a prefix cache: the draft prefills it
                 self._draft_prefix(g.dcache, s.full_prompt[:g.cache.offset])
+        # rows' prompts right-aligned; `pad` counts the padding of the
+        # cache's positions too (set above)
         T = max(len((<_Seq>x).prompt) for x in take)
         ids = np.zeros((len(take), T), dtype=np.int32)
         for r, x in enumerate(take):
             ids[r, T - len((<_Seq>x).prompt):] = (<_Seq>x).prompt
-            (<_Seq>x).pad = T - len((<_Seq>x).prompt)
+            (<_Seq>x).pad += T - len((<_Seq>x).prompt)
         g.ids = ids
         g.start = 0
         g._set_pads()
-        if g.pads != NULL and g.cache.offset:
-            raise RuntimeError("engine: a prefix-cached group must be a single row")
         self.group = g
+
+    cdef bint _stackable(self, Cache cache):
+        """Whether a prefix cache can share a group with other rows: not with
+        a draft model (whose own cache would need the same prefix) nor with
+        sliding-window layers (a ring cannot be cut at a position)."""
+        return self.draft is None and _can_trim(cache)
+
+    cdef Cache _stack_prefixes(self, list take):
+        """One cache for a group whose rows bring prefix caches of different
+        lengths (or none), so that they prefill together instead of one group
+        each.  Row r's whole prompt (L_r tokens) is right-aligned in L =
+        max L_r columns, pad_r = L - L_r; the group's cache holds columns
+        [0, c) with c = min_r (pad_r + cached_r): every row's prefix up to
+        column c, zeros before pad_r.  Positions a row cached past c are
+        prefilled again (same tokens, same keys and values); the used counts
+        are what `cached_tokens` reports."""
+        cdef _Seq s
+        cdef int L = max(len((<_Seq>x).full_prompt) for x in take)
+        cdef int c = min(L - len((<_Seq>x).full_prompt) +
+                         ((<_Seq>x).cache.offset if (<_Seq>x).cache is not None else 0)
+                         for x in take)
+        cdef Cache out = self.make_cache()
+        caches = []
+        for x in take:
+            s = <_Seq>x
+            s.pad = L - len(s.full_prompt)
+            used = max(0, c - s.pad)
+            caches.append(s.cache if used else None)
+            if s.cache is not None and not used:
+                s.cache.free()
+            s.cache = None
+            s.cached = used
+            s.prompt = s.full_prompt[used:]
+            s.pad = c - used        # the cache's columns this row leaves empty
+        if c > 0:
+            stack_prefixes(out, caches, [c - (<_Seq>x).pad for x in take], c)
+        for x in caches:
+            if x is not None:
+                (<Cache>x).free()
+        return out
 
     cdef void _draft_fill(self, _Batch g, Array part, int off, vector[na.array]& outs) except *:
         """The draft model's cache takes the same prompt chunk (its output is
@@ -1348,7 +1443,7 @@ cdef class Engine:
         if s.lookup_k:
             _record(s, t)
         self.stats["decode_tokens"] += 1
-        ev = Event(s.id, t)
+        ev = Event(s.id, t, cached_tokens=s.cached if s.produced == 1 else None)
         if s.logprobs and lp is not None:
             ev.logprob = float(lp)
         if s.top_logprobs and top_ids is not None:

@@ -8,8 +8,15 @@ __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
-# (engine stats key, metric name, help) of the decode counters
-_SPEC = (("decode_tokens", "decode_tokens", "Tokens produced by decode steps"),
+# (engine stats key, metric name, help) of the engine's counters
+_ENGINE = (("steps", "engine_steps", "Engine steps (one decode of the running batch and/or "
+            "one prefill chunk each)"),
+           ("step_seconds", "engine_step_seconds", "Seconds spent in engine steps"),
+           ("prefill_seconds", "engine_prefill_seconds",
+            "Seconds of prefill chunks (admitting prompts into the running batch included)"),
+           ("decode_seconds", "engine_decode_seconds", "Seconds of decode steps"),
+           ("prefill_tokens", "engine_prefill_tokens", "Prompt tokens prefilled (padding included)"),
+           ("decode_tokens", "decode_tokens", "Tokens produced by decode steps"),
          ("decode_steps", "decode_steps", "Forwards of the running batch"),
          ("row_steps", "decode_row_steps", "Sequences advanced, summed over decode steps"),
          ("spec_steps", "spec_verify_steps", "Decode steps that verified proposed tokens"),
@@ -48,10 +55,14 @@ class Metrics:
                                      "Prompt tokens served from the prefix cache", registry=r)
         self.cache_bytes = Gauge("mlxcy_prefix_cache_bytes", "Bytes held by the prefix cache",
                                  registry=r)
-        # speculative decoding (--prompt-lookup, --draft-model): the engine's
-        # counters, summed over the engines this server ran
-        self.spec = {key: Counter(f"mlxcy_{name}", doc, registry=r) for key, name, doc in _SPEC}
-        self.spec_totals = dict.fromkeys(self.spec, 0)
+        # the engine's counters (steps, their time, speculative decoding),
+        # summed over the engines this server ran
+        self.engine = {key: Counter(f"mlxcy_{name}", doc, registry=r) for key, name, doc in _ENGINE}
+        self.worker_seconds = Counter("mlxcy_worker_seconds",
+                                      "Seconds the engine thread spent outside engine steps "
+                                      "(admitting requests, turning tokens into text, "
+                                      "handing them to the streams)", registry=r)
+        self.engine_totals = dict.fromkeys(self.engine, 0)
         self.acceptance = Gauge("mlxcy_spec_acceptance_rate",
                                 "Proposed tokens accepted / proposed (speculative decoding)",
                                 registry=r)
@@ -69,16 +80,16 @@ class Metrics:
     def add_engine_stats(self, stats: dict, seen: dict) -> dict:
         """Add what an engine's stats counted since `seen` (what they said
         the last time); returns the new `seen`."""
-        for key, counter in self.spec.items():
+        for key, counter in self.engine.items():
             d = stats.get(key, 0) - seen.get(key, 0)
             if d > 0:
                 counter.inc(d)
-                self.spec_totals[key] += d
-        t = self.spec_totals
+                self.engine_totals[key] += d
+        t = self.engine_totals
         self.acceptance.set(t["accepted_tokens"] / t["proposed_tokens"]
                             if t["proposed_tokens"] else 0.0)
         self.tokens_per_step.set(t["decode_tokens"] / t["row_steps"] if t["row_steps"] else 0.0)
-        return {key: stats.get(key, 0) for key in self.spec}
+        return {key: stats.get(key, 0) for key in self.engine}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -135,7 +135,7 @@ class Worker:
         self.load_options = dict(load_options or {})
         if draft_model is not None:
             self.load_options.update(draft_model=draft_model, num_draft=num_draft)
-        self._spec_seen = {}                # engine stats already added to the metrics
+        self._engine_seen = {}                # engine stats already added to the metrics
         self._samplers = {}                 # unseeded settings -> their shared Sampler
         self._byte_level = None             # token id -> bytes, for ByteLevel decoders
         self._cond = threading.Condition()
@@ -250,7 +250,7 @@ class Worker:
                               draft_model=getattr(tm, "draft_model", None),
                               num_draft=getattr(tm, "num_draft", 4), kv_bits=self.kv_bits,
                               kv_group_size=self.kv_group_size)
-        self._spec_seen = {}
+        self._engine_seen = {}
 
     def _main(self):
         try:
@@ -272,6 +272,7 @@ class Worker:
                     if self._stop:
                         break
                     cmds, self._inbox = self._inbox, []
+                t0, self._in_step = time.perf_counter(), 0.0
                 out = defaultdict(list)         # submission -> its items of this step
                 for kind, arg in cmds:
                     if kind == "add":
@@ -290,6 +291,8 @@ class Worker:
                     busy = False
                 self._gauges()
                 self._deliver(out)
+                if self.metrics is not None:
+                    self.metrics.worker_seconds.inc(time.perf_counter() - t0 - self._in_step)
         except BaseException:  # noqa: BLE001 - the thread must say why it died
             log.error("engine thread failed:\n%s", traceback.format_exc())
         finally:
@@ -305,8 +308,8 @@ class Worker:
             m.queue_depth.set(self.num_waiting)
             if self.prefix is not None:
                 m.cache_bytes.set(self.prefix.bytes)
-            self._spec_seen = m.add_engine_stats(getattr(self.engine, "stats", {}),
-                                                 self._spec_seen)
+            self._engine_seen = m.add_engine_stats(getattr(self.engine, "stats", {}),
+                                                 self._engine_seen)
 
     def _sampler(self, s):
         """The Sampler for sampling settings `s`.  Unseeded submissions with
@@ -351,8 +354,6 @@ class Worker:
                 m = self.metrics
                 if m is not None:
                     (m.cache_hits if cache is not None else m.cache_misses).inc()
-                    if n:
-                        m.cached_tokens.inc(n)
             sub.cached_tokens = n
             sid = self.engine.add(sub.prompt_ids, sampler=sampler, max_tokens=sub.max_tokens,
                                   stop_ids=sub.stop_ids, logprobs=sub.logprobs,
@@ -380,6 +381,7 @@ class Worker:
             self._end(seq, sub, "cancelled", out)
 
     def _step(self, out):
+        t0 = time.perf_counter()
         try:
             events = self.engine.step()
         except Exception as e:  # noqa: BLE001 - fail the running sequences, keep serving
@@ -394,6 +396,7 @@ class Worker:
             return
         self.steps += 1
         now = time.perf_counter()
+        self._in_step += now - t0
         for ev in events:
             seq = self.seqs.get(ev.seq_id)
             if seq is None:              # cancelled here already
@@ -413,6 +416,10 @@ class Worker:
         """Turn one engine Event of `seq` into its client's items."""
         sub = seq.sub
         m = self.metrics
+        if ev.cached_tokens is not None:      # what the engine used of the prefix
+            sub.cached_tokens = ev.cached_tokens
+            if m is not None and ev.cached_tokens:
+                m.cached_tokens.inc(ev.cached_tokens)
         if ev.token is not None and ev.token >= 0:
             tok = int(ev.token)
             seq.generated.append(tok)

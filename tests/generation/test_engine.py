@@ -142,6 +142,41 @@ def test_kept_cache_continues_the_sequence(tiny):
     assert again == _hf_greedy(tiny.hf, seq, 5)
 
 
+def test_prefix_caches_of_different_lengths_prefill_as_one_group(tiny):
+    """Sequences that bring prefix caches of different lengths are admitted
+    together (one prefill group, not one each) and continue exactly as each
+    whole prompt from scratch; sequences without a cache form the next group.
+    cached_tokens says how much of each cache was used: rows right-aligned,
+    a row recomputes the cached positions past the group's common start (a
+    sliding-window model keeps one group per cached sequence: whole caches)."""
+    base = _prompt(20, 9)
+    eng = Engine(tiny.m, max_batch=4, prefill_chunk=64)
+    caches = []
+    for n in (4, 9):      # two kept caches: base[:4] + 1 token and base + 1 token
+        sid = eng.add(base[:n], max_tokens=2, keep_cache=True)
+        out = _drain(eng)
+        caches.append((base[:n] + [out[sid][0].token], out[sid][-1].cache))
+    prompts = [caches[0][0] + _prompt(21, 6), _prompt(23, 5), caches[1][0] + _prompt(22, 2),
+               caches[1][0][:7] + _prompt(24, 4)]
+    with_cache = {0: caches[0][1], 2: caches[1][1]}
+    tokens0 = eng.stats["prefill_tokens"]
+    sids = [eng.add(p, max_tokens=6, cache=with_cache.get(i)) for i, p in enumerate(prompts)]
+    out = _drain(eng)
+    for sid, p in zip(sids, prompts):
+        assert [e.token for e in out[sid]] == _hf_greedy(tiny.hf, p, 6)
+    cached = [out[sid][0].cached_tokens for sid in sids]
+    assert all(e.cached_tokens is None for sid in sids for e in out[sid][1:])
+    if tiny.kind == "qwen3":
+        # rows 0 and 2: 11 and 12 tokens, 5 and 10 cached, remainders 6 and 2:
+        # 12 columns, the common start c = 12 - 6 = 6, row 0 padded by 1
+        assert cached == [5, 0, 6, 0]
+        # two groups: the cached rows (2 x 6 columns), then the rest (2 x 11)
+        assert eng.stats["prefill_tokens"] - tokens0 == 2 * 6 + 2 * 11
+    else:
+        assert cached == [5, 0, 10, 0]
+        assert eng.stats["prefill_tokens"] - tokens0 == 6 + 2 + 2 * 11
+
+
 def test_logprobs_and_top_logprobs(tiny):
     ids = _prompt(13, 5)
     eng = Engine(tiny.m, max_batch=2)
