@@ -9,8 +9,8 @@ __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 # (engine stats key, metric name, help) of the engine's counters
-_ENGINE = (("steps", "engine_steps", "Engine steps (one decode of the running batch and/or "
-            "one prefill chunk each)"),
+_ENGINE = (("steps", "engine_steps",
+            "Engine steps (one decode of the running batch and/or one prefill chunk each)"),
            ("step_seconds", "engine_step_seconds", "Seconds spent in engine steps"),
            ("prefill_seconds", "engine_prefill_seconds",
             "Seconds of prefill chunks (admitting prompts into the running batch included)"),
