@@ -17,11 +17,11 @@ _ENGINE = (("steps", "engine_steps",
            ("decode_seconds", "engine_decode_seconds", "Seconds of decode steps"),
            ("prefill_tokens", "engine_prefill_tokens", "Prompt tokens prefilled (padding included)"),
            ("decode_tokens", "decode_tokens", "Tokens produced by decode steps"),
-         ("decode_steps", "decode_steps", "Forwards of the running batch"),
-         ("row_steps", "decode_row_steps", "Sequences advanced, summed over decode steps"),
-         ("spec_steps", "spec_verify_steps", "Decode steps that verified proposed tokens"),
-         ("proposed_tokens", "spec_proposed_tokens", "Tokens proposed (prompt lookup or draft)"),
-         ("accepted_tokens", "spec_accepted_tokens", "Proposed tokens the model accepted"))
+           ("decode_steps", "decode_steps", "Forwards of the running batch"),
+           ("row_steps", "decode_row_steps", "Sequences advanced, summed over decode steps"),
+           ("spec_steps", "spec_verify_steps", "Decode steps that verified proposed tokens"),
+           ("proposed_tokens", "spec_proposed_tokens", "Tokens proposed (prompt lookup or draft)"),
+           ("accepted_tokens", "spec_accepted_tokens", "Proposed tokens the model accepted"))
 
 
 class Metrics:
