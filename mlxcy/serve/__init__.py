@@ -36,7 +36,7 @@ def _missing(e):
 def serve(model, host="127.0.0.1", port=8080, max_batch=32, max_queue=256,
           kv_budget=1 << 30, api_key=None, model_id=None, dtype=None, log_level="info",
           prefill_chunk=None, prompt_lookup=None, draft_model=None, num_draft=4, kv_bits=None,
-          kv_group_size=64):
+          kv_group_size=64, prefix_min_tokens=None):
     """Load `model` and serve it until interrupted."""
     try:
         import uvicorn
@@ -49,7 +49,8 @@ def serve(model, host="127.0.0.1", port=8080, max_batch=32, max_queue=256,
     worker = Worker(model, max_batch=max_batch, max_queue=max_queue, kv_budget=kv_budget,
                     metrics=metrics, dtype=dtype, prefill_chunk=prefill_chunk,
                     prompt_lookup=prompt_lookup, draft_model=draft_model, num_draft=num_draft,
-                    kv_bits=kv_bits, kv_group_size=kv_group_size).start()
+                    kv_bits=kv_bits, kv_group_size=kv_group_size,
+                    prefix_min_tokens=prefix_min_tokens).start()
     try:
         app = create_app(worker, model_id=model_id, api_key=api_key)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
@@ -88,6 +89,10 @@ def add_parser(sub, default_model, **kw):
                    help="sequences waiting beyond the batch before requests get 429")
     p.add_argument("--kv-budget", type=_bytes, default=1 << 30,
                    help="bytes of KV cache the prefix cache may keep (0: off; 512M, 2G ...)")
+    p.add_argument("--prefix-min-tokens", type=int, default=None, metavar="N",
+                   help="shortest cached prefix a request reuses (default: 16 on the CPU, "
+                        "128 on a GPU, where copying a cache costs more than prefilling a "
+                        "few tokens)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on API requests")
     p.add_argument("--model-id", default=None, help="the name clients use (default: file name)")
@@ -122,12 +127,15 @@ def add_parser(sub, default_model, **kw):
             raise SystemExit(f"--prompt-lookup: K must be >= 1, got {args.prompt_lookup}")
         if args.num_draft < 1:
             raise SystemExit(f"--num-draft: must be >= 1, got {args.num_draft}")
+        if args.prefix_min_tokens is not None and args.prefix_min_tokens < 1:
+            raise SystemExit(f"--prefix-min-tokens: must be >= 1, got {args.prefix_min_tokens}")
         serve(args.model or str(default_model()), host=args.host, port=args.port,
               max_batch=args.max_batch, max_queue=args.max_queue, kv_budget=args.kv_budget,
               api_key=args.api_key, model_id=args.model_id, dtype=args.dtype,
               log_level=args.log_level, prefill_chunk=args.prefill_chunk,
               prompt_lookup=args.prompt_lookup, draft_model=args.draft_model,
-              num_draft=args.num_draft, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+              num_draft=args.num_draft, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+              prefix_min_tokens=args.prefix_min_tokens)
         return 0
     p.set_defaults(fn=run)
     return p

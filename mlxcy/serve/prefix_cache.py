@@ -10,10 +10,19 @@ nodes of that prompt: its KV is stored once.
 
     lookup(ids)      -> (a new batch-1 cache holding ids[:n], n): the longest
                         prefix of ids the tree holds (n < len(ids), so at least
-                        one token is left to prefill); the path is marked used
+                        one token is left to prefill; n >= min_tokens, else a
+                        miss); the path is marked used
     insert(ids, c)   stores cache c (which holds exactly ids): only the part of
                         ids not yet in the tree is copied; then evicts the least
                         recently used leaves until the bytes fit the budget
+    flush()          computes the copies inserts made (lazily) since the last
+                        flush, in one evaluation: a server flushes once per step
+                        rather than waiting for each finished sequence's copy
+
+A short prefix is not worth a hit: building its cache copies every layer's
+keys and values (on a GPU, a few kernels per layer, each costing host time),
+while prefilling a few more tokens inside a batch costs next to nothing there.
+`min_tokens` sets the shortest prefix a lookup uses.
 
 The KV at position p depends only on tokens 0..p, so the positions along a
 path, concatenated, are the cache of the path's prefix.
@@ -94,9 +103,13 @@ def _positions(layer):
 class PrefixCache:
     """Radix tree of KV runs within `budget` bytes (see the module doc)."""
 
-    def __init__(self, make_cache, budget: int):
+    def __init__(self, make_cache, budget: int, min_tokens: int = 1):
+        if min_tokens < 1:
+            raise ValueError(f"min_tokens: must be >= 1, got {min_tokens}")
         self.make_cache = make_cache
         self.budget = int(budget)
+        self.min_tokens = int(min_tokens)
+        self._pending = []               # copies made by inserts, not yet computed
         self.windows = [layer.window for layer in make_cache().layers]
         self.root = _Node((), 0, None)
         self._tick = 0
@@ -126,9 +139,10 @@ class PrefixCache:
                 break
             node = child
         n = self._usable(path, pos)
-        if n < 1:
+        if n < self.min_tokens:
             self.misses += 1
             return None, 0
+        self.flush()
         self._tick += 1
         for node, _ in path:
             node.tick = self._tick
@@ -239,7 +253,7 @@ class PrefixCache:
                 continue
             a = node.held[w]
             node.kv[li] = (_own(k[:, :, a - f:node.end - f]), _own(v[:, :, a - f:node.end - f]))
-        _eval([x for kv in node.kv for x in kv])     # computed now: the cache can go
+        self._pending.extend(x for kv in node.kv for x in kv)
         node.nbytes = sum(k.nbytes + v.nbytes for k, v in node.kv)
 
     @staticmethod
@@ -276,7 +290,7 @@ class PrefixCache:
             kv.append((rk, rv))
             top.nbytes += tk.nbytes + tv.nbytes
             rest += rk.nbytes + rv.nbytes
-        _eval([x for pair in top.kv + kv for x in pair])
+        self._pending.extend(x for pair in top.kv + kv for x in pair)
         self.bytes += top.nbytes + rest - node.nbytes
         node.parent.children[node.tokens[0]] = top
         node.tokens, node.start, node.parent = node.tokens[m:], top.end, top
@@ -284,6 +298,12 @@ class PrefixCache:
         top.children = {node.tokens[0]: node}
         self.nodes += 1
         return top
+
+    def flush(self):
+        """Compute the copies made since the last flush (one evaluation)."""
+        if self._pending:
+            todo, self._pending = self._pending, []
+            _eval(todo)
 
     # -------------------------------------------------------------- eviction --
     def _leaves(self):
@@ -327,5 +347,6 @@ class PrefixCache:
             stack.extend(node.children.values())
             node.children, node.kv, node.parent = {}, None, None
         self.root = _Node((), 0, None)
+        self._pending = []
         self.bytes = 0
         self.nodes = 0

@@ -391,7 +391,8 @@ def test_prefix_tree_sliding_window(tiny_gemma):
 
 def test_prefix_tree_frees_mlx_memory(tiny_model):
     """The tree keeps its own copies of the positions: the inserted caches'
-    buffers (with their spare room) are freed, and clear() frees the copies."""
+    buffers (with their spare room) are freed once the copies are computed
+    (flush), and clear() frees the copies."""
     from mlxcy import memory
     from mlxcy.serve.prefix_cache import PrefixCache
     m = tiny_model
@@ -402,9 +403,39 @@ def test_prefix_tree_frees_mlx_memory(tiny_model):
     pc = PrefixCache(m.make_cache, budget=1 << 30)
     for s, c in zip(seqs, caches):
         pc.insert(s, c)
+    pc.flush()
     assert pc.bytes == _pos_bytes(m) * 21 * 8 < 0.1 * whole
     assert memory.get_active_memory() - base <= pc.bytes + 0.1 * whole
     cache, n = pc.lookup(seqs[3] + [1])
     cache.free()
     pc.clear()
     assert memory.get_active_memory() <= base
+
+
+def test_prefix_tree_min_tokens_and_flush(tiny_model):
+    """A prefix shorter than min_tokens is a miss; inserts copy lazily and one
+    flush computes every copy (lookups flush first)."""
+    from mlxcy.serve.prefix_cache import PrefixCache
+    m = tiny_model
+    with pytest.raises(ValueError, match="min_tokens: must be >= 1, got 0"):
+        PrefixCache(m.make_cache, budget=1 << 30, min_tokens=0)
+    pc = PrefixCache(m.make_cache, budget=1 << 30, min_tokens=5)
+    s = list(range(10, 22))
+    pc.insert(s, _cached(m, s))
+    assert pc._pending and pc.bytes == _pos_bytes(m) * len(s)
+    pc.flush()
+    assert not pc._pending
+    assert pc.lookup(s[:4] + [90, 91]) == (None, 0) and pc.misses == 1
+    cache, n = pc.lookup(s[:5] + [90])
+    assert n == 5 and cache.offset == 5 and pc.hits == 1
+    got = _prefill(m, [90], cache)
+    np.testing.assert_allclose(got, _prefill(m, s[:5] + [90], m.make_cache())[5:],
+                               rtol=1e-4, atol=1e-4)
+    cache.free()
+
+
+def test_worker_prefix_min_tokens_checked():
+    from mlxcy.serve.worker import Worker, default_prefix_min_tokens
+    with pytest.raises(ValueError, match="prefix_min_tokens: must be >= 1, got 0"):
+        Worker("unused", prefix_min_tokens=0)
+    assert default_prefix_min_tokens() == 16        # the tests run on the CPU
