@@ -278,7 +278,10 @@ cdef void take_rows(Cache cache, const na.array& idx) except *:
 
 
 cdef Cache row_cache(Model model, Cache cache, int row, int pad):
-    """A batch-1 cache holding row `row`'s real positions (from its pad on)."""
+    """A batch-1 cache holding row `row`'s real positions (from its pad on).
+    Layers without a sliding window get views of the batch's buffers (no
+    copy: the caller, e.g. a prefix tree, copies what it keeps; the next
+    write grows the layer into a buffer of its own)."""
     cdef Cache out = empty_like(cache)
     cdef LayerCache src, dst
     cdef na.array k, v
@@ -287,6 +290,14 @@ cdef Cache row_cache(Model model, Cache cache, int row, int pad):
         src = <LayerCache>cache.layers[i]
         dst = <LayerCache>out.layers[i]
         if src.keys == NULL:
+            continue
+        if src.window == 0:
+            k, v = src.keys[0], src.values[0]
+            _set(&dst.keys, heap(nops.slice(k, _shape4(row, 0, pad, 0), _shape4(
+                row + 1, k.shape(1), src.offset, k.shape(3)))))
+            _set(&dst.values, heap(nops.slice(v, _shape4(row, 0, pad, 0), _shape4(
+                row + 1, v.shape(1), src.offset, v.shape(3)))))
+            dst.offset = src.offset - pad
             continue
         k = nnn.own(_ordered(src, src.keys))
         v = nnn.own(_ordered(src, src.values))
