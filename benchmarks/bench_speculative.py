@@ -4,6 +4,7 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
+        [--models qwen,smol]
 
 Draft models: a speedup measured with a random-weight pair says nothing
 (acceptance is chance), and the registry offers no real pair of models with
@@ -74,12 +75,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--draft", action="append", default=[], metavar="TARGET=DRAFT")
+    ap.add_argument("--models", default="qwen,smol",
+                    help="which of the cases' models to run (qwen: Qwen2.5-Coder-0.5B, "
+                         "smol: SmolLM2-135M)")
     a = ap.parse_args()
-    models = {"qwen": qwen25_gguf(), "smol": smollm2_gguf()}
+    wanted = a.models.split(",")
+    models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
+              if name in wanted}
     loaded = {}
     print(f"{'model':6} {'prompt':26} {'plain tok/s':>11} {'lookup tok/s':>12} {'ratio':>6} "
           f"{'accept':>6} {'tok/step':>8} identical")
     for name, what, prompt, chat in CASES:
+        if name not in models:
+            continue
         if name not in loaded:
             loaded[name] = mlxcy.load(models[name])
         tm = loaded[name]

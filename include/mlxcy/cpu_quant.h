@@ -384,20 +384,42 @@ MLXCY_AVX2 inline void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, cons
   }
 }
 
-// x [K] as int16 per block of 32 (xd[j]: the block's scale, amax / 32767), in
-// the order a row's packed values are read: for 4 bits each block's even k
-// first, then its odd k (the low, then the high nibbles of its 16 bytes).
+// Within each batch of 8 blocks, the order in which the 4-bit kernel's
+// reduction yields the blocks' sums (see matvec_q4_i16_avx2).
+constexpr int kPairOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+// x [K] as int16 per block of 32 (xd[j]: the block's scale, amax / 32767;
+// xd holds a multiple of 8 entries, zero past the blocks), in the order a
+// row's packed values are read.  5 and 8 bits: k order.  4 bits: two blocks
+// (64 values) at a time as four runs of 16, run q holding values 4 i + q
+// (i < 16) -- the nibbles a 16-bit lane of the 32 bytes holds, bits
+// 4q..4q+3 -- and xd permuted by kPairOrder within each batch of 8 blocks;
+// an odd last block is paired with zeros (xq holds K rounded up to 64).
 inline void quantize_i16(const float* x, int K, int bits, int16_t* xq, float* xd) {
-  for (int j = 0; j < K / 32; ++j) {
-    const float* xb = x + 32 * j;
-    const float amax = amax32(xb);
-    const float inv = amax > 0 ? 32767.f / amax : 0.f;
+  const int NB = K / 32;
+  thread_local std::vector<float> inv;
+  inv.resize(NB);
+  for (int j = 0; j < NB; ++j) {
+    const float amax = amax32(x + 32 * j);
+    inv[j] = amax > 0 ? 32767.f / amax : 0.f;
     xd[j] = amax / 32767.f;
-    int16_t* dst = xq + 32 * j;
-    for (int i = 0; i < 32; ++i) {
-      const int src = bits == 4 ? (i < 16 ? 2 * i : 2 * (i - 16) + 1) : i;
-      dst[i] = int16_t(std::lrint(xb[src] * inv));
-    }
+  }
+  auto q = [&](int k) { return int16_t(std::lrint(x[k] * inv[k / 32])); };
+  if (bits != 4) {
+    for (int k = 0; k < K; ++k) xq[k] = q(k);
+    return;
+  }
+  for (int p = 0; p < (NB + 1) / 2; ++p)
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 16; ++i) {
+        const int k = 64 * p + 4 * i + r;
+        xq[64 * p + 16 * r + i] = k < K ? q(k) : 0;
+      }
+  const int NBp = (NB + 7) / 8 * 8;
+  for (int j0 = 0; j0 < NBp; j0 += 8) {
+    float t[8];
+    for (int l = 0; l < 8; ++l) t[l] = j0 + kPairOrder[l] < NB ? xd[j0 + kPairOrder[l]] : 0.f;
+    std::memcpy(xd + j0, t, sizeof t);
   }
 }
 
@@ -417,18 +439,13 @@ MLXCY_AVX2 inline __m256i unpack16_5(const uint8_t* p) {
   return _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(v, bytes), mul), 11);
 }
 
-// Block j (32 values) of a 4-, 5- or 8-bit row as two vectors of 16 int16, in
-// quantize_i16's order.  5 bits read 6 bytes past the block.
+// Block j (32 values) of a 5- or 8-bit row as two vectors of 16 int16, in
+// k order.  5 bits read 6 bytes past the block.
 template <int BITS>
 MLXCY_AVX2 inline void block_i16(const uint8_t* row, int j, __m256i& a, __m256i& b) {
   if constexpr (BITS == 5) {
     a = unpack16_5(row + 20 * j);
     b = unpack16_5(row + 20 * j + 10);
-  } else if constexpr (BITS == 4) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j));
-    const __m128i low = _mm_set1_epi8(0x0f);
-    a = _mm256_cvtepu8_epi16(_mm_and_si128(v, low));
-    b = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low));
   } else {
     a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * j)));
     b = _mm256_cvtepu8_epi16(
@@ -464,8 +481,8 @@ MLXCY_AVX2 inline __m256 load_sb8(const void* p, Elt t, int64_t i, int n) {
   return load_sb8(h, t, 0, 8);
 }
 
-// The integer dot of block j of a 4- or 8-bit row with x (quantize_i16's
-// order): 8 int32 lanes, exact (|q x| < 2^23 per lane).
+// The integer dot of block j of a 5- or 8-bit row with x (k order): 8 int32
+// lanes, exact (|q x| < 2^23 per lane).
 template <int BITS>
 MLXCY_AVX2 inline __m256i dot_block_i16(const uint8_t* row, const int16_t* xq, int j) {
   __m256i a, b;
@@ -516,6 +533,73 @@ MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const floa
       if (lb) sc = _mm256_permutevar8x32_ps(sc, spread);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
                             _mm256_mul_ps(sc, _mm256_loadu_ps(xd + NB8)), acc);
+    }
+    for (int g0 = 0; g0 < G; g0 += 8)
+      acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
+                            _mm256_loadu_ps(xsum + g0), acc);
+    y[n] = hsum8(acc);
+  }
+}
+
+// The integer dots of blocks j and j + 1 of a 4-bit row with x (quantize_i16's
+// pair order): lanes 0-3 sum block j's products, lanes 4-7 block j + 1's.
+// The 32 bytes are read as 16-bit lanes, each holding four nibbles: masks
+// and shifts within the lane give four vectors of 16 values (no widening
+// shuffle), each met by its run of x.  `half`: block j + 1 is past the row
+// (only 16 bytes are read; its lanes are zero).
+MLXCY_AVX2 inline __m256i dot_pair_q4(const uint8_t* row, const int16_t* xp, int j, bool half) {
+  const __m256i v = half ? _mm256_zextsi128_si256(
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)))
+                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * j));
+  const __m256i m = _mm256_set1_epi16(0x000f);
+  const __m256i* x = reinterpret_cast<const __m256i*>(xp);
+  const __m256i a = _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256(x));
+  const __m256i b = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+                                      _mm256_loadu_si256(x + 1));
+  const __m256i c = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), m),
+                                      _mm256_loadu_si256(x + 2));
+  const __m256i d = _mm256_madd_epi16(_mm256_srli_epi16(v, 12), _mm256_loadu_si256(x + 3));
+  return _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d));
+}
+
+// matvec_q_i16_avx2 for 4-bit rows with x in quantize_i16's pair order: each
+// batch of 8 blocks is four pair dots, reduced by three hadds into one lane
+// per block (in kPairOrder, which xd already follows; the scales are
+// permuted to it).
+MLXCY_AVX2 void matvec_q4_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
+                                   const float* xsum, float* y, int n0, int n1) {
+  const int G = W.K / W.gs, NB = W.K / 32, bpg = W.gs / 32;
+  const int lb = bpg == 1 ? 0 : bpg == 2 ? 1 : 2;   // blocks per group, log2 (gs <= 128)
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  const int64_t ld = W.w_ld * 4;
+  __m256i order;
+  {
+    alignas(32) int32_t o[8];
+    for (int l = 0; l < 8; ++l) o[l] = kPairOrder[l] >> lb;
+    order = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
+  }
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* row = w + int64_t(n) * ld;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc = _mm256_setzero_ps();
+    __m256i p[4];
+    for (int j0 = 0; j0 < NB; j0 += 8) {
+      if (j0 + 8 <= NB) {
+#pragma GCC unroll 4
+        for (int l = 0; l < 4; ++l) p[l] = dot_pair_q4(row, xq + 32 * (j0 + 2 * l), j0 + 2 * l, false);
+      } else {
+        for (int l = 0; l < 4; ++l) {
+          const int j = j0 + 2 * l;
+          p[l] = j < NB ? dot_pair_q4(row, xq + 32 * j, j, j + 1 == NB) : _mm256_setzero_si256();
+        }
+      }
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]),
+                                          _mm256_hadd_epi32(p[2], p[3]));
+      const int nb = std::min(8, NB - j0);
+      const __m256 sc = _mm256_permutevar8x32_ps(
+          load_sb8(W.s, W.st, si + (j0 >> lb), (nb + bpg - 1) >> lb), order);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)),
+                            acc);
     }
     for (int g0 = 0; g0 < G; g0 += 8)
       acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
@@ -767,10 +851,11 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
       const int NBp = (NB + 7) / 8 * 8;
       float* xd = scratch_f(3, size_t(M) * NBp);
       std::fill(xd, xd + size_t(M) * NBp, 0.f);
+      const int Kp = (K + 63) / 64 * 64;   // 4 bits: blocks go in pairs
       if (mode == kInt16) {
-        xq16.resize(size_t(M) * K);
+        xq16.resize(size_t(M) * Kp);
         for (int m = 0; m < M; ++m)
-          quantize_i16(x + int64_t(m) * K, K, W.bits, xq16.data() + int64_t(m) * K, xd + m * NBp);
+          quantize_i16(x + int64_t(m) * K, K, W.bits, xq16.data() + int64_t(m) * Kp, xd + m * NBp);
       } else {
         xq8.resize(size_t(M) * K);
         for (int m = 0; m < M; ++m)
@@ -786,11 +871,11 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
           if (mode == kInt8)
             matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
           else if (W.bits == 4)
-            matvec_q_i16_avx2<4>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
+            matvec_q4_i16_avx2(W, q16 + int64_t(m) * Kp, xd + m * NBp, xs, yr, n0, n1);
           else if (W.bits == 5)
-            matvec_q_i16_avx2<5>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
+            matvec_q_i16_avx2<5>(W, q16 + int64_t(m) * Kp, xd + m * NBp, xs, yr, n0, n1);
           else
-            matvec_q_i16_avx2<8>(W, q16 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
+            matvec_q_i16_avx2<8>(W, q16 + int64_t(m) * Kp, xd + m * NBp, xs, yr, n0, n1);
           add_bias(yr, n0, n1);
         }
       };
