@@ -42,10 +42,48 @@ MLXCY_AVX2 inline float dot_avx2(const void* a, Elt ta, const float* b, int D) {
   return hsum8(s);
 }
 
-MLXCY_AVX2 inline void axpy_avx2(float p, const void* v, Elt tv, float* acc, int D) {
-  __m256 pv = _mm256_set1_ps(p);
-  for (int i = 0; i < D; i += 8)
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, load8(v, tv, i), _mm256_loadu_ps(acc + i)));
+// The scores of 8 keys (rows kt bytes apart) against q, as one vector: eight
+// accumulators, then one transposing reduction instead of eight.
+MLXCY_AVX2 inline __m256 dot8_avx2(const char* k, int64_t kt, Elt tk, const float* q, int D) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(load8(k + i * kt, tk, d), qv, a[i]);
+  }
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// p[t] = dot(key t, q) for t < n, eight keys at a time.
+MLXCY_AVX2 inline void scores_avx2(const char* k0, int64_t kt, Elt tk, const float* q, int D,
+                                   int n, float* p) {
+  int t = 0;
+  for (; t + 8 <= n; t += 8) _mm256_storeu_ps(p + t, dot8_avx2(k0 + t * kt, kt, tk, q, D));
+  for (; t < n; ++t) p[t] = dot_avx2(k0 + t * kt, tk, q, D);
+}
+
+// acc[:D] = sum_t p[t] * inv * v[t] over keys with p[t] != 0 (a hidden key's
+// value may be anything, NaN included), up to 64 lanes at a time with the
+// sums in registers (D a multiple of 8).
+MLXCY_AVX2 inline void weighted_sum_avx2(const char* v0, int64_t vt, Elt tv, const float* p,
+                                         float inv, int n, float* acc, int D) {
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    const int nc = std::min(8, (D - d0) / 8);
+    __m256 r[8];
+    for (int c = 0; c < 8; ++c) r[c] = _mm256_setzero_ps();
+    for (int t = 0; t < n; ++t) {
+      if (p[t] == 0.f) continue;
+      const __m256 w = _mm256_set1_ps(p[t] * inv);
+      const char* vr = v0 + t * vt;
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c)
+        if (c < nc) r[c] = _mm256_fmadd_ps(w, load8(vr, tv, d0 + 8 * c), r[c]);
+    }
+    for (int c = 0; c < nc; ++c) _mm256_storeu_ps(acc + d0 + 8 * c, r[c]);
+  }
 }
 #endif
 
@@ -118,37 +156,35 @@ inline void attention_f32(const mx::array& q, const mx::array& k, const mx::arra
     const int64_t kt = k.strides()[2] * ik, vt = v.strides()[2] * iv;
     const char* mrow = mk.p ? mk.p + (b * mk.st[0] + h * mk.st[1] + i * mk.st[2]) * mk.item
                             : nullptr;
-    float mx_ = -INFINITY;
-    for (int t = 0; t < n; ++t) {
+    int t = 0;
 #if MLXCY_X86
-      float s = vec ? dot_avx2(k0 + t * kt, tk, qf, D) : dot_scalar(k0 + t * kt, tk, sk, qf, D);
-#else
-      float s = dot_scalar(k0 + t * kt, tk, sk, qf, D);
+    if (vec) scores_avx2(k0, kt, tk, qf, D, n, p);
+    else
 #endif
+      for (; t < n; ++t) p[t] = dot_scalar(k0 + t * kt, tk, sk, qf, D);
+    float mx_ = -INFINITY;
+    for (t = 0; t < n; ++t) {
       if (mrow) {
         const char* e = mrow + t * mk.st[3] * mk.item;
         // a hidden key scores the lowest finite float, as in MLX: a query that
         // sees no key (a padding row) averages the values instead of making NaN
-        s = mk.is_bool ? (*e ? s : -FLT_MAX) : s + load_elt(e, mk.t, 0);
+        p[t] = mk.is_bool ? (*e ? p[t] : -FLT_MAX) : p[t] + load_elt(e, mk.t, 0);
       }
-      p[t] = s;
-      mx_ = s > mx_ ? s : mx_;
+      mx_ = p[t] > mx_ ? p[t] : mx_;
     }
     float den = 0;
-    for (int t = 0; t < n; ++t) {
+    for (t = 0; t < n; ++t) {
       p[t] = std::exp(p[t] - mx_);
       den += p[t];
     }
     const float inv = 1.f / den;
-    std::fill(acc, acc + D, 0.f);
-    for (int t = 0; t < n; ++t) {
-      if (p[t] == 0.f) continue;   // a hidden key: its value may be anything, NaN included
 #if MLXCY_X86
-      if (vec) axpy_avx2(p[t] * inv, v0 + t * vt, tv, acc, D);
-      else axpy_scalar(p[t] * inv, v0 + t * vt, tv, sv, acc, D);
-#else
-      axpy_scalar(p[t] * inv, v0 + t * vt, tv, sv, acc, D);
+    if (vec) return weighted_sum_avx2(v0, vt, tv, p, inv, n, acc, D);
 #endif
+    std::fill(acc, acc + D, 0.f);
+    for (t = 0; t < n; ++t) {
+      if (p[t] == 0.f) continue;   // a hidden key: its value may be anything, NaN included
+      axpy_scalar(p[t] * inv, v0 + t * vt, tv, sv, acc, D);
     }
   };
   auto tasks = [&](int j0, int j1) {
