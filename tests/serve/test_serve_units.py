@@ -435,7 +435,8 @@ def test_prefix_tree_min_tokens_and_flush(tiny_model):
 
 
 def test_worker_prefix_min_tokens_checked():
+    from mlxcy.device import default_device
     from mlxcy.serve.worker import Worker, default_prefix_min_tokens
     with pytest.raises(ValueError, match="prefix_min_tokens: must be >= 1, got 0"):
         Worker("unused", prefix_min_tokens=0)
-    assert default_prefix_min_tokens() == 16        # the tests run on the CPU
+    assert default_prefix_min_tokens() == (16 if default_device().type == "cpu" else 128)
