@@ -33,26 +33,6 @@ def _missing(e):
                       f"pip install 'mlxcy[serve]'")
 
 
-def _fixed_mmap_threshold():
-    """Keep freed KV buffers returnable to the system (Linux, glibc).  glibc
-    raises its mmap threshold to the size of each large block freed, so after
-    a while the buffers a server allocates and frees by the thousand (caches,
-    prefix-tree nodes) come from the heap, which fragments and does not
-    shrink: in a 10-minute soak, process RSS grew in steps while MLX's own
-    memory was flat.  A fixed threshold (glibc's initial 128 KiB) keeps every
-    block of that size or more in a mapping of its own, unmapped when freed."""
-    import ctypes
-    import sys
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:          # not glibc (musl ...): its allocator returns memory differently
-        return
-    m_mmap_threshold = -3    # <malloc.h>
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
-
-
 def serve(model, host="127.0.0.1", port=8080, max_batch=32, max_queue=256,
           kv_budget=1 << 30, api_key=None, model_id=None, dtype=None, log_level="info",
           prefill_chunk=None, prompt_lookup=None, draft_model=None, num_draft=4, kv_bits=None,
@@ -65,7 +45,6 @@ def serve(model, host="127.0.0.1", port=8080, max_batch=32, max_queue=256,
         from .worker import Worker
     except ImportError as e:
         raise _missing(e) from None
-    _fixed_mmap_threshold()
     metrics = Metrics()
     worker = Worker(model, max_batch=max_batch, max_queue=max_queue, kv_budget=kv_budget,
                     metrics=metrics, dtype=dtype, prefill_chunk=prefill_chunk,
