@@ -26,7 +26,8 @@ class Event:
     token: the sampled id, or -1 when the event only ends the sequence;
     finish_reason: None while the sequence runs, else "stop", "length" or
     "cancelled"; cache: on the final event of a sequence added with
-    keep_cache=True, its batch-1 Cache; cached_tokens: on a sequence's first
+    keep_cache=True, its batch-1 Cache (a row of a larger batch: views of
+    the batch's buffers until its next write); cached_tokens: on a sequence's first
     token, the prompt tokens taken from the cache given to add()."""
 
     seq_id: int

@@ -388,7 +388,11 @@ class Event:
     while the sequence runs, else "stop" (a stop id), "length" (max_tokens),
     "cancelled"; cache: on the final event of a sequence added with
     keep_cache=True, its batch-1 Cache (prompt + the generated tokens fed
-    back, `cache.offset` of them), now the caller's; cached_tokens: on a
+    back, `cache.offset` of them), now the caller's (a row of a larger batch
+    comes as views of the batch's buffers, for layers without a sliding
+    window: they keep those buffers alive until the cache's next write grows
+    it into buffers of its own, so a caller that holds many should copy
+    them); cached_tokens: on a
     sequence's first token, how many prompt tokens came from the cache given
     to add() (the engine may prefill part of a cached prefix again to batch
     prompts together), else None."""
