@@ -239,28 +239,17 @@ cdef void merge_caches(Cache a, Cache b, int da, int db) except *:
 
 
 cdef void stack_prefixes(Cache out, list caches, list used, int c) except *:
-    """out := one row per entry of `caches` (batch-1 caches without sliding
-    windows, or None), row r holding the first used[r] positions of its
-    cache right-aligned at column c, zeros before them."""
+    """out := one row per cache of `caches` (batch-1 caches without sliding
+    windows), row r holding the first used[r] positions of its cache
+    right-aligned at column c, zeros before them."""
     cdef LayerCache lo, lr
     cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
-    cdef na.array proto, k, v
     cdef int i, r
     for i in range(len(out.layers)):
         lo = <LayerCache>out.layers[i]
         ks.clear()
         vs.clear()
         for r in range(len(caches)):
-            if caches[r] is not None:
-                lr = <LayerCache>(<Cache>caches[r]).layers[i]
-                proto = lr.keys[0]
-                break
-        for r in range(len(caches)):
-            if caches[r] is None:
-                k = nops.zeros(_shape4(1, proto.shape(1), c, proto.shape(3)), proto.dtype())
-                ks.push_back(k)
-                vs.push_back(k)
-                continue
             lr = <LayerCache>(<Cache>caches[r]).layers[i]
             ks.push_back(rows.left_pad_t(nnn.slice_t(lr.keys[0], 0, used[r]), c - used[r]))
             vs.push_back(rows.left_pad_t(nnn.slice_t(lr.values[0], 0, used[r]), c - used[r]))
@@ -865,7 +854,7 @@ cdef class Engine:
         if len(take) == 1 and s.cache is not None:
             g.cache, s.cache = s.cache, None
             s.pad, s.cached = 0, g.cache.offset
-        elif any((<_Seq>x).cache is not None for x in take):
+        elif s.cache is not None:       # a group's rows all bring caches, or none does
             g.cache = self._stack_prefixes(take)
         else:
             g.cache = self.make_cache()
@@ -894,8 +883,8 @@ cdef class Engine:
         return self.draft is None and _can_trim(cache)
 
     cdef Cache _stack_prefixes(self, list take):
-        """One cache for a group whose rows bring prefix caches of different
-        lengths (or none), so that they prefill together instead of one group
+        """One cache for a group whose rows all bring prefix caches, of
+        different lengths, so that they prefill together instead of one group
         each.  Row r's whole prompt (L_r tokens) is right-aligned in L =
         max L_r columns, pad_r = L - L_r; the group's cache holds columns
         [0, c) with c = min_r (pad_r + cached_r): every row's prefix up to
@@ -904,27 +893,21 @@ cdef class Engine:
         are what `cached_tokens` reports."""
         cdef _Seq s
         cdef int L = max(len((<_Seq>x).full_prompt) for x in take)
-        cdef int c = min(L - len((<_Seq>x).full_prompt) +
-                         ((<_Seq>x).cache.offset if (<_Seq>x).cache is not None else 0)
-                         for x in take)
+        cdef int c = min(L - len((<_Seq>x).full_prompt) + (<_Seq>x).cache.offset for x in take)
         cdef Cache out = self.make_cache()
-        caches = []
+        caches, used = [], []
         for x in take:
             s = <_Seq>x
-            s.pad = L - len(s.full_prompt)
-            used = max(0, c - s.pad)
-            caches.append(s.cache if used else None)
-            if s.cache is not None and not used:
-                s.cache.free()
+            s.cached = max(0, c - (L - len(s.full_prompt)))
+            s.prompt = s.full_prompt[s.cached:]
+            s.pad = c - s.cached        # the cache's columns this row leaves empty
+            caches.append(s.cache)
+            used.append(s.cached)
             s.cache = None
-            s.cached = used
-            s.prompt = s.full_prompt[used:]
-            s.pad = c - used        # the cache's columns this row leaves empty
         if c > 0:
-            stack_prefixes(out, caches, [c - (<_Seq>x).pad for x in take], c)
+            stack_prefixes(out, caches, used, c)
         for x in caches:
-            if x is not None:
-                (<Cache>x).free()
+            (<Cache>x).free()
         return out
 
     cdef void _draft_fill(self, _Batch g, Array part, int off, vector[na.array]& outs) except *:

@@ -138,7 +138,7 @@ class Worker:
         self.load_options = dict(load_options or {})
         if draft_model is not None:
             self.load_options.update(draft_model=draft_model, num_draft=num_draft)
-        self._engine_seen = {}                # engine stats already added to the metrics
+        self._engine_seen = {}              # engine stats already added to the metrics
         self._samplers = {}                 # unseeded settings -> their shared Sampler
         self._byte_level = None             # token id -> bytes, for ByteLevel decoders
         self._cond = threading.Condition()
@@ -315,7 +315,7 @@ class Worker:
             if self.prefix is not None:
                 m.cache_bytes.set(self.prefix.bytes)
             self._engine_seen = m.add_engine_stats(getattr(self.engine, "stats", {}),
-                                                 self._engine_seen)
+                                                   self._engine_seen)
 
     def _sampler(self, s):
         """The Sampler for sampling settings `s`.  Unseeded submissions with
