@@ -27,8 +27,10 @@ It checks, and exits with status 1 when any check fails:
   - MLX active memory, less what the prefix cache holds, is back at its level
     before the load (within --tolerance-mb): cancelled and dropped sequences
     leak nothing.
-It prints process RSS and MLX memory sampled every --sample-every seconds and
-the RSS change from the end of warm-up (the first quarter) to the end.
+It prints process RSS and MLX memory sampled every --sample-every seconds,
+the growth after warm-up, less the prefix cache's, of the RSS and of the RSS
+right after the server's heap trims (what it keeps; medians of the second and
+last quarters' samples), and the RSS once idle after the load.
 """
 from __future__ import annotations
 
@@ -51,6 +53,20 @@ WORDS = ("river mountain lantern copper violet harbor meadow thunder orchard gla
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "count": {"type": "integer"}},
           "required": ["name", "count"], "additionalProperties": False}
+
+
+def _rss_growth(samples, seconds, key):
+    """Growth of samples[key] after warm-up, less what the prefix cache took
+    meanwhile (it fills to its budget by design): the median of the last
+    quarter's samples minus the median of the second quarter's (medians,
+    as RSS is a saw-tooth: the server gives freed heap pages back every 10 s,
+    mlxcy.memory.trim_heap, and they fault in again as the load goes on)."""
+    def med(lo, hi):
+        xs = sorted(s[key] - s["prefix_mb"] for s in samples
+                    if lo * seconds <= s["t"] < hi * seconds and s[key] > 0)
+        return xs[len(xs) // 2] if xs else None
+    a, b = med(0.25, 0.5), med(0.75, 1.01)
+    return None if a is None or b is None else round(b - a, 1)
 
 
 def _bad_requests(model):
@@ -371,6 +387,7 @@ class Soak:
                 "mlx_active_mb": m["mlxcy_mlx_active_memory_bytes"] / 2 ** 20,
                 "mlx_cache_mb": m.get("mlxcy_mlx_cache_memory_bytes", 0) / 2 ** 20,
                 "prefix_mb": m.get("mlxcy_prefix_cache_bytes", 0) / 2 ** 20,
+                "rss_trimmed_mb": m.get("mlxcy_resident_memory_after_trim_bytes", 0) / 2 ** 20,
                 "running": m.get("mlxcy_running_sequences", 0)}
 
     def run(self, *, seconds=None, actions=None, sample_every=10.0, tolerance_mb=1.0,
@@ -419,13 +436,14 @@ class Soak:
         if leak > allowed:
             failures.append(f"MLX active memory outside the prefix cache grew by {leak:.2f} MB "
                             f"(before {before}, after {after})")
-        warm = [s for s in self.samples if s["t"] >= (time.time() - t_start) / 4]
-        report = {"seconds": round(time.time() - t_start, 1), "sessions": self.sessions,
+        secs = time.time() - t_start
+        report = {"seconds": round(secs, 1), "sessions": self.sessions,
                   "requests": sum(self.counts.values()), "counts": dict(sorted(self.counts.items())),
                   "cached_tokens": self.cached_tokens, "before": before, "after": after,
                   "mlx_leak_mb": round(leak, 3), "prefix_growth_mb": round(grown, 3),
-                  "rss_growth_after_warmup_mb": round(warm[-1]["rss_mb"] - warm[0]["rss_mb"], 1)
-                  if len(warm) > 1 else None,
+                  "rss_growth_after_warmup_mb": _rss_growth(self.samples, secs, "rss_mb"),
+                  "rss_after_trim_growth_mb": _rss_growth(self.samples, secs, "rss_trimmed_mb"),
+                  "rss_idle_after_mb": round(after["rss_mb"]),
                   "samples": self.samples, "failures": failures[:50], "ok": not failures}
         return report
 

@@ -2,7 +2,7 @@
 
 __all__ = ["get_active_memory", "get_peak_memory", "reset_peak_memory",
            "get_cache_memory", "set_memory_limit", "get_memory_limit",
-           "set_cache_limit", "set_wired_limit", "clear_cache"]
+           "set_cache_limit", "set_wired_limit", "clear_cache", "trim_heap"]
 
 def get_active_memory() -> int: ...
 def get_peak_memory() -> int: ...
@@ -16,3 +16,6 @@ def set_cache_limit(limit: int) -> int:
 def set_wired_limit(limit: int) -> int:
     """Set the wired memory limit (Metal only); returns the previous limit."""
 def clear_cache() -> None: ...
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc malloc_trim);
+    returns whether any were (False where the C library has none)."""

@@ -11,9 +11,12 @@ physical memory up front, but cannot see intermediates.
 """
 from mlxcy.native cimport memory as nm
 
+cdef extern from "mlxcy/heap.h" namespace "mlxcy" nogil:
+    bint _trim_heap "mlxcy::trim_heap"()
+
 __all__ = ["get_active_memory", "get_peak_memory", "reset_peak_memory",
            "get_cache_memory", "set_memory_limit", "get_memory_limit",
-           "set_cache_limit", "set_wired_limit", "clear_cache"]
+           "set_cache_limit", "set_wired_limit", "clear_cache", "trim_heap"]
 
 
 cdef size_t _size(object n, str fn) except? 0:
@@ -69,3 +72,21 @@ def set_wired_limit(limit):
 def clear_cache():
     """Return cached buffers to the system."""
     nm.clear_cache()
+
+
+def trim_heap():
+    """Give the C heap's free pages back to the system (glibc's
+    ``malloc_trim(0)``); returns whether any were.
+
+    MLX's CPU buffers live on the C heap.  When their shapes keep changing (a
+    server's batches and caches), freed buffers leave free chunks between live
+    ones that glibc keeps: the resident size grows while the memory in use
+    does not.  This returns those pages; it walks the free lists (a few ms for
+    hundreds of MB) and the pages fault back in when used again, so call it
+    now and then, not per step.  A no-op returning False where the C library
+    has no malloc_trim (macOS, musl).  Call clear_cache() first to include
+    MLX's cached buffers."""
+    cdef bint r
+    with nogil:
+        r = _trim_heap()
+    return r

@@ -1,5 +1,8 @@
 """mlxcy.device and mlxcy.memory, with mlx.core (MLX's own bindings) as the
 reference for what the device layer reports."""
+import platform
+import subprocess
+import sys
 import threading
 
 import mlx.core as mx
@@ -130,3 +133,40 @@ def test_limits_round_trip():
         M.set_cache_limit(-1)
     with pytest.raises(TypeError, match="set_memory_limit"):
         M.set_memory_limit("1GB")
+
+
+_FRAGMENT = r"""
+import mlxcy as mc
+from mlxcy import memory as M, transforms as T
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) << 10 for l in f if l.startswith("VmRSS"))
+
+M.set_cache_limit(0)                     # freed buffers go straight back to malloc
+big = mc.zeros((1 << 22,), mc.float32) + 1   # 16 MiB: mmapped; freeing it raises
+T.eval(big); big.free()                      # glibc's mmap threshold above 1 MiB
+xs, keep = [], []
+for i in range(160):                     # 1 MiB buffers, each with a live 64 KiB one after it
+    xs.append(mc.zeros((1 << 18,), mc.float32) + i)
+    keep.append(mc.zeros((1 << 14,), mc.float32) + i)
+    T.eval(xs[-1], keep[-1])
+before = rss()
+for x in xs:
+    x.free()
+freed = rss()
+trimmed = M.trim_heap()
+print(before >> 20, freed >> 20, rss() >> 20, trimmed)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+@pytest.mark.skipif(mx.is_available(mx.gpu), reason="CPU buffers live on the C heap")
+def test_trim_heap_returns_the_pages_of_freed_buffers():
+    # In a fresh process, so the heap's state is this test's: 160 MiB of
+    # buffers freed between live ones stay resident until the trim.
+    out = subprocess.run([sys.executable, "-c", _FRAGMENT], capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, freed, after, trimmed = int(out[0]), int(out[1]), int(out[2]), out[3]
+    assert freed > before - 40, (before, freed)         # free() alone kept the pages
+    assert trimmed == "True" and after < freed - 120, (before, freed, after)

@@ -1,6 +1,8 @@
 """Prometheus metrics of one server (prometheus_client, its own registry)."""
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, ProcessCollector, generate_latest)
 
@@ -76,6 +78,19 @@ class Metrics:
         self.mlx_cache = Gauge("mlxcy_mlx_cache_memory_bytes",
                                "MLX memory kept for reuse (mlxcy.memory.get_cache_memory)",
                                registry=r)
+        self.rss_trimmed = Gauge("mlxcy_resident_memory_after_trim_bytes",
+                                 "Process RSS right after the engine thread's latest heap trim "
+                                 "(mlxcy.memory.trim_heap): what the server keeps, without the "
+                                 "freed pages that build up between trims", registry=r)
+
+    def heap_trimmed(self):
+        """Record the RSS after a heap trim (Linux; elsewhere nothing)."""
+        try:
+            with open("/proc/self/statm") as f:
+                pages = int(f.read().split()[1])
+        except OSError:
+            return
+        self.rss_trimmed.set(pages * os.sysconf("SC_PAGE_SIZE"))
 
     def add_engine_stats(self, stats: dict, seen: dict) -> dict:
         """Add what an engine's stats counted since `seen` (what they said

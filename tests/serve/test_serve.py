@@ -532,6 +532,30 @@ def test_dropped_client_frees_its_rows(srv):
     assert st == 200 and h["running"] == 0
 
 
+def test_heap_trimmed_when_the_batch_drains(srv, client, monkeypatch):
+    # The RSS of a busy server stays flat only if the C heap's free pages go
+    # back to the system (mlxcy.memory.trim_heap, tested there); the worker
+    # trims every TRIM_EVERY seconds under load and once when the batch drains.
+    import mlxcy.serve.worker as W
+    worker, _ = srv
+    _wait_idle(worker)
+    calls = []
+    monkeypatch.setattr(W, "TRIM_EVERY", 1e9)        # only the drain's trim is left
+    monkeypatch.setattr(W, "trim_heap", lambda: calls.append(worker.num_running))
+    client.completions.create(model=MODEL, prompt=random_ids(300), max_tokens=3)
+    _wait_idle(worker)
+    deadline = time.time() + 10
+    while not calls and time.time() < deadline:
+        time.sleep(0.05)
+    assert calls and set(calls) == {0}          # (the previous test's drain may be seen too)
+    # and /metrics shows the RSS right after it, within the process's RSS now
+    _, _, text = H.request(srv[1].port, "GET", "/metrics")
+    val = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+           if ln and not ln.startswith("#")}
+    kept = val["mlxcy_resident_memory_after_trim_bytes"]
+    assert 0.5 < kept / val["process_resident_memory_bytes"] < 1.5
+
+
 def test_non_streaming_client_gone_is_cancelled(srv):
     import socket
     worker, live = srv
