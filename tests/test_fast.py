@@ -141,6 +141,17 @@ def test_rope_array_offsets(traditional):
                                **TIGHT)
 
 
+@pytest.mark.parametrize("offset", ["int", "rows", "scalar array"])
+def test_rope_one_position_many_rows(offset):
+    # A decode step of 200 rows with a head dimension of 16: on a CUDA GPU
+    # MLX 0.32.4's rope cannot launch this shape, and mlxcy splits the rows.
+    x, offs = randn(200, 4, 1, 16), RNG.integers(0, 64, 200).astype(np.int32)
+    o = {"int": 9, "rows": mlxcy.array(offs), "scalar array": mlxcy.array(9)}[offset]
+    out = fast.rope(mlxcy.array(x), 16, traditional=False, base=10000.0, scale=1.0, offset=o)
+    ref = ref_rope(x, 16, False, 10000.0, 1.0, offs if offset == "rows" else 9)
+    np.testing.assert_allclose(as_np(out), ref, **TIGHT)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_rope_low_precision(dtype):
     x, xv = lowp(randn(1, 2, 8, 32), dtype)

@@ -2,12 +2,15 @@
 // std::optional<array> arguments, so a null pointer means "absent".
 #pragma once
 
+#include <algorithm>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <mlx/mlx.h>
 
-#include "mlxcy/core.h"  // opt
+#include "mlxcy/core.h"   // opt
+#include "mlxcy/fused.h"  // cuda_default_device
 
 namespace mlxcy {
 namespace mx = mlx::core;
@@ -21,17 +24,54 @@ inline mx::array layer_norm(const mx::array& x, const mx::array* w, const mx::ar
   return mx::fast::layer_norm(x, opt(w), opt(b), eps);
 }
 
+// MLX 0.32.4's CUDA rope fails to launch ("invalid argument") on one position
+// (a decode step) with a head dimension of 16 once batch x heads >= 512
+// (H200; head dimensions 64 and 128 launch at every batch size tried, up to
+// 256 x 32; 32 was not tried and is split too).  Such inputs go through in
+// launches of at most 256 rows x heads.
+inline int rope_batch_chunk(const mx::array& x) {
+  if (x.ndim() < 3 || x.shape(-2) != 1 || x.shape(-1) > 32 || !cuda_default_device()) return 0;
+  int heads = int(x.size() / (size_t(x.shape(0)) * x.shape(-1)));
+  int chunk = std::max(1, 256 / std::max(1, heads));
+  return chunk < x.shape(0) ? chunk : 0;
+}
+
+// The concatenation of f(rows [r, e) of x, r, e) over chunks of `chunk` rows.
+template <typename F>
+mx::array rope_in_chunks(const mx::array& x, int chunk, F f) {
+  std::vector<mx::array> parts;
+  for (int r = 0; r < x.shape(0); r += chunk) {
+    int e = std::min(r + chunk, x.shape(0));
+    mx::Shape lo(x.ndim(), 0), hi = x.shape();
+    lo[0] = r;
+    hi[0] = e;
+    parts.push_back(f(mx::slice(x, lo, hi), r, e));
+  }
+  return mx::concatenate(parts, 0);
+}
+
 // base <= 0 means "use freqs" (which must then be given).
 inline mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale,
                       int offset, const mx::array* freqs) {
   std::optional<float> b = base > 0 ? std::optional<float>(base) : std::nullopt;
-  return mx::fast::rope(x, dims, traditional, b, scale, offset, opt(freqs));
+  auto f = [&](const mx::array& xs, int, int) {
+    return mx::fast::rope(xs, dims, traditional, b, scale, offset, opt(freqs));
+  };
+  int chunk = rope_batch_chunk(x);
+  return chunk ? rope_in_chunks(x, chunk, f) : f(x, 0, 0);
 }
 
+// offset: a scalar or one position per batch row.
 inline mx::array rope_offsets(const mx::array& x, int dims, bool traditional, float base,
                               float scale, const mx::array& offset, const mx::array* freqs) {
   std::optional<float> b = base > 0 ? std::optional<float>(base) : std::nullopt;
-  return mx::fast::rope(x, dims, traditional, b, scale, offset, opt(freqs));
+  bool per_row = offset.ndim() == 1 && offset.shape(0) > 1;
+  auto f = [&](const mx::array& xs, int r, int e) {
+    auto o = per_row && xs.shape(0) != x.shape(0) ? mx::slice(offset, {r}, {e}) : offset;
+    return mx::fast::rope(xs, dims, traditional, b, scale, o, opt(freqs));
+  };
+  int chunk = rope_batch_chunk(x);
+  return chunk ? rope_in_chunks(x, chunk, f) : f(x, 0, x.shape(0));
 }
 
 // mask_mode: "" (none or an array mask), "causal"; mask may be additive or boolean.
