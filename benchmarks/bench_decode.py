@@ -3,6 +3,7 @@ same process.  Greedy, end-of-sequence ignored, a fixed random prompt.
 
     python benchmarks/bench_decode.py --models smollm2-135m --quant bf16,4bit
     python benchmarks/bench_decode.py --gguf            # the real SmolLM2 GGUF (CPU target)
+    python benchmarks/bench_decode.py --models llama-3.2-1b --quant bf16 --torch-graph
 
 Models are random-weight Hugging Face directories of real shapes (speed does
 not depend on the values), written once under $MLXCY_CACHE/bench; 4-bit ones
@@ -155,6 +156,60 @@ class MlxLmEngine:
         self.mx.clear_cache()
 
 
+class TorchGraphEngine:
+    """The PyTorch loop that issue 19 measures against: transformers' model in
+    bf16 with a static KV cache, its one-token step compiled by torch.compile
+    with mode="reduce-overhead" (replayed as a CUDA graph).  bf16 only."""
+
+    def __init__(self, path, max_len):
+        import torch
+        from transformers import AutoModelForCausalLM, StaticCache
+        self.torch, self.dev = torch, "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16).to(self.dev).eval()
+        try:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        except TypeError:   # transformers < 4.56
+            self.cache = StaticCache(config=self.model.config, max_batch_size=1,
+                                     max_cache_len=max_len, device=self.dev,
+                                     dtype=torch.bfloat16)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=True)
+
+    def _forward(self, ids, pos):
+        out = self.model(ids, cache_position=pos, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1:].argmax(-1)
+
+    def once(self, prompt, n):
+        torch = self.torch
+        with torch.inference_mode():
+            self.cache.reset()
+            t0 = time.perf_counter()
+            tok = self._forward(torch.tensor([prompt], device=self.dev),
+                                torch.arange(len(prompt), device=self.dev))
+            first = int(tok)
+            t1 = time.perf_counter()
+            pos = torch.tensor([len(prompt)], device=self.dev)
+            out = []
+            for _ in range(n - 1):
+                tok = self.step(tok, pos).clone()   # a graph's output is overwritten by the next replay
+                pos += 1
+                out.append(tok)
+            tokens = [first] + [int(t) for t in out]
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, tokens
+
+    def reset_peak(self):
+        if self.dev == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_bytes(self):
+        return self.torch.cuda.max_memory_allocated() if self.dev == "cuda" else 0
+
+    def close(self):
+        del self.model, self.cache, self.step
+
+
 def measure(engine, prompt, n):
     """One timed run; peak memory = the run's working set above what was
     already allocated, plus the engine's own weights (the other engine's
@@ -163,15 +218,20 @@ def measure(engine, prompt, n):
     memory.clear_cache()
     before = memory.get_active_memory()
     memory.reset_peak_memory()
+    own = hasattr(engine, "peak_bytes")        # torch counts its own memory
+    if own:
+        engine.reset_peak()
     tp, td, tokens = engine.once(prompt, n)
-    peak = memory.get_peak_memory() - before + engine.weight_bytes
+    peak = engine.peak_bytes() if own else memory.get_peak_memory() - before + engine.weight_bytes
     return {"prefill_tok_s": len(prompt) / tp, "decode_tok_s": (len(tokens) - 1) / td,
             "peak_mb": peak / 2**20}, tokens
 
 
-def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None):
+def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None, torch_graph=False):
     prompt = np.random.default_rng(0).integers(100, vocab - 1, prompt_len).tolist()
     engines = {"mlxcy": MlxcyEngine(path, fuse), "mlx_lm": MlxLmEngine(path)}
+    if torch_graph:
+        engines["torch"] = TorchGraphEngine(path, prompt_len + n + 16)
     try:
         for e in engines.values():   # warm-up at full length: kernels built, compile traced
             e.once(prompt, 8)
@@ -199,7 +259,10 @@ def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None):
                               for a, b in zip(runs["mlxcy"], runs["mlx_lm"])],
             "prefill_ratios": [round(a["prefill_tok_s"] / b["prefill_tok_s"], 3)
                                for a, b in zip(runs["mlxcy"], runs["mlx_lm"])],
-            "same_tokens": tokens["mlxcy"] == tokens["mlx_lm"]}
+            "same_tokens": tokens["mlxcy"] == tokens["mlx_lm"],
+            **({f"torch_{k}": round(v, 2) for k, v in med["torch"].items()} if torch_graph else {}),
+            **({"torch_ratio": round(ours["decode_tok_s"] / med["torch"]["decode_tok_s"], 3)}
+               if torch_graph else {})}
 
 
 def main():
@@ -216,6 +279,9 @@ def main():
                     help="SmolLM2-135M from its real GGUF instead of random weights: "
                     "dequantized to a bf16 HF directory, and that converted to MLX 4-bit "
                     "(group 64) by convert_hf_to_mlx; --quant picks the rows")
+    ap.add_argument("--torch-graph", action="store_true",
+                    help="bf16 rows also run the PyTorch loop (static cache, torch.compile "
+                    "reduce-overhead: CUDA graphs); torch_ratio = mlxcy / it")
     ap.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args()
     from mlxcy.assets import cache_dir
@@ -237,7 +303,7 @@ def main():
             for q in quants:
                 path = variant_dir(src, q)
                 rows.append(compare(f"{name} {q}", path, vocab, args.prompt, args.gen,
-                                    args.rounds, fuse))
+                                    args.rounds, fuse, args.torch_graph and q == "bf16"))
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     if args.out:
@@ -258,10 +324,12 @@ def print_table(rows):
     cols = ["model", "mlxcy_decode_tok_s", "mlx_lm_decode_tok_s", "decode_ratio",
             "mlxcy_prefill_tok_s", "mlx_lm_prefill_tok_s", "prefill_ratio", "mlxcy_peak_mb",
             "mlx_lm_peak_mb", "memory_ratio"]
+    if any("torch_ratio" in r for r in rows):
+        cols += ["torch_decode_tok_s", "torch_ratio"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 
 
 if __name__ == "__main__":
