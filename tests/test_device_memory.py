@@ -14,6 +14,8 @@ from mlxcy import device as D
 from mlxcy import memory as M
 from mlxcy import transforms as T
 
+import subproc
+
 
 def test_device_objects():
     assert D.cpu == D.Device("cpu", 0) and D.cpu != D.gpu
@@ -165,8 +167,10 @@ print(before >> 20, freed >> 20, rss() >> 20, trimmed)
 def test_trim_heap_returns_the_pages_of_freed_buffers():
     # In a fresh process, so the heap's state is this test's: 160 MiB of
     # buffers freed between live ones stay resident until the trim.
-    out = subprocess.run([sys.executable, "-c", _FRAGMENT], capture_output=True, text=True,
-                         check=True).stdout.split()
+    r = subprocess.run([sys.executable, "-c", _FRAGMENT], capture_output=True, text=True,
+                       env=subproc.env(), cwd=subproc.CWD)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split()
     before, freed, after, trimmed = int(out[0]), int(out[1]), int(out[2]), out[3]
     assert freed > before - 40, (before, freed)         # free() alone kept the pages
     assert trimmed == "True" and after < freed - 120, (before, freed, after)
