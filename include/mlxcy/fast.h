@@ -25,14 +25,15 @@ inline mx::array layer_norm(const mx::array& x, const mx::array* w, const mx::ar
 }
 
 // MLX 0.32.4's CUDA rope fails to launch ("invalid argument") on one position
-// (a decode step) with a head dimension of 16 once batch x heads >= 512
-// (H200; head dimensions 64 and 128 launch at every batch size tried, up to
-// 256 x 32; 32 was not tried and is split too).  Such inputs go through in
-// launches of at most 256 rows x heads.
+// (a decode step) with a head dimension of 16: contiguous inputs from a batch
+// of 128 rows at any head count and from batch x heads >= 512 below that, the
+// fused q/k views at 128 rows (H200; head dimensions 64 and 128 launch at every
+// size tried, up to 256 rows x 32 heads; 32 was not tried and is split too).
+// Such inputs go through in launches of at most 64 rows and 256 rows x heads.
 inline int rope_batch_chunk(const mx::array& x) {
   if (x.ndim() < 3 || x.shape(-2) != 1 || x.shape(-1) > 32 || !cuda_default_device()) return 0;
   int heads = int(x.size() / (size_t(x.shape(0)) * x.shape(-1)));
-  int chunk = std::max(1, 256 / std::max(1, heads));
+  int chunk = std::max(1, std::min(64, 256 / std::max(1, heads)));
   return chunk < x.shape(0) ? chunk : 0;
 }
 

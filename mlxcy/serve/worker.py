@@ -34,8 +34,9 @@ log = logging.getLogger("mlxcy.serve")
 # Seconds between returns of the C heap's free pages to the system while
 # sequences run (and once whenever the batch drains): without them the RSS of
 # a server under changing load grows in steps (mlxcy.memory.trim_heap).  A
-# trim costs a few ms of the engine thread; the pages it returns fault back
-# in at ~15 MB/s of a busy 2-core server.
+# trim takes ~20 ms of the engine thread; the pages it returns fault in again
+# as the load goes on (~250 MB per 10 s in docs/serve.md's soak), and trimming
+# every 2 s narrowed that only to ~200 MB for 1% of the thread's time.
 TRIM_EVERY = 10.0
 
 
