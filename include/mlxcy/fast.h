@@ -51,28 +51,24 @@ mx::array rope_in_chunks(const mx::array& x, int chunk, F f) {
   return mx::concatenate(parts, 0);
 }
 
-// base <= 0 means "use freqs" (which must then be given).
-inline mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale,
-                      int offset, const mx::array* freqs) {
-  std::optional<float> b = base > 0 ? std::optional<float>(base) : std::nullopt;
-  auto f = [&](const mx::array& xs, int, int) {
-    return mx::fast::rope(xs, dims, traditional, b, scale, offset, opt(freqs));
-  };
-  int chunk = rope_batch_chunk(x);
-  return chunk ? rope_in_chunks(x, chunk, f) : f(x, 0, 0);
-}
-
-// offset: a scalar or one position per batch row.
+// offset: a scalar or one position per batch row; base <= 0 means "use
+// freqs" (which must then be given).
 inline mx::array rope_offsets(const mx::array& x, int dims, bool traditional, float base,
                               float scale, const mx::array& offset, const mx::array* freqs) {
   std::optional<float> b = base > 0 ? std::optional<float>(base) : std::nullopt;
-  bool per_row = offset.ndim() == 1 && offset.shape(0) > 1;
-  auto f = [&](const mx::array& xs, int r, int e) {
-    auto o = per_row && xs.shape(0) != x.shape(0) ? mx::slice(offset, {r}, {e}) : offset;
-    return mx::fast::rope(xs, dims, traditional, b, scale, o, opt(freqs));
-  };
   int chunk = rope_batch_chunk(x);
-  return chunk ? rope_in_chunks(x, chunk, f) : f(x, 0, x.shape(0));
+  if (!chunk) return mx::fast::rope(x, dims, traditional, b, scale, offset, opt(freqs));
+  bool per_row = offset.ndim() == 1 && offset.shape(0) > 1;
+  return rope_in_chunks(x, chunk, [&](const mx::array& xs, int r, int e) {
+    auto o = per_row ? mx::slice(offset, {r}, {e}) : offset;
+    return mx::fast::rope(xs, dims, traditional, b, scale, o, opt(freqs));
+  });
+}
+
+// One position for every row.
+inline mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale,
+                      int offset, const mx::array* freqs) {
+  return rope_offsets(x, dims, traditional, base, scale, mx::array(offset, mx::int32), freqs);
 }
 
 // mask_mode: "" (none or an array mask), "causal"; mask may be additive or boolean.
