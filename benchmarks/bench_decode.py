@@ -130,6 +130,19 @@ class MlxcyEngine:
         self.model.close()
 
 
+class MlxcyOpsEngine(MlxcyEngine):
+    """mlxcy with the one-kernel GPU decode step off (every step op by op):
+    the A/B for include/mlxcy/gpu_step.h."""
+
+    def once(self, prompt, n):
+        from mlxcy.models.base import set_gpu_decode_step
+        old = set_gpu_decode_step(False)
+        try:
+            return super().once(prompt, n)
+        finally:
+            set_gpu_decode_step(old)
+
+
 class MlxLmEngine:
     def __init__(self, path):
         import mlx.core as mx
@@ -227,9 +240,14 @@ def measure(engine, prompt, n):
             "peak_mb": peak / 2**20}, tokens
 
 
-def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None, torch_graph=False):
+def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None, torch_graph=False,
+            ops=False):
+    from mlxcy.models.base import gpu_decode_steps
     prompt = np.random.default_rng(0).integers(100, vocab - 1, prompt_len).tolist()
     engines = {"mlxcy": MlxcyEngine(path, fuse), "mlx_lm": MlxLmEngine(path)}
+    if ops:
+        engines["mlxcy_ops"] = MlxcyOpsEngine(path, fuse)
+    steps0 = gpu_decode_steps()
     if torch_graph:
         engines["torch"] = TorchGraphEngine(path, prompt_len + n + 16)
     try:
@@ -246,6 +264,7 @@ def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None, torch_graph=
     finally:
         for e in engines.values():
             e.close()
+    kernel_steps = gpu_decode_steps() - steps0
     med = {k: {m: statistics.median(row[m] for row in rs) for m in rs[0]}
            for k, rs in runs.items()}
     ours, theirs = med["mlxcy"], med["mlx_lm"]
@@ -260,6 +279,10 @@ def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None, torch_graph=
             "prefill_ratios": [round(a["prefill_tok_s"] / b["prefill_tok_s"], 3)
                                for a, b in zip(runs["mlxcy"], runs["mlx_lm"])],
             "same_tokens": tokens["mlxcy"] == tokens["mlx_lm"],
+            "one_kernel_steps": kernel_steps,
+            **({"ops_decode_tok_s": round(med["mlxcy_ops"]["decode_tok_s"], 2),
+                "step_vs_ops": round(ours["decode_tok_s"] / med["mlxcy_ops"]["decode_tok_s"], 3),
+                "same_tokens_ops": tokens["mlxcy"] == tokens["mlxcy_ops"]} if ops else {}),
             **({f"torch_{k}": round(v, 2) for k, v in med["torch"].items()} if torch_graph else {}),
             **({"torch_ratio": round(ours["decode_tok_s"] / med["torch"]["decode_tok_s"], 3)}
                if torch_graph else {})}
@@ -282,6 +305,8 @@ def main():
     ap.add_argument("--torch-graph", action="store_true",
                     help="bf16 rows also run the PyTorch loop (static cache, torch.compile "
                     "reduce-overhead: CUDA graphs); torch_ratio = mlxcy / it")
+    ap.add_argument("--ops", action="store_true",
+                    help="also run mlxcy with the one-kernel GPU step off (step_vs_ops)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args()
     from mlxcy.assets import cache_dir
@@ -294,7 +319,7 @@ def main():
         for q in quants:
             path = variant_dir(hf, q)
             rows.append(compare(f"SmolLM2-135M (GGUF) {q}", path, 49152, args.prompt, args.gen,
-                                args.rounds, fuse))
+                                args.rounds, fuse, ops=args.ops))
             print(json.dumps(rows[-1]), flush=True)
     else:
         for name in [m for m in args.models.split(",") if m]:
@@ -303,7 +328,8 @@ def main():
             for q in quants:
                 path = variant_dir(src, q)
                 rows.append(compare(f"{name} {q}", path, vocab, args.prompt, args.gen,
-                                    args.rounds, fuse, args.torch_graph and q == "bf16"))
+                                    args.rounds, fuse, args.torch_graph and q == "bf16",
+                                    args.ops))
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     if args.out:
@@ -326,6 +352,8 @@ def print_table(rows):
             "mlx_lm_peak_mb", "memory_ratio"]
     if any("torch_ratio" in r for r in rows):
         cols += ["torch_decode_tok_s", "torch_ratio"]
+    if any("step_vs_ops" in r for r in rows):
+        cols += ["ops_decode_tok_s", "step_vs_ops", "one_kernel_steps"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

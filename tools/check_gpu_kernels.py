@@ -58,16 +58,56 @@ def gemv_cases():
                       ACT=2, EPS_BITS=eps)
 
 
+def step_kernel(i: int, t: str, L: int, **c) -> str:
+    """One instantiation of the whole-step kernel (include/mlxcy/gpu_step.h),
+    with the body its launch code generates for L layers."""
+    ty = CTYPE[t]
+    consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
+                     f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in c.items())
+    kv = "".join(f", const {ty}* {n}{l}" for n in "kv" for l in range(L))
+    kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
+    vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
+    return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
+            f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
+            f"const uint32_t* bar{kv}, {ty}* logits, float* scratch) {{\n  using T = {ty};\n"
+            f"  constexpr int NL = {L};\n{consts}"
+            f"  T* kc[NL] = {{{kinit}}};\n  T* vc[NL] = {{{vinit}}};\n"
+            f"  mlxcy_step::decode_step<T, BITS, GS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, QK_NORM>("
+            f"tok, meta, reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc, "
+            f"__int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS), "
+            f"scratch, logits, const_cast<unsigned*>(bar));\n}}\n}}\n")
+
+
+def step_cases():
+    eps, sc = 0x3727C5AC, 0x3E000000
+    # Llama-3.2-1B bf16, Qwen3-0.6B 4-bit, SmolLM2 8-bit, a tiny float32 model
+    yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
+                           QKV_BIAS=False, QK_NORM=False, EPS_BITS=eps, QK_EPS_BITS=eps,
+                           SCALE_BITS=sc)
+    yield "bf16", 28, dict(BITS=4, GS=64, D=1024, NQ=16, NKV=8, HD=128, FF=3072, V=151936,
+                           QKV_BIAS=False, QK_NORM=True, EPS_BITS=eps, QK_EPS_BITS=eps,
+                           SCALE_BITS=sc)
+    yield "bf16", 30, dict(BITS=8, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
+                           QKV_BIAS=True, QK_NORM=False, EPS_BITS=eps, QK_EPS_BITS=eps,
+                           SCALE_BITS=sc)
+    yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
+                         QKV_BIAS=True, QK_NORM=True, EPS_BITS=eps, QK_EPS_BITS=eps,
+                         SCALE_BITS=sc)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", help="write the .cu here and keep it")
     ap.add_argument("--ptxas-verbose", action="store_true", help="registers and spills per kernel")
     a = ap.parse_args()
     src = raw_strings(ROOT / "include/mlxcy/gpu_gemv.h")
-    parts = [PRELUDE, src["gemv_device_source"]]
+    step = raw_strings(ROOT / "include/mlxcy/gpu_step.h")
+    parts = [PRELUDE, src["gemv_device_source"], step["step_device_source"]]
     body = src["gemv_body_source"].replace("x_shape[0]", "x_shape[0]")
     for i, (t, c) in enumerate(gemv_cases()):
         parts.append(gemv_kernel(i, body, t, **c))
+    for i, (t, L, c) in enumerate(step_cases()):
+        parts.append(step_kernel(i, t, L, **c))
     cu = "\n".join(parts)
     d = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
     d.mkdir(parents=True, exist_ok=True)
@@ -79,7 +119,8 @@ def main():
     r = subprocess.run(cmd, capture_output=True, text=True)
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
-    print(("ok" if r.returncode == 0 else "FAILED") + f": {len(list(gemv_cases()))} gemv kernels, {f}")
+    print(("ok" if r.returncode == 0 else "FAILED") + f": {len(list(gemv_cases()))} gemv kernels, "
+          f"{len(list(step_cases()))} step kernels, {f}")
     sys.exit(r.returncode)
 
 

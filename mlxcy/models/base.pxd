@@ -78,6 +78,7 @@ cdef class Model:
     cdef bint is_closed
     cdef dict quant
     cdef int dtype_code
+    cdef object gpu_step           # None: not planned yet; False: not eligible; else _GpuStep
     cdef na.array* forward(self, const na.array& ids, Cache cache, const na.array* mask,
                            const na.array* offsets, bint last_only) except NULL
     cdef int _check_open(self) except -1

@@ -19,6 +19,8 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport fused as nfused
+from mlxcy.native cimport gpu_step as ngs
+from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
@@ -683,6 +685,259 @@ cdef Array _ids_array(object ids, int vocab):
     return to_array(npids.astype(np.int32))
 
 
+# ------------------------------------------------- the one-kernel GPU step ---
+# On a CUDA GPU a one-token step of one sequence over KV caches runs as a
+# single kernel launch (include/mlxcy/gpu_step.h) when the model is a plain
+# pre-norm decoder (Llama/Mistral without a sliding window, Qwen2, Qwen3) in
+# bfloat16/float16/float32 or MLX's 4/8-bit layout; anything else takes the
+# op-by-op path below.  set_gpu_decode_step(False) turns it off (A/B runs).
+
+cdef extern from "<pthread.h>" nogil:
+    unsigned long pthread_self()
+
+cdef bint _gpu_step_on = True
+cdef long long _gpu_steps = 0
+
+
+def set_gpu_decode_step(bint on):
+    """Use the one-kernel decode step on CUDA GPUs where it applies (default
+    True); returns the previous setting."""
+    global _gpu_step_on
+    old = _gpu_step_on
+    _gpu_step_on = on
+    return old
+
+
+def gpu_decode_steps():
+    """How many decode steps have run as the one-kernel GPU step (tests and
+    benchmarks check that the path was taken)."""
+    return _gpu_steps
+
+
+cdef class _GpuStep:
+    """What the kernel needs of a model besides its weights: its shapes, the
+    rotary inverse frequencies, the barrier counters, the thread it runs on
+    (the counters are per model: two threads' streams must not share them)."""
+    cdef ngs.StepConfig cfg
+    cdef na.array* inv_freq
+    cdef na.array* bar
+    cdef unsigned long thread
+
+    def __dealloc__(self):
+        if self.inv_freq != NULL:
+            del self.inv_freq
+        if self.bar != NULL:
+            del self.bar
+
+
+cdef bint _plain(Linear l) noexcept:
+    return l is not None and type(l) is Linear and l.weight != NULL and l.lora_a == NULL
+
+
+cdef object _plan_gpu_step(Model m):
+    """A _GpuStep for m, or False when its layers are not what the kernel runs."""
+    if type(m) is not Model or not m.layers:
+        return False
+    cdef Block b0 = <Block>m.layers[0]
+    cdef Attention a0 = b0.attn
+    cdef _GpuStep p = _GpuStep()
+    cdef Linear probe = a0.o_proj
+    p.cfg.dtype = na.dtype_from_code(m.dtype_code)
+    p.cfg.bits = probe.bits if probe is not None and probe.quantized else 0
+    p.cfg.group_size = probe.group_size if p.cfg.bits else 0
+    p.cfg.D = m.config.hidden_size
+    p.cfg.NQ, p.cfg.NKV, p.cfg.HD = a0.n_heads, a0.n_kv_heads, a0.head_dim
+    p.cfg.FF = b0.mlp.down_proj.in_features if b0.mlp.down_proj is not None else 0
+    p.cfg.V = m.config.vocab_size
+    p.cfg.L = len(m.layers)
+    p.cfg.scale = a0.scale
+    p.cfg.eps = b0.input_norm.eps
+    p.cfg.qk_norm = a0.q_norm is not None
+    p.cfg.qk_eps = a0.q_norm.eps if a0.q_norm is not None else 1e-6
+    cdef Linear first = a0.qkv_proj if a0.qkv_proj is not None else a0.q_proj
+    p.cfg.qkv_bias = first is not None and first.bias != NULL
+    if ngs.step_config_problem(p.cfg).size() != 0:
+        return False
+    if m.embed.quantized != (p.cfg.bits != 0) or (m.lm_head is not None and
+                                                   not _fits(m.lm_head, p, p.cfg.D, p.cfg.V)):
+        return False
+    if m.embed.quantized and (m.embed.bits != p.cfg.bits or m.embed.group_size != p.cfg.group_size):
+        return False
+    cdef Block b
+    cdef Attention a
+    for blk in m.layers:
+        if type(blk) is not Block:
+            return False
+        b = <Block>blk
+        a = b.attn
+        if (a.softcap > 0 or a.window != 0 or b.mlp.gelu or b.pre_ff_norm is not None
+                or b.post_ff_norm is not None or a.rope.dyn_factor > 0
+                or a.rope.dims != a.head_dim or a.n_heads != p.cfg.NQ
+                or a.n_kv_heads != p.cfg.NKV or a.head_dim != p.cfg.HD or a.scale != p.cfg.scale
+                or (a.q_norm is not None) != p.cfg.qk_norm
+                or b.input_norm.eps != p.cfg.eps or b.post_attn_norm.eps != p.cfg.eps):
+            return False
+    if m.norm.eps != p.cfg.eps:
+        return False
+    # RoPE: theta_i = pos * inv_freq[i], scale folded in (as Rope.apply's MLX call)
+    cdef Rope r = a0.rope
+    cdef int half = p.cfg.HD // 2
+    if r.freqs != NULL:
+        inv = r.scale / np.asarray(wrap(new na.array(r.freqs[0])), dtype=np.float64)
+    else:
+        inv = r.scale * np.power(float(r.base), -np.arange(half, dtype=np.float64) * 2 / r.dims)
+    p.inv_freq = copy_native(to_array(inv.astype(np.float32)))
+    p.bar = new na.array(nops.zeros(na.shape1(2), na.uint32))
+    p.inv_freq.eval()
+    p.bar.eval()
+    p.thread = <unsigned long>pthread_self()
+    return p
+
+
+cdef bint _fits(Linear l, _GpuStep p, int k, int n) noexcept:
+    """Is l an [n, k] layer of the kernel's weight format?"""
+    cdef int code = na.dtype_code(p.cfg.dtype)
+    if not _plain(l) or l.in_features != k or l.out_features != n:
+        return False
+    if p.cfg.bits == 0:
+        return not l.quantized and na.dtype_code(l.weight.dtype()) == code
+    return (l.quantized and l.bits == p.cfg.bits and l.group_size == p.cfg.group_size
+            and l.qbiases != NULL and na.dtype_code(l.scales.dtype()) == code
+            and na.dtype_code(l.qbiases.dtype()) == code)
+
+
+cdef inline void _put(vector[ngs.StepPtr]& e, const na.array* a, int row0) noexcept:
+    cdef ngs.StepPtr s = ngs.StepPtr()
+    s.a = a
+    s.row0 = row0
+    e.push_back(s)
+
+
+cdef void _put_linear(vector[ngs.StepPtr]& e, Linear l, int row0) noexcept:
+    _put(e, l.weight, row0)
+    _put(e, l.scales if l.quantized else NULL, row0)
+    _put(e, l.qbiases if l.quantized else NULL, row0)
+
+
+cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
+    """Append the 28 table entries of block b (gpu_step.h's layout); False if
+    a layer does not fit (LoRA attached, freed, another format)."""
+    cdef Attention a = b.attn
+    cdef MLP m = b.mlp
+    cdef int D = p.cfg.D, nq = p.cfg.NQ * p.cfg.HD, nk = p.cfg.NKV * p.cfg.HD, FF = p.cfg.FF
+    cdef int i
+    cdef Linear l
+    cdef int r0[3]
+    r0[0], r0[1], r0[2] = 0, nq, nq + nk
+    if b.input_norm.weight == NULL or b.post_attn_norm.weight == NULL:
+        return False
+    _put(e, b.input_norm.weight, 0)
+    if a.qkv_proj is not None:
+        l = a.qkv_proj
+        if not _fits(l, p, D, nq + 2 * nk) or (l.bias != NULL) != p.cfg.qkv_bias:
+            return False
+        for i in range(3):
+            _put_linear(e, l, r0[i])
+        for i in range(3):
+            _put(e, l.bias, r0[i])
+    else:
+        for l in (a.q_proj, a.k_proj, a.v_proj):
+            if not _fits(l, p, D, nq if l is a.q_proj else nk) \
+                    or (l.bias != NULL) != p.cfg.qkv_bias:
+                return False
+            _put_linear(e, l, 0)
+        for l in (a.q_proj, a.k_proj, a.v_proj):
+            _put(e, l.bias, 0)
+    if p.cfg.qk_norm:
+        if a.q_norm.weight == NULL or a.k_norm.weight == NULL:
+            return False
+        _put(e, a.q_norm.weight, 0)
+        _put(e, a.k_norm.weight, 0)
+    else:
+        _put(e, NULL, 0)
+        _put(e, NULL, 0)
+    if not _fits(a.o_proj, p, nq, D) or a.o_proj.bias != NULL:
+        return False
+    _put_linear(e, a.o_proj, 0)
+    _put(e, b.post_attn_norm.weight, 0)
+    if m.gate_up_proj is not None:
+        if not _fits(m.gate_up_proj, p, D, 2 * FF) or m.gate_up_proj.bias != NULL:
+            return False
+        _put_linear(e, m.gate_up_proj, 0)
+        _put_linear(e, m.gate_up_proj, FF)
+    else:
+        if not _fits(m.gate_proj, p, D, FF) or not _fits(m.up_proj, p, D, FF) \
+                or m.gate_proj.bias != NULL or m.up_proj.bias != NULL:
+            return False
+        _put_linear(e, m.gate_proj, 0)
+        _put_linear(e, m.up_proj, 0)
+    if not _fits(m.down_proj, p, FF, D) or m.down_proj.bias != NULL:
+        return False
+    _put_linear(e, m.down_proj, 0)
+    return True
+
+
+cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* mask,
+                   const na.array* offsets, na.array** out) except -1:
+    """The one-kernel step for a [1, 1] token over plain KV caches with room
+    for one more position; False (nothing done) when it does not apply."""
+    global _gpu_steps
+    if (not _gpu_step_on or cache is None or mask != NULL or offsets != NULL
+            or ids.ndim() != 2 or ids.shape(0) != 1 or ids.shape(1) != 1
+            or na.dtype_code(ids.dtype()) != na.dtype_code(na.int32)
+            or not ngs.cuda_default_device()):
+        return False
+    if m.gpu_step is None:
+        m.gpu_step = _plan_gpu_step(m)
+    if m.gpu_step is False:
+        return False
+    cdef _GpuStep p = <_GpuStep>m.gpu_step
+    if p.thread != <unsigned long>pthread_self():
+        return False
+    cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
+    cdef LayerCache lc
+    cdef int off = -1, cap = -1
+    for c in cache.layers:
+        if type(c) is not KVCache:
+            return False
+        lc = <LayerCache>c
+        if lc.keys == NULL or lc.keys.ndim() != 4 or lc.keys.shape(0) != 1 \
+                or lc.keys.shape(1) != p.cfg.NKV or lc.keys.shape(3) != p.cfg.HD \
+                or na.dtype_code(lc.keys.dtype()) != m.dtype_code \
+                or na.dtype_code(lc.values.dtype()) != m.dtype_code:
+            return False
+        if off < 0:
+            off, cap = lc.offset, lc.keys.shape(2)
+        if lc.offset != off or lc.keys.shape(2) != cap or lc.values.shape(2) != cap \
+                or off >= cap:
+            return False
+        ks.push_back(lc.keys[0])
+        vs.push_back(lc.values[0])
+    cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
+    for b in m.layers:
+        if not _layer_entries(e, <Block>b, p):
+            return False
+    _put(e, m.embed.weight, 0)
+    _put(e, m.embed.scales if m.embed.quantized else NULL, 0)
+    _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
+    if m.embed.weight == NULL or m.norm.weight == NULL:
+        return False
+    _put(e, m.norm.weight, 0)
+    if m.lm_head is not None:
+        if not _fits(m.lm_head, p, p.cfg.D, p.cfg.V) or m.lm_head.bias != NULL:
+            return False
+        _put_linear(e, m.lm_head, 0)
+    else:
+        _put(e, m.embed.weight, 0)
+        _put(e, m.embed.scales if m.embed.quantized else NULL, 0)
+        _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
+    out[0] = heap(ngs.step_decode(p.cfg, e, p.inv_freq[0], p.bar[0], ids, ks, vs, off))
+    for c in cache.layers:
+        (<LayerCache>c).offset = off + 1
+    _gpu_steps += 1
+    return True
+
+
 cdef class Model:
     """A decoder-only language model over native MLX arrays.
 
@@ -730,11 +985,17 @@ cdef class Model:
         self._check_open()
         for b in self.layers:
             b.fuse()
+        self.gpu_step = None
         return self
 
     # -- lifetime ---------------------------------------------------------------
     def close(self):
         """Free every weight now; later calls raise."""
+        if isinstance(self.gpu_step, _GpuStep):
+            # the one-kernel step reads the weights by address, not as MLX
+            # inputs: let any step in flight finish before they are freed
+            na.synchronize()
+            self.gpu_step = None
         if self.embed is not None:
             self.embed.free()
         for b in self.layers or ():
@@ -790,6 +1051,9 @@ cdef class Model:
         cdef na.array* nh
         if cache is not None and len(cache.layers) != n:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
+        cdef na.array* out = NULL
+        if gpu_step(self, ids, cache, mask, offsets, &out):
+            return out
         cdef bint sync = cache is not None and _cpu_sync(self)
         cdef na.array* h = self.embed_tokens(ids)
         try:

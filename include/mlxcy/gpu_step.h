@@ -1,0 +1,614 @@
+// A whole one-token decode step of a standard pre-norm decoder (Llama,
+// Mistral, Qwen2, Qwen3) as ONE CUDA kernel launch: embedding, every block
+// (RMSNorm, q/k/v products + bias, per-head q/k RMSNorm, RoPE, the KV-cache
+// write, attention over the cache, o_proj + residual, RMSNorm, gate/up + SiLU,
+// down + residual), the final norm and the output head.
+//
+// Why one launch: MLX's CUDA backend spends ~6 us of host time encoding each
+// kernel and a layer is ~13 of them, so the GPU idled two thirds of a step
+// (docs/benchmarks.md).  Here the host builds one op per token; the blocks of
+// the kernel step through the model's phases, meeting at a grid-wide barrier
+// between phases (a phase needs all of the previous one's output).  The grid
+// is one block per SM, all resident at once, so the barrier cannot wait on a
+// block that has not started.
+//
+// Layout of the work:
+//   products  a warp per output row (rows strided over all warps of the grid);
+//             each lane streams 16-byte chunks of the row (8 bf16 / 32 4-bit /
+//             16 8-bit values) against the activations in shared memory
+//             (float, padded 4 floats every 32 so the lanes' 16-byte reads
+//             hit distinct banks);
+//   attention a block per query head: its q and the new k/v are normalized
+//             and rotated in shared memory, the group's first head writes k/v
+//             into the cache at `pos`, and the 8 warps split the positions
+//             with an online softmax, merged at the end.
+// Inter-block data (the residual stream, q/k/v, attention output, MLP hidden
+// state) lives in a float32 scratch output holding values already rounded to
+// the model's dtype, read with ld.global.cg (L2, not the SM's stale L1).
+// Every op rounds to the model's dtype where MLX's op-by-op path rounds
+// (mlxcy/models/base.pyx), so the logits agree with it within the dtype's
+// rounding (tests/models/test_gpu_step.py).
+//
+// The weights are reached through a table of device pointers (uint64) rebuilt
+// by the host each step from the model's current arrays (so a weight replaced
+// or moved is never read stale); the KV buffers are the op's inputs (MLX orders
+// the kernel after whatever wrote them) and are written in place at `pos`, as
+// MLX's slice_update writes a donated buffer.  The barrier counters are a
+// persistent uint32[2] (arrivals, generation) that every barrier leaves at
+// zero arrivals.
+//
+// Nothing here is compiled by the host compiler except the launch code; the
+// device source is compiled by NVRTC through mx::fast::cuda_kernel on first
+// use (tools/check_gpu_kernels.py compiles it with nvcc without a GPU).
+#pragma once
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <mlx/fast.h>
+#include <mlx/mlx.h>
+
+namespace mlxcy {
+namespace mx = mlx::core;
+
+// ---- device code ------------------------------------------------------------
+inline const char* step_device_source() {
+  return R"CUDA(
+namespace mlxcy_step {
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+
+template <typename T>
+__device__ __forceinline__ float rt(float v) {   // round to the model's dtype
+  return static_cast<float>(static_cast<T>(v));
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ int xp(int k) { return k + ((k >> 5) << 2); }   // padded index
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0.0f;
+#pragma unroll
+  for (int i = 0; i < WARPS; ++i) t += red[i];
+  return t;
+}
+
+// All blocks of the grid meet here; writes before it are visible after it.
+__device__ __forceinline__ void grid_sync(unsigned* bar) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile unsigned* gen = bar + 1;
+    unsigned g = *gen;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      while (*gen == g) __nanosleep(32);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// A linear layer's operands: the weight rows (already offset to the layer's
+// first row), MLX affine scales and biases (quantized), an additive bias.
+template <typename T>
+struct Lin {
+  const void* w;
+  const T* s;
+  const T* b;
+};
+
+template <typename T>
+__device__ __forceinline__ Lin<T> lin(const unsigned long long* t) {
+  return Lin<T>{reinterpret_cast<const void*>(t[0]), reinterpret_cast<const T*>(t[1]),
+                reinterpret_cast<const T*>(t[2])};
+}
+
+template <typename T>
+__device__ __forceinline__ const T* ptr(unsigned long long v) {
+  return reinterpret_cast<const T*>(v);
+}
+
+// dot(chunk c of a weight row, xs) for one lane; sx: the sum of the chunk's x
+// (for the affine bias).
+template <typename T, int BITS>
+__device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* xs, float* sx) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  const float* xc = xs + xp(c * VALS);     // VALS <= 32: the chunk is in one padded run
+  float d = 0.0f, s = 0.0f;
+  if (BITS == 0) {
+    const T* t = reinterpret_cast<const T*>(&wq);
+#pragma unroll
+    for (int i = 0; i < VALS; i += 4) {
+      float4 x4 = *reinterpret_cast<const float4*>(xc + i);
+      d = fmaf(static_cast<float>(t[i]), x4.x, d);
+      d = fmaf(static_cast<float>(t[i + 1]), x4.y, d);
+      d = fmaf(static_cast<float>(t[i + 2]), x4.z, d);
+      d = fmaf(static_cast<float>(t[i + 3]), x4.w, d);
+    }
+  } else {
+    const unsigned* words = reinterpret_cast<const unsigned*>(&wq);
+    constexpr int B = BITS ? BITS : 8;        // (B: BITS, defined when BITS is 0)
+    constexpr int PER = 32 / B;               // values per word
+    constexpr unsigned MASK = (1u << B) - 1u;
+#pragma unroll
+    for (int i = 0; i < VALS; i += 4) {
+      float4 x4 = *reinterpret_cast<const float4*>(xc + i);
+      const unsigned wd = words[i / PER];
+      const int sh = (i % PER) * B;
+      d = fmaf(static_cast<float>((wd >> sh) & MASK), x4.x, d);
+      d = fmaf(static_cast<float>((wd >> (sh + B)) & MASK), x4.y, d);
+      d = fmaf(static_cast<float>((wd >> (sh + 2 * B)) & MASK), x4.z, d);
+      d = fmaf(static_cast<float>((wd >> (sh + 3 * B)) & MASK), x4.w, d);
+      s += (x4.x + x4.y) + (x4.z + x4.w);
+    }
+  }
+  *sx = s;
+  return d;
+}
+
+// One weight row (K inputs) dotted with xs by one warp; every lane gets it.
+template <typename T, int BITS, int GS>
+__device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const float* xs) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int U = 8;                         // chunks in flight per lane
+  const int lane = threadIdx.x & 31;
+  const int CH = K / VALS;
+  const uint4* w4 = reinterpret_cast<const uint4*>(L.w) + (size_t)row * CH;
+  float acc = 0.0f;
+  for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+    uint4 wq[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c0 + 32 * u < CH) wq[u] = __ldg(w4 + c0 + 32 * u);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < CH) {
+        float sx;
+        float d = chunk_dot<T, BITS>(wq[u], c, xs, &sx);
+        if (BITS) {
+          constexpr int G = GS ? GS : 1;
+          const size_t g = (size_t)row * (K / G) + (c * VALS) / G;
+          acc += static_cast<float>(L.s[g]) * d + static_cast<float>(L.b[g]) * sx;
+        } else {
+          acc += d;
+        }
+      }
+    }
+  }
+  return warp_sum(acc);
+}
+
+// xs (padded) <- src[0:K] (float scratch, read through L2), normalized by
+// RMSNorm with weight nw when nw is given, as MLX rounds: T(w * T(x * inv)).
+template <typename T>
+__device__ __forceinline__ void load_x(const float* src, int K, const T* nw, float eps, float* xs,
+                                       float* red) {
+  float ss = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    float v = __ldcg(src + k);
+    xs[xp(k)] = v;
+    ss += v * v;
+  }
+  if (nw != nullptr) {
+    const float inv = rsqrtf(block_sum(ss, red) / K + eps);
+    for (int k = threadIdx.x; k < K; k += THREADS)
+      xs[xp(k)] = rt<T>(static_cast<float>(nw[k]) * rt<T>(xs[xp(k)] * inv));
+  }
+  __syncthreads();
+}
+
+// The embedding row of token `tok` into the residual stream x (every block
+// writes the same values) and, normalized, into xs.
+template <typename T, int BITS, int GS>
+__device__ __forceinline__ void embed(const Lin<T>& E, int tok, int D, float* x, const T* nw,
+                                      float eps, float* xs, float* red) {
+  float ss = 0.0f;
+  for (int k = threadIdx.x; k < D; k += THREADS) {
+    float v;
+    if (BITS) {
+      constexpr int B = BITS ? BITS : 8, G = GS ? GS : 1;
+      const unsigned* w = reinterpret_cast<const unsigned*>(E.w) + (size_t)tok * (D * B / 32);
+      const unsigned q = (w[k / (32 / B)] >> ((k % (32 / B)) * B)) & ((1u << B) - 1u);
+      const size_t g = (size_t)tok * (D / G) + k / G;
+      v = rt<T>(static_cast<float>(E.s[g]) * q + static_cast<float>(E.b[g]));
+    } else {
+      v = static_cast<float>(reinterpret_cast<const T*>(E.w)[(size_t)tok * D + k]);
+    }
+    x[k] = v;
+    xs[xp(k)] = v;
+    ss += v * v;
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / D + eps);
+  for (int k = threadIdx.x; k < D; k += THREADS)
+    xs[xp(k)] = rt<T>(static_cast<float>(nw[k]) * rt<T>(xs[xp(k)] * inv));
+  __syncthreads();
+}
+
+// Per-head RMSNorm (weight w) of v[0:HD] in shared memory, by warp `wp`.
+template <typename T, int HD>
+__device__ __forceinline__ void head_norm(float* v, const T* w, float eps) {
+  const int lane = threadIdx.x & 31;
+  float ss = 0.0f;
+  for (int d = lane; d < HD; d += 32) ss += v[d] * v[d];
+  const float inv = rsqrtf(warp_sum(ss) / HD + eps);
+  __syncwarp();
+  for (int d = lane; d < HD; d += 32)
+    v[d] = rt<T>(rt<T>(v[d] * inv) * static_cast<float>(w[d]));
+  __syncwarp();
+}
+
+// Rotate v[0:HD] (non-traditional RoPE: pairs d, d + HD/2) at position pos.
+template <typename T, int HD>
+__device__ __forceinline__ void rope(float* v, const float* inv_freq, int pos) {
+  const int lane = threadIdx.x & 31;
+  for (int i = lane; i < HD / 2; i += 32) {
+    float s, c;
+    sincosf(static_cast<float>(pos) * inv_freq[i], &s, &c);
+    const float a = v[i], b = v[i + HD / 2];
+    v[i] = rt<T>(a * c - b * s);
+    v[i + HD / 2] = rt<T>(b * c + a * s);
+  }
+  __syncwarp();
+}
+
+template <typename T, int BITS, int GS, int D, int NQ, int NKV, int HD, int FF, int V, int NL,
+          bool QKV_BIAS, bool QK_NORM>
+__device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
+                            const float* inv_freq, T* const* kc, T* const* vc, float eps,
+                            float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
+  constexpr int PL = 28;                       // table entries per layer (gpu_step.h)
+  constexpr int NQKV = (NQ + 2 * NKV) * HD;
+  constexpr int XMAX = (D > FF ? D : FF) > NQ * HD ? (D > FF ? D : FF) : NQ * HD;
+  constexpr int DPL = (HD + 31) / 32;          // head dims per lane (values)
+  constexpr int GROUP = NQ / NKV;
+  constexpr int XS = XMAX + XMAX / 8 + 8;       // padded activations (xp)
+  constexpr int AS = 3 * WARPS * HD;           // attention: per warp q, new k, new v
+  __shared__ __align__(16) float xs[XS > AS ? XS : AS];
+  __shared__ float red[WARPS];
+
+  float* x = scratch;                          // residual stream [D]
+  float* qkv = x + D;                          // [NQKV]
+  float* att = qkv + NQKV;                     // [NQ * HD]
+  float* hid = att + NQ * HD;                  // [FF]
+  const int pos = meta[0], cap = meta[1];
+  const int maxt = (cap + 31) / 32;
+  float* part = hid + FF;                      // attention partials [NQ, maxt, HD + 2]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  const unsigned long long* top = table + NL * PL;
+
+  for (int l = 0; l < NL; ++l) {
+    const unsigned long long* t = table + l * PL;
+    // -- A: RMSNorm -> q, k, v (+ bias)
+    if (l == 0)
+      embed<T, BITS, GS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
+    else
+      load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
+    {
+      const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
+      for (int r = gw; r < NQKV; r += nw) {
+        const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
+        const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
+        float v = rt<T>(row_dot<T, BITS, GS>(parts[p], row, D, xs));
+        if (QKV_BIAS) v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
+        if (lane == 0) qkv[r] = v;
+      }
+    }
+    grid_sync(bar);
+    // -- B: attention, a warp per (query head, tile of 32 positions): its
+    // softmax-weighted sum of values with the tile's max and sum (a partial)
+    const int ntile = pos / 32 + 1;
+    {
+      float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
+      for (int it = gw; it < NQ * ntile; it += nw) {
+        const int h = it / ntile, tile = it % ntile, j = h / GROUP;
+        const bool last = tile == ntile - 1;   // holds position pos: the new k/v
+        for (int d = lane; d < HD; d += 32) {
+          qw[d] = __ldcg(qkv + h * HD + d);
+          if (last) {
+            qw[HD + d] = __ldcg(qkv + (NQ + j) * HD + d);
+            qw[2 * HD + d] = __ldcg(qkv + (NQ + NKV + j) * HD + d);
+          }
+        }
+        __syncwarp();
+        if (QK_NORM) {
+          head_norm<T, HD>(qw, ptr<T>(t[13]), qk_eps);
+          if (last) head_norm<T, HD>(qw + HD, ptr<T>(t[14]), qk_eps);
+        }
+        rope<T, HD>(qw, inv_freq, pos);
+        if (last) rope<T, HD>(qw + HD, inv_freq, pos);
+        T* kl = kc[l] + (size_t)j * cap * HD;
+        T* vl = vc[l] + (size_t)j * cap * HD;
+        if (last && h % GROUP == 0)
+          for (int d = lane; d < HD; d += 32) {
+            kl[(size_t)pos * HD + d] = static_cast<T>(qw[HD + d]);
+            vl[(size_t)pos * HD + d] = static_cast<T>(qw[2 * HD + d]);
+          }
+        // scores: lane i scores position tile * 32 + i
+        const int p = tile * 32 + lane;
+        float s = neg_inf();
+        if (p < pos) {
+          constexpr int KV = 16 / sizeof(T);
+          const uint4* k4 = reinterpret_cast<const uint4*>(kl + (size_t)p * HD);
+          float a = 0.0f;
+#pragma unroll
+          for (int c = 0; c < HD / KV; ++c) {
+            const uint4 u = __ldg(k4 + c);
+            const T* kv = reinterpret_cast<const T*>(&u);
+#pragma unroll
+            for (int i = 0; i < KV; ++i) a = fmaf(qw[c * KV + i], static_cast<float>(kv[i]), a);
+          }
+          s = a * scale;
+        } else if (p == pos) {
+          float a = 0.0f;
+          for (int d = 0; d < HD; ++d) a = fmaf(qw[d], qw[HD + d], a);
+          s = a * scale;
+        }
+        float m = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        const float e = p <= pos ? __expf(s - m) : 0.0f;
+        const float sum = warp_sum(e);
+        const int n = min(32, pos + 1 - tile * 32);
+        float acc[DPL];
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
+#pragma unroll 8
+        for (int i = 0; i < n; ++i) {
+          const float ei = __shfl_sync(0xffffffffu, e, i);
+          const int pp = tile * 32 + i;
+#pragma unroll
+          for (int c = 0; c < DPL; ++c) {
+            const int d = lane + 32 * c;
+            if (d < HD) {
+              const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
+              acc[c] = fmaf(ei, vv, acc[c]);
+            }
+          }
+        }
+        float* pt = part + ((size_t)h * maxt + tile) * (HD + 2);
+#pragma unroll
+        for (int c = 0; c < DPL; ++c)
+          if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
+        if (lane == 0) {
+          pt[HD] = m;
+          pt[HD + 1] = sum;
+        }
+        __syncwarp();
+      }
+    }
+    grid_sync(bar);
+    // -- B2: a warp per query head merges its tiles' partials
+    for (int h = gw; h < NQ; h += nw) {
+      const float* ph = part + (size_t)h * maxt * (HD + 2);
+      float M = neg_inf();
+      for (int tl = lane; tl < ntile; tl += 32) M = fmaxf(M, __ldcg(ph + tl * (HD + 2) + HD));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+      float den = 0.0f, num[DPL];
+#pragma unroll
+      for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
+      for (int tl = 0; tl < ntile; ++tl) {
+        const float* pt = ph + tl * (HD + 2);
+        const float f = __expf(__ldcg(pt + HD) - M);
+        den = fmaf(__ldcg(pt + HD + 1), f, den);
+#pragma unroll
+        for (int c = 0; c < DPL; ++c)
+          if (lane + 32 * c < HD) num[c] = fmaf(__ldcg(pt + lane + 32 * c), f, num[c]);
+      }
+#pragma unroll
+      for (int c = 0; c < DPL; ++c)
+        if (lane + 32 * c < HD) att[h * HD + lane + 32 * c] = rt<T>(num[c] / den);
+    }
+    grid_sync(bar);
+    // -- C: o_proj + residual
+    load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
+    {
+      const Lin<T> o = lin<T>(t + 15);
+      for (int r = gw; r < D; r += nw) {
+        const float v = rt<T>(row_dot<T, BITS, GS>(o, r, NQ * HD, xs));
+        if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
+      }
+    }
+    grid_sync(bar);
+    // -- D: RMSNorm -> gate, up -> silu(gate) * up
+    load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
+    {
+      const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
+      for (int r = gw; r < FF; r += nw) {
+        const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
+        const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
+        const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
+        if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
+      }
+    }
+    grid_sync(bar);
+    // -- E: down + residual
+    load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
+    {
+      const Lin<T> dn = lin<T>(t + 25);
+      for (int r = gw; r < D; r += nw) {
+        const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
+        if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
+      }
+    }
+    grid_sync(bar);
+  }
+  // -- the final norm and the output head
+  load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
+  const Lin<T> head = lin<T>(top + 4);
+  for (int r = gw; r < V; r += nw) {
+    const float v = row_dot<T, BITS, GS>(head, r, D, xs);
+    if (lane == 0) logits[r] = static_cast<T>(v);
+  }
+}
+
+}  // namespace mlxcy_step
+)CUDA";
+}
+
+// ---- host side --------------------------------------------------------------
+
+// Entries of the pointer table per layer (the device code's PL) and at its end.
+constexpr int kStepPerLayer = 28;
+constexpr int kStepGlobal = 7;
+
+// One entry of the table: the address of row `row0` of an array (a fused
+// weight's later parts start past row 0), or 0 when a is null (absent).
+struct StepPtr {
+  const mx::array* a = nullptr;
+  int row0 = 0;
+};
+
+// A model's shapes for the kernel (one compiled kernel per distinct config).
+struct StepConfig {
+  mx::Dtype dtype = mx::bfloat16;
+  int bits = 0, group_size = 0;
+  int D = 0, NQ = 0, NKV = 0, HD = 0, FF = 0, V = 0, L = 0;
+  bool qkv_bias = false, qk_norm = false;
+  float eps = 1e-5f, qk_eps = 1e-6f, scale = 1.0f;
+};
+
+// Why cfg cannot run (empty: it can).
+inline std::string step_config_problem(const StepConfig& c) {
+  if (c.dtype != mx::bfloat16 && c.dtype != mx::float16 && c.dtype != mx::float32)
+    return "dtype must be bfloat16, float16 or float32";
+  if (c.bits != 0 && c.bits != 4 && c.bits != 8) return "only 4- and 8-bit weights";
+  int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
+  if (c.bits && (c.group_size % vals || c.group_size <= 0)) return "group size";
+  for (int k : {c.D, c.NQ * c.HD, c.FF})
+    if (k <= 0 || k % vals || (c.bits && k % c.group_size)) return "a product's width";
+  int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
+  long xs = std::max(xmax + xmax / 8 + 8, 3 * 8 * c.HD);   // the device code's shared xs
+  if (xs * 4 + 64 > 48 * 1024) return "a product too wide for 48 KB of shared memory";
+  if (c.HD > 256 || c.HD % 2 || (c.HD * mx::size_of(c.dtype)) % 16 || c.NKV <= 0 ||
+      c.NQ % c.NKV)
+    return "head layout";
+  if (c.D % (32 / std::max(c.bits, 1)) && c.bits) return "embedding width";
+  return "";
+}
+
+// Blocks in the grid: one per SM.  All must be resident at once (the barrier
+// waits for every block); a block of 256 threads fits an SM whatever its
+// register count (at most 255 x 256 of 64K registers) and shared memory
+// (< 48 KB), while two per SM would not at the ~134 registers nvcc gives it.
+inline int step_grid_blocks() {
+  static int blocks = [] {
+    int sms = 0;
+    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
+    using Fn = int (*)(int*, int, int);
+    Fn f = h ? reinterpret_cast<Fn>(dlsym(h, "cuDeviceGetAttribute")) : nullptr;
+    if (!f || f(&sms, 16 /* CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT */, 0) != 0 || sms <= 0)
+      sms = 16;
+    return sms;
+  }();
+  return blocks;
+}
+
+// The device address of an evaluated array (MLX's CUDA buffers hold it first).
+inline uint64_t step_address(const mx::array& a) {
+  char* base = static_cast<char*>(*reinterpret_cast<void* const*>(a.buffer().ptr()));
+  return reinterpret_cast<uint64_t>(base + a.offset());
+}
+
+// One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
+// position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
+// cap, HD] each, cap > pos).  `bar` is the model's persistent uint32[2].
+inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
+                             const mx::array& inv_freq, const mx::array& bar,
+                             const mx::array& tok, const std::vector<mx::array>& kbuf,
+                             const std::vector<mx::array>& vbuf, int pos) {
+  std::string why = step_config_problem(c);
+  if (!why.empty()) throw std::invalid_argument("decode step kernel: " + why);
+  if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
+      kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
+    throw std::invalid_argument("decode step kernel: table or cache size");
+  int cap = kbuf[0].shape(2);
+  // weights first evaluated (a no-op once they are)
+  std::vector<mx::array> pending;
+  for (auto& e : entries)
+    if (e.a && e.a->status() == mx::array::Status::unscheduled) pending.push_back(*e.a);
+  if (!pending.empty()) mx::eval(pending);
+  std::vector<uint64_t> table(entries.size(), 0);
+  for (size_t i = 0; i < entries.size(); ++i)
+    if (const mx::array* a = entries[i].a) {
+      if (!a->flags().row_contiguous)
+        throw std::invalid_argument("decode step kernel: a weight is not row-contiguous");
+      size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
+      table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
+    }
+
+  static std::map<int, mx::fast::CustomKernelFunction> kernels;   // by layer count
+  auto it = kernels.find(c.L);
+  if (it == kernels.end()) {
+    std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar"};
+    std::string kinit = "  T* kc[NL] = {", vinit = "  T* vc[NL] = {";
+    for (int l = 0; l < c.L; ++l) {
+      names.push_back("k" + std::to_string(l));
+      kinit += (l ? ", " : "") + std::string("const_cast<T*>(k") + std::to_string(l) + ")";
+    }
+    for (int l = 0; l < c.L; ++l) {
+      names.push_back("v" + std::to_string(l));
+      vinit += (l ? ", " : "") + std::string("const_cast<T*>(v") + std::to_string(l) + ")";
+    }
+    std::string body = kinit + "};\n" + vinit + "};\n" +
+        "  mlxcy_step::decode_step<T, BITS, GS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, QK_NORM>(\n"
+        "      tok, meta, reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
+        "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
+        "      scratch, logits, const_cast<unsigned*>(bar));\n";
+    it = kernels.emplace(c.L, mx::fast::cuda_kernel("mlxcy_decode_step_" + std::to_string(c.L),
+                                                    names, {"logits", "scratch"}, body,
+                                                    step_device_source(), false)).first;
+  }
+  auto bits_of = [](float f) {
+    int b;
+    std::memcpy(&b, &f, sizeof(b));
+    return b;
+  };
+  int meta_v[2] = {pos, cap};
+  std::vector<mx::array> in = {mx::reshape(tok, {1}), mx::array(meta_v, {2}, mx::int32),
+                               mx::array(reinterpret_cast<const uint64_t*>(table.data()),
+                                         {static_cast<int>(table.size())}, mx::uint64),
+                               inv_freq, bar};
+  for (auto& k : kbuf) in.push_back(k);
+  for (auto& v : vbuf) in.push_back(v);
+  int scratch = c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF +
+                c.NQ * ((cap + 31) / 32) * (c.HD + 2);
+  int blocks = step_grid_blocks();
+  auto out = it->second(
+      in, {mx::Shape{1, 1, c.V}, mx::Shape{scratch}}, {c.dtype, mx::float32},
+      {blocks * 256, 1, 1}, {256, 1, 1},
+      {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"D", c.D},
+       {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
+       {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
+       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}},
+      std::nullopt, false, {});
+  return out[0];
+}
+
+}  // namespace mlxcy

@@ -1,0 +1,31 @@
+# A whole one-token decode step as one CUDA kernel (include/mlxcy/gpu_step.h).
+from libcpp cimport bool
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+from mlxcy.native.array cimport array, Dtype
+
+
+cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
+    int kStepPerLayer
+    int kStepGlobal
+
+    cdef cppclass StepPtr:
+        StepPtr()
+        const array* a
+        int row0
+
+    cdef cppclass StepConfig:
+        StepConfig()
+        Dtype dtype
+        int bits, group_size, D, NQ, NKV, HD, FF, V, L
+        bool qkv_bias, qk_norm
+        float eps, qk_eps, scale
+
+    string step_config_problem(const StepConfig& c) except +
+    array step_decode(const StepConfig& c, const vector[StepPtr]& entries, const array& inv_freq,
+                      const array& bar, const array& tok, const vector[array]& kbuf,
+                      const vector[array]& vbuf, int pos) except +
+
+
+cdef extern from "mlxcy/fused.h" namespace "mlxcy" nogil:
+    bool cuda_default_device() except +

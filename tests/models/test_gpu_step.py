@@ -1,0 +1,144 @@
+"""The one-kernel GPU decode step (include/mlxcy/gpu_step.h) against the
+op-by-op MLX path of the same model: tiny random-weight Llama, Qwen2 (q/k/v
+bias) and Qwen3 (q/k norms) checkpoints in float32, bfloat16 and MLX's 4/8-bit
+layout, fused and unfused, across a KV-cache growth.  Each step feeds both
+paths the same token (the op path's greedy choice), so the logits are compared
+step by step; in float32 the greedy ids must agree too.  Runs where the
+default device is a CUDA GPU (tools/gpu_tests.sh); elsewhere it checks that the
+step is not taken."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import mlxcy as mx
+from mlxcy.models import base
+from mlxcy.models.convert import convert_hf_to_mlx
+from mlxcy.models.load import load_model
+from tiny_models import VOCAB, make_tiny, rel
+
+_REASON = mx.fast.gemv_unsupported_reason(mx.zeros((1, 64), dtype=mx.bfloat16),
+                                          mx.zeros((8, 64), dtype=mx.bfloat16))
+cuda = pytest.mark.skipif(_REASON is not None, reason=f"no CUDA GPU: {_REASON}")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for kind in ("llama", "qwen2", "qwen3"):
+        d = tmp_path_factory.mktemp(kind)
+        hf = make_tiny(kind, d)
+        with torch.no_grad():        # wide logits: no greedy near-ties between the paths
+            hf.model.embed_tokens.weight.mul_(8.0)
+        hf.save_pretrained(d, safe_serialization=True)
+        out[kind] = d
+        for bits in (4, 8):
+            q = tmp_path_factory.mktemp(f"{kind}{bits}")
+            convert_hf_to_mlx(d, q, bits=bits, group_size=64, dtype="bfloat16")
+            out[kind, bits] = q
+    return out
+
+
+def _run(m, prompt, n, on, feed=None):
+    """Prefill prompt, then n one-token steps; returns (fed ids, logits [n, V])."""
+    old = base.set_gpu_decode_step(on)
+    try:
+        cache = m.make_cache()
+        lg = m(np.array([prompt], np.int32), cache)
+        t = int(np.argmax(np.asarray(lg.astype(mx.float32))[0, -1]))
+        ids, rows = [], []
+        for i in range(n):
+            t = feed[i] if feed is not None else t
+            ids.append(t)
+            lg = m(np.array([[t]], np.int32), cache)
+            row = np.asarray(lg.astype(mx.float32))[0, -1]
+            rows.append(row)
+            t = int(np.argmax(row))
+        cache.free()
+        return ids, np.stack(rows)
+    finally:
+        base.set_gpu_decode_step(old)
+
+
+def _compare(m, prompt, n, tol, exact_ids):
+    ids, want = _run(m, prompt, n, on=False)
+    before = base.gpu_decode_steps()
+    got_ids, got = _run(m, prompt, n, on=True, feed=ids)
+    assert base.gpu_decode_steps() - before == n, "the one-kernel step was not taken"
+    for i in range(n):
+        assert rel(got[i], want[i]) <= tol, (i, rel(got[i], want[i]))
+    if exact_ids:
+        assert [int(np.argmax(r)) for r in got] == [int(np.argmax(r)) for r in want]
+
+
+def _prompt(seed, n):
+    return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_float_models_match_the_op_path(checkpoints, kind, dtype, fused):
+    m = load_model(checkpoints[kind], dtype=dtype)
+    if fused:
+        m.fuse()
+    try:
+        tol = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3}[dtype]
+        _compare(m, _prompt(1, 12), 24, tol, exact_ids=dtype == "float32")
+    finally:
+        m.close()
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_models_match_the_op_path(checkpoints, kind, bits):
+    m = load_model(checkpoints[kind, bits])
+    m.fuse()
+    try:
+        _compare(m, _prompt(2, 12), 16, 3e-2, exact_ids=False)
+    finally:
+        m.close()
+
+
+@cuda
+def test_steps_across_the_cache_growth(checkpoints):
+    # a 256-step cache holds 264 positions at first: decode from 250 to 290
+    m = load_model(checkpoints["qwen3"], dtype="float32")
+    try:
+        _compare(m, _prompt(3, 250), 40, 1e-4, exact_ids=True)
+    finally:
+        m.close()
+
+
+@cuda
+def test_not_taken_for_batches_masks_or_lora_like_changes(checkpoints):
+    m = load_model(checkpoints["llama"], dtype="float32")
+    try:
+        before = base.gpu_decode_steps()
+        cache = m.make_cache()
+        m(np.array([_prompt(4, 8)] * 2, np.int32), cache)
+        m(np.array([[1], [2]], np.int32), cache)            # two rows: op path
+        assert base.gpu_decode_steps() == before
+        cache = m.make_cache()
+        m(np.array([_prompt(4, 8)], np.int32), cache)
+        m(np.array([[1]], np.int32), cache, offsets=[8])    # explicit positions: op path
+        assert base.gpu_decode_steps() == before
+        m(np.array([[1]], np.int32), cache)
+        assert base.gpu_decode_steps() == before + 1
+    finally:
+        m.close()
+
+
+def test_off_gpu_the_step_is_not_taken(checkpoints):
+    if _REASON is None:
+        pytest.skip("a CUDA GPU is the default device")
+    m = load_model(checkpoints["llama"], dtype="float32")
+    try:
+        before = base.gpu_decode_steps()
+        _run(m, _prompt(5, 6), 3, on=True)
+        assert base.gpu_decode_steps() == before
+    finally:
+        m.close()
