@@ -18,10 +18,14 @@
 //             16 8-bit values) against the activations in shared memory
 //             (float, padded 4 floats every 32 so the lanes' 16-byte reads
 //             hit distinct banks);
-//   attention a block per query head: its q and the new k/v are normalized
-//             and rotated in shared memory, the group's first head writes k/v
-//             into the cache at `pos`, and the 8 warps split the positions
-//             with an online softmax, merged at the end.
+//   attention a warp per (query head, tile of 32 positions): it normalizes
+//             and rotates the head's q (and, on the last tile, the new k/v,
+//             which the group's first head writes into the cache at `pos`),
+//             scores a position per lane, and sums the values with lanes over
+//             head dims; the warp that finishes a head's last tile merges
+//             the tiles' (sum, max, weighted values) into the head's output.
+//   phases    5 per layer, a grid-wide barrier after each; before waiting,
+//             each warp asks L2 for its first rows of the next phase.
 // Inter-block data (the residual stream, q/k/v, attention output, MLP hidden
 // state) lives in a float32 scratch output holding values already rounded to
 // the model's dtype, read with ld.global.cg (L2, not the SM's stale L1).
@@ -29,13 +33,12 @@
 // (mlxcy/models/base.pyx), so the logits agree with it within the dtype's
 // rounding (tests/models/test_gpu_step.py).
 //
-// The weights are reached through a table of device pointers (uint64) rebuilt
-// by the host each step from the model's current arrays (so a weight replaced
-// or moved is never read stale); the KV buffers are the op's inputs (MLX orders
-// the kernel after whatever wrote them) and are written in place at `pos`, as
-// MLX's slice_update writes a donated buffer.  The barrier counters are a
-// persistent uint32[2] (arrivals, generation) that every barrier leaves at
-// zero arrivals.
+// The weights are reached through a table of device pointers (uint64) checked
+// by the host each step against the model's current arrays (so a weight
+// replaced or moved is never read stale); the KV buffers are the op's inputs
+// (MLX orders the kernel after whatever wrote them) and are written in place
+// at `pos`, as MLX's slice_update writes a donated buffer.  The barrier
+// counters and the position live in a persistent device array (StepState).
 //
 // Nothing here is compiled by the host compiler except the launch code; the
 // device source is compiled by NVRTC through mx::fast::cuda_kernel on first
@@ -92,23 +95,47 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return t;
 }
 
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // All blocks of the grid meet here; writes before it are visible after it.
+// (A phase is short, so the waiting thread spins without sleeping: the time
+// from the last arrival to everyone's start is what a step pays per phase.)
 __device__ __forceinline__ void grid_sync(unsigned* bar) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    volatile unsigned* gen = bar + 1;
-    unsigned g = *gen;
+    const unsigned g = load_acquire(bar + 1);
     __threadfence();
     if (atomicAdd(bar, 1u) == gridDim.x - 1) {
       atomicExch(bar, 0u);
       __threadfence();
       atomicAdd(bar + 1, 1u);
     } else {
-      while (*gen == g) __nanosleep(32);
+      while (load_acquire(bar + 1) == g) {
+      }
     }
     __threadfence();
   }
   __syncthreads();
+}
+
+// Ask L2 for this warp's first rows of the next phase's weight (rows first,
+// first + nw, ...; at most 2) while the grid waits at the barrier: the weights
+// do not depend on the phase before, and a short phase's time is mostly the
+// latency of its first loads.
+template <typename T, int BITS>
+__device__ __forceinline__ void prefetch_rows(const void* w, int K, int first, int N, int nw) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  const size_t rowb = (size_t)(K / VALS) * 16;
+  const int lane = threadIdx.x & 31;
+  for (int r = first, i = 0; r < N && i < 2; r += nw, ++i) {
+    const char* p = static_cast<const char*>(w) + (size_t)r * rowb;
+    for (size_t o = (size_t)lane * 128; o < rowb; o += 32 * 128)
+      asm volatile("prefetch.global.L2 [%0];" : : "l"(p + o));
+  }
 }
 
 // A linear layer's operands: the weight rows (already offset to the layer's
@@ -275,6 +302,32 @@ __device__ __forceinline__ void rope(float* v, const float* inv_freq, int pos) {
   __syncwarp();
 }
 
+// One head's attention output from its tiles' partials (acc[HD], max, sum),
+// by one warp, read through L2 (other warps wrote them).
+template <typename T, int HD>
+__device__ __forceinline__ void merge_head(const float* ph, int ntile, float* out) {
+  constexpr int DPL = (HD + 31) / 32;
+  const int lane = threadIdx.x & 31;
+  float M = neg_inf();
+  for (int tl = lane; tl < ntile; tl += 32) M = fmaxf(M, __ldcg(ph + tl * (HD + 2) + HD));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  float den = 0.0f, num[DPL];
+#pragma unroll
+  for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
+  for (int tl = 0; tl < ntile; ++tl) {
+    const float* pt = ph + tl * (HD + 2);
+    const float f = __expf(__ldcg(pt + HD) - M);
+    den = fmaf(__ldcg(pt + HD + 1), f, den);
+#pragma unroll
+    for (int c = 0; c < DPL; ++c)
+      if (lane + 32 * c < HD) num[c] = fmaf(__ldcg(pt + lane + 32 * c), f, num[c]);
+  }
+#pragma unroll
+  for (int c = 0; c < DPL; ++c)
+    if (lane + 32 * c < HD) out[lane + 32 * c] = rt<T>(num[c] / den);
+}
+
 template <typename T, int BITS, int GS, int D, int NQ, int NKV, int HD, int FF, int V, int NL,
           bool QKV_BIAS, bool QK_NORM>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
@@ -294,9 +347,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   float* qkv = x + D;                          // [NQKV]
   float* att = qkv + NQKV;                     // [NQ * HD]
   float* hid = att + NQ * HD;                  // [FF]
-  const int pos = meta[0], cap = meta[1];
+  const int pos = meta[2], cap = meta[3];     // (the state, or a resync: see StepState)
   const int maxt = (cap + 31) / 32;
   float* part = hid + FF;                      // attention partials [NQ, maxt, HD + 2]
+  unsigned* count = bar + 64;                  // per head: tiles done (StepState)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
@@ -398,32 +452,21 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           pt[HD] = m;
           pt[HD + 1] = sum;
         }
+        // the warp that finishes a head's last tile merges the head's partials
+        __threadfence();
+        __syncwarp();
+        unsigned done = 0;
+        if (lane == 0) done = atomicAdd(count + h, 1u);
+        done = __shfl_sync(0xffffffffu, done, 0);
+        if (done == (unsigned)ntile - 1) {
+          __threadfence();
+          merge_head<T, HD>(part + (size_t)h * maxt * (HD + 2), ntile, att + h * HD);
+          if (lane == 0) count[h] = 0u;       // for the next layer (after barriers)
+        }
         __syncwarp();
       }
     }
-    grid_sync(bar);
-    // -- B2: a warp per query head merges its tiles' partials
-    for (int h = gw; h < NQ; h += nw) {
-      const float* ph = part + (size_t)h * maxt * (HD + 2);
-      float M = neg_inf();
-      for (int tl = lane; tl < ntile; tl += 32) M = fmaxf(M, __ldcg(ph + tl * (HD + 2) + HD));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-      float den = 0.0f, num[DPL];
-#pragma unroll
-      for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
-      for (int tl = 0; tl < ntile; ++tl) {
-        const float* pt = ph + tl * (HD + 2);
-        const float f = __expf(__ldcg(pt + HD) - M);
-        den = fmaf(__ldcg(pt + HD + 1), f, den);
-#pragma unroll
-        for (int c = 0; c < DPL; ++c)
-          if (lane + 32 * c < HD) num[c] = fmaf(__ldcg(pt + lane + 32 * c), f, num[c]);
-      }
-#pragma unroll
-      for (int c = 0; c < DPL; ++c)
-        if (lane + 32 * c < HD) att[h * HD + lane + 32 * c] = rt<T>(num[c] / den);
-    }
+    prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(bar);
     // -- C: o_proj + residual
     load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
@@ -434,6 +477,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
       }
     }
+    prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
+    prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
     grid_sync(bar);
     // -- D: RMSNorm -> gate, up -> silu(gate) * up
     load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
@@ -446,6 +491,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
       }
     }
+    prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
     grid_sync(bar);
     // -- E: down + residual
     load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
@@ -456,6 +502,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
       }
     }
+    if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
+      prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
+    } else {
+      prefetch_rows<T, BITS>(lin<T>(top + 4).w, D, gw, V, nw);
+    }
     grid_sync(bar);
   }
   // -- the final norm and the output head
@@ -464,6 +515,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   for (int r = gw; r < V; r += nw) {
     const float v = row_dot<T, BITS, GS>(head, r, D, xs);
     if (lane == 0) logits[r] = static_cast<T>(v);
+  }
+  // every block read meta before the last barrier: the next step's position
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    bar[2] = pos + 1;
+    bar[3] = cap;
   }
 }
 
@@ -505,6 +561,7 @@ inline std::string step_config_problem(const StepConfig& c) {
   int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
   long xs = std::max(xmax + xmax / 8 + 8, 3 * 8 * c.HD);   // the device code's shared xs
   if (xs * 4 + 64 > 48 * 1024) return "a product too wide for 48 KB of shared memory";
+  if (c.NQ > 512) return "more than 512 query heads";     // StepState's per-head counters
   if (c.HD > 256 || c.HD % 2 || (c.HD * mx::size_of(c.dtype)) % 16 || c.NKV <= 0 ||
       c.NQ % c.NKV)
     return "head layout";
@@ -536,12 +593,38 @@ inline uint64_t step_address(const mx::array& a) {
   return reinterpret_cast<uint64_t>(base + a.offset());
 }
 
+// What persists between steps, in device memory: the rotary inverse
+// frequencies; `state` (uint32 [1024], 4 KB so that MLX allocates it on the
+// device, not in its managed pool for scalars, where atomics would bounce
+// pages to the host): [0] barrier arrivals, [1] barrier generation, [2] the
+// next step's position, [3] the cache capacity -- the kernel writes [2] and
+// [3] as it ends, so a step that follows the previous one reads its position
+// from the device and the host uploads nothing per token -- and from [64] a
+// counter per query head (attention tiles done; the last merges them); and
+// the pointer table, copied to the device again only when an address changed.
+struct StepState {
+  mx::array inv_freq{0.0f}, state{0.0f}, table{0.0f};
+  std::vector<uint64_t> host;      // what `table` holds
+  int next = -1, cap = -1;         // what state[2], state[3] will hold (-1: unknown)
+  mx::array last{0.0f};            // the previous step's logits: if never scheduled,
+  bool has_last = false;           // its kernel never ran and state[2..3] are stale
+};
+
+inline void step_init(StepState& st, const mx::array& inv_freq) {
+  st.inv_freq = mx::copy(mx::astype(inv_freq, mx::float32));
+  st.state = mx::zeros({1024}, mx::uint32);
+  mx::eval({st.inv_freq, st.state});
+  st.host.clear();
+  st.next = st.cap = -1;
+  st.has_last = false;
+}
+
 // One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
 // position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
-// cap, HD] each, cap > pos).  `bar` is the model's persistent uint32[2].
+// cap, HD] each, cap > pos).
 inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
-                             const mx::array& inv_freq, const mx::array& bar,
-                             const mx::array& tok, const std::vector<mx::array>& kbuf,
+                             StepState& st, const mx::array& tok,
+                             const std::vector<mx::array>& kbuf,
                              const std::vector<mx::array>& vbuf, int pos) {
   std::string why = step_config_problem(c);
   if (!why.empty()) throw std::invalid_argument("decode step kernel: " + why);
@@ -562,6 +645,11 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
       size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
       table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
     }
+  if (table != st.host) {
+    st.table = mx::copy(mx::array(reinterpret_cast<const uint64_t*>(table.data()),
+                                  {static_cast<int>(table.size())}, mx::uint64));
+    st.host = std::move(table);
+  }
 
   static std::map<int, mx::fast::CustomKernelFunction> kernels;   // by layer count
   auto it = kernels.find(c.L);
@@ -578,7 +666,8 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
     }
     std::string body = kinit + "};\n" + vinit + "};\n" +
         "  mlxcy_step::decode_step<T, BITS, GS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, QK_NORM>(\n"
-        "      tok, meta, reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
+        "      tok, reinterpret_cast<const int*>(meta),\n"
+        "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
         "      scratch, logits, const_cast<unsigned*>(bar));\n";
     it = kernels.emplace(c.L, mx::fast::cuda_kernel("mlxcy_decode_step_" + std::to_string(c.L),
@@ -590,11 +679,16 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
     std::memcpy(&b, &f, sizeof(b));
     return b;
   };
-  int meta_v[2] = {pos, cap};
-  std::vector<mx::array> in = {mx::reshape(tok, {1}), mx::array(meta_v, {2}, mx::int32),
-                               mx::array(reinterpret_cast<const uint64_t*>(table.data()),
-                                         {static_cast<int>(table.size())}, mx::uint64),
-                               inv_freq, bar};
+  // the position from the device state when the previous kernel left it there
+  mx::array meta = st.state;
+  bool ran = st.has_last && st.last.status() != mx::array::Status::unscheduled;
+  if (!ran || pos != st.next || cap != st.cap) {
+    uint32_t m[4] = {0, 0, static_cast<uint32_t>(pos), static_cast<uint32_t>(cap)};
+    meta = mx::array(m, {4}, mx::uint32);
+  }
+  st.next = pos + 1;
+  st.cap = cap;
+  std::vector<mx::array> in = {mx::reshape(tok, {1}), meta, st.table, st.inv_freq, st.state};
   for (auto& k : kbuf) in.push_back(k);
   for (auto& v : vbuf) in.push_back(v);
   int scratch = c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF +
@@ -608,6 +702,8 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}},
       std::nullopt, false, {});
+  st.last = out[0];
+  st.has_last = true;
   return out[0];
 }
 

@@ -715,19 +715,17 @@ def gpu_decode_steps():
 
 
 cdef class _GpuStep:
-    """What the kernel needs of a model besides its weights: its shapes, the
-    rotary inverse frequencies, the barrier counters, the thread it runs on
-    (the counters are per model: two threads' streams must not share them)."""
+    """What the kernel needs of a model besides its weights: its shapes, its
+    device state (gpu_step.h's StepState: rotary frequencies, barrier
+    counters, position, pointer table) and the thread it runs on (the state is
+    per model: two threads' streams must not share it)."""
     cdef ngs.StepConfig cfg
-    cdef na.array* inv_freq
-    cdef na.array* bar
+    cdef ngs.StepState st
     cdef unsigned long thread
 
-    def __dealloc__(self):
-        if self.inv_freq != NULL:
-            del self.inv_freq
-        if self.bar != NULL:
-            del self.bar
+    def __cinit__(self):
+        self.cfg = ngs.StepConfig()     # (cpp_locals: C++ members start unset)
+        self.st = ngs.StepState()
 
 
 cdef bint _plain(Linear l) noexcept:
@@ -786,10 +784,8 @@ cdef object _plan_gpu_step(Model m):
         inv = r.scale / np.asarray(wrap(new na.array(r.freqs[0])), dtype=np.float64)
     else:
         inv = r.scale * np.power(float(r.base), -np.arange(half, dtype=np.float64) * 2 / r.dims)
-    p.inv_freq = copy_native(to_array(inv.astype(np.float32)))
-    p.bar = new na.array(nops.zeros(na.shape1(2), na.uint32))
-    p.inv_freq.eval()
-    p.bar.eval()
+    cdef Array fa = to_array(inv.astype(np.float32))     # (held: handle() borrows)
+    ngs.step_init(p.st, handle(fa)[0])
     p.thread = <unsigned long>pthread_self()
     return p
 
@@ -931,7 +927,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         _put(e, m.embed.weight, 0)
         _put(e, m.embed.scales if m.embed.quantized else NULL, 0)
         _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
-    out[0] = heap(ngs.step_decode(p.cfg, e, p.inv_freq[0], p.bar[0], ids, ks, vs, off))
+    out[0] = heap(ngs.step_decode(p.cfg, e, p.st, ids, ks, vs, off))
     for c in cache.layers:
         (<LayerCache>c).offset = off + 1
     _gpu_steps += 1

@@ -21,10 +21,14 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
         bool qkv_bias, qk_norm
         float eps, qk_eps, scale
 
+    cdef cppclass StepState:
+        StepState()
+
     string step_config_problem(const StepConfig& c) except +
-    array step_decode(const StepConfig& c, const vector[StepPtr]& entries, const array& inv_freq,
-                      const array& bar, const array& tok, const vector[array]& kbuf,
-                      const vector[array]& vbuf, int pos) except +
+    void step_init(StepState& st, const array& inv_freq) except +
+    array step_decode(const StepConfig& c, const vector[StepPtr]& entries, StepState& st,
+                      const array& tok, const vector[array]& kbuf, const vector[array]& vbuf,
+                      int pos) except +
 
 
 cdef extern from "mlxcy/fused.h" namespace "mlxcy" nogil:
