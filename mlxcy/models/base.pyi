@@ -94,6 +94,14 @@ class Weights:
     def module(self, m: Module, eps: float = 0.0) -> Linear | Embedding | RMSNorm:
         """The layer a spec Module (mlxcy/models/spec.py) describes."""
 
+def set_gpu_decode_step(on: bool) -> bool:
+    """Use the one-kernel decode step on CUDA GPUs where it applies (default
+    True); returns the previous setting."""
+
+def gpu_decode_steps() -> int:
+    """How many decode steps have run as the one-kernel GPU step (tests and
+    benchmarks check that the path was taken)."""
+
 def make_rope(cfg: ModelConfig, theta: float, scaling: Mapping[str, Any] | None) -> Rope: ...
 def build_attention(
     W: Weights,
