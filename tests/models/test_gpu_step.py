@@ -15,6 +15,8 @@ pytest.importorskip("transformers")
 from tiny_models import VOCAB, make_tiny, rel
 
 import mlxcy as mx
+from mlxcy.generation.engine import generate_ids
+from mlxcy.generation.sample import Sampler
 from mlxcy.models import base
 from mlxcy.models.convert import convert_hf_to_mlx
 from mlxcy.models.load import load_model
@@ -112,6 +114,32 @@ def test_steps_across_the_cache_growth(checkpoints):
     m = load_model(checkpoints["qwen3"], dtype="float32")
     try:
         _compare(m, _prompt(3, 250), 40, 1e-4, exact_ids=True, op_steps=1)
+    finally:
+        m.close()
+
+
+@cuda
+@pytest.mark.parametrize("lookup", [None, 4])
+def test_engine_generation_matches_the_op_path(checkpoints, lookup):
+    """The engine pipelines steps (the next one queued before the last is
+    read) and, with prompt lookup, trims the caches after verification steps:
+    the kernel's device-held position must follow both."""
+    m = load_model(checkpoints["qwen3"], dtype="float32")
+    prompt = _prompt(6, 24) * 2                  # a repeated prompt: lookup proposes
+    try:
+        outs, steps = {}, 0
+        for on in (False, True):
+            old = base.set_gpu_decode_step(on)
+            try:
+                before = base.gpu_decode_steps()
+                outs[on] = [ev.token for ev in generate_ids(
+                    m, prompt, sampler=Sampler(temperature=0.0), max_tokens=48,
+                    prompt_lookup=lookup)]
+                steps = base.gpu_decode_steps() - before
+            finally:
+                base.set_gpu_decode_step(old)
+        assert outs[True] == outs[False]
+        assert steps > 0
     finally:
         m.close()
 
