@@ -69,7 +69,7 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
             f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
-            f"const uint32_t* bar{kv}, {ty}* logits, float* scratch) {{\n  using T = {ty};\n"
+            f"const uint32_t* bar, const {ty}* after{kv}, {ty}* logits, float* scratch) {{\n  using T = {ty};\n"
             f"  constexpr int NL = {L};\n{consts}"
             f"  T* kc[NL] = {{{kinit}}};\n  T* vc[NL] = {{{vinit}}};\n"
             f"  mlxcy_step::decode_step<T, BITS, GS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, QK_NORM>("

@@ -10,7 +10,8 @@
 // the kernel step through the model's phases, meeting at a grid-wide barrier
 // between phases (a phase needs all of the previous one's output).  The grid
 // is one block per SM, all resident at once, so the barrier cannot wait on a
-// block that has not started.
+// block that has not started -- as long as no other such kernel runs at the
+// same time: launches are chained (step_previous) and made from one thread.
 //
 // Layout of the work:
 //   products  a warp per output row (rows strided over all warps of the grid);
@@ -619,6 +620,24 @@ inline void step_init(StepState& st, const mx::array& inv_freq) {
   st.has_last = false;
 }
 
+// Evaluate the model's last step if it was never scheduled, then wait for the
+// device (before its weights are freed).
+inline void step_finish(StepState& st) {
+  if (st.has_last && st.last.status() == mx::array::Status::unscheduled) mx::eval({st.last});
+  mx::synchronize();
+  st.has_last = false;
+}
+
+// The previous step kernel launched by this process (any model): each launch
+// takes it as an input, so MLX never runs two of these kernels at once (their
+// blocks wait for each other at barriers: two running together could each hold
+// SMs the other needs).  Called from one thread only (base.pyx).  Never freed:
+// an MLX array must not be destroyed at exit.
+inline mx::array*& step_previous() {
+  static mx::array* prev = nullptr;
+  return prev;
+}
+
 // One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
 // position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
 // cap, HD] each, cap > pos).
@@ -654,7 +673,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   static std::map<int, mx::fast::CustomKernelFunction> kernels;   // by layer count
   auto it = kernels.find(c.L);
   if (it == kernels.end()) {
-    std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar"};
+    std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar", "after"};
     std::string kinit = "  T* kc[NL] = {", vinit = "  T* vc[NL] = {";
     for (int l = 0; l < c.L; ++l) {
       names.push_back("k" + std::to_string(l));
@@ -688,7 +707,9 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   }
   st.next = pos + 1;
   st.cap = cap;
-  std::vector<mx::array> in = {mx::reshape(tok, {1}), meta, st.table, st.inv_freq, st.state};
+  mx::array*& prev = step_previous();
+  std::vector<mx::array> in = {mx::reshape(tok, {1}), meta, st.table, st.inv_freq, st.state,
+                               prev ? *prev : st.state};
   for (auto& k : kbuf) in.push_back(k);
   for (auto& v : vbuf) in.push_back(v);
   int scratch = c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF +
@@ -704,6 +725,10 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
       std::nullopt, false, {});
   st.last = out[0];
   st.has_last = true;
+  if (prev)
+    *prev = out[0];
+  else
+    prev = new mx::array(out[0]);
   return out[0];
 }
 

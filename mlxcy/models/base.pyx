@@ -697,6 +697,12 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef bint _gpu_step_on = True
 cdef long long _gpu_steps = 0
+# The thread that runs every one-kernel step of the process (the first to run
+# one): the kernel's blocks wait for each other at barriers, so two of these
+# kernels must never run at once -- on one thread gpu_step.h chains them; from
+# two threads' streams they could, and could deadlock.  Other threads take the
+# op path.
+cdef unsigned long _gpu_step_thread = 0
 
 
 def set_gpu_decode_step(bint on):
@@ -715,13 +721,11 @@ def gpu_decode_steps():
 
 
 cdef class _GpuStep:
-    """What the kernel needs of a model besides its weights: its shapes, its
-    device state (gpu_step.h's StepState: rotary frequencies, barrier
-    counters, position, pointer table) and the thread it runs on (the state is
-    per model: two threads' streams must not share it)."""
+    """What the kernel needs of a model besides its weights: its shapes and
+    its device state (gpu_step.h's StepState: rotary frequencies, barrier
+    counters, position, pointer table)."""
     cdef ngs.StepConfig cfg
     cdef ngs.StepState st
-    cdef unsigned long thread
 
     def __cinit__(self):
         self.cfg = ngs.StepConfig()     # (cpp_locals: C++ members start unset)
@@ -786,7 +790,6 @@ cdef object _plan_gpu_step(Model m):
         inv = r.scale * np.power(float(r.base), -np.arange(half, dtype=np.float64) * 2 / r.dims)
     cdef Array fa = to_array(inv.astype(np.float32))     # (held: handle() borrows)
     ngs.step_init(p.st, handle(fa)[0])
-    p.thread = <unsigned long>pthread_self()
     return p
 
 
@@ -877,7 +880,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
                    const na.array* offsets, na.array** out) except -1:
     """The one-kernel step for a [1, 1] token over plain KV caches with room
     for one more position; False (nothing done) when it does not apply."""
-    global _gpu_steps
+    global _gpu_steps, _gpu_step_thread
     if (not _gpu_step_on or cache is None or mask != NULL or offsets != NULL
             or ids.ndim() != 2 or ids.shape(0) != 1 or ids.shape(1) != 1
             or na.dtype_code(ids.dtype()) != na.dtype_code(na.int32)
@@ -888,7 +891,9 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
     if m.gpu_step is False:
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
-    if p.thread != <unsigned long>pthread_self():
+    if _gpu_step_thread == 0:
+        _gpu_step_thread = pthread_self()
+    elif _gpu_step_thread != pthread_self():
         return False
     cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
     cdef LayerCache lc
@@ -989,8 +994,9 @@ cdef class Model:
         """Free every weight now; later calls raise."""
         if isinstance(self.gpu_step, _GpuStep):
             # the one-kernel step reads the weights by address, not as MLX
-            # inputs: let any step in flight finish before they are freed
-            na.synchronize()
+            # inputs: run a step still queued and let it finish before they
+            # are freed (a later step's kernel is chained after it)
+            ngs.step_finish((<_GpuStep>self.gpu_step).st)
             self.gpu_step = None
         if self.embed is not None:
             self.embed.free()

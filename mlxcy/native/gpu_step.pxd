@@ -26,6 +26,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
 
     string step_config_problem(const StepConfig& c) except +
     void step_init(StepState& st, const array& inv_freq) except +
+    void step_finish(StepState& st) except +
     array step_decode(const StepConfig& c, const vector[StepPtr]& entries, StepState& st,
                       const array& tok, const vector[array]& kbuf, const vector[array]& vbuf,
                       int pos) except +
