@@ -760,10 +760,8 @@ cdef object _plan_gpu_step(Model m):
     p.cfg.qkv_bias = first is not None and first.bias != NULL
     if ngs.step_config_problem(p.cfg).size() != 0:
         return False
-    if m.embed.quantized != (p.cfg.bits != 0) or (m.lm_head is not None and
-                                                   not _fits(m.lm_head, p, p.cfg.D, p.cfg.V)):
-        return False
-    if m.embed.quantized and (m.embed.bits != p.cfg.bits or m.embed.group_size != p.cfg.group_size):
+    if not _embed_fits(m.embed, p) or (m.lm_head is not None and
+                                       not _fits(m.lm_head, p, p.cfg.D, p.cfg.V)):
         return False
     cdef Block b
     cdef Attention a
@@ -798,11 +796,30 @@ cdef bint _fits(Linear l, _GpuStep p, int k, int n) noexcept:
     cdef int code = na.dtype_code(p.cfg.dtype)
     if not _plain(l) or l.in_features != k or l.out_features != n:
         return False
+    if l.bias != NULL and na.dtype_code(l.bias.dtype()) != code:
+        return False
     if p.cfg.bits == 0:
         return not l.quantized and na.dtype_code(l.weight.dtype()) == code
     return (l.quantized and l.bits == p.cfg.bits and l.group_size == p.cfg.group_size
             and l.qbiases != NULL and na.dtype_code(l.scales.dtype()) == code
             and na.dtype_code(l.qbiases.dtype()) == code)
+
+
+cdef bint _embed_fits(Embedding em, _GpuStep p) noexcept:
+    """Is the embedding (also the head when tied) in the kernel's format?"""
+    cdef int code = na.dtype_code(p.cfg.dtype)
+    if em.weight == NULL or em.num_embeddings != p.cfg.V or em.dims != p.cfg.D:
+        return False
+    if p.cfg.bits == 0:
+        return not em.quantized and na.dtype_code(em.weight.dtype()) == code
+    return (em.quantized and em.bits == p.cfg.bits and em.group_size == p.cfg.group_size
+            and em.qbiases != NULL and na.dtype_code(em.scales.dtype()) == code
+            and na.dtype_code(em.qbiases.dtype()) == code)
+
+
+cdef bint _norm_fits(RMSNorm n, _GpuStep p, int dims) noexcept:
+    return (n is not None and n.weight != NULL and n.dims == dims
+            and na.dtype_code(n.weight.dtype()) == na.dtype_code(p.cfg.dtype))
 
 
 cdef inline void _put(vector[ngs.StepPtr]& e, const na.array* a, int row0) noexcept:
@@ -828,7 +845,7 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
     cdef Linear l
     cdef int r0[3]
     r0[0], r0[1], r0[2] = 0, nq, nq + nk
-    if b.input_norm.weight == NULL or b.post_attn_norm.weight == NULL:
+    if not _norm_fits(b.input_norm, p, D) or not _norm_fits(b.post_attn_norm, p, D):
         return False
     _put(e, b.input_norm.weight, 0)
     if a.qkv_proj is not None:
@@ -848,7 +865,7 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
         for l in (a.q_proj, a.k_proj, a.v_proj):
             _put(e, l.bias, 0)
     if p.cfg.qk_norm:
-        if a.q_norm.weight == NULL or a.k_norm.weight == NULL:
+        if not _norm_fits(a.q_norm, p, p.cfg.HD) or not _norm_fits(a.k_norm, p, p.cfg.HD):
             return False
         _put(e, a.q_norm.weight, 0)
         _put(e, a.k_norm.weight, 0)
@@ -918,11 +935,11 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
     for b in m.layers:
         if not _layer_entries(e, <Block>b, p):
             return False
+    if not _embed_fits(m.embed, p) or not _norm_fits(m.norm, p, p.cfg.D):
+        return False
     _put(e, m.embed.weight, 0)
     _put(e, m.embed.scales if m.embed.quantized else NULL, 0)
     _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
-    if m.embed.weight == NULL or m.norm.weight == NULL:
-        return False
     _put(e, m.norm.weight, 0)
     if m.lm_head is not None:
         if not _fits(m.lm_head, p, p.cfg.D, p.cfg.V) or m.lm_head.bias != NULL:
