@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU checks for the one-kernel decode step, each
+# step's output written to its own log under ${OUT:-/tmp/gpu-session} as it
+# runs (line-buffered), so a call cut short by its time limit still returns
+# what finished.  Run on the GPU machine after the MLX CUDA wheel is
+# installed (docs/internals.md, "Tests on an NVIDIA GPU"):
+#
+#   tools/gpu_session.sh [tests|bench|profile|torch]...   (default: tests bench profile)
+#
+#   tests    tests/models/test_gpu_step.py
+#   bench    bench_decode --ops: one kernel vs the op path vs mlx-lm (SmolLM2,
+#            Qwen3-0.6B, Llama-3.2-1B; bf16 and 4-bit)
+#   profile  gpu_step_profile: host build/wait and the kernel's device time
+#   torch    bench_decode --torch-graph: the PyTorch CUDA-graph loop (bf16)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/gpu-session}"
+mkdir -p "$out"
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+models=smollm2-135m,qwen3-0.6b,llama-3.2-1b
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests bench profile)
+for s in "${steps[@]}"; do
+    case "$s" in
+        tests) python -m pytest -q -p no:cacheprovider tests/models/test_gpu_step.py ;;
+        bench) python benchmarks/bench_decode.py --models "$models" --quant bf16,4bit --ops ;;
+        profile) python benchmarks/gpu_step_profile.py --models "$models" --quant bf16,4bit ;;
+        torch) python benchmarks/bench_decode.py --models "$models" --quant bf16 --ops --torch-graph ;;
+        *) echo "gpu_session.sh: unknown step $s" >&2; exit 2 ;;
+    esac > "$out/$s.log" 2>&1
+    echo "$s rc=$? $(grep -E 'passed|failed' "$out/$s.log" | tail -1)"
+    grep '^|' "$out/$s.log"
+done
