@@ -139,7 +139,8 @@ def test_engine_generation_matches_the_op_path(checkpoints, lookup):
             finally:
                 base.set_gpu_decode_step(old)
         assert outs[True] == outs[False]
-        assert steps > 0
+        if lookup is None:      # (with lookup, verification steps may be all there is)
+            assert steps >= 40
     finally:
         m.close()
 
