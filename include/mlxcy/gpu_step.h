@@ -640,11 +640,13 @@ inline mx::array*& step_previous() {
 
 // One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
 // position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
-// cap, HD] each, cap > pos).
+// cap, HD] each, cap > pos).  On return kbuf/vbuf hold the same buffers as
+// arrays that depend on the kernel (mx::depends): a cache is written by the
+// kernel, so evaluating the cache alone (as a draft model's catch-up does)
+// must run it.
 inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
-                             StepState& st, const mx::array& tok,
-                             const std::vector<mx::array>& kbuf,
-                             const std::vector<mx::array>& vbuf, int pos) {
+                             StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
+                             std::vector<mx::array>& vbuf, int pos) {
   std::string why = step_config_problem(c);
   if (!why.empty()) throw std::invalid_argument("decode step kernel: " + why);
   if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
@@ -723,6 +725,13 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}},
       std::nullopt, false, {});
+  std::vector<mx::array> bufs(kbuf);
+  bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());
+  bufs = mx::depends(bufs, {out[0]});
+  for (size_t l = 0; l < kbuf.size(); ++l) {
+    kbuf[l] = bufs[l];
+    vbuf[l] = bufs[kbuf.size() + l];
+  }
   st.last = out[0];
   st.has_last = true;
   if (prev)

@@ -950,8 +950,13 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         _put(e, m.embed.scales if m.embed.quantized else NULL, 0)
         _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
     out[0] = heap(ngs.step_decode(p.cfg, e, p.st, ids, ks, vs, off))
-    for c in cache.layers:
-        (<LayerCache>c).offset = off + 1
+    cdef int i = 0
+    for c in cache.layers:      # the buffers, now depending on the kernel that writes them
+        lc = <LayerCache>c
+        lc.keys[0] = ks[i]
+        lc.values[0] = vs[i]
+        lc.offset = off + 1
+        i += 1
     _gpu_steps += 1
     return True
 

@@ -28,7 +28,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
     void step_init(StepState& st, const array& inv_freq) except +
     void step_finish(StepState& st) except +
     array step_decode(const StepConfig& c, const vector[StepPtr]& entries, StepState& st,
-                      const array& tok, const vector[array]& kbuf, const vector[array]& vbuf,
+                      const array& tok, vector[array]& kbuf, vector[array]& vbuf,
                       int pos) except +
 
 
