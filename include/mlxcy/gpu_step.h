@@ -643,12 +643,11 @@ inline mx::array*& step_previous() {
 // cap, HD] each, cap > pos).  On return kbuf/vbuf hold the same buffers as
 // arrays that depend on the kernel (mx::depends): a cache is written by the
 // kernel, so evaluating the cache alone (as a draft model's catch-up does)
-// must run it.
+// must run it.  c passed step_config_problem when the model was planned
+// (base.pyx), once, not per token.
 inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
                              StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
                              std::vector<mx::array>& vbuf, int pos) {
-  std::string why = step_config_problem(c);
-  if (!why.empty()) throw std::invalid_argument("decode step kernel: " + why);
   if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
       kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
     throw std::invalid_argument("decode step kernel: table or cache size");

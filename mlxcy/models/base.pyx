@@ -20,7 +20,6 @@ from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport fused as nfused
 from mlxcy.native cimport gpu_step as ngs
-from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
@@ -791,30 +790,35 @@ cdef object _plan_gpu_step(Model m):
     return p
 
 
+cdef bint _format_fits(_GpuStep p, bint quantized, int bits, int group_size,
+                       const na.array* w, const na.array* scales,
+                       const na.array* qbiases) noexcept:
+    """Are a layer's weights in the kernel's format: the model's dtype, or
+    MLX's affine layout at the model's bits and group size with scales and
+    biases in the model's dtype?"""
+    cdef int code = na.dtype_code(p.cfg.dtype)
+    if p.cfg.bits == 0:
+        return not quantized and na.dtype_code(w.dtype()) == code
+    return (quantized and bits == p.cfg.bits and group_size == p.cfg.group_size
+            and qbiases != NULL and na.dtype_code(scales.dtype()) == code
+            and na.dtype_code(qbiases.dtype()) == code)
+
+
 cdef bint _fits(Linear l, _GpuStep p, int k, int n) noexcept:
     """Is l an [n, k] layer of the kernel's weight format?"""
-    cdef int code = na.dtype_code(p.cfg.dtype)
     if not _plain(l) or l.in_features != k or l.out_features != n:
         return False
-    if l.bias != NULL and na.dtype_code(l.bias.dtype()) != code:
+    if l.bias != NULL and na.dtype_code(l.bias.dtype()) != na.dtype_code(p.cfg.dtype):
         return False
-    if p.cfg.bits == 0:
-        return not l.quantized and na.dtype_code(l.weight.dtype()) == code
-    return (l.quantized and l.bits == p.cfg.bits and l.group_size == p.cfg.group_size
-            and l.qbiases != NULL and na.dtype_code(l.scales.dtype()) == code
-            and na.dtype_code(l.qbiases.dtype()) == code)
+    return _format_fits(p, l.quantized, l.bits, l.group_size, l.weight, l.scales, l.qbiases)
 
 
 cdef bint _embed_fits(Embedding em, _GpuStep p) noexcept:
     """Is the embedding (also the head when tied) in the kernel's format?"""
-    cdef int code = na.dtype_code(p.cfg.dtype)
     if em.weight == NULL or em.num_embeddings != p.cfg.V or em.dims != p.cfg.D:
         return False
-    if p.cfg.bits == 0:
-        return not em.quantized and na.dtype_code(em.weight.dtype()) == code
-    return (em.quantized and em.bits == p.cfg.bits and em.group_size == p.cfg.group_size
-            and em.qbiases != NULL and na.dtype_code(em.scales.dtype()) == code
-            and na.dtype_code(em.qbiases.dtype()) == code)
+    return _format_fits(p, em.quantized, em.bits, em.group_size, em.weight, em.scales,
+                        em.qbiases)
 
 
 cdef bint _norm_fits(RMSNorm n, _GpuStep p, int dims) noexcept:
