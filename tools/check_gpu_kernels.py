@@ -80,13 +80,18 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
 
 def step_cases():
     norms = dict(EPS_BITS=0x3727C5AC, QK_EPS_BITS=0x3727C5AC, SCALE_BITS=0x3E000000)
-    # Llama-3.2-1B bf16, Qwen3-0.6B 4-bit, SmolLM2 8-bit, a tiny float32 model
+    # Llama-3.2-1B bf16, Qwen3-0.6B 4-bit, SmolLM2 8-bit, Qwen3-0.6B bf16, SmolLM2
+    # 4-bit, a tiny float32 model
     yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
                            QKV_BIAS=False, QK_NORM=False, **norms)
     yield "bf16", 28, dict(BITS=4, GS=64, D=1024, NQ=16, NKV=8, HD=128, FF=3072, V=151936,
                            QKV_BIAS=False, QK_NORM=True, **norms)
     yield "bf16", 30, dict(BITS=8, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
                            QKV_BIAS=True, QK_NORM=False, **norms)
+    yield "bf16", 28, dict(BITS=0, GS=0, D=1024, NQ=16, NKV=8, HD=128, FF=3072, V=151936,
+                           QKV_BIAS=False, QK_NORM=True, **norms)
+    yield "bf16", 30, dict(BITS=4, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
+                           QKV_BIAS=False, QK_NORM=False, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, **norms)
 
