@@ -216,112 +216,54 @@ __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* 
   return d;
 }
 
-// How a warp reads a K-wide weight row: in 16-byte chunks, CPL per lane, and
-// R rows at once, so that each lane has up to 16 chunks in flight before it
-// waits on any (a phase's time is mostly the latency of its loads; one row of
-// a small model is a chunk or two per lane).
-template <typename T, int BITS, int K>
-struct RowShape {
-  static constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
-  static constexpr int CH = K / VALS;
-  static constexpr int CPL = (CH + 31) / 32;
-  static constexpr int R = 16 / CPL >= 4 ? 4 : (16 / CPL >= 1 ? 16 / CPL : 1);
-};
-
-// Rows row[0..R) (of layers L[0..R); -1: none) dotted with xs (K inputs) by
-// one warp; every lane gets the sums.
-template <typename T, int BITS, int GS, int K, int R>
-__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[R], const int (&row)[R],
-                                         const float* xs, float (&out)[R]) {
-  using S = RowShape<T, BITS, K>;
-  constexpr int U = S::CPL < 16 / R ? S::CPL : (16 / R ? 16 / R : 1);   // chunks per row per pass
+// One weight row (K inputs) dotted with xs by one warp; every lane gets it.
+template <typename T, int BITS, int GS>
+__device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const float* xs) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int U = 8;                         // chunks in flight per lane
   const int lane = threadIdx.x & 31;
-  const uint4* w4[R];
-  float acc[R];
+  const int CH = K / VALS;
+  const uint4* w4 = reinterpret_cast<const uint4*>(L.w) + (size_t)row * CH;
+  float acc = 0.0f;
+  for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+    uint4 wq[U];
 #pragma unroll
-  for (int i = 0; i < R; ++i) {
-    w4[i] = reinterpret_cast<const uint4*>(L[i].w) + (size_t)(row[i] < 0 ? 0 : row[i]) * S::CH;
-    acc[i] = 0.0f;
-  }
-  for (int c0 = lane; c0 < S::CH; c0 += 32 * U) {
-    uint4 wq[R][U];
+    for (int u = 0; u < U; ++u)
+      if (c0 + 32 * u < CH) wq[u] = __ldg(w4 + c0 + 32 * u);
 #pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (row[i] >= 0 && c0 + 32 * u < S::CH) wq[i][u] = __ldg(w4[i] + c0 + 32 * u);
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = c0 + 32 * u;
-        if (row[i] >= 0 && c < S::CH) {
-          float sx;
-          const float d = chunk_dot<T, BITS>(wq[i][u], c, xs, &sx);
-          if (BITS) {
-            constexpr int G = GS ? GS : 1;
-            const size_t g = (size_t)row[i] * (K / G) + (c * S::VALS) / G;
-            acc[i] += static_cast<float>(L[i].s[g]) * d + static_cast<float>(L[i].b[g]) * sx;
-          } else {
-            acc[i] += d;
-          }
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < CH) {
+        float sx;
+        float d = chunk_dot<T, BITS>(wq[u], c, xs, &sx);
+        if (BITS) {
+          constexpr int G = GS ? GS : 1;
+          const size_t g = (size_t)row * (K / G) + (c * VALS) / G;
+          acc += static_cast<float>(L.s[g]) * d + static_cast<float>(L.b[g]) * sx;
+        } else {
+          acc += d;
         }
       }
-  }
-#pragma unroll
-  for (int i = 0; i < R; ++i) out[i] = warp_sum(acc[i]);
-}
-
-// Rows [0, N) of a product over xs (K inputs), strided over the grid's warps
-// (gw of nw), R rows per warp at once: part(r, L) sets row r's layer and
-// returns its row there; done(r, v) takes the dot product (every lane).
-template <typename T, int BITS, int GS, int K, typename Part, typename Done>
-__device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, Part part,
-                                        Done done) {
-  constexpr int R = RowShape<T, BITS, K>::R;
-  for (int r0 = gw; r0 < N; r0 += nw * R) {
-    Lin<T> L[R];
-    int row[R];
-    float v[R];
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int r = r0 + i * nw;
-      row[i] = part(r < N ? r : N - 1, L[i]);
-      if (r >= N) row[i] = -1;
     }
-    rows_dot<T, BITS, GS, K, R>(L, row, xs, v);
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-      if (row[i] >= 0) done(r0 + i * nw, v[i]);
   }
+  return warp_sum(acc);
 }
 
 // xs (padded) <- src[0:K] (float scratch, read through L2), normalized by
 // RMSNorm with weight nw when nw is given, as MLX rounds: T(w * T(x * inv)).
-// Each thread's values and norm weights are all asked for before any is used.
-template <typename T, int K>
-__device__ __forceinline__ void load_x(const float* src, const T* nw, float eps, float* xs,
+template <typename T>
+__device__ __forceinline__ void load_x(const float* src, int K, const T* nw, float eps, float* xs,
                                        float* red) {
-  constexpr int PT = (K + THREADS - 1) / THREADS;
-  float w[PT];
   float ss = 0.0f;
-#pragma unroll
-  for (int i = 0; i < PT; ++i) {
-    const int k = threadIdx.x + i * THREADS;
-    if (k < K) {
-      const float v = __ldcg(src + k);
-      if (nw != nullptr) w[i] = static_cast<float>(nw[k]);
-      xs[xp(k)] = v;
-      ss += v * v;
-    }
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    float v = __ldcg(src + k);
+    xs[xp(k)] = v;
+    ss += v * v;
   }
   if (nw != nullptr) {
     const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-#pragma unroll
-    for (int i = 0; i < PT; ++i) {
-      const int k = threadIdx.x + i * THREADS;
-      if (k < K) xs[xp(k)] = rt<T>(w[i] * rt<T>(xs[xp(k)] * inv));
-    }
+    for (int k = threadIdx.x; k < K; k += THREADS)
+      xs[xp(k)] = rt<T>(static_cast<float>(nw[k]) * rt<T>(xs[xp(k)] * inv));
   }
   __syncthreads();
 }
@@ -440,23 +382,17 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     if (l == 0)
       embed<T, BITS, GS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
     else
-      load_x<T, D>(x, ptr<T>(t[0]), eps, xs, red);
-    product<T, BITS, GS, D>(
-        NQKV, gw, nw, xs,
-        [&](int r, Lin<T>& L) {
-          const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
-          L = lin<T>(t + 1 + 3 * p);
-          return r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
-        },
-        [&](int r, float v) {
-          v = rt<T>(v);
-          if (QKV_BIAS) {
-            const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
-            const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
-            v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
-          }
-          if (lane == 0) qkv[r] = v;
-        });
+      load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
+    {
+      const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
+      for (int r = gw; r < NQKV; r += nw) {
+        const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
+        const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
+        float v = rt<T>(row_dot<T, BITS, GS>(parts[p], row, D, xs));
+        if (QKV_BIAS) v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
+        if (lane == 0) qkv[r] = v;
+      }
+    }
     grid_sync(sync);
     // -- B: attention, a warp per (query head, tile of 32 positions): its
     // softmax-weighted sum of values with the tile's max and sum (a partial)
@@ -516,26 +452,17 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
-        // the values, VB positions' worth asked for before any is used
-        constexpr int VB = 32 / DPL < 16 ? 32 / DPL : 16;
-        for (int i0 = 0; i0 < n; i0 += VB) {
-          float vv[VB][DPL];
+#pragma unroll 8
+        for (int i = 0; i < n; ++i) {
+          const float ei = __shfl_sync(0xffffffffu, e, i);
+          const int pp = tile * 32 + i;
 #pragma unroll
-          for (int i = 0; i < VB; ++i) {
-            const int pp = tile * 32 + i0 + i;
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) {
-              const int d = lane + 32 * c;
-              vv[i][c] = 0.0f;
-              if (i0 + i < n && d < HD)
-                vv[i][c] = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
+          for (int c = 0; c < DPL; ++c) {
+            const int d = lane + 32 * c;
+            if (d < HD) {
+              const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
+              acc[c] = fmaf(ei, vv, acc[c]);
             }
-          }
-#pragma unroll
-          for (int i = 0; i < VB; ++i) {
-            const float ei = __shfl_sync(0xffffffffu, e, i0 + i);   // 0 past pos
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) acc[c] = fmaf(ei, vv[i][c], acc[c]);
           }
         }
         float* pt = part + ((size_t)h * maxt + tile) * (HD + 2);
@@ -563,51 +490,39 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
-    load_x<T, NQ * HD>(att, nullptr, 0.0f, xs, red);
-    product<T, BITS, GS, NQ * HD>(
-        D, gw, nw, xs, [&](int r, Lin<T>& L) { L = lin<T>(t + 15); return r; },
-        [&](int r, float v) {
-          if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(v));
-        });
+    load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
+    {
+      const Lin<T> o = lin<T>(t + 15);
+      for (int r = gw; r < D; r += nw) {
+        const float v = rt<T>(row_dot<T, BITS, GS>(o, r, NQ * HD, xs));
+        if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
+      }
+    }
     prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
     prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
     grid_sync(sync);
     // -- D: RMSNorm -> gate, up -> silu(gate) * up
-    load_x<T, D>(x, ptr<T>(t[18]), eps, xs, red);
-    {   // a warp takes gate and up rows in pairs: the same r of both
-      constexpr int RS = RowShape<T, BITS, D>::R;
-      constexpr int P = RS >= 2 ? RS / 2 : 1;
+    load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
+    {
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
-      for (int r0 = gw; r0 < FF; r0 += nw * P) {
-        Lin<T> L[2 * P];
-        int row[2 * P];
-        float v[2 * P];
-#pragma unroll
-        for (int i = 0; i < P; ++i) {
-          const int r = r0 + i * nw;
-          L[2 * i] = g;
-          L[2 * i + 1] = u;
-          row[2 * i] = row[2 * i + 1] = r < FF ? r : -1;
-        }
-        rows_dot<T, BITS, GS, D, 2 * P>(L, row, xs, v);
-#pragma unroll
-        for (int i = 0; i < P; ++i)
-          if (row[2 * i] >= 0 && lane == 0) {
-            const float gv = rt<T>(v[2 * i]), uv = rt<T>(v[2 * i + 1]);
-            const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
-            hid[row[2 * i]] = rt<T>(rt<T>(gv * sg) * uv);
-          }
+      for (int r = gw; r < FF; r += nw) {
+        const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
+        const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
+        const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
+        if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
       }
     }
     prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
     grid_sync(sync);
     // -- E: down + residual
-    load_x<T, FF>(hid, nullptr, 0.0f, xs, red);
-    product<T, BITS, GS, FF>(
-        D, gw, nw, xs, [&](int r, Lin<T>& L) { L = lin<T>(t + 25); return r; },
-        [&](int r, float v) {
-          if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(v));
-        });
+    load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
+    {
+      const Lin<T> dn = lin<T>(t + 25);
+      for (int r = gw; r < D; r += nw) {
+        const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
+        if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
+      }
+    }
     if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
       prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
     } else {
@@ -616,12 +531,12 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     grid_sync(sync);
   }
   // -- the final norm and the output head
-  load_x<T, D>(x, ptr<T>(top[3]), eps, xs, red);
-  product<T, BITS, GS, D>(
-      V, gw, nw, xs, [&](int r, Lin<T>& L) { L = lin<T>(top + 4); return r; },
-      [&](int r, float v) {
-        if (lane == 0) logits[r] = static_cast<T>(v);
-      });
+  load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
+  const Lin<T> head = lin<T>(top + 4);
+  for (int r = gw; r < V; r += nw) {
+    const float v = row_dot<T, BITS, GS>(head, r, D, xs);
+    if (lane == 0) logits[r] = static_cast<T>(v);
+  }
   // every block read meta before the last barrier: the next step's position
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     bar[2] = pos + 1;
