@@ -5,6 +5,7 @@ within a measured distance of the float cache's, the engine batches such
 caches (rows joining, kept caches, saved sessions) as it does float ones, and
 `mlxcy generate --kv-bits` runs end to end.  Tiny random models with
 head_dim 32 (the quantization groups split head_dim)."""
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -96,10 +97,25 @@ def test_logits_near_float_and_equal_to_mlx_lm(tiny):
     theirs = lm_load(tiny.d)[0]
     for bits in (8, 4):
         cache = [TheirCache(group_size=32, bits=bits) for _ in theirs.layers]
-        a = theirs(mx.array(ids[:, :30]), cache=cache)
-        b = theirs(mx.array(ids[:, 30:]), cache=cache)
-        t = np.concatenate([np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))], 1)
+        with _mlx_lm_reference():
+            a = theirs(mx.array(ids[:, :30]), cache=cache)
+            b = theirs(mx.array(ids[:, 30:]), cache=cache)
+            t = np.concatenate([np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))], 1)
         assert rel(got[bits], t) < 1e-4, bits          # the same quantized keys and values
+
+
+@contextlib.contextmanager
+def _mlx_lm_reference():
+    """Skip (after mlxcy's own checks have run) where mlx-lm's reference cannot
+    run: on MLX 0.32.4's CUDA backend its QuantizedKVCache attention has no
+    quantized_matmul for these float32 shapes ("No implementation for problem
+    shape"; seen on an H200, 2026-12-04)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "No implementation for problem shape" not in str(e):
+            raise
+        pytest.skip(f"mlx-lm's QuantizedKVCache reference cannot run here: {e}")
 
 
 def _drain(eng):
@@ -264,7 +280,8 @@ def test_perplexity_kv_bits_matches_mlx_lm(tiny):
         nll = []
         for s in np.asarray(ids, np.int32).reshape(3, 32):
             cache = [TheirCache(group_size=32, bits=b) for _ in theirs.layers]
-            lg = np.array(theirs(mx.array(s[None, :-1]), cache=cache).astype(mx.float32))[0]
+            with _mlx_lm_reference():
+                lg = np.array(theirs(mx.array(s[None, :-1]), cache=cache).astype(mx.float32))[0]
             lg = lg.astype(np.float64)
             lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
             nll.append(lse - lg[np.arange(31), s[1:]])
