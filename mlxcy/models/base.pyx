@@ -695,6 +695,7 @@ cdef extern from "<pthread.h>" nogil:
     unsigned long pthread_self()
 
 cdef bint _gpu_step_on = True
+cdef bint _gpu_verify_on = True
 cdef long long _gpu_steps = 0
 # The thread that runs every one-kernel step of the process (the first to run
 # one): the kernel's blocks wait for each other at barriers, so two of these
@@ -710,6 +711,16 @@ def set_gpu_decode_step(bint on):
     global _gpu_step_on
     old = _gpu_step_on
     _gpu_step_on = on
+    return old
+
+
+def set_gpu_verify_step(bint on):
+    """Run steps of several positions of one sequence (a speculative step's
+    proposals, up to gpu_step.h's step_max_positions) as one kernel too, where
+    the one-kernel step applies (default True); returns the previous setting."""
+    global _gpu_verify_on
+    old = _gpu_verify_on
+    _gpu_verify_on = on
     return old
 
 
@@ -899,11 +910,13 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
 
 cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* mask,
                    const na.array* offsets, na.array** out) except -1:
-    """The one-kernel step for a [1, 1] token over plain KV caches with room
-    for one more position; False (nothing done) when it does not apply."""
+    """The one-kernel step for [1, M] tokens (M = 1, or up to the kernel's
+    limit for several positions) over plain KV caches with room for them;
+    False (nothing done) when it does not apply."""
     global _gpu_steps, _gpu_step_thread
     if (not _gpu_step_on or cache is None or mask != NULL or offsets != NULL
-            or ids.ndim() != 2 or ids.shape(0) != 1 or ids.shape(1) != 1
+            or ids.ndim() != 2 or ids.shape(0) != 1 or ids.shape(1) < 1
+            or (ids.shape(1) > 1 and not _gpu_verify_on)
             or na.dtype_code(ids.dtype()) != na.dtype_code(na.int32)
             or not ngs.cuda_default_device()):
         return False
@@ -912,6 +925,9 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
     if m.gpu_step is False:
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
+    cdef int M = ids.shape(1)
+    if M > ngs.step_max_positions(p.cfg):
+        return False
     if _gpu_step_thread == 0:
         _gpu_step_thread = pthread_self()
     elif _gpu_step_thread != pthread_self():
@@ -931,7 +947,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         if off < 0:
             off, cap = lc.offset, lc.keys.shape(2)
         if lc.offset != off or lc.keys.shape(2) != cap or lc.values.shape(2) != cap \
-                or off >= cap:
+                or off + M > cap:
             return False
         ks.push_back(lc.keys[0])
         vs.push_back(lc.values[0])
@@ -959,7 +975,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         lc = <LayerCache>c
         lc.keys[0] = ks[i]
         lc.values[0] = vs[i]
-        lc.offset = off + 1
+        lc.offset = off + M
         i += 1
     _gpu_steps += 1
     return True
@@ -1080,7 +1096,7 @@ cdef class Model:
         if cache is not None and len(cache.layers) != n:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
         cdef na.array* out = NULL
-        if gpu_step(self, ids, cache, mask, offsets, &out):
+        if (L == 1 or not last_only) and gpu_step(self, ids, cache, mask, offsets, &out):
             return out
         cdef bint sync = cache is not None and _cpu_sync(self)
         cdef na.array* h = self.embed_tokens(ids)

@@ -44,8 +44,10 @@ def checkpoints(tmp_path_factory):
 
 
 def _run(m, prompt, n, on, feed=None):
-    """Prefill prompt, then n one-token steps; returns (fed ids, logits [n, V])."""
+    """Prefill prompt, then n one-token steps; returns (fed ids, logits [n, V]).
+    (The prompt runs op by op: the several-positions kernel is off here.)"""
     old = base.set_gpu_decode_step(on)
+    old_verify = base.set_gpu_verify_step(False)
     try:
         cache = m.make_cache()
         lg = m(np.array([prompt], np.int32), cache)
@@ -62,6 +64,7 @@ def _run(m, prompt, n, on, feed=None):
         return ids, np.stack(rows)
     finally:
         base.set_gpu_decode_step(old)
+        base.set_gpu_verify_step(old_verify)
 
 
 def _compare(m, prompt, n, tol, exact_ids, op_steps=0):
@@ -139,8 +142,53 @@ def test_engine_generation_matches_the_op_path(checkpoints, lookup):
             finally:
                 base.set_gpu_decode_step(old)
         assert outs[True] == outs[False]
-        if lookup is None:      # (with lookup, verification steps may be all there is)
-            assert steps >= 40
+        assert steps >= (40 if lookup is None else 1)   # verification steps: several positions
+    finally:
+        m.close()
+
+
+def _chunks(m, prompt, chunks, on):
+    """Prefill prompt op by op, then feed each chunk of tokens in one forward
+    (several positions), then two one-token steps; the logits of every chunk."""
+    old, old_verify = base.set_gpu_decode_step(on), base.set_gpu_verify_step(on)
+    try:
+        cache = m.make_cache()
+        base.set_gpu_decode_step(False)
+        m(np.array([prompt], np.int32), cache)
+        base.set_gpu_decode_step(on)
+        out = [np.asarray(m(np.array([c], np.int32), cache).astype(mx.float32))[0]
+               for c in chunks]
+        cache.free()
+        return out
+    finally:
+        base.set_gpu_decode_step(old)
+        base.set_gpu_verify_step(old_verify)
+
+
+@cuda
+@pytest.mark.parametrize("kind,dtype,bits", [
+    ("llama", "float32", 0), ("qwen2", "float32", 0), ("qwen3", "float32", 0),
+    ("llama", "bfloat16", 0), ("qwen3", "float16", 0), ("qwen2", None, 4), ("qwen3", None, 8)])
+def test_several_positions_match_the_op_path(checkpoints, kind, dtype, bits):
+    """Chunks of 2-9 tokens (a speculative step's proposals), then single tokens,
+    through the several-positions kernel: every position's logits against the op
+    path's, and the device-held position following the chunks."""
+    m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
+    m.fuse()
+    rng = np.random.default_rng(7)
+    chunks = [rng.integers(0, VOCAB, n).tolist() for n in (2, 5, 9, 1, 3, 1)]
+    try:
+        want = _chunks(m, _prompt(8, 30), chunks, on=False)
+        before = base.gpu_decode_steps()
+        got = _chunks(m, _prompt(8, 30), chunks, on=True)
+        assert base.gpu_decode_steps() - before == len(chunks)
+        tol = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3, None: 3e-2}[dtype]
+        for c, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape
+            for i in range(len(g)):
+                assert rel(g[i], w[i]) <= tol, (c, i, rel(g[i], w[i]))
+            if dtype == "float32":
+                assert (g.argmax(-1) == w.argmax(-1)).all(), c
     finally:
         m.close()
 
@@ -155,11 +203,16 @@ def test_not_taken_for_batches_masks_or_lora_like_changes(checkpoints):
         m(np.array([[1], [2]], np.int32), cache)            # two rows: op path
         assert base.gpu_decode_steps() == before
         cache = m.make_cache()
-        m(np.array([_prompt(4, 8)], np.int32), cache)
+        m(np.array([_prompt(4, 8)], np.int32), cache, last_only=True)   # a prompt: op path
+        assert base.gpu_decode_steps() == before
         m(np.array([[1]], np.int32), cache, offsets=[8])    # explicit positions: op path
         assert base.gpu_decode_steps() == before
         m(np.array([[1]], np.int32), cache)
         assert base.gpu_decode_steps() == before + 1
+        m(np.array([_prompt(5, 17)], np.int32), cache)      # more positions than one launch takes
+        assert base.gpu_decode_steps() == before + 1
+        m(np.array([_prompt(5, 16)], np.int32), cache)      # 16: one launch
+        assert base.gpu_decode_steps() == before + 2
     finally:
         m.close()
 
