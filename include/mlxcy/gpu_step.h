@@ -938,10 +938,12 @@ inline std::string step_config_problem(const StepConfig& c) {
 }
 
 // Dynamic shared memory of the several-positions kernel: M rows of the widest
-// product's input in the model's dtype.
+// product's input in the model's dtype -- at least 64 KB, so that MLX always
+// raises the kernel's limit past the default 48 KB (it does so only for
+// requests above 48,000 bytes, and the kernel's static arrays come on top).
 inline int step_shared_bytes(const StepConfig& c, int M) {
   int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
-  return M * xmax * static_cast<int>(mx::size_of(c.dtype));
+  return std::max(M * xmax * static_cast<int>(mx::size_of(c.dtype)), 64 * 1024);
 }
 
 // The most positions one launch takes (1: only the one-token kernel): bounded
