@@ -348,8 +348,8 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
     if (lane + 32 * c < HD) out[lane + 32 * c] = rt<T>(num[c] / den);
 }
 
-template <typename T, int BITS, int GS, int D, int NQ, int NKV, int HD, int FF, int V, int NL,
-          bool QKV_BIAS, bool QK_NORM>
+template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
+          int V, int NL, bool QKV_BIAS, bool QK_NORM>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
@@ -380,7 +380,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     const unsigned long long* t = table + l * PL;
     // -- A: RMSNorm -> q, k, v (+ bias)
     if (l == 0)
-      embed<T, BITS, GS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
+      embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
     else
       load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
     {
@@ -526,7 +526,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
       prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
     } else {
-      prefetch_rows<T, BITS>(lin<T>(top + 4).w, D, gw, V, nw);
+      prefetch_rows<T, EBITS>(lin<T>(top + 4).w, D, gw, V, nw);
     }
     grid_sync(sync);
   }
@@ -534,7 +534,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
   const Lin<T> head = lin<T>(top + 4);
   for (int r = gw; r < V; r += nw) {
-    const float v = row_dot<T, BITS, GS>(head, r, D, xs);
+    const float v = row_dot<T, EBITS, EGS>(head, r, D, xs);
     if (lane == 0) logits[r] = static_cast<T>(v);
   }
   // every block read meta before the last barrier: the next step's position
@@ -667,8 +667,8 @@ __device__ __forceinline__ void row_dot_m(const Lin<T>& L, int row, const T* xm,
   for (int m = 0; m < M; ++m) out[m] = warp_sum(acc[m]);
 }
 
-template <typename T, int BITS, int GS, int D, int NQ, int NKV, int HD, int FF, int V, int NL,
-          bool QKV_BIAS, bool QK_NORM, int M>
+template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, int M>
 __device__ void verify_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
@@ -700,8 +700,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     for (int i = threadIdx.x; i < M * D; i += THREADS) {
       const int m = i / D, k = i % D, tok = tok_p[m];
       float v;
-      if (BITS) {
-        constexpr int B = BITS ? BITS : 8, G = GS ? GS : 1;
+      if (EBITS) {
+        constexpr int B = EBITS ? EBITS : 8, G = EGS ? EGS : 1;
         const unsigned* w = reinterpret_cast<const unsigned*>(E.w) + (size_t)tok * (D * B / 32);
         const unsigned q = (w[k / (32 / B)] >> ((k % (32 / B)) * B)) & ((1u << B) - 1u);
         const size_t g = (size_t)tok * (D / G) + k / G;
@@ -880,7 +880,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   const Lin<T> head = lin<T>(top + 4);
   for (int r = gw; r < V; r += nw) {
     float v[M];
-    row_dot_m<T, BITS, GS, D, M>(head, r, xm, v);
+    row_dot_m<T, EBITS, EGS, D, M>(head, r, xm, v);
     if (lane == 0)
 #pragma unroll
       for (int m = 0; m < M; ++m) logits[(size_t)m * V + r] = static_cast<T>(v[m]);
@@ -912,6 +912,7 @@ struct StepPtr {
 struct StepConfig {
   mx::Dtype dtype = mx::bfloat16;
   int bits = 0, group_size = 0;
+  int ebits = 0, egs = 0;          // the embedding's (and the head's) own format
   int D = 0, NQ = 0, NKV = 0, HD = 0, FF = 0, V = 0, L = 0;
   bool qkv_bias = false, qk_norm = false;
   float eps = 1e-5f, qk_eps = 1e-6f, scale = 1.0f;
@@ -933,7 +934,9 @@ inline std::string step_config_problem(const StepConfig& c) {
   if (c.HD > 256 || c.HD % 2 || (c.HD * mx::size_of(c.dtype)) % 16 || c.NKV <= 0 ||
       c.NQ % c.NKV)
     return "head layout";
-  if (c.D % (32 / std::max(c.bits, 1)) && c.bits) return "embedding width";
+  if (c.ebits != 0 && c.ebits != 4 && c.ebits != 8) return "only 4- and 8-bit embeddings";
+  if (c.ebits && (c.egs <= 0 || c.egs % (128 / c.ebits) || c.D % c.egs)) return "embedding group size";
+  if (c.D % (32 / std::max(c.ebits, 1)) && c.ebits) return "embedding width";
   return "";
 }
 
@@ -1076,10 +1079,10 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
       vinit += (l ? ", " : "") + std::string("const_cast<T*>(v") + std::to_string(l) + ")";
     }
     std::string body = kinit + "};\n" + vinit + "};\n" +
-        (smem ? "  mlxcy_step::verify_step<T, BITS, GS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, "
-                "QK_NORM, M>(\n"
-              : "  mlxcy_step::decode_step<T, BITS, GS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, "
-                "QK_NORM>(\n") +
+        (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM, M>(\n"
+              : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
@@ -1114,7 +1117,8 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   auto out = it->second(
       in, {mx::Shape{1, M, c.V}, mx::Shape{scratch}}, {c.dtype, mx::float32},
       {blocks * 256, 1, 1}, {256, 1, 1},
-      {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"D", c.D},
+      {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"EBITS", c.ebits},
+       {"EGS", c.ebits ? c.egs : 0}, {"D", c.D},
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M}},

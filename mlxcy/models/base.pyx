@@ -757,6 +757,10 @@ cdef object _plan_gpu_step(Model m):
     p.cfg.dtype = na.dtype_from_code(m.dtype_code)
     p.cfg.bits = probe.bits if probe is not None and probe.quantized else 0
     p.cfg.group_size = probe.group_size if p.cfg.bits else 0
+    # the embedding (and the head: tied, or untied in the same format) may have
+    # its own bits (a GGUF's Q8_0 embedding beside Q4 layers)
+    p.cfg.ebits = m.embed.bits if m.embed is not None and m.embed.quantized else 0
+    p.cfg.egs = m.embed.group_size if p.cfg.ebits else 0
     p.cfg.D = m.config.hidden_size
     p.cfg.NQ, p.cfg.NKV, p.cfg.HD = a0.n_heads, a0.n_kv_heads, a0.head_dim
     p.cfg.FF = b0.mlp.down_proj.in_features if b0.mlp.down_proj is not None else 0
@@ -771,7 +775,7 @@ cdef object _plan_gpu_step(Model m):
     if ngs.step_config_problem(p.cfg).size() != 0:
         return False
     if not _embed_fits(m.embed, p) or (m.lm_head is not None and
-                                       not _fits(m.lm_head, p, p.cfg.D, p.cfg.V)):
+                                       not _fits(m.lm_head, p, p.cfg.D, p.cfg.V, True)):
         return False
     cdef Block b
     cdef Attention a
@@ -803,25 +807,28 @@ cdef object _plan_gpu_step(Model m):
 
 cdef bint _format_fits(_GpuStep p, bint quantized, int bits, int group_size,
                        const na.array* w, const na.array* scales,
-                       const na.array* qbiases) noexcept:
-    """Are a layer's weights in the kernel's format: the model's dtype, or
-    MLX's affine layout at the model's bits and group size with scales and
-    biases in the model's dtype?"""
+                       const na.array* qbiases, int want_bits, int want_group) noexcept:
+    """Are a layer's weights in the kernel's format: the model's dtype
+    (want_bits 0), or MLX's affine layout at want_bits and want_group with
+    scales and biases in the model's dtype?"""
     cdef int code = na.dtype_code(p.cfg.dtype)
-    if p.cfg.bits == 0:
+    if want_bits == 0:
         return not quantized and na.dtype_code(w.dtype()) == code
-    return (quantized and bits == p.cfg.bits and group_size == p.cfg.group_size
+    return (quantized and bits == want_bits and group_size == want_group
             and qbiases != NULL and na.dtype_code(scales.dtype()) == code
             and na.dtype_code(qbiases.dtype()) == code)
 
 
-cdef bint _fits(Linear l, _GpuStep p, int k, int n) noexcept:
-    """Is l an [n, k] layer of the kernel's weight format?"""
+cdef bint _fits(Linear l, _GpuStep p, int k, int n, bint head=False) noexcept:
+    """Is l an [n, k] layer of the kernel's weight format (head: the
+    embedding's format, which may differ from the layers')?"""
     if not _plain(l) or l.in_features != k or l.out_features != n:
         return False
     if l.bias != NULL and na.dtype_code(l.bias.dtype()) != na.dtype_code(p.cfg.dtype):
         return False
-    return _format_fits(p, l.quantized, l.bits, l.group_size, l.weight, l.scales, l.qbiases)
+    return _format_fits(p, l.quantized, l.bits, l.group_size, l.weight, l.scales, l.qbiases,
+                        p.cfg.ebits if head else p.cfg.bits,
+                        p.cfg.egs if head else p.cfg.group_size)
 
 
 cdef bint _embed_fits(Embedding em, _GpuStep p) noexcept:
@@ -829,7 +836,7 @@ cdef bint _embed_fits(Embedding em, _GpuStep p) noexcept:
     if em.weight == NULL or em.num_embeddings != p.cfg.V or em.dims != p.cfg.D:
         return False
     return _format_fits(p, em.quantized, em.bits, em.group_size, em.weight, em.scales,
-                        em.qbiases)
+                        em.qbiases, p.cfg.ebits, p.cfg.egs)
 
 
 cdef bint _norm_fits(RMSNorm n, _GpuStep p, int dims) noexcept:
@@ -962,7 +969,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
     _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
     _put(e, m.norm.weight, 0)
     if m.lm_head is not None:
-        if not _fits(m.lm_head, p, p.cfg.D, p.cfg.V) or m.lm_head.bias != NULL:
+        if not _fits(m.lm_head, p, p.cfg.D, p.cfg.V, True) or m.lm_head.bias != NULL:
             return False
         _put_linear(e, m.lm_head, 0)
     else:

@@ -17,7 +17,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
     cdef cppclass StepConfig:
         StepConfig()
         Dtype dtype
-        int bits, group_size, D, NQ, NKV, HD, FF, V, L
+        int bits, group_size, ebits, egs, D, NQ, NKV, HD, FF, V, L
         bool qkv_bias, qk_norm
         float eps, qk_eps, scale
 

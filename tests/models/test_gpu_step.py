@@ -40,7 +40,33 @@ def checkpoints(tmp_path_factory):
             q = tmp_path_factory.mktemp(f"{kind}{bits}")
             convert_hf_to_mlx(d, q, bits=bits, group_size=64, dtype="bfloat16")
             out[kind, bits] = q
+    out["qwen2", "mixed"] = _mixed(out["qwen2", 4], out["qwen2"],
+                                   tmp_path_factory.mktemp("qwen2mixed") / "m")
     return out
+
+
+def _mixed(src, hf_dir, dst):
+    """src (4-bit layers) with its tied embedding re-quantized from the float
+    checkpoint to 8 bits, group 32: a GGUF's Q8_0 embedding beside Q4 layers."""
+    import json
+    import shutil
+
+    from mlxcy import io
+    shutil.copytree(src, dst)
+    emb = io.load_safetensors(next(hf_dir.glob("*.safetensors")))[0]["model.embed_tokens.weight"]
+    wq, sc, bi = mx.quantize(emb.astype(mx.bfloat16), group_size=32, bits=8)
+    for f in dst.glob("*.safetensors"):
+        w, meta = io.load_safetensors(f)
+        if "model.embed_tokens.weight" in w:
+            w.update({"model.embed_tokens.weight": wq, "model.embed_tokens.scales": sc,
+                      "model.embed_tokens.biases": bi})
+            io.save_safetensors(f, w, meta)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        if key in cfg:
+            cfg[key]["model.embed_tokens"] = {"group_size": 32, "bits": 8}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
 def _run(m, prompt, n, on, feed=None):
@@ -106,6 +132,17 @@ def test_quantized_models_match_the_op_path(checkpoints, kind, bits):
     m.fuse()
     try:
         _compare(m, _prompt(2, 12), 16, 3e-2, exact_ids=False)
+    finally:
+        m.close()
+
+
+@cuda
+def test_an_embedding_in_its_own_format(checkpoints):
+    """4-bit layers with an 8-bit (group 32) tied embedding and head."""
+    m = load_model(checkpoints["qwen2", "mixed"])
+    m.fuse()
+    try:
+        _compare(m, _prompt(9, 12), 16, 3e-2, exact_ids=False)
     finally:
         m.close()
 
@@ -215,6 +252,32 @@ def test_not_taken_for_batches_masks_or_lora_like_changes(checkpoints):
         assert base.gpu_decode_steps() == before + 2
     finally:
         m.close()
+
+
+def test_the_mixed_checkpoint_is_what_it_claims(checkpoints):
+    """(Off a GPU too) the mixed checkpoint holds an 8-bit, group-32 embedding
+    beside 4-bit layers, and a model loaded from it runs on it: its logits
+    differ from the all-4-bit model's."""
+    from mlxcy import io
+    d = checkpoints["qwen2", "mixed"]
+    w = {}
+    for f in d.glob("*.safetensors"):
+        w.update(io.load_safetensors(f)[0])
+    V, D = np.asarray(io.load_safetensors(next(checkpoints["qwen2"].glob("*.safetensors")))[0][
+        "model.embed_tokens.weight"].shape)
+    assert tuple(w["model.embed_tokens.weight"].shape) == (V, D // 4)       # 8 bits
+    assert tuple(w["model.embed_tokens.scales"].shape) == (V, D // 32)      # group 32
+    assert w["model.layers.0.self_attn.o_proj.weight"].shape[-1] * 8 == \
+        w["model.layers.0.self_attn.o_proj.scales"].shape[-1] * 64       # 4 bits, group 64
+    ids = np.array([_prompt(10, 6)], np.int32)
+    outs = []
+    for path in (d, checkpoints["qwen2", 4]):
+        m = load_model(path)
+        try:
+            outs.append(np.asarray(m(ids).astype(mx.float32)))
+        finally:
+            m.close()
+    assert np.isfinite(outs[0]).all() and 0 < rel(outs[0], outs[1]) < 0.2
 
 
 def test_off_gpu_the_step_is_not_taken(checkpoints):
