@@ -470,7 +470,18 @@ MLXCY_AVX2 inline __m256 load_sb8(const void* p, Elt t, int64_t i, int n) {
     if (t == Elt::F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
-  // n < 8: the n values copied into zeros (reading past them could leave the array)
+  // n < 8: reading past them could leave the array.  With 8 - n values before
+  // them, read the 8 that end with them and move them down (a copy into a
+  // buffer read back as one vector stalls on store forwarding: a quarter of
+  // the 4-bit kernel's time at K = 576, whose last 2 of 18 groups come here).
+  if (i + n >= 8) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 v = load_sb8(p, t, i + n - 8, 8);
+    const __m256i from = _mm256_add_epi32(lane, _mm256_set1_epi32(8 - n));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(v, from), keep);
+  }
+  // the first values of an array: copied into zeros
   if (t == Elt::F32) {
     alignas(32) float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::memcpy(f, static_cast<const float*>(p) + i, sizeof(float) * n);
