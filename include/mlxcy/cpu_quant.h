@@ -503,55 +503,6 @@ MLXCY_AVX2 inline __m256i dot_block_i16(const uint8_t* row, const int16_t* xq, i
   return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
 }
 
-// y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g], one row at
-// a time: the integer dots of eight blocks reduced at once (hsum_8x8), then
-// scaled as one vector.  Full batches of 8 blocks run unrolled with the dots
-// in registers; the last, partial batch pads with zeros.  xd and xsum are
-// readable (zero) up to the next multiple of 8 past their ends.
-template <int BITS>
-MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
-                                  const float* xsum, float* y, int n0, int n1) {
-  const int G = W.K / W.gs, NB = W.K / 32, NB8 = NB & ~7, bpg = W.gs / 32;
-  const int lb = bpg == 1 ? 0 : bpg == 2 ? 1 : 2;   // blocks per group, log2 (gs <= 128)
-  const uint8_t* w = static_cast<const uint8_t*>(W.w);
-  const int64_t ld = W.w_ld * 4;
-  const __m256i spread = _mm256_setr_epi32(0, 1 >> lb, 2 >> lb, 3 >> lb, 4 >> lb, 5 >> lb,
-                                           6 >> lb, 7 >> lb);
-  thread_local std::vector<uint8_t> last;   // 5 bits: the array's last row, padded
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = w + int64_t(n) * ld;
-    if (BITS == 5 && n == W.N - 1) {   // block_i16 reads past the block
-      last.assign(size_t(ld) + 16, 0);
-      std::memcpy(last.data(), row, size_t(ld));
-      row = last.data();
-    }
-    const int64_t si = int64_t(n) * W.sb_ld;
-    __m256 acc = _mm256_setzero_ps();
-    __m256i p[8];
-    for (int j0 = 0; j0 < NB8; j0 += 8) {
-#pragma GCC unroll 8
-      for (int l = 0; l < 8; ++l) p[l] = dot_block_i16<BITS>(row, xq, j0 + l);
-      __m256 sc = load_sb8(W.s, W.st, si + (j0 >> lb), 8 >> lb);
-      if (lb) sc = _mm256_permutevar8x32_ps(sc, spread);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
-                            _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)), acc);
-    }
-    if (NB8 < NB) {
-      const int nb = NB - NB8;
-      for (int l = 0; l < 8; ++l)
-        p[l] = l < nb ? dot_block_i16<BITS>(row, xq, NB8 + l) : _mm256_setzero_si256();
-      __m256 sc = load_sb8(W.s, W.st, si + (NB8 >> lb), (nb + bpg - 1) >> lb);
-      if (lb) sc = _mm256_permutevar8x32_ps(sc, spread);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
-                            _mm256_mul_ps(sc, _mm256_loadu_ps(xd + NB8)), acc);
-    }
-    for (int g0 = 0; g0 < G; g0 += 8)
-      acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
-                            _mm256_loadu_ps(xsum + g0), acc);
-    y[n] = hsum8(acc);
-  }
-}
-
 // The integer dots of two blocks of a 4-bit row (32 bytes from p) with x
 // (quantize_i16's pair order, from xp): lanes 0-3 sum the first block's
 // products, lanes 4-7 the second's.  The 32 bytes are read as 16-bit lanes,
@@ -607,6 +558,75 @@ MLXCY_AVX2 inline __m256 load_batch_scales(const void* p, int64_t i) {
     if constexpr (T == Elt::F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+}
+
+// y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g] for 5-
+// and 8-bit rows, scales and biases of type T, groups of 32 << LB values: the
+// integer dots of eight blocks reduced at once (hsum_8x8), then scaled as one
+// vector.  Full batches of 8 blocks run on pointers with the dots in
+// registers; the last, partial batch pads with zeros.  xd and xsum are
+// readable (zero) up to the next multiple of 8 past their ends.
+template <int BITS, Elt T, int LB>
+MLXCY_AVX2 void matvec_q_i16_t(const Weight& W, const int16_t* xq, const float* xd,
+                               const float* xsum, float* y, int n0, int n1) {
+  const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
+  constexpr int BB = 4 * BITS;   // bytes per block
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  const int64_t ld = W.w_ld * 4;
+  const __m256i spread = _mm256_setr_epi32(0, 1 >> LB, 2 >> LB, 3 >> LB, 4 >> LB, 5 >> LB,
+                                           6 >> LB, 7 >> LB);
+  thread_local std::vector<uint8_t> last;   // 5 bits: the array's last row, padded
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* r = w + int64_t(n) * ld;
+    if (BITS == 5 && n == W.N - 1) {   // block_i16 reads past the block
+      last.assign(size_t(ld) + 16, 0);
+      std::memcpy(last.data(), r, size_t(ld));
+      r = last.data();
+    }
+    const int64_t si = int64_t(n) * W.sb_ld;
+    const int16_t* xp = xq;
+    const float* d = xd;
+    __m256 acc = _mm256_setzero_ps();
+    __m256i p[8];
+    for (int j0 = 0; j0 < NB8; j0 += 8, r += 8 * BB, xp += 256, d += 8) {
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) p[l] = dot_block_i16<BITS>(r, xp, l);
+      __m256 sc = load_batch_scales<T, LB>(W.s, si + (j0 >> LB));
+      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
+                            _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
+    }
+    if (rb) {
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l)
+        p[l] = l < rb ? dot_block_i16<BITS>(r, xp, l) : _mm256_setzero_si256();
+      __m256 sc = load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB);
+      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
+                            _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
+    }
+    for (int g0 = 0; g0 < G8; g0 += 8)
+      acc = _mm256_fmadd_ps(load_sb8_t<T>(W.b, si + g0), _mm256_loadu_ps(xsum + g0), acc);
+    if (G8 < G)
+      acc = _mm256_fmadd_ps(load_sb8(W.b, T, si + G8, G - G8), _mm256_loadu_ps(xsum + G8), acc);
+    y[n] = hsum8(acc);
+  }
+}
+
+template <int BITS, Elt T>
+MLXCY_AVX2 void matvec_q_i16_lb(const Weight& W, const int16_t* xq, const float* xd,
+                                const float* xsum, float* y, int n0, int n1) {
+  if (W.gs == 32) return matvec_q_i16_t<BITS, T, 0>(W, xq, xd, xsum, y, n0, n1);
+  if (W.gs == 64) return matvec_q_i16_t<BITS, T, 1>(W, xq, xd, xsum, y, n0, n1);
+  return matvec_q_i16_t<BITS, T, 2>(W, xq, xd, xsum, y, n0, n1);
+}
+
+template <int BITS>
+MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
+                                  const float* xsum, float* y, int n0, int n1) {
+  if (W.st == Elt::F16) return matvec_q_i16_lb<BITS, Elt::F16>(W, xq, xd, xsum, y, n0, n1);
+  if (W.st == Elt::BF16) return matvec_q_i16_lb<BITS, Elt::BF16>(W, xq, xd, xsum, y, n0, n1);
+  return matvec_q_i16_lb<BITS, Elt::F32>(W, xq, xd, xsum, y, n0, n1);
 }
 
 // matvec_q_i16_avx2 for 4-bit rows with x in quantize_i16's pair order, scales
