@@ -92,6 +92,22 @@ def test_quantized_matches_numpy(isa, bits, gs, M):
     close(f64(y), expected(x, wq, s, b, gs, bits), 2e-6)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs,K", [(32, 576), (32, 416), (64, 704)])
+@pytest.mark.parametrize("N", [37, 38])
+def test_quantized_group_tails(isa, bits, gs, K, N):
+    """More than 8 groups, not a multiple of 8 (SmolLM2's K = 576: 18 groups of
+    32): the last groups' scales and biases are read as a partial vector, on
+    the first rows of the array too, in float16 as GGUF files load them.  K =
+    416 (13 blocks): the array's last row ends half-way through a pair of
+    blocks, alone (N odd) or in a pair of rows (N even)."""
+    W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
+    wq, s, b = nn.quantize(W, gs, bits)
+    s, b = s.astype(mlxcy.float16), b.astype(mlxcy.float16)
+    x = mlxcy.array(RNG.standard_normal((1, K)).astype(np.float32))
+    close(f64(ck.linear(x, wq, s, b, gs, bits)), expected(x, wq, s, b, gs, bits), 2e-6)
+
+
 @pytest.mark.parametrize("sdtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("M", [1, 9])
 def test_quantized_half_scales_and_bias(isa, sdtype, M):

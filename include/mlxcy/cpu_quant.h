@@ -470,7 +470,18 @@ MLXCY_AVX2 inline __m256 load_sb8(const void* p, Elt t, int64_t i, int n) {
     if (t == Elt::F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
-  // n < 8: the n values copied into zeros (reading past them could leave the array)
+  // n < 8: reading past them could leave the array.  With 8 - n values before
+  // them, read the 8 that end with them and move them down (a copy into a
+  // buffer read back as one vector stalls on store forwarding: a quarter of
+  // the 4-bit kernel's time at K = 576, whose last 2 of 18 groups come here).
+  if (i + n >= 8) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 v = load_sb8(p, t, i + n - 8, 8);
+    const __m256i from = _mm256_add_epi32(lane, _mm256_set1_epi32(8 - n));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(v, from), keep);
+  }
+  // the first values of an array: copied into zeros
   if (t == Elt::F32) {
     alignas(32) float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::memcpy(f, static_cast<const float*>(p) + i, sizeof(float) * n);
@@ -492,65 +503,16 @@ MLXCY_AVX2 inline __m256i dot_block_i16(const uint8_t* row, const int16_t* xq, i
   return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
 }
 
-// y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g], one row at
-// a time: the integer dots of eight blocks reduced at once (hsum_8x8), then
-// scaled as one vector.  Full batches of 8 blocks run unrolled with the dots
-// in registers; the last, partial batch pads with zeros.  xd and xsum are
-// readable (zero) up to the next multiple of 8 past their ends.
-template <int BITS>
-MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
-                                  const float* xsum, float* y, int n0, int n1) {
-  const int G = W.K / W.gs, NB = W.K / 32, NB8 = NB & ~7, bpg = W.gs / 32;
-  const int lb = bpg == 1 ? 0 : bpg == 2 ? 1 : 2;   // blocks per group, log2 (gs <= 128)
-  const uint8_t* w = static_cast<const uint8_t*>(W.w);
-  const int64_t ld = W.w_ld * 4;
-  const __m256i spread = _mm256_setr_epi32(0, 1 >> lb, 2 >> lb, 3 >> lb, 4 >> lb, 5 >> lb,
-                                           6 >> lb, 7 >> lb);
-  thread_local std::vector<uint8_t> last;   // 5 bits: the array's last row, padded
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = w + int64_t(n) * ld;
-    if (BITS == 5 && n == W.N - 1) {   // block_i16 reads past the block
-      last.assign(size_t(ld) + 16, 0);
-      std::memcpy(last.data(), row, size_t(ld));
-      row = last.data();
-    }
-    const int64_t si = int64_t(n) * W.sb_ld;
-    __m256 acc = _mm256_setzero_ps();
-    __m256i p[8];
-    for (int j0 = 0; j0 < NB8; j0 += 8) {
-#pragma GCC unroll 8
-      for (int l = 0; l < 8; ++l) p[l] = dot_block_i16<BITS>(row, xq, j0 + l);
-      __m256 sc = load_sb8(W.s, W.st, si + (j0 >> lb), 8 >> lb);
-      if (lb) sc = _mm256_permutevar8x32_ps(sc, spread);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
-                            _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)), acc);
-    }
-    if (NB8 < NB) {
-      const int nb = NB - NB8;
-      for (int l = 0; l < 8; ++l)
-        p[l] = l < nb ? dot_block_i16<BITS>(row, xq, NB8 + l) : _mm256_setzero_si256();
-      __m256 sc = load_sb8(W.s, W.st, si + (NB8 >> lb), (nb + bpg - 1) >> lb);
-      if (lb) sc = _mm256_permutevar8x32_ps(sc, spread);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
-                            _mm256_mul_ps(sc, _mm256_loadu_ps(xd + NB8)), acc);
-    }
-    for (int g0 = 0; g0 < G; g0 += 8)
-      acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
-                            _mm256_loadu_ps(xsum + g0), acc);
-    y[n] = hsum8(acc);
-  }
-}
-
-// The integer dots of blocks j and j + 1 of a 4-bit row with x (quantize_i16's
-// pair order): lanes 0-3 sum block j's products, lanes 4-7 block j + 1's.
-// The 32 bytes are read as 16-bit lanes, each holding four nibbles: masks
-// and shifts within the lane give four vectors of 16 values (no widening
-// shuffle), each met by its run of x.  `half`: block j + 1 is past the row
-// (only 16 bytes are read; its lanes are zero).
-MLXCY_AVX2 inline __m256i dot_pair_q4(const uint8_t* row, const int16_t* xp, int j, bool half) {
+// The integer dots of two blocks of a 4-bit row (32 bytes from p) with x
+// (quantize_i16's pair order, from xp): lanes 0-3 sum the first block's
+// products, lanes 4-7 the second's.  The 32 bytes are read as 16-bit lanes,
+// each holding four nibbles: masks and shifts within the lane give four
+// vectors of 16 values (no widening shuffle), each met by its run of x.
+// `half`: only the first block is readable (its lanes 4-7 are zero).
+MLXCY_AVX2 inline __m256i dot_pair_q4(const uint8_t* p, const int16_t* xp, bool half) {
   const __m256i v = half ? _mm256_zextsi128_si256(
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * j)))
-                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * j));
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i m = _mm256_set1_epi16(0x000f);
   const __m256i* x = reinterpret_cast<const __m256i*>(xp);
   const __m256i a = _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256(x));
@@ -562,50 +524,177 @@ MLXCY_AVX2 inline __m256i dot_pair_q4(const uint8_t* row, const int16_t* xp, int
   return _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d));
 }
 
-// matvec_q_i16_avx2 for 4-bit rows with x in quantize_i16's pair order: each
-// batch of 8 blocks is four pair dots, reduced by three hadds into one lane
-// per block (in kPairOrder, which xd already follows; the scales are
-// permuted to it).
-MLXCY_AVX2 void matvec_q4_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
-                                   const float* xsum, float* y, int n0, int n1) {
-  const int G = W.K / W.gs, NB = W.K / 32, bpg = W.gs / 32;
-  const int lb = bpg == 1 ? 0 : bpg == 2 ? 1 : 2;   // blocks per group, log2 (gs <= 128)
+// Eight scales or biases of type T from p + i on, as float32.
+template <Elt T>
+MLXCY_AVX2 inline __m256 load_sb8_t(const void* p, int64_t i) {
+  if constexpr (T == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  const __m128i h = _mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if constexpr (T == Elt::F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The 8 >> LB scales of a batch of 8 blocks (groups of 32 << LB values) in
+// lanes 0 .. (8 >> LB) - 1, the other lanes undefined; reads only those.
+template <Elt T, int LB>
+MLXCY_AVX2 inline __m256 load_batch_scales(const void* p, int64_t i) {
+  if constexpr (LB == 0) {
+    return load_sb8_t<T>(p, i);
+  } else if constexpr (T == Elt::F32) {
+    const float* f = static_cast<const float*>(p) + i;
+    return _mm256_castps128_ps256(LB == 1 ? _mm_loadu_ps(f)
+                                          : _mm_castpd_ps(_mm_load_sd(
+                                                reinterpret_cast<const double*>(f))));
+  } else {
+    const uint16_t* u = static_cast<const uint16_t*>(p) + i;
+    __m128i h;
+    if constexpr (LB == 1) {
+      h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(u));
+    } else {
+      int32_t v;
+      std::memcpy(&v, u, sizeof v);
+      h = _mm_cvtsi32_si128(v);
+    }
+    if constexpr (T == Elt::F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g] for 5-
+// and 8-bit rows, scales and biases of type T, groups of 32 << LB values: the
+// integer dots of eight blocks reduced at once (hsum_8x8), then scaled as one
+// vector.  Full batches of 8 blocks run on pointers with the dots in
+// registers; the last, partial batch pads with zeros.  xd and xsum are
+// readable (zero) up to the next multiple of 8 past their ends.
+template <int BITS, Elt T, int LB>
+MLXCY_AVX2 void matvec_q_i16_t(const Weight& W, const int16_t* xq, const float* xd,
+                               const float* xsum, float* y, int n0, int n1) {
+  const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
+  constexpr int BB = 4 * BITS;   // bytes per block
   const uint8_t* w = static_cast<const uint8_t*>(W.w);
   const int64_t ld = W.w_ld * 4;
-  __m256i order;
-  {
-    alignas(32) int32_t o[8];
-    for (int l = 0; l < 8; ++l) o[l] = kPairOrder[l] >> lb;
-    order = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
-  }
+  const __m256i spread = _mm256_setr_epi32(0, 1 >> LB, 2 >> LB, 3 >> LB, 4 >> LB, 5 >> LB,
+                                           6 >> LB, 7 >> LB);
+  thread_local std::vector<uint8_t> last;   // 5 bits: the array's last row, padded
   for (int n = n0; n < n1; ++n) {
-    const uint8_t* row = w + int64_t(n) * ld;
-    const int64_t si = int64_t(n) * W.sb_ld;
-    __m256 acc = _mm256_setzero_ps();
-    __m256i p[4];
-    for (int j0 = 0; j0 < NB; j0 += 8) {
-      if (j0 + 8 <= NB) {
-#pragma GCC unroll 4
-        for (int l = 0; l < 4; ++l) p[l] = dot_pair_q4(row, xq + 32 * (j0 + 2 * l), j0 + 2 * l, false);
-      } else {
-        for (int l = 0; l < 4; ++l) {
-          const int j = j0 + 2 * l;
-          p[l] = j < NB ? dot_pair_q4(row, xq + 32 * j, j, j + 1 == NB) : _mm256_setzero_si256();
-        }
-      }
-      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]),
-                                          _mm256_hadd_epi32(p[2], p[3]));
-      const int nb = std::min(8, NB - j0);
-      const __m256 sc = _mm256_permutevar8x32_ps(
-          load_sb8(W.s, W.st, si + (j0 >> lb), (nb + bpg - 1) >> lb), order);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sc, _mm256_loadu_ps(xd + j0)),
-                            acc);
+    const uint8_t* r = w + int64_t(n) * ld;
+    if (BITS == 5 && n == W.N - 1) {   // block_i16 reads past the block
+      last.assign(size_t(ld) + 16, 0);
+      std::memcpy(last.data(), r, size_t(ld));
+      r = last.data();
     }
-    for (int g0 = 0; g0 < G; g0 += 8)
-      acc = _mm256_fmadd_ps(load_sb8(W.b, W.st, si + g0, std::min(8, G - g0)),
-                            _mm256_loadu_ps(xsum + g0), acc);
+    const int64_t si = int64_t(n) * W.sb_ld;
+    const int16_t* xp = xq;
+    const float* d = xd;
+    __m256 acc = _mm256_setzero_ps();
+    __m256i p[8];
+    for (int j0 = 0; j0 < NB8; j0 += 8, r += 8 * BB, xp += 256, d += 8) {
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l) p[l] = dot_block_i16<BITS>(r, xp, l);
+      __m256 sc = load_batch_scales<T, LB>(W.s, si + (j0 >> LB));
+      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
+                            _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
+    }
+    if (rb) {
+#pragma GCC unroll 8
+      for (int l = 0; l < 8; ++l)
+        p[l] = l < rb ? dot_block_i16<BITS>(r, xp, l) : _mm256_setzero_si256();
+      __m256 sc = load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB);
+      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
+                            _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
+    }
+    for (int g0 = 0; g0 < G8; g0 += 8)
+      acc = _mm256_fmadd_ps(load_sb8_t<T>(W.b, si + g0), _mm256_loadu_ps(xsum + g0), acc);
+    if (G8 < G)
+      acc = _mm256_fmadd_ps(load_sb8(W.b, T, si + G8, G - G8), _mm256_loadu_ps(xsum + G8), acc);
     y[n] = hsum8(acc);
   }
+}
+
+template <int BITS, Elt T>
+MLXCY_AVX2 void matvec_q_i16_lb(const Weight& W, const int16_t* xq, const float* xd,
+                                const float* xsum, float* y, int n0, int n1) {
+  if (W.gs == 32) return matvec_q_i16_t<BITS, T, 0>(W, xq, xd, xsum, y, n0, n1);
+  if (W.gs == 64) return matvec_q_i16_t<BITS, T, 1>(W, xq, xd, xsum, y, n0, n1);
+  return matvec_q_i16_t<BITS, T, 2>(W, xq, xd, xsum, y, n0, n1);
+}
+
+template <int BITS>
+MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
+                                  const float* xsum, float* y, int n0, int n1) {
+  if (W.st == Elt::F16) return matvec_q_i16_lb<BITS, Elt::F16>(W, xq, xd, xsum, y, n0, n1);
+  if (W.st == Elt::BF16) return matvec_q_i16_lb<BITS, Elt::BF16>(W, xq, xd, xsum, y, n0, n1);
+  return matvec_q_i16_lb<BITS, Elt::F32>(W, xq, xd, xsum, y, n0, n1);
+}
+
+// matvec_q_i16_avx2 for 4-bit rows with x in quantize_i16's pair order, scales
+// and biases of type T, groups of 32 << LB values: each batch of 8 blocks is
+// four pair dots, reduced by three hadds into one lane per block (in
+// kPairOrder, which xd already follows; the scales are permuted to it).  The
+// batches run on pointers with everything but the row's data hoisted, so the
+// pair dots stay in registers.  A last, partial batch reads whole pairs: the
+// 16 bytes past a row's odd last block belong to the next row and meet x's
+// zero padding (integers: the product is exactly 0); only the array's last
+// row reads half a pair there.
+template <Elt T, int LB>
+MLXCY_AVX2 void matvec_q4_i16_t(const Weight& W, const int16_t* xq, const float* xd,
+                                const float* xsum, float* y, int n0, int n1) {
+  const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  const int64_t ld = W.w_ld * 4;
+  const __m256i order = _mm256_setr_epi32(0, 2 >> LB, 4 >> LB, 6 >> LB, 1 >> LB, 3 >> LB,
+                                          5 >> LB, 7 >> LB);
+  const __m256i z = _mm256_setzero_si256();
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* r = w + int64_t(n) * ld;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    const bool last = n == W.N - 1;
+    const int16_t* xp = xq;
+    const float* d = xd;
+    __m256 acc = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < NB8; j0 += 8, r += 128, xp += 256, d += 8) {
+      const __m256i h = _mm256_hadd_epi32(
+          _mm256_hadd_epi32(dot_pair_q4(r, xp, false), dot_pair_q4(r + 32, xp + 64, false)),
+          _mm256_hadd_epi32(dot_pair_q4(r + 64, xp + 128, false),
+                            dot_pair_q4(r + 96, xp + 192, false)));
+      const __m256 sc =
+          _mm256_permutevar8x32_ps(load_batch_scales<T, LB>(W.s, si + (j0 >> LB)), order);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
+    }
+    if (rb) {
+      const __m256i p0 = dot_pair_q4(r, xp, last && rb == 1);
+      const __m256i p1 = rb > 2 ? dot_pair_q4(r + 32, xp + 64, last && rb == 3) : z;
+      const __m256i p2 = rb > 4 ? dot_pair_q4(r + 64, xp + 128, last && rb == 5) : z;
+      const __m256i p3 = rb > 6 ? dot_pair_q4(r + 96, xp + 192, last && rb == 7) : z;
+      const __m256i h =
+          _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+      const __m256 sc = _mm256_permutevar8x32_ps(
+          load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB), order);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
+    }
+    for (int g0 = 0; g0 < G8; g0 += 8)
+      acc = _mm256_fmadd_ps(load_sb8_t<T>(W.b, si + g0), _mm256_loadu_ps(xsum + g0), acc);
+    if (G8 < G)
+      acc = _mm256_fmadd_ps(load_sb8(W.b, T, si + G8, G - G8), _mm256_loadu_ps(xsum + G8), acc);
+    y[n] = hsum8(acc);
+  }
+}
+
+template <Elt T>
+MLXCY_AVX2 void matvec_q4_i16_lb(const Weight& W, const int16_t* xq, const float* xd,
+                                 const float* xsum, float* y, int n0, int n1) {
+  if (W.gs == 32) return matvec_q4_i16_t<T, 0>(W, xq, xd, xsum, y, n0, n1);
+  if (W.gs == 64) return matvec_q4_i16_t<T, 1>(W, xq, xd, xsum, y, n0, n1);
+  return matvec_q4_i16_t<T, 2>(W, xq, xd, xsum, y, n0, n1);
+}
+
+MLXCY_AVX2 void matvec_q4_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
+                                   const float* xsum, float* y, int n0, int n1) {
+  if (W.st == Elt::F16) return matvec_q4_i16_lb<Elt::F16>(W, xq, xd, xsum, y, n0, n1);
+  if (W.st == Elt::BF16) return matvec_q4_i16_lb<Elt::BF16>(W, xq, xd, xsum, y, n0, n1);
+  return matvec_q4_i16_lb<Elt::F32>(W, xq, xd, xsum, y, n0, n1);
 }
 
 template <Elt T>
