@@ -521,6 +521,41 @@ def test_block_qkv_matches_numpy(isa, kind, B, H, Hkv, D, dims, offset):
     close(f64(v)[:, :, 0], y[:, H + Hkv:], tol)
 
 
+@pytest.mark.parametrize("kind", ["q4", "split"])
+def test_block_qkv_several_positions_match_numpy(isa, kind):
+    """L = 5 new positions of one sequence (a speculative step's proposals):
+    each row at its own position offset + l; outputs [1, heads, L, D]."""
+    B, L, H, Hkv, D, dims, offset = 1, 5, 4, 2, 32, 32, 37
+    hidden, eps, base = 96, 1e-5, 10000.0
+    x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    qn = kn = None
+    if kind == "split":
+        parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
+                 for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
+        lins = [p_[0] for p_ in parts]
+        Wd = np.concatenate([p_[1] for p_ in parts])
+        bd = np.concatenate([p_[2] for p_ in parts])
+        qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+        kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+    else:
+        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
+        lins = [lin]
+    q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
+                           offset)
+    assert tuple(q.shape) == (B, H, L, D) and tuple(v.shape) == (B, Hkv, L, D)
+    y = (rms_np(f64(x), f64(nw), eps) @ Wd.T + bd).reshape(L, H + 2 * Hkv, D)
+    if qn is not None:
+        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
+        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    tol = block_tol(isa)
+    for i in range(L):
+        qk = rope_np(y[i, :H + Hkv], dims, base, 1.0, offset + i)
+        close(f64(q)[0, :, i], qk[:H], tol)
+        close(f64(k)[0, :, i], qk[H:], tol)
+        close(f64(v)[0, :, i], y[i, H + Hkv:], tol)
+
+
 def test_block_qkv_matches_mlx_rope_and_freqs():
     """Against MLX's own RoPE (mlxcy.fast.rope) with custom periods and scale."""
     from mlxcy import fast
@@ -579,6 +614,31 @@ def test_block_attn_mlp_matches_numpy(isa, kind, act, B, H, Hkv, T, D):
     close(f64(out), ref, block_tol(isa) if kind != "bfloat16" else 1e-2)
 
 
+@pytest.mark.parametrize("kind", ["q4", "float32"])
+def test_block_attn_mlp_several_positions_match_numpy(isa, kind):
+    """L = 5 new positions of one sequence, the cache's last 5 of T = 45: each
+    attends causally (query i sees keys 0 .. T - L + i); the rest row-wise."""
+    B, L, H, Hkv, T, D = 1, 5, 4, 2, 45, 32
+    hidden, inter, eps, scale = 96, 160, 1e-5, D ** -0.5
+    o, Wo, _ = make_linear(hidden, H * D, kind, 11)
+    g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
+    dn, Wdn, _ = make_linear(hidden, inter, kind, 13)
+    x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    q = mlxcy.array(RNG.standard_normal((B, H, L, D)).astype(np.float32))
+    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    k, v = kb[:, :, :T], vb[:, :, :T]                        # the cache's views
+    out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, [g_], dn, "silu")
+    assert tuple(out.shape) == (B, L, hidden)
+    att = attention_np(q, k, v, scale, causal=True).transpose(0, 2, 1, 3).reshape(B, L, H * D)
+    h = f64(x) + att @ Wo.T
+    g = rms_np(h, f64(nw), eps) @ Wgu.T
+    gate, up = g[..., :inter], g[..., inter:]
+    ref = h + (gate / (1 + np.exp(-gate)) * up) @ Wdn.T
+    close(f64(out), ref, block_tol(isa))
+
+
 def test_block_errors():
     lin, _, _ = make_linear(8 * 16, 64, "q4", 1)
     x = mlxcy.array(np.ones((1, 1, 64), np.float32))
@@ -634,6 +694,40 @@ def _fused_unfused_mlx_agree(model, ids, steps):
     close(fast, mlx, 1e-3)
     assert (fused.argmax(-1) == mlx.argmax(-1)).all()
     assert (fast.argmax(-1) == mlx.argmax(-1)).all()
+
+
+def test_smollm2_verification_chunks_match_unfused_and_mlx(smollm2):
+    """Chunks of 2-9 tokens in one forward over the cache (a speculative step's
+    verification, through the block primitives when fused) against the same
+    with the blocks unfused and with MLX's own ops."""
+    model = smollm2.model
+    ids = smollm2.tokenizer.encode("The sea is a vast", add_special_tokens=True)
+    chunks = [[28, 1123, 30], [314, 2, 77, 1890, 4, 9, 11, 600, 42], [5, 6]]
+
+    def run():
+        cache = model.make_cache()
+        model(ids, cache=cache)
+        out = [f64(model(c, cache=cache))[0] for c in chunks]
+        cache.free()
+        return np.concatenate(out)
+
+    old = ck.set_enabled(None), ck.set_block_fusion(True), ck.activations()
+    try:
+        fast = run()
+        ck.set_activations("float32")
+        fused = run()
+        ck.set_block_fusion(False)
+        unfused = run()
+        ck.set_enabled(False)
+        mlx = run()
+    finally:
+        ck.set_enabled(old[0])
+        ck.set_block_fusion(old[1])
+        ck.set_activations(old[2])
+    close(fused, unfused, 1e-4)
+    close(fused, mlx, 1e-4)
+    close(fast, mlx, 1e-3)
+    assert (fused.argmax(-1) == mlx.argmax(-1)).all()
 
 
 def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):

@@ -160,13 +160,14 @@ struct QKVParams {
   }
 };
 
-// inputs: x [B, 1, hidden], norm weight, the q/k/v layers' operands (one
+// inputs: x [B, L, hidden] (L new positions from p.offset: one, or a
+// speculative step's proposals), norm weight, the q/k/v layers' operands (one
 // fused layer or three), [freqs], [q_norm, k_norm weights [D]]; outputs: q, k,
-// v ([B, heads, 1, D]).
+// v ([B, heads, L, D]).
 inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::array>& out,
                            const QKVParams& p) {
   const mx::array& x = in[0];
-  const int B = x.shape(0), hidden = x.shape(-1);
+  const int L = x.shape(1), B = x.shape(0) * L, hidden = x.shape(-1);   // B: rows
   const int D = p.D, nh = p.H + 2 * p.Hkv, N = nh * D;
   size_t i = 2;
   WeightKeep keep[3];
@@ -210,17 +211,20 @@ inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::arr
         round_to(r, D, ot[h < p.H ? 0 : 1]);
       }
     }
-    rope_heads(yb, p.H, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, p.offset);
-    rope_heads(yb + p.H * D, p.Hkv, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, p.offset);
+    const int pos = p.offset + b % L;
+    rope_heads(yb, p.H, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, pos);
+    rope_heads(yb + p.H * D, p.Hkv, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, pos);
     round_to(yb, size_t(p.H) * D, ot[0]);
     round_to(yb + p.H * D, size_t(p.Hkv) * D, ot[1]);
   }
-  for (int j = 0; j < 3; ++j) {
+  for (int j = 0; j < 3; ++j) {   // row b = (sequence b / L, position b % L) -> [seq, head, pos]
     void* dst = out[j].data<void>();
-    const int n = heads[j] * D;
     for (int b = 0; b < B; ++b) {
       const float* src = y.data() + int64_t(b) * N + first[j] * D;
-      for (int e = 0; e < n; ++e) store_elt(dst, ot[j], int64_t(b) * n + e, src[e]);
+      const int64_t seq = b / L, l = b % L;
+      for (int h = 0; h < heads[j]; ++h)
+        for (int d = 0; d < D; ++d)
+          store_elt(dst, ot[j], ((seq * heads[j] + h) * L + l) * D + d, src[h * D + d]);
     }
   }
 }
@@ -259,7 +263,8 @@ class BlockQKV : public mx::Primitive {
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     int B = inputs[0].shape(0);
-    return {{B, p_.H, 1, p_.D}, {B, p_.Hkv, 1, p_.D}, {B, p_.Hkv, 1, p_.D}};
+    const int L = inputs[0].shape(1);
+    return {{B, p_.H, L, p_.D}, {B, p_.Hkv, L, p_.D}, {B, p_.Hkv, L, p_.D}};
   }
 
  private:
@@ -270,14 +275,14 @@ inline bool norm_weight_ok(const mx::array* w, int n) {
   return w && w->ndim() == 1 && w->shape(0) == n && is_float(w->dtype());
 }
 
-// Can BlockQKV run this step?  x [B, 1, hidden] float, a float norm weight
+// Can BlockQKV run this step?  x [B, L, hidden] float, a float norm weight
 // [hidden], the q/k/v layers (parts: 1 fused [(H + 2 Hkv) D, hidden] or 3),
 // rope_dims even <= D, optional per-head q/k norm weights [D] (both or none).
 inline bool block_qkv_supported(const mx::array& x, const mx::array& norm_w,
                                 const std::vector<LinearArg>& parts, int H, int Hkv, int D,
                                 int rope_dims, const mx::array* freqs, const mx::array* q_norm,
                                 const mx::array* k_norm) {
-  if (x.ndim() != 3 || x.shape(1) != 1 || !is_float(x.dtype())) return false;
+  if (x.ndim() != 3 || x.shape(1) < 1 || !is_float(x.dtype())) return false;
   const int hidden = x.shape(2);
   if (!norm_weight_ok(&norm_w, hidden)) return false;
   if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || rope_dims <= 0 || rope_dims > D ||
@@ -327,9 +332,9 @@ inline std::vector<mx::array> block_qkv(const mx::array& x, const mx::array& nor
     in.push_back(*q_norm);
     in.push_back(*k_norm);
   }
-  const int B = x.shape(0);
+  const int B = x.shape(0), L = x.shape(1);
   mx::Stream s = mx::default_stream(mx::Device::cpu);
-  return mx::array::make_arrays({{B, H, 1, D}, {B, Hkv, 1, D}, {B, Hkv, 1, D}},
+  return mx::array::make_arrays({{B, H, L, D}, {B, Hkv, L, D}, {B, Hkv, L, D}},
                                 {p.out_dtype[0], p.out_dtype[1], p.out_dtype[2]},
                                 std::make_shared<BlockQKV>(s, p), std::move(in));
 }
@@ -365,14 +370,16 @@ inline float gelu_tanh(float g) {
   return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
 }
 
-// inputs: q [B, H, 1, D], k, v [B, Hkv, T, D] (cache views), x [B, 1, hidden]
-// (the block's input), o_proj's operands, [the norm after o_proj], the norm
-// before the MLP, gate/up's operands (one fused layer or two), down's, [the
-// norm after the MLP]; output [B, 1, hidden].
+// inputs: q [B, H, L, D] (L new positions: one, or a speculative step's
+// proposals, attending causally), k, v [B, Hkv, T, D] (cache views, the new
+// positions last), x [B, L, hidden] (the block's input), o_proj's operands,
+// [the norm after o_proj], the norm before the MLP, gate/up's operands (one
+// fused layer or two), down's, [the norm after the MLP]; output [B, L, hidden].
 inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out,
                                 const AttnMLPParams& p) {
   const mx::array &q = in[0], &k = in[1], &v = in[2], &x = in[3];
-  const int B = q.shape(0), H = q.shape(1), D = q.shape(3), hidden = x.shape(-1);
+  const int L = q.shape(2), B = q.shape(0) * L, H = q.shape(1), D = q.shape(3);   // B: rows
+  const int hidden = x.shape(-1);
   size_t i = 4;
   WeightKeep ko, kg, ku, kd;
   Weight Wo = bind_weight(in, i, p.o.gs, p.o.bits, p.o.has_bias, ko);
@@ -386,7 +393,15 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
   const int I = Wd.K;
   std::vector<float> att(size_t(B) * H * D), h(size_t(B) * hidden), t(size_t(B) * hidden);
   std::vector<float> gu(size_t(B) * 2 * I), a(size_t(B) * I);
-  attention_f32(q, k, v, p.attn_scale, false, att.data());
+  attention_f32(q, k, v, p.attn_scale, L > 1, att.data());   // [seq, H, L, D]
+  if (L > 1) {   // to rows [seq * L + l][H * D], o_proj's input
+    std::vector<float> rows(att.size());
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        std::copy_n(att.data() + ((int64_t(b / L) * H + h) * L + b % L) * D, D,
+                    rows.data() + (int64_t(b) * H + h) * D);
+    att.swap(rows);
+  }
   round_to(att.data(), att.size(), elt_of(p.attn_dtype));
   linear_f32(Wo, att.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.o_dtype));
@@ -466,13 +481,13 @@ class BlockAttnMLP : public mx::UnaryPrimitive {
 };
 
 // The weights' part of BlockAttnMLP's checks (before a step touches the
-// cache): x [B, 1, hidden], attention output width HD = H * D; gate_up: one
+// cache): x [B, L, hidden], attention output width HD = H * D; gate_up: one
 // fused layer [2 I, hidden] or gate and up [I, hidden] each.
 inline bool block_mlp_supported(const mx::array& x, int HD, const LinearArg& o,
                                 const mx::array* norm_o, const mx::array& norm_mid,
                                 const std::vector<LinearArg>& gate_up, const LinearArg& down,
                                 const mx::array* norm_mlp) {
-  if (x.ndim() != 3 || x.shape(1) != 1 || !is_float(x.dtype())) return false;
+  if (x.ndim() != 3 || x.shape(1) < 1 || !is_float(x.dtype())) return false;
   const int hidden = x.shape(2);
   if (!norm_weight_ok(&norm_mid, hidden)) return false;
   if (norm_o && !norm_weight_ok(norm_o, hidden)) return false;
@@ -491,8 +506,8 @@ inline bool block_attn_mlp_supported(const mx::array& q, const mx::array& k,
                                      const mx::array& norm_mid,
                                      const std::vector<LinearArg>& gate_up,
                                      const LinearArg& down, const mx::array* norm_mlp) {
-  if (!attention_supported(q, k, v) || q.shape(2) != 1) return false;
-  if (x.ndim() != 3 || x.shape(0) != q.shape(0)) return false;
+  if (!attention_supported(q, k, v) || q.shape(2) > k.shape(2)) return false;
+  if (x.ndim() != 3 || x.shape(0) != q.shape(0) || x.shape(1) != q.shape(2)) return false;
   return block_mlp_supported(x, q.shape(1) * q.shape(3), o, norm_o, norm_mid, gate_up, down,
                              norm_mlp);
 }

@@ -449,7 +449,7 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint s
     block_qkv_run(qkvo, x, blk.input_norm.weight[0], blk.input_norm.eps, qkv, a.n_heads,
                   a.n_kv_heads, a.head_dim, rope.dims, base, rope.scale, rope.freqs, qn, kn,
                   qk_eps, offset)
-    cache.update(qkvo[1], qkvo[2], False)
+    cache.update(qkvo[1], qkvo[2], x.shape(1) > 1)    # (as Attention.core passes it)
     try:
         out[0] = block_attn_mlp_run(
             qkvo[0], cache.out_k[0], cache.out_v[0], x, a.scale, o, n_o,
@@ -460,10 +460,23 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint s
     return True
 
 
+# The most new positions of one sequence a block step takes in the block
+# primitives (a speculative step's k + 1 at the engine's default k = 8, with
+# room); longer inputs (prompts) take the op path.
+cdef enum:
+    _BLOCK_MAX_POSITIONS = 16
+
+
 cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
                          const na.array* offsets, bint sandwich, na.array** out) except -1:
-    """Block.forward's fast path for one-token CPU steps (mlxcy.cpu_kernels)."""
-    if x.shape(1) != 1 or mask != NULL or offsets != NULL or cache is None:
+    """Block.forward's fast path for CPU steps of one new position per row,
+    or of up to 16 of one sequence over a KVCache (verification of a
+    speculative step), by mlxcy.cpu_kernels' block primitives."""
+    cdef int L = x.shape(1)
+    if mask != NULL or offsets != NULL or cache is None:
+        return False
+    if L != 1 and (L > _BLOCK_MAX_POSITIONS or x.shape(0) != 1 or type(cache) is not KVCache
+                   or blk.attn.window != 0 or cache.window > 0 or blk.attn.rope.dyn_factor > 0):
         return False
     if type(cache) is not KVCache and type(cache) is not RotatingKVCache:
         return False
