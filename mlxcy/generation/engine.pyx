@@ -1551,7 +1551,7 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # follow it) and the acceptance counts before the next forward, so it runs
 # read-first.  Prompt lookup therefore only switches to verification when a
 # row has a match, and a row whose proposals were all rejected stops
-# proposing for 2, 4, ... 64 tokens: text that copies nothing decodes with
+# proposing for 4, 16, 64 tokens: text that copies nothing decodes with
 # plain pipelined steps.
 
 DEFAULT_LOOKUP = 8
@@ -1708,14 +1708,14 @@ cdef na.array* _row_p(const na.array& x, int r) except NULL:
 cdef void _adapt(_Seq s, int proposed, int accepted) except *:
     """Prompt lookup's proposal length follows the acceptance: doubled after
     a full acceptance, cut to what was accepted + 1 after a partial one; a
-    row whose proposals were all rejected stops proposing for 2, 4, ... 64
+    row whose proposals were all rejected stops proposing for 4, 16, 64
     tokens (consecutive misses), so text that copies nothing decodes plainly."""
     if accepted == proposed:
         s.cur_k = min(s.lookup_k, max(s.cur_k, 2 * proposed))
         s.misses = 0
     elif accepted == 0:
         s.misses += 1
-        s.cool = min(1 << s.misses, 64)
+        s.cool = min(1 << (2 * s.misses), 64)
         s.cur_k = max(1, s.cur_k // 2)
     else:
         s.cur_k = max(2, accepted + 1)
