@@ -485,6 +485,30 @@ def make_linear(N, K, kind, seed, bias=False):
     return (wq, s, b, bv, 32, bits), unpack_bits_np(wq, s, b, 32, bits), (f64(bv) if bias else 0.0)
 
 
+def _qkv_layers(kind, H, Hkv, D, hidden):
+    """(operands, float64 weight, bias, q_norm, k_norm) of one fused q/k/v layer,
+    or (split) separate q (5-bit), k (8-bit) and v (float) layers, as in the
+    Q4_K_M GGUFs, with per-head q/k norms."""
+    if kind != "split":
+        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
+        return [lin], Wd, bd, None, None
+    parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
+             for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
+    qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+    kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+    return ([p_[0] for p_ in parts], np.concatenate([p_[1] for p_ in parts]),
+            np.concatenate([p_[2] for p_ in parts]), qn, kn)
+
+
+def _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn):
+    """numpy's q/k/v heads of every row of x (before RoPE), [rows, heads, D]."""
+    y = (rms_np(f64(x), f64(nw), eps) @ Wd.T + bd).reshape(-1, H + 2 * Hkv, D)
+    if qn is not None:
+        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
+        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    return y
+
+
 @pytest.mark.parametrize("kind", ["q4", "q5", "float32", "split"])
 @pytest.mark.parametrize("B,H,Hkv,D,dims,offset", [(1, 9, 3, 64, 64, 0), (1, 4, 2, 32, 32, 37),
                                                     (2, 6, 6, 16, 8, 300)])
@@ -494,26 +518,11 @@ def test_block_qkv_matches_numpy(isa, kind, B, H, Hkv, D, dims, offset):
     hidden, eps, base = 96, 1e-5, 10000.0
     x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
     nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    qn = kn = None
-    if kind == "split":
-        parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
-                 for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
-        lins = [p_[0] for p_ in parts]
-        Wd = np.concatenate([p_[1] for p_ in parts])
-        bd = np.concatenate([p_[2] for p_ in parts])
-        qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-        kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-    else:
-        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
-        lins = [lin]
+    lins, Wd, bd, qn, kn = _qkv_layers(kind, H, Hkv, D, hidden)
     q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
                            offset)
     assert tuple(q.shape) == (B, H, 1, D) and tuple(k.shape) == (B, Hkv, 1, D)
-    y = rms_np(f64(x), f64(nw), eps) @ Wd.T + bd                     # [B, 1, N]
-    y = y.reshape(B, H + 2 * Hkv, D)
-    if qn is not None:
-        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
-        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    y = _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn)                # [B, heads, D]
     qk = rope_np(y[:, :H + Hkv], dims, base, 1.0, offset)
     tol = block_tol(isa)
     close(f64(q)[:, :, 0], qk[:, :H], tol)
@@ -529,25 +538,11 @@ def test_block_qkv_several_positions_match_numpy(isa, kind):
     hidden, eps, base = 96, 1e-5, 10000.0
     x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
     nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    qn = kn = None
-    if kind == "split":
-        parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
-                 for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
-        lins = [p_[0] for p_ in parts]
-        Wd = np.concatenate([p_[1] for p_ in parts])
-        bd = np.concatenate([p_[2] for p_ in parts])
-        qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-        kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-    else:
-        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
-        lins = [lin]
+    lins, Wd, bd, qn, kn = _qkv_layers(kind, H, Hkv, D, hidden)
     q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
                            offset)
     assert tuple(q.shape) == (B, H, L, D) and tuple(v.shape) == (B, Hkv, L, D)
-    y = (rms_np(f64(x), f64(nw), eps) @ Wd.T + bd).reshape(L, H + 2 * Hkv, D)
-    if qn is not None:
-        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
-        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    y = _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn)                # [L, heads, D]
     tol = block_tol(isa)
     for i in range(L):
         qk = rope_np(y[i, :H + Hkv], dims, base, 1.0, offset + i)
@@ -573,6 +568,17 @@ def test_block_qkv_matches_mlx_rope_and_freqs():
     close(f64(k), f64(r[:, H:]), 1e-5)
 
 
+def _attn_mlp_inputs(B, H, Hkv, L, T, D, hidden):
+    """BlockAttnMLP's activations: x [B, L, hidden], the norm weight, q [B, H,
+    L, D] and k, v as views of the first T positions of longer cache buffers."""
+    x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    q = mlxcy.array(RNG.standard_normal((B, H, L, D)).astype(np.float32))
+    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    return x, nw, q, kb[:, :, :T], vb[:, :, :T]
+
+
 @pytest.mark.parametrize("kind", ["q4", "q8", "bfloat16", "gemma"])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 9, 3, 1, 64), (2, 4, 2, 45, 32)])
@@ -592,12 +598,7 @@ def test_block_attn_mlp_matches_numpy(isa, kind, act, B, H, Hkv, T, D):
         g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
         gu, no, nm = [g_], None, None
     dn, Wdn, _ = make_linear(hidden, inter, "q8" if sandwich else kind, 13)
-    x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
-    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    q = mlxcy.array(RNG.standard_normal((B, H, 1, D)).astype(np.float32))
-    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    k, v = kb[:, :, :T], vb[:, :, :T]                        # the cache's views
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, 1, T, D, hidden)
     out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, gu, dn, act, norm_o=no, norm_mlp=nm)
     assert tuple(out.shape) == (B, 1, hidden)
     att = attention_np(q, k, v, scale).transpose(0, 2, 1, 3).reshape(B, 1, H * D)
@@ -623,12 +624,7 @@ def test_block_attn_mlp_several_positions_match_numpy(isa, kind):
     o, Wo, _ = make_linear(hidden, H * D, kind, 11)
     g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
     dn, Wdn, _ = make_linear(hidden, inter, kind, 13)
-    x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
-    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    q = mlxcy.array(RNG.standard_normal((B, H, L, D)).astype(np.float32))
-    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    k, v = kb[:, :, :T], vb[:, :, :T]                        # the cache's views
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, L, T, D, hidden)
     out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, [g_], dn, "silu")
     assert tuple(out.shape) == (B, L, hidden)
     att = attention_np(q, k, v, scale, causal=True).transpose(0, 2, 1, 3).reshape(B, L, H * D)
