@@ -54,15 +54,23 @@ def set_num_threads(n: int) -> None: ...
 def num_threads() -> int: ...
 def cores() -> int:
     """The cores this process may run on."""
-def set_isa(name: Literal["avx2", "scalar"]) -> None: ...
+ISAS: tuple[str, ...]
+
+def set_isa(name: Literal["avx512vnni", "avx2", "scalar"]) -> None:
+    """The most the kernels may use ('avx512vnni' by default); the CPU's limits apply on top."""
 def isa() -> str:
-    """'avx2+fma' or 'scalar'."""
+    """'avx512vnni', 'avx2+fma' or 'scalar'."""
 ACTIVATIONS: tuple[str, ...]
 
 def set_activations(mode: str) -> str:
     """'int16' (default), 'float32' or 'int8'; returns the previous mode."""
 def activations() -> str: ...
 def has_avx2() -> bool: ...
+def has_vnni() -> bool: ...
+INT16_MAX_ROWS: int
+"""Products of at most this many rows of x with 4-, 5- or 8-bit weights take
+the int16 kernels (int16 mode, AVX2); larger ones the float GEMM."""
+
 def set_gemm_min_rows(m: int) -> None: ...
 def linear(
     x: Array,

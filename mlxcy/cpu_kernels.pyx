@@ -13,7 +13,7 @@ LoRA training over quantized layers working.
     set_num_threads(n) / num_threads()   (default: MLXCY_NUM_THREADS,
                                           OMP_NUM_THREADS, else the cores)
     set_enabled(None | True | False)     (None: on when the device is the CPU)
-    set_isa("avx2" | "scalar") / isa()
+    set_isa("avx512vnni" | "avx2" | "scalar") / isa()
 """
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.native cimport array as na
@@ -52,11 +52,13 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
                                              int group_size, int bits,
                                              const na.array* bias) except +
     bint cpu_has_avx2()
+    bint cpu_has_vnni()
     const char* isa_name()
     void set_simd_level(int)
     void cpp_set_activation_mode "mlxcy::cpu::set_activation_mode"(int)
     int& cpp_activation_mode "mlxcy::cpu::activation_mode"()
     void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
+    int kI16MaxRows "mlxcy::cpu::kI16MaxRows"
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
     bint attention_supported(const na.array& q, const na.array& k, const na.array& v)
@@ -292,16 +294,22 @@ def cores():
     return available_cores()
 
 
+ISAS = ("scalar", "avx2", "avx512vnni")
+
+
 def set_isa(str name):
-    """'avx2' (the default, when the CPU has AVX2+FMA+F16C) or 'scalar' (the
-    portable code: for tests and A/B runs)."""
-    if name not in ("avx2", "scalar"):
-        raise ValueError(f"set_isa: expected 'avx2' or 'scalar', got {name!r}")
-    set_simd_level(1 if name == "avx2" else 0)
+    """The most the kernels may use: 'avx512vnni' (the default: AVX2+FMA, and
+    AVX-512 VNNI for the int16 products of several rows of x), 'avx2' or
+    'scalar' (the portable code: for tests and A/B runs).  The CPU's own
+    limits apply on top (isa() says what runs)."""
+    if name not in ISAS:
+        raise ValueError(f"set_isa: expected one of {', '.join(ISAS)}, got {name!r}")
+    set_simd_level(ISAS.index(name))
 
 
 def isa():
-    """The instruction set the kernels run with now: 'avx2+fma' or 'scalar'."""
+    """The instruction set the kernels run with now: 'avx512vnni', 'avx2+fma'
+    or 'scalar'."""
     return isa_name().decode()
 
 
@@ -343,6 +351,16 @@ _activations_from_env()
 
 def has_avx2():
     return cpu_has_avx2()
+
+
+def has_vnni():
+    """AVX-512 VNNI with 256-bit forms (and the OS saves its registers)."""
+    return cpu_has_vnni()
+
+
+# Products of at most this many rows of x with 4-, 5- or 8-bit weights take
+# the int16 kernels (under the int16 mode, on AVX2), more the float GEMM.
+INT16_MAX_ROWS = kI16MaxRows
 
 
 def set_gemm_min_rows(int m):

@@ -10,17 +10,20 @@ from mlxcy import cpu_kernels as ck
 from mlxcy import nn
 
 RNG = np.random.default_rng(1234)
-# "avx2": float32 activations (exact); "avx2-int16": the default, one row of x
-# meeting 4/5/8-bit weights rounded to int16 per block of 32 (see `expected`)
-ISAS = ["scalar"] + (["avx2", "avx2-int16"] if ck.has_avx2() else [])
+# "avx2": float32 activations (exact); "avx2-int16": the default, rows of x
+# meeting 4/5/8-bit weights rounded to int16 per block of 32 (see `expected`);
+# "vnni-int16": the same with AVX-512 VNNI for several rows of x
+ISAS = ["scalar"] + (["avx2", "avx2-int16"] if ck.has_avx2() else []) + (
+    ["vnni-int16"] if ck.has_vnni() else [])
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    ck.set_isa("scalar" if request.param == "scalar" else "avx2")
-    old = ck.set_activations("int16" if request.param == "avx2-int16" else "float32")
-    yield request.param
-    ck.set_isa("avx2")
+    p = request.param
+    ck.set_isa("scalar" if p == "scalar" else "avx512vnni" if p.startswith("vnni") else "avx2")
+    old = ck.set_activations("int16" if p.endswith("int16") else "float32")
+    yield p
+    ck.set_isa("avx512vnni")
     ck.set_activations(old)
 
 
@@ -53,19 +56,19 @@ def round_i16(x, bits):
 def block_tol(isa):
     """The block primitives against float64 numpy: float32 math, or (the
     int16 mode) every 4/5/8-bit product's x rounded to int16 per block of 32."""
-    return 3e-4 if isa == "avx2-int16" else 1e-5
+    return 3e-4 if isa.endswith("int16") else 1e-5
 
 
 def expected(x, wq, s, b, gs, bits):
     """x @ W.T as the kernels compute it: exact, except that under the int16
-    mode a product of fewer than 4 rows of x (a matvec) with 4-, 5- or 8-bit
+    mode a product of at most INT16_MAX_ROWS rows of x with 4-, 5- or 8-bit
     weights first rounds x to int16 per block of 32 for the q * scale term
     (the bias term b * sum(x) uses x itself)."""
     unpack = unpack_np if 32 % bits == 0 else unpack_bits_np
     xf = f64(x)
     rows = int(np.prod(xf.shape[:-1]))
-    if not (ck.isa() == "avx2+fma" and ck.activations() == "int16" and bits in (4, 5, 8)
-            and rows < 4):
+    if not (ck.isa() != "scalar" and ck.activations() == "int16" and bits in (4, 5, 8)
+            and rows <= ck.INT16_MAX_ROWS):
         return xf @ unpack(wq, s, b, gs, bits).T
     zero = mlxcy.array(np.zeros(tuple(s.shape), np.float32)).astype(s.dtype)
     qs = unpack(wq, s, zero, gs, bits)                     # q * scale
@@ -249,16 +252,20 @@ def smollm2():
 def test_smollm2_logits_and_greedy_ids_match_mlx_path(smollm2):
     ids = smollm2.tokenizer.encode("The capital of France is", add_special_tokens=True)
     model = smollm2.model
-    old = ck.set_enabled(False)
+    old = ck.set_enabled(False), ck.activations()
     try:
         ref = f64(model(ids))
         ref_ids = [t.id for t in smollm2.stream_ids(ids, max_tokens=12)]
         ck.set_enabled(True)
-        out = f64(model(ids))
+        out = f64(model(ids))           # 6 positions: int16 products (the default)
         out_ids = [t.id for t in smollm2.stream_ids(ids, max_tokens=12)]
+        ck.set_activations("float32")
+        exact = f64(model(ids))
     finally:
-        ck.set_enabled(old)
-    close(out, ref, 1e-4)
+        ck.set_enabled(old[0])
+        ck.set_activations(old[1])
+    close(exact, ref, 1e-4)
+    close(out, ref, 1e-3)
     assert out_ids == ref_ids
 
 
@@ -449,6 +456,43 @@ def test_last_row_of_odd_widths_reads_no_further():
                       1e-5)
         finally:
             ck.set_activations(old)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("sdtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
+                                      if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
+def test_several_rows_equal_one_row_at_a_time(bits, gs, sdtype, rows_isa):
+    """The int16 products of 2 to INT16_MAX_ROWS rows of x (a speculative
+    step's verification, a small batch) share each pass over the weights
+    between rows (AVX2: two rows a pass; AVX-512 VNNI: four), yet every
+    row's y is bit-identical to that row's product alone, so verification
+    sees the logits plain decoding would.  K = 416: 13 blocks (a half pair
+    of 4-bit blocks at the end); N odd; the array's last row included.
+    numpy checks the values themselves (expected())."""
+    old = ck.set_activations("int16")
+    ck.set_isa(rows_isa)
+    try:
+        dt = getattr(mlxcy, sdtype)
+        K = 416 if gs == 32 else gs * 5
+        N = 37
+        W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
+        wq, s, b = nn.quantize(W, gs, bits)
+        s, b = s.astype(dt), b.astype(dt)
+        bias = mlxcy.array(RNG.standard_normal(N).astype(np.float32))
+        for M in range(2, ck.INT16_MAX_ROWS + 1):
+            xn = RNG.standard_normal((M, K)).astype(np.float32)
+            y = np.asarray(ck.linear(mlxcy.array(xn), wq, s, b, gs, bits, bias=bias))
+            one = np.concatenate([np.asarray(ck.linear(mlxcy.array(xn[i:i + 1]), wq, s, b, gs,
+                                                       bits, bias=bias)) for i in range(M)])
+            assert np.array_equal(y, one), f"M = {M}: rows differ from one-row products"
+            if M in (2, ck.INT16_MAX_ROWS):
+                close(y.astype(np.float64),
+                      expected(mlxcy.array(xn), wq, s, b, gs, bits) + f64(bias), 2e-6)
+    finally:
+        ck.set_activations(old)
+        ck.set_isa("avx512vnni")
 
 
 # ------------------------------------------------------ block primitives ---

@@ -18,8 +18,9 @@
 // from CPUID, so the module runs on any x86-64; other CPUs and other
 // architectures take the portable scalar code.
 //
-// Activations stay float32 (accuracy): int8 activations with integer dot
-// products were measured as an alternative (benchmarks/cpu_kernels_ab.py).
+// Rows of x meet 4-, 5- and 8-bit weights as int16 per block of 32 with
+// integer dot products by default (activation_mode; docs/cpu.md has the
+// accuracy), up to kI16MaxRows rows; larger products run as the float GEMM.
 #pragma once
 
 #include <algorithm>
@@ -43,6 +44,10 @@
 #define MLXCY_X86 1
 #include <immintrin.h>
 #define MLXCY_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MLXCY_VNNI \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+// helpers whose vector arrays must stay in registers
+#define MLXCY_INLINE inline __attribute__((always_inline))
 #else
 #define MLXCY_X86 0
 #endif
@@ -62,12 +67,29 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
-// 0: portable scalar code; 1: AVX2+FMA when the CPU has it (default).
+// AVX-512 with VNNI (vpdpwssd) and 256-bit EVEX forms (VL); libgcc reports
+// these only when the OS saves the AVX-512 registers.
+inline bool cpu_has_vnni() {
+#if MLXCY_X86
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// 0: portable scalar code; 1: AVX2+FMA; 2: AVX2+FMA, and AVX-512 VNNI for
+// the int16 products of several rows of x.  Each level applies when the
+// CPU has it, else the next lower one; the default is the highest.
 inline int& simd_level_setting() {
-  static int level = 1;
+  static int level = 2;
   return level;
 }
 inline bool use_avx2() { return simd_level_setting() >= 1 && cpu_has_avx2(); }
+inline bool use_vnni() { return simd_level_setting() >= 2 && cpu_has_vnni(); }
 inline void set_simd_level(int level) { simd_level_setting() = level; }
 
 // How one row of x (a decode step) meets 4-, 5- and 8-bit weights: 0 float32
@@ -84,7 +106,9 @@ inline int& activation_mode() {
 }
 inline void set_activation_mode(int mode) { activation_mode() = mode; }
 
-inline const char* isa_name() { return use_avx2() ? "avx2+fma" : "scalar"; }
+inline const char* isa_name() {
+  return use_vnni() ? "avx512vnni" : use_avx2() ? "avx2+fma" : "scalar";
+}
 
 // ------------------------------------------------------ scalar helpers ---
 
@@ -697,6 +721,32 @@ MLXCY_AVX2 void matvec_q4_i16_avx2(const Weight& W, const int16_t* xq, const flo
   return matvec_q4_i16_lb<Elt::F32>(W, xq, xd, xsum, y, n0, n1);
 }
 
+// The int16 kernels for several rows of x, once per instruction set.
+#define MLXCY_ROWS_NS avx2_rows
+#define MLXCY_ROWS_ISA MLXCY_AVX2
+#define MLXCY_ROWS_VNNI 0
+#include "mlxcy/cpu_quant_rows.h"
+#define MLXCY_ROWS_NS vnni_rows
+#define MLXCY_ROWS_ISA MLXCY_VNNI
+#define MLXCY_ROWS_VNNI 1
+#include "mlxcy/cpu_quant_rows.h"
+
+MLXCY_AVX2 inline void matvec_rows_avx2(const Weight& W, int R, const int16_t* xq, int64_t xld,
+                                        const float* xd, int dld, const float* xsum, int sld,
+                                        float* y, int64_t ldy, int n0, int n1) {
+  if (W.bits == 4) return avx2_rows::rows_i16<4>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (W.bits == 5) return avx2_rows::rows_i16<5>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  avx2_rows::rows_i16<8>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
+MLXCY_VNNI inline void matvec_rows_vnni(const Weight& W, int R, const int16_t* xq, int64_t xld,
+                                        const float* xd, int dld, const float* xsum, int sld,
+                                        float* y, int64_t ldy, int n0, int n1) {
+  if (W.bits == 4) return vnni_rows::rows_i16<4>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (W.bits == 5) return vnni_rows::rows_i16<5>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  vnni_rows::rows_i16<8>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
 template <Elt T>
 MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
   if constexpr (T == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
@@ -896,6 +946,23 @@ inline int& gemm_min_rows() {
 }
 inline void set_gemm_min_rows(int m) { gemm_min_rows() = m; }
 
+// Rows of x up to which an int16 product (4, 5 or 8 bits) still runs row by
+// row, two rows per pass over the weights, rather than as the float GEMM: in
+// SmolLM2-135M Q4_1 forwards of 8, 12 and 16 positions the row path took 31,
+// 45 and 68 ms, the GEMM 38, 44 and 48 (2026-12-04).  Speculative
+// verification (k + 1 positions) and small batches stay on the int16 path
+// that one-row decoding takes, with the same per-row results.
+constexpr int kI16MaxRows = 11;
+
+inline bool int16_product(const Weight& W) {
+#if MLXCY_X86
+  return use_avx2() && activation_mode() == kInt16 &&
+         (W.bits == 4 || W.bits == 5 || W.bits == 8);
+#else
+  return false;
+#endif
+}
+
 // Scratch buffers reused across calls by the thread that runs them.
 inline std::vector<float>& scratch(int which) {
   thread_local std::vector<float> bufs[6];   // 0-3: linear_f32, 4: attention
@@ -918,7 +985,7 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
   };
   const double work = double(M) * N * K;
   const int per_thread = work < 1.5e5 ? 0 : 4;   // small products: one task
-  if (M < gemm_min_rows()) {
+  if (M < gemm_min_rows() || (M <= kI16MaxRows && int16_product(W))) {
     // 8 zeros past the end: the int16 kernel reads the sums 8 at a time
     float* xsum = scratch_f(0, size_t(M * G + 8));
     std::fill(xsum + M * G, xsum + M * G + 8, 0.f);
@@ -954,7 +1021,15 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
       const int16_t* q16 = xq16.data();
       const int8_t* q8 = xq8.data();
       auto bodyq = [&](int n0, int n1) {
-        for (int m = 0; m < M; ++m) {
+        int m = 0;
+        // int16, several rows of x: passes that share each weight block's
+        // unpacking between rows (cpu_quant_rows.h)
+        if (mode == kInt16 && M >= 2) {
+          if (use_vnni()) matvec_rows_vnni(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
+          else matvec_rows_avx2(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
+          for (m = 0; m < M; ++m) add_bias(y + m * ldy, n0, n1);
+        }
+        for (; m < M; ++m) {
           float* yr = y + m * ldy;
           const float* xs = xsum + m * G;
           if (mode == kInt8)
