@@ -58,7 +58,7 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     void cpp_set_activation_mode "mlxcy::cpu::set_activation_mode"(int)
     int& cpp_activation_mode "mlxcy::cpu::activation_mode"()
     void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
-    int kI16MaxRows "mlxcy::cpu::kI16MaxRows"
+    int cpp_int16_max_rows "mlxcy::cpu::int16_max_rows"()
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
     bint attention_supported(const na.array& q, const na.array& k, const na.array& v)
@@ -358,9 +358,11 @@ def has_vnni():
     return cpu_has_vnni()
 
 
-# Products of at most this many rows of x with 4-, 5- or 8-bit weights take
-# the int16 kernels (under the int16 mode, on AVX2), more the float GEMM.
-INT16_MAX_ROWS = kI16MaxRows
+def int16_max_rows():
+    """Products of at most this many rows of x with 4-, 5- or 8-bit weights
+    take the int16 kernels (int16 mode, AVX2: 11; AVX-512 VNNI: 16); larger
+    ones the float GEMM."""
+    return cpp_int16_max_rows()
 
 
 def set_gemm_min_rows(int m):

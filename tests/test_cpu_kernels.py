@@ -61,14 +61,14 @@ def block_tol(isa):
 
 def expected(x, wq, s, b, gs, bits):
     """x @ W.T as the kernels compute it: exact, except that under the int16
-    mode a product of at most INT16_MAX_ROWS rows of x with 4-, 5- or 8-bit
+    mode a product of at most int16_max_rows() rows of x with 4-, 5- or 8-bit
     weights first rounds x to int16 per block of 32 for the q * scale term
     (the bias term b * sum(x) uses x itself)."""
     unpack = unpack_np if 32 % bits == 0 else unpack_bits_np
     xf = f64(x)
     rows = int(np.prod(xf.shape[:-1]))
     if not (ck.isa() != "scalar" and ck.activations() == "int16" and bits in (4, 5, 8)
-            and rows <= ck.INT16_MAX_ROWS):
+            and rows <= ck.int16_max_rows()):
         return xf @ unpack(wq, s, b, gs, bits).T
     zero = mlxcy.array(np.zeros(tuple(s.shape), np.float32)).astype(s.dtype)
     qs = unpack(wq, s, zero, gs, bits)                     # q * scale
@@ -464,7 +464,7 @@ def test_last_row_of_odd_widths_reads_no_further():
 @pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
                                       if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
 def test_several_rows_equal_one_row_at_a_time(bits, gs, sdtype, rows_isa):
-    """The int16 products of 2 to INT16_MAX_ROWS rows of x (a speculative
+    """The int16 products of 2 to int16_max_rows() rows of x (a speculative
     step's verification, a small batch) share each pass over the weights
     between rows (AVX2: two rows a pass; AVX-512 VNNI: four), yet every
     row's y is bit-identical to that row's product alone, so verification
@@ -481,13 +481,13 @@ def test_several_rows_equal_one_row_at_a_time(bits, gs, sdtype, rows_isa):
         wq, s, b = nn.quantize(W, gs, bits)
         s, b = s.astype(dt), b.astype(dt)
         bias = mlxcy.array(RNG.standard_normal(N).astype(np.float32))
-        for M in range(2, ck.INT16_MAX_ROWS + 1):
+        for M in range(2, ck.int16_max_rows() + 1):
             xn = RNG.standard_normal((M, K)).astype(np.float32)
             y = np.asarray(ck.linear(mlxcy.array(xn), wq, s, b, gs, bits, bias=bias))
             one = np.concatenate([np.asarray(ck.linear(mlxcy.array(xn[i:i + 1]), wq, s, b, gs,
                                                        bits, bias=bias)) for i in range(M)])
             assert np.array_equal(y, one), f"M = {M}: rows differ from one-row products"
-            if M in (2, ck.INT16_MAX_ROWS):
+            if M in (2, ck.int16_max_rows()):
                 close(y.astype(np.float64),
                       expected(mlxcy.array(xn), wq, s, b, gs, bits) + f64(bias), 2e-6)
     finally:

@@ -20,7 +20,7 @@
 //
 // Rows of x meet 4-, 5- and 8-bit weights as int16 per block of 32 with
 // integer dot products by default (activation_mode; docs/cpu.md has the
-// accuracy), up to kI16MaxRows rows; larger products run as the float GEMM.
+// accuracy), up to int16_max_rows() rows; larger products run as the float GEMM.
 #pragma once
 
 #include <algorithm>
@@ -946,13 +946,14 @@ inline int& gemm_min_rows() {
 }
 inline void set_gemm_min_rows(int m) { gemm_min_rows() = m; }
 
-// Rows of x up to which an int16 product (4, 5 or 8 bits) still runs row by
-// row, two rows per pass over the weights, rather than as the float GEMM: in
-// SmolLM2-135M Q4_1 forwards of 8, 12 and 16 positions the row path took 31,
-// 45 and 68 ms, the GEMM 38, 44 and 48 (2026-12-04).  Speculative
-// verification (k + 1 positions) and small batches stay on the int16 path
-// that one-row decoding takes, with the same per-row results.
-constexpr int kI16MaxRows = 11;
+// Rows of x up to which an int16 product (4, 5 or 8 bits) runs on the
+// several-rows kernels rather than as the float GEMM.  SmolLM2-135M Q4_1
+// forwards of 9, 12 and 16 positions over the cache (2026-12-04): AVX2 rows
+// 31 (8 positions), 45, 68 ms against the GEMM's 38, 44, 48; VNNI rows 29,
+// 37, 46 against 29, 45, 49.  So speculative verification (k + 1 positions,
+// at most 16) and small batches stay on the int16 path of one-row decoding,
+// with the same per-row results.
+inline int int16_max_rows() { return use_vnni() ? 16 : 11; }
 
 inline bool int16_product(const Weight& W) {
 #if MLXCY_X86
@@ -985,7 +986,7 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
   };
   const double work = double(M) * N * K;
   const int per_thread = work < 1.5e5 ? 0 : 4;   // small products: one task
-  if (M < gemm_min_rows() || (M <= kI16MaxRows && int16_product(W))) {
+  if (M < gemm_min_rows() || (M <= int16_max_rows() && int16_product(W))) {
     // 8 zeros past the end: the int16 kernel reads the sums 8 at a time
     float* xsum = scratch_f(0, size_t(M * G + 8));
     std::fill(xsum + M * G, xsum + M * G + 8, 0.f);

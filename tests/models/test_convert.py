@@ -34,10 +34,15 @@ def mlx_lm_logits(path, ids):
 
 
 def our_logits(path, ids, dtype=None):
+    """A prompt's logits with exact CPU products: short prompts would otherwise
+    take the int16 kernels (~1e-4 relative), and these tests compare readers
+    of the same files at 1e-5."""
     m = L.load_model(path, dtype=dtype)
+    old = cpu_kernels.set_activations("float32")
     try:
         return m(mlxcy.array(ids)).astype(mlxcy.float32).numpy()
     finally:
+        cpu_kernels.set_activations(old)
         m.close()
 
 
@@ -177,10 +182,4 @@ def test_mistral_round_trip(tmp_path):
     assert 0 < rel(ours, torch_logits(ref, ids)) < 0.05
     assert rel(our_logits(src, ids, "float32"), torch_logits(ref, ids)) < 1e-4
     short = ids[:, :8]
-    # exact products: 8 rows of x would otherwise take the CPU's int16 kernels
-    # (~1e-4 relative), and this compares the two readers of the file
-    old = cpu_kernels.set_activations("float32")
-    try:
-        assert rel(our_logits(dst, short), mlx_lm_logits(dst, short)) < 1e-5
-    finally:
-        cpu_kernels.set_activations(old)
+    assert rel(our_logits(dst, short), mlx_lm_logits(dst, short)) < 1e-5
