@@ -37,10 +37,16 @@ def load_all(paths):
     return configs
 '''
 
+# The code edit is asked of an editor that replies with the edited file only
+# (asked as a question, the 0.5B model explains for ~70 tokens before it
+# copies: that measures prose, not copying).
+EDITOR = ("You are a code editor. Reply with the complete edited file in one code block "
+          "and nothing else.")
 CASES = [
     ("qwen", "code edit (copies)",
-     "Rename the function parse_config to read_config everywhere in this file and output "
-     "the whole file:\n\n```python\n" + CODE + "```", True),
+     [{"role": "system", "content": EDITOR},
+      {"role": "user", "content": "Rename the function parse_config to read_config everywhere "
+                                  "in this file:\n\n```python\n" + CODE + "```"}], True),
     ("smol", "quoting summary (copies)",
      "Summarize the report, quoting it.\n\nReport: The bridge on Route 9 will close for repairs "
      "from March 3 to March 17. Drivers should use the detour through Elm Street and Oak "
@@ -62,7 +68,7 @@ CASES += [
 
 
 def run(tm, prompt, chat, max_tokens, **opts):
-    msgs = [{"role": "user", "content": prompt}]
+    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     it = tm.stream_chat(msgs, max_tokens=max_tokens, **opts) if chat else \
         tm.stream(prompt, max_tokens=max_tokens, **opts)
     ids = [t.id for t in it]
