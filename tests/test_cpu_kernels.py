@@ -770,6 +770,34 @@ def test_smollm2_verification_chunks_match_unfused_and_mlx(smollm2):
     assert (fused.argmax(-1) == mlx.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
+                                      if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
+def test_smollm2_verification_logits_equal_one_token_steps(smollm2, rows_isa):
+    """In the default (int16) mode a chunk of k + 1 positions over the cache
+    (a speculative step's verification) gives bit for bit the logits of k + 1
+    one-token steps, so greedy verification accepts exactly what plain
+    decoding would emit."""
+    model = smollm2.model
+    ids = [smollm2.tokenizer.encode("The sea is a vast and mysterious realm",
+                                    add_special_tokens=True)]
+    chunk = [28, 1123, 30, 314, 2, 77, 1890, 4, 9]
+    old = ck.activations()
+    ck.set_activations("int16")
+    ck.set_isa(rows_isa)
+    try:
+        c1, c2 = model.make_cache(), model.make_cache()
+        model(ids, cache=c1)
+        model(ids, cache=c2)
+        together = f64(model([chunk], cache=c1))[0]
+        one_by_one = np.stack([f64(model([[t]], cache=c2))[0, -1] for t in chunk])
+        c1.free()
+        c2.free()
+    finally:
+        ck.set_activations(old)
+        ck.set_isa("avx512vnni")
+    assert np.array_equal(together, one_by_one), np.abs(together - one_by_one).max()
+
+
 def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
     """Real SmolLM2 decode steps (the block primitives) against the same steps
     with the blocks unfused and against MLX's own ops: logits within 1e-4."""
