@@ -437,7 +437,8 @@ MLXCY_AVX2 inline void quantize_i16(const float* x, int K, int bits, int16_t* xq
   for (int j = 0; j < NB; ++j) {
     const float* xb = x + 32 * j;
     __m256 m = _mm256_setzero_ps();
-    for (int t = 0; t < 4; ++t) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * t)));
+    for (int t = 0; t < 4; ++t)
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * t)));
     const float amax = hsum_max8(m);
     const __m256 inv = _mm256_set1_ps(amax > 0 ? 32767.f / amax : 0.f);
     xd[j] = amax / 32767.f;

@@ -42,7 +42,7 @@ MLXCY_ROWS_ISA MLXCY_INLINE __m256i dpw(__m256i acc, __m256i a, __m256i b) {
 // dot_pair_q4 of one pair of blocks with R rows of x.
 template <int R>
 MLXCY_ROWS_ISA MLXCY_INLINE void dot_pair_q4_rows(const uint8_t* p, const int16_t* xp, int64_t xld,
-                                        bool half, __m256i* out) {
+                                                  bool half, __m256i* out) {
   const __m256i v = half ? _mm256_zextsi128_si256(
                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -62,8 +62,8 @@ MLXCY_ROWS_ISA MLXCY_INLINE void dot_pair_q4_rows(const uint8_t* p, const int16_
 // acc[i] += the biases of row si's groups times x row i's group sums, in the
 // one-row kernels' order.
 template <Elt T, int R>
-MLXCY_ROWS_ISA MLXCY_INLINE void add_biases_rows(const Weight& W, int64_t si, int G, const float* xsum,
-                                       int sld, __m256* acc) {
+MLXCY_ROWS_ISA MLXCY_INLINE void add_biases_rows(const Weight& W, int64_t si, int G,
+                                                 const float* xsum, int sld, __m256* acc) {
   const int G8 = G & ~7;
   for (int g0 = 0; g0 < G8; g0 += 8) {
     const __m256 b = load_sb8_t<T>(W.b, si + g0);
@@ -84,7 +84,7 @@ MLXCY_ROWS_ISA MLXCY_INLINE void add_biases_rows(const Weight& W, int64_t si, in
 // kernel's hadd tree gives it (missing pairs are zeros).
 template <int R>
 MLXCY_ROWS_ISA MLXCY_INLINE void batch_q4_rows(const uint8_t* rp, const int16_t* xp, int64_t xld,
-                                     int pairs, bool half_last, __m256i* h) {
+                                               int pairs, bool half_last, __m256i* h) {
   const __m256i z = _mm256_setzero_si256();
   __m256i p[R], q[R];
   dot_pair_q4_rows<R>(rp, xp, xld, half_last && pairs == 1, p);
@@ -102,8 +102,8 @@ MLXCY_ROWS_ISA MLXCY_INLINE void batch_q4_rows(const uint8_t* rp, const int16_t*
 // matvec_q4_i16_t for R rows of x.
 template <Elt T, int LB, int R>
 MLXCY_ROWS_ISA void matvec_q4_i16_rows_t(const Weight& W, const int16_t* xq, int64_t xld,
-                                     const float* xd, int dld, const float* xsum, int sld,
-                                     float* y, int64_t ldy, int n0, int n1) {
+                                         const float* xd, int dld, const float* xsum, int sld,
+                                         float* y, int64_t ldy, int n0, int n1) {
   const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
   const uint8_t* w = static_cast<const uint8_t*>(W.w);
   const int64_t ld = W.w_ld * 4;
@@ -144,8 +144,8 @@ MLXCY_ROWS_ISA void matvec_q4_i16_rows_t(const Weight& W, const int16_t* xq, int
 
 // The integer dots of block j of a 5- or 8-bit row with R rows of x.
 template <int BITS, int R>
-MLXCY_ROWS_ISA MLXCY_INLINE void dot_block_i16_rows(const uint8_t* row, const int16_t* xq, int64_t xld,
-                                          int j, __m256i* out) {
+MLXCY_ROWS_ISA MLXCY_INLINE void dot_block_i16_rows(const uint8_t* row, const int16_t* xq,
+                                                    int64_t xld, int j, __m256i* out) {
   __m256i a, b;
   block_i16<BITS>(row, j, a, b);
   MLXCY_UNROLL
@@ -160,7 +160,7 @@ MLXCY_ROWS_ISA MLXCY_INLINE void dot_block_i16_rows(const uint8_t* row, const in
 // built up block by block so that few vectors are live per row.
 template <int BITS, int R>
 MLXCY_ROWS_ISA MLXCY_INLINE void batch_i16_rows(const uint8_t* row, const int16_t* xq, int64_t xld,
-                                      int j0, int nb, __m256i* h) {
+                                                int j0, int nb, __m256i* h) {
   const __m256i z = _mm256_setzero_si256();
   __m256i half[2][R], v0[R], v1[R], t[R];
   for (int s = 0; s < 2; ++s) {       // blocks 0-3, then 4-7
@@ -185,8 +185,8 @@ MLXCY_ROWS_ISA MLXCY_INLINE void batch_i16_rows(const uint8_t* row, const int16_
 // matvec_q_i16_t (5 and 8 bits) for R rows of x.
 template <int BITS, Elt T, int LB, int R>
 MLXCY_ROWS_ISA void matvec_q_i16_rows_t(const Weight& W, const int16_t* xq, int64_t xld,
-                                    const float* xd, int dld, const float* xsum, int sld,
-                                    float* y, int64_t ldy, int n0, int n1) {
+                                        const float* xd, int dld, const float* xsum, int sld,
+                                        float* y, int64_t ldy, int n0, int n1) {
   const int G = W.K / W.gs, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
   const uint8_t* w = static_cast<const uint8_t*>(W.w);
   const int64_t ld = W.w_ld * 4;
@@ -232,9 +232,8 @@ MLXCY_ROWS_ISA void matvec_q_i16_rows_t(const Weight& W, const int16_t* xq, int6
 
 // RR rows of x against output rows [n0, n1) of W.
 template <int BITS, Elt T, int LB, int RR>
-MLXCY_ROWS_ISA void pass(const Weight& W, const int16_t* xq, int64_t xld, const float* xd,
-                         int dld, const float* xsum, int sld, float* y, int64_t ldy, int n0,
-                         int n1) {
+MLXCY_ROWS_ISA void pass(const Weight& W, const int16_t* xq, int64_t xld, const float* xd, int dld,
+                         const float* xsum, int sld, float* y, int64_t ldy, int n0, int n1) {
   if constexpr (BITS == 4)
     matvec_q4_i16_rows_t<T, LB, RR>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   else
@@ -247,9 +246,9 @@ MLXCY_ROWS_ISA void pass(const Weight& W, const int16_t* xq, int64_t xld, const 
 // single row: VNNI, 84 MB of 4-bit weights, 5 rows of x took 8.4 ms as 4 + 1,
 // 4 rows 5.7), then a pass of the 2 or 3 rows left.
 template <int BITS, Elt T, int LB>
-MLXCY_ROWS_ISA void rows_lb(const Weight& W, int R, const int16_t* xq, int64_t xld,
-                            const float* xd, int dld, const float* xsum, int sld, float* y,
-                            int64_t ldy, int n0, int n1) {
+MLXCY_ROWS_ISA void rows_lb(const Weight& W, int R, const int16_t* xq, int64_t xld, const float* xd,
+                            int dld, const float* xsum, int sld, float* y, int64_t ldy, int n0,
+                            int n1) {
   int m = 0;
   for (; R - m >= kRows; m += kRows) {
     if (R - m == kRows + 1) {
@@ -272,9 +271,9 @@ MLXCY_ROWS_ISA void rows_lb(const Weight& W, int R, const int16_t* xq, int64_t x
 }
 
 template <int BITS, Elt T>
-MLXCY_ROWS_ISA void rows_t(const Weight& W, int R, const int16_t* xq, int64_t xld,
-                           const float* xd, int dld, const float* xsum, int sld, float* y,
-                           int64_t ldy, int n0, int n1) {
+MLXCY_ROWS_ISA void rows_t(const Weight& W, int R, const int16_t* xq, int64_t xld, const float* xd,
+                           int dld, const float* xsum, int sld, float* y, int64_t ldy, int n0,
+                           int n1) {
   if (W.gs == 32) return rows_lb<BITS, T, 0>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   if (W.gs == 64) return rows_lb<BITS, T, 1>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   return rows_lb<BITS, T, 2>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
@@ -282,10 +281,12 @@ MLXCY_ROWS_ISA void rows_t(const Weight& W, int R, const int16_t* xq, int64_t xl
 
 template <int BITS>
 MLXCY_ROWS_ISA void rows_i16(const Weight& W, int R, const int16_t* xq, int64_t xld,
-                                const float* xd, int dld, const float* xsum, int sld, float* y,
-                                int64_t ldy, int n0, int n1) {
-  if (W.st == Elt::F16) return rows_t<BITS, Elt::F16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-  if (W.st == Elt::BF16) return rows_t<BITS, Elt::BF16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+                             const float* xd, int dld, const float* xsum, int sld, float* y,
+                             int64_t ldy, int n0, int n1) {
+  if (W.st == Elt::F16)
+    return rows_t<BITS, Elt::F16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (W.st == Elt::BF16)
+    return rows_t<BITS, Elt::BF16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   return rows_t<BITS, Elt::F32>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
 }
 
