@@ -750,22 +750,6 @@ MLXCY_AVX2 void matvec_q4_i16_avx2(const Weight& W, const int16_t* xq, const flo
 #define MLXCY_ROWS_VNNI 1
 #include "mlxcy/cpu_quant_rows.h"
 
-MLXCY_AVX2 inline void matvec_rows_avx2(const Weight& W, int R, const int16_t* xq, int64_t xld,
-                                        const float* xd, int dld, const float* xsum, int sld,
-                                        float* y, int64_t ldy, int n0, int n1) {
-  if (W.bits == 4) return avx2_rows::rows_i16<4>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-  if (W.bits == 5) return avx2_rows::rows_i16<5>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-  avx2_rows::rows_i16<8>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-}
-
-MLXCY_VNNI inline void matvec_rows_vnni(const Weight& W, int R, const int16_t* xq, int64_t xld,
-                                        const float* xd, int dld, const float* xsum, int sld,
-                                        float* y, int64_t ldy, int n0, int n1) {
-  if (W.bits == 4) return vnni_rows::rows_i16<4>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-  if (W.bits == 5) return vnni_rows::rows_i16<5>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-  vnni_rows::rows_i16<8>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-}
-
 template <Elt T>
 MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
   if constexpr (T == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
@@ -1045,8 +1029,8 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
         // int16, several rows of x: passes that share each weight block's
         // unpacking between rows (cpu_quant_rows.h)
         if (mode == kInt16 && M >= 2) {
-          if (use_vnni()) matvec_rows_vnni(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
-          else matvec_rows_avx2(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
+          if (use_vnni()) vnni_rows::product(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
+          else avx2_rows::product(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
           for (m = 0; m < M; ++m) add_bias(y + m * ldy, n0, n1);
         }
         for (; m < M; ++m) {

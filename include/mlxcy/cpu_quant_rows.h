@@ -59,6 +59,17 @@ MLXCY_ROWS_ISA MLXCY_INLINE void dot_pair_q4_rows(const uint8_t* p, const int16_
   }
 }
 
+// acc[i] += the batch's integer dots h[i] times the blocks' weight scales sc
+// and row i's x scales (xd + i * dld), as the one-row kernels scale them.
+template <int R>
+MLXCY_ROWS_ISA MLXCY_INLINE void scale_rows(const __m256i* h, __m256 sc, const float* xd, int dld,
+                                            __m256* acc) {
+  MLXCY_UNROLL
+  for (int i = 0; i < R; ++i)
+    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
+                             _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld)), acc[i]);
+}
+
 // acc[i] += the biases of row si's groups times x row i's group sums, in the
 // one-row kernels' order.
 template <Elt T, int R>
@@ -120,21 +131,14 @@ MLXCY_ROWS_ISA void matvec_q4_i16_rows_t(const Weight& W, const int16_t* xq, int
       batch_q4_rows<R>(r + 16 * j0, xq + 32 * j0, xld, 4, false, h);
       const __m256 sc =
           _mm256_permutevar8x32_ps(load_batch_scales<T, LB>(W.s, si + (j0 >> LB)), order);
-      MLXCY_UNROLL
-      for (int i = 0; i < R; ++i)
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
-                                 _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld + j0)), acc[i]);
+      scale_rows<R>(h, sc, xd + j0, dld, acc);
     }
     if (rb) {
       batch_q4_rows<R>(r + 16 * NB8, xq + 32 * NB8, xld, (rb + 1) / 2,
                        n == W.N - 1 && (rb & 1), h);
       const __m256 sc = _mm256_permutevar8x32_ps(
           load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB), order);
-      MLXCY_UNROLL
-      for (int i = 0; i < R; ++i)
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
-                                 _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld + NB8)),
-                                 acc[i]);
+      scale_rows<R>(h, sc, xd + NB8, dld, acc);
     }
     add_biases_rows<T, R>(W, si, G, xsum, sld, acc);
     MLXCY_UNROLL
@@ -209,20 +213,13 @@ MLXCY_ROWS_ISA void matvec_q_i16_rows_t(const Weight& W, const int16_t* xq, int6
       batch_i16_rows<BITS, R>(r, xq, xld, j0, 8, h);
       __m256 sc = load_batch_scales<T, LB>(W.s, si + (j0 >> LB));
       if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
-      MLXCY_UNROLL
-      for (int i = 0; i < R; ++i)
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
-                                 _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld + j0)), acc[i]);
+      scale_rows<R>(h, sc, xd + j0, dld, acc);
     }
     if (rb) {
       batch_i16_rows<BITS, R>(r, xq, xld, NB8, rb, h);
       __m256 sc = load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB);
       if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
-      MLXCY_UNROLL
-      for (int i = 0; i < R; ++i)
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
-                                 _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld + NB8)),
-                                 acc[i]);
+      scale_rows<R>(h, sc, xd + NB8, dld, acc);
     }
     add_biases_rows<T, R>(W, si, G, xsum, sld, acc);
     MLXCY_UNROLL
@@ -288,6 +285,16 @@ MLXCY_ROWS_ISA void rows_i16(const Weight& W, int R, const int16_t* xq, int64_t 
   if (W.st == Elt::BF16)
     return rows_t<BITS, Elt::BF16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   return rows_t<BITS, Elt::F32>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
+// The entry: rows [0, R) of x, R >= 2, against output rows [n0, n1) of W
+// (4, 5 or 8 bits); each row of y is that row's one-row product.
+MLXCY_ROWS_ISA inline void product(const Weight& W, int R, const int16_t* xq, int64_t xld,
+                                   const float* xd, int dld, const float* xsum, int sld,
+                                   float* y, int64_t ldy, int n0, int n1) {
+  if (W.bits == 4) return rows_i16<4>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (W.bits == 5) return rows_i16<5>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  rows_i16<8>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
 }
 
 }  // namespace MLXCY_ROWS_NS
