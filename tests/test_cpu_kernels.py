@@ -712,19 +712,20 @@ def _decode_logits(model, ids, steps):
     return np.stack(out)
 
 
-def _fused_unfused_mlx_agree(model, ids, steps):
-    """Decode logits with the block primitives, with the blocks unfused and
-    with MLX's own ops: within 1e-4 of each other with float32 activations,
-    within 1e-3 of MLX's with the int16 default; the same greedy ids."""
+def _fused_unfused_mlx_agree(run):
+    """run() (logits, float64) with the block primitives, with the blocks
+    unfused and with MLX's own ops: within 1e-4 of each other with float32
+    activations, within 1e-3 of MLX's with the int16 default; the same
+    greedy ids."""
     old = ck.set_enabled(None), ck.set_block_fusion(True), ck.activations()
     try:
-        fast = _decode_logits(model, ids, steps)               # the default: int16
+        fast = run()                                           # the default: int16
         ck.set_activations("float32")
-        fused = _decode_logits(model, ids, steps)
+        fused = run()
         ck.set_block_fusion(False)
-        unfused = _decode_logits(model, ids, steps)
+        unfused = run()
         ck.set_enabled(False)
-        mlx = _decode_logits(model, ids, steps)
+        mlx = run()
     finally:
         ck.set_enabled(old[0])
         ck.set_block_fusion(old[1])
@@ -751,23 +752,7 @@ def test_smollm2_verification_chunks_match_unfused_and_mlx(smollm2):
         cache.free()
         return np.concatenate(out)
 
-    old = ck.set_enabled(None), ck.set_block_fusion(True), ck.activations()
-    try:
-        fast = run()
-        ck.set_activations("float32")
-        fused = run()
-        ck.set_block_fusion(False)
-        unfused = run()
-        ck.set_enabled(False)
-        mlx = run()
-    finally:
-        ck.set_enabled(old[0])
-        ck.set_block_fusion(old[1])
-        ck.set_activations(old[2])
-    close(fused, unfused, 1e-4)
-    close(fused, mlx, 1e-4)
-    close(fast, mlx, 1e-3)
-    assert (fused.argmax(-1) == mlx.argmax(-1)).all()
+    _fused_unfused_mlx_agree(run)
 
 
 @pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
@@ -803,7 +788,7 @@ def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
     with the blocks unfused and against MLX's own ops: logits within 1e-4."""
     ids = smollm2.tokenizer.encode("The sea is", add_special_tokens=True)
     model = smollm2.model
-    _fused_unfused_mlx_agree(model, ids, 8)
+    _fused_unfused_mlx_agree(lambda: _decode_logits(model, ids, 8))
 
 
 # ------------------------------------------------- K-quant GGUFs, repacked ---
@@ -879,7 +864,7 @@ def test_kquant_model_loads_quantized_and_decodes_like_mlx(kquant_model):
     info = model.info()
     assert info["quantization"]["bits"] == 5 and info["dtype"] == "float32"
     ids = [2, 818, 5279, 529, 7001, 563] if name == "gemma3" else [750, 75698, 1445, 982, 262]
-    _fused_unfused_mlx_agree(model, ids, 6)
+    _fused_unfused_mlx_agree(lambda: _decode_logits(model, ids, 6))
 
 
 @pytest.mark.parametrize("value,ok", [("float32", True), ("int8", True), ("int4", False)])
