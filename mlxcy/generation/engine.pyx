@@ -1694,8 +1694,7 @@ cdef na.array* _inverse_cdf(const na.array& w, const na.array* key) except NULL:
     """One index per row of w [n, V] (weights >= 0, not normalized), drawn
     with probability w / sum(w) by inverse transform: the first index whose
     running sum exceeds u * sum(w).  n uniforms, where categorical's Gumbel
-    draws take n x V (Qwen2.5's 151,936 per position: most of a sampled
-    verification step's own cost on the CPU)."""
+    draws take n x V (151,936 per position for Qwen2.5)."""
     cdef int n = w.shape(0), V = w.shape(1)
     cdef na.array c = nops.cumsum(w, 1, False, True)
     cdef na.array tot = nops.slice(c, _shape2(0, V - 1), _shape2(n, V))           # [n, 1]
@@ -1723,10 +1722,11 @@ cdef na.array* _row_p(const na.array& x, int r) except NULL:
 
 
 cdef void _adapt(_Seq s, int proposed, int accepted) except *:
-    """Prompt lookup's proposal length follows the acceptance: it starts at 2
-    and is doubled after a full acceptance, cut to what was accepted + 1 after a partial one; a
-    row whose proposals were all rejected stops proposing for 4, 16, 64
-    tokens (consecutive misses), so text that copies nothing decodes plainly."""
+    """Prompt lookup's proposal length follows the acceptance: it starts at 2,
+    is doubled after a full acceptance and cut to what was accepted + 1 after
+    a partial one; a row whose proposals were all rejected stops proposing
+    for 4, 16, 64 tokens (consecutive misses), so text that copies nothing
+    decodes plainly."""
     if accepted == proposed:
         s.cur_k = min(s.lookup_k, max(s.cur_k, 2 * proposed))
         s.misses = 0
