@@ -23,8 +23,9 @@ def block_qkv(
     k_norm: Array | None = None,
     qk_eps: float = 1e-6,
     offset: int = 0,
+    offsets: Array | None = None,
 ) -> tuple[Array, Array, Array]:
-    """RMSNorm -> q/k/v -> (q/k norm) -> RoPE of one decode step as one primitive."""
+    """RMSNorm -> q/k/v -> (q/k norm) -> RoPE of one decode step as one primitive (row b at offsets[b] when given)."""
 def block_attn_mlp(
     q: Array,
     k: Array,
@@ -39,13 +40,16 @@ def block_attn_mlp(
     act: Literal["silu", "gelu_tanh"] = "silu",
     norm_o: Array | None = None,
     norm_mlp: Array | None = None,
+    mask: Array | None = None,
 ) -> Array:
-    """Attention -> o_proj -> residual -> RMSNorm -> gate/up -> act -> down -> residual."""
+    """Attention (with an optional mask) -> o_proj -> residual -> RMSNorm -> gate/up -> act -> down -> residual."""
 def set_block_fusion(on: bool) -> bool:
     """Fused block primitives for one-token CPU steps (on by default).  Returns the previous setting."""
 
 def attention(q: Array, k: Array, v: Array, scale: float, causal: bool = False, mask: Array | None = None) -> Array:
     """softmax(scale * q k^T (+ mask)) v: q [B, H, L, D], k and v [B, Hkv, T, D], L <= T; causal: query i sees keys up to T - L + i; mask: boolean or additive, broadcast to [B, H, L, T]."""
+def activation(g: Array, u: Array, act: Literal["silu", "gelu_tanh"] = "silu") -> Array:
+    """act(g) * u (the MLP's SwiGLU / GeGLU product): g and u of one shape and float dtype."""
 def set_enabled(mode: bool | None) -> bool | None:
     """None: used on the CPU (the default); True: always when supported;
     False: never.  Returns the previous setting."""

@@ -377,6 +377,80 @@ def test_attention_refuses_more_queries_than_keys():
         ck.attention(q, k, k, 1.0, True)
 
 
+def act_np(g, u, act):
+    """numpy's act(g) * u in float64 (SiLU, or GELU with the tanh approximation)."""
+    g, u = f64(g), f64(u)
+    if act == "silu":
+        return g / (1 + np.exp(-g)) * u
+    return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 3, 37), (1, 130, 1536), (4, 64)])
+def test_activation_matches_numpy(isa, act, dtype, shape):
+    dt = getattr(mlxcy, dtype)
+    g = RNG.standard_normal(shape).astype(np.float32) * 4
+    g.flat[:4] = [-100.0, 100.0, 0.0, -30.0][:g.size]   # e^x's clamps and zero
+    g = mlxcy.array(g).astype(dt)
+    u = mlxcy.array(RNG.standard_normal(shape).astype(np.float32)).astype(dt)
+    y = ck.activation(g, u, act)
+    assert y.dtype == dt and tuple(y.shape) == shape
+    r = act_np(g, u, act)
+    # float32: within a few ulp of float64's value; half types: one rounding.
+    # GELU's 1 + tanh(z) cancels for very negative g: float32's absolute error
+    # there is an ulp of 1 times |g u| / 2.
+    rel = 2e-6 if dtype == "float32" else 1e-2
+    tiny = 6e-8 if dtype == "float16" else 0.0     # float16's subnormals
+    assert np.all(np.abs(f64(y) - r) <= rel * np.abs(r) + 2e-7 * np.abs(f64(g) * f64(u)) + tiny)
+
+
+@pytest.mark.parametrize("layout", ["column slices", "transposed"])
+def test_activation_reads_strided_operands(layout):
+    """g and u as the two halves of a fused gate/up product's output (rows
+    2 x 19 apart), or transposed (no contiguous axis)."""
+    if layout == "column slices":
+        gu = mlxcy.array(RNG.standard_normal((2, 3, 2 * 19)).astype(np.float32))
+        g, u = gu[:, :, :19], gu[:, :, 19:]
+    else:
+        g = mlxcy.array(RNG.standard_normal((19, 6)).astype(np.float32)).T
+        u = mlxcy.array(RNG.standard_normal((19, 6)).astype(np.float32)).T
+    r = act_np(g, u, "silu")
+    assert np.all(np.abs(f64(ck.activation(g, u, "silu")) - r) <= 2e-6 * np.abs(r))
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_activation_grad_matches_mlx_ops(act):
+    from mlxcy import nn as mnn
+    from mlxcy.transforms import grad
+    g = mlxcy.array(RNG.standard_normal((2, 5, 24)).astype(np.float32))
+    u = mlxcy.array(RNG.standard_normal((2, 5, 24)).astype(np.float32))
+    c = mlxcy.array(RNG.standard_normal((2, 5, 24)).astype(np.float32))
+
+    def ours(g, u):
+        return (ck.activation(g, u, act) * c).sum()
+
+    def theirs(g, u):
+        if act == "silu":
+            a = g * mlxcy.sigmoid(g)
+        else:
+            a = 0.5 * g * (1 + mlxcy.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g * g * g)))
+        return (a * u * c).sum()
+
+    for a, r in zip(grad(ours, argnums=(0, 1))(g, u), grad(theirs, argnums=(0, 1))(g, u)):
+        close(f64(a), f64(r), 1e-5)
+
+
+def test_activation_refuses_bad_operands():
+    g = mlxcy.zeros((2, 8))
+    with pytest.raises(ValueError, match="act must be"):
+        ck.activation(g, g, "relu")
+    with pytest.raises(ValueError, match="one shape and float dtype"):
+        ck.activation(g, mlxcy.zeros((2, 7)))
+    with pytest.raises(ValueError, match="one shape and float dtype"):
+        ck.activation(g, mlxcy.zeros((2, 8), dtype=mlxcy.int32))
+
+
 @pytest.mark.parametrize("L,causal", [(1, False), (6, True), (9, False)])
 def test_attention_grad_matches_mlx_ops(L, causal):
     from mlxcy import fast
@@ -595,6 +669,30 @@ def test_block_qkv_several_positions_match_numpy(isa, kind):
         close(f64(v)[0, :, i], y[i, H + Hkv:], tol)
 
 
+@pytest.mark.parametrize("kind", ["q4", "split"])
+def test_block_qkv_rows_at_their_own_offsets(isa, kind):
+    """A batch's rows at their own positions (offsets [B] int32, as a padded
+    batch's RoPE takes them): row b rotated at offsets[b]."""
+    B, H, Hkv, D, dims = 3, 4, 2, 32, 32
+    hidden, eps, base = 96, 1e-5, 10000.0
+    offs = [0, 37, 300]
+    x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    lins, Wd, bd, qn, kn = _qkv_layers(kind, H, Hkv, D, hidden)
+    q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
+                           999, mlxcy.array(np.array(offs, np.int32)))
+    y = _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn)                # [B, heads, D]
+    tol = block_tol(isa)
+    for b, off in enumerate(offs):
+        qk = rope_np(y[b:b + 1, :H + Hkv], dims, base, 1.0, off)[0]
+        close(f64(q)[b, :, 0], qk[:H], tol)
+        close(f64(k)[b, :, 0], qk[H:], tol)
+        close(f64(v)[b, :, 0], y[b, H + Hkv:], tol)
+    with pytest.raises(ValueError, match="offsets"):
+        ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6, 0,
+                     mlxcy.array(np.array(offs[:2], np.int32)))
+
+
 def test_block_qkv_matches_mlx_rope_and_freqs():
     """Against MLX's own RoPE (mlxcy.fast.rope) with custom periods and scale."""
     from mlxcy import fast
@@ -677,6 +775,32 @@ def test_block_attn_mlp_several_positions_match_numpy(isa, kind):
     gate, up = g[..., :inter], g[..., inter:]
     ref = h + (gate / (1 + np.exp(-gate)) * up) @ Wdn.T
     close(f64(out), ref, block_tol(isa))
+
+
+@pytest.mark.parametrize("kind", ["q4", "float32"])
+def test_block_attn_mlp_with_a_padding_mask_matches_numpy(isa, kind):
+    """A padded batch's decode step: row b hides its first pads[b] cache
+    positions (the left padding) through a boolean mask [B, 1, 1, T]."""
+    B, H, Hkv, T, D = 3, 4, 2, 45, 32
+    hidden, inter, eps, scale = 96, 160, 1e-5, D ** -0.5
+    o, Wo, _ = make_linear(hidden, H * D, kind, 11)
+    g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
+    dn, Wdn, _ = make_linear(hidden, inter, kind, 13)
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, 1, T, D, hidden)
+    m = np.ones((B, 1, 1, T), bool)
+    for b, pad in enumerate((0, 7, 30)):
+        m[b, ..., :pad] = False
+    mask = mlxcy.array(m)
+    out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, [g_], dn, "silu", mask=mask)
+    att = masked_attention_np(q, k, v, scale, mask).transpose(0, 2, 1, 3).reshape(B, 1, H * D)
+    h = f64(x) + att @ Wo.T
+    g = rms_np(h, f64(nw), eps) @ Wgu.T
+    gate, up = g[..., :inter], g[..., inter:]
+    ref = h + (gate / (1 + np.exp(-gate)) * up) @ Wdn.T
+    close(f64(out), ref, block_tol(isa))
+    with pytest.raises(ValueError, match="mask"):
+        ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, [g_], dn, "silu",
+                          mask=mlxcy.array(np.ones((B, 1, 1, T + 1), bool)))
 
 
 def test_block_errors():
@@ -789,6 +913,41 @@ def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
     ids = smollm2.tokenizer.encode("The sea is", add_special_tokens=True)
     model = smollm2.model
     _fused_unfused_mlx_agree(lambda: _decode_logits(model, ids, 8))
+
+
+def test_smollm2_padded_batch_decode_steps_match_unfused_and_mlx(smollm2):
+    """A left-padded batch of three prompts decoded step by step, then a chunk
+    of 4 positions per row (a batched speculative verification); rows at their
+    own RoPE offsets behind a padding mask: the block primitives when fused.
+    Against the same steps unfused and with MLX's own ops."""
+    model = smollm2.model
+    tok = smollm2.tokenizer
+    prompts = [tok.encode(t, add_special_tokens=True)
+               for t in ("The sea is", "Write a story about a dragon who", "1, 2, 3,")]
+    n = max(map(len, prompts))
+    pads = np.array([n - len(p) for p in prompts])
+
+    def run():
+        cache = model.make_cache()
+        ids = [[0] * (n - len(p)) + p for p in prompts]
+        T = n
+        mask = np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
+        out = [f64(model(ids, cache=cache, mask=np.broadcast_to(
+            mask & (np.arange(T)[:, None] >= np.arange(T)[None, :]), (3, 1, T, T)),
+            offsets=-pads))[:, -1]]
+        for _ in range(6):
+            nxt = out[-1].argmax(-1)
+            T += 1
+            mask = np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
+            out.append(f64(model([[int(t)] for t in nxt], cache=cache, mask=mask,
+                                 offsets=T - 1 - pads))[:, -1])
+        chunk = [[int(t), 28, 1123, 30] for t in out[-1].argmax(-1)]
+        mask = np.arange(T + 4)[None, None, None, :] >= pads[:, None, None, None]
+        last = f64(model(chunk, cache=cache, mask=mask, offsets=T - pads))
+        cache.free()
+        return np.concatenate([np.stack(out, 1), last], 1)
+
+    _fused_unfused_mlx_agree(run)
 
 
 # ------------------------------------------------- K-quant GGUFs, repacked ---
