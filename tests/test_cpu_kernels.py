@@ -693,6 +693,38 @@ def test_block_qkv_rows_at_their_own_offsets(isa, kind):
                      mlxcy.array(np.array(offs[:2], np.int32)))
 
 
+@pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
+                                      if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
+def test_block_steps_of_many_rows_equal_their_rows_one_at_a_time(rows_isa):
+    """A step of 20 rows (more than the int16 kernels take in one pass: a
+    large batch, or a batch's verification) gives each row bit for bit what a
+    step of that row alone gives, in the default int16 mode."""
+    B, H, Hkv, D, T, hidden, inter = 20, 4, 2, 32, 9, 96, 160
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, 1, T, D, hidden)
+    lins, _, _, _, _ = _qkv_layers("q4", H, Hkv, D, hidden)
+    o, _, _ = make_linear(hidden, H * D, "q4", 11)
+    g_, _, _ = make_linear(2 * inter, hidden, "q4", 12)
+    dn, _, _ = make_linear(hidden, inter, "q4", 13)
+    offs = mlxcy.array(np.arange(B, dtype=np.int32) + 5)
+    old = ck.activations()
+    ck.set_activations("int16")
+    ck.set_isa(rows_isa)
+    try:
+        together = [f64(a) for a in ck.block_qkv(x, nw, 1e-5, lins, H, Hkv, D, D, offsets=offs)]
+        together.append(f64(ck.block_attn_mlp(q, k, v, x, 0.2, o, nw, 1e-5, [g_], dn)))
+        for b in range(B):
+            r = slice(b, b + 1)
+            alone = [f64(a) for a in ck.block_qkv(x[r], nw, 1e-5, lins, H, Hkv, D, D,
+                                                  offsets=offs[r])]
+            alone.append(f64(ck.block_attn_mlp(q[r], k[r], v[r], x[r], 0.2, o, nw, 1e-5, [g_],
+                                               dn)))
+            for t, a in zip(together, alone):
+                assert np.array_equal(t[r], a), (b, np.abs(t[r] - a).max())
+    finally:
+        ck.set_activations(old)
+        ck.set_isa("avx512vnni")
+
+
 def test_block_qkv_matches_mlx_rope_and_freqs():
     """Against MLX's own RoPE (mlxcy.fast.rope) with custom periods and scale."""
     from mlxcy import fast

@@ -87,6 +87,20 @@ inline bool linear_arg_ok(const LinearArg& a, int in_features, int out_features)
   return true;
 }
 
+// linear_f32 for a step's rows (one or a few positions per sequence of a
+// batch): with int16 products, in runs of at most int16_max_rows() rows, so
+// that every row's result is bit-identical to its one-row product however
+// many rows the step has (a batch's greedy speculative verification accepts
+// exactly what plain decoding would emit); the float GEMM would round
+// differently.  Prompts (the op path) keep linear_f32's choice.
+inline void linear_step(const Weight& W, const float* x, int M, float* y, int64_t ldy) {
+  const int most = int16_product(W) ? int16_max_rows() : M;
+  for (int m0 = 0; m0 < M; m0 += most) {
+    const int n = std::min(most, M - m0);
+    linear_f32(W, x + int64_t(m0) * W.K, n, y + int64_t(m0) * ldy, ldy);
+  }
+}
+
 // v[0..n) rounded to dtype t, as storing to and reloading from an array of t.
 inline void round_to(float* v, size_t n, Elt t) {
   if (t == Elt::F32) return;
@@ -196,9 +210,9 @@ inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::arr
   const int first[3] = {0, p.H, p.H + p.Hkv};
   const int heads[3] = {p.H, p.Hkv, p.Hkv};
   if (p.nparts == 1) {
-    linear_f32(W[0], xn.data(), B, y.data(), N);
+    linear_step(W[0], xn.data(), B, y.data(), N);
   } else {
-    for (int j = 0; j < 3; ++j) linear_f32(W[j], xn.data(), B, y.data() + first[j] * D, N);
+    for (int j = 0; j < 3; ++j) linear_step(W[j], xn.data(), B, y.data() + first[j] * D, N);
   }
   Elt ot[3];
   for (int j = 0; j < 3; ++j) ot[j] = elt_of(p.out_dtype[j]);
@@ -414,7 +428,7 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
     att.swap(rows);
   }
   round_to(att.data(), att.size(), elt_of(p.attn_dtype));
-  linear_f32(Wo, att.data(), B, t.data(), hidden);
+  linear_step(Wo, att.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.o_dtype));
   if (norm_o) {
     rms_norm_rows(t.data(), B, hidden, *norm_o, p.eps_o, t.data());
@@ -428,10 +442,10 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
   round_to(t.data(), t.size(), elt_of(p.mid_dtype));
   // gate into columns [0, I) and up into [I, 2I) of each row of gu
   if (p.gu_parts == 1) {
-    linear_f32(Wg, t.data(), B, gu.data(), 2 * I);
+    linear_step(Wg, t.data(), B, gu.data(), 2 * I);
   } else {
-    linear_f32(Wg, t.data(), B, gu.data(), 2 * I);
-    linear_f32(Wu, t.data(), B, gu.data() + I, 2 * I);
+    linear_step(Wg, t.data(), B, gu.data(), 2 * I);
+    linear_step(Wu, t.data(), B, gu.data() + I, 2 * I);
   }
   for (int b = 0; b < B; ++b) {
     float* g = gu.data() + int64_t(b) * 2 * I;
@@ -441,7 +455,7 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
     act_row(g, u, a.data() + int64_t(b) * I, I, p.act);
   }
   round_to(a.data(), a.size(), elt_of(p.a_dtype));
-  linear_f32(Wd, a.data(), B, t.data(), hidden);
+  linear_step(Wd, a.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.down_dtype));
   if (norm_mlp) {
     rms_norm_rows(t.data(), B, hidden, *norm_mlp, p.eps_mlp, t.data());
