@@ -25,6 +25,10 @@ cdef na.array* cpu_attention(const na.array& q, const na.array& k, const na.arra
 cdef bint use_activation(const na.array& g, const na.array& u) noexcept
 cdef na.array* cpu_activation(const na.array& g, const na.array& u, int act) except NULL
 
+# The most positions per sequence that the kernels treat as a step (include/mlxcy/cpu_quant.h).
+cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
+    const int kStepPositions
+
 # Is the CPU kernels' decode-step path on (enabled, default device the CPU)?
 cdef bint use_block_kernels() noexcept
 

@@ -72,8 +72,12 @@ def activations() -> str: ...
 def has_avx2() -> bool: ...
 def has_vnni() -> bool: ...
 def int16_max_rows() -> int:
-    """Products of at most this many rows of x with 4-, 5- or 8-bit weights take
-    the int16 kernels (int16 mode; AVX2: 11, AVX-512 VNNI: 16); larger ones the float GEMM."""
+    """Products of at most this many rows of x with 4-, 5- or 8-bit weights take the int16
+    kernels in one pass (int16 mode; AVX2: 11, AVX-512 VNNI: 16); larger ones the float GEMM,
+    unless they are a step (see step_positions)."""
+def step_positions() -> int:
+    """Products over at most this many positions per sequence (16) take the int16 kernels
+    at any number of rows, each row equal to its one-row product."""
 
 def set_gemm_min_rows(m: int) -> None: ...
 def linear(

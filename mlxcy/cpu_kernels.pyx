@@ -400,9 +400,18 @@ def has_vnni():
 
 def int16_max_rows():
     """Products of at most this many rows of x with 4-, 5- or 8-bit weights
-    take the int16 kernels (int16 mode, AVX2: 11; AVX-512 VNNI: 16); larger
-    ones the float GEMM."""
+    take the int16 kernels in one pass (int16 mode, AVX2: 11; AVX-512 VNNI:
+    16); larger ones the float GEMM, unless they are a step (see
+    step_positions)."""
     return cpp_int16_max_rows()
+
+
+def step_positions():
+    """Products whose x [..., L, K] has at most this many positions L per
+    sequence (decode steps, speculative verifications, a batch's steps; 16)
+    take the int16 kernels at any number of rows, in passes of at most
+    int16_max_rows(), so each row's result equals its one-row product."""
+    return kStepPositions
 
 
 def set_gemm_min_rows(int m):

@@ -61,14 +61,16 @@ def block_tol(isa):
 
 def expected(x, wq, s, b, gs, bits):
     """x @ W.T as the kernels compute it: exact, except that under the int16
-    mode a product of at most int16_max_rows() rows of x with 4-, 5- or 8-bit
-    weights first rounds x to int16 per block of 32 for the q * scale term
-    (the bias term b * sum(x) uses x itself)."""
+    mode a product of at most int16_max_rows() rows of x, or of at most
+    step_positions() positions per sequence (x [..., L, K]), with 4-, 5- or
+    8-bit weights first rounds x to int16 per block of 32 for the q * scale
+    term (the bias term b * sum(x) uses x itself)."""
     unpack = unpack_np if 32 % bits == 0 else unpack_bits_np
     xf = f64(x)
     rows = int(np.prod(xf.shape[:-1]))
+    positions = xf.shape[-2] if xf.ndim >= 3 else rows
     if not (ck.isa() != "scalar" and ck.activations() == "int16" and bits in (4, 5, 8)
-            and rows <= ck.int16_max_rows()):
+            and (rows <= ck.int16_max_rows() or positions <= ck.step_positions())):
         return xf @ unpack(wq, s, b, gs, bits).T
     zero = mlxcy.array(np.zeros(tuple(s.shape), np.float32)).astype(s.dtype)
     qs = unpack(wq, s, zero, gs, bits)                     # q * scale
@@ -936,6 +938,46 @@ def test_smollm2_verification_logits_equal_one_token_steps(smollm2, rows_isa):
     finally:
         ck.set_activations(old)
         ck.set_isa("avx512vnni")
+    assert np.array_equal(together, one_by_one), np.abs(together - one_by_one).max()
+
+
+def test_smollm2_padded_batch_verification_equals_one_token_steps(smollm2):
+    """The same for a left-padded batch of three rows: a chunk of 9 positions
+    per row (27 rows of x, more than one pass of the int16 kernels takes) gives
+    bit for bit the logits of 9 one-token steps of the batch."""
+    model = smollm2.model
+    tok = smollm2.tokenizer
+    prompts = [tok.encode(t, add_special_tokens=True)
+               for t in ("The sea is", "Write a story about a dragon who", "1, 2, 3,")]
+    n = max(map(len, prompts))
+    pads = np.array([n - len(p) for p in prompts])
+    chunk = np.array([[28, 1123, 30, 314, 2, 77, 1890, 4, 9],
+                      [5, 6, 7, 8, 9, 10, 11, 12, 13],
+                      [600, 42, 11, 28, 30, 2, 4, 77, 9]])
+
+    def padding(T):
+        return np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
+
+    def prefill():
+        cache = model.make_cache()
+        ids = [[0] * (n - len(p)) + p for p in prompts]
+        causal = np.arange(n)[:, None] >= np.arange(n)[None, :]
+        model(ids, cache=cache, mask=np.broadcast_to(padding(n) & causal, (3, 1, n, n)),
+              offsets=-pads)
+        return cache
+
+    old = ck.activations()
+    ck.set_activations("int16")
+    try:
+        c1, c2 = prefill(), prefill()
+        together = f64(model(chunk, cache=c1, mask=padding(n + 9), offsets=n - pads))
+        steps = [f64(model(chunk[:, i:i + 1], cache=c2, mask=padding(n + i + 1),
+                           offsets=n + i - pads))[:, 0] for i in range(9)]
+        c1.free()
+        c2.free()
+    finally:
+        ck.set_activations(old)
+    one_by_one = np.stack(steps, 1)
     assert np.array_equal(together, one_by_one), np.abs(together - one_by_one).max()
 
 

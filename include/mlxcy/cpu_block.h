@@ -87,20 +87,6 @@ inline bool linear_arg_ok(const LinearArg& a, int in_features, int out_features)
   return true;
 }
 
-// linear_f32 for a step's rows (one or a few positions per sequence of a
-// batch): with int16 products, in runs of at most int16_max_rows() rows, so
-// that every row's result is bit-identical to its one-row product however
-// many rows the step has (a batch's greedy speculative verification accepts
-// exactly what plain decoding would emit); the float GEMM would round
-// differently.  Prompts (the op path) keep linear_f32's choice.
-inline void linear_step(const Weight& W, const float* x, int M, float* y, int64_t ldy) {
-  const int most = int16_product(W) ? int16_max_rows() : M;
-  for (int m0 = 0; m0 < M; m0 += most) {
-    const int n = std::min(most, M - m0);
-    linear_f32(W, x + int64_t(m0) * W.K, n, y + int64_t(m0) * ldy, ldy);
-  }
-}
-
 // v[0..n) rounded to dtype t, as storing to and reloading from an array of t.
 inline void round_to(float* v, size_t n, Elt t) {
   if (t == Elt::F32) return;

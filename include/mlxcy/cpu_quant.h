@@ -1101,6 +1101,25 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
   else parallel_rows(N, 6, body, per_thread);
 }
 
+// The most positions per sequence that a product treats as a step (a decode
+// step, a speculative verification, a batch's step or its last positions);
+// models/base.pyx's block primitives take steps of up to this many too.
+constexpr int kStepPositions = 16;
+
+// linear_f32 for a step's rows (at most kStepPositions positions per
+// sequence, any number of sequences): with int16 products, in passes of at
+// most int16_max_rows() rows, so that every row's result is bit-identical to
+// its one-row product however many rows the step has (a batch's greedy
+// speculative verification accepts exactly what plain decoding would emit;
+// the float GEMM would round differently).  Prompts keep linear_f32's choice.
+inline void linear_step(const Weight& W, const float* x, int M, float* y, int64_t ldy) {
+  const int most = int16_product(W) ? int16_max_rows() : M;
+  for (int m0 = 0; m0 < M; m0 += most) {
+    const int n = std::min(most, M - m0);
+    linear_f32(W, x + int64_t(m0) * W.K, n, y + int64_t(m0) * ldy, ldy);
+  }
+}
+
 // ------------------------------------------------- arrays and primitive ---
 
 // Element offset of flat index i of a (strided) array.
@@ -1219,13 +1238,15 @@ inline void linear_eval(const std::vector<mx::array>& in, mx::array& out, int gs
   WeightKeep keep;
   Weight W = bind_weight(in, i, gs, bits, has_bias, keep);
   const int M = int(x.size() / W.K);
+  const int L = x.ndim() >= 3 ? x.shape(-2) : M;   // positions per sequence
+  auto product = L <= kStepPositions ? linear_step : linear_f32;
   std::vector<float> xbuf;
   const float* xf = as_f32(x, xbuf);
   if (out.dtype() == mx::float32) {
-    linear_f32(W, xf, M, out.data<float>(), W.N);
+    product(W, xf, M, out.data<float>(), W.N);
   } else {
     std::vector<float> ybuf(size_t(M) * W.N);
-    linear_f32(W, xf, M, ybuf.data(), W.N);
+    product(W, xf, M, ybuf.data(), W.N);
     store_f32(ybuf.data(), out);
   }
 }

@@ -25,8 +25,8 @@ from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
 from mlxcy.cpu_kernels cimport (use_attention, cpu_attention, use_activation, cpu_activation,
-                                 use_block_kernels, LinearArg, block_qkv_ok, block_qkv_run,
-                                 block_mlp_ok, block_attn_mlp_run)
+                                 use_block_kernels, kStepPositions, LinearArg, block_qkv_ok,
+                                 block_qkv_run, block_mlp_ok, block_attn_mlp_run)
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
@@ -472,23 +472,17 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, const 
     return True
 
 
-# The most new positions per row a block step takes in the block primitives
-# (a speculative step's k + 1 at the engine's default k = 8, with room);
-# longer inputs (prompts) take the op path.
-cdef enum:
-    _BLOCK_MAX_POSITIONS = 16
-
-
 cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
                          const na.array* offsets, bint sandwich, na.array** out) except -1:
     """Block.forward's fast path for CPU steps of one new position per row,
-    or of up to 16 per row over a KVCache (verification of a speculative
-    step), by mlxcy.cpu_kernels' block primitives.  A padded batch's rows
+    or of up to kStepPositions (16) per row over a KVCache (verification of a
+    speculative step: k + 1 at the engine's default k = 8, with room; longer
+    inputs, prompts, take the op path), by mlxcy.cpu_kernels' block primitives.  A padded batch's rows
     (padding mask, per-row offsets) take it over a KVCache without a window."""
     cdef int L = x.shape(1)
     if cache is None:
         return False
-    if L != 1 and (L > _BLOCK_MAX_POSITIONS or type(cache) is not KVCache
+    if L != 1 and (L > kStepPositions or type(cache) is not KVCache
                    or blk.attn.window != 0 or cache.window > 0 or blk.attn.rope.dyn_factor > 0):
         return False
     if (mask != NULL or offsets != NULL) and (type(cache) is not KVCache
