@@ -941,6 +941,48 @@ def test_smollm2_verification_logits_equal_one_token_steps(smollm2, rows_isa):
     assert np.array_equal(together, one_by_one), np.abs(together - one_by_one).max()
 
 
+@pytest.mark.parametrize("caches", ["the model's", "KVCache"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "mistral"])
+def test_sliding_window_padded_batch_steps_match_unfused_and_mlx(tmp_path, model_type, caches):
+    """A padded batch decoding past its sliding window (8 positions; Gemma 3:
+    its sliding layers, Mistral: every layer) through the block primitives,
+    against the same steps unfused and with MLX's ops; over the model's caches
+    (rotating ones for the sliding layers) or a KVCache per layer (the window
+    then a mask)."""
+    pytest.importorskip("transformers")
+    from tiny_models import make_tiny
+    from mlxcy.models.cache import Cache, KVCache
+    from mlxcy.models.load import load_model
+    make_tiny(model_type, tmp_path, tokenizer=False)
+    model = load_model(str(tmp_path))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+    n = max(map(len, prompts))
+    pads = np.array([n - len(p) for p in prompts])
+
+    def padding(T):
+        return np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
+
+    def run():
+        cache = model.make_cache() if caches == "the model's" else \
+            Cache([KVCache() for _ in range(len(model.make_cache()))])
+        ids = [[0] * (n - len(p)) + p for p in prompts]
+        causal = np.arange(n)[:, None] >= np.arange(n)[None, :]
+        out = [f64(model(ids, cache=cache, mask=np.broadcast_to(padding(n) & causal,
+                                                                (3, 1, n, n)),
+                         offsets=-pads))[:, -1]]
+        for T in range(n + 1, n + 15):
+            nxt = out[-1].argmax(-1)
+            out.append(f64(model([[int(t)] for t in nxt], cache=cache, mask=padding(T),
+                                 offsets=T - 1 - pads))[:, -1])
+        cache.free()
+        return np.stack(out, 1)
+
+    try:
+        _fused_unfused_mlx_agree(run)
+    finally:
+        model.close()
+
+
 def test_smollm2_padded_batch_verification_equals_one_token_steps(smollm2):
     """The same for a left-padded batch of three rows: a chunk of 9 positions
     per row (27 rows of x, more than one pass of the int16 kernels takes) gives

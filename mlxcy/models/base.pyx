@@ -453,16 +453,12 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, const 
                   a.n_kv_heads, a.head_dim, rope.dims, base, rope.scale, rope.freqs, qn, kn,
                   qk_eps, offset, offsets)
     cdef int L = x.shape(1)
-    cdef na.array am = x         # placeholder; replaced by build_mask
+    cdef na.array am = x         # placeholder; replaced by _step_mask
     cdef const na.array* mp = NULL
-    cdef cbool causal_mode = False
     cache.update(qkvo[1], qkvo[2], mask != NULL or L > 1)    # (as Attention.core passes it)
     try:
-        if mask != NULL:   # the mask Attention.attend would build (L > 1: with the causal rule)
-            if nnn.build_mask(1 if L > 1 else 0, L, offset, cache.out_k[0].shape(2),
-                              cache.out_start, 0, mask, qkvo[0].dtype(), False, &causal_mode,
-                              &am):
-                mp = &am
+        if mask != NULL and _step_mask(a, cache, L, offset, mask, qkvo[0].dtype(), &am):
+            mp = &am
         out[0] = block_attn_mlp_run(
             qkvo[0], cache.out_k[0], cache.out_v[0], x, a.scale, o, n_o,
             blk.post_attn_norm.eps, n_mid.weight[0], n_mid.eps, gu, dn, n_mlp,
@@ -472,21 +468,37 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, const 
     return True
 
 
+cdef bint _step_mask(Attention a, LayerCache cache, int L, int offset, const na.array* mask,
+                     na.Dtype dt, na.array* out) except -1:
+    """The mask that Attention.core and attend build for a step over the
+    cache's ordered views (after cache.update): the caller's (a batch's
+    padding), with the causal rule for several positions and the layer's or
+    cache's sliding window once the step passes it."""
+    cdef int window = a.window, kind = 0, kstart = cache.out_start
+    cdef cbool causal_mode = False
+    if cache.window > 0 and (window == 0 or cache.window < window):
+        window = cache.window
+    if window > 0 and (offset + L - 1) - kstart >= window:
+        kind = 2
+    elif L > 1:
+        kind = 1
+    return nnn.build_mask(kind, L, offset, cache.out_k[0].shape(2), kstart, window, mask, dt,
+                          False, &causal_mode, out)
+
+
 cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
                          const na.array* offsets, bint sandwich, na.array** out) except -1:
     """Block.forward's fast path for CPU steps of one new position per row,
-    or of up to kStepPositions (16) per row over a KVCache (verification of a
-    speculative step: k + 1 at the engine's default k = 8, with room; longer
-    inputs, prompts, take the op path), by mlxcy.cpu_kernels' block primitives.  A padded batch's rows
-    (padding mask, per-row offsets) take it over a KVCache without a window."""
+    or of up to kStepPositions (16) per row over a KVCache without a window
+    (verification of a speculative step: k + 1 at the engine's default k = 8,
+    with room; longer inputs, prompts, take the op path), by mlxcy.cpu_kernels'
+    block primitives.  A padded batch's rows (padding mask, per-row offsets)
+    take it too."""
     cdef int L = x.shape(1)
     if cache is None:
         return False
     if L != 1 and (L > kStepPositions or type(cache) is not KVCache
                    or blk.attn.window != 0 or cache.window > 0 or blk.attn.rope.dyn_factor > 0):
-        return False
-    if (mask != NULL or offsets != NULL) and (type(cache) is not KVCache
-                                             or blk.attn.window != 0 or cache.window > 0):
         return False
     if type(cache) is not KVCache and type(cache) is not RotatingKVCache:
         return False
