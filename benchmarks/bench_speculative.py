@@ -75,6 +75,28 @@ def run(tm, prompt, chat, max_tokens, **opts):
     return ids, tm.metrics()
 
 
+def batched(tm, a):
+    """The SmolLM2 greedy prompts (quoting summary, poem) as one batch through
+    batch_generate: each row accepts its own number of tokens per step."""
+    texts = [tm.apply_chat_template([{"role": "user", "content": p}])
+             for name, what, p, _ in CASES if name == "smol" and "sampled" not in what]
+    tm.batch_generate(texts, max_tokens=8)                      # warm-up
+    best = {}
+    for _ in range(a.repeats):
+        for mode, opts in (("plain", {}), ("lookup", {"prompt_lookup": a.k})):
+            r = tm.batch_generate(texts, max_tokens=a.max_tokens, **opts)
+            if mode not in best or (r.metrics.decode_tokens_per_second
+                                    > best[mode].metrics.decode_tokens_per_second):
+                best[mode] = r
+    p, lk = best["plain"], best["lookup"]
+    print(f"{'smol':6} {'batch of %d (batch_generate)' % len(texts):26} "
+          f"{p.metrics.decode_tokens_per_second:11.1f} "
+          f"{lk.metrics.decode_tokens_per_second:12.1f} "
+          f"{lk.metrics.decode_tokens_per_second / p.metrics.decode_tokens_per_second:6.2f} "
+          f"{lk.metrics.acceptance_rate:6.0%} {lk.metrics.tokens_per_step:8.2f} "
+          f"{p.token_ids == lk.token_ids} ({sum(map(len, p.token_ids))} tokens)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -112,6 +134,8 @@ def main():
               f"{lm.acceptance_rate:6.0%} {lm.tokens_per_step:8.2f} "
               f"{'n/a' if sampling else pi == li} "
               f"({len(pi)} tokens)", flush=True)
+    if "smol" in loaded:
+        batched(loaded["smol"], a)
     for tm in loaded.values():
         tm.close()
     if not a.draft:
