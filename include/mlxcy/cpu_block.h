@@ -216,7 +216,7 @@ inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::arr
         round_to(r, D, ot[h < p.H ? 0 : 1]);
       }
     }
-    const int seq = offs && offs->shape(0) > 1 ? b / L : 0;   // [1] offsets: every row's
+    const int seq = offs && offs->shape(0) > 1 ? b / L : 0;   // offsets [1]: every sequence's
     const int pos = (offs ? offs->data<int32_t>()[elem_loc(seq, *offs)] : p.offset) + b % L;
     rope_heads(yb, p.H, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, pos);
     rope_heads(yb + p.H * D, p.Hkv, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, pos);
