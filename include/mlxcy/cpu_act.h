@@ -14,11 +14,9 @@
 
 #include <mlx/mlx.h>
 #include <mlx/primitives.h>
-#include <mlx/allocator.h>
-#include <mlx/backend/cpu/encoder.h>
 
 #include "mlxcy/cpu_pool.h"
-#include "mlxcy/cpu_quant.h"   // Elt, load_elt, store_elt, use_avx2, MLXCY_AVX2
+#include "mlxcy/cpu_quant.h"   // as_f32, store_f32, row_stride, cpu_dispatch, use_avx2
 #include "mlxcy/fused.h"       // swiglu_impl, geglu_tanh_impl (the vjp's math)
 
 namespace mlxcy::cpu {
@@ -83,68 +81,31 @@ inline void act_row(const float* g, const float* u, float* out, int n, int act) 
   for (int e = 0; e < n; ++e) out[e] = (act == kSilu ? silu(g[e]) : gelu_tanh(g[e])) * u[e];
 }
 
-// An evaluated array as rows of its last axis: contiguous within a row and
-// `stride` elements between rows (a product's output or a column slice of one).
-struct RowView {
-  int64_t rows = 0, stride = 0;
-};
-
-inline bool row_view(const mx::array& a, RowView* v) {
-  const int nd = a.ndim();
-  if (nd < 1 || a.strides().back() != 1) return false;
-  const int64_t I = a.shape(-1);
-  int64_t rows = 1, stride = nd >= 2 ? a.strides()[nd - 2] : I;
-  for (int d = nd - 2; d >= 0; --d) {   // the leading axes must flatten to one stride
-    if (a.shape(d) != 1 && a.strides()[d] != stride * rows) return false;
-    rows *= a.shape(d);
-  }
-  if (stride < I && rows > 1) return false;
-  v->rows = rows;
-  v->stride = stride;
-  return true;
-}
-
-// Row r of a as float32 in buf (any strides).
-inline void load_row(const mx::array& a, int64_t r, int I, float* buf) {
-  const Elt t = elt_of(a.dtype());
-  const void* p = a.data<void>();
-  for (int e = 0; e < I; ++e) buf[e] = load_elt(p, t, elem_loc(r * I + e, a));
-}
-
 inline void act_eval(const mx::array& g, const mx::array& u, mx::array& out, int act) {
-  RowView vg, vu;
-  const bool rows_g = row_view(g, &vg), rows_u = row_view(u, &vu);
   const int I = g.shape(-1);
-  const int64_t R = int64_t(g.size() / I);
-  const Elt tg = elt_of(g.dtype()), to = elt_of(out.dtype());
-  const bool f32 = tg == Elt::F32 && rows_g && rows_u;
-  const char* gp = g.data<char>();
-  const char* up = u.data<char>();
-  char* op = out.data<char>();
-  const size_t isz = g.itemsize();
+  const int R = int(g.size() / I);
+  int64_t gld = row_stride(g), uld = row_stride(u);
+  std::vector<float> gb, ub, ob;
+  const float* gp;
+  const float* up;
+  if (g.dtype() == mx::float32 && gld >= 0 && uld >= 0) {
+    gp = g.data<float>();   // read in place: a product's output or a column slice of one
+    up = u.data<float>();
+  } else {                  // half types, other strides: contiguous float32 copies
+    gp = as_f32(g, gb);
+    up = as_f32(u, ub);
+    gld = uld = I;
+  }
+  const bool f32 = out.dtype() == mx::float32;
+  if (!f32) ob.resize(size_t(R) * I);
+  float* op = f32 ? out.data<float>() : ob.data();
   auto rows = [&](int r0, int r1) {
-    thread_local std::vector<float> buf;
-    buf.resize(size_t(3) * I);
-    float *gf = buf.data(), *uf = gf + I, *of = uf + I;
-    for (int r = r0; r < r1; ++r) {
-      const void* gr = gp + r * vg.stride * isz;
-      const void* ur = up + r * vu.stride * isz;
-      void* orow = op + int64_t(r) * I * isz;
-      if (f32) {
-        act_row(static_cast<const float*>(gr), static_cast<const float*>(ur),
-                static_cast<float*>(orow), I, act);
-        continue;
-      }
-      if (rows_g) for (int e = 0; e < I; ++e) gf[e] = load_elt(gr, tg, e);
-      else load_row(g, r, I, gf);
-      if (rows_u) for (int e = 0; e < I; ++e) uf[e] = load_elt(ur, tg, e);
-      else load_row(u, r, I, uf);
-      act_row(gf, uf, of, I, act);
-      for (int e = 0; e < I; ++e) store_elt(orow, to, e, of[e]);
-    }
+    for (int r = r0; r < r1; ++r)
+      act_row(gp + r * gld, up + r * uld, op + int64_t(r) * I, I, act);
   };
-  if (R * I < 32768) return rows(0, int(R));   // a pool round trip costs more
-  parallel_rows(int(R), 1, rows, 2);
+  if (int64_t(R) * I < 32768) rows(0, R);   // a pool round trip costs more
+  else parallel_rows(R, 1, rows, 2);
+  if (!f32) store_f32(ob.data(), out);      // one rounding to the output's dtype
 }
 
 class Activation : public mx::UnaryPrimitive {
@@ -152,16 +113,8 @@ class Activation : public mx::UnaryPrimitive {
   Activation(mx::Stream s, int act) : mx::UnaryPrimitive(s), act_(act) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(inputs[0]);
-    enc.set_input_array(inputs[1]);
-    enc.set_output_array(out);
-    enc.dispatch([g = mx::array::unsafe_weak_copy(inputs[0]),
-                  u = mx::array::unsafe_weak_copy(inputs[1]),
-                  out = mx::array::unsafe_weak_copy(out), act = act_]() mutable {
-      act_eval(g, u, out, act);
-    });
+    cpu_dispatch(stream(), inputs, out,
+                 [act = act_](auto& in, mx::array& y) { act_eval(in[0], in[1], y, act); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {

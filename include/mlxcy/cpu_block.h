@@ -240,20 +240,8 @@ class BlockQKV : public mx::Primitive {
   BlockQKV(mx::Stream s, QKVParams p) : mx::Primitive(s), p_(p) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> ins, outs;
-    for (auto& a : inputs) {
-      enc.set_input_array(a);
-      ins.push_back(mx::array::unsafe_weak_copy(a));
-    }
-    for (auto& o : outputs) {
-      o.set_data(mx::allocator::malloc(o.nbytes()));
-      enc.set_output_array(o);
-      outs.push_back(mx::array::unsafe_weak_copy(o));
-    }
-    enc.dispatch([ins = std::move(ins), outs = std::move(outs), p = p_]() mutable {
-      block_qkv_eval(ins, outs, p);
-    });
+    cpu_dispatch(stream(), inputs, outputs,
+                 [p = p_](auto& in, auto& out) { block_qkv_eval(in, out, p); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -456,16 +444,8 @@ class BlockAttnMLP : public mx::UnaryPrimitive {
   BlockAttnMLP(mx::Stream s, AttnMLPParams p) : mx::UnaryPrimitive(s), p_(p) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> ins;
-    for (auto& a : inputs) {
-      enc.set_input_array(a);
-      ins.push_back(mx::array::unsafe_weak_copy(a));
-    }
-    enc.set_output_array(out);
-    enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out),
-                  p = p_]() mutable { block_attn_mlp_eval(ins, out, p); });
+    cpu_dispatch(stream(), inputs, out,
+                 [p = p_](auto& in, mx::array& y) { block_attn_mlp_eval(in, y, p); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {

@@ -1145,11 +1145,22 @@ inline const float* as_f32(const mx::array& a, std::vector<float>& buf) {
   return buf.data();
 }
 
-// A 2-D array's row stride if its last axis is contiguous, else -1.
+// The stride between an array's rows (its last axis) when that axis is
+// contiguous and the leading axes flatten to rows one stride apart (a
+// product's output, a column slice of one), else -1.
 inline int64_t row_stride(const mx::array& a) {
-  if (a.ndim() != 2) return -1;
-  if (a.shape(1) != 1 && a.strides()[1] != 1) return -1;
-  return a.shape(0) == 1 ? a.shape(1) : a.strides()[0];
+  const int nd = a.ndim();
+  if (nd < 1) return -1;
+  const int64_t K = a.shape(nd - 1);
+  if (K != 1 && a.strides()[nd - 1] != 1) return -1;
+  int64_t ld = -1, rows = 1;
+  for (int d = nd - 2; d >= 0; --d) {
+    if (a.shape(d) == 1) continue;
+    if (ld < 0) ld = a.strides()[d];           // the innermost leading axis of several
+    else if (a.strides()[d] != ld * rows) return -1;
+    rows *= a.shape(d);
+  }
+  return ld < 0 ? K : ld;
 }
 
 // A contiguous copy (any dtype) of a strided 2-D array.
@@ -1252,25 +1263,50 @@ inline void linear_eval(const std::vector<mx::array>& in, mx::array& out, int gs
 }
 
 // The MLX primitive: x @ W.T (+ bias), W quantized (bits 2-8) or float (bits 0).
+// A CPU primitive's eval_cpu, as MLX's own CPU kernels run: the outputs
+// allocated, every array registered with stream s's encoder, and f(inputs,
+// outputs) queued on the stream's thread over weak copies (the graph keeps
+// the arrays alive until the task has run).
+template <class F>
+void cpu_dispatch(mx::Stream s, const std::vector<mx::array>& inputs,
+                  std::vector<mx::array>& outputs, F f) {
+  auto& enc = mx::cpu::get_command_encoder(s);
+  std::vector<mx::array> ins, outs;
+  ins.reserve(inputs.size());
+  for (auto& a : inputs) {
+    enc.set_input_array(a);
+    ins.push_back(mx::array::unsafe_weak_copy(a));
+  }
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    enc.set_output_array(o);
+    outs.push_back(mx::array::unsafe_weak_copy(o));
+  }
+  enc.dispatch([ins = std::move(ins), outs = std::move(outs), f = std::move(f)]() mutable {
+    f(ins, outs);
+  });
+}
+
+// The same for a UnaryPrimitive: f(inputs, out).
+template <class F>
+void cpu_dispatch(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out, F f) {
+  std::vector<mx::array> outputs{out};   // a handle: out's data is set through it
+  cpu_dispatch(s, inputs, outputs,
+               [f = std::move(f)](std::vector<mx::array>& in, std::vector<mx::array>& o) mutable {
+                 f(in, o[0]);
+               });
+}
+
 class Linear : public mx::UnaryPrimitive {
  public:
   Linear(mx::Stream s, int group_size, int bits, bool has_bias)
       : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), has_bias_(has_bias) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> ins;
-    ins.reserve(inputs.size());
-    for (auto& a : inputs) {
-      enc.set_input_array(a);
-      ins.push_back(mx::array::unsafe_weak_copy(a));
-    }
-    enc.set_output_array(out);
-    enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), gs = gs_,
-                  bits = bits_, hb = has_bias_]() mutable {
-      linear_eval(ins, out, gs, bits, hb);
-    });
+    cpu_dispatch(stream(), inputs, out,
+                 [gs = gs_, bits = bits_, hb = has_bias_](auto& in, mx::array& y) {
+                   linear_eval(in, y, gs, bits, hb);
+                 });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
