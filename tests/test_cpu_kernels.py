@@ -941,6 +941,36 @@ def test_smollm2_verification_logits_equal_one_token_steps(smollm2, rows_isa):
     assert np.array_equal(together, one_by_one), np.abs(together - one_by_one).max()
 
 
+class _PaddedBatch:
+    """Prompts (lists of ids) as a left-padded batch, as the engine runs one:
+    ids padded with 0, each row's padding hidden by the attention mask and its
+    RoPE positions shifted back by its padding."""
+
+    def __init__(self, prompts):
+        self.n = max(map(len, prompts))
+        self.pads = np.array([self.n - len(p) for p in prompts])
+        self.ids = [[0] * (self.n - len(p)) + p for p in prompts]
+
+    def mask(self, T):
+        """[B, 1, 1, T]: False on each row's padding."""
+        return np.arange(T)[None, None, None, :] >= self.pads[:, None, None, None]
+
+    def prefill(self, model, cache):
+        """The prompts' logits (float64), causal within the padding mask."""
+        n = self.n
+        causal = np.arange(n)[:, None] >= np.arange(n)[None, :]
+        return f64(model(self.ids, cache=cache, offsets=-self.pads,
+                         mask=np.broadcast_to(self.mask(n) & causal, (len(self.ids), 1, n, n))))
+
+    def step(self, model, cache, tokens, T):
+        """Logits (float64) of tokens [B, L] at padded positions T .. T + L - 1."""
+        return f64(model(tokens, cache=cache, mask=self.mask(T + len(tokens[0])),
+                         offsets=T - self.pads))
+
+
+SMOL_BATCH = ("The sea is", "Write a story about a dragon who", "1, 2, 3,")
+
+
 @pytest.mark.parametrize("caches", ["the model's", "KVCache"])
 @pytest.mark.parametrize("model_type", ["gemma3_text", "mistral"])
 def test_sliding_window_padded_batch_steps_match_unfused_and_mlx(tmp_path, model_type, caches):
@@ -955,25 +985,15 @@ def test_sliding_window_padded_batch_steps_match_unfused_and_mlx(tmp_path, model
     from mlxcy.models.load import load_model
     make_tiny(model_type, tmp_path, tokenizer=False)
     model = load_model(str(tmp_path))
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
-    n = max(map(len, prompts))
-    pads = np.array([n - len(p) for p in prompts])
-
-    def padding(T):
-        return np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
+    batch = _PaddedBatch([[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]])
 
     def run():
         cache = model.make_cache() if caches == "the model's" else \
             Cache([KVCache() for _ in range(len(model.make_cache()))])
-        ids = [[0] * (n - len(p)) + p for p in prompts]
-        causal = np.arange(n)[:, None] >= np.arange(n)[None, :]
-        out = [f64(model(ids, cache=cache, mask=np.broadcast_to(padding(n) & causal,
-                                                                (3, 1, n, n)),
-                         offsets=-pads))[:, -1]]
-        for T in range(n + 1, n + 15):
+        out = [batch.prefill(model, cache)[:, -1]]
+        for T in range(batch.n, batch.n + 14):
             nxt = out[-1].argmax(-1)
-            out.append(f64(model([[int(t)] for t in nxt], cache=cache, mask=padding(T),
-                                 offsets=T - 1 - pads))[:, -1])
+            out.append(batch.step(model, cache, [[int(t)] for t in nxt], T)[:, -1])
         cache.free()
         return np.stack(out, 1)
 
@@ -988,33 +1008,19 @@ def test_smollm2_padded_batch_verification_equals_one_token_steps(smollm2):
     per row (27 rows of x, more than one pass of the int16 kernels takes) gives
     bit for bit the logits of 9 one-token steps of the batch."""
     model = smollm2.model
-    tok = smollm2.tokenizer
-    prompts = [tok.encode(t, add_special_tokens=True)
-               for t in ("The sea is", "Write a story about a dragon who", "1, 2, 3,")]
-    n = max(map(len, prompts))
-    pads = np.array([n - len(p) for p in prompts])
+    batch = _PaddedBatch([smollm2.tokenizer.encode(t, add_special_tokens=True)
+                          for t in SMOL_BATCH])
     chunk = np.array([[28, 1123, 30, 314, 2, 77, 1890, 4, 9],
                       [5, 6, 7, 8, 9, 10, 11, 12, 13],
                       [600, 42, 11, 28, 30, 2, 4, 77, 9]])
-
-    def padding(T):
-        return np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
-
-    def prefill():
-        cache = model.make_cache()
-        ids = [[0] * (n - len(p)) + p for p in prompts]
-        causal = np.arange(n)[:, None] >= np.arange(n)[None, :]
-        model(ids, cache=cache, mask=np.broadcast_to(padding(n) & causal, (3, 1, n, n)),
-              offsets=-pads)
-        return cache
-
     old = ck.activations()
     ck.set_activations("int16")
     try:
-        c1, c2 = prefill(), prefill()
-        together = f64(model(chunk, cache=c1, mask=padding(n + 9), offsets=n - pads))
-        steps = [f64(model(chunk[:, i:i + 1], cache=c2, mask=padding(n + i + 1),
-                           offsets=n + i - pads))[:, 0] for i in range(9)]
+        c1, c2 = model.make_cache(), model.make_cache()
+        batch.prefill(model, c1)
+        batch.prefill(model, c2)
+        together = batch.step(model, c1, chunk, batch.n)
+        steps = [batch.step(model, c2, chunk[:, i:i + 1], batch.n + i)[:, 0] for i in range(9)]
         c1.free()
         c2.free()
     finally:
@@ -1037,29 +1043,17 @@ def test_smollm2_padded_batch_decode_steps_match_unfused_and_mlx(smollm2):
     own RoPE offsets behind a padding mask: the block primitives when fused.
     Against the same steps unfused and with MLX's own ops."""
     model = smollm2.model
-    tok = smollm2.tokenizer
-    prompts = [tok.encode(t, add_special_tokens=True)
-               for t in ("The sea is", "Write a story about a dragon who", "1, 2, 3,")]
-    n = max(map(len, prompts))
-    pads = np.array([n - len(p) for p in prompts])
+    batch = _PaddedBatch([smollm2.tokenizer.encode(t, add_special_tokens=True)
+                          for t in SMOL_BATCH])
 
     def run():
         cache = model.make_cache()
-        ids = [[0] * (n - len(p)) + p for p in prompts]
-        T = n
-        mask = np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
-        out = [f64(model(ids, cache=cache, mask=np.broadcast_to(
-            mask & (np.arange(T)[:, None] >= np.arange(T)[None, :]), (3, 1, T, T)),
-            offsets=-pads))[:, -1]]
-        for _ in range(6):
+        out = [batch.prefill(model, cache)[:, -1]]
+        for T in range(batch.n, batch.n + 6):
             nxt = out[-1].argmax(-1)
-            T += 1
-            mask = np.arange(T)[None, None, None, :] >= pads[:, None, None, None]
-            out.append(f64(model([[int(t)] for t in nxt], cache=cache, mask=mask,
-                                 offsets=T - 1 - pads))[:, -1])
+            out.append(batch.step(model, cache, [[int(t)] for t in nxt], T)[:, -1])
         chunk = [[int(t), 28, 1123, 30] for t in out[-1].argmax(-1)]
-        mask = np.arange(T + 4)[None, None, None, :] >= pads[:, None, None, None]
-        last = f64(model(chunk, cache=cache, mask=mask, offsets=T - pads))
+        last = batch.step(model, cache, chunk, batch.n + 6)
         cache.free()
         return np.concatenate([np.stack(out, 1), last], 1)
 
