@@ -37,10 +37,16 @@ def load_all(paths):
     return configs
 '''
 
+# The code edit is asked of an editor that replies with the edited file only
+# (asked as a question, the 0.5B model explains for ~70 tokens before it
+# copies: that measures prose, not copying).
+EDITOR = ("You are a code editor. Reply with the complete edited file in one code block "
+          "and nothing else.")
 CASES = [
     ("qwen", "code edit (copies)",
-     "Rename the function parse_config to read_config everywhere in this file and output "
-     "the whole file:\n\n```python\n" + CODE + "```", True),
+     [{"role": "system", "content": EDITOR},
+      {"role": "user", "content": "Rename the function parse_config to read_config everywhere "
+                                  "in this file:\n\n```python\n" + CODE + "```"}], True),
     ("smol", "quoting summary (copies)",
      "Summarize the report, quoting it.\n\nReport: The bridge on Route 9 will close for repairs "
      "from March 3 to March 17. Drivers should use the detour through Elm Street and Oak "
@@ -62,11 +68,33 @@ CASES += [
 
 
 def run(tm, prompt, chat, max_tokens, **opts):
-    msgs = [{"role": "user", "content": prompt}]
+    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     it = tm.stream_chat(msgs, max_tokens=max_tokens, **opts) if chat else \
         tm.stream(prompt, max_tokens=max_tokens, **opts)
     ids = [t.id for t in it]
     return ids, tm.metrics()
+
+
+def batched(tm, a):
+    """The SmolLM2 greedy prompts (quoting summary, poem) as one batch through
+    batch_generate: each row accepts its own number of tokens per step."""
+    texts = [tm.apply_chat_template([{"role": "user", "content": p}])
+             for name, what, p, _ in CASES if name == "smol" and "sampled" not in what]
+    tm.batch_generate(texts, max_tokens=8)                      # warm-up
+    best = {}
+    for _ in range(a.repeats):
+        for mode, opts in (("plain", {}), ("lookup", {"prompt_lookup": a.k})):
+            r = tm.batch_generate(texts, max_tokens=a.max_tokens, **opts)
+            if mode not in best or (r.metrics.decode_tokens_per_second
+                                    > best[mode].metrics.decode_tokens_per_second):
+                best[mode] = r
+    p, lk = best["plain"], best["lookup"]
+    print(f"{'smol':6} {'batch of %d (batch_generate)' % len(texts):26} "
+          f"{p.metrics.decode_tokens_per_second:11.1f} "
+          f"{lk.metrics.decode_tokens_per_second:12.1f} "
+          f"{lk.metrics.decode_tokens_per_second / p.metrics.decode_tokens_per_second:6.2f} "
+          f"{lk.metrics.acceptance_rate:6.0%} {lk.metrics.tokens_per_step:8.2f} "
+          f"{p.token_ids == lk.token_ids} ({sum(map(len, p.token_ids))} tokens)", flush=True)
 
 
 def main():
@@ -110,6 +138,8 @@ def main():
               f"{lm.acceptance_rate:6.0%} {lm.tokens_per_step:8.2f} "
               f"{'n/a' if sampling else pi == li} "
               f"({len(pi)} tokens)", flush=True)
+    if "smol" in loaded:
+        batched(loaded["smol"], a)
     for tm in loaded.values():
         tm.close()
     if not a.draft:

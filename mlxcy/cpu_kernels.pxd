@@ -21,6 +21,14 @@ cdef bint use_attention(const na.array& q, const na.array& k, const na.array& v,
 cdef na.array* cpu_attention(const na.array& q, const na.array& k, const na.array& v,
                              float scale, bint causal, const na.array* mask) except NULL
 
+# act(gate) * up of the MLP (act 0: SiLU, 1: GELU tanh; include/mlxcy/cpu_act.h).
+cdef bint use_activation(const na.array& g, const na.array& u) noexcept
+cdef na.array* cpu_activation(const na.array& g, const na.array& u, int act) except NULL
+
+# The most positions per sequence that the kernels treat as a step (include/mlxcy/cpu_quant.h).
+cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
+    const int kStepPositions
+
 # Is the CPU kernels' decode-step path on (enabled, default device the CPU)?
 cdef bint use_block_kernels() noexcept
 
@@ -43,12 +51,12 @@ cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
 cdef bint block_qkv_ok(const na.array& x, const na.array& norm_w,
                        const vector[LinearArg]& parts, int H, int Hkv, int D, int rope_dims,
                        const na.array* freqs, const na.array* q_norm,
-                       const na.array* k_norm) noexcept
+                       const na.array* k_norm, const na.array* offsets) noexcept
 cdef int block_qkv_run(vector[na.array]& out, const na.array& x, const na.array& norm_w,
                        float eps, const vector[LinearArg]& parts, int H, int Hkv, int D,
                        int rope_dims, float rope_base, float rope_scale, const na.array* freqs,
                        const na.array* q_norm, const na.array* k_norm, float qk_eps,
-                       int offset) except -1
+                       int offset, const na.array* offsets) except -1
 cdef bint block_mlp_ok(const na.array& x, int HD, const LinearArg& o, const na.array* norm_o,
                        const na.array& norm_mid, const vector[LinearArg]& gate_up,
                        const LinearArg& down, const na.array* norm_mlp) noexcept
@@ -57,4 +65,4 @@ cdef na.array* block_attn_mlp_run(const na.array& q, const na.array& k, const na
                                   const na.array* norm_o, float eps_o, const na.array& norm_mid,
                                   float eps_mid, const vector[LinearArg]& gate_up,
                                   const LinearArg& down, const na.array* norm_mlp,
-                                  float eps_mlp, int act) except NULL
+                                  float eps_mlp, int act, const na.array* mask) except NULL

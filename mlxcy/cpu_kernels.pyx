@@ -13,7 +13,7 @@ LoRA training over quantized layers working.
     set_num_threads(n) / num_threads()   (default: MLXCY_NUM_THREADS,
                                           OMP_NUM_THREADS, else the cores)
     set_enabled(None | True | False)     (None: on when the device is the CPU)
-    set_isa("avx2" | "scalar") / isa()
+    set_isa("avx512vnni" | "avx2" | "scalar") / isa()
 """
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.native cimport array as na
@@ -24,12 +24,12 @@ cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
     bint block_qkv_supported(const na.array& x, const na.array& norm_w,
                              const vector[LinearArg]& parts, int H, int Hkv, int D,
                              int rope_dims, const na.array* freqs, const na.array* q_norm,
-                             const na.array* k_norm)
+                             const na.array* k_norm, const na.array* offsets)
     vector[na.array] cpu_block_qkv "mlxcy::cpu::block_qkv"(
         const na.array& x, const na.array& norm_w, float eps, const vector[LinearArg]& parts,
         int H, int Hkv, int D, int rope_dims, float rope_base, float rope_scale,
         const na.array* freqs, const na.array* q_norm, const na.array* k_norm, float qk_eps,
-        int offset) except +
+        int offset, const na.array* offsets) except +
     bint block_mlp_supported(const na.array& x, int HD, const LinearArg& o,
                              const na.array* norm_o, const na.array& norm_mid,
                              const vector[LinearArg]& gate_up, const LinearArg& down,
@@ -37,12 +37,14 @@ cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
     bint block_attn_mlp_supported(const na.array& q, const na.array& k, const na.array& v,
                                   const na.array& x, const LinearArg& o, const na.array* norm_o,
                                   const na.array& norm_mid, const vector[LinearArg]& gate_up,
-                                  const LinearArg& down, const na.array* norm_mlp)
+                                  const LinearArg& down, const na.array* norm_mlp,
+                                  const na.array* mask)
     na.array cpu_block_attn_mlp "mlxcy::cpu::block_attn_mlp"(
         const na.array& q, const na.array& k, const na.array& v, const na.array& x,
         float attn_scale, const LinearArg& o, const na.array* norm_o, float eps_o,
         const na.array& norm_mid, float eps_mid, const vector[LinearArg]& gate_up,
-        const LinearArg& down, const na.array* norm_mlp, float eps_mlp, int act) except +
+        const LinearArg& down, const na.array* norm_mlp, float eps_mlp, int act,
+        const na.array* mask) except +
 
 cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     bint linear_supported(const na.array& x, const na.array& w, const na.array* scales,
@@ -52,11 +54,13 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
                                              int group_size, int bits,
                                              const na.array* bias) except +
     bint cpu_has_avx2()
+    bint cpu_has_vnni()
     const char* isa_name()
     void set_simd_level(int)
     void cpp_set_activation_mode "mlxcy::cpu::set_activation_mode"(int)
     int& cpp_activation_mode "mlxcy::cpu::activation_mode"()
     void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
+    int cpp_int16_max_rows "mlxcy::cpu::int16_max_rows"()
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
     bint attention_supported(const na.array& q, const na.array& k, const na.array& v)
@@ -64,6 +68,11 @@ cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
     na.array cpp_attention "mlxcy::cpu::attention"(
         const na.array& q, const na.array& k, const na.array& v, float scale,
         bint causal, const na.array* mask) except +
+
+cdef extern from "mlxcy/cpu_act.h" namespace "mlxcy::cpu" nogil:
+    bint act_supported(const na.array& g, const na.array& u)
+    na.array cpp_activation "mlxcy::cpu::activation"(const na.array& g, const na.array& u,
+                                                     int act) except +
 
 cdef extern from "mlxcy/cpu_pool.h" namespace "mlxcy::cpu" nogil:
     cdef cppclass Pool:
@@ -110,6 +119,18 @@ cdef na.array* cpu_attention(const na.array& q, const na.array& k, const na.arra
     return heap(cpp_attention(q, k, v, scale, causal, mask))
 
 
+cdef bint use_activation(const na.array& g, const na.array& u) noexcept:
+    if MODE == 0:
+        return False
+    if MODE < 0 and na.default_device().type != na.cpu:
+        return False
+    return act_supported(g, u)
+
+
+cdef na.array* cpu_activation(const na.array& g, const na.array& u, int act) except NULL:
+    return heap(cpp_activation(g, u, act))
+
+
 # Decode steps of plain pre-norm blocks in two primitives (cpu_block.h).
 cdef bint BLOCKS = True
 
@@ -123,17 +144,18 @@ cdef bint use_block_kernels() noexcept:
 cdef bint block_qkv_ok(const na.array& x, const na.array& norm_w,
                        const vector[LinearArg]& parts, int H, int Hkv, int D, int rope_dims,
                        const na.array* freqs, const na.array* q_norm,
-                       const na.array* k_norm) noexcept:
-    return block_qkv_supported(x, norm_w, parts, H, Hkv, D, rope_dims, freqs, q_norm, k_norm)
+                       const na.array* k_norm, const na.array* offsets) noexcept:
+    return block_qkv_supported(x, norm_w, parts, H, Hkv, D, rope_dims, freqs, q_norm, k_norm,
+                               offsets)
 
 
 cdef int block_qkv_run(vector[na.array]& out, const na.array& x, const na.array& norm_w,
                        float eps, const vector[LinearArg]& parts, int H, int Hkv, int D,
                        int rope_dims, float rope_base, float rope_scale, const na.array* freqs,
                        const na.array* q_norm, const na.array* k_norm, float qk_eps,
-                       int offset) except -1:
+                       int offset, const na.array* offsets) except -1:
     out = cpu_block_qkv(x, norm_w, eps, parts, H, Hkv, D, rope_dims, rope_base, rope_scale,
-                        freqs, q_norm, k_norm, qk_eps, offset)
+                        freqs, q_norm, k_norm, qk_eps, offset, offsets)
     return 0
 
 
@@ -148,9 +170,9 @@ cdef na.array* block_attn_mlp_run(const na.array& q, const na.array& k, const na
                                   const na.array* norm_o, float eps_o, const na.array& norm_mid,
                                   float eps_mid, const vector[LinearArg]& gate_up,
                                   const LinearArg& down, const na.array* norm_mlp,
-                                  float eps_mlp, int act) except NULL:
+                                  float eps_mlp, int act, const na.array* mask) except NULL:
     return heap(cpu_block_attn_mlp(q, k, v, x, attn_scale, o, norm_o, eps_o, norm_mid, eps_mid,
-                                   gate_up, down, norm_mlp, eps_mlp, act))
+                                   gate_up, down, norm_mlp, eps_mlp, act, mask))
 
 
 cdef LinearArg _linear_arg(Array w, Array scales, Array biases, Array bias, int gs,
@@ -184,37 +206,44 @@ cdef const na.array* _opt(Array a):
 
 def block_qkv(Array x, Array norm_w, float eps, parts, int H, int Hkv, int D, int rope_dims,
               float rope_base=10000.0, float rope_scale=1.0, Array freqs=None,
-              Array q_norm=None, Array k_norm=None, float qk_eps=1e-6, int offset=0):
+              Array q_norm=None, Array k_norm=None, float qk_eps=1e-6, int offset=0,
+              Array offsets=None):
     """One decode step's RMSNorm -> q/k/v products -> (per-head q/k RMSNorm) ->
     RoPE of a pre-norm block, as one primitive: x [B, 1, hidden]; parts: a list
     of one fused q/k/v layer or of the q, k and v layers, each (weight, scales,
     biases, bias, group_size, bits) with None for what is absent; returns
     (q [B, H, 1, D], k [B, Hkv, 1, D], v [B, Hkv, 1, D]), q and k rotated at
-    position `offset` (MLX's non-traditional RoPE)."""
+    position `offset`, or row b at offsets[b] (int32 [B]: a batch's rows at
+    their own positions), as MLX's non-traditional RoPE."""
     cdef vector[LinearArg] ps = _parts(list(parts))
     cdef const na.array* fp = _opt(freqs)
     cdef const na.array* qn = _opt(q_norm)
     cdef const na.array* kn = _opt(k_norm)
+    cdef const na.array* op = _opt(offsets)
     if not block_qkv_supported(handle(x)[0], handle(norm_w)[0], ps, H, Hkv, D, rope_dims, fp,
-                               qn, kn):
+                               qn, kn, op):
         raise ValueError(f"block_qkv: unsupported shapes or dtypes: x {tuple(x.shape)} "
                          f"{x.dtype}, norm {tuple(norm_w.shape)}, {len(parts)} part(s), "
-                         f"H {H}, Hkv {Hkv}, D {D}, rope_dims {rope_dims}")
+                         f"H {H}, Hkv {Hkv}, D {D}, rope_dims {rope_dims}"
+                         + ("" if offsets is None else
+                            f", offsets {tuple(offsets.shape)} {offsets.dtype}"))
     cdef vector[na.array] r = cpu_block_qkv(handle(x)[0], handle(norm_w)[0], eps, ps, H, Hkv, D,
                                             rope_dims, rope_base, rope_scale, fp, qn, kn, qk_eps,
-                                            offset)
+                                            offset, op)
     return wrap(heap(r[0])), wrap(heap(r[1])), wrap(heap(r[2]))
 
 
 def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Array norm_mid,
                    float eps, gate_up, down, str act="silu", Array norm_o=None,
-                   Array norm_mlp=None):
+                   Array norm_mlp=None, Array mask=None):
     """The rest of a pre-norm block's decode step as one primitive: attention of
     q [B, H, 1, D] over k, v [B, Hkv, T, D] -> o_proj (-> norm_o) -> h = x + that
     -> RMSNorm(norm_mid) -> gate/up -> act(gate) * up -> down (-> norm_mlp) ->
     h + that: [B, 1, hidden].  o, down: (weight, scales, biases, bias,
     group_size, bits); gate_up: a list of one fused layer or of gate and up.
-    norm_o / norm_mlp: Gemma's sandwich norms (same eps)."""
+    norm_o / norm_mlp: Gemma's sandwich norms (same eps).  mask: the
+    attention's (a batch's padding), boolean or additive, broadcast to
+    [B, H, L, T]."""
     if act not in ("silu", "gelu_tanh"):
         raise ValueError(f"block_attn_mlp: act must be 'silu' or 'gelu_tanh', got {act!r}")
     cdef LinearArg ao = _linear_arg(o[0], o[1], o[2], o[3], o[4], o[5])
@@ -222,13 +251,15 @@ def block_attn_mlp(Array q, Array k, Array v, Array x, float attn_scale, o, Arra
     cdef LinearArg ad = _linear_arg(down[0], down[1], down[2], down[3], down[4], down[5])
     cdef const na.array* no = _opt(norm_o)
     cdef const na.array* nm = _opt(norm_mlp)
+    cdef const na.array* mp = _opt(mask)
     if not block_attn_mlp_supported(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0], ao,
-                                    no, handle(norm_mid)[0], gu, ad, nm):
+                                    no, handle(norm_mid)[0], gu, ad, nm, mp):
         raise ValueError(f"block_attn_mlp: unsupported shapes or dtypes: q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}")
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, x {tuple(x.shape)}"
+                         + ("" if mask is None else f", mask {tuple(mask.shape)} {mask.dtype}"))
     return wrap(heap(cpu_block_attn_mlp(handle(q)[0], handle(k)[0], handle(v)[0], handle(x)[0],
                                         attn_scale, ao, no, eps, handle(norm_mid)[0], eps, gu,
-                                        ad, nm, eps, 0 if act == "silu" else 1)))
+                                        ad, nm, eps, 0 if act == "silu" else 1, mp)))
 
 
 def attention(Array q, Array k, Array v, float scale, bint causal=False, Array mask=None):
@@ -248,6 +279,17 @@ def attention(Array q, Array k, Array v, float scale, bint causal=False, Array m
                              f"{(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}")
     return wrap(heap(cpp_attention(handle(q)[0], handle(k)[0], handle(v)[0], scale, causal,
                                    mp)))
+
+
+def activation(Array g, Array u, str act="silu"):
+    """act(g) * u, the MLP's activation-times-up product: act "silu" (SwiGLU)
+    or "gelu_tanh" (Gemma's GeGLU); g and u of one shape and float dtype."""
+    if act not in ("silu", "gelu_tanh"):
+        raise ValueError(f"activation: act must be 'silu' or 'gelu_tanh', got {act!r}")
+    if not act_supported(handle(g)[0], handle(u)[0]):
+        raise ValueError(f"activation: need g and u of one shape and float dtype, got "
+                         f"{tuple(g.shape)} {g.dtype} and {tuple(u.shape)} {u.dtype}")
+    return wrap(heap(cpp_activation(handle(g)[0], handle(u)[0], 0 if act == "silu" else 1)))
 
 
 def set_enabled(mode):
@@ -292,16 +334,22 @@ def cores():
     return available_cores()
 
 
+ISAS = ("scalar", "avx2", "avx512vnni")
+
+
 def set_isa(str name):
-    """'avx2' (the default, when the CPU has AVX2+FMA+F16C) or 'scalar' (the
-    portable code: for tests and A/B runs)."""
-    if name not in ("avx2", "scalar"):
-        raise ValueError(f"set_isa: expected 'avx2' or 'scalar', got {name!r}")
-    set_simd_level(1 if name == "avx2" else 0)
+    """The most the kernels may use: 'avx512vnni' (the default: AVX2+FMA, and
+    AVX-512 VNNI for the int16 products of several rows of x), 'avx2' or
+    'scalar' (the portable code: for tests and A/B runs).  The CPU's own
+    limits apply on top (isa() says what runs)."""
+    if name not in ISAS:
+        raise ValueError(f"set_isa: expected one of {', '.join(ISAS)}, got {name!r}")
+    set_simd_level(ISAS.index(name))
 
 
 def isa():
-    """The instruction set the kernels run with now: 'avx2+fma' or 'scalar'."""
+    """The instruction set the kernels run with now: 'avx512vnni', 'avx2+fma'
+    or 'scalar'."""
     return isa_name().decode()
 
 
@@ -343,6 +391,27 @@ _activations_from_env()
 
 def has_avx2():
     return cpu_has_avx2()
+
+
+def has_vnni():
+    """AVX-512 VNNI with 256-bit forms (and the OS saves its registers)."""
+    return cpu_has_vnni()
+
+
+def int16_max_rows():
+    """Products of at most this many rows of x with 4-, 5- or 8-bit weights
+    take the int16 kernels in one pass (int16 mode, AVX2: 11; AVX-512 VNNI:
+    16); larger ones the float GEMM, unless they are a step (see
+    step_positions)."""
+    return cpp_int16_max_rows()
+
+
+def step_positions():
+    """Products whose x [..., L, K] has at most this many positions L per
+    sequence (decode steps, speculative verifications, a batch's steps; 16)
+    take the int16 kernels at any number of rows, in passes of at most
+    int16_max_rows(), so each row's result equals its one-row product."""
+    return kStepPositions
 
 
 def set_gemm_min_rows(int m):

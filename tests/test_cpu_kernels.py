@@ -10,17 +10,20 @@ from mlxcy import cpu_kernels as ck
 from mlxcy import nn
 
 RNG = np.random.default_rng(1234)
-# "avx2": float32 activations (exact); "avx2-int16": the default, one row of x
-# meeting 4/5/8-bit weights rounded to int16 per block of 32 (see `expected`)
-ISAS = ["scalar"] + (["avx2", "avx2-int16"] if ck.has_avx2() else [])
+# "avx2": float32 activations (exact); "avx2-int16": the default, rows of x
+# meeting 4/5/8-bit weights rounded to int16 per block of 32 (see `expected`);
+# "vnni-int16": the same with AVX-512 VNNI for several rows of x
+ISAS = ["scalar"] + (["avx2", "avx2-int16"] if ck.has_avx2() else []) + (
+    ["vnni-int16"] if ck.has_vnni() else [])
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    ck.set_isa("scalar" if request.param == "scalar" else "avx2")
-    old = ck.set_activations("int16" if request.param == "avx2-int16" else "float32")
-    yield request.param
-    ck.set_isa("avx2")
+    p = request.param
+    ck.set_isa("scalar" if p == "scalar" else "avx512vnni" if p.startswith("vnni") else "avx2")
+    old = ck.set_activations("int16" if p.endswith("int16") else "float32")
+    yield p
+    ck.set_isa("avx512vnni")
     ck.set_activations(old)
 
 
@@ -53,19 +56,21 @@ def round_i16(x, bits):
 def block_tol(isa):
     """The block primitives against float64 numpy: float32 math, or (the
     int16 mode) every 4/5/8-bit product's x rounded to int16 per block of 32."""
-    return 3e-4 if isa == "avx2-int16" else 1e-5
+    return 3e-4 if isa.endswith("int16") else 1e-5
 
 
 def expected(x, wq, s, b, gs, bits):
     """x @ W.T as the kernels compute it: exact, except that under the int16
-    mode a product of fewer than 4 rows of x (a matvec) with 4-, 5- or 8-bit
-    weights first rounds x to int16 per block of 32 for the q * scale term
-    (the bias term b * sum(x) uses x itself)."""
+    mode a product of at most int16_max_rows() rows of x, or of at most
+    step_positions() positions per sequence (x [..., L, K]), with 4-, 5- or
+    8-bit weights first rounds x to int16 per block of 32 for the q * scale
+    term (the bias term b * sum(x) uses x itself)."""
     unpack = unpack_np if 32 % bits == 0 else unpack_bits_np
     xf = f64(x)
     rows = int(np.prod(xf.shape[:-1]))
-    if not (ck.isa() == "avx2+fma" and ck.activations() == "int16" and bits in (4, 5, 8)
-            and rows < 4):
+    positions = xf.shape[-2] if xf.ndim >= 3 else rows
+    if not (ck.isa() != "scalar" and ck.activations() == "int16" and bits in (4, 5, 8)
+            and (rows <= ck.int16_max_rows() or positions <= ck.step_positions())):
         return xf @ unpack(wq, s, b, gs, bits).T
     zero = mlxcy.array(np.zeros(tuple(s.shape), np.float32)).astype(s.dtype)
     qs = unpack(wq, s, zero, gs, bits)                     # q * scale
@@ -249,16 +254,20 @@ def smollm2():
 def test_smollm2_logits_and_greedy_ids_match_mlx_path(smollm2):
     ids = smollm2.tokenizer.encode("The capital of France is", add_special_tokens=True)
     model = smollm2.model
-    old = ck.set_enabled(False)
+    old = ck.set_enabled(False), ck.activations()
     try:
         ref = f64(model(ids))
         ref_ids = [t.id for t in smollm2.stream_ids(ids, max_tokens=12)]
         ck.set_enabled(True)
-        out = f64(model(ids))
+        out = f64(model(ids))           # 6 positions: int16 products (the default)
         out_ids = [t.id for t in smollm2.stream_ids(ids, max_tokens=12)]
+        ck.set_activations("float32")
+        exact = f64(model(ids))
     finally:
-        ck.set_enabled(old)
-    close(out, ref, 1e-4)
+        ck.set_enabled(old[0])
+        ck.set_activations(old[1])
+    close(exact, ref, 1e-4)
+    close(out, ref, 1e-3)
     assert out_ids == ref_ids
 
 
@@ -370,6 +379,80 @@ def test_attention_refuses_more_queries_than_keys():
         ck.attention(q, k, k, 1.0, True)
 
 
+def act_np(g, u, act):
+    """numpy's act(g) * u in float64 (SiLU, or GELU with the tanh approximation)."""
+    g, u = f64(g), f64(u)
+    if act == "silu":
+        return g / (1 + np.exp(-g)) * u
+    return 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 3, 37), (1, 130, 1536), (4, 64)])
+def test_activation_matches_numpy(isa, act, dtype, shape):
+    dt = getattr(mlxcy, dtype)
+    g = RNG.standard_normal(shape).astype(np.float32) * 4
+    g.flat[:4] = [-100.0, 100.0, 0.0, -30.0][:g.size]   # e^x's clamps and zero
+    g = mlxcy.array(g).astype(dt)
+    u = mlxcy.array(RNG.standard_normal(shape).astype(np.float32)).astype(dt)
+    y = ck.activation(g, u, act)
+    assert y.dtype == dt and tuple(y.shape) == shape
+    r = act_np(g, u, act)
+    # float32: within a few ulp of float64's value; half types: one rounding.
+    # GELU's 1 + tanh(z) cancels for very negative g: float32's absolute error
+    # there is an ulp of 1 times |g u| / 2.
+    rel = 2e-6 if dtype == "float32" else 1e-2
+    tiny = 6e-8 if dtype == "float16" else 0.0     # float16's subnormals
+    assert np.all(np.abs(f64(y) - r) <= rel * np.abs(r) + 2e-7 * np.abs(f64(g) * f64(u)) + tiny)
+
+
+@pytest.mark.parametrize("layout", ["column slices", "transposed"])
+def test_activation_reads_strided_operands(layout):
+    """g and u as the two halves of a fused gate/up product's output (rows
+    2 x 19 apart), or transposed (no contiguous axis)."""
+    if layout == "column slices":
+        gu = mlxcy.array(RNG.standard_normal((2, 3, 2 * 19)).astype(np.float32))
+        g, u = gu[:, :, :19], gu[:, :, 19:]
+    else:
+        g = mlxcy.array(RNG.standard_normal((19, 6)).astype(np.float32)).T
+        u = mlxcy.array(RNG.standard_normal((19, 6)).astype(np.float32)).T
+    r = act_np(g, u, "silu")
+    assert np.all(np.abs(f64(ck.activation(g, u, "silu")) - r) <= 2e-6 * np.abs(r))
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_activation_grad_matches_mlx_ops(act):
+    from mlxcy import nn as mnn
+    from mlxcy.transforms import grad
+    g = mlxcy.array(RNG.standard_normal((2, 5, 24)).astype(np.float32))
+    u = mlxcy.array(RNG.standard_normal((2, 5, 24)).astype(np.float32))
+    c = mlxcy.array(RNG.standard_normal((2, 5, 24)).astype(np.float32))
+
+    def ours(g, u):
+        return (ck.activation(g, u, act) * c).sum()
+
+    def theirs(g, u):
+        if act == "silu":
+            a = g * mlxcy.sigmoid(g)
+        else:
+            a = 0.5 * g * (1 + mlxcy.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g * g * g)))
+        return (a * u * c).sum()
+
+    for a, r in zip(grad(ours, argnums=(0, 1))(g, u), grad(theirs, argnums=(0, 1))(g, u)):
+        close(f64(a), f64(r), 1e-5)
+
+
+def test_activation_refuses_bad_operands():
+    g = mlxcy.zeros((2, 8))
+    with pytest.raises(ValueError, match="act must be"):
+        ck.activation(g, g, "relu")
+    with pytest.raises(ValueError, match="one shape and float dtype"):
+        ck.activation(g, mlxcy.zeros((2, 7)))
+    with pytest.raises(ValueError, match="one shape and float dtype"):
+        ck.activation(g, mlxcy.zeros((2, 8), dtype=mlxcy.int32))
+
+
 @pytest.mark.parametrize("L,causal", [(1, False), (6, True), (9, False)])
 def test_attention_grad_matches_mlx_ops(L, causal):
     from mlxcy import fast
@@ -451,6 +534,43 @@ def test_last_row_of_odd_widths_reads_no_further():
             ck.set_activations(old)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("sdtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
+                                      if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
+def test_several_rows_equal_one_row_at_a_time(bits, gs, sdtype, rows_isa):
+    """The int16 products of 2 to int16_max_rows() rows of x (a speculative
+    step's verification, a small batch) share each pass over the weights
+    between rows (AVX2: two rows a pass; AVX-512 VNNI: four), yet every
+    row's y is bit-identical to that row's product alone, so verification
+    sees the logits plain decoding would.  K = 416: 13 blocks (a half pair
+    of 4-bit blocks at the end); N odd; the array's last row included.
+    numpy checks the values themselves (expected())."""
+    old = ck.set_activations("int16")
+    ck.set_isa(rows_isa)
+    try:
+        dt = getattr(mlxcy, sdtype)
+        K = 416 if gs == 32 else gs * 5
+        N = 37
+        W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
+        wq, s, b = nn.quantize(W, gs, bits)
+        s, b = s.astype(dt), b.astype(dt)
+        bias = mlxcy.array(RNG.standard_normal(N).astype(np.float32))
+        for M in range(2, ck.int16_max_rows() + 1):
+            xn = RNG.standard_normal((M, K)).astype(np.float32)
+            y = np.asarray(ck.linear(mlxcy.array(xn), wq, s, b, gs, bits, bias=bias))
+            one = np.concatenate([np.asarray(ck.linear(mlxcy.array(xn[i:i + 1]), wq, s, b, gs,
+                                                       bits, bias=bias)) for i in range(M)])
+            assert np.array_equal(y, one), f"M = {M}: rows differ from one-row products"
+            if M in (2, ck.int16_max_rows()):
+                close(y.astype(np.float64),
+                      expected(mlxcy.array(xn), wq, s, b, gs, bits) + f64(bias), 2e-6)
+    finally:
+        ck.set_activations(old)
+        ck.set_isa("avx512vnni")
+
+
 # ------------------------------------------------------ block primitives ---
 
 def rms_np(x, w, eps):
@@ -485,6 +605,30 @@ def make_linear(N, K, kind, seed, bias=False):
     return (wq, s, b, bv, 32, bits), unpack_bits_np(wq, s, b, 32, bits), (f64(bv) if bias else 0.0)
 
 
+def _qkv_layers(kind, H, Hkv, D, hidden):
+    """(operands, float64 weight, bias, q_norm, k_norm) of one fused q/k/v layer,
+    or (split) separate q (5-bit), k (8-bit) and v (float) layers, as in the
+    Q4_K_M GGUFs, with per-head q/k norms."""
+    if kind != "split":
+        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
+        return [lin], Wd, bd, None, None
+    parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
+             for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
+    qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+    kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
+    return ([p_[0] for p_ in parts], np.concatenate([p_[1] for p_ in parts]),
+            np.concatenate([p_[2] for p_ in parts]), qn, kn)
+
+
+def _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn):
+    """numpy's q/k/v heads of every row of x (before RoPE), [rows, heads, D]."""
+    y = (rms_np(f64(x), f64(nw), eps) @ Wd.T + bd).reshape(-1, H + 2 * Hkv, D)
+    if qn is not None:
+        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
+        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    return y
+
+
 @pytest.mark.parametrize("kind", ["q4", "q5", "float32", "split"])
 @pytest.mark.parametrize("B,H,Hkv,D,dims,offset", [(1, 9, 3, 64, 64, 0), (1, 4, 2, 32, 32, 37),
                                                     (2, 6, 6, 16, 8, 300)])
@@ -494,26 +638,11 @@ def test_block_qkv_matches_numpy(isa, kind, B, H, Hkv, D, dims, offset):
     hidden, eps, base = 96, 1e-5, 10000.0
     x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
     nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    qn = kn = None
-    if kind == "split":
-        parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
-                 for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
-        lins = [p_[0] for p_ in parts]
-        Wd = np.concatenate([p_[1] for p_ in parts])
-        bd = np.concatenate([p_[2] for p_ in parts])
-        qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-        kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-    else:
-        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
-        lins = [lin]
+    lins, Wd, bd, qn, kn = _qkv_layers(kind, H, Hkv, D, hidden)
     q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
                            offset)
     assert tuple(q.shape) == (B, H, 1, D) and tuple(k.shape) == (B, Hkv, 1, D)
-    y = rms_np(f64(x), f64(nw), eps) @ Wd.T + bd                     # [B, 1, N]
-    y = y.reshape(B, H + 2 * Hkv, D)
-    if qn is not None:
-        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
-        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    y = _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn)                # [B, heads, D]
     qk = rope_np(y[:, :H + Hkv], dims, base, 1.0, offset)
     tol = block_tol(isa)
     close(f64(q)[:, :, 0], qk[:, :H], tol)
@@ -529,31 +658,73 @@ def test_block_qkv_several_positions_match_numpy(isa, kind):
     hidden, eps, base = 96, 1e-5, 10000.0
     x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
     nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    qn = kn = None
-    if kind == "split":
-        parts = [make_linear(n * D, hidden, k_, 7 + i, bias=True)
-                 for i, (n, k_) in enumerate(((H, "q5"), (Hkv, "q8"), (Hkv, "float32")))]
-        lins = [p_[0] for p_ in parts]
-        Wd = np.concatenate([p_[1] for p_ in parts])
-        bd = np.concatenate([p_[2] for p_ in parts])
-        qn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-        kn = mlxcy.array(RNG.uniform(0.5, 1.5, D).astype(np.float32))
-    else:
-        lin, Wd, bd = make_linear((H + 2 * Hkv) * D, hidden, kind, 7, bias=True)
-        lins = [lin]
+    lins, Wd, bd, qn, kn = _qkv_layers(kind, H, Hkv, D, hidden)
     q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
                            offset)
     assert tuple(q.shape) == (B, H, L, D) and tuple(v.shape) == (B, Hkv, L, D)
-    y = (rms_np(f64(x), f64(nw), eps) @ Wd.T + bd).reshape(L, H + 2 * Hkv, D)
-    if qn is not None:
-        y[:, :H] = rms_np(y[:, :H], f64(qn), 1e-6)
-        y[:, H:H + Hkv] = rms_np(y[:, H:H + Hkv], f64(kn), 1e-6)
+    y = _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn)                # [L, heads, D]
     tol = block_tol(isa)
     for i in range(L):
         qk = rope_np(y[i, :H + Hkv], dims, base, 1.0, offset + i)
         close(f64(q)[0, :, i], qk[:H], tol)
         close(f64(k)[0, :, i], qk[H:], tol)
         close(f64(v)[0, :, i], y[i, H + Hkv:], tol)
+
+
+@pytest.mark.parametrize("kind", ["q4", "split"])
+def test_block_qkv_rows_at_their_own_offsets(isa, kind):
+    """A batch's rows at their own positions (offsets [B] int32, as a padded
+    batch's RoPE takes them): row b rotated at offsets[b]."""
+    B, H, Hkv, D, dims = 3, 4, 2, 32, 32
+    hidden, eps, base = 96, 1e-5, 10000.0
+    offs = [0, 37, 300]
+    x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    lins, Wd, bd, qn, kn = _qkv_layers(kind, H, Hkv, D, hidden)
+    q, k, v = ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6,
+                           999, mlxcy.array(np.array(offs, np.int32)))
+    y = _qkv_np(x, nw, eps, Wd, bd, H, Hkv, D, qn, kn)                # [B, heads, D]
+    tol = block_tol(isa)
+    for b, off in enumerate(offs):
+        qk = rope_np(y[b:b + 1, :H + Hkv], dims, base, 1.0, off)[0]
+        close(f64(q)[b, :, 0], qk[:H], tol)
+        close(f64(k)[b, :, 0], qk[H:], tol)
+        close(f64(v)[b, :, 0], y[b, H + Hkv:], tol)
+    with pytest.raises(ValueError, match="offsets"):
+        ck.block_qkv(x, nw, eps, lins, H, Hkv, D, dims, base, 1.0, None, qn, kn, 1e-6, 0,
+                     mlxcy.array(np.array(offs[:2], np.int32)))
+
+
+@pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
+                                      if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
+def test_block_steps_of_many_rows_equal_their_rows_one_at_a_time(rows_isa):
+    """A step of 20 rows (more than the int16 kernels take in one pass: a
+    large batch, or a batch's verification) gives each row bit for bit what a
+    step of that row alone gives, in the default int16 mode."""
+    B, H, Hkv, D, T, hidden, inter = 20, 4, 2, 32, 9, 96, 160
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, 1, T, D, hidden)
+    lins, _, _, _, _ = _qkv_layers("q4", H, Hkv, D, hidden)
+    o, _, _ = make_linear(hidden, H * D, "q4", 11)
+    g_, _, _ = make_linear(2 * inter, hidden, "q4", 12)
+    dn, _, _ = make_linear(hidden, inter, "q4", 13)
+    offs = mlxcy.array(np.arange(B, dtype=np.int32) + 5)
+    old = ck.activations()
+    ck.set_activations("int16")
+    ck.set_isa(rows_isa)
+    try:
+        together = [f64(a) for a in ck.block_qkv(x, nw, 1e-5, lins, H, Hkv, D, D, offsets=offs)]
+        together.append(f64(ck.block_attn_mlp(q, k, v, x, 0.2, o, nw, 1e-5, [g_], dn)))
+        for b in range(B):
+            r = slice(b, b + 1)
+            alone = [f64(a) for a in ck.block_qkv(x[r], nw, 1e-5, lins, H, Hkv, D, D,
+                                                  offsets=offs[r])]
+            alone.append(f64(ck.block_attn_mlp(q[r], k[r], v[r], x[r], 0.2, o, nw, 1e-5, [g_],
+                                               dn)))
+            for t, a in zip(together, alone):
+                assert np.array_equal(t[r], a), (b, np.abs(t[r] - a).max())
+    finally:
+        ck.set_activations(old)
+        ck.set_isa("avx512vnni")
 
 
 def test_block_qkv_matches_mlx_rope_and_freqs():
@@ -571,6 +742,17 @@ def test_block_qkv_matches_mlx_rope_and_freqs():
                   freqs=freqs)
     close(f64(q), f64(r[:, :H]), 1e-5)
     close(f64(k), f64(r[:, H:]), 1e-5)
+
+
+def _attn_mlp_inputs(B, H, Hkv, L, T, D, hidden):
+    """BlockAttnMLP's activations: x [B, L, hidden], the norm weight, q [B, H,
+    L, D] and k, v as views of the first T positions of longer cache buffers."""
+    x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
+    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
+    q = mlxcy.array(RNG.standard_normal((B, H, L, D)).astype(np.float32))
+    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
+    return x, nw, q, kb[:, :, :T], vb[:, :, :T]
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8", "bfloat16", "gemma"])
@@ -592,12 +774,7 @@ def test_block_attn_mlp_matches_numpy(isa, kind, act, B, H, Hkv, T, D):
         g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
         gu, no, nm = [g_], None, None
     dn, Wdn, _ = make_linear(hidden, inter, "q8" if sandwich else kind, 13)
-    x = mlxcy.array(RNG.standard_normal((B, 1, hidden)).astype(np.float32))
-    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    q = mlxcy.array(RNG.standard_normal((B, H, 1, D)).astype(np.float32))
-    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    k, v = kb[:, :, :T], vb[:, :, :T]                        # the cache's views
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, 1, T, D, hidden)
     out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, gu, dn, act, norm_o=no, norm_mlp=nm)
     assert tuple(out.shape) == (B, 1, hidden)
     att = attention_np(q, k, v, scale).transpose(0, 2, 1, 3).reshape(B, 1, H * D)
@@ -623,12 +800,7 @@ def test_block_attn_mlp_several_positions_match_numpy(isa, kind):
     o, Wo, _ = make_linear(hidden, H * D, kind, 11)
     g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
     dn, Wdn, _ = make_linear(hidden, inter, kind, 13)
-    x = mlxcy.array(RNG.standard_normal((B, L, hidden)).astype(np.float32))
-    nw = mlxcy.array(RNG.uniform(0.5, 1.5, hidden).astype(np.float32))
-    q = mlxcy.array(RNG.standard_normal((B, H, L, D)).astype(np.float32))
-    kb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    vb = mlxcy.array(RNG.standard_normal((B, Hkv, T + 3, D)).astype(np.float32))
-    k, v = kb[:, :, :T], vb[:, :, :T]                        # the cache's views
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, L, T, D, hidden)
     out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, [g_], dn, "silu")
     assert tuple(out.shape) == (B, L, hidden)
     att = attention_np(q, k, v, scale, causal=True).transpose(0, 2, 1, 3).reshape(B, L, H * D)
@@ -637,6 +809,32 @@ def test_block_attn_mlp_several_positions_match_numpy(isa, kind):
     gate, up = g[..., :inter], g[..., inter:]
     ref = h + (gate / (1 + np.exp(-gate)) * up) @ Wdn.T
     close(f64(out), ref, block_tol(isa))
+
+
+@pytest.mark.parametrize("kind", ["q4", "float32"])
+def test_block_attn_mlp_with_a_padding_mask_matches_numpy(isa, kind):
+    """A padded batch's decode step: row b hides its first pads[b] cache
+    positions (the left padding) through a boolean mask [B, 1, 1, T]."""
+    B, H, Hkv, T, D = 3, 4, 2, 45, 32
+    hidden, inter, eps, scale = 96, 160, 1e-5, D ** -0.5
+    o, Wo, _ = make_linear(hidden, H * D, kind, 11)
+    g_, Wgu, _ = make_linear(2 * inter, hidden, kind, 12)
+    dn, Wdn, _ = make_linear(hidden, inter, kind, 13)
+    x, nw, q, k, v = _attn_mlp_inputs(B, H, Hkv, 1, T, D, hidden)
+    m = np.ones((B, 1, 1, T), bool)
+    for b, pad in enumerate((0, 7, 30)):
+        m[b, ..., :pad] = False
+    mask = mlxcy.array(m)
+    out = ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, [g_], dn, "silu", mask=mask)
+    att = masked_attention_np(q, k, v, scale, mask).transpose(0, 2, 1, 3).reshape(B, 1, H * D)
+    h = f64(x) + att @ Wo.T
+    g = rms_np(h, f64(nw), eps) @ Wgu.T
+    gate, up = g[..., :inter], g[..., inter:]
+    ref = h + (gate / (1 + np.exp(-gate)) * up) @ Wdn.T
+    close(f64(out), ref, block_tol(isa))
+    with pytest.raises(ValueError, match="mask"):
+        ck.block_attn_mlp(q, k, v, x, scale, o, nw, eps, [g_], dn, "silu",
+                          mask=mlxcy.array(np.ones((B, 1, 1, T + 1), bool)))
 
 
 def test_block_errors():
@@ -672,19 +870,20 @@ def _decode_logits(model, ids, steps):
     return np.stack(out)
 
 
-def _fused_unfused_mlx_agree(model, ids, steps):
-    """Decode logits with the block primitives, with the blocks unfused and
-    with MLX's own ops: within 1e-4 of each other with float32 activations,
-    within 1e-3 of MLX's with the int16 default; the same greedy ids."""
+def _fused_unfused_mlx_agree(run):
+    """run() (logits, float64) with the block primitives, with the blocks
+    unfused and with MLX's own ops: within 1e-4 of each other with float32
+    activations, within 1e-3 of MLX's with the int16 default; the same
+    greedy ids."""
     old = ck.set_enabled(None), ck.set_block_fusion(True), ck.activations()
     try:
-        fast = _decode_logits(model, ids, steps)               # the default: int16
+        fast = run()                                           # the default: int16
         ck.set_activations("float32")
-        fused = _decode_logits(model, ids, steps)
+        fused = run()
         ck.set_block_fusion(False)
-        unfused = _decode_logits(model, ids, steps)
+        unfused = run()
         ck.set_enabled(False)
-        mlx = _decode_logits(model, ids, steps)
+        mlx = run()
     finally:
         ck.set_enabled(old[0])
         ck.set_block_fusion(old[1])
@@ -711,23 +910,123 @@ def test_smollm2_verification_chunks_match_unfused_and_mlx(smollm2):
         cache.free()
         return np.concatenate(out)
 
-    old = ck.set_enabled(None), ck.set_block_fusion(True), ck.activations()
+    _fused_unfused_mlx_agree(run)
+
+
+@pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
+                                      if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
+def test_smollm2_verification_logits_equal_one_token_steps(smollm2, rows_isa):
+    """In the default (int16) mode a chunk of k + 1 positions over the cache
+    (a speculative step's verification) gives bit for bit the logits of k + 1
+    one-token steps, so greedy verification accepts exactly what plain
+    decoding would emit."""
+    model = smollm2.model
+    ids = [smollm2.tokenizer.encode("The sea is a vast and mysterious realm",
+                                    add_special_tokens=True)]
+    chunk = [28, 1123, 30, 314, 2, 77, 1890, 4, 9]
+    old = ck.activations()
+    ck.set_activations("int16")
+    ck.set_isa(rows_isa)
     try:
-        fast = run()
-        ck.set_activations("float32")
-        fused = run()
-        ck.set_block_fusion(False)
-        unfused = run()
-        ck.set_enabled(False)
-        mlx = run()
+        c1, c2 = model.make_cache(), model.make_cache()
+        model(ids, cache=c1)
+        model(ids, cache=c2)
+        together = f64(model([chunk], cache=c1))[0]
+        one_by_one = np.stack([f64(model([[t]], cache=c2))[0, -1] for t in chunk])
+        c1.free()
+        c2.free()
     finally:
-        ck.set_enabled(old[0])
-        ck.set_block_fusion(old[1])
-        ck.set_activations(old[2])
-    close(fused, unfused, 1e-4)
-    close(fused, mlx, 1e-4)
-    close(fast, mlx, 1e-3)
-    assert (fused.argmax(-1) == mlx.argmax(-1)).all()
+        ck.set_activations(old)
+        ck.set_isa("avx512vnni")
+    assert np.array_equal(together, one_by_one), np.abs(together - one_by_one).max()
+
+
+class _PaddedBatch:
+    """Prompts (lists of ids) as a left-padded batch, as the engine runs one:
+    ids padded with 0, each row's padding hidden by the attention mask and its
+    RoPE positions shifted back by its padding."""
+
+    def __init__(self, prompts):
+        self.n = max(map(len, prompts))
+        self.pads = np.array([self.n - len(p) for p in prompts])
+        self.ids = [[0] * (self.n - len(p)) + p for p in prompts]
+
+    def mask(self, T):
+        """[B, 1, 1, T]: False on each row's padding."""
+        return np.arange(T)[None, None, None, :] >= self.pads[:, None, None, None]
+
+    def prefill(self, model, cache):
+        """The prompts' logits (float64), causal within the padding mask."""
+        n = self.n
+        causal = np.arange(n)[:, None] >= np.arange(n)[None, :]
+        return f64(model(self.ids, cache=cache, offsets=-self.pads,
+                         mask=np.broadcast_to(self.mask(n) & causal, (len(self.ids), 1, n, n))))
+
+    def step(self, model, cache, tokens, T):
+        """Logits (float64) of tokens [B, L] at padded positions T .. T + L - 1."""
+        return f64(model(tokens, cache=cache, mask=self.mask(T + len(tokens[0])),
+                         offsets=T - self.pads))
+
+
+SMOL_BATCH = ("The sea is", "Write a story about a dragon who", "1, 2, 3,")
+
+
+@pytest.mark.parametrize("caches", ["the model's", "KVCache"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "mistral"])
+def test_sliding_window_padded_batch_steps_match_unfused_and_mlx(tmp_path, model_type, caches):
+    """A padded batch decoding past its sliding window (8 positions; Gemma 3:
+    its sliding layers, Mistral: every layer) through the block primitives,
+    against the same steps unfused and with MLX's ops; over the model's caches
+    (rotating ones for the sliding layers) or a KVCache per layer (the window
+    then a mask)."""
+    pytest.importorskip("transformers")
+    from tiny_models import make_tiny
+    from mlxcy.models.cache import Cache, KVCache
+    from mlxcy.models.load import load_model
+    make_tiny(model_type, tmp_path, tokenizer=False)
+    model = load_model(str(tmp_path))
+    batch = _PaddedBatch([[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]])
+
+    def run():
+        cache = model.make_cache() if caches == "the model's" else \
+            Cache([KVCache() for _ in range(len(model.make_cache()))])
+        out = [batch.prefill(model, cache)[:, -1]]
+        for T in range(batch.n, batch.n + 14):
+            nxt = out[-1].argmax(-1)
+            out.append(batch.step(model, cache, [[int(t)] for t in nxt], T)[:, -1])
+        cache.free()
+        return np.stack(out, 1)
+
+    try:
+        _fused_unfused_mlx_agree(run)
+    finally:
+        model.close()
+
+
+def test_smollm2_padded_batch_verification_equals_one_token_steps(smollm2):
+    """The same for a left-padded batch of three rows: a chunk of 9 positions
+    per row (27 rows of x, more than one pass of the int16 kernels takes) gives
+    bit for bit the logits of 9 one-token steps of the batch."""
+    model = smollm2.model
+    batch = _PaddedBatch([smollm2.tokenizer.encode(t, add_special_tokens=True)
+                          for t in SMOL_BATCH])
+    chunk = np.array([[28, 1123, 30, 314, 2, 77, 1890, 4, 9],
+                      [5, 6, 7, 8, 9, 10, 11, 12, 13],
+                      [600, 42, 11, 28, 30, 2, 4, 77, 9]])
+    old = ck.activations()
+    ck.set_activations("int16")
+    try:
+        c1, c2 = model.make_cache(), model.make_cache()
+        batch.prefill(model, c1)
+        batch.prefill(model, c2)
+        together = batch.step(model, c1, chunk, batch.n)
+        steps = [batch.step(model, c2, chunk[:, i:i + 1], batch.n + i)[:, 0] for i in range(9)]
+        c1.free()
+        c2.free()
+    finally:
+        ck.set_activations(old)
+    one_by_one = np.stack(steps, 1)
+    assert np.array_equal(together, one_by_one), np.abs(together - one_by_one).max()
 
 
 def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
@@ -735,7 +1034,30 @@ def test_smollm2_fused_decode_steps_match_unfused_and_mlx(smollm2):
     with the blocks unfused and against MLX's own ops: logits within 1e-4."""
     ids = smollm2.tokenizer.encode("The sea is", add_special_tokens=True)
     model = smollm2.model
-    _fused_unfused_mlx_agree(model, ids, 8)
+    _fused_unfused_mlx_agree(lambda: _decode_logits(model, ids, 8))
+
+
+def test_smollm2_padded_batch_decode_steps_match_unfused_and_mlx(smollm2):
+    """A left-padded batch of three prompts decoded step by step, then a chunk
+    of 4 positions per row (a batched speculative verification); rows at their
+    own RoPE offsets behind a padding mask: the block primitives when fused.
+    Against the same steps unfused and with MLX's own ops."""
+    model = smollm2.model
+    batch = _PaddedBatch([smollm2.tokenizer.encode(t, add_special_tokens=True)
+                          for t in SMOL_BATCH])
+
+    def run():
+        cache = model.make_cache()
+        out = [batch.prefill(model, cache)[:, -1]]
+        for T in range(batch.n, batch.n + 6):
+            nxt = out[-1].argmax(-1)
+            out.append(batch.step(model, cache, [[int(t)] for t in nxt], T)[:, -1])
+        chunk = [[int(t), 28, 1123, 30] for t in out[-1].argmax(-1)]
+        last = batch.step(model, cache, chunk, batch.n + 6)
+        cache.free()
+        return np.concatenate([np.stack(out, 1), last], 1)
+
+    _fused_unfused_mlx_agree(run)
 
 
 # ------------------------------------------------- K-quant GGUFs, repacked ---
@@ -811,7 +1133,7 @@ def test_kquant_model_loads_quantized_and_decodes_like_mlx(kquant_model):
     info = model.info()
     assert info["quantization"]["bits"] == 5 and info["dtype"] == "float32"
     ids = [2, 818, 5279, 529, 7001, 563] if name == "gemma3" else [750, 75698, 1445, 982, 262]
-    _fused_unfused_mlx_agree(model, ids, 6)
+    _fused_unfused_mlx_agree(lambda: _decode_logits(model, ids, 6))
 
 
 @pytest.mark.parametrize("value,ok", [("float32", True), ("int8", True), ("int4", False)])

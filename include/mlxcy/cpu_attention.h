@@ -241,19 +241,11 @@ class Attention : public mx::UnaryPrimitive {
       : mx::UnaryPrimitive(s), scale_(scale), causal_(causal) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
-    const bool masked = inputs.size() == 4;
-    enc.dispatch([q = mx::array::unsafe_weak_copy(inputs[0]),
-                  k = mx::array::unsafe_weak_copy(inputs[1]),
-                  v = mx::array::unsafe_weak_copy(inputs[2]),
-                  m = mx::array::unsafe_weak_copy(inputs[masked ? 3 : 0]), masked,
-                  out = mx::array::unsafe_weak_copy(out), scale = scale_,
-                  causal = causal_]() mutable {
-      attention_eval(q, k, v, masked ? &m : nullptr, out, scale, causal);
-    });
+    cpu_dispatch(stream(), inputs, out,
+                 [scale = scale_, causal = causal_](auto& in, mx::array& y) {
+                   attention_eval(in[0], in[1], in[2], in.size() == 4 ? &in[3] : nullptr, y,
+                                  scale, causal);
+                 });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {

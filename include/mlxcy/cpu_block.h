@@ -25,6 +25,7 @@
 #include <cmath>
 #include <vector>
 
+#include "mlxcy/cpu_act.h"
 #include "mlxcy/cpu_attention.h"
 #include "mlxcy/cpu_quant.h"
 
@@ -143,6 +144,7 @@ struct QKVParams {
   int rope_dims = 0;
   float rope_base = 0, rope_scale = 1;
   bool has_freqs = false, has_qk_norm = false;
+  bool has_offsets = false;   // rows at their own positions (a batch): offsets [B] int32
   int offset = 0;
   int nparts = 1;           // 1: one fused q/k/v layer; 3: q, k and v layers
   LinearDesc part[3];
@@ -152,7 +154,8 @@ struct QKVParams {
     bool same = eps == o.eps && qk_eps == o.qk_eps && H == o.H && Hkv == o.Hkv && D == o.D &&
                 rope_dims == o.rope_dims && rope_base == o.rope_base &&
                 rope_scale == o.rope_scale && has_freqs == o.has_freqs &&
-                has_qk_norm == o.has_qk_norm && offset == o.offset && nparts == o.nparts &&
+                has_qk_norm == o.has_qk_norm && has_offsets == o.has_offsets &&
+                offset == o.offset && nparts == o.nparts &&
                 norm_dtype == o.norm_dtype;
     for (int i = 0; i < 3; ++i)
       same = same && part[i] == o.part[i] && out_dtype[i] == o.out_dtype[i];
@@ -160,10 +163,11 @@ struct QKVParams {
   }
 };
 
-// inputs: x [B, L, hidden] (L new positions from p.offset: one, or a
-// speculative step's proposals), norm weight, the q/k/v layers' operands (one
-// fused layer or three), [freqs], [q_norm, k_norm weights [D]]; outputs: q, k,
-// v ([B, heads, L, D]).
+// inputs: x [B, L, hidden] (L new positions from p.offset, or from
+// offsets[b] for sequence b: one, or a speculative step's proposals), norm
+// weight, the q/k/v layers' operands (one fused layer or three), [freqs],
+// [q_norm, k_norm weights [D]], [offsets [B] int32]; outputs: q, k, v
+// ([B, heads, L, D]).
 inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::array>& out,
                            const QKVParams& p) {
   const mx::array& x = in[0];
@@ -182,6 +186,7 @@ inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::arr
     qn = as_f32(in[i++], qnb);
     kn = as_f32(in[i++], knb);
   }
+  const mx::array* offs = p.has_offsets ? &in[i++] : nullptr;
   std::vector<float> xb;
   const float* xf = as_f32(x, xb);
   std::vector<float> xn(size_t(B) * hidden), y(size_t(B) * N);
@@ -191,9 +196,9 @@ inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::arr
   const int first[3] = {0, p.H, p.H + p.Hkv};
   const int heads[3] = {p.H, p.Hkv, p.Hkv};
   if (p.nparts == 1) {
-    linear_f32(W[0], xn.data(), B, y.data(), N);
+    linear_step(W[0], xn.data(), B, y.data(), N);
   } else {
-    for (int j = 0; j < 3; ++j) linear_f32(W[j], xn.data(), B, y.data() + first[j] * D, N);
+    for (int j = 0; j < 3; ++j) linear_step(W[j], xn.data(), B, y.data() + first[j] * D, N);
   }
   Elt ot[3];
   for (int j = 0; j < 3; ++j) ot[j] = elt_of(p.out_dtype[j]);
@@ -211,7 +216,8 @@ inline void block_qkv_eval(const std::vector<mx::array>& in, std::vector<mx::arr
         round_to(r, D, ot[h < p.H ? 0 : 1]);
       }
     }
-    const int pos = p.offset + b % L;
+    const int seq = offs && offs->shape(0) > 1 ? b / L : 0;   // offsets [1]: every sequence's
+    const int pos = (offs ? offs->data<int32_t>()[elem_loc(seq, *offs)] : p.offset) + b % L;
     rope_heads(yb, p.H, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, pos);
     rope_heads(yb + p.H * D, p.Hkv, D, p.rope_dims, p.rope_base, p.rope_scale, freqs, pos);
     round_to(yb, size_t(p.H) * D, ot[0]);
@@ -234,20 +240,8 @@ class BlockQKV : public mx::Primitive {
   BlockQKV(mx::Stream s, QKVParams p) : mx::Primitive(s), p_(p) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> ins, outs;
-    for (auto& a : inputs) {
-      enc.set_input_array(a);
-      ins.push_back(mx::array::unsafe_weak_copy(a));
-    }
-    for (auto& o : outputs) {
-      o.set_data(mx::allocator::malloc(o.nbytes()));
-      enc.set_output_array(o);
-      outs.push_back(mx::array::unsafe_weak_copy(o));
-    }
-    enc.dispatch([ins = std::move(ins), outs = std::move(outs), p = p_]() mutable {
-      block_qkv_eval(ins, outs, p);
-    });
+    cpu_dispatch(stream(), inputs, outputs,
+                 [p = p_](auto& in, auto& out) { block_qkv_eval(in, out, p); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -277,12 +271,16 @@ inline bool norm_weight_ok(const mx::array* w, int n) {
 
 // Can BlockQKV run this step?  x [B, L, hidden] float, a float norm weight
 // [hidden], the q/k/v layers (parts: 1 fused [(H + 2 Hkv) D, hidden] or 3),
-// rope_dims even <= D, optional per-head q/k norm weights [D] (both or none).
+// rope_dims even <= D, optional per-head q/k norm weights [D] (both or none),
+// optional per-sequence positions offsets [B] (or [1]) int32.
 inline bool block_qkv_supported(const mx::array& x, const mx::array& norm_w,
                                 const std::vector<LinearArg>& parts, int H, int Hkv, int D,
                                 int rope_dims, const mx::array* freqs, const mx::array* q_norm,
-                                const mx::array* k_norm) {
+                                const mx::array* k_norm, const mx::array* offsets = nullptr) {
   if (x.ndim() != 3 || x.shape(1) < 1 || !is_float(x.dtype())) return false;
+  if (offsets && (offsets->dtype() != mx::int32 || offsets->ndim() != 1 ||
+                  (offsets->shape(0) != x.shape(0) && offsets->shape(0) != 1)))
+    return false;
   const int hidden = x.shape(2);
   if (!norm_weight_ok(&norm_w, hidden)) return false;
   if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || rope_dims <= 0 || rope_dims > D ||
@@ -300,8 +298,10 @@ inline std::vector<mx::array> block_qkv(const mx::array& x, const mx::array& nor
                                         const std::vector<LinearArg>& parts, int H, int Hkv,
                                         int D, int rope_dims, float rope_base, float rope_scale,
                                         const mx::array* freqs, const mx::array* q_norm,
-                                        const mx::array* k_norm, float qk_eps, int offset) {
-  if (!block_qkv_supported(x, norm_w, parts, H, Hkv, D, rope_dims, freqs, q_norm, k_norm))
+                                        const mx::array* k_norm, float qk_eps, int offset,
+                                        const mx::array* offsets = nullptr) {
+  if (!block_qkv_supported(x, norm_w, parts, H, Hkv, D, rope_dims, freqs, q_norm, k_norm,
+                           offsets))
     throw std::invalid_argument("mlxcy block q/k/v: unsupported shapes or dtypes");
   QKVParams p;
   p.eps = eps;
@@ -315,6 +315,7 @@ inline std::vector<mx::array> block_qkv(const mx::array& x, const mx::array& nor
   p.has_freqs = freqs != nullptr;
   p.has_qk_norm = q_norm != nullptr;
   p.offset = offset;
+  p.has_offsets = offsets != nullptr;
   p.nparts = int(parts.size());
   p.norm_dtype = mx::promote_types(x.dtype(), norm_w.dtype());
   std::vector<mx::array> in = {x, norm_w};
@@ -332,6 +333,7 @@ inline std::vector<mx::array> block_qkv(const mx::array& x, const mx::array& nor
     in.push_back(*q_norm);
     in.push_back(*k_norm);
   }
+  if (offsets) in.push_back(*offsets);
   const int B = x.shape(0), L = x.shape(1);
   mx::Stream s = mx::default_stream(mx::Device::cpu);
   return mx::array::make_arrays({{B, H, L, D}, {B, Hkv, L, D}, {B, Hkv, L, D}},
@@ -347,6 +349,7 @@ struct AttnMLPParams {
   bool norm_o = false, norm_mlp = false;   // Gemma's norms after o_proj and after the MLP
   int act = 0;                              // 0: SiLU (SwiGLU), 1: GELU (tanh approximation)
   int gu_parts = 1;                         // 1: one fused gate/up layer; 2: gate and up
+  bool has_mask = false;                    // a batch's padding mask (attention_f32's)
   LinearDesc o, gate, up, down;
   mx::Dtype attn_dtype = mx::float32, o_dtype = mx::float32, on_dtype = mx::float32,
             h_dtype = mx::float32, mid_dtype = mx::float32, g_dtype = mx::float32,
@@ -355,7 +358,8 @@ struct AttnMLPParams {
   bool operator==(const AttnMLPParams& p) const {
     return attn_scale == p.attn_scale && eps_o == p.eps_o && eps_mid == p.eps_mid &&
            eps_mlp == p.eps_mlp && norm_o == p.norm_o && norm_mlp == p.norm_mlp &&
-           act == p.act && gu_parts == p.gu_parts && o == p.o && gate == p.gate && up == p.up &&
+           act == p.act && gu_parts == p.gu_parts && has_mask == p.has_mask && o == p.o &&
+           gate == p.gate && up == p.up &&
            down == p.down && attn_dtype == p.attn_dtype && o_dtype == p.o_dtype &&
            on_dtype == p.on_dtype && h_dtype == p.h_dtype && mid_dtype == p.mid_dtype &&
            g_dtype == p.g_dtype && u_dtype == p.u_dtype && a_dtype == p.a_dtype &&
@@ -363,18 +367,12 @@ struct AttnMLPParams {
   }
 };
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
-inline float gelu_tanh(float g) {
-  const float c = 0.7978845608028654f;   // sqrt(2 / pi)
-  return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
-}
-
 // inputs: q [B, H, L, D] (L new positions: one, or a speculative step's
 // proposals, attending causally), k, v [B, Hkv, T, D] (cache views, the new
 // positions last), x [B, L, hidden] (the block's input), o_proj's operands,
 // [the norm after o_proj], the norm before the MLP, gate/up's operands (one
-// fused layer or two), down's, [the norm after the MLP]; output [B, L, hidden].
+// fused layer or two), down's, [the norm after the MLP], [the attention mask,
+// broadcast to [B, H, L, T]]; output [B, L, hidden].
 inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out,
                                 const AttnMLPParams& p) {
   const mx::array &q = in[0], &k = in[1], &v = in[2], &x = in[3];
@@ -390,10 +388,11 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
   if (p.gu_parts == 2) Wu = bind_weight(in, i, p.up.gs, p.up.bits, p.up.has_bias, ku);
   Weight Wd = bind_weight(in, i, p.down.gs, p.down.bits, p.down.has_bias, kd);
   const mx::array* norm_mlp = p.norm_mlp ? &in[i++] : nullptr;
+  const mx::array* mask = p.has_mask ? &in[i++] : nullptr;
   const int I = Wd.K;
   std::vector<float> att(size_t(B) * H * D), h(size_t(B) * hidden), t(size_t(B) * hidden);
   std::vector<float> gu(size_t(B) * 2 * I), a(size_t(B) * I);
-  attention_f32(q, k, v, p.attn_scale, L > 1, att.data());   // [seq, H, L, D]
+  attention_f32(q, k, v, p.attn_scale, L > 1, att.data(), mask);   // [seq, H, L, D]
   if (L > 1) {   // to rows [seq * L + l][H * D], o_proj's input
     std::vector<float> rows(att.size());
     for (int b = 0; b < B; ++b)
@@ -403,7 +402,7 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
     att.swap(rows);
   }
   round_to(att.data(), att.size(), elt_of(p.attn_dtype));
-  linear_f32(Wo, att.data(), B, t.data(), hidden);
+  linear_step(Wo, att.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.o_dtype));
   if (norm_o) {
     rms_norm_rows(t.data(), B, hidden, *norm_o, p.eps_o, t.data());
@@ -417,24 +416,20 @@ inline void block_attn_mlp_eval(const std::vector<mx::array>& in, mx::array& out
   round_to(t.data(), t.size(), elt_of(p.mid_dtype));
   // gate into columns [0, I) and up into [I, 2I) of each row of gu
   if (p.gu_parts == 1) {
-    linear_f32(Wg, t.data(), B, gu.data(), 2 * I);
+    linear_step(Wg, t.data(), B, gu.data(), 2 * I);
   } else {
-    linear_f32(Wg, t.data(), B, gu.data(), 2 * I);
-    linear_f32(Wu, t.data(), B, gu.data() + I, 2 * I);
+    linear_step(Wg, t.data(), B, gu.data(), 2 * I);
+    linear_step(Wu, t.data(), B, gu.data() + I, 2 * I);
   }
   for (int b = 0; b < B; ++b) {
     float* g = gu.data() + int64_t(b) * 2 * I;
     float* u = g + I;
     round_to(g, I, elt_of(p.g_dtype));
     round_to(u, I, elt_of(p.u_dtype));
-    float* ab = a.data() + int64_t(b) * I;
-    if (p.act == 0)
-      for (int e = 0; e < I; ++e) ab[e] = silu(g[e]) * u[e];
-    else
-      for (int e = 0; e < I; ++e) ab[e] = gelu_tanh(g[e]) * u[e];
+    act_row(g, u, a.data() + int64_t(b) * I, I, p.act);
   }
   round_to(a.data(), a.size(), elt_of(p.a_dtype));
-  linear_f32(Wd, a.data(), B, t.data(), hidden);
+  linear_step(Wd, a.data(), B, t.data(), hidden);
   round_to(t.data(), t.size(), elt_of(p.down_dtype));
   if (norm_mlp) {
     rms_norm_rows(t.data(), B, hidden, *norm_mlp, p.eps_mlp, t.data());
@@ -449,16 +444,8 @@ class BlockAttnMLP : public mx::UnaryPrimitive {
   BlockAttnMLP(mx::Stream s, AttnMLPParams p) : mx::UnaryPrimitive(s), p_(p) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> ins;
-    for (auto& a : inputs) {
-      enc.set_input_array(a);
-      ins.push_back(mx::array::unsafe_weak_copy(a));
-    }
-    enc.set_output_array(out);
-    enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out),
-                  p = p_]() mutable { block_attn_mlp_eval(ins, out, p); });
+    cpu_dispatch(stream(), inputs, out,
+                 [p = p_](auto& in, mx::array& y) { block_attn_mlp_eval(in, y, p); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -505,8 +492,11 @@ inline bool block_attn_mlp_supported(const mx::array& q, const mx::array& k,
                                      const LinearArg& o, const mx::array* norm_o,
                                      const mx::array& norm_mid,
                                      const std::vector<LinearArg>& gate_up,
-                                     const LinearArg& down, const mx::array* norm_mlp) {
+                                     const LinearArg& down, const mx::array* norm_mlp,
+                                     const mx::array* mask = nullptr) {
   if (!attention_supported(q, k, v) || q.shape(2) > k.shape(2)) return false;
+  if (mask && !mask_supported(*mask, q.shape(0), q.shape(1), q.shape(2), k.shape(2)))
+    return false;
   if (x.ndim() != 3 || x.shape(0) != q.shape(0) || x.shape(1) != q.shape(2)) return false;
   return block_mlp_supported(x, q.shape(1) * q.shape(3), o, norm_o, norm_mid, gate_up, down,
                              norm_mlp);
@@ -517,8 +507,8 @@ inline mx::array block_attn_mlp(const mx::array& q, const mx::array& k, const mx
                                 const mx::array* norm_o, float eps_o, const mx::array& norm_mid,
                                 float eps_mid, const std::vector<LinearArg>& gate_up,
                                 const LinearArg& down, const mx::array* norm_mlp, float eps_mlp,
-                                int act) {
-  if (!block_attn_mlp_supported(q, k, v, x, o, norm_o, norm_mid, gate_up, down, norm_mlp))
+                                int act, const mx::array* mask = nullptr) {
+  if (!block_attn_mlp_supported(q, k, v, x, o, norm_o, norm_mid, gate_up, down, norm_mlp, mask))
     throw std::invalid_argument("mlxcy block attention + MLP: unsupported shapes or dtypes");
   if (act != 0 && act != 1)
     throw std::invalid_argument("mlxcy block attention + MLP: act must be 0 (SiLU) or 1 (GELU)");
@@ -531,6 +521,7 @@ inline mx::array block_attn_mlp(const mx::array& q, const mx::array& k, const mx
   p.norm_mlp = norm_mlp != nullptr;
   p.act = act;
   p.gu_parts = int(gate_up.size());
+  p.has_mask = mask != nullptr;
   p.o = desc_of(o);
   p.gate = desc_of(gate_up[0]);
   if (p.gu_parts == 2) p.up = desc_of(gate_up[1]);
@@ -554,6 +545,7 @@ inline mx::array block_attn_mlp(const mx::array& q, const mx::array& k, const mx
   for (auto& g : gate_up) push_linear(in, g);
   push_linear(in, down);
   if (norm_mlp) in.push_back(*norm_mlp);
+  if (mask) in.push_back(*mask);
   mx::Stream s = mx::default_stream(mx::Device::cpu);
   return mx::array(x.shape(), p.out_dtype, std::make_shared<BlockAttnMLP>(s, p), std::move(in));
 }

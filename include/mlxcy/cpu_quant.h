@@ -18,8 +18,9 @@
 // from CPUID, so the module runs on any x86-64; other CPUs and other
 // architectures take the portable scalar code.
 //
-// Activations stay float32 (accuracy): int8 activations with integer dot
-// products were measured as an alternative (benchmarks/cpu_kernels_ab.py).
+// Rows of x meet 4-, 5- and 8-bit weights as int16 per block of 32 with
+// integer dot products by default (activation_mode; docs/cpu.md has the
+// accuracy), up to int16_max_rows() rows; larger products run as the float GEMM.
 #pragma once
 
 #include <algorithm>
@@ -43,6 +44,10 @@
 #define MLXCY_X86 1
 #include <immintrin.h>
 #define MLXCY_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MLXCY_VNNI \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+// helpers whose vector arrays must stay in registers
+#define MLXCY_INLINE inline __attribute__((always_inline))
 #else
 #define MLXCY_X86 0
 #endif
@@ -62,12 +67,29 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
-// 0: portable scalar code; 1: AVX2+FMA when the CPU has it (default).
+// AVX-512 with VNNI (vpdpwssd) and 256-bit EVEX forms (VL); libgcc reports
+// these only when the OS saves the AVX-512 registers.
+inline bool cpu_has_vnni() {
+#if MLXCY_X86
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// 0: portable scalar code; 1: AVX2+FMA; 2: AVX2+FMA, and AVX-512 VNNI for
+// the int16 products of several rows of x.  Each level applies when the
+// CPU has it, else the next lower one; the default is the highest.
 inline int& simd_level_setting() {
-  static int level = 1;
+  static int level = 2;
   return level;
 }
 inline bool use_avx2() { return simd_level_setting() >= 1 && cpu_has_avx2(); }
+inline bool use_vnni() { return simd_level_setting() >= 2 && cpu_has_vnni(); }
 inline void set_simd_level(int level) { simd_level_setting() = level; }
 
 // How one row of x (a decode step) meets 4-, 5- and 8-bit weights: 0 float32
@@ -84,7 +106,9 @@ inline int& activation_mode() {
 }
 inline void set_activation_mode(int mode) { activation_mode() = mode; }
 
-inline const char* isa_name() { return use_avx2() ? "avx2+fma" : "scalar"; }
+inline const char* isa_name() {
+  return use_vnni() ? "avx512vnni" : use_avx2() ? "avx2+fma" : "scalar";
+}
 
 // ------------------------------------------------------ scalar helpers ---
 
@@ -219,6 +243,12 @@ MLXCY_AVX2 inline float hsum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+MLXCY_AVX2 inline float hsum_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
 // Per-lane constants of unpack8<BITS>: lane i (value 8 t + i) takes bytes
@@ -395,26 +425,39 @@ constexpr int kPairOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 // (i < 16) -- the nibbles a 16-bit lane of the 32 bytes holds, bits
 // 4q..4q+3 -- and xd permuted by kPairOrder within each batch of 8 blocks;
 // an odd last block is paired with zeros (xq holds K rounded up to 64).
-inline void quantize_i16(const float* x, int K, int bits, int16_t* xq, float* xd) {
+//
+// AVX2 (the int16 kernels' only callers run under it): vcvtps2dq rounds to
+// nearest even, as lrint does in the default rounding mode, and x * inv is
+// the same float32 product, so the values are the scalar rounding's; a
+// call to lrint per value was ~4% of a SmolLM2 decode step.
+MLXCY_AVX2 inline void quantize_i16(const float* x, int K, int bits, int16_t* xq, float* xd) {
   const int NB = K / 32;
-  thread_local std::vector<float> inv;
-  inv.resize(NB);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  alignas(32) int16_t q[64];
   for (int j = 0; j < NB; ++j) {
-    const float amax = amax32(x + 32 * j);
-    inv[j] = amax > 0 ? 32767.f / amax : 0.f;
+    const float* xb = x + 32 * j;
+    __m256 m = _mm256_setzero_ps();
+    for (int t = 0; t < 4; ++t)
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * t)));
+    const float amax = hsum_max8(m);
+    const __m256 inv = _mm256_set1_ps(amax > 0 ? 32767.f / amax : 0.f);
     xd[j] = amax / 32767.f;
+    int16_t* out = bits == 4 ? q + 32 * (j & 1) : xq + 32 * j;
+    for (int t = 0; t < 2; ++t) {
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 16 * t), inv));
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 16 * t + 8), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * t),
+                         _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8));
+    }
+    // 4 bits: a pair of blocks (64 values, the second zero if absent) as runs
+    if (bits == 4 && ((j & 1) || j == NB - 1)) {
+      if (!(j & 1)) std::memset(q + 32, 0, 32 * sizeof(int16_t));
+      int16_t* dst = xq + 64 * (j / 2);
+      for (int r = 0; r < 4; ++r)
+        for (int i = 0; i < 16; ++i) dst[16 * r + i] = q[4 * i + r];
+    }
   }
-  auto q = [&](int k) { return int16_t(std::lrint(x[k] * inv[k / 32])); };
-  if (bits != 4) {
-    for (int k = 0; k < K; ++k) xq[k] = q(k);
-    return;
-  }
-  for (int p = 0; p < (NB + 1) / 2; ++p)
-    for (int r = 0; r < 4; ++r)
-      for (int i = 0; i < 16; ++i) {
-        const int k = 64 * p + 4 * i + r;
-        xq[64 * p + 16 * r + i] = k < K ? q(k) : 0;
-      }
+  if (bits != 4) return;
   const int NBp = (NB + 7) / 8 * 8;
   for (int j0 = 0; j0 < NBp; j0 += 8) {
     float t[8];
@@ -697,6 +740,16 @@ MLXCY_AVX2 void matvec_q4_i16_avx2(const Weight& W, const int16_t* xq, const flo
   return matvec_q4_i16_lb<Elt::F32>(W, xq, xd, xsum, y, n0, n1);
 }
 
+// The int16 kernels for several rows of x, once per instruction set.
+#define MLXCY_ROWS_NS avx2_rows
+#define MLXCY_ROWS_ISA MLXCY_AVX2
+#define MLXCY_ROWS_VNNI 0
+#include "mlxcy/cpu_quant_rows.h"
+#define MLXCY_ROWS_NS vnni_rows
+#define MLXCY_ROWS_ISA MLXCY_VNNI
+#define MLXCY_ROWS_VNNI 1
+#include "mlxcy/cpu_quant_rows.h"
+
 template <Elt T>
 MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
   if constexpr (T == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
@@ -896,6 +949,24 @@ inline int& gemm_min_rows() {
 }
 inline void set_gemm_min_rows(int m) { gemm_min_rows() = m; }
 
+// Rows of x up to which an int16 product (4, 5 or 8 bits) runs on the
+// several-rows kernels rather than as the float GEMM.  SmolLM2-135M Q4_1
+// forwards of 9, 12 and 16 positions over the cache (2026-12-04): AVX2 rows
+// 31 (8 positions), 45, 68 ms against the GEMM's 38, 44, 48; VNNI rows 29,
+// 37, 46 against 29, 45, 49.  So speculative verification (k + 1 positions,
+// at most 16) and small batches stay on the int16 path of one-row decoding,
+// with the same per-row results.
+inline int int16_max_rows() { return use_vnni() ? 16 : 11; }
+
+inline bool int16_product(const Weight& W) {
+#if MLXCY_X86
+  return use_avx2() && activation_mode() == kInt16 &&
+         (W.bits == 4 || W.bits == 5 || W.bits == 8);
+#else
+  return false;
+#endif
+}
+
 // Scratch buffers reused across calls by the thread that runs them.
 inline std::vector<float>& scratch(int which) {
   thread_local std::vector<float> bufs[6];   // 0-3: linear_f32, 4: attention
@@ -918,7 +989,7 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
   };
   const double work = double(M) * N * K;
   const int per_thread = work < 1.5e5 ? 0 : 4;   // small products: one task
-  if (M < gemm_min_rows()) {
+  if (M < gemm_min_rows() || (M <= int16_max_rows() && int16_product(W))) {
     // 8 zeros past the end: the int16 kernel reads the sums 8 at a time
     float* xsum = scratch_f(0, size_t(M * G + 8));
     std::fill(xsum + M * G, xsum + M * G + 8, 0.f);
@@ -954,7 +1025,15 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
       const int16_t* q16 = xq16.data();
       const int8_t* q8 = xq8.data();
       auto bodyq = [&](int n0, int n1) {
-        for (int m = 0; m < M; ++m) {
+        int m = 0;
+        // int16, several rows of x: passes that share each weight block's
+        // unpacking between rows (cpu_quant_rows.h)
+        if (mode == kInt16 && M >= 2) {
+          if (use_vnni()) vnni_rows::product(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
+          else avx2_rows::product(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
+          for (m = 0; m < M; ++m) add_bias(y + m * ldy, n0, n1);
+        }
+        for (; m < M; ++m) {
           float* yr = y + m * ldy;
           const float* xs = xsum + m * G;
           if (mode == kInt8)
@@ -1022,6 +1101,25 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
   else parallel_rows(N, 6, body, per_thread);
 }
 
+// The most positions per sequence that a product treats as a step (a decode
+// step, a speculative verification, a batch's step or its last positions);
+// models/base.pyx's block primitives take steps of up to this many too.
+constexpr int kStepPositions = 16;
+
+// linear_f32 for a step's rows (at most kStepPositions positions per
+// sequence, any number of sequences): with int16 products, in passes of at
+// most int16_max_rows() rows, so that every row's result is bit-identical to
+// its one-row product however many rows the step has (a batch's greedy
+// speculative verification accepts exactly what plain decoding would emit;
+// the float GEMM would round differently).  Prompts keep linear_f32's choice.
+inline void linear_step(const Weight& W, const float* x, int M, float* y, int64_t ldy) {
+  const int most = int16_product(W) ? int16_max_rows() : M;
+  for (int m0 = 0; m0 < M; m0 += most) {
+    const int n = std::min(most, M - m0);
+    linear_f32(W, x + int64_t(m0) * W.K, n, y + int64_t(m0) * ldy, ldy);
+  }
+}
+
 // ------------------------------------------------- arrays and primitive ---
 
 // Element offset of flat index i of a (strided) array.
@@ -1047,11 +1145,22 @@ inline const float* as_f32(const mx::array& a, std::vector<float>& buf) {
   return buf.data();
 }
 
-// A 2-D array's row stride if its last axis is contiguous, else -1.
+// The stride between an array's rows (its last axis) when that axis is
+// contiguous and the leading axes flatten to rows one stride apart (a
+// product's output, a column slice of one), else -1.
 inline int64_t row_stride(const mx::array& a) {
-  if (a.ndim() != 2) return -1;
-  if (a.shape(1) != 1 && a.strides()[1] != 1) return -1;
-  return a.shape(0) == 1 ? a.shape(1) : a.strides()[0];
+  const int nd = a.ndim();
+  if (nd < 1) return -1;
+  const int64_t K = a.shape(nd - 1);
+  if (K != 1 && a.strides()[nd - 1] != 1) return -1;
+  int64_t ld = -1, rows = 1;
+  for (int d = nd - 2; d >= 0; --d) {
+    if (a.shape(d) == 1) continue;
+    if (ld < 0) ld = a.strides()[d];           // the innermost leading axis of several
+    else if (a.strides()[d] != ld * rows) return -1;
+    rows *= a.shape(d);
+  }
+  return ld < 0 ? K : ld;
 }
 
 // A contiguous copy (any dtype) of a strided 2-D array.
@@ -1140,37 +1249,64 @@ inline void linear_eval(const std::vector<mx::array>& in, mx::array& out, int gs
   WeightKeep keep;
   Weight W = bind_weight(in, i, gs, bits, has_bias, keep);
   const int M = int(x.size() / W.K);
+  const int L = x.ndim() >= 3 ? x.shape(-2) : M;   // positions per sequence
+  auto product = L <= kStepPositions ? linear_step : linear_f32;
   std::vector<float> xbuf;
   const float* xf = as_f32(x, xbuf);
   if (out.dtype() == mx::float32) {
-    linear_f32(W, xf, M, out.data<float>(), W.N);
+    product(W, xf, M, out.data<float>(), W.N);
   } else {
     std::vector<float> ybuf(size_t(M) * W.N);
-    linear_f32(W, xf, M, ybuf.data(), W.N);
+    product(W, xf, M, ybuf.data(), W.N);
     store_f32(ybuf.data(), out);
   }
 }
 
 // The MLX primitive: x @ W.T (+ bias), W quantized (bits 2-8) or float (bits 0).
+// A CPU primitive's eval_cpu, as MLX's own CPU kernels run: the outputs
+// allocated, every array registered with stream s's encoder, and f(inputs,
+// outputs) queued on the stream's thread over weak copies (the graph keeps
+// the arrays alive until the task has run).
+template <class F>
+void cpu_dispatch(mx::Stream s, const std::vector<mx::array>& inputs,
+                  std::vector<mx::array>& outputs, F f) {
+  auto& enc = mx::cpu::get_command_encoder(s);
+  std::vector<mx::array> ins, outs;
+  ins.reserve(inputs.size());
+  for (auto& a : inputs) {
+    enc.set_input_array(a);
+    ins.push_back(mx::array::unsafe_weak_copy(a));
+  }
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    enc.set_output_array(o);
+    outs.push_back(mx::array::unsafe_weak_copy(o));
+  }
+  enc.dispatch([ins = std::move(ins), outs = std::move(outs), f = std::move(f)]() mutable {
+    f(ins, outs);
+  });
+}
+
+// The same for a UnaryPrimitive: f(inputs, out).
+template <class F>
+void cpu_dispatch(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out, F f) {
+  std::vector<mx::array> outputs{out};   // a handle: out's data is set through it
+  cpu_dispatch(s, inputs, outputs,
+               [f = std::move(f)](std::vector<mx::array>& in, std::vector<mx::array>& o) mutable {
+                 f(in, o[0]);
+               });
+}
+
 class Linear : public mx::UnaryPrimitive {
  public:
   Linear(mx::Stream s, int group_size, int bits, bool has_bias)
       : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), has_bias_(has_bias) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> ins;
-    ins.reserve(inputs.size());
-    for (auto& a : inputs) {
-      enc.set_input_array(a);
-      ins.push_back(mx::array::unsafe_weak_copy(a));
-    }
-    enc.set_output_array(out);
-    enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), gs = gs_,
-                  bits = bits_, hb = has_bias_]() mutable {
-      linear_eval(ins, out, gs, bits, hb);
-    });
+    cpu_dispatch(stream(), inputs, out,
+                 [gs = gs_, bits = bits_, hb = has_bias_](auto& in, mx::array& y) {
+                   linear_eval(in, y, gs, bits, hb);
+                 });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {

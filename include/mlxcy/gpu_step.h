@@ -107,8 +107,8 @@ __device__ __forceinline__ unsigned long long load_acquire64(const unsigned long
 // wraps).  Every barrier adds gridDim.x, so barrier i of a step completes when
 // the counter reaches base + i * gridDim.x; the block's thread 0 adds its
 // arrival and spins until then.  The last block's arrival is what releases
-// everyone -- no reset or generation word on the path (an earlier version's
-// reset + generation bump cost the grid two more L2 round trips per phase).
+// everyone: nothing else (a reset, a second word to bump) lies between it and
+// the waiters, each of which would add an L2 round trip to every phase.
 struct Barrier {
   unsigned long long* count;
   unsigned long long target;   // what the counter reaches at the next barrier

@@ -698,7 +698,9 @@ cdef class Engine:
         if not s.can_spec or self.draft is not None:
             s.lookup_k = 0      # a draft model proposes instead
         s.lookup_k = min(s.lookup_k, self.spec_cap)
-        s.cur_k = s.lookup_k
+        # the first proposals are short: a miss then costs a few positions of
+        # verification, and full acceptances double the length (_adapt)
+        s.cur_k = min(s.lookup_k, 2)
         if s.lookup_k:
             s.hist = []
             s.ngrams = {}
@@ -1327,8 +1329,7 @@ cdef class Engine:
                                        na.array(0.0, na.float32))
                     res = nops.where(nops.greater(nops.sum(res, _axis(-1), True),
                                                   na.array(0.0, na.float32)), res, p)
-                cand = nops.astype(nrand.categorical(nops.log(res), -1, &s.sampler.key[0]),
-                                   na.int32)
+                cand = nnn.own(_inverse_cdf(res, s.sampler.key))
                 _set(&s.sampler.key, heap(nops.take(nrand.split(s.sampler.key[0], 2), 1, 0)))
             cands.push_back(nops.reshape(cand, _shape2(1, K + 1)))
         cdef na.array cand_all = nops.concatenate(cands, 0)               # [B, K + 1]
@@ -1689,6 +1690,21 @@ cdef na.array* _dist(Sampler s, const na.array& x) except NULL:
     return log_softmax(y)
 
 
+cdef na.array* _inverse_cdf(const na.array& w, const na.array* key) except NULL:
+    """One index per row of w [n, V] (weights >= 0, not normalized), drawn
+    with probability w / sum(w) by inverse transform: the first index whose
+    running sum exceeds u * sum(w).  n uniforms, where categorical's Gumbel
+    draws take n x V (151,936 per position for Qwen2.5)."""
+    cdef int n = w.shape(0), V = w.shape(1)
+    cdef na.array c = nops.cumsum(w, 1, False, True)
+    cdef na.array tot = nops.slice(c, _shape2(0, V - 1), _shape2(n, V))           # [n, 1]
+    cdef na.array u = nrand.uniform(na.array(0.0, na.float32), na.array(1.0, na.float32),
+                                    _shape2(n, 1), na.float32, key)
+    cdef na.array i = nops.sum(nops.astype(nops.less_equal(c, nops.multiply(u, tot)), na.int32),
+                               _axis(1), False)
+    return heap(nops.minimum(i, na.array(V - 1, na.int32)))                   # u * tot rounding up
+
+
 cdef na.array* _row_p(const na.array& x, int r) except NULL:
     """x[r] of [B, ...] (2-D or 3-D)."""
     cdef int nd = x.ndim()
@@ -1706,10 +1722,11 @@ cdef na.array* _row_p(const na.array& x, int r) except NULL:
 
 
 cdef void _adapt(_Seq s, int proposed, int accepted) except *:
-    """Prompt lookup's proposal length follows the acceptance: doubled after
-    a full acceptance, cut to what was accepted + 1 after a partial one; a
-    row whose proposals were all rejected stops proposing for 4, 16, 64
-    tokens (consecutive misses), so text that copies nothing decodes plainly."""
+    """Prompt lookup's proposal length follows the acceptance: it starts at 2,
+    is doubled after a full acceptance and cut to what was accepted + 1 after
+    a partial one; a row whose proposals were all rejected stops proposing
+    for 4, 16, 64 tokens (consecutive misses), so text that copies nothing
+    decodes plainly."""
     if accepted == proposed:
         s.cur_k = min(s.lookup_k, max(s.cur_k, 2 * proposed))
         s.misses = 0

@@ -24,9 +24,9 @@ from mlxcy.native.array cimport heap
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
-from mlxcy.cpu_kernels cimport (use_attention, cpu_attention, use_block_kernels,
-                                 LinearArg, block_qkv_ok, block_qkv_run, block_mlp_ok,
-                                 block_attn_mlp_run)
+from mlxcy.cpu_kernels cimport (use_attention, cpu_attention, use_activation, cpu_activation,
+                                 use_block_kernels, kStepPositions, LinearArg, block_qkv_ok,
+                                 block_qkv_run, block_mlp_ok, block_attn_mlp_run)
 
 from mlxcy.core import Array as _Array
 import mlxcy.core as _core
@@ -269,6 +269,8 @@ cdef class MLP:
             u = nnn.own(self.gate_up_proj.forward(x))
             g = nfused.last_axis_slice(u, 0, inter)
             u = nfused.last_axis_slice(u, inter, 2 * inter)
+        if use_activation(g, u):                  # mlxcy.cpu_kernels
+            return cpu_activation(g, u, 1 if self.gelu else 0)
         # The activation and product run as one compiled kernel.
         if self.gelu:
             return heap(nfused.geglu_tanh(g, u))
@@ -330,7 +332,7 @@ cdef class Block:
                            const na.array* offsets) except NULL:
         cdef na.array* fused = NULL
         if cpu_block_step(self, x, cache, mask, offsets, False, &fused):
-            return fused      # mlxcy.cpu_kernels: a one-token step in two primitives
+            return fused      # mlxcy.cpu_kernels: a decode step in two primitives
         cdef na.array h = nnn.own(self.input_norm.forward(x))
         cdef na.array r = nnn.own(self.attn.forward(h, cache, mask, offsets))
         h = nnn.add(x, r)
@@ -390,13 +392,14 @@ cdef bint _unmasked_step(Attention a, LayerCache cache) noexcept:
     return kstart < 0 or cache.offset - kstart < window
 
 
-cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint sandwich,
-                          na.array** out) except -1:
-    """A one-token step of a pre-norm block (Llama/Qwen2/Mistral; sandwich:
-    Gemma's norms after attention and after the MLP) over an unpadded KVCache
-    or RotatingKVCache, by mlxcy.cpu_kernels' two block primitives
-    (include/mlxcy/cpu_block.h); returns False, touching nothing, when the
-    block does not qualify (LoRA, soft-capping, a mask, unsupported layers)."""
+cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
+                          const na.array* offsets, bint sandwich, na.array** out) except -1:
+    """A step of a pre-norm block (Llama/Qwen2/Mistral; sandwich: Gemma's norms
+    after attention and after the MLP) over a KVCache or RotatingKVCache, by
+    mlxcy.cpu_kernels' two block primitives (include/mlxcy/cpu_block.h); a
+    batch's padding mask and per-row RoPE offsets go to the primitives as the
+    op path would use them.  Returns False, touching nothing, when the block
+    does not qualify (LoRA, soft-capping, unsupported layers or operands)."""
     cdef Attention a = blk.attn
     cdef MLP m = blk.mlp
     cdef Rope rope = a.rope
@@ -420,7 +423,7 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint s
         if a.q_norm.weight == NULL or a.k_norm.weight == NULL:
             return False
         qn, kn, qk_eps = a.q_norm.weight, a.k_norm.weight, a.q_norm.eps
-    if not _unmasked_step(a, cache):
+    if mask == NULL and not _unmasked_step(a, cache):
         return False
     if a.qkv_proj is not None:
         if not _add_linear(qkv, a.qkv_proj):
@@ -436,7 +439,7 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint s
     if not (_linear_arg(a.o_proj, &o) and _linear_arg(m.down_proj, &dn)):
         return False
     if not block_qkv_ok(x, blk.input_norm.weight[0], qkv, a.n_heads, a.n_kv_heads,
-                        a.head_dim, rope.dims, rope.freqs, qn, kn):
+                        a.head_dim, rope.dims, rope.freqs, qn, kn, offsets):
         return False
     if not block_mlp_ok(x, a.n_heads * a.head_dim, o, n_o, n_mid.weight[0], gu, dn, n_mlp):
         return False
@@ -448,41 +451,60 @@ cdef bint _cpu_block_step(Block blk, const na.array& x, LayerCache cache, bint s
     cdef vector[na.array] qkvo = vector[na.array]()
     block_qkv_run(qkvo, x, blk.input_norm.weight[0], blk.input_norm.eps, qkv, a.n_heads,
                   a.n_kv_heads, a.head_dim, rope.dims, base, rope.scale, rope.freqs, qn, kn,
-                  qk_eps, offset)
-    cache.update(qkvo[1], qkvo[2], x.shape(1) > 1)    # (as Attention.core passes it)
+                  qk_eps, offset, offsets)
+    cdef int L = x.shape(1)
+    cdef na.array am = x         # placeholder; replaced by _step_mask
+    cdef const na.array* mp = NULL
+    cache.update(qkvo[1], qkvo[2], mask != NULL or L > 1)    # (as Attention.core passes it)
     try:
+        if mask != NULL and _step_mask(a, cache, L, offset, mask, qkvo[0].dtype(), &am):
+            mp = &am
         out[0] = block_attn_mlp_run(
             qkvo[0], cache.out_k[0], cache.out_v[0], x, a.scale, o, n_o,
             blk.post_attn_norm.eps, n_mid.weight[0], n_mid.eps, gu, dn, n_mlp,
-            blk.post_ff_norm.eps if sandwich else 0.0, 1 if m.gelu else 0)
+            blk.post_ff_norm.eps if sandwich else 0.0, 1 if m.gelu else 0, mp)
     finally:
         cache.drop_outputs()
     return True
 
 
-# The most new positions of one sequence a block step takes in the block
-# primitives (a speculative step's k + 1 at the engine's default k = 8, with
-# room); longer inputs (prompts) take the op path.
-cdef enum:
-    _BLOCK_MAX_POSITIONS = 16
+cdef bint _step_mask(Attention a, LayerCache cache, int L, int offset, const na.array* mask,
+                     na.Dtype dt, na.array* out) except -1:
+    """The mask that Attention.core and attend build for a step over the
+    cache's ordered views (after cache.update): the caller's (a batch's
+    padding), with the causal rule for several positions and the layer's or
+    cache's sliding window once the step passes it."""
+    cdef int window = a.window, kind = 0, kstart = cache.out_start
+    cdef cbool causal_mode = False
+    if cache.window > 0 and (window == 0 or cache.window < window):
+        window = cache.window
+    if window > 0 and (offset + L - 1) - kstart >= window:
+        kind = 2
+    elif L > 1:
+        kind = 1
+    return nnn.build_mask(kind, L, offset, cache.out_k[0].shape(2), kstart, window, mask, dt,
+                          False, &causal_mode, out)
 
 
 cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
                          const na.array* offsets, bint sandwich, na.array** out) except -1:
     """Block.forward's fast path for CPU steps of one new position per row,
-    or of up to 16 of one sequence over a KVCache (verification of a
-    speculative step), by mlxcy.cpu_kernels' block primitives."""
+    or of up to kStepPositions (16) per row over a KVCache without a window
+    (verification of a speculative step: k + 1 at the engine's default k = 8,
+    with room; longer inputs, prompts, take the op path), by mlxcy.cpu_kernels'
+    block primitives.  A padded batch's rows (padding mask, per-row offsets)
+    take it too."""
     cdef int L = x.shape(1)
-    if mask != NULL or offsets != NULL or cache is None:
+    if cache is None:
         return False
-    if L != 1 and (L > _BLOCK_MAX_POSITIONS or x.shape(0) != 1 or type(cache) is not KVCache
+    if L != 1 and (L > kStepPositions or type(cache) is not KVCache
                    or blk.attn.window != 0 or cache.window > 0 or blk.attn.rope.dyn_factor > 0):
         return False
     if type(cache) is not KVCache and type(cache) is not RotatingKVCache:
         return False
     if not use_block_kernels():
         return False
-    return _cpu_block_step(blk, x, cache, sandwich, out)
+    return _cpu_block_step(blk, x, cache, mask, offsets, sandwich, out)
 
 
 cdef bint _cpu_sync(Model m) except -1:

@@ -1,0 +1,304 @@
+// mlxcy's int16 CPU kernels for several rows of x at once, compiled once per
+// instruction set: cpu_quant.h includes this file twice (so no include
+// guard), defining first
+//   MLXCY_ROWS_NS    the namespace (avx2_rows, vnni_rows),
+//   MLXCY_ROWS_ISA   the functions' target attribute,
+//   MLXCY_ROWS_VNNI  1: multiply-adds accumulate in one instruction
+//                    (AVX-512 VNNI vpdpwssd on 256-bit vectors, with
+//                    AVX-512VL's 32 vector registers); 0: vpmaddwd + vpaddd.
+//
+// R rows of x (a speculative step's verification, a small batch) against one
+// pass over the weights: each block is unpacked once and met by every row's
+// x, so a row after the first costs its multiply-adds and scaling, not the
+// unpacking.  Each row's integer dots are exact and its float arithmetic is
+// the one-row kernel's, in the same order, so its y is bit-identical to the
+// one-row kernel's (verification sees the logits plain decoding would).
+// Rows of x are xld int16 (xq), dld (xd) and sld (xsum) values apart; row i
+// of y starts at y + i * ldy.
+
+namespace MLXCY_ROWS_NS {
+
+// Loops over the R rows of x are unrolled, so that their vectors stay in
+// registers (GCC keeps arrays of vectors on the stack otherwise).
+#ifndef MLXCY_UNROLL
+#define MLXCY_UNROLL _Pragma("GCC unroll 8")
+#endif
+
+// Rows of x per pass over the weights.  AVX2: two; with four, its 16 vector
+// registers no longer hold each row's partial sums (4 bits, 84 MB of weights,
+// 4 rows of x: 7.1 ms in passes of two, 7.9 in one pass of four; one row:
+// 2.8 ms, 2026-12-04).
+constexpr int kRows = MLXCY_ROWS_VNNI ? 4 : 2;
+
+// acc + the pairwise products of a and b (int16 pairs summed into int32 lanes).
+MLXCY_ROWS_ISA MLXCY_INLINE __m256i dpw(__m256i acc, __m256i a, __m256i b) {
+#if MLXCY_ROWS_VNNI
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+// dot_pair_q4 of one pair of blocks with R rows of x.
+template <int R>
+MLXCY_ROWS_ISA MLXCY_INLINE void dot_pair_q4_rows(const uint8_t* p, const int16_t* xp, int64_t xld,
+                                                  bool half, __m256i* out) {
+  const __m256i v = half ? _mm256_zextsi128_si256(
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m = _mm256_set1_epi16(0x000f);
+  const __m256i a = _mm256_and_si256(v, m), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+  const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 8), m), d = _mm256_srli_epi16(v, 12);
+  MLXCY_UNROLL
+  for (int i = 0; i < R; ++i) {
+    const __m256i* x = reinterpret_cast<const __m256i*>(xp + i * xld);
+    __m256i s = _mm256_madd_epi16(a, _mm256_loadu_si256(x));
+    s = dpw(s, b, _mm256_loadu_si256(x + 1));
+    s = dpw(s, c, _mm256_loadu_si256(x + 2));
+    out[i] = dpw(s, d, _mm256_loadu_si256(x + 3));
+  }
+}
+
+// acc[i] += the batch's integer dots h[i] times the blocks' weight scales sc
+// and row i's x scales (xd + i * dld), as the one-row kernels scale them.
+template <int R>
+MLXCY_ROWS_ISA MLXCY_INLINE void scale_rows(const __m256i* h, __m256 sc, const float* xd, int dld,
+                                            __m256* acc) {
+  MLXCY_UNROLL
+  for (int i = 0; i < R; ++i)
+    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
+                             _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld)), acc[i]);
+}
+
+// acc[i] += the biases of row si's groups times x row i's group sums, in the
+// one-row kernels' order.
+template <Elt T, int R>
+MLXCY_ROWS_ISA MLXCY_INLINE void add_biases_rows(const Weight& W, int64_t si, int G,
+                                                 const float* xsum, int sld, __m256* acc) {
+  const int G8 = G & ~7;
+  for (int g0 = 0; g0 < G8; g0 += 8) {
+    const __m256 b = load_sb8_t<T>(W.b, si + g0);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i)
+      acc[i] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xsum + i * sld + g0), acc[i]);
+  }
+  if (G8 < G) {
+    const __m256 b = load_sb8(W.b, T, si + G8, G - G8);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i)
+      acc[i] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xsum + i * sld + G8), acc[i]);
+  }
+}
+
+// The batch of 8 blocks from rp (pairs of them: `pairs` <= 4, the last one
+// half when `half_last`) met by R rows of x from xp: h[i] as the one-row
+// kernel's hadd tree gives it (missing pairs are zeros).
+template <int R>
+MLXCY_ROWS_ISA MLXCY_INLINE void batch_q4_rows(const uint8_t* rp, const int16_t* xp, int64_t xld,
+                                               int pairs, bool half_last, __m256i* h) {
+  const __m256i z = _mm256_setzero_si256();
+  __m256i p[R], q[R];
+  dot_pair_q4_rows<R>(rp, xp, xld, half_last && pairs == 1, p);
+  if (pairs > 1) dot_pair_q4_rows<R>(rp + 32, xp + 64, xld, half_last && pairs == 2, q);
+  MLXCY_UNROLL
+  for (int i = 0; i < R; ++i) h[i] = _mm256_hadd_epi32(p[i], pairs > 1 ? q[i] : z);
+  if (pairs > 2) dot_pair_q4_rows<R>(rp + 64, xp + 128, xld, half_last && pairs == 3, p);
+  if (pairs > 3) dot_pair_q4_rows<R>(rp + 96, xp + 192, xld, half_last, q);
+  MLXCY_UNROLL
+  for (int i = 0; i < R; ++i)
+    h[i] = _mm256_hadd_epi32(h[i], _mm256_hadd_epi32(pairs > 2 ? p[i] : z,
+                                                     pairs > 3 ? q[i] : z));
+}
+
+// matvec_q4_i16_t for R rows of x.
+template <Elt T, int LB, int R>
+MLXCY_ROWS_ISA void matvec_q4_i16_rows_t(const Weight& W, const int16_t* xq, int64_t xld,
+                                         const float* xd, int dld, const float* xsum, int sld,
+                                         float* y, int64_t ldy, int n0, int n1) {
+  const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  const int64_t ld = W.w_ld * 4;
+  const __m256i order = _mm256_setr_epi32(0, 2 >> LB, 4 >> LB, 6 >> LB, 1 >> LB, 3 >> LB,
+                                          5 >> LB, 7 >> LB);
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* r = w + int64_t(n) * ld;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc[R];
+    __m256i h[R];
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < NB8; j0 += 8) {
+      batch_q4_rows<R>(r + 16 * j0, xq + 32 * j0, xld, 4, false, h);
+      const __m256 sc =
+          _mm256_permutevar8x32_ps(load_batch_scales<T, LB>(W.s, si + (j0 >> LB)), order);
+      scale_rows<R>(h, sc, xd + j0, dld, acc);
+    }
+    if (rb) {
+      batch_q4_rows<R>(r + 16 * NB8, xq + 32 * NB8, xld, (rb + 1) / 2,
+                       n == W.N - 1 && (rb & 1), h);
+      const __m256 sc = _mm256_permutevar8x32_ps(
+          load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB), order);
+      scale_rows<R>(h, sc, xd + NB8, dld, acc);
+    }
+    add_biases_rows<T, R>(W, si, G, xsum, sld, acc);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) y[i * ldy + n] = hsum8(acc[i]);
+  }
+}
+
+// The integer dots of block j of a 5- or 8-bit row with R rows of x.
+template <int BITS, int R>
+MLXCY_ROWS_ISA MLXCY_INLINE void dot_block_i16_rows(const uint8_t* row, const int16_t* xq,
+                                                    int64_t xld, int j, __m256i* out) {
+  __m256i a, b;
+  block_i16<BITS>(row, j, a, b);
+  MLXCY_UNROLL
+  for (int i = 0; i < R; ++i) {
+    const int16_t* x = xq + i * xld + 32 * j;
+    out[i] = dpw(_mm256_madd_epi16(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                 b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)));
+  }
+}
+
+// hsum_8x8 of blocks j0 .. j0 + nb - 1 (nb <= 8; zeros past them) for R rows,
+// built up block by block so that few vectors are live per row.
+template <int BITS, int R>
+MLXCY_ROWS_ISA MLXCY_INLINE void batch_i16_rows(const uint8_t* row, const int16_t* xq, int64_t xld,
+                                                int j0, int nb, __m256i* h) {
+  const __m256i z = _mm256_setzero_si256();
+  __m256i half[2][R], v0[R], v1[R], t[R];
+  for (int s = 0; s < 2; ++s) {       // blocks 0-3, then 4-7
+    for (int u = 0; u < 2; ++u) {     // two pairs of blocks each
+      const int l = 4 * s + 2 * u;
+      if (l < nb) dot_block_i16_rows<BITS, R>(row, xq, xld, j0 + l, v0);
+      if (l + 1 < nb) dot_block_i16_rows<BITS, R>(row, xq, xld, j0 + l + 1, v1);
+      MLXCY_UNROLL
+      for (int i = 0; i < R; ++i) {
+        const __m256i pr = _mm256_hadd_epi32(l < nb ? v0[i] : z, l + 1 < nb ? v1[i] : z);
+        if (u == 0) t[i] = pr;
+        else half[s][i] = _mm256_hadd_epi32(t[i], pr);
+      }
+    }
+  }
+  MLXCY_UNROLL
+  for (int i = 0; i < R; ++i)
+    h[i] = _mm256_add_epi32(_mm256_permute2x128_si256(half[0][i], half[1][i], 0x20),
+                            _mm256_permute2x128_si256(half[0][i], half[1][i], 0x31));
+}
+
+// matvec_q_i16_t (5 and 8 bits) for R rows of x.
+template <int BITS, Elt T, int LB, int R>
+MLXCY_ROWS_ISA void matvec_q_i16_rows_t(const Weight& W, const int16_t* xq, int64_t xld,
+                                        const float* xd, int dld, const float* xsum, int sld,
+                                        float* y, int64_t ldy, int n0, int n1) {
+  const int G = W.K / W.gs, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
+  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  const int64_t ld = W.w_ld * 4;
+  const __m256i spread = _mm256_setr_epi32(0, 1 >> LB, 2 >> LB, 3 >> LB, 4 >> LB, 5 >> LB,
+                                           6 >> LB, 7 >> LB);
+  thread_local std::vector<uint8_t> lastrow;   // 5 bits: the array's last row, padded
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* r = w + int64_t(n) * ld;
+    if (BITS == 5 && n == W.N - 1) {   // block_i16 reads past the block
+      lastrow.assign(size_t(ld) + 16, 0);
+      std::memcpy(lastrow.data(), r, size_t(ld));
+      r = lastrow.data();
+    }
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc[R];
+    __m256i h[R];
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < NB8; j0 += 8) {
+      batch_i16_rows<BITS, R>(r, xq, xld, j0, 8, h);
+      __m256 sc = load_batch_scales<T, LB>(W.s, si + (j0 >> LB));
+      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
+      scale_rows<R>(h, sc, xd + j0, dld, acc);
+    }
+    if (rb) {
+      batch_i16_rows<BITS, R>(r, xq, xld, NB8, rb, h);
+      __m256 sc = load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB);
+      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
+      scale_rows<R>(h, sc, xd + NB8, dld, acc);
+    }
+    add_biases_rows<T, R>(W, si, G, xsum, sld, acc);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) y[i * ldy + n] = hsum8(acc[i]);
+  }
+}
+
+// RR rows of x against output rows [n0, n1) of W.
+template <int BITS, Elt T, int LB, int RR>
+MLXCY_ROWS_ISA void pass(const Weight& W, const int16_t* xq, int64_t xld, const float* xd, int dld,
+                         const float* xsum, int sld, float* y, int64_t ldy, int n0, int n1) {
+  if constexpr (BITS == 4)
+    matvec_q4_i16_rows_t<T, LB, RR>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  else
+    matvec_q_i16_rows_t<BITS, T, LB, RR>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
+// Rows [0, R) of x, R >= 2, against output rows [n0, n1) of W (4, 5 or 8
+// bits): passes of kRows rows, the last of them taking one more row where
+// one would be left alone (a pass of one row reads the weights again for a
+// single row: VNNI, 84 MB of 4-bit weights, 5 rows of x took 8.4 ms as 4 + 1,
+// 4 rows 5.7), then a pass of the 2 or 3 rows left.
+template <int BITS, Elt T, int LB>
+MLXCY_ROWS_ISA void rows_lb(const Weight& W, int R, const int16_t* xq, int64_t xld, const float* xd,
+                            int dld, const float* xsum, int sld, float* y, int64_t ldy, int n0,
+                            int n1) {
+  int m = 0;
+  for (; R - m >= kRows; m += kRows) {
+    if (R - m == kRows + 1) {
+      pass<BITS, T, LB, kRows + 1>(W, xq + m * xld, xld, xd + m * dld, dld, xsum + m * sld,
+                                   sld, y + m * ldy, ldy, n0, n1);
+      return;
+    }
+    pass<BITS, T, LB, kRows>(W, xq + m * xld, xld, xd + m * dld, dld, xsum + m * sld, sld,
+                             y + m * ldy, ldy, n0, n1);
+  }
+  const int r = R - m;   // 0, or 2 .. kRows - 1
+  xq += m * xld;
+  xd += m * dld;
+  xsum += m * sld;
+  y += m * ldy;
+  if constexpr (kRows > 2) {
+    if (r == 2) pass<BITS, T, LB, 2>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+    if (r == 3) pass<BITS, T, LB, 3>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  }
+}
+
+template <int BITS, Elt T>
+MLXCY_ROWS_ISA void rows_t(const Weight& W, int R, const int16_t* xq, int64_t xld, const float* xd,
+                           int dld, const float* xsum, int sld, float* y, int64_t ldy, int n0,
+                           int n1) {
+  if (W.gs == 32) return rows_lb<BITS, T, 0>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (W.gs == 64) return rows_lb<BITS, T, 1>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  return rows_lb<BITS, T, 2>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
+template <int BITS>
+MLXCY_ROWS_ISA void rows_i16(const Weight& W, int R, const int16_t* xq, int64_t xld,
+                             const float* xd, int dld, const float* xsum, int sld, float* y,
+                             int64_t ldy, int n0, int n1) {
+  if (W.st == Elt::F16)
+    return rows_t<BITS, Elt::F16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (W.st == Elt::BF16)
+    return rows_t<BITS, Elt::BF16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  return rows_t<BITS, Elt::F32>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
+// The entry: rows [0, R) of x, R >= 2, against output rows [n0, n1) of W
+// (4, 5 or 8 bits); each row of y is that row's one-row product.
+MLXCY_ROWS_ISA inline void product(const Weight& W, int R, const int16_t* xq, int64_t xld,
+                                   const float* xd, int dld, const float* xsum, int sld,
+                                   float* y, int64_t ldy, int n0, int n1) {
+  if (W.bits == 4) return rows_i16<4>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (W.bits == 5) return rows_i16<5>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  rows_i16<8>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
+}  // namespace MLXCY_ROWS_NS
+
+#undef MLXCY_ROWS_NS
+#undef MLXCY_ROWS_ISA
+#undef MLXCY_ROWS_VNNI
