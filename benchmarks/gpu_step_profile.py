@@ -7,7 +7,7 @@ step: wall time, the host's graph building (build), its wait for the device
 process), the device time of the kernels a step launches: the one-kernel
 step's kernel alone and all kernels together.
 
-    python benchmarks/gpu_step_profile.py --models smollm2-135m,llama-3.2-1b --quant bf16 [--staging]
+    python benchmarks/gpu_step_profile.py --models smollm2-135m,llama-3.2-1b --quant bf16
 """
 from __future__ import annotations
 
@@ -22,13 +22,10 @@ from bench_decode import random_hf_dir, variant_dir
 
 
 def run(model, prompt, n, on):
-    """on: False (ops), True (one kernel) or "staged" (one kernel, weight rows
-    staged in shared memory)."""
     from mlxcy.generation.engine import Engine
     from mlxcy.generation.sample import Sampler
-    from mlxcy.models.base import set_gpu_decode_step, set_gpu_step_staging
-    old = set_gpu_decode_step(bool(on))
-    old_st = set_gpu_step_staging(on == "staged")
+    from mlxcy.models.base import set_gpu_decode_step
+    old = set_gpu_decode_step(on)
     try:
         eng = Engine(model, max_batch=1)
         eng.add(prompt, sampler=Sampler(temperature=0.0), max_tokens=n)
@@ -37,7 +34,6 @@ def run(model, prompt, n, on):
         return dict(eng.stats)
     finally:
         set_gpu_decode_step(old)
-        set_gpu_step_staging(old_st)
 
 
 def profile(model, prompt, n, on):
@@ -60,8 +56,6 @@ def main():
     ap.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
     ap.add_argument("--quant", default="bf16")
     ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--staging", action="store_true",
-                    help="also the one-kernel step with weight rows staged in shared memory")
     a = ap.parse_args()
     import numpy as np
 
@@ -74,13 +68,12 @@ def main():
             m = load_model(variant_dir(random_hf_dir(name, cache_dir() / "bench"), q))
             m.fuse()
             prompt = np.random.default_rng(0).integers(100, 30000, 512).tolist()
-            for on in ((True, "staged", False) if a.staging else (True, False)):
+            for on in (True, False):
                 run(m, prompt, 8, on)                      # warm-up: kernels compiled
                 st = run(m, prompt, a.gen, on)
                 steps = max(st["decode_steps"], 1)
                 kern, total = profile(m, prompt, a.gen, on)
-                step = {True: "one kernel", "staged": "one kernel, staged", False: "ops"}[on]
-                print(f"| {name} {q} | {step} | "
+                print(f"| {name} {q} | {'one kernel' if on else 'ops'} | "
                       f"{st['decode_tokens'] / st['decode_seconds']:.1f} | "
                       f"{st['build_seconds'] / steps * 1e6:.0f} | "
                       f"{st['wait_seconds'] / steps * 1e6:.0f} | {kern:.0f} | "

@@ -63,14 +63,12 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     with the body its launch code generates for L layers."""
     ty = CTYPE[t]
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
-    if "M" not in c:
-        c.setdefault("STAGE", False)
     consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
                      f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in c.items())
     kv = "".join(f", const {ty}* {n}{l}" for n in "kv" for l in range(L))
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
-    fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", ", STAGE")   # M positions
+    fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", "")   # M positions
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
             f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
             f"const uint32_t* bar, const {ty}* after{kv}, {ty}* logits, float* scratch) {{\n  using T = {ty};\n"
@@ -98,11 +96,6 @@ def step_cases():
                            QKV_BIAS=False, QK_NORM=False, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, **norms)
-    # weight rows staged in shared memory: SmolLM2 and Llama-3.2-1B bf16
-    yield "bf16", 30, dict(BITS=0, GS=0, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
-                           QKV_BIAS=False, QK_NORM=False, STAGE=True, **norms)
-    yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
-                           QKV_BIAS=False, QK_NORM=False, STAGE=True, **norms)
     # SmolLM2's Q4_1 GGUF as loaded on a GPU: float32, 4-bit layers, an 8-bit embedding (Q8_0)
     yield "f32", 30, dict(BITS=4, GS=32, EBITS=8, EGS=32, D=576, NQ=9, NKV=3, HD=64, FF=1536,
                           V=49152, QKV_BIAS=False, QK_NORM=False, **norms)

@@ -14,8 +14,6 @@
 #   torch    bench_decode --torch-graph: the PyTorch CUDA-graph loop (bf16)
 #   verify   the several-positions kernel: its GPU tests, then prompt lookup
 #            vs plain decoding with verification as one kernel and op by op
-#   stage    weight rows staged in shared memory: its GPU tests, then the
-#            profile with and without (bf16 SmolLM2, Qwen3-0.6B, Llama-3.2-1B)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-session}"
@@ -30,8 +28,6 @@ for s in "${steps[@]}"; do
         bench) python benchmarks/bench_decode.py --models "$models" --quant bf16,4bit --ops ;;
         profile) python benchmarks/gpu_step_profile.py --models "$models" --quant bf16,4bit ;;
         torch) python benchmarks/bench_decode.py --models "$models" --quant bf16 --ops --torch-graph ;;
-        stage) python -m pytest -q -p no:cacheprovider tests/models/test_gpu_step.py -k staged &&
-               python benchmarks/gpu_step_profile.py --models "$models" --quant bf16 --staging ;;
         verify) python -m pytest -q -p no:cacheprovider tests/models/test_gpu_step.py \
                     -k "several or engine or embedding or not_taken" &&
                 for v in on off; do

@@ -54,7 +54,6 @@
 #include <map>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include <mlx/fast.h>
@@ -219,8 +218,7 @@ __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* 
 
 // One weight row (K inputs) dotted with xs by one warp; every lane gets it.
 template <typename T, int BITS, int GS>
-__device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const float* xs,
-                                         const uint4* staged = nullptr) {
+__device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const float* xs) {
   constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
   constexpr int U = 8;                         // chunks in flight per lane
   const int lane = threadIdx.x & 31;
@@ -231,7 +229,7 @@ __device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const 
     uint4 wq[U];
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (c0 + 32 * u < CH) wq[u] = staged ? staged[c0 + 32 * u] : __ldg(w4 + c0 + 32 * u);
+      if (c0 + 32 * u < CH) wq[u] = __ldg(w4 + c0 + 32 * u);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * u;
@@ -249,47 +247,6 @@ __device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const 
     }
   }
   return warp_sum(acc);
-}
-
-// ---- staged weight rows (STAGE: float weights) ------------------------------
-// While the grid waits at a barrier, each warp copies its first rows of the
-// next phase into its own slot of shared memory (cp.async), so that after the
-// barrier its first products read shared memory instead of waiting on L2.
-constexpr int SLOT = 8192;                     // bytes per warp
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* g) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(s), "l"(g) : "memory");
-}
-
-// Each lane waits for its own copies only: it copied the chunks it reads.
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_all;" : : : "memory");
-}
-
-// Copy rows(0), rows(1), ... (K values of T each; nullptr: no more) into slot,
-// as many whole rows as fit, lane c copying chunks c, c + 32, ... as row_dot
-// reads them; returns how many rows were staged.
-template <typename T, int K, typename Rows>
-__device__ __forceinline__ int stage(unsigned char* slot, Rows rows) {
-  constexpr int CH = K * (int)sizeof(T) / 16;
-  constexpr int FIT = SLOT / (CH * 16);
-  const int lane = threadIdx.x & 31;
-  int n = 0;
-  for (; n < FIT; ++n) {
-    const uint4* src = reinterpret_cast<const uint4*>(rows(n));
-    if (src == nullptr) break;
-    uint4* dst = reinterpret_cast<uint4*>(slot) + n * CH;
-    for (int c = lane; c < CH; c += 32) cp_async16(dst + c, src + c);
-  }
-  asm volatile("cp.async.commit_group;" : : : "memory");
-  return n;
-}
-
-// Row i of a warp's staged rows (nullptr when it was not staged).
-template <typename T, int K>
-__device__ __forceinline__ const uint4* staged_row(const unsigned char* slot, int i, int n) {
-  return i < n ? reinterpret_cast<const uint4*>(slot) + i * (K * (int)sizeof(T) / 16) : nullptr;
 }
 
 // xs (padded) <- src[0:K] (float scratch, read through L2), normalized by
@@ -392,7 +349,7 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM, bool STAGE>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
@@ -418,16 +375,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
-  constexpr bool ST = STAGE && BITS == 0;      // (float weights only)
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
-  unsigned char* slot = dyn_smem + warp * SLOT;
-  int nst = 0;                                 // rows staged for the next phase
-  // the q/k/v row of table t for global row r (of NQKV)
-  auto qkv_row = [&](const unsigned long long* tt, int r) {
-    const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
-    const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
-    return reinterpret_cast<const T*>(tt[1 + 3 * p]) + (size_t)row * D;
-  };
 
   for (int l = 0; l < NL; ++l) {
     const unsigned long long* t = table + l * PL;
@@ -438,11 +385,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
-      for (int r = gw, i = 0; r < NQKV; r += nw, ++i) {
+      for (int r = gw; r < NQKV; r += nw) {
         const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
         const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
-        float v = rt<T>(row_dot<T, BITS, GS>(parts[p], row, D, xs,
-                                             ST ? staged_row<T, D>(slot, i, nst) : nullptr));
+        float v = rt<T>(row_dot<T, BITS, GS>(parts[p], row, D, xs));
         if (QKV_BIAS) v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
         if (lane == 0) qkv[r] = v;
       }
@@ -542,87 +488,53 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       }
     }
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
-    if (ST)
-      nst = stage<T, NQ * HD>(slot, [&](int n) {
-        const int r = gw + n * nw;
-        return r < D ? reinterpret_cast<const T*>(t[15]) + (size_t)r * NQ * HD : nullptr;
-      });
     grid_sync(sync);
-    if (ST) cp_async_wait();
     // -- C: o_proj + residual
     load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
     {
       const Lin<T> o = lin<T>(t + 15);
-      for (int r = gw, i = 0; r < D; r += nw, ++i) {
-        const float v = rt<T>(row_dot<T, BITS, GS>(
-            o, r, NQ * HD, xs, ST ? staged_row<T, NQ * HD>(slot, i, nst) : nullptr));
+      for (int r = gw; r < D; r += nw) {
+        const float v = rt<T>(row_dot<T, BITS, GS>(o, r, NQ * HD, xs));
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
       }
     }
     prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
     prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
-    if (ST)   // gate and up rows in pairs: staged rows 2i and 2i + 1
-      nst = stage<T, D>(slot, [&](int n) {
-        const int r = gw + (n / 2) * nw;
-        return r < FF ? reinterpret_cast<const T*>(t[n % 2 ? 22 : 19]) + (size_t)r * D : nullptr;
-      });
     grid_sync(sync);
-    if (ST) cp_async_wait();
     // -- D: RMSNorm -> gate, up -> silu(gate) * up
     load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
     {
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
-      for (int r = gw, i = 0; r < FF; r += nw, ++i) {
-        const float gv = rt<T>(row_dot<T, BITS, GS>(
-            g, r, D, xs, ST ? staged_row<T, D>(slot, 2 * i, nst) : nullptr));
-        const float uv = rt<T>(row_dot<T, BITS, GS>(
-            u, r, D, xs, ST ? staged_row<T, D>(slot, 2 * i + 1, nst) : nullptr));
+      for (int r = gw; r < FF; r += nw) {
+        const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
+        const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
         const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
         if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
       }
     }
     prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
-    if (ST)
-      nst = stage<T, FF>(slot, [&](int n) {
-        const int r = gw + n * nw;
-        return r < D ? reinterpret_cast<const T*>(t[25]) + (size_t)r * FF : nullptr;
-      });
     grid_sync(sync);
-    if (ST) cp_async_wait();
     // -- E: down + residual
     load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
     {
       const Lin<T> dn = lin<T>(t + 25);
-      for (int r = gw, i = 0; r < D; r += nw, ++i) {
-        const float v = rt<T>(row_dot<T, BITS, GS>(
-            dn, r, FF, xs, ST ? staged_row<T, FF>(slot, i, nst) : nullptr));
+      for (int r = gw; r < D; r += nw) {
+        const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
       }
     }
     if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
       prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
-      if (ST)
-        nst = stage<T, D>(slot, [&](int n) {
-          const int r = gw + n * nw;
-          return r < NQKV ? qkv_row(t + PL, r) : nullptr;
-        });
     } else {
       prefetch_rows<T, EBITS>(lin<T>(top + 4).w, D, gw, V, nw);
-      if (ST && EBITS == 0)
-        nst = stage<T, D>(slot, [&](int n) {
-          const int r = gw + n * nw;
-          return r < V ? reinterpret_cast<const T*>(top[4]) + (size_t)r * D : nullptr;
-        });
     }
     grid_sync(sync);
-    if (ST) cp_async_wait();
   }
   // -- the final norm and the output head
   load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
   const Lin<T> head = lin<T>(top + 4);
-  for (int r = gw, i = 0; r < V; r += nw, ++i) {
-    const float v = row_dot<T, EBITS, EGS>(
-        head, r, D, xs, ST && EBITS == 0 ? staged_row<T, D>(slot, i, nst) : nullptr);
+  for (int r = gw; r < V; r += nw) {
+    const float v = row_dot<T, EBITS, EGS>(head, r, D, xs);
     if (lane == 0) logits[r] = static_cast<T>(v);
   }
   // every block read meta before the last barrier: the next step's position
@@ -1105,19 +1017,6 @@ inline void step_finish(StepState& st) {
   st.has_last = false;
 }
 
-// Whether one-token steps stage their next weight rows in shared memory
-// (decode_step's STAGE; set from base.pyx's set_gpu_step_staging, for A/B).
-inline bool& step_staging() {
-  static bool on = false;
-  return on;
-}
-
-inline bool step_set_staging(bool on) {   // returns the previous setting
-  const bool old = step_staging();
-  step_staging() = on;
-  return old;
-}
-
 // The previous step kernel launched by this process (any model): each launch
 // takes it as an input, so MLX never runs two of these kernels at once (their
 // blocks wait for each other at barriers: two running together could each hold
@@ -1164,11 +1063,10 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
     st.host = std::move(table);
   }
 
-  // by layer count, form (one or several positions) and shared memory
-  const bool staged = M == 1 && step_staging();
-  const int smem = M > 1 ? step_shared_bytes(c, M) : (staged ? 8 * 8192 : 0);   // 8 warps' SLOTs
-  static std::map<std::tuple<int, bool, int>, mx::fast::CustomKernelFunction> kernels;
-  auto it = kernels.find({c.L, M > 1, smem});
+  // by layer count, and for several positions by their shared memory
+  const int smem = M > 1 ? step_shared_bytes(c, M) : 0;
+  static std::map<std::pair<int, int>, mx::fast::CustomKernelFunction> kernels;
+  auto it = kernels.find({c.L, smem});
   if (it == kernels.end()) {
     std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar", "after"};
     std::string kinit = "  T* kc[NL] = {", vinit = "  T* vc[NL] = {";
@@ -1184,13 +1082,13 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
         (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
                 "QKV_BIAS, QK_NORM, M>(\n"
               : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, STAGE>(\n") +
+                "QKV_BIAS, QK_NORM>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
         "      scratch, logits, const_cast<unsigned*>(bar));\n";
     std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L);
-    it = kernels.emplace(std::make_tuple(c.L, M > 1, smem),
+    it = kernels.emplace(std::make_pair(c.L, smem),
                          mx::fast::cuda_kernel(name, names, {"logits", "scratch"}, body,
                                                step_device_source(), false, smem)).first;
   }
@@ -1223,8 +1121,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
        {"EGS", c.ebits ? c.egs : 0}, {"D", c.D},
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
-       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
-       {"STAGE", staged}},
+       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M}},
       std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());

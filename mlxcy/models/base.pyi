@@ -103,11 +103,6 @@ def set_gpu_verify_step(on: bool) -> bool:
     proposals, up to gpu_step.h's step_max_positions) as one kernel too, where
     the one-kernel step applies (default True); returns the previous setting."""
 
-def set_gpu_step_staging(on: bool) -> bool:
-    """One-token kernel steps copy each warp's next weight rows into shared
-    memory while the grid waits at a barrier (float weights; default False,
-    for A/B runs); returns the previous setting."""
-
 def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""

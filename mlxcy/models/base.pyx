@@ -759,13 +759,6 @@ def set_gpu_verify_step(bint on):
     return old
 
 
-def set_gpu_step_staging(bint on):
-    """One-token kernel steps copy each warp's next weight rows into shared
-    memory while the grid waits at a barrier (float weights; default False,
-    for A/B runs); returns the previous setting."""
-    return ngs.step_set_staging(on)
-
-
 def gpu_decode_steps():
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""

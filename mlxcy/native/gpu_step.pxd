@@ -26,7 +26,6 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
 
     string step_config_problem(const StepConfig& c) except +
     int step_max_positions(const StepConfig& c) except +
-    bool step_set_staging(bool on)
     void step_init(StepState& st, const array& inv_freq) except +
     void step_finish(StepState& st) except +
     array step_decode(const StepConfig& c, const vector[StepPtr]& entries, StepState& st,

@@ -137,21 +137,6 @@ def test_quantized_models_match_the_op_path(checkpoints, kind, bits):
 
 
 @cuda
-@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("qwen2", "bfloat16"),
-                                        ("qwen3", "float16")])
-def test_staged_weight_rows_match_the_op_path(checkpoints, kind, dtype):
-    m = load_model(checkpoints[kind], dtype=dtype)
-    m.fuse()
-    old = base.set_gpu_step_staging(True)
-    try:
-        tol = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3}[dtype]
-        _compare(m, _prompt(11, 12), 24, tol, exact_ids=dtype == "float32")
-    finally:
-        base.set_gpu_step_staging(old)
-        m.close()
-
-
-@cuda
 def test_an_embedding_in_its_own_format(checkpoints):
     """4-bit layers with an 8-bit (group 32) tied embedding and head."""
     m = load_model(checkpoints["qwen2", "mixed"])
