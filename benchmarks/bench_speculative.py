@@ -4,7 +4,7 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
-        [--models qwen,smol]
+        [--models qwen,smol] [--gpu-verify on|off]
 
 Draft models: a speedup measured with a random-weight pair says nothing
 (acceptance is chance), and the registry offers no real pair of models with
@@ -106,7 +106,11 @@ def main():
     ap.add_argument("--models", default="qwen,smol",
                     help="which of the cases' models to run (qwen: Qwen2.5-Coder-0.5B, "
                          "smol: SmolLM2-135M)")
+    ap.add_argument("--gpu-verify", choices=("on", "off"), default="on",
+                    help="on a GPU, verification steps as one kernel (on) or op by op (off)")
     a = ap.parse_args()
+    from mlxcy.models.base import set_gpu_verify_step
+    set_gpu_verify_step(a.gpu_verify == "on")
     wanted = a.models.split(",")
     models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
               if name in wanted}

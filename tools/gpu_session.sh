@@ -12,6 +12,8 @@
 #            Qwen3-0.6B, Llama-3.2-1B; bf16 and 4-bit)
 #   profile  gpu_step_profile: host build/wait and the kernel's device time
 #   torch    bench_decode --torch-graph: the PyTorch CUDA-graph loop (bf16)
+#   verify   the several-positions kernel: its GPU tests, then prompt lookup
+#            vs plain decoding with verification as one kernel and op by op
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-session}"
@@ -26,6 +28,12 @@ for s in "${steps[@]}"; do
         bench) python benchmarks/bench_decode.py --models "$models" --quant bf16,4bit --ops ;;
         profile) python benchmarks/gpu_step_profile.py --models "$models" --quant bf16,4bit ;;
         torch) python benchmarks/bench_decode.py --models "$models" --quant bf16 --ops --torch-graph ;;
+        verify) python -m pytest -q -p no:cacheprovider tests/models/test_gpu_step.py \
+                    -k "several or engine or embedding or not_taken" &&
+                for v in on off; do
+                    python benchmarks/bench_speculative.py --models smol --max-tokens 128 \
+                        --repeats 2 --gpu-verify $v
+                done ;;
         *) echo "gpu_session.sh: unknown step $s" >&2; exit 2 ;;
     esac > "$out/$s.log" 2>&1
     echo "$s rc=$? $(grep -E 'passed|failed' "$out/$s.log" | tail -1)"

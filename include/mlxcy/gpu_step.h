@@ -348,8 +348,8 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
     if (lane + 32 * c < HD) out[lane + 32 * c] = rt<T>(num[c] / den);
 }
 
-template <typename T, int BITS, int GS, int D, int NQ, int NKV, int HD, int FF, int V, int NL,
-          bool QKV_BIAS, bool QK_NORM>
+template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
+          int V, int NL, bool QKV_BIAS, bool QK_NORM>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
@@ -380,7 +380,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     const unsigned long long* t = table + l * PL;
     // -- A: RMSNorm -> q, k, v (+ bias)
     if (l == 0)
-      embed<T, BITS, GS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
+      embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
     else
       load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
     {
@@ -526,7 +526,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
       prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
     } else {
-      prefetch_rows<T, BITS>(lin<T>(top + 4).w, D, gw, V, nw);
+      prefetch_rows<T, EBITS>(lin<T>(top + 4).w, D, gw, V, nw);
     }
     grid_sync(sync);
   }
@@ -534,12 +534,359 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
   const Lin<T> head = lin<T>(top + 4);
   for (int r = gw; r < V; r += nw) {
-    const float v = row_dot<T, BITS, GS>(head, r, D, xs);
+    const float v = row_dot<T, EBITS, EGS>(head, r, D, xs);
     if (lane == 0) logits[r] = static_cast<T>(v);
   }
   // every block read meta before the last barrier: the next step's position
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     bar[2] = pos + 1;
+    bar[3] = cap;
+  }
+}
+
+
+// ---- several positions of one sequence in one launch (verification) --------
+// The same model math for M consecutive positions pos .. pos + M - 1 (a
+// speculative step's proposals, a short prompt): every weight row is read
+// once and dotted with the M activation rows, so a step costs about one
+// one-token step while the weights dominate.  The activations are kept in
+// the model's dtype in dynamic shared memory ([M][K], the values are already
+// rounded to it); six phases per layer, the one-token kernel's five plus one
+// that normalizes and rotates the new q/k rows and writes k/v into the cache,
+// so that attention reads every key, old or new, from the cache.
+
+// xm[m][0:K] <- src[m][0:K] (float scratch, through L2) for m < M, each row
+// normalized by RMSNorm with weight nw when nw is given (T(w * T(x * inv))).
+template <typename T, int K, int M>
+__device__ __forceinline__ void load_xm(const float* src, const T* nw, float eps, T* xm,
+                                        float* red) {
+  float ss[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) ss[m] = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = __ldcg(src + m * K + k);
+      xm[m * K + k] = static_cast<T>(v);
+      ss[m] += v * v;
+    }
+  if (nw != nullptr) {
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float t = warp_sum(ss[m]);
+      if ((threadIdx.x & 31) == 0) red[warp * M + m] = t;
+    }
+    __syncthreads();
+    float inv[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float t = 0.0f;
+      for (int w = 0; w < WARPS; ++w) t += red[w * M + m];
+      inv[m] = rsqrtf(t / K + eps);
+    }
+    for (int k = threadIdx.x; k < K; k += THREADS) {
+      const float w = static_cast<float>(nw[k]);
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        xm[m * K + k] = static_cast<T>(rt<T>(w * rt<T>(static_cast<float>(xm[m * K + k]) * inv[m])));
+    }
+  }
+  __syncthreads();
+}
+
+// The VALS weights of chunk wq as floats (affine values before scale/bias).
+template <typename T, int BITS>
+__device__ __forceinline__ void unpack_chunk(const uint4& wq, float* w) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  if (BITS == 0) {
+    const T* t = reinterpret_cast<const T*>(&wq);
+#pragma unroll
+    for (int i = 0; i < VALS; ++i) w[i] = static_cast<float>(t[i]);
+  } else {
+    constexpr int B = BITS ? BITS : 8, PER = 32 / B;
+    constexpr unsigned MASK = (1u << B) - 1u;
+    const unsigned* words = reinterpret_cast<const unsigned*>(&wq);
+#pragma unroll
+    for (int i = 0; i < VALS; ++i) w[i] = static_cast<float>((words[i / PER] >> ((i % PER) * B)) & MASK);
+  }
+}
+
+// One weight row (K inputs) dotted with the M rows of xm by one warp; every
+// lane gets the M sums.
+template <typename T, int BITS, int GS, int K, int M>
+__device__ __forceinline__ void row_dot_m(const Lin<T>& L, int row, const T* xm, float (&out)[M]) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int XV = 16 / sizeof(T);           // x values per 16-byte read
+  constexpr int U = M > 4 ? 4 : 8;             // chunks in flight (registers: M sums too)
+  constexpr int CH = K / VALS;
+  const int lane = threadIdx.x & 31;
+  const uint4* w4 = reinterpret_cast<const uint4*>(L.w) + (size_t)row * CH;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+    uint4 wq[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c0 + 32 * u < CH) wq[u] = __ldg(w4 + c0 + 32 * u);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c < CH) {
+        float w[VALS];
+        unpack_chunk<T, BITS>(wq[u], w);
+        float sc = 1.0f, bi = 0.0f;
+        if (BITS) {
+          constexpr int G = GS ? GS : 1;
+          const size_t g = (size_t)row * (K / G) + (c * VALS) / G;
+          sc = static_cast<float>(L.s[g]);
+          bi = static_cast<float>(L.b[g]);
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const T* xc = xm + m * K + c * VALS;
+          float d = 0.0f, s = 0.0f;
+#pragma unroll
+          for (int i = 0; i < VALS; i += XV) {
+            const uint4 u4 = *reinterpret_cast<const uint4*>(xc + i);
+            const T* xv = reinterpret_cast<const T*>(&u4);
+#pragma unroll
+            for (int j = 0; j < XV; ++j) {
+              const float xf = static_cast<float>(xv[j]);
+              d = fmaf(w[i + j], xf, d);
+              s += xf;
+            }
+          }
+          acc[m] += BITS ? sc * d + bi * s : d;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) out[m] = warp_sum(acc[m]);
+}
+
+template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, int M>
+__device__ void verify_step(const int* tok_p, const int* meta, const unsigned long long* table,
+                            const float* inv_freq, T* const* kc, T* const* vc, float eps,
+                            float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
+  constexpr int PL = 28;
+  constexpr int NQKV = (NQ + 2 * NKV) * HD;
+  constexpr int DPL = (HD + 31) / 32;
+  constexpr int GROUP = NQ / NKV;
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  T* xm = reinterpret_cast<T*>(dyn_smem);      // [M][K], K up to the widest product
+  __shared__ float red[WARPS * M];
+  __shared__ __align__(16) float hv[WARPS][HD];   // a warp's head vector (phase B1)
+
+  float* x = scratch;                          // residual stream [M][D]
+  float* qkv = x + M * D;                      // [M][NQKV]
+  float* att = qkv + M * NQKV;                 // [M][NQ * HD]
+  float* hid = att + M * NQ * HD;              // [M][FF]
+  const int pos = meta[2], cap = meta[3];
+  const int maxt = (cap + 31) / 32;
+  float* part = hid + M * FF;                  // partials [NQ * M][maxt][HD + 2]
+  unsigned* count = bar + 64;                  // per (head, position): tiles done
+  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
+  const unsigned long long* top = table + NL * PL;
+
+  // the embedding rows into x (every block writes the same values)
+  {
+    const Lin<T> E = lin<T>(top);
+    for (int i = threadIdx.x; i < M * D; i += THREADS) {
+      const int m = i / D, k = i % D, tok = tok_p[m];
+      float v;
+      if (EBITS) {
+        constexpr int B = EBITS ? EBITS : 8, G = EGS ? EGS : 1;
+        const unsigned* w = reinterpret_cast<const unsigned*>(E.w) + (size_t)tok * (D * B / 32);
+        const unsigned q = (w[k / (32 / B)] >> ((k % (32 / B)) * B)) & ((1u << B) - 1u);
+        const size_t g = (size_t)tok * (D / G) + k / G;
+        v = rt<T>(static_cast<float>(E.s[g]) * q + static_cast<float>(E.b[g]));
+      } else {
+        v = static_cast<float>(reinterpret_cast<const T*>(E.w)[(size_t)tok * D + k]);
+      }
+      x[i] = v;
+    }
+    __threadfence();
+    __syncthreads();
+  }
+
+  for (int l = 0; l < NL; ++l) {
+    const unsigned long long* t = table + l * PL;
+    // -- A: RMSNorm -> q, k, v (+ bias) for every position
+    load_xm<T, D, M>(x, ptr<T>(t[0]), eps, xm, red);
+    {
+      const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
+      for (int r = gw; r < NQKV; r += nw) {
+        const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
+        const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
+        float v[M];
+        row_dot_m<T, BITS, GS, D, M>(parts[p], row, xm, v);
+        if (lane == 0)
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            float o = rt<T>(v[m]);
+            if (QKV_BIAS) o = rt<T>(o + static_cast<float>(ptr<T>(t[10 + p])[row]));
+            qkv[m * NQKV + r] = o;
+          }
+      }
+    }
+    grid_sync(sync);
+    // -- B1: q/k norm and RoPE of the new rows; k, v into the cache at pos + m
+    for (int it = gw; it < (NQ + NKV) * M; it += nw) {
+      const int hh = it / M, m = it % M;
+      float* v = hv[warp];
+      float* src = qkv + m * NQKV + hh * HD;
+      for (int d = lane; d < HD; d += 32) v[d] = __ldcg(src + d);
+      __syncwarp();
+      if (QK_NORM) head_norm<T, HD>(v, ptr<T>(t[hh < NQ ? 13 : 14]), qk_eps);
+      rope<T, HD>(v, inv_freq, pos + m);
+      if (hh < NQ) {
+        for (int d = lane; d < HD; d += 32) src[d] = v[d];
+      } else {
+        const int j = hh - NQ;
+        const size_t at = ((size_t)j * cap + pos + m) * HD;
+        const float* vs = qkv + m * NQKV + (NQ + NKV + j) * HD;
+        for (int d = lane; d < HD; d += 32) {
+          kc[l][at + d] = static_cast<T>(v[d]);
+          vc[l][at + d] = static_cast<T>(__ldcg(vs + d));
+        }
+      }
+      __syncwarp();
+    }
+    grid_sync(sync);
+    // -- B2: attention, a warp per (query head, position, tile of 32 keys)
+    {
+      const int ntmax = (pos + M - 1) / 32 + 1;
+      for (int it = gw; it < NQ * M * ntmax; it += nw) {
+        const int h = it / (M * ntmax), m = (it / ntmax) % M, tile = it % ntmax;
+        const int last = pos + m;               // the query's own position
+        const int ntile = last / 32 + 1;
+        if (tile >= ntile) continue;
+        const int j = h / GROUP;
+        float* qv = hv[warp];                   // the rotated q (phase B1)
+        for (int d = lane; d < HD; d += 32) qv[d] = __ldcg(qkv + m * NQKV + h * HD + d);
+        __syncwarp();
+        const T* kl = kc[l] + (size_t)j * cap * HD;
+        const T* vl = vc[l] + (size_t)j * cap * HD;
+        const int p = tile * 32 + lane;
+        float s = neg_inf();
+        if (p <= last) {
+          constexpr int KV = 16 / sizeof(T);
+          const uint4* k4 = reinterpret_cast<const uint4*>(kl + (size_t)p * HD);
+          float a = 0.0f;
+#pragma unroll
+          for (int c = 0; c < HD / KV; ++c) {
+            const uint4 u = __ldcg(k4 + c);
+            const T* kv = reinterpret_cast<const T*>(&u);
+#pragma unroll
+            for (int i = 0; i < KV; ++i) a = fmaf(qv[c * KV + i], static_cast<float>(kv[i]), a);
+          }
+          s = a * scale;
+        }
+        float mx = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float e = p <= last ? __expf(s - mx) : 0.0f;
+        const float sum = warp_sum(e);
+        const int n = min(32, last + 1 - tile * 32);
+        float acc[DPL];
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
+#pragma unroll 8
+        for (int i = 0; i < n; ++i) {
+          const float ei = __shfl_sync(0xffffffffu, e, i);
+          const size_t pp = (size_t)(tile * 32 + i) * HD;
+#pragma unroll
+          for (int c = 0; c < DPL; ++c) {
+            const int d = lane + 32 * c;
+            if (d < HD) acc[c] = fmaf(ei, static_cast<float>(__ldcg(vl + pp + d)), acc[c]);
+          }
+        }
+        const int hm = h * M + m;
+        float* pt = part + ((size_t)hm * maxt + tile) * (HD + 2);
+#pragma unroll
+        for (int c = 0; c < DPL; ++c)
+          if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
+        if (lane == 0) {
+          pt[HD] = mx;
+          pt[HD + 1] = sum;
+        }
+        __threadfence();
+        __syncwarp();
+        unsigned done = 0;
+        if (lane == 0) done = atomicAdd(count + hm, 1u);
+        done = __shfl_sync(0xffffffffu, done, 0);
+        if (done == (unsigned)ntile - 1) {
+          __threadfence();
+          merge_head<T, HD>(part + (size_t)hm * maxt * (HD + 2), ntile, att + m * NQ * HD + h * HD);
+          if (lane == 0) count[hm] = 0u;
+        }
+        __syncwarp();
+      }
+    }
+    grid_sync(sync);
+    // -- C: o_proj + residual
+    load_xm<T, NQ * HD, M>(att, nullptr, 0.0f, xm, red);
+    {
+      const Lin<T> o = lin<T>(t + 15);
+      for (int r = gw; r < D; r += nw) {
+        float v[M];
+        row_dot_m<T, BITS, GS, NQ * HD, M>(o, r, xm, v);
+        if (lane == 0)
+#pragma unroll
+          for (int m = 0; m < M; ++m) x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
+      }
+    }
+    grid_sync(sync);
+    // -- D: RMSNorm -> gate, up -> silu(gate) * up
+    load_xm<T, D, M>(x, ptr<T>(t[18]), eps, xm, red);
+    {
+      const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
+      for (int r = gw; r < FF; r += nw) {
+        float gv[M], uv[M];
+        row_dot_m<T, BITS, GS, D, M>(g, r, xm, gv);
+        row_dot_m<T, BITS, GS, D, M>(u, r, xm, uv);
+        if (lane == 0)
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            const float a = rt<T>(gv[m]), b = rt<T>(uv[m]);
+            const float sg = rt<T>(1.0f / (1.0f + __expf(-a)));
+            hid[m * FF + r] = rt<T>(rt<T>(a * sg) * b);
+          }
+      }
+    }
+    grid_sync(sync);
+    // -- E: down + residual
+    load_xm<T, FF, M>(hid, nullptr, 0.0f, xm, red);
+    {
+      const Lin<T> dn = lin<T>(t + 25);
+      for (int r = gw; r < D; r += nw) {
+        float v[M];
+        row_dot_m<T, BITS, GS, FF, M>(dn, r, xm, v);
+        if (lane == 0)
+#pragma unroll
+          for (int m = 0; m < M; ++m) x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
+      }
+    }
+    grid_sync(sync);
+  }
+  // -- the final norm and the output head
+  load_xm<T, D, M>(x, ptr<T>(top[3]), eps, xm, red);
+  const Lin<T> head = lin<T>(top + 4);
+  for (int r = gw; r < V; r += nw) {
+    float v[M];
+    row_dot_m<T, EBITS, EGS, D, M>(head, r, xm, v);
+    if (lane == 0)
+#pragma unroll
+      for (int m = 0; m < M; ++m) logits[(size_t)m * V + r] = static_cast<T>(v[m]);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    bar[2] = pos + M;
     bar[3] = cap;
   }
 }
@@ -565,6 +912,7 @@ struct StepPtr {
 struct StepConfig {
   mx::Dtype dtype = mx::bfloat16;
   int bits = 0, group_size = 0;
+  int ebits = 0, egs = 0;          // the embedding's (and the head's) own format
   int D = 0, NQ = 0, NKV = 0, HD = 0, FF = 0, V = 0, L = 0;
   bool qkv_bias = false, qk_norm = false;
   float eps = 1e-5f, qk_eps = 1e-6f, scale = 1.0f;
@@ -586,8 +934,28 @@ inline std::string step_config_problem(const StepConfig& c) {
   if (c.HD > 256 || c.HD % 2 || (c.HD * mx::size_of(c.dtype)) % 16 || c.NKV <= 0 ||
       c.NQ % c.NKV)
     return "head layout";
-  if (c.D % (32 / std::max(c.bits, 1)) && c.bits) return "embedding width";
+  if (c.ebits != 0 && c.ebits != 4 && c.ebits != 8) return "only 4- and 8-bit embeddings";
+  if (c.ebits && (c.egs <= 0 || c.egs % (128 / c.ebits) || c.D % c.egs)) return "embedding group size";
+  if (c.D % (32 / std::max(c.ebits, 1)) && c.ebits) return "embedding width";
   return "";
+}
+
+// Dynamic shared memory of the several-positions kernel: M rows of the widest
+// product's input in the model's dtype -- at least 64 KB, so that MLX always
+// raises the kernel's limit past the default 48 KB (it does so only for
+// requests above 48,000 bytes, and the kernel's static arrays come on top).
+inline int step_shared_bytes(const StepConfig& c, int M) {
+  int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
+  return std::max(M * xmax * static_cast<int>(mx::size_of(c.dtype)), 64 * 1024);
+}
+
+// The most positions one launch takes (1: only the one-token kernel): bounded
+// by 200 KB of shared memory, StepState's 960 per-(head, position) counters
+// and 16 (a speculative step's k + 1 at the engine's default k = 8 fits).
+inline int step_max_positions(const StepConfig& c) {
+  int m = 16;
+  while (m > 1 && (step_shared_bytes(c, m) > 200 * 1024 || c.NQ * m > 960)) --m;
+  return m;
 }
 
 // Blocks in the grid: one per SM.  All must be resident at once (the barrier
@@ -669,6 +1037,9 @@ inline mx::array*& step_previous() {
 inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
                              StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
                              std::vector<mx::array>& vbuf, int pos) {
+  const int M = static_cast<int>(tok.size());   // positions pos .. pos + M - 1
+  if (M < 1 || M > step_max_positions(c))
+    throw std::invalid_argument("decode step kernel: number of positions");
   if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
       kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
     throw std::invalid_argument("decode step kernel: table or cache size");
@@ -692,8 +1063,10 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
     st.host = std::move(table);
   }
 
-  static std::map<int, mx::fast::CustomKernelFunction> kernels;   // by layer count
-  auto it = kernels.find(c.L);
+  // by layer count, and for several positions by their shared memory
+  const int smem = M > 1 ? step_shared_bytes(c, M) : 0;
+  static std::map<std::pair<int, int>, mx::fast::CustomKernelFunction> kernels;
+  auto it = kernels.find({c.L, smem});
   if (it == kernels.end()) {
     std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar", "after"};
     std::string kinit = "  T* kc[NL] = {", vinit = "  T* vc[NL] = {";
@@ -706,14 +1079,18 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
       vinit += (l ? ", " : "") + std::string("const_cast<T*>(v") + std::to_string(l) + ")";
     }
     std::string body = kinit + "};\n" + vinit + "};\n" +
-        "  mlxcy_step::decode_step<T, BITS, GS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, QK_NORM>(\n"
+        (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM, M>(\n"
+              : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
         "      scratch, logits, const_cast<unsigned*>(bar));\n";
-    it = kernels.emplace(c.L, mx::fast::cuda_kernel("mlxcy_decode_step_" + std::to_string(c.L),
-                                                    names, {"logits", "scratch"}, body,
-                                                    step_device_source(), false)).first;
+    std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L);
+    it = kernels.emplace(std::make_pair(c.L, smem),
+                         mx::fast::cuda_kernel(name, names, {"logits", "scratch"}, body,
+                                               step_device_source(), false, smem)).first;
   }
   auto bits_of = [](float f) {
     int b;
@@ -727,23 +1104,24 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
     uint32_t m[4] = {0, 0, static_cast<uint32_t>(pos), static_cast<uint32_t>(cap)};
     meta = mx::array(m, {4}, mx::uint32);
   }
-  st.next = pos + 1;
+  st.next = pos + M;
   st.cap = cap;
   mx::array*& prev = step_previous();
-  std::vector<mx::array> in = {mx::reshape(tok, {1}), meta, st.table, st.inv_freq, st.state,
+  std::vector<mx::array> in = {mx::reshape(tok, {M}), meta, st.table, st.inv_freq, st.state,
                                prev ? *prev : st.state};
   for (auto& k : kbuf) in.push_back(k);
   for (auto& v : vbuf) in.push_back(v);
-  int scratch = c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF +
-                c.NQ * ((cap + 31) / 32) * (c.HD + 2);
+  int scratch = M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
+                M * c.NQ * ((cap + 31) / 32) * (c.HD + 2);
   int blocks = step_grid_blocks();
   auto out = it->second(
-      in, {mx::Shape{1, 1, c.V}, mx::Shape{scratch}}, {c.dtype, mx::float32},
+      in, {mx::Shape{1, M, c.V}, mx::Shape{scratch}}, {c.dtype, mx::float32},
       {blocks * 256, 1, 1}, {256, 1, 1},
-      {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"D", c.D},
+      {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"EBITS", c.ebits},
+       {"EGS", c.ebits ? c.egs : 0}, {"D", c.D},
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
-       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}},
+       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M}},
       std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());

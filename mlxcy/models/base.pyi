@@ -98,6 +98,11 @@ def set_gpu_decode_step(on: bool) -> bool:
     """Use the one-kernel decode step on CUDA GPUs where it applies (default
     True); returns the previous setting."""
 
+def set_gpu_verify_step(on: bool) -> bool:
+    """Run steps of several positions of one sequence (a speculative step's
+    proposals, up to gpu_step.h's step_max_positions) as one kernel too, where
+    the one-kernel step applies (default True); returns the previous setting."""
+
 def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""

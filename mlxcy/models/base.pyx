@@ -730,6 +730,7 @@ cdef extern from "<pthread.h>" nogil:
     unsigned long pthread_self()
 
 cdef bint _gpu_step_on = True
+cdef bint _gpu_verify_on = True
 cdef long long _gpu_steps = 0
 # The thread that runs every one-kernel step of the process (the first to run
 # one): the kernel's blocks wait for each other at barriers, so two of these
@@ -745,6 +746,16 @@ def set_gpu_decode_step(bint on):
     global _gpu_step_on
     old = _gpu_step_on
     _gpu_step_on = on
+    return old
+
+
+def set_gpu_verify_step(bint on):
+    """Run steps of several positions of one sequence (a speculative step's
+    proposals, up to gpu_step.h's step_max_positions) as one kernel too, where
+    the one-kernel step applies (default True); returns the previous setting."""
+    global _gpu_verify_on
+    old = _gpu_verify_on
+    _gpu_verify_on = on
     return old
 
 
@@ -781,6 +792,10 @@ cdef object _plan_gpu_step(Model m):
     p.cfg.dtype = na.dtype_from_code(m.dtype_code)
     p.cfg.bits = probe.bits if probe is not None and probe.quantized else 0
     p.cfg.group_size = probe.group_size if p.cfg.bits else 0
+    # the embedding (and the head: tied, or untied in the same format) may have
+    # its own bits (a GGUF's Q8_0 embedding beside Q4 layers)
+    p.cfg.ebits = m.embed.bits if m.embed is not None and m.embed.quantized else 0
+    p.cfg.egs = m.embed.group_size if p.cfg.ebits else 0
     p.cfg.D = m.config.hidden_size
     p.cfg.NQ, p.cfg.NKV, p.cfg.HD = a0.n_heads, a0.n_kv_heads, a0.head_dim
     p.cfg.FF = b0.mlp.down_proj.in_features if b0.mlp.down_proj is not None else 0
@@ -795,7 +810,7 @@ cdef object _plan_gpu_step(Model m):
     if ngs.step_config_problem(p.cfg).size() != 0:
         return False
     if not _embed_fits(m.embed, p) or (m.lm_head is not None and
-                                       not _fits(m.lm_head, p, p.cfg.D, p.cfg.V)):
+                                       not _fits(m.lm_head, p, p.cfg.D, p.cfg.V, True)):
         return False
     cdef Block b
     cdef Attention a
@@ -827,25 +842,28 @@ cdef object _plan_gpu_step(Model m):
 
 cdef bint _format_fits(_GpuStep p, bint quantized, int bits, int group_size,
                        const na.array* w, const na.array* scales,
-                       const na.array* qbiases) noexcept:
-    """Are a layer's weights in the kernel's format: the model's dtype, or
-    MLX's affine layout at the model's bits and group size with scales and
-    biases in the model's dtype?"""
+                       const na.array* qbiases, int want_bits, int want_group) noexcept:
+    """Are a layer's weights in the kernel's format: the model's dtype
+    (want_bits 0), or MLX's affine layout at want_bits and want_group with
+    scales and biases in the model's dtype?"""
     cdef int code = na.dtype_code(p.cfg.dtype)
-    if p.cfg.bits == 0:
+    if want_bits == 0:
         return not quantized and na.dtype_code(w.dtype()) == code
-    return (quantized and bits == p.cfg.bits and group_size == p.cfg.group_size
+    return (quantized and bits == want_bits and group_size == want_group
             and qbiases != NULL and na.dtype_code(scales.dtype()) == code
             and na.dtype_code(qbiases.dtype()) == code)
 
 
-cdef bint _fits(Linear l, _GpuStep p, int k, int n) noexcept:
-    """Is l an [n, k] layer of the kernel's weight format?"""
+cdef bint _fits(Linear l, _GpuStep p, int k, int n, bint head=False) noexcept:
+    """Is l an [n, k] layer of the kernel's weight format (head: the
+    embedding's format, which may differ from the layers')?"""
     if not _plain(l) or l.in_features != k or l.out_features != n:
         return False
     if l.bias != NULL and na.dtype_code(l.bias.dtype()) != na.dtype_code(p.cfg.dtype):
         return False
-    return _format_fits(p, l.quantized, l.bits, l.group_size, l.weight, l.scales, l.qbiases)
+    return _format_fits(p, l.quantized, l.bits, l.group_size, l.weight, l.scales, l.qbiases,
+                        p.cfg.ebits if head else p.cfg.bits,
+                        p.cfg.egs if head else p.cfg.group_size)
 
 
 cdef bint _embed_fits(Embedding em, _GpuStep p) noexcept:
@@ -853,7 +871,7 @@ cdef bint _embed_fits(Embedding em, _GpuStep p) noexcept:
     if em.weight == NULL or em.num_embeddings != p.cfg.V or em.dims != p.cfg.D:
         return False
     return _format_fits(p, em.quantized, em.bits, em.group_size, em.weight, em.scales,
-                        em.qbiases)
+                        em.qbiases, p.cfg.ebits, p.cfg.egs)
 
 
 cdef bint _norm_fits(RMSNorm n, _GpuStep p, int dims) noexcept:
@@ -934,11 +952,13 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
 
 cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* mask,
                    const na.array* offsets, na.array** out) except -1:
-    """The one-kernel step for a [1, 1] token over plain KV caches with room
-    for one more position; False (nothing done) when it does not apply."""
+    """The one-kernel step for [1, M] tokens (M = 1, or up to the kernel's
+    limit for several positions) over plain KV caches with room for them;
+    False (nothing done) when it does not apply."""
     global _gpu_steps, _gpu_step_thread
     if (not _gpu_step_on or cache is None or mask != NULL or offsets != NULL
-            or ids.ndim() != 2 or ids.shape(0) != 1 or ids.shape(1) != 1
+            or ids.ndim() != 2 or ids.shape(0) != 1 or ids.shape(1) < 1
+            or (ids.shape(1) > 1 and not _gpu_verify_on)
             or na.dtype_code(ids.dtype()) != na.dtype_code(na.int32)
             or not ngs.cuda_default_device()):
         return False
@@ -947,6 +967,9 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
     if m.gpu_step is False:
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
+    cdef int M = ids.shape(1)
+    if M > ngs.step_max_positions(p.cfg):
+        return False
     if _gpu_step_thread == 0:
         _gpu_step_thread = pthread_self()
     elif _gpu_step_thread != pthread_self():
@@ -966,7 +989,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         if off < 0:
             off, cap = lc.offset, lc.keys.shape(2)
         if lc.offset != off or lc.keys.shape(2) != cap or lc.values.shape(2) != cap \
-                or off >= cap:
+                or off + M > cap:
             return False
         ks.push_back(lc.keys[0])
         vs.push_back(lc.values[0])
@@ -981,7 +1004,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
     _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
     _put(e, m.norm.weight, 0)
     if m.lm_head is not None:
-        if not _fits(m.lm_head, p, p.cfg.D, p.cfg.V) or m.lm_head.bias != NULL:
+        if not _fits(m.lm_head, p, p.cfg.D, p.cfg.V, True) or m.lm_head.bias != NULL:
             return False
         _put_linear(e, m.lm_head, 0)
     else:
@@ -994,7 +1017,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         lc = <LayerCache>c
         lc.keys[0] = ks[i]
         lc.values[0] = vs[i]
-        lc.offset = off + 1
+        lc.offset = off + M
         i += 1
     _gpu_steps += 1
     return True
@@ -1115,7 +1138,7 @@ cdef class Model:
         if cache is not None and len(cache.layers) != n:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}")
         cdef na.array* out = NULL
-        if gpu_step(self, ids, cache, mask, offsets, &out):
+        if (L == 1 or not last_only) and gpu_step(self, ids, cache, mask, offsets, &out):
             return out
         cdef bint sync = cache is not None and _cpu_sync(self)
         cdef na.array* h = self.embed_tokens(ids)

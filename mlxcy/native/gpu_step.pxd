@@ -17,7 +17,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
     cdef cppclass StepConfig:
         StepConfig()
         Dtype dtype
-        int bits, group_size, D, NQ, NKV, HD, FF, V, L
+        int bits, group_size, ebits, egs, D, NQ, NKV, HD, FF, V, L
         bool qkv_bias, qk_norm
         float eps, qk_eps, scale
 
@@ -25,6 +25,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
         StepState()
 
     string step_config_problem(const StepConfig& c) except +
+    int step_max_positions(const StepConfig& c) except +
     void step_init(StepState& st, const array& inv_freq) except +
     void step_finish(StepState& st) except +
     array step_decode(const StepConfig& c, const vector[StepPtr]& entries, StepState& st,

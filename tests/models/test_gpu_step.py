@@ -40,12 +40,40 @@ def checkpoints(tmp_path_factory):
             q = tmp_path_factory.mktemp(f"{kind}{bits}")
             convert_hf_to_mlx(d, q, bits=bits, group_size=64, dtype="bfloat16")
             out[kind, bits] = q
+    out["qwen2", "mixed"] = _mixed(out["qwen2", 4], out["qwen2"],
+                                   tmp_path_factory.mktemp("qwen2mixed") / "m")
     return out
 
 
+def _mixed(src, hf_dir, dst):
+    """src (4-bit layers) with its tied embedding re-quantized from the float
+    checkpoint to 8 bits, group 32: a GGUF's Q8_0 embedding beside Q4 layers."""
+    import json
+    import shutil
+
+    from mlxcy import io
+    shutil.copytree(src, dst)
+    emb = io.load_safetensors(next(hf_dir.glob("*.safetensors")))[0]["model.embed_tokens.weight"]
+    wq, sc, bi = mx.quantize(emb.astype(mx.bfloat16), group_size=32, bits=8)
+    for f in dst.glob("*.safetensors"):
+        w, meta = io.load_safetensors(f)
+        if "model.embed_tokens.weight" in w:
+            w.update({"model.embed_tokens.weight": wq, "model.embed_tokens.scales": sc,
+                      "model.embed_tokens.biases": bi})
+            io.save_safetensors(f, w, meta)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        if key in cfg:
+            cfg[key]["model.embed_tokens"] = {"group_size": 32, "bits": 8}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def _run(m, prompt, n, on, feed=None):
-    """Prefill prompt, then n one-token steps; returns (fed ids, logits [n, V])."""
+    """Prefill prompt, then n one-token steps; returns (fed ids, logits [n, V]).
+    (The prompt runs op by op: the several-positions kernel is off here.)"""
     old = base.set_gpu_decode_step(on)
+    old_verify = base.set_gpu_verify_step(False)
     try:
         cache = m.make_cache()
         lg = m(np.array([prompt], np.int32), cache)
@@ -62,6 +90,7 @@ def _run(m, prompt, n, on, feed=None):
         return ids, np.stack(rows)
     finally:
         base.set_gpu_decode_step(old)
+        base.set_gpu_verify_step(old_verify)
 
 
 def _compare(m, prompt, n, tol, exact_ids, op_steps=0):
@@ -108,6 +137,17 @@ def test_quantized_models_match_the_op_path(checkpoints, kind, bits):
 
 
 @cuda
+def test_an_embedding_in_its_own_format(checkpoints):
+    """4-bit layers with an 8-bit (group 32) tied embedding and head."""
+    m = load_model(checkpoints["qwen2", "mixed"])
+    m.fuse()
+    try:
+        _compare(m, _prompt(9, 12), 16, 3e-2, exact_ids=False)
+    finally:
+        m.close()
+
+
+@cuda
 def test_steps_across_the_cache_growth(checkpoints):
     # a 256-step cache holds 264 positions at first: decode from 250 to 290;
     # the step at 264 grows the buffers on the op path, the kernel resumes after
@@ -139,8 +179,53 @@ def test_engine_generation_matches_the_op_path(checkpoints, lookup):
             finally:
                 base.set_gpu_decode_step(old)
         assert outs[True] == outs[False]
-        if lookup is None:      # (with lookup, verification steps may be all there is)
-            assert steps >= 40
+        assert steps >= (40 if lookup is None else 1)   # verification steps: several positions
+    finally:
+        m.close()
+
+
+def _chunks(m, prompt, chunks, on):
+    """Prefill prompt op by op, then feed each chunk of tokens in one forward
+    (several positions), then two one-token steps; the logits of every chunk."""
+    old, old_verify = base.set_gpu_decode_step(on), base.set_gpu_verify_step(on)
+    try:
+        cache = m.make_cache()
+        base.set_gpu_decode_step(False)
+        m(np.array([prompt], np.int32), cache)
+        base.set_gpu_decode_step(on)
+        out = [np.asarray(m(np.array([c], np.int32), cache).astype(mx.float32))[0]
+               for c in chunks]
+        cache.free()
+        return out
+    finally:
+        base.set_gpu_decode_step(old)
+        base.set_gpu_verify_step(old_verify)
+
+
+@cuda
+@pytest.mark.parametrize("kind,dtype,bits", [
+    ("llama", "float32", 0), ("qwen2", "float32", 0), ("qwen3", "float32", 0),
+    ("llama", "bfloat16", 0), ("qwen3", "float16", 0), ("qwen2", None, 4), ("qwen3", None, 8)])
+def test_several_positions_match_the_op_path(checkpoints, kind, dtype, bits):
+    """Chunks of 2-9 tokens (a speculative step's proposals), then single tokens,
+    through the several-positions kernel: every position's logits against the op
+    path's, and the device-held position following the chunks."""
+    m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
+    m.fuse()
+    rng = np.random.default_rng(7)
+    chunks = [rng.integers(0, VOCAB, n).tolist() for n in (2, 5, 9, 1, 3, 1)]
+    try:
+        want = _chunks(m, _prompt(8, 30), chunks, on=False)
+        before = base.gpu_decode_steps()
+        got = _chunks(m, _prompt(8, 30), chunks, on=True)
+        assert base.gpu_decode_steps() - before == len(chunks)
+        tol = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3, None: 3e-2}[dtype]
+        for c, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape
+            for i in range(len(g)):
+                assert rel(g[i], w[i]) <= tol, (c, i, rel(g[i], w[i]))
+            if dtype == "float32":
+                assert (g.argmax(-1) == w.argmax(-1)).all(), c
     finally:
         m.close()
 
@@ -155,13 +240,44 @@ def test_not_taken_for_batches_masks_or_lora_like_changes(checkpoints):
         m(np.array([[1], [2]], np.int32), cache)            # two rows: op path
         assert base.gpu_decode_steps() == before
         cache = m.make_cache()
-        m(np.array([_prompt(4, 8)], np.int32), cache)
+        m(np.array([_prompt(4, 8)], np.int32), cache, last_only=True)   # a prompt: op path
+        assert base.gpu_decode_steps() == before
         m(np.array([[1]], np.int32), cache, offsets=[8])    # explicit positions: op path
         assert base.gpu_decode_steps() == before
         m(np.array([[1]], np.int32), cache)
         assert base.gpu_decode_steps() == before + 1
+        m(np.array([_prompt(5, 17)], np.int32), cache)      # more positions than one launch takes
+        assert base.gpu_decode_steps() == before + 1
+        m(np.array([_prompt(5, 16)], np.int32), cache)      # 16: one launch
+        assert base.gpu_decode_steps() == before + 2
     finally:
         m.close()
+
+
+def test_the_mixed_checkpoint_is_what_it_claims(checkpoints):
+    """(Off a GPU too) the mixed checkpoint holds an 8-bit, group-32 embedding
+    beside 4-bit layers, and a model loaded from it runs on it: its logits
+    differ from the all-4-bit model's."""
+    from mlxcy import io
+    d = checkpoints["qwen2", "mixed"]
+    w = {}
+    for f in d.glob("*.safetensors"):
+        w.update(io.load_safetensors(f)[0])
+    V, D = np.asarray(io.load_safetensors(next(checkpoints["qwen2"].glob("*.safetensors")))[0][
+        "model.embed_tokens.weight"].shape)
+    assert tuple(w["model.embed_tokens.weight"].shape) == (V, D // 4)       # 8 bits
+    assert tuple(w["model.embed_tokens.scales"].shape) == (V, D // 32)      # group 32
+    assert w["model.layers.0.self_attn.o_proj.weight"].shape[-1] * 8 == \
+        w["model.layers.0.self_attn.o_proj.scales"].shape[-1] * 64       # 4 bits, group 64
+    ids = np.array([_prompt(10, 6)], np.int32)
+    outs = []
+    for path in (d, checkpoints["qwen2", 4]):
+        m = load_model(path)
+        try:
+            outs.append(np.asarray(m(ids).astype(mx.float32)))
+        finally:
+            m.close()
+    assert np.isfinite(outs[0]).all() and 0 < rel(outs[0], outs[1]) < 0.2
 
 
 def test_off_gpu_the_step_is_not_taken(checkpoints):
