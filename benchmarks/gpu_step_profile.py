@@ -8,6 +8,12 @@ process), the device time of the kernels a step launches: the one-kernel
 step's kernel alone and all kernels together.
 
     python benchmarks/gpu_step_profile.py --models smollm2-135m,llama-3.2-1b --quant bf16
+
+With --positions 1,2,4,8: instead, one forward of M positions of one sequence
+(a speculative step's verification) over the cache of a 512-token prompt, per
+M: the wall time of forward + evaluation (median of --reps, the cache trimmed
+back after each) with the several-positions kernel and op by op, and the
+kernel's device time.
 """
 from __future__ import annotations
 
@@ -15,7 +21,10 @@ import argparse
 import collections
 import statistics
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import random_hf_dir, variant_dir
@@ -51,13 +60,73 @@ def profile(model, prompt, n, on):
     return (statistics.median(step) if step else 0.0), total
 
 
+def forward_times(model, prompt, positions, reps, on):
+    """{M: (median wall us of an M-position forward, median kernel us)}."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+
+    from mlxcy import transforms
+    from mlxcy.models.base import set_gpu_verify_step
+    old = set_gpu_verify_step(on)
+    cache = model.make_cache()
+    out = {}
+    try:
+        transforms.eval(model(np.array([prompt], np.int32), cache, last_only=True))
+        for m in positions:
+            ids = np.array([prompt[:m]], np.int32)
+            walls = []
+            for i in range(reps + 2):                     # two warm-ups
+                t = time.perf_counter()
+                transforms.eval(model(ids, cache))
+                walls.append(time.perf_counter() - t)
+                cache.trim(m)
+            kern = []
+            if torch.cuda.is_available():          # (off a GPU: wall times only)
+                with tprof(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(reps):
+                        transforms.eval(model(ids, cache))
+                        cache.trim(m)
+                kern = [getattr(ev, "device_time_total", 0.0) for ev in prof.events()
+                        if "CUDA" in str(getattr(ev, "device_type", ""))
+                        and ("verify_step" in ev.name or "decode_step" in ev.name)]
+            out[m] = (statistics.median(walls[2:]) * 1e6,
+                      statistics.median(kern) if kern else 0.0)
+    finally:
+        cache.free()
+        set_gpu_verify_step(old)
+    return out
+
+
+def positions_table(a):
+    from mlxcy.assets import cache_dir
+    from mlxcy.models.load import load_model
+    positions = [int(x) for x in a.positions.split(",")]
+    print("| model | positions | one kernel wall us | kernel us | ops wall us | ops / one kernel |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in a.models.split(","):
+        for q in a.quant.split(","):
+            m = load_model(variant_dir(random_hf_dir(name, cache_dir() / "bench"), q))
+            m.fuse()
+            prompt = np.random.default_rng(0).integers(100, 30000, 512).tolist()
+            on, off = (forward_times(m, prompt, positions, a.reps, v) for v in (True, False))
+            for p in positions:
+                print(f"| {name} {q} | {p} | {on[p][0]:.0f} | {on[p][1]:.0f} | {off[p][0]:.0f} | "
+                      f"{off[p][0] / on[p][0]:.2f} |", flush=True)
+            m.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
     ap.add_argument("--quant", default="bf16")
     ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--positions", default="",
+                    help="comma-separated M: time forwards of M positions instead")
+    ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
-    import numpy as np
+    if a.positions:
+        return positions_table(a)
 
     from mlxcy.assets import cache_dir
     from mlxcy.models.load import load_model

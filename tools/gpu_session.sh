@@ -14,6 +14,8 @@
 #   torch    bench_decode --torch-graph: the PyTorch CUDA-graph loop (bf16)
 #   verify   the several-positions kernel: its GPU tests, then prompt lookup
 #            vs plain decoding with verification as one kernel and op by op
+#   positions  the time of forwards of 1-16 positions (a verification), one
+#            kernel vs op by op (bf16 SmolLM2, Llama-3.2-1B)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-session}"
@@ -34,6 +36,8 @@ for s in "${steps[@]}"; do
                     python benchmarks/bench_speculative.py --models smol --max-tokens 128 \
                         --repeats 2 --gpu-verify $v
                 done ;;
+        positions) python benchmarks/gpu_step_profile.py --models smollm2-135m,llama-3.2-1b \
+                       --quant bf16 --positions 1,2,3,4,6,8,12,16 ;;
         *) echo "gpu_session.sh: unknown step $s" >&2; exit 2 ;;
     esac > "$out/$s.log" 2>&1
     echo "$s rc=$? $(grep -E 'passed|failed' "$out/$s.log" | tail -1)"
