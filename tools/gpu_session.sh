@@ -5,7 +5,8 @@
 # what finished.  Run on the GPU machine after the MLX CUDA wheel is
 # installed (docs/internals.md, "Tests on an NVIDIA GPU"):
 #
-#   tools/gpu_session.sh [tests|bench|profile|torch]...   (default: tests bench profile)
+#   tools/gpu_session.sh [tests|bench|profile|torch|verify|positions]...
+#                                             (default: tests bench profile)
 #
 #   tests    tests/models/test_gpu_step.py
 #   bench    bench_decode --ops: one kernel vs the op path vs mlx-lm (SmolLM2,
