@@ -85,6 +85,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 __device__ __forceinline__ float block_sum(float v, float* red) {
   v = warp_sum(v);
   __syncthreads();
@@ -268,6 +274,20 @@ __device__ __forceinline__ void load_x(const float* src, int K, const T* nw, flo
   __syncthreads();
 }
 
+// Value k of token `tok`'s embedding row (D values; BITS: MLX's affine
+// layout, as the model's dequantize rounds it to T).
+template <typename T, int BITS, int GS>
+__device__ __forceinline__ float embed_value(const Lin<T>& E, int tok, int k, int D) {
+  if (BITS) {
+    constexpr int B = BITS ? BITS : 8, G = GS ? GS : 1;
+    const unsigned* w = reinterpret_cast<const unsigned*>(E.w) + (size_t)tok * (D * B / 32);
+    const unsigned q = (w[k / (32 / B)] >> ((k % (32 / B)) * B)) & ((1u << B) - 1u);
+    const size_t g = (size_t)tok * (D / G) + k / G;
+    return rt<T>(static_cast<float>(E.s[g]) * q + static_cast<float>(E.b[g]));
+  }
+  return static_cast<float>(reinterpret_cast<const T*>(E.w)[(size_t)tok * D + k]);
+}
+
 // The embedding row of token `tok` into the residual stream x (every block
 // writes the same values) and, normalized, into xs.
 template <typename T, int BITS, int GS>
@@ -275,16 +295,7 @@ __device__ __forceinline__ void embed(const Lin<T>& E, int tok, int D, float* x,
                                       float eps, float* xs, float* red) {
   float ss = 0.0f;
   for (int k = threadIdx.x; k < D; k += THREADS) {
-    float v;
-    if (BITS) {
-      constexpr int B = BITS ? BITS : 8, G = GS ? GS : 1;
-      const unsigned* w = reinterpret_cast<const unsigned*>(E.w) + (size_t)tok * (D * B / 32);
-      const unsigned q = (w[k / (32 / B)] >> ((k % (32 / B)) * B)) & ((1u << B) - 1u);
-      const size_t g = (size_t)tok * (D / G) + k / G;
-      v = rt<T>(static_cast<float>(E.s[g]) * q + static_cast<float>(E.b[g]));
-    } else {
-      v = static_cast<float>(reinterpret_cast<const T*>(E.w)[(size_t)tok * D + k]);
-    }
+    const float v = embed_value<T, BITS, GS>(E, tok, k, D);
     x[k] = v;
     xs[xp(k)] = v;
     ss += v * v;
@@ -330,8 +341,7 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
   const int lane = threadIdx.x & 31;
   float M = neg_inf();
   for (int tl = lane; tl < ntile; tl += 32) M = fmaxf(M, __ldcg(ph + tl * (HD + 2) + HD));
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  M = warp_max(M);
   float den = 0.0f, num[DPL];
 #pragma unroll
   for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
@@ -346,6 +356,53 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
 #pragma unroll
   for (int c = 0; c < DPL; ++c)
     if (lane + 32 * c < HD) out[lane + 32 * c] = rt<T>(num[c] / den);
+}
+
+// A warp's partial for one tile of a head's keys (acc[DPL]: its lanes' share
+// of the weighted values, the tile's max and sum) into ph[tile]; the warp
+// that finishes the head's last tile merges its ntile partials into out and
+// resets the head's counter for the next layer (after barriers).
+template <typename T, int HD>
+__device__ __forceinline__ void finish_tile(const float* acc, float mx, float sum, float* ph,
+                                            int tile, int ntile, unsigned* count, float* out) {
+  constexpr int DPL = (HD + 31) / 32;
+  const int lane = threadIdx.x & 31;
+  float* pt = ph + (size_t)tile * (HD + 2);
+#pragma unroll
+  for (int c = 0; c < DPL; ++c)
+    if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
+  if (lane == 0) {
+    pt[HD] = mx;
+    pt[HD + 1] = sum;
+  }
+  __threadfence();
+  __syncwarp();
+  unsigned done = 0;
+  if (lane == 0) done = atomicAdd(count, 1u);
+  done = __shfl_sync(0xffffffffu, done, 0);
+  if (done == (unsigned)ntile - 1) {
+    __threadfence();
+    merge_head<T, HD>(ph, ntile, out);
+    if (lane == 0) *count = 0u;
+  }
+  __syncwarp();
+}
+
+// q[0:HD] (shared memory) dotted with one cached key row; CG: read it through
+// L2 (keys written earlier in the same launch), else the read-only path.
+template <typename T, int HD, bool CG>
+__device__ __forceinline__ float key_dot(const float* q, const T* krow) {
+  constexpr int KV = 16 / sizeof(T);
+  const uint4* k4 = reinterpret_cast<const uint4*>(krow);
+  float a = 0.0f;
+#pragma unroll
+  for (int c = 0; c < HD / KV; ++c) {
+    const uint4 u = CG ? __ldcg(k4 + c) : __ldg(k4 + c);
+    const T* kv = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < KV; ++i) a = fmaf(q[c * KV + i], static_cast<float>(kv[i]), a);
+  }
+  return a;
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
@@ -427,25 +484,13 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         const int p = tile * 32 + lane;
         float s = neg_inf();
         if (p < pos) {
-          constexpr int KV = 16 / sizeof(T);
-          const uint4* k4 = reinterpret_cast<const uint4*>(kl + (size_t)p * HD);
-          float a = 0.0f;
-#pragma unroll
-          for (int c = 0; c < HD / KV; ++c) {
-            const uint4 u = __ldg(k4 + c);
-            const T* kv = reinterpret_cast<const T*>(&u);
-#pragma unroll
-            for (int i = 0; i < KV; ++i) a = fmaf(qw[c * KV + i], static_cast<float>(kv[i]), a);
-          }
-          s = a * scale;
+          s = key_dot<T, HD, false>(qw, kl + (size_t)p * HD) * scale;
         } else if (p == pos) {
           float a = 0.0f;
           for (int d = 0; d < HD; ++d) a = fmaf(qw[d], qw[HD + d], a);
           s = a * scale;
         }
-        float m = s;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        const float m = warp_max(s);
         const float e = p <= pos ? __expf(s - m) : 0.0f;
         const float sum = warp_sum(e);
         const int n = min(32, pos + 1 - tile * 32);
@@ -465,26 +510,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
             }
           }
         }
-        float* pt = part + ((size_t)h * maxt + tile) * (HD + 2);
-#pragma unroll
-        for (int c = 0; c < DPL; ++c)
-          if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
-        if (lane == 0) {
-          pt[HD] = m;
-          pt[HD + 1] = sum;
-        }
-        // the warp that finishes a head's last tile merges the head's partials
-        __threadfence();
-        __syncwarp();
-        unsigned done = 0;
-        if (lane == 0) done = atomicAdd(count + h, 1u);
-        done = __shfl_sync(0xffffffffu, done, 0);
-        if (done == (unsigned)ntile - 1) {
-          __threadfence();
-          merge_head<T, HD>(part + (size_t)h * maxt * (HD + 2), ntile, att + h * HD);
-          if (lane == 0) count[h] = 0u;       // for the next layer (after barriers)
-        }
-        __syncwarp();
+        finish_tile<T, HD>(acc, m, sum, part + (size_t)h * maxt * (HD + 2), tile, ntile, count + h,
+                           att + h * HD);
       }
     }
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
@@ -697,20 +724,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   // the embedding rows into x (every block writes the same values)
   {
     const Lin<T> E = lin<T>(top);
-    for (int i = threadIdx.x; i < M * D; i += THREADS) {
-      const int m = i / D, k = i % D, tok = tok_p[m];
-      float v;
-      if (EBITS) {
-        constexpr int B = EBITS ? EBITS : 8, G = EGS ? EGS : 1;
-        const unsigned* w = reinterpret_cast<const unsigned*>(E.w) + (size_t)tok * (D * B / 32);
-        const unsigned q = (w[k / (32 / B)] >> ((k % (32 / B)) * B)) & ((1u << B) - 1u);
-        const size_t g = (size_t)tok * (D / G) + k / G;
-        v = rt<T>(static_cast<float>(E.s[g]) * q + static_cast<float>(E.b[g]));
-      } else {
-        v = static_cast<float>(reinterpret_cast<const T*>(E.w)[(size_t)tok * D + k]);
-      }
-      x[i] = v;
-    }
+    for (int i = threadIdx.x; i < M * D; i += THREADS)
+      x[i] = embed_value<T, EBITS, EGS>(E, tok_p[i / D], i % D, D);
     __threadfence();
     __syncthreads();
   }
@@ -775,22 +790,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         const T* vl = vc[l] + (size_t)j * cap * HD;
         const int p = tile * 32 + lane;
         float s = neg_inf();
-        if (p <= last) {
-          constexpr int KV = 16 / sizeof(T);
-          const uint4* k4 = reinterpret_cast<const uint4*>(kl + (size_t)p * HD);
-          float a = 0.0f;
-#pragma unroll
-          for (int c = 0; c < HD / KV; ++c) {
-            const uint4 u = __ldcg(k4 + c);
-            const T* kv = reinterpret_cast<const T*>(&u);
-#pragma unroll
-            for (int i = 0; i < KV; ++i) a = fmaf(qv[c * KV + i], static_cast<float>(kv[i]), a);
-          }
-          s = a * scale;
-        }
-        float mx = s;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        if (p <= last) s = key_dot<T, HD, true>(qv, kl + (size_t)p * HD) * scale;
+        const float mx = warp_max(s);
         const float e = p <= last ? __expf(s - mx) : 0.0f;
         const float sum = warp_sum(e);
         const int n = min(32, last + 1 - tile * 32);
@@ -808,25 +809,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
           }
         }
         const int hm = h * M + m;
-        float* pt = part + ((size_t)hm * maxt + tile) * (HD + 2);
-#pragma unroll
-        for (int c = 0; c < DPL; ++c)
-          if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
-        if (lane == 0) {
-          pt[HD] = mx;
-          pt[HD + 1] = sum;
-        }
-        __threadfence();
-        __syncwarp();
-        unsigned done = 0;
-        if (lane == 0) done = atomicAdd(count + hm, 1u);
-        done = __shfl_sync(0xffffffffu, done, 0);
-        if (done == (unsigned)ntile - 1) {
-          __threadfence();
-          merge_head<T, HD>(part + (size_t)hm * maxt * (HD + 2), ntile, att + m * NQ * HD + h * HD);
-          if (lane == 0) count[hm] = 0u;
-        }
-        __syncwarp();
+        finish_tile<T, HD>(acc, mx, sum, part + (size_t)hm * maxt * (HD + 2), tile, ntile,
+                           count + hm, att + m * NQ * HD + h * HD);
       }
     }
     grid_sync(sync);
