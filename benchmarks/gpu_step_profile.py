@@ -45,16 +45,38 @@ def run(model, prompt, n, on):
         set_gpu_decode_step(old)
 
 
-def profile(model, prompt, n, on):
-    """Median device us per step of the step kernel and of all kernels."""
+def device_times(fn):
+    """{kernel name: [device us of each launch]} of the CUDA kernels fn() runs
+    (torch.profiler records every kernel of the process)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprof
     with tprof(activities=[ProfilerActivity.CUDA]) as prof:
-        run(model, prompt, n, on)
+        fn()
     times = collections.defaultdict(list)
     for ev in prof.events():
         if "CUDA" in str(getattr(ev, "device_type", "")):
             times[ev.name].append(getattr(ev, "device_time_total", 0.0))
+    return times
+
+
+def models(a):
+    """(label, fused model, 512-token prompt) for each of --models x --quant,
+    random weights of the real shapes; each model is closed after its turn."""
+    from mlxcy.assets import cache_dir
+    from mlxcy.models.load import load_model
+    for name in a.models.split(","):
+        for q in a.quant.split(","):
+            m = load_model(variant_dir(random_hf_dir(name, cache_dir() / "bench"), q))
+            m.fuse()
+            try:
+                yield f"{name} {q}", m, np.random.default_rng(0).integers(100, 30000, 512).tolist()
+            finally:
+                m.close()
+
+
+def profile(model, prompt, n, on):
+    """Median device us per step of the step kernel and of all kernels."""
+    times = device_times(lambda: run(model, prompt, n, on))
     step = [t for k, v in times.items() if "decode_step" in k for t in v]
     total = sum(sum(v) for v in times.values())
     return (statistics.median(step) if step else 0.0), total
@@ -63,8 +85,6 @@ def profile(model, prompt, n, on):
 def forward_times(model, prompt, positions, reps, on):
     """{M: (median wall us of an M-position forward, median kernel us)}."""
     import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprof
 
     from mlxcy import transforms
     from mlxcy.models.base import set_gpu_verify_step
@@ -83,13 +103,12 @@ def forward_times(model, prompt, positions, reps, on):
                 cache.trim(m)
             kern = []
             if torch.cuda.is_available():          # (off a GPU: wall times only)
-                with tprof(activities=[ProfilerActivity.CUDA]) as prof:
+                def forwards():
                     for _ in range(reps):
                         transforms.eval(model(ids, cache))
                         cache.trim(m)
-                kern = [getattr(ev, "device_time_total", 0.0) for ev in prof.events()
-                        if "CUDA" in str(getattr(ev, "device_type", ""))
-                        and ("verify_step" in ev.name or "decode_step" in ev.name)]
+                kern = [t for k, v in device_times(forwards).items()
+                        if "verify_step" in k or "decode_step" in k for t in v]
             out[m] = (statistics.median(walls[2:]) * 1e6,
                       statistics.median(kern) if kern else 0.0)
     finally:
@@ -99,21 +118,14 @@ def forward_times(model, prompt, positions, reps, on):
 
 
 def positions_table(a):
-    from mlxcy.assets import cache_dir
-    from mlxcy.models.load import load_model
     positions = [int(x) for x in a.positions.split(",")]
     print("| model | positions | one kernel wall us | kernel us | ops wall us | ops / one kernel |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in a.models.split(","):
-        for q in a.quant.split(","):
-            m = load_model(variant_dir(random_hf_dir(name, cache_dir() / "bench"), q))
-            m.fuse()
-            prompt = np.random.default_rng(0).integers(100, 30000, 512).tolist()
-            on, off = (forward_times(m, prompt, positions, a.reps, v) for v in (True, False))
-            for p in positions:
-                print(f"| {name} {q} | {p} | {on[p][0]:.0f} | {on[p][1]:.0f} | {off[p][0]:.0f} | "
-                      f"{off[p][0] / on[p][0]:.2f} |", flush=True)
-            m.close()
+    for label, m, prompt in models(a):
+        on, off = (forward_times(m, prompt, positions, a.reps, v) for v in (True, False))
+        for p in positions:
+            print(f"| {label} | {p} | {on[p][0]:.0f} | {on[p][1]:.0f} | {off[p][0]:.0f} | "
+                  f"{off[p][0] / on[p][0]:.2f} |", flush=True)
 
 
 def main():
@@ -128,26 +140,19 @@ def main():
     if a.positions:
         return positions_table(a)
 
-    from mlxcy.assets import cache_dir
-    from mlxcy.models.load import load_model
     print("| model | step | tok/s | build us/step | wait us/step | kernel us | all kernels us/step |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for name in a.models.split(","):
-        for q in a.quant.split(","):
-            m = load_model(variant_dir(random_hf_dir(name, cache_dir() / "bench"), q))
-            m.fuse()
-            prompt = np.random.default_rng(0).integers(100, 30000, 512).tolist()
-            for on in (True, False):
-                run(m, prompt, 8, on)                      # warm-up: kernels compiled
-                st = run(m, prompt, a.gen, on)
-                steps = max(st["decode_steps"], 1)
-                kern, total = profile(m, prompt, a.gen, on)
-                print(f"| {name} {q} | {'one kernel' if on else 'ops'} | "
-                      f"{st['decode_tokens'] / st['decode_seconds']:.1f} | "
-                      f"{st['build_seconds'] / steps * 1e6:.0f} | "
-                      f"{st['wait_seconds'] / steps * 1e6:.0f} | {kern:.0f} | "
-                      f"{total / (a.gen + 1):.0f} |", flush=True)
-            m.close()
+    for label, m, prompt in models(a):
+        for on in (True, False):
+            run(m, prompt, 8, on)                      # warm-up: kernels compiled
+            st = run(m, prompt, a.gen, on)
+            steps = max(st["decode_steps"], 1)
+            kern, total = profile(m, prompt, a.gen, on)
+            print(f"| {label} | {'one kernel' if on else 'ops'} | "
+                  f"{st['decode_tokens'] / st['decode_seconds']:.1f} | "
+                  f"{st['build_seconds'] / steps * 1e6:.0f} | "
+                  f"{st['wait_seconds'] / steps * 1e6:.0f} | {kern:.0f} | "
+                  f"{total / (a.gen + 1):.0f} |", flush=True)
 
 
 if __name__ == "__main__":
