@@ -69,6 +69,7 @@ namespace mlxcy_step {
 
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
+constexpr int PL = 28;       // pointer-table entries per layer (the host's kStepPerLayer)
 
 template <typename T>
 __device__ __forceinline__ float rt(float v) {   // round to the model's dtype
@@ -410,7 +411,6 @@ template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int N
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
-  constexpr int PL = 28;                       // table entries per layer (gpu_step.h)
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
   constexpr int XMAX = (D > FF ? D : FF) > NQ * HD ? (D > FF ? D : FF) : NQ * HD;
   constexpr int DPL = (HD + 31) / 32;          // head dims per lane (values)
@@ -699,7 +699,6 @@ template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int N
 __device__ void verify_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
-  constexpr int PL = 28;
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
   constexpr int DPL = (HD + 31) / 32;
   constexpr int GROUP = NQ / NKV;
