@@ -105,6 +105,25 @@ cdef na.array* copy_native(Array a) except NULL:
 
 # ------------------------------------------------------------- attention ---
 
+cdef inline int _cache_window(int window, LayerCache cache) noexcept:
+    """The attention window over cache: the layer's, or the cache's own
+    (a rotating cache) where that is narrower."""
+    if cache.window > 0 and (window == 0 or cache.window < window):
+        return cache.window
+    return window
+
+
+cdef inline int _mask_kind(int window, int L, int qstart, int kstart) noexcept:
+    """build_mask's kind for L queries from qstart over ordered keys from
+    kstart: 2 once the window cuts off keys, 1 (causal) for several queries,
+    else 0."""
+    if window > 0 and (qstart + L - 1) - kstart >= window:
+        return 2
+    if L > 1:
+        return 1
+    return 0
+
+
 cdef class Attention:
 
     def __init__(self, Linear q_proj, Linear k_proj, Linear v_proj, Linear o_proj,
@@ -198,8 +217,7 @@ cdef class Attention:
         if cache is None:
             o = self.attend(q, k, v, L, 0, 0, window, mask)
         else:
-            if cache.window > 0 and (window == 0 or cache.window < window):
-                window = cache.window
+            window = _cache_window(window, cache)
             cache.update(k, v, mask != NULL or L > 1)
             try:
                 o = self.attend(q, cache.out_k[0], cache.out_v[0], L, offset,
@@ -218,10 +236,7 @@ cdef class Attention:
         cdef bint has_mask
         cdef na.array m = k      # placeholder; replaced by build_mask
         if kstart >= 0:
-            if window > 0 and (qstart + L - 1) - kstart >= window:
-                kind = 2
-            elif L > 1:
-                kind = 1
+            kind = _mask_kind(window, L, qstart, kstart)
         elif mask != NULL:
             raise RuntimeError("attention: an unordered cache cannot take a mask")
         has_mask = nnn.build_mask(kind, L, qstart, K, kstart, window, mask, q.dtype(),
@@ -474,16 +489,11 @@ cdef bint _step_mask(Attention a, LayerCache cache, int L, int offset, const na.
     cache's ordered views (after cache.update): the caller's (a batch's
     padding), with the causal rule for several positions and the layer's or
     cache's sliding window once the step passes it."""
-    cdef int window = a.window, kind = 0, kstart = cache.out_start
+    cdef int window = _cache_window(a.window, cache), kstart = cache.out_start
     cdef cbool causal_mode = False
-    if cache.window > 0 and (window == 0 or cache.window < window):
-        window = cache.window
-    if window > 0 and (offset + L - 1) - kstart >= window:
-        kind = 2
-    elif L > 1:
-        kind = 1
-    return nnn.build_mask(kind, L, offset, cache.out_k[0].shape(2), kstart, window, mask, dt,
-                          False, &causal_mode, out)
+    return nnn.build_mask(_mask_kind(window, L, offset, kstart), L, offset,
+                          cache.out_k[0].shape(2), kstart, window, mask, dt, False,
+                          &causal_mode, out)
 
 
 cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
