@@ -1284,6 +1284,13 @@ cdef class Engine:
         if masks is not None:
             ma = to_array(masks)
             logits = nops.add(logits, nops.reshape(ma.ptr[0], _shape3(B, 1, V)))
+        k = max((<_Seq>x_).top_logprobs for x_ in b.seqs)
+        want_lp = any((<_Seq>x_).logprobs for x_ in b.seqs)
+        # every row greedy, no log-probs: the device computes the candidates
+        # only, and the host compares them with the proposals (a handful of
+        # integers), instead of a dozen more ops in the graph
+        cdef bint host = not want_lp and all((<_Seq>x_).sampler.temperature == 0.0
+                                             for x_ in b.seqs)
         for r in range(B):
             s = <_Seq>b.seqs[r]
             x = nnn.own(_row_p(logits, r))                                   # [K + 1, V]
@@ -1292,11 +1299,11 @@ cdef class Engine:
                 x = nnn.own(s.sampler.process(x, &hrow))
             else:
                 x = nnn.own(s.sampler.process(x, NULL))
-            if K:
+            if K and not host:
                 prow = nnn.own(_row_p(pdev, r))                              # [K]
             if s.sampler.temperature == 0.0:
                 cand = nops.astype(nops.argmax(x, 1, False), na.int32)
-                if K:
+                if K and not host:
                     accs.push_back(nops.equal(prow, nops.slice(cand, _shape1(0), _shape1(K))))
             else:
                 lp = nnn.own(_dist(s.sampler, x))                  # [K + 1, V]
@@ -1334,7 +1341,11 @@ cdef class Engine:
             cands.push_back(nops.reshape(cand, _shape2(1, K + 1)))
         cdef na.array cand_all = nops.concatenate(cands, 0)               # [B, K + 1]
         cdef na.array emit = cand_all, a_dev
-        if K:
+        if host:
+            outs.push_back(cand_all)
+            if K and self.draft is not None:
+                outs.push_back(pdev)
+        elif K:
             for r in range(B):
                 accs[r] = nops.reshape(accs[r], _shape2(1, K))
             acc = nops.concatenate(accs, 0)
@@ -1348,11 +1359,10 @@ cdef class Engine:
                               rows.cat_axis(pdev, zcol, 1), cand_all)
         else:
             a_dev = nops.zeros(_shape1(B), na.int32)
-        outs.push_back(emit)
-        outs.push_back(a_dev)
+        if not host:
+            outs.push_back(emit)
+            outs.push_back(a_dev)
         cdef na.array lps, top_i, top_v, lsm
-        k = max((<_Seq>x_).top_logprobs for x_ in b.seqs)
-        want_lp = any((<_Seq>x_).logprobs for x_ in b.seqs)
         if want_lp:
             lsm = nnn.own(log_softmax(logits))                            # [B, K + 1, V]
             lps = nops.reshape(nops.take_along_axis(lsm, nops.reshape(emit, _shape3(B, K + 1, 1)), 2),
@@ -1371,8 +1381,12 @@ cdef class Engine:
         t0 = _now()
         _eval(outs)
         self.stats["wait_seconds"] += _now() - t0
-        emit_h = _numpy(emit)
-        a_h = _numpy(a_dev).astype(np.int64)
+        if host:
+            emit_h, a_h = _accept_greedy(
+                _numpy(cand_all), props if self.draft is None or not K else _numpy(pdev), kr)
+        else:
+            emit_h = _numpy(emit)
+            a_h = _numpy(a_dev).astype(np.int64)
         lp_h = _numpy(lps) if want_lp else None
         ti_h = _numpy(top_i) if want_lp and k > 0 else None
         tv_h = _numpy(top_v) if want_lp and k > 0 else None
@@ -1515,7 +1529,11 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # were kept), which becomes the row's pending token.
 #
 #  - greedy rows keep proposals while they equal the target's argmax, so the
-#    output is exactly plain greedy decoding's;
+#    output is exactly plain greedy decoding's.  When every row is greedy and
+#    none asks for log-probs, the graph ends at the argmaxes and the host
+#    compares them with the proposals (_accept_greedy): on a GPU each op of
+#    the comparison would be a kernel launch of its own in a step that
+#    nothing overlaps;
 #  - sampled rows use speculative sampling: proposal d_j (drafted from q_j) is
 #    kept with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection
 #    the token is drawn from the normalized residual max(0, p_j - q_j), after
@@ -1719,6 +1737,21 @@ cdef na.array* _row_p(const na.array& x, int r) except NULL:
     z.push_back(x.shape(1))
     z.push_back(x.shape(2))
     return heap(nops.reshape(nops.slice(x, a, z), _shape2(x.shape(1), x.shape(2))))
+
+
+def _accept_greedy(cand, props, kr):
+    """Greedy verification on the host: the tokens each row emits and how
+    many proposals it accepted ([B]), from the candidates cand [B, K + 1]
+    (the argmax after each verified position), the proposals props [B, K]
+    (None when K = 0) and each row's own number of proposals kr [B].  A row
+    accepts its proposals up to the first that differs from its candidate,
+    so its emitted tokens are its candidates: the accepted proposals, then
+    its own next token (the device path's rule, see _speculate)."""
+    B, K = cand.shape[0], cand.shape[1] - 1
+    if K == 0:
+        return cand, np.zeros(B, dtype=np.int64)
+    ok = (props == cand[:, :K]) & (np.arange(K)[None, :] < kr[:, None])
+    return cand, np.cumprod(ok, axis=1).sum(axis=1).astype(np.int64)
 
 
 cdef void _adapt(_Seq s, int proposed, int accepted) except *:

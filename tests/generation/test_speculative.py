@@ -106,6 +106,44 @@ def test_prompt_lookup_batched_is_plain_greedy(tiny):
     assert st["proposed_tokens"] > 0 and 0 < st["accepted_tokens"]
 
 
+def _lookup_events(model, prompts, max_tokens, lookup, samplers=None, logprobs=False):
+    """Each sequence's events from one engine (prompt lookup), in order, and
+    the number of verification steps."""
+    eng = Engine(model, max_batch=len(prompts), prefill_chunk=5)
+    sids = [eng.add(p, max_tokens=max_tokens, prompt_lookup=lookup, logprobs=logprobs,
+                    sampler=None if samplers is None else samplers[i])
+            for i, p in enumerate(prompts)]
+    out = {}
+    while eng.has_work():
+        for ev in eng.step():
+            out.setdefault(ev.seq_id, []).append(ev)
+    steps = eng.stats["spec_steps"]
+    eng.close()
+    return [out[s] for s in sids], steps
+
+
+def test_greedy_acceptance_on_the_host_and_in_the_graph_agree(tiny):
+    """A batch whose rows are all greedy, without log-probs, compares the
+    candidates with the proposals on the host; with log-probs asked, or a
+    sampled row in the batch, the comparison stays in the graph.  Either way
+    the greedy rows are plain greedy decoding, and their log-probs are plain
+    decoding's."""
+    ps = _prompts(2)
+    ref, _ = _lookup_events(tiny.m, ps, 30, None, logprobs=True)
+    host, n_host = _lookup_events(tiny.m, ps, 30, 6)
+    graph, n_graph = _lookup_events(tiny.m, ps, 30, 6, logprobs=True)
+    mixed, n_mixed = _lookup_events(tiny.m, ps, 30, 6,
+                                    samplers=[None, Sampler(temperature=1.0, seed=3)])
+    assert min(n_host, n_graph, n_mixed) > 0
+    for r in range(2):
+        want = [e.token for e in ref[r]]
+        assert [e.token for e in host[r]] == want
+        assert [e.token for e in graph[r]] == want
+        np.testing.assert_allclose([e.logprob for e in graph[r]], [e.logprob for e in ref[r]],
+                                   rtol=1e-4, atol=1e-4)
+    assert [e.token for e in mixed[0]] == [e.token for e in ref[0]]
+
+
 def test_draft_model_single_and_batched(tiny):
     ps = _prompts(4)
     ref, _, _ = _run(tiny.m, ps, [30, 21, 40, 25], max_batch=1)
