@@ -4,7 +4,11 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
-        [--models qwen,smol] [--gpu-verify on|off]
+        [--models qwen,smol] [--gpu-verify on|off] [--forward-cost]
+
+--forward-cost prints, instead, what a verification costs: the wall time of
+one forward of m = 1 .. 17 positions after a 150-token context (medians of 15,
+each m after the other in turn), and its ratio to one position's.
 
 Draft models: a speedup measured with a random-weight pair says nothing
 (acceptance is chance), and the registry offers no real pair of models with
@@ -97,6 +101,29 @@ def batched(tm, a):
           f"{p.token_ids == lk.token_ids} ({sum(map(len, p.token_ids))} tokens)", flush=True)
 
 
+def forward_cost(tm, name, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
+    """Milliseconds of one forward of m positions over a 150-token cache."""
+    import statistics
+    import numpy as np
+    from mlxcy.transforms import eval as mxeval
+    model = tm.model
+    cache = model.make_cache()
+    rng = np.random.default_rng(0)
+    ctx = rng.integers(100, 5000, size=(1, 150)).astype(np.int32)
+    mxeval(model(mlxcy.array(ctx), cache, last_only=True))
+    t = {m: [] for m in ms}
+    for _ in range(reps):
+        for m in ms:
+            ids = mlxcy.array(rng.integers(100, 5000, size=(1, m)).astype(np.int32))
+            t0 = time.perf_counter()
+            mxeval(model(ids, cache))
+            t[m].append((time.perf_counter() - t0) * 1e3)
+            cache.trim(m)
+    one = statistics.median(t[1])
+    print(f"{name}: " + ", ".join(f"{m}: {statistics.median(t[m]):.1f} ms "
+                                  f"({statistics.median(t[m]) / one:.2f}x)" for m in ms))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -108,6 +135,8 @@ def main():
                          "smol: SmolLM2-135M)")
     ap.add_argument("--gpu-verify", choices=("on", "off"), default="on",
                     help="on a GPU, verification steps as one kernel (on) or op by op (off)")
+    ap.add_argument("--forward-cost", action="store_true",
+                    help="print a forward's wall time by its number of positions instead")
     a = ap.parse_args()
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
@@ -115,6 +144,12 @@ def main():
     models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
               if name in wanted}
     loaded = {}
+    if a.forward_cost:
+        for name, path in models.items():
+            tm = mlxcy.load(path)
+            forward_cost(tm, name)
+            tm.close()
+        return
     print(f"{'model':6} {'prompt':26} {'plain tok/s':>11} {'lookup tok/s':>12} {'ratio':>6} "
           f"{'accept':>6} {'tok/step':>8} identical")
     for name, what, prompt, chat in CASES:
