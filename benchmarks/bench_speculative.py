@@ -4,11 +4,12 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
-        [--models qwen,smol] [--gpu-verify on|off] [--forward-cost]
+        [--models qwen,smol] [--gpu-verify on|off] [--forward-cost [--context 150,2000]]
 
 --forward-cost prints, instead, what a verification costs: the wall time of
-one forward of m = 1 .. 17 positions after a 150-token context (medians of 15,
-each m after the other in turn), and its ratio to one position's.
+one forward of m = 1 .. 17 positions after a context of --context tokens (150;
+a list runs each), medians of 15 with each m after the other in turn, and its
+ratio to one position's.
 
 Draft models: a speedup measured with a random-weight pair says nothing
 (acceptance is chance), and the registry offers no real pair of models with
@@ -101,16 +102,18 @@ def batched(tm, a):
           f"{p.token_ids == lk.token_ids} ({sum(map(len, p.token_ids))} tokens)", flush=True)
 
 
-def forward_cost(tm, name, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
-    """Milliseconds of one forward of m positions over a 150-token cache."""
+def forward_cost(tm, name, context, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
+    """Milliseconds of one forward of m positions over a cache of `context`
+    positions."""
     import statistics
     import numpy as np
     from mlxcy.transforms import eval as mxeval
     model = tm.model
     cache = model.make_cache()
     rng = np.random.default_rng(0)
-    ctx = rng.integers(100, 5000, size=(1, 150)).astype(np.int32)
-    mxeval(model(mlxcy.array(ctx), cache, last_only=True))
+    for i in range(0, context, 512):
+        ids = rng.integers(100, 5000, size=(1, min(512, context - i))).astype(np.int32)
+        mxeval(model(mlxcy.array(ids), cache, last_only=True))
     t = {m: [] for m in ms}
     for _ in range(reps):
         for m in ms:
@@ -120,7 +123,7 @@ def forward_cost(tm, name, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
             t[m].append((time.perf_counter() - t0) * 1e3)
             cache.trim(m)
     one = statistics.median(t[1])
-    print(f"{name}: " + ", ".join(f"{m}: {statistics.median(t[m]):.1f} ms "
+    print(f"{name}, context {context}: " + ", ".join(f"{m}: {statistics.median(t[m]):.1f} ms "
                                   f"({statistics.median(t[m]) / one:.2f}x)" for m in ms))
 
 
@@ -137,6 +140,8 @@ def main():
                     help="on a GPU, verification steps as one kernel (on) or op by op (off)")
     ap.add_argument("--forward-cost", action="store_true",
                     help="print a forward's wall time by its number of positions instead")
+    ap.add_argument("--context", default="150",
+                    help="--forward-cost: the cache's positions before the forward (a list)")
     a = ap.parse_args()
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
@@ -147,7 +152,8 @@ def main():
     if a.forward_cost:
         for name, path in models.items():
             tm = mlxcy.load(path)
-            forward_cost(tm, name)
+            for context in (int(c) for c in a.context.split(",")):
+                forward_cost(tm, name, context)
             tm.close()
         return
     print(f"{'model':6} {'prompt':26} {'plain tok/s':>11} {'lookup tok/s':>12} {'ratio':>6} "

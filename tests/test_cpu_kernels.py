@@ -341,6 +341,29 @@ def test_attention_with_mask_matches_numpy(isa, kind, mshape, causal):
     close(f64(y), masked_attention_np(q, k, v, 0.25, mlxcy.array(full)), 1e-5)
 
 
+def test_attention_hidden_keys_never_reach_the_output(isa):
+    """Keys the mask hides weigh exactly 0 even where the softmax runs eight
+    scores at a time, so their values (NaN here, as a padded or unwritten
+    cache position may hold anything) never reach the output; the other
+    keys give numpy's attention over the visible keys alone.  40 keys: four
+    full vectors of eight scores and a tail."""
+    B, H, Hkv, L, T, D = 1, 4, 2, 3, 40, 16
+    q = RNG.standard_normal((B, H, L, D)).astype(np.float32)
+    k = RNG.standard_normal((B, Hkv, T, D)).astype(np.float32)
+    v = RNG.standard_normal((B, Hkv, T, D)).astype(np.float32)
+    m = np.ones((B, 1, 1, T), dtype=bool)
+    m[..., 3:21] = False
+    m[..., 37] = False
+    v[:, :, ~m[0, 0, 0]] = np.nan
+    y = ck.attention(mlxcy.array(q), mlxcy.array(k), mlxcy.array(v), 0.25, False, mlxcy.array(m))
+    keep = m[0, 0, 0]
+    want = masked_attention_np(mlxcy.array(q), mlxcy.array(k[:, :, keep]),
+                               mlxcy.array(v[:, :, keep]), 0.25,
+                               mlxcy.array(np.ones((1, int(keep.sum())), dtype=bool)))
+    assert np.isfinite(np.asarray(y)).all()
+    close(f64(y), want, 1e-5)
+
+
 def test_attention_mask_grad_matches_mlx_ops():
     from mlxcy import fast
     from mlxcy.transforms import grad
