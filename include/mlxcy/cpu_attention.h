@@ -37,21 +37,26 @@ inline void axpy_scalar(float p, const void* v, Elt tv, int64_t sv, float* acc, 
 }
 
 #if MLXCY_X86
-MLXCY_AVX2 inline float dot_avx2(const void* a, Elt ta, const float* b, int D) {
+// The kernels below take the cache's element type as a template argument:
+// with it a run-time argument, GCC (-O2) tested it at every load and kept the
+// weighted sum's accumulators on the stack.
+template <Elt T>
+MLXCY_AVX2 inline float dot_avx2(const char* a, const float* b, int D) {
   __m256 s = _mm256_setzero_ps();
-  for (int i = 0; i < D; i += 8) s = _mm256_fmadd_ps(load8(a, ta, i), _mm256_loadu_ps(b + i), s);
+  for (int i = 0; i < D; i += 8) s = _mm256_fmadd_ps(load8_t<T>(a, i), _mm256_loadu_ps(b + i), s);
   return hsum8(s);
 }
 
 // The scores of 8 keys (rows kt bytes apart) against q, as one vector: eight
 // accumulators, then one transposing reduction instead of eight.
-MLXCY_AVX2 inline __m256 dot8_avx2(const char* k, int64_t kt, Elt tk, const float* q, int D) {
+template <Elt T>
+MLXCY_AVX2 inline __m256 dot8_avx2(const char* k, int64_t kt, const float* q, int D) {
   __m256 a[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
   for (int d = 0; d < D; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(load8(k + i * kt, tk, d), qv, a[i]);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(load8_t<T>(k + i * kt, d), qv, a[i]);
   }
   const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
@@ -59,11 +64,12 @@ MLXCY_AVX2 inline __m256 dot8_avx2(const char* k, int64_t kt, Elt tk, const floa
 }
 
 // p[t] = dot(key t, q) for t < n, eight keys at a time.
-MLXCY_AVX2 inline void scores_avx2(const char* k0, int64_t kt, Elt tk, const float* q, int D,
-                                   int n, float* p) {
+template <Elt T>
+MLXCY_AVX2 inline void scores_avx2(const char* k0, int64_t kt, const float* q, int D, int n,
+                                   float* p) {
   int t = 0;
-  for (; t + 8 <= n; t += 8) _mm256_storeu_ps(p + t, dot8_avx2(k0 + t * kt, kt, tk, q, D));
-  for (; t < n; ++t) p[t] = dot_avx2(k0 + t * kt, tk, q, D);
+  for (; t + 8 <= n; t += 8) _mm256_storeu_ps(p + t, dot8_avx2<T>(k0 + t * kt, kt, q, D));
+  for (; t < n; ++t) p[t] = dot_avx2<T>(k0 + t * kt, q, D);
 }
 
 // The largest of p[0 .. n).
@@ -99,25 +105,57 @@ MLXCY_AVX2 inline float exp_sum_avx2(float* p, int n, float m) {
   return den;
 }
 
-// acc[:D] = sum_t p[t] * inv * v[t] over keys with p[t] != 0 (a hidden key's
-// value may be anything, NaN included), up to 64 lanes at a time with the
-// sums in registers (D a multiple of 8).
+// acc[:8 NC] = sum_t p[t] * inv * v[t][:8 NC] over keys with p[t] != 0 (a
+// hidden key's value may be anything, NaN included), the sums in registers.
+template <Elt T, int NC>
+MLXCY_AVX2 inline void weighted_lanes(const char* v0, int64_t vt, const float* p, float inv,
+                                      int n, float* acc) {
+  __m256 r[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) r[c] = _mm256_setzero_ps();
+  for (int t = 0; t < n; ++t) {
+    if (p[t] == 0.f) continue;
+    const __m256 w = _mm256_set1_ps(p[t] * inv);
+    const char* vr = v0 + t * vt;
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) r[c] = _mm256_fmadd_ps(w, load8_t<T>(vr, 8 * c), r[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + 8 * c, r[c]);
+}
+
+// acc[:D] = sum_t p[t] * inv * v[t] (D a multiple of 8), 64 lanes at a time.
+template <Elt T>
+MLXCY_AVX2 inline void weighted_sum_avx2(const char* v0, int64_t vt, const float* p, float inv,
+                                         int n, float* acc, int D) {
+  const int64_t isz = T == Elt::F32 ? 4 : 2;
+  int d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weighted_lanes<T, 8>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+  switch ((D - d0) / 8) {
+    case 1: return weighted_lanes<T, 1>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+    case 2: return weighted_lanes<T, 2>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+    case 3: return weighted_lanes<T, 3>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+    case 4: return weighted_lanes<T, 4>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+    case 5: return weighted_lanes<T, 5>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+    case 6: return weighted_lanes<T, 6>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+    case 7: return weighted_lanes<T, 7>(v0 + d0 * isz, vt, p, inv, n, acc + d0);
+    default: return;
+  }
+}
+
+// scores_avx2 and weighted_sum_avx2 for the cache's element types.
+MLXCY_AVX2 inline void scores_avx2(const char* k0, int64_t kt, Elt tk, const float* q, int D,
+                                   int n, float* p) {
+  if (tk == Elt::F32) return scores_avx2<Elt::F32>(k0, kt, q, D, n, p);
+  if (tk == Elt::BF16) return scores_avx2<Elt::BF16>(k0, kt, q, D, n, p);
+  scores_avx2<Elt::F16>(k0, kt, q, D, n, p);
+}
+
 MLXCY_AVX2 inline void weighted_sum_avx2(const char* v0, int64_t vt, Elt tv, const float* p,
                                          float inv, int n, float* acc, int D) {
-  for (int d0 = 0; d0 < D; d0 += 64) {
-    const int nc = std::min(8, (D - d0) / 8);
-    __m256 r[8];
-    for (int c = 0; c < 8; ++c) r[c] = _mm256_setzero_ps();
-    for (int t = 0; t < n; ++t) {
-      if (p[t] == 0.f) continue;
-      const __m256 w = _mm256_set1_ps(p[t] * inv);
-      const char* vr = v0 + t * vt;
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c)
-        if (c < nc) r[c] = _mm256_fmadd_ps(w, load8(vr, tv, d0 + 8 * c), r[c]);
-    }
-    for (int c = 0; c < nc; ++c) _mm256_storeu_ps(acc + d0 + 8 * c, r[c]);
-  }
+  if (tv == Elt::F32) return weighted_sum_avx2<Elt::F32>(v0, vt, p, inv, n, acc, D);
+  if (tv == Elt::BF16) return weighted_sum_avx2<Elt::BF16>(v0, vt, p, inv, n, acc, D);
+  weighted_sum_avx2<Elt::F16>(v0, vt, p, inv, n, acc, D);
 }
 #endif
 
