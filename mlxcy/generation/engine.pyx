@@ -1381,9 +1381,10 @@ cdef class Engine:
         t0 = _now()
         _eval(outs)
         self.stats["wait_seconds"] += _now() - t0
-        if host:
-            emit_h, a_h = _accept_greedy(
-                _numpy(cand_all), props if self.draft is None or not K else _numpy(pdev), kr)
+        if host:   # an accepted proposal equals its candidate: the row emits its candidates
+            emit_h = _numpy(cand_all)
+            a_h = _accepted_greedy(
+                emit_h, props if self.draft is None or not K else _numpy(pdev), kr)
         else:
             emit_h = _numpy(emit)
             a_h = _numpy(a_dev).astype(np.int64)
@@ -1531,7 +1532,7 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 #  - greedy rows keep proposals while they equal the target's argmax, so the
 #    output is exactly plain greedy decoding's.  When every row is greedy and
 #    none asks for log-probs, the graph ends at the argmaxes and the host
-#    compares them with the proposals (_accept_greedy): on a GPU each op of
+#    compares them with the proposals (_accepted_greedy): on a GPU each op of
 #    the comparison would be a kernel launch of its own in a step that
 #    nothing overlaps;
 #  - sampled rows use speculative sampling: proposal d_j (drafted from q_j) is
@@ -1739,19 +1740,18 @@ cdef na.array* _row_p(const na.array& x, int r) except NULL:
     return heap(nops.reshape(nops.slice(x, a, z), _shape2(x.shape(1), x.shape(2))))
 
 
-def _accept_greedy(cand, props, kr):
-    """Greedy verification on the host: the tokens each row emits and how
-    many proposals it accepted ([B]), from the candidates cand [B, K + 1]
-    (the argmax after each verified position), the proposals props [B, K]
-    (None when K = 0) and each row's own number of proposals kr [B].  A row
-    accepts its proposals up to the first that differs from its candidate,
-    so its emitted tokens are its candidates: the accepted proposals, then
-    its own next token (the device path's rule, see _speculate)."""
+def _accepted_greedy(cand, props, kr):
+    """Greedy verification on the host: how many proposals each row accepted
+    ([B]), from the candidates cand [B, K + 1] (the argmax after each
+    verified position), the proposals props [B, K] (None when K = 0) and each
+    row's own number of proposals kr [B].  A row accepts its proposals up to
+    the first that differs from its candidate (the device path's rule, see
+    _speculate)."""
     B, K = cand.shape[0], cand.shape[1] - 1
     if K == 0:
-        return cand, np.zeros(B, dtype=np.int64)
+        return np.zeros(B, dtype=np.int64)
     ok = (props == cand[:, :K]) & (np.arange(K)[None, :] < kr[:, None])
-    return cand, np.cumprod(ok, axis=1).sum(axis=1).astype(np.int64)
+    return np.cumprod(ok, axis=1).sum(axis=1).astype(np.int64)
 
 
 cdef void _adapt(_Seq s, int proposed, int accepted) except *:
