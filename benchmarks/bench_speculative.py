@@ -4,7 +4,15 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
-        [--models qwen,smol] [--gpu-verify on|off] [--forward-cost [--context 150,2000]]
+        [--models qwen,smol] [--gpu-verify on|off] [--chain auto|on|off]
+        [--forward-cost [--context 150,2000]]
+
+--chain sets tuning's lookup_chain (a single greedy sequence's verification
+queued before the one before it is read; automatic: on a GPU only).
+--host-bound prints, instead, plain decoding against prompt lookup with
+chaining off and on for a random-weight model so small (Qwen3 shape, hidden
+64, 2 layers, 512 tokens) that a step costs mostly host time, as it does on a
+GPU: its greedy output repeats ids, so lookup proposes and verifies.
 
 --forward-cost prints, instead, what a verification costs: the wall time of
 one forward of m = 1 .. 17 positions after a context of --context tokens (150;
@@ -127,6 +135,45 @@ def forward_cost(tm, name, context, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
                                   f"({statistics.median(t[m]) / one:.2f}x)" for m in ms))
 
 
+def host_bound(reps=7, n=200):
+    """tok/s (medians of reps, the modes taking turns) of plain decoding and
+    of prompt lookup with chaining off and on, on a model whose steps are
+    mostly host time; and whether the tokens are identical."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+    import numpy as np
+    import bench_batch
+    from mlxcy.generation.engine import Engine
+    from mlxcy.models.load import load_model
+    bench_batch.SHAPES["host-bound"] = dict(bench_batch.SHAPES["tiny"], vocab_size=512)
+    d = bench_batch.make_model_dir("host-bound", Path(tempfile.mkdtemp()) / "m", "float32")
+    model = load_model(d)
+    prompt = np.random.default_rng(1).integers(0, 512, 24).tolist() * 4
+    modes = {"plain": (None, False), "lookup, chain off": (8, False),
+             "lookup, chain on": (8, True)}
+    rate, toks, used = {m: [] for m in modes}, {}, {}
+    for _ in range(reps):
+        for mode, (k, chain) in modes.items():
+            with mlxcy.tuning.override(lookup_chain=chain):
+                eng = Engine(model, max_batch=1)
+                eng.add(prompt, max_tokens=n, prompt_lookup=k)
+                out = [ev.token for _ in range(10 * n) if eng.has_work() for ev in eng.step()]
+                st = dict(eng.stats)
+                eng.close()
+            rate[mode].append(st["decode_tokens"] / st["decode_seconds"])
+            toks[mode] = out
+            used[mode] = (st["tokens_per_step"], st["chained_used"], st["chained_steps"])
+    model.close()
+    base = statistics.median(rate["plain"])
+    print(f"{'mode':18} {'tok/s':>8} {'ratio':>6} {'tok/step':>8} {'chained used/queued':>20} identical")
+    for mode in modes:
+        r = statistics.median(rate[mode])
+        tps, u, q = used[mode]
+        print(f"{mode:18} {r:8.0f} {r / base:6.2f} {tps:8.2f} {f'{u}/{q}':>20} "
+              f"{toks[mode] == toks['plain']}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -138,6 +185,10 @@ def main():
                          "smol: SmolLM2-135M)")
     ap.add_argument("--gpu-verify", choices=("on", "off"), default="on",
                     help="on a GPU, verification steps as one kernel (on) or op by op (off)")
+    ap.add_argument("--chain", choices=("auto", "on", "off"), default="auto",
+                    help="tuning's lookup_chain: auto (on a GPU), on or off")
+    ap.add_argument("--host-bound", action="store_true",
+                    help="plain vs lookup with chaining off/on on a host-bound tiny model")
     ap.add_argument("--forward-cost", action="store_true",
                     help="print a forward's wall time by its number of positions instead")
     ap.add_argument("--context", default="150",
@@ -145,6 +196,9 @@ def main():
     a = ap.parse_args()
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
+    mlxcy.tuning.set(lookup_chain={"auto": None, "on": True, "off": False}[a.chain])
+    if a.host_bound:
+        return host_bound()
     wanted = a.models.split(",")
     models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
               if name in wanted}

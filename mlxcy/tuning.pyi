@@ -12,6 +12,7 @@ class Options(NamedTuple):
     prefill_split: bool | None
     prefill_chunk_cpu: int
     prefill_chunk_gpu: int
+    lookup_chain: bool | None
 
 DEFAULTS: Options
 
@@ -23,6 +24,7 @@ def set(
     prefill_split: bool | None = ...,
     prefill_chunk_cpu: int = ...,
     prefill_chunk_gpu: int = ...,
+    lookup_chain: bool | None = ...,
 ) -> dict[str, Any]:
     """Set the given options; returns their previous values (set(**old) restores them)."""
 def override(
@@ -32,6 +34,7 @@ def override(
     prefill_split: bool | None = ...,
     prefill_chunk_cpu: int = ...,
     prefill_chunk_gpu: int = ...,
+    lookup_chain: bool | None = ...,
 ) -> _GeneratorContextManager[Options]:
     """with override(cache_pad=0): ... -- the options set inside the block only."""
 def reset() -> None: ...

@@ -40,6 +40,14 @@ prefill_chunk_cpu [128], prefill_chunk_gpu [512]
     so smaller chunks skip most of the masked triangle; a GPU wants large
     chunks (fewer launches).  A smaller GPU chunk lowers the prefill's peak
     memory at some prefill speed.
+lookup_chain [None]
+    Prompt lookup of one greedy sequence: None: automatic -- on a GPU a
+    verification step queues the next one (its proposals assume the first
+    keeps all of its own) before it reads the first's result, so the device
+    does not wait while the host reads, compares and looks up; on the CPU
+    verification steps run one after the other, because there a chained step
+    after a rejection costs a whole forward of compute for nothing.  True /
+    False force one or the other; the tokens are the same either way.
 
 The options are process-wide, like MLX's own settings: override() is not
 local to a thread.  Bad names or values raise mlxcy.OptionError /
@@ -53,11 +61,11 @@ from mlxcy.errors import OptionError, OptionTypeError
 __all__ = ["Options", "DEFAULTS", "get", "set", "override", "reset"]
 
 Options = namedtuple("Options", ["cpu_sync", "cache_pad", "prefill_split",
-                                 "prefill_chunk_cpu", "prefill_chunk_gpu"])
+                                 "prefill_chunk_cpu", "prefill_chunk_gpu", "lookup_chain"])
 Options.__doc__ = "A snapshot of mlxcy's tuning knobs (see mlxcy.tuning)."
 
 DEFAULTS = Options(cpu_sync=True, cache_pad=8, prefill_split=None,
-                   prefill_chunk_cpu=128, prefill_chunk_gpu=512)
+                   prefill_chunk_cpu=128, prefill_chunk_gpu=512, lookup_chain=None)
 
 cdef Tuning _current
 
@@ -80,7 +88,7 @@ def _int(name, value, int low):
     return value
 
 
-def _split(name, value):
+def _auto(name, value):
     if value is not None and not isinstance(value, bool):
         raise OptionTypeError(f"tuning option {name!r} must be None (automatic) or a bool, "
                               f"got {value!r}")
@@ -90,9 +98,10 @@ def _split(name, value):
 _CHECKS = {
     "cpu_sync": _bool,
     "cache_pad": lambda n, v: _int(n, v, 0),
-    "prefill_split": _split,
+    "prefill_split": _auto,
     "prefill_chunk_cpu": lambda n, v: _int(n, v, 1),
     "prefill_chunk_gpu": lambda n, v: _int(n, v, 1),
+    "lookup_chain": _auto,
 }
 
 
@@ -104,6 +113,7 @@ def get():
         prefill_split=None if _current.prefill_split < 0 else bool(_current.prefill_split),
         prefill_chunk_cpu=_current.prefill_chunk_cpu,
         prefill_chunk_gpu=_current.prefill_chunk_gpu,
+        lookup_chain=None if _current.lookup_chain < 0 else bool(_current.lookup_chain),
     )
 
 
@@ -129,6 +139,8 @@ def set(**options):
             _current.prefill_chunk_cpu = value
         elif name == "prefill_chunk_gpu":
             _current.prefill_chunk_gpu = value
+        elif name == "lookup_chain":
+            _current.lookup_chain = -1 if value is None else int(value)
     return old
 
 

@@ -5,7 +5,7 @@
 # what finished.  Run on the GPU machine after the MLX CUDA wheel is
 # installed (docs/internals.md, "Tests on an NVIDIA GPU"):
 #
-#   tools/gpu_session.sh [tests|bench|profile|torch|verify|positions]...
+#   tools/gpu_session.sh [tests|bench|profile|torch|verify|chain|positions]...
 #                                             (default: tests bench profile)
 #
 #   tests    tests/models/test_gpu_step.py
@@ -15,6 +15,8 @@
 #   torch    bench_decode --torch-graph: the PyTorch CUDA-graph loop (bf16)
 #   verify   the several-positions kernel: its GPU tests, then prompt lookup
 #            vs plain decoding with verification as one kernel and op by op
+#   chain    chained verifications (tuning's lookup_chain): their tests, then
+#            prompt lookup vs plain decoding with chaining on and off
 #   positions  the time of forwards of 1-16 positions (a verification), one
 #            kernel vs op by op (bf16 SmolLM2, Llama-3.2-1B)
 set -uo pipefail
@@ -37,6 +39,12 @@ for s in "${steps[@]}"; do
                     python benchmarks/bench_speculative.py --models smol --max-tokens 128 \
                         --repeats 2 --gpu-verify $v
                 done ;;
+        chain) python -m pytest -q -p no:cacheprovider tests/generation/test_speculative.py \
+                   -k "chained or single" &&
+               for c in on off; do
+                   python benchmarks/bench_speculative.py --models smol --max-tokens 128 \
+                       --repeats 3 --chain $c
+               done ;;
         positions) python benchmarks/gpu_step_profile.py --models smollm2-135m,llama-3.2-1b \
                        --quant bf16 --positions 1,2,3,4,6,8,12,16 ;;
         *) echo "gpu_session.sh: unknown step $s" >&2; exit 2 ;;

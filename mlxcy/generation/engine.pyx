@@ -300,6 +300,12 @@ cdef Cache row_cache(Model model, Cache cache, int row, int pad):
     return out
 
 
+cdef void _set_offsets(Cache cache, int n) except *:
+    """Every layer of a cache without sliding windows ends at n."""
+    for c in cache.layers:
+        (<LayerCache>c).offset = n
+
+
 cdef bint _can_trim(Cache cache):
     for c in cache.layers:
         if (<LayerCache>c).window:
@@ -445,6 +451,19 @@ cdef Sampler _GREEDY = Sampler()
 
 # ----------------------------------------------------------------- batches --
 
+cdef class _Flight:
+    """A greedy verification of a batch's one row, queued before the host
+    knows whether the verification before it kept all its proposals (see
+    "Chaining" in the notes at the end of the module)."""
+    cdef na.array* cand           # int32 [1, K + 1]: the argmax after each position
+    cdef object props             # numpy int32 [1, K]: the proposals (K may be 0)
+    cdef int K
+    cdef int T                    # the cache offset it starts at
+
+    def __dealloc__(self):
+        _set(&self.cand, NULL)
+
+
 cdef class _Batch:
     """Rows decoding (or prefilling) together on one cache, left-padded to a
     common padded position `cache.offset`."""
@@ -458,6 +477,7 @@ cdef class _Batch:
     cdef na.array* history        # int32 [B, H] (-1: none) or NULL
     cdef Cache dcache             # the draft model's cache (same rows, pads, offset), or None
     cdef object pending_host      # numpy int32 [B]: `pending` as read back, or None
+    cdef _Flight flight           # a chained verification already queued, or None
     # prefill state (a group not yet decoding)
     cdef object ids               # int32 numpy [B, T] left-padded prompts, or None
     cdef int start                # prompt columns already prefilled
@@ -466,6 +486,7 @@ cdef class _Batch:
         self.release()
 
     cdef void release(self) noexcept:
+        self.flight = None
         _set(&self.pads, NULL)
         _set(&self.pending, NULL)
         _set(&self.pending_lp, NULL)
@@ -475,6 +496,12 @@ cdef class _Batch:
 
     cdef int rows(self):
         return len(self.seqs)
+
+    cdef void drop_flight(self) except *:
+        """Forget the chained verification: the cache ends where it starts."""
+        if self.flight is not None:
+            _set_offsets(self.cache, self.flight.T)
+            self.flight = None
 
     cdef void keep(self, list rows) except *:
         """Keep the given rows (indices, in order): cache and per-row arrays."""
@@ -633,7 +660,10 @@ cdef class Engine:
                       # advanced, verification steps, tokens proposed / accepted
                       "decode_steps": 0, "row_steps": 0, "spec_steps": 0,
                       "proposed_tokens": 0, "accepted_tokens": 0,
-                      "acceptance_rate": 0.0, "tokens_per_step": 0.0}
+                      "acceptance_rate": 0.0, "tokens_per_step": 0.0,
+                      # verifications queued ahead (chaining), and those read back:
+                      # the others were computed for nothing
+                      "chained_steps": 0, "chained_used": 0}
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         self.num_draft = num_draft
@@ -748,8 +778,10 @@ cdef class Engine:
                 out.free()
                 out = None
             return out
-        if self.running is not None and s in self.running.seqs and s.keep_cache:
-            return self._take_cache(self.running, self.running.seqs.index(s), s)
+        if self.running is not None and s in self.running.seqs:
+            self.running.drop_flight()
+            if s.keep_cache:
+                return self._take_cache(self.running, self.running.seqs.index(s), s)
         return None
 
     cdef Cache _take_cache(self, _Batch b, int r, _Seq s):
@@ -980,15 +1012,21 @@ cdef class Engine:
         if cur == NULL:
             raise RuntimeError("engine: the running batch has no queued step")
         t0 = time.perf_counter()
-        cdef bint spec = self.draft is not None or self._want_lookup(b)
+        cdef bint spec = (b.flight is not None or self.draft is not None
+                          or self._want_lookup(b))
         b.pending = b.pending_lp = b.pending_top = b.pending_top_lp = NULL
         b.pending_host = None
         self.stats["decode_steps"] += 1
         self.stats["row_steps"] += sum(1 for x in b.seqs if (<_Seq>x).finish is None)
         try:
             if spec:
+                if b.flight is not None:    # the pending token's position is the flight's first
+                    _set_offsets(b.cache, b.flight.T)
                 self._emit(b, cur, cur_lp, cur_top, cur_top_lp, events)
-                self._speculate(b, cur, events)
+                if b.flight is not None:
+                    self._resume(b, events)
+                else:
+                    self._speculate(b, cur, events)
             else:
                 if sync:
                     self._emit(b, cur, cur_lp, cur_top, cur_top_lp, events)
@@ -1158,7 +1196,7 @@ cdef class Engine:
             s = <_Seq>b.seqs[r]
             if (s.lookup_k and s.cool == 0 and s.finish is None
                     and s.produced + 2 < s.max_tokens
-                    and _lookup(s, 1, -1 if b.pending_host is None else int(b.pending_host[r]))):
+                    and _lookup(s, 1, [] if b.pending_host is None else [int(b.pending_host[r])])):
                 return True
         return False
 
@@ -1249,7 +1287,7 @@ cdef class Engine:
                 s = <_Seq>b.seqs[r]
                 p_ = []
                 if caps[r] > 0 and s.lookup_k and s.cool == 0:
-                    p_ = _lookup(s, min(s.cur_k, int(caps[r])), -1)
+                    p_ = _lookup(s, min(s.cur_k, int(caps[r])), [])
                 found.append(p_)
                 kr[r] = len(p_)
             K = int(kr.max())
@@ -1378,6 +1416,10 @@ cdef class Engine:
                 outs.push_back(top_v)
         if b.dcache is not None:
             _cache_arrays(b.dcache, outs)
+        cdef _Flight nxt = None
+        if host and self._chains(b):
+            nasync_eval(outs)       # the device starts while the host builds the next step
+            nxt = self._chain(b, cand_all, props, K)
         t0 = _now()
         _eval(outs)
         self.stats["wait_seconds"] += _now() - t0
@@ -1391,6 +1433,19 @@ cdef class Engine:
         lp_h = _numpy(lps) if want_lp else None
         ti_h = _numpy(top_i) if want_lp and k > 0 else None
         tv_h = _numpy(top_v) if want_lp and k > 0 else None
+        self._settle(b, K, T, kr, caps, emit_h, a_h, lp_h, ti_h, tv_h, tsnap, dsnap, want_lp,
+                     k, nxt, events)
+
+    cdef void _settle(self, _Batch b, int K, int T, object kr, object caps, object emit_h,
+                      object a_h, object lp_h, object ti_h, object tv_h, list tsnap,
+                      list dsnap, bint want_lp, int k, _Flight nxt, list events) except *:
+        """After a verification of K proposals at offset T was read back: the
+        caches re-aligned, each row's accepted tokens emitted, the token after
+        them pending; `nxt`, the verification chained after it, stays queued
+        when the row kept every proposal and goes on."""
+        cdef int B = b.rows(), amax, base, r, j
+        cdef _Seq s
+        cdef Array pa
         # re-align the rows at their new ends (see the notes)
         amax = int(a_h.max())
         d = (amax - a_h).astype(np.int64)
@@ -1423,10 +1478,10 @@ cdef class Engine:
                     break
         # each row's next token is pending, as after a plain step
         sel = np.arange(B)
-        nxt = np.ascontiguousarray(emit_h[sel, a_h], dtype=np.int32)
-        pa = to_array(nxt)
+        nt = np.ascontiguousarray(emit_h[sel, a_h], dtype=np.int32)
+        pa = to_array(nt)
         _set(&b.pending, new na.array(pa.ptr[0]))
-        b.pending_host = nxt
+        b.pending_host = nt
         if want_lp:
             pa = to_array(np.ascontiguousarray(lp_h[sel, a_h], dtype=np.float32))
             _set(&b.pending_lp, new na.array(pa.ptr[0]))
@@ -1437,6 +1492,80 @@ cdef class Engine:
                 _set(&b.pending_top_lp, new na.array(pa.ptr[0]))
         if b.history != NULL:
             self._push_history(b)
+        s = <_Seq>b.seqs[0]
+        if nxt is not None and a_h[0] == K and s.finish is None:
+            _set_offsets(b.cache, nxt.T + nxt.K + 1)
+            b.flight = nxt
+
+    # -- chaining (see the notes at the end of the module) ---------------------
+    cdef bint _chains(self, _Batch b) except -1:
+        """May a verification of this batch queue the next one before it is
+        read?  One greedy row on a cache without sliding windows, nothing
+        else waiting to join the batch, and the tuning says so."""
+        cdef _Seq s
+        if _tuning.lookup_chain == 0 or (_tuning.lookup_chain < 0 and _on_cpu()):
+            return False
+        if (self.draft is not None or self.group is not None or self.waiting
+                or b.rows() != 1 or b.pads != NULL or b.history != NULL
+                or not _can_trim(b.cache)):
+            return False
+        s = <_Seq>b.seqs[0]
+        return (s.finish is None and s.lookup_k > 0 and s.sampler.temperature == 0.0
+                and not s.logprobs and s.token_mask is None)
+
+    cdef _Flight _chain(self, _Batch b, const na.array& cand, object props, int K):
+        """Queue the verification that follows one of K proposals whose
+        candidates [1, K + 1] are `cand`, as if it kept them all: its first
+        id is that verification's last candidate (still on the device), its
+        proposals continue the lookup after `props`; None when the sequence
+        would end first or, after a plain forward, nothing is proposed."""
+        cdef _Seq s = <_Seq>b.seqs[0]
+        cdef int done = s.produced + K + 1          # tokens out once the bonus token is
+        if done >= s.max_tokens:
+            return None
+        cdef int k2 = min(s.lookup_k, max(s.cur_k, 2 * K)) if K else s.cur_k   # as _adapt sets it
+        k2 = min(k2, s.max_tokens - done - 1)
+        cdef list q = []
+        if k2 > 0 and s.cool <= K + 1:
+            q = _lookup(s, k2 + 1, [] if props is None else props[0].tolist())[1:]  # [0] guesses the bonus
+        if not K and not q:
+            return None
+        cdef na.array ids = nops.slice(cand, _shape2(0, K), _shape2(1, K + 1))
+        cdef Array qa
+        if q:
+            qa = to_array(np.asarray(q, dtype=np.int32).reshape(1, -1))
+            ids = rows.cat_axis(ids, qa.ptr[0], 1)
+        cdef _Flight f = _Flight()
+        f.K, f.T = len(q), b.cache.offset
+        f.props = np.asarray(q, dtype=np.int32).reshape(1, f.K)
+        cdef na.array logits = nnn.own(padded_forward(self.model, ids, b.cache, NULL, f.T, False))
+        cdef na.array x = nnn.own(s.sampler.process(nnn.own(_row_p(logits, 0)), NULL))
+        f.cand = heap(nops.reshape(nops.astype(nops.argmax(x, 1, False), na.int32),
+                                   _shape2(1, f.K + 1)))
+        cdef vector[na.array] outs = vector[na.array]()
+        outs.push_back(f.cand[0])
+        nasync_eval(outs)
+        self.stats["chained_steps"] += 1
+        return f
+
+    cdef void _resume(self, _Batch b, list events) except *:
+        """Read back the chained verification in flight (its pending token was
+        just emitted), after queueing the one chained to it."""
+        cdef _Flight f = b.flight
+        cdef _Seq s = <_Seq>b.seqs[0]
+        b.flight = None
+        if s.finish is not None:        # the pending token ended it: the cache ends at f.T
+            return
+        _set_offsets(b.cache, f.T + f.K + 1)
+        self.stats["chained_used"] += 1
+        cdef _Flight nxt = self._chain(b, f.cand[0], f.props, f.K) if self._chains(b) else None
+        kr = np.full(1, f.K, dtype=np.int32)
+        caps = np.full(1, s.max_tokens - s.produced - 1, dtype=np.int64)
+        t0 = _now()
+        cand_h = _numpy(f.cand[0])
+        self.stats["wait_seconds"] += _now() - t0
+        self._settle(b, f.K, f.T, kr, caps, cand_h, _accepted_greedy(cand_h, f.props, kr),
+                     None, None, None, None, None, False, 0, nxt, events)
 
     cdef void _spec_event(self, _Batch b, int r, _Seq s, int t, object lp_h, object ti_h,
                           object tv_h, int j, int unfed, list events) except *:
@@ -1573,6 +1702,25 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # row has a match, and a row whose proposals were all rejected stops
 # proposing for 4, 16, 64 tokens: text that copies nothing decodes with
 # plain pipelined steps.
+#
+# Chaining (tuning's lookup_chain; automatic: on a GPU).  A read-first
+# verification leaves the device idle while the host reads it back, compares,
+# emits and looks up the next proposals; on a GPU that host time is as long as
+# the verification itself.  For one greedy row (host acceptance, a cache
+# without sliding windows, no other sequence waiting) the engine therefore
+# queues the NEXT verification before it reads the current one, as if all of
+# the current proposals will be kept: its first id is the current
+# verification's last candidate, still on the device, and its proposals
+# continue the lookup after the current proposals (the lookup's first token
+# only guesses that candidate, so a wrong guess just gets the next proposals
+# rejected: the chained step is still a correct forward from the real
+# token).  When the current verification keeps every proposal, the chained one
+# is already running (`_Batch.flight`); when it rejects one, or the sequence
+# ends, the chained step was computed for nothing and the cache's offset is
+# set back (only the offset: its positions lie past it).  Greedy output is
+# unchanged either way.  On the CPU the chained step's forward after a
+# rejection costs as much as a verification, more than the host time saved,
+# so there verifications stay read-first.
 
 DEFAULT_LOOKUP = 8
 cdef tuple NGRAMS = (3, 2)
@@ -1591,10 +1739,10 @@ cdef inline void _record(_Seq s, int t) except *:
         s.cool -= 1
 
 
-cdef list _lookup(_Seq s, int k, int extra):
+cdef list _lookup(_Seq s, int k, list extra):
     """Up to k tokens continuing the latest earlier occurrence of the last
-    3 (else 2) ids of hist (+ `extra` when >= 0)."""
-    cdef list h = s.hist if extra < 0 else s.hist + [extra]
+    3 (else 2) ids of hist + extra."""
+    cdef list h = s.hist + extra if extra else s.hist
     cdef int n = len(h)
     if k <= 0:
         return []

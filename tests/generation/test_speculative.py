@@ -106,6 +106,79 @@ def test_prompt_lookup_batched_is_plain_greedy(tiny):
     assert st["proposed_tokens"] > 0 and 0 < st["accepted_tokens"]
 
 
+@pytest.fixture
+def chained():
+    """Chaining forced on (automatic: on a GPU only)."""
+    from mlxcy import tuning
+    with tuning.override(lookup_chain=True):
+        yield
+
+
+def test_chained_lookup_is_plain_greedy(tiny, chained):
+    """A verification queued before the one before it is read: the same
+    tokens and finish reasons as plain greedy decoding, for lengths that end
+    inside a verification or on its last token and for stop tokens taken
+    from the reference.  Chained steps ran, some were used and some were
+    dropped after a rejection (a cache with sliding windows, Gemma's, never
+    chains)."""
+    used = wasted = 0
+    for p in _prompts(4):
+        ref, _, _ = _run(tiny.m, [p], 40)
+        for n in (1, 2, 3, 5, 17, 40):
+            got, reasons, st = _run(tiny.m, [p], n, lookup=6)
+            assert got[0] == ref[0][:n] and reasons == ["length"], n
+            used += st["chained_used"]
+            wasted += st["chained_steps"] - st["chained_used"]
+        for j in (4, 11, 23):
+            stop = ref[0][j]
+            got, reasons, st = _run(tiny.m, [p], 40, lookup=6, stops=[{stop}])
+            assert got[0] == ref[0][:ref[0].index(stop) + 1] and reasons == ["stop"]
+    if tiny.kind == "gemma3_text":
+        assert used == wasted == 0
+    else:
+        assert used > 0 and wasted > 0, (used, wasted)
+
+
+def test_chained_lookup_cache_handed_back_and_rows_joining(tiny, chained):
+    """finish() while a chained verification is queued hands back the cache
+    of the prompt + the tokens emitted so far (continuing from it gives plain
+    greedy's tokens), and a sequence added meanwhile joins the batch (chaining
+    stops) with both outputs plain greedy's."""
+    if tiny.kind == "gemma3_text":
+        pytest.skip("a cache with sliding windows never chains")
+    p, q = _prompts(2)
+    ref, _, _ = _run(tiny.m, [p], 40)
+    ref_q, _, _ = _run(tiny.m, [q], 25)
+    for stop_at in (6, 14):
+        eng = Engine(tiny.m, max_batch=2, prefill_chunk=5)
+        sid = eng.add(p, max_tokens=40, prompt_lookup=6, keep_cache=True)
+        toks = []
+        while len(toks) < stop_at or eng.stats["chained_steps"] == eng.stats["chained_used"]:
+            toks += [ev.token for ev in eng.step()]
+            assert eng.has_work(), "no chained verification was queued"
+        cache = eng.finish(sid)
+        eng.close()
+        assert toks == ref[0][:len(toks)]
+        assert cache.offset == len(p) + len(toks)
+        eng = Engine(tiny.m)
+        eng.add(p + toks + [ref[0][len(toks)]], max_tokens=8, cache=cache)
+        cont = [ev.token for _ in range(100) if eng.has_work() for ev in eng.step()]
+        eng.close()
+        assert cont == ref[0][len(toks) + 1:len(toks) + 9]
+    eng = Engine(tiny.m, max_batch=2, prefill_chunk=5)
+    a = eng.add(p, max_tokens=40, prompt_lookup=6)
+    out = {}
+    while eng.stats["chained_steps"] == 0 and eng.has_work():
+        for ev in eng.step():
+            out.setdefault(ev.seq_id, []).append(ev.token)
+    b = eng.add(q, max_tokens=25, prompt_lookup=6)
+    while eng.has_work():
+        for ev in eng.step():
+            out.setdefault(ev.seq_id, []).append(ev.token)
+    eng.close()
+    assert out[a] == ref[0] and out[b] == ref_q[0]
+
+
 def _lookup_events(model, prompts, max_tokens, lookup, samplers=None, logprobs=False):
     """Each sequence's events from one engine (prompt lookup), in order, and
     the number of verification steps."""
