@@ -4,11 +4,11 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
-        [--models qwen,smol] [--gpu-verify on|off] [--chain auto|on|off]
+        [--models qwen,smol] [--gpu-verify on|off] [--chain on|off]
         [--forward-cost [--context 150,2000]]
 
 --chain sets tuning's lookup_chain (a single greedy sequence's verification
-queued before the one before it is read; automatic: on a GPU only).
+queued before the one before it is read; off by default).
 --host-bound prints, instead, plain decoding against prompt lookup with
 chaining off and on for a random-weight model so small (Qwen3 shape, hidden
 64, 2 layers, 512 tokens) that a step costs mostly host time, as it does on a
@@ -185,8 +185,8 @@ def main():
                          "smol: SmolLM2-135M)")
     ap.add_argument("--gpu-verify", choices=("on", "off"), default="on",
                     help="on a GPU, verification steps as one kernel (on) or op by op (off)")
-    ap.add_argument("--chain", choices=("auto", "on", "off"), default="auto",
-                    help="tuning's lookup_chain: auto (on a GPU), on or off")
+    ap.add_argument("--chain", choices=("on", "off"), default="off",
+                    help="tuning's lookup_chain")
     ap.add_argument("--host-bound", action="store_true",
                     help="plain vs lookup with chaining off/on on a host-bound tiny model")
     ap.add_argument("--forward-cost", action="store_true",
@@ -196,7 +196,7 @@ def main():
     a = ap.parse_args()
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
-    mlxcy.tuning.set(lookup_chain={"auto": None, "on": True, "off": False}[a.chain])
+    mlxcy.tuning.set(lookup_chain=a.chain == "on")
     if a.host_bound:
         return host_bound()
     wanted = a.models.split(",")

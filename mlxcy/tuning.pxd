@@ -16,7 +16,7 @@ cdef struct Tuning:
     int prefill_split           # -1: automatic (on the CPU); 0: never; 1: always
     int prefill_chunk_cpu       # default prompt tokens per prefill step on the CPU
     int prefill_chunk_gpu       # ... and on a GPU
-    int lookup_chain            # -1: automatic (on a GPU); 0: never; 1: always
+    bint lookup_chain           # prompt lookup queues a verification ahead
 
 
 cdef Tuning* current() noexcept nogil

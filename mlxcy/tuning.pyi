@@ -12,7 +12,7 @@ class Options(NamedTuple):
     prefill_split: bool | None
     prefill_chunk_cpu: int
     prefill_chunk_gpu: int
-    lookup_chain: bool | None
+    lookup_chain: bool
 
 DEFAULTS: Options
 
@@ -24,7 +24,7 @@ def set(
     prefill_split: bool | None = ...,
     prefill_chunk_cpu: int = ...,
     prefill_chunk_gpu: int = ...,
-    lookup_chain: bool | None = ...,
+    lookup_chain: bool = ...,
 ) -> dict[str, Any]:
     """Set the given options; returns their previous values (set(**old) restores them)."""
 def override(
@@ -34,7 +34,7 @@ def override(
     prefill_split: bool | None = ...,
     prefill_chunk_cpu: int = ...,
     prefill_chunk_gpu: int = ...,
-    lookup_chain: bool | None = ...,
+    lookup_chain: bool = ...,
 ) -> _GeneratorContextManager[Options]:
     """with override(cache_pad=0): ... -- the options set inside the block only."""
 def reset() -> None: ...

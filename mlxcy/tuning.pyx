@@ -40,14 +40,15 @@ prefill_chunk_cpu [128], prefill_chunk_gpu [512]
     so smaller chunks skip most of the masked triangle; a GPU wants large
     chunks (fewer launches).  A smaller GPU chunk lowers the prefill's peak
     memory at some prefill speed.
-lookup_chain [None]
-    Prompt lookup of one greedy sequence: None: automatic -- on a GPU a
-    verification step queues the next one (its proposals assume the first
-    keeps all of its own) before it reads the first's result, so the device
-    does not wait while the host reads, compares and looks up; on the CPU
-    verification steps run one after the other, because there a chained step
-    after a rejection costs a whole forward of compute for nothing.  True /
-    False force one or the other; the tokens are the same either way.
+lookup_chain [False]
+    Prompt lookup of one greedy sequence: True queues each verification step
+    before the previous one is read (its proposals assume that one keeps all
+    of its own), so the device does not wait while the host reads, compares
+    and looks up; a chained step after a rejection is computed for nothing.
+    On the CPU that costs more than it saves; on an H100 it sped up a
+    copy-heavy prompt and slowed a greedy one that copies little
+    (docs/benchmarks.md), so it is off until measured better.  The tokens are
+    the same either way.
 
 The options are process-wide, like MLX's own settings: override() is not
 local to a thread.  Bad names or values raise mlxcy.OptionError /
@@ -65,7 +66,7 @@ Options = namedtuple("Options", ["cpu_sync", "cache_pad", "prefill_split",
 Options.__doc__ = "A snapshot of mlxcy's tuning knobs (see mlxcy.tuning)."
 
 DEFAULTS = Options(cpu_sync=True, cache_pad=8, prefill_split=None,
-                   prefill_chunk_cpu=128, prefill_chunk_gpu=512, lookup_chain=None)
+                   prefill_chunk_cpu=128, prefill_chunk_gpu=512, lookup_chain=False)
 
 cdef Tuning _current
 
@@ -88,7 +89,7 @@ def _int(name, value, int low):
     return value
 
 
-def _auto(name, value):
+def _split(name, value):
     if value is not None and not isinstance(value, bool):
         raise OptionTypeError(f"tuning option {name!r} must be None (automatic) or a bool, "
                               f"got {value!r}")
@@ -98,10 +99,10 @@ def _auto(name, value):
 _CHECKS = {
     "cpu_sync": _bool,
     "cache_pad": lambda n, v: _int(n, v, 0),
-    "prefill_split": _auto,
+    "prefill_split": _split,
     "prefill_chunk_cpu": lambda n, v: _int(n, v, 1),
     "prefill_chunk_gpu": lambda n, v: _int(n, v, 1),
-    "lookup_chain": _auto,
+    "lookup_chain": _bool,
 }
 
 
@@ -113,7 +114,7 @@ def get():
         prefill_split=None if _current.prefill_split < 0 else bool(_current.prefill_split),
         prefill_chunk_cpu=_current.prefill_chunk_cpu,
         prefill_chunk_gpu=_current.prefill_chunk_gpu,
-        lookup_chain=None if _current.lookup_chain < 0 else bool(_current.lookup_chain),
+        lookup_chain=bool(_current.lookup_chain),
     )
 
 
@@ -140,7 +141,7 @@ def set(**options):
         elif name == "prefill_chunk_gpu":
             _current.prefill_chunk_gpu = value
         elif name == "lookup_chain":
-            _current.lookup_chain = -1 if value is None else int(value)
+            _current.lookup_chain = value
     return old
 
 

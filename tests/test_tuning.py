@@ -11,7 +11,7 @@ def test_defaults_and_snapshot():
     assert tuning.get() == tuning.DEFAULTS
     assert tuning.DEFAULTS._asdict() == {"cpu_sync": True, "cache_pad": 8, "prefill_split": None,
                                          "prefill_chunk_cpu": 128, "prefill_chunk_gpu": 512,
-                                         "lookup_chain": None}
+                                         "lookup_chain": False}
     assert mlxcy.tuning is tuning
 
 
@@ -54,7 +54,7 @@ def test_reset():
     ({"cache_pad": True}, mlxcy.OptionTypeError, "'cache_pad' must be an int"),
     ({"cpu_sync": 1}, mlxcy.OptionTypeError, "'cpu_sync' must be a bool"),
     ({"prefill_split": "auto"}, mlxcy.OptionTypeError, "'prefill_split'"),
-    ({"lookup_chain": 1}, mlxcy.OptionTypeError, "'lookup_chain'"),
+    ({"lookup_chain": None}, mlxcy.OptionTypeError, "'lookup_chain' must be a bool"),
 ])
 def test_bad_options_name_the_option_and_change_nothing(options, error, match):
     with pytest.raises(error, match=match):

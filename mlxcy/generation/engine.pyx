@@ -429,6 +429,7 @@ cdef class _Seq:
     cdef int cur_k                # its current proposal length (adapts)
     cdef int cool                 # steps left without proposing (after misses)
     cdef int misses               # consecutive verifications that accepted nothing
+    cdef int kept                 # consecutive verifications that accepted everything
     cdef list hist                # prompt + generated ids (prompt lookup)
     cdef dict ngrams              # n-gram -> where its latest continuation starts in hist
     cdef object full_prompt       # the whole prompt (a draft model prefills it all)
@@ -459,6 +460,7 @@ cdef class _Flight:
     cdef object props             # numpy int32 [1, K]: the proposals (K may be 0)
     cdef int K
     cdef int T                    # the cache offset it starts at
+    cdef int guess                # the token its proposals assumed it starts from
 
     def __dealloc__(self):
         _set(&self.cand, NULL)
@@ -1503,7 +1505,7 @@ cdef class Engine:
         read?  One greedy row on a cache without sliding windows, nothing
         else waiting to join the batch, and the tuning says so."""
         cdef _Seq s
-        if _tuning.lookup_chain == 0 or (_tuning.lookup_chain < 0 and _on_cpu()):
+        if not _tuning.lookup_chain:
             return False
         if (self.draft is not None or self.group is not None or self.waiting
                 or b.rows() != 1 or b.pads != NULL or b.history != NULL
@@ -1521,13 +1523,14 @@ cdef class Engine:
         would end first or, after a plain forward, nothing is proposed."""
         cdef _Seq s = <_Seq>b.seqs[0]
         cdef int done = s.produced + K + 1          # tokens out once the bonus token is
-        if done >= s.max_tokens:
+        if done >= s.max_tokens or (K and not s.kept):   # chain on a run of full acceptances
             return None
         cdef int k2 = min(s.lookup_k, max(s.cur_k, 2 * K)) if K else s.cur_k   # as _adapt sets it
         k2 = min(k2, s.max_tokens - done - 1)
         cdef list q = []
         if k2 > 0 and s.cool <= K + 1:
-            q = _lookup(s, k2 + 1, [] if props is None else props[0].tolist())[1:]  # [0] guesses the bonus
+            q = _lookup(s, k2 + 1, [] if props is None else props[0].tolist())
+        cdef int guess = q.pop(0) if q else -1       # the lookup's guess of the bonus token
         if not K and not q:
             return None
         cdef na.array ids = nops.slice(cand, _shape2(0, K), _shape2(1, K + 1))
@@ -1536,7 +1539,7 @@ cdef class Engine:
             qa = to_array(np.asarray(q, dtype=np.int32).reshape(1, -1))
             ids = rows.cat_axis(ids, qa.ptr[0], 1)
         cdef _Flight f = _Flight()
-        f.K, f.T = len(q), b.cache.offset
+        f.K, f.T, f.guess = len(q), b.cache.offset, guess
         f.props = np.asarray(q, dtype=np.int32).reshape(1, f.K)
         cdef na.array logits = nnn.own(padded_forward(self.model, ids, b.cache, NULL, f.T, False))
         cdef na.array x = nnn.own(s.sampler.process(nnn.own(_row_p(logits, 0)), NULL))
@@ -1558,8 +1561,13 @@ cdef class Engine:
             return
         _set_offsets(b.cache, f.T + f.K + 1)
         self.stats["chained_used"] += 1
-        cdef _Flight nxt = self._chain(b, f.cand[0], f.props, f.K) if self._chains(b) else None
-        kr = np.full(1, f.K, dtype=np.int32)
+        # proposals that followed a wrong guess of the token before them are
+        # void: the step counts as a plain forward (no miss for _adapt) and
+        # nothing is chained to it
+        cdef bint void = f.K > 0 and s.generated[-1] != f.guess
+        cdef _Flight nxt = (self._chain(b, f.cand[0], f.props, f.K)
+                            if not void and self._chains(b) else None)
+        kr = np.full(1, 0 if void else f.K, dtype=np.int32)
         caps = np.full(1, s.max_tokens - s.produced - 1, dtype=np.int64)
         t0 = _now()
         cand_h = _numpy(f.cand[0])
@@ -1703,10 +1711,10 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # proposing for 4, 16, 64 tokens: text that copies nothing decodes with
 # plain pipelined steps.
 #
-# Chaining (tuning's lookup_chain; automatic: on a GPU).  A read-first
-# verification leaves the device idle while the host reads it back, compares,
-# emits and looks up the next proposals; on a GPU that host time is as long as
-# the verification itself.  For one greedy row (host acceptance, a cache
+# Chaining (tuning's lookup_chain, off by default: docs/benchmarks.md has its
+# measurements).  A read-first verification leaves the device idle while the
+# host reads it back, compares, emits and looks up the next proposals; on a
+# GPU that host time is as long as the verification itself.  For one greedy row (host acceptance, a cache
 # without sliding windows, no other sequence waiting) the engine therefore
 # queues the NEXT verification before it reads the current one, as if all of
 # the current proposals will be kept: its first id is the current
@@ -1717,10 +1725,12 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # token).  When the current verification keeps every proposal, the chained one
 # is already running (`_Batch.flight`); when it rejects one, or the sequence
 # ends, the chained step was computed for nothing and the cache's offset is
-# set back (only the offset: its positions lie past it).  Greedy output is
-# unchanged either way.  On the CPU the chained step's forward after a
-# rejection costs as much as a verification, more than the host time saved,
-# so there verifications stay read-first.
+# set back (only the offset: its positions lie past it).  A row chains only
+# while its verifications keep all their proposals (the previous one did: a
+# run of copying is under way), and a chained step whose guess was wrong
+# counts as a plain forward, not as a miss of the lookup.  Greedy output is unchanged either
+# way.  On the CPU a chained step computed for nothing costs a verification's
+# forward, more than the host time chaining saves.
 
 DEFAULT_LOOKUP = 8
 cdef tuple NGRAMS = (3, 2)
@@ -1918,7 +1928,10 @@ cdef void _adapt(_Seq s, int proposed, int accepted) except *:
     if accepted == proposed:
         s.cur_k = min(s.lookup_k, max(s.cur_k, 2 * proposed))
         s.misses = 0
-    elif accepted == 0:
+        s.kept += 1
+        return
+    s.kept = 0
+    if accepted == 0:
         s.misses += 1
         s.cool = min(1 << (2 * s.misses), 64)
         s.cur_k = max(1, s.cur_k // 2)

@@ -108,7 +108,7 @@ def test_prompt_lookup_batched_is_plain_greedy(tiny):
 
 @pytest.fixture
 def chained():
-    """Chaining forced on (automatic: on a GPU only)."""
+    """Chaining on (off by default)."""
     from mlxcy import tuning
     with tuning.override(lookup_chain=True):
         yield
