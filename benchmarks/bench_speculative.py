@@ -147,24 +147,24 @@ def host_bound(reps=7, n=200):
     from mlxcy.generation.engine import Engine
     from mlxcy.models.load import load_model
     bench_batch.SHAPES["host-bound"] = dict(bench_batch.SHAPES["tiny"], vocab_size=512)
-    d = bench_batch.make_model_dir("host-bound", Path(tempfile.mkdtemp()) / "m", "float32")
-    model = load_model(d)
-    prompt = np.random.default_rng(1).integers(0, 512, 24).tolist() * 4
-    modes = {"plain": (None, False), "lookup, chain off": (8, False),
-             "lookup, chain on": (8, True)}
-    rate, toks, used = {m: [] for m in modes}, {}, {}
-    for _ in range(reps):
-        for mode, (k, chain) in modes.items():
-            with mlxcy.tuning.override(lookup_chain=chain):
-                eng = Engine(model, max_batch=1)
-                eng.add(prompt, max_tokens=n, prompt_lookup=k)
-                out = [ev.token for _ in range(10 * n) if eng.has_work() for ev in eng.step()]
-                st = dict(eng.stats)
-                eng.close()
-            rate[mode].append(st["decode_tokens"] / st["decode_seconds"])
-            toks[mode] = out
-            used[mode] = (st["tokens_per_step"], st["chained_used"], st["chained_steps"])
-    model.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(bench_batch.make_model_dir("host-bound", Path(tmp) / "m", "float32"))
+        prompt = np.random.default_rng(1).integers(0, 512, 24).tolist() * 4
+        modes = {"plain": (None, False), "lookup, chain off": (8, False),
+                 "lookup, chain on": (8, True)}
+        rate, toks, used = {m: [] for m in modes}, {}, {}
+        for _ in range(reps):
+            for mode, (k, chain) in modes.items():
+                with mlxcy.tuning.override(lookup_chain=chain):
+                    eng = Engine(model, max_batch=1)
+                    eng.add(prompt, max_tokens=n, prompt_lookup=k)
+                    out = [ev.token for _ in range(10 * n) if eng.has_work() for ev in eng.step()]
+                    st = dict(eng.stats)
+                    eng.close()
+                rate[mode].append(st["decode_tokens"] / st["decode_seconds"])
+                toks[mode] = out
+                used[mode] = (st["tokens_per_step"], st["chained_used"], st["chained_steps"])
+        model.close()
     base = statistics.median(rate["plain"])
     print(f"{'mode':18} {'tok/s':>8} {'ratio':>6} {'tok/step':>8} {'chained used/queued':>20} identical")
     for mode in modes:

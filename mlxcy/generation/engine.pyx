@@ -1494,8 +1494,7 @@ cdef class Engine:
                 _set(&b.pending_top_lp, new na.array(pa.ptr[0]))
         if b.history != NULL:
             self._push_history(b)
-        s = <_Seq>b.seqs[0]
-        if nxt is not None and a_h[0] == K and s.finish is None:
+        if nxt is not None and a_h[0] == K and (<_Seq>b.seqs[0]).finish is None:
             _set_offsets(b.cache, nxt.T + nxt.K + 1)
             b.flight = nxt
 
@@ -1714,23 +1713,24 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # Chaining (tuning's lookup_chain, off by default: docs/benchmarks.md has its
 # measurements).  A read-first verification leaves the device idle while the
 # host reads it back, compares, emits and looks up the next proposals; on a
-# GPU that host time is as long as the verification itself.  For one greedy row (host acceptance, a cache
-# without sliding windows, no other sequence waiting) the engine therefore
-# queues the NEXT verification before it reads the current one, as if all of
-# the current proposals will be kept: its first id is the current
-# verification's last candidate, still on the device, and its proposals
-# continue the lookup after the current proposals (the lookup's first token
-# only guesses that candidate, so a wrong guess just gets the next proposals
-# rejected: the chained step is still a correct forward from the real
-# token).  When the current verification keeps every proposal, the chained one
-# is already running (`_Batch.flight`); when it rejects one, or the sequence
-# ends, the chained step was computed for nothing and the cache's offset is
-# set back (only the offset: its positions lie past it).  A row chains only
-# while its verifications keep all their proposals (the previous one did: a
-# run of copying is under way), and a chained step whose guess was wrong
-# counts as a plain forward, not as a miss of the lookup.  Greedy output is unchanged either
-# way.  On the CPU a chained step computed for nothing costs a verification's
-# forward, more than the host time chaining saves.
+# GPU that host time is as long as the verification itself.  For one greedy
+# row (host acceptance, a cache without sliding windows, no other sequence
+# waiting) the engine therefore queues the NEXT verification before it reads
+# the current one, as if all of the current proposals will be kept: its first
+# id is the current verification's last candidate, still on the device, and
+# its proposals continue the lookup after the current proposals (the lookup's
+# first token only guesses that candidate, so a wrong guess just gets the
+# next proposals rejected: the chained step is still a correct forward from
+# the real token).  When the current verification keeps every proposal, the
+# chained one is already running (`_Batch.flight`); when it rejects one, or
+# the sequence ends, the chained step was computed for nothing and the
+# cache's offset is set back (only the offset: its positions lie past it).  A
+# row chains only while its verifications keep all their proposals (the
+# previous one did: a run of copying is under way), and a chained step whose
+# guess was wrong counts as a plain forward, not as a miss of the lookup.
+# Greedy output is unchanged either way.  On the CPU a chained step computed
+# for nothing costs a verification's forward, more than the host time
+# chaining saves.
 
 DEFAULT_LOOKUP = 8
 cdef tuple NGRAMS = (3, 2)
