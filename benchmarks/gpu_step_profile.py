@@ -9,6 +9,13 @@ step's kernel alone and all kernels together.
 
     python benchmarks/gpu_step_profile.py --models smollm2-135m,llama-3.2-1b --quant bf16
 
+With --phases: instead, where the one-kernel step's time goes phase by phase
+(MLXCY_STEP_TIMING=1: every block reads the GPU's clock at its start, at its
+arrival at and release from each grid-wide barrier, and at its end), per kind
+of phase averaged over layers and steps: the phase's span (first block
+released to last block arrived), the median and slowest block's work, and
+the barrier's latency (last arrival to the median block's release).
+
 With --positions 1,2,4,8: instead, one forward of M positions of one sequence
 (a speculative step's verification) over the cache of a 512-token prompt, per
 M: the wall time of forward + evaluation (median of --reps, the cache trimmed
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
 import sys
 import time
@@ -128,6 +136,65 @@ def positions_table(a):
                   f"{off[p][0] / on[p][0]:.2f} |", flush=True)
 
 
+PHASES = ("A: norm, q/k/v", "B: attention", "C: o_proj + residual", "D: norm, gate/up",
+          "E: down + residual")
+
+
+def step_phases(tm):
+    """Per barrier of one step's clock readings (gpu_step_timing's rows):
+    (span, median block work, slowest block work, barrier) in us, the head's
+    (span, median, slowest, 0), and the step's total."""
+    t = ((tm.astype(np.int64) - int(tm[0].min())) % (1 << 32)) / 1e3
+    nb = (t.shape[0] - 2) // 2
+    rows, prev = [], t[0]
+    for p in range(nb):
+        arr, rel = t[1 + 2 * p], t[2 + 2 * p]
+        work = arr - prev
+        rows.append((arr.max() - prev.min(), np.median(work), work.max(),
+                     np.median(rel) - arr.max()))
+        prev = rel
+    work = t[-1] - prev
+    head = (t[-1].max() - prev.min(), np.median(work), work.max(), 0.0)
+    return rows, head, t[-1].max() - t[0].min()
+
+
+def phases_table(a):
+    from mlxcy.generation.engine import Engine
+    from mlxcy.generation.sample import Sampler
+    from mlxcy.models.base import gpu_decode_steps, gpu_step_timing
+    print("| model | phase | per step | span us | median block us | slowest block us | "
+          "barrier us | us per step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, m, prompt in models(a):
+        eng = Engine(m, max_batch=1)
+        eng.add(prompt, sampler=Sampler(temperature=0.0), max_tokens=a.gen)
+        steps, heads, totals = [], [], []
+        seen = gpu_decode_steps()
+        while eng.has_work():
+            eng.step()
+            ran, seen = gpu_decode_steps() - seen, gpu_decode_steps()
+            tm = gpu_step_timing(m)
+            if tm is not None and ran and eng.stats["decode_steps"] > 8:   # past the warm-up
+                rows, head, total = step_phases(tm)
+                steps.append(rows)
+                heads.append(head)
+                totals.append(total)
+        if not steps:
+            print(f"| {label} | (the one-kernel step did not run) | | | | | | |")
+            continue
+        r = np.array(steps)                    # [step, barrier, 4]
+        kinds = r.reshape(r.shape[0], -1, len(PHASES), 4).mean(axis=(0, 1))
+        n = r.shape[1] // len(PHASES)
+        for name, (span, med, slow, bar) in zip(PHASES, kinds):
+            print(f"| {label} | {name} | {n} | {span:.2f} | {med:.2f} | {slow:.2f} | {bar:.2f} | "
+                  f"{n * (span + bar):.0f} |")
+        span, med, slow, _ = np.mean(heads, axis=0)
+        print(f"| {label} | final norm + head | 1 | {span:.2f} | {med:.2f} | {slow:.2f} | | "
+              f"{span:.0f} |")
+        print(f"| {label} | whole step ({len(totals)} steps) | | | | | | "
+              f"{np.median(totals):.0f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
@@ -136,7 +203,12 @@ def main():
     ap.add_argument("--positions", default="",
                     help="comma-separated M: time forwards of M positions instead")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--phases", action="store_true",
+                    help="the one-kernel step's time per phase (MLXCY_STEP_TIMING)")
     a = ap.parse_args()
+    if a.phases:
+        os.environ["MLXCY_STEP_TIMING"] = "1"       # read at the first step
+        return phases_table(a)
     if a.positions:
         return positions_table(a)
 

@@ -62,6 +62,7 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     """One instantiation of the whole-step kernel (include/mlxcy/gpu_step.h),
     with the body its launch code generates for L layers."""
     ty = CTYPE[t]
+    timed = c.pop("TIMED", False)                     # MLXCY_STEP_TIMING's clock readings
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
     consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
                      f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in c.items())
@@ -69,15 +70,17 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
     fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", "")   # M positions
+    tm = "" if m else ", timing" if timed else ", nullptr"
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
             f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
-            f"const uint32_t* bar, const {ty}* after{kv}, {ty}* logits, float* scratch) {{\n  using T = {ty};\n"
+            f"const uint32_t* bar, const {ty}* after{kv}, {ty}* logits, float* scratch"
+            f"{', uint32_t* timing' if timed else ''}) {{\n  using T = {ty};\n"
             f"  constexpr int NL = {L};\n{consts}"
             f"  T* kc[NL] = {{{kinit}}};\n  T* vc[NL] = {{{vinit}}};\n"
             f"  mlxcy_step::{fn}<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, QK_NORM{m}>("
             f"tok, meta, reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc, "
             f"__int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS), "
-            f"scratch, logits, const_cast<unsigned*>(bar));\n}}\n}}\n")
+            f"scratch, logits, const_cast<unsigned*>(bar){tm});\n}}\n}}\n")
 
 
 def step_cases():
@@ -94,6 +97,8 @@ def step_cases():
                            QKV_BIAS=False, QK_NORM=True, **norms)
     yield "bf16", 30, dict(BITS=4, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
                            QKV_BIAS=False, QK_NORM=False, **norms)
+    yield "bf16", 30, dict(BITS=0, GS=0, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
+                           QKV_BIAS=False, QK_NORM=False, TIMED=True, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, **norms)
     # SmolLM2's Q4_1 GGUF as loaded on a GPU: float32, 4-bit layers, an 8-bit embedding (Q8_0)

@@ -5,7 +5,7 @@
 # what finished.  Run on the GPU machine after the MLX CUDA wheel is
 # installed (docs/internals.md, "Tests on an NVIDIA GPU"):
 #
-#   tools/gpu_session.sh [tests|bench|profile|torch|verify|chain|positions]...
+#   tools/gpu_session.sh [tests|bench|profile|torch|verify|chain|positions|phases]...
 #                                             (default: tests bench profile)
 #
 #   tests    tests/models/test_gpu_step.py
@@ -19,6 +19,8 @@
 #            prompt lookup vs plain decoding with chaining on and off
 #   positions  the time of forwards of 1-16 positions (a verification), one
 #            kernel vs op by op (bf16 SmolLM2, Llama-3.2-1B)
+#   phases   the one-kernel step's time per phase from the blocks' clock
+#            readings (MLXCY_STEP_TIMING; its test first)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-session}"
@@ -47,6 +49,9 @@ for s in "${steps[@]}"; do
                done ;;
         positions) python benchmarks/gpu_step_profile.py --models smollm2-135m,llama-3.2-1b \
                        --quant bf16 --positions 1,2,3,4,6,8,12,16 ;;
+        phases) python -m pytest -q -p no:cacheprovider tests/models/test_gpu_step.py -k timing &&
+                python benchmarks/gpu_step_profile.py --models "$models" --quant bf16,4bit \
+                    --phases ;;
         *) echo "gpu_session.sh: unknown step $s" >&2; exit 2 ;;
     esac > "$out/$s.log" 2>&1
     echo "$s rc=$? $(grep -E 'passed|failed' "$out/$s.log" | tail -1)"

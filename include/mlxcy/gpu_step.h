@@ -50,6 +50,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <stdexcept>
@@ -118,19 +119,35 @@ __device__ __forceinline__ unsigned long long load_acquire64(const unsigned long
 struct Barrier {
   unsigned long long* count;
   unsigned long long target;   // what the counter reaches at the next barrier
+  unsigned* tm;                // MLXCY_STEP_TIMING: the blocks' clock readings, else null
+  int phase;                   // barriers passed in this launch
 };
+
+__device__ __forceinline__ unsigned clock_ns() {   // the GPU's global clock, low word
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<unsigned>(t);
+}
+
+// Timing rows (MLXCY_STEP_TIMING; a row holds one reading per block): row 0 the
+// block's start, rows 1 + 2p / 2 + 2p its arrival at / release from barrier p,
+// the last row its end (benchmarks/gpu_step_profile.py --phases reads them).
+__device__ __forceinline__ void clock_mark(unsigned* tm, int row) {
+  if (tm != nullptr && threadIdx.x == 0) tm[row * gridDim.x + blockIdx.x] = clock_ns();
+}
 
 // The counter at the start of a step: every earlier step ended with it at a
 // multiple of gridDim.x, and no block can pass the first barrier before this
 // one arrives, so the value read here lies in [base, base + gridDim.x - 1].
-__device__ __forceinline__ Barrier barrier_start(unsigned long long* count) {
+__device__ __forceinline__ Barrier barrier_start(unsigned long long* count, unsigned* tm) {
+  clock_mark(tm, 0);
   __shared__ unsigned long long base;
   if (threadIdx.x == 0) {
     const unsigned long long v = load_acquire64(count);
     base = v - v % gridDim.x;
   }
   __syncthreads();
-  return Barrier{count, base};
+  return Barrier{count, base, tm, 0};
 }
 
 // All blocks of the grid meet here; writes before it are visible after it.
@@ -141,11 +158,14 @@ __device__ __forceinline__ void grid_sync(Barrier& b) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
+    clock_mark(b.tm, 1 + 2 * b.phase);
     atomicAdd(b.count, 1ull);
     while (load_acquire64(b.count) < b.target) {
     }
     __threadfence();
+    clock_mark(b.tm, 2 + 2 * b.phase);
   }
+  ++b.phase;
   __syncthreads();
 }
 
@@ -410,7 +430,8 @@ template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int N
           int V, int NL, bool QKV_BIAS, bool QK_NORM>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
-                            float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
+                            float qk_eps, float scale, float* scratch, T* logits, unsigned* bar,
+                            unsigned* tm) {
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
   constexpr int XMAX = (D > FF ? D : FF) > NQ * HD ? (D > FF ? D : FF) : NQ * HD;
   constexpr int DPL = (HD + 31) / 32;          // head dims per lane (values)
@@ -428,7 +449,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int maxt = (cap + 31) / 32;
   float* part = hid + FF;                      // attention partials [NQ, maxt, HD + 2]
   unsigned* count = bar + 64;                  // per head: tiles done (StepState)
-  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4));
+  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), tm);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
@@ -569,6 +590,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     bar[2] = pos + 1;
     bar[3] = cap;
   }
+  __syncthreads();
+  clock_mark(tm, 1 + 2 * sync.phase);
 }
 
 
@@ -715,7 +738,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   const int maxt = (cap + 31) / 32;
   float* part = hid + M * FF;                  // partials [NQ * M][maxt][HD + 2]
   unsigned* count = bar + 64;                  // per (head, position): tiles done
-  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4));
+  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), nullptr);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
@@ -981,7 +1004,19 @@ struct StepState {
   int next = -1, cap = -1;         // what state[2], state[3] will hold (-1: unknown)
   mx::array last{0.0f};            // the previous step's logits: if never scheduled,
   bool has_last = false;           // its kernel never ran and state[2..3] are stale
-};
+  mx::array timing{0.0f};          // MLXCY_STEP_TIMING: the last one-token step's clock
+};                                 // readings (uint32 [2 + 2 * barriers, blocks])
+
+// MLXCY_STEP_TIMING=1 in the environment (read once): the one-token kernel
+// records each block's clock at every barrier (benchmarks/gpu_step_profile.py
+// --phases); a profiling build of the same kernel, not for production.
+inline bool step_timing_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLXCY_STEP_TIMING");
+    return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
 
 inline void step_init(StepState& st, const mx::array& inv_freq) {
   st.inv_freq = mx::copy(mx::astype(inv_freq, mx::float32));
@@ -1048,6 +1083,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
 
   // by layer count, and for several positions by their shared memory
   const int smem = M > 1 ? step_shared_bytes(c, M) : 0;
+  const bool timed = M == 1 && step_timing_on();
   static std::map<std::pair<int, int>, mx::fast::CustomKernelFunction> kernels;
   auto it = kernels.find({c.L, smem});
   if (it == kernels.end()) {
@@ -1069,11 +1105,15 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
-        "      scratch, logits, const_cast<unsigned*>(bar));\n";
-    std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L);
+        "      scratch, logits, const_cast<unsigned*>(bar)" +
+        (smem ? std::string() : timed ? ", timing" : ", nullptr") + ");\n";
+    std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L) +
+                       (timed ? "_timed" : "");
+    std::vector<std::string> outs = {"logits", "scratch"};
+    if (timed) outs.push_back("timing");
     it = kernels.emplace(std::make_pair(c.L, smem),
-                         mx::fast::cuda_kernel(name, names, {"logits", "scratch"}, body,
-                                               step_device_source(), false, smem)).first;
+                         mx::fast::cuda_kernel(name, names, outs, body, step_device_source(),
+                                               false, smem)).first;
   }
   auto bits_of = [](float f) {
     int b;
@@ -1097,8 +1137,14 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   int scratch = M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2);
   int blocks = step_grid_blocks();
+  std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
+  std::vector<mx::Dtype> types = {c.dtype, mx::float32};
+  if (timed) {
+    shapes.push_back(mx::Shape{2 + 10 * c.L, blocks});   // 5 barriers per layer
+    types.push_back(mx::uint32);
+  }
   auto out = it->second(
-      in, {mx::Shape{1, M, c.V}, mx::Shape{scratch}}, {c.dtype, mx::float32},
+      in, shapes, types,
       {blocks * 256, 1, 1}, {256, 1, 1},
       {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"EBITS", c.ebits},
        {"EGS", c.ebits ? c.egs : 0}, {"D", c.D},
@@ -1115,6 +1161,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   }
   st.last = out[0];
   st.has_last = true;
+  if (timed) st.timing = out[2];
   if (prev)
     *prev = out[0];
   else

@@ -107,6 +107,13 @@ def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""
 
+def gpu_step_timing(m: Model) -> Any:
+    """The clock readings of m's last one-kernel decode step (numpy uint32,
+    [2 + 2 * barriers, blocks]: each block's start, arrival at and release
+    from every barrier, and end; gpu_step.h's clock_mark), or None.  Recorded
+    only when MLXCY_STEP_TIMING=1 was in the environment at the first step
+    (benchmarks/gpu_step_profile.py --phases)."""
+
 def make_rope(cfg: ModelConfig, theta: float, scaling: Mapping[str, Any] | None) -> Rope: ...
 def build_attention(
     W: Weights,

@@ -775,6 +775,20 @@ def gpu_decode_steps():
     return _gpu_steps
 
 
+def gpu_step_timing(Model m):
+    """The clock readings of m's last one-kernel decode step (numpy uint32,
+    [2 + 2 * barriers, blocks]: each block's start, arrival at and release
+    from every barrier, and end; gpu_step.h's clock_mark), or None.  Recorded
+    only when MLXCY_STEP_TIMING=1 was in the environment at the first step
+    (benchmarks/gpu_step_profile.py --phases)."""
+    if not isinstance(m.gpu_step, _GpuStep):
+        return None
+    cdef _GpuStep p = <_GpuStep>m.gpu_step
+    if p.st.timing.ndim() != 2:
+        return None
+    return np.asarray(wrap(new na.array(p.st.timing)))
+
+
 cdef class _GpuStep:
     """What the kernel needs of a model besides its weights: its shapes and
     its device state (gpu_step.h's StepState: rotary frequencies, barrier

@@ -23,6 +23,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
 
     cdef cppclass StepState:
         StepState()
+        array timing
 
     string step_config_problem(const StepConfig& c) except +
     int step_max_positions(const StepConfig& c) except +

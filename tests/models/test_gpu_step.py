@@ -280,6 +280,67 @@ def test_the_mixed_checkpoint_is_what_it_claims(checkpoints):
     assert np.isfinite(outs[0]).all() and 0 < rel(outs[0], outs[1]) < 0.2
 
 
+_TIMED = """
+import sys
+import numpy as np
+from mlxcy.models import base
+from mlxcy.models.load import load_model
+base.set_gpu_verify_step(False)               # the prompt op by op: 6 one-token kernels
+m = load_model(sys.argv[1], dtype="float32")
+cache = m.make_cache()
+prompt = [int(x) for x in sys.argv[2].split(",")]
+t = int(np.argmax(np.asarray(m(np.array([prompt], np.int32), cache))[0, -1]))
+ids = [t]
+for i in range(6):
+    row = np.asarray(m(np.array([[t]], np.int32), cache))[0, -1]
+    t = int(np.argmax(row))
+    ids.append(t)
+tm = base.gpu_step_timing(m)
+np.save(sys.argv[3], tm)
+print(" ".join(map(str, ids)), base.gpu_decode_steps(), len(m.layers))
+"""
+
+
+@cuda
+def test_step_timing_records_every_barrier(checkpoints, tmp_path):
+    """MLXCY_STEP_TIMING=1 (read once per process, hence a subprocess): the
+    kernel records each block's clock at its start, at every barrier and at
+    its end, in order, no block released before the last one arrived; the
+    tokens are the op path's."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "tm.npy"
+    prompt = _prompt(6, 8)
+    r = subprocess.run([sys.executable, "-c", _TIMED, str(checkpoints["llama"]),
+                        ",".join(map(str, prompt)), str(out)],
+                       env={**os.environ, "MLXCY_STEP_TIMING": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    *ids, steps, layers = map(int, r.stdout.split())
+    assert steps == 6
+    m = load_model(checkpoints["llama"], dtype="float32")
+    try:
+        old = base.set_gpu_decode_step(False)
+        cache = m.make_cache()
+        t = int(np.argmax(np.asarray(m(np.array([prompt], np.int32), cache))[0, -1]))
+        want = [t]
+        for i in range(6):
+            t = int(np.argmax(np.asarray(m(np.array([[t]], np.int32), cache))[0, -1]))
+            want.append(t)
+        cache.free()
+        base.set_gpu_decode_step(old)
+    finally:
+        m.close()
+    assert ids == want
+    tm = np.load(out).astype(np.int64)
+    assert tm.shape[0] == 2 + 10 * layers and tm.shape[1] >= 1
+    t = (tm - tm[0].min()) % (1 << 32)          # the clock's low word, from the first start
+    assert (np.diff(t, axis=0) >= 0).all(), "a block's readings out of order"
+    for p in range(5 * layers):                  # barrier p: arrivals row 1 + 2p, releases 2 + 2p
+        assert t[2 + 2 * p].min() >= t[1 + 2 * p].max(), f"barrier {p} released early"
+
+
 def test_off_gpu_the_step_is_not_taken(checkpoints):
     if _REASON is None:
         pytest.skip("a CUDA GPU is the default device")
