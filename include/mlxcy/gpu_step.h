@@ -66,6 +66,9 @@ namespace mx = mlx::core;
 // ---- device code ------------------------------------------------------------
 inline const char* step_device_source() {
   return R"CUDA(
+#ifndef MLXCY_STEP_VARIANT
+#define MLXCY_STEP_VARIANT 0
+#endif
 namespace mlxcy_step {
 
 constexpr int THREADS = 256;
@@ -276,6 +279,110 @@ __device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const 
   return warp_sum(acc);
 }
 
+#if MLXCY_STEP_VARIANT & 1
+// How a warp walks a product of width K: U 16-byte chunks of a row per lane
+// per pass and NR rows at once, at most 16 chunks in flight per lane -- a
+// short row (a 4-bit row of 2048 is 2 chunks a lane) leaves a warp waiting
+// on memory for little unless several rows' loads are in flight together.
+template <typename T, int BITS, int K>
+struct Pass {
+  static constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  static constexpr int PER_LANE = (K / VALS + 31) / 32;
+  static constexpr int U = PER_LANE < 16 ? PER_LANE : 16;
+  static constexpr int MAXR = BITS ? 4 : 8;       // (quantized rows carry scales: registers)
+  static constexpr int NR = 16 / U < MAXR ? (16 / U > 0 ? 16 / U : 1) : MAXR;
+};
+
+// NR rows (row[n] < 0: none) of L[n] dotted with xs by one warp, every row's
+// loads issued before any is used; every lane gets the sums.
+template <typename T, int BITS, int GS, int K, int NR, int U>
+__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR],
+                                         const float* xs, float (&out)[NR]) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int CH = K / VALS;
+  const int lane = threadIdx.x & 31;
+  float acc[NR];
+#pragma unroll
+  for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
+  for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+    uint4 wq[NR][U];
+#pragma unroll
+    for (int n = 0; n < NR; ++n)
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (row[n] >= 0 && c0 + 32 * u < CH)
+          wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
+#pragma unroll
+    for (int n = 0; n < NR; ++n)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int c = c0 + 32 * u;
+        if (row[n] >= 0 && c < CH) {
+          float sx;
+          const float d = chunk_dot<T, BITS>(wq[n][u], c, xs, &sx);
+          if (BITS) {
+            constexpr int G = GS ? GS : 1;
+            const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
+            acc[n] += static_cast<float>(L[n].s[g]) * d + static_cast<float>(L[n].b[g]) * sx;
+          } else {
+            acc[n] += d;
+          }
+        }
+      }
+  }
+#pragma unroll
+  for (int n = 0; n < NR; ++n) out[n] = warp_sum(acc[n]);
+}
+
+// rows 0..N-1 of a product of width K, a warp taking rows gw, gw + nw, ...,
+// Pass::NR of them per pass; emit(row, sum) in every lane.  lin(r) gives the
+// row's operands and its index in them (q/k/v: three weights, one row range).
+template <typename T, int BITS, int GS, int K, class LinOf, class Emit>
+__device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, LinOf lin_of,
+                                        Emit emit) {
+  using P = Pass<T, BITS, K>;
+  for (int r0 = gw; r0 < N; r0 += P::NR * nw) {
+    Lin<T> L[P::NR];
+    int row[P::NR], at[P::NR];
+    float v[P::NR];
+#pragma unroll
+    for (int n = 0; n < P::NR; ++n) {
+      at[n] = r0 + n * nw;
+      row[n] = at[n] < N ? lin_of(at[n], &L[n]) : -1;
+    }
+    rows_dot<T, BITS, GS, K, P::NR, P::U>(L, row, xs, v);
+#pragma unroll
+    for (int n = 0; n < P::NR; ++n)
+      if (row[n] >= 0) emit(at[n], v[n]);
+  }
+}
+
+// gate and up rows 0..FF-1 in pairs (both rows' loads in flight together);
+// emit(row, gate sum, up sum).
+template <typename T, int BITS, int GS, int K, class Emit>
+__device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, int N, int gw,
+                                             int nw, const float* xs, Emit emit) {
+  using P = Pass<T, BITS, K>;
+  constexpr int H = P::NR / 2 > 0 ? P::NR / 2 : 1;     // rows per pass
+  for (int r0 = gw; r0 < N; r0 += H * nw) {
+    Lin<T> L[2 * H];
+    int row[2 * H];
+    float v[2 * H];
+#pragma unroll
+    for (int n = 0; n < H; ++n) {
+      const int r = r0 + n * nw;
+      L[2 * n] = g;
+      L[2 * n + 1] = u;
+      row[2 * n] = row[2 * n + 1] = r < N ? r : -1;
+    }
+    rows_dot<T, BITS, GS, K, 2 * H, P::U>(L, row, xs, v);
+#pragma unroll
+    for (int n = 0; n < H; ++n)
+      if (row[2 * n] >= 0) emit(row[2 * n], v[2 * n], v[2 * n + 1]);
+  }
+}
+#endif
+
 // xs (padded) <- src[0:K] (float scratch, read through L2), normalized by
 // RMSNorm with weight nw when nw is given, as MLX rounds: T(w * T(x * inv)).
 template <typename T>
@@ -366,6 +473,9 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
   float den = 0.0f, num[DPL];
 #pragma unroll
   for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
+#if MLXCY_STEP_VARIANT & 2
+#pragma unroll 4
+#endif
   for (int tl = 0; tl < ntile; ++tl) {
     const float* pt = ph + tl * (HD + 2);
     const float f = __expf(__ldcg(pt + HD) - M);
@@ -384,6 +494,9 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
 // that finishes the head's last tile merges its ntile partials into out and
 // resets the head's counter for the next layer (after barriers).
 template <typename T, int HD>
+__device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count, float* out);
+
+template <typename T, int HD>
 __device__ __forceinline__ void finish_tile(const float* acc, float mx, float sum, float* ph,
                                             int tile, int ntile, unsigned* count, float* out) {
   constexpr int DPL = (HD + 31) / 32;
@@ -396,6 +509,14 @@ __device__ __forceinline__ void finish_tile(const float* acc, float mx, float su
     pt[HD] = mx;
     pt[HD + 1] = sum;
   }
+  tile_done<T, HD>(ph, ntile, count, out);
+}
+
+// After a tile's partial is written: count it; the warp that counts the
+// head's last tile merges the partials into out and resets the counter.
+template <typename T, int HD>
+__device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count, float* out) {
+  const int lane = threadIdx.x & 31;
   __threadfence();
   __syncwarp();
   unsigned done = 0;
@@ -463,6 +584,22 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
+#if MLXCY_STEP_VARIANT & 1
+      auto part_of = [&](int r, Lin<T>* L) {
+        const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
+        *L = parts[p];
+        return r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
+      };
+      product<T, BITS, GS, D>(NQKV, gw, nw, xs, part_of, [&](int r, float s) {
+        float v = rt<T>(s);
+        if (QKV_BIAS) {
+          const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
+          const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
+          v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
+        }
+        if (lane == 0) qkv[r] = v;
+      });
+#else
       for (int r = gw; r < NQKV; r += nw) {
         const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
         const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
@@ -470,6 +607,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         if (QKV_BIAS) v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
         if (lane == 0) qkv[r] = v;
       }
+#endif
     }
     grid_sync(sync);
     // -- B: attention, a warp per (query head, tile of 32 positions): its
@@ -514,6 +652,51 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         const float m = warp_max(s);
         const float e = p <= pos ? __expf(s - m) : 0.0f;
         const float sum = warp_sum(e);
+#if MLXCY_STEP_VARIANT & 2
+        constexpr int KV = 16 / sizeof(T), CPR = HD / KV;   // 16-byte chunks of a value row
+        if constexpr (CPR <= 32 && 32 % CPR == 0) {
+          // lanes over (position group, chunk): every value load of the tile
+          // in flight at once, then a sum over the position groups
+          constexpr int PPI = 32 / CPR, PER = 32 / PPI;
+          const int c = lane % CPR, pg = lane / CPR;
+          uint4 vq[PER];
+#pragma unroll
+          for (int j = 0; j < PER; ++j) {
+            const int pp = tile * 32 + pg + j * PPI;
+            if (pp < pos) vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+          }
+          float a[KV];
+#pragma unroll
+          for (int k = 0; k < KV; ++k) a[k] = 0.0f;
+#pragma unroll
+          for (int j = 0; j < PER; ++j) {
+            const int i = pg + j * PPI, pp = tile * 32 + i;
+            const float ei = __shfl_sync(0xffffffffu, e, i);
+            const T* vv = reinterpret_cast<const T*>(&vq[j]);
+#pragma unroll
+            for (int k = 0; k < KV; ++k) {
+              const float val = pp < pos ? static_cast<float>(vv[k])
+                                         : (pp == pos ? qw[2 * HD + c * KV + k] : 0.0f);
+              a[k] = fmaf(ei, val, a[k]);
+            }
+          }
+#pragma unroll
+          for (int o = CPR; o < 32; o <<= 1)
+#pragma unroll
+            for (int k = 0; k < KV; ++k) a[k] += __shfl_xor_sync(0xffffffffu, a[k], o);
+          float* ph = part + (size_t)h * maxt * (HD + 2);
+          float* pt = ph + (size_t)tile * (HD + 2);
+          if (lane < CPR)
+#pragma unroll
+            for (int k = 0; k < KV; ++k) pt[c * KV + k] = a[k];
+          if (lane == 0) {
+            pt[HD] = m;
+            pt[HD + 1] = sum;
+          }
+          tile_done<T, HD>(ph, ntile, count + h, att + h * HD);
+        } else
+#endif
+        {
         const int n = min(32, pos + 1 - tile * 32);
         float acc[DPL];
 #pragma unroll
@@ -533,6 +716,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         }
         finish_tile<T, HD>(acc, m, sum, part + (size_t)h * maxt * (HD + 2), tile, ntile, count + h,
                            att + h * HD);
+        }
       }
     }
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
@@ -541,10 +725,17 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
     {
       const Lin<T> o = lin<T>(t + 15);
+#if MLXCY_STEP_VARIANT & 1
+      product<T, BITS, GS, NQ * HD>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
+                                    [&](int r, float s) {
+                                      if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
+                                    });
+#else
       for (int r = gw; r < D; r += nw) {
         const float v = rt<T>(row_dot<T, BITS, GS>(o, r, NQ * HD, xs));
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
       }
+#endif
     }
     prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
     prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
@@ -553,12 +744,20 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
     {
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
+#if MLXCY_STEP_VARIANT & 1
+      product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, [&](int r, float gs, float us) {
+        const float gv = rt<T>(gs), uv = rt<T>(us);
+        const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
+        if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
+      });
+#else
       for (int r = gw; r < FF; r += nw) {
         const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
         const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
         const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
         if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
       }
+#endif
     }
     prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
     grid_sync(sync);
@@ -566,10 +765,17 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
     {
       const Lin<T> dn = lin<T>(t + 25);
+#if MLXCY_STEP_VARIANT & 1
+      product<T, BITS, GS, FF>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = dn; return r; },
+                               [&](int r, float s) {
+                                 if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
+                               });
+#else
       for (int r = gw; r < D; r += nw) {
         const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
       }
+#endif
     }
     if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
       prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
@@ -581,10 +787,17 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   // -- the final norm and the output head
   load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
   const Lin<T> head = lin<T>(top + 4);
+#if MLXCY_STEP_VARIANT & 1
+  product<T, EBITS, EGS, D>(V, gw, nw, xs, [&](int r, Lin<T>* L) { *L = head; return r; },
+                            [&](int r, float s) {
+                              if (lane == 0) logits[r] = static_cast<T>(s);
+                            });
+#else
   for (int r = gw; r < V; r += nw) {
     const float v = row_dot<T, EBITS, EGS>(head, r, D, xs);
     if (lane == 0) logits[r] = static_cast<T>(v);
   }
+#endif
   // every block read meta before the last barrier: the next step's position
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     bar[2] = pos + 1;
@@ -1010,6 +1223,16 @@ struct StepState {
 // MLXCY_STEP_TIMING=1 in the environment (read once): the one-token kernel
 // records each block's clock at every barrier (benchmarks/gpu_step_profile.py
 // --phases); a profiling build of the same kernel, not for production.
+// MLXCY_STEP_VARIANT=n (read once): experimental variants of the device code
+// (bits), for A/B runs in one process.
+inline int step_variant() {
+  static const int v = [] {
+    const char* e = std::getenv("MLXCY_STEP_VARIANT");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
+}
+
 inline bool step_timing_on() {
   static const bool on = [] {
     const char* v = std::getenv("MLXCY_STEP_TIMING");
@@ -1108,11 +1331,13 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
         "      scratch, logits, const_cast<unsigned*>(bar)" +
         (smem ? std::string() : timed ? ", timing" : ", nullptr") + ");\n";
     std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L) +
-                       (timed ? "_timed" : "");
+                       (timed ? "_timed" : "") + "_v" + std::to_string(step_variant());
+    static const std::string source = "#define MLXCY_STEP_VARIANT " +
+                                      std::to_string(step_variant()) + "\n" + step_device_source();
     std::vector<std::string> outs = {"logits", "scratch"};
     if (timed) outs.push_back("timing");
     it = kernels.emplace(std::make_pair(c.L, smem),
-                         mx::fast::cuda_kernel(name, names, outs, body, step_device_source(),
+                         mx::fast::cuda_kernel(name, names, outs, body, source,
                                                false, smem)).first;
   }
   auto bits_of = [](float f) {
