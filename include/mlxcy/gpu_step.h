@@ -293,55 +293,95 @@ struct Pass {
   static constexpr int NR = 16 / U < MAXR ? (16 / U > 0 ? 16 / U : 1) : MAXR;
 };
 
-// NR rows (row[n] < 0: none) of L[n] dotted with xs by one warp, every row's
-// loads issued before any is used; every lane gets the sums.
+// NR rows (row[n] < 0: none) of L[n]: this lane's chunks c0, c0 + 32, ...
+// (U of them) into wq -- loads only, so they can be in flight while the
+// activations are still being loaded.
+template <typename T, int BITS, int K, int NR, int U>
+__device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
+                                          uint4 (&wq)[NR][U]) {
+  constexpr int CH = K / (BITS ? 128 / BITS : 16 / sizeof(T));
+#pragma unroll
+  for (int n = 0; n < NR; ++n)
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (row[n] >= 0 && c0 + 32 * u < CH)
+        wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
+}
+
+// acc[n] += the loaded chunks of row n dotted with xs.
 template <typename T, int BITS, int GS, int K, int NR, int U>
-__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR],
-                                         const float* xs, float (&out)[NR]) {
+__device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
+                                         const uint4 (&wq)[NR][U], const float* xs,
+                                         float (&acc)[NR]) {
   constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
   constexpr int CH = K / VALS;
+#pragma unroll
+  for (int n = 0; n < NR; ++n)
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (row[n] >= 0 && c < CH) {
+        float sx;
+        const float d = chunk_dot<T, BITS>(wq[n][u], c, xs, &sx);
+        if (BITS) {
+          constexpr int G = GS ? GS : 1;
+          const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
+          acc[n] += static_cast<float>(L[n].s[g]) * d + static_cast<float>(L[n].b[g]) * sx;
+        } else {
+          acc[n] += d;
+        }
+      }
+    }
+}
+
+// NR rows of L[n] dotted with xs by one warp, every row's loads of a pass
+// issued before any is used; every lane gets the sums.  ready() runs once,
+// in every thread, before xs is read: with MLXCY_STEP_VARIANT & 4 after the
+// first pass's loads are issued (the activations' load and norm overlap the
+// weights' latency), else first.
+template <typename T, int BITS, int GS, int K, int NR, int U, class Ready>
+__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR],
+                                         const float* xs, float (&out)[NR], Ready& ready) {
+  constexpr int CH = K / (BITS ? 128 / BITS : 16 / sizeof(T));
   const int lane = threadIdx.x & 31;
   float acc[NR];
 #pragma unroll
   for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
-  for (int c0 = lane; c0 < CH; c0 += 32 * U) {
+  for (int c0 = lane, first = 1; c0 < CH || first; c0 += 32 * U, first = 0) {
     uint4 wq[NR][U];
-#pragma unroll
-    for (int n = 0; n < NR; ++n)
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (row[n] >= 0 && c0 + 32 * u < CH)
-          wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
-#pragma unroll
-    for (int n = 0; n < NR; ++n)
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = c0 + 32 * u;
-        if (row[n] >= 0 && c < CH) {
-          float sx;
-          const float d = chunk_dot<T, BITS>(wq[n][u], c, xs, &sx);
-          if (BITS) {
-            constexpr int G = GS ? GS : 1;
-            const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
-            acc[n] += static_cast<float>(L[n].s[g]) * d + static_cast<float>(L[n].b[g]) * sx;
-          } else {
-            acc[n] += d;
-          }
-        }
-      }
+    if (c0 < CH) rows_load<T, BITS, K, NR, U>(L, row, c0, wq);
+    if (first) ready();
+    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U>(L, row, c0, wq, xs, acc);
   }
 #pragma unroll
   for (int n = 0; n < NR; ++n) out[n] = warp_sum(acc[n]);
 }
 
+// Runs its function once (the first call), in the threads that call it.
+template <class F>
+struct Once {
+  F f;
+  bool done = false;
+  __device__ __forceinline__ void operator()() {
+    if (!done) {
+      done = true;
+      f();
+    }
+  }
+};
+
 // rows 0..N-1 of a product of width K, a warp taking rows gw, gw + nw, ...,
-// Pass::NR of them per pass; emit(row, sum) in every lane.  lin(r) gives the
-// row's operands and its index in them (q/k/v: three weights, one row range).
-template <typename T, int BITS, int GS, int K, class LinOf, class Emit>
+// Pass::NR of them per pass; emit(row, sum) in every lane.  lin_of(r, &L)
+// gives row r's operands and its index in them (q/k/v: three weights, one row
+// range).  ready(): what must happen before xs is read (rows_dot), run by
+// every thread, once, even by warps with no rows.
+template <typename T, int BITS, int GS, int K, class LinOf, class Ready, class Emit>
 __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, LinOf lin_of,
-                                        Emit emit) {
+                                        Ready ready_fn, Emit emit) {
   using P = Pass<T, BITS, K>;
-  for (int r0 = gw; r0 < N; r0 += P::NR * nw) {
+  Once<Ready> ready{ready_fn};
+  if (!(MLXCY_STEP_VARIANT & 4)) ready();
+  for (int r0 = gw; r0 < N || !ready.done; r0 += P::NR * nw) {
     Lin<T> L[P::NR];
     int row[P::NR], at[P::NR];
     float v[P::NR];
@@ -350,7 +390,7 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
       at[n] = r0 + n * nw;
       row[n] = at[n] < N ? lin_of(at[n], &L[n]) : -1;
     }
-    rows_dot<T, BITS, GS, K, P::NR, P::U>(L, row, xs, v);
+    rows_dot<T, BITS, GS, K, P::NR, P::U>(L, row, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < P::NR; ++n)
       if (row[n] >= 0) emit(at[n], v[n]);
@@ -358,13 +398,15 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
 }
 
 // gate and up rows 0..FF-1 in pairs (both rows' loads in flight together);
-// emit(row, gate sum, up sum).
-template <typename T, int BITS, int GS, int K, class Emit>
+// emit(row, gate sum, up sum).  ready() as in product.
+template <typename T, int BITS, int GS, int K, class Ready, class Emit>
 __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, int N, int gw,
-                                             int nw, const float* xs, Emit emit) {
+                                             int nw, const float* xs, Ready ready_fn, Emit emit) {
   using P = Pass<T, BITS, K>;
   constexpr int H = P::NR / 2 > 0 ? P::NR / 2 : 1;     // rows per pass
-  for (int r0 = gw; r0 < N; r0 += H * nw) {
+  Once<Ready> ready{ready_fn};
+  if (!(MLXCY_STEP_VARIANT & 4)) ready();
+  for (int r0 = gw; r0 < N || !ready.done; r0 += H * nw) {
     Lin<T> L[2 * H];
     int row[2 * H];
     float v[2 * H];
@@ -375,7 +417,7 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
       L[2 * n + 1] = u;
       row[2 * n] = row[2 * n + 1] = r < N ? r : -1;
     }
-    rows_dot<T, BITS, GS, K, 2 * H, P::U>(L, row, xs, v);
+    rows_dot<T, BITS, GS, K, 2 * H, P::U>(L, row, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < H; ++n)
       if (row[2 * n] >= 0) emit(row[2 * n], v[2 * n], v[2 * n + 1]);
@@ -578,10 +620,12 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   for (int l = 0; l < NL; ++l) {
     const unsigned long long* t = table + l * PL;
     // -- A: RMSNorm -> q, k, v (+ bias)
-    if (l == 0)
-      embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
-    else
-      load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
+    auto ldx_a = [&] {
+      if (l == 0)
+        embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
+      else
+        load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
+    };
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
 #if MLXCY_STEP_VARIANT & 1
@@ -590,7 +634,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         *L = parts[p];
         return r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
       };
-      product<T, BITS, GS, D>(NQKV, gw, nw, xs, part_of, [&](int r, float s) {
+      product<T, BITS, GS, D>(NQKV, gw, nw, xs, part_of, ldx_a, [&](int r, float s) {
         float v = rt<T>(s);
         if (QKV_BIAS) {
           const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
@@ -600,6 +644,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         if (lane == 0) qkv[r] = v;
       });
 #else
+      ldx_a();
       for (int r = gw; r < NQKV; r += nw) {
         const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
         const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
@@ -722,15 +767,16 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
-    load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
+    auto ldx_c = [&] { load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red); };
     {
       const Lin<T> o = lin<T>(t + 15);
 #if MLXCY_STEP_VARIANT & 1
       product<T, BITS, GS, NQ * HD>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
-                                    [&](int r, float s) {
+                                    ldx_c, [&](int r, float s) {
                                       if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
                                     });
 #else
+      ldx_c();
       for (int r = gw; r < D; r += nw) {
         const float v = rt<T>(row_dot<T, BITS, GS>(o, r, NQ * HD, xs));
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
@@ -741,16 +787,17 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
     grid_sync(sync);
     // -- D: RMSNorm -> gate, up -> silu(gate) * up
-    load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
+    auto ldx_d = [&] { load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red); };
     {
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
 #if MLXCY_STEP_VARIANT & 1
-      product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, [&](int r, float gs, float us) {
+      product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, ldx_d, [&](int r, float gs, float us) {
         const float gv = rt<T>(gs), uv = rt<T>(us);
         const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
         if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
       });
 #else
+      ldx_d();
       for (int r = gw; r < FF; r += nw) {
         const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
         const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
@@ -762,15 +809,16 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
     grid_sync(sync);
     // -- E: down + residual
-    load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
+    auto ldx_e = [&] { load_x<T>(hid, FF, nullptr, 0.0f, xs, red); };
     {
       const Lin<T> dn = lin<T>(t + 25);
 #if MLXCY_STEP_VARIANT & 1
       product<T, BITS, GS, FF>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = dn; return r; },
-                               [&](int r, float s) {
+                               ldx_e, [&](int r, float s) {
                                  if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
                                });
 #else
+      ldx_e();
       for (int r = gw; r < D; r += nw) {
         const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
         if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
@@ -785,14 +833,15 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     grid_sync(sync);
   }
   // -- the final norm and the output head
-  load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
+  auto ldx_h = [&] { load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red); };
   const Lin<T> head = lin<T>(top + 4);
 #if MLXCY_STEP_VARIANT & 1
   product<T, EBITS, EGS, D>(V, gw, nw, xs, [&](int r, Lin<T>* L) { *L = head; return r; },
-                            [&](int r, float s) {
+                            ldx_h, [&](int r, float s) {
                               if (lane == 0) logits[r] = static_cast<T>(s);
                             });
 #else
+  ldx_h();
   for (int r = gw; r < V; r += nw) {
     const float v = row_dot<T, EBITS, EGS>(head, r, D, xs);
     if (lane == 0) logits[r] = static_cast<T>(v);
