@@ -160,12 +160,22 @@ __device__ __forceinline__ void grid_sync(Barrier& b) {
   b.target += gridDim.x;
   __syncthreads();
   if (threadIdx.x == 0) {
+#if MLXCY_STEP_VARIANT & 8
+    // a release add (the block's writes, ordered before it by the
+    // __syncthreads above, become visible with the arrival) and acquire
+    // loads (what the other blocks wrote is visible after): no full fences
+    clock_mark(b.tm, 1 + 2 * b.phase);
+    asm volatile("red.release.gpu.global.add.u64 [%0], 1;" : : "l"(b.count) : "memory");
+    while (load_acquire64(b.count) < b.target) {
+    }
+#else
     __threadfence();
     clock_mark(b.tm, 1 + 2 * b.phase);
     atomicAdd(b.count, 1ull);
     while (load_acquire64(b.count) < b.target) {
     }
     __threadfence();
+#endif
     clock_mark(b.tm, 2 + 2 * b.phase);
   }
   ++b.phase;
