@@ -138,6 +138,7 @@ def positions_table(a):
 
 PHASES = ("A: norm, q/k/v", "B: attention", "C: o_proj + residual", "D: norm, gate/up",
           "E: down + residual")
+SPLIT_PHASES = PHASES[:3] + ("D+E: norm, gate/up, down by slices",)   # (MLXCY_STEP_VARIANT 16)
 
 
 def step_phases(tm):
@@ -183,9 +184,10 @@ def phases_table(a):
             print(f"| {label} | (the one-kernel step did not run) | | | | | | |")
             continue
         r = np.array(steps)                    # [step, barrier, 4]
-        kinds = r.reshape(r.shape[0], -1, len(PHASES), 4).mean(axis=(0, 1))
-        n = r.shape[1] // len(PHASES)
-        for name, (span, med, slow, bar) in zip(PHASES, kinds):
+        n = len(m.layers)
+        names = PHASES if r.shape[1] == 5 * n else SPLIT_PHASES
+        kinds = r.reshape(r.shape[0], n, len(names), 4).mean(axis=(0, 1))
+        for name, (span, med, slow, bar) in zip(names, kinds):
             print(f"| {label} | {name} | {n} | {span:.2f} | {med:.2f} | {slow:.2f} | {bar:.2f} | "
                   f"{n * (span + bar):.0f} |")
         span, med, slow, _ = np.mean(heads, axis=0)

@@ -289,7 +289,6 @@ __device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const 
   return warp_sum(acc);
 }
 
-#if MLXCY_STEP_VARIANT & 1
 // How a warp walks a product of width K: U 16-byte chunks of a row per lane
 // per pass and NR rows at once, at most 16 chunks in flight per lane -- a
 // short row (a 4-bit row of 2048 is 2 chunks a lane) leaves a warp waiting
@@ -433,7 +432,6 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
       if (row[2 * n] >= 0) emit(row[2 * n], v[2 * n], v[2 * n + 1]);
   }
 }
-#endif
 
 // xs (padded) <- src[0:K] (float scratch, read through L2), normalized by
 // RMSNorm with weight nw when nw is given, as MLX rounds: T(w * T(x * inv)).
@@ -599,6 +597,47 @@ __device__ __forceinline__ float key_dot(const float* q, const T* krow) {
   return a;
 }
 
+// Variant 16: the MLP's down product split over slices of its S inputs (32
+// bytes of each down row): a block computes a slice's gate/up rows, then
+// that slice's share of every down row, added to a float sum with atomics.
+template <typename T, int BITS>
+struct Slice {
+  static constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  static constexpr int S = 2 * VALS;
+};
+
+// L's rows from r0 on (a product of width K).
+template <typename T, int BITS, int GS, int K>
+__device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
+  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  Lin<T> o = L;
+  o.w = reinterpret_cast<const uint4*>(L.w) + (size_t)r0 * (K / VALS);
+  if (BITS) {
+    constexpr int G = GS ? GS : 1;
+    o.s = L.s + (size_t)r0 * (K / G);
+    o.b = L.b + (size_t)r0 * (K / G);
+  }
+  return o;
+}
+
+// xs <- RMSNorm(T(src + T(y))) with weight nw (the residual after a split
+// down product); block 0 also stores T(src + T(y)) into `store`.
+template <typename T>
+__device__ __forceinline__ void load_res(const float* src, const float* y, int K, const T* nw,
+                                         float eps, float* xs, float* red, float* store) {
+  float ss = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    const float v = rt<T>(__ldcg(src + k) + rt<T>(__ldcg(y + k)));
+    xs[xp(k)] = v;
+    if (store != nullptr && blockIdx.x == 0) store[k] = v;
+    ss += v * v;
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / K + eps);
+  for (int k = threadIdx.x; k < K; k += THREADS)
+    xs[xp(k)] = rt<T>(static_cast<float>(nw[k]) * rt<T>(xs[xp(k)] * inv));
+  __syncthreads();
+}
+
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
           int V, int NL, bool QKV_BIAS, bool QK_NORM>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
@@ -622,6 +661,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int maxt = (cap + 31) / 32;
   float* part = hid + FF;                      // attention partials [NQ, maxt, HD + 2]
   unsigned* count = bar + 64;                  // per head: tiles done (StepState)
+  constexpr int S = Slice<T, BITS>::S;
+  constexpr bool SPLIT = (MLXCY_STEP_VARIANT & 16) && FF % S == 0;
+  float* ysum = part + (size_t)NQ * maxt * (HD + 2);   // SPLIT: down's sums [D]
+  float* xalt = ysum + D;                      // SPLIT: odd layers' residual stream [D]
+  __shared__ __align__(16) float hs[SPLIT ? S + S / 8 + 8 : 1];   // a slice's MLP state
   Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), tm);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
@@ -629,10 +673,15 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 
   for (int l = 0; l < NL; ++l) {
     const unsigned long long* t = table + l * PL;
+    // SPLIT: the residual alternates between two buffers, layer l's A adding
+    // down's sums of layer l - 1 to the other one (which others still read)
+    float* xr = SPLIT && (l & 1) ? xalt : x;
     // -- A: RMSNorm -> q, k, v (+ bias)
     auto ldx_a = [&] {
       if (l == 0)
         embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
+      else if (SPLIT)
+        load_res<T>((l & 1) ? x : xalt, ysum, D, ptr<T>(t[0]), eps, xs, red, xr);
       else
         load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
     };
@@ -783,8 +832,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #if MLXCY_STEP_VARIANT & 1
       product<T, BITS, GS, NQ * HD>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
                                     ldx_c, [&](int r, float s) {
-                                      if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
+                                      if (lane == 0) xr[r] = rt<T>(__ldcg(xr + r) + rt<T>(s));
                                     });
+      if (SPLIT && blockIdx.x == gridDim.x - 1)   // (read last by this layer's A)
+        for (int k = threadIdx.x; k < D; k += THREADS) ysum[k] = 0.0f;
 #else
       ldx_c();
       for (int r = gw; r < D; r += nw) {
@@ -793,47 +844,94 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       }
 #endif
     }
-    prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
-    prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
-    grid_sync(sync);
-    // -- D: RMSNorm -> gate, up -> silu(gate) * up
-    auto ldx_d = [&] { load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red); };
-    {
-      const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
-#if MLXCY_STEP_VARIANT & 1
-      product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, ldx_d, [&](int r, float gs, float us) {
-        const float gv = rt<T>(gs), uv = rt<T>(us);
-        const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
-        if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
-      });
-#else
-      ldx_d();
-      for (int r = gw; r < FF; r += nw) {
-        const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
-        const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
-        const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
-        if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
+    if constexpr (SPLIT) {
+      const int r0 = blockIdx.x * S;
+      prefetch_rows<T, BITS>(rows_from<T, BITS, GS, D>(lin<T>(t + 19), r0).w, D, warp, S, WARPS);
+      prefetch_rows<T, BITS>(rows_from<T, BITS, GS, D>(lin<T>(t + 22), r0).w, D, warp, S, WARPS);
+      grid_sync(sync);
+      // -- D+E: RMSNorm -> gate, up -> silu(gate) * up -> down, a block per
+      // slice of S hidden rows; its share of down goes to ysum (atomics)
+      bool loaded = false;
+      auto ldx_de = [&] {
+        if (!loaded) {
+          loaded = true;
+          load_x<T>(xr, D, ptr<T>(t[18]), eps, xs, red);
+        }
+      };
+      const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22), dn = lin<T>(t + 25);
+      constexpr int VALS = Slice<T, BITS>::VALS;
+      for (int it = blockIdx.x; it < FF / S; it += gridDim.x) {
+        const int s0 = it * S;
+        product_pair<T, BITS, GS, D>(rows_from<T, BITS, GS, D>(g, s0),
+                                     rows_from<T, BITS, GS, D>(u, s0), S, warp, WARPS, xs,
+                                     ldx_de, [&](int r, float gs, float us) {
+          const float gv = rt<T>(gs), uv = rt<T>(us);
+          const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
+          if (lane == 0) hs[xp(r)] = rt<T>(rt<T>(gv * sg) * uv);
+        });
+        __syncthreads();
+        for (int d = threadIdx.x; d < D; d += THREADS) {
+          const uint4* w4 = reinterpret_cast<const uint4*>(dn.w) + (size_t)d * (FF / VALS) + s0 / VALS;
+          float acc = 0.0f;
+#pragma unroll
+          for (int c = 0; c < S / VALS; ++c) {
+            float sx;
+            const float dd = chunk_dot<T, BITS>(__ldg(w4 + c), c, hs, &sx);
+            if (BITS) {
+              constexpr int G = GS ? GS : 1;
+              const size_t gi = (size_t)d * (FF / G) + (s0 + c * VALS) / G;
+              acc += static_cast<float>(dn.s[gi]) * dd + static_cast<float>(dn.b[gi]) * sx;
+            } else {
+              acc += dd;
+            }
+          }
+          atomicAdd(ysum + d, acc);
+        }
+        __syncthreads();
       }
-#endif
-    }
-    prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
-    grid_sync(sync);
-    // -- E: down + residual
-    auto ldx_e = [&] { load_x<T>(hid, FF, nullptr, 0.0f, xs, red); };
-    {
-      const Lin<T> dn = lin<T>(t + 25);
-#if MLXCY_STEP_VARIANT & 1
-      product<T, BITS, GS, FF>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = dn; return r; },
-                               ldx_e, [&](int r, float s) {
-                                 if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
-                               });
-#else
-      ldx_e();
-      for (int r = gw; r < D; r += nw) {
-        const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
-        if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
+    } else {
+      prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
+      prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
+      grid_sync(sync);
+      // -- D: RMSNorm -> gate, up -> silu(gate) * up
+      auto ldx_d = [&] { load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red); };
+      {
+        const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
+  #if MLXCY_STEP_VARIANT & 1
+        product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, ldx_d, [&](int r, float gs, float us) {
+          const float gv = rt<T>(gs), uv = rt<T>(us);
+          const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
+          if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
+        });
+  #else
+        ldx_d();
+        for (int r = gw; r < FF; r += nw) {
+          const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
+          const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
+          const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
+          if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
+        }
+  #endif
       }
-#endif
+      prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
+      grid_sync(sync);
+      // -- E: down + residual
+      auto ldx_e = [&] { load_x<T>(hid, FF, nullptr, 0.0f, xs, red); };
+      {
+        const Lin<T> dn = lin<T>(t + 25);
+  #if MLXCY_STEP_VARIANT & 1
+        product<T, BITS, GS, FF>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = dn; return r; },
+                                 ldx_e, [&](int r, float s) {
+                                   if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
+                                 });
+  #else
+        ldx_e();
+        for (int r = gw; r < D; r += nw) {
+          const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
+          if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
+        }
+  #endif
+      }
     }
     if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
       prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
@@ -843,7 +941,12 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     grid_sync(sync);
   }
   // -- the final norm and the output head
-  auto ldx_h = [&] { load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red); };
+  auto ldx_h = [&] {
+    if (SPLIT)
+      load_res<T>(((NL - 1) & 1) ? xalt : x, ysum, D, ptr<T>(top[3]), eps, xs, red, nullptr);
+    else
+      load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
+  };
   const Lin<T> head = lin<T>(top + 4);
 #if MLXCY_STEP_VARIANT & 1
   product<T, EBITS, EGS, D>(V, gw, nw, xs, [&](int r, Lin<T>* L) { *L = head; return r; },
@@ -1418,13 +1521,16 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
                                prev ? *prev : st.state};
   for (auto& k : kbuf) in.push_back(k);
   for (auto& v : vbuf) in.push_back(v);
-  int scratch = M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
+  int scratch = 2 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2);
   int blocks = step_grid_blocks();
   std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
   std::vector<mx::Dtype> types = {c.dtype, mx::float32};
   if (timed) {
-    shapes.push_back(mx::Shape{2 + 10 * c.L, blocks});   // 5 barriers per layer
+    // 5 barriers per layer, 4 when variant 16 splits the MLP (Slice: S = 2 VALS)
+    const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
+    const int per = (step_variant() & 16) && c.FF % (2 * vals) == 0 ? 4 : 5;
+    shapes.push_back(mx::Shape{2 + 2 * per * c.L, blocks});
     types.push_back(mx::uint32);
   }
   auto out = it->second(

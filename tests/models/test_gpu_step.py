@@ -334,10 +334,11 @@ def test_step_timing_records_every_barrier(checkpoints, tmp_path):
         m.close()
     assert ids == want
     tm = np.load(out).astype(np.int64)
-    assert tm.shape[0] == 2 + 10 * layers and tm.shape[1] >= 1
+    nb = (tm.shape[0] - 2) // 2                  # barriers: 5 a layer (4: MLXCY_STEP_VARIANT 16)
+    assert tm.shape[0] % 2 == 0 and nb in (5 * layers, 4 * layers) and tm.shape[1] >= 1
     t = (tm - tm[0].min()) % (1 << 32)          # the clock's low word, from the first start
     assert (np.diff(t, axis=0) >= 0).all(), "a block's readings out of order"
-    for p in range(5 * layers):                  # barrier p: arrivals row 1 + 2p, releases 2 + 2p
+    for p in range(nb):                          # barrier p: arrivals row 1 + 2p, releases 2 + 2p
         assert t[2 + 2 * p].min() >= t[1 + 2 * p].max(), f"barrier {p} released early"
 
 
