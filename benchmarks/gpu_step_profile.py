@@ -138,7 +138,7 @@ def positions_table(a):
 
 PHASES = ("A: norm, q/k/v", "B: attention", "C: o_proj + residual", "D: norm, gate/up",
           "E: down + residual")
-SPLIT_PHASES = PHASES[:3] + ("D+E: norm, gate/up, down by slices",)   # (MLXCY_STEP_VARIANT 16)
+SPLIT_PHASES = PHASES[:3] + ("D+E: norm, gate/up, down by slices",)   # (the MLP split)
 
 
 def step_phases(tm):
@@ -184,7 +184,7 @@ def phases_table(a):
             print(f"| {label} | (the one-kernel step did not run) | | | | | | |")
             continue
         r = np.array(steps)                    # [step, barrier, 4]
-        n = len(m.layers)
+        n = m.config.num_hidden_layers
         names = PHASES if r.shape[1] == 5 * n else SPLIT_PHASES
         kinds = r.reshape(r.shape[0], n, len(names), 4).mean(axis=(0, 1))
         for name, (span, med, slow, bar) in zip(names, kinds):

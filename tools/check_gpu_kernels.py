@@ -64,13 +64,15 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     ty = CTYPE[t]
     timed = c.pop("TIMED", False)                     # MLXCY_STEP_TIMING's clock readings
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
+    if "M" not in c:
+        c.setdefault("SPLIT", False)                  # the MLP split over slices
     consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
                      f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in c.items())
     kv = "".join(f", const {ty}* {n}{l}" for n in "kv" for l in range(L))
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
-    fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", "")   # M positions
-    tm = "" if m else ", timing" if timed else ", nullptr"
+    fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", ", SPLIT")   # M positions
+    tm = "" if "M" in c else ", timing" if timed else ", nullptr"
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
             f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
             f"const uint32_t* bar, const {ty}* after{kv}, {ty}* logits, float* scratch"
@@ -98,7 +100,14 @@ def step_cases():
     yield "bf16", 30, dict(BITS=4, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
                            QKV_BIAS=False, QK_NORM=False, **norms)
     yield "bf16", 30, dict(BITS=0, GS=0, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
-                           QKV_BIAS=False, QK_NORM=False, TIMED=True, **norms)
+                           QKV_BIAS=False, QK_NORM=False, TIMED=True, SPLIT=True, **norms)
+    # the MLP split: Llama-3.2-1B 4-bit, Qwen2-like 8-bit with biases, the tiny float32 model
+    yield "bf16", 16, dict(BITS=4, GS=64, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
+                           QKV_BIAS=False, QK_NORM=False, SPLIT=True, **norms)
+    yield "bf16", 30, dict(BITS=8, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
+                           QKV_BIAS=True, QK_NORM=False, SPLIT=True, **norms)
+    yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
+                         QKV_BIAS=True, QK_NORM=True, SPLIT=True, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, **norms)
     # SmolLM2's Q4_1 GGUF as loaded on a GPU: float32, 4-bit layers, an 8-bit embedding (Q8_0)

@@ -14,19 +14,23 @@
 // same time: launches are chained (step_previous) and made from one thread.
 //
 // Layout of the work:
-//   products  a warp per output row (rows strided over all warps of the grid);
-//             each lane streams 16-byte chunks of the row (8 bf16 / 32 4-bit /
-//             16 8-bit values) against the activations in shared memory
-//             (float, padded 4 floats every 32 so the lanes' 16-byte reads
-//             hit distinct banks);
+//   products  rows strided over all warps of the grid, a warp taking several
+//             rows at once (Pass: up to 16 16-byte chunks in flight a lane,
+//             gate and up rows in pairs); each lane streams 16-byte chunks
+//             (8 bf16 / 32 4-bit / 16 8-bit values) against the activations
+//             in shared memory (float, padded 4 floats every 32 so the lanes'
+//             16-byte reads hit distinct banks), the first chunks requested
+//             before the activations are loaded and normalized;
 //   attention a warp per (query head, tile of 32 positions): it normalizes
 //             and rotates the head's q (and, on the last tile, the new k/v,
 //             which the group's first head writes into the cache at `pos`),
 //             scores a position per lane, and sums the values with lanes over
-//             head dims; the warp that finishes a head's last tile merges
-//             the tiles' (sum, max, weighted values) into the head's output.
-//   phases    5 per layer, a grid-wide barrier after each; before waiting,
-//             each warp asks L2 for its first rows of the next phase.
+//             (position group, 16-byte chunk of a value row); the warp that
+//             finishes a head's last tile merges the tiles' (sum, max,
+//             weighted values) into the head's output.
+//   phases    5 per layer, a grid-wide barrier after each (4 when the MLP is
+//             split over slices of its hidden rows: step_split); before
+//             waiting, each warp asks L2 for its first rows of the next phase.
 // Inter-block data (the residual stream, q/k/v, attention output, MLP hidden
 // state) lives in a float32 scratch output holding values already rounded to
 // the model's dtype, read with ld.global.cg (L2, not the SM's stale L1).
@@ -66,9 +70,6 @@ namespace mx = mlx::core;
 // ---- device code ------------------------------------------------------------
 inline const char* step_device_source() {
   return R"CUDA(
-#ifndef MLXCY_STEP_VARIANT
-#define MLXCY_STEP_VARIANT 0
-#endif
 namespace mlxcy_step {
 
 constexpr int THREADS = 256;
@@ -160,7 +161,6 @@ __device__ __forceinline__ void grid_sync(Barrier& b) {
   b.target += gridDim.x;
   __syncthreads();
   if (threadIdx.x == 0) {
-#if MLXCY_STEP_VARIANT & 8
     // a release add (the block's writes, ordered before it by the
     // __syncthreads above, become visible with the arrival) and acquire
     // loads (what the other blocks wrote is visible after): no full fences
@@ -168,14 +168,6 @@ __device__ __forceinline__ void grid_sync(Barrier& b) {
     asm volatile("red.release.gpu.global.add.u64 [%0], 1;" : : "l"(b.count) : "memory");
     while (load_acquire64(b.count) < b.target) {
     }
-#else
-    __threadfence();
-    clock_mark(b.tm, 1 + 2 * b.phase);
-    atomicAdd(b.count, 1ull);
-    while (load_acquire64(b.count) < b.target) {
-    }
-    __threadfence();
-#endif
     clock_mark(b.tm, 2 + 2 * b.phase);
   }
   ++b.phase;
@@ -256,39 +248,6 @@ __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* 
   return d;
 }
 
-// One weight row (K inputs) dotted with xs by one warp; every lane gets it.
-template <typename T, int BITS, int GS>
-__device__ __forceinline__ float row_dot(const Lin<T>& L, int row, int K, const float* xs) {
-  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
-  constexpr int U = 8;                         // chunks in flight per lane
-  const int lane = threadIdx.x & 31;
-  const int CH = K / VALS;
-  const uint4* w4 = reinterpret_cast<const uint4*>(L.w) + (size_t)row * CH;
-  float acc = 0.0f;
-  for (int c0 = lane; c0 < CH; c0 += 32 * U) {
-    uint4 wq[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (c0 + 32 * u < CH) wq[u] = __ldg(w4 + c0 + 32 * u);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * u;
-      if (c < CH) {
-        float sx;
-        float d = chunk_dot<T, BITS>(wq[u], c, xs, &sx);
-        if (BITS) {
-          constexpr int G = GS ? GS : 1;
-          const size_t g = (size_t)row * (K / G) + (c * VALS) / G;
-          acc += static_cast<float>(L.s[g]) * d + static_cast<float>(L.b[g]) * sx;
-        } else {
-          acc += d;
-        }
-      }
-    }
-  }
-  return warp_sum(acc);
-}
-
 // How a warp walks a product of width K: U 16-byte chunks of a row per lane
 // per pass and NR rows at once, at most 16 chunks in flight per lane -- a
 // short row (a 4-bit row of 2048 is 2 chunks a lane) leaves a warp waiting
@@ -345,9 +304,8 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
 
 // NR rows of L[n] dotted with xs by one warp, every row's loads of a pass
 // issued before any is used; every lane gets the sums.  ready() runs once,
-// in every thread, before xs is read: with MLXCY_STEP_VARIANT & 4 after the
-// first pass's loads are issued (the activations' load and norm overlap the
-// weights' latency), else first.
+// in every thread, after the first pass's loads are issued and before xs is
+// read: the activations' load and norm overlap the weights' latency.
 template <typename T, int BITS, int GS, int K, int NR, int U, class Ready>
 __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR],
                                          const float* xs, float (&out)[NR], Ready& ready) {
@@ -389,7 +347,6 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
                                         Ready ready_fn, Emit emit) {
   using P = Pass<T, BITS, K>;
   Once<Ready> ready{ready_fn};
-  if (!(MLXCY_STEP_VARIANT & 4)) ready();
   for (int r0 = gw; r0 < N || !ready.done; r0 += P::NR * nw) {
     Lin<T> L[P::NR];
     int row[P::NR], at[P::NR];
@@ -414,7 +371,6 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
   using P = Pass<T, BITS, K>;
   constexpr int H = P::NR / 2 > 0 ? P::NR / 2 : 1;     // rows per pass
   Once<Ready> ready{ready_fn};
-  if (!(MLXCY_STEP_VARIANT & 4)) ready();
   for (int r0 = gw; r0 < N || !ready.done; r0 += H * nw) {
     Lin<T> L[2 * H];
     int row[2 * H];
@@ -523,9 +479,7 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
   float den = 0.0f, num[DPL];
 #pragma unroll
   for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
-#if MLXCY_STEP_VARIANT & 2
 #pragma unroll 4
-#endif
   for (int tl = 0; tl < ntile; ++tl) {
     const float* pt = ph + tl * (HD + 2);
     const float f = __expf(__ldcg(pt + HD) - M);
@@ -597,9 +551,10 @@ __device__ __forceinline__ float key_dot(const float* q, const T* krow) {
   return a;
 }
 
-// Variant 16: the MLP's down product split over slices of its S inputs (32
-// bytes of each down row): a block computes a slice's gate/up rows, then
-// that slice's share of every down row, added to a float sum with atomics.
+// The MLP split over slices of S hidden rows (32 bytes of each down row),
+// when there are enough of them (the host's step_split): a block computes a
+// slice's gate/up rows, then that slice's share of every down row, added to a
+// float sum with atomics -- one grid-wide barrier fewer per layer.
 template <typename T, int BITS>
 struct Slice {
   static constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
@@ -639,7 +594,7 @@ __device__ __forceinline__ void load_res(const float* src, const float* y, int K
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, bool SPLIT>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar,
@@ -662,7 +617,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   float* part = hid + FF;                      // attention partials [NQ, maxt, HD + 2]
   unsigned* count = bar + 64;                  // per head: tiles done (StepState)
   constexpr int S = Slice<T, BITS>::S;
-  constexpr bool SPLIT = (MLXCY_STEP_VARIANT & 16) && FF % S == 0;
+  static_assert(!SPLIT || FF % S == 0, "the MLP split needs whole slices");
   float* ysum = part + (size_t)NQ * maxt * (HD + 2);   // SPLIT: down's sums [D]
   float* xalt = ysum + D;                      // SPLIT: odd layers' residual stream [D]
   __shared__ __align__(16) float hs[SPLIT ? S + S / 8 + 8 : 1];   // a slice's MLP state
@@ -687,7 +642,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     };
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
-#if MLXCY_STEP_VARIANT & 1
       auto part_of = [&](int r, Lin<T>* L) {
         const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
         *L = parts[p];
@@ -702,16 +656,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         }
         if (lane == 0) qkv[r] = v;
       });
-#else
-      ldx_a();
-      for (int r = gw; r < NQKV; r += nw) {
-        const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
-        const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
-        float v = rt<T>(row_dot<T, BITS, GS>(parts[p], row, D, xs));
-        if (QKV_BIAS) v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
-        if (lane == 0) qkv[r] = v;
-      }
-#endif
     }
     grid_sync(sync);
     // -- B: attention, a warp per (query head, tile of 32 positions): its
@@ -756,32 +700,35 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         const float m = warp_max(s);
         const float e = p <= pos ? __expf(s - m) : 0.0f;
         const float sum = warp_sum(e);
-#if MLXCY_STEP_VARIANT & 2
         constexpr int KV = 16 / sizeof(T), CPR = HD / KV;   // 16-byte chunks of a value row
         if constexpr (CPR <= 32 && 32 % CPR == 0) {
           // lanes over (position group, chunk): every value load of the tile
           // in flight at once, then a sum over the position groups
-          constexpr int PPI = 32 / CPR, PER = 32 / PPI;
+          // (at most 8 loads in flight a lane: 16 would spill at HD 128)
+          constexpr int PPI = 32 / CPR, PER = 32 / PPI, BATCH = PER < 8 ? PER : 8;
           const int c = lane % CPR, pg = lane / CPR;
-          uint4 vq[PER];
-#pragma unroll
-          for (int j = 0; j < PER; ++j) {
-            const int pp = tile * 32 + pg + j * PPI;
-            if (pp < pos) vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
-          }
           float a[KV];
 #pragma unroll
           for (int k = 0; k < KV; ++k) a[k] = 0.0f;
 #pragma unroll
-          for (int j = 0; j < PER; ++j) {
-            const int i = pg + j * PPI, pp = tile * 32 + i;
-            const float ei = __shfl_sync(0xffffffffu, e, i);
-            const T* vv = reinterpret_cast<const T*>(&vq[j]);
+          for (int j0 = 0; j0 < PER; j0 += BATCH) {
+            uint4 vq[BATCH];
 #pragma unroll
-            for (int k = 0; k < KV; ++k) {
-              const float val = pp < pos ? static_cast<float>(vv[k])
-                                         : (pp == pos ? qw[2 * HD + c * KV + k] : 0.0f);
-              a[k] = fmaf(ei, val, a[k]);
+            for (int j = 0; j < BATCH; ++j) {
+              const int pp = tile * 32 + pg + (j0 + j) * PPI;
+              if (pp < pos) vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+            }
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+              const int i = pg + (j0 + j) * PPI, pp = tile * 32 + i;
+              const float ei = __shfl_sync(0xffffffffu, e, i);
+              const T* vv = reinterpret_cast<const T*>(&vq[j]);
+#pragma unroll
+              for (int k = 0; k < KV; ++k) {
+                const float val = pp < pos ? static_cast<float>(vv[k])
+                                           : (pp == pos ? qw[2 * HD + c * KV + k] : 0.0f);
+                a[k] = fmaf(ei, val, a[k]);
+              }
             }
           }
 #pragma unroll
@@ -799,7 +746,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           }
           tile_done<T, HD>(ph, ntile, count + h, att + h * HD);
         } else
-#endif
         {
         const int n = min(32, pos + 1 - tile * 32);
         float acc[DPL];
@@ -829,20 +775,12 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     auto ldx_c = [&] { load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red); };
     {
       const Lin<T> o = lin<T>(t + 15);
-#if MLXCY_STEP_VARIANT & 1
       product<T, BITS, GS, NQ * HD>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
                                     ldx_c, [&](int r, float s) {
                                       if (lane == 0) xr[r] = rt<T>(__ldcg(xr + r) + rt<T>(s));
                                     });
       if (SPLIT && blockIdx.x == gridDim.x - 1)   // (read last by this layer's A)
         for (int k = threadIdx.x; k < D; k += THREADS) ysum[k] = 0.0f;
-#else
-      ldx_c();
-      for (int r = gw; r < D; r += nw) {
-        const float v = rt<T>(row_dot<T, BITS, GS>(o, r, NQ * HD, xs));
-        if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
-      }
-#endif
     }
     if constexpr (SPLIT) {
       const int r0 = blockIdx.x * S;
@@ -897,21 +835,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       auto ldx_d = [&] { load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red); };
       {
         const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
-  #if MLXCY_STEP_VARIANT & 1
         product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, ldx_d, [&](int r, float gs, float us) {
           const float gv = rt<T>(gs), uv = rt<T>(us);
           const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
           if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
         });
-  #else
-        ldx_d();
-        for (int r = gw; r < FF; r += nw) {
-          const float gv = rt<T>(row_dot<T, BITS, GS>(g, r, D, xs));
-          const float uv = rt<T>(row_dot<T, BITS, GS>(u, r, D, xs));
-          const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
-          if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
-        }
-  #endif
       }
       prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
       grid_sync(sync);
@@ -919,18 +847,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       auto ldx_e = [&] { load_x<T>(hid, FF, nullptr, 0.0f, xs, red); };
       {
         const Lin<T> dn = lin<T>(t + 25);
-  #if MLXCY_STEP_VARIANT & 1
         product<T, BITS, GS, FF>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = dn; return r; },
                                  ldx_e, [&](int r, float s) {
                                    if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
                                  });
-  #else
-        ldx_e();
-        for (int r = gw; r < D; r += nw) {
-          const float v = rt<T>(row_dot<T, BITS, GS>(dn, r, FF, xs));
-          if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + v);
-        }
-  #endif
       }
     }
     if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
@@ -948,18 +868,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
   };
   const Lin<T> head = lin<T>(top + 4);
-#if MLXCY_STEP_VARIANT & 1
   product<T, EBITS, EGS, D>(V, gw, nw, xs, [&](int r, Lin<T>* L) { *L = head; return r; },
                             ldx_h, [&](int r, float s) {
                               if (lane == 0) logits[r] = static_cast<T>(s);
                             });
-#else
-  ldx_h();
-  for (int r = gw; r < V; r += nw) {
-    const float v = row_dot<T, EBITS, EGS>(head, r, D, xs);
-    if (lane == 0) logits[r] = static_cast<T>(v);
-  }
-#endif
   // every block read meta before the last barrier: the next step's position
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     bar[2] = pos + 1;
@@ -1385,14 +1297,19 @@ struct StepState {
 // MLXCY_STEP_TIMING=1 in the environment (read once): the one-token kernel
 // records each block's clock at every barrier (benchmarks/gpu_step_profile.py
 // --phases); a profiling build of the same kernel, not for production.
-// MLXCY_STEP_VARIANT=n (read once): experimental variants of the device code
-// (bits), for A/B runs in one process.
-inline int step_variant() {
-  static const int v = [] {
-    const char* e = std::getenv("MLXCY_STEP_VARIANT");
-    return e ? std::atoi(e) : 0;
-  }();
-  return v;
+// Split the MLP over slices (decode_step's SPLIT): -1 where it pays, measured
+// on an H100 (docs/benchmarks.md): whole slices and at least one for every
+// two blocks of the grid (fewer leave most SMs idle in the MLP); 0 never, 1
+// wherever the slices are whole (tests).  Set by base.set_gpu_step_split.
+inline int& step_split_mode() {
+  static int mode = -1;
+  return mode;
+}
+
+inline bool step_split(const StepConfig& c, int blocks) {
+  const int s = 2 * (c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype)));
+  const int mode = step_split_mode();
+  return mode != 0 && c.FF % s == 0 && (mode == 1 || c.FF / s >= blocks / 2);
 }
 
 inline bool step_timing_on() {
@@ -1486,20 +1403,18 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
         (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
                 "QKV_BIAS, QK_NORM, M>(\n"
               : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM>(\n") +
+                "QKV_BIAS, QK_NORM, SPLIT>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
         "      scratch, logits, const_cast<unsigned*>(bar)" +
         (smem ? std::string() : timed ? ", timing" : ", nullptr") + ");\n";
     std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L) +
-                       (timed ? "_timed" : "") + "_v" + std::to_string(step_variant());
-    static const std::string source = "#define MLXCY_STEP_VARIANT " +
-                                      std::to_string(step_variant()) + "\n" + step_device_source();
+                       (timed ? "_timed" : "");
     std::vector<std::string> outs = {"logits", "scratch"};
     if (timed) outs.push_back("timing");
     it = kernels.emplace(std::make_pair(c.L, smem),
-                         mx::fast::cuda_kernel(name, names, outs, body, source,
+                         mx::fast::cuda_kernel(name, names, outs, body, step_device_source(),
                                                false, smem)).first;
   }
   auto bits_of = [](float f) {
@@ -1524,13 +1439,11 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   int scratch = 2 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2);
   int blocks = step_grid_blocks();
+  const bool split = M == 1 && step_split(c, blocks);
   std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
   std::vector<mx::Dtype> types = {c.dtype, mx::float32};
   if (timed) {
-    // 5 barriers per layer, 4 when variant 16 splits the MLP (Slice: S = 2 VALS)
-    const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
-    const int per = (step_variant() & 16) && c.FF % (2 * vals) == 0 ? 4 : 5;
-    shapes.push_back(mx::Shape{2 + 2 * per * c.L, blocks});
+    shapes.push_back(mx::Shape{2 + 2 * (split ? 4 : 5) * c.L, blocks});   // barriers per layer
     types.push_back(mx::uint32);
   }
   auto out = it->second(
@@ -1540,7 +1453,8 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
        {"EGS", c.ebits ? c.egs : 0}, {"D", c.D},
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
-       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M}},
+       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
+       {"SPLIT", split}},
       std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());

@@ -103,6 +103,12 @@ def set_gpu_verify_step(on: bool) -> bool:
     proposals, up to gpu_step.h's step_max_positions) as one kernel too, where
     the one-kernel step applies (default True); returns the previous setting."""
 
+def set_gpu_step_split(mode: bool | None) -> bool | None:
+    """How the one-token kernel runs a layer's MLP: None (default) split over
+    slices of its hidden rows, one grid-wide barrier fewer, where there are
+    enough slices to keep the GPU busy; True wherever the slices are whole;
+    False never.  Returns the previous setting."""
+
 def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""

@@ -769,6 +769,18 @@ def set_gpu_verify_step(bint on):
     return old
 
 
+def set_gpu_step_split(mode):
+    """How the one-token kernel runs a layer's MLP: None (default) split over
+    slices of its hidden rows, one grid-wide barrier fewer, where there are
+    enough slices to keep the GPU busy; True wherever the slices are whole;
+    False never.  Returns the previous setting."""
+    cdef int old = ngs.step_split_mode()
+    if mode is not None and not isinstance(mode, bool):
+        raise TypeError(f"mode must be None, True or False, got {mode!r}")
+    (&ngs.step_split_mode())[0] = -1 if mode is None else int(mode)
+    return None if old < 0 else bool(old)
+
+
 def gpu_decode_steps():
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""

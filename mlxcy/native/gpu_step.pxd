@@ -25,6 +25,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
         StepState()
         array timing
 
+    int& step_split_mode()
     string step_config_problem(const StepConfig& c) except +
     int step_max_positions(const StepConfig& c) except +
     void step_init(StepState& st, const array& inv_freq) except +

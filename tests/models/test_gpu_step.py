@@ -137,6 +137,34 @@ def test_quantized_models_match_the_op_path(checkpoints, kind, bits):
 
 
 @cuda
+@pytest.mark.parametrize("kind,dtype,bits", [("llama", "float32", 0), ("qwen2", "bfloat16", 0),
+                                             ("qwen3", None, 4), ("qwen2", None, 8)])
+def test_the_split_mlp_matches_the_op_path(checkpoints, kind, dtype, bits):
+    """The MLP split over slices (down's sums by atomics, the residual in two
+    buffers), forced on: the tiny models have too few slices for the default."""
+    old = base.set_gpu_step_split(True)
+    m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
+    m.fuse()
+    try:
+        tol = {"float32": 1e-4, "bfloat16": 3e-2, None: 3e-2}[dtype]
+        _compare(m, _prompt(7, 12), 24, tol, exact_ids=dtype == "float32")
+    finally:
+        m.close()
+        base.set_gpu_step_split(old)
+
+
+def test_the_split_setting():
+    old = base.set_gpu_step_split(False)
+    try:
+        assert base.set_gpu_step_split(True) is False
+        assert base.set_gpu_step_split(None) is True
+        with pytest.raises(TypeError, match="mode must be None, True or False"):
+            base.set_gpu_step_split(1)
+    finally:
+        base.set_gpu_step_split(old)
+
+
+@cuda
 def test_an_embedding_in_its_own_format(checkpoints):
     """4-bit layers with an 8-bit (group 32) tied embedding and head."""
     m = load_model(checkpoints["qwen2", "mixed"])
@@ -297,7 +325,7 @@ for i in range(6):
     ids.append(t)
 tm = base.gpu_step_timing(m)
 np.save(sys.argv[3], tm)
-print(" ".join(map(str, ids)), base.gpu_decode_steps(), len(m.layers))
+print(" ".join(map(str, ids)), base.gpu_decode_steps(), m.config.num_hidden_layers)
 """
 
 
@@ -334,7 +362,7 @@ def test_step_timing_records_every_barrier(checkpoints, tmp_path):
         m.close()
     assert ids == want
     tm = np.load(out).astype(np.int64)
-    nb = (tm.shape[0] - 2) // 2                  # barriers: 5 a layer (4: MLXCY_STEP_VARIANT 16)
+    nb = (tm.shape[0] - 2) // 2                  # barriers: 5 a layer (4 with the MLP split)
     assert tm.shape[0] % 2 == 0 and nb in (5 * layers, 4 * layers) and tm.shape[1] >= 1
     t = (tm - tm[0].min()) % (1 << 32)          # the clock's low word, from the first start
     assert (np.diff(t, axis=0) >= 0).all(), "a block's readings out of order"
