@@ -493,29 +493,6 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
     if (lane + 32 * c < HD) out[lane + 32 * c] = rt<T>(num[c] / den);
 }
 
-// A warp's partial for one tile of a head's keys (acc[DPL]: its lanes' share
-// of the weighted values, the tile's max and sum) into ph[tile]; the warp
-// that finishes the head's last tile merges its ntile partials into out and
-// resets the head's counter for the next layer (after barriers).
-template <typename T, int HD>
-__device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count, float* out);
-
-template <typename T, int HD>
-__device__ __forceinline__ void finish_tile(const float* acc, float mx, float sum, float* ph,
-                                            int tile, int ntile, unsigned* count, float* out) {
-  constexpr int DPL = (HD + 31) / 32;
-  const int lane = threadIdx.x & 31;
-  float* pt = ph + (size_t)tile * (HD + 2);
-#pragma unroll
-  for (int c = 0; c < DPL; ++c)
-    if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
-  if (lane == 0) {
-    pt[HD] = mx;
-    pt[HD + 1] = sum;
-  }
-  tile_done<T, HD>(ph, ntile, count, out);
-}
-
 // After a tile's partial is written: count it; the warp that counts the
 // head's last tile merges the partials into out and resets the counter.
 template <typename T, int HD>
@@ -533,6 +510,27 @@ __device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count,
   }
   __syncwarp();
 }
+
+// A warp's partial for one tile of a head's keys (acc[DPL]: its lanes' share
+// of the weighted values, the tile's max and sum) into ph[tile]; the warp
+// that finishes the head's last tile merges its ntile partials into out and
+// resets the head's counter for the next layer (after barriers).
+template <typename T, int HD>
+__device__ __forceinline__ void finish_tile(const float* acc, float mx, float sum, float* ph,
+                                            int tile, int ntile, unsigned* count, float* out) {
+  constexpr int DPL = (HD + 31) / 32;
+  const int lane = threadIdx.x & 31;
+  float* pt = ph + (size_t)tile * (HD + 2);
+#pragma unroll
+  for (int c = 0; c < DPL; ++c)
+    if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
+  if (lane == 0) {
+    pt[HD] = mx;
+    pt[HD + 1] = sum;
+  }
+  tile_done<T, HD>(ph, ntile, count, out);
+}
+
 
 // q[0:HD] (shared memory) dotted with one cached key row; CG: read it through
 // L2 (keys written earlier in the same launch), else the read-only path.
