@@ -143,13 +143,15 @@ def test_the_split_mlp_matches_the_op_path(checkpoints, kind, dtype, bits):
     """The MLP split over slices (down's sums by atomics, the residual in two
     buffers), forced on: the tiny models have too few slices for the default."""
     old = base.set_gpu_step_split(True)
-    m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
-    m.fuse()
     try:
-        tol = {"float32": 1e-4, "bfloat16": 3e-2, None: 3e-2}[dtype]
-        _compare(m, _prompt(7, 12), 24, tol, exact_ids=dtype == "float32")
+        m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
+        m.fuse()
+        try:
+            tol = {"float32": 1e-4, "bfloat16": 3e-2, None: 3e-2}[dtype]
+            _compare(m, _prompt(7, 12), 24, tol, exact_ids=dtype == "float32")
+        finally:
+            m.close()
     finally:
-        m.close()
         base.set_gpu_step_split(old)
 
 
@@ -314,6 +316,7 @@ import numpy as np
 from mlxcy.models import base
 from mlxcy.models.load import load_model
 base.set_gpu_verify_step(False)               # the prompt op by op: 6 one-token kernels
+base.set_gpu_step_split(sys.argv[4] == "1")
 m = load_model(sys.argv[1], dtype="float32")
 cache = m.make_cache()
 prompt = [int(x) for x in sys.argv[2].split(",")]
@@ -330,18 +333,19 @@ print(" ".join(map(str, ids)), base.gpu_decode_steps(), m.config.num_hidden_laye
 
 
 @cuda
-def test_step_timing_records_every_barrier(checkpoints, tmp_path):
+@pytest.mark.parametrize("split", [False, True])
+def test_step_timing_records_every_barrier(checkpoints, tmp_path, split):
     """MLXCY_STEP_TIMING=1 (read once per process, hence a subprocess): the
-    kernel records each block's clock at its start, at every barrier and at
-    its end, in order, no block released before the last one arrived; the
-    tokens are the op path's."""
+    kernel records each block's clock at its start, at every barrier (5 a
+    layer, 4 with the MLP split) and at its end, in order, no block released
+    before the last one arrived; the tokens are the op path's."""
     import os
     import subprocess
     import sys
     out = tmp_path / "tm.npy"
     prompt = _prompt(6, 8)
     r = subprocess.run([sys.executable, "-c", _TIMED, str(checkpoints["llama"]),
-                        ",".join(map(str, prompt)), str(out)],
+                        ",".join(map(str, prompt)), str(out), "1" if split else "0"],
                        env={**os.environ, "MLXCY_STEP_TIMING": "1"}, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -362,8 +366,8 @@ def test_step_timing_records_every_barrier(checkpoints, tmp_path):
         m.close()
     assert ids == want
     tm = np.load(out).astype(np.int64)
-    nb = (tm.shape[0] - 2) // 2                  # barriers: 5 a layer (4 with the MLP split)
-    assert tm.shape[0] % 2 == 0 and nb in (5 * layers, 4 * layers) and tm.shape[1] >= 1
+    nb = (tm.shape[0] - 2) // 2
+    assert tm.shape[0] % 2 == 0 and nb == (4 if split else 5) * layers and tm.shape[1] >= 1
     t = (tm - tm[0].min()) % (1 << 32)          # the clock's low word, from the first start
     assert (np.diff(t, axis=0) >= 0).all(), "a block's readings out of order"
     for p in range(nb):                          # barrier p: arrivals row 1 + 2p, releases 2 + 2p
