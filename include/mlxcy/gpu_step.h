@@ -743,27 +743,26 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
             pt[HD + 1] = sum;
           }
           tile_done<T, HD>(ph, ntile, count + h, att + h * HD);
-        } else
-        {
-        const int n = min(32, pos + 1 - tile * 32);
-        float acc[DPL];
+        } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
+          const int n = min(32, pos + 1 - tile * 32);
+          float acc[DPL];
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
+          for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
 #pragma unroll 8
-        for (int i = 0; i < n; ++i) {
-          const float ei = __shfl_sync(0xffffffffu, e, i);
-          const int pp = tile * 32 + i;
+          for (int i = 0; i < n; ++i) {
+            const float ei = __shfl_sync(0xffffffffu, e, i);
+            const int pp = tile * 32 + i;
 #pragma unroll
-          for (int c = 0; c < DPL; ++c) {
-            const int d = lane + 32 * c;
-            if (d < HD) {
-              const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
-              acc[c] = fmaf(ei, vv, acc[c]);
+            for (int c = 0; c < DPL; ++c) {
+              const int d = lane + 32 * c;
+              if (d < HD) {
+                const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
+                acc[c] = fmaf(ei, vv, acc[c]);
+              }
             }
           }
-        }
-        finish_tile<T, HD>(acc, m, sum, part + (size_t)h * maxt * (HD + 2), tile, ntile, count + h,
-                           att + h * HD);
+          finish_tile<T, HD>(acc, m, sum, part + (size_t)h * maxt * (HD + 2), tile, ntile, count + h,
+                             att + h * HD);
         }
       }
     }
