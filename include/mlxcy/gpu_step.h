@@ -85,6 +85,12 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 __device__ __forceinline__ int xp(int k) { return k + ((k >> 5) << 2); }   // padded index
 
+// Weight values in a 16-byte chunk: 8 bf16 / 32 4-bit / 16 8-bit.
+template <typename T, int BITS>
+__host__ __device__ constexpr int chunk_vals() {
+  return BITS ? 128 / BITS : 16 / static_cast<int>(sizeof(T));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -180,7 +186,7 @@ __device__ __forceinline__ void grid_sync(Barrier& b) {
 // latency of its first loads.
 template <typename T, int BITS>
 __device__ __forceinline__ void prefetch_rows(const void* w, int K, int first, int N, int nw) {
-  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int VALS = chunk_vals<T, BITS>();
   const size_t rowb = (size_t)(K / VALS) * 16;
   const int lane = threadIdx.x & 31;
   for (int r = first, i = 0; r < N && i < 2; r += nw, ++i) {
@@ -199,6 +205,18 @@ struct Lin {
   const T* b;
 };
 
+// Row r of the q/k/v rows (q, then k, then v) is row r - qkv_first(p) of part
+// p = qkv_part(r).
+template <int NQ, int NKV, int HD>
+__device__ __forceinline__ int qkv_part(int r) {
+  return r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
+}
+
+template <int NQ, int NKV, int HD>
+__device__ __forceinline__ int qkv_first(int p) {
+  return p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD);
+}
+
 template <typename T>
 __device__ __forceinline__ Lin<T> lin(const unsigned long long* t) {
   return Lin<T>{reinterpret_cast<const void*>(t[0]), reinterpret_cast<const T*>(t[1]),
@@ -214,7 +232,7 @@ __device__ __forceinline__ const T* ptr(unsigned long long v) {
 // (for the affine bias).
 template <typename T, int BITS>
 __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* xs, float* sx) {
-  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int VALS = chunk_vals<T, BITS>();
   const float* xc = xs + xp(c * VALS);     // VALS <= 32: the chunk is in one padded run
   float d = 0.0f, s = 0.0f;
   if (BITS == 0) {
@@ -254,7 +272,7 @@ __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* 
 // on memory for little unless several rows' loads are in flight together.
 template <typename T, int BITS, int K>
 struct Pass {
-  static constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  static constexpr int VALS = chunk_vals<T, BITS>();
   static constexpr int PER_LANE = (K / VALS + 31) / 32;
   static constexpr int U = PER_LANE < 16 ? PER_LANE : 16;
   static constexpr int MAXR = BITS ? 4 : 8;       // (quantized rows carry scales: registers)
@@ -267,7 +285,7 @@ struct Pass {
 template <typename T, int BITS, int K, int NR, int U>
 __device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
                                           uint4 (&wq)[NR][U]) {
-  constexpr int CH = K / (BITS ? 128 / BITS : 16 / sizeof(T));
+  constexpr int CH = K / chunk_vals<T, BITS>();
 #pragma unroll
   for (int n = 0; n < NR; ++n)
 #pragma unroll
@@ -281,7 +299,7 @@ template <typename T, int BITS, int GS, int K, int NR, int U>
 __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
                                          const uint4 (&wq)[NR][U], const float* xs,
                                          float (&acc)[NR]) {
-  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int VALS = chunk_vals<T, BITS>();
   constexpr int CH = K / VALS;
 #pragma unroll
   for (int n = 0; n < NR; ++n)
@@ -309,7 +327,7 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
 template <typename T, int BITS, int GS, int K, int NR, int U, class Ready>
 __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR],
                                          const float* xs, float (&out)[NR], Ready& ready) {
-  constexpr int CH = K / (BITS ? 128 / BITS : 16 / sizeof(T));
+  constexpr int CH = K / chunk_vals<T, BITS>();
   const int lane = threadIdx.x & 31;
   float acc[NR];
 #pragma unroll
@@ -391,12 +409,19 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
 
 // xs (padded) <- src[0:K] (float scratch, read through L2), normalized by
 // RMSNorm with weight nw when nw is given, as MLX rounds: T(w * T(x * inv)).
+// With y (the split MLP's down sums): the residual T(src + T(y)) instead,
+// which block 0 also stores into `store` when given.
 template <typename T>
 __device__ __forceinline__ void load_x(const float* src, int K, const T* nw, float eps, float* xs,
-                                       float* red) {
+                                       float* red, const float* y = nullptr,
+                                       float* store = nullptr) {
   float ss = 0.0f;
   for (int k = threadIdx.x; k < K; k += THREADS) {
     float v = __ldcg(src + k);
+    if (y != nullptr) {
+      v = rt<T>(v + rt<T>(__ldcg(y + k)));
+      if (store != nullptr && blockIdx.x == 0) store[k] = v;
+    }
     xs[xp(k)] = v;
     ss += v * v;
   }
@@ -555,14 +580,14 @@ __device__ __forceinline__ float key_dot(const float* q, const T* krow) {
 // float sum with atomics -- one grid-wide barrier fewer per layer.
 template <typename T, int BITS>
 struct Slice {
-  static constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  static constexpr int VALS = chunk_vals<T, BITS>();
   static constexpr int S = 2 * VALS;
 };
 
 // L's rows from r0 on (a product of width K).
 template <typename T, int BITS, int GS, int K>
 __device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
-  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int VALS = chunk_vals<T, BITS>();
   Lin<T> o = L;
   o.w = reinterpret_cast<const uint4*>(L.w) + (size_t)r0 * (K / VALS);
   if (BITS) {
@@ -571,24 +596,6 @@ __device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
     o.b = L.b + (size_t)r0 * (K / G);
   }
   return o;
-}
-
-// xs <- RMSNorm(T(src + T(y))) with weight nw (the residual after a split
-// down product); block 0 also stores T(src + T(y)) into `store`.
-template <typename T>
-__device__ __forceinline__ void load_res(const float* src, const float* y, int K, const T* nw,
-                                         float eps, float* xs, float* red, float* store) {
-  float ss = 0.0f;
-  for (int k = threadIdx.x; k < K; k += THREADS) {
-    const float v = rt<T>(__ldcg(src + k) + rt<T>(__ldcg(y + k)));
-    xs[xp(k)] = v;
-    if (store != nullptr && blockIdx.x == 0) store[k] = v;
-    ss += v * v;
-  }
-  const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-  for (int k = threadIdx.x; k < K; k += THREADS)
-    xs[xp(k)] = rt<T>(static_cast<float>(nw[k]) * rt<T>(xs[xp(k)] * inv));
-  __syncthreads();
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
@@ -634,23 +641,22 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       if (l == 0)
         embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
       else if (SPLIT)
-        load_res<T>((l & 1) ? x : xalt, ysum, D, ptr<T>(t[0]), eps, xs, red, xr);
+        load_x<T>((l & 1) ? x : xalt, D, ptr<T>(t[0]), eps, xs, red, ysum, xr);
       else
         load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
     };
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
       auto part_of = [&](int r, Lin<T>* L) {
-        const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
+        const int p = qkv_part<NQ, NKV, HD>(r);
         *L = parts[p];
-        return r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
+        return r - qkv_first<NQ, NKV, HD>(p);
       };
       product<T, BITS, GS, D>(NQKV, gw, nw, xs, part_of, ldx_a, [&](int r, float s) {
         float v = rt<T>(s);
         if (QKV_BIAS) {
-          const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
-          const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
-          v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[row]));
+          const int p = qkv_part<NQ, NKV, HD>(r);
+          v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[r - qkv_first<NQ, NKV, HD>(p)]));
         }
         if (lane == 0) qkv[r] = v;
       });
@@ -860,7 +866,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   // -- the final norm and the output head
   auto ldx_h = [&] {
     if (SPLIT)
-      load_res<T>(((NL - 1) & 1) ? xalt : x, ysum, D, ptr<T>(top[3]), eps, xs, red, nullptr);
+      load_x<T>(((NL - 1) & 1) ? xalt : x, D, ptr<T>(top[3]), eps, xs, red, ysum);
     else
       load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
   };
@@ -932,7 +938,7 @@ __device__ __forceinline__ void load_xm(const float* src, const T* nw, float eps
 // The VALS weights of chunk wq as floats (affine values before scale/bias).
 template <typename T, int BITS>
 __device__ __forceinline__ void unpack_chunk(const uint4& wq, float* w) {
-  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int VALS = chunk_vals<T, BITS>();
   if (BITS == 0) {
     const T* t = reinterpret_cast<const T*>(&wq);
 #pragma unroll
@@ -950,7 +956,7 @@ __device__ __forceinline__ void unpack_chunk(const uint4& wq, float* w) {
 // lane gets the M sums.
 template <typename T, int BITS, int GS, int K, int M>
 __device__ __forceinline__ void row_dot_m(const Lin<T>& L, int row, const T* xm, float (&out)[M]) {
-  constexpr int VALS = BITS ? 128 / BITS : 16 / sizeof(T);
+  constexpr int VALS = chunk_vals<T, BITS>();
   constexpr int XV = 16 / sizeof(T);           // x values per 16-byte read
   constexpr int U = M > 4 ? 4 : 8;             // chunks in flight (registers: M sums too)
   constexpr int CH = K / VALS;
@@ -1043,8 +1049,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
       for (int r = gw; r < NQKV; r += nw) {
-        const int p = r < NQ * HD ? 0 : (r < (NQ + NKV) * HD ? 1 : 2);
-        const int row = r - (p == 0 ? 0 : (p == 1 ? NQ * HD : (NQ + NKV) * HD));
+        const int p = qkv_part<NQ, NKV, HD>(r);
+        const int row = r - qkv_first<NQ, NKV, HD>(p);
         float v[M];
         row_dot_m<T, BITS, GS, D, M>(parts[p], row, xm, v);
         if (lane == 0)
