@@ -11,10 +11,17 @@ step's kernel alone and all kernels together.
 
 With --phases: instead, where the one-kernel step's time goes phase by phase
 (MLXCY_STEP_TIMING=1: every block reads the GPU's clock at its start, at its
-arrival at and release from each grid-wide barrier, and at its end), per kind
-of phase averaged over layers and steps: the phase's span (first block
-released to last block arrived), the median and slowest block's work, and
-the barrier's latency (last arrival to the median block's release).
+arrival at and release from each grid-wide barrier, at its end, and once
+inside each phase: when its activations were loaded, or attention's merge
+began), per kind of phase averaged over layers and steps: the phase's span
+(first block released to last block arrived), the median and slowest block's
+work, the barrier's latency (last arrival to the median block's release), the
+median and slowest block's time to the mid reading and the slowest block's
+time after it.  Layer 0's first phase (the embedding) is shown apart: in the
+timed build it holds a stall of ~200 us that the production kernel does not
+have (its device time, the default mode, is that much shorter than the timed
+step; H100, 2026-12-05), most likely from reading the readings back every
+step (an MLX array the host reads moves to unified memory).
 
 With --positions 1,2,4,8: instead, one forward of M positions of one sequence
 (a speculative step's verification) over the cache of a 512-token prompt, per
@@ -143,20 +150,24 @@ SPLIT_PHASES = PHASES[:3] + ("D+E: norm, gate/up, down by slices",)   # (the MLP
 
 def step_phases(tm):
     """Per barrier of one step's clock readings (gpu_step_timing's rows):
-    (span, median block work, slowest block work, barrier) in us, the head's
-    (span, median, slowest, 0), and the step's total."""
+    (span, median block work, slowest block work, barrier, median and
+    slowest block's time to the phase's mid reading, slowest block's time
+    after it) in us, the head's (span, median, slowest, 0, 0, 0, 0), and the
+    step's total."""
     t = ((tm.astype(np.int64) - int(tm[0].min())) % (1 << 32)) / 1e3
-    nb = (t.shape[0] - 2) // 2
+    nb = (t.shape[0] - 2) // 3
     rows, prev = [], t[0]
     for p in range(nb):
-        arr, rel = t[1 + 2 * p], t[2 + 2 * p]
-        work = arr - prev
+        arr, rel, mid = t[1 + 2 * p], t[2 + 2 * p], t[2 + 2 * nb + p]
+        work, to_mid = arr - prev, mid - prev
         rows.append((arr.max() - prev.min(), np.median(work), work.max(),
-                     np.median(rel) - arr.max()))
+                     np.median(rel) - arr.max(), np.median(to_mid), to_mid.max(),
+                     (arr - mid).max()))
         prev = rel
-    work = t[-1] - prev
-    head = (t[-1].max() - prev.min(), np.median(work), work.max(), 0.0)
-    return rows, head, t[-1].max() - t[0].min()
+    end = t[1 + 2 * nb]
+    work = end - prev
+    head = (end.max() - prev.min(), np.median(work), work.max(), 0.0, 0.0, 0.0, 0.0)
+    return rows, head, end.max() - t[0].min()
 
 
 def phases_table(a):
@@ -164,8 +175,8 @@ def phases_table(a):
     from mlxcy.generation.sample import Sampler
     from mlxcy.models.base import gpu_decode_steps, gpu_step_timing
     print("| model | phase | per step | span us | median block us | slowest block us | "
-          "barrier us | us per step |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "barrier us | to mid: median / slowest us | after mid: slowest us | us per step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, m, prompt in models(a):
         eng = Engine(m, max_batch=1)
         eng.add(prompt, sampler=Sampler(temperature=0.0), max_tokens=a.gen)
@@ -181,19 +192,22 @@ def phases_table(a):
                 heads.append(head)
                 totals.append(total)
         if not steps:
-            print(f"| {label} | (the one-kernel step did not run) | | | | | | |")
+            print(f"| {label} | (the one-kernel step did not run) | | | | | | | | |")
             continue
-        r = np.array(steps)                    # [step, barrier, 4]
+        r = np.array(steps)                    # [step, barrier, 7]
         n = m.config.num_hidden_layers
         names = PHASES if r.shape[1] == 5 * n else SPLIT_PHASES
-        kinds = r.reshape(r.shape[0], n, len(names), 4).mean(axis=(0, 1))
-        for name, (span, med, slow, bar) in zip(names, kinds):
-            print(f"| {label} | {name} | {n} | {span:.2f} | {med:.2f} | {slow:.2f} | {bar:.2f} | "
-                  f"{n * (span + bar):.0f} |")
-        span, med, slow, _ = np.mean(heads, axis=0)
-        print(f"| {label} | final norm + head | 1 | {span:.2f} | {med:.2f} | {slow:.2f} | | "
+        per = r.reshape(r.shape[0], n, len(names), r.shape[2])   # [step, layer, phase, 7]
+        kinds = [(names[0] + ", layer 0 (embedding)", 1, per[:, 0, 0].mean(axis=0)),
+                 (names[0] + ", layers 1+", n - 1, per[:, 1:, 0].mean(axis=(0, 1)))]
+        kinds += [(name, n, per[:, :, i].mean(axis=(0, 1))) for i, name in enumerate(names) if i]
+        for name, count, (span, med, slow, bar, mid_med, mid_slow, after) in kinds:
+            print(f"| {label} | {name} | {count} | {span:.2f} | {med:.2f} | {slow:.2f} | {bar:.2f} | "
+                  f"{mid_med:.2f} / {mid_slow:.2f} | {after:.2f} | {count * (span + bar):.0f} |")
+        span, med, slow = np.mean(heads, axis=0)[:3]
+        print(f"| {label} | final norm + head | 1 | {span:.2f} | {med:.2f} | {slow:.2f} | | | | "
               f"{span:.0f} |")
-        print(f"| {label} | whole step ({len(totals)} steps) | | | | | | "
+        print(f"| {label} | whole step ({len(totals)} steps) | | | | | | | | "
               f"{np.median(totals):.0f} |", flush=True)
 
 

@@ -131,6 +131,7 @@ struct Barrier {
   unsigned long long target;   // what the counter reaches at the next barrier
   unsigned* tm;                // MLXCY_STEP_TIMING: the blocks' clock readings, else null
   int phase;                   // barriers passed in this launch
+  int nb;                      // barriers in a launch (where the timing's mid rows start)
 };
 
 __device__ __forceinline__ unsigned clock_ns() {   // the GPU's global clock, low word
@@ -141,7 +142,10 @@ __device__ __forceinline__ unsigned clock_ns() {   // the GPU's global clock, lo
 
 // Timing rows (MLXCY_STEP_TIMING; a row holds one reading per block): row 0 the
 // block's start, rows 1 + 2p / 2 + 2p its arrival at / release from barrier p,
-// the last row its end (benchmarks/gpu_step_profile.py --phases reads them).
+// row 1 + 2nb its end, row 2 + 2nb + p a reading inside phase p (the phase
+// that ends at barrier p: when its activations were loaded, or when
+// attention's merge began; the phase's start when nothing marked it)
+// (benchmarks/gpu_step_profile.py --phases reads them).
 __device__ __forceinline__ void clock_mark(unsigned* tm, int row) {
   if (tm != nullptr && threadIdx.x == 0) tm[row * gridDim.x + blockIdx.x] = clock_ns();
 }
@@ -149,15 +153,24 @@ __device__ __forceinline__ void clock_mark(unsigned* tm, int row) {
 // The counter at the start of a step: every earlier step ended with it at a
 // multiple of gridDim.x, and no block can pass the first barrier before this
 // one arrives, so the value read here lies in [base, base + gridDim.x - 1].
-__device__ __forceinline__ Barrier barrier_start(unsigned long long* count, unsigned* tm) {
+__device__ __forceinline__ Barrier barrier_start(unsigned long long* count, unsigned* tm,
+                                                 int nb) {
   clock_mark(tm, 0);
+  clock_mark(tm, 2 + 2 * nb);   // (phase 0's mid reading until one is made)
   __shared__ unsigned long long base;
   if (threadIdx.x == 0) {
     const unsigned long long v = load_acquire64(count);
     base = v - v % gridDim.x;
   }
   __syncthreads();
-  return Barrier{count, base, tm, 0};
+  return Barrier{count, base, tm, 0, nb};
+}
+
+// The reading inside the current phase (timing row 2 + 2nb + phase), by the
+// calling thread.
+__device__ __forceinline__ void clock_mid(const Barrier& b) {
+  if (b.tm != nullptr && b.phase < b.nb)
+    b.tm[(2 + 2 * b.nb + b.phase) * gridDim.x + blockIdx.x] = clock_ns();
 }
 
 // All blocks of the grid meet here; writes before it are visible after it.
@@ -175,6 +188,7 @@ __device__ __forceinline__ void grid_sync(Barrier& b) {
     while (load_acquire64(b.count) < b.target) {
     }
     clock_mark(b.tm, 2 + 2 * b.phase);
+    if (b.phase + 1 < b.nb) clock_mark(b.tm, 3 + 2 * b.nb + b.phase);   // (the next mid's default)
   }
   ++b.phase;
   __syncthreads();
@@ -521,7 +535,8 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
 // After a tile's partial is written: count it; the warp that counts the
 // head's last tile merges the partials into out and resets the counter.
 template <typename T, int HD>
-__device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count, float* out) {
+__device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count, float* out,
+                                          const Barrier* timed = nullptr) {
   const int lane = threadIdx.x & 31;
   __threadfence();
   __syncwarp();
@@ -529,6 +544,7 @@ __device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count,
   if (lane == 0) done = atomicAdd(count, 1u);
   done = __shfl_sync(0xffffffffu, done, 0);
   if (done == (unsigned)ntile - 1) {
+    if (timed != nullptr && lane == 0) clock_mid(*timed);   // the merge's start
     __threadfence();
     merge_head<T, HD>(ph, ntile, out);
     if (lane == 0) *count = 0u;
@@ -626,7 +642,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   float* ysum = part + (size_t)NQ * maxt * (HD + 2);   // SPLIT: down's sums [D]
   float* xalt = ysum + D;                      // SPLIT: odd layers' residual stream [D]
   __shared__ __align__(16) float hs[SPLIT ? S + S / 8 + 8 : 1];   // a slice's MLP state
-  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), tm);
+  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), tm,
+                               (SPLIT ? 4 : 5) * NL);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
@@ -644,6 +661,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         load_x<T>((l & 1) ? x : xalt, D, ptr<T>(t[0]), eps, xs, red, ysum, xr);
       else
         load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
+      if (threadIdx.x == 0) clock_mid(sync);
     };
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
@@ -748,7 +766,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
             pt[HD] = m;
             pt[HD + 1] = sum;
           }
-          tile_done<T, HD>(ph, ntile, count + h, att + h * HD);
+          tile_done<T, HD>(ph, ntile, count + h, att + h * HD, &sync);
         } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
           const int n = min(32, pos + 1 - tile * 32);
           float acc[DPL];
@@ -775,7 +793,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
-    auto ldx_c = [&] { load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red); };
+    auto ldx_c = [&] {
+      load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
+      if (threadIdx.x == 0) clock_mid(sync);
+    };
     {
       const Lin<T> o = lin<T>(t + 15);
       product<T, BITS, GS, NQ * HD>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
@@ -797,6 +818,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         if (!loaded) {
           loaded = true;
           load_x<T>(xr, D, ptr<T>(t[18]), eps, xs, red);
+          if (threadIdx.x == 0) clock_mid(sync);
         }
       };
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22), dn = lin<T>(t + 25);
@@ -835,7 +857,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
       grid_sync(sync);
       // -- D: RMSNorm -> gate, up -> silu(gate) * up
-      auto ldx_d = [&] { load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red); };
+      auto ldx_d = [&] {
+        load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
+        if (threadIdx.x == 0) clock_mid(sync);
+      };
       {
         const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
         product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, ldx_d, [&](int r, float gs, float us) {
@@ -847,7 +872,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
       grid_sync(sync);
       // -- E: down + residual
-      auto ldx_e = [&] { load_x<T>(hid, FF, nullptr, 0.0f, xs, red); };
+      auto ldx_e = [&] {
+        load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
+        if (threadIdx.x == 0) clock_mid(sync);
+      };
       {
         const Lin<T> dn = lin<T>(t + 25);
         product<T, BITS, GS, FF>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = dn; return r; },
@@ -1028,7 +1056,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   const int maxt = (cap + 31) / 32;
   float* part = hid + M * FF;                  // partials [NQ * M][maxt][HD + 2]
   unsigned* count = bar + 64;                  // per (head, position): tiles done
-  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), nullptr);
+  Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), nullptr, 0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
@@ -1295,7 +1323,7 @@ struct StepState {
   mx::array last{0.0f};            // the previous step's logits: if never scheduled,
   bool has_last = false;           // its kernel never ran and state[2..3] are stale
   mx::array timing{0.0f};          // MLXCY_STEP_TIMING: the last one-token step's clock
-};                                 // readings (uint32 [2 + 2 * barriers, blocks])
+};                                 // readings (uint32 [2 + 3 * barriers, blocks])
 
 // MLXCY_STEP_TIMING=1 in the environment (read once): the one-token kernel
 // records each block's clock at every barrier (benchmarks/gpu_step_profile.py
@@ -1446,7 +1474,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
   std::vector<mx::Dtype> types = {c.dtype, mx::float32};
   if (timed) {
-    shapes.push_back(mx::Shape{2 + 2 * (split ? 4 : 5) * c.L, blocks});   // barriers per layer
+    shapes.push_back(mx::Shape{2 + 3 * (split ? 4 : 5) * c.L, blocks});   // barriers per layer
     types.push_back(mx::uint32);
   }
   auto out = it->second(

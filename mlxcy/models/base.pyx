@@ -789,9 +789,10 @@ def gpu_decode_steps():
 
 def gpu_step_timing(Model m):
     """The clock readings of m's last one-kernel decode step (numpy uint32,
-    [2 + 2 * barriers, blocks]: each block's start, arrival at and release
-    from every barrier, and end; gpu_step.h's clock_mark), or None.  Recorded
-    only when MLXCY_STEP_TIMING=1 was in the environment at the first step
+    [2 + 3 * barriers, blocks]: each block's start, arrival at and release
+    from every barrier, and end, then one reading inside each phase;
+    gpu_step.h's clock_mark), or None.  Recorded only when
+    MLXCY_STEP_TIMING=1 was in the environment at the first step
     (benchmarks/gpu_step_profile.py --phases)."""
     if not isinstance(m.gpu_step, _GpuStep):
         return None

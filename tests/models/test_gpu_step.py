@@ -338,7 +338,8 @@ def test_step_timing_records_every_barrier(checkpoints, tmp_path, split):
     """MLXCY_STEP_TIMING=1 (read once per process, hence a subprocess): the
     kernel records each block's clock at its start, at every barrier (5 a
     layer, 4 with the MLP split) and at its end, in order, no block released
-    before the last one arrived; the tokens are the op path's."""
+    before the last one arrived, and once inside each phase, between its
+    start and its end; the tokens are the op path's."""
     import os
     import subprocess
     import sys
@@ -366,12 +367,15 @@ def test_step_timing_records_every_barrier(checkpoints, tmp_path, split):
         m.close()
     assert ids == want
     tm = np.load(out).astype(np.int64)
-    nb = (tm.shape[0] - 2) // 2
-    assert tm.shape[0] % 2 == 0 and nb == (4 if split else 5) * layers and tm.shape[1] >= 1
+    nb = (tm.shape[0] - 2) // 3
+    assert tm.shape[0] == 2 + 3 * nb and nb == (4 if split else 5) * layers and tm.shape[1] >= 1
     t = (tm - tm[0].min()) % (1 << 32)          # the clock's low word, from the first start
-    assert (np.diff(t, axis=0) >= 0).all(), "a block's readings out of order"
+    ordered = t[:2 + 2 * nb]                    # start, (arrival, release) per barrier, end
+    assert (np.diff(ordered, axis=0) >= 0).all(), "a block's readings out of order"
     for p in range(nb):                          # barrier p: arrivals row 1 + 2p, releases 2 + 2p
         assert t[2 + 2 * p].min() >= t[1 + 2 * p].max(), f"barrier {p} released early"
+        mid = t[2 + 2 * nb + p]                  # inside phase p: after its start, before its end
+        assert (mid >= ordered[2 * p]).all() and (mid <= ordered[1 + 2 * p]).all(), p
 
 
 def test_off_gpu_the_step_is_not_taken(checkpoints):
