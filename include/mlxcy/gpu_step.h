@@ -424,25 +424,54 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
 // xs (padded) <- src[0:K] (float scratch, read through L2), normalized by
 // RMSNorm with weight nw when nw is given, as MLX rounds: T(w * T(x * inv)).
 // With y (the split MLP's down sums): the residual T(src + T(y)) instead,
-// which block 0 also stores into `store` when given.
-template <typename T>
-__device__ __forceinline__ void load_x(const float* src, int K, const T* nw, float eps, float* xs,
+// which block 0 also stores into `store` when given.  Loads are issued 8 a
+// thread before any is used (with the norm weights when that is all of
+// them): a phase's products wait for xs, and one value at a time would be a
+// round trip to L2 each, queued behind the weights' streaming.
+template <typename T, int K>
+__device__ __forceinline__ void load_x(const float* src, const T* nw, float eps, float* xs,
                                        float* red, const float* y = nullptr,
                                        float* store = nullptr) {
-  float ss = 0.0f;
-  for (int k = threadIdx.x; k < K; k += THREADS) {
-    float v = __ldcg(src + k);
-    if (y != nullptr) {
-      v = rt<T>(v + rt<T>(__ldcg(y + k)));
-      if (store != nullptr && blockIdx.x == 0) store[k] = v;
+  constexpr int PT = (K + THREADS - 1) / THREADS, B = PT < 8 ? PT : 8;   // values a thread
+  constexpr bool ONE = PT == B;              // one batch: the norm weights load with it
+  float ss = 0.0f, wv[B];
+#pragma unroll 1
+  for (int i0 = 0; i0 < PT; i0 += B) {
+    float v[B], yv[B];
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+      const int k = threadIdx.x + (i0 + i) * THREADS;
+      if (k < K) {
+        v[i] = __ldcg(src + k);
+        if (y != nullptr) yv[i] = __ldcg(y + k);
+        if (ONE && nw != nullptr) wv[i] = static_cast<float>(nw[k]);
+      }
     }
-    xs[xp(k)] = v;
-    ss += v * v;
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+      const int k = threadIdx.x + (i0 + i) * THREADS;
+      if (k < K) {
+        if (y != nullptr) {
+          v[i] = rt<T>(v[i] + rt<T>(yv[i]));
+          if (store != nullptr && blockIdx.x == 0) store[k] = v[i];
+        }
+        xs[xp(k)] = v[i];
+        ss += v[i] * v[i];
+      }
+    }
   }
   if (nw != nullptr) {
     const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-    for (int k = threadIdx.x; k < K; k += THREADS)
-      xs[xp(k)] = rt<T>(static_cast<float>(nw[k]) * rt<T>(xs[xp(k)] * inv));
+#pragma unroll
+    for (int i = 0; i < PT; ++i) {
+      const int k = threadIdx.x + i * THREADS;
+      if (k < K) {
+        float w;
+        if constexpr (ONE) w = wv[i];
+        else w = static_cast<float>(nw[k]);
+        xs[xp(k)] = rt<T>(w * rt<T>(xs[xp(k)] * inv));
+      }
+    }
   }
   __syncthreads();
 }
@@ -658,16 +687,18 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       if (l == 0)
         embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
       else if (SPLIT)
-        load_x<T>((l & 1) ? x : xalt, D, ptr<T>(t[0]), eps, xs, red, ysum, xr);
+        load_x<T, D>((l & 1) ? x : xalt, ptr<T>(t[0]), eps, xs, red, ysum, xr);
       else
-        load_x<T>(x, D, ptr<T>(t[0]), eps, xs, red);
+        load_x<T, D>(x, ptr<T>(t[0]), eps, xs, red);
       if (threadIdx.x == 0) clock_mid(sync);
     };
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
       auto part_of = [&](int r, Lin<T>* L) {
         const int p = qkv_part<NQ, NKV, HD>(r);
-        *L = parts[p];
+        // a conditional, not parts[p]: an indexed local array goes through
+        // local memory (SmolLM2's q/k/v phase 0.3 us faster, H200 2026-12-05)
+        *L = p == 0 ? parts[0] : (p == 1 ? parts[1] : parts[2]);
         return r - qkv_first<NQ, NKV, HD>(p);
       };
       product<T, BITS, GS, D>(NQKV, gw, nw, xs, part_of, ldx_a, [&](int r, float s) {
@@ -794,7 +825,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     grid_sync(sync);
     // -- C: o_proj + residual
     auto ldx_c = [&] {
-      load_x<T>(att, NQ * HD, nullptr, 0.0f, xs, red);
+      load_x<T, NQ * HD>(att, nullptr, 0.0f, xs, red);
       if (threadIdx.x == 0) clock_mid(sync);
     };
     {
@@ -817,7 +848,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       auto ldx_de = [&] {
         if (!loaded) {
           loaded = true;
-          load_x<T>(xr, D, ptr<T>(t[18]), eps, xs, red);
+          load_x<T, D>(xr, ptr<T>(t[18]), eps, xs, red);
           if (threadIdx.x == 0) clock_mid(sync);
         }
       };
@@ -858,7 +889,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       grid_sync(sync);
       // -- D: RMSNorm -> gate, up -> silu(gate) * up
       auto ldx_d = [&] {
-        load_x<T>(x, D, ptr<T>(t[18]), eps, xs, red);
+        load_x<T, D>(x, ptr<T>(t[18]), eps, xs, red);
         if (threadIdx.x == 0) clock_mid(sync);
       };
       {
@@ -873,7 +904,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       grid_sync(sync);
       // -- E: down + residual
       auto ldx_e = [&] {
-        load_x<T>(hid, FF, nullptr, 0.0f, xs, red);
+        load_x<T, FF>(hid, nullptr, 0.0f, xs, red);
         if (threadIdx.x == 0) clock_mid(sync);
       };
       {
@@ -884,8 +915,14 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
                                  });
       }
     }
-    if (l + 1 < NL) {   // the next layer's q rows (the first rows of its q/k/v)
-      prefetch_rows<T, BITS>(lin<T>(t + PL + 1).w, D, gw, NQ * HD, nw);
+    if (l + 1 < NL) {   // the next layer's q/k/v rows this warp takes, and its norm
+      for (int r = gw, i = 0; r < NQKV && i < 2; r += nw, ++i) {
+        const int p = qkv_part<NQ, NKV, HD>(r), rp = r - qkv_first<NQ, NKV, HD>(p);
+        prefetch_rows<T, BITS>(lin<T>(t + PL + 1 + 3 * p).w, D, rp, rp + 1, nw);
+      }
+      const char* nwp = reinterpret_cast<const char*>(t[PL]);
+      for (int o = (gw * 32 + lane) * 128; o < D * (int)sizeof(T); o += nw * 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" : : "l"(nwp + o));
     } else {
       prefetch_rows<T, EBITS>(lin<T>(top + 4).w, D, gw, V, nw);
     }
@@ -894,9 +931,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   // -- the final norm and the output head
   auto ldx_h = [&] {
     if (SPLIT)
-      load_x<T>(((NL - 1) & 1) ? xalt : x, D, ptr<T>(top[3]), eps, xs, red, ysum);
+      load_x<T, D>(((NL - 1) & 1) ? xalt : x, ptr<T>(top[3]), eps, xs, red, ysum);
     else
-      load_x<T>(x, D, ptr<T>(top[3]), eps, xs, red);
+      load_x<T, D>(x, ptr<T>(top[3]), eps, xs, red);
   };
   const Lin<T> head = lin<T>(top + 4);
   product<T, EBITS, EGS, D>(V, gw, nw, xs, [&](int r, Lin<T>* L) { *L = head; return r; },
