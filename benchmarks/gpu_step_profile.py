@@ -3,7 +3,8 @@
 For each model (random weights of the real shapes, bench_decode's checkpoints)
 the generation engine decodes 128 tokens after a 512-token prompt; printed per
 step (the first two decode steps, which wait for the prompt, left out): wall
-time, the host's graph building (build), its wait for the device (wait), and,
+time, the host's graph building (build), MLX's encoding and launch of it
+(queue, in async_eval), the host's wait for the device (wait), and,
 under torch.profiler (which records every CUDA kernel of the
 process), the device time of the kernels a step launches: the one-kernel
 step's kernel alone and all kernels together.
@@ -235,8 +236,9 @@ def main():
     if a.positions:
         return positions_table(a)
 
-    print("| model | step | tok/s | build us/step | wait us/step | kernel us | all kernels us/step |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | step | tok/s | build us/step | queue us/step | wait us/step | kernel us | "
+          "all kernels us/step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, m, prompt in models(a):
         for on in (True, False):
             run(m, prompt, 8, on)                      # warm-up: kernels compiled
@@ -246,6 +248,7 @@ def main():
             print(f"| {label} | {'one kernel' if on else 'ops'} | "
                   f"{st['decode_tokens'] / st['decode_seconds']:.1f} | "
                   f"{st['build_seconds'] / steps * 1e6:.0f} | "
+                  f"{st['queue_seconds'] / steps * 1e6:.0f} | "
                   f"{st['wait_seconds'] / steps * 1e6:.0f} | {kern:.0f} | "
                   f"{total / (a.gen + 1):.0f} |", flush=True)
 
