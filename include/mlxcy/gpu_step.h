@@ -21,13 +21,16 @@
 //             in shared memory (float, padded 4 floats every 32 so the lanes'
 //             16-byte reads hit distinct banks), the first chunks requested
 //             before the activations are loaded and normalized;
-//   attention a warp per (query head, tile of 32 positions): it normalizes
-//             and rotates the head's q (and, on the last tile, the new k/v,
-//             which the group's first head writes into the cache at `pos`),
-//             scores a position per lane, and sums the values with lanes over
-//             (position group, 16-byte chunk of a value row); the warp that
-//             finishes a head's last tile merges the tiles' (sum, max,
-//             weighted values) into the head's output.
+//   attention a block per (query head, chunk of 8 tiles of 32 positions), a
+//             warp per tile: it normalizes and rotates the head's q (and, on
+//             the last tile, the new k/v, which the group's first head writes
+//             into the cache at `pos`), scores a position per lane, and sums
+//             the values with lanes over (position group, 16-byte chunk of a
+//             value row); one warp merges the chunk's tiles' (sum, max,
+//             weighted values) in shared memory, into the head's output when
+//             the head is one chunk (up to 256 positions), else into the
+//             chunk's partial, which the block finishing a head's last chunk
+//             merges with the others through L2.
 //   phases    5 per layer, a grid-wide barrier after each (4 when the MLP is
 //             split over slices of its hidden rows: step_split); before
 //             waiting, each warp asks L2 for its first rows of the next phase.
@@ -561,11 +564,43 @@ __device__ __forceinline__ void merge_head(const float* ph, int ntile, float* ou
     if (lane + 32 * c < HD) out[lane + 32 * c] = rt<T>(num[c] / den);
 }
 
-// After a tile's partial is written: count it; the warp that counts the
-// head's last tile merges the partials into out and resets the counter.
+// The n partials sp[w] (shared memory, [HD + 2] each: acc, max, sum) of one
+// head's chunk, by one warp: the head's output into out (normalized, in T's
+// rounding) when given, else the chunk's own partial into part.
 template <typename T, int HD>
-__device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count, float* out,
-                                          const Barrier* timed = nullptr) {
+__device__ __forceinline__ void merge_parts(const float* sp, int n, float* out, float* part) {
+  constexpr int DPL = (HD + 31) / 32;
+  const int lane = threadIdx.x & 31;
+  float M = neg_inf();
+  for (int w = 0; w < n; ++w) M = fmaxf(M, sp[w * (HD + 2) + HD]);
+  float den = 0.0f, num[DPL];
+#pragma unroll
+  for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
+  for (int w = 0; w < n; ++w) {
+    const float* pt = sp + w * (HD + 2);
+    const float f = __expf(pt[HD] - M);
+    den = fmaf(pt[HD + 1], f, den);
+#pragma unroll
+    for (int c = 0; c < DPL; ++c)
+      if (lane + 32 * c < HD) num[c] = fmaf(pt[lane + 32 * c], f, num[c]);
+  }
+#pragma unroll
+  for (int c = 0; c < DPL; ++c)
+    if (lane + 32 * c < HD) {
+      if (out != nullptr) out[lane + 32 * c] = rt<T>(num[c] / den);
+      else part[lane + 32 * c] = num[c];
+    }
+  if (out == nullptr && lane == 0) {
+    part[HD] = M;
+    part[HD + 1] = den;
+  }
+}
+
+// After a tile's (or a chunk's) partial is written: count it; the warp that
+// counts the head's last one merges the partials into out and resets the
+// counter.
+template <typename T, int HD>
+__device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count, float* out) {
   const int lane = threadIdx.x & 31;
   __threadfence();
   __syncwarp();
@@ -573,7 +608,6 @@ __device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count,
   if (lane == 0) done = atomicAdd(count, 1u);
   done = __shfl_sync(0xffffffffu, done, 0);
   if (done == (unsigned)ntile - 1) {
-    if (timed != nullptr && lane == 0) clock_mid(*timed);   // the merge's start
     __threadfence();
     merge_head<T, HD>(ph, ntile, out);
     if (lane == 0) *count = 0u;
@@ -654,7 +688,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   constexpr int DPL = (HD + 31) / 32;          // head dims per lane (values)
   constexpr int GROUP = NQ / NKV;
   constexpr int XS = XMAX + XMAX / 8 + 8;       // padded activations (xp)
-  constexpr int AS = 3 * WARPS * HD;           // attention: per warp q, new k, new v
+  constexpr int AS = 3 * WARPS * HD + WARPS * (HD + 2);   // attention: per warp q, new k,
+                                                         // new v; then its tile's partial
   __shared__ __align__(16) float xs[XS > AS ? XS : AS];
   __shared__ float red[WARPS];
 
@@ -711,114 +746,133 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       });
     }
     grid_sync(sync);
-    // -- B: attention, a warp per (query head, tile of 32 positions): its
-    // softmax-weighted sum of values with the tile's max and sum (a partial)
-    const int ntile = pos / 32 + 1;
+    // -- B: attention, a block per (query head, chunk of WARPS tiles of 32
+    // positions), a warp per tile: its softmax-weighted sum of values with
+    // the tile's max and sum (a partial) into shared memory; one warp merges
+    // the chunk's partials there -- into the head's output when the head is
+    // one chunk, else into the chunk's partial, merged with the head's other
+    // chunks through L2 by the block that finishes last
+    const int ntile = pos / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
-      for (int it = gw; it < NQ * ntile; it += nw) {
-        const int h = it / ntile, tile = it % ntile, j = h / GROUP;
+      float* sp = xs + 3 * WARPS * HD;         // the chunk's partials [WARPS][HD + 2]
+      float* pt = sp + warp * (HD + 2);
+      for (int it = blockIdx.x; it < NQ * nch; it += gridDim.x) {
+        const int h = it / nch, ch = it % nch, tile = ch * WARPS + warp, j = h / GROUP;
+        const int ntl = min(WARPS, ntile - ch * WARPS);   // tiles in this chunk
         const bool last = tile == ntile - 1;   // holds position pos: the new k/v
-        for (int d = lane; d < HD; d += 32) {
-          qw[d] = __ldcg(qkv + h * HD + d);
-          if (last) {
-            qw[HD + d] = __ldcg(qkv + (NQ + j) * HD + d);
-            qw[2 * HD + d] = __ldcg(qkv + (NQ + NKV + j) * HD + d);
-          }
-        }
-        __syncwarp();
-        if (QK_NORM) {
-          head_norm<T, HD>(qw, ptr<T>(t[13]), qk_eps);
-          if (last) head_norm<T, HD>(qw + HD, ptr<T>(t[14]), qk_eps);
-        }
-        rope<T, HD>(qw, inv_freq, pos);
-        if (last) rope<T, HD>(qw + HD, inv_freq, pos);
-        T* kl = kc[l] + (size_t)j * cap * HD;
-        T* vl = vc[l] + (size_t)j * cap * HD;
-        if (last && h % GROUP == 0)
+        if (warp < ntl) {
           for (int d = lane; d < HD; d += 32) {
-            kl[(size_t)pos * HD + d] = static_cast<T>(qw[HD + d]);
-            vl[(size_t)pos * HD + d] = static_cast<T>(qw[2 * HD + d]);
-          }
-        // scores: lane i scores position tile * 32 + i
-        const int p = tile * 32 + lane;
-        float s = neg_inf();
-        if (p < pos) {
-          s = key_dot<T, HD, false>(qw, kl + (size_t)p * HD) * scale;
-        } else if (p == pos) {
-          float a = 0.0f;
-          for (int d = 0; d < HD; ++d) a = fmaf(qw[d], qw[HD + d], a);
-          s = a * scale;
-        }
-        const float m = warp_max(s);
-        const float e = p <= pos ? __expf(s - m) : 0.0f;
-        const float sum = warp_sum(e);
-        constexpr int KV = 16 / sizeof(T), CPR = HD / KV;   // 16-byte chunks of a value row
-        if constexpr (CPR <= 32 && 32 % CPR == 0) {
-          // lanes over (position group, chunk): every value load of the tile
-          // in flight at once, then a sum over the position groups
-          // (at most 8 loads in flight a lane: 16 would spill at HD 128)
-          constexpr int PPI = 32 / CPR, PER = 32 / PPI, BATCH = PER < 8 ? PER : 8;
-          const int c = lane % CPR, pg = lane / CPR;
-          float a[KV];
-#pragma unroll
-          for (int k = 0; k < KV; ++k) a[k] = 0.0f;
-#pragma unroll
-          for (int j0 = 0; j0 < PER; j0 += BATCH) {
-            uint4 vq[BATCH];
-#pragma unroll
-            for (int j = 0; j < BATCH; ++j) {
-              const int pp = tile * 32 + pg + (j0 + j) * PPI;
-              if (pp < pos) vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+            qw[d] = __ldcg(qkv + h * HD + d);
+            if (last) {
+              qw[HD + d] = __ldcg(qkv + (NQ + j) * HD + d);
+              qw[2 * HD + d] = __ldcg(qkv + (NQ + NKV + j) * HD + d);
             }
+          }
+          __syncwarp();
+          if (QK_NORM) {
+            head_norm<T, HD>(qw, ptr<T>(t[13]), qk_eps);
+            if (last) head_norm<T, HD>(qw + HD, ptr<T>(t[14]), qk_eps);
+          }
+          rope<T, HD>(qw, inv_freq, pos);
+          if (last) rope<T, HD>(qw + HD, inv_freq, pos);
+          T* kl = kc[l] + (size_t)j * cap * HD;
+          T* vl = vc[l] + (size_t)j * cap * HD;
+          if (last && h % GROUP == 0)
+            for (int d = lane; d < HD; d += 32) {
+              kl[(size_t)pos * HD + d] = static_cast<T>(qw[HD + d]);
+              vl[(size_t)pos * HD + d] = static_cast<T>(qw[2 * HD + d]);
+            }
+          // scores: lane i scores position tile * 32 + i
+          const int p = tile * 32 + lane;
+          float s = neg_inf();
+          if (p < pos) {
+            s = key_dot<T, HD, false>(qw, kl + (size_t)p * HD) * scale;
+          } else if (p == pos) {
+            float a = 0.0f;
+            for (int d = 0; d < HD; ++d) a = fmaf(qw[d], qw[HD + d], a);
+            s = a * scale;
+          }
+          const float m = warp_max(s);
+          const float e = p <= pos ? __expf(s - m) : 0.0f;
+          const float sum = warp_sum(e);
+          constexpr int KV = 16 / sizeof(T), CPR = HD / KV;   // 16-byte chunks of a value row
+          if constexpr (CPR <= 32 && 32 % CPR == 0) {
+            // lanes over (position group, chunk): every value load of the tile
+            // in flight at once, then a sum over the position groups
+            // (at most 8 loads in flight a lane: 16 would spill at HD 128)
+            constexpr int PPI = 32 / CPR, PER = 32 / PPI, BATCH = PER < 8 ? PER : 8;
+            const int c = lane % CPR, pg = lane / CPR;
+            float a[KV];
 #pragma unroll
-            for (int j = 0; j < BATCH; ++j) {
-              const int i = pg + (j0 + j) * PPI, pp = tile * 32 + i;
-              const float ei = __shfl_sync(0xffffffffu, e, i);
-              const T* vv = reinterpret_cast<const T*>(&vq[j]);
+            for (int k = 0; k < KV; ++k) a[k] = 0.0f;
 #pragma unroll
-              for (int k = 0; k < KV; ++k) {
-                const float val = pp < pos ? static_cast<float>(vv[k])
-                                           : (pp == pos ? qw[2 * HD + c * KV + k] : 0.0f);
-                a[k] = fmaf(ei, val, a[k]);
+            for (int j0 = 0; j0 < PER; j0 += BATCH) {
+              uint4 vq[BATCH];
+#pragma unroll
+              for (int j = 0; j < BATCH; ++j) {
+                const int pp = tile * 32 + pg + (j0 + j) * PPI;
+                if (pp < pos) vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+              }
+#pragma unroll
+              for (int j = 0; j < BATCH; ++j) {
+                const int i = pg + (j0 + j) * PPI, pp = tile * 32 + i;
+                const float ei = __shfl_sync(0xffffffffu, e, i);
+                const T* vv = reinterpret_cast<const T*>(&vq[j]);
+#pragma unroll
+                for (int k = 0; k < KV; ++k) {
+                  const float val = pp < pos ? static_cast<float>(vv[k])
+                                             : (pp == pos ? qw[2 * HD + c * KV + k] : 0.0f);
+                  a[k] = fmaf(ei, val, a[k]);
+                }
               }
             }
+#pragma unroll
+            for (int o = CPR; o < 32; o <<= 1)
+#pragma unroll
+              for (int k = 0; k < KV; ++k) a[k] += __shfl_xor_sync(0xffffffffu, a[k], o);
+            if (lane < CPR)
+#pragma unroll
+              for (int k = 0; k < KV; ++k) pt[c * KV + k] = a[k];
+          } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
+            const int n = min(32, pos + 1 - tile * 32);
+            float acc[DPL];
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
+#pragma unroll 8
+            for (int i = 0; i < n; ++i) {
+              const float ei = __shfl_sync(0xffffffffu, e, i);
+              const int pp = tile * 32 + i;
+#pragma unroll
+              for (int c = 0; c < DPL; ++c) {
+                const int d = lane + 32 * c;
+                if (d < HD) {
+                  const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
+                  acc[c] = fmaf(ei, vv, acc[c]);
+                }
+              }
+            }
+#pragma unroll
+            for (int c = 0; c < DPL; ++c)
+              if (lane + 32 * c < HD) pt[lane + 32 * c] = acc[c];
           }
-#pragma unroll
-          for (int o = CPR; o < 32; o <<= 1)
-#pragma unroll
-            for (int k = 0; k < KV; ++k) a[k] += __shfl_xor_sync(0xffffffffu, a[k], o);
-          float* ph = part + (size_t)h * maxt * (HD + 2);
-          float* pt = ph + (size_t)tile * (HD + 2);
-          if (lane < CPR)
-#pragma unroll
-            for (int k = 0; k < KV; ++k) pt[c * KV + k] = a[k];
           if (lane == 0) {
             pt[HD] = m;
             pt[HD + 1] = sum;
           }
-          tile_done<T, HD>(ph, ntile, count + h, att + h * HD, &sync);
-        } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
-          const int n = min(32, pos + 1 - tile * 32);
-          float acc[DPL];
-#pragma unroll
-          for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
-#pragma unroll 8
-          for (int i = 0; i < n; ++i) {
-            const float ei = __shfl_sync(0xffffffffu, e, i);
-            const int pp = tile * 32 + i;
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) {
-              const int d = lane + 32 * c;
-              if (d < HD) {
-                const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
-                acc[c] = fmaf(ei, vv, acc[c]);
-              }
-            }
-          }
-          finish_tile<T, HD>(acc, m, sum, part + (size_t)h * maxt * (HD + 2), tile, ntile, count + h,
-                             att + h * HD);
         }
+        __syncthreads();
+        if (warp == 0) {
+          if (lane == 0) clock_mid(sync);      // the chunk's merge starts
+          if (nch == 1) {
+            merge_parts<T, HD>(sp, ntl, att + h * HD, nullptr);
+          } else {
+            float* ph = part + (size_t)h * maxt * (HD + 2);
+            merge_parts<T, HD>(sp, ntl, nullptr, ph + (size_t)ch * (HD + 2));
+            tile_done<T, HD>(ph, nch, count + h, att + h * HD);
+          }
+        }
+        __syncthreads();                       // (sp and qw are the next item's)
       }
     }
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);

@@ -189,6 +189,18 @@ def test_steps_across_the_cache_growth(checkpoints):
 
 
 @cuda
+@pytest.mark.parametrize("kind,dtype,tol", [("llama", "float32", 1e-4), ("qwen2", "bfloat16", 3e-2)])
+def test_long_contexts_merge_chunks_of_a_head(checkpoints, kind, dtype, tol):
+    # past 256 positions a head's tiles span several blocks (chunks of 8 tiles),
+    # merged through L2: 600 positions are 19 tiles, chunks of 8, 8 and 3
+    m = load_model(checkpoints[kind], dtype=dtype)
+    try:
+        _compare(m, _prompt(11, 600), 12, tol, exact_ids=dtype == "float32")
+    finally:
+        m.close()
+
+
+@cuda
 @pytest.mark.parametrize("lookup", [None, 4])
 def test_engine_generation_matches_the_op_path(checkpoints, lookup):
     """The engine pipelines steps (the next one queued before the last is
