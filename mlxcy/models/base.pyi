@@ -156,7 +156,8 @@ class Model:
         offsets: _ArrayLike | None = None,
         last_only: bool = False,
     ) -> Array:
-        """Logits [B, L, vocab] for token ids [B, L] or [L]."""
+        """Logits [B, L, vocab] for token ids [B, L] or [L] (an Array of ids is
+        read back to check it against the vocabulary, which waits for it)."""
     def build_block(self, W: Weights, cfg: ModelConfig, i: int) -> Block: ...
     def fuse(self) -> Self:
         """Fuse each block's q/k/v and gate/up weights (inference only); returns the model."""

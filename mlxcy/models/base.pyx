@@ -1066,6 +1066,10 @@ cdef class Model:
     model(ids, cache=None, mask=None, offsets=None, last_only=False) -> logits
     Array [B, L, vocab] (L = 1 with last_only).  Use make_cache() for
     incremental decoding; close() (or a `with` block) frees every weight.
+    The ids are checked against the vocabulary on the host, so ids given as
+    an Array are read back first, which waits for them to be computed: a
+    decode loop that keeps each token on the device should run on
+    mlxcy.generation (Engine, generate_ids), which does not wait.
     """
     def __init__(self, config, weights, quantization=None, dtype=None):
         from mlxcy.models.config import ModelConfig
