@@ -101,7 +101,9 @@ def step_cases():
                            QKV_BIAS=False, QK_NORM=False, **norms)
     yield "bf16", 30, dict(BITS=0, GS=0, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
                            QKV_BIAS=False, QK_NORM=False, TIMED=True, SPLIT=True, **norms)
-    # the MLP split: Llama-3.2-1B 4-bit, Qwen2-like 8-bit with biases, the tiny float32 model
+    # the MLP split: Llama-3.2-1B bf16 and 4-bit, Qwen2-like 8-bit with biases, the tiny float32 model
+    yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
+                           QKV_BIAS=False, QK_NORM=False, SPLIT=True, **norms)
     yield "bf16", 16, dict(BITS=4, GS=64, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
                            QKV_BIAS=False, QK_NORM=False, SPLIT=True, **norms)
     yield "bf16", 30, dict(BITS=8, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
