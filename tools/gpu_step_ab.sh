@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A/B of the one-token kernel's device code on the GPU machine: this tree
+# (built here, after the MLX CUDA wheel is installed: docs/internals.md, "Tests
+# on an NVIDIA GPU") against other versions of include/mlxcy/gpu_step.h, each
+# built into a copy of the tree (only mlxcy.models.base includes the header),
+# then profiled in turns, one process each:
+#
+#   tools/gpu_step_ab.sh NAME=HEADER... [-- gpu_step_profile.py arguments]
+#
+#   e.g. tools/gpu_step_ab.sh early=.gpu/b/x_early.h -- --models smollm2-135m,llama-3.2-1b --phases
+#
+# "main" is this tree.  Each run's output goes to ${OUT:-/tmp/gpu-ab}/NAME.log
+# as it runs; the table rows are printed with the variant's name.  ROUNDS
+# (default 1) repeats the turns.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+here=$(pwd)
+out="${OUT:-/tmp/gpu-ab}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+variants=(); args=()
+while [ $# -gt 0 ]; do
+    [ "$1" = "--" ] && { shift; args=("$@"); break; }
+    variants+=("$1"); shift
+done
+[ ${#args[@]} -eq 0 ] && args=(--models smollm2-135m,llama-3.2-1b --quant bf16)
+MLXCY_JOBS=${MLXCY_JOBS:-16} python setup.py -q build_ext --inplace > "$out/build-main.log" 2>&1 ||
+    { tail -20 "$out/build-main.log"; exit 1; }
+names=(main); dirs=("$here")
+for v in "${variants[@]}"; do
+    name=${v%%=*}; header=${v#*=}; dir=/tmp/gpu-ab-$name
+    rm -rf "$dir" && mkdir -p "$dir" && tar --exclude=./.gpu -cf - . | tar -C "$dir" -xf -
+    cp "$header" "$dir/include/mlxcy/gpu_step.h" && touch "$dir/mlxcy/models/base.pyx"
+    (cd "$dir" && MLXCY_JOBS=4 MLXCY_MODULES=mlxcy.models.base \
+        python setup.py -q build_ext --inplace > "$out/build-$name.log" 2>&1 ||
+        { echo "build of $name failed"; tail -20 "$out/build-$name.log"; }) &
+    names+=("$name"); dirs+=("$dir")
+done
+wait
+for round in $(seq "${ROUNDS:-1}"); do
+    for i in "${!names[@]}"; do
+        (cd "${dirs[$i]}" && PYTHONPATH="${dirs[$i]}:${PYTHONPATH:-}" timeout 300 \
+            python benchmarks/gpu_step_profile.py "${args[@]}") > "$out/${names[$i]}-$round.log" 2>&1
+        echo "== ${names[$i]} (round $round) rc=$?"
+        grep -E '^\| [a-z]' "$out/${names[$i]}-$round.log" | grep -v '^| model' | cut -c1-160
+    done
+done
