@@ -25,6 +25,10 @@ have (its device time, the default mode, is that much shorter than the timed
 step; H100, 2026-12-05), most likely from reading the readings back every
 step (an MLX array the host reads moves to unified memory).
 
+With --timeline: instead, the CUDA kernels of 12 steady steps in device
+order: per kind, the median duration and the median device-idle gap before
+it, and the step's period (one step kernel's start to the next).
+
 With --positions 1,2,4,8: instead, one forward of M positions of one sequence
 (a speculative step's verification) over the cache of a 512-token prompt, per
 M: the wall time of forward + evaluation (median of --reps, the cache trimmed
@@ -151,6 +155,49 @@ def positions_table(a):
                   f"{off[p][0] / on[p][0]:.2f} |", flush=True)
 
 
+def timeline(model, prompt, steps=12):
+    """The CUDA kernels of `steps` steady one-token steps (after 20 steps of
+    warm-up), in device order: (name, device start us, duration us), under
+    torch.profiler's CUDA activity."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+
+    from mlxcy.generation.engine import Engine
+    from mlxcy.generation.sample import Sampler
+    eng = Engine(model, max_batch=1)
+    eng.add(prompt, sampler=Sampler(temperature=0.0), max_tokens=20 + steps + 4)
+    for _ in range(20):
+        eng.step()
+    with tprof(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+    while eng.has_work():
+        eng.step()
+    ks = [(ev.name, ev.time_range.start, ev.time_range.end - ev.time_range.start)
+          for ev in prof.events() if "CUDA" in str(getattr(ev, "device_type", ""))]
+    return sorted(ks, key=lambda k: k[1])
+
+
+def timeline_table(a):
+    """Per model: each kind of kernel a step launches, its median duration and
+    the median gap (device idle) before it; then the step's period."""
+    print("| model | kernel | launches | median us | median gap before it us |")
+    print("|---|---|---:|---:|---:|")
+    for label, m, prompt in models(a):
+        ks = timeline(m, prompt)
+        by = collections.defaultdict(lambda: ([], []))
+        for (name, start, dur), prev in zip(ks[1:], ks):
+            by[name[:60]][0].append(dur)
+            by[name[:60]][1].append(start - (prev[1] + prev[2]))
+        for name, (durs, gaps) in by.items():
+            print(f"| {label} | {name} | {len(durs)} | {statistics.median(durs):.1f} | "
+                  f"{statistics.median(gaps):.1f} |")
+        starts = [s for n, s, _ in ks if "decode_step" in n]
+        if len(starts) > 1:
+            print(f"| {label} | (step period) | {len(starts) - 1} | "
+                  f"{statistics.median(np.diff(starts)):.1f} | |", flush=True)
+
+
 PHASES = ("A: norm, q/k/v", "B: attention", "C: o_proj + residual", "D: norm, gate/up",
           "E: down + residual")
 SPLIT_PHASES = PHASES[:3] + ("D+E: norm, gate/up, down by slices",)   # (the MLP split)
@@ -229,12 +276,16 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--phases", action="store_true",
                     help="the one-kernel step's time per phase (MLXCY_STEP_TIMING)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="the kernels of 12 steady steps: durations and device idle gaps")
     a = ap.parse_args()
     if a.phases:
         os.environ["MLXCY_STEP_TIMING"] = "1"       # read at the first step
         return phases_table(a)
     if a.positions:
         return positions_table(a)
+    if a.timeline:
+        return timeline_table(a)
 
     print("| model | step | tok/s | build us/step | queue us/step | wait us/step | kernel us | "
           "all kernels us/step |")

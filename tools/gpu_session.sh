@@ -5,7 +5,7 @@
 # what finished.  Run on the GPU machine after the MLX CUDA wheel is
 # installed (docs/internals.md, "Tests on an NVIDIA GPU"):
 #
-#   tools/gpu_session.sh [tests|bench|profile|torch|verify|chain|positions|phases]...
+#   tools/gpu_session.sh [tests|bench|profile|torch|verify|chain|positions|phases|timeline]...
 #                                             (default: tests bench profile)
 #
 #   tests    tests/models/test_gpu_step.py
@@ -21,6 +21,7 @@
 #            kernel vs op by op (bf16 SmolLM2, Llama-3.2-1B)
 #   phases   the one-kernel step's time per phase from the blocks' clock
 #            readings (MLXCY_STEP_TIMING; its test first)
+#   timeline the kernels of steady steps: durations, device idle gaps, period
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-session}"
@@ -52,6 +53,8 @@ for s in "${steps[@]}"; do
         phases) python -m pytest -q -p no:cacheprovider tests/models/test_gpu_step.py -k timing &&
                 python benchmarks/gpu_step_profile.py --models "$models" --quant bf16,4bit \
                     --phases ;;
+        timeline) python benchmarks/gpu_step_profile.py --models "$models" --quant bf16,4bit \
+                      --timeline ;;
         *) echo "gpu_session.sh: unknown step $s" >&2; exit 2 ;;
     esac > "$out/$s.log" 2>&1
     echo "$s rc=$? $(grep -E 'passed|failed' "$out/$s.log" | tail -1)"
