@@ -1333,6 +1333,16 @@ struct StepConfig {
   float eps = 1e-5f, qk_eps = 1e-6f, scale = 1.0f;
 };
 
+// Bytes of decode_step's static shared memory (its __shared__ arrays: xs,
+// red, the split MLP's hs, and a little more), for the larger of its forms.
+inline long step_static_smem(const StepConfig& c) {
+  const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
+  const long S = 2 * vals;                                  // Slice::S
+  const long xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
+  const long xs = std::max(xmax + xmax / 8 + 8, 3L * 8 * c.HD + 8L * (c.HD + 2));
+  return 4 * (xs + 8 + (S + S / 8 + 8)) + 64;
+}
+
 // Why cfg cannot run (empty: it can).
 inline std::string step_config_problem(const StepConfig& c) {
   if (c.dtype != mx::bfloat16 && c.dtype != mx::float16 && c.dtype != mx::float32)
@@ -1342,9 +1352,7 @@ inline std::string step_config_problem(const StepConfig& c) {
   if (c.bits && (c.group_size % vals || c.group_size <= 0)) return "group size";
   for (int k : {c.D, c.NQ * c.HD, c.FF})
     if (k <= 0 || k % vals || (c.bits && k % c.group_size)) return "a product's width";
-  int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
-  long xs = std::max(xmax + xmax / 8 + 8, 3 * 8 * c.HD);   // the device code's shared xs
-  if (xs * 4 + 64 > 48 * 1024) return "a product too wide for 48 KB of shared memory";
+  if (step_static_smem(c) > 48 * 1024) return "a product too wide for 48 KB of shared memory";
   if (c.NQ > 512) return "more than 512 query heads";     // StepState's per-head counters
   if (c.HD > 256 || c.HD % 2 || (c.HD * mx::size_of(c.dtype)) % 16 || c.NKV <= 0 ||
       c.NQ % c.NKV)
