@@ -538,51 +538,30 @@ __device__ __forceinline__ void rope(float* v, const float* inv_freq, int pos) {
   __syncwarp();
 }
 
-// One head's attention output from its tiles' partials (acc[HD], max, sum),
-// by one warp, read through L2 (other warps wrote them).
-template <typename T, int HD>
-__device__ __forceinline__ void merge_head(const float* ph, int ntile, float* out) {
+// n partials (acc[HD], max, sum; [HD + 2] floats each) of one head merged by
+// one warp: the head's output into out (normalized, in T's rounding) when
+// given, else one partial of them all into part.  L2: the partials are in
+// global memory, written by other blocks (read through L2, not the SM's L1);
+// else in shared memory.
+template <typename T, int HD, bool L2>
+__device__ __forceinline__ void merge_partials(const float* ph, int n, float* out, float* part) {
   constexpr int DPL = (HD + 31) / 32;
   const int lane = threadIdx.x & 31;
+  auto ld = [](const float* p) { return L2 ? __ldcg(p) : *p; };
   float M = neg_inf();
-  for (int tl = lane; tl < ntile; tl += 32) M = fmaxf(M, __ldcg(ph + tl * (HD + 2) + HD));
+  for (int tl = lane; tl < n; tl += 32) M = fmaxf(M, ld(ph + tl * (HD + 2) + HD));
   M = warp_max(M);
   float den = 0.0f, num[DPL];
 #pragma unroll
   for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
 #pragma unroll 4
-  for (int tl = 0; tl < ntile; ++tl) {
+  for (int tl = 0; tl < n; ++tl) {
     const float* pt = ph + tl * (HD + 2);
-    const float f = __expf(__ldcg(pt + HD) - M);
-    den = fmaf(__ldcg(pt + HD + 1), f, den);
+    const float f = __expf(ld(pt + HD) - M);
+    den = fmaf(ld(pt + HD + 1), f, den);
 #pragma unroll
     for (int c = 0; c < DPL; ++c)
-      if (lane + 32 * c < HD) num[c] = fmaf(__ldcg(pt + lane + 32 * c), f, num[c]);
-  }
-#pragma unroll
-  for (int c = 0; c < DPL; ++c)
-    if (lane + 32 * c < HD) out[lane + 32 * c] = rt<T>(num[c] / den);
-}
-
-// The n partials sp[w] (shared memory, [HD + 2] each: acc, max, sum) of one
-// head's chunk, by one warp: the head's output into out (normalized, in T's
-// rounding) when given, else the chunk's own partial into part.
-template <typename T, int HD>
-__device__ __forceinline__ void merge_parts(const float* sp, int n, float* out, float* part) {
-  constexpr int DPL = (HD + 31) / 32;
-  const int lane = threadIdx.x & 31;
-  float M = neg_inf();
-  for (int w = 0; w < n; ++w) M = fmaxf(M, sp[w * (HD + 2) + HD]);
-  float den = 0.0f, num[DPL];
-#pragma unroll
-  for (int c = 0; c < DPL; ++c) num[c] = 0.0f;
-  for (int w = 0; w < n; ++w) {
-    const float* pt = sp + w * (HD + 2);
-    const float f = __expf(pt[HD] - M);
-    den = fmaf(pt[HD + 1], f, den);
-#pragma unroll
-    for (int c = 0; c < DPL; ++c)
-      if (lane + 32 * c < HD) num[c] = fmaf(pt[lane + 32 * c], f, num[c]);
+      if (lane + 32 * c < HD) num[c] = fmaf(ld(pt + lane + 32 * c), f, num[c]);
   }
 #pragma unroll
   for (int c = 0; c < DPL; ++c)
@@ -609,7 +588,7 @@ __device__ __forceinline__ void tile_done(float* ph, int ntile, unsigned* count,
   done = __shfl_sync(0xffffffffu, done, 0);
   if (done == (unsigned)ntile - 1) {
     __threadfence();
-    merge_head<T, HD>(ph, ntile, out);
+    merge_partials<T, HD, true>(ph, ntile, out, nullptr);
     if (lane == 0) *count = 0u;
   }
   __syncwarp();
@@ -865,10 +844,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         if (warp == 0) {
           if (lane == 0) clock_mid(sync);      // the chunk's merge starts
           if (nch == 1) {
-            merge_parts<T, HD>(sp, ntl, att + h * HD, nullptr);
+            merge_partials<T, HD, false>(sp, ntl, att + h * HD, nullptr);
           } else {
             float* ph = part + (size_t)h * maxt * (HD + 2);
-            merge_parts<T, HD>(sp, ntl, nullptr, ph + (size_t)ch * (HD + 2));
+            merge_partials<T, HD, false>(sp, ntl, nullptr, ph + (size_t)ch * (HD + 2));
             tile_done<T, HD>(ph, nch, count + h, att + h * HD);
           }
         }
