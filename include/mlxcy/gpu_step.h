@@ -479,6 +479,78 @@ __device__ __forceinline__ void load_x(const float* src, const T* nw, float eps,
   __syncthreads();
 }
 
+// A 16-byte asynchronous copy global -> shared through L2 (.cg: not the
+// SM's L1, which may hold a stale line of what other blocks wrote since).
+// (sm_80 on; before it x_issue issues nothing.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kAsyncCopy = false;
+#define MLXCY_CP_ASYNC(...)
+#else
+constexpr bool kAsyncCopy = true;
+#define MLXCY_CP_ASYNC(...) asm volatile(__VA_ARGS__)
+#endif
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  MLXCY_CP_ASYNC("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+
+// load_x in two halves around a product's first weight loads.  x_issue,
+// before them: asynchronous copies of src[0:K] into xs (padded), of y into ys
+// and of the norm weights into ws, so they are ahead of the weights in the
+// SM's queue (loaded after them, they wait for the weights' round trip);
+// false, and nothing issued, where an operand is not whole aligned 16-byte
+// chunks.  x_finish, when the products need xs: wait for the copies, then
+// what load_x does, from shared memory (or load_x itself).
+template <typename T, int K>
+__device__ __forceinline__ bool x_issue(const float* src, const T* nw, const float* y, float* xs,
+                                        float* ys, T* ws) {
+  if constexpr (!kAsyncCopy || K % 4 != 0 || (K * sizeof(T)) % 16 != 0) {
+    return false;
+  } else {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(nw) |
+                        reinterpret_cast<uintptr_t>(y);
+    if (a & 15u) return false;                 // (the same pointers in every block)
+    for (int c = threadIdx.x; c < K / 4; c += THREADS) {
+      cp_async16(xs + xp(4 * c), src + 4 * c);  // (4 floats never straddle a pad)
+      if (y != nullptr) cp_async16(ys + 4 * c, y + 4 * c);
+    }
+    if (nw != nullptr)
+      for (int c = threadIdx.x; c < K * (int)sizeof(T) / 16; c += THREADS)
+        cp_async16(reinterpret_cast<char*>(ws) + 16 * c, reinterpret_cast<const char*>(nw) + 16 * c);
+    MLXCY_CP_ASYNC("cp.async.commit_group;" ::: "memory");
+    return true;
+  }
+}
+
+template <typename T, int K>
+__device__ __forceinline__ void x_finish(bool issued, const float* src, const T* nw, float eps,
+                                         float* xs, float* red, const float* y, float* store,
+                                         const float* ys, const T* ws) {
+  if (!issued) {
+    load_x<T, K>(src, nw, eps, xs, red, y, store);
+    return;
+  }
+  MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");
+  __syncthreads();                               // (a thread's values came by others' copies)
+  if (y == nullptr && nw == nullptr) return;
+  float ss = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    float v = xs[xp(k)];
+    if (y != nullptr) {
+      v = rt<T>(v + rt<T>(ys[k]));
+      if (store != nullptr && blockIdx.x == 0) store[k] = v;
+      xs[xp(k)] = v;
+    }
+    ss += v * v;
+  }
+  if (nw != nullptr) {
+    const float inv = rsqrtf(block_sum(ss, red) / K + eps);
+    for (int k = threadIdx.x; k < K; k += THREADS)
+      xs[xp(k)] = rt<T>(static_cast<float>(ws[k]) * rt<T>(xs[xp(k)] * inv));
+  }
+  __syncthreads();
+}
+
 // Value k of token `tok`'s embedding row (D values; BITS: MLX's affine
 // layout, as the model's dequantize rounds it to T).
 template <typename T, int BITS, int GS>
@@ -663,7 +735,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar,
                             unsigned* tm) {
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
-  constexpr int XMAX = (D > FF ? D : FF) > NQ * HD ? (D > FF ? D : FF) : NQ * HD;
+  constexpr int XW = SPLIT ? D : (D > FF ? D : FF);   // the widest product input in xs
+  constexpr int XMAX = XW > NQ * HD ? XW : NQ * HD;
   constexpr int DPL = (HD + 31) / 32;          // head dims per lane (values)
   constexpr int GROUP = NQ / NKV;
   constexpr int XS = XMAX + XMAX / 8 + 8;       // padded activations (xp)
@@ -671,6 +744,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
                                                          // new v; then its tile's partial
   __shared__ __align__(16) float xs[XS > AS ? XS : AS];
   __shared__ float red[WARPS];
+  __shared__ __align__(16) float ys[SPLIT ? D : 4];           // x_issue's copy of the down sums
+  __shared__ __align__(16) unsigned char wsb[D * sizeof(T)];  // ... and of the norm weights
+  T* ws = reinterpret_cast<T*>(wsb);
 
   float* x = scratch;                          // residual stream [D]
   float* qkv = x + D;                          // [NQKV]
@@ -682,7 +758,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   unsigned* count = bar + 64;                  // per head: tiles done (StepState)
   constexpr int S = Slice<T, BITS>::S;
   static_assert(!SPLIT || FF % S == 0, "the MLP split needs whole slices");
-  float* ysum = part + (size_t)NQ * maxt * (HD + 2);   // SPLIT: down's sums [D]
+  float* ysum = part + ((size_t)NQ * maxt * (HD + 2) + 3) / 4 * 4;   // SPLIT: down's sums [D]
+                                               // (16-byte aligned for x_issue)
   float* xalt = ysum + D;                      // SPLIT: odd layers' residual stream [D]
   __shared__ __align__(16) float hs[SPLIT ? S + S / 8 + 8 : 1];   // a slice's MLP state
   Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), tm,
@@ -697,13 +774,14 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     // down's sums of layer l - 1 to the other one (which others still read)
     float* xr = SPLIT && (l & 1) ? xalt : x;
     // -- A: RMSNorm -> q, k, v (+ bias)
+    const float* asrc = SPLIT && !(l & 1) ? xalt : x;   // (SPLIT: the other buffer's + ysum)
+    const bool ea = l > 0 && x_issue<T, D>(asrc, ptr<T>(t[0]), SPLIT ? ysum : nullptr, xs, ys, ws);
     auto ldx_a = [&] {
       if (l == 0)
         embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
-      else if (SPLIT)
-        load_x<T, D>((l & 1) ? x : xalt, ptr<T>(t[0]), eps, xs, red, ysum, xr);
       else
-        load_x<T, D>(x, ptr<T>(t[0]), eps, xs, red);
+        x_finish<T, D>(ea, asrc, ptr<T>(t[0]), eps, xs, red, SPLIT ? ysum : nullptr,
+                       SPLIT ? xr : nullptr, ys, ws);
       if (threadIdx.x == 0) clock_mid(sync);
     };
     {
@@ -857,8 +935,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
+    const bool ec = x_issue<T, NQ * HD>(att, nullptr, nullptr, xs, ys, ws);
     auto ldx_c = [&] {
-      load_x<T, NQ * HD>(att, nullptr, 0.0f, xs, red);
+      x_finish<T, NQ * HD>(ec, att, nullptr, 0.0f, xs, red, nullptr, nullptr, ys, ws);
       if (threadIdx.x == 0) clock_mid(sync);
     };
     {
@@ -878,10 +957,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       // -- D+E: RMSNorm -> gate, up -> silu(gate) * up -> down, a block per
       // slice of S hidden rows; its share of down goes to ysum (atomics)
       bool loaded = false;
+      const bool ed = x_issue<T, D>(xr, ptr<T>(t[18]), nullptr, xs, ys, ws);
       auto ldx_de = [&] {
         if (!loaded) {
           loaded = true;
-          load_x<T, D>(xr, ptr<T>(t[18]), eps, xs, red);
+          x_finish<T, D>(ed, xr, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
           if (threadIdx.x == 0) clock_mid(sync);
         }
       };
@@ -916,13 +996,15 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         }
         __syncthreads();
       }
+      if (ed && !loaded) MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");   // (a block with no slice)
     } else {
       prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
       prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
       grid_sync(sync);
       // -- D: RMSNorm -> gate, up -> silu(gate) * up
+      const bool ed = x_issue<T, D>(x, ptr<T>(t[18]), nullptr, xs, ys, ws);
       auto ldx_d = [&] {
-        load_x<T, D>(x, ptr<T>(t[18]), eps, xs, red);
+        x_finish<T, D>(ed, x, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
         if (threadIdx.x == 0) clock_mid(sync);
       };
       {
@@ -962,11 +1044,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     grid_sync(sync);
   }
   // -- the final norm and the output head
+  const float* hsrc = SPLIT && ((NL - 1) & 1) ? xalt : x;
+  const bool eh = x_issue<T, D>(hsrc, ptr<T>(top[3]), SPLIT ? ysum : nullptr, xs, ys, ws);
   auto ldx_h = [&] {
-    if (SPLIT)
-      load_x<T, D>(((NL - 1) & 1) ? xalt : x, ptr<T>(top[3]), eps, xs, red, ysum);
-    else
-      load_x<T, D>(x, ptr<T>(top[3]), eps, xs, red);
+    x_finish<T, D>(eh, hsrc, ptr<T>(top[3]), eps, xs, red, SPLIT ? ysum : nullptr, nullptr, ys, ws);
   };
   const Lin<T> head = lin<T>(top + 4);
   product<T, EBITS, EGS, D>(V, gw, nw, xs, [&](int r, Lin<T>* L) { *L = head; return r; },
@@ -1546,7 +1627,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   for (auto& k : kbuf) in.push_back(k);
   for (auto& v : vbuf) in.push_back(v);
   int scratch = 2 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
-                M * c.NQ * ((cap + 31) / 32) * (c.HD + 2);
+                M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4;   // (+4: ysum 16-byte aligned)
   int blocks = step_grid_blocks();
   const bool split = M == 1 && step_split(c, blocks);
   std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
