@@ -1394,13 +1394,20 @@ struct StepConfig {
 };
 
 // Bytes of decode_step's static shared memory (its __shared__ arrays: xs,
-// red, the split MLP's hs, and a little more), for the larger of its forms.
+// red, the split MLP's hs, x_issue's ys and ws, and a little more), for the
+// larger of its forms (the MLP split or not).
 inline long step_static_smem(const StepConfig& c) {
-  const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
+  const long size = static_cast<long>(mx::size_of(c.dtype));
+  const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(size);
   const long S = 2 * vals;                                  // Slice::S
-  const long xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
-  const long xs = std::max(xmax + xmax / 8 + 8, 3L * 8 * c.HD + 8L * (c.HD + 2));
-  return 4 * (xs + 8 + (S + S / 8 + 8)) + 64;
+  const long as = 3L * 8 * c.HD + 8L * (c.HD + 2);          // attention's per-warp parts
+  auto bytes = [&](bool split) {
+    const long xw = split ? c.D : std::max(c.D, c.FF);
+    const long xmax = std::max<long>(xw, c.NQ * c.HD);
+    const long xs = std::max(xmax + xmax / 8 + 8, as);
+    return 4 * (xs + 8 + (split ? S + S / 8 + 8 : 1) + (split ? c.D : 4)) + c.D * size + 64;
+  };
+  return std::max(bytes(false), bytes(true));
 }
 
 // Why cfg cannot run (empty: it can).
