@@ -840,6 +840,20 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
               kl[(size_t)pos * HD + d] = static_cast<T>(qw[HD + d]);
               vl[(size_t)pos * HD + d] = static_cast<T>(qw[2 * HD + d]);
             }
+          // the tile's first values issued before its keys (they do not
+          // depend on the scores), so their round trip overlaps the keys'
+          constexpr int KV = 16 / sizeof(T), CPR = HD / KV;   // 16-byte chunks of a value row
+          constexpr bool VBATCH = CPR <= 32 && 32 % CPR == 0;
+          constexpr int PPI = VBATCH ? 32 / CPR : 1, PER = 32 / PPI, BATCH = PER < 8 ? PER : 8;
+          const int c = lane % CPR, pg = lane / CPR;
+          uint4 v0[BATCH];
+          if constexpr (VBATCH) {
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+              const int pp = tile * 32 + pg + j * PPI;
+              if (pp < pos) v0[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+            }
+          }
           // scores: lane i scores position tile * 32 + i
           const int p = tile * 32 + lane;
           float s = neg_inf();
@@ -853,13 +867,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           const float m = warp_max(s);
           const float e = p <= pos ? __expf(s - m) : 0.0f;
           const float sum = warp_sum(e);
-          constexpr int KV = 16 / sizeof(T), CPR = HD / KV;   // 16-byte chunks of a value row
-          if constexpr (CPR <= 32 && 32 % CPR == 0) {
+          if constexpr (VBATCH) {
             // lanes over (position group, chunk): every value load of the tile
             // in flight at once, then a sum over the position groups
             // (at most 8 loads in flight a lane: 16 would spill at HD 128)
-            constexpr int PPI = 32 / CPR, PER = 32 / PPI, BATCH = PER < 8 ? PER : 8;
-            const int c = lane % CPR, pg = lane / CPR;
             float a[KV];
 #pragma unroll
             for (int k = 0; k < KV; ++k) a[k] = 0.0f;
@@ -869,7 +880,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #pragma unroll
               for (int j = 0; j < BATCH; ++j) {
                 const int pp = tile * 32 + pg + (j0 + j) * PPI;
-                if (pp < pos) vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+                if (j0 == 0)
+                  vq[j] = v0[j];
+                else if (pp < pos)
+                  vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
               }
 #pragma unroll
               for (int j = 0; j < BATCH; ++j) {
