@@ -5,9 +5,13 @@
 # built into a copy of the tree (only mlxcy.models.base includes the header),
 # then profiled in turns, one process each:
 #
-#   tools/gpu_step_ab.sh NAME=HEADER... [-- gpu_step_profile.py arguments]
+#   tools/gpu_step_ab.sh NAME=HEADER|NAME=DIR... [-- gpu_step_profile.py arguments]
 #
 #   e.g. tools/gpu_step_ab.sh early=.gpu/b/x_early.h -- --models smollm2-135m,llama-3.2-1b --phases
+#
+# A DIR holds files to lay over the copy at the same paths (another version
+# of any source files, e.g. a branch's changes); the copy is then rebuilt
+# whole.
 #
 # "main" is this tree.  Each run's output goes to ${OUT:-/tmp/gpu-ab}/NAME.log
 # as it runs; the table rows are printed with the variant's name.  ROUNDS
@@ -28,10 +32,15 @@ MLXCY_JOBS=${MLXCY_JOBS:-16} python setup.py -q build_ext --inplace > "$out/buil
     { tail -20 "$out/build-main.log"; exit 1; }
 names=(main); dirs=("$here")
 for v in "${variants[@]}"; do
-    name=${v%%=*}; header=${v#*=}; dir=/tmp/gpu-ab-$name
+    name=${v%%=*}; src=${v#*=}; dir=/tmp/gpu-ab-$name
     rm -rf "$dir" && mkdir -p "$dir" && tar --exclude=./.gpu -cf - . | tar -C "$dir" -xf -
-    cp "$header" "$dir/include/mlxcy/gpu_step.h" && touch "$dir/mlxcy/models/base.pyx"
-    (cd "$dir" && MLXCY_JOBS=4 MLXCY_MODULES=mlxcy.models.base \
+    if [ -d "$src" ]; then      # files laid over the tree (their paths under src): rebuild all
+        cp -r "$src/." "$dir/"; mods=()
+    else                        # a gpu_step.h: only mlxcy.models.base includes it
+        cp "$src" "$dir/include/mlxcy/gpu_step.h" && touch "$dir/mlxcy/models/base.pyx"
+        mods=(MLXCY_MODULES=mlxcy.models.base)
+    fi
+    (cd "$dir" && env MLXCY_JOBS=4 ${mods[@]+"${mods[@]}"} \
         python setup.py -q build_ext --inplace > "$out/build-$name.log" 2>&1 ||
         { echo "build of $name failed"; tail -20 "$out/build-$name.log"; }) &
     names+=("$name"); dirs+=("$dir")
