@@ -870,7 +870,9 @@ cdef object _plan_gpu_step(Model m):
                 or a.rope.dims != a.head_dim or a.n_heads != p.cfg.NQ
                 or a.n_kv_heads != p.cfg.NKV or a.head_dim != p.cfg.HD or a.scale != p.cfg.scale
                 or (a.q_norm is not None) != p.cfg.qk_norm
-                or b.input_norm.eps != p.cfg.eps or b.post_attn_norm.eps != p.cfg.eps):
+                or b.input_norm.eps != p.cfg.eps or b.post_attn_norm.eps != p.cfg.eps
+                or (gemma and (b.pre_ff_norm.eps != p.cfg.eps
+                               or b.post_ff_norm.eps != p.cfg.eps))):
             return False
     if m.norm.eps != p.cfg.eps:
         return False
