@@ -82,8 +82,9 @@ namespace mlxcy_step {
 
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
-constexpr int PL = 31;       // table entries per layer (the host's kStepPerLayer; the
-                             // last one is the layer's cache capacity, not a pointer)
+constexpr int PL = 33;       // table entries per layer (the host's kStepPerLayer; the
+                             // last three are values: the layer's cache capacity, its
+                             // ring's window (0: none) and rotation)
 
 template <typename T>
 __device__ __forceinline__ float rt(float v) {   // round to the model's dtype
@@ -873,7 +874,22 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     // the chunk's partials there -- into the head's output when the head is
     // one chunk, else into the chunk's partial, merged with the head's other
     // chunks through L2 by the block that finishes last
-    const int ntile = pos / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
+    // the cache slots attended over, [0, nslot), and the new key's, wslot:
+    // positions 0 .. pos in their own slots, but in a Gemma sliding layer's
+    // full ring (the table's window, and rotation: slot (p - rot) mod W),
+    // whose W slots hold the window once the new key replaces the oldest
+    int nslot = pos + 1, wslot = pos;
+    if constexpr (GEMMA) {
+      const int wl = static_cast<int>(t[PL - 2]);
+      if (wl > 0 && pos >= wl) {
+        nslot = wl;
+        wslot = (pos - static_cast<int>(t[PL - 1])) % wl;
+      }
+    }
+    // (written out for the other models, whose kernels keep their registers)
+    auto is_old = [&](int p) { return GEMMA ? p < nslot && p != wslot : p < pos; };
+    auto is_new = [&](int p) { return GEMMA ? p == wslot : p == pos; };
+    const int ntile = (GEMMA ? nslot - 1 : pos) / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
       float* sp = xs + 3 * WARPS * HD;         // the chunk's partials [WARPS][HD + 2]
@@ -881,7 +897,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       for (int it = blockIdx.x; it < NQ * nch; it += gridDim.x) {
         const int h = it / nch, ch = it % nch, tile = ch * WARPS + warp, j = h / GROUP;
         const int ntl = min(WARPS, ntile - ch * WARPS);   // tiles in this chunk
-        const bool last = tile == ntile - 1;   // holds position pos: the new k/v
+        const bool last = tile == (GEMMA ? wslot : pos) / 32;   // holds the new k/v
         if (warp < ntl) {
           for (int d = lane; d < HD; d += 32) {
             qw[d] = __ldcg(qkv + h * HD + d);
@@ -902,13 +918,13 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           if (last) rope<T, HD>(qw + HD, fl, pos);
           // this layer's cache capacity (Gemma: its sliding layers' rings
           // differ from the global layers' buffers; the others' are alike)
-          const size_t capl = GEMMA ? t[PL - 1] : cap;
+          const size_t capl = GEMMA ? t[PL - 3] : cap;
           T* kl = kc[l] + j * capl * HD;
           T* vl = vc[l] + j * capl * HD;
           if (last && h % GROUP == 0)
             for (int d = lane; d < HD; d += 32) {
-              kl[(size_t)pos * HD + d] = static_cast<T>(qw[HD + d]);
-              vl[(size_t)pos * HD + d] = static_cast<T>(qw[2 * HD + d]);
+              kl[(size_t)(GEMMA ? wslot : pos) * HD + d] = static_cast<T>(qw[HD + d]);
+              vl[(size_t)(GEMMA ? wslot : pos) * HD + d] = static_cast<T>(qw[2 * HD + d]);
             }
           // the tile's first values issued before its keys (they do not
           // depend on the scores), so their round trip overlaps the keys'
@@ -921,21 +937,21 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #pragma unroll
             for (int j = 0; j < BATCH; ++j) {
               const int pp = tile * 32 + pg + j * PPI;
-              if (pp < pos) v0[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+              if (is_old(pp)) v0[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
             }
           }
           // scores: lane i scores position tile * 32 + i
           const int p = tile * 32 + lane;
           float s = neg_inf();
-          if (p < pos) {
+          if (is_old(p)) {
             s = key_dot<T, HD, false>(qw, kl + (size_t)p * HD) * scale;
-          } else if (p == pos) {
+          } else if (is_new(p)) {
             float a = 0.0f;
             for (int d = 0; d < HD; ++d) a = fmaf(qw[d], qw[HD + d], a);
             s = a * scale;
           }
           const float m = warp_max(s);
-          const float e = p <= pos ? __expf(s - m) : 0.0f;
+          const float e = (GEMMA ? p < nslot : p <= pos) ? __expf(s - m) : 0.0f;
           const float sum = warp_sum(e);
           if constexpr (VBATCH) {
             // lanes over (position group, chunk): every value load of the tile
@@ -952,7 +968,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
                 const int pp = tile * 32 + pg + (j0 + j) * PPI;
                 if (j0 == 0)
                   vq[j] = v0[j];
-                else if (pp < pos)
+                else if (is_old(pp))
                   vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
               }
 #pragma unroll
@@ -962,8 +978,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
                 const T* vv = reinterpret_cast<const T*>(&vq[j]);
 #pragma unroll
                 for (int k = 0; k < KV; ++k) {
-                  const float val = pp < pos ? static_cast<float>(vv[k])
-                                             : (pp == pos ? qw[2 * HD + c * KV + k] : 0.0f);
+                  const float val = is_old(pp) ? static_cast<float>(vv[k])
+                                               : (is_new(pp) ? qw[2 * HD + c * KV + k] : 0.0f);
                   a[k] = fmaf(ei, val, a[k]);
                 }
               }
@@ -976,7 +992,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #pragma unroll
               for (int k = 0; k < KV; ++k) pt[c * KV + k] = a[k];
           } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
-            const int n = min(32, pos + 1 - tile * 32);
+            const int n = min(32, (GEMMA ? nslot : pos + 1) - tile * 32);
             float acc[DPL];
 #pragma unroll
             for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
@@ -988,7 +1004,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
               for (int c = 0; c < DPL; ++c) {
                 const int d = lane + 32 * c;
                 if (d < HD) {
-                  const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
+                  const float vv = is_new(pp) ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
                   acc[c] = fmaf(ei, vv, acc[c]);
                 }
               }
@@ -1361,7 +1377,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         for (int d = lane; d < HD; d += 32) src[d] = v[d];
       } else {
         const int j = hh - NQ;
-        const size_t at = ((size_t)j * t[PL - 1] + pos + m) * HD;
+        const size_t at = ((size_t)j * t[PL - 3] + pos + m) * HD;
         const float* vs = qkv + m * NQKV + (NQ + NKV + j) * HD;
         for (int d = lane; d < HD; d += 32) {
           kc[l][at + d] = static_cast<T>(v[d]);
@@ -1383,8 +1399,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         float* qv = hv[warp];                   // the rotated q (phase B1)
         for (int d = lane; d < HD; d += 32) qv[d] = __ldcg(qkv + m * NQKV + h * HD + d);
         __syncwarp();
-        const T* kl = kc[l] + j * t[PL - 1] * HD;
-        const T* vl = vc[l] + j * t[PL - 1] * HD;
+        const T* kl = kc[l] + j * t[PL - 3] * HD;
+        const T* vl = vc[l] + j * t[PL - 3] * HD;
         const int p = tile * 32 + lane;
         float s = neg_inf();
         if (p <= last) s = key_dot<T, HD, true>(qv, kl + (size_t)p * HD) * scale;
@@ -1477,14 +1493,16 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
 // ---- host side --------------------------------------------------------------
 
 // Entries of the pointer table per layer (the device code's PL) and at its end.
-constexpr int kStepPerLayer = 31;
+constexpr int kStepPerLayer = 33;
 constexpr int kStepGlobal = 7;
 
 // One entry of the table: the address of row `row0` of an array (a fused
-// weight's later parts start past row 0), or 0 when a is null (absent).
+// weight's later parts start past row 0), or `value` when a is null (0: an
+// absent weight).
 struct StepPtr {
   const mx::array* a = nullptr;
   int row0 = 0;
+  long long value = 0;             // the entry when a is null (a count, not an address)
 };
 
 // A model's shapes for the kernel (one compiled kernel per distinct config).
@@ -1680,9 +1698,11 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
         throw std::invalid_argument("decode step kernel: a weight is not row-contiguous");
       size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
       table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
+    } else {
+      table[i] = static_cast<uint64_t>(entries[i].value);
     }
   for (int l = 0; l < c.L; ++l)   // each layer's cache capacity (sliding layers' rings differ)
-    table[static_cast<size_t>(l + 1) * kStepPerLayer - 1] = kbuf[l].shape(2);
+    table[static_cast<size_t>(l + 1) * kStepPerLayer - 3] = kbuf[l].shape(2);
   if (table != st.host) {
     st.table = mx::copy(mx::array(reinterpret_cast<const uint64_t*>(table.data()),
                                   {static_cast<int>(table.size())}, mx::uint64));

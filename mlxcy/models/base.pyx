@@ -945,6 +945,12 @@ cdef inline void _put(vector[ngs.StepPtr]& e, const na.array* a, int row0) noexc
     e.push_back(s)
 
 
+cdef inline void _put_value(vector[ngs.StepPtr]& e, long long v) noexcept:
+    cdef ngs.StepPtr s = ngs.StepPtr()
+    s.value = v
+    e.push_back(s)
+
+
 cdef void _put_linear(vector[ngs.StepPtr]& e, Linear l, int row0) noexcept:
     _put(e, l.weight, row0)
     _put(e, l.scales if l.quantized else NULL, row0)
@@ -952,9 +958,9 @@ cdef void _put_linear(vector[ngs.StepPtr]& e, Linear l, int row0) noexcept:
 
 
 cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
-    """Append the 31 table entries of block b (gpu_step.h's layout; the last,
-    the cache's capacity, is step_decode's to fill); False if a layer does
-    not fit (LoRA attached, freed, another format)."""
+    """Append the 30 weight entries of block b (gpu_step.h's layout; the
+    layer's 3 cache values follow them); False if a layer does not fit (LoRA
+    attached, freed, another format)."""
     cdef Attention a = b.attn
     cdef MLP m = b.mlp
     cdef int D = p.cfg.D, nq = p.cfg.NQ * p.cfg.HD, nk = p.cfg.NKV * p.cfg.HD, FF = p.cfg.FF
@@ -1015,7 +1021,6 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
     _put_linear(e, m.down_proj, 0)
     _put(e, b.post_attn_norm.weight if p.cfg.gemma else NULL, 0)
     _put(e, b.post_ff_norm.weight if p.cfg.gemma else NULL, 0)
-    _put(e, NULL, 0)
     return True
 
 
@@ -1049,9 +1054,9 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         lc.keys[0] = ks[i]
         lc.values[0] = vs[i]
         lc.offset = off + M
-        if type(c) is RotatingKVCache:    # (position = slot: _step_cache)
+        if type(c) is RotatingKVCache:    # (one position, at slot idx: _step_cache)
             rc = <RotatingKVCache>c
-            rc.filled += M
+            rc.filled = min(rc.filled + M, rc.window)
             rc.idx = (rc.idx + M) % rc.window
         i += 1
     _gpu_steps += 1
@@ -1072,12 +1077,16 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
     if M > ngs.step_max_positions(p.cfg) or (M > 1 and p.cfg.gemma):
         return False
     cdef LayerCache lc
-    cdef int cap = -1
+    cdef int cap = -1, rot
+    cdef vector[int] rots = vector[int](), windows = vector[int]()
     if len(cache.layers) != len(m.layers):
         return False
     for c, blk in zip(cache.layers, m.layers):
-        if not _step_cache(c, (<Block>blk).attn.window, p, m.dtype_code, M):
+        rot = _step_cache(c, (<Block>blk).attn.window, p, m.dtype_code, M)
+        if rot < 0:
             return False
+        rots.push_back(rot)
+        windows.push_back((<LayerCache>c).window)     # (0 for a KVCache)
         lc = <LayerCache>c
         if off[0] < 0:
             off[0], cap = lc.offset, lc.keys.shape(2)
@@ -1087,9 +1096,14 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
             return False
         ks.push_back(lc.keys[0])
         vs.push_back(lc.values[0])
+    cdef int i = 0
     for b in m.layers:
         if not _layer_entries(e, <Block>b, p):
             return False
+        _put_value(e, 0)              # the capacity: step_decode's, from the buffers
+        _put_value(e, windows[i])     # a ring's window and rotation (gpu_step.h, attention)
+        _put_value(e, rots[i])
+        i += 1
     if not _embed_fits(m.embed, p) or not _norm_fits(m.norm, p, p.cfg.D):
         return False
     _put(e, m.embed.weight, 0)
@@ -1112,38 +1126,53 @@ def gpu_step_plan(Model m, Cache cache, int positions=1):
     tokens over cache, on any device (tests): None where it would not run,
     else a dict -- gemma, embed_scale (in the model's dtype), inv_freq (a
     row per layer), entries (the pointer table's length), offset and caps
-    (each layer's cache capacity)."""
+    (each layer's cache capacity), windows and rotations (each sliding
+    layer's ring: slot (p - rotation) mod window holds position p; 0 for the
+    others)."""
     cdef int off = -1
     cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
     cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
     if not _step_inputs(m, cache, positions, e, ks, vs, &off):
         return None
     cdef _GpuStep p = <_GpuStep>m.gpu_step
+    cdef int P = ngs.kStepPerLayer
     return dict(gemma=p.cfg.gemma, embed_scale=p.cfg.embed_scale, inv_freq=p.inv_freq,
-                entries=e.size(), offset=off, caps=[ks[i].shape(2) for i in range(ks.size())])
+                entries=e.size(), offset=off, caps=[ks[i].shape(2) for i in range(ks.size())],
+                windows=[e[(i + 1) * P - 2].value for i in range(ks.size())],
+                rotations=[e[(i + 1) * P - 1].value for i in range(ks.size())])
 
 
-cdef bint _step_cache(c, int window, _GpuStep p, int dtype_code, int M) noexcept:
-    """Can the kernel write M positions into layer cache c and attend over
-    it: a KVCache, or (Gemma) a RotatingKVCache that still holds every
-    position from 0 in slot = position, with room for M more; for a layer
-    with a sliding window, every position inside it (no mask needed)."""
+cdef int _step_cache(c, int window, _GpuStep p, int dtype_code, int M) noexcept:
+    """Can the kernel write M positions into layer cache c and attend over it:
+    -1 if not, else the rotation of its ring (0 for a KVCache).  A KVCache
+    (for a layer with a sliding window, every position inside it: no mask),
+    or (Gemma, one position) a RotatingKVCache that holds every position from
+    0 in slot = position with room for one more, or a full one: the kernel
+    then writes the new key over the oldest (slot idx), and slot s holds
+    position p where s = (p - rotation) mod window."""
     cdef LayerCache lc = <LayerCache>c
     cdef RotatingKVCache rc
+    cdef int rot = 0
     if type(c) is RotatingKVCache:
         rc = <RotatingKVCache>c
-        if not p.cfg.gemma or rc.filled != lc.offset or rc.idx != lc.offset \
-                or lc.offset + M > rc.window:
-            return False
-    elif type(c) is not KVCache:
-        return False
-    if window > 0 and lc.offset + M > window:
-        return False
-    return (lc.keys != NULL and lc.keys.ndim() == 4 and lc.keys.shape(0) == 1
+        if not p.cfg.gemma or M != 1:
+            return -1
+        if rc.filled == rc.window:
+            rot = (lc.offset - rc.idx) % rc.window
+        elif rc.filled != lc.offset or rc.idx != lc.offset or lc.offset + M > rc.window:
+            return -1
+        if lc.keys == NULL or min(lc.offset + M, rc.window) > lc.keys.shape(2):
+            return -1
+    elif type(c) is not KVCache or (window > 0 and lc.offset + M > window) \
+            or lc.keys == NULL or lc.offset + M > lc.keys.shape(2):
+        return -1
+    if (lc.keys.ndim() == 4 and lc.keys.shape(0) == 1
             and lc.keys.shape(1) == p.cfg.NKV and lc.keys.shape(3) == p.cfg.HD
-            and lc.values.shape(2) == lc.keys.shape(2) and lc.offset + M <= lc.keys.shape(2)
+            and lc.values.shape(2) == lc.keys.shape(2)
             and na.dtype_code(lc.keys.dtype()) == dtype_code
-            and na.dtype_code(lc.values.dtype()) == dtype_code)
+            and na.dtype_code(lc.values.dtype()) == dtype_code):
+        return rot
+    return -1
 
 
 cdef class Model:

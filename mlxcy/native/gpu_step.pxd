@@ -13,6 +13,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
         StepPtr()
         const array* a
         int row0
+        long long value
 
     cdef cppclass StepConfig:
         StepConfig()

@@ -205,17 +205,17 @@ def test_steps_across_the_cache_growth(checkpoints):
 
 @cuda
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
-def test_gemma_leaves_the_kernel_past_its_window(checkpoints, dtype, tol):
-    """Gemma's sliding layer attends over its last GEMMA_WINDOW positions: the
-    kernel runs while every position is inside it (its ring growing on the op
-    path in between), the op path from there on."""
+@pytest.mark.parametrize("prompt", [12, GEMMA_WINDOW + 12])
+def test_gemma_slides_its_window_in_the_kernel(checkpoints, dtype, tol, prompt):
+    """Gemma's sliding layer attends over its last GEMMA_WINDOW positions, its
+    ring full from position 48 on: the kernel writes each new key over the
+    oldest and attends over the ring.  A 12-token prompt's ring (12 + 8
+    padding slots) grows once, at 20, on the op path; a 60-token prompt's is
+    full from the start, rotated by 12."""
     m = load_model(checkpoints["gemma3_text"], dtype=dtype)
     try:
-        # 12 prompt positions, steps at 12 .. 59: 12 .. 47 inside the window,
-        # 48 .. 59 past it; the ring (12 + 8 padding slots, then 48 + 8 more
-        # and the window's end) grows at 20
-        _compare(m, _prompt(13, 12), 48, tol, exact_ids=dtype == "float32",
-                 op_steps=1 + (12 + 48 - GEMMA_WINDOW))
+        _compare(m, _prompt(13, prompt), 60, tol, exact_ids=dtype == "float32",
+                 op_steps=1 if prompt < GEMMA_WINDOW else 0)
     finally:
         m.close()
 
@@ -352,19 +352,27 @@ def test_the_kernel_is_given_gemmas_form(checkpoints, dtype):
         i = np.arange(8)
         np.testing.assert_allclose(plan["inv_freq"], [1e4 ** (-i / 8), 1e6 ** (-i / 8)],
                                    rtol=1e-6)
-        assert plan["offset"] == 12 and plan["entries"] == 2 * 31 + 7
+        assert plan["offset"] == 12 and plan["entries"] == 2 * 33 + 7
         assert plan["caps"] == [c.state()["keys"].shape[2] for c in cache.layers]
         assert plan["caps"][0] < plan["caps"][1]
+        assert plan["windows"] == [GEMMA_WINDOW, 0] and plan["rotations"] == [0, 0]
         assert base.gpu_step_plan(m, cache, 2) is None          # one position at a time
     finally:
         m.close()
 
 
-def test_the_kernel_plans_gemma_only_inside_its_window(checkpoints):
+@pytest.mark.parametrize("n", [GEMMA_WINDOW - 1, GEMMA_WINDOW, GEMMA_WINDOW + 12])
+def test_the_kernel_is_given_gemmas_full_rings(checkpoints, n):
+    """A prompt of n positions leaves the sliding layer's ring growing (n < 48:
+    position p in slot p) or full, holding positions n - 48 .. n - 1 from
+    slot 0: the new key goes over the oldest, slot (n - rotation) mod 48."""
     m = load_model(checkpoints["gemma3_text"], dtype="float32")
     try:
-        assert _plan_after(m, GEMMA_WINDOW - 1)[0]["offset"] == GEMMA_WINDOW - 1
-        assert _plan_after(m, GEMMA_WINDOW)[0] is None          # the next one would slide
+        plan, cache = _plan_after(m, n)
+        assert plan["offset"] == n and plan["windows"] == [GEMMA_WINDOW, 0]
+        assert plan["rotations"] == [n % GEMMA_WINDOW if n >= GEMMA_WINDOW else 0, 0]
+        st = cache.layers[0].state()
+        assert (n - plan["rotations"][0]) % GEMMA_WINDOW == st["idx"]
     finally:
         m.close()
 
@@ -374,7 +382,7 @@ def test_the_kernel_plans_plain_models_as_before(checkpoints):
     try:
         plan, cache = _plan_after(m, 12)
         assert not plan["gemma"] and plan["embed_scale"] == 0.0
-        assert plan["entries"] == 2 * 31 + 7 and len(set(plan["caps"])) == 1
+        assert plan["entries"] == 2 * 33 + 7 and len(set(plan["caps"])) == 1
         assert (plan["inv_freq"] == plan["inv_freq"][0]).all()
     finally:
         m.close()
