@@ -733,7 +733,7 @@ cdef Array _ids_array(object ids, int vocab):
 # On a CUDA GPU a one-token step of one sequence over KV caches runs as a
 # single kernel launch (include/mlxcy/gpu_step.h) when the model is a plain
 # pre-norm decoder (Llama/Mistral without a sliding window, Qwen2, Qwen3) or
-# Gemma 3 (while every position is inside its sliding layers' window) in
+# Gemma 3 (its sliding layers' rings growing or full) in
 # bfloat16/float16/float32 or MLX's 4/8-bit layout; anything else takes the
 # op-by-op path below.  set_gpu_decode_step(False) turns it off (A/B runs).
 
