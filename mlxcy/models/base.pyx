@@ -782,6 +782,11 @@ def set_gpu_step_split(mode):
     return None if old < 0 else bool(old)
 
 
+def step_table_per_layer():
+    """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
+    return ngs.kStepPerLayer
+
+
 def gpu_decode_steps():
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""
@@ -1128,7 +1133,9 @@ def gpu_step_plan(Model m, Cache cache, int positions=1):
     row per layer), entries (the pointer table's length), offset and caps
     (each layer's cache capacity), windows and rotations (each sliding
     layer's ring: slot (p - rotation) mod window holds position p; 0 for the
-    others)."""
+    others); table (each entry's (Array or None, row0, value)), keys and
+    values (each layer's buffers) and config (the StepConfig's shapes and
+    constants): what tools/emulate_gpu_step.py runs the kernel's code on."""
     cdef int off = -1
     cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
     cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
@@ -1136,10 +1143,20 @@ def gpu_step_plan(Model m, Cache cache, int positions=1):
         return None
     cdef _GpuStep p = <_GpuStep>m.gpu_step
     cdef int P = ngs.kStepPerLayer
+    cdef size_t j
+    table = [(wrap(new na.array(e[j].a[0])) if e[j].a != NULL else None, e[j].row0, e[j].value)
+             for j in range(e.size())]
     return dict(gemma=p.cfg.gemma, embed_scale=p.cfg.embed_scale, inv_freq=p.inv_freq,
                 entries=e.size(), offset=off, caps=[ks[i].shape(2) for i in range(ks.size())],
                 windows=[e[(i + 1) * P - 2].value for i in range(ks.size())],
-                rotations=[e[(i + 1) * P - 1].value for i in range(ks.size())])
+                rotations=[e[(i + 1) * P - 1].value for i in range(ks.size())], table=table,
+                keys=[wrap(new na.array(ks[i])) for i in range(ks.size())],
+                values=[wrap(new na.array(vs[i])) for i in range(vs.size())],
+                config=dict(D=p.cfg.D, NQ=p.cfg.NQ, NKV=p.cfg.NKV, HD=p.cfg.HD, FF=p.cfg.FF,
+                            V=p.cfg.V, L=p.cfg.L, bits=p.cfg.bits, group_size=p.cfg.group_size,
+                            ebits=p.cfg.ebits, egs=p.cfg.egs, qkv_bias=p.cfg.qkv_bias,
+                            qk_norm=p.cfg.qk_norm, eps=p.cfg.eps, qk_eps=p.cfg.qk_eps,
+                            scale=p.cfg.scale))
 
 
 cdef int _step_cache(c, int window, _GpuStep p, int dtype_code, int M) noexcept:
