@@ -122,3 +122,20 @@ inline float __int_as_float(int i) {
 }
 inline float __int_as_float(unsigned i) { return __int_as_float(static_cast<int>(i)); }
 inline unsigned __cvta_generic_to_shared(const void*) { return 0; }
+
+// bfloat16 as the kernel uses it: from float rounded to nearest even, to float exactly.
+struct emu_bf16 {
+  uint16_t b;
+  emu_bf16() = default;
+  emu_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    b = std::isnan(f) ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const {
+    const uint32_t u = uint32_t(b) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
