@@ -66,12 +66,14 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
     if "M" not in c:
         c.setdefault("SPLIT", False)                  # the MLP split over slices
+        c.setdefault("GEMMA", False)                  # Gemma 3's block
+        c.setdefault("ESCALE_BITS", 0)                # its embedding's factor
     consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
                      f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in c.items())
     kv = "".join(f", const {ty}* {n}{l}" for n in "kv" for l in range(L))
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
-    fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", ", SPLIT")   # M positions
+    fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", ", SPLIT, GEMMA")   # M positions
     tm = "" if "M" in c else ", timing" if timed else ", nullptr"
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
             f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
@@ -82,6 +84,7 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
             f"  mlxcy_step::{fn}<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS, QK_NORM{m}>("
             f"tok, meta, reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc, "
             f"__int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS), "
+            f"{'' if 'M' in c else '__int_as_float(ESCALE_BITS), '}"
             f"scratch, logits, const_cast<unsigned*>(bar){tm});\n}}\n}}\n")
 
 
@@ -117,6 +120,18 @@ def step_cases():
                           V=49152, QKV_BIAS=False, QK_NORM=False, **norms)
     yield "f32", 30, dict(BITS=4, GS=32, EBITS=8, EGS=32, D=576, NQ=9, NKV=3, HD=64, FF=1536,
                           V=49152, QKV_BIAS=False, QK_NORM=False, M=9, **norms)
+    # Gemma 3 (the sandwich norms, GELU, head_dim 256): 270M bf16 split and not, 1B 4-bit,
+    # the tiny float32 model's shape
+    gemma = dict(EPS_BITS=0x358637BD, QK_EPS_BITS=0x358637BD, SCALE_BITS=0x3D800000,
+                 QKV_BIAS=False, QK_NORM=True, GEMMA=True)
+    yield "bf16", 18, dict(BITS=0, GS=0, D=640, NQ=4, NKV=1, HD=256, FF=2048, V=262144,
+                           ESCALE_BITS=0x41CA0000, SPLIT=True, **gemma)
+    yield "bf16", 18, dict(BITS=0, GS=0, D=640, NQ=4, NKV=1, HD=256, FF=2048, V=262144,
+                           ESCALE_BITS=0x41CA0000, **gemma)
+    yield "bf16", 26, dict(BITS=4, GS=64, D=1152, NQ=4, NKV=1, HD=256, FF=6912, V=262144,
+                           ESCALE_BITS=0x42080000, SPLIT=True, **gemma)
+    yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
+                         ESCALE_BITS=0x41000000, **gemma)
     # several positions (verify_step): Llama-3.2-1B bf16 and SmolLM2 8-bit with 9, Qwen3-0.6B
     # 4-bit with 5, the tiny float32 model with 3
     yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,

@@ -1,8 +1,13 @@
 // A whole one-token decode step of a standard pre-norm decoder (Llama,
-// Mistral, Qwen2, Qwen3) as ONE CUDA kernel launch: embedding, every block
-// (RMSNorm, q/k/v products + bias, per-head q/k RMSNorm, RoPE, the KV-cache
-// write, attention over the cache, o_proj + residual, RMSNorm, gate/up + SiLU,
-// down + residual), the final norm and the output head.
+// Mistral, Qwen2, Qwen3) or of Gemma 3 as ONE CUDA kernel launch: embedding,
+// every block (RMSNorm, q/k/v products + bias, per-head q/k RMSNorm, RoPE, the
+// KV-cache write, attention over the cache, o_proj + residual, RMSNorm,
+// gate/up + SiLU, down + residual), the final norm and the output head.
+// Gemma (GEMMA): the embedding times sqrt(D), GELU-tanh, and the sandwich
+// norms -- o_proj's and down's outputs are normalized before they join the
+// residual, which the next phase's activation load does (load_sandwich); its
+// sliding layers run here while every position is inside their window (the
+// host checks), so they attend like the global ones, with their own RoPE.
 //
 // Why one launch: MLX's CUDA backend spends ~6 us of host time encoding each
 // kernel and a layer is ~13 of them, so the GPU idled two thirds of a step
@@ -77,7 +82,9 @@ namespace mlxcy_step {
 
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
-constexpr int PL = 28;       // pointer-table entries per layer (the host's kStepPerLayer)
+constexpr int PL = 33;       // table entries per layer (the host's kStepPerLayer; the
+                             // last three are values: the layer's cache capacity, its
+                             // ring's window (0: none) and rotation)
 
 template <typename T>
 __device__ __forceinline__ float rt(float v) {   // round to the model's dtype
@@ -551,6 +558,51 @@ __device__ __forceinline__ void x_finish(bool issued, const float* src, const T*
   __syncthreads();
 }
 
+// Gemma's sandwich: xs (padded) <- RMSNorm(h, n2) where h = T(src + T(n1 *
+// T(y' * inv))), y' = T(y) (a product's output: o_proj's, or down's sums) and
+// inv its RMSNorm scale -- y joins the residual only once normalized, so a
+// phase's load does it, each block alike; block 0 stores h (the residual
+// after it) into `store` when given.  (Plain loads: two reductions in a row.)
+template <typename T, int K>
+__device__ __forceinline__ void load_sandwich(const float* src, const float* y, const T* n1,
+                                              const T* n2, float eps, float* xs, float* red,
+                                              float* store) {
+  float ss = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    const float v = rt<T>(__ldcg(y + k));
+    xs[xp(k)] = v;
+    ss += v * v;
+  }
+  const float inv1 = rsqrtf(block_sum(ss, red) / K + eps);
+  float hh = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    const float n = rt<T>(static_cast<float>(n1[k]) * rt<T>(xs[xp(k)] * inv1));
+    const float h = rt<T>(__ldcg(src + k) + n);
+    if (store != nullptr && blockIdx.x == 0) store[k] = h;
+    xs[xp(k)] = h;
+    hh += h * h;
+  }
+  const float inv2 = rsqrtf(block_sum(hh, red) / K + eps);
+  for (int k = threadIdx.x; k < K; k += THREADS)
+    xs[xp(k)] = rt<T>(static_cast<float>(n2[k]) * rt<T>(xs[xp(k)] * inv2));
+  __syncthreads();
+}
+
+// The MLP's act(gate) * up from gate and up already in T, each op rounded to
+// T as MLX's compiled activations do: silu, or (GELU) gelu_tanh,
+// 0.5 g (1 + tanh(c (g + k g^3))) with c and k in T.
+template <typename T, bool GELU>
+__device__ __forceinline__ float mlp_act(float g, float u) {
+  if constexpr (GELU) {
+    const float c = rt<T>(0.7978845608028654f), k = rt<T>(0.044715f);
+    const float inner = rt<T>(c * rt<T>(g + rt<T>(k * rt<T>(g * rt<T>(g * g)))));
+    return rt<T>(rt<T>(rt<T>(0.5f * g) * rt<T>(1.0f + rt<T>(tanhf(inner)))) * u);
+  } else {
+    const float sg = rt<T>(1.0f / (1.0f + __expf(-g)));
+    return rt<T>(rt<T>(g * sg) * u);
+  }
+}
+
 // Value k of token `tok`'s embedding row (D values; BITS: MLX's affine
 // layout, as the model's dequantize rounds it to T).
 template <typename T, int BITS, int GS>
@@ -565,14 +617,16 @@ __device__ __forceinline__ float embed_value(const Lin<T>& E, int tok, int k, in
   return static_cast<float>(reinterpret_cast<const T*>(E.w)[(size_t)tok * D + k]);
 }
 
-// The embedding row of token `tok` into the residual stream x (every block
-// writes the same values) and, normalized, into xs.
+// The embedding row of token `tok` (times es, already in T, unless es is 0:
+// Gemma's sqrt(D)) into the residual stream x (every block writes the same
+// values) and, normalized, into xs.
 template <typename T, int BITS, int GS>
 __device__ __forceinline__ void embed(const Lin<T>& E, int tok, int D, float* x, const T* nw,
-                                      float eps, float* xs, float* red) {
+                                      float eps, float* xs, float* red, float es = 0.0f) {
   float ss = 0.0f;
   for (int k = threadIdx.x; k < D; k += THREADS) {
-    const float v = embed_value<T, BITS, GS>(E, tok, k, D);
+    float v = embed_value<T, BITS, GS>(E, tok, k, D);
+    if (es != 0.0f) v = rt<T>(v * es);
     x[k] = v;
     xs[xp(k)] = v;
     ss += v * v;
@@ -729,11 +783,11 @@ __device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM, bool SPLIT>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, bool SPLIT, bool GEMMA>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
-                            float qk_eps, float scale, float* scratch, T* logits, unsigned* bar,
-                            unsigned* tm) {
+                            float qk_eps, float scale, float escale, float* scratch, T* logits,
+                            unsigned* bar, unsigned* tm) {
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
   constexpr int XW = SPLIT ? D : (D > FF ? D : FF);   // the widest product input in xs
   constexpr int XMAX = XW > NQ * HD ? XW : NQ * HD;
@@ -761,6 +815,12 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   float* ysum = part + ((size_t)NQ * maxt * (HD + 2) + 3) / 4 * 4;   // SPLIT: down's sums [D]
                                                // (16-byte aligned for x_issue)
   float* xalt = ysum + D;                      // SPLIT: odd layers' residual stream [D]
+  // GEMMA: a layer's input is x, its residual after attention x2 (block 0
+  // writes each in the phase after the one whose output joins it: the norms
+  // need that output whole); ob: o_proj's output, yo: down's (not SPLIT)
+  float* x2 = xalt + D;
+  float* ob = x2 + D;
+  float* yo = ob + D;
   __shared__ __align__(16) float hs[SPLIT ? S + S / 8 + 8 : 1];   // a slice's MLP state
   Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), tm,
                                (SPLIT ? 4 : 5) * NL);
@@ -772,13 +832,18 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     const unsigned long long* t = table + l * PL;
     // SPLIT: the residual alternates between two buffers, layer l's A adding
     // down's sums of layer l - 1 to the other one (which others still read)
-    float* xr = SPLIT && (l & 1) ? xalt : x;
+    float* xr = !GEMMA && SPLIT && (l & 1) ? xalt : x;
     // -- A: RMSNorm -> q, k, v (+ bias)
     const float* asrc = SPLIT && !(l & 1) ? xalt : x;   // (SPLIT: the other buffer's + ysum)
-    const bool ea = l > 0 && x_issue<T, D>(asrc, ptr<T>(t[0]), SPLIT ? ysum : nullptr, xs, ys, ws);
+    const bool ea = !GEMMA && l > 0 &&
+                    x_issue<T, D>(asrc, ptr<T>(t[0]), SPLIT ? ysum : nullptr, xs, ys, ws);
     auto ldx_a = [&] {
       if (l == 0)
-        embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red);
+        embed<T, EBITS, EGS>(lin<T>(top), tok_p[0], D, x, ptr<T>(t[0]), eps, xs, red,
+                             GEMMA ? escale : 0.0f);
+      else if (GEMMA)   // the previous layer's down output, post-norm, joins x2 into x
+        load_sandwich<T, D>(x2, SPLIT ? ysum : yo, ptr<T>(t[29 - PL]), ptr<T>(t[0]), eps, xs,
+                            red, x);
       else
         x_finish<T, D>(ea, asrc, ptr<T>(t[0]), eps, xs, red, SPLIT ? ysum : nullptr,
                        SPLIT ? xr : nullptr, ys, ws);
@@ -809,7 +874,22 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     // the chunk's partials there -- into the head's output when the head is
     // one chunk, else into the chunk's partial, merged with the head's other
     // chunks through L2 by the block that finishes last
-    const int ntile = pos / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
+    // the cache slots attended over, [0, nslot), and the new key's, wslot:
+    // positions 0 .. pos in their own slots, but in a Gemma sliding layer's
+    // full ring (the table's window, and rotation: slot (p - rot) mod W),
+    // whose W slots hold the window once the new key replaces the oldest
+    int nslot = pos + 1, wslot = pos;
+    if constexpr (GEMMA) {
+      const int wl = static_cast<int>(t[PL - 2]);
+      if (wl > 0 && pos >= wl) {
+        nslot = wl;
+        wslot = (pos - static_cast<int>(t[PL - 1])) % wl;
+      }
+    }
+    // (written out for the other models, whose kernels keep their registers)
+    auto is_old = [&](int p) { return GEMMA ? p < nslot && p != wslot : p < pos; };
+    auto is_new = [&](int p) { return GEMMA ? p == wslot : p == pos; };
+    const int ntile = (GEMMA ? nslot - 1 : pos) / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
       float* sp = xs + 3 * WARPS * HD;         // the chunk's partials [WARPS][HD + 2]
@@ -817,7 +897,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       for (int it = blockIdx.x; it < NQ * nch; it += gridDim.x) {
         const int h = it / nch, ch = it % nch, tile = ch * WARPS + warp, j = h / GROUP;
         const int ntl = min(WARPS, ntile - ch * WARPS);   // tiles in this chunk
-        const bool last = tile == ntile - 1;   // holds position pos: the new k/v
+        const bool last = tile == (GEMMA ? wslot : pos) / 32;   // holds the new k/v
         if (warp < ntl) {
           for (int d = lane; d < HD; d += 32) {
             qw[d] = __ldcg(qkv + h * HD + d);
@@ -831,14 +911,20 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
             head_norm<T, HD>(qw, ptr<T>(t[13]), qk_eps);
             if (last) head_norm<T, HD>(qw + HD, ptr<T>(t[14]), qk_eps);
           }
-          rope<T, HD>(qw, inv_freq, pos);
-          if (last) rope<T, HD>(qw + HD, inv_freq, pos);
-          T* kl = kc[l] + (size_t)j * cap * HD;
-          T* vl = vc[l] + (size_t)j * cap * HD;
+          // (Gemma: each layer's own frequencies; the others' rows are all alike,
+          // and an index per layer costs the kernel registers)
+          const float* fl = GEMMA ? inv_freq + l * (HD / 2) : inv_freq;
+          rope<T, HD>(qw, fl, pos);
+          if (last) rope<T, HD>(qw + HD, fl, pos);
+          // this layer's cache capacity (Gemma: its sliding layers' rings
+          // differ from the global layers' buffers; the others' are alike)
+          const size_t capl = GEMMA ? t[PL - 3] : cap;
+          T* kl = kc[l] + j * capl * HD;
+          T* vl = vc[l] + j * capl * HD;
           if (last && h % GROUP == 0)
             for (int d = lane; d < HD; d += 32) {
-              kl[(size_t)pos * HD + d] = static_cast<T>(qw[HD + d]);
-              vl[(size_t)pos * HD + d] = static_cast<T>(qw[2 * HD + d]);
+              kl[(size_t)(GEMMA ? wslot : pos) * HD + d] = static_cast<T>(qw[HD + d]);
+              vl[(size_t)(GEMMA ? wslot : pos) * HD + d] = static_cast<T>(qw[2 * HD + d]);
             }
           // the tile's first values issued before its keys (they do not
           // depend on the scores), so their round trip overlaps the keys'
@@ -851,21 +937,21 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #pragma unroll
             for (int j = 0; j < BATCH; ++j) {
               const int pp = tile * 32 + pg + j * PPI;
-              if (pp < pos) v0[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
+              if (is_old(pp)) v0[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
             }
           }
           // scores: lane i scores position tile * 32 + i
           const int p = tile * 32 + lane;
           float s = neg_inf();
-          if (p < pos) {
+          if (is_old(p)) {
             s = key_dot<T, HD, false>(qw, kl + (size_t)p * HD) * scale;
-          } else if (p == pos) {
+          } else if (is_new(p)) {
             float a = 0.0f;
             for (int d = 0; d < HD; ++d) a = fmaf(qw[d], qw[HD + d], a);
             s = a * scale;
           }
           const float m = warp_max(s);
-          const float e = p <= pos ? __expf(s - m) : 0.0f;
+          const float e = (GEMMA ? p < nslot : p <= pos) ? __expf(s - m) : 0.0f;
           const float sum = warp_sum(e);
           if constexpr (VBATCH) {
             // lanes over (position group, chunk): every value load of the tile
@@ -882,7 +968,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
                 const int pp = tile * 32 + pg + (j0 + j) * PPI;
                 if (j0 == 0)
                   vq[j] = v0[j];
-                else if (pp < pos)
+                else if (is_old(pp))
                   vq[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
               }
 #pragma unroll
@@ -892,8 +978,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
                 const T* vv = reinterpret_cast<const T*>(&vq[j]);
 #pragma unroll
                 for (int k = 0; k < KV; ++k) {
-                  const float val = pp < pos ? static_cast<float>(vv[k])
-                                             : (pp == pos ? qw[2 * HD + c * KV + k] : 0.0f);
+                  const float val = is_old(pp) ? static_cast<float>(vv[k])
+                                               : (is_new(pp) ? qw[2 * HD + c * KV + k] : 0.0f);
                   a[k] = fmaf(ei, val, a[k]);
                 }
               }
@@ -906,7 +992,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #pragma unroll
               for (int k = 0; k < KV; ++k) pt[c * KV + k] = a[k];
           } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
-            const int n = min(32, pos + 1 - tile * 32);
+            const int n = min(32, (GEMMA ? nslot : pos + 1) - tile * 32);
             float acc[DPL];
 #pragma unroll
             for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
@@ -918,7 +1004,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
               for (int c = 0; c < DPL; ++c) {
                 const int d = lane + 32 * c;
                 if (d < HD) {
-                  const float vv = pp == pos ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
+                  const float vv = is_new(pp) ? qw[2 * HD + d] : static_cast<float>(vl[(size_t)pp * HD + d]);
                   acc[c] = fmaf(ei, vv, acc[c]);
                 }
               }
@@ -958,7 +1044,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       const Lin<T> o = lin<T>(t + 15);
       product<T, BITS, GS, NQ * HD>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
                                     ldx_c, [&](int r, float s) {
-                                      if (lane == 0) xr[r] = rt<T>(__ldcg(xr + r) + rt<T>(s));
+                                      if (lane != 0) return;
+                                      if (GEMMA) ob[r] = rt<T>(s);
+                                      else xr[r] = rt<T>(__ldcg(xr + r) + rt<T>(s));
                                     });
       if (SPLIT && blockIdx.x == gridDim.x - 1)   // (read last by this layer's A)
         for (int k = threadIdx.x; k < D; k += THREADS) ysum[k] = 0.0f;
@@ -971,11 +1059,14 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       // -- D+E: RMSNorm -> gate, up -> silu(gate) * up -> down, a block per
       // slice of S hidden rows; its share of down goes to ysum (atomics)
       bool loaded = false;
-      const bool ed = x_issue<T, D>(xr, ptr<T>(t[18]), nullptr, xs, ys, ws);
+      const bool ed = !GEMMA && x_issue<T, D>(xr, ptr<T>(t[18]), nullptr, xs, ys, ws);
       auto ldx_de = [&] {
         if (!loaded) {
           loaded = true;
-          x_finish<T, D>(ed, xr, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
+          if (GEMMA)   // o_proj's output, post-norm, joins x into x2
+            load_sandwich<T, D>(x, ob, ptr<T>(t[28]), ptr<T>(t[18]), eps, xs, red, x2);
+          else
+            x_finish<T, D>(ed, xr, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
           if (threadIdx.x == 0) clock_mid(sync);
         }
       };
@@ -986,9 +1077,16 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         product_pair<T, BITS, GS, D>(rows_from<T, BITS, GS, D>(g, s0),
                                      rows_from<T, BITS, GS, D>(u, s0), S, warp, WARPS, xs,
                                      ldx_de, [&](int r, float gs, float us) {
-          const float gv = rt<T>(gs), uv = rt<T>(us);
-          const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
-          if (lane == 0) hs[xp(r)] = rt<T>(rt<T>(gv * sg) * uv);
+          // (GEMMA apart, the order of the kernel before it: otherwise ptxas
+          // spills 20 bytes in Llama-3.2-1B's bf16 kernel)
+          if constexpr (GEMMA) {
+            const float h = mlp_act<T, true>(rt<T>(gs), rt<T>(us));
+            if (lane == 0) hs[xp(r)] = h;
+          } else {
+            const float gv = rt<T>(gs), uv = rt<T>(us);
+            const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
+            if (lane == 0) hs[xp(r)] = rt<T>(rt<T>(gv * sg) * uv);
+          }
         });
         __syncthreads();
         for (int d = threadIdx.x; d < D; d += THREADS) {
@@ -1016,17 +1114,19 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
       grid_sync(sync);
       // -- D: RMSNorm -> gate, up -> silu(gate) * up
-      const bool ed = x_issue<T, D>(x, ptr<T>(t[18]), nullptr, xs, ys, ws);
+      const bool ed = !GEMMA && x_issue<T, D>(x, ptr<T>(t[18]), nullptr, xs, ys, ws);
       auto ldx_d = [&] {
-        x_finish<T, D>(ed, x, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
+        if (GEMMA)
+          load_sandwich<T, D>(x, ob, ptr<T>(t[28]), ptr<T>(t[18]), eps, xs, red, x2);
+        else
+          x_finish<T, D>(ed, x, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
         if (threadIdx.x == 0) clock_mid(sync);
       };
       {
         const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
         product_pair<T, BITS, GS, D>(g, u, FF, gw, nw, xs, ldx_d, [&](int r, float gs, float us) {
-          const float gv = rt<T>(gs), uv = rt<T>(us);
-          const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
-          if (lane == 0) hid[r] = rt<T>(rt<T>(gv * sg) * uv);
+          const float h = mlp_act<T, GEMMA>(rt<T>(gs), rt<T>(us));
+          if (lane == 0) hid[r] = h;
         });
       }
       prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
@@ -1040,7 +1140,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         const Lin<T> dn = lin<T>(t + 25);
         product<T, BITS, GS, FF>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = dn; return r; },
                                  ldx_e, [&](int r, float s) {
-                                   if (lane == 0) x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
+                                   if (lane != 0) return;
+                                   if (GEMMA) yo[r] = rt<T>(s);
+                                   else x[r] = rt<T>(__ldcg(x + r) + rt<T>(s));
                                  });
       }
     }
@@ -1059,9 +1161,15 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   }
   // -- the final norm and the output head
   const float* hsrc = SPLIT && ((NL - 1) & 1) ? xalt : x;
-  const bool eh = x_issue<T, D>(hsrc, ptr<T>(top[3]), SPLIT ? ysum : nullptr, xs, ys, ws);
+  const bool eh = !GEMMA &&
+                  x_issue<T, D>(hsrc, ptr<T>(top[3]), SPLIT ? ysum : nullptr, xs, ys, ws);
   auto ldx_h = [&] {
-    x_finish<T, D>(eh, hsrc, ptr<T>(top[3]), eps, xs, red, SPLIT ? ysum : nullptr, nullptr, ys, ws);
+    if (GEMMA)   // the last layer's down output, post-norm, joins x2
+      load_sandwich<T, D>(x2, SPLIT ? ysum : yo, ptr<T>(top[29 - PL]), ptr<T>(top[3]), eps, xs,
+                          red, nullptr);
+    else
+      x_finish<T, D>(eh, hsrc, ptr<T>(top[3]), eps, xs, red, SPLIT ? ysum : nullptr, nullptr,
+                     ys, ws);
   };
   const Lin<T> head = lin<T>(top + 4);
   product<T, EBITS, EGS, D>(V, gw, nw, xs, [&](int r, Lin<T>* L) { *L = head; return r; },
@@ -1264,12 +1372,12 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
       for (int d = lane; d < HD; d += 32) v[d] = __ldcg(src + d);
       __syncwarp();
       if (QK_NORM) head_norm<T, HD>(v, ptr<T>(t[hh < NQ ? 13 : 14]), qk_eps);
-      rope<T, HD>(v, inv_freq, pos + m);
+      rope<T, HD>(v, inv_freq, pos + m);   // (the layers' rows are alike: not Gemma)
       if (hh < NQ) {
         for (int d = lane; d < HD; d += 32) src[d] = v[d];
       } else {
         const int j = hh - NQ;
-        const size_t at = ((size_t)j * cap + pos + m) * HD;
+        const size_t at = ((size_t)j * t[PL - 3] + pos + m) * HD;
         const float* vs = qkv + m * NQKV + (NQ + NKV + j) * HD;
         for (int d = lane; d < HD; d += 32) {
           kc[l][at + d] = static_cast<T>(v[d]);
@@ -1291,8 +1399,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         float* qv = hv[warp];                   // the rotated q (phase B1)
         for (int d = lane; d < HD; d += 32) qv[d] = __ldcg(qkv + m * NQKV + h * HD + d);
         __syncwarp();
-        const T* kl = kc[l] + (size_t)j * cap * HD;
-        const T* vl = vc[l] + (size_t)j * cap * HD;
+        const T* kl = kc[l] + j * t[PL - 3] * HD;
+        const T* vl = vc[l] + j * t[PL - 3] * HD;
         const int p = tile * 32 + lane;
         float s = neg_inf();
         if (p <= last) s = key_dot<T, HD, true>(qv, kl + (size_t)p * HD) * scale;
@@ -1343,9 +1451,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         if (lane == 0)
 #pragma unroll
           for (int m = 0; m < M; ++m) {
-            const float a = rt<T>(gv[m]), b = rt<T>(uv[m]);
-            const float sg = rt<T>(1.0f / (1.0f + __expf(-a)));
-            hid[m * FF + r] = rt<T>(rt<T>(a * sg) * b);
+            hid[m * FF + r] = mlp_act<T, false>(rt<T>(gv[m]), rt<T>(uv[m]));
           }
       }
     }
@@ -1387,14 +1493,16 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
 // ---- host side --------------------------------------------------------------
 
 // Entries of the pointer table per layer (the device code's PL) and at its end.
-constexpr int kStepPerLayer = 28;
+constexpr int kStepPerLayer = 33;
 constexpr int kStepGlobal = 7;
 
 // One entry of the table: the address of row `row0` of an array (a fused
-// weight's later parts start past row 0), or 0 when a is null (absent).
+// weight's later parts start past row 0), or `value` when a is null (0: an
+// absent weight).
 struct StepPtr {
   const mx::array* a = nullptr;
   int row0 = 0;
+  long long value = 0;             // the entry when a is null (a count, not an address)
 };
 
 // A model's shapes for the kernel (one compiled kernel per distinct config).
@@ -1404,7 +1512,9 @@ struct StepConfig {
   int ebits = 0, egs = 0;          // the embedding's (and the head's) own format
   int D = 0, NQ = 0, NKV = 0, HD = 0, FF = 0, V = 0, L = 0;
   bool qkv_bias = false, qk_norm = false;
+  bool gemma = false;              // Gemma 3's block (decode_step's GEMMA)
   float eps = 1e-5f, qk_eps = 1e-6f, scale = 1.0f;
+  float embed_scale = 0.0f;        // the embedding's factor in the model's dtype (0: none)
 };
 
 // Bytes of decode_step's static shared memory (its __shared__ arrays: xs,
@@ -1574,7 +1684,8 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
       kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
     throw std::invalid_argument("decode step kernel: table or cache size");
-  int cap = kbuf[0].shape(2);
+  int cap = 0;                                  // the largest layer's (scratch for attention)
+  for (auto& k : kbuf) cap = std::max(cap, k.shape(2));
   // weights first evaluated (a no-op once they are)
   std::vector<mx::array> pending;
   for (auto& e : entries)
@@ -1587,7 +1698,11 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
         throw std::invalid_argument("decode step kernel: a weight is not row-contiguous");
       size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
       table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
+    } else {
+      table[i] = static_cast<uint64_t>(entries[i].value);
     }
+  for (int l = 0; l < c.L; ++l)   // each layer's cache capacity (sliding layers' rings differ)
+    table[static_cast<size_t>(l + 1) * kStepPerLayer - 3] = kbuf[l].shape(2);
   if (table != st.host) {
     st.table = mx::copy(mx::array(reinterpret_cast<const uint64_t*>(table.data()),
                                   {static_cast<int>(table.size())}, mx::uint64));
@@ -1614,10 +1729,11 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
         (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
                 "QKV_BIAS, QK_NORM, M>(\n"
               : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, SPLIT>(\n") +
+                "QKV_BIAS, QK_NORM, SPLIT, GEMMA>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
-        "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n"
+        "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n" +
+        (smem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
         "      scratch, logits, const_cast<unsigned*>(bar)" +
         (smem ? std::string() : timed ? ", timing" : ", nullptr") + ");\n";
     std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L) +
@@ -1647,7 +1763,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
                                prev ? *prev : st.state};
   for (auto& k : kbuf) in.push_back(k);
   for (auto& v : vbuf) in.push_back(v);
-  int scratch = 2 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
+  int scratch = 5 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4;   // (+4: ysum 16-byte aligned)
   int blocks = step_grid_blocks();
   const bool split = M == 1 && step_split(c, blocks);
@@ -1665,7 +1781,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
-       {"SPLIT", split}},
+       {"SPLIT", split}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
       std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());

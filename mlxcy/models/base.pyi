@@ -113,6 +113,10 @@ def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""
 
+def gpu_step_plan(m: Model, cache: Cache, positions: int = 1) -> dict[str, Any] | None:
+    """What the one-kernel GPU step would be given for a step of `positions`
+    tokens over cache, on any device (tests): None where it would not run,
+    else gemma, embed_scale, inv_freq, entries, offset and caps."""
 def gpu_step_timing(m: Model) -> Any:
     """The clock readings of m's last one-kernel decode step (numpy uint32,
     [2 + 2 * barriers, blocks]: each block's start, arrival at and release
@@ -158,6 +162,9 @@ class Model:
     ) -> Array:
         """Logits [B, L, vocab] for token ids [B, L] or [L] (an Array of ids is
         read back to check it against the vocabulary, which waits for it)."""
+    def step_form(self) -> tuple[bool, float] | None:
+        """What the one-kernel GPU step must know of this class's forward:
+        (gemma, the embedding's factor), or None when it does not run it."""
     def build_block(self, W: Weights, cfg: ModelConfig, i: int) -> Block: ...
     def fuse(self) -> Self:
         """Fuse each block's q/k/v and gate/up weights (inference only); returns the model."""

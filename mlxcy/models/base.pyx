@@ -732,7 +732,8 @@ cdef Array _ids_array(object ids, int vocab):
 # ------------------------------------------------- the one-kernel GPU step ---
 # On a CUDA GPU a one-token step of one sequence over KV caches runs as a
 # single kernel launch (include/mlxcy/gpu_step.h) when the model is a plain
-# pre-norm decoder (Llama/Mistral without a sliding window, Qwen2, Qwen3) in
+# pre-norm decoder (Llama/Mistral without a sliding window, Qwen2, Qwen3) or
+# Gemma 3 (its sliding layers' rings growing or full) in
 # bfloat16/float16/float32 or MLX's 4/8-bit layout; anything else takes the
 # op-by-op path below.  set_gpu_decode_step(False) turns it off (A/B runs).
 
@@ -781,6 +782,11 @@ def set_gpu_step_split(mode):
     return None if old < 0 else bool(old)
 
 
+def step_table_per_layer():
+    """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
+    return ngs.kStepPerLayer
+
+
 def gpu_decode_steps():
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""
@@ -808,6 +814,7 @@ cdef class _GpuStep:
     counters, position, pointer table)."""
     cdef ngs.StepConfig cfg
     cdef ngs.StepState st
+    cdef object inv_freq             # the rotary table it was given (numpy, a row per layer)
 
     def __cinit__(self):
         self.cfg = ngs.StepConfig()     # (cpp_locals: C++ members start unset)
@@ -820,8 +827,10 @@ cdef bint _plain(Linear l) noexcept:
 
 cdef object _plan_gpu_step(Model m):
     """A _GpuStep for m, or False when its layers are not what the kernel runs."""
-    if type(m) is not Model or not m.layers:
+    form = m.step_form()
+    if form is None or not m.layers:
         return False
+    cdef bint gemma = form[0]
     cdef Block b0 = <Block>m.layers[0]
     cdef Attention a0 = b0.attn
     cdef _GpuStep p = _GpuStep()
@@ -844,6 +853,8 @@ cdef object _plan_gpu_step(Model m):
     p.cfg.qk_eps = a0.q_norm.eps if a0.q_norm is not None else 1e-6
     cdef Linear first = a0.qkv_proj if a0.qkv_proj is not None else a0.q_proj
     p.cfg.qkv_bias = first is not None and first.bias != NULL
+    p.cfg.gemma = gemma
+    p.cfg.embed_scale = _in_dtype(form[1], p.cfg.dtype) if form[1] else 0.0
     if ngs.step_config_problem(p.cfg).size() != 0:
         return False
     if not _embed_fits(m.embed, p) or (m.lm_head is not None and
@@ -852,29 +863,45 @@ cdef object _plan_gpu_step(Model m):
     cdef Block b
     cdef Attention a
     for blk in m.layers:
-        if type(blk) is not Block:
+        if type(blk) is not Block and not gemma:
             return False
         b = <Block>blk
         a = b.attn
-        if (a.softcap > 0 or a.window != 0 or b.mlp.gelu or b.pre_ff_norm is not None
-                or b.post_ff_norm is not None or a.rope.dyn_factor > 0
+        # Gemma: its sandwich norms and GELU in every block (step_form checked
+        # the blocks' type); its sliding windows are checked per step
+        if (a.softcap > 0 or (a.window != 0 and not gemma) or b.mlp.gelu != gemma
+                or (b.pre_ff_norm is None) == gemma or (b.post_ff_norm is None) == gemma
+                or a.rope.dyn_factor > 0
                 or a.rope.dims != a.head_dim or a.n_heads != p.cfg.NQ
                 or a.n_kv_heads != p.cfg.NKV or a.head_dim != p.cfg.HD or a.scale != p.cfg.scale
                 or (a.q_norm is not None) != p.cfg.qk_norm
-                or b.input_norm.eps != p.cfg.eps or b.post_attn_norm.eps != p.cfg.eps):
+                or b.input_norm.eps != p.cfg.eps or b.post_attn_norm.eps != p.cfg.eps
+                or (gemma and (b.pre_ff_norm.eps != p.cfg.eps
+                               or b.post_ff_norm.eps != p.cfg.eps))):
             return False
     if m.norm.eps != p.cfg.eps:
         return False
-    # RoPE: theta_i = pos * inv_freq[i], scale folded in (as Rope.apply's MLX call)
-    cdef Rope r = a0.rope
-    cdef int half = p.cfg.HD // 2
-    if r.freqs != NULL:
-        inv = r.scale / np.asarray(wrap(new na.array(r.freqs[0])), dtype=np.float64)
-    else:
-        inv = r.scale * np.power(float(r.base), -np.arange(half, dtype=np.float64) * 2 / r.dims)
-    cdef Array fa = to_array(inv.astype(np.float32))     # (held: handle() borrows)
+    # RoPE, a row per layer (Gemma's sliding layers have their own base):
+    # theta_i = pos * inv_freq[i], scale folded in (as Rope.apply's MLX call)
+    inv = np.stack([_inv_freq((<Block>blk).attn.rope, p.cfg.HD // 2) for blk in m.layers])
+    if not gemma and (inv != inv[0]).any():
+        return False           # (the kernel reads one row but for Gemma)
+    p.inv_freq = inv.astype(np.float32)
+    cdef Array fa = to_array(p.inv_freq)     # (held: handle() borrows)
     ngs.step_init(p.st, handle(fa)[0])
     return p
+
+
+cdef float _in_dtype(double v, na.Dtype dt):
+    """v rounded to dt, as nnn.scalar(v, dt) holds it."""
+    cdef Array a = wrap(heap(nnn.astype(nnn.scalar(v, dt), na.float32)))
+    return float(np.asarray(a))
+
+
+cdef object _inv_freq(Rope r, int half):
+    if r.freqs != NULL:
+        return r.scale / np.asarray(wrap(new na.array(r.freqs[0])), dtype=np.float64)
+    return r.scale * np.power(float(r.base), -np.arange(half, dtype=np.float64) * 2 / r.dims)
 
 
 cdef bint _format_fits(_GpuStep p, bint quantized, int bits, int group_size,
@@ -923,6 +950,12 @@ cdef inline void _put(vector[ngs.StepPtr]& e, const na.array* a, int row0) noexc
     e.push_back(s)
 
 
+cdef inline void _put_value(vector[ngs.StepPtr]& e, long long v) noexcept:
+    cdef ngs.StepPtr s = ngs.StepPtr()
+    s.value = v
+    e.push_back(s)
+
+
 cdef void _put_linear(vector[ngs.StepPtr]& e, Linear l, int row0) noexcept:
     _put(e, l.weight, row0)
     _put(e, l.scales if l.quantized else NULL, row0)
@@ -930,8 +963,9 @@ cdef void _put_linear(vector[ngs.StepPtr]& e, Linear l, int row0) noexcept:
 
 
 cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
-    """Append the 28 table entries of block b (gpu_step.h's layout); False if
-    a layer does not fit (LoRA attached, freed, another format)."""
+    """Append the 30 weight entries of block b (gpu_step.h's layout; the
+    layer's 3 cache values follow them); False if a layer does not fit (LoRA
+    attached, freed, another format)."""
     cdef Attention a = b.attn
     cdef MLP m = b.mlp
     cdef int D = p.cfg.D, nq = p.cfg.NQ * p.cfg.HD, nk = p.cfg.NKV * p.cfg.HD, FF = p.cfg.FF
@@ -939,7 +973,13 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
     cdef Linear l
     cdef int r0[3]
     r0[0], r0[1], r0[2] = 0, nq, nq + nk
-    if not _norm_fits(b.input_norm, p, D) or not _norm_fits(b.post_attn_norm, p, D):
+    # the MLP's input norm (Gemma's pre_ff_norm), and Gemma's norms of o_proj's
+    # and down's outputs
+    cdef RMSNorm mlp_norm = b.pre_ff_norm if p.cfg.gemma else b.post_attn_norm
+    if not _norm_fits(b.input_norm, p, D) or not _norm_fits(mlp_norm, p, D):
+        return False
+    if p.cfg.gemma and (not _norm_fits(b.post_attn_norm, p, D)
+                        or not _norm_fits(b.post_ff_norm, p, D)):
         return False
     _put(e, b.input_norm.weight, 0)
     if a.qkv_proj is not None:
@@ -969,7 +1009,7 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
     if not _fits(a.o_proj, p, nq, D) or a.o_proj.bias != NULL:
         return False
     _put_linear(e, a.o_proj, 0)
-    _put(e, b.post_attn_norm.weight, 0)
+    _put(e, mlp_norm.weight, 0)
     if m.gate_up_proj is not None:
         if not _fits(m.gate_up_proj, p, D, 2 * FF) or m.gate_up_proj.bias != NULL:
             return False
@@ -984,6 +1024,8 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
     if not _fits(m.down_proj, p, FF, D) or m.down_proj.bias != NULL:
         return False
     _put_linear(e, m.down_proj, 0)
+    _put(e, b.post_attn_norm.weight if p.cfg.gemma else NULL, 0)
+    _put(e, b.post_ff_norm.weight if p.cfg.gemma else NULL, 0)
     return True
 
 
@@ -999,41 +1041,74 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
             or na.dtype_code(ids.dtype()) != na.dtype_code(na.int32)
             or not ngs.cuda_default_device()):
         return False
+    if _gpu_step_thread != 0 and _gpu_step_thread != pthread_self():
+        return False
+    cdef int M = ids.shape(1), off = -1
+    cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
+    cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
+    if not _step_inputs(m, cache, M, e, ks, vs, &off):
+        return False
+    _gpu_step_thread = pthread_self()
+    cdef _GpuStep p = <_GpuStep>m.gpu_step
+    out[0] = heap(ngs.step_decode(p.cfg, e, p.st, ids, ks, vs, off))
+    cdef int i = 0
+    cdef LayerCache lc
+    cdef RotatingKVCache rc
+    for c in cache.layers:      # the buffers, now depending on the kernel that writes them
+        lc = <LayerCache>c
+        lc.keys[0] = ks[i]
+        lc.values[0] = vs[i]
+        lc.offset = off + M
+        if type(c) is RotatingKVCache:    # (one position, at slot idx: _step_cache)
+            rc = <RotatingKVCache>c
+            rc.filled = min(rc.filled + M, rc.window)
+            rc.idx = (rc.idx + M) % rc.window
+        i += 1
+    _gpu_steps += 1
+    return True
+
+
+cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
+                       vector[na.array]& ks, vector[na.array]& vs, int* off) except -1:
+    """What a step of M positions over cache gives the kernel: the pointer
+    table's entries, every layer's key and value buffers and the position;
+    False when the kernel does not run the model or these caches (m.gpu_step:
+    the plan, made on the first call)."""
     if m.gpu_step is None:
         m.gpu_step = _plan_gpu_step(m)
     if m.gpu_step is False:
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
-    cdef int M = ids.shape(1)
-    if M > ngs.step_max_positions(p.cfg):
+    if M > ngs.step_max_positions(p.cfg) or (M > 1 and p.cfg.gemma):
         return False
-    if _gpu_step_thread == 0:
-        _gpu_step_thread = pthread_self()
-    elif _gpu_step_thread != pthread_self():
-        return False
-    cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
     cdef LayerCache lc
-    cdef int off = -1, cap = -1
-    for c in cache.layers:
-        if type(c) is not KVCache:
+    cdef int cap = -1, rot
+    cdef vector[int] rots = vector[int](), windows = vector[int]()
+    if len(cache.layers) != len(m.layers):
+        return False
+    for c, blk in zip(cache.layers, m.layers):
+        rot = _step_cache(c, (<Block>blk).attn.window, p, m.dtype_code, M)
+        if rot < 0:
             return False
+        rots.push_back(rot)
+        windows.push_back((<LayerCache>c).window)     # (0 for a KVCache)
         lc = <LayerCache>c
-        if lc.keys == NULL or lc.keys.ndim() != 4 or lc.keys.shape(0) != 1 \
-                or lc.keys.shape(1) != p.cfg.NKV or lc.keys.shape(3) != p.cfg.HD \
-                or na.dtype_code(lc.keys.dtype()) != m.dtype_code \
-                or na.dtype_code(lc.values.dtype()) != m.dtype_code:
-            return False
-        if off < 0:
-            off, cap = lc.offset, lc.keys.shape(2)
-        if lc.offset != off or lc.keys.shape(2) != cap or lc.values.shape(2) != cap \
-                or off + M > cap:
+        if off[0] < 0:
+            off[0], cap = lc.offset, lc.keys.shape(2)
+        # every layer at one position; one capacity but for Gemma's (the
+        # kernel reads each layer's)
+        if lc.offset != off[0] or (lc.keys.shape(2) != cap and not p.cfg.gemma):
             return False
         ks.push_back(lc.keys[0])
         vs.push_back(lc.values[0])
-    cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
+    cdef int i = 0
     for b in m.layers:
         if not _layer_entries(e, <Block>b, p):
             return False
+        _put_value(e, 0)              # the capacity: step_decode's, from the buffers
+        _put_value(e, windows[i])     # a ring's window and rotation (gpu_step.h, attention)
+        _put_value(e, rots[i])
+        i += 1
     if not _embed_fits(m.embed, p) or not _norm_fits(m.norm, p, p.cfg.D):
         return False
     _put(e, m.embed.weight, 0)
@@ -1048,16 +1123,73 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
         _put(e, m.embed.weight, 0)
         _put(e, m.embed.scales if m.embed.quantized else NULL, 0)
         _put(e, m.embed.qbiases if m.embed.quantized else NULL, 0)
-    out[0] = heap(ngs.step_decode(p.cfg, e, p.st, ids, ks, vs, off))
-    cdef int i = 0
-    for c in cache.layers:      # the buffers, now depending on the kernel that writes them
-        lc = <LayerCache>c
-        lc.keys[0] = ks[i]
-        lc.values[0] = vs[i]
-        lc.offset = off + M
-        i += 1
-    _gpu_steps += 1
     return True
+
+
+def gpu_step_plan(Model m, Cache cache, int positions=1):
+    """What the one-kernel GPU step would be given for a step of `positions`
+    tokens over cache, on any device (tests): None where it would not run,
+    else a dict -- gemma, embed_scale (in the model's dtype), inv_freq (a
+    row per layer), entries (the pointer table's length), offset and caps
+    (each layer's cache capacity), windows and rotations (each sliding
+    layer's ring: slot (p - rotation) mod window holds position p; 0 for the
+    others); table (each entry's (Array or None, row0, value)), keys and
+    values (each layer's buffers) and config (the StepConfig's shapes and
+    constants): what tools/emulate_gpu_step.py runs the kernel's code on."""
+    cdef int off = -1
+    cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
+    cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
+    if not _step_inputs(m, cache, positions, e, ks, vs, &off):
+        return None
+    cdef _GpuStep p = <_GpuStep>m.gpu_step
+    cdef int P = ngs.kStepPerLayer
+    cdef size_t j
+    table = [(wrap(new na.array(e[j].a[0])) if e[j].a != NULL else None, e[j].row0, e[j].value)
+             for j in range(e.size())]
+    return dict(gemma=p.cfg.gemma, embed_scale=p.cfg.embed_scale, inv_freq=p.inv_freq,
+                entries=e.size(), offset=off, caps=[ks[i].shape(2) for i in range(ks.size())],
+                windows=[e[(i + 1) * P - 2].value for i in range(ks.size())],
+                rotations=[e[(i + 1) * P - 1].value for i in range(ks.size())], table=table,
+                keys=[wrap(new na.array(ks[i])) for i in range(ks.size())],
+                values=[wrap(new na.array(vs[i])) for i in range(vs.size())],
+                config=dict(D=p.cfg.D, NQ=p.cfg.NQ, NKV=p.cfg.NKV, HD=p.cfg.HD, FF=p.cfg.FF,
+                            V=p.cfg.V, L=p.cfg.L, bits=p.cfg.bits, group_size=p.cfg.group_size,
+                            ebits=p.cfg.ebits, egs=p.cfg.egs, qkv_bias=p.cfg.qkv_bias,
+                            qk_norm=p.cfg.qk_norm, eps=p.cfg.eps, qk_eps=p.cfg.qk_eps,
+                            scale=p.cfg.scale))
+
+
+cdef int _step_cache(c, int window, _GpuStep p, int dtype_code, int M) noexcept:
+    """Can the kernel write M positions into layer cache c and attend over it:
+    -1 if not, else the rotation of its ring (0 for a KVCache).  A KVCache
+    (for a layer with a sliding window, every position inside it: no mask),
+    or (Gemma, one position) a RotatingKVCache that holds every position from
+    0 in slot = position with room for one more, or a full one: the kernel
+    then writes the new key over the oldest (slot idx), and slot s holds
+    position p where s = (p - rotation) mod window."""
+    cdef LayerCache lc = <LayerCache>c
+    cdef RotatingKVCache rc
+    cdef int rot = 0
+    if type(c) is RotatingKVCache:
+        rc = <RotatingKVCache>c
+        if not p.cfg.gemma or M != 1:
+            return -1
+        if rc.filled == rc.window:
+            rot = (lc.offset - rc.idx) % rc.window
+        elif rc.filled != lc.offset or rc.idx != lc.offset or lc.offset + M > rc.window:
+            return -1
+        if lc.keys == NULL or min(lc.offset + M, rc.window) > lc.keys.shape(2):
+            return -1
+    elif type(c) is not KVCache or (window > 0 and lc.offset + M > window) \
+            or lc.keys == NULL or lc.offset + M > lc.keys.shape(2):
+        return -1
+    if (lc.keys.ndim() == 4 and lc.keys.shape(0) == 1
+            and lc.keys.shape(1) == p.cfg.NKV and lc.keys.shape(3) == p.cfg.HD
+            and lc.values.shape(2) == lc.keys.shape(2)
+            and na.dtype_code(lc.keys.dtype()) == dtype_code
+            and na.dtype_code(lc.values.dtype()) == dtype_code):
+        return rot
+    return -1
 
 
 cdef class Model:
@@ -1096,6 +1228,12 @@ cdef class Model:
         except BaseException:
             self.close()
             raise
+
+    def step_form(self):
+        """What the one-kernel GPU step must know of this class's forward:
+        (gemma, the embedding's factor), or None when the kernel does not run
+        it (a subclass that changes the forward says so by overriding this)."""
+        return (False, 0.0) if type(self) is Model else None
 
     def build_block(self, W, cfg, int i):
         """Layer i: the pre-norm block with the modules the spec lists."""

@@ -47,6 +47,15 @@ cdef class Gemma3Model(Model):
         self.embed_scale = float(np.float32(math.sqrt(cfg.hidden_size)))
         self.final_softcap = cfg.final_logit_softcapping or 0.0
 
+    def step_form(self):
+        """The one-kernel GPU step runs Gemma 3 (base.pyx): the sandwich
+        blocks, the embedding times sqrt(hidden) in the weights' dtype; not
+        with final-logit soft-capping."""
+        if type(self) is not Gemma3Model or self.final_softcap > 0 \
+                or any(type(b) is not GemmaBlock for b in self.layers):
+            return None
+        return (True, self.embed_scale)
+
     def build_block(self, W, cfg, int i):
         """Sliding layers with the local RoPE base, the sandwich norms, gelu-tanh."""
         if cfg.window(i):

@@ -13,13 +13,14 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
         StepPtr()
         const array* a
         int row0
+        long long value
 
     cdef cppclass StepConfig:
         StepConfig()
         Dtype dtype
         int bits, group_size, ebits, egs, D, NQ, NKV, HD, FF, V, L
-        bool qkv_bias, qk_norm
-        float eps, qk_eps, scale
+        bool qkv_bias, qk_norm, gemma
+        float eps, qk_eps, scale, embed_scale
 
     cdef cppclass StepState:
         StepState()

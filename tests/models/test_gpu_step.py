@@ -1,7 +1,8 @@
 """The one-kernel GPU decode step (include/mlxcy/gpu_step.h) against the
 op-by-op MLX path of the same model: tiny random-weight Llama, Qwen2 (q/k/v
-bias) and Qwen3 (q/k norms) checkpoints in float32, bfloat16 and MLX's 4/8-bit
-layout, fused and unfused, across a KV-cache growth.  Each step feeds both
+bias), Qwen3 (q/k norms) and Gemma 3 (sandwich norms, GELU, a sliding and a
+global layer) checkpoints in float32, bfloat16 and MLX's 4/8-bit layout,
+fused and unfused, across a KV-cache growth.  Each step feeds both
 paths the same token (the op path's greedy choice), so the logits are compared
 step by step; in float32 the greedy ids must agree too.  Runs where the
 default device is a CUDA GPU (tools/gpu_tests.sh); elsewhere it checks that the
@@ -24,16 +25,19 @@ from mlxcy.models.load import load_model
 _REASON = mx.fast.gemv_unsupported_reason(mx.zeros((1, 64), dtype=mx.bfloat16),
                                           mx.zeros((8, 64), dtype=mx.bfloat16))
 cuda = pytest.mark.skipif(_REASON is not None, reason=f"no CUDA GPU: {_REASON}")
+GEMMA_WINDOW = 48
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = {}
-    for kind in ("llama", "qwen2", "qwen3"):
+    for kind in ("llama", "qwen2", "qwen3", "gemma3_text"):
         d = tmp_path_factory.mktemp(kind)
         hf = make_tiny(kind, d)
         with torch.no_grad():        # wide logits: no greedy near-ties between the paths
             hf.model.embed_tokens.weight.mul_(8.0)
+        if kind == "gemma3_text":    # a window the tests' steps stay inside (but one)
+            hf.config.sliding_window = GEMMA_WINDOW
         hf.save_pretrained(d, safe_serialization=True)
         out[kind] = d
         for bits in (4, 8):
@@ -105,12 +109,19 @@ def _compare(m, prompt, n, tol, exact_ids, op_steps=0):
         assert [int(np.argmax(r)) for r in got] == [int(np.argmax(r)) for r in want]
 
 
+def _ring_growths(kind):
+    """Op-path steps in 16-24 steps after a 12-token prompt: Gemma's sliding
+    layer keeps its ring, sized to the prompt and 8 padding slots, which grows
+    (on the op path) at position 20."""
+    return 1 if kind == "gemma3_text" else 0
+
+
 def _prompt(seed, n):
     return np.random.default_rng(seed).integers(0, VOCAB, n).tolist()
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_float_models_match_the_op_path(checkpoints, kind, dtype, fused):
@@ -119,26 +130,29 @@ def test_float_models_match_the_op_path(checkpoints, kind, dtype, fused):
         m.fuse()
     try:
         tol = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3}[dtype]
-        _compare(m, _prompt(1, 12), 24, tol, exact_ids=dtype == "float32")
+        _compare(m, _prompt(1, 12), 24, tol, exact_ids=dtype == "float32",
+                 op_steps=_ring_growths(kind))
     finally:
         m.close()
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_models_match_the_op_path(checkpoints, kind, bits):
     m = load_model(checkpoints[kind, bits])
     m.fuse()
     try:
-        _compare(m, _prompt(2, 12), 16, 3e-2, exact_ids=False)
+        _compare(m, _prompt(2, 12), 16, 3e-2, exact_ids=False, op_steps=_ring_growths(kind))
     finally:
         m.close()
 
 
 @cuda
 @pytest.mark.parametrize("kind,dtype,bits", [("llama", "float32", 0), ("qwen2", "bfloat16", 0),
-                                             ("qwen3", None, 4), ("qwen2", None, 8)])
+                                             ("qwen3", None, 4), ("qwen2", None, 8),
+                                             ("gemma3_text", "float32", 0),
+                                             ("gemma3_text", None, 4)])
 def test_the_split_mlp_matches_the_op_path(checkpoints, kind, dtype, bits):
     """The MLP split over slices (down's sums by atomics, the residual in two
     buffers), forced on: the tiny models have too few slices for the default."""
@@ -148,7 +162,8 @@ def test_the_split_mlp_matches_the_op_path(checkpoints, kind, dtype, bits):
         m.fuse()
         try:
             tol = {"float32": 1e-4, "bfloat16": 3e-2, None: 3e-2}[dtype]
-            _compare(m, _prompt(7, 12), 24, tol, exact_ids=dtype == "float32")
+            _compare(m, _prompt(7, 12), 24, tol, exact_ids=dtype == "float32",
+                     op_steps=_ring_growths(kind))
         finally:
             m.close()
     finally:
@@ -184,6 +199,23 @@ def test_steps_across_the_cache_growth(checkpoints):
     m = load_model(checkpoints["qwen3"], dtype="float32")
     try:
         _compare(m, _prompt(3, 250), 40, 1e-4, exact_ids=True, op_steps=1)
+    finally:
+        m.close()
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+@pytest.mark.parametrize("prompt", [12, GEMMA_WINDOW + 12])
+def test_gemma_slides_its_window_in_the_kernel(checkpoints, dtype, tol, prompt):
+    """Gemma's sliding layer attends over its last GEMMA_WINDOW positions, its
+    ring full from position 48 on: the kernel writes each new key over the
+    oldest and attends over the ring.  A 12-token prompt's ring (12 + 8
+    padding slots) grows once, at 20, on the op path; a 60-token prompt's is
+    full from the start, rotated by 12."""
+    m = load_model(checkpoints["gemma3_text"], dtype=dtype)
+    try:
+        _compare(m, _prompt(13, prompt), 60, tol, exact_ids=dtype == "float32",
+                 op_steps=1 if prompt < GEMMA_WINDOW else 0)
     finally:
         m.close()
 
@@ -292,6 +324,66 @@ def test_not_taken_for_batches_masks_or_lora_like_changes(checkpoints):
         assert base.gpu_decode_steps() == before + 1
         m(np.array([_prompt(5, 16)], np.int32), cache)      # 16: one launch
         assert base.gpu_decode_steps() == before + 2
+    finally:
+        m.close()
+
+
+def _plan_after(m, n, positions=1):
+    cache = m.make_cache()
+    old = base.set_gpu_decode_step(False)
+    try:
+        m(np.array([_prompt(14, n)], np.int32), cache)
+    finally:
+        base.set_gpu_decode_step(old)
+    return base.gpu_step_plan(m, cache, positions), cache
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_kernel_is_given_gemmas_form(checkpoints, dtype):
+    """(Any device) what the kernel would get for Gemma: its block form, the
+    embedding's factor sqrt(64) in the model's dtype, each layer's RoPE row
+    (the sliding layer's base 1e4, the global one's 1e6: transformers'
+    defaults), each layer's cache capacity (a ring of the 12 positions plus
+    its padding, a KVCache of 256 plus padding)."""
+    m = load_model(checkpoints["gemma3_text"], dtype=dtype)
+    try:
+        plan, cache = _plan_after(m, 12)
+        assert plan is not None and plan["gemma"] and plan["embed_scale"] == 8.0
+        i = np.arange(8)
+        np.testing.assert_allclose(plan["inv_freq"], [1e4 ** (-i / 8), 1e6 ** (-i / 8)],
+                                   rtol=1e-6)
+        assert plan["offset"] == 12 and plan["entries"] == 2 * 33 + 7
+        assert plan["caps"] == [c.state()["keys"].shape[2] for c in cache.layers]
+        assert plan["caps"][0] < plan["caps"][1]
+        assert plan["windows"] == [GEMMA_WINDOW, 0] and plan["rotations"] == [0, 0]
+        assert base.gpu_step_plan(m, cache, 2) is None          # one position at a time
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("n", [GEMMA_WINDOW - 1, GEMMA_WINDOW, GEMMA_WINDOW + 12])
+def test_the_kernel_is_given_gemmas_full_rings(checkpoints, n):
+    """A prompt of n positions leaves the sliding layer's ring growing (n < 48:
+    position p in slot p) or full, holding positions n - 48 .. n - 1 from
+    slot 0: the new key goes over the oldest, slot (n - rotation) mod 48."""
+    m = load_model(checkpoints["gemma3_text"], dtype="float32")
+    try:
+        plan, cache = _plan_after(m, n)
+        assert plan["offset"] == n and plan["windows"] == [GEMMA_WINDOW, 0]
+        assert plan["rotations"] == [n % GEMMA_WINDOW if n >= GEMMA_WINDOW else 0, 0]
+        st = cache.layers[0].state()
+        assert (n - plan["rotations"][0]) % GEMMA_WINDOW == st["idx"]
+    finally:
+        m.close()
+
+
+def test_the_kernel_plans_plain_models_as_before(checkpoints):
+    m = load_model(checkpoints["llama"], dtype="float32")
+    try:
+        plan, cache = _plan_after(m, 12)
+        assert not plan["gemma"] and plan["embed_scale"] == 0.0
+        assert plan["entries"] == 2 * 33 + 7 and len(set(plan["caps"])) == 1
+        assert (plan["inv_freq"] == plan["inv_freq"][0]).all()
     finally:
         m.close()
 

@@ -1,0 +1,267 @@
+"""Run the one-token GPU kernel's device code (include/mlxcy/gpu_step.h) on
+the CPU, for a tiny float32 model, and compare its logits with the op path's.
+
+    python tools/emulate_gpu_step.py [--kind gemma3_text|llama|qwen2|qwen3]
+                                     [--prompt 40] [--steps 20] [--window 48] [--split]
+                                     [--dtype float32|bfloat16] [--bits 4|8]
+
+For sessions without a GPU: the device source is compiled by g++ with CUDA's
+built-ins written as C++ (tools/emulate_gpu_step.h), one block of 256 threads
+as OS threads (so shared memory is a function's statics, and the grid-wide
+barrier meets one block); what it checks is the kernel's logic -- indices,
+buffers, formulas, the cache slots it writes and reads -- not what only many
+blocks or the hardware show (races between blocks, memory ordering, speed).
+The scratch starts as NaN each step, so a read of what no phase wrote shows.
+The model is a tiny random-weight checkpoint (tests/tiny_models.py) in float32
+or bfloat16 or MLX's 4/8-bit layout (the kernel's float32 / bfloat16 paths;
+the op path rounds the same values, so bfloat16 agrees to ~1e-2); steps feed
+the op path's greedy tokens; the caches' capacities must not change during
+the run (a KVCache's 256 + padding; a ring sized by the prompt: --prompt 40
+with --window 48 leaves it growing for 8 steps, then full)."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# The device code's inline PTX, written as C++ (each must match once).
+PATCHES = [
+    (r'asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");',
+     "v = emu_load_acquire(p);"),
+    (r'asm volatile("red.release.gpu.global.add.u64 [%0], 1;" : : "l"(b.count) : "memory");',
+     "emu_add_release(b.count);"),
+    (r'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));', "t = 0;"),
+]
+PREFETCH = re.compile(r'asm volatile\("prefetch\.global\.L2 \[%0\];" : : "l"\([^;]*\)\);')
+
+
+def device_source() -> str:
+    text = (ROOT / "include" / "mlxcy" / "gpu_step.h").read_text()
+    src = text.split('R"CUDA(', 1)[1].split(')CUDA"', 1)[0]
+    for old, new in PATCHES:
+        if src.count(old) != 1:
+            raise SystemExit(f"emulate_gpu_step: gpu_step.h changed: {old!r} not found once")
+        src = src.replace(old, new)
+    src, n = PREFETCH.subn(";", src)
+    if n == 0:
+        raise SystemExit("emulate_gpu_step: gpu_step.h changed: no L2 prefetch found")
+    src = src.replace("extern __shared__ __align__(16) unsigned char dyn_smem[];",
+                      "static unsigned char dyn_smem[16];")     # (verify_step: not run)
+    return src.replace("__shared__ __align__(16)", "alignas(16) static") \
+              .replace("__shared__", "static")
+
+
+MAIN = r"""
+int main(int argc, char** argv) {
+  // in.bin: int64 header (entries, steps, layers, pos0, maxcap), the entries
+  // (kind, value), the layers' caps, the blob's size, the blob
+  std::FILE* f = std::fopen(argv[1], "rb");
+  auto rd = [&](void* p, size_t n) { if (std::fread(p, 1, n, f) != n) std::abort(); };
+  long long h[5];
+  rd(h, sizeof h);
+  const long long ne = h[0], steps = h[1], L = h[2], pos0 = h[3], maxcap = h[4];
+  std::vector<long long> ent(2 * ne), caps(L), off(5 + 2 * L);
+  rd(ent.data(), 16 * ne);
+  rd(caps.data(), 8 * L);
+  rd(off.data(), 8 * off.size());     // inv_freq, tokens, scratch size, logits size, k/v offsets
+  long long bs;
+  rd(&bs, 8);
+  char* blob = static_cast<char*>(std::aligned_alloc(64, (bs + 63) / 64 * 64));
+  rd(blob, bs);
+  std::fclose(f);
+  std::vector<unsigned long long> table(ne);
+  for (long long i = 0; i < ne; ++i)
+    table[i] = ent[2 * i] ? reinterpret_cast<unsigned long long>(blob + ent[2 * i + 1])
+                          : static_cast<unsigned long long>(ent[2 * i + 1]);
+  const float* inv_freq = reinterpret_cast<const float*>(blob + off[0]);
+  const int* toks = reinterpret_cast<const int*>(blob + off[1]);
+  const long long nscratch = off[2], nv = off[3];
+  T* kc[NL];
+  T* vc[NL];
+  for (int l = 0; l < NL; ++l) {
+    kc[l] = reinterpret_cast<T*>(blob + off[5 + 2 * l]);
+    vc[l] = reinterpret_cast<T*>(blob + off[6 + 2 * l]);
+  }
+  std::vector<unsigned> bar(2048, 0u);
+  std::vector<float> scratch(nscratch), row(nv);
+  std::vector<T> logits(nv);
+  std::FILE* out = std::fopen(argv[2], "wb");
+  for (long long s = 0; s < steps; ++s) {
+    std::fill(scratch.begin(), scratch.end(), std::nanf(""));
+    unsigned meta[4] = {0, 0, unsigned(pos0 + s), unsigned(maxcap)};
+    std::vector<std::thread> th;
+    for (unsigned t = 0; t < 256; ++t)
+      th.emplace_back([&, t] {
+        threadIdx.x = t;
+        mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
+                                QK_NORM, SPLIT, GEMMA>(
+            toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc, EPS,
+            QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
+      });
+    for (auto& t : th) t.join();
+    for (long long i = 0; i < nv; ++i) row[i] = static_cast<float>(logits[i]);
+    std::fwrite(row.data(), 4, nv, out);
+  }
+  std::fclose(out);
+  return 0;
+}
+"""
+
+
+def build(cfg: dict, work: Path) -> Path:
+    consts = "".join(f"constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
+                     f"{str(v).lower() if isinstance(v, bool) else v};\n"
+                     for k, v in cfg["ints"].items())
+    consts += "".join(f"constexpr float {k} = {v!r}f;\n" for k, v in cfg["floats"].items())
+    cpp = work / "emulated_step.cpp"
+    cpp.write_text('#include "emulate_gpu_step.h"\n' + device_source() + consts +
+                   f"using T = {cfg['type']};\n" + MAIN)
+    exe = work / "emulated_step"
+    r = subprocess.run([os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-pthread", "-w",
+                        f"-I{ROOT / 'tools'}", str(cpp), "-o", str(exe)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"emulate_gpu_step: g++ failed:\n{r.stderr[-4000:]}")
+    return exe
+
+
+def _checkpoint(kind: str, window: int, work: Path) -> Path:
+    import torch
+    from tiny_models import make_tiny
+    d = work / kind
+    hf = make_tiny(kind, d)
+    with torch.no_grad():                # wide logits: no greedy near-ties
+        hf.model.embed_tokens.weight.mul_(8.0)
+    if kind == "gemma3_text":
+        hf.config.sliding_window = window
+    hf.save_pretrained(d, safe_serialization=True)
+    return d
+
+
+TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
+
+
+def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
+        dtype="float32", bits=0):
+    """(max relative error of the emulated logits against the op path's, the
+    two paths' greedy ids equal); bits 4 or 8: the checkpoint in MLX's affine
+    layout (group 64, bfloat16 scales)."""
+    import mlxcy as mx
+    from mlxcy.models import base
+    from mlxcy.models.load import load_model
+    from tiny_models import VOCAB
+    work = Path(tempfile.mkdtemp(prefix="emulate-step-"))
+    path = _checkpoint(kind, window, work)
+    if bits:
+        from mlxcy.models.convert import convert_hf_to_mlx
+        path = convert_hf_to_mlx(path, work / f"{kind}{bits}", bits=bits, group_size=64,
+                                 dtype="bfloat16")
+        dtype = None
+    m = load_model(path, dtype=dtype)
+    ids = np.random.default_rng(seed).integers(0, VOCAB, prompt).tolist()
+    old = base.set_gpu_decode_step(False)
+    try:
+        cache = m.make_cache()                               # the op path's steps
+        lg = m(np.array([ids], np.int32), cache)
+        t = int(np.argmax(np.asarray(lg.astype(mx.float32))[0, -1]))
+        toks, want = [], []
+        for _ in range(steps):
+            toks.append(t)
+            row = np.asarray(m(np.array([[t]], np.int32), cache).astype(mx.float32))[0, -1]
+            want.append(row)
+            t = int(np.argmax(row))
+        cache = m.make_cache()                               # the kernel's inputs
+        m(np.array([ids], np.int32), cache)
+        plan = base.gpu_step_plan(m, cache)
+    finally:
+        base.set_gpu_decode_step(old)
+    if plan is None:
+        raise SystemExit("emulate_gpu_step: the kernel would not run this model and cache")
+    c = plan["config"]
+    PL = base.step_table_per_layer()
+    kind_t = str(np.asarray(plan["keys"][0]).dtype)
+    if kind_t not in TYPES:
+        raise SystemExit(f"emulate_gpu_step: {kind_t} models are not emulated")
+    blob, offs = bytearray(), []
+
+    def put(a) -> int:
+        while len(blob) % 64:
+            blob.append(0)
+        o = len(blob)
+        blob.extend(np.ascontiguousarray(a).tobytes())
+        return o
+
+    ent = []
+    for i, (arr, row0, value) in enumerate(plan["table"]):
+        if arr is None:     # (a layer's capacity: step_decode's to fill, from the buffers)
+            layer, at = divmod(i, PL)
+            ent += [0, plan["caps"][layer] if layer < c["L"] and at == PL - 3 else value]
+        else:
+            a = np.asarray(arr)
+            ent += [1, put(a) + row0 * (a.strides[0] if a.ndim >= 2 else a.itemsize)]
+    NQKV = (c["NQ"] + 2 * c["NKV"]) * c["HD"]
+    maxcap = max(plan["caps"])
+    nscratch = (5 * c["D"] + c["D"] + NQKV + c["NQ"] * c["HD"] + c["FF"]
+                + c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4)
+    offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32)),
+            nscratch, c["V"], 0]
+    for k, v in zip(plan["keys"], plan["values"]):
+        offs += [put(np.asarray(k)), put(np.asarray(v))]
+    inp = work / "in.bin"
+    with open(inp, "wb") as f:
+        f.write(np.array([len(plan["table"]), steps, c["L"], plan["offset"], maxcap],
+                         np.int64).tobytes())
+        f.write(np.array(ent, np.int64).tobytes())
+        f.write(np.array(plan["caps"], np.int64).tobytes())
+        f.write(np.array(offs, np.int64).tobytes())
+        f.write(np.array([len(blob)], np.int64).tobytes())
+        f.write(bytes(blob))
+    cfg = dict(type=TYPES[kind_t],
+               ints=dict(BITS=c["bits"], GS=c["group_size"] if c["bits"] else 0,
+                         EBITS=c["ebits"], EGS=c["egs"] if c["ebits"] else 0,
+                         D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"], V=c["V"],
+                         NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]), QK_NORM=bool(c["qk_norm"]),
+                         SPLIT=split, GEMMA=bool(plan["gemma"])),
+               floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
+                           ESCALE=plan["embed_scale"]))
+    exe = build(cfg, work)
+    out = work / "logits.bin"
+    subprocess.run([str(exe), str(inp), str(out)], check=True, timeout=1800)
+    got = np.fromfile(out, np.float32).reshape(steps, c["V"])
+    want = np.stack(want)
+    err = float(max(np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, want)))
+    m.close()
+    return err, bool((got.argmax(-1) == want.argmax(-1)).all())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", default="gemma3_text")
+    ap.add_argument("--prompt", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--window", type=int, default=48)
+    ap.add_argument("--split", action="store_true", help="the MLP split over slices")
+    ap.add_argument("--dtype", default="float32", choices=sorted(TYPES))
+    ap.add_argument("--bits", type=int, default=0, choices=(0, 4, 8),
+                    help="MLX's affine 4/8-bit layout (bfloat16 scales) instead of --dtype")
+    a = ap.parse_args()
+    err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits)
+    exact = a.dtype == "float32" and not a.bits
+    print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
+          f"steps{', split' if a.split else ''}: max relative error {err:.2e}, greedy ids "
+          f"equal: {same}")
+    sys.exit(0 if err <= (1e-4 if exact else 3e-2) and (same or not exact) else 1)
+
+
+if __name__ == "__main__":
+    main()
