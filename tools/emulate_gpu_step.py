@@ -3,7 +3,7 @@ the CPU, for a tiny float32 model, and compare its logits with the op path's.
 
     python tools/emulate_gpu_step.py [--kind gemma3_text|llama|qwen2|qwen3]
                                      [--prompt 40] [--steps 20] [--window 48] [--split]
-                                     [--dtype float32|bfloat16] [--bits 4|8]
+                                     [--dtype float32|bfloat16] [--bits 4|8] [--positions 1]
 
 For sessions without a GPU: the device source is compiled by g++ with CUDA's
 built-ins written as C++ (tools/emulate_gpu_step.h), one block of 256 threads
@@ -56,7 +56,7 @@ def device_source() -> str:
     if n == 0:
         raise SystemExit("emulate_gpu_step: gpu_step.h changed: no L2 prefetch found")
     src = src.replace("extern __shared__ __align__(16) unsigned char dyn_smem[];",
-                      "static unsigned char dyn_smem[16];")     # (verify_step: not run)
+                      "alignas(16) static unsigned char dyn_smem[1 << 20];")   # (verify_step)
     return src.replace("__shared__ __align__(16)", "alignas(16) static") \
               .replace("__shared__", "static")
 
@@ -93,24 +93,30 @@ int main(int argc, char** argv) {
     vc[l] = reinterpret_cast<T*>(blob + off[6 + 2 * l]);
   }
   std::vector<unsigned> bar(2048, 0u);
-  std::vector<float> scratch(nscratch), row(nv);
-  std::vector<T> logits(nv);
+  std::vector<float> scratch(nscratch), row(M * nv);
+  std::vector<T> logits(M * nv);
   std::FILE* out = std::fopen(argv[2], "wb");
   for (long long s = 0; s < steps; ++s) {
     std::fill(scratch.begin(), scratch.end(), std::nanf(""));
-    unsigned meta[4] = {0, 0, unsigned(pos0 + s), unsigned(maxcap)};
+    unsigned meta[4] = {0, 0, unsigned(pos0 + s * M), unsigned(maxcap)};
     std::vector<std::thread> th;
     for (unsigned t = 0; t < 256; ++t)
       th.emplace_back([&, t] {
         threadIdx.x = t;
-        mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
-                                QK_NORM, SPLIT, GEMMA>(
-            toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc, EPS,
-            QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
+        if constexpr (M == 1)
+          mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
+                                  QK_NORM, SPLIT, GEMMA>(
+              toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
+              EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
+        else
+          mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
+                                  QK_NORM, M>(
+              toks + s * M, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
+              EPS, QK_EPS, SCALE, scratch.data(), logits.data(), bar.data());
       });
     for (auto& t : th) t.join();
-    for (long long i = 0; i < nv; ++i) row[i] = static_cast<float>(logits[i]);
-    std::fwrite(row.data(), 4, nv, out);
+    for (long long i = 0; i < M * nv; ++i) row[i] = static_cast<float>(logits[i]);
+    std::fwrite(row.data(), 4, M * nv, out);
   }
   std::fclose(out);
   return 0;
@@ -152,10 +158,12 @@ TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
 def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
-        dtype="float32", bits=0):
+        dtype="float32", bits=0, positions=1):
     """(max relative error of the emulated logits against the op path's, the
     two paths' greedy ids equal); bits 4 or 8: the checkpoint in MLX's affine
-    layout (group 64, bfloat16 scales)."""
+    layout (group 64, bfloat16 scales); positions > 1: steps of that many
+    random tokens each (verify_step, a speculative step's form), all their
+    logits compared."""
     import mlxcy as mx
     from mlxcy.models import base
     from mlxcy.models.load import load_model
@@ -175,14 +183,16 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
         lg = m(np.array([ids], np.int32), cache)
         t = int(np.argmax(np.asarray(lg.astype(mx.float32))[0, -1]))
         toks, want = [], []
+        rng = np.random.default_rng(seed + 1)
         for _ in range(steps):
-            toks.append(t)
-            row = np.asarray(m(np.array([[t]], np.int32), cache).astype(mx.float32))[0, -1]
-            want.append(row)
-            t = int(np.argmax(row))
+            chunk = [t] if positions == 1 else rng.integers(0, VOCAB, positions).tolist()
+            toks += chunk
+            rows = np.asarray(m(np.array([chunk], np.int32), cache).astype(mx.float32))[0]
+            want += list(rows)
+            t = int(np.argmax(rows[-1]))
         cache = m.make_cache()                               # the kernel's inputs
         m(np.array([ids], np.int32), cache)
-        plan = base.gpu_step_plan(m, cache)
+        plan = base.gpu_step_plan(m, cache, positions)
     finally:
         base.set_gpu_decode_step(old)
     if plan is None:
@@ -211,8 +221,9 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
             ent += [1, put(a) + row0 * (a.strides[0] if a.ndim >= 2 else a.itemsize)]
     NQKV = (c["NQ"] + 2 * c["NKV"]) * c["HD"]
     maxcap = max(plan["caps"])
-    nscratch = (5 * c["D"] + c["D"] + NQKV + c["NQ"] * c["HD"] + c["FF"]
-                + c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4)
+    M = positions
+    nscratch = (5 * c["D"] + M * (c["D"] + NQKV + c["NQ"] * c["HD"] + c["FF"])
+                + M * c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4)
     offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32)),
             nscratch, c["V"], 0]
     for k, v in zip(plan["keys"], plan["values"]):
@@ -231,13 +242,13 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
                          EBITS=c["ebits"], EGS=c["egs"] if c["ebits"] else 0,
                          D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"], V=c["V"],
                          NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]), QK_NORM=bool(c["qk_norm"]),
-                         SPLIT=split, GEMMA=bool(plan["gemma"])),
+                         SPLIT=split, GEMMA=bool(plan["gemma"]), M=positions),
                floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
                            ESCALE=plan["embed_scale"]))
     exe = build(cfg, work)
     out = work / "logits.bin"
     subprocess.run([str(exe), str(inp), str(out)], check=True, timeout=1800)
-    got = np.fromfile(out, np.float32).reshape(steps, c["V"])
+    got = np.fromfile(out, np.float32).reshape(steps * positions, c["V"])
     want = np.stack(want)
     err = float(max(np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, want)))
     m.close()
@@ -251,11 +262,14 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--window", type=int, default=48)
     ap.add_argument("--split", action="store_true", help="the MLP split over slices")
+    ap.add_argument("--positions", type=int, default=1,
+                    help="tokens a step (> 1: the several-positions kernel, verify_step)")
     ap.add_argument("--dtype", default="float32", choices=sorted(TYPES))
     ap.add_argument("--bits", type=int, default=0, choices=(0, 4, 8),
                     help="MLX's affine 4/8-bit layout (bfloat16 scales) instead of --dtype")
     a = ap.parse_args()
-    err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits)
+    err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits,
+                    positions=a.positions)
     exact = a.dtype == "float32" and not a.bits
     print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
           f"steps{', split' if a.split else ''}: max relative error {err:.2e}, greedy ids "
