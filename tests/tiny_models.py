@@ -26,19 +26,21 @@ CONFIGS = {
 }
 
 
-def _config(model_type):
+def _config(model_type, overrides=None):
     import transformers as tf
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
            "gemma3_text": tf.Gemma3TextConfig, "mistral": tf.MistralConfig}[model_type]
-    return cls(**CONFIGS[model_type])
+    return cls(**dict(CONFIGS[model_type], **(overrides or {})))
 
 
-def make_tiny(model_type, path, dtype="float32", seed=0, tokenizer=True, **save_kwargs):
-    """Save a random tiny model of model_type to path; returns the torch model."""
+def make_tiny(model_type, path, dtype="float32", seed=0, tokenizer=True, config=None,
+              **save_kwargs):
+    """Save a random tiny model of model_type (config: fields to change) to
+    path; returns the torch model."""
     import torch
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    cfg = _config(model_type)
+    cfg = _config(model_type, config)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():           # non-trivial norms (HF initialises them to 1 / 0)
         for name, p in model.named_parameters():

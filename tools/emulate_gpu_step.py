@@ -4,6 +4,7 @@ the CPU, for a tiny float32 model, and compare its logits with the op path's.
     python tools/emulate_gpu_step.py [--kind gemma3_text|llama|qwen2|qwen3]
                                      [--prompt 40] [--steps 20] [--window 48] [--split]
                                      [--dtype float32|bfloat16] [--bits 4|8] [--positions 1]
+                                     [--head-dim 16]
 
 For sessions without a GPU: the device source is compiled by g++ with CUDA's
 built-ins written as C++ (tools/emulate_gpu_step.h), one block of 256 threads
@@ -141,11 +142,11 @@ def build(cfg: dict, work: Path) -> Path:
     return exe
 
 
-def _checkpoint(kind: str, window: int, work: Path) -> Path:
+def _checkpoint(kind: str, window: int, work: Path, head_dim: int = 0) -> Path:
     import torch
     from tiny_models import make_tiny
     d = work / kind
-    hf = make_tiny(kind, d)
+    hf = make_tiny(kind, d, config={"head_dim": head_dim} if head_dim else None)
     with torch.no_grad():                # wide logits: no greedy near-ties
         hf.model.embed_tokens.weight.mul_(8.0)
     if kind == "gemma3_text":
@@ -158,18 +159,18 @@ TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
 def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
-        dtype="float32", bits=0, positions=1):
+        dtype="float32", bits=0, positions=1, head_dim=0):
     """(max relative error of the emulated logits against the op path's, the
     two paths' greedy ids equal); bits 4 or 8: the checkpoint in MLX's affine
     layout (group 64, bfloat16 scales); positions > 1: steps of that many
     random tokens each (verify_step, a speculative step's form), all their
-    logits compared."""
+    logits compared; head_dim: the tiny model's (16) replaced."""
     import mlxcy as mx
     from mlxcy.models import base
     from mlxcy.models.load import load_model
     from tiny_models import VOCAB
     work = Path(tempfile.mkdtemp(prefix="emulate-step-"))
-    path = _checkpoint(kind, window, work)
+    path = _checkpoint(kind, window, work, head_dim)
     if bits:
         from mlxcy.models.convert import convert_hf_to_mlx
         path = convert_hf_to_mlx(path, work / f"{kind}{bits}", bits=bits, group_size=64,
@@ -262,6 +263,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--window", type=int, default=48)
     ap.add_argument("--split", action="store_true", help="the MLP split over slices")
+    ap.add_argument("--head-dim", type=int, default=0, help="the tiny model's head_dim (16)")
     ap.add_argument("--positions", type=int, default=1,
                     help="tokens a step (> 1: the several-positions kernel, verify_step)")
     ap.add_argument("--dtype", default="float32", choices=sorted(TYPES))
@@ -269,7 +271,7 @@ def main():
                     help="MLX's affine 4/8-bit layout (bfloat16 scales) instead of --dtype")
     a = ap.parse_args()
     err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits,
-                    positions=a.positions)
+                    positions=a.positions, head_dim=a.head_dim)
     exact = a.dtype == "float32" and not a.bits
     print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
           f"steps{', split' if a.split else ''}: max relative error {err:.2e}, greedy ids "
