@@ -113,6 +113,8 @@ def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""
 
+def step_table_per_layer() -> int:
+    """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
 def gpu_step_plan(m: Model, cache: Cache, positions: int = 1) -> dict[str, Any] | None:
     """What the one-kernel GPU step would be given for a step of `positions`
     tokens over cache, on any device (tests): None where it would not run,
