@@ -64,19 +64,18 @@ def device_source() -> str:
 
 MAIN = r"""
 int main(int argc, char** argv) {
-  // in.bin: int64 header (entries, steps, layers, pos0, maxcap), the entries
-  // (kind, value), the layers' caps, the blob's size, the blob
+  // in.bin: see _write_inputs
   std::FILE* f = std::fopen(argv[1], "rb");
   auto rd = [&](void* p, size_t n) { if (std::fread(p, 1, n, f) != n) std::abort(); };
   long long h[5];
   rd(h, sizeof h);
   const long long ne = h[0], steps = h[1], L = h[2], pos0 = h[3], maxcap = h[4];
-  std::vector<long long> ent(2 * ne), caps(L), off(5 + 2 * L);
+  std::vector<long long> ent(2 * ne), caps(L), off(2 + 2 * L), sizes(3);
   rd(ent.data(), 16 * ne);
   rd(caps.data(), 8 * L);
-  rd(off.data(), 8 * off.size());     // inv_freq, tokens, scratch size, logits size, k/v offsets
-  long long bs;
-  rd(&bs, 8);
+  rd(off.data(), 8 * off.size());
+  rd(sizes.data(), 24);
+  const long long nscratch = sizes[0], nv = sizes[1], bs = sizes[2];
   char* blob = static_cast<char*>(std::aligned_alloc(64, (bs + 63) / 64 * 64));
   rd(blob, bs);
   std::fclose(f);
@@ -86,12 +85,11 @@ int main(int argc, char** argv) {
                           : static_cast<unsigned long long>(ent[2 * i + 1]);
   const float* inv_freq = reinterpret_cast<const float*>(blob + off[0]);
   const int* toks = reinterpret_cast<const int*>(blob + off[1]);
-  const long long nscratch = off[2], nv = off[3];
   T* kc[NL];
   T* vc[NL];
   for (int l = 0; l < NL; ++l) {
-    kc[l] = reinterpret_cast<T*>(blob + off[5 + 2 * l]);
-    vc[l] = reinterpret_cast<T*>(blob + off[6 + 2 * l]);
+    kc[l] = reinterpret_cast<T*>(blob + off[2 + 2 * l]);
+    vc[l] = reinterpret_cast<T*>(blob + off[3 + 2 * l]);
   }
   std::vector<unsigned> bar(2048, 0u);
   std::vector<float> scratch(nscratch), row(M * nv);
@@ -165,95 +163,115 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
     layout (group 64, bfloat16 scales); positions > 1: steps of that many
     random tokens each (verify_step, a speculative step's form), all their
     logits compared; head_dim: the tiny model's (16) replaced."""
+    from mlxcy.models.load import load_model
+    with tempfile.TemporaryDirectory(prefix="emulate-step-") as tmp:
+        work = Path(tmp)
+        path = _checkpoint(kind, window, work, head_dim)
+        if bits:
+            from mlxcy.models.convert import convert_hf_to_mlx
+            path = convert_hf_to_mlx(path, work / f"{kind}{bits}", bits=bits, group_size=64,
+                                     dtype="bfloat16")
+            dtype = None
+        m = load_model(path, dtype=dtype)
+        try:     # (the plan's arrays are the model's: closing it frees them)
+            toks, want, plan = _reference(m, prompt, steps, positions, seed)
+            got = _emulate(plan, toks, positions, split, work)
+        finally:
+            m.close()
+    err = float(max(np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, want)))
+    return err, bool((got.argmax(-1) == want.argmax(-1)).all())
+
+
+def _reference(m, prompt, steps, positions, seed):
+    """The op path's steps after a random prompt: the tokens fed, every
+    position's logits, and the kernel's plan for a cache after the prompt."""
     import mlxcy as mx
     from mlxcy.models import base
-    from mlxcy.models.load import load_model
     from tiny_models import VOCAB
-    work = Path(tempfile.mkdtemp(prefix="emulate-step-"))
-    path = _checkpoint(kind, window, work, head_dim)
-    if bits:
-        from mlxcy.models.convert import convert_hf_to_mlx
-        path = convert_hf_to_mlx(path, work / f"{kind}{bits}", bits=bits, group_size=64,
-                                 dtype="bfloat16")
-        dtype = None
-    m = load_model(path, dtype=dtype)
     ids = np.random.default_rng(seed).integers(0, VOCAB, prompt).tolist()
+    rng = np.random.default_rng(seed + 1)
     old = base.set_gpu_decode_step(False)
     try:
-        cache = m.make_cache()                               # the op path's steps
+        cache = m.make_cache()
         lg = m(np.array([ids], np.int32), cache)
         t = int(np.argmax(np.asarray(lg.astype(mx.float32))[0, -1]))
         toks, want = [], []
-        rng = np.random.default_rng(seed + 1)
         for _ in range(steps):
             chunk = [t] if positions == 1 else rng.integers(0, VOCAB, positions).tolist()
             toks += chunk
             rows = np.asarray(m(np.array([chunk], np.int32), cache).astype(mx.float32))[0]
             want += list(rows)
             t = int(np.argmax(rows[-1]))
-        cache = m.make_cache()                               # the kernel's inputs
+        cache = m.make_cache()
         m(np.array([ids], np.int32), cache)
         plan = base.gpu_step_plan(m, cache, positions)
     finally:
         base.set_gpu_decode_step(old)
     if plan is None:
         raise SystemExit("emulate_gpu_step: the kernel would not run this model and cache")
+    return toks, np.stack(want), plan
+
+
+def _emulate(plan, toks, positions, split, work):
+    """The kernel's logits [len(toks), V] for the tokens, `positions` a step,
+    from the plan's table and caches."""
+    from mlxcy.models import base
     c = plan["config"]
-    PL = base.step_table_per_layer()
-    kind_t = str(np.asarray(plan["keys"][0]).dtype)
-    if kind_t not in TYPES:
-        raise SystemExit(f"emulate_gpu_step: {kind_t} models are not emulated")
-    blob, offs = bytearray(), []
+    t = str(np.asarray(plan["keys"][0]).dtype)
+    if t not in TYPES:
+        raise SystemExit(f"emulate_gpu_step: {t} models are not emulated")
+    inp = _write_inputs(plan, toks, positions, base.step_table_per_layer(), work / "in.bin")
+    exe = build(dict(type=TYPES[t],
+                     ints=dict(BITS=c["bits"], GS=c["group_size"] if c["bits"] else 0,
+                               EBITS=c["ebits"], EGS=c["egs"] if c["ebits"] else 0,
+                               D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"],
+                               V=c["V"], NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]),
+                               QK_NORM=bool(c["qk_norm"]), SPLIT=split,
+                               GEMMA=bool(plan["gemma"]), M=positions),
+                     floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
+                                 ESCALE=plan["embed_scale"])), work)
+    out = work / "logits.bin"
+    subprocess.run([str(exe), str(inp), str(out)], check=True, timeout=1800)
+    return np.fromfile(out, np.float32).reshape(len(toks), c["V"])
+
+
+def _write_inputs(plan, toks, positions, PL, path):
+    """in.bin for MAIN: int64 header (entries, steps, layers, first position,
+    largest capacity), each entry (1 and its offset in the blob, or 0 and its
+    value), each layer's capacity, offsets (rotary table, tokens, then each
+    layer's keys and values) and sizes (scratch, logits), the blob."""
+    c = plan["config"]
+    blob = bytearray()
 
     def put(a) -> int:
-        while len(blob) % 64:
-            blob.append(0)
+        blob.extend(bytes(-len(blob) % 64))
         o = len(blob)
         blob.extend(np.ascontiguousarray(a).tobytes())
         return o
 
     ent = []
     for i, (arr, row0, value) in enumerate(plan["table"]):
-        if arr is None:     # (a layer's capacity: step_decode's to fill, from the buffers)
-            layer, at = divmod(i, PL)
-            ent += [0, plan["caps"][layer] if layer < c["L"] and at == PL - 3 else value]
-        else:
+        layer, at = divmod(i, PL)
+        if arr is not None:
             a = np.asarray(arr)
             ent += [1, put(a) + row0 * (a.strides[0] if a.ndim >= 2 else a.itemsize)]
-    NQKV = (c["NQ"] + 2 * c["NKV"]) * c["HD"]
+        elif layer < c["L"] and at == PL - 3:      # the capacity: step_decode's to fill
+            ent += [0, plan["caps"][layer]]
+        else:
+            ent += [0, value]
     maxcap = max(plan["caps"])
-    M = positions
-    nscratch = (5 * c["D"] + M * (c["D"] + NQKV + c["NQ"] * c["HD"] + c["FF"])
-                + M * c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4)
-    offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32)),
-            nscratch, c["V"], 0]
+    M, nqkv = positions, (c["NQ"] + 2 * c["NKV"]) * c["HD"]
+    scratch = (5 * c["D"] + M * (c["D"] + nqkv + c["NQ"] * c["HD"] + c["FF"])
+               + M * c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4)   # step_decode's
+    offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32))]
     for k, v in zip(plan["keys"], plan["values"]):
         offs += [put(np.asarray(k)), put(np.asarray(v))]
-    inp = work / "in.bin"
-    with open(inp, "wb") as f:
-        f.write(np.array([len(plan["table"]), steps, c["L"], plan["offset"], maxcap],
-                         np.int64).tobytes())
-        f.write(np.array(ent, np.int64).tobytes())
-        f.write(np.array(plan["caps"], np.int64).tobytes())
-        f.write(np.array(offs, np.int64).tobytes())
-        f.write(np.array([len(blob)], np.int64).tobytes())
+    head = [len(plan["table"]), len(toks) // M, c["L"], plan["offset"], maxcap]
+    with open(path, "wb") as f:
+        for part in (head, ent, plan["caps"], offs, [scratch, c["V"], len(blob)]):
+            f.write(np.array(part, np.int64).tobytes())
         f.write(bytes(blob))
-    cfg = dict(type=TYPES[kind_t],
-               ints=dict(BITS=c["bits"], GS=c["group_size"] if c["bits"] else 0,
-                         EBITS=c["ebits"], EGS=c["egs"] if c["ebits"] else 0,
-                         D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"], V=c["V"],
-                         NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]), QK_NORM=bool(c["qk_norm"]),
-                         SPLIT=split, GEMMA=bool(plan["gemma"]), M=positions),
-               floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
-                           ESCALE=plan["embed_scale"]))
-    exe = build(cfg, work)
-    out = work / "logits.bin"
-    subprocess.run([str(exe), str(inp), str(out)], check=True, timeout=1800)
-    got = np.fromfile(out, np.float32).reshape(steps * positions, c["V"])
-    want = np.stack(want)
-    err = float(max(np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, want)))
-    m.close()
-    return err, bool((got.argmax(-1) == want.argmax(-1)).all())
+    return path
 
 
 def main():
