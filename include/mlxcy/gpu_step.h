@@ -886,10 +886,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         wslot = (pos - static_cast<int>(t[PL - 1])) % wl;
       }
     }
-    // (written out for the other models, whose kernels keep their registers)
+    // (is_old written out for the other models: p < nslot && p != wslot moved ptxas's
+    // register allocation when tried)
     auto is_old = [&](int p) { return GEMMA ? p < nslot && p != wslot : p < pos; };
-    auto is_new = [&](int p) { return GEMMA ? p == wslot : p == pos; };
-    const int ntile = (GEMMA ? nslot - 1 : pos) / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
+    auto is_new = [&](int p) { return p == wslot; };
+    const int ntile = (nslot - 1) / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
       float* sp = xs + 3 * WARPS * HD;         // the chunk's partials [WARPS][HD + 2]
@@ -897,7 +898,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       for (int it = blockIdx.x; it < NQ * nch; it += gridDim.x) {
         const int h = it / nch, ch = it % nch, tile = ch * WARPS + warp, j = h / GROUP;
         const int ntl = min(WARPS, ntile - ch * WARPS);   // tiles in this chunk
-        const bool last = tile == (GEMMA ? wslot : pos) / 32;   // holds the new k/v
+        const bool last = tile == wslot / 32;   // holds the new k/v
         if (warp < ntl) {
           for (int d = lane; d < HD; d += 32) {
             qw[d] = __ldcg(qkv + h * HD + d);
@@ -923,8 +924,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           T* vl = vc[l] + j * capl * HD;
           if (last && h % GROUP == 0)
             for (int d = lane; d < HD; d += 32) {
-              kl[(size_t)(GEMMA ? wslot : pos) * HD + d] = static_cast<T>(qw[HD + d]);
-              vl[(size_t)(GEMMA ? wslot : pos) * HD + d] = static_cast<T>(qw[2 * HD + d]);
+              kl[(size_t)wslot * HD + d] = static_cast<T>(qw[HD + d]);
+              vl[(size_t)wslot * HD + d] = static_cast<T>(qw[2 * HD + d]);
             }
           // the tile's first values issued before its keys (they do not
           // depend on the scores), so their round trip overlaps the keys'
@@ -992,7 +993,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #pragma unroll
               for (int k = 0; k < KV; ++k) pt[c * KV + k] = a[k];
           } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
-            const int n = min(32, (GEMMA ? nslot : pos + 1) - tile * 32);
+            const int n = min(32, nslot - tile * 32);
             float acc[DPL];
 #pragma unroll
             for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
