@@ -886,9 +886,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         wslot = (pos - static_cast<int>(t[PL - 1])) % wl;
       }
     }
-    // (is_old written out for the other models: p < nslot && p != wslot moved ptxas's
-    // register allocation when tried)
-    auto is_old = [&](int p) { return GEMMA ? p < nslot && p != wslot : p < pos; };
+    auto is_old = [&](int p) { return p < nslot && p != wslot; };   // a cached key/value
     auto is_new = [&](int p) { return p == wslot; };
     const int ntile = (nslot - 1) / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
     {
@@ -952,7 +950,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
             s = a * scale;
           }
           const float m = warp_max(s);
-          const float e = (GEMMA ? p < nslot : p <= pos) ? __expf(s - m) : 0.0f;
+          const float e = p < nslot ? __expf(s - m) : 0.0f;
           const float sum = warp_sum(e);
           if constexpr (VBATCH) {
             // lanes over (position group, chunk): every value load of the tile
