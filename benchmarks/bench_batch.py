@@ -214,12 +214,16 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-mlx-lm", action="store_true")
+    ap.add_argument("--rows-kernel", choices=("on", "off"), default="on",
+                    help="a batch's one-token steps as the one-kernel GPU step (its batch form)")
     ap.add_argument("--skip-classify", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--json", help="also write the figures here")
     a = ap.parse_args(argv)
     from mlxcy import device as dev
     dev.set_default_device(dev.gpu if a.device == "gpu" else dev.cpu)
+    from mlxcy.models import base
+    base.set_gpu_rows_step(a.rows_kernel == "on")
     from mlxcy.generation.inference import load
     results = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_batch_"))

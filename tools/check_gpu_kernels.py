@@ -63,6 +63,7 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     with the body its launch code generates for L layers."""
     ty = CTYPE[t]
     timed = c.pop("TIMED", False)                     # MLXCY_STEP_TIMING's clock readings
+    rows = c.pop("ROWS", False)                       # verify_step's batch form
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
     if "M" not in c:
         c.setdefault("SPLIT", False)                  # the MLP split over slices
@@ -73,11 +74,13 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     kv = "".join(f", const {ty}* {n}{l}" for n in "kv" for l in range(L))
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
-    fn, m = ("verify_step", ", M") if "M" in c else ("decode_step", ", SPLIT, GEMMA")   # M positions
-    tm = "" if "M" in c else ", timing" if timed else ", nullptr"
+    fn, m = ("verify_step", ", M" + (", true" if rows else "")) if "M" in c \
+        else ("decode_step", ", SPLIT, GEMMA")        # M positions (or rows)
+    tm = (", rpos" if rows else "") if "M" in c else ", timing" if timed else ", nullptr"
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
             f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
-            f"const uint32_t* bar, const {ty}* after{kv}, {ty}* logits, float* scratch"
+            f"const uint32_t* bar, const {ty}* after{', const int32_t* rpos' if rows else ''}{kv}, "
+            f"{ty}* logits, float* scratch"
             f"{', uint32_t* timing' if timed else ''}) {{\n  using T = {ty};\n"
             f"  constexpr int NL = {L};\n{consts}"
             f"  T* kc[NL] = {{{kinit}}};\n  T* vc[NL] = {{{vinit}}};\n"
@@ -142,6 +145,14 @@ def step_cases():
                            QKV_BIAS=False, QK_NORM=True, M=5, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, M=3, **norms)
+    # a batch's rows (verify_step's ROWS form): Llama-3.2-1B bf16 in launches of 12 (its
+    # most), Qwen3-0.6B 4-bit in launches of 16, the tiny float32 model
+    yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
+                           QKV_BIAS=False, QK_NORM=False, M=12, ROWS=True, **norms)
+    yield "bf16", 28, dict(BITS=4, GS=64, D=1024, NQ=16, NKV=8, HD=128, FF=3072, V=151936,
+                           QKV_BIAS=False, QK_NORM=True, M=16, ROWS=True, **norms)
+    yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
+                         QKV_BIAS=True, QK_NORM=True, M=3, ROWS=True, **norms)
 
 
 def main():

@@ -4,7 +4,7 @@ the CPU, for a tiny float32 model, and compare its logits with the op path's.
     python tools/emulate_gpu_step.py [--kind gemma3_text|llama|qwen2|qwen3]
                                      [--prompt 40] [--steps 20] [--window 48] [--split]
                                      [--dtype float32|bfloat16] [--bits 4|8] [--positions 1]
-                                     [--head-dim 16]
+                                     [--head-dim 16] [--rows 6 --group 3]
 
 For sessions without a GPU: the device source is compiled by g++ with CUDA's
 built-ins written as C++ (tools/emulate_gpu_step.h), one block of 256 threads
@@ -18,7 +18,9 @@ or bfloat16 or MLX's 4/8-bit layout (the kernel's float32 / bfloat16 paths;
 the op path rounds the same values, so bfloat16 agrees to ~1e-2); steps feed
 the op path's greedy tokens; the caches' capacities must not change during
 the run (a KVCache's 256 + padding; a ring sized by the prompt: --prompt 40
-with --window 48 leaves it growing for 8 steps, then full)."""
+with --window 48 leaves it growing for 8 steps, then full).  --rows B: a
+batch of B left-padded prompts (row b's 3b tokens shorter), one token a row
+a step, in launches of --group rows each (verify_step's ROWS form)."""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +72,7 @@ int main(int argc, char** argv) {
   long long h[5];
   rd(h, sizeof h);
   const long long ne = h[0], steps = h[1], L = h[2], pos0 = h[3], maxcap = h[4];
-  std::vector<long long> ent(2 * ne), caps(L), off(2 + 2 * L), sizes(3);
+  std::vector<long long> ent(2 * ne), caps(L), off(3 + 2 * L), sizes(3);
   rd(ent.data(), 16 * ne);
   rd(caps.data(), 8 * L);
   rd(off.data(), 8 * off.size());
@@ -85,37 +87,43 @@ int main(int argc, char** argv) {
                           : static_cast<unsigned long long>(ent[2 * i + 1]);
   const float* inv_freq = reinterpret_cast<const float*>(blob + off[0]);
   const int* toks = reinterpret_cast<const int*>(blob + off[1]);
+  const int* rpos = reinterpret_cast<const int*>(blob + off[2]);   // (ROWS) [steps][B]
   T* kc[NL];
   T* vc[NL];
   for (int l = 0; l < NL; ++l) {
-    kc[l] = reinterpret_cast<T*>(blob + off[2 + 2 * l]);
-    vc[l] = reinterpret_cast<T*>(blob + off[3 + 2 * l]);
+    kc[l] = reinterpret_cast<T*>(blob + off[3 + 2 * l]);
+    vc[l] = reinterpret_cast<T*>(blob + off[4 + 2 * l]);
   }
   std::vector<unsigned> bar(2048, 0u);
-  std::vector<float> scratch(nscratch), row(M * nv);
+  constexpr int N = ROWS ? B : M;           // logits rows a step
+  std::vector<float> scratch(nscratch), row(N * nv);
   std::vector<T> logits(M * nv);
   std::FILE* out = std::fopen(argv[2], "wb");
   for (long long s = 0; s < steps; ++s) {
-    std::fill(scratch.begin(), scratch.end(), std::nanf(""));
-    unsigned meta[4] = {0, 0, unsigned(pos0 + s * M), unsigned(maxcap)};
-    std::vector<std::thread> th;
-    for (unsigned t = 0; t < 256; ++t)
-      th.emplace_back([&, t] {
-        threadIdx.x = t;
-        if constexpr (M == 1)
-          mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
-                                  QK_NORM, SPLIT, GEMMA>(
-              toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
-              EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
-        else
-          mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
-                                  QK_NORM, M>(
-              toks + s * M, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
-              EPS, QK_EPS, SCALE, scratch.data(), logits.data(), bar.data());
-      });
-    for (auto& t : th) t.join();
-    for (long long i = 0; i < M * nv; ++i) row[i] = static_cast<float>(logits[i]);
-    std::fwrite(row.data(), 4, M * nv, out);
+    for (int r0 = 0; r0 < N; r0 += M) {     // (ROWS: a launch per group of M rows)
+      std::fill(scratch.begin(), scratch.end(), std::nanf(""));
+      unsigned meta[4] = {unsigned(r0), 0, unsigned(ROWS ? pos0 + s : pos0 + s * M),
+                          unsigned(maxcap)};
+      std::vector<std::thread> th;
+      for (unsigned t = 0; t < 256; ++t)
+        th.emplace_back([&, t] {
+          threadIdx.x = t;
+          if constexpr (M == 1 && !ROWS)
+            mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
+                                    QK_NORM, SPLIT, GEMMA>(
+                toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
+                EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
+          else
+            mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL,
+                                    QKV_BIAS, QK_NORM, M, ROWS>(
+                toks + s * N, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc,
+                vc, EPS, QK_EPS, SCALE, scratch.data(), logits.data(), bar.data(),
+                rpos + s * N);
+        });
+      for (auto& t : th) t.join();
+      for (long long i = 0; i < M * nv; ++i) row[r0 * nv + i] = static_cast<float>(logits[i]);
+    }
+    std::fwrite(row.data(), 4, N * nv, out);
   }
   std::fclose(out);
   return 0;
@@ -157,12 +165,14 @@ TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
 def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
-        dtype="float32", bits=0, positions=1, head_dim=0):
+        dtype="float32", bits=0, positions=1, head_dim=0, rows=1, group=0):
     """(max relative error of the emulated logits against the op path's, the
     two paths' greedy ids equal); bits 4 or 8: the checkpoint in MLX's affine
     layout (group 64, bfloat16 scales); positions > 1: steps of that many
     random tokens each (verify_step, a speculative step's form), all their
-    logits compared; head_dim: the tiny model's (16) replaced."""
+    logits compared; head_dim: the tiny model's (16) replaced; rows > 1: a
+    batch of left-padded prompts, one token a row a step, in launches of
+    `group` rows (all of them by default)."""
     from mlxcy.models.load import load_model
     with tempfile.TemporaryDirectory(prefix="emulate-step-") as tmp:
         work = Path(tmp)
@@ -174,8 +184,12 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
             dtype = None
         m = load_model(path, dtype=dtype)
         try:     # (the plan's arrays are the model's: closing it frees them)
-            toks, want, plan = _reference(m, prompt, steps, positions, seed)
-            got = _emulate(plan, toks, positions, split, work)
+            if rows > 1:
+                toks, want, plan, rpos = _reference_rows(m, prompt, steps, rows, seed)
+                got = _emulate(plan, toks, group or rows, split, work, rows, rpos)
+            else:
+                toks, want, plan = _reference(m, prompt, steps, positions, seed)
+                got = _emulate(plan, toks, positions, split, work)
         finally:
             m.close()
     err = float(max(np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, want)))
@@ -212,22 +226,66 @@ def _reference(m, prompt, steps, positions, seed):
     return toks, np.stack(want), plan
 
 
-def _emulate(plan, toks, positions, split, work):
-    """The kernel's logits [len(toks), V] for the tokens, `positions` a step,
-    from the plan's table and caches."""
+def _reference_rows(m, prompt, steps, B, seed):
+    """_reference for a batch of B prompts, row b's 3b tokens shorter and
+    left-padded, as the engine runs them (a padding mask and per-row rotary
+    positions; each row's greedy token a step): the tokens fed [steps * B],
+    the logits, the plan and each step's rows' rotary positions."""
+    import mlxcy as mx
+    from mlxcy.models import base
+    from tiny_models import VOCAB
+    rng = np.random.default_rng(seed)
+    pads = np.array([3 * b for b in range(B)], np.int32)
+    ids = rng.integers(0, VOCAB, (B, prompt)).astype(np.int32)
+    for b in range(B):
+        ids[b, :pads[b]] = 0
+
+    def fwd(x, cache, off):
+        L = x.shape[1]
+        k, q = np.arange(off + L), np.arange(off, off + L)
+        mask = k[None, None, None, :] >= np.minimum(pads[:, None, None, None], q[None, None, :, None])
+        return np.asarray(m(x, cache, mask, off - pads).astype(mx.float32))
+
+    old = base.set_gpu_decode_step(False)
+    try:
+        cache = m.make_cache()
+        t = fwd(ids, cache, 0)[:, -1].argmax(-1).astype(np.int32)
+        toks, want, rpos = [], [], []
+        for s in range(steps):
+            toks += t.tolist()
+            rpos += (prompt + s - pads).tolist()
+            rows = fwd(t[:, None], cache, prompt + s)[:, 0]
+            want += list(rows)
+            t = rows.argmax(-1).astype(np.int32)
+        cache = m.make_cache()
+        fwd(ids, cache, 0)
+        plan = base.gpu_step_plan(m, cache, 1, B)
+    finally:
+        base.set_gpu_decode_step(old)
+    if plan is None:
+        raise SystemExit("emulate_gpu_step: the kernel would not run this model and cache")
+    return toks, np.stack(want), plan, rpos
+
+
+def _emulate(plan, toks, positions, split, work, rows=1, rpos=None):
+    """The kernel's logits [len(toks), V] for the tokens, `positions` a step
+    (rows > 1: one a row, in launches of `positions` rows), from the plan's
+    table and caches."""
     from mlxcy.models import base
     c = plan["config"]
     t = str(np.asarray(plan["keys"][0]).dtype)
     if t not in TYPES:
         raise SystemExit(f"emulate_gpu_step: {t} models are not emulated")
-    inp = _write_inputs(plan, toks, positions, base.step_table_per_layer(), work / "in.bin")
+    inp = _write_inputs(plan, toks, rows if rows > 1 else positions, base.step_table_per_layer(),
+                        work / "in.bin", rpos)
     exe = build(dict(type=TYPES[t],
                      ints=dict(BITS=c["bits"], GS=c["group_size"] if c["bits"] else 0,
                                EBITS=c["ebits"], EGS=c["egs"] if c["ebits"] else 0,
                                D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"],
                                V=c["V"], NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]),
                                QK_NORM=bool(c["qk_norm"]), SPLIT=split,
-                               GEMMA=bool(plan["gemma"]), M=positions),
+                               GEMMA=bool(plan["gemma"]), M=positions, ROWS=rows > 1,
+                               B=rows),
                      floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
                                  ESCALE=plan["embed_scale"])), work)
     out = work / "logits.bin"
@@ -235,11 +293,12 @@ def _emulate(plan, toks, positions, split, work):
     return np.fromfile(out, np.float32).reshape(len(toks), c["V"])
 
 
-def _write_inputs(plan, toks, positions, PL, path):
+def _write_inputs(plan, toks, positions, PL, path, rpos=None):
     """in.bin for MAIN: int64 header (entries, steps, layers, first position,
     largest capacity), each entry (1 and its offset in the blob, or 0 and its
-    value), each layer's capacity, offsets (rotary table, tokens, then each
-    layer's keys and values) and sizes (scratch, logits), the blob."""
+    value), each layer's capacity, offsets (rotary table, tokens, the rows'
+    rotary positions, then each layer's keys and values) and sizes (scratch,
+    logits), the blob.  positions: tokens a step (a batch's rows)."""
     c = plan["config"]
     blob = bytearray()
 
@@ -263,7 +322,8 @@ def _write_inputs(plan, toks, positions, PL, path):
     M, nqkv = positions, (c["NQ"] + 2 * c["NKV"]) * c["HD"]
     scratch = (5 * c["D"] + M * (c["D"] + nqkv + c["NQ"] * c["HD"] + c["FF"])
                + M * c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4)   # step_decode's
-    offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32))]
+    offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32)),
+            put(np.array(rpos if rpos is not None else [0], np.int32))]
     for k, v in zip(plan["keys"], plan["values"]):
         offs += [put(np.asarray(k)), put(np.asarray(v))]
     head = [len(plan["table"]), len(toks) // M, c["L"], plan["offset"], maxcap]
@@ -284,15 +344,18 @@ def main():
     ap.add_argument("--head-dim", type=int, default=0, help="the tiny model's head_dim (16)")
     ap.add_argument("--positions", type=int, default=1,
                     help="tokens a step (> 1: the several-positions kernel, verify_step)")
+    ap.add_argument("--rows", type=int, default=1,
+                    help="a batch of this many left-padded rows (verify_step's ROWS form)")
+    ap.add_argument("--group", type=int, default=0, help="rows a launch (default: --rows)")
     ap.add_argument("--dtype", default="float32", choices=sorted(TYPES))
     ap.add_argument("--bits", type=int, default=0, choices=(0, 4, 8),
                     help="MLX's affine 4/8-bit layout (bfloat16 scales) instead of --dtype")
     a = ap.parse_args()
     err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits,
-                    positions=a.positions, head_dim=a.head_dim)
+                    positions=a.positions, head_dim=a.head_dim, rows=a.rows, group=a.group)
     exact = a.dtype == "float32" and not a.bits
     print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
-          f"steps{', split' if a.split else ''}: max relative error {err:.2e}, greedy ids "
+          f"steps{', split' if a.split else ''}{f', {a.rows} rows' if a.rows > 1 else ''}: max relative error {err:.2e}, greedy ids "
           f"equal: {same}")
     sys.exit(0 if err <= (1e-4 if exact else 3e-2) and (same or not exact) else 1)
 

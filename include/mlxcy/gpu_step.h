@@ -67,6 +67,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <mlx/fast.h>
@@ -1185,9 +1186,13 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 }
 
 
-// ---- several positions of one sequence in one launch (verification) --------
-// The same model math for M consecutive positions pos .. pos + M - 1 (a
-// speculative step's proposals, a short prompt): every weight row is read
+// ---- several positions in one launch (verification, a batch's rows) ---------
+// The same model math for M rows of activations: M consecutive positions
+// pos .. pos + M - 1 of one sequence (a speculative step's proposals), or
+// (ROWS) one new position each of M rows r0 .. r0 + M - 1 of a batch, every
+// row's token in cache slot pos of its own row of the batched cache ([B, NKV,
+// cap, HD]), rotated at its own position rpos[r] and attending over slots
+// pos - rpos[r] (its left padding's end) .. pos.  Every weight row is read
 // once and dotted with the M activation rows, so a step costs about one
 // one-token step while the weights dominate.  The activations are kept in
 // the model's dtype in dynamic shared memory ([M][K], the values are already
@@ -1308,10 +1313,11 @@ __device__ __forceinline__ void row_dot_m(const Lin<T>& L, int row, const T* xm,
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM, int M>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, int M, bool ROWS = false>
 __device__ void verify_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
-                            float qk_eps, float scale, float* scratch, T* logits, unsigned* bar) {
+                            float qk_eps, float scale, float* scratch, T* logits, unsigned* bar,
+                            const int* rpos = nullptr) {
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
   constexpr int DPL = (HD + 31) / 32;
   constexpr int GROUP = NQ / NKV;
@@ -1325,6 +1331,12 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   float* att = qkv + M * NQKV;                 // [M][NQ * HD]
   float* hid = att + M * NQ * HD;              // [M][FF]
   const int pos = meta[2], cap = meta[3];
+  const int r0 = ROWS ? meta[0] : 0;           // (ROWS) the batch row of activation row 0
+  // activation row m's rotary position, its cache row, and the first slot it
+  // attends to
+  auto at_pos = [&](int m) { return ROWS ? rpos[r0 + m] : pos + m; };
+  auto kv_row = [&](int m) { return ROWS ? r0 + m : 0; };
+  auto first_slot = [&](int m) { return ROWS ? min(max(pos - rpos[r0 + m], 0), pos) : 0; };
   const int maxt = (cap + 31) / 32;
   float* part = hid + M * FF;                  // partials [NQ * M][maxt][HD + 2]
   unsigned* count = bar + 64;                  // per (head, position): tiles done
@@ -1337,7 +1349,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   {
     const Lin<T> E = lin<T>(top);
     for (int i = threadIdx.x; i < M * D; i += THREADS)
-      x[i] = embed_value<T, EBITS, EGS>(E, tok_p[i / D], i % D, D);
+      x[i] = embed_value<T, EBITS, EGS>(E, tok_p[r0 + i / D], i % D, D);
     __threadfence();
     __syncthreads();
   }
@@ -1371,12 +1383,12 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
       for (int d = lane; d < HD; d += 32) v[d] = __ldcg(src + d);
       __syncwarp();
       if (QK_NORM) head_norm<T, HD>(v, ptr<T>(t[hh < NQ ? 13 : 14]), qk_eps);
-      rope<T, HD>(v, inv_freq, pos + m);   // (the layers' rows are alike: not Gemma)
+      rope<T, HD>(v, inv_freq, at_pos(m));   // (the layers' rows are alike: not Gemma)
       if (hh < NQ) {
         for (int d = lane; d < HD; d += 32) src[d] = v[d];
       } else {
         const int j = hh - NQ;
-        const size_t at = ((size_t)j * t[PL - 3] + pos + m) * HD;
+        const size_t at = (((size_t)kv_row(m) * NKV + j) * t[PL - 3] + (ROWS ? pos : pos + m)) * HD;
         const float* vs = qkv + m * NQKV + (NQ + NKV + j) * HD;
         for (int d = lane; d < HD; d += 32) {
           kc[l][at + d] = static_cast<T>(v[d]);
@@ -1386,32 +1398,36 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
       __syncwarp();
     }
     grid_sync(sync);
-    // -- B2: attention, a warp per (query head, position, tile of 32 keys)
+    // -- B2: attention, a warp per (query head, row, tile of 32 keys): the
+    // row's slots first .. last, in tiles t0 .. t0 + ntile - 1
     {
       const int ntmax = (pos + M - 1) / 32 + 1;
       for (int it = gw; it < NQ * M * ntmax; it += nw) {
         const int h = it / (M * ntmax), m = (it / ntmax) % M, tile = it % ntmax;
-        const int last = pos + m;               // the query's own position
-        const int ntile = last / 32 + 1;
-        if (tile >= ntile) continue;
+        const int last = ROWS ? pos : pos + m;  // the query's own slot
+        const int first = first_slot(m), t0 = first / 32;
+        const int ntile = last / 32 + 1 - t0;
+        if (tile < t0 || tile >= t0 + ntile) continue;
         const int j = h / GROUP;
         float* qv = hv[warp];                   // the rotated q (phase B1)
         for (int d = lane; d < HD; d += 32) qv[d] = __ldcg(qkv + m * NQKV + h * HD + d);
         __syncwarp();
-        const T* kl = kc[l] + j * t[PL - 3] * HD;
-        const T* vl = vc[l] + j * t[PL - 3] * HD;
+        const T* kl = kc[l] + ((size_t)kv_row(m) * NKV + j) * t[PL - 3] * HD;
+        const T* vl = vc[l] + ((size_t)kv_row(m) * NKV + j) * t[PL - 3] * HD;
         const int p = tile * 32 + lane;
+        const bool seen = p >= first && p <= last;
         float s = neg_inf();
-        if (p <= last) s = key_dot<T, HD, true>(qv, kl + (size_t)p * HD) * scale;
-        const float mx = warp_max(s);
-        const float e = p <= last ? __expf(s - mx) : 0.0f;
+        if (seen) s = key_dot<T, HD, true>(qv, kl + (size_t)p * HD) * scale;
+        const float mx = warp_max(s);           // (finite: a tile holds a seen slot)
+        const float e = seen ? __expf(s - mx) : 0.0f;
         const float sum = warp_sum(e);
         const int n = min(32, last + 1 - tile * 32);
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
+        // (from the first seen slot: a padding slot's value is never read)
 #pragma unroll 8
-        for (int i = 0; i < n; ++i) {
+        for (int i = max(first - tile * 32, 0); i < n; ++i) {
           const float ei = __shfl_sync(0xffffffffu, e, i);
           const size_t pp = (size_t)(tile * 32 + i) * HD;
 #pragma unroll
@@ -1421,7 +1437,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
           }
         }
         const int hm = h * M + m;
-        finish_tile<T, HD>(acc, mx, sum, part + (size_t)hm * maxt * (HD + 2), tile, ntile,
+        finish_tile<T, HD>(acc, mx, sum, part + (size_t)hm * maxt * (HD + 2), tile - t0, ntile,
                            count + hm, att + m * NQ * HD + h * HD);
       }
     }
@@ -1480,7 +1496,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
       for (int m = 0; m < M; ++m) logits[(size_t)m * V + r] = static_cast<T>(v[m]);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    bar[2] = pos + M;
+    bar[2] = ROWS ? pos + 1 : pos + M;
     bar[3] = cap;
   }
 }
@@ -1667,24 +1683,130 @@ inline mx::array*& step_previous() {
   return prev;
 }
 
+// One launch of the step kernel: M positions pos .. pos + M - 1 of one
+// sequence (tok [M]), or (rpos given) rows r0 .. r0 + M - 1 of a batch (tok
+// and rpos [B]); logits [1, M, V].  The table is already in st.
+inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array& tok,
+                             const std::vector<mx::array>& kbuf,
+                             const std::vector<mx::array>& vbuf, int pos, int M,
+                             const mx::array* rpos, int r0) {
+  const bool rows = rpos != nullptr;
+  int cap = 0;                                  // the largest layer's (scratch for attention)
+  for (auto& k : kbuf) cap = std::max(cap, k.shape(2));
+  // by layer count, and for several positions by their shared memory
+  const int smem = M > 1 || rows ? step_shared_bytes(c, M) : 0;
+  const bool timed = !smem && step_timing_on();
+  static std::map<std::tuple<int, int, bool>, mx::fast::CustomKernelFunction> kernels;
+  auto it = kernels.find({c.L, smem, rows});
+  if (it == kernels.end()) {
+    std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar", "after"};
+    if (rows) names.push_back("rpos");
+    std::string kinit = "  T* kc[NL] = {", vinit = "  T* vc[NL] = {";
+    for (int l = 0; l < c.L; ++l) {
+      names.push_back("k" + std::to_string(l));
+      kinit += (l ? ", " : "") + std::string("const_cast<T*>(k") + std::to_string(l) + ")";
+    }
+    for (int l = 0; l < c.L; ++l) {
+      names.push_back("v" + std::to_string(l));
+      vinit += (l ? ", " : "") + std::string("const_cast<T*>(v") + std::to_string(l) + ")";
+    }
+    std::string body = kinit + "};\n" + vinit + "};\n" +
+        (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ">(\n"
+              : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM, SPLIT, GEMMA>(\n") +
+        "      tok, reinterpret_cast<const int*>(meta),\n"
+        "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
+        "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n" +
+        (smem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
+        "      scratch, logits, const_cast<unsigned*>(bar)" +
+        (smem ? std::string(rows ? ", rpos" : "") : timed ? ", timing" : ", nullptr") + ");\n";
+    std::string name = (rows ? "mlxcy_rows_step_" : smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") +
+                       std::to_string(c.L) + (timed ? "_timed" : "");
+    std::vector<std::string> outs = {"logits", "scratch"};
+    if (timed) outs.push_back("timing");
+    it = kernels.emplace(std::make_tuple(c.L, smem, rows),
+                         mx::fast::cuda_kernel(name, names, outs, body, step_device_source(),
+                                               false, smem)).first;
+  }
+  auto bits_of = [](float f) {
+    int b;
+    std::memcpy(&b, &f, sizeof(b));
+    return b;
+  };
+  // the position from the device state when the previous kernel left it there
+  // (a batch's launch always sends it, with its first row)
+  mx::array meta = st.state;
+  bool ran = st.has_last && st.last.status() != mx::array::Status::unscheduled;
+  if (!ran || pos != st.next || cap != st.cap || rows) {
+    uint32_t m[4] = {static_cast<uint32_t>(r0), 0, static_cast<uint32_t>(pos),
+                     static_cast<uint32_t>(cap)};
+    meta = mx::array(m, {4}, mx::uint32);
+  }
+  st.next = rows ? pos + 1 : pos + M;
+  st.cap = cap;
+  mx::array*& prev = step_previous();
+  std::vector<mx::array> in = {mx::reshape(tok, {-1}), meta, st.table, st.inv_freq, st.state,
+                               prev ? *prev : st.state};
+  if (rows) in.push_back(*rpos);
+  for (auto& k : kbuf) in.push_back(k);
+  for (auto& v : vbuf) in.push_back(v);
+  int scratch = 5 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
+                M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4;   // (+4: ysum 16-byte aligned)
+  int blocks = step_grid_blocks();
+  const bool split = !smem && step_split(c, blocks);
+  std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
+  std::vector<mx::Dtype> types = {c.dtype, mx::float32};
+  if (timed) {
+    shapes.push_back(mx::Shape{2 + 3 * (split ? 4 : 5) * c.L, blocks});   // barriers per layer
+    types.push_back(mx::uint32);
+  }
+  auto out = it->second(
+      in, shapes, types,
+      {blocks * 256, 1, 1}, {256, 1, 1},
+      {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"EBITS", c.ebits},
+       {"EGS", c.ebits ? c.egs : 0}, {"D", c.D},
+       {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
+       {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
+       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
+       {"SPLIT", split}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
+      std::nullopt, false, {});
+  st.last = out[0];
+  st.has_last = true;
+  if (timed) st.timing = out[2];
+  if (prev)
+    *prev = out[0];
+  else
+    prev = new mx::array(out[0]);
+  return out[0];
+}
+
 // One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
 // position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
-// cap, HD] each, cap > pos).  On return kbuf/vbuf hold the same buffers as
-// arrays that depend on the kernel (mx::depends): a cache is written by the
-// kernel, so evaluating the cache alone (as a draft model's catch-up does)
-// must run it.  c passed step_config_problem when the model was planned
-// (base.pyx), once, not per token.
+// cap, HD] each, cap > pos).  tok of M > 1 elements: positions pos .. pos +
+// M - 1 of the sequence, logits [1, M, V].  With rpos (int32 [B], each batch
+// row's rotary position): tok [B] holds one token for each row of a batch
+// whose caches ([B, NKV, cap, HD]) take them in slot pos, each row attending
+// from slot pos - rpos[row] (its left padding's end); logits [B, 1, V], from
+// launches of at most step_max_positions rows.  On return kbuf/vbuf hold the
+// same buffers as arrays that depend on the kernel (mx::depends): a cache is
+// written by the kernel, so evaluating the cache alone (as a draft model's
+// catch-up does) must run it.  c passed step_config_problem when the model
+// was planned (base.pyx), once, not per token.
 inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
                              StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
-                             std::vector<mx::array>& vbuf, int pos) {
-  const int M = static_cast<int>(tok.size());   // positions pos .. pos + M - 1
-  if (M < 1 || M > step_max_positions(c))
+                             std::vector<mx::array>& vbuf, int pos,
+                             const mx::array* rpos = nullptr) {
+  const int n = static_cast<int>(tok.size());   // positions, or a batch's rows
+  const int most = step_max_positions(c);
+  if (n < 1 || (!rpos && n > most) || (rpos && (n < 2 || most < 2)))
     throw std::invalid_argument("decode step kernel: number of positions");
   if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
       kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
     throw std::invalid_argument("decode step kernel: table or cache size");
-  int cap = 0;                                  // the largest layer's (scratch for attention)
-  for (auto& k : kbuf) cap = std::max(cap, k.shape(2));
+  if (rpos && (static_cast<int>(rpos->size()) != n || rpos->dtype() != mx::int32 ||
+               kbuf[0].shape(0) != n))
+    throw std::invalid_argument("decode step kernel: batch rows");
   // weights first evaluated (a no-op once they are)
   std::vector<mx::array> pending;
   for (auto& e : entries)
@@ -1707,96 +1829,26 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
                                   {static_cast<int>(table.size())}, mx::uint64));
     st.host = std::move(table);
   }
-
-  // by layer count, and for several positions by their shared memory
-  const int smem = M > 1 ? step_shared_bytes(c, M) : 0;
-  const bool timed = M == 1 && step_timing_on();
-  static std::map<std::pair<int, int>, mx::fast::CustomKernelFunction> kernels;
-  auto it = kernels.find({c.L, smem});
-  if (it == kernels.end()) {
-    std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar", "after"};
-    std::string kinit = "  T* kc[NL] = {", vinit = "  T* vc[NL] = {";
-    for (int l = 0; l < c.L; ++l) {
-      names.push_back("k" + std::to_string(l));
-      kinit += (l ? ", " : "") + std::string("const_cast<T*>(k") + std::to_string(l) + ")";
+  std::vector<mx::array> outs;
+  if (!rpos) {
+    outs.push_back(step_launch(c, st, tok, kbuf, vbuf, pos, n, nullptr, 0));
+  } else {                      // the rows in even groups of at most `most`
+    const int groups = (n + most - 1) / most;
+    for (int g = 0, r0 = 0; g < groups; ++g) {
+      const int m = (n - r0) / (groups - g);
+      outs.push_back(step_launch(c, st, tok, kbuf, vbuf, pos, m, rpos, r0));
+      r0 += m;
     }
-    for (int l = 0; l < c.L; ++l) {
-      names.push_back("v" + std::to_string(l));
-      vinit += (l ? ", " : "") + std::string("const_cast<T*>(v") + std::to_string(l) + ")";
-    }
-    std::string body = kinit + "};\n" + vinit + "};\n" +
-        (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, M>(\n"
-              : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, SPLIT, GEMMA>(\n") +
-        "      tok, reinterpret_cast<const int*>(meta),\n"
-        "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
-        "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n" +
-        (smem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
-        "      scratch, logits, const_cast<unsigned*>(bar)" +
-        (smem ? std::string() : timed ? ", timing" : ", nullptr") + ");\n";
-    std::string name = (smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") + std::to_string(c.L) +
-                       (timed ? "_timed" : "");
-    std::vector<std::string> outs = {"logits", "scratch"};
-    if (timed) outs.push_back("timing");
-    it = kernels.emplace(std::make_pair(c.L, smem),
-                         mx::fast::cuda_kernel(name, names, outs, body, step_device_source(),
-                                               false, smem)).first;
   }
-  auto bits_of = [](float f) {
-    int b;
-    std::memcpy(&b, &f, sizeof(b));
-    return b;
-  };
-  // the position from the device state when the previous kernel left it there
-  mx::array meta = st.state;
-  bool ran = st.has_last && st.last.status() != mx::array::Status::unscheduled;
-  if (!ran || pos != st.next || cap != st.cap) {
-    uint32_t m[4] = {0, 0, static_cast<uint32_t>(pos), static_cast<uint32_t>(cap)};
-    meta = mx::array(m, {4}, mx::uint32);
-  }
-  st.next = pos + M;
-  st.cap = cap;
-  mx::array*& prev = step_previous();
-  std::vector<mx::array> in = {mx::reshape(tok, {M}), meta, st.table, st.inv_freq, st.state,
-                               prev ? *prev : st.state};
-  for (auto& k : kbuf) in.push_back(k);
-  for (auto& v : vbuf) in.push_back(v);
-  int scratch = 5 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
-                M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4;   // (+4: ysum 16-byte aligned)
-  int blocks = step_grid_blocks();
-  const bool split = M == 1 && step_split(c, blocks);
-  std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
-  std::vector<mx::Dtype> types = {c.dtype, mx::float32};
-  if (timed) {
-    shapes.push_back(mx::Shape{2 + 3 * (split ? 4 : 5) * c.L, blocks});   // barriers per layer
-    types.push_back(mx::uint32);
-  }
-  auto out = it->second(
-      in, shapes, types,
-      {blocks * 256, 1, 1}, {256, 1, 1},
-      {{"T", c.dtype}, {"BITS", c.bits}, {"GS", c.bits ? c.group_size : 0}, {"EBITS", c.ebits},
-       {"EGS", c.ebits ? c.egs : 0}, {"D", c.D},
-       {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
-       {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
-       {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
-       {"SPLIT", split}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
-      std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());
-  bufs = mx::depends(bufs, {out[0]});
+  bufs = mx::depends(bufs, outs);
   for (size_t l = 0; l < kbuf.size(); ++l) {
     kbuf[l] = bufs[l];
     vbuf[l] = bufs[kbuf.size() + l];
   }
-  st.last = out[0];
-  st.has_last = true;
-  if (timed) st.timing = out[2];
-  if (prev)
-    *prev = out[0];
-  else
-    prev = new mx::array(out[0]);
-  return out[0];
+  if (!rpos) return outs[0];
+  return mx::reshape(outs.size() == 1 ? outs[0] : mx::concatenate(outs, 1), {n, 1, c.V});
 }
 
 }  // namespace mlxcy

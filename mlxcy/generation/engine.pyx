@@ -49,7 +49,7 @@ from mlxcy.native.array cimport heap
 from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as _shape3, \
     shape4 as _shape4
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
-from mlxcy.models.base cimport Model
+from mlxcy.models.base cimport Model, gpu_rows_step
 from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.models.cache import empty_like, kv_quantization, quantized_cache, check_kv_options
 from mlxcy.generation.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
@@ -141,15 +141,18 @@ cdef na.array* padded_forward(Model model, const na.array& ids, Cache cache, con
     the model's causal fast path)."""
     if pads == NULL:
         return model.forward(ids, cache, NULL, NULL, last_only)
-    cdef na.array* m = _pad_mask(pads[0], off, ids.shape(1))
-    cdef na.array* o = NULL
+    cdef na.array* m = NULL
+    cdef na.array* o = heap(nops.subtract(na.array(<int64_t>off, na.int32), pads[0]))
+    cdef na.array* out = NULL
     try:
-        o = heap(nops.subtract(na.array(<int64_t>off, na.int32), pads[0]))
+        if ids.shape(1) == 1 and gpu_rows_step(model, ids, cache, o, &out):
+            return out
+        m = _pad_mask(pads[0], off, ids.shape(1))
         return model.forward(ids, cache, m, o, last_only)
     finally:
-        del m
-        if o != NULL:
-            del o
+        if m != NULL:
+            del m
+        del o
 
 
 cdef na.array* log_softmax(const na.array& x) except NULL:

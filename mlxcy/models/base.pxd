@@ -91,3 +91,10 @@ cdef class Model:
 # Gemma's extra norms); False (nothing done) when it does not apply.
 cdef bint cpu_block_step(Block blk, const na.array& x, LayerCache cache, const na.array* mask,
                          const na.array* offsets, bint sandwich, na.array** out) except -1
+
+
+# A batch's one-token step (ids [B, 1], rows left-padded: rpos int32 [B], each
+# row's rotary position; NULL: none padded) as the one-kernel GPU step; False
+# (nothing done) when it does not apply.
+cdef bint gpu_rows_step(Model m, const na.array& ids, Cache cache, const na.array* rpos,
+                        na.array** out) except -1

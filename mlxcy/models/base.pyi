@@ -103,6 +103,11 @@ def set_gpu_verify_step(on: bool) -> bool:
     proposals, up to gpu_step.h's step_max_positions) as one kernel too, where
     the one-kernel step applies (default True); returns the previous setting."""
 
+def set_gpu_rows_step(on: bool) -> bool:
+    """Run a batch's one-token steps (one new token in each of its rows,
+    left-padded or not) as the one-kernel step too, where it applies
+    (default True); returns the previous setting."""
+
 def set_gpu_step_split(mode: bool | None) -> bool | None:
     """How the one-token kernel runs a layer's MLP: None (default) split over
     slices of its hidden rows, one grid-wide barrier fewer, where there are
@@ -115,10 +120,11 @@ def gpu_decode_steps() -> int:
 
 def step_table_per_layer() -> int:
     """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
-def gpu_step_plan(m: Model, cache: Cache, positions: int = 1) -> dict[str, Any] | None:
+def gpu_step_plan(m: Model, cache: Cache, positions: int = 1, rows: int = 1) -> dict[str, Any] | None:
     """What the one-kernel GPU step would be given for a step of `positions`
-    tokens over cache, on any device (tests): None where it would not run,
-    else gemma, embed_scale, inv_freq, entries, offset and caps."""
+    tokens over cache (or of one token in each of a batch's `rows` rows), on
+    any device (tests): None where it would not run, else gemma, embed_scale,
+    inv_freq, entries, offset and caps."""
 def gpu_step_timing(m: Model) -> Any:
     """The clock readings of m's last one-kernel decode step (numpy uint32,
     [2 + 2 * barriers, blocks]: each block's start, arrival at and release

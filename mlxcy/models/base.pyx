@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from libc.stdint cimport int64_t
 from libcpp cimport bool as cbool
 from libcpp.vector cimport vector
 
@@ -20,7 +21,8 @@ from mlxcy.native cimport nn as nnn
 from mlxcy.native cimport fast as nfast
 from mlxcy.native cimport fused as nfused
 from mlxcy.native cimport gpu_step as ngs
-from mlxcy.native.array cimport heap
+from mlxcy.native cimport ops as nops
+from mlxcy.native.array cimport heap, shape1
 from mlxcy.nn cimport Linear, Embedding, RMSNorm, set_eval_blocks
 from mlxcy.models.cache cimport LayerCache, Cache, KVCache, RotatingKVCache
 from mlxcy.tuning cimport Tuning, current
@@ -742,6 +744,7 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef bint _gpu_step_on = True
 cdef bint _gpu_verify_on = True
+cdef bint _gpu_rows_on = True
 cdef long long _gpu_steps = 0
 # The thread that runs every one-kernel step of the process (the first to run
 # one): the kernel's blocks wait for each other at barriers, so two of these
@@ -767,6 +770,16 @@ def set_gpu_verify_step(bint on):
     global _gpu_verify_on
     old = _gpu_verify_on
     _gpu_verify_on = on
+    return old
+
+
+def set_gpu_rows_step(bint on):
+    """Run a batch's one-token steps (one new token in each of its rows,
+    left-padded or not) as the one-kernel step too, where it applies
+    (default True); returns the previous setting."""
+    global _gpu_rows_on
+    old = _gpu_rows_on
+    _gpu_rows_on = on
     return old
 
 
@@ -1032,25 +1045,58 @@ cdef bint _layer_entries(vector[ngs.StepPtr]& e, Block b, _GpuStep p) noexcept:
 cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* mask,
                    const na.array* offsets, na.array** out) except -1:
     """The one-kernel step for [1, M] tokens (M = 1, or up to the kernel's
-    limit for several positions) over plain KV caches with room for them;
-    False (nothing done) when it does not apply."""
+    limit for several positions), or one token for each row of an unpadded
+    batch ([B, 1]), over plain KV caches with room for them; False (nothing
+    done) when it does not apply."""
+    if mask != NULL or offsets != NULL:
+        return False
+    if ids.ndim() == 2 and ids.shape(0) > 1:
+        return gpu_rows_step(m, ids, cache, NULL, out)
+    if ids.ndim() != 2 or (ids.shape(1) > 1 and not _gpu_verify_on):
+        return False
+    return _gpu_launch(m, ids, cache, NULL, out)
+
+
+cdef bint gpu_rows_step(Model m, const na.array& ids, Cache cache, const na.array* rpos,
+                        na.array** out) except -1:
+    """The one-kernel step for one new token in each row of a batch (ids [B,
+    1], B > 1) over batched KV caches: rpos (int32 [B]) is each row's rotary
+    position, the cache offset less its left padding, whose slots the row
+    does not attend to (NULL: no row is padded); logits [B, 1, V], or False
+    (nothing done) when the kernel does not apply."""
+    if (not _gpu_rows_on or ids.ndim() != 2 or ids.shape(0) < 2 or ids.shape(1) != 1
+            or (rpos != NULL and (rpos.ndim() != 1 or rpos.shape(0) != ids.shape(0)
+                                  or na.dtype_code(rpos.dtype()) != na.dtype_code(na.int32)))):
+        return False
+    return _gpu_launch(m, ids, cache, rpos, out)
+
+
+cdef bint _gpu_launch(Model m, const na.array& ids, Cache cache, const na.array* rpos,
+                      na.array** out) except -1:
+    """gpu_step's and gpu_rows_step's launch, once their form is checked."""
     global _gpu_steps, _gpu_step_thread
-    if (not _gpu_step_on or cache is None or mask != NULL or offsets != NULL
-            or ids.ndim() != 2 or ids.shape(0) != 1 or ids.shape(1) < 1
-            or (ids.shape(1) > 1 and not _gpu_verify_on)
+    if (not _gpu_step_on or cache is None or ids.shape(1) < 1
             or na.dtype_code(ids.dtype()) != na.dtype_code(na.int32)
             or not ngs.cuda_default_device()):
         return False
     if _gpu_step_thread != 0 and _gpu_step_thread != pthread_self():
         return False
-    cdef int M = ids.shape(1), off = -1
+    cdef int B = ids.shape(0), M = ids.shape(1), off = -1
     cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
     cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
-    if not _step_inputs(m, cache, M, e, ks, vs, &off):
+    if not _step_inputs(m, cache, M, e, ks, vs, &off, B):
         return False
     _gpu_step_thread = pthread_self()
     cdef _GpuStep p = <_GpuStep>m.gpu_step
-    out[0] = heap(ngs.step_decode(p.cfg, e, p.st, ids, ks, vs, off))
+    cdef na.array* rp = NULL
+    try:
+        if B > 1:          # (an unpadded batch: every row at the cache offset)
+            rp = heap(nops.full(shape1(B), na.array(<int64_t>off, na.int32), na.int32)) \
+                if rpos == NULL else new na.array(rpos[0])
+        out[0] = heap(ngs.step_decode(p.cfg, e, p.st, ids, ks, vs, off, rp))
+    finally:
+        if rp != NULL:
+            del rp
     cdef int i = 0
     cdef LayerCache lc
     cdef RotatingKVCache rc
@@ -1069,17 +1115,19 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
 
 
 cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
-                       vector[na.array]& ks, vector[na.array]& vs, int* off) except -1:
-    """What a step of M positions over cache gives the kernel: the pointer
-    table's entries, every layer's key and value buffers and the position;
-    False when the kernel does not run the model or these caches (m.gpu_step:
-    the plan, made on the first call)."""
+                       vector[na.array]& ks, vector[na.array]& vs, int* off, int B=1) except -1:
+    """What a step of M positions over cache (of B rows: then one position
+    each) gives the kernel: the pointer table's entries, every layer's key
+    and value buffers and the position; False when the kernel does not run
+    the model or these caches (m.gpu_step: the plan, made on the first
+    call)."""
     if m.gpu_step is None:
         m.gpu_step = _plan_gpu_step(m)
     if m.gpu_step is False:
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
-    if M > ngs.step_max_positions(p.cfg) or (M > 1 and p.cfg.gemma):
+    cdef int most = ngs.step_max_positions(p.cfg)
+    if M > most or (M > 1 and p.cfg.gemma) or (B > 1 and (M != 1 or most < 2 or p.cfg.gemma)):
         return False
     cdef LayerCache lc
     cdef int cap = -1, rot
@@ -1087,7 +1135,7 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
     if len(cache.layers) != len(m.layers):
         return False
     for c, blk in zip(cache.layers, m.layers):
-        rot = _step_cache(c, (<Block>blk).attn.window, p, m.dtype_code, M)
+        rot = _step_cache(c, (<Block>blk).attn.window, p, m.dtype_code, M, B)
         if rot < 0:
             return False
         rots.push_back(rot)
@@ -1126,9 +1174,10 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
     return True
 
 
-def gpu_step_plan(Model m, Cache cache, int positions=1):
+def gpu_step_plan(Model m, Cache cache, int positions=1, int rows=1):
     """What the one-kernel GPU step would be given for a step of `positions`
-    tokens over cache, on any device (tests): None where it would not run,
+    tokens over cache (or of one token in each of a batch's `rows` rows), on
+    any device (tests): None where it would not run,
     else a dict -- gemma, embed_scale (in the model's dtype), inv_freq (a
     row per layer), entries (the pointer table's length), offset and caps
     (each layer's cache capacity), windows and rotations (each sliding
@@ -1139,7 +1188,7 @@ def gpu_step_plan(Model m, Cache cache, int positions=1):
     cdef int off = -1
     cdef vector[ngs.StepPtr] e = vector[ngs.StepPtr]()
     cdef vector[na.array] ks = vector[na.array](), vs = vector[na.array]()
-    if not _step_inputs(m, cache, positions, e, ks, vs, &off):
+    if not _step_inputs(m, cache, positions, e, ks, vs, &off, rows):
         return None
     cdef _GpuStep p = <_GpuStep>m.gpu_step
     cdef int P = ngs.kStepPerLayer
@@ -1159,7 +1208,7 @@ def gpu_step_plan(Model m, Cache cache, int positions=1):
                             scale=p.cfg.scale))
 
 
-cdef int _step_cache(c, int window, _GpuStep p, int dtype_code, int M) noexcept:
+cdef int _step_cache(c, int window, _GpuStep p, int dtype_code, int M, int B) noexcept:
     """Can the kernel write M positions into layer cache c and attend over it:
     -1 if not, else the rotation of its ring (0 for a KVCache).  A KVCache
     (for a layer with a sliding window, every position inside it: no mask),
@@ -1183,7 +1232,7 @@ cdef int _step_cache(c, int window, _GpuStep p, int dtype_code, int M) noexcept:
     elif type(c) is not KVCache or (window > 0 and lc.offset + M > window) \
             or lc.keys == NULL or lc.offset + M > lc.keys.shape(2):
         return -1
-    if (lc.keys.ndim() == 4 and lc.keys.shape(0) == 1
+    if (lc.keys.ndim() == 4 and lc.keys.shape(0) == B
             and lc.keys.shape(1) == p.cfg.NKV and lc.keys.shape(3) == p.cfg.HD
             and lc.values.shape(2) == lc.keys.shape(2)
             and na.dtype_code(lc.keys.dtype()) == dtype_code

@@ -33,7 +33,7 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
     void step_finish(StepState& st) except +
     array step_decode(const StepConfig& c, const vector[StepPtr]& entries, StepState& st,
                       const array& tok, vector[array]& kbuf, vector[array]& vbuf,
-                      int pos) except +
+                      int pos, const array* rpos) except +
 
 
 cdef extern from "mlxcy/fused.h" namespace "mlxcy" nogil:

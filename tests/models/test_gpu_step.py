@@ -304,15 +304,107 @@ def test_several_positions_match_the_op_path(checkpoints, kind, dtype, bits):
         m.close()
 
 
+def _rows(m, prompts, steps, on, feed=None):
+    """An unpadded batch (one prompt a row) prefilled op by op, then `steps`
+    one-token steps of every row, each feeding the rows' greedy tokens (or
+    feed's); returns (the tokens fed [steps, B, 1], the logits [steps, B, V])."""
+    old = base.set_gpu_decode_step(False)
+    try:
+        cache = m.make_cache()
+        m(np.array(prompts, np.int32), cache)
+        base.set_gpu_decode_step(on)
+        fed, out = [], []
+        t = np.array([[p[-1]] for p in prompts], np.int32)
+        for i in range(steps):
+            fed.append(t)
+            out.append(np.asarray(m(t, cache).astype(mx.float32))[:, 0])
+            t = feed[i + 1] if feed is not None and i + 1 < steps else \
+                out[-1].argmax(-1).astype(np.int32)[:, None]
+        cache.free()
+        return fed, np.stack(out)
+    finally:
+        base.set_gpu_decode_step(old)
+
+
 @cuda
-def test_not_taken_for_batches_masks_or_lora_like_changes(checkpoints):
+@pytest.mark.parametrize("kind,dtype,bits", [
+    ("llama", "float32", 0), ("qwen2", "float32", 0), ("qwen3", "bfloat16", 0), ("qwen2", None, 4)])
+@pytest.mark.parametrize("B", [3, 20])
+def test_a_batchs_rows_match_the_op_path(checkpoints, kind, dtype, bits, B):
+    """One token in each of B rows a step (20: more than one launch takes, so
+    two launches of 10): every row's logits against the op path's."""
+    m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
+    m.fuse()
+    prompts = [_prompt(20 + b, 18) for b in range(B)]
+    try:
+        fed, want = _rows(m, prompts, 6, on=False)
+        before = base.gpu_decode_steps()
+        _, got = _rows(m, prompts, 6, on=True, feed=fed)
+        assert base.gpu_decode_steps() - before == 6
+        tol = {"float32": 1e-4, "bfloat16": 3e-2, None: 3e-2}[dtype]
+        for i in range(6):
+            for b in range(B):
+                assert rel(got[i, b], want[i, b]) <= tol, (i, b, rel(got[i, b], want[i, b]))
+        if dtype == "float32":
+            assert (got.argmax(-1) == want.argmax(-1)).all()
+    finally:
+        m.close()
+
+
+@cuda
+def test_a_padded_batch_generates_as_on_the_op_path(checkpoints):
+    """The engine's left-padded rows (prompts of 3-17 tokens, some joining a
+    running batch) through the kernel's batch form: each row rotated at its
+    own position and blind to its padding, so greedy tokens equal the op
+    path's."""
+    from mlxcy.generation.engine import Engine
+    m = load_model(checkpoints["qwen3"], dtype="float32")
+    try:
+        outs, steps = {}, {}
+        for on in (False, True):
+            old = base.set_gpu_decode_step(on)
+            before = base.gpu_decode_steps()
+            try:
+                eng = Engine(m, max_batch=4, prefill_chunk=64)
+                ids = [eng.add(_prompt(30 + i, n), max_tokens=12) for i, n in enumerate((3, 17, 9))]
+                got = {i: [] for i in ids}
+                for step in range(80):
+                    if step == 3:
+                        i = eng.add(_prompt(40, 5), max_tokens=10)
+                        got[i] = []
+                    if not eng.has_work():
+                        break
+                    for ev in eng.step():
+                        got[ev.seq_id].append(ev.token)
+                eng.close()
+                outs[on] = list(got.values())
+                steps[on] = base.gpu_decode_steps() - before
+            finally:
+                base.set_gpu_decode_step(old)
+        assert outs[True] == outs[False]
+        assert steps[False] == 0 and steps[True] >= 10
+    finally:
+        m.close()
+
+
+@cuda
+def test_not_taken_for_masks_or_lora_like_changes(checkpoints):
     m = load_model(checkpoints["llama"], dtype="float32")
     try:
         before = base.gpu_decode_steps()
         cache = m.make_cache()
         m(np.array([_prompt(4, 8)] * 2, np.int32), cache)
-        m(np.array([[1], [2]], np.int32), cache)            # two rows: op path
+        m(np.array([[1], [2]], np.int32), cache, mask=np.ones((2, 1, 1, 9), bool))   # a mask
         assert base.gpu_decode_steps() == before
+        old = base.set_gpu_rows_step(False)
+        try:
+            m(np.array([[1], [2]], np.int32), cache)         # two rows, the batch form off
+        finally:
+            base.set_gpu_rows_step(old)
+        assert base.gpu_decode_steps() == before
+        m(np.array([[1], [2]], np.int32), cache)             # two rows: the batch form
+        assert base.gpu_decode_steps() == before + 1
+        before += 1
         cache = m.make_cache()
         m(np.array([_prompt(4, 8)], np.int32), cache, last_only=True)   # a prompt: op path
         assert base.gpu_decode_steps() == before
@@ -385,6 +477,28 @@ def test_the_kernel_plans_plain_models_as_before(checkpoints):
         assert plan["entries"] == 2 * 33 + 7 and len(set(plan["caps"])) == 1
         assert (plan["inv_freq"] == plan["inv_freq"][0]).all()
     finally:
+        m.close()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+def test_the_kernel_is_given_a_batchs_caches(checkpoints, kind):
+    """A batch's step takes every layer's [B, ...] buffers (not Gemma's: its
+    batch steps stay on the op path), and a plan for other rows is refused."""
+    m = load_model(checkpoints[kind], dtype="float32")
+    cache = m.make_cache()
+    old = base.set_gpu_decode_step(False)
+    try:
+        m(np.array([_prompt(14, 12)] * 3, np.int32), cache)
+        plan = base.gpu_step_plan(m, cache, 1, 3)
+        if kind == "gemma3_text":
+            assert plan is None
+        else:
+            assert [np.asarray(k).shape[0] for k in plan["keys"]] == [3, 3]
+            assert plan["offset"] == 12
+            assert base.gpu_step_plan(m, cache, 1, 2) is None      # rows not the buffers'
+            assert base.gpu_step_plan(m, cache, 2, 3) is None      # one position a row
+    finally:
+        base.set_gpu_decode_step(old)
         m.close()
 
 
