@@ -67,16 +67,17 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
     if "M" not in c:
         c.setdefault("SPLIT", False)                  # the MLP split over slices
-        c.setdefault("GEMMA", False)                  # Gemma 3's block
-        c.setdefault("ESCALE_BITS", 0)                # its embedding's factor
+    c.setdefault("GEMMA", False)                      # Gemma 3's block
+    c.setdefault("ESCALE_BITS", 0)                    # its embedding's factor
     consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
                      f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in c.items())
     kv = "".join(f", const {ty}* {n}{l}" for n in "kv" for l in range(L))
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
-    fn, m = ("verify_step", ", M" + (", true" if rows else "")) if "M" in c \
+    fn, m = ("verify_step", ", M, " + ("true" if rows else "false") + ", GEMMA") if "M" in c \
         else ("decode_step", ", SPLIT, GEMMA")        # M positions (or rows)
-    tm = (", rpos" if rows else "") if "M" in c else ", timing" if timed else ", nullptr"
+    tm = (", rpos" if rows else ", nullptr") + ", __int_as_float(ESCALE_BITS)" if "M" in c \
+        else ", timing" if timed else ", nullptr"
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
             f"const int32_t* meta, const uint64_t* table, const float* inv_freq, "
             f"const uint32_t* bar, const {ty}* after{', const int32_t* rpos' if rows else ''}{kv}, "
@@ -153,6 +154,11 @@ def step_cases():
                            QKV_BIAS=False, QK_NORM=True, M=16, ROWS=True, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, M=3, ROWS=True, **norms)
+    # Gemma's several positions and batch rows: 270M bf16 with 9, 1B 4-bit rows in launches of 8
+    yield "bf16", 18, dict(BITS=0, GS=0, D=640, NQ=4, NKV=1, HD=256, FF=2048, V=262144,
+                           ESCALE_BITS=0x41CA0000, M=9, **gemma)
+    yield "bf16", 26, dict(BITS=4, GS=64, D=1152, NQ=4, NKV=1, HD=256, FF=6912, V=262144,
+                           ESCALE_BITS=0x42080000, M=8, ROWS=True, **gemma)
 
 
 def main():

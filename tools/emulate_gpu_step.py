@@ -115,10 +115,10 @@ int main(int argc, char** argv) {
                 EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
           else
             mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL,
-                                    QKV_BIAS, QK_NORM, M, ROWS>(
+                                    QKV_BIAS, QK_NORM, M, ROWS, GEMMA>(
                 toks + s * N, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc,
                 vc, EPS, QK_EPS, SCALE, scratch.data(), logits.data(), bar.data(),
-                rpos + s * N);
+                rpos + s * N, ESCALE);
         });
       for (auto& t : th) t.join();
       for (long long i = 0; i < M * nv; ++i) row[r0 * nv + i] = static_cast<float>(logits[i]);
@@ -321,7 +321,8 @@ def _write_inputs(plan, toks, positions, PL, path, rpos=None):
     maxcap = max(plan["caps"])
     M, nqkv = positions, (c["NQ"] + 2 * c["NKV"]) * c["HD"]
     scratch = (5 * c["D"] + M * (c["D"] + nqkv + c["NQ"] * c["HD"] + c["FF"])
-               + M * c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4)   # step_decode's
+               + M * c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4
+               + 3 * M * c["D"])          # step_launch's (verify_step's Gemma buffers too)
     offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32)),
             put(np.array(rpos if rpos is not None else [0], np.int32))]
     for k, v in zip(plan["keys"], plan["values"]):

@@ -1240,6 +1240,67 @@ __device__ __forceinline__ void load_xm(const float* src, const T* nw, float eps
   __syncthreads();
 }
 
+// ss[m] (each thread's share of row m's sum of squares) <- row m's RMSNorm
+// scale, in every thread alike; red: WARPS * M floats, free again on return.
+template <int M>
+__device__ __forceinline__ void row_scales(float (&ss)[M], float* red, int K, float eps) {
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float t = warp_sum(ss[m]);
+    if ((threadIdx.x & 31) == 0) red[warp * M + m] = t;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float t = 0.0f;
+    for (int w = 0; w < WARPS; ++w) t += red[w * M + m];
+    ss[m] = rsqrtf(t / K + eps);
+  }
+  __syncthreads();
+}
+
+// load_sandwich (Gemma) for M rows: xm[m] <- RMSNorm(h, n2) where h = T(src[m]
+// + T(n1 * T(y[m] * inv))), block 0 storing h into store[m] when given.
+template <typename T, int K, int M>
+__device__ __forceinline__ void load_xm_sandwich(const float* src, const float* y, const T* n1,
+                                                 const T* n2, float eps, T* xm, float* red,
+                                                 float* store) {
+  float ss[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) ss[m] = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = rt<T>(__ldcg(y + m * K + k));
+      xm[m * K + k] = static_cast<T>(v);
+      ss[m] += v * v;
+    }
+  row_scales<M>(ss, red, K, eps);
+  float hh[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) hh[m] = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    const float w = static_cast<float>(n1[k]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float n = rt<T>(w * rt<T>(static_cast<float>(xm[m * K + k]) * ss[m]));
+      const float h = rt<T>(__ldcg(src + m * K + k) + n);
+      if (store != nullptr && blockIdx.x == 0) store[m * K + k] = h;
+      xm[m * K + k] = static_cast<T>(h);
+      hh[m] += h * h;
+    }
+  }
+  row_scales<M>(hh, red, K, eps);
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    const float w = static_cast<float>(n2[k]);
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      xm[m * K + k] = static_cast<T>(rt<T>(w * rt<T>(static_cast<float>(xm[m * K + k]) * hh[m])));
+  }
+  __syncthreads();
+}
+
 // The VALS weights of chunk wq as floats (affine values before scale/bias).
 template <typename T, int BITS>
 __device__ __forceinline__ void unpack_chunk(const uint4& wq, float* w) {
@@ -1313,11 +1374,12 @@ __device__ __forceinline__ void row_dot_m(const Lin<T>& L, int row, const T* xm,
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM, int M, bool ROWS = false>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, int M, bool ROWS = false,
+          bool GEMMA = false>
 __device__ void verify_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float* scratch, T* logits, unsigned* bar,
-                            const int* rpos = nullptr) {
+                            const int* rpos = nullptr, float escale = 0.0f) {
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
   constexpr int DPL = (HD + 31) / 32;
   constexpr int GROUP = NQ / NKV;
@@ -1339,6 +1401,11 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   auto first_slot = [&](int m) { return ROWS ? min(max(pos - rpos[r0 + m], 0), pos) : 0; };
   const int maxt = (cap + 31) / 32;
   float* part = hid + M * FF;                  // partials [NQ * M][maxt][HD + 2]
+  // GEMMA (as decode_step's): a layer's input x, its residual after attention
+  // x2, o_proj's output ob, down's yo, each [M][D]
+  float* x2 = part + (size_t)NQ * M * maxt * (HD + 2);
+  float* ob = x2 + M * D;
+  float* yo = ob + M * D;
   unsigned* count = bar + 64;                  // per (head, position): tiles done
   Barrier sync = barrier_start(reinterpret_cast<unsigned long long*>(bar + 4), nullptr, 0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1348,16 +1415,22 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   // the embedding rows into x (every block writes the same values)
   {
     const Lin<T> E = lin<T>(top);
-    for (int i = threadIdx.x; i < M * D; i += THREADS)
-      x[i] = embed_value<T, EBITS, EGS>(E, tok_p[r0 + i / D], i % D, D);
+    for (int i = threadIdx.x; i < M * D; i += THREADS) {
+      const float v = embed_value<T, EBITS, EGS>(E, tok_p[r0 + i / D], i % D, D);
+      x[i] = GEMMA ? rt<T>(v * escale) : v;
+    }
     __threadfence();
     __syncthreads();
   }
 
   for (int l = 0; l < NL; ++l) {
     const unsigned long long* t = table + l * PL;
-    // -- A: RMSNorm -> q, k, v (+ bias) for every position
-    load_xm<T, D, M>(x, ptr<T>(t[0]), eps, xm, red);
+    // -- A: RMSNorm -> q, k, v (+ bias) for every position (Gemma: the
+    // previous layer's down output, post-norm, joins x2 into x first)
+    if (GEMMA && l > 0)
+      load_xm_sandwich<T, D, M>(x2, yo, ptr<T>(t[29 - PL]), ptr<T>(t[0]), eps, xm, red, x);
+    else
+      load_xm<T, D, M>(x, ptr<T>(t[0]), eps, xm, red);
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
       for (int r = gw; r < NQKV; r += nw) {
@@ -1383,7 +1456,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
       for (int d = lane; d < HD; d += 32) v[d] = __ldcg(src + d);
       __syncwarp();
       if (QK_NORM) head_norm<T, HD>(v, ptr<T>(t[hh < NQ ? 13 : 14]), qk_eps);
-      rope<T, HD>(v, inv_freq, at_pos(m));   // (the layers' rows are alike: not Gemma)
+      rope<T, HD>(v, GEMMA ? inv_freq + l * (HD / 2) : inv_freq, at_pos(m));
       if (hh < NQ) {
         for (int d = lane; d < HD; d += 32) src[d] = v[d];
       } else {
@@ -1451,12 +1524,19 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         row_dot_m<T, BITS, GS, NQ * HD, M>(o, r, xm, v);
         if (lane == 0)
 #pragma unroll
-          for (int m = 0; m < M; ++m) x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
+          for (int m = 0; m < M; ++m) {
+            if (GEMMA) ob[m * D + r] = rt<T>(v[m]);
+            else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
+          }
       }
     }
     grid_sync(sync);
-    // -- D: RMSNorm -> gate, up -> silu(gate) * up
-    load_xm<T, D, M>(x, ptr<T>(t[18]), eps, xm, red);
+    // -- D: RMSNorm -> gate, up -> act(gate) * up (Gemma: o_proj's output,
+    // post-norm, joins x into x2 first)
+    if (GEMMA)
+      load_xm_sandwich<T, D, M>(x, ob, ptr<T>(t[28]), ptr<T>(t[18]), eps, xm, red, x2);
+    else
+      load_xm<T, D, M>(x, ptr<T>(t[18]), eps, xm, red);
     {
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
       for (int r = gw; r < FF; r += nw) {
@@ -1466,7 +1546,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         if (lane == 0)
 #pragma unroll
           for (int m = 0; m < M; ++m) {
-            hid[m * FF + r] = mlp_act<T, false>(rt<T>(gv[m]), rt<T>(uv[m]));
+            hid[m * FF + r] = mlp_act<T, GEMMA>(rt<T>(gv[m]), rt<T>(uv[m]));
           }
       }
     }
@@ -1480,13 +1560,21 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         row_dot_m<T, BITS, GS, FF, M>(dn, r, xm, v);
         if (lane == 0)
 #pragma unroll
-          for (int m = 0; m < M; ++m) x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
+          for (int m = 0; m < M; ++m) {
+            if (GEMMA) yo[m * D + r] = rt<T>(v[m]);
+            else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
+          }
       }
     }
     grid_sync(sync);
   }
-  // -- the final norm and the output head
-  load_xm<T, D, M>(x, ptr<T>(top[3]), eps, xm, red);
+  // -- the final norm and the output head (Gemma: the last layer's down
+  // output, post-norm, joins x2 first)
+  if (GEMMA)
+    load_xm_sandwich<T, D, M>(x2, yo, ptr<T>(top[29 - PL]), ptr<T>(top[3]), eps, xm, red,
+                              nullptr);
+  else
+    load_xm<T, D, M>(x, ptr<T>(top[3]), eps, xm, red);
   const Lin<T> head = lin<T>(top + 4);
   for (int r = gw; r < V; r += nw) {
     float v[M];
@@ -1712,7 +1800,7 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
     }
     std::string body = kinit + "};\n" + vinit + "};\n" +
         (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ">(\n"
+                "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ", GEMMA>(\n"
               : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
                 "QKV_BIAS, QK_NORM, SPLIT, GEMMA>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
@@ -1720,7 +1808,8 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n" +
         (smem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
         "      scratch, logits, const_cast<unsigned*>(bar)" +
-        (smem ? std::string(rows ? ", rpos" : "") : timed ? ", timing" : ", nullptr") + ");\n";
+        (smem ? std::string(rows ? ", rpos" : ", nullptr") + ", __int_as_float(ESCALE_BITS)"
+              : timed ? ", timing" : ", nullptr") + ");\n";
     std::string name = (rows ? "mlxcy_rows_step_" : smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") +
                        std::to_string(c.L) + (timed ? "_timed" : "");
     std::vector<std::string> outs = {"logits", "scratch"};
@@ -1752,7 +1841,8 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
   for (auto& k : kbuf) in.push_back(k);
   for (auto& v : vbuf) in.push_back(v);
   int scratch = 5 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
-                M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4;   // (+4: ysum 16-byte aligned)
+                M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4 +   // (+4: ysum 16-byte aligned)
+                (smem && c.gemma ? 3 * M * c.D : 0);              // (verify_step's x2, ob, yo)
   int blocks = step_grid_blocks();
   const bool split = !smem && step_split(c, blocks);
   std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};

@@ -1127,7 +1127,7 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
     cdef int most = ngs.step_max_positions(p.cfg)
-    if M > most or (M > 1 and p.cfg.gemma) or (B > 1 and (M != 1 or most < 2 or p.cfg.gemma)):
+    if M > most or (B > 1 and (M != 1 or most < 2)):
         return False
     cdef LayerCache lc
     cdef int cap = -1, rot
@@ -1212,18 +1212,19 @@ cdef int _step_cache(c, int window, _GpuStep p, int dtype_code, int M, int B) no
     """Can the kernel write M positions into layer cache c and attend over it:
     -1 if not, else the rotation of its ring (0 for a KVCache).  A KVCache
     (for a layer with a sliding window, every position inside it: no mask),
-    or (Gemma, one position) a RotatingKVCache that holds every position from
-    0 in slot = position with room for one more, or a full one: the kernel
-    then writes the new key over the oldest (slot idx), and slot s holds
-    position p where s = (p - rotation) mod window."""
+    or (Gemma) a RotatingKVCache that holds every position from 0 in slot =
+    position with room for M more (of each of B rows), or, for one position
+    of one sequence, a full one: the kernel then writes the new key over the
+    oldest (slot idx), and slot s holds position p where s = (p - rotation)
+    mod window."""
     cdef LayerCache lc = <LayerCache>c
     cdef RotatingKVCache rc
     cdef int rot = 0
     if type(c) is RotatingKVCache:
         rc = <RotatingKVCache>c
-        if not p.cfg.gemma or M != 1:
+        if not p.cfg.gemma:
             return -1
-        if rc.filled == rc.window:
+        if rc.filled == rc.window and M == 1 and B == 1:
             rot = (lc.offset - rc.idx) % rc.window
         elif rc.filled != lc.offset or rc.idx != lc.offset or lc.offset + M > rc.window:
             return -1

@@ -328,7 +328,8 @@ def _rows(m, prompts, steps, on, feed=None):
 
 @cuda
 @pytest.mark.parametrize("kind,dtype,bits", [
-    ("llama", "float32", 0), ("qwen2", "float32", 0), ("qwen3", "bfloat16", 0), ("qwen2", None, 4)])
+    ("llama", "float32", 0), ("qwen2", "float32", 0), ("qwen3", "bfloat16", 0), ("qwen2", None, 4),
+    ("gemma3_text", "float32", 0), ("gemma3_text", "bfloat16", 0), ("gemma3_text", None, 4)])
 @pytest.mark.parametrize("B", [3, 20])
 def test_a_batchs_rows_match_the_op_path(checkpoints, kind, dtype, bits, B):
     """One token in each of B rows a step (20: more than one launch takes, so
@@ -352,13 +353,14 @@ def test_a_batchs_rows_match_the_op_path(checkpoints, kind, dtype, bits, B):
 
 
 @cuda
-def test_a_padded_batch_generates_as_on_the_op_path(checkpoints):
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_text"])
+def test_a_padded_batch_generates_as_on_the_op_path(checkpoints, kind):
     """The engine's left-padded rows (prompts of 3-17 tokens, some joining a
     running batch) through the kernel's batch form: each row rotated at its
     own position and blind to its padding, so greedy tokens equal the op
-    path's."""
+    path's (Gemma: its sliding layer's ring growing)."""
     from mlxcy.generation.engine import Engine
-    m = load_model(checkpoints["qwen3"], dtype="float32")
+    m = load_model(checkpoints[kind], dtype="float32")
     try:
         outs, steps = {}, {}
         for on in (False, True):
@@ -382,7 +384,29 @@ def test_a_padded_batch_generates_as_on_the_op_path(checkpoints):
             finally:
                 base.set_gpu_decode_step(old)
         assert outs[True] == outs[False]
-        assert steps[False] == 0 and steps[True] >= 10
+        assert steps[False] == 0 and steps[True] >= (10 if kind == "qwen3" else 1)
+    finally:
+        m.close()
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_gemmas_several_positions_match_the_op_path(checkpoints, dtype, tol):
+    """Gemma's verification steps while its sliding layer's ring grows (a
+    12-token prompt leaves it 8 slots of room): chunks of 2, 5 and 1 tokens."""
+    m = load_model(checkpoints["gemma3_text"], dtype=dtype)
+    rng = np.random.default_rng(9)
+    chunks = [rng.integers(0, VOCAB, n).tolist() for n in (2, 5, 1)]
+    try:
+        want = _chunks(m, _prompt(8, 12), chunks, on=False)
+        before = base.gpu_decode_steps()
+        got = _chunks(m, _prompt(8, 12), chunks, on=True)
+        assert base.gpu_decode_steps() - before == len(chunks)
+        for c, (g, w) in enumerate(zip(got, want)):
+            for i in range(len(g)):
+                assert rel(g[i], w[i]) <= tol, (c, i, rel(g[i], w[i]))
+            if dtype == "float32":
+                assert (g.argmax(-1) == w.argmax(-1)).all(), c
     finally:
         m.close()
 
@@ -448,7 +472,9 @@ def test_the_kernel_is_given_gemmas_form(checkpoints, dtype):
         assert plan["caps"] == [c.state()["keys"].shape[2] for c in cache.layers]
         assert plan["caps"][0] < plan["caps"][1]
         assert plan["windows"] == [GEMMA_WINDOW, 0] and plan["rotations"] == [0, 0]
-        assert base.gpu_step_plan(m, cache, 2) is None          # one position at a time
+        # several positions while the ring has room for them (its 8 padding slots)
+        assert base.gpu_step_plan(m, cache, 8) is not None
+        assert base.gpu_step_plan(m, cache, 9) is None
     finally:
         m.close()
 
@@ -465,6 +491,7 @@ def test_the_kernel_is_given_gemmas_full_rings(checkpoints, n):
         assert plan["rotations"] == [n % GEMMA_WINDOW if n >= GEMMA_WINDOW else 0, 0]
         st = cache.layers[0].state()
         assert (n - plan["rotations"][0]) % GEMMA_WINDOW == st["idx"]
+        assert base.gpu_step_plan(m, cache, 2) is None     # past the window: one at a time
     finally:
         m.close()
 
@@ -481,20 +508,21 @@ def test_the_kernel_plans_plain_models_as_before(checkpoints):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
-def test_the_kernel_is_given_a_batchs_caches(checkpoints, kind):
-    """A batch's step takes every layer's [B, ...] buffers (not Gemma's: its
-    batch steps stay on the op path), and a plan for other rows is refused."""
+@pytest.mark.parametrize("n", [12, GEMMA_WINDOW + 2])
+def test_the_kernel_is_given_a_batchs_caches(checkpoints, kind, n):
+    """A batch's step takes every layer's [B, ...] buffers (Gemma's sliding
+    layer: while its ring grows), and a plan for other rows is refused."""
     m = load_model(checkpoints[kind], dtype="float32")
     cache = m.make_cache()
     old = base.set_gpu_decode_step(False)
     try:
-        m(np.array([_prompt(14, 12)] * 3, np.int32), cache)
+        m(np.array([_prompt(14, n)] * 3, np.int32), cache)
         plan = base.gpu_step_plan(m, cache, 1, 3)
-        if kind == "gemma3_text":
-            assert plan is None
+        if kind == "gemma3_text" and n > GEMMA_WINDOW:
+            assert plan is None                                   # a full ring
         else:
             assert [np.asarray(k).shape[0] for k in plan["keys"]] == [3, 3]
-            assert plan["offset"] == 12
+            assert plan["offset"] == n
             assert base.gpu_step_plan(m, cache, 1, 2) is None      # rows not the buffers'
             assert base.gpu_step_plan(m, cache, 2, 3) is None      # one position a row
     finally:

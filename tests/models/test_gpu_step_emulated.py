@@ -26,6 +26,8 @@ import emulate_gpu_step as emu  # noqa: E402
     ("gemma3_text", 40, 10, False, "float32", 0, 1),
     ("gemma3_text", 60, 3, False, "float32", 0, 1),
     ("gemma3_text", 40, 10, True, None, 4, 1),
+    # Gemma's several positions while the ring grows (30 + 8 slots)
+    ("gemma3_text", 30, 1, False, "float32", 0, 8),
 ])
 def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype, bits, positions):
     err, same_ids = emu.run(kind, prompt, steps, window=48, split=split, dtype=dtype, bits=bits,
@@ -36,7 +38,8 @@ def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype,
         assert err <= 1e-5 and same_ids, (err, same_ids)
 
 
-@pytest.mark.parametrize("kind,rows,group,bits", [("llama", 6, 3, 0), ("qwen2", 4, 2, 4)])
+@pytest.mark.parametrize("kind,rows,group,bits", [("llama", 6, 3, 0), ("qwen2", 4, 2, 4),
+                                                 ("gemma3_text", 4, 2, 0)])
 def test_a_padded_batchs_rows_match_the_op_path(kind, rows, group, bits):
     """verify_step's ROWS form (a batch's one-token step): left-padded rows, row
     b 3b tokens shorter, each rotated at its own position and attending from
