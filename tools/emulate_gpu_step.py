@@ -4,7 +4,7 @@ the CPU, for a tiny float32 model, and compare its logits with the op path's.
     python tools/emulate_gpu_step.py [--kind gemma3_text|llama|qwen2|qwen3]
                                      [--prompt 40] [--steps 20] [--window 48] [--split]
                                      [--dtype float32|bfloat16] [--bits 4|8] [--positions 1]
-                                     [--head-dim 16] [--rows 6 --group 3]
+                                     [--head-dim 16] [--rows 6]
 
 For sessions without a GPU: the device source is compiled by g++ with CUDA's
 built-ins written as C++ (tools/emulate_gpu_step.h), one block of 256 threads
@@ -20,7 +20,7 @@ the op path's greedy tokens; the caches' capacities must not change during
 the run (a KVCache's 256 + padding; a ring sized by the prompt: --prompt 40
 with --window 48 leaves it growing for 8 steps, then full).  --rows B: a
 batch of B left-padded prompts (row b's 3b tokens shorter), one token a row
-a step, in launches of --group rows each (verify_step's ROWS form)."""
+a step (verify_step's ROWS form)."""
 from __future__ import annotations
 
 import argparse
@@ -95,35 +95,31 @@ int main(int argc, char** argv) {
     vc[l] = reinterpret_cast<T*>(blob + off[4 + 2 * l]);
   }
   std::vector<unsigned> bar(2048, 0u);
-  constexpr int N = ROWS ? B : M;           // logits rows a step
-  std::vector<float> scratch(nscratch), row(N * nv);
+  std::vector<float> scratch(nscratch), row(M * nv);
   std::vector<T> logits(M * nv);
   std::FILE* out = std::fopen(argv[2], "wb");
   for (long long s = 0; s < steps; ++s) {
-    for (int r0 = 0; r0 < N; r0 += M) {     // (ROWS: a launch per group of M rows)
-      std::fill(scratch.begin(), scratch.end(), std::nanf(""));
-      unsigned meta[4] = {unsigned(r0), 0, unsigned(ROWS ? pos0 + s : pos0 + s * M),
-                          unsigned(maxcap)};
-      std::vector<std::thread> th;
-      for (unsigned t = 0; t < 256; ++t)
-        th.emplace_back([&, t] {
-          threadIdx.x = t;
-          if constexpr (M == 1 && !ROWS)
-            mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
-                                    QK_NORM, SPLIT, GEMMA>(
-                toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
-                EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
-          else
-            mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL,
-                                    QKV_BIAS, QK_NORM, M, ROWS, GEMMA>(
-                toks + s * N, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc,
-                vc, EPS, QK_EPS, SCALE, scratch.data(), logits.data(), bar.data(),
-                rpos + s * N, ESCALE);
-        });
-      for (auto& t : th) t.join();
-      for (long long i = 0; i < M * nv; ++i) row[r0 * nv + i] = static_cast<float>(logits[i]);
-    }
-    std::fwrite(row.data(), 4, N * nv, out);
+    std::fill(scratch.begin(), scratch.end(), std::nanf(""));
+    unsigned meta[4] = {0, 0, unsigned(ROWS ? pos0 + s : pos0 + s * M), unsigned(maxcap)};
+    std::vector<std::thread> th;
+    for (unsigned t = 0; t < 256; ++t)
+      th.emplace_back([&, t] {
+        threadIdx.x = t;
+        if constexpr (M == 1 && !ROWS)
+          mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
+                                  QK_NORM, SPLIT, GEMMA>(
+              toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
+              EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
+        else
+          mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
+                                  QK_NORM, M, ROWS, GEMMA>(
+              toks + s * M, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
+              EPS, QK_EPS, SCALE, scratch.data(), logits.data(), bar.data(), rpos + s * M,
+              ESCALE);
+      });
+    for (auto& t : th) t.join();
+    for (long long i = 0; i < M * nv; ++i) row[i] = static_cast<float>(logits[i]);
+    std::fwrite(row.data(), 4, M * nv, out);
   }
   std::fclose(out);
   return 0;
@@ -165,14 +161,13 @@ TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
 def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
-        dtype="float32", bits=0, positions=1, head_dim=0, rows=1, group=0):
+        dtype="float32", bits=0, positions=1, head_dim=0, rows=1):
     """(max relative error of the emulated logits against the op path's, the
     two paths' greedy ids equal); bits 4 or 8: the checkpoint in MLX's affine
     layout (group 64, bfloat16 scales); positions > 1: steps of that many
     random tokens each (verify_step, a speculative step's form), all their
     logits compared; head_dim: the tiny model's (16) replaced; rows > 1: a
-    batch of left-padded prompts, one token a row a step, in launches of
-    `group` rows (all of them by default)."""
+    batch of left-padded prompts, one token a row a step."""
     from mlxcy.models.load import load_model
     with tempfile.TemporaryDirectory(prefix="emulate-step-") as tmp:
         work = Path(tmp)
@@ -186,7 +181,7 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
         try:     # (the plan's arrays are the model's: closing it frees them)
             if rows > 1:
                 toks, want, plan, rpos = _reference_rows(m, prompt, steps, rows, seed)
-                got = _emulate(plan, toks, group or rows, split, work, rows, rpos)
+                got = _emulate(plan, toks, rows, split, work, rows, rpos)
             else:
                 toks, want, plan = _reference(m, prompt, steps, positions, seed)
                 got = _emulate(plan, toks, positions, split, work)
@@ -269,8 +264,7 @@ def _reference_rows(m, prompt, steps, B, seed):
 
 def _emulate(plan, toks, positions, split, work, rows=1, rpos=None):
     """The kernel's logits [len(toks), V] for the tokens, `positions` a step
-    (rows > 1: one a row, in launches of `positions` rows), from the plan's
-    table and caches."""
+    (rows > 1: one a row), from the plan's table and caches."""
     from mlxcy.models import base
     c = plan["config"]
     t = str(np.asarray(plan["keys"][0]).dtype)
@@ -284,8 +278,7 @@ def _emulate(plan, toks, positions, split, work, rows=1, rpos=None):
                                D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"],
                                V=c["V"], NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]),
                                QK_NORM=bool(c["qk_norm"]), SPLIT=split,
-                               GEMMA=bool(plan["gemma"]), M=positions, ROWS=rows > 1,
-                               B=rows),
+                               GEMMA=bool(plan["gemma"]), M=positions, ROWS=rows > 1),
                      floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
                                  ESCALE=plan["embed_scale"])), work)
     out = work / "logits.bin"
@@ -347,13 +340,12 @@ def main():
                     help="tokens a step (> 1: the several-positions kernel, verify_step)")
     ap.add_argument("--rows", type=int, default=1,
                     help="a batch of this many left-padded rows (verify_step's ROWS form)")
-    ap.add_argument("--group", type=int, default=0, help="rows a launch (default: --rows)")
     ap.add_argument("--dtype", default="float32", choices=sorted(TYPES))
     ap.add_argument("--bits", type=int, default=0, choices=(0, 4, 8),
                     help="MLX's affine 4/8-bit layout (bfloat16 scales) instead of --dtype")
     a = ap.parse_args()
     err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits,
-                    positions=a.positions, head_dim=a.head_dim, rows=a.rows, group=a.group)
+                    positions=a.positions, head_dim=a.head_dim, rows=a.rows)
     exact = a.dtype == "float32" and not a.bits
     print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
           f"steps{', split' if a.split else ''}{f', {a.rows} rows' if a.rows > 1 else ''}: max relative error {err:.2e}, greedy ids "

@@ -1189,7 +1189,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 // ---- several positions in one launch (verification, a batch's rows) ---------
 // The same model math for M rows of activations: M consecutive positions
 // pos .. pos + M - 1 of one sequence (a speculative step's proposals), or
-// (ROWS) one new position each of M rows r0 .. r0 + M - 1 of a batch, every
+// (ROWS) one new position in each of the M rows of a batch, every
 // row's token in cache slot pos of its own row of the batched cache ([B, NKV,
 // cap, HD]), rotated at its own position rpos[r] and attending over slots
 // pos - rpos[r] (its left padding's end) .. pos.  Every weight row is read
@@ -1393,12 +1393,11 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   float* att = qkv + M * NQKV;                 // [M][NQ * HD]
   float* hid = att + M * NQ * HD;              // [M][FF]
   const int pos = meta[2], cap = meta[3];
-  const int r0 = ROWS ? meta[0] : 0;           // (ROWS) the batch row of activation row 0
   // activation row m's rotary position, its cache row, and the first slot it
   // attends to
-  auto at_pos = [&](int m) { return ROWS ? rpos[r0 + m] : pos + m; };
-  auto kv_row = [&](int m) { return ROWS ? r0 + m : 0; };
-  auto first_slot = [&](int m) { return ROWS ? min(max(pos - rpos[r0 + m], 0), pos) : 0; };
+  auto at_pos = [&](int m) { return ROWS ? rpos[m] : pos + m; };
+  auto kv_row = [&](int m) { return ROWS ? m : 0; };
+  auto first_slot = [&](int m) { return ROWS ? min(max(pos - rpos[m], 0), pos) : 0; };
   const int maxt = (cap + 31) / 32;
   float* part = hid + M * FF;                  // partials [NQ * M][maxt][HD + 2]
   // GEMMA (as decode_step's): a layer's input x, its residual after attention
@@ -1416,7 +1415,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   {
     const Lin<T> E = lin<T>(top);
     for (int i = threadIdx.x; i < M * D; i += THREADS) {
-      const float v = embed_value<T, EBITS, EGS>(E, tok_p[r0 + i / D], i % D, D);
+      const float v = embed_value<T, EBITS, EGS>(E, tok_p[i / D], i % D, D);
       x[i] = GEMMA ? rt<T>(v * escale) : v;
     }
     __threadfence();
@@ -1771,19 +1770,60 @@ inline mx::array*& step_previous() {
   return prev;
 }
 
-// One launch of the step kernel: M positions pos .. pos + M - 1 of one
-// sequence (tok [M]), or (rpos given) rows r0 .. r0 + M - 1 of a batch (tok
-// and rpos [B]); logits [1, M, V].  The table is already in st.
-inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array& tok,
-                             const std::vector<mx::array>& kbuf,
-                             const std::vector<mx::array>& vbuf, int pos, int M,
-                             const mx::array* rpos, int r0) {
+// One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
+// position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
+// cap, HD] each, cap > pos).  tok of M > 1 elements: positions pos .. pos +
+// M - 1 of the sequence, logits [1, M, V].  With rpos (int32 [M], each batch
+// row's rotary position): tok holds one token for each of the M rows of a
+// batch whose caches ([M, NKV, cap, HD]) take them in slot pos, each row
+// attending from slot pos - rpos[row] (its left padding's end); logits [M, 1,
+// V].  On return kbuf/vbuf hold the same buffers as arrays that depend on the
+// kernel (mx::depends): a cache is written by the kernel, so evaluating the
+// cache alone (as a draft model's catch-up does) must run it.  c passed
+// step_config_problem when the model was planned (base.pyx), once, not per
+// token.
+inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
+                             StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
+                             std::vector<mx::array>& vbuf, int pos,
+                             const mx::array* rpos = nullptr) {
+  const int M = static_cast<int>(tok.size());   // positions pos .. pos + M - 1, or rows
   const bool rows = rpos != nullptr;
+  if (M < 1 || M > step_max_positions(c) || (rows && M < 2))
+    throw std::invalid_argument("decode step kernel: number of positions");
+  if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
+      kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
+    throw std::invalid_argument("decode step kernel: table or cache size");
+  if (rows && (static_cast<int>(rpos->size()) != M || rpos->dtype() != mx::int32 ||
+               kbuf[0].shape(0) != M))
+    throw std::invalid_argument("decode step kernel: batch rows");
   int cap = 0;                                  // the largest layer's (scratch for attention)
   for (auto& k : kbuf) cap = std::max(cap, k.shape(2));
-  // by layer count, and for several positions by their shared memory
-  const int smem = M > 1 || rows ? step_shared_bytes(c, M) : 0;
-  const bool timed = !smem && step_timing_on();
+  // weights first evaluated (a no-op once they are)
+  std::vector<mx::array> pending;
+  for (auto& e : entries)
+    if (e.a && e.a->status() == mx::array::Status::unscheduled) pending.push_back(*e.a);
+  if (!pending.empty()) mx::eval(pending);
+  std::vector<uint64_t> table(entries.size(), 0);
+  for (size_t i = 0; i < entries.size(); ++i)
+    if (const mx::array* a = entries[i].a) {
+      if (!a->flags().row_contiguous)
+        throw std::invalid_argument("decode step kernel: a weight is not row-contiguous");
+      size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
+      table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
+    } else {
+      table[i] = static_cast<uint64_t>(entries[i].value);
+    }
+  for (int l = 0; l < c.L; ++l)   // each layer's cache capacity (sliding layers' rings differ)
+    table[static_cast<size_t>(l + 1) * kStepPerLayer - 3] = kbuf[l].shape(2);
+  if (table != st.host) {
+    st.table = mx::copy(mx::array(reinterpret_cast<const uint64_t*>(table.data()),
+                                  {static_cast<int>(table.size())}, mx::uint64));
+    st.host = std::move(table);
+  }
+
+  // by layer count, and for several positions (or rows) by their shared memory
+  const int smem = M > 1 ? step_shared_bytes(c, M) : 0;
+  const bool timed = M == 1 && step_timing_on();
   static std::map<std::tuple<int, int, bool>, mx::fast::CustomKernelFunction> kernels;
   auto it = kernels.find({c.L, smem, rows});
   if (it == kernels.end()) {
@@ -1824,18 +1864,16 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
     return b;
   };
   // the position from the device state when the previous kernel left it there
-  // (a batch's launch always sends it, with its first row)
   mx::array meta = st.state;
   bool ran = st.has_last && st.last.status() != mx::array::Status::unscheduled;
-  if (!ran || pos != st.next || cap != st.cap || rows) {
-    uint32_t m[4] = {static_cast<uint32_t>(r0), 0, static_cast<uint32_t>(pos),
-                     static_cast<uint32_t>(cap)};
+  if (!ran || pos != st.next || cap != st.cap) {
+    uint32_t m[4] = {0, 0, static_cast<uint32_t>(pos), static_cast<uint32_t>(cap)};
     meta = mx::array(m, {4}, mx::uint32);
   }
   st.next = rows ? pos + 1 : pos + M;
   st.cap = cap;
   mx::array*& prev = step_previous();
-  std::vector<mx::array> in = {mx::reshape(tok, {-1}), meta, st.table, st.inv_freq, st.state,
+  std::vector<mx::array> in = {mx::reshape(tok, {M}), meta, st.table, st.inv_freq, st.state,
                                prev ? *prev : st.state};
   if (rows) in.push_back(*rpos);
   for (auto& k : kbuf) in.push_back(k);
@@ -1844,8 +1882,9 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4 +   // (+4: ysum 16-byte aligned)
                 (smem && c.gemma ? 3 * M * c.D : 0);              // (verify_step's x2, ob, yo)
   int blocks = step_grid_blocks();
-  const bool split = !smem && step_split(c, blocks);
-  std::vector<mx::Shape> shapes = {mx::Shape{1, M, c.V}, mx::Shape{scratch}};
+  const bool split = M == 1 && step_split(c, blocks);
+  std::vector<mx::Shape> shapes = {rows ? mx::Shape{M, 1, c.V} : mx::Shape{1, M, c.V},
+                                   mx::Shape{scratch}};
   std::vector<mx::Dtype> types = {c.dtype, mx::float32};
   if (timed) {
     shapes.push_back(mx::Shape{2 + 3 * (split ? 4 : 5) * c.L, blocks});   // barriers per layer
@@ -1861,6 +1900,13 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
        {"SPLIT", split}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
       std::nullopt, false, {});
+  std::vector<mx::array> bufs(kbuf);
+  bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());
+  bufs = mx::depends(bufs, {out[0]});
+  for (size_t l = 0; l < kbuf.size(); ++l) {
+    kbuf[l] = bufs[l];
+    vbuf[l] = bufs[kbuf.size() + l];
+  }
   st.last = out[0];
   st.has_last = true;
   if (timed) st.timing = out[2];
@@ -1869,76 +1915,6 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
   else
     prev = new mx::array(out[0]);
   return out[0];
-}
-
-// One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
-// position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
-// cap, HD] each, cap > pos).  tok of M > 1 elements: positions pos .. pos +
-// M - 1 of the sequence, logits [1, M, V].  With rpos (int32 [B], each batch
-// row's rotary position): tok [B] holds one token for each row of a batch
-// whose caches ([B, NKV, cap, HD]) take them in slot pos, each row attending
-// from slot pos - rpos[row] (its left padding's end); logits [B, 1, V], from
-// launches of at most step_max_positions rows.  On return kbuf/vbuf hold the
-// same buffers as arrays that depend on the kernel (mx::depends): a cache is
-// written by the kernel, so evaluating the cache alone (as a draft model's
-// catch-up does) must run it.  c passed step_config_problem when the model
-// was planned (base.pyx), once, not per token.
-inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
-                             StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
-                             std::vector<mx::array>& vbuf, int pos,
-                             const mx::array* rpos = nullptr) {
-  const int n = static_cast<int>(tok.size());   // positions, or a batch's rows
-  const int most = step_max_positions(c);
-  if (n < 1 || (!rpos && n > most) || (rpos && (n < 2 || most < 2)))
-    throw std::invalid_argument("decode step kernel: number of positions");
-  if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
-      kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
-    throw std::invalid_argument("decode step kernel: table or cache size");
-  if (rpos && (static_cast<int>(rpos->size()) != n || rpos->dtype() != mx::int32 ||
-               kbuf[0].shape(0) != n))
-    throw std::invalid_argument("decode step kernel: batch rows");
-  // weights first evaluated (a no-op once they are)
-  std::vector<mx::array> pending;
-  for (auto& e : entries)
-    if (e.a && e.a->status() == mx::array::Status::unscheduled) pending.push_back(*e.a);
-  if (!pending.empty()) mx::eval(pending);
-  std::vector<uint64_t> table(entries.size(), 0);
-  for (size_t i = 0; i < entries.size(); ++i)
-    if (const mx::array* a = entries[i].a) {
-      if (!a->flags().row_contiguous)
-        throw std::invalid_argument("decode step kernel: a weight is not row-contiguous");
-      size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
-      table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
-    } else {
-      table[i] = static_cast<uint64_t>(entries[i].value);
-    }
-  for (int l = 0; l < c.L; ++l)   // each layer's cache capacity (sliding layers' rings differ)
-    table[static_cast<size_t>(l + 1) * kStepPerLayer - 3] = kbuf[l].shape(2);
-  if (table != st.host) {
-    st.table = mx::copy(mx::array(reinterpret_cast<const uint64_t*>(table.data()),
-                                  {static_cast<int>(table.size())}, mx::uint64));
-    st.host = std::move(table);
-  }
-  std::vector<mx::array> outs;
-  if (!rpos) {
-    outs.push_back(step_launch(c, st, tok, kbuf, vbuf, pos, n, nullptr, 0));
-  } else {                      // the rows in even groups of at most `most`
-    const int groups = (n + most - 1) / most;
-    for (int g = 0, r0 = 0; g < groups; ++g) {
-      const int m = (n - r0) / (groups - g);
-      outs.push_back(step_launch(c, st, tok, kbuf, vbuf, pos, m, rpos, r0));
-      r0 += m;
-    }
-  }
-  std::vector<mx::array> bufs(kbuf);
-  bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());
-  bufs = mx::depends(bufs, outs);
-  for (size_t l = 0; l < kbuf.size(); ++l) {
-    kbuf[l] = bufs[l];
-    vbuf[l] = bufs[kbuf.size() + l];
-  }
-  if (!rpos) return outs[0];
-  return mx::reshape(outs.size() == 1 ? outs[0] : mx::concatenate(outs, 1), {n, 1, c.V});
 }
 
 }  // namespace mlxcy

@@ -1060,10 +1060,11 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
 cdef bint gpu_rows_step(Model m, const na.array& ids, Cache cache, const na.array* rpos,
                         na.array** out) except -1:
     """The one-kernel step for one new token in each row of a batch (ids [B,
-    1], B > 1) over batched KV caches: rpos (int32 [B]) is each row's rotary
-    position, the cache offset less its left padding, whose slots the row
-    does not attend to (NULL: no row is padded); logits [B, 1, V], or False
-    (nothing done) when the kernel does not apply."""
+    1], 1 < B <= the kernel's limit for several positions) over batched KV
+    caches: rpos (int32 [B]) is each row's rotary position, the cache offset
+    less its left padding, whose slots the row does not attend to (NULL: no
+    row is padded); logits [B, 1, V], or False (nothing done) when the kernel
+    does not apply."""
     if (not _gpu_rows_on or ids.ndim() != 2 or ids.shape(0) < 2 or ids.shape(1) != 1
             or (rpos != NULL and (rpos.ndim() != 1 or rpos.shape(0) != ids.shape(0)
                                   or na.dtype_code(rpos.dtype()) != na.dtype_code(na.int32)))):
@@ -1127,7 +1128,9 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
     cdef int most = ngs.step_max_positions(p.cfg)
-    if M > most or (B > 1 and (M != 1 or most < 2)):
+    # (a batch of more rows than one launch takes runs op by op: two launches
+    # of 16 rows were slower than MLX's ops, 2026-12-06 -- docs/benchmarks.md)
+    if M > most or (B > 1 and (M != 1 or B > most)):
         return False
     cdef LayerCache lc
     cdef int cap = -1, rot
