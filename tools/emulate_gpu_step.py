@@ -315,7 +315,7 @@ def _write_inputs(plan, toks, positions, PL, path, rpos=None):
     M, nqkv = positions, (c["NQ"] + 2 * c["NKV"]) * c["HD"]
     scratch = (5 * c["D"] + M * (c["D"] + nqkv + c["NQ"] * c["HD"] + c["FF"])
                + M * c["NQ"] * ((maxcap + 31) // 32) * (c["HD"] + 2) + 4
-               + 3 * M * c["D"])          # step_launch's (verify_step's Gemma buffers too)
+               + 3 * M * c["D"])          # step_decode's (verify_step's Gemma buffers too)
     offs = [put(plan["inv_freq"].astype(np.float32)), put(np.array(toks, np.int32)),
             put(np.array(rpos if rpos is not None else [0], np.int32))]
     for k, v in zip(plan["keys"], plan["values"]):
