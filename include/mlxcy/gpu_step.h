@@ -1200,46 +1200,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 // that normalizes and rotates the new q/k rows and writes k/v into the cache,
 // so that attention reads every key, old or new, from the cache.
 
-// xm[m][0:K] <- src[m][0:K] (float scratch, through L2) for m < M, each row
-// normalized by RMSNorm with weight nw when nw is given (T(w * T(x * inv))).
-template <typename T, int K, int M>
-__device__ __forceinline__ void load_xm(const float* src, const T* nw, float eps, T* xm,
-                                        float* red) {
-  float ss[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) ss[m] = 0.0f;
-  for (int k = threadIdx.x; k < K; k += THREADS)
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float v = __ldcg(src + m * K + k);
-      xm[m * K + k] = static_cast<T>(v);
-      ss[m] += v * v;
-    }
-  if (nw != nullptr) {
-    const int warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float t = warp_sum(ss[m]);
-      if ((threadIdx.x & 31) == 0) red[warp * M + m] = t;
-    }
-    __syncthreads();
-    float inv[M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float t = 0.0f;
-      for (int w = 0; w < WARPS; ++w) t += red[w * M + m];
-      inv[m] = rsqrtf(t / K + eps);
-    }
-    for (int k = threadIdx.x; k < K; k += THREADS) {
-      const float w = static_cast<float>(nw[k]);
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-        xm[m * K + k] = static_cast<T>(rt<T>(w * rt<T>(static_cast<float>(xm[m * K + k]) * inv[m])));
-    }
-  }
-  __syncthreads();
-}
-
 // ss[m] (each thread's share of row m's sum of squares) <- row m's RMSNorm
 // scale, in every thread alike; red: WARPS * M floats, free again on return.
 template <int M>
@@ -1256,6 +1216,40 @@ __device__ __forceinline__ void row_scales(float (&ss)[M], float* red, int K, fl
     float t = 0.0f;
     for (int w = 0; w < WARPS; ++w) t += red[w * M + m];
     ss[m] = rsqrtf(t / K + eps);
+  }
+  __syncthreads();
+}
+
+// xm[m][k] <- T(w[k] * T(xm[m][k] * inv[m])) for every row: RMSNorm's last
+// step, the rows' scales already taken.
+template <typename T, int K, int M>
+__device__ __forceinline__ void scale_rows(T* xm, const T* w, const float (&inv)[M]) {
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    const float wk = static_cast<float>(w[k]);
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      xm[m * K + k] = static_cast<T>(rt<T>(wk * rt<T>(static_cast<float>(xm[m * K + k]) * inv[m])));
+  }
+}
+
+// xm[m][0:K] <- src[m][0:K] (float scratch, through L2) for m < M, each row
+// normalized by RMSNorm with weight nw when nw is given (T(w * T(x * inv))).
+template <typename T, int K, int M>
+__device__ __forceinline__ void load_xm(const float* src, const T* nw, float eps, T* xm,
+                                        float* red) {
+  float ss[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) ss[m] = 0.0f;
+  for (int k = threadIdx.x; k < K; k += THREADS)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = __ldcg(src + m * K + k);
+      xm[m * K + k] = static_cast<T>(v);
+      ss[m] += v * v;
+    }
+  if (nw != nullptr) {
+    row_scales<M>(ss, red, K, eps);
+    scale_rows<T, K, M>(xm, nw, ss);
   }
   __syncthreads();
 }
@@ -1292,12 +1286,7 @@ __device__ __forceinline__ void load_xm_sandwich(const float* src, const float* 
     }
   }
   row_scales<M>(hh, red, K, eps);
-  for (int k = threadIdx.x; k < K; k += THREADS) {
-    const float w = static_cast<float>(n2[k]);
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-      xm[m * K + k] = static_cast<T>(rt<T>(w * rt<T>(static_cast<float>(xm[m * K + k]) * hh[m])));
-  }
+  scale_rows<T, K, M>(xm, n2, hh);
   __syncthreads();
 }
 

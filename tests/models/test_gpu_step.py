@@ -258,6 +258,24 @@ def test_engine_generation_matches_the_op_path(checkpoints, lookup):
         m.close()
 
 
+def _check_chunks(m, prompt, sizes, seed, tol, exact_ids):
+    """Chunks of random tokens of the given sizes after a prompt, the kernel
+    on and off: one kernel step per chunk, every position's logits within
+    tol of the op path's (exact_ids: the same greedy ids too)."""
+    rng = np.random.default_rng(seed)
+    chunks = [rng.integers(0, VOCAB, n).tolist() for n in sizes]
+    want = _chunks(m, _prompt(8, prompt), chunks, on=False)
+    before = base.gpu_decode_steps()
+    got = _chunks(m, _prompt(8, prompt), chunks, on=True)
+    assert base.gpu_decode_steps() - before == len(chunks)
+    for c, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape
+        for i in range(len(g)):
+            assert rel(g[i], w[i]) <= tol, (c, i, rel(g[i], w[i]))
+        if exact_ids:
+            assert (g.argmax(-1) == w.argmax(-1)).all(), c
+
+
 def _chunks(m, prompt, chunks, on):
     """Prefill prompt op by op, then feed each chunk of tokens in one forward
     (several positions), then two one-token steps; the logits of every chunk."""
@@ -286,20 +304,9 @@ def test_several_positions_match_the_op_path(checkpoints, kind, dtype, bits):
     path's, and the device-held position following the chunks."""
     m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
     m.fuse()
-    rng = np.random.default_rng(7)
-    chunks = [rng.integers(0, VOCAB, n).tolist() for n in (2, 5, 9, 1, 3, 1)]
+    tol = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3, None: 3e-2}[dtype]
     try:
-        want = _chunks(m, _prompt(8, 30), chunks, on=False)
-        before = base.gpu_decode_steps()
-        got = _chunks(m, _prompt(8, 30), chunks, on=True)
-        assert base.gpu_decode_steps() - before == len(chunks)
-        tol = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 4e-3, None: 3e-2}[dtype]
-        for c, (g, w) in enumerate(zip(got, want)):
-            assert g.shape == w.shape
-            for i in range(len(g)):
-                assert rel(g[i], w[i]) <= tol, (c, i, rel(g[i], w[i]))
-            if dtype == "float32":
-                assert (g.argmax(-1) == w.argmax(-1)).all(), c
+        _check_chunks(m, 30, (2, 5, 9, 1, 3, 1), 7, tol, dtype == "float32")
     finally:
         m.close()
 
@@ -395,18 +402,8 @@ def test_gemmas_several_positions_match_the_op_path(checkpoints, dtype, tol):
     """Gemma's verification steps while its sliding layer's ring grows (a
     12-token prompt leaves it 8 slots of room): chunks of 2, 5 and 1 tokens."""
     m = load_model(checkpoints["gemma3_text"], dtype=dtype)
-    rng = np.random.default_rng(9)
-    chunks = [rng.integers(0, VOCAB, n).tolist() for n in (2, 5, 1)]
     try:
-        want = _chunks(m, _prompt(8, 12), chunks, on=False)
-        before = base.gpu_decode_steps()
-        got = _chunks(m, _prompt(8, 12), chunks, on=True)
-        assert base.gpu_decode_steps() - before == len(chunks)
-        for c, (g, w) in enumerate(zip(got, want)):
-            for i in range(len(g)):
-                assert rel(g[i], w[i]) <= tol, (c, i, rel(g[i], w[i]))
-            if dtype == "float32":
-                assert (g.argmax(-1) == w.argmax(-1)).all(), c
+        _check_chunks(m, 12, (2, 5, 1), 9, tol, dtype == "float32")
     finally:
         m.close()
 
