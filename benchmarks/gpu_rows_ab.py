@@ -1,7 +1,7 @@
 """A batch's one-token steps as the one-kernel GPU step (its batch form) against
 MLX's ops, through the generation engine, the two taking turns each round:
 
-    python benchmarks/gpu_rows_ab.py [--model qwen3-0.6b] [--batches 4,8,16,32]
+    python benchmarks/gpu_rows_ab.py [--model qwen3-0.6b] [--batches 4,8,16,32,64]
                                      [--max-tokens 48] [--rounds 2]
 
 Random weights of the model's real shape (bench_decode.random_hf_dir; no
@@ -37,7 +37,7 @@ def run(m, prompts, max_tokens):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen3-0.6b")
-    ap.add_argument("--batches", default="4,8,16,32")
+    ap.add_argument("--batches", default="4,8,16,32,64")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()

@@ -146,12 +146,24 @@ def step_cases():
                            QKV_BIAS=False, QK_NORM=True, M=5, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, M=3, **norms)
-    # a batch's rows (verify_step's ROWS form): Llama-3.2-1B bf16 in launches of 12 (its
-    # most), Qwen3-0.6B 4-bit in launches of 16, the tiny float32 model
+    # a batch's rows (verify_step's ROWS form, products on the tensor cores): Llama-3.2-1B
+    # bf16 with 12 (its most) and 4-bit with 12, Qwen3-0.6B 4-bit with 16 and bf16 with 32,
+    # SmolLM2 bf16 with 59 (its most) and its Q4_1 GGUF (4-bit, group 32, an 8-bit embedding) with 40,
+    # Qwen2.5-0.5B bf16 (q/k/v biases) with 20, the tiny float32 model (CUDA cores)
     yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
+                           QKV_BIAS=False, QK_NORM=False, M=12, ROWS=True, **norms)
+    yield "bf16", 16, dict(BITS=4, GS=64, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
                            QKV_BIAS=False, QK_NORM=False, M=12, ROWS=True, **norms)
     yield "bf16", 28, dict(BITS=4, GS=64, D=1024, NQ=16, NKV=8, HD=128, FF=3072, V=151936,
                            QKV_BIAS=False, QK_NORM=True, M=16, ROWS=True, **norms)
+    yield "bf16", 28, dict(BITS=0, GS=0, D=1024, NQ=16, NKV=8, HD=128, FF=3072, V=151936,
+                           QKV_BIAS=False, QK_NORM=True, M=32, ROWS=True, **norms)
+    yield "bf16", 30, dict(BITS=0, GS=0, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
+                           QKV_BIAS=False, QK_NORM=False, M=59, ROWS=True, **norms)
+    yield "bf16", 30, dict(BITS=4, GS=32, EBITS=8, EGS=32, D=576, NQ=9, NKV=3, HD=64, FF=1536,
+                           V=49152, QKV_BIAS=False, QK_NORM=False, M=40, ROWS=True, **norms)
+    yield "bf16", 24, dict(BITS=0, GS=0, D=896, NQ=14, NKV=2, HD=64, FF=4864, V=151936,
+                           QKV_BIAS=True, QK_NORM=False, M=20, ROWS=True, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, M=3, ROWS=True, **norms)
     # Gemma's several positions and batch rows: 270M bf16 with 9, 1B 4-bit rows in launches of 8

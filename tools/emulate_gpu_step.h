@@ -27,6 +27,7 @@ using std::min;
 
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim3 threadIdx;
 inline const Dim3 blockIdx{0, 0, 0};
@@ -139,3 +140,40 @@ struct emu_bf16 {
     return f;
   }
 };
+using __nv_bfloat16 = emu_bf16;
+
+// mma.sync.m16n8k16 (bf16 in, f32 sums) of a warp: each lane publishes its
+// fragments, then computes its four sums from everyone's (PTX's fragment
+// layout: lane = 4 g + t holds A[g][2t..], A[g+8][2t..], A[g][2t+8..],
+// A[g+8][2t+8..], B[2t..][g], B[2t+8..][g], D[g][2t..], D[g+8][2t..]).
+inline unsigned emu_frags[8][32][6];
+
+inline float emu_half(unsigned word, int hi) {
+  emu_bf16 b;
+  b.b = static_cast<uint16_t>(hi ? word >> 16 : word & 0xffffu);
+  return static_cast<float>(b);
+}
+
+inline void emu_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i) emu_frags[w][l][i] = a[i];
+  emu_frags[w][l][4] = b[0];
+  emu_frags[w][l][5] = b[1];
+  __syncwarp();
+  auto A = [&](int r, int k) {   // A[r][k]
+    const int lane = 4 * (r % 8) + (k % 8) / 2, reg = (r >= 8) + 2 * (k >= 8);
+    return emu_half(emu_frags[w][lane][reg], k & 1);
+  };
+  auto B = [&](int k, int n) {   // B[k][n]
+    const int lane = 4 * n + (k % 8) / 2;
+    return emu_half(emu_frags[w][lane][4 + (k >= 8)], k & 1);
+  };
+  const int g = l / 4, t = l % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + (e >= 2 ? 8 : 0), n = 2 * t + (e & 1);
+    float s = d[e];
+    for (int k = 0; k < 16; ++k) s += A(r, k) * B(k, n);
+    d[e] = s;
+  }
+  __syncwarp();
+}

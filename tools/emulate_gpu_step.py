@@ -44,7 +44,10 @@ PATCHES = [
     (r'asm volatile("red.release.gpu.global.add.u64 [%0], 1;" : : "l"(b.count) : "memory");',
      "emu_add_release(b.count);"),
     (r'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));', "t = 0;"),
-]
+] + [(f'asm("mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{%0,%1,%2,%3}}, '
+      '{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), '
+      '"+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));',
+      "emu_mma(d, a, b);") for ty in ("bf16", "f16")]
 PREFETCH = re.compile(r'asm volatile\("prefetch\.global\.L2 \[%0\];" : : "l"\([^;]*\)\);')
 
 

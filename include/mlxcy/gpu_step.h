@@ -96,6 +96,8 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 
 __device__ __forceinline__ int xp(int k) { return k + ((k >> 5) << 2); }   // padded index
 
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
 // Weight values in a 16-byte chunk: 8 bf16 / 32 4-bit / 16 8-bit.
 template <typename T, int BITS>
 __host__ __device__ constexpr int chunk_vals() {
@@ -1222,19 +1224,20 @@ __device__ __forceinline__ void row_scales(float (&ss)[M], float* red, int K, fl
 
 // xm[m][k] <- T(w[k] * T(xm[m][k] * inv[m])) for every row: RMSNorm's last
 // step, the rows' scales already taken.
-template <typename T, int K, int M>
+template <typename T, int K, int M, int XS>
 __device__ __forceinline__ void scale_rows(T* xm, const T* w, const float (&inv)[M]) {
   for (int k = threadIdx.x; k < K; k += THREADS) {
     const float wk = static_cast<float>(w[k]);
 #pragma unroll
     for (int m = 0; m < M; ++m)
-      xm[m * K + k] = static_cast<T>(rt<T>(wk * rt<T>(static_cast<float>(xm[m * K + k]) * inv[m])));
+      xm[m * XS + k] = static_cast<T>(rt<T>(wk * rt<T>(static_cast<float>(xm[m * XS + k]) * inv[m])));
   }
 }
 
 // xm[m][0:K] <- src[m][0:K] (float scratch, through L2) for m < M, each row
-// normalized by RMSNorm with weight nw when nw is given (T(w * T(x * inv))).
-template <typename T, int K, int M>
+// normalized by RMSNorm with weight nw when nw is given (T(w * T(x * inv)));
+// xm's rows XS values apart.
+template <typename T, int K, int M, int XS = K>
 __device__ __forceinline__ void load_xm(const float* src, const T* nw, float eps, T* xm,
                                         float* red) {
   float ss[M];
@@ -1244,19 +1247,19 @@ __device__ __forceinline__ void load_xm(const float* src, const T* nw, float eps
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       const float v = __ldcg(src + m * K + k);
-      xm[m * K + k] = static_cast<T>(v);
+      xm[m * XS + k] = static_cast<T>(v);
       ss[m] += v * v;
     }
   if (nw != nullptr) {
     row_scales<M>(ss, red, K, eps);
-    scale_rows<T, K, M>(xm, nw, ss);
+    scale_rows<T, K, M, XS>(xm, nw, ss);
   }
   __syncthreads();
 }
 
 // load_sandwich (Gemma) for M rows: xm[m] <- RMSNorm(h, n2) where h = T(src[m]
 // + T(n1 * T(y[m] * inv))), block 0 storing h into store[m] when given.
-template <typename T, int K, int M>
+template <typename T, int K, int M, int XS = K>
 __device__ __forceinline__ void load_xm_sandwich(const float* src, const float* y, const T* n1,
                                                  const T* n2, float eps, T* xm, float* red,
                                                  float* store) {
@@ -1267,7 +1270,7 @@ __device__ __forceinline__ void load_xm_sandwich(const float* src, const float* 
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       const float v = rt<T>(__ldcg(y + m * K + k));
-      xm[m * K + k] = static_cast<T>(v);
+      xm[m * XS + k] = static_cast<T>(v);
       ss[m] += v * v;
     }
   row_scales<M>(ss, red, K, eps);
@@ -1278,15 +1281,15 @@ __device__ __forceinline__ void load_xm_sandwich(const float* src, const float* 
     const float w = static_cast<float>(n1[k]);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float n = rt<T>(w * rt<T>(static_cast<float>(xm[m * K + k]) * ss[m]));
+      const float n = rt<T>(w * rt<T>(static_cast<float>(xm[m * XS + k]) * ss[m]));
       const float h = rt<T>(__ldcg(src + m * K + k) + n);
       if (store != nullptr && blockIdx.x == 0) store[m * K + k] = h;
-      xm[m * K + k] = static_cast<T>(h);
+      xm[m * XS + k] = static_cast<T>(h);
       hh[m] += h * h;
     }
   }
   row_scales<M>(hh, red, K, eps);
-  scale_rows<T, K, M>(xm, n2, hh);
+  scale_rows<T, K, M, XS>(xm, n2, hh);
   __syncthreads();
 }
 
@@ -1362,6 +1365,229 @@ __device__ __forceinline__ void row_dot_m(const Lin<T>& L, int row, const T* xm,
   for (int m = 0; m < M; ++m) out[m] = warp_sum(acc[m]);
 }
 
+// ---- tensor-core products (verify_step, 2-byte dtypes) ----------------------
+// A block takes a tile of weight rows (NT n-tiles of 8) at a time; its warps
+// split the product's width into units (32 values, or a quantization group)
+// and run m16n8k16 tensor-core products (f32 sums) with the activation rows as
+// the 16-row operand (MT m-tiles of 16 rows) and 8 weight rows as the other;
+// the warps' partial sums meet in shared memory.  Within a unit the 16 values
+// of a product step are any 16 of the unit's -- lane (g, t) feeds the values
+// [t * UK/4, (t+1) * UK/4) of its rows as the step's columns 2t, 2t+1, 2t+8,
+// 2t+9, four at a time -- so each lane reads whole contiguous pieces of a row.
+// Quantized units: the integers (as T, plus an offset that makes the
+// conversion a bit pattern) and the rows' sums of x (a product with ones) are
+// summed per unit, then scaled: scale * dot + (bias - offset * scale) * sum.
+template <typename T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<__nv_bfloat16> {
+  static constexpr bool value = true;
+};
+
+// d += a (16 x 16, rows) * b (16 x 8, columns): one warp's tensor-core product.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4],
+                                         const unsigned (&b)[2]) {
+  if constexpr (IsBf16<T>::value)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename T>
+__device__ __forceinline__ unsigned short bits16(T v) {
+  return *reinterpret_cast<const unsigned short*>(&v);
+}
+
+// Can the tensor-core product run a product of width K (BITS, GS)?
+template <typename T, int BITS, int GS, int K>
+__host__ __device__ constexpr bool mma_ok() {
+  return sizeof(T) == 2 && (BITS == 0 ? K % 32 == 0 : GS % 32 == 0 && K % GS == 0);
+}
+
+// n-tiles of 8 weight rows a block holds in partial sums at once (the shared
+// partials' size: WARPS * mma_tiles * 128 floats).
+__host__ __device__ constexpr int mma_tiles(int M) { return M > 32 ? 8 : 4; }
+
+// Unit u's pair p (values 2p, 2p+1 of this lane's piece) of weight row `row`,
+// as two T in one register; OFF: the offset the values carry (quantized).
+template <typename T, int BITS, int GS, int K>
+struct MmaUnit {
+  static constexpr int UK = BITS ? GS : 32;           // values of a unit
+  static constexpr int PV = UK / 4;                   // of a lane's piece
+  static constexpr int WORDS = BITS ? PV * BITS / 32 : PV / 2;   // 32-bit words of a piece
+  static constexpr float OFF = BITS == 4 ? (IsBf16<T>::value ? 128.0f : 1024.0f) : 0.0f;
+  unsigned w[WORDS];
+  __device__ __forceinline__ void load(const Lin<T>& L, int row, int u, int t) {
+    const unsigned* p = reinterpret_cast<const unsigned*>(L.w) +
+                        (size_t)row * (K * (BITS ? BITS : 16) / 32) + (size_t)u * (UK * (BITS ? BITS : 16) / 32) + t * WORDS;
+#pragma unroll
+    for (int i = 0; i < WORDS; ++i) w[i] = __ldg(p + i);
+  }
+  __device__ __forceinline__ unsigned pair(int p) const {
+    if constexpr (BITS == 0) {
+      return w[p];
+    } else if constexpr (BITS == 4) {   // (0x4300 | q) is bf16 128 + q, (0x6400 | q) f16 1024 + q
+      constexpr unsigned MAGIC = IsBf16<T>::value ? 0x43004300u : 0x64006400u;
+      const unsigned v = w[p / 4] >> (8 * (p % 4));
+      return (v & 0xFu) | ((v & 0xF0u) << 12) | MAGIC;
+    } else {
+      const unsigned v = w[p / 2] >> (16 * (p % 2));
+      return bits16(static_cast<T>(static_cast<float>(v & 0xFFu))) |
+             (static_cast<unsigned>(bits16(static_cast<T>(static_cast<float>((v >> 8) & 0xFFu)))) << 16);
+    }
+  }
+};
+
+// xm's row stride (values) for the tensor-core product of width K: the four
+// lanes of a row read 16-byte pieces 2 * PV bytes apart, two rows a quarter
+// warp, so a row is padded to start 64 (PV = 8) or 16 bytes past the previous
+// row's banks (GS = 128 reads still meet two lanes a bank).
+template <typename T, int BITS, int GS, int K>
+__host__ __device__ constexpr int mma_stride() {
+  if constexpr (!mma_ok<T, BITS, GS, K>()) {
+    return K;
+  } else {
+    constexpr int PV = (BITS ? GS : 32) / 4;
+    return PV == 8 ? K + ((64 - (2 * K) % 128 + 128) % 128) / 2 : K + 8;
+  }
+}
+
+// Rows [r0, r0 + 8 NT) of a product of width K (PAIR: rows [r0, r0 + 8) of two
+// products, n-tile 0 and 1) with the M rows of xm (row stride XS), by the
+// whole block; row_of(j, r, L, row): the weight of n-tile j and r's row in it;
+// emit(r, m, v0, v1) for every sum (v1: the second product's, PAIR).  part:
+// WARPS * MT * NT * 128 floats of shared memory.
+template <typename T, int BITS, int GS, int K, int XS, int M, int NT, bool PAIR, class RowOf,
+          class Emit>
+__device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part, RowOf row_of,
+                                         Emit emit) {
+  using U = MmaUnit<T, BITS, GS, K>;
+  constexpr int MT = (M + 15) / 16, NU = K / U::UK, STEPS = U::UK / 16;
+  constexpr unsigned ONES = IsBf16<T>::value ? 0x3F803F80u : 0x3C003C00u;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  auto base = [&](int j) { return r0 + (PAIR ? 0 : 8 * j); };
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  Lin<T> L[NT];
+  int wr[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) row_of(j, min(base(j) + g, N - 1), L[j], wr[j]);
+  // the lane's activation rows (clamped: rows past M only feed sums not used)
+  const T* x0[MT];
+  const T* x1[MT];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    x0[i] = xm + (size_t)min(16 * i + g, M - 1) * XS + t * U::PV;
+    x1[i] = xm + (size_t)min(16 * i + g + 8, M - 1) * XS + t * U::PV;
+  }
+  for (int u = warp; u < NU; u += WARPS) {
+    U wu[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) wu[j].load(L[j], wr[j], u, t);
+    float q[MT][NT][4], s[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) q[i][j][e] = 0.0f;
+    }
+#pragma unroll
+    for (int st = 0; st < STEPS; st += 2) {   // two steps per 16-byte read of x
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const uint4 a0 = *reinterpret_cast<const uint4*>(x0[i] + u * U::UK + 4 * st);
+        const uint4 a1 = *reinterpret_cast<const uint4*>(x1[i] + u * U::UK + 4 * st);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const unsigned a[4] = {h ? a0.z : a0.x, h ? a1.z : a1.x, h ? a0.w : a0.y,
+                                 h ? a1.w : a1.y};
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            const unsigned b[2] = {wu[j].pair(2 * (st + h)), wu[j].pair(2 * (st + h) + 1)};
+            if (BITS)
+              mma16816<T>(q[i][j], a, b);
+            else
+              mma16816<T>(acc[i][j], a, b);
+          }
+          if (BITS) {
+            const unsigned ones[2] = {ONES, ONES};
+            mma16816<T>(s[i], a, ones);
+          }
+        }
+      }
+    }
+    if (BITS) {   // the unit's scales: rows 2t, 2t + 1 of each n-tile
+      constexpr int G = GS ? GS : 1;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        float sc[2], bi[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Lin<T> Lh;
+          int rh;
+          row_of(j, min(base(j) + 2 * t + h, N - 1), Lh, rh);
+          const size_t gi = (size_t)rh * (K / G) + u * U::UK / G;
+          sc[h] = static_cast<float>(Lh.s[gi]);
+          bi[h] = static_cast<float>(Lh.b[gi]) - U::OFF * sc[h];
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc[i][j][e] += sc[e & 1] * q[i][j][e] + bi[e & 1] * s[i][e & 2];
+      }
+    }
+  }
+  // the warps' partials -> part, then each sum by one thread
+  float4* pw = reinterpret_cast<float4*>(part) + (size_t)warp * MT * NT * 32;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      pw[(i * NT + j) * 32 + lane] =
+          make_float4(acc[i][j][0], acc[i][j][1], acc[i][j][2], acc[i][j][3]);
+  __syncthreads();
+  constexpr int OUT = (PAIR ? 1 : NT) * MT * 128;   // (PAIR: n-tile 1 read beside 0)
+  for (int o = threadIdx.x; o < OUT; o += THREADS) {
+    const int e = o & 3, ln = (o >> 2) & 31, i = (o >> 7) / (PAIR ? 1 : NT);
+    const int j = PAIR ? 0 : (o >> 7) % NT, idx = ((i * NT + j) << 7) | (o & 127);
+    float v0 = 0.0f, v1 = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      v0 += part[w * MT * NT * 128 + idx];
+      if (PAIR) v1 += part[w * MT * NT * 128 + idx + 128];
+    }
+    const int m = 16 * i + (ln >> 2) + (e & 2 ? 8 : 0), r = base(j) + 2 * (ln & 3) + (e & 1);
+    if (m < M && r < N) emit(r, m, v0, v1);
+  }
+  __syncthreads();
+}
+
+// A whole product (N rows; PAIR: two of N rows each) on the tensor cores,
+// tiles strided over the grid's blocks: several n-tiles a tile for wide
+// products (fewer, longer tiles), one for narrow ones (every block busy).
+template <typename T, int BITS, int GS, int K, int M, int N, bool PAIR, class RowOf, class Emit>
+__device__ __forceinline__ void mma_product(const T* xm, float* part, RowOf row_of, Emit emit) {
+  constexpr int MT = (M + 15) / 16;
+  constexpr int WIDE = mma_tiles(M) / MT > 4 ? 4 : mma_tiles(M) / MT;
+  constexpr int NT = PAIR ? 2 : (N >= 4096 ? WIDE : 1);
+  constexpr int RB = PAIR ? 8 : 8 * NT;
+  for (int r0 = blockIdx.x * RB; r0 < N; r0 += gridDim.x * RB)
+    mma_tile<T, BITS, GS, K, mma_stride<T, BITS, GS, K>(), M, NT, PAIR>(r0, N, xm, part, row_of,
+                                                                        emit);
+}
+
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
           int V, int NL, bool QKV_BIAS, bool QK_NORM, int M, bool ROWS = false,
           bool GEMMA = false>
@@ -1382,10 +1608,10 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   float* att = qkv + M * NQKV;                 // [M][NQ * HD]
   float* hid = att + M * NQ * HD;              // [M][FF]
   const int pos = meta[2], cap = meta[3];
-  // activation row m's rotary position, its cache row, and the first slot it
-  // attends to
+  // activation row m's rotary position, its cache row (a launch of a batch's
+  // rows r0 .. r0 + M - 1: meta[0] = r0), and the first slot it attends to
   auto at_pos = [&](int m) { return ROWS ? rpos[m] : pos + m; };
-  auto kv_row = [&](int m) { return ROWS ? m : 0; };
+  auto kv_row = [&](int m) { return ROWS ? (int)meta[0] + m : 0; };
   auto first_slot = [&](int m) { return ROWS ? min(max(pos - rpos[m], 0), pos) : 0; };
   const int maxt = (cap + 31) / 32;
   float* part = hid + M * FF;                  // partials [NQ * M][maxt][HD + 2]
@@ -1399,6 +1625,14 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
+  // the products on the tensor cores where the dtype and widths allow (else
+  // row_dot_m): xm's row strides for them, their partials past xm
+  constexpr bool MQ = mma_ok<T, BITS, GS, D>(), MO = mma_ok<T, BITS, GS, NQ * HD>(),
+                 MF = mma_ok<T, BITS, GS, FF>(), MH = mma_ok<T, EBITS, EGS, D>();
+  constexpr int XQ = mma_stride<T, BITS, GS, D>(), XO = mma_stride<T, BITS, GS, NQ * HD>(),
+                XF = mma_stride<T, BITS, GS, FF>(), XH = mma_stride<T, EBITS, EGS, D>();
+  constexpr int XMAX = cmax(cmax(XQ, XO), cmax(XF, XH));
+  float* mpart = reinterpret_cast<float*>(dyn_smem + ((size_t)M * XMAX * sizeof(T) + 15) / 16 * 16);
 
   // the embedding rows into x (every block writes the same values)
   {
@@ -1416,23 +1650,35 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     // -- A: RMSNorm -> q, k, v (+ bias) for every position (Gemma: the
     // previous layer's down output, post-norm, joins x2 into x first)
     if (GEMMA && l > 0)
-      load_xm_sandwich<T, D, M>(x2, yo, ptr<T>(t[29 - PL]), ptr<T>(t[0]), eps, xm, red, x);
+      load_xm_sandwich<T, D, M, XQ>(x2, yo, ptr<T>(t[29 - PL]), ptr<T>(t[0]), eps, xm, red, x);
     else
-      load_xm<T, D, M>(x, ptr<T>(t[0]), eps, xm, red);
+      load_xm<T, D, M, XQ>(x, ptr<T>(t[0]), eps, xm, red);
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
-      for (int r = gw; r < NQKV; r += nw) {
+      auto part_row = [&](int, int r, Lin<T>& L, int& row) {
         const int p = qkv_part<NQ, NKV, HD>(r);
-        const int row = r - qkv_first<NQ, NKV, HD>(p);
-        float v[M];
-        row_dot_m<T, BITS, GS, D, M>(parts[p], row, xm, v);
-        if (lane == 0)
+        L = parts[p];
+        row = r - qkv_first<NQ, NKV, HD>(p);
+      };
+      auto out = [&](int r, int m, float v, float) {
+        const int p = qkv_part<NQ, NKV, HD>(r);
+        float o = rt<T>(v);
+        if (QKV_BIAS) o = rt<T>(o + static_cast<float>(ptr<T>(t[10 + p])[r - qkv_first<NQ, NKV, HD>(p)]));
+        qkv[m * NQKV + r] = o;
+      };
+      if constexpr (MQ) {
+        mma_product<T, BITS, GS, D, M, NQKV, false>(xm, mpart, part_row, out);
+      } else {
+        for (int r = gw; r < NQKV; r += nw) {
+          Lin<T> L;
+          int row;
+          part_row(0, r, L, row);
+          float v[M];
+          row_dot_m<T, BITS, GS, D, M>(L, row, xm, v);
+          if (lane == 0)
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            float o = rt<T>(v[m]);
-            if (QKV_BIAS) o = rt<T>(o + static_cast<float>(ptr<T>(t[10 + p])[row]));
-            qkv[m * NQKV + r] = o;
-          }
+            for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
+        }
       }
     }
     grid_sync(sync);
@@ -1504,54 +1750,72 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     }
     grid_sync(sync);
     // -- C: o_proj + residual
-    load_xm<T, NQ * HD, M>(att, nullptr, 0.0f, xm, red);
+    load_xm<T, NQ * HD, M, XO>(att, nullptr, 0.0f, xm, red);
     {
       const Lin<T> o = lin<T>(t + 15);
-      for (int r = gw; r < D; r += nw) {
-        float v[M];
-        row_dot_m<T, BITS, GS, NQ * HD, M>(o, r, xm, v);
-        if (lane == 0)
+      auto out = [&](int r, int m, float v, float) {
+        if (GEMMA) ob[m * D + r] = rt<T>(v);
+        else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v));
+      };
+      if constexpr (MO) {
+        mma_product<T, BITS, GS, NQ * HD, M, D, false>(
+            xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = o; row = r; }, out);
+      } else {
+        for (int r = gw; r < D; r += nw) {
+          float v[M];
+          row_dot_m<T, BITS, GS, NQ * HD, M>(o, r, xm, v);
+          if (lane == 0)
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            if (GEMMA) ob[m * D + r] = rt<T>(v[m]);
-            else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
-          }
+            for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
+        }
       }
     }
     grid_sync(sync);
     // -- D: RMSNorm -> gate, up -> act(gate) * up (Gemma: o_proj's output,
     // post-norm, joins x into x2 first)
     if (GEMMA)
-      load_xm_sandwich<T, D, M>(x, ob, ptr<T>(t[28]), ptr<T>(t[18]), eps, xm, red, x2);
+      load_xm_sandwich<T, D, M, XQ>(x, ob, ptr<T>(t[28]), ptr<T>(t[18]), eps, xm, red, x2);
     else
-      load_xm<T, D, M>(x, ptr<T>(t[18]), eps, xm, red);
+      load_xm<T, D, M, XQ>(x, ptr<T>(t[18]), eps, xm, red);
     {
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
-      for (int r = gw; r < FF; r += nw) {
-        float gv[M], uv[M];
-        row_dot_m<T, BITS, GS, D, M>(g, r, xm, gv);
-        row_dot_m<T, BITS, GS, D, M>(u, r, xm, uv);
-        if (lane == 0)
+      auto out = [&](int r, int m, float gv, float uv) {
+        hid[m * FF + r] = mlp_act<T, GEMMA>(rt<T>(gv), rt<T>(uv));
+      };
+      if constexpr (MQ) {
+        mma_product<T, BITS, GS, D, M, FF, true>(
+            xm, mpart, [&](int j, int r, Lin<T>& L, int& row) { L = j ? u : g; row = r; }, out);
+      } else {
+        for (int r = gw; r < FF; r += nw) {
+          float gv[M], uv[M];
+          row_dot_m<T, BITS, GS, D, M>(g, r, xm, gv);
+          row_dot_m<T, BITS, GS, D, M>(u, r, xm, uv);
+          if (lane == 0)
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            hid[m * FF + r] = mlp_act<T, GEMMA>(rt<T>(gv[m]), rt<T>(uv[m]));
-          }
+            for (int m = 0; m < M; ++m) out(r, m, gv[m], uv[m]);
+        }
       }
     }
     grid_sync(sync);
     // -- E: down + residual
-    load_xm<T, FF, M>(hid, nullptr, 0.0f, xm, red);
+    load_xm<T, FF, M, XF>(hid, nullptr, 0.0f, xm, red);
     {
       const Lin<T> dn = lin<T>(t + 25);
-      for (int r = gw; r < D; r += nw) {
-        float v[M];
-        row_dot_m<T, BITS, GS, FF, M>(dn, r, xm, v);
-        if (lane == 0)
+      auto out = [&](int r, int m, float v, float) {
+        if (GEMMA) yo[m * D + r] = rt<T>(v);
+        else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v));
+      };
+      if constexpr (MF) {
+        mma_product<T, BITS, GS, FF, M, D, false>(
+            xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = dn; row = r; }, out);
+      } else {
+        for (int r = gw; r < D; r += nw) {
+          float v[M];
+          row_dot_m<T, BITS, GS, FF, M>(dn, r, xm, v);
+          if (lane == 0)
 #pragma unroll
-          for (int m = 0; m < M; ++m) {
-            if (GEMMA) yo[m * D + r] = rt<T>(v[m]);
-            else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v[m]));
-          }
+            for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
+        }
       }
     }
     grid_sync(sync);
@@ -1559,17 +1823,23 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   // -- the final norm and the output head (Gemma: the last layer's down
   // output, post-norm, joins x2 first)
   if (GEMMA)
-    load_xm_sandwich<T, D, M>(x2, yo, ptr<T>(top[29 - PL]), ptr<T>(top[3]), eps, xm, red,
-                              nullptr);
+    load_xm_sandwich<T, D, M, XH>(x2, yo, ptr<T>(top[29 - PL]), ptr<T>(top[3]), eps, xm, red,
+                                  nullptr);
   else
-    load_xm<T, D, M>(x, ptr<T>(top[3]), eps, xm, red);
+    load_xm<T, D, M, XH>(x, ptr<T>(top[3]), eps, xm, red);
   const Lin<T> head = lin<T>(top + 4);
-  for (int r = gw; r < V; r += nw) {
-    float v[M];
-    row_dot_m<T, EBITS, EGS, D, M>(head, r, xm, v);
-    if (lane == 0)
+  auto out = [&](int r, int m, float v, float) { logits[(size_t)m * V + r] = static_cast<T>(v); };
+  if constexpr (MH) {
+    mma_product<T, EBITS, EGS, D, M, V, false>(
+        xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = head; row = r; }, out);
+  } else {
+    for (int r = gw; r < V; r += nw) {
+      float v[M];
+      row_dot_m<T, EBITS, EGS, D, M>(head, r, xm, v);
+      if (lane == 0)
 #pragma unroll
-      for (int m = 0; m < M; ++m) logits[(size_t)m * V + r] = static_cast<T>(v[m]);
+        for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
+    }
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     bar[2] = ROWS ? pos + 1 : pos + M;
@@ -1645,23 +1915,79 @@ inline std::string step_config_problem(const StepConfig& c) {
   return "";
 }
 
-// Dynamic shared memory of the several-positions kernel: M rows of the widest
-// product's input in the model's dtype -- at least 64 KB, so that MLX always
-// raises the kernel's limit past the default 48 KB (it does so only for
-// requests above 48,000 bytes, and the kernel's static arrays come on top).
-inline int step_shared_bytes(const StepConfig& c, int M) {
-  int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
-  return std::max(M * xmax * static_cast<int>(mx::size_of(c.dtype)), 64 * 1024);
+// Does verify_step run every product of c on the tensor cores (the device's
+// mma_ok: a 2-byte dtype, widths in whole units of 32 values or groups)?
+inline bool step_mma(const StepConfig& c) {
+  if (mx::size_of(c.dtype) != 2) return false;
+  auto ok = [](int k, int bits, int gs) {
+    return bits == 0 ? k % 32 == 0 : gs % 32 == 0 && k % gs == 0;
+  };
+  return ok(c.D, c.bits, c.group_size) && ok(c.NQ * c.HD, c.bits, c.group_size) &&
+         ok(c.FF, c.bits, c.group_size) && ok(c.D, c.ebits, c.egs);
 }
 
-// The most positions one launch takes (1: only the one-token kernel): bounded
-// by 200 KB of shared memory, StepState's 960 per-(head, position) counters
-// and 16 (a speculative step's k + 1 at the engine's default k = 8 fits).
-inline int step_max_positions(const StepConfig& c) {
-  int m = 16;
-  while (m > 1 && (step_shared_bytes(c, m) > 200 * 1024 || c.NQ * m > 960)) --m;
+// Dynamic shared memory of the several-positions kernel: M rows of the widest
+// product's input in the model's dtype (each padded by up to 64 bytes: the
+// device's mma_stride) and the tensor-core products' partials (8 warps x
+// mma_tiles(M) x 128 floats) -- at least 64 KB, so that MLX always raises the
+// kernel's limit past the default 48 KB (it does so only for requests above
+// 48,000 bytes, and the kernel's static arrays come on top).
+inline int step_shared_bytes(const StepConfig& c, int M) {
+  int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
+  int part = step_mma(c) ? 8 * (M > 32 ? 8 : 4) * 128 * 4 : 0;
+  return std::max(M * (xmax * static_cast<int>(mx::size_of(c.dtype)) + 64) + part, 64 * 1024);
+}
+
+// What a block may ask of dynamic shared memory: the device's opt-in limit
+// (227 KB on an H100 or H200; that when no GPU answers) less 12 KB for
+// verify_step's static arrays.
+inline int step_smem_limit() {
+  static int limit = [] {
+    int bytes = 0;
+    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
+    using Fn = int (*)(int*, int, int);
+    Fn f = h ? reinterpret_cast<Fn>(dlsym(h, "cuDeviceGetAttribute")) : nullptr;
+    if (!f || f(&bytes, 97 /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */, 0) != 0 || bytes <= 0)
+      bytes = 232448;
+    return bytes - 12 * 1024;
+  }();
+  return limit;
+}
+
+// StepState's per-(head, position) attention counters (its words from 64 on).
+constexpr int kStepCounters = 4096 - 64;
+
+// The most positions (or rows) of a launch of at most `most`, by shared
+// memory and the counters.
+inline int step_fit(const StepConfig& c, int most) {
+  int m = most;
+  while (m > 1 && (step_shared_bytes(c, m) > step_smem_limit() || c.NQ * m > kStepCounters)) --m;
   return m;
 }
+
+// The most positions one launch takes (1: only the one-token kernel): up to
+// 16 (a speculative step's k + 1 at the engine's default k = 8 fits).
+inline int step_max_positions(const StepConfig& c) { return step_fit(c, 16); }
+
+// A lower bound on the rows of a launch than shared memory sets (0: none; set
+// by base.set_gpu_launch_rows, for tests and measurements).
+inline int& step_launch_rows() {
+  static int rows = 0;
+  return rows;
+}
+
+// The most batch rows one launch takes: up to 64 where the products run on
+// the tensor cores, else as positions (each row's products cost CUDA-core
+// multiply-adds: past ~8 rows MLX's ops were faster).
+inline int step_max_rows(const StepConfig& c) {
+  const int most = step_mma(c) ? step_fit(c, 64) : step_max_positions(c);
+  return step_launch_rows() > 0 ? std::min(most, step_launch_rows()) : most;
+}
+
+// The most rows of a batch step: 64 (the server's batch) in launches of up to
+// step_max_rows on the tensor cores, else one launch.
+inline int step_max_batch(const StepConfig& c) { return step_mma(c) ? 64 : step_max_rows(c); }
 
 // Blocks in the grid: one per SM.  All must be resident at once (the barrier
 // waits for every block); a block of 256 threads fits an SM whatever its
@@ -1688,7 +2014,7 @@ inline uint64_t step_address(const mx::array& a) {
 }
 
 // What persists between steps, in device memory: the rotary inverse
-// frequencies; `state` (uint32 [1024], 4 KB so that MLX allocates it on the
+// frequencies; `state` (uint32 [4096], 16 KB so that MLX allocates it on the
 // device, not in its managed pool for scalars, where atomics would bounce
 // pages to the host): [2] the next step's position, [3] the cache capacity
 // -- the kernel writes them as it ends, so a step that follows the previous
@@ -1734,7 +2060,7 @@ inline bool step_timing_on() {
 
 inline void step_init(StepState& st, const mx::array& inv_freq) {
   st.inv_freq = mx::copy(mx::astype(inv_freq, mx::float32));
-  st.state = mx::zeros({1024}, mx::uint32);
+  st.state = mx::zeros({kStepCounters + 64}, mx::uint32);
   mx::eval({st.inv_freq, st.state});
   st.host.clear();
   st.next = st.cap = -1;
@@ -1759,60 +2085,18 @@ inline mx::array*& step_previous() {
   return prev;
 }
 
-// One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
-// position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
-// cap, HD] each, cap > pos).  tok of M > 1 elements: positions pos .. pos +
-// M - 1 of the sequence, logits [1, M, V].  With rpos (int32 [M], each batch
-// row's rotary position): tok holds one token for each of the M rows of a
-// batch whose caches ([M, NKV, cap, HD]) take them in slot pos, each row
-// attending from slot pos - rpos[row] (its left padding's end); logits [M, 1,
-// V].  On return kbuf/vbuf hold the same buffers as arrays that depend on the
-// kernel (mx::depends): a cache is written by the kernel, so evaluating the
-// cache alone (as a draft model's catch-up does) must run it.  c passed
-// step_config_problem when the model was planned (base.pyx), once, not per
-// token.
-inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
-                             StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
-                             std::vector<mx::array>& vbuf, int pos,
-                             const mx::array* rpos = nullptr) {
-  const int M = static_cast<int>(tok.size());   // positions pos .. pos + M - 1, or rows
+// step_decode's launch: M = tok.size() positions, or rows r0 .. r0 + M - 1 of a
+// batch (rpos their rotary positions; several: the batch takes more than one
+// launch, so the position is uploaded for each), the table already on the
+// device.
+inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array& tok,
+                             std::vector<mx::array>& kbuf, std::vector<mx::array>& vbuf, int pos,
+                             int cap, const mx::array* rpos, int r0, bool several) {
+  const int M = static_cast<int>(tok.size());
   const bool rows = rpos != nullptr;
-  if (M < 1 || M > step_max_positions(c) || (rows && M < 2))
-    throw std::invalid_argument("decode step kernel: number of positions");
-  if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
-      kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
-    throw std::invalid_argument("decode step kernel: table or cache size");
-  if (rows && (static_cast<int>(rpos->size()) != M || rpos->dtype() != mx::int32 ||
-               kbuf[0].shape(0) != M))
-    throw std::invalid_argument("decode step kernel: batch rows");
-  int cap = 0;                                  // the largest layer's (scratch for attention)
-  for (auto& k : kbuf) cap = std::max(cap, k.shape(2));
-  // weights first evaluated (a no-op once they are)
-  std::vector<mx::array> pending;
-  for (auto& e : entries)
-    if (e.a && e.a->status() == mx::array::Status::unscheduled) pending.push_back(*e.a);
-  if (!pending.empty()) mx::eval(pending);
-  std::vector<uint64_t> table(entries.size(), 0);
-  for (size_t i = 0; i < entries.size(); ++i)
-    if (const mx::array* a = entries[i].a) {
-      if (!a->flags().row_contiguous)
-        throw std::invalid_argument("decode step kernel: a weight is not row-contiguous");
-      size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
-      table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
-    } else {
-      table[i] = static_cast<uint64_t>(entries[i].value);
-    }
-  for (int l = 0; l < c.L; ++l)   // each layer's cache capacity (sliding layers' rings differ)
-    table[static_cast<size_t>(l + 1) * kStepPerLayer - 3] = kbuf[l].shape(2);
-  if (table != st.host) {
-    st.table = mx::copy(mx::array(reinterpret_cast<const uint64_t*>(table.data()),
-                                  {static_cast<int>(table.size())}, mx::uint64));
-    st.host = std::move(table);
-  }
-
   // by layer count, and for several positions (or rows) by their shared memory
-  const int smem = M > 1 ? step_shared_bytes(c, M) : 0;
-  const bool timed = M == 1 && step_timing_on();
+  const int smem = M > 1 || rows ? step_shared_bytes(c, M) : 0;
+  const bool timed = smem == 0 && step_timing_on();
   static std::map<std::tuple<int, int, bool>, mx::fast::CustomKernelFunction> kernels;
   auto it = kernels.find({c.L, smem, rows});
   if (it == kernels.end()) {
@@ -1855,8 +2139,9 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   // the position from the device state when the previous kernel left it there
   mx::array meta = st.state;
   bool ran = st.has_last && st.last.status() != mx::array::Status::unscheduled;
-  if (!ran || pos != st.next || cap != st.cap) {
-    uint32_t m[4] = {0, 0, static_cast<uint32_t>(pos), static_cast<uint32_t>(cap)};
+  if (several || !ran || pos != st.next || cap != st.cap) {
+    uint32_t m[4] = {static_cast<uint32_t>(r0), 0, static_cast<uint32_t>(pos),
+                     static_cast<uint32_t>(cap)};
     meta = mx::array(m, {4}, mx::uint32);
   }
   st.next = rows ? pos + 1 : pos + M;
@@ -1871,7 +2156,7 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4 +   // (+4: ysum 16-byte aligned)
                 (smem && c.gemma ? 3 * M * c.D : 0);              // (verify_step's x2, ob, yo)
   int blocks = step_grid_blocks();
-  const bool split = M == 1 && step_split(c, blocks);
+  const bool split = smem == 0 && step_split(c, blocks);
   std::vector<mx::Shape> shapes = {rows ? mx::Shape{M, 1, c.V} : mx::Shape{1, M, c.V},
                                    mx::Shape{scratch}};
   std::vector<mx::Dtype> types = {c.dtype, mx::float32};
@@ -1904,6 +2189,72 @@ inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& en
   else
     prev = new mx::array(out[0]);
   return out[0];
+}
+
+// One decode step: logits [1, 1, V] for token tok (int32, 1 element) at
+// position pos; writes k/v of every layer at pos into kbuf/vbuf ([1, NKV,
+// cap, HD] each, cap > pos).  tok of M > 1 elements: positions pos .. pos +
+// M - 1 of the sequence, logits [1, M, V].  With rpos (int32 [M], each batch
+// row's rotary position): tok holds one token for each of the M rows of a
+// batch whose caches ([M, NKV, cap, HD]) take them in slot pos, each row
+// attending from slot pos - rpos[row] (its left padding's end); logits [M, 1,
+// V]; a batch of more rows than one launch takes (step_max_rows) runs as
+// launches of consecutive rows.  On return kbuf/vbuf hold the same buffers as arrays that depend on the
+// kernel (mx::depends): a cache is written by the kernel, so evaluating the
+// cache alone (as a draft model's catch-up does) must run it.  c passed
+// step_config_problem when the model was planned (base.pyx), once, not per
+// token.
+inline mx::array step_decode(const StepConfig& c, const std::vector<StepPtr>& entries,
+                             StepState& st, const mx::array& tok, std::vector<mx::array>& kbuf,
+                             std::vector<mx::array>& vbuf, int pos,
+                             const mx::array* rpos = nullptr) {
+  const int M = static_cast<int>(tok.size());   // positions pos .. pos + M - 1, or rows
+  const bool rows = rpos != nullptr;
+  if (M < 1 || M > (rows ? step_max_batch(c) : step_max_positions(c)) || (rows && M < 2))
+    throw std::invalid_argument("decode step kernel: number of positions");
+  if (entries.size() != static_cast<size_t>(c.L * kStepPerLayer + kStepGlobal) ||
+      kbuf.size() != static_cast<size_t>(c.L) || vbuf.size() != kbuf.size())
+    throw std::invalid_argument("decode step kernel: table or cache size");
+  if (rows && (static_cast<int>(rpos->size()) != M || rpos->dtype() != mx::int32 ||
+               kbuf[0].shape(0) != M))
+    throw std::invalid_argument("decode step kernel: batch rows");
+  int cap = 0;                                  // the largest layer's (scratch for attention)
+  for (auto& k : kbuf) cap = std::max(cap, k.shape(2));
+  // weights first evaluated (a no-op once they are)
+  std::vector<mx::array> pending;
+  for (auto& e : entries)
+    if (e.a && e.a->status() == mx::array::Status::unscheduled) pending.push_back(*e.a);
+  if (!pending.empty()) mx::eval(pending);
+  std::vector<uint64_t> table(entries.size(), 0);
+  for (size_t i = 0; i < entries.size(); ++i)
+    if (const mx::array* a = entries[i].a) {
+      if (!a->flags().row_contiguous)
+        throw std::invalid_argument("decode step kernel: a weight is not row-contiguous");
+      size_t row = a->ndim() >= 2 ? static_cast<size_t>(a->strides()[0]) : 1;
+      table[i] = step_address(*a) + entries[i].row0 * row * a->itemsize();
+    } else {
+      table[i] = static_cast<uint64_t>(entries[i].value);
+    }
+  for (int l = 0; l < c.L; ++l)   // each layer's cache capacity (sliding layers' rings differ)
+    table[static_cast<size_t>(l + 1) * kStepPerLayer - 3] = kbuf[l].shape(2);
+  if (table != st.host) {
+    st.table = mx::copy(mx::array(reinterpret_cast<const uint64_t*>(table.data()),
+                                  {static_cast<int>(table.size())}, mx::uint64));
+    st.host = std::move(table);
+  }
+
+  const int launches = rows ? (M + step_max_rows(c) - 1) / step_max_rows(c) : 1;
+  if (launches == 1) return step_launch(c, st, tok, kbuf, vbuf, pos, cap, rpos, 0, false);
+  const mx::array t = mx::reshape(tok, {M});
+  std::vector<mx::array> logits;
+  for (int i = 0, r0 = 0; i < launches; ++i) {   // rows shared out evenly
+    const int n = (M - r0) / (launches - i);
+    const mx::array rp = mx::slice(*rpos, {r0}, {r0 + n});
+    logits.push_back(step_launch(c, st, mx::slice(t, {r0}, {r0 + n}), kbuf, vbuf, pos, cap, &rp,
+                                 r0, true));
+    r0 += n;
+  }
+  return mx::concatenate(logits, 0);
 }
 
 }  // namespace mlxcy

@@ -108,6 +108,12 @@ def set_gpu_rows_step(on: bool) -> bool:
     left-padded or not) as the one-kernel step too, where it applies
     (default True); returns the previous setting."""
 
+def set_gpu_launch_rows(rows: int) -> int:
+    """At most `rows` rows of a batch in one launch of the one-kernel step (0,
+    the default: as many as shared memory takes, up to 64); a larger batch
+    runs as several launches.  For tests and measurements; returns the
+    previous setting."""
+
 def set_gpu_step_split(mode: bool | None) -> bool | None:
     """How the one-token kernel runs a layer's MLP: None (default) split over
     slices of its hidden rows, one grid-wide barrier fewer, where there are

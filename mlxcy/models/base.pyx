@@ -783,6 +783,18 @@ def set_gpu_rows_step(bint on):
     return old
 
 
+def set_gpu_launch_rows(int rows):
+    """At most `rows` rows of a batch in one launch of the one-kernel step (0,
+    the default: as many as shared memory takes, up to 64); a larger batch
+    runs as several launches.  For tests and measurements; returns the
+    previous setting."""
+    if rows < 0:
+        raise ValueError(f"rows must be >= 0, got {rows}")
+    cdef int old = ngs.step_launch_rows()
+    (&ngs.step_launch_rows())[0] = rows
+    return old
+
+
 def set_gpu_step_split(mode):
     """How the one-token kernel runs a layer's MLP: None (default) split over
     slices of its hidden rows, one grid-wide barrier fewer, where there are
@@ -1127,10 +1139,10 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
     if m.gpu_step is False:
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
-    cdef int most = ngs.step_max_positions(p.cfg)
-    # (a batch of more rows than one launch takes runs op by op: two launches
-    # of 16 rows were slower than MLX's ops, 2026-12-06 -- docs/benchmarks.md)
-    if M > most or (B > 1 and (M != 1 or B > most)):
+    # (a batch of more rows than one launch takes runs in several launches on
+    # the tensor cores, else op by op: two launches of 16 rows on CUDA-core
+    # products were slower than MLX's ops, 2026-12-06 -- docs/benchmarks.md)
+    if M > ngs.step_max_positions(p.cfg) or (B > 1 and (M != 1 or B > ngs.step_max_batch(p.cfg))):
         return False
     cdef LayerCache lc
     cdef int cap = -1, rot

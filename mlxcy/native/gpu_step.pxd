@@ -29,6 +29,9 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
     int& step_split_mode()
     string step_config_problem(const StepConfig& c) except +
     int step_max_positions(const StepConfig& c) except +
+    int step_max_rows(const StepConfig& c) except +
+    int step_max_batch(const StepConfig& c) except +
+    int& step_launch_rows()
     void step_init(StepState& st, const array& inv_freq) except +
     void step_finish(StepState& st) except +
     array step_decode(const StepConfig& c, const vector[StepPtr]& entries, StepState& st,

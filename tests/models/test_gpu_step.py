@@ -333,14 +333,18 @@ def _rows(m, prompts, steps, on, feed=None):
         base.set_gpu_decode_step(old)
 
 
+ROW_MODELS = [("llama", "float32", 0), ("qwen2", "float32", 0), ("qwen3", "bfloat16", 0),
+              ("qwen2", None, 4), ("qwen3", None, 8), ("gemma3_text", "float32", 0),
+              ("gemma3_text", "bfloat16", 0), ("gemma3_text", None, 4), ("qwen2", None, "mixed")]
+
+
 @cuda
-@pytest.mark.parametrize("kind,dtype,bits", [
-    ("llama", "float32", 0), ("qwen2", "float32", 0), ("qwen3", "bfloat16", 0), ("qwen2", None, 4),
-    ("gemma3_text", "float32", 0), ("gemma3_text", "bfloat16", 0), ("gemma3_text", None, 4)])
-@pytest.mark.parametrize("B", [3, 16])
+@pytest.mark.parametrize("kind,dtype,bits,B", [
+    (k, d, b, B) for k, d, b in ROW_MODELS for B in (3, 16) + (() if d == "float32" else (40, 64))])
 def test_a_batchs_rows_match_the_op_path(checkpoints, kind, dtype, bits, B):
-    """One token in each of B rows a step (16: the most one launch takes):
-    every row's logits against the op path's."""
+    """One token in each of B rows a step (16: the most one launch takes in
+    float32, on CUDA cores; 64 in bfloat16 and quantized models, on the tensor
+    cores): every row's logits against the op path's."""
     m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
     m.fuse()
     prompts = [_prompt(20 + b, 18) for b in range(B)]
@@ -356,6 +360,29 @@ def test_a_batchs_rows_match_the_op_path(checkpoints, kind, dtype, bits, B):
         if dtype == "float32":
             assert (got.argmax(-1) == want.argmax(-1)).all()
     finally:
+        m.close()
+
+
+@cuda
+@pytest.mark.parametrize("kind,bits", [("qwen3", 4), ("gemma3_text", 0)])
+def test_a_batch_in_several_launches_matches_the_op_path(checkpoints, kind, bits):
+    """40 rows in launches of at most 16 (three: rows 0-12, 13-25, 26-39), each
+    writing its own rows of the caches."""
+    m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind],
+                   dtype=None if bits else "bfloat16")
+    m.fuse()
+    prompts = [_prompt(60 + b, 18) for b in range(40)]
+    old = base.set_gpu_launch_rows(16)
+    try:
+        fed, want = _rows(m, prompts, 4, on=False)
+        before = base.gpu_decode_steps()
+        _, got = _rows(m, prompts, 4, on=True, feed=fed)
+        assert base.gpu_decode_steps() - before == 4
+        for i in range(4):
+            for b in range(40):
+                assert rel(got[i, b], want[i, b]) <= 3e-2, (i, b, rel(got[i, b], want[i, b]))
+    finally:
+        base.set_gpu_launch_rows(old)
         m.close()
 
 
@@ -526,6 +553,24 @@ def test_the_kernel_is_given_a_batchs_caches(checkpoints, kind, n):
             assert plan["offset"] == n
             assert base.gpu_step_plan(m, cache, 1, 2) is None      # rows not the buffers'
             assert base.gpu_step_plan(m, cache, 2, 3) is None      # one position a row
+    finally:
+        base.set_gpu_decode_step(old)
+        m.close()
+
+
+@pytest.mark.parametrize("kind,bits,dtype,most", [
+    ("llama", 0, "bfloat16", 64), ("qwen2", 4, None, 64), ("llama", 0, "float32", 16)])
+def test_a_launch_takes_64_rows_on_the_tensor_cores(checkpoints, kind, bits, dtype, most):
+    """A batch step's rows: up to 64 where the products run on the tensor cores
+    (2-byte activations), 16 on CUDA cores (float32)."""
+    m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
+    old = base.set_gpu_decode_step(False)
+    try:
+        for B in (most, most + 1):
+            cache = m.make_cache()
+            m(np.array([_prompt(14, 6)] * B, np.int32), cache)
+            assert (base.gpu_step_plan(m, cache, 1, B) is not None) == (B == most), B
+            cache.free()
     finally:
         base.set_gpu_decode_step(old)
         m.close()
