@@ -4,7 +4,7 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
-        [--models qwen,smol] [--gpu-verify on|off] [--chain on|off]
+        [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--dtype bfloat16]
         [--forward-cost [--context 150,2000]]
 
 --chain sets tuning's lookup_chain (a single greedy sequence's verification
@@ -187,6 +187,10 @@ def main():
                     help="on a GPU, verification steps as one kernel (on) or op by op (off)")
     ap.add_argument("--chain", choices=("on", "off"), default="off",
                     help="tuning's lookup_chain")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="the models' activations (default: the loader's, float32 for a GGUF; "
+                         "on a GPU, bfloat16 verification steps run their products on the "
+                         "tensor cores)")
     ap.add_argument("--host-bound", action="store_true",
                     help="plain vs lookup with chaining off/on on a host-bound tiny model")
     ap.add_argument("--forward-cost", action="store_true",
@@ -205,7 +209,7 @@ def main():
     loaded = {}
     if a.forward_cost:
         for name, path in models.items():
-            tm = mlxcy.load(path)
+            tm = mlxcy.load(path, dtype=a.dtype)
             for context in (int(c) for c in a.context.split(",")):
                 forward_cost(tm, name, context)
             tm.close()
@@ -216,7 +220,7 @@ def main():
         if name not in models:
             continue
         if name not in loaded:
-            loaded[name] = mlxcy.load(models[name])
+            loaded[name] = mlxcy.load(models[name], dtype=a.dtype)
         tm = loaded[name]
         sampling = SAMPLED if "sampled" in what else {}
         run(tm, prompt, chat, 8)                    # warm-up
@@ -241,10 +245,10 @@ def main():
         print("draft model: no real target/draft pair given (--draft TARGET=DRAFT); none run")
     for spec in a.draft:
         target, draft = spec.split("=", 1)
-        plain = mlxcy.load(target)
+        plain = mlxcy.load(target, dtype=a.dtype)
         ids0, m0 = run(plain, CASES[0][2], True, a.max_tokens)
         plain.close()
-        tm = mlxcy.load(target, draft_model=draft)
+        tm = mlxcy.load(target, draft_model=draft, dtype=a.dtype)
         ids1, m1 = run(tm, CASES[0][2], True, a.max_tokens)
         tm.close()
         print(f"draft {draft} for {target}: {m0.decode_tokens_per_second:.1f} -> "

@@ -1421,8 +1421,9 @@ struct MmaUnit {
   static constexpr float OFF = BITS == 4 ? (IsBf16<T>::value ? 128.0f : 1024.0f) : 0.0f;
   unsigned w[WORDS];
   __device__ __forceinline__ void load(const Lin<T>& L, int row, int u, int t) {
-    const unsigned* p = reinterpret_cast<const unsigned*>(L.w) +
-                        (size_t)row * (K * (BITS ? BITS : 16) / 32) + (size_t)u * (UK * (BITS ? BITS : 16) / 32) + t * WORDS;
+    constexpr int B = BITS ? BITS : 16;                 // bits a value
+    const unsigned* p = reinterpret_cast<const unsigned*>(L.w) + (size_t)row * (K * B / 32) +
+                        (size_t)u * (UK * B / 32) + t * WORDS;
 #pragma unroll
     for (int i = 0; i < WORDS; ++i) w[i] = __ldg(p + i);
   }
