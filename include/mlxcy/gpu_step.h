@@ -1469,6 +1469,7 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
   constexpr int MT = (M + 15) / 16, NU = K / U::UK, STEPS = U::UK / 16;
   constexpr unsigned ONES = IsBf16<T>::value ? 0x3F803F80u : 0x3C003C00u;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  constexpr int RB = PAIR ? 8 : 8 * NT;                // rows of a tile
   auto base = [&](int j) { return r0 + (PAIR ? 0 : 8 * j); };
   float acc[MT][NT][4];
 #pragma unroll
@@ -1481,6 +1482,19 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
   int wr[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) row_of(j, min(base(j) + g, N - 1), L[j], wr[j]);
+  // ask L2 for the block's next tile (its rows are contiguous in each weight)
+  if (r0 + (int)gridDim.x * RB < N) {
+    constexpr int ROWB = K * (BITS ? BITS : 16) / 8;   // bytes of a weight row
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      Lin<T> Ln;
+      int rn;
+      row_of(j, min(base(j) + (int)gridDim.x * RB, N - 1), Ln, rn);
+      const char* p = static_cast<const char*>(Ln.w) + (size_t)rn * ROWB;
+      for (int o = threadIdx.x * 128; o < 8 * ROWB && rn + o / ROWB < N; o += THREADS * 128)
+        asm volatile("prefetch.global.L2 [%0];" : : "l"(p + o));
+    }
+  }
   // the lane's activation rows (clamped: rows past M only feed sums not used)
   const T* x0[MT];
   const T* x1[MT];
@@ -1489,64 +1503,75 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
     x0[i] = xm + (size_t)min(16 * i + g, M - 1) * XS + t * U::PV;
     x1[i] = xm + (size_t)min(16 * i + g + 8, M - 1) * XS + t * U::PV;
   }
-  for (int u = warp; u < NU; u += WARPS) {
-    U wu[NT];
+  // units u0, u0 + WARPS, ... (UG of them): their weights requested together,
+  // so a warp waits for memory once per group, not once per unit
+  constexpr int UG = NU / WARPS >= 4 ? 4 : (NU / WARPS >= 2 ? 2 : 1);
+  for (int u0 = warp; u0 < NU; u0 += WARPS * UG) {
+    U wu[UG][NT];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) wu[j].load(L[j], wr[j], u, t);
-    float q[MT][NT][4], s[MT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = 0.0f;
+    for (int k = 0; k < UG; ++k)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
+        if (u0 + k * WARPS < NU) wu[k][j].load(L[j], wr[j], u0 + k * WARPS, t);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) q[i][j][e] = 0.0f;
-    }
-#pragma unroll
-    for (int st = 0; st < STEPS; st += 2) {   // two steps per 16-byte read of x
+    for (int k = 0; k < UG; ++k) {
+      const int u = u0 + k * WARPS;
+      if (u >= NU) break;
+      float q[MT][NT][4], s[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const uint4 a0 = *reinterpret_cast<const uint4*>(x0[i] + u * U::UK + 4 * st);
-        const uint4 a1 = *reinterpret_cast<const uint4*>(x1[i] + u * U::UK + 4 * st);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const unsigned a[4] = {h ? a0.z : a0.x, h ? a1.z : a1.x, h ? a0.w : a0.y,
-                                 h ? a1.w : a1.y};
+        for (int e = 0; e < 4; ++e) s[i][e] = 0.0f;
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const unsigned b[2] = {wu[j].pair(2 * (st + h)), wu[j].pair(2 * (st + h) + 1)};
-            if (BITS)
-              mma16816<T>(q[i][j], a, b);
-            else
-              mma16816<T>(acc[i][j], a, b);
-          }
-          if (BITS) {
-            const unsigned ones[2] = {ONES, ONES};
-            mma16816<T>(s[i], a, ones);
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) q[i][j][e] = 0.0f;
+      }
+#pragma unroll
+      for (int st = 0; st < STEPS; st += 2) {   // two steps per 16-byte read of x
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          const uint4 a0 = *reinterpret_cast<const uint4*>(x0[i] + u * U::UK + 4 * st);
+          const uint4 a1 = *reinterpret_cast<const uint4*>(x1[i] + u * U::UK + 4 * st);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const unsigned a[4] = {h ? a0.z : a0.x, h ? a1.z : a1.x, h ? a0.w : a0.y,
+                                   h ? a1.w : a1.y};
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+              const unsigned b[2] = {wu[k][j].pair(2 * (st + h)), wu[k][j].pair(2 * (st + h) + 1)};
+              if (BITS)
+                mma16816<T>(q[i][j], a, b);
+              else
+                mma16816<T>(acc[i][j], a, b);
+            }
+            if (BITS) {
+              const unsigned ones[2] = {ONES, ONES};
+              mma16816<T>(s[i], a, ones);
+            }
           }
         }
       }
-    }
-    if (BITS) {   // the unit's scales: rows 2t, 2t + 1 of each n-tile
-      constexpr int G = GS ? GS : 1;
+      if (BITS) {   // the unit's scales: rows 2t, 2t + 1 of each n-tile
+        constexpr int G = GS ? GS : 1;
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        float sc[2], bi[2];
+        for (int j = 0; j < NT; ++j) {
+          float sc[2], bi[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          Lin<T> Lh;
-          int rh;
-          row_of(j, min(base(j) + 2 * t + h, N - 1), Lh, rh);
-          const size_t gi = (size_t)rh * (K / G) + u * U::UK / G;
-          sc[h] = static_cast<float>(Lh.s[gi]);
-          bi[h] = static_cast<float>(Lh.b[gi]) - U::OFF * sc[h];
+          for (int h = 0; h < 2; ++h) {
+            Lin<T> Lh;
+            int rh;
+            row_of(j, min(base(j) + 2 * t + h, N - 1), Lh, rh);
+            const size_t gi = (size_t)rh * (K / G) + u * U::UK / G;
+            sc[h] = static_cast<float>(Lh.s[gi]);
+            bi[h] = static_cast<float>(Lh.b[gi]) - U::OFF * sc[h];
+          }
+#pragma unroll
+          for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              acc[i][j][e] += sc[e & 1] * q[i][j][e] + bi[e & 1] * s[i][e & 2];
         }
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            acc[i][j][e] += sc[e & 1] * q[i][j][e] + bi[e & 1] * s[i][e & 2];
       }
     }
   }

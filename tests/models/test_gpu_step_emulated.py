@@ -38,16 +38,18 @@ def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype,
         assert err <= 1e-5 and same_ids, (err, same_ids)
 
 
-@pytest.mark.parametrize("kind,rows,dtype,bits", [
-    ("llama", 6, "float32", 0), ("gemma3_text", 4, "float32", 0),
+@pytest.mark.parametrize("kind,rows,dtype,bits,head_dim", [
+    ("llama", 6, "float32", 0, 0), ("gemma3_text", 4, "float32", 0, 0),
     # the products on the tensor cores (2-byte activations): two m-tiles of 16
-    # rows, the second half of each tile's rows (8 .. 15) in use
-    ("llama", 18, "bfloat16", 0), ("qwen2", 12, None, 4)])
-def test_a_padded_batchs_rows_match_the_op_path(kind, rows, dtype, bits):
+    # rows, the second half of each tile's rows (8 .. 15) in use; head_dim 256:
+    # o_proj 1,024 wide, a warp's 4 units' weights requested together
+    ("llama", 18, "bfloat16", 0, 0), ("qwen2", 12, None, 4, 0), ("llama", 18, "bfloat16", 0, 256)])
+def test_a_padded_batchs_rows_match_the_op_path(kind, rows, dtype, bits, head_dim):
     """verify_step's ROWS form (a batch's one-token step): left-padded rows, row
     b 3b tokens shorter, each rotated at its own position and attending from
     its padding's end."""
-    err, same_ids = emu.run(kind, 20, 3, split=False, dtype=dtype, bits=bits, rows=rows)
+    err, same_ids = emu.run(kind, 20, 3, split=False, dtype=dtype, bits=bits, rows=rows,
+                            head_dim=head_dim)
     if dtype != "float32":   # the op path rounds to bfloat16 where the kernel sums in float
         assert err <= 3e-2, err
     else:
