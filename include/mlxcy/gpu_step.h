@@ -1614,6 +1614,32 @@ __device__ __forceinline__ void mma_product(const T* xm, float* part, RowOf row_
                                                                         emit);
 }
 
+// A product of N rows (PAIR: of two products) with the M rows of xm, by the
+// grid: on the tensor cores where mma_ok, else a warp a row (row_dot_m, xm's
+// rows K apart); row_of and emit as mma_tile's.
+template <typename T, int BITS, int GS, int K, int M, int N, bool PAIR, class RowOf, class Emit>
+__device__ __forceinline__ void product_m(const T* xm, float* part, RowOf row_of, Emit emit) {
+  if constexpr (mma_ok<T, BITS, GS, K>()) {
+    mma_product<T, BITS, GS, K, M, N, PAIR>(xm, part, row_of, emit);
+  } else {
+    const int nw = gridDim.x * WARPS;
+    for (int r = blockIdx.x * WARPS + (threadIdx.x >> 5); r < N; r += nw) {
+      float v0[M], v1[M];
+      Lin<T> L;
+      int row;
+      row_of(0, r, L, row);
+      row_dot_m<T, BITS, GS, K, M>(L, row, xm, v0);
+      if (PAIR) {
+        row_of(1, r, L, row);
+        row_dot_m<T, BITS, GS, K, M>(L, row, xm, v1);
+      }
+      if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int m = 0; m < M; ++m) emit(r, m, v0[m], PAIR ? v1[m] : 0.0f);
+    }
+  }
+}
+
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
           int V, int NL, bool QKV_BIAS, bool QK_NORM, int M, bool ROWS = false,
           bool GEMMA = false>
@@ -1651,10 +1677,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
-  // the products on the tensor cores where the dtype and widths allow (else
-  // row_dot_m): xm's row strides for them, their partials past xm
-  constexpr bool MQ = mma_ok<T, BITS, GS, D>(), MO = mma_ok<T, BITS, GS, NQ * HD>(),
-                 MF = mma_ok<T, BITS, GS, FF>(), MH = mma_ok<T, EBITS, EGS, D>();
+  // xm's row strides for the products (product_m: on the tensor cores where
+  // the dtype and widths allow), their partials past xm
   constexpr int XQ = mma_stride<T, BITS, GS, D>(), XO = mma_stride<T, BITS, GS, NQ * HD>(),
                 XF = mma_stride<T, BITS, GS, FF>(), XH = mma_stride<T, EBITS, EGS, D>();
   constexpr int XMAX = cmax(cmax(XQ, XO), cmax(XF, XH));
@@ -1692,20 +1716,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         if (QKV_BIAS) o = rt<T>(o + static_cast<float>(ptr<T>(t[10 + p])[r - qkv_first<NQ, NKV, HD>(p)]));
         qkv[m * NQKV + r] = o;
       };
-      if constexpr (MQ) {
-        mma_product<T, BITS, GS, D, M, NQKV, false>(xm, mpart, part_row, out);
-      } else {
-        for (int r = gw; r < NQKV; r += nw) {
-          Lin<T> L;
-          int row;
-          part_row(0, r, L, row);
-          float v[M];
-          row_dot_m<T, BITS, GS, D, M>(L, row, xm, v);
-          if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
-        }
-      }
+      product_m<T, BITS, GS, D, M, NQKV, false>(xm, mpart, part_row, out);
     }
     grid_sync(sync);
     // -- B1: q/k norm and RoPE of the new rows; k, v into the cache at pos + m
@@ -1783,18 +1794,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         if (GEMMA) ob[m * D + r] = rt<T>(v);
         else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v));
       };
-      if constexpr (MO) {
-        mma_product<T, BITS, GS, NQ * HD, M, D, false>(
-            xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = o; row = r; }, out);
-      } else {
-        for (int r = gw; r < D; r += nw) {
-          float v[M];
-          row_dot_m<T, BITS, GS, NQ * HD, M>(o, r, xm, v);
-          if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
-        }
-      }
+      product_m<T, BITS, GS, NQ * HD, M, D, false>(
+          xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = o; row = r; }, out);
     }
     grid_sync(sync);
     // -- D: RMSNorm -> gate, up -> act(gate) * up (Gemma: o_proj's output,
@@ -1808,19 +1809,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
       auto out = [&](int r, int m, float gv, float uv) {
         hid[m * FF + r] = mlp_act<T, GEMMA>(rt<T>(gv), rt<T>(uv));
       };
-      if constexpr (MQ) {
-        mma_product<T, BITS, GS, D, M, FF, true>(
-            xm, mpart, [&](int j, int r, Lin<T>& L, int& row) { L = j ? u : g; row = r; }, out);
-      } else {
-        for (int r = gw; r < FF; r += nw) {
-          float gv[M], uv[M];
-          row_dot_m<T, BITS, GS, D, M>(g, r, xm, gv);
-          row_dot_m<T, BITS, GS, D, M>(u, r, xm, uv);
-          if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < M; ++m) out(r, m, gv[m], uv[m]);
-        }
-      }
+      product_m<T, BITS, GS, D, M, FF, true>(
+          xm, mpart, [&](int j, int r, Lin<T>& L, int& row) { L = j ? u : g; row = r; }, out);
     }
     grid_sync(sync);
     // -- E: down + residual
@@ -1831,18 +1821,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         if (GEMMA) yo[m * D + r] = rt<T>(v);
         else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v));
       };
-      if constexpr (MF) {
-        mma_product<T, BITS, GS, FF, M, D, false>(
-            xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = dn; row = r; }, out);
-      } else {
-        for (int r = gw; r < D; r += nw) {
-          float v[M];
-          row_dot_m<T, BITS, GS, FF, M>(dn, r, xm, v);
-          if (lane == 0)
-#pragma unroll
-            for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
-        }
-      }
+      product_m<T, BITS, GS, FF, M, D, false>(
+          xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = dn; row = r; }, out);
     }
     grid_sync(sync);
   }
@@ -1855,18 +1835,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     load_xm<T, D, M, XH>(x, ptr<T>(top[3]), eps, xm, red);
   const Lin<T> head = lin<T>(top + 4);
   auto out = [&](int r, int m, float v, float) { logits[(size_t)m * V + r] = static_cast<T>(v); };
-  if constexpr (MH) {
-    mma_product<T, EBITS, EGS, D, M, V, false>(
-        xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = head; row = r; }, out);
-  } else {
-    for (int r = gw; r < V; r += nw) {
-      float v[M];
-      row_dot_m<T, EBITS, EGS, D, M>(head, r, xm, v);
-      if (lane == 0)
-#pragma unroll
-        for (int m = 0; m < M; ++m) out(r, m, v[m], 0.0f);
-    }
-  }
+  product_m<T, EBITS, EGS, D, M, V, false>(
+      xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = head; row = r; }, out);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     bar[2] = ROWS ? pos + 1 : pos + M;
     bar[3] = cap;
@@ -1964,20 +1934,23 @@ inline int step_shared_bytes(const StepConfig& c, int M) {
   return std::max(M * (xmax * static_cast<int>(mx::size_of(c.dtype)) + 64) + part, 64 * 1024);
 }
 
+// Device 0's CUDA attribute `attr` from the driver (fallback when no driver or
+// device answers).
+inline int step_device_attribute(int attr, int fallback) {
+  void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
+  using Fn = int (*)(int*, int, int);
+  Fn f = h ? reinterpret_cast<Fn>(dlsym(h, "cuDeviceGetAttribute")) : nullptr;
+  int v = 0;
+  return f && f(&v, attr, 0) == 0 && v > 0 ? v : fallback;
+}
+
 // What a block may ask of dynamic shared memory: the device's opt-in limit
 // (227 KB on an H100 or H200; that when no GPU answers) less 12 KB for
 // verify_step's static arrays.
 inline int step_smem_limit() {
-  static int limit = [] {
-    int bytes = 0;
-    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-    if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
-    using Fn = int (*)(int*, int, int);
-    Fn f = h ? reinterpret_cast<Fn>(dlsym(h, "cuDeviceGetAttribute")) : nullptr;
-    if (!f || f(&bytes, 97 /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */, 0) != 0 || bytes <= 0)
-      bytes = 232448;
-    return bytes - 12 * 1024;
-  }();
+  static int limit =
+      step_device_attribute(97 /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */, 232448) - 12 * 1024;
   return limit;
 }
 
@@ -2020,16 +1993,7 @@ inline int step_max_batch(const StepConfig& c) { return step_mma(c) ? 64 : step_
 // register count (at most 255 x 256 of 64K registers) and shared memory
 // (< 48 KB), while two per SM would not at the ~134 registers nvcc gives it.
 inline int step_grid_blocks() {
-  static int blocks = [] {
-    int sms = 0;
-    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-    if (!h) h = dlopen("libcuda.so.1", RTLD_NOW);
-    using Fn = int (*)(int*, int, int);
-    Fn f = h ? reinterpret_cast<Fn>(dlsym(h, "cuDeviceGetAttribute")) : nullptr;
-    if (!f || f(&sms, 16 /* CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT */, 0) != 0 || sms <= 0)
-      sms = 16;
-    return sms;
-  }();
+  static int blocks = step_device_attribute(16 /* MULTIPROCESSOR_COUNT */, 16);
   return blocks;
 }
 

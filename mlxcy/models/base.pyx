@@ -1072,7 +1072,7 @@ cdef bint gpu_step(Model m, const na.array& ids, Cache cache, const na.array* ma
 cdef bint gpu_rows_step(Model m, const na.array& ids, Cache cache, const na.array* rpos,
                         na.array** out) except -1:
     """The one-kernel step for one new token in each row of a batch (ids [B,
-    1], 1 < B <= the kernel's limit for several positions) over batched KV
+    1], 1 < B <= gpu_step.h's step_max_batch) over batched KV
     caches: rpos (int32 [B]) is each row's rotary position, the cache offset
     less its left padding, whose slots the row does not attend to (NULL: no
     row is padded); logits [B, 1, V], or False (nothing done) when the kernel
