@@ -147,11 +147,14 @@ def build(cfg: dict, work: Path) -> Path:
     return exe
 
 
-def _checkpoint(kind: str, window: int, work: Path, head_dim: int = 0) -> Path:
+def _checkpoint(kind: str, window: int, work: Path, head_dim: int = 0, hidden: int = 0) -> Path:
     import torch
     from tiny_models import make_tiny
     d = work / kind
-    hf = make_tiny(kind, d, config={"head_dim": head_dim} if head_dim else None)
+    config = {"head_dim": head_dim} if head_dim else {}
+    if hidden:
+        config.update(hidden_size=hidden, intermediate_size=3 * hidden)
+    hf = make_tiny(kind, d, config=config or None)
     with torch.no_grad():                # wide logits: no greedy near-ties
         hf.model.embed_tokens.weight.mul_(8.0)
     if kind == "gemma3_text":
@@ -164,17 +167,19 @@ TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
 def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
-        dtype="float32", bits=0, positions=1, head_dim=0, rows=1):
+        dtype="float32", bits=0, positions=1, head_dim=0, rows=1, hidden=0):
     """(max relative error of the emulated logits against the op path's, the
     two paths' greedy ids equal); bits 4 or 8: the checkpoint in MLX's affine
     layout (group 64, bfloat16 scales); positions > 1: steps of that many
     random tokens each (verify_step, a speculative step's form), all their
-    logits compared; head_dim: the tiny model's (16) replaced; rows > 1: a
-    batch of left-padded prompts, one token a row a step."""
+    logits compared; head_dim: the tiny model's (16) replaced; hidden: its
+    hidden size (64; the MLP's 3x): above the kernel's 256 threads, a thread
+    takes several rows; rows > 1: a batch of left-padded prompts, one token a
+    row a step."""
     from mlxcy.models.load import load_model
     with tempfile.TemporaryDirectory(prefix="emulate-step-") as tmp:
         work = Path(tmp)
-        path = _checkpoint(kind, window, work, head_dim)
+        path = _checkpoint(kind, window, work, head_dim, hidden)
         if bits:
             from mlxcy.models.convert import convert_hf_to_mlx
             path = convert_hf_to_mlx(path, work / f"{kind}{bits}", bits=bits, group_size=64,
@@ -339,6 +344,7 @@ def main():
     ap.add_argument("--window", type=int, default=48)
     ap.add_argument("--split", action="store_true", help="the MLP split over slices")
     ap.add_argument("--head-dim", type=int, default=0, help="the tiny model's head_dim (16)")
+    ap.add_argument("--hidden", type=int, default=0, help="the tiny model's hidden size (64)")
     ap.add_argument("--positions", type=int, default=1,
                     help="tokens a step (> 1: the several-positions kernel, verify_step)")
     ap.add_argument("--rows", type=int, default=1,
@@ -348,7 +354,7 @@ def main():
                     help="MLX's affine 4/8-bit layout (bfloat16 scales) instead of --dtype")
     a = ap.parse_args()
     err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits,
-                    positions=a.positions, head_dim=a.head_dim, rows=a.rows)
+                    positions=a.positions, head_dim=a.head_dim, rows=a.rows, hidden=a.hidden)
     exact = a.dtype == "float32" and not a.bits
     print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
           f"steps{', split' if a.split else ''}{f', {a.rows} rows' if a.rows > 1 else ''}: max relative error {err:.2e}, greedy ids "

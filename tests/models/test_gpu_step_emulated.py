@@ -16,22 +16,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import emulate_gpu_step as emu  # noqa: E402
 
 
-@pytest.mark.parametrize("kind,prompt,steps,split,dtype,bits,positions", [
-    ("llama", 20, 3, False, "float32", 0, 1),
-    ("qwen2", 20, 3, True, "float32", 0, 1),
+@pytest.mark.parametrize("kind,prompt,steps,split,dtype,bits,positions,hidden", [
+    ("llama", 20, 3, False, "float32", 0, 1, 0),
+    ("qwen2", 20, 3, True, "float32", 0, 1, 0),
     # several positions a step (verify_step: a speculative step's proposals)
-    ("llama", 20, 2, False, "float32", 0, 5),
+    ("llama", 20, 2, False, "float32", 0, 5, 0),
     # Gemma: the sliding layer's ring (window 48) growing for 8 steps, then full;
     # a ring full from the prompt on, rotated by 12; the split MLP with 4-bit weights
-    ("gemma3_text", 40, 10, False, "float32", 0, 1),
-    ("gemma3_text", 60, 3, False, "float32", 0, 1),
-    ("gemma3_text", 40, 10, True, None, 4, 1),
+    ("gemma3_text", 40, 10, False, "float32", 0, 1, 0),
+    ("gemma3_text", 60, 3, False, "float32", 0, 1, 0),
+    ("gemma3_text", 40, 10, True, None, 4, 1, 0),
     # Gemma's several positions while the ring grows (30 + 8 slots)
-    ("gemma3_text", 30, 1, False, "float32", 0, 8),
+    ("gemma3_text", 30, 1, False, "float32", 0, 8, 0),
+    # hidden 320: above the block's 256 threads, so a thread takes two of the
+    # split MLP's down rows and two of the residual's values
+    ("llama", 20, 2, True, "float32", 0, 1, 320),
 ])
-def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype, bits, positions):
+def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype, bits, positions,
+                                              hidden):
     err, same_ids = emu.run(kind, prompt, steps, window=48, split=split, dtype=dtype, bits=bits,
-                            positions=positions)
+                            positions=positions, hidden=hidden)
     if bits:                 # bfloat16 scales: the op path rounds the same values
         assert err <= 3e-2, err
     else:
