@@ -5,6 +5,7 @@ build time; each extension gets an rpath relative to its own location so the
 installed package finds libmlx.so wherever site-packages is.
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,44 @@ def mlx_dirs():
     return root, inc, lib
 
 
+HEADER = re.compile(r'"(mlxcy/\w+\.h)"')
+CIMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(mlxcy[\w.]*)[ \t]+)?cimport[ \t]+(\([^)]*\)|[^\n#]+)",
+                     re.M)
+
+
+def header_depends(pyx: Path, here: Path) -> list[str]:
+    """The include/mlxcy headers a module's C++ includes: those its .pyx and
+    every .pxd it cimports (transitively) declare, and theirs.  build_ext
+    recompiles the module when one is newer than it -- it looks at no header
+    by itself, so an edited kernel (e.g. gpu_step.h's device code, a string
+    compiled into mlxcy.models.base) would otherwise keep the old build."""
+    sources, headers, todo = set(), set(), [pyx, pyx.with_suffix(".pxd")]
+    while todo:
+        f = todo.pop()
+        if f in sources or not f.exists():
+            continue
+        sources.add(f)
+        text = f.read_text()
+        headers.update(HEADER.findall(text))
+        for mod, names in CIMPORT.findall(text):   # (from mod) cimport a (as b), ...
+            for n in names.strip("()").split(","):
+                n = n.split()[0] if n.split() else ""
+                path = f"{mod}.{n}" if mod else n
+                if path.startswith("mlxcy"):
+                    todo.append(here.joinpath(*path.split(".")).with_suffix(".pxd"))
+            if mod:
+                todo.append(here.joinpath(*mod.split(".")).with_suffix(".pxd"))
+    done = set()
+    while headers:
+        h = headers.pop()
+        f = here / "include" / h
+        if h in done or not f.exists():
+            continue
+        done.add(h)
+        headers.update(HEADER.findall(f.read_text()))
+    return sorted(str(here / "include" / h) for h in done)
+
+
 def extensions():
     from Cython.Build import cythonize
 
@@ -45,6 +84,7 @@ def extensions():
         exts.append(Extension(
             name,
             [str(p.relative_to(here))],
+            depends=header_depends(p, here),
             language="c++",
             include_dirs=[str(here / "include"), str(inc)],
             library_dirs=[str(lib)],
