@@ -43,3 +43,28 @@ def test_wheel_ships_a_stub_for_every_compiled_module(tmp_path):
     assert len(compiled) >= 20 and "mlxcy/core" in compiled
     assert not [m for m in compiled if m + ".pyi" not in files], sorted(files)
     assert "mlxcy/py.typed" in files
+
+
+def _header_depends():
+    """setup.py's header_depends, taken out of the file (importing setup.py
+    would run setup())."""
+    import ast
+    src = (ROOT / "setup.py").read_text()
+    keep = [n for n in ast.parse(src).body
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, ast.Assign) and n.targets[0].id in ("HEADER", "CIMPORT"))
+            or (isinstance(n, ast.FunctionDef) and n.name == "header_depends")]
+    ns = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), ns)
+    return ns["header_depends"]
+
+
+def test_each_extension_is_rebuilt_when_a_header_it_includes_changes():
+    deps = _header_depends()
+    names = lambda m: {Path(p).name for p in deps(ROOT / m, ROOT)}   # noqa: E731
+    base = names("mlxcy/models/base.pyx")
+    # through mlxcy/native/gpu_step.pxd's extern block, and cpu_quant.h's own include
+    assert {"gpu_step.h", "gpu_gemv.h", "cpu_quant.h", "cpu_quant_rows.h", "core.h"} <= base
+    assert "gpu_step.h" not in names("mlxcy/cpu_kernels.pyx")
+    assert names("mlxcy/tokenizer/_bpe.pyx") == set()
+    assert names("mlxcy/memory.pyx") == {"heap.h"}
