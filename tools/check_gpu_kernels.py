@@ -6,12 +6,23 @@ writes the same kind of translation unit MLX generates (device code at file
 scope, then one kernel per instantiation with the template constants declared
 in its body) and compiles it for sm_90:
 
-    python tools/check_gpu_kernels.py [--keep DIR] [--ptxas-verbose]
+    python tools/check_gpu_kernels.py [--keep DIR] [--ptxas-verbose] [--sass N]
+
+--sass N writes step kernel N's machine code (SASS, from cuobjdump and nvdisasm:
+on PATH, or the `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels') to DIR/step_N.sass and counts
+its memory instructions by kind: what ptxas scheduled, e.g. whether a product's
+loads are issued together (LDG.E.128.CONSTANT in a run) or one at a time after
+a use, and which go through generic addressing (LD.E: a pointer the compiler
+could not place in global memory).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,10 +184,50 @@ def step_cases():
                            ESCALE_BITS=0x42080000, M=8, ROWS=True, **gemma)
 
 
+def cuobjdump() -> tuple[str, dict]:
+    """cuobjdump (from PATH, else the nvidia-cuda-cuobjdump wheel's bin) and an
+    environment whose PATH finds nvdisasm, which it runs."""
+    env = dict(os.environ)
+    for site in sys.path:     # the wheels' bin folders (nvidia/cu13/bin) after PATH's
+        for b in glob.glob(str(Path(site) / "nvidia" / "cu*" / "bin")):
+            env["PATH"] = env.get("PATH", "") + os.pathsep + b
+    tools = [shutil.which(t, path=env["PATH"]) for t in ("cuobjdump", "nvdisasm")]
+    if None in tools:
+        raise SystemExit("check_gpu_kernels: --sass needs cuobjdump and nvdisasm "
+                         "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    return tools[0], env
+
+
+def write_sass(obj: Path, n: int) -> Path:
+    """Step kernel n's SASS into obj's folder; prints its memory instructions' counts."""
+    tool, env = cuobjdump()
+    r = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"check_gpu_kernels: cuobjdump failed: {r.stderr.strip()}")
+    fn = re.compile(rf"Function : \S*\dstep_{n}E")
+    body, take = [], False
+    for line in r.stdout.splitlines():
+        if "Function : " in line:
+            take = bool(fn.search(line))
+        if take:
+            body.append(line)
+    if not body:
+        raise SystemExit(f"check_gpu_kernels: no step kernel {n}")
+    out = obj.parent / f"step_{n}.sass"
+    out.write_text("\n".join(body) + "\n")
+    ops = collections.Counter(m.group(1) for line in body
+                              for m in [re.search(r"\s((?:LDG|LD|STG|ST|LDGSTS|ATOMG|REDG)\.[\w.]+)", line)]
+                              if m)
+    print(f"step_{n}: {out} ({len(body) // 2} instructions); memory: " +
+          ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", help="write the .cu here and keep it")
     ap.add_argument("--ptxas-verbose", action="store_true", help="registers and spills per kernel")
+    ap.add_argument("--sass", type=int, metavar="N", help="step kernel N's SASS (cuobjdump)")
     a = ap.parse_args()
     src = raw_strings(ROOT / "include/mlxcy/gpu_gemv.h")
     step = raw_strings(ROOT / "include/mlxcy/gpu_step.h")
@@ -199,6 +250,8 @@ def main():
     sys.stderr.write(r.stderr)
     print(("ok" if r.returncode == 0 else "FAILED") + f": {len(list(gemv_cases()))} gemv kernels, "
           f"{len(list(step_cases()))} step kernels, {f}")
+    if r.returncode == 0 and a.sass is not None:
+        write_sass(d / "k.o", a.sass)
     sys.exit(r.returncode)
 
 
