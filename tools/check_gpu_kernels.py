@@ -9,11 +9,12 @@ in its body) and compiles it for sm_90:
     python tools/check_gpu_kernels.py [--keep DIR] [--ptxas-verbose] [--sass N]
 
 --sass N writes step kernel N's machine code (SASS, from cuobjdump and nvdisasm:
-on PATH, or the `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels') to DIR/step_N.sass and counts
-its memory instructions by kind: what ptxas scheduled, e.g. whether a product's
-loads are issued together (LDG.E.128.CONSTANT in a run) or one at a time after
-a use, and which go through generic addressing (LD.E: a pointer the compiler
-could not place in global memory).
+on PATH, or the `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels') to
+DIR/step_N.sass and counts its memory instructions by kind: what ptxas
+scheduled, e.g. whether a product's loads are issued together
+(LDG.E.128.CONSTANT in a run) or one at a time after a use, and which go
+through generic addressing (LD.E: a pointer the compiler could not place in
+global memory).
 """
 from __future__ import annotations
 
@@ -215,10 +216,10 @@ def write_sass(obj: Path, n: int) -> Path:
         raise SystemExit(f"check_gpu_kernels: no step kernel {n}")
     out = obj.parent / f"step_{n}.sass"
     out.write_text("\n".join(body) + "\n")
-    ops = collections.Counter(m.group(1) for line in body
-                              for m in [re.search(r"\s((?:LDG|LD|STG|ST|LDGSTS|ATOMG|REDG)\.[\w.]+)", line)]
-                              if m)
-    print(f"step_{n}: {out} ({len(body) // 2} instructions); memory: " +
+    code = [line for line in body if re.search(r"/\*[0-9a-f]{4,}\*/", line)]   # (an address)
+    mem = re.compile(r"\s((?:LDG|LD|STG|ST|LDGSTS|ATOMG|REDG)\.[\w.]+)")
+    ops = collections.Counter(m.group(1) for line in code for m in [mem.search(line)] if m)
+    print(f"step_{n}: {out} ({len(code)} instructions); memory: " +
           ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
     return out
 
