@@ -48,8 +48,8 @@ def header_depends(pyx: Path, here: Path) -> list[str]:
         headers.update(HEADER.findall(text))
         for mod, names in CIMPORT.findall(text):   # (from mod) cimport a (as b), ...
             for n in names.strip("()").split(","):
-                n = n.split()[0] if n.split() else ""
-                path = f"{mod}.{n}" if mod else n
+                name = (n.split() or [""])[0]            # "a as b": a
+                path = f"{mod}.{name}" if mod else name
                 if path.startswith("mlxcy"):
                     todo.append(here.joinpath(*path.split(".")).with_suffix(".pxd"))
             if mod:
