@@ -78,7 +78,7 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     rows = c.pop("ROWS", False)                       # verify_step's batch form
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
     if "M" not in c:
-        c.setdefault("SPLIT", False)                  # the MLP split over slices
+        c.setdefault("SLICE", 0)                      # the MLP split: chunks of a down row a slice
     c.setdefault("GEMMA", False)                      # Gemma 3's block
     c.setdefault("ESCALE_BITS", 0)                    # its embedding's factor
     consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
@@ -87,7 +87,7 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
     fn, m = ("verify_step", ", M, " + ("true" if rows else "false") + ", GEMMA") if "M" in c \
-        else ("decode_step", ", SPLIT, GEMMA")        # M positions (or rows)
+        else ("decode_step", ", SLICE, GEMMA")        # M positions (or rows)
     tm = (", rpos" if rows else ", nullptr") + ", __int_as_float(ESCALE_BITS)" if "M" in c \
         else ", timing" if timed else ", nullptr"
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "
@@ -119,16 +119,16 @@ def step_cases():
     yield "bf16", 30, dict(BITS=4, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
                            QKV_BIAS=False, QK_NORM=False, **norms)
     yield "bf16", 30, dict(BITS=0, GS=0, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
-                           QKV_BIAS=False, QK_NORM=False, TIMED=True, SPLIT=True, **norms)
+                           QKV_BIAS=False, QK_NORM=False, TIMED=True, SLICE=2, **norms)
     # the MLP split: Llama-3.2-1B bf16 and 4-bit, Qwen2-like 8-bit with biases, the tiny float32 model
     yield "bf16", 16, dict(BITS=0, GS=0, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
-                           QKV_BIAS=False, QK_NORM=False, SPLIT=True, **norms)
+                           QKV_BIAS=False, QK_NORM=False, SLICE=8, **norms)
     yield "bf16", 16, dict(BITS=4, GS=64, D=2048, NQ=32, NKV=8, HD=64, FF=8192, V=128256,
-                           QKV_BIAS=False, QK_NORM=False, SPLIT=True, **norms)
+                           QKV_BIAS=False, QK_NORM=False, SLICE=2, **norms)
     yield "bf16", 30, dict(BITS=8, GS=64, D=576, NQ=9, NKV=3, HD=64, FF=1536, V=49152,
-                           QKV_BIAS=True, QK_NORM=False, SPLIT=True, **norms)
+                           QKV_BIAS=True, QK_NORM=False, SLICE=2, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
-                         QKV_BIAS=True, QK_NORM=True, SPLIT=True, **norms)
+                         QKV_BIAS=True, QK_NORM=True, SLICE=2, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, **norms)
     # SmolLM2's Q4_1 GGUF as loaded on a GPU: float32, 4-bit layers, an 8-bit embedding (Q8_0)
@@ -141,11 +141,11 @@ def step_cases():
     gemma = dict(EPS_BITS=0x358637BD, QK_EPS_BITS=0x358637BD, SCALE_BITS=0x3D800000,
                  QKV_BIAS=False, QK_NORM=True, GEMMA=True)
     yield "bf16", 18, dict(BITS=0, GS=0, D=640, NQ=4, NKV=1, HD=256, FF=2048, V=262144,
-                           ESCALE_BITS=0x41CA0000, SPLIT=True, **gemma)
+                           ESCALE_BITS=0x41CA0000, SLICE=2, **gemma)
     yield "bf16", 18, dict(BITS=0, GS=0, D=640, NQ=4, NKV=1, HD=256, FF=2048, V=262144,
                            ESCALE_BITS=0x41CA0000, **gemma)
     yield "bf16", 26, dict(BITS=4, GS=64, D=1152, NQ=4, NKV=1, HD=256, FF=6912, V=262144,
-                           ESCALE_BITS=0x42080000, SPLIT=True, **gemma)
+                           ESCALE_BITS=0x42080000, SLICE=2, **gemma)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          ESCALE_BITS=0x41000000, **gemma)
     # several positions (verify_step): Llama-3.2-1B bf16 and SmolLM2 8-bit with 9, Qwen3-0.6B

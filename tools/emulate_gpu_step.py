@@ -2,7 +2,7 @@
 the CPU, for a tiny float32 model, and compare its logits with the op path's.
 
     python tools/emulate_gpu_step.py [--kind gemma3_text|llama|qwen2|qwen3]
-                                     [--prompt 40] [--steps 20] [--window 48] [--split]
+                                     [--prompt 40] [--steps 20] [--window 48] [--split [2|4|8]]
                                      [--dtype float32|bfloat16] [--bits 4|8] [--positions 1]
                                      [--head-dim 16] [--rows 6]
 
@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
         threadIdx.x = t;
         if constexpr (M == 1 && !ROWS)
           mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
-                                  QK_NORM, SPLIT, GEMMA>(
+                                  QK_NORM, SLICE, GEMMA>(
               toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
               EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
         else
@@ -166,10 +166,11 @@ def _checkpoint(kind: str, window: int, work: Path, head_dim: int = 0, hidden: i
 TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
-def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
+def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=0, seed=0,
         dtype="float32", bits=0, positions=1, head_dim=0, rows=1, hidden=0):
     """(max relative error of the emulated logits against the op path's, the
-    two paths' greedy ids equal); bits 4 or 8: the checkpoint in MLX's affine
+    two paths' greedy ids equal); split: 0, or the MLP split over slices of
+    that many 16-byte chunks of each down row (2, 4, 8); bits 4 or 8: the checkpoint in MLX's affine
     layout (group 64, bfloat16 scales); positions > 1: steps of that many
     random tokens each (verify_step, a speculative step's form), all their
     logits compared; head_dim: the tiny model's (16) replaced; hidden: its
@@ -177,6 +178,8 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=False, seed=0,
     takes several rows; rows > 1: a batch of left-padded prompts, one token a
     row a step."""
     from mlxcy.models.load import load_model
+    if split not in (0, 2, 4, 8) or isinstance(split, bool):
+        raise ValueError(f"split must be 0, 2, 4 or 8, not {split!r}")
     with tempfile.TemporaryDirectory(prefix="emulate-step-") as tmp:
         work = Path(tmp)
         path = _checkpoint(kind, window, work, head_dim, hidden)
@@ -285,7 +288,7 @@ def _emulate(plan, toks, positions, split, work, rows=1, rpos=None):
                                EBITS=c["ebits"], EGS=c["egs"] if c["ebits"] else 0,
                                D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"],
                                V=c["V"], NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]),
-                               QK_NORM=bool(c["qk_norm"]), SPLIT=split,
+                               QK_NORM=bool(c["qk_norm"]), SLICE=split,
                                GEMMA=bool(plan["gemma"]), M=positions, ROWS=rows > 1),
                      floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
                                  ESCALE=plan["embed_scale"])), work)
@@ -342,7 +345,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--window", type=int, default=48)
-    ap.add_argument("--split", action="store_true", help="the MLP split over slices")
+    ap.add_argument("--split", type=int, nargs="?", const=2, default=0, choices=(0, 2, 4, 8),
+                    help="the MLP split over slices of this many 16-byte chunks of each down row")
     ap.add_argument("--head-dim", type=int, default=0, help="the tiny model's head_dim (16)")
     ap.add_argument("--hidden", type=int, default=0, help="the tiny model's hidden size (64)")
     ap.add_argument("--positions", type=int, default=1,
@@ -357,7 +361,7 @@ def main():
                     positions=a.positions, head_dim=a.head_dim, rows=a.rows, hidden=a.hidden)
     exact = a.dtype == "float32" and not a.bits
     print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
-          f"steps{', split' if a.split else ''}{f', {a.rows} rows' if a.rows > 1 else ''}: max relative error {err:.2e}, greedy ids "
+          f"steps{f', split {a.split}' if a.split else ''}{f', {a.rows} rows' if a.rows > 1 else ''}: max relative error {err:.2e}, greedy ids "
           f"equal: {same}")
     sys.exit(0 if err <= (1e-4 if exact else 3e-2) and (same or not exact) else 1)
 

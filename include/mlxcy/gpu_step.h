@@ -37,7 +37,7 @@
 //             chunk's partial, which the block finishing a head's last chunk
 //             merges with the others through L2.
 //   phases    5 per layer, a grid-wide barrier after each (4 when the MLP is
-//             split over slices of its hidden rows: step_split); before
+//             split over slices of its hidden rows: step_slice); before
 //             waiting, each warp asks L2 for its first rows of the next phase.
 // Inter-block data (the residual stream, q/k/v, attention output, MLP hidden
 // state) lives in a float32 scratch output holding values already rounded to
@@ -761,14 +761,15 @@ __device__ __forceinline__ float key_dot(const float* q, const T* krow) {
   return a;
 }
 
-// The MLP split over slices of S hidden rows (32 bytes of each down row),
-// when there are enough of them (the host's step_split): a block computes a
-// slice's gate/up rows, then that slice's share of every down row, added to a
-// float sum with atomics -- one grid-wide barrier fewer per layer.
-template <typename T, int BITS>
+// The MLP split over slices of S hidden rows (SLICE 16-byte chunks of each
+// down row: 2, 4 or 8), when there are enough of them (the host's
+// step_slice): a block computes a slice's gate/up rows, then that slice's
+// share of every down row, added to a float sum with atomics -- one
+// grid-wide barrier fewer per layer.
+template <typename T, int BITS, int SLICE>
 struct Slice {
   static constexpr int VALS = chunk_vals<T, BITS>();
-  static constexpr int S = 2 * VALS;
+  static constexpr int S = SLICE * VALS;
 };
 
 // L's rows from r0 on (a product of width K).
@@ -786,12 +787,13 @@ __device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM, bool SPLIT, bool GEMMA>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, int SLICE, bool GEMMA>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float escale, float* scratch, T* logits,
                             unsigned* bar, unsigned* tm) {
   constexpr int NQKV = (NQ + 2 * NKV) * HD;
+  constexpr bool SPLIT = SLICE > 0;                   // the MLP split over slices
   constexpr int XW = SPLIT ? D : (D > FF ? D : FF);   // the widest product input in xs
   constexpr int XMAX = XW > NQ * HD ? XW : NQ * HD;
   constexpr int DPL = (HD + 31) / 32;          // head dims per lane (values)
@@ -813,7 +815,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int maxt = (cap + 31) / 32;
   float* part = hid + FF;                      // attention partials [NQ, maxt, HD + 2]
   unsigned* count = bar + 64;                  // per head: tiles done (StepState)
-  constexpr int S = Slice<T, BITS>::S;
+  constexpr int S = Slice<T, BITS, SPLIT ? SLICE : 2>::S;
   static_assert(!SPLIT || FF % S == 0, "the MLP split needs whole slices");
   float* ysum = part + ((size_t)NQ * maxt * (HD + 2) + 3) / 4 * 4;   // SPLIT: down's sums [D]
                                                // (16-byte aligned for x_issue)
@@ -1073,7 +1075,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         }
       };
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22), dn = lin<T>(t + 25);
-      constexpr int VALS = Slice<T, BITS>::VALS;
+      constexpr int VALS = chunk_vals<T, BITS>();
       for (int it = blockIdx.x; it < FF / S; it += gridDim.x) {
         const int s0 = it * S;
         product_pair<T, BITS, GS, D>(rows_from<T, BITS, GS, D>(g, s0),
@@ -1880,7 +1882,7 @@ struct StepConfig {
 inline long step_static_smem(const StepConfig& c) {
   const long size = static_cast<long>(mx::size_of(c.dtype));
   const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(size);
-  const long S = 2 * vals;                                  // Slice::S
+  const long S = 8 * vals;                                  // the largest Slice::S
   const long as = 3L * 8 * c.HD + 8L * (c.HD + 2);          // attention's per-warp parts
   auto bytes = [&](bool split) {
     const long xw = split ? c.D : std::max(c.D, c.FF);
@@ -2025,19 +2027,38 @@ struct StepState {
 // MLXCY_STEP_TIMING=1 in the environment (read once): the one-token kernel
 // records each block's clock at every barrier (benchmarks/gpu_step_profile.py
 // --phases); a profiling build of the same kernel, not for production.
-// Split the MLP over slices (decode_step's SPLIT): -1 where it pays, measured
+// Split the MLP over slices (decode_step's SLICE): -1 where it pays, measured
 // on an H100 (docs/benchmarks.md): whole slices and at least one for every
 // two blocks of the grid (fewer leave most SMs idle in the MLP); 0 never, 1
-// wherever the slices are whole (tests).  Set by base.set_gpu_step_split.
+// wherever the slices are whole, 2, 4 or 8: slices of that many chunks
+// wherever they are whole (tests).  Set by base.set_gpu_step_split.
 inline int& step_split_mode() {
   static int mode = -1;
   return mode;
 }
 
-inline bool step_split(const StepConfig& c, int blocks) {
-  const int s = 2 * (c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype)));
+// decode_step's SLICE: 0 (no split), or the 16-byte chunks of each down row a
+// slice takes.  Of 2, 4 and 8 chunks, the one whose busiest block computes the
+// fewest hidden rows, and among equals the most: longer pieces of the down
+// rows stream faster (Llama-3.2-1B bf16, H100: its kernel 1,404 us with 2 chunks,
+// 1,317 with 4, 1,308 with 8, the same rows a block).
+inline int step_slice(const StepConfig& c, int blocks) {
+  const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
   const int mode = step_split_mode();
-  return mode != 0 && c.FF % s == 0 && (mode == 1 || c.FF / s >= blocks / 2);
+  if (mode > 1) return c.FF % (mode * vals) ? 0 : mode;
+  if (mode == 0 || c.FF % (2 * vals) || (mode == -1 && c.FF / (2 * vals) < blocks / 2)) return 0;
+  int best = 2;
+  long rows = 0;
+  for (int k : {2, 4, 8}) {
+    const int s = k * vals;
+    if (c.FF % s) continue;
+    const long r = static_cast<long>((c.FF / s + blocks - 1) / blocks) * s;   // busiest block
+    if (rows == 0 || r <= rows) {
+      best = k;
+      rows = r;
+    }
+  }
+  return best;
 }
 
 inline bool step_timing_on() {
@@ -2105,7 +2126,7 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
         (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
                 "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ", GEMMA>(\n"
               : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, SPLIT, GEMMA>(\n") +
+                "QKV_BIAS, QK_NORM, SLICE, GEMMA>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n" +
@@ -2146,7 +2167,8 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4 +   // (+4: ysum 16-byte aligned)
                 (smem && c.gemma ? 3 * M * c.D : 0);              // (verify_step's x2, ob, yo)
   int blocks = step_grid_blocks();
-  const bool split = smem == 0 && step_split(c, blocks);
+  const int slice = smem == 0 ? step_slice(c, blocks) : 0;
+  const bool split = slice > 0;
   std::vector<mx::Shape> shapes = {rows ? mx::Shape{M, 1, c.V} : mx::Shape{1, M, c.V},
                                    mx::Shape{scratch}};
   std::vector<mx::Dtype> types = {c.dtype, mx::float32};
@@ -2162,7 +2184,7 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
-       {"SPLIT", split}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
+       {"SLICE", slice}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
       std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());

@@ -114,11 +114,19 @@ def set_gpu_launch_rows(rows: int) -> int:
     runs as several launches.  For tests and measurements; returns the
     previous setting."""
 
-def set_gpu_step_split(mode: bool | None) -> bool | None:
+def set_gpu_step_split(mode: bool | int | None) -> bool | int | None:
     """How the one-token kernel runs a layer's MLP: None (default) split over
     slices of its hidden rows, one grid-wide barrier fewer, where there are
     enough slices to keep the GPU busy; True wherever the slices are whole;
-    False never.  Returns the previous setting."""
+    False never; 2, 4 or 8: slices of that many 16-byte chunks of each down
+    row wherever they are whole (tests; by default the kernel chooses).
+    Returns the previous setting."""
+
+def gpu_step_slice(m: Model, blocks: int) -> int | None:
+    """The one-token kernel's MLP split for m on a grid of `blocks` (one per
+    SM), as the setting above chooses it: 0 (not split) or the 16-byte chunks
+    of each down row a slice takes; None where the kernel would not run m.
+    Host arithmetic only, on any device (tests)."""
 
 def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and

@@ -799,12 +799,26 @@ def set_gpu_step_split(mode):
     """How the one-token kernel runs a layer's MLP: None (default) split over
     slices of its hidden rows, one grid-wide barrier fewer, where there are
     enough slices to keep the GPU busy; True wherever the slices are whole;
-    False never.  Returns the previous setting."""
+    False never; 2, 4 or 8: slices of that many 16-byte chunks of each down
+    row wherever they are whole (tests; by default the kernel chooses).
+    Returns the previous setting."""
     cdef int old = ngs.step_split_mode()
-    if mode is not None and not isinstance(mode, bool):
-        raise TypeError(f"mode must be None, True or False, got {mode!r}")
+    if mode is not None and not isinstance(mode, bool) and mode not in (2, 4, 8):
+        raise TypeError(f"mode must be None, True, False, 2, 4 or 8, got {mode!r}")
     (&ngs.step_split_mode())[0] = -1 if mode is None else int(mode)
-    return None if old < 0 else bool(old)
+    return None if old < 0 else bool(old) if old < 2 else old
+
+
+def gpu_step_slice(Model m, int blocks):
+    """The one-token kernel's MLP split for m on a grid of `blocks` (one per
+    SM), as the setting above chooses it: 0 (not split) or the 16-byte chunks
+    of each down row a slice takes; None where the kernel would not run m.
+    Host arithmetic only, on any device (tests)."""
+    if m.gpu_step is None:
+        m.gpu_step = _plan_gpu_step(m)
+    if m.gpu_step is False:
+        return None
+    return ngs.step_slice((<_GpuStep>m.gpu_step).cfg, blocks)
 
 
 def step_table_per_layer():

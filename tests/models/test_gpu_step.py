@@ -149,18 +149,20 @@ def test_quantized_models_match_the_op_path(checkpoints, kind, bits):
 
 
 @cuda
-@pytest.mark.parametrize("kind,dtype,bits", [("llama", "float32", 0), ("qwen2", "bfloat16", 0),
-                                             ("qwen3", None, 4), ("qwen2", None, 8),
-                                             ("gemma3_text", "float32", 0),
-                                             ("gemma3_text", None, 4)])
-def test_the_split_mlp_matches_the_op_path(checkpoints, kind, dtype, bits):
+@pytest.mark.parametrize("kind,dtype,bits,mode", [
+    ("llama", "float32", 0, True), ("qwen2", "bfloat16", 0, True), ("qwen3", None, 4, True),
+    ("qwen2", None, 8, True), ("gemma3_text", "float32", 0, True), ("gemma3_text", None, 4, True),
+    # longer pieces of each down row (Llama-3.2-1B bf16 takes 8 chunks)
+    ("llama", "float32", 0, 8), ("qwen2", "bfloat16", 0, 8), ("qwen3", None, 4, 4)])
+def test_the_split_mlp_matches_the_op_path(checkpoints, kind, dtype, bits, mode):
     """The MLP split over slices (down's sums by atomics, the residual in two
     buffers), forced on: the tiny models have too few slices for the default."""
-    old = base.set_gpu_step_split(True)
+    old = base.set_gpu_step_split(mode)
     try:
         m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
         m.fuse()
         try:
+            assert base.gpu_step_slice(m, 132) == (2 if mode is True else mode)
             tol = {"float32": 1e-4, "bfloat16": 3e-2, None: 3e-2}[dtype]
             _compare(m, _prompt(7, 12), 24, tol, exact_ids=dtype == "float32",
                      op_steps=_ring_growths(kind))
@@ -174,9 +176,39 @@ def test_the_split_setting():
     old = base.set_gpu_step_split(False)
     try:
         assert base.set_gpu_step_split(True) is False
-        assert base.set_gpu_step_split(None) is True
-        with pytest.raises(TypeError, match="mode must be None, True or False"):
-            base.set_gpu_step_split(1)
+        assert base.set_gpu_step_split(8) is True
+        assert base.set_gpu_step_split(None) == 8
+        for bad in (1, 3, "8"):
+            with pytest.raises(TypeError, match="mode must be None, True, False, 2, 4 or 8"):
+                base.set_gpu_step_split(bad)
+    finally:
+        base.set_gpu_step_split(old)
+
+
+@pytest.mark.parametrize("kind,dtype,bits,blocks,mode,want", [
+    # float32 (4 values a chunk), 128 hidden rows: 16, 8 or 4 slices of 2, 4 or
+    # 8 chunks; of those that give the busiest block the fewest rows, the
+    # longest pieces
+    ("llama", "float32", 0, 4, None, 8),      # 4 x 8 = 2 x 16 = 1 x 32 rows
+    ("llama", "float32", 0, 8, None, 4),      # 2 x 8 = 1 x 16 < 1 x 32
+    ("llama", "float32", 0, 16, None, 2),     # 1 x 8
+    ("llama", "float32", 0, 40, None, 0),     # 16 slices: fewer than one for two blocks
+    ("llama", "float32", 0, 40, True, 2),     # ... unless forced
+    ("llama", "float32", 0, 4, False, 0),
+    ("llama", "float32", 0, 132, 8, 8),
+    ("llama", "bfloat16", 0, 2, None, 8),     # 8 values a chunk: 8, 4 or 2 slices
+    ("qwen3", None, 4, 1, None, 4),           # 32 values a chunk: 2 or 1 slices (8: not whole)
+    ("qwen3", None, 4, 132, 8, 0)])
+def test_the_kernel_chooses_its_mlp_slices(checkpoints, kind, dtype, bits, blocks, mode, want):
+    """gpu_step_slice: the host's choice (host arithmetic, any device)."""
+    old = base.set_gpu_step_split(mode)
+    try:
+        m = load_model(checkpoints[kind, bits] if bits else checkpoints[kind], dtype=dtype)
+        try:
+            m.fuse()
+            assert base.gpu_step_slice(m, blocks) == want
+        finally:
+            m.close()
     finally:
         base.set_gpu_step_split(old)
 
