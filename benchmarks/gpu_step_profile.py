@@ -29,6 +29,9 @@ With --timeline: instead, the CUDA kernels of 12 steady steps in device
 order: per kind, the median duration and the median device-idle gap before
 it, and the step's period (one step kernel's start to the next).
 
+--split on|off|2|4|8 forces the one-token kernel's MLP split (all modes; the
+default lets the kernel choose), so one tree can time the settings in turn.
+
 With --positions 1,2,4,8: instead, one forward of M positions of one sequence
 (a speculative step's verification) over the cache of a 512-token prompt, per
 M: the wall time of forward + evaluation (median of --reps, the cache trimmed
@@ -278,7 +281,14 @@ def main():
                     help="the one-kernel step's time per phase (MLXCY_STEP_TIMING)")
     ap.add_argument("--timeline", action="store_true",
                     help="the kernels of 12 steady steps: durations and device idle gaps")
+    ap.add_argument("--split", default="auto", choices=("auto", "on", "off", "2", "4", "8"),
+                    help="the one-token kernel's MLP split (base.set_gpu_step_split): the "
+                         "kernel's choice, wherever the slices are whole, never, or slices of "
+                         "2, 4 or 8 chunks of each down row wherever whole")
     a = ap.parse_args()
+    from mlxcy.models.base import set_gpu_step_split
+    modes = {"auto": None, "on": True, "off": False}
+    set_gpu_step_split(modes[a.split] if a.split in modes else int(a.split))
     if a.phases:
         os.environ["MLXCY_STEP_TIMING"] = "1"       # read at the first step
         return phases_table(a)
