@@ -40,14 +40,19 @@ for v in "${variants[@]}"; do
         cp "$src" "$dir/include/mlxcy/gpu_step.h" && touch "$dir/mlxcy/models/base.pyx"
         mods=(MLXCY_MODULES=mlxcy.models.base)
     fi
+    # (a failed build leaves the copy's modules as this tree built them: marked,
+    # so that its rows are not read as the variant's)
     (cd "$dir" && env MLXCY_JOBS=4 ${mods[@]+"${mods[@]}"} \
         python setup.py -q build_ext --inplace > "$out/build-$name.log" 2>&1 ||
-        { echo "build of $name failed"; tail -20 "$out/build-$name.log"; }) &
+        { echo "build of $name failed"; tail -5 "$out/build-$name.log"; touch .build-failed; }) &
     names+=("$name"); dirs+=("$dir")
 done
 wait
 for round in $(seq "${ROUNDS:-1}"); do
     for i in "${!names[@]}"; do
+        if [ -e "${dirs[$i]}/.build-failed" ]; then
+            echo "== ${names[$i]}: its build failed, not timed"; continue
+        fi
         (cd "${dirs[$i]}" && PYTHONPATH="${dirs[$i]}:${PYTHONPATH:-}" timeout 300 \
             python benchmarks/gpu_step_profile.py "${args[@]}") > "$out/${names[$i]}-$round.log" 2>&1
         echo "== ${names[$i]} (round $round) rc=$?"
