@@ -761,17 +761,6 @@ __device__ __forceinline__ float key_dot(const float* q, const T* krow) {
   return a;
 }
 
-// The MLP split over slices of S hidden rows (SLICE 16-byte chunks of each
-// down row: 2, 4 or 8), when there are enough of them (the host's
-// step_slice): a block computes a slice's gate/up rows, then that slice's
-// share of every down row, added to a float sum with atomics -- one
-// grid-wide barrier fewer per layer.
-template <typename T, int BITS, int SLICE>
-struct Slice {
-  static constexpr int VALS = chunk_vals<T, BITS>();
-  static constexpr int S = SLICE * VALS;
-};
-
 // L's rows from r0 on (a product of width K).
 template <typename T, int BITS, int GS, int K>
 __device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
@@ -815,7 +804,12 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int maxt = (cap + 31) / 32;
   float* part = hid + FF;                      // attention partials [NQ, maxt, HD + 2]
   unsigned* count = bar + 64;                  // per head: tiles done (StepState)
-  constexpr int S = Slice<T, BITS, SPLIT ? SLICE : 2>::S;
+  // The MLP split over slices of S hidden rows (SLICE 16-byte chunks of each
+  // down row: 2, 4 or 8), when there are enough of them (the host's
+  // step_slice): a block computes a slice's gate/up rows, then that slice's
+  // share of every down row, added to a float sum with atomics -- one
+  // grid-wide barrier fewer per layer.
+  constexpr int S = SLICE * chunk_vals<T, BITS>();   // (0: not split)
   static_assert(!SPLIT || FF % S == 0, "the MLP split needs whole slices");
   float* ysum = part + ((size_t)NQ * maxt * (HD + 2) + 3) / 4 * 4;   // SPLIT: down's sums [D]
                                                // (16-byte aligned for x_issue)
@@ -1876,13 +1870,21 @@ struct StepConfig {
   float embed_scale = 0.0f;        // the embedding's factor in the model's dtype (0: none)
 };
 
+// Weight values in a 16-byte chunk (the device code's chunk_vals).
+inline int step_chunk_vals(const StepConfig& c) {
+  return c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
+}
+
+// The most 16-byte chunks of each down row a slice of the split MLP takes
+// (step_slice).
+constexpr int kStepSliceMax = 8;
+
 // Bytes of decode_step's static shared memory (its __shared__ arrays: xs,
 // red, the split MLP's hs, x_issue's ys and ws, and a little more), for the
 // larger of its forms (the MLP split or not).
 inline long step_static_smem(const StepConfig& c) {
   const long size = static_cast<long>(mx::size_of(c.dtype));
-  const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(size);
-  const long S = 8 * vals;                                  // the largest Slice::S
+  const long S = kStepSliceMax * step_chunk_vals(c);        // the longest slice's rows
   const long as = 3L * 8 * c.HD + 8L * (c.HD + 2);          // attention's per-warp parts
   auto bytes = [&](bool split) {
     const long xw = split ? c.D : std::max(c.D, c.FF);
@@ -1898,7 +1900,7 @@ inline std::string step_config_problem(const StepConfig& c) {
   if (c.dtype != mx::bfloat16 && c.dtype != mx::float16 && c.dtype != mx::float32)
     return "dtype must be bfloat16, float16 or float32";
   if (c.bits != 0 && c.bits != 4 && c.bits != 8) return "only 4- and 8-bit weights";
-  int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
+  const int vals = step_chunk_vals(c);
   if (c.bits && (c.group_size % vals || c.group_size <= 0)) return "group size";
   for (int k : {c.D, c.NQ * c.HD, c.FF})
     if (k <= 0 || k % vals || (c.bits && k % c.group_size)) return "a product's width";
@@ -2043,13 +2045,13 @@ inline int& step_split_mode() {
 // rows stream faster (Llama-3.2-1B bf16, H100: its kernel 1,404 us with 2 chunks,
 // 1,317 with 4, 1,308 with 8, the same rows a block).
 inline int step_slice(const StepConfig& c, int blocks) {
-  const int vals = c.bits ? 128 / c.bits : 16 / static_cast<int>(mx::size_of(c.dtype));
+  const int vals = step_chunk_vals(c);
   const int mode = step_split_mode();
   if (mode > 1) return c.FF % (mode * vals) ? 0 : mode;
   if (mode == 0 || c.FF % (2 * vals) || (mode == -1 && c.FF / (2 * vals) < blocks / 2)) return 0;
   int best = 2;
   long rows = 0;
-  for (int k : {2, 4, 8}) {
+  for (int k = 2; k <= kStepSliceMax; k *= 2) {
     const int s = k * vals;
     if (c.FF % s) continue;
     const long r = static_cast<long>((c.FF / s + blocks - 1) / blocks) * s;   // busiest block

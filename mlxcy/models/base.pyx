@@ -814,9 +814,7 @@ def gpu_step_slice(Model m, int blocks):
     SM), as the setting above chooses it: 0 (not split) or the 16-byte chunks
     of each down row a slice takes; None where the kernel would not run m.
     Host arithmetic only, on any device (tests)."""
-    if m.gpu_step is None:
-        m.gpu_step = _plan_gpu_step(m)
-    if m.gpu_step is False:
+    if _gpu_step_of(m) is False:
         return None
     return ngs.step_slice((<_GpuStep>m.gpu_step).cfg, blocks)
 
@@ -862,6 +860,13 @@ cdef class _GpuStep:
 
 cdef bint _plain(Linear l) noexcept:
     return l is not None and type(l) is Linear and l.weight != NULL and l.lora_a == NULL
+
+
+cdef object _gpu_step_of(Model m):
+    """m.gpu_step, planned on first use: a _GpuStep, or False."""
+    if m.gpu_step is None:
+        m.gpu_step = _plan_gpu_step(m)
+    return m.gpu_step
 
 
 cdef object _plan_gpu_step(Model m):
@@ -1148,9 +1153,7 @@ cdef bint _step_inputs(Model m, Cache cache, int M, vector[ngs.StepPtr]& e,
     and value buffers and the position; False when the kernel does not run
     the model or these caches (m.gpu_step: the plan, made on the first
     call)."""
-    if m.gpu_step is None:
-        m.gpu_step = _plan_gpu_step(m)
-    if m.gpu_step is False:
+    if _gpu_step_of(m) is False:
         return False
     cdef _GpuStep p = <_GpuStep>m.gpu_step
     # (a batch of more rows than one launch takes runs in several launches on
