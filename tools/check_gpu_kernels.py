@@ -178,6 +178,9 @@ def step_cases():
                            QKV_BIAS=True, QK_NORM=False, M=20, ROWS=True, **norms)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          QKV_BIAS=True, QK_NORM=True, M=3, ROWS=True, **norms)
+    # SmolLM2's Q4_1 GGUF in float32 with 32 rows (in two bfloat16 parts: 64 operand rows)
+    yield "f32", 30, dict(BITS=4, GS=32, EBITS=8, EGS=32, D=576, NQ=9, NKV=3, HD=64, FF=1536,
+                          V=49152, QKV_BIAS=False, QK_NORM=False, M=32, ROWS=True, **norms)
     # Gemma's several positions and batch rows: 270M bf16 with 9, 1B 4-bit rows in launches of 8
     yield "bf16", 18, dict(BITS=0, GS=0, D=640, NQ=4, NKV=1, HD=256, FF=2048, V=262144,
                            ESCALE_BITS=0x41CA0000, M=9, **gemma)

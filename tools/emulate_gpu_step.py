@@ -167,7 +167,7 @@ TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
 def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=0, seed=0,
-        dtype="float32", bits=0, positions=1, head_dim=0, rows=1, hidden=0):
+        dtype=None, bits=0, positions=1, head_dim=0, rows=1, hidden=0):
     """(max relative error of the emulated logits against the op path's, the
     two paths' greedy ids equal); split: 0, or the MLP split over slices of
     that many 16-byte chunks of each down row (2, 4, 8); bits 4 or 8: the checkpoint in MLX's affine
@@ -176,7 +176,8 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=0, seed=0,
     logits compared; head_dim: the tiny model's (16) replaced; hidden: its
     hidden size (64; the MLP's 3x): above the kernel's 256 threads, a thread
     takes several rows; rows > 1: a batch of left-padded prompts, one token a
-    row a step."""
+    row a step.  dtype: the activations' (None: the checkpoint's, float32, or
+    bfloat16 with bits; float32 with bits: a GGUF's layout on a GPU)."""
     from mlxcy.models.load import load_model
     if split not in (0, 2, 4, 8) or isinstance(split, bool):
         raise ValueError(f"split must be 0, 2, 4 or 8, not {split!r}")
@@ -187,7 +188,6 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=0, seed=0,
             from mlxcy.models.convert import convert_hf_to_mlx
             path = convert_hf_to_mlx(path, work / f"{kind}{bits}", bits=bits, group_size=64,
                                      dtype="bfloat16")
-            dtype = None
         m = load_model(path, dtype=dtype)
         try:     # (the plan's arrays are the model's: closing it frees them)
             if rows > 1:
@@ -353,14 +353,16 @@ def main():
                     help="tokens a step (> 1: the several-positions kernel, verify_step)")
     ap.add_argument("--rows", type=int, default=1,
                     help="a batch of this many left-padded rows (verify_step's ROWS form)")
-    ap.add_argument("--dtype", default="float32", choices=sorted(TYPES))
+    ap.add_argument("--dtype", choices=sorted(TYPES),
+                    help="the activations' (default: the checkpoint's, float32, or bfloat16 "
+                         "with --bits)")
     ap.add_argument("--bits", type=int, default=0, choices=(0, 4, 8),
-                    help="MLX's affine 4/8-bit layout (bfloat16 scales) instead of --dtype")
+                    help="MLX's affine 4/8-bit layout (bfloat16 scales)")
     a = ap.parse_args()
     err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits,
                     positions=a.positions, head_dim=a.head_dim, rows=a.rows, hidden=a.hidden)
-    exact = a.dtype == "float32" and not a.bits
-    print(f"{a.kind}, {f'{a.bits}-bit' if a.bits else a.dtype}, prompt {a.prompt}, {a.steps} "
+    exact = a.dtype in (None, "float32") and not a.bits
+    print(f"{a.kind}, {f'{a.bits}-bit ' if a.bits else ''}{a.dtype or 'default'}, prompt {a.prompt}, {a.steps} "
           f"steps{f', split {a.split}' if a.split else ''}{f', {a.rows} rows' if a.rows > 1 else ''}: max relative error {err:.2e}, greedy ids "
           f"equal: {same}")
     sys.exit(0 if err <= (1e-4 if exact else 3e-2) and (same or not exact) else 1)

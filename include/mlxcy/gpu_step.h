@@ -1403,9 +1403,21 @@ __host__ __device__ constexpr bool mma_ok() {
   return sizeof(T) == 2 && (BITS == 0 ? K % 32 == 0 : GS % 32 == 0 && K % GS == 0);
 }
 
+// float32 models with 4- or 8-bit weights: a product on the tensor cores in
+// bfloat16, each activation x taken as SPLIT parts (hi = bf16(x), then
+// bf16(x - hi): 16 of its 24 bits), the operand's rows part by part (row
+// p * M + m: row m's part p); the weights' integers are exact in bfloat16,
+// every sum is float32 and a row's parts' sums are added at the end.  (The
+// host's kStepSplit.)
+constexpr int SPLIT = 2;
+template <typename T, int BITS, int GS, int K>
+__host__ __device__ constexpr bool mma_split() {
+  return sizeof(T) == 4 && BITS != 0 && mma_ok<__nv_bfloat16, BITS, GS, K>();
+}
+
 // n-tiles of 8 weight rows a block holds in partial sums at once (the shared
-// partials' size: WARPS * mma_tiles * 128 floats).
-__host__ __device__ constexpr int mma_tiles(int M) { return M > 32 ? 8 : 4; }
+// partials' size: WARPS * mma_tiles * 128 floats) for an operand of MA rows.
+__host__ __device__ constexpr int mma_tiles(int MA) { return MA > 32 ? 8 : 4; }
 
 // Unit u's pair p (values 2p, 2p+1 of this lane's piece) of weight row `row`,
 // as two T in one register; OFF: the offset the values carry (quantized).
@@ -1416,7 +1428,8 @@ struct MmaUnit {
   static constexpr int WORDS = BITS ? PV * BITS / 32 : PV / 2;   // 32-bit words of a piece
   static constexpr float OFF = BITS == 4 ? (IsBf16<T>::value ? 128.0f : 1024.0f) : 0.0f;
   unsigned w[WORDS];
-  __device__ __forceinline__ void load(const Lin<T>& L, int row, int u, int t) {
+  template <typename W>   // (the weights' Lin: the model's dtype, T or float in parts)
+  __device__ __forceinline__ void load(const Lin<W>& L, int row, int u, int t) {
     constexpr int B = BITS ? BITS : 16;                 // bits a value
     const unsigned* p = reinterpret_cast<const unsigned*>(L.w) + (size_t)row * (K * B / 32) +
                         (size_t)u * (UK * B / 32) + t * WORDS;
@@ -1452,18 +1465,67 @@ __host__ __device__ constexpr int mma_stride() {
   }
 }
 
+// load_xm for a product in SPLIT bfloat16 parts (mma_split): row p * M + m of
+// xm (rows XS values apart) <- part p of row m's values, normalized as
+// load_xm normalizes them in float32.
+template <int K, int M, int XS>
+__device__ __forceinline__ void load_xm_split(const float* src, const float* nw, float eps,
+                                              __nv_bfloat16* xm, float* red) {
+  float ss[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) ss[m] = 1.0f;
+  if (nw != nullptr) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) ss[m] = 0.0f;
+    for (int k = threadIdx.x; k < K; k += THREADS)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float v = __ldcg(src + m * K + k);
+        ss[m] += v * v;
+      }
+    row_scales<M>(ss, red, K, eps);
+  }
+  for (int k = threadIdx.x; k < K; k += THREADS) {
+    const float wk = nw != nullptr ? nw[k] : 1.0f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = __ldcg(src + m * K + k);
+      if (nw != nullptr) v = wk * (v * ss[m]);
+#pragma unroll
+      for (int p = 0; p < SPLIT; ++p) {
+        const __nv_bfloat16 h = static_cast<__nv_bfloat16>(v);
+        xm[(p * M + m) * XS + k] = h;
+        v -= static_cast<float>(h);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// The activations for a product (SP: in SPLIT parts, load_xm_split).
+template <typename T, bool SP, int K, int M, int XS>
+__device__ __forceinline__ void load_for(const float* src, const T* nw, float eps, T* xm,
+                                         float* red) {
+  if constexpr (SP)
+    load_xm_split<K, M, XS>(src, reinterpret_cast<const float*>(nw), eps,
+                            reinterpret_cast<__nv_bfloat16*>(xm), red);
+  else
+    load_xm<T, K, M, XS>(src, nw, eps, xm, red);
+}
+
 // Rows [r0, r0 + 8 NT) of a product of width K (PAIR: rows [r0, r0 + 8) of two
 // products, n-tile 0 and 1) with the M rows of xm (row stride XS), by the
 // whole block; row_of(j, r, L, row): the weight of n-tile j and r's row in it;
 // emit(r, m, v0, v1) for every sum (v1: the second product's, PAIR).  part:
 // WARPS * MT * NT * 128 floats of shared memory.
-template <typename T, int BITS, int GS, int K, int XS, int M, int NT, bool PAIR, class RowOf,
-          class Emit>
-__device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part, RowOf row_of,
+// X: the activations' type (T, or bfloat16 in P = SPLIT parts: mma_split).
+template <typename T, typename X, int P, int BITS, int GS, int K, int XS, int M, int NT, bool PAIR,
+          class RowOf, class Emit>
+__device__ __forceinline__ void mma_tile(int r0, int N, const X* xm, float* part, RowOf row_of,
                                          Emit emit) {
-  using U = MmaUnit<T, BITS, GS, K>;
-  constexpr int MT = (M + 15) / 16, NU = K / U::UK, STEPS = U::UK / 16;
-  constexpr unsigned ONES = IsBf16<T>::value ? 0x3F803F80u : 0x3C003C00u;
+  using U = MmaUnit<X, BITS, GS, K>;
+  constexpr int MT = (P * M + 15) / 16, NU = K / U::UK, STEPS = U::UK / 16;
+  constexpr unsigned ONES = IsBf16<X>::value ? 0x3F803F80u : 0x3C003C00u;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   constexpr int RB = PAIR ? 8 : 8 * NT;                // rows of a tile
   auto base = [&](int j) { return r0 + (PAIR ? 0 : 8 * j); };
@@ -1491,13 +1553,13 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
         asm volatile("prefetch.global.L2 [%0];" : : "l"(p + o));
     }
   }
-  // the lane's activation rows (clamped: rows past M only feed sums not used)
-  const T* x0[MT];
-  const T* x1[MT];
+  // the lane's activation rows (clamped: rows past P * M only feed sums not used)
+  const X* x0[MT];
+  const X* x1[MT];
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
-    x0[i] = xm + (size_t)min(16 * i + g, M - 1) * XS + t * U::PV;
-    x1[i] = xm + (size_t)min(16 * i + g + 8, M - 1) * XS + t * U::PV;
+    x0[i] = xm + (size_t)min(16 * i + g, P * M - 1) * XS + t * U::PV;
+    x1[i] = xm + (size_t)min(16 * i + g + 8, P * M - 1) * XS + t * U::PV;
   }
   // units u0, u0 + WARPS, ... (UG of them): their weights requested together,
   // so a warp waits for memory once per group, not once per unit
@@ -1537,13 +1599,13 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
             for (int j = 0; j < NT; ++j) {
               const unsigned b[2] = {wu[k][j].pair(2 * (st + h)), wu[k][j].pair(2 * (st + h) + 1)};
               if (BITS)
-                mma16816<T>(q[i][j], a, b);
+                mma16816<X>(q[i][j], a, b);
               else
-                mma16816<T>(acc[i][j], a, b);
+                mma16816<X>(acc[i][j], a, b);
             }
             if (BITS) {
               const unsigned ones[2] = {ONES, ONES};
-              mma16816<T>(s[i], a, ones);
+              mma16816<X>(s[i], a, ones);
             }
           }
         }
@@ -1571,7 +1633,9 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
       }
     }
   }
-  // the warps' partials -> part, then each sum by one thread
+  // the warps' partials -> part, then each sum by one thread: operand row a's
+  // sums sit in m-tile a / 16 at lane 4 (a % 8) + (column pair), element
+  // 2 (a % 16 / 8) + (column in the pair)
   float4* pw = reinterpret_cast<float4*>(part) + (size_t)warp * MT * NT * 32;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -1580,17 +1644,24 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
       pw[(i * NT + j) * 32 + lane] =
           make_float4(acc[i][j][0], acc[i][j][1], acc[i][j][2], acc[i][j][3]);
   __syncthreads();
-  constexpr int OUT = (PAIR ? 1 : NT) * MT * 128;   // (PAIR: n-tile 1 read beside 0)
+  constexpr int MO = (M + 15) / 16;                 // m-tiles of the output rows
+  constexpr int OUT = (PAIR ? 1 : NT) * MO * 128;   // (PAIR: n-tile 1 read beside 0)
   for (int o = threadIdx.x; o < OUT; o += THREADS) {
     const int e = o & 3, ln = (o >> 2) & 31, i = (o >> 7) / (PAIR ? 1 : NT);
     const int j = PAIR ? 0 : (o >> 7) % NT, idx = ((i * NT + j) << 7) | (o & 127);
+    const int m = 16 * i + (ln >> 2) + (e & 2 ? 8 : 0), r = base(j) + 2 * (ln & 3) + (e & 1);
     float v0 = 0.0f, v1 = 0.0f;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      v0 += part[w * MT * NT * 128 + idx];
-      if (PAIR) v1 += part[w * MT * NT * 128 + idx + 128];
+    for (int p = 0; p < P; ++p) {   // (part 0 at idx)
+      const int a = p * M + m;
+      const int at = p == 0 ? idx : (((a >> 4) * NT + j) << 7) | ((a & 7) << 4) |
+                                        ((ln & 3) << 2) | (a & 8 ? 2 : 0) | (e & 1);
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        v0 += part[w * MT * NT * 128 + at];
+        if (PAIR) v1 += part[w * MT * NT * 128 + at + 128];
+      }
     }
-    const int m = 16 * i + (ln >> 2) + (e & 2 ? 8 : 0), r = base(j) + 2 * (ln & 3) + (e & 1);
     if (m < M && r < N) emit(r, m, v0, v1);
   }
   __syncthreads();
@@ -1599,24 +1670,30 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const T* xm, float* part
 // A whole product (N rows; PAIR: two of N rows each) on the tensor cores,
 // tiles strided over the grid's blocks: several n-tiles a tile for wide
 // products (fewer, longer tiles), one for narrow ones (every block busy).
-template <typename T, int BITS, int GS, int K, int M, int N, bool PAIR, class RowOf, class Emit>
-__device__ __forceinline__ void mma_product(const T* xm, float* part, RowOf row_of, Emit emit) {
-  constexpr int MT = (M + 15) / 16;
-  constexpr int WIDE = mma_tiles(M) / MT > 4 ? 4 : mma_tiles(M) / MT;
+template <typename T, typename X, int P, int BITS, int GS, int K, int M, int N, bool PAIR,
+          class RowOf, class Emit>
+__device__ __forceinline__ void mma_product(const X* xm, float* part, RowOf row_of, Emit emit) {
+  constexpr int MT = (P * M + 15) / 16;
+  constexpr int WIDE = mma_tiles(P * M) / MT > 4 ? 4 : mma_tiles(P * M) / MT;
   constexpr int NT = PAIR ? 2 : (N >= 4096 ? WIDE : 1);
   constexpr int RB = PAIR ? 8 : 8 * NT;
   for (int r0 = blockIdx.x * RB; r0 < N; r0 += gridDim.x * RB)
-    mma_tile<T, BITS, GS, K, mma_stride<T, BITS, GS, K>(), M, NT, PAIR>(r0, N, xm, part, row_of,
-                                                                        emit);
+    mma_tile<T, X, P, BITS, GS, K, mma_stride<X, BITS, GS, K>(), M, NT, PAIR>(r0, N, xm, part,
+                                                                              row_of, emit);
 }
 
 // A product of N rows (PAIR: of two products) with the M rows of xm, by the
-// grid: on the tensor cores where mma_ok, else a warp a row (row_dot_m, xm's
-// rows K apart); row_of and emit as mma_tile's.
-template <typename T, int BITS, int GS, int K, int M, int N, bool PAIR, class RowOf, class Emit>
+// grid: on the tensor cores where mma_ok, or in SPLIT bfloat16 parts (SP:
+// mma_split, xm as load_xm_split left it), else a warp a row (row_dot_m,
+// xm's rows K apart); row_of and emit as mma_tile's.
+template <typename T, int BITS, int GS, int K, int M, int N, bool PAIR, bool SP, class RowOf,
+          class Emit>
 __device__ __forceinline__ void product_m(const T* xm, float* part, RowOf row_of, Emit emit) {
   if constexpr (mma_ok<T, BITS, GS, K>()) {
-    mma_product<T, BITS, GS, K, M, N, PAIR>(xm, part, row_of, emit);
+    mma_product<T, T, 1, BITS, GS, K, M, N, PAIR>(xm, part, row_of, emit);
+  } else if constexpr (SP) {
+    mma_product<T, __nv_bfloat16, SPLIT, BITS, GS, K, M, N, PAIR>(
+        reinterpret_cast<const __nv_bfloat16*>(xm), part, row_of, emit);
   } else {
     const int nw = gridDim.x * WARPS;
     for (int r = blockIdx.x * WARPS + (threadIdx.x >> 5); r < N; r += nw) {
@@ -1673,12 +1750,21 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
-  // xm's row strides for the products (product_m: on the tensor cores where
-  // the dtype and widths allow), their partials past xm
-  constexpr int XQ = mma_stride<T, BITS, GS, D>(), XO = mma_stride<T, BITS, GS, NQ * HD>(),
-                XF = mma_stride<T, BITS, GS, FF>(), XH = mma_stride<T, EBITS, EGS, D>();
-  constexpr int XMAX = cmax(cmax(XQ, XO), cmax(XF, XH));
-  float* mpart = reinterpret_cast<float*>(dyn_smem + ((size_t)M * XMAX * sizeof(T) + 15) / 16 * 16);
+  // the products in SPLIT parts (float32 models; Gemma's sandwich loads keep
+  // float32 rows), xm's row strides for the products (product_m: on the
+  // tensor cores where the dtype and widths allow), their partials past xm
+  constexpr bool SQ = !GEMMA && mma_split<T, BITS, GS, D>(),
+                 SO = !GEMMA && mma_split<T, BITS, GS, NQ * HD>(),
+                 SF = !GEMMA && mma_split<T, BITS, GS, FF>(),
+                 SH = !GEMMA && mma_split<T, EBITS, EGS, D>();
+  constexpr int XQ = SQ ? mma_stride<__nv_bfloat16, BITS, GS, D>() : mma_stride<T, BITS, GS, D>(),
+                XO = SO ? mma_stride<__nv_bfloat16, BITS, GS, NQ * HD>()
+                        : mma_stride<T, BITS, GS, NQ * HD>(),
+                XF = SF ? mma_stride<__nv_bfloat16, BITS, GS, FF>() : mma_stride<T, BITS, GS, FF>(),
+                XH = SH ? mma_stride<__nv_bfloat16, EBITS, EGS, D>() : mma_stride<T, EBITS, EGS, D>();
+  auto xbytes = [](bool sp, int xs) { return sp ? SPLIT * M * xs * 2 : M * xs * (int)sizeof(T); };
+  const int XB = cmax(cmax(xbytes(SQ, XQ), xbytes(SO, XO)), cmax(xbytes(SF, XF), xbytes(SH, XH)));
+  float* mpart = reinterpret_cast<float*>(dyn_smem + ((size_t)XB + 15) / 16 * 16);
 
   // the embedding rows into x (every block writes the same values)
   {
@@ -1698,7 +1784,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     if (GEMMA && l > 0)
       load_xm_sandwich<T, D, M, XQ>(x2, yo, ptr<T>(t[29 - PL]), ptr<T>(t[0]), eps, xm, red, x);
     else
-      load_xm<T, D, M, XQ>(x, ptr<T>(t[0]), eps, xm, red);
+      load_for<T, SQ, D, M, XQ>(x, ptr<T>(t[0]), eps, xm, red);
     {
       const Lin<T> parts[3] = {lin<T>(t + 1), lin<T>(t + 4), lin<T>(t + 7)};
       auto part_row = [&](int, int r, Lin<T>& L, int& row) {
@@ -1712,7 +1798,7 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
         if (QKV_BIAS) o = rt<T>(o + static_cast<float>(ptr<T>(t[10 + p])[r - qkv_first<NQ, NKV, HD>(p)]));
         qkv[m * NQKV + r] = o;
       };
-      product_m<T, BITS, GS, D, M, NQKV, false>(xm, mpart, part_row, out);
+      product_m<T, BITS, GS, D, M, NQKV, false, SQ>(xm, mpart, part_row, out);
     }
     grid_sync(sync);
     // -- B1: q/k norm and RoPE of the new rows; k, v into the cache at pos + m
@@ -1783,14 +1869,14 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     }
     grid_sync(sync);
     // -- C: o_proj + residual
-    load_xm<T, NQ * HD, M, XO>(att, nullptr, 0.0f, xm, red);
+    load_for<T, SO, NQ * HD, M, XO>(att, nullptr, 0.0f, xm, red);
     {
       const Lin<T> o = lin<T>(t + 15);
       auto out = [&](int r, int m, float v, float) {
         if (GEMMA) ob[m * D + r] = rt<T>(v);
         else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v));
       };
-      product_m<T, BITS, GS, NQ * HD, M, D, false>(
+      product_m<T, BITS, GS, NQ * HD, M, D, false, SO>(
           xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = o; row = r; }, out);
     }
     grid_sync(sync);
@@ -1799,25 +1885,25 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     if (GEMMA)
       load_xm_sandwich<T, D, M, XQ>(x, ob, ptr<T>(t[28]), ptr<T>(t[18]), eps, xm, red, x2);
     else
-      load_xm<T, D, M, XQ>(x, ptr<T>(t[18]), eps, xm, red);
+      load_for<T, SQ, D, M, XQ>(x, ptr<T>(t[18]), eps, xm, red);
     {
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
       auto out = [&](int r, int m, float gv, float uv) {
         hid[m * FF + r] = mlp_act<T, GEMMA>(rt<T>(gv), rt<T>(uv));
       };
-      product_m<T, BITS, GS, D, M, FF, true>(
+      product_m<T, BITS, GS, D, M, FF, true, SQ>(
           xm, mpart, [&](int j, int r, Lin<T>& L, int& row) { L = j ? u : g; row = r; }, out);
     }
     grid_sync(sync);
     // -- E: down + residual
-    load_xm<T, FF, M, XF>(hid, nullptr, 0.0f, xm, red);
+    load_for<T, SF, FF, M, XF>(hid, nullptr, 0.0f, xm, red);
     {
       const Lin<T> dn = lin<T>(t + 25);
       auto out = [&](int r, int m, float v, float) {
         if (GEMMA) yo[m * D + r] = rt<T>(v);
         else x[m * D + r] = rt<T>(__ldcg(x + m * D + r) + rt<T>(v));
       };
-      product_m<T, BITS, GS, FF, M, D, false>(
+      product_m<T, BITS, GS, FF, M, D, false, SF>(
           xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = dn; row = r; }, out);
     }
     grid_sync(sync);
@@ -1828,10 +1914,10 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
     load_xm_sandwich<T, D, M, XH>(x2, yo, ptr<T>(top[29 - PL]), ptr<T>(top[3]), eps, xm, red,
                                   nullptr);
   else
-    load_xm<T, D, M, XH>(x, ptr<T>(top[3]), eps, xm, red);
+    load_for<T, SH, D, M, XH>(x, ptr<T>(top[3]), eps, xm, red);
   const Lin<T> head = lin<T>(top + 4);
   auto out = [&](int r, int m, float v, float) { logits[(size_t)m * V + r] = static_cast<T>(v); };
-  product_m<T, EBITS, EGS, D, M, V, false>(
+  product_m<T, EBITS, EGS, D, M, V, false, SH>(
       xm, mpart, [&](int, int r, Lin<T>& L, int& row) { L = head; row = r; }, out);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     bar[2] = ROWS ? pos + 1 : pos + M;
@@ -1915,27 +2001,43 @@ inline std::string step_config_problem(const StepConfig& c) {
   return "";
 }
 
+// The parts of a float32 activation in verify_step's products on the tensor
+// cores (the device's SPLIT).
+constexpr int kStepSplit = 2;
+
+// Does verify_step take some products of c in kStepSplit bfloat16 parts (the
+// device's mma_split: float32 activations, 4- or 8-bit weights, not Gemma)?
+inline bool step_split(const StepConfig& c) {
+  return c.dtype == mx::float32 && !c.gemma && (c.bits || c.ebits);
+}
+
 // Does verify_step run every product of c on the tensor cores (the device's
-// mma_ok: a 2-byte dtype, widths in whole units of 32 values or groups)?
+// mma_ok: a 2-byte dtype, or float32 in parts where every product is
+// quantized; widths in whole units of 32 values or groups)?
 inline bool step_mma(const StepConfig& c) {
-  if (mx::size_of(c.dtype) != 2) return false;
   auto ok = [](int k, int bits, int gs) {
     return bits == 0 ? k % 32 == 0 : gs % 32 == 0 && k % gs == 0;
   };
-  return ok(c.D, c.bits, c.group_size) && ok(c.NQ * c.HD, c.bits, c.group_size) &&
-         ok(c.FF, c.bits, c.group_size) && ok(c.D, c.ebits, c.egs);
+  const bool widths = ok(c.D, c.bits, c.group_size) && ok(c.NQ * c.HD, c.bits, c.group_size) &&
+                      ok(c.FF, c.bits, c.group_size) && ok(c.D, c.ebits, c.egs);
+  return widths && (mx::size_of(c.dtype) == 2 || (step_split(c) && c.bits && c.ebits));
 }
 
 // Dynamic shared memory of the several-positions kernel: M rows of the widest
-// product's input in the model's dtype (each padded by up to 64 bytes: the
-// device's mma_stride) and the tensor-core products' partials (8 warps x
-// mma_tiles(M) x 128 floats) -- at least 64 KB, so that MLX always raises the
+// product's input in the model's dtype, or kStepSplit M rows in bfloat16
+// (step_split; each row padded by up to 64 bytes: the device's mma_stride),
+// and the tensor-core products' partials (8 warps x mma_tiles(the operand's
+// rows) x 128 floats) -- at least 64 KB, so that MLX always raises the
 // kernel's limit past the default 48 KB (it does so only for requests above
 // 48,000 bytes, and the kernel's static arrays come on top).
 inline int step_shared_bytes(const StepConfig& c, int M) {
-  int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
-  int part = step_mma(c) ? 8 * (M > 32 ? 8 : 4) * 128 * 4 : 0;
-  return std::max(M * (xmax * static_cast<int>(mx::size_of(c.dtype)) + 64) + part, 64 * 1024);
+  const bool split = step_split(c);
+  const int xmax = std::max(std::max(c.D, c.FF), c.NQ * c.HD);
+  int xm = M * (xmax * static_cast<int>(mx::size_of(c.dtype)) + 64);
+  if (split) xm = std::max(xm, kStepSplit * M * (xmax * 2 + 64));
+  const int rows = split ? kStepSplit * M : M;
+  const int part = step_mma(c) || split ? 8 * (rows > 32 ? 8 : 4) * 128 * 4 : 0;
+  return std::max(xm + part, 64 * 1024);
 }
 
 // Device 0's CUDA attribute `attr` from the driver (fallback when no driver or
@@ -1984,7 +2086,9 @@ inline int& step_launch_rows() {
 // the tensor cores, else as positions (each row's products cost CUDA-core
 // multiply-adds: past ~8 rows MLX's ops were faster).
 inline int step_max_rows(const StepConfig& c) {
-  const int most = step_mma(c) ? step_fit(c, 64) : step_max_positions(c);
+  // (the tensor cores' operand: 64 rows at most)
+  const int most = step_mma(c) ? step_fit(c, step_split(c) ? 64 / kStepSplit : 64)
+                               : step_max_positions(c);
   return step_launch_rows() > 0 ? std::min(most, step_launch_rows()) : most;
 }
 

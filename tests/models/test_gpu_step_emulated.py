@@ -36,12 +36,18 @@ import emulate_gpu_step as emu  # noqa: E402
     # several passes
     ("llama", 20, 2, 8, "float32", 0, 1, 320),
     ("llama", 20, 2, 8, "bfloat16", 0, 1, 320),
+    # float32 activations over 4- and 8-bit weights (a GGUF's layout on a GPU):
+    # several positions' products on the tensor cores in two bfloat16 parts
+    ("llama", 20, 2, 0, "float32", 4, 5, 0),
+    ("qwen3", 20, 2, 0, "float32", 8, 9, 0),
 ])
 def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype, bits, positions,
                                               hidden):
     err, same_ids = emu.run(kind, prompt, steps, window=48, split=split, dtype=dtype, bits=bits,
                             positions=positions, hidden=hidden)
-    if bits or dtype == "bfloat16":   # the op path rounds the same values
+    if bits and dtype == "float32":   # (one bfloat16 part alone: ~2e-3)
+        assert err <= 5e-4 and same_ids, (err, same_ids)
+    elif bits or dtype == "bfloat16":   # the op path rounds the same values
         assert err <= 3e-2, err
     else:
         assert err <= 1e-5 and same_ids, (err, same_ids)
@@ -52,14 +58,18 @@ def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype,
     # the products on the tensor cores (2-byte activations): two m-tiles of 16
     # rows, the second half of each tile's rows (8 .. 15) in use; head_dim 256:
     # o_proj 1,024 wide, a warp's 4 units' weights requested together
-    ("llama", 18, "bfloat16", 0, 0), ("qwen2", 12, None, 4, 0), ("llama", 18, "bfloat16", 0, 256)])
+    ("llama", 18, "bfloat16", 0, 0), ("qwen2", 12, None, 4, 0), ("llama", 18, "bfloat16", 0, 256),
+    # float32 over 4-bit weights: 24 operand rows (two parts of 12)
+    ("qwen2", 12, "float32", 4, 0)])
 def test_a_padded_batchs_rows_match_the_op_path(kind, rows, dtype, bits, head_dim):
     """verify_step's ROWS form (a batch's one-token step): left-padded rows, row
     b 3b tokens shorter, each rotated at its own position and attending from
     its padding's end."""
     err, same_ids = emu.run(kind, 20, 3, split=0, dtype=dtype, bits=bits, rows=rows,
                             head_dim=head_dim)
-    if dtype != "float32":   # the op path rounds to bfloat16 where the kernel sums in float
+    if bits and dtype == "float32":   # (one bfloat16 part alone: ~2e-3)
+        assert err <= 5e-4 and same_ids, (err, same_ids)
+    elif dtype != "float32":   # the op path rounds to bfloat16 where the kernel sums in float
         assert err <= 3e-2, err
     else:
         assert err <= 1e-5 and same_ids, (err, same_ids)
