@@ -1652,8 +1652,8 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const X* xm, float* part
     const int m = 16 * i + (ln >> 2) + (e & 2 ? 8 : 0), r = base(j) + 2 * (ln & 3) + (e & 1);
     float v0 = 0.0f, v1 = 0.0f;
 #pragma unroll
-    for (int p = 0; p < P; ++p) {   // (part 0 at idx)
-      const int a = p * M + m;
+    for (int p = 0; p < P; ++p) {   // (part 0 at idx; rows past M clamped: not emitted)
+      const int a = p * M + min(m, M - 1);
       const int at = p == 0 ? idx : (((a >> 4) * NT + j) << 7) | ((a & 7) << 4) |
                                         ((ln & 3) << 2) | (a & 8 ? 2 : 0) | (e & 1);
 #pragma unroll
