@@ -5,7 +5,7 @@ summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
         [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--dtype bfloat16]
-        [--forward-cost [--context 150,2000]]
+        [--forward-cost [--context 150,2000]] [--step-times]
 
 --chain sets tuning's lookup_chain (a single greedy sequence's verification
 queued before the one before it is read; off by default).
@@ -18,6 +18,11 @@ GPU: its greedy output repeats ids, so lookup proposes and verifies.
 one forward of m = 1 .. 17 positions after a context of --context tokens (150;
 a list runs each), medians of 15 with each m after the other in turn, and its
 ratio to one position's.
+
+--step-times prints, instead, where prompt lookup's time goes on the quoting
+summary (SmolLM2): for plain decoding and for lookup, tok/s over the decode
+steps, and the median wall time and wait for the device of a verification
+step and of a plain step (best of 3 runs).
 
 Draft models: a speedup measured with a random-weight pair says nothing
 (acceptance is chance), and the registry offers no real pair of models with
@@ -135,6 +140,46 @@ def forward_cost(tm, name, context, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
                                   f"({statistics.median(t[m]) / one:.2f}x)" for m in ms))
 
 
+def step_times(tm, max_tokens, k, runs=3):
+    """Per engine step of the quoting summary: its wall time, its wait for the
+    device (Engine.stats' wait_seconds) and whether it verified proposals."""
+    import statistics
+    from mlxcy.generation.engine import Engine
+    name, what, prompt, chat = next(c for c in CASES if c[0] == "smol")
+    ids = tm.tokenizer.encode(tm.apply_chat_template([{"role": "user", "content": prompt}]),
+                              add_special_tokens=False)
+    print(f"{'mode':6} {'tok/s':>7} {'verify steps':>12} {'wall ms':>8} {'wait ms':>8} "
+          f"{'plain steps':>11} {'wall ms':>8} {'wait ms':>8}")
+    for mode, lookup in (("plain", None), ("lookup", k)):
+        best = None
+        for _ in range(runs):
+            eng = Engine(tm.model, max_batch=1)
+            eng.add(ids, max_tokens=max_tokens, prompt_lookup=lookup,
+                    stop_ids=set(tm.tokenizer.eos_ids))
+            steps, prev = [], dict(eng.stats)
+            while eng.has_work():
+                t0 = time.perf_counter()
+                n = len(eng.step())
+                st = dict(eng.stats)
+                if st["prefill_tokens"] == prev["prefill_tokens"]:      # a decode step
+                    steps.append((time.perf_counter() - t0, st["wait_seconds"] - prev["wait_seconds"],
+                                  st["spec_steps"] > prev["spec_steps"], n))
+                prev = st
+            eng.close()
+            steps = steps[1:]                           # (the first reads the prompt's token)
+            rate = sum(s[3] for s in steps) / sum(s[0] for s in steps)
+            if best is None or rate > best[0]:
+                best = (rate, steps)
+        rate, steps = best
+        cols = []
+        for verify in (True, False):
+            sel = [s for s in steps if s[2] == verify]
+            cols.append(f"{len(sel):>12} " + (f"{statistics.median(s[0] for s in sel) * 1e3:8.3f} "
+                                              f"{statistics.median(s[1] for s in sel) * 1e3:8.3f}"
+                                              if sel else f"{'-':>8} {'-':>8}"))
+        print(f"{mode:6} {rate:7.0f} {cols[0]} {cols[1]}")
+
+
 def host_bound(reps=7, n=200):
     """tok/s (medians of reps, the modes taking turns) of plain decoding and
     of prompt lookup with chaining off and on, on a model whose steps are
@@ -197,6 +242,8 @@ def main():
                     help="print a forward's wall time by its number of positions instead")
     ap.add_argument("--context", default="150",
                     help="--forward-cost: the cache's positions before the forward (a list)")
+    ap.add_argument("--step-times", action="store_true",
+                    help="print the quoting summary's step times (verifications, plain steps)")
     a = ap.parse_args()
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
@@ -207,6 +254,11 @@ def main():
     models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
               if name in wanted}
     loaded = {}
+    if a.step_times:
+        tm = mlxcy.load(smollm2_gguf(), dtype=a.dtype)
+        step_times(tm, a.max_tokens, a.k)
+        tm.close()
+        return
     if a.forward_cost:
         for name, path in models.items():
             tm = mlxcy.load(path, dtype=a.dtype)
