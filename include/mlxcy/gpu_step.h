@@ -1465,6 +1465,12 @@ __host__ __device__ constexpr int mma_stride() {
   }
 }
 
+// xm's row stride for a product (SP: in SPLIT bfloat16 parts).
+template <typename T, bool SP, int BITS, int GS, int K>
+__host__ __device__ constexpr int x_stride() {
+  return SP ? mma_stride<__nv_bfloat16, BITS, GS, K>() : mma_stride<T, BITS, GS, K>();
+}
+
 // load_xm for a product in SPLIT bfloat16 parts (mma_split): row p * M + m of
 // xm (rows XS values apart) <- part p of row m's values, normalized as
 // load_xm normalizes them in float32.
@@ -1757,11 +1763,8 @@ __device__ void verify_step(const int* tok_p, const int* meta, const unsigned lo
                  SO = !GEMMA && mma_split<T, BITS, GS, NQ * HD>(),
                  SF = !GEMMA && mma_split<T, BITS, GS, FF>(),
                  SH = !GEMMA && mma_split<T, EBITS, EGS, D>();
-  constexpr int XQ = SQ ? mma_stride<__nv_bfloat16, BITS, GS, D>() : mma_stride<T, BITS, GS, D>(),
-                XO = SO ? mma_stride<__nv_bfloat16, BITS, GS, NQ * HD>()
-                        : mma_stride<T, BITS, GS, NQ * HD>(),
-                XF = SF ? mma_stride<__nv_bfloat16, BITS, GS, FF>() : mma_stride<T, BITS, GS, FF>(),
-                XH = SH ? mma_stride<__nv_bfloat16, EBITS, EGS, D>() : mma_stride<T, EBITS, EGS, D>();
+  constexpr int XQ = x_stride<T, SQ, BITS, GS, D>(), XO = x_stride<T, SO, BITS, GS, NQ * HD>(),
+                XF = x_stride<T, SF, BITS, GS, FF>(), XH = x_stride<T, SH, EBITS, EGS, D>();
   auto xbytes = [](bool sp, int xs) { return sp ? SPLIT * M * xs * 2 : M * xs * (int)sizeof(T); };
   const int XB = cmax(cmax(xbytes(SQ, XQ), xbytes(SO, XO)), cmax(xbytes(SF, XF), xbytes(SH, XH)));
   float* mpart = reinterpret_cast<float*>(dyn_smem + ((size_t)XB + 15) / 16 * 16);
