@@ -17,6 +17,16 @@
 #include <thread>
 #include <vector>
 
+// gpu_step.h's bounds, which the GPU build leaves out
+#define STEP_CHECK(cond)                                                              \
+  do {                                                                                \
+    if (!(cond)) {                                                                    \
+      std::fprintf(stderr, "emulate_gpu_step: STEP_CHECK(%s) failed, line %d\n", #cond, \
+                   __LINE__);                                                         \
+      std::abort();                                                                   \
+    }                                                                                 \
+  } while (0)
+
 #define __device__
 #define __host__
 #define __global__

@@ -81,6 +81,10 @@ inline const char* step_device_source() {
   return R"CUDA(
 namespace mlxcy_step {
 
+#ifndef STEP_CHECK   // an index's bound: asserted where tools/emulate_gpu_step.h runs the code
+#define STEP_CHECK(cond)
+#endif
+
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int PL = 33;       // table entries per layer (the host's kStepPerLayer; the
@@ -1662,6 +1666,7 @@ __device__ __forceinline__ void mma_tile(int r0, int N, const X* xm, float* part
       const int a = p * M + min(m, M - 1);
       const int at = p == 0 ? idx : (((a >> 4) * NT + j) << 7) | ((a & 7) << 4) |
                                         ((ln & 3) << 2) | (a & 8 ? 2 : 0) | (e & 1);
+      STEP_CHECK(at + (PAIR ? 128 : 0) < MT * NT * 128);
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) {
         v0 += part[w * MT * NT * 128 + at];
