@@ -14,7 +14,8 @@
 #   profile  gpu_step_profile: host build/wait and the kernel's device time
 #   torch    bench_decode --torch-graph: the PyTorch CUDA-graph loop (bf16)
 #   verify   the several-positions kernel: its GPU tests, then prompt lookup
-#            vs plain decoding with verification as one kernel and op by op
+#            vs plain decoding with verification as one kernel and op by op,
+#            then the quoting summary's step times (bench_speculative --step-times)
 #   chain    chained verifications (tuning's lookup_chain): their tests, then
 #            prompt lookup vs plain decoding with chaining on and off
 #   positions  the time of forwards of 1-16 positions (a verification), one
@@ -41,7 +42,8 @@ for s in "${steps[@]}"; do
                 for v in on off; do
                     python benchmarks/bench_speculative.py --models smol --max-tokens 128 \
                         --repeats 2 --gpu-verify $v
-                done ;;
+                done &&
+                python benchmarks/bench_speculative.py --step-times ;;
         chain) python -m pytest -q -p no:cacheprovider tests/generation/test_speculative.py \
                    -k "chained or single" &&
                for c in on off; do
