@@ -1481,12 +1481,10 @@ __host__ __device__ constexpr int x_stride() {
 template <int K, int M, int XS>
 __device__ __forceinline__ void load_xm_split(const float* src, const float* nw, float eps,
                                               __nv_bfloat16* xm, float* red) {
-  float ss[M];
+  float ss[M];   // (the rows' scales: only where nw is given)
 #pragma unroll
-  for (int m = 0; m < M; ++m) ss[m] = 1.0f;
+  for (int m = 0; m < M; ++m) ss[m] = 0.0f;
   if (nw != nullptr) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) ss[m] = 0.0f;
     for (int k = threadIdx.x; k < K; k += THREADS)
 #pragma unroll
       for (int m = 0; m < M; ++m) {
