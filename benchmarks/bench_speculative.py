@@ -3,7 +3,7 @@ model, greedy): decode tok/s of each, their ratio, and whether the tokens are
 identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
-    python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k 8]
+    python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k K]
         [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--dtype bfloat16]
         [--forward-cost [--context 150,2000]] [--step-times]
 
@@ -21,8 +21,9 @@ ratio to one position's.
 
 --step-times prints, instead, where prompt lookup's time goes on the quoting
 summary (SmolLM2): for plain decoding and for lookup, tok/s over the decode
-steps, and the median wall time and wait for the device of a verification
-step and of a plain step (best of 3 runs).
+steps, and the median wall time of a verification step (split into the read
+of the token before it, its synchronous evaluation and the host's work) and
+of a plain step (best of 3 runs).
 
 Draft models: a speedup measured with a random-weight pair says nothing
 (acceptance is chance), and the registry offers no real pair of models with
@@ -141,15 +142,18 @@ def forward_cost(tm, name, context, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
 
 
 def step_times(tm, max_tokens, k, runs=3):
-    """Per engine step of the quoting summary: its wall time, its wait for the
-    device (Engine.stats' wait_seconds) and whether it verified proposals."""
+    """Per engine step of the quoting summary: its wall time, whether it
+    verified proposals, and of its wall time the wait for the device to hand
+    back the token before it (read), the verification's synchronous
+    evaluation (eval: encoding, running and reading its kernels) and the
+    rest, on the host (Engine.stats' wait_seconds, verify_eval_seconds)."""
     import statistics
     from mlxcy.generation.engine import Engine
     name, what, prompt, chat = next(c for c in CASES if c[0] == "smol")
     ids = tm.tokenizer.encode(tm.apply_chat_template([{"role": "user", "content": prompt}]),
                               add_special_tokens=False)
-    print(f"{'mode':6} {'tok/s':>7} {'verify steps':>12} {'wall ms':>8} {'wait ms':>8} "
-          f"{'plain steps':>11} {'wall ms':>8} {'wait ms':>8}")
+    print(f"{'mode':6} {'tok/s':>7} {'steps':>6} | verify: {'n':>3} {'wall':>6} {'read':>6} "
+          f"{'eval':>6} {'host':>6} | plain: {'n':>3} {'wall':>6} {'read':>6}   (ms, medians)")
     for mode, lookup in (("plain", None), ("lookup", k)):
         best = None
         for _ in range(runs):
@@ -160,24 +164,29 @@ def step_times(tm, max_tokens, k, runs=3):
             while eng.has_work():
                 t0 = time.perf_counter()
                 n = len(eng.step())
+                wall = time.perf_counter() - t0
                 st = dict(eng.stats)
                 if st["prefill_tokens"] == prev["prefill_tokens"]:      # a decode step
-                    steps.append((time.perf_counter() - t0, st["wait_seconds"] - prev["wait_seconds"],
-                                  st["spec_steps"] > prev["spec_steps"], n))
+                    ev = st["verify_eval_seconds"] - prev["verify_eval_seconds"]
+                    steps.append(dict(wall=wall, read=st["wait_seconds"] - prev["wait_seconds"] - ev,
+                                      eval=ev, verify=st["spec_steps"] > prev["spec_steps"], n=n))
                 prev = st
             eng.close()
             steps = steps[1:]                           # (the first reads the prompt's token)
-            rate = sum(s[3] for s in steps) / sum(s[0] for s in steps)
+            rate = sum(s["n"] for s in steps) / sum(s["wall"] for s in steps)
             if best is None or rate > best[0]:
                 best = (rate, steps)
         rate, steps = best
-        cols = []
-        for verify in (True, False):
-            sel = [s for s in steps if s[2] == verify]
-            cols.append(f"{len(sel):>12} " + (f"{statistics.median(s[0] for s in sel) * 1e3:8.3f} "
-                                              f"{statistics.median(s[1] for s in sel) * 1e3:8.3f}"
-                                              if sel else f"{'-':>8} {'-':>8}"))
-        print(f"{mode:6} {rate:7.0f} {cols[0]} {cols[1]}")
+
+        def med(sel, key):
+            return f"{statistics.median(s[key] for s in sel) * 1e3:6.3f}" if sel else f"{'-':>6}"
+        v = [s for s in steps if s["verify"]]
+        p = [s for s in steps if not s["verify"]]
+        for s in v:
+            s["host"] = s["wall"] - s["read"] - s["eval"]
+        print(f"{mode:6} {rate:7.0f} {len(steps):6} | verify: {len(v):3} {med(v, 'wall')} "
+              f"{med(v, 'read')} {med(v, 'eval')} {med(v, 'host')} | plain: {len(p):3} "
+              f"{med(p, 'wall')} {med(p, 'read')}")
 
 
 def host_bound(reps=7, n=200):
@@ -223,7 +232,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--k", type=int, default=None,
+                    help="most tokens proposed per step (default: the engine's, DEFAULT_LOOKUP)")
     ap.add_argument("--draft", action="append", default=[], metavar="TARGET=DRAFT")
     ap.add_argument("--models", default="qwen,smol",
                     help="which of the cases' models to run (qwen: Qwen2.5-Coder-0.5B, "
@@ -245,20 +255,22 @@ def main():
     ap.add_argument("--step-times", action="store_true",
                     help="print the quoting summary's step times (verifications, plain steps)")
     a = ap.parse_args()
+    if a.k is None:
+        a.k = True                # the engine's default length
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
     mlxcy.tuning.set(lookup_chain=a.chain == "on")
     if a.host_bound:
         return host_bound()
-    wanted = a.models.split(",")
-    models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
-              if name in wanted}
-    loaded = {}
     if a.step_times:
         tm = mlxcy.load(smollm2_gguf(), dtype=a.dtype)
         step_times(tm, a.max_tokens, a.k)
         tm.close()
         return
+    wanted = a.models.split(",")
+    models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
+              if name in wanted}
+    loaded = {}
     if a.forward_cost:
         for name, path in models.items():
             tm = mlxcy.load(path, dtype=a.dtype)

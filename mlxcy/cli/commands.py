@@ -100,7 +100,7 @@ def _add_sampling(p):
                    help=OPTION_HELP["kv_bits"])
     p.add_argument("--kv-group-size", type=int, default=64, choices=GROUP_SIZES,
                    help=OPTION_HELP["kv_group_size"])
-    p.add_argument("--prompt-lookup", nargs="?", type=int, const=8, default=None, metavar="K",
+    p.add_argument("--prompt-lookup", nargs="?", type=int, const=True, default=None, metavar="K",
                    help=OPTION_HELP["prompt_lookup"].replace("True", "no K"))
     p.add_argument("--draft-model", default=None, metavar="PATH",
                    help="speculative decoding with this draft model (same tokenizer: a "

@@ -46,7 +46,7 @@ class GenerationOptions:
     prefill_chunk: int | None = None   # None: the device's default (mlxcy.tuning)
     kv_bits: int | None = None     # quantize the KV cache (mlxcy.models.cache.QuantizedKVCache)
     kv_group_size: int = 64
-    # speculative decoding by prompt lookup: True (up to 8 tokens per step) or
+    # speculative decoding by prompt lookup: True (up to engine.DEFAULT_LOOKUP tokens per step) or
     # an int k; greedy output is unchanged (mlxcy.generation.engine, "speculative decoding")
     prompt_lookup: bool | int | None = None
     cancel: object = None          # threading.Event, or a callable returning True to stop
@@ -183,7 +183,7 @@ OPTION_HELP = {
     "kv_bits": "quantize the KV cache to 2-8 bits (None: float); sliding-window layers "
                "stay float",
     "kv_group_size": "elements per scale and bias of the quantized KV cache (32, 64, 128)",
-    "prompt_lookup": "speculative decoding by prompt lookup: True (up to 8 draft tokens per "
+    "prompt_lookup": "speculative decoding by prompt lookup: True (up to 15 draft tokens per "
                      "step) or an int k; greedy output is unchanged",
     "cancel": "a threading.Event, or a callable returning True, that stops generation",
 }

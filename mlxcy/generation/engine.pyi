@@ -17,6 +17,10 @@ __all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chun
 
 DEFAULT_LOOKUP: int
 
+def lookup_proposals(ids: Sequence[int], k: int) -> tuple[list[int], int]:
+    """What prompt lookup proposes after `ids` when it may propose up to k
+    tokens: (the proposed ids, how many ids the match agrees on, up to 16)."""
+
 def default_prefill_chunk() -> int:
     """Prompt tokens per row per prefill step when the caller does not say."""
 

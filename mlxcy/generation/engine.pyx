@@ -50,6 +50,7 @@ from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as 
     shape4 as _shape4
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model, gpu_rows_step
+from mlxcy.models.base import gpu_verify_positions
 from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.models.cache import empty_like, kv_quantization, quantized_cache, check_kv_options
 from mlxcy.generation.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
@@ -61,6 +62,7 @@ from collections import deque
 import numpy as np
 
 __all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
+           "lookup_proposals",
            "take_cache_rows", "merge_cache_rows"]
 
 
@@ -661,6 +663,9 @@ cdef class Engine:
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "step_seconds": 0.0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
                       "build_seconds": 0.0, "queue_seconds": 0.0, "wait_seconds": 0.0,
+                      # (of wait_seconds: verifications' evaluation, which encodes,
+                      # runs and reads their kernels in one synchronous call)
+                      "verify_eval_seconds": 0.0,
                       # speculative decoding: forwards of the running batch, rows they
                       # advanced, verification steps, tokens proposed / accepted
                       "decode_steps": 0, "row_steps": 0, "spec_steps": 0,
@@ -672,8 +677,11 @@ cdef class Engine:
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         self.num_draft = num_draft
-        self.spec_cap = 16 if model.config.vocab_size else 16
-        self.spec_cap = min(self.spec_cap, _min_window(model) - 1)
+        # a verification of k proposals is k + 1 positions: at most 17, within
+        # a sliding window, and within the GPU kernel's limit where it runs
+        self.spec_cap = min(16, _min_window(model) - 1)
+        if gpu_verify_positions(model):
+            self.spec_cap = min(self.spec_cap, gpu_verify_positions(model) - 1)
         if draft_model is not None:
             if draft_model is model:
                 raise ValueError("draft_model must be a second model, not the target itself")
@@ -696,10 +704,11 @@ cdef class Engine:
             bint keep_cache=False, token_mask=None, prompt_lookup=None):
         """Queue a sequence; returns its id.  See ENGINE docs in the module.
 
-        prompt_lookup: None/False (off), True (up to 8 tokens) or an int k:
-        propose up to k tokens per step by matching the last 3 (or 2)
-        generated tokens against the prompt and the generated history, and
-        verify them in one forward (see "speculative decoding" below).
+        prompt_lookup: None/False (off), True (up to DEFAULT_LOOKUP = 15
+        tokens) or an int k: propose up to k tokens per step by matching the
+        last 3 (or 2) generated tokens against the prompt and the generated
+        history, and verify them in one forward (see "speculative decoding"
+        below).
         Greedy output is unchanged; sampled output keeps its distribution.
         Sequences with penalties or a token_mask are never speculated."""
         if max_tokens < 1:
@@ -1199,9 +1208,9 @@ cdef class Engine:
         cdef int r
         for r in range(b.rows()):
             s = <_Seq>b.seqs[r]
-            if (s.lookup_k and s.cool == 0 and s.finish is None
-                    and s.produced + 2 < s.max_tokens
-                    and _lookup(s, 1, [] if b.pending_host is None else [int(b.pending_host[r])])):
+            if (s.lookup_k and s.finish is None and s.produced + 2 < s.max_tokens
+                    and _proposes(s, _lookup(s, 1, [] if b.pending_host is None
+                                             else [int(b.pending_host[r])]))):
                 return True
         return False
 
@@ -1291,8 +1300,8 @@ cdef class Engine:
             for r in range(B):
                 s = <_Seq>b.seqs[r]
                 p_ = []
-                if caps[r] > 0 and s.lookup_k and s.cool == 0:
-                    p_ = _lookup(s, min(s.cur_k, int(caps[r])), [])
+                if caps[r] > 0 and s.lookup_k:
+                    p_ = _proposals(s, int(caps[r]))
                 found.append(p_)
                 kr[r] = len(p_)
             K = int(kr.max())
@@ -1428,6 +1437,7 @@ cdef class Engine:
         t0 = _now()
         _eval(outs)
         self.stats["wait_seconds"] += _now() - t0
+        self.stats["verify_eval_seconds"] += _now() - t0
         if host:   # an accepted proposal equals its candidate: the row emits its candidates
             emit_h = _numpy(cand_all)
             a_h = _accepted_greedy(
@@ -1531,7 +1541,7 @@ cdef class Engine:
         k2 = min(k2, s.max_tokens - done - 1)
         cdef list q = []
         if k2 > 0 and s.cool <= K + 1:
-            q = _lookup(s, k2 + 1, [] if props is None else props[0].tolist())
+            q = _lookup(s, k2 + 1, [] if props is None else props[0].tolist())[0]
         cdef int guess = q.pop(0) if q else -1       # the lookup's guess of the bonus token
         if not K and not q:
             return None
@@ -1710,8 +1720,9 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # follow it) and the acceptance counts before the next forward, so it runs
 # read-first.  Prompt lookup therefore only switches to verification when a
 # row has a match, and a row whose proposals were all rejected stops
-# proposing for 4, 16, 64 tokens: text that copies nothing decodes with
-# plain pipelined steps.
+# proposing for 4, 16, 64 tokens unless a match of LONG_MATCH tokens or more
+# turns up (a copy under way): text that copies nothing decodes with plain
+# pipelined steps.
 #
 # Chaining (tuning's lookup_chain, off by default: docs/benchmarks.md has its
 # measurements).  A read-first verification leaves the device idle while the
@@ -1735,8 +1746,14 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # for nothing costs a verification's forward, more than the host time
 # chaining saves.
 
-DEFAULT_LOOKUP = 8
+DEFAULT_LOOKUP = 15     # up to 16 positions a verification: a GPU kernel's most
 cdef tuple NGRAMS = (3, 2)
+# A match whose text agrees over LONG_MATCH tokens or more (the n-gram and the
+# tokens before it) is a copy under way: it proposes even while a row's misses
+# keep it from proposing, and at least that many tokens (up to the row's k).
+# Counted up to MATCH_CAP tokens back.
+cdef int LONG_MATCH = 4
+cdef int MATCH_CAP = 16
 
 
 cdef inline void _record(_Seq s, int t) except *:
@@ -1752,19 +1769,66 @@ cdef inline void _record(_Seq s, int t) except *:
         s.cool -= 1
 
 
-cdef list _lookup(_Seq s, int k, list extra):
-    """Up to k tokens continuing the latest earlier occurrence of the last
-    3 (else 2) ids of hist + extra."""
+cdef tuple _lookup(_Seq s, int k, list extra):
+    """(up to k tokens continuing the latest earlier occurrence of the last
+    3, else 2, ids of hist + extra; how many ids before them agree, up to
+    MATCH_CAP).  A continuation that runs into the end of the history repeats
+    its period (the text since the occurrence), as a looping reply goes on."""
     cdef list h = s.hist + extra if extra else s.hist
-    cdef int n = len(h)
+    cdef int n = len(h), L, g, j, t
     if k <= 0:
-        return []
+        return [], 0
     for g in NGRAMS:
-        if n >= g:
-            j = s.ngrams.get(tuple(h[n - g:]))
-            if j is not None:
-                return h[j:j + k]
-    return []
+        if n < g:
+            continue
+        o = s.ngrams.get(tuple(h[n - g:]))
+        if o is None:
+            continue
+        j = o
+        L = g
+        while L < MATCH_CAP and j - 1 - L >= 0 and h[j - 1 - L] == h[n - 1 - L]:
+            L += 1
+        out = h[j:j + k]
+        for t in range(len(out), k):        # out[t] = h[j + t], past n: out[t - (n - j)]
+            out.append(out[t - (n - j)])
+        return out, L
+    return [], 0
+
+
+def lookup_proposals(ids, int k):
+    """What prompt lookup proposes after `ids` (a prompt and the tokens
+    generated so far, a sequence of ints) when it may propose up to k tokens:
+    (the proposed ids, how many ids of `ids` the match agrees on, up to 16).
+    The engine proposes them on a match outside a row's cool-down, or
+    during it for a match of 4 ids or more; a row's own proposal length
+    adapts below k (see _adapt)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    cdef _Seq s = _Seq()
+    s.hist, s.ngrams = [], {}
+    for t in ids:
+        _record(s, int(t))
+    props, L = _lookup(s, k, [])
+    return props, L
+
+
+cdef inline bint _proposes(_Seq s, tuple found):
+    """Does the lookup's result let the row propose: a match, outside the
+    row's cool-down or long enough to override it."""
+    return bool(found[0]) and (s.cool == 0 or found[1] >= LONG_MATCH)
+
+
+cdef list _proposals(_Seq s, int cap):
+    """The row's proposals for this step (cap: the most its max_tokens
+    leaves): cur_k tokens, or as many as a long match agrees on."""
+    cdef int k = min(s.cur_k, cap)
+    found = _lookup(s, k, [])
+    if not _proposes(s, found):
+        return []
+    cdef int L = found[1]
+    if L >= LONG_MATCH and L > k:
+        return _lookup(s, min(L, s.lookup_k, cap), [])[0]
+    return found[0]
 
 
 def _min_window(Model model):
@@ -1926,11 +1990,11 @@ cdef void _adapt(_Seq s, int proposed, int accepted) except *:
     """Prompt lookup's proposal length follows the acceptance: it starts at 2,
     is doubled after a full acceptance and cut to what was accepted + 1 after
     a partial one; a row whose proposals were all rejected stops proposing
-    for 4, 16, 64 tokens (consecutive misses), so text that copies nothing
-    decodes plainly."""
+    for 4, 16, 64 tokens (consecutive misses) unless a long match turns up
+    (_proposes), so text that copies nothing decodes plainly."""
     if accepted == proposed:
         s.cur_k = min(s.lookup_k, max(s.cur_k, 2 * proposed))
-        s.misses = 0
+        s.misses = s.cool = 0
         s.kept += 1
         return
     s.kept = 0
@@ -1940,4 +2004,4 @@ cdef void _adapt(_Seq s, int proposed, int accepted) except *:
         s.cur_k = max(1, s.cur_k // 2)
     else:
         s.cur_k = max(2, accepted + 1)
-        s.misses = 0
+        s.misses = s.cool = 0

@@ -132,6 +132,10 @@ def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""
 
+def gpu_verify_positions(m: Model) -> int:
+    """The most positions of one sequence the one-kernel step verifies at
+    once for m on this device, or 0 where that kernel does not run m."""
+
 def step_table_per_layer() -> int:
     """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
 def gpu_step_plan(m: Model, cache: Cache, positions: int = 1, rows: int = 1) -> dict[str, Any] | None:

@@ -819,6 +819,19 @@ def gpu_step_slice(Model m, int blocks):
     return ngs.step_slice((<_GpuStep>m.gpu_step).cfg, blocks)
 
 
+def gpu_verify_positions(Model m):
+    """The most positions of one sequence the one-kernel step verifies at
+    once for m on this device (gpu_step.h's step_max_positions), or 0 where
+    that kernel does not run m (another device, another layer form, or the
+    several-positions form switched off): the engine keeps its proposals
+    within it, since a longer verification runs op by op."""
+    if not (_gpu_step_on and _gpu_verify_on and ngs.cuda_default_device()):
+        return 0
+    if _gpu_step_of(m) is False:
+        return 0
+    return ngs.step_max_positions((<_GpuStep>m.gpu_step).cfg)
+
+
 def step_table_per_layer():
     """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
     return ngs.kStepPerLayer

@@ -101,9 +101,9 @@ def add_parser(sub, default_model, **kw):
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled per engine step, interleaved with decoding "
                         "(default: the device's)")
-    p.add_argument("--prompt-lookup", nargs="?", type=int, const=8, default=None, metavar="K",
+    p.add_argument("--prompt-lookup", nargs="?", type=int, const=True, default=None, metavar="K",
                    help="speculative decoding by prompt lookup: every sequence proposes up to "
-                        "K tokens (default 8) copied from its prompt/history, verified in one "
+                        "K tokens (default 15) copied from its prompt/history, verified in one "
                         "step; greedy output is unchanged")
     p.add_argument("--draft-model", default=None, metavar="PATH",
                    help="speculative decoding with this draft model (same tokenizer)")

@@ -106,6 +106,30 @@ def test_prompt_lookup_batched_is_plain_greedy(tiny):
     assert st["proposed_tokens"] > 0 and 0 < st["accepted_tokens"]
 
 
+@pytest.mark.parametrize("ids, k, want", [
+    # the latest earlier occurrence of the last 3 ids: 3 ids agree (no id before it)
+    ([1, 2, 3, 4, 5, 9, 9, 1, 2, 3], 5, ([4, 5, 9, 9, 1], 3)),
+    # a loop: the continuation runs into the end and repeats its period (4 ids);
+    # the match agrees back to the 7 before the first 1
+    ([7, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3], 10, ([4, 1, 2, 3, 4, 1, 2, 3, 4, 1], 7)),
+    # no 3-id match: the last 2 ids (period 4 past the end)
+    ([5, 6, 8, 9, 7, 5, 6], 6, ([8, 9, 7, 5, 6, 8], 2)),
+    # the agreement counts up to 16 ids
+    (list(range(30)) * 2, 3, ([0, 1, 2], 16)),
+    ([1, 2, 3, 4], 5, ([], 0)),          # nothing repeats
+    ([1, 2, 1, 2], 0, ([], 0)),          # k = 0 proposes nothing
+])
+def test_lookup_proposals_exact(ids, k, want):
+    from mlxcy.generation.engine import lookup_proposals
+    assert lookup_proposals(ids, k) == want
+
+
+def test_lookup_proposals_rejects_negative_k():
+    from mlxcy.generation.engine import lookup_proposals
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        lookup_proposals([1, 2, 1], -1)
+
+
 @pytest.fixture
 def chained():
     """Chaining on (off by default)."""

@@ -718,5 +718,6 @@ def test_off_gpu_the_step_is_not_taken(checkpoints):
         before = base.gpu_decode_steps()
         _run(m, _prompt(5, 6), 3, on=True)
         assert base.gpu_decode_steps() == before
+        assert base.gpu_verify_positions(m) == 0     # the engine's proposals: not capped
     finally:
         m.close()
