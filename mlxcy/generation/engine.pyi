@@ -13,7 +13,7 @@ from mlxcy.models.base import Model
 from mlxcy.models.cache import Cache
 
 __all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
-           "take_cache_rows", "merge_cache_rows"]
+           "lookup_proposals", "take_cache_rows", "merge_cache_rows"]
 
 DEFAULT_LOOKUP: int
 

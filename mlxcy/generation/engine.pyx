@@ -62,8 +62,7 @@ from collections import deque
 import numpy as np
 
 __all__ = ["Engine", "Event", "generate_ids", "check_ids", "default_prefill_chunk",
-           "lookup_proposals",
-           "take_cache_rows", "merge_cache_rows"]
+           "lookup_proposals", "take_cache_rows", "merge_cache_rows"]
 
 
 # ---------------------------------------------------------------- settings --
