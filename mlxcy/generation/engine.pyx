@@ -679,8 +679,9 @@ cdef class Engine:
         # a verification of k proposals is k + 1 positions: at most 17, within
         # a sliding window, and within the GPU kernel's limit where it runs
         self.spec_cap = min(16, _min_window(model) - 1)
-        if gpu_verify_positions(model):
-            self.spec_cap = min(self.spec_cap, gpu_verify_positions(model) - 1)
+        gpu_most = gpu_verify_positions(model)
+        if gpu_most:
+            self.spec_cap = min(self.spec_cap, gpu_most - 1)
         if draft_model is not None:
             if draft_model is model:
                 raise ValueError("draft_model must be a second model, not the target itself")
