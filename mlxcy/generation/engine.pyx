@@ -1201,11 +1201,23 @@ cdef class Engine:
         _set(&b.history, heap(nops.slice(joined, _shape2(0, 1), _shape2(B, H + 1))))
 
     # -- speculative decoding (see the notes at the end of the module) ----------
+    cdef int _row_k(self, int B):
+        """The most tokens prompt lookup proposes for a row of a batch of B
+        rows: a verification pads every row to the longest proposal, and it
+        takes no more rows (B times its positions) than one sequence's
+        (spec_cap + 1).  Each row costs its multiply-adds on a CPU (a batch
+        of 2 with up to 16 positions a row ran slower than with 8,
+        docs/benchmarks.md), so larger batches propose less, past 8 rows
+        nothing."""
+        return (self.spec_cap + 1) // B - 1
+
     cdef bint _want_lookup(self, _Batch b) except -1:
         """Does a row of the batch have a prompt-lookup proposal?  Looked up
         on what the host knows (the pending token too, when it was read)."""
         cdef _Seq s
         cdef int r
+        if self._row_k(b.rows()) < 1:
+            return False
         for r in range(b.rows()):
             s = <_Seq>b.seqs[r]
             if (s.lookup_k and s.finish is None and s.produced + 2 < s.max_tokens
@@ -1301,7 +1313,7 @@ cdef class Engine:
                 s = <_Seq>b.seqs[r]
                 p_ = []
                 if caps[r] > 0 and s.lookup_k:
-                    p_ = _proposals(s, int(caps[r]))
+                    p_ = _proposals(s, min(int(caps[r]), self._row_k(B)))
                 found.append(p_)
                 kr[r] = len(p_)
             K = int(kr.max())
