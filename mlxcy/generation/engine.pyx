@@ -1831,16 +1831,14 @@ cdef inline bint _proposes(_Seq s, tuple found):
 
 
 cdef list _proposals(_Seq s, int cap):
-    """The row's proposals for this step (cap: the most its max_tokens
-    leaves): cur_k tokens, or as many as a long match agrees on."""
-    cdef int k = min(s.cur_k, cap)
-    found = _lookup(s, k, [])
+    """The row's proposals for this step (cap: the most its max_tokens and
+    its batch leave): cur_k tokens, or as many as a long match agrees on."""
+    cdef int most = min(s.lookup_k, cap)
+    found = _lookup(s, most, [])
     if not _proposes(s, found):
         return []
     cdef int L = found[1]
-    if L >= LONG_MATCH and L > k:
-        return _lookup(s, min(L, s.lookup_k, cap), [])[0]
-    return found[0]
+    return found[0][:max(s.cur_k, L) if L >= LONG_MATCH else s.cur_k]
 
 
 def _min_window(Model model):
