@@ -633,7 +633,8 @@ cdef class Engine:
     cdef readonly dict stats
     cdef Model draft              # draft model (speculative decoding), or None
     cdef readonly int num_draft   # tokens it drafts per step
-    cdef int spec_cap             # most tokens verified per step (sliding windows bound it)
+    cdef int spec_cap             # most tokens verified per step (sliding windows and the
+                                  # GPU kernel's positions bound it)
     cdef readonly object kv_bits, kv_group_size
     cdef object kv_kind               # kv_quantization() of the caches it makes
 
@@ -746,10 +747,7 @@ cdef class Engine:
         # verification, and full acceptances double the length (_adapt)
         s.cur_k = min(s.lookup_k, 2)
         if s.lookup_k:
-            s.hist = []
-            s.ngrams = {}
-            for t in ids.tolist():
-                _record(s, t)
+            _start_history(s, ids.tolist())
         s.full_prompt = ids
         if s.history_size > 0:
             hist = ids if history_ids is None else check_ids(history_ids, self.vocab,
@@ -1309,11 +1307,12 @@ cdef class Engine:
         props = None
         if self.draft is None:
             found = []
+            row_k = self._row_k(B)
             for r in range(B):
                 s = <_Seq>b.seqs[r]
                 p_ = []
                 if caps[r] > 0 and s.lookup_k:
-                    p_ = _proposals(s, min(int(caps[r]), self._row_k(B)))
+                    p_ = _proposals(s, min(int(caps[r]), row_k))
                 found.append(p_)
                 kr[r] = len(p_)
             K = int(kr.max())
@@ -1448,8 +1447,9 @@ cdef class Engine:
             nxt = self._chain(b, cand_all, props, K)
         t0 = _now()
         _eval(outs)
-        self.stats["wait_seconds"] += _now() - t0
-        self.stats["verify_eval_seconds"] += _now() - t0
+        t0 = _now() - t0
+        self.stats["wait_seconds"] += t0
+        self.stats["verify_eval_seconds"] += t0
         if host:   # an accepted proposal equals its candidate: the row emits its candidates
             emit_h = _numpy(cand_all)
             a_h = _accepted_greedy(
@@ -1781,6 +1781,13 @@ cdef inline void _record(_Seq s, int t) except *:
         s.cool -= 1
 
 
+cdef void _start_history(_Seq s, list ids) except *:
+    """A row's lookup history: its prompt's ids, their n-grams indexed."""
+    s.hist, s.ngrams = [], {}
+    for t in ids:
+        _record(s, t)
+
+
 cdef tuple _lookup(_Seq s, int k, list extra):
     """(up to k tokens continuing the latest earlier occurrence of the last
     3, else 2, ids of hist + extra; how many ids before them agree, up to
@@ -1817,11 +1824,8 @@ def lookup_proposals(ids, int k):
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     cdef _Seq s = _Seq()
-    s.hist, s.ngrams = [], {}
-    for t in ids:
-        _record(s, int(t))
-    props, L = _lookup(s, k, [])
-    return props, L
+    _start_history(s, [int(t) for t in ids])
+    return _lookup(s, k, [])
 
 
 cdef inline bint _proposes(_Seq s, tuple found):
