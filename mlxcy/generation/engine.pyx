@@ -50,7 +50,7 @@ from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as 
     shape4 as _shape4
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model, gpu_rows_step
-from mlxcy.models.base import gpu_verify_positions
+from mlxcy.models.base import gpu_rows_kernel, gpu_verify_positions
 from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.models.cache import empty_like, kv_quantization, quantized_cache, check_kv_options
 from mlxcy.generation.sample cimport Sampler, top_k_filter, top_p_filter, min_p_filter
@@ -635,6 +635,7 @@ cdef class Engine:
     cdef readonly int num_draft   # tokens it drafts per step
     cdef int spec_cap             # most tokens verified per step (sliding windows and the
                                   # GPU kernel's positions bound it)
+    cdef bint rows_kernel         # a batch's plain steps run as the GPU kernel (_row_k)
     cdef readonly object kv_bits, kv_group_size
     cdef object kv_kind               # kv_quantization() of the caches it makes
 
@@ -683,6 +684,7 @@ cdef class Engine:
         gpu_most = gpu_verify_positions(model)
         if gpu_most:
             self.spec_cap = min(self.spec_cap, gpu_most - 1)
+        self.rows_kernel = gpu_rows_kernel(model)
         if draft_model is not None:
             if draft_model is model:
                 raise ValueError("draft_model must be a second model, not the target itself")
@@ -1206,7 +1208,11 @@ cdef class Engine:
         (spec_cap + 1).  Each row costs its multiply-adds on a CPU (a batch
         of 2 with up to 16 positions a row ran slower than with 8,
         docs/benchmarks.md), so larger batches propose less, past 8 rows
-        nothing."""
+        nothing.  Where the GPU kernel runs a batch's plain steps, nothing:
+        a batch's verification runs op by op there (a batch of 2 decoded at
+        0.84x plain on an H100, docs/benchmarks.md)."""
+        if B > 1 and self.rows_kernel:
+            return 0
         return (self.spec_cap + 1) // B - 1
 
     cdef bint _want_lookup(self, _Batch b) except -1:

@@ -136,6 +136,10 @@ def gpu_verify_positions(m: Model) -> int:
     """The most positions of one sequence the one-kernel step verifies at
     once for m on this device, or 0 where that kernel does not run m."""
 
+def gpu_rows_kernel(m: Model) -> bool:
+    """Whether a batch's one-token steps run as the one-kernel step for m on
+    this device; the engine then proposes nothing for a batch's rows."""
+
 def step_table_per_layer() -> int:
     """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
 def gpu_step_plan(m: Model, cache: Cache, positions: int = 1, rows: int = 1) -> dict[str, Any] | None:

@@ -832,6 +832,17 @@ def gpu_verify_positions(Model m):
     return ngs.step_max_positions((<_GpuStep>m.gpu_step).cfg)
 
 
+def gpu_rows_kernel(Model m):
+    """Whether a batch's one-token steps run as the one-kernel step for m on
+    this device (its rows form: set_gpu_rows_step on, a CUDA device, a model
+    the kernel runs).  The engine then proposes nothing for a batch's rows:
+    their verification (several positions a row) would run op by op, slower
+    than the kernel's plain steps."""
+    if not (_gpu_step_on and _gpu_rows_on and ngs.cuda_default_device()):
+        return False
+    return _gpu_step_of(m) is not False
+
+
 def step_table_per_layer():
     """Entries per layer in the one-kernel step's pointer table (gpu_step.h)."""
     return ngs.kStepPerLayer

@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 
 from mlxcy.generation.engine import Engine
 from mlxcy.generation.sample import Sampler
+from mlxcy.models import base
 from mlxcy.models.load import load_model
 from tiny_models import VOCAB, make_tiny
 
@@ -42,6 +43,17 @@ def _tiny(kind, d, seed=0, noise=0.0, scale=None):
 SCALE = {"qwen3": 8.0, "gemma3_text": 1.0}
 # the "near" drafts: (seed, weight noise) giving partial agreement with the target
 NEAR = {"qwen3": (0, 0.6), "gemma3_text": (3, 0.0)}
+
+
+@pytest.fixture(autouse=True)
+def _batch_steps_op_by_op():
+    """Where the GPU kernel runs a batch's plain steps the engine proposes
+    nothing for a batch (Engine._row_k); these tests check batched
+    verification itself, so a batch's steps run op by op there (a no-op on
+    the CPU)."""
+    old = base.set_gpu_rows_step(False)
+    yield
+    base.set_gpu_rows_step(old)
 
 
 @pytest.fixture(scope="module", params=["qwen3", "gemma3_text"])
@@ -104,6 +116,17 @@ def test_prompt_lookup_batched_is_plain_greedy(tiny):
     got, _, st = _run(tiny.m, ps, [40, 33, 50, 27], lookup=True)
     assert got == ref
     assert st["proposed_tokens"] > 0 and 0 < st["accepted_tokens"]
+
+
+def test_a_batch_proposes_nothing_where_the_gpu_kernel_runs_its_steps(tiny):
+    base.set_gpu_rows_step(True)
+    if not base.gpu_rows_kernel(tiny.m):
+        pytest.skip("the GPU kernel does not run this model's batches on this device")
+    ps = _prompts(2)
+    ref, _, _ = _run(tiny.m, ps, 30)
+    got, _, st = _run(tiny.m, ps, 30, lookup=True)
+    assert got == ref
+    assert st["proposed_tokens"] == 0 and st["spec_steps"] == 0
 
 
 @pytest.mark.parametrize("ids, k, want", [

@@ -20,6 +20,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("llguidance")
 
 import serve_helpers as H  # noqa: E402
+from mlxcy.models import base  # noqa: E402
 
 MODEL = "tiny"
 
@@ -403,6 +404,9 @@ def test_speculative_serving_and_metrics(client, tiny, how):
     server's, and /metrics carries the engine's speculative counters."""
     kw = {"prompt_lookup": 8} if how == "prompt_lookup" else \
         {"draft_model": str(tiny[0]), "num_draft": 4}       # the draft is the model itself
+    # (a batch's steps op by op: where the GPU kernel runs them, prompt lookup
+    # proposes nothing for a batch, Engine._row_k)
+    rows_kernel = base.set_gpu_rows_step(False)
     worker, live = H.start(tiny[0], max_batch=8, kv_budget=8 << 20, **kw)
     try:
         spec = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -438,6 +442,7 @@ def test_speculative_serving_and_metrics(client, tiny, how):
     finally:
         live.stop()
         worker.close()
+        base.set_gpu_rows_step(rows_kernel)
 
 
 def test_kv_bits_with_prefix_cache(tiny, tmp_path):
