@@ -4,11 +4,15 @@ identical.  Copy-heavy prompts (a code edit with Qwen2.5-Coder-0.5B, a
 summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k K]
-        [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--dtype bfloat16]
+        [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--adapt auto|on|off]
+        [--dtype bfloat16]
         [--forward-cost [--context 150,2000]] [--step-times]
 
 --chain sets tuning's lookup_chain (a single greedy sequence's verification
-queued before the one before it is read; off by default).
+queued before the one before it is read; off by default); --adapt sets
+tuning's lookup_adapt (on: proposal lengths follow the acceptances; off: every
+proposal as long as the lookup gives; auto, the default: off where the GPU
+kernel verifies).
 --host-bound prints, instead, plain decoding against prompt lookup with
 chaining off and on for a random-weight model so small (Qwen3 shape, hidden
 64, 2 layers, 512 tokens) that a step costs mostly host time, as it does on a
@@ -242,6 +246,8 @@ def main():
                     help="on a GPU, verification steps as one kernel (on) or op by op (off)")
     ap.add_argument("--chain", choices=("on", "off"), default="off",
                     help="tuning's lookup_chain")
+    ap.add_argument("--adapt", choices=("auto", "on", "off"), default="auto",
+                    help="tuning's lookup_adapt")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="the models' activations (default: the loader's, float32 for a GGUF; "
                          "on a GPU, bfloat16 verification steps run their products on the "
@@ -259,7 +265,8 @@ def main():
         a.k = True                # the engine's default length
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
-    mlxcy.tuning.set(lookup_chain=a.chain == "on")
+    mlxcy.tuning.set(lookup_chain=a.chain == "on",
+                     lookup_adapt={"auto": None, "on": True, "off": False}[a.adapt])
     if a.host_bound:
         return host_bound()
     if a.step_times:

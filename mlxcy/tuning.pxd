@@ -17,6 +17,7 @@ cdef struct Tuning:
     int prefill_chunk_cpu       # default prompt tokens per prefill step on the CPU
     int prefill_chunk_gpu       # ... and on a GPU
     bint lookup_chain           # prompt lookup queues a verification ahead
+    int lookup_adapt            # -1: automatic (not where the GPU kernel verifies); 0: no; 1: yes
 
 
 cdef Tuning* current() noexcept nogil

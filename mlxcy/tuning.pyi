@@ -13,6 +13,7 @@ class Options(NamedTuple):
     prefill_chunk_cpu: int
     prefill_chunk_gpu: int
     lookup_chain: bool
+    lookup_adapt: bool | None
 
 DEFAULTS: Options
 
@@ -25,6 +26,7 @@ def set(
     prefill_chunk_cpu: int = ...,
     prefill_chunk_gpu: int = ...,
     lookup_chain: bool = ...,
+    lookup_adapt: bool | None = ...,
 ) -> dict[str, Any]:
     """Set the given options; returns their previous values (set(**old) restores them)."""
 def override(
@@ -35,6 +37,7 @@ def override(
     prefill_chunk_cpu: int = ...,
     prefill_chunk_gpu: int = ...,
     lookup_chain: bool = ...,
+    lookup_adapt: bool | None = ...,
 ) -> _GeneratorContextManager[Options]:
     """with override(cache_pad=0): ... -- the options set inside the block only."""
 def reset() -> None: ...

@@ -49,6 +49,16 @@ lookup_chain [False]
     copy-heavy prompt and slowed a greedy one that copies little
     (docs/benchmarks.md), so it is off until measured better.  The tokens are
     the same either way.
+lookup_adapt [None]
+    Prompt lookup: True -- a row's proposal length adapts to what it accepts
+    (it starts at 2 tokens, doubles after a full acceptance and falls to what
+    was accepted + 1), since each verified position costs its multiply-adds;
+    False -- every proposal is as long as the lookup gives, up to the row's
+    length, since verified positions cost nearly nothing (the GPU kernel: 13
+    positions took 1.9 ms against 1.6 for 2, docs/benchmarks.md).  None:
+    False where the GPU kernel verifies the model's positions
+    (base.gpu_verify_positions), else True.  The tokens are the same either
+    way.
 
 The options are process-wide, like MLX's own settings: override() is not
 local to a thread.  Bad names or values raise mlxcy.OptionError /
@@ -62,11 +72,13 @@ from mlxcy.errors import OptionError, OptionTypeError
 __all__ = ["Options", "DEFAULTS", "get", "set", "override", "reset"]
 
 Options = namedtuple("Options", ["cpu_sync", "cache_pad", "prefill_split",
-                                 "prefill_chunk_cpu", "prefill_chunk_gpu", "lookup_chain"])
+                                 "prefill_chunk_cpu", "prefill_chunk_gpu", "lookup_chain",
+                                 "lookup_adapt"])
 Options.__doc__ = "A snapshot of mlxcy's tuning knobs (see mlxcy.tuning)."
 
 DEFAULTS = Options(cpu_sync=True, cache_pad=8, prefill_split=None,
-                   prefill_chunk_cpu=128, prefill_chunk_gpu=512, lookup_chain=False)
+                   prefill_chunk_cpu=128, prefill_chunk_gpu=512, lookup_chain=False,
+                   lookup_adapt=None)
 
 cdef Tuning _current
 
@@ -89,7 +101,7 @@ def _int(name, value, int low):
     return value
 
 
-def _split(name, value):
+def _auto_bool(name, value):
     if value is not None and not isinstance(value, bool):
         raise OptionTypeError(f"tuning option {name!r} must be None (automatic) or a bool, "
                               f"got {value!r}")
@@ -99,10 +111,11 @@ def _split(name, value):
 _CHECKS = {
     "cpu_sync": _bool,
     "cache_pad": lambda n, v: _int(n, v, 0),
-    "prefill_split": _split,
+    "prefill_split": _auto_bool,
     "prefill_chunk_cpu": lambda n, v: _int(n, v, 1),
     "prefill_chunk_gpu": lambda n, v: _int(n, v, 1),
     "lookup_chain": _bool,
+    "lookup_adapt": _auto_bool,
 }
 
 
@@ -115,6 +128,7 @@ def get():
         prefill_chunk_cpu=_current.prefill_chunk_cpu,
         prefill_chunk_gpu=_current.prefill_chunk_gpu,
         lookup_chain=bool(_current.lookup_chain),
+        lookup_adapt=None if _current.lookup_adapt < 0 else bool(_current.lookup_adapt),
     )
 
 
@@ -142,6 +156,8 @@ def set(**options):
             _current.prefill_chunk_gpu = value
         elif name == "lookup_chain":
             _current.lookup_chain = value
+        elif name == "lookup_adapt":
+            _current.lookup_adapt = -1 if value is None else int(value)
     return old
 
 

@@ -636,6 +636,7 @@ cdef class Engine:
     cdef int spec_cap             # most tokens verified per step (sliding windows and the
                                   # GPU kernel's positions bound it)
     cdef bint rows_kernel         # a batch's plain steps run as the GPU kernel (_row_k)
+    cdef bint gpu_verifies        # the GPU kernel verifies its positions (_adapts)
     cdef readonly object kv_bits, kv_group_size
     cdef object kv_kind               # kv_quantization() of the caches it makes
 
@@ -684,6 +685,7 @@ cdef class Engine:
         gpu_most = gpu_verify_positions(model)
         if gpu_most:
             self.spec_cap = min(self.spec_cap, gpu_most - 1)
+        self.gpu_verifies = gpu_most > 0
         self.rows_kernel = gpu_rows_kernel(model)
         if draft_model is not None:
             if draft_model is model:
@@ -745,9 +747,10 @@ cdef class Engine:
         if not s.can_spec or self.draft is not None:
             s.lookup_k = 0      # a draft model proposes instead
         s.lookup_k = min(s.lookup_k, self.spec_cap)
-        # the first proposals are short: a miss then costs a few positions of
-        # verification, and full acceptances double the length (_adapt)
-        s.cur_k = min(s.lookup_k, 2)
+        # where lengths adapt the first proposals are short: a miss then costs
+        # a few positions of verification, and full acceptances double the
+        # length (_adapt)
+        s.cur_k = min(s.lookup_k, 2) if self._adapts() else s.lookup_k
         if s.lookup_k:
             _start_history(s, ids.tolist())
         s.full_prompt = ids
@@ -1215,6 +1218,14 @@ cdef class Engine:
             return 0
         return (self.spec_cap + 1) // B - 1
 
+    cdef bint _adapts(self) noexcept:
+        """Does a row's proposal length adapt to its acceptances (tuning's
+        lookup_adapt; automatically, not where the GPU kernel verifies, whose
+        positions cost nearly nothing)?"""
+        if _tuning.lookup_adapt >= 0:
+            return _tuning.lookup_adapt == 1
+        return not self.gpu_verifies
+
     cdef bint _want_lookup(self, _Batch b) except -1:
         """Does a row of the batch have a prompt-lookup proposal?  Looked up
         on what the host knows (the pending token too, when it was read)."""
@@ -1503,7 +1514,7 @@ cdef class Engine:
                 self.stats["proposed_tokens"] += int(kr[r])
                 self.stats["accepted_tokens"] += int(a_h[r])
                 if s.lookup_k:
-                    _adapt(s, int(kr[r]), int(a_h[r]))
+                    _adapt(s, int(kr[r]), int(a_h[r]), self._adapts())
             for j in range(a_h[r]):
                 self._spec_event(b, r, s, int(emit_h[r, j]), lp_h, ti_h, tv_h, j,
                                  int(a_h[r]) - j - 1, events)
@@ -2006,22 +2017,25 @@ cdef object _accepted_greedy(const int32_t[:, :] cand, object props, const int32
     return out
 
 
-cdef void _adapt(_Seq s, int proposed, int accepted) except *:
-    """Prompt lookup's proposal length follows the acceptance: it starts at 2,
-    is doubled after a full acceptance and cut to what was accepted + 1 after
-    a partial one; a row whose proposals were all rejected stops proposing
-    for 4, 16, 64 tokens (consecutive misses) unless a long match turns up
-    (_proposes), so text that copies nothing decodes plainly."""
+cdef void _adapt(_Seq s, int proposed, int accepted, bint length) except *:
+    """Prompt lookup after a verification: a row whose proposals were all
+    rejected stops proposing for 4, 16, 64 tokens (consecutive misses) unless
+    a long match turns up (_proposes), so text that copies nothing decodes
+    plainly.  With `length` the proposal length follows the acceptance: it
+    starts at 2, is doubled after a full acceptance and cut to what was
+    accepted + 1 after a partial one; else it stays the row's lookup_k."""
     if accepted == proposed:
         s.cur_k = min(s.lookup_k, max(s.cur_k, 2 * proposed))
         s.misses = s.cool = 0
         s.kept += 1
-        return
-    s.kept = 0
-    if accepted == 0:
+    elif accepted == 0:
+        s.kept = 0
         s.misses += 1
         s.cool = min(1 << (2 * s.misses), 64)
         s.cur_k = max(1, s.cur_k // 2)
     else:
+        s.kept = 0
         s.cur_k = max(2, accepted + 1)
         s.misses = s.cool = 0
+    if not length:
+        s.cur_k = s.lookup_k

@@ -153,11 +153,36 @@ def test_lookup_proposals_rejects_negative_k():
         lookup_proposals([1, 2, 1], -1)
 
 
+def test_proposals_keep_their_length_where_lengths_do_not_adapt(tiny):
+    """tuning's lookup_adapt=False (automatic where the GPU kernel verifies):
+    every proposal is as long as the lookup gives, the tokens are plain
+    greedy decoding's, and a verification proposes more tokens on average
+    than with adapting lengths (which start at 2) on the same prompts."""
+    from mlxcy import tuning
+    per_step = {}
+    for adapt in (True, False):
+        proposed = steps = 0
+        with tuning.override(lookup_adapt=adapt):
+            for p in _prompts(4):
+                ref, _, _ = _run(tiny.m, [p], 40)
+                got, _, st = _run(tiny.m, [p], 40, lookup=6)
+                assert got == ref
+                proposed += st["proposed_tokens"]
+                steps += st["spec_steps"]
+            ps = _prompts(2)
+            ref, _, _ = _run(tiny.m, ps, [30, 23])
+            got, _, st = _run(tiny.m, ps, [30, 23], lookup=True)
+            assert got == ref and st["proposed_tokens"] > 0
+        per_step[adapt] = proposed / steps
+    assert per_step[False] > per_step[True] > 1
+
+
 @pytest.fixture
 def chained():
-    """Chaining on (off by default)."""
+    """Chaining on (off by default), with adapting proposal lengths (the
+    CPU's; on a GPU the prompts below then also drop a chained step)."""
     from mlxcy import tuning
-    with tuning.override(lookup_chain=True):
+    with tuning.override(lookup_chain=True, lookup_adapt=True):
         yield
 
 
