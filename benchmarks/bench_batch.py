@@ -17,7 +17,11 @@ cannot read GGUF).
 classify: N short sentences (8..32 tokens); "loop" classifies them one at a
 time (one forward each); "batch b" classifies them in batches of b (bucketed
 by length, left-padded).  Speedup = loop time / batched time.  Median of
---repeats runs after a warm-up.
+--repeats runs after a warm-up.  --template chat asks about each sentence in
+the model's chat template (its system turn and the question are a prefix the
+prompts share, which a batch computes once); fewshot puts four labelled
+examples before each sentence (a longer shared prefix); none (the default):
+the bare sentences.
 
 generate: b prompts, --max-tokens new tokens each (greedy; random weights
 rarely hit EOS, the generated count is printed).  tok/s = generated tokens /
@@ -114,6 +118,23 @@ def sentences(tok, n: int, seed: int = 0, lo: int = 8, hi: int = 32) -> list[str
         if lo <= len(tok.encode(s)) <= hi:
             out.append(s)
     return out
+
+
+def chat_question(tm, sentence: str) -> str:
+    """A sentiment question about `sentence` in the model's chat template,
+    ready for the answer."""
+    q = f"Is the sentiment of this sentence positive or negative?\n{sentence}"
+    return tm.apply_chat_template([{"role": "user", "content": q}])
+
+
+FEWSHOT = ("Label the sentiment of each sentence as positive or negative.\n\n"
+           "Sentence: The food was wonderful and the staff were kind.\nSentiment: positive\n\n"
+           "Sentence: I waited an hour and the room was dirty.\nSentiment: negative\n\n"
+           "Sentence: What a lovely surprise, thank you so much!\nSentiment: positive\n\n"
+           "Sentence: The battery died after two days.\nSentiment: negative\n\n"
+           "Sentence: {}\nSentiment:")
+TEMPLATES = {"none": lambda tm, s: s, "chat": chat_question,
+             "fewshot": lambda tm, s: FEWSHOT.format(s)}
 
 
 def timed(fn, repeats: int) -> float:
@@ -216,6 +237,9 @@ def main(argv=None):
     ap.add_argument("--no-mlx-lm", action="store_true")
     ap.add_argument("--rows-kernel", choices=("on", "off"), default="on",
                     help="a batch's one-token steps as the one-kernel GPU step (its batch form)")
+    ap.add_argument("--template", choices=("none", "chat", "fewshot"), default="none",
+                    help="classify: the bare sentences, a question about each in the "
+                         "model's chat template, or each after four labelled examples")
     ap.add_argument("--skip-classify", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--json", help="also write the figures here")
@@ -243,8 +267,9 @@ def main(argv=None):
                 prompts = sentences(tm.tokenizer, a.n_prompts)
                 res = {}
                 if not a.skip_classify:
+                    asked = [TEMPLATES[a.template](tm, p) for p in prompts]
                     res["classify"] = bench_classify(
-                        tm, prompts, [int(x) for x in a.classify_batches.split(",")], a.repeats)
+                        tm, asked, [int(x) for x in a.classify_batches.split(",")], a.repeats)
                 if not a.skip_generate:
                     res["generate"] = bench_generate(
                         tm, path, prompts, [int(x) for x in a.gen_batches.split(",")],

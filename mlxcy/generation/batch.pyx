@@ -43,9 +43,10 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport ops as nops
 from mlxcy.native.array cimport heap
 from mlxcy.native.array cimport shape1 as _shape1, shape2 as _shape2, shape3 as _shape3
+from mlxcy.native.array cimport shape4 as _shape4
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
-from mlxcy.models.cache cimport Cache, LayerCache
+from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.generation.engine cimport padded_forward, log_softmax
 
 import time
@@ -84,15 +85,108 @@ cdef object _to_numpy(na.array* p):
 
 # ------------------------------------------------------------ classification --
 
+# A batch's prompts that start with the same tokens (an instruction, a chat
+# template's system turn, few-shot examples) share that prefix's keys and
+# values: it runs once and each row computes only the rest.  Below this many
+# tokens the extra forward and the cache copies save too little.
+SHARED_PREFIX_MIN = 8
+
+
+def _shared_prefix(seqs, int window=0):
+    """How many tokens every sequence starts with (each keeping its last one
+    to compute), or 0 below SHARED_PREFIX_MIN, for a single sequence, or
+    where a sliding window (its length; 0: none) would drop a position of the
+    longest sequence."""
+    if window and max(len(s) for s in seqs) > window:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    if len(seqs) < 2 or n < SHARED_PREFIX_MIN:
+        return 0
+    a = np.stack([np.asarray(s[:n]) for s in seqs])
+    same = (a == a[0]).all(0)
+    P = n if same.all() else int(np.argmin(same))
+    return P if P >= SHARED_PREFIX_MIN else 0
+
+
+def _min_window(Model model):
+    """The shortest sliding window of the model's caches (0: none)."""
+    ws = [(<LayerCache>c).window for c in model.make_cache().layers if (<LayerCache>c).window]
+    return min(ws) if ws else 0
+
+
+cdef Cache _prefix_cache(Model model, object prefix, int B):
+    """A B-row cache holding the keys and values of `prefix` (one forward of
+    one row, its rows repeated)."""
+    cdef int P = len(prefix)
+    cdef Cache one = model.make_cache(), rows = model.make_cache()
+    cdef LayerCache lc
+    cdef Array a = to_array(np.asarray(prefix, dtype=np.int32).reshape(1, P))
+    cdef na.array* last = NULL
+    try:
+        last = model.forward(a.ptr[0], one, NULL, NULL, True)
+        del last        # (what it leaves in the cache is what counts)
+        for c, r in zip(one.layers, rows.layers):
+            lc = <LayerCache>c
+            k = wrap(heap(nops.repeat(nops.slice(lc.keys[0], _shape4(0, 0, 0, 0), _shape4(
+                1, lc.keys.shape(1), P, lc.keys.shape(3))), B, 0)))
+            v = wrap(heap(nops.repeat(nops.slice(lc.values[0], _shape4(0, 0, 0, 0), _shape4(
+                1, lc.values.shape(1), P, lc.values.shape(3))), B, 0)))
+            if type(c) is RotatingKVCache:
+                r.set_state(k, v, P, P, P % lc.window)
+            else:
+                r.set_state(k, v, P)
+    finally:
+        one.free()
+    return rows
+
+
+cdef na.array* _prefix_mask(const na.array& pads, int P, int L) except NULL:
+    """Bool [B, 1, L, P + L] for a left-padded chunk of L positions after a
+    shared prefix of P: every query sees the prefix and its row's own tokens,
+    not the row's padding (slots P .. P + pad - 1); the attention adds the
+    causal part."""
+    cdef int B = pads.shape(0)
+    cdef na.array kpos = nops.reshape(nops.arange(0, P + L, 1, na.int32),
+                                      _shape4(1, 1, 1, P + L))
+    cdef na.array own = nops.greater_equal(
+        kpos, nops.add(nops.reshape(pads, _shape4(B, 1, 1, 1)), na.array(<int64_t>P, na.int32)))
+    return heap(nops.broadcast_to(nops.logical_or(nops.less(kpos, na.array(<int64_t>P, na.int32)),
+                                                  own), _shape4(B, 1, L, P + L)))
+
+
+cdef na.array* _batch_logits(Model model, const na.array& ids, const na.array& pads,
+                             object prefix) except NULL:
+    """The last position's logits [B, 1, V] of left-padded rows, after
+    `prefix` (tokens every row starts with, computed once) when it is not
+    None."""
+    if prefix is None:
+        return padded_forward(model, ids, None, &pads, 0, True)
+    cdef int B = ids.shape(0), L = ids.shape(1), P = len(prefix)
+    cdef Cache cache = _prefix_cache(model, prefix, B)
+    cdef na.array* mask = NULL
+    cdef na.array* offs = NULL
+    try:
+        mask = _prefix_mask(pads, P, L)
+        # the row's first token sits at position P, in chunk column pad
+        offs = heap(nops.subtract(na.array(<int64_t>P, na.int32), pads))
+        return model.forward(ids, cache, mask, offs, True)
+    finally:
+        if mask != NULL:
+            del mask
+        if offs != NULL:
+            del offs
+
+
 cdef object _classify_batch(Model model, object ids, object pads, int top_k, object label_ids,
-                            bint want_logits):
-    """One prefill forward over a left-padded batch; returns numpy pieces:
+                            bint want_logits, object prefix=None):
+    """One prefill forward over a left-padded batch (after `prefix`, the
+    tokens every row starts with, when given); returns numpy pieces:
     (top ids [B, k], top log-probs [B, k], label first-token log-probs [B, n],
     raw logits [B, V]) -- each None when not asked for."""
     cdef Array a = to_array(ids)
     cdef Array p = to_array(pads)
     cdef int B = ids.shape[0]
-    cdef na.array* out = padded_forward(model, a.ptr[0], None, p.ptr, 0, True)
+    cdef na.array* out = _batch_logits(model, a.ptr[0], p.ptr[0], prefix)
     cdef na.array* logits = NULL
     cdef na.array* lp = NULL
     cdef int V
@@ -315,7 +409,9 @@ def classify(text_model, prompts, *, labels=None, top_k=5, return_logits=False,
     labels are encoded as given, without special tokens -- include a leading
     space where the tokenizer expects one), and raw logits with return_logits.
     batch_size: prompts per forward (default 16); prompts are bucketed by
-    length to limit padding.
+    length to limit padding.  The tokens a batch's prompts all start with (a
+    template, an instruction, few-shot examples: SHARED_PREFIX_MIN or more)
+    are computed once for the batch.
     """
     model, tok = _parts(text_model)
     vocab = model.config.vocab_size
@@ -348,10 +444,14 @@ def classify(text_model, prompts, *, labels=None, top_k=5, return_logits=False,
     top_lp = [None] * n
     lab_lp = [None] * n
     raws = [None] * n
+    window = _min_window(model)
     for group in _buckets([len(s) for s in seqs], batch_size):
-        ids, pads = _left_pad([seqs[i] for i in group])
+        rows = [seqs[i] for i in group]
+        P = _shared_prefix(rows, window)
+        ids, pads = _left_pad([s[P:] for s in rows])
         r_ids, r_lp, r_lab, r_raw = _classify_batch(model, ids, pads, top_k, first,
-                                                    bool(return_logits))
+                                                    bool(return_logits),
+                                                    rows[0][:P] if P else None)
         for r, i in enumerate(group):
             if r_ids is not None:
                 order = np.argsort(-r_lp[r], kind="stable")

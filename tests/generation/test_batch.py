@@ -28,7 +28,7 @@ PROMPTS = [
 ]
 
 
-def _make(kind, d):
+def _make(kind, d, window=WINDOW):
     common = dict(vocab_size=151936, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
@@ -37,7 +37,7 @@ def _make(kind, d):
         cfg = transformers.Qwen3Config(rope_theta=10000.0, **common)
     else:
         cfg = transformers.Gemma3TextConfig(
-            query_pre_attn_scalar=16, sliding_window=WINDOW,
+            query_pre_attn_scalar=16, sliding_window=window,
             layer_types=["sliding_attention", "full_attention"], sliding_window_pattern=2,
             hidden_activation="gelu_pytorch_tanh", **common)
     torch.manual_seed(0)
@@ -99,6 +99,63 @@ def test_classify_matches_single_prompts(tiny, batch_size):
         assert np.abs(got - hf).max() <= 2e-3
     if tiny.kind == "gemma3":   # the long prompts really exceed the window
         assert max(len(tm.tokenizer.encode(p)) for p in PROMPTS) > 2 * WINDOW
+
+
+TEMPLATE = "Classify the sentiment of the review as positive or negative.\nReview: {}\nSentiment:"
+REVIEWS = ["great", "I did not enjoy a single minute of it, the plot dragged on and on", "ok",
+           "Fine.", "A wonderful film with a moving story and excellent music"]
+
+
+@pytest.fixture(scope="module")
+def wide_gemma(tmp_path_factory):
+    """Gemma 3 with a 48-token window: the template's prompts fit in it."""
+    d = tmp_path_factory.mktemp("gemma3_wide")
+    hf = _make("gemma3", d, window=48)
+    tm = load(d, dtype="float32")
+    yield SimpleNamespace(kind="gemma3_wide", dir=d, hf=hf, tm=tm)
+    tm.close()
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+@pytest.mark.parametrize("which", ["tiny", "wide_gemma"])
+def test_classify_with_a_shared_prefix_matches_single_prompts(request, tiny, which, batch_size):
+    """Prompts that start alike (a template) share the prefix's keys and
+    values within a batch (computed once; Gemma's sliding layers too where
+    the window holds the prompts); each result equals the prompt run alone,
+    and transformers'.  The tiny Gemma's 6-token window is shorter than the
+    prompts, so there the batch runs whole."""
+    from mlxcy.generation.batch import SHARED_PREFIX_MIN, _min_window, _shared_prefix
+    m = tiny if which == "tiny" else request.getfixturevalue("wide_gemma")
+    tm = m.tm
+    prompts = [TEMPLATE.format(r) for r in REVIEWS]
+    encoded = [tm.tokenizer.encode(p) for p in prompts]
+    shared = _shared_prefix(encoded, _min_window(tm.model))
+    assert shared == 0 if m.kind == "gemma3" else shared >= SHARED_PREFIX_MIN
+    res = classify(tm, prompts, top_k=4, return_logits=True, batch_size=batch_size)
+    for p, r in zip(prompts, res):
+        ids = tm.tokenizer.encode(p)
+        ref = _alone_logprobs(tm, ids)
+        got = _log_softmax(r.logits)
+        assert np.abs(got - ref).max() <= 1e-4
+        assert r.top_ids.tolist() == np.argsort(-ref, kind="stable")[:4].tolist()
+        assert np.abs(got - _hf_logprobs(m.hf, ids)[-1]).max() <= 2e-3
+
+
+@pytest.mark.parametrize("seqs, want", [
+    ([list(range(12)) + [5], list(range(12)) + [6, 7]], 12),
+    ([list(range(9)), list(range(9)) + [1, 2]], 8),         # each keeps its last token
+    ([list(range(12)), list(range(6)) + [0] * 6], 0),       # 6 shared: below the minimum
+    ([[9] + list(range(12)), list(range(13))], 0),
+    ([list(range(20))], 0),                                  # one sequence: nothing to share
+])
+def test_shared_prefix_exact(seqs, want):
+    from mlxcy.generation.batch import SHARED_PREFIX_MIN, _shared_prefix
+    assert SHARED_PREFIX_MIN == 8
+    assert _shared_prefix(seqs) == want
+    # a sliding window shorter than the longest sequence: nothing shared
+    longest = max(len(s) for s in seqs)
+    assert _shared_prefix(seqs, window=longest) == want
+    assert _shared_prefix(seqs, window=longest - 1) == 0
 
 
 def test_classify_label_scores(tiny):
