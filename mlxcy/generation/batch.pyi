@@ -12,6 +12,10 @@ __all__ = ["classify", "batch_generate", "ClassifyResult", "BatchGeneration", "B
 # A prompt: a string (encoded with the tokenizer's special tokens) or token ids.
 _Prompt = str | Sequence[int]
 
+# classify computes a prefix of at least this many tokens that every prompt of
+# a batch starts with once for the batch.
+SHARED_PREFIX_MIN: int
+
 class ClassifyResult(NamedTuple):
     """The last-position distribution of one prompt."""
 
