@@ -140,36 +140,34 @@ cdef Cache _prefix_cache(Model model, object prefix, int B):
     return rows
 
 
-cdef na.array* _prefix_mask(const na.array& pads, int P, int L) except NULL:
-    """Bool [B, 1, L, P + L] for a left-padded chunk of L positions after a
-    shared prefix of P: every query sees the prefix and its row's own tokens,
-    not the row's padding (slots P .. P + pad - 1); the attention adds the
-    causal part."""
+cdef na.array* _prefix_mask(const na.array& pads, int P, int off, int L) except NULL:
+    """Bool [B, 1, L, off + L] for queries at slots off .. off + L - 1 of
+    left-padded rows after a shared prefix of P slots: every query sees the
+    prefix and its row's own tokens, not the row's padding (slots P .. P +
+    pad - 1); the attention adds the causal part."""
     cdef int B = pads.shape(0)
-    cdef na.array kpos = nops.reshape(nops.arange(0, P + L, 1, na.int32),
-                                      _shape4(1, 1, 1, P + L))
+    cdef na.array kpos = nops.reshape(nops.arange(0, off + L, 1, na.int32),
+                                      _shape4(1, 1, 1, off + L))
     cdef na.array own = nops.greater_equal(
         kpos, nops.add(nops.reshape(pads, _shape4(B, 1, 1, 1)), na.array(<int64_t>P, na.int32)))
     return heap(nops.broadcast_to(nops.logical_or(nops.less(kpos, na.array(<int64_t>P, na.int32)),
-                                                  own), _shape4(B, 1, L, P + L)))
+                                                  own), _shape4(B, 1, L, off + L)))
 
 
-cdef na.array* _batch_logits(Model model, const na.array& ids, const na.array& pads,
-                             object prefix) except NULL:
-    """The last position's logits [B, 1, V] of left-padded rows, after
-    `prefix` (tokens every row starts with, computed once) when it is not
-    None."""
-    if prefix is None:
-        return padded_forward(model, ids, None, &pads, 0, True)
-    cdef int B = ids.shape(0), L = ids.shape(1), P = len(prefix)
-    cdef Cache cache = _prefix_cache(model, prefix, B)
+cdef na.array* _chunk_forward(Model model, const na.array& ids, Cache cache,
+                              const na.array& pads, int P, int off, bint last_only) except NULL:
+    """model.forward over a chunk of left-padded rows whose first column sits
+    at slot `off` of a cache whose first P slots hold a prefix every row
+    shares (P = 0: none; padded_forward)."""
+    if P == 0:
+        return padded_forward(model, ids, cache, &pads, off, last_only)
     cdef na.array* mask = NULL
     cdef na.array* offs = NULL
     try:
-        mask = _prefix_mask(pads, P, L)
-        # the row's first token sits at position P, in chunk column pad
-        offs = heap(nops.subtract(na.array(<int64_t>P, na.int32), pads))
-        return model.forward(ids, cache, mask, offs, True)
+        mask = _prefix_mask(pads, P, off, ids.shape(1))
+        # a row's token at slot t sits at position t - pad (its first at P)
+        offs = heap(nops.subtract(na.array(<int64_t>off, na.int32), pads))
+        return model.forward(ids, cache, mask, offs, last_only)
     finally:
         if mask != NULL:
             del mask
@@ -186,7 +184,9 @@ cdef object _classify_batch(Model model, object ids, object pads, int top_k, obj
     cdef Array a = to_array(ids)
     cdef Array p = to_array(pads)
     cdef int B = ids.shape[0]
-    cdef na.array* out = _batch_logits(model, a.ptr[0], p.ptr[0], prefix)
+    cdef int P = 0 if prefix is None else len(prefix)
+    cdef Cache cache = None if P == 0 else _prefix_cache(model, prefix, B)
+    cdef na.array* out = _chunk_forward(model, a.ptr[0], cache, p.ptr[0], P, P, True)
     cdef na.array* logits = NULL
     cdef na.array* lp = NULL
     cdef int V
@@ -232,12 +232,15 @@ cdef object _classify_batch(Model model, object ids, object pads, int top_k, obj
     return res_ids, res_lp, res_lab, res_raw
 
 
-cdef object _teacher_forced(Model model, object ids, object pads, object targets, int m):
+cdef object _teacher_forced(Model model, object ids, object pads, object targets, int m,
+                            object prefix=None):
     """Sum of log p(target) at the last m positions of a left-padded batch
-    (targets int32 [B, m], -1 = not scored).  The output head runs on those
-    m positions only: a first forward fills a cache with the rest."""
+    (targets int32 [B, m], -1 = not scored), after `prefix` (the tokens every
+    row starts with, computed once) when given.  The output head runs on
+    those m positions only: a first forward fills a cache with the rest."""
     cdef int B = ids.shape[0], T = ids.shape[1]
-    cdef Cache cache = model.make_cache()
+    cdef int P = 0 if prefix is None else len(prefix)
+    cdef Cache cache = model.make_cache() if P == 0 else _prefix_cache(model, prefix, B)
     cdef Array p = to_array(pads)
     cdef Array a
     cdef Array tg = to_array(np.maximum(targets, 0).astype(np.int32))
@@ -248,11 +251,11 @@ cdef object _teacher_forced(Model model, object ids, object pads, object targets
     try:
         if T > m:
             a = to_array(ids[:, :T - m])
-            out = padded_forward(model, a.ptr[0], cache, p.ptr, 0, True)
+            out = _chunk_forward(model, a.ptr[0], cache, p.ptr[0], P, P, True)
             del out
             out = NULL
         a = to_array(ids[:, T - m:])
-        out = padded_forward(model, a.ptr[0], cache, p.ptr, T - m, False)
+        out = _chunk_forward(model, a.ptr[0], cache, p.ptr[0], P, P + T - m, False)
         lp = log_softmax(out[0])                                  # [B, m, V]
         res = heap(nops.sum(
             nops.where(valid.ptr[0],
@@ -411,7 +414,8 @@ def classify(text_model, prompts, *, labels=None, top_k=5, return_logits=False,
     batch_size: prompts per forward (default 16); prompts are bucketed by
     length to limit padding.  The tokens a batch's prompts all start with (a
     template, an instruction, few-shot examples: SHARED_PREFIX_MIN or more)
-    are computed once for the batch.
+    are computed once for the batch, and so is each prompt for its labels of
+    several tokens.
     """
     model, tok = _parts(text_model)
     vocab = model.config.vocab_size
@@ -478,18 +482,27 @@ def classify(text_model, prompts, *, labels=None, top_k=5, return_logits=False,
 
 
 def _score_multi(model, seqs, label_toks, multi, lab_lp, batch_size):
-    """Add log p(label[1:] | prompt + label[:t]) to lab_lp for multi-token labels."""
-    pairs = [(i, j) for i in range(len(seqs)) for j in multi]
-    lengths = [len(seqs[i]) + len(label_toks[j]) - 1 for i, j in pairs]
-    for group in _buckets(lengths, batch_size):
+    """Add log p(label[1:] | prompt + label[:t]) to lab_lp for multi-token
+    labels.  A batch holds one prompt's labels, then the next prompt's (the
+    prompts longest first, as _buckets orders them), so its rows share the
+    prompt (or the prompts' common start), computed once; the scored
+    positions, past each prompt, stay out of the shared part."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    pairs = [(i, j) for i in order for j in multi]
+    window = _min_window(model)
+    for k in range(0, len(pairs), batch_size):
+        group = range(k, min(k + batch_size, len(pairs)))
         rows = [seqs[pairs[g][0]] + label_toks[pairs[g][1]][:-1] for g in group]
-        ids, pads = _left_pad(rows)
+        P = min(_shared_prefix(rows, window), min(len(seqs[pairs[g][0]]) for g in group))
+        if P < SHARED_PREFIX_MIN:
+            P = 0
+        ids, pads = _left_pad([r[P:] for r in rows])
         m = max(len(label_toks[pairs[g][1]]) - 1 for g in group)
         targets = np.full((len(group), m), -1, dtype=np.int32)
         for r, g in enumerate(group):
             rest = label_toks[pairs[g][1]][1:]
             targets[r, m - len(rest):] = rest
-        got = _teacher_forced(model, ids, pads, targets, m)
+        got = _teacher_forced(model, ids, pads, targets, m, rows[0][:P] if P else None)
         for r, g in enumerate(group):
             i, j = pairs[g]
             lab_lp[i][j] += float(got[r])

@@ -143,6 +143,32 @@ def test_classify_with_a_shared_prefix_matches_single_prompts(request, tiny, whi
         assert np.abs(got - _hf_logprobs(m.hf, ids)[-1]).max() <= 2e-3
 
 
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_label_scores_with_a_shared_prefix_match_single_prompts(request, tiny, batch_size):
+    """Multi-token labels after prompts from one template: a batch of
+    (prompt, label) rows shares the prompts' common start (or a whole
+    prompt, between its own labels), computed once; every score equals the
+    prompt and label run alone, and transformers'."""
+    if tiny.kind != "qwen3":
+        pytest.skip("the wide Gemma runs once, beside the qwen3 fixture")
+    labels = [" positive", " rather good", " quite bad, really"]
+    for m in (tiny, request.getfixturevalue("wide_gemma")):
+        tm = m.tm
+        toks = [tm.tokenizer.encode(lab, add_special_tokens=False) for lab in labels]
+        assert [len(t) > 1 for t in toks][1:] == [True, True]
+        prompts = [TEMPLATE.format(r) for r in REVIEWS]
+        res = classify(tm, prompts, labels=labels, top_k=0, batch_size=batch_size)
+        for p, r in zip(prompts, res):
+            ids = tm.tokenizer.encode(p)
+            for lab, t in zip(labels, toks):
+                full = _log_softmax(np.array(tm.model([ids + t]))[0])
+                alone = sum(full[len(ids) - 1 + k, t[k]] for k in range(len(t)))
+                assert abs(r.scores[lab] - alone) <= 1e-4
+                lp = _hf_logprobs(m.hf, ids + t)
+                assert r.scores[lab] == pytest.approx(
+                    sum(lp[len(ids) - 1 + k, t[k]] for k in range(len(t))), abs=2e-3)
+
+
 @pytest.mark.parametrize("seqs, want", [
     ([list(range(12)) + [5], list(range(12)) + [6, 7]], 12),
     ([list(range(9)), list(range(9)) + [1, 2]], 8),         # each keeps its last token
