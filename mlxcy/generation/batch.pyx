@@ -47,6 +47,7 @@ from mlxcy.native.array cimport shape4 as _shape4
 from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
+from mlxcy.models.cache import empty_like
 from mlxcy.generation.engine cimport padded_forward, log_softmax
 
 import time
@@ -524,8 +525,13 @@ def batch_generate(text_model, prompts, *, options=None, batch_size=None, **opts
     overriding those for that prompt (stops, max_tokens, sampling settings);
     logprobs, prefill_chunk and cancel are batch-wide.  batch_size: at most
     this many prompts decode together (default: all); prompts are then
-    grouped by length.  Greedy decoding (temperature 0) gives the same tokens
-    as generating each prompt alone; seeded sampling of a batch draws one
+    grouped by length.  The tokens the prompts all start with (a chat
+    template's system turn, an instruction: SHARED_PREFIX_MIN or more) are
+    prefilled once, except with a draft model, kv_bits or sliding windows.
+    Greedy decoding (temperature 0) gives the same tokens as generating each
+    prompt alone, up to float rounding (a batch's padded attention and its
+    products add in another order: a near-tie of logits can go the other
+    way); seeded sampling of a batch draws one
     key per step for the whole batch, so it does not reproduce single-prompt
     draws; per-prompt sampling settings (`options`) give each row its own
     sampler, which samples that row as a prompt alone would, so seeded rows
@@ -614,12 +620,25 @@ def _run(Model model, tok, seqs, per, base, batch_size, draft=None, num_draft=4)
     streams = {}
     row_of = {}
     nvocab = _tok_vocab(tok)
+    cdef Cache prefix = None
+    prefix_seconds = 0.0
     try:
+        # the prompts' common start (a chat template's system turn, an
+        # instruction) prefilled once; each sequence brings it as its prefix
+        # cache, and the engine stacks those (not with a draft model or
+        # sliding windows, where a prefix cache makes a group of one row)
+        if draft is None and base.kv_bits is None and not _min_window(model) and len(todo) > 1:
+            P = _shared_prefix([seqs[i] for i in todo])
+            if P:
+                t = time.perf_counter()
+                prefix = _prefill(model, eng.make_cache(), seqs[todo[0]][:P])
+                prefix_seconds = time.perf_counter() - t
         for i in order:
             o = per[i]
             sid = eng.add(seqs[i], sampler=shared or sampler_for(o), max_tokens=o.max_tokens,
                           stop_ids=eos | set(o.stop_ids), logprobs=base.logprobs,
-                          prompt_lookup=o.prompt_lookup)
+                          prompt_lookup=o.prompt_lookup,
+                          cache=None if prefix is None else _share(prefix))
             row_of[sid] = i
             if [s for s in o.stop if s]:
                 streams[sid] = (TextStream(tok, o.stop), [])
@@ -656,6 +675,38 @@ def _run(Model model, tok, seqs, per, base, batch_size, draft=None, num_draft=4)
             if texts[i] is None:
                 texts[i] = tok.decode([t for t in token_ids[i] if t < nvocab],
                                       skip_special_tokens=True)
-        return token_ids, lps, reasons, texts, dict(eng.stats)
+        st = dict(eng.stats)
+        st["prefill_seconds"] += prefix_seconds
+        return token_ids, lps, reasons, texts, st
     finally:
+        if prefix is not None:
+            prefix.free()
         eng.close()
+
+
+cdef Cache _prefill(Model model, Cache cache, object ids):
+    """cache after a forward over ids (one row), evaluated."""
+    cdef Array a = to_array(np.asarray(ids, dtype=np.int32).reshape(1, len(ids)))
+    cdef na.array* last = model.forward(a.ptr[0], cache, NULL, NULL, True)
+    try:
+        _eval1(last[0])
+    finally:
+        del last
+    cdef vector[na.array] bufs = vector[na.array]()
+    cdef LayerCache lc
+    for c in cache.layers:
+        lc = <LayerCache>c
+        bufs.push_back(lc.keys[0])
+        bufs.push_back(lc.values[0])
+    with nogil:
+        neval(bufs)
+    return cache
+
+
+def _share(Cache cache):
+    """A cache of the same layers holding the same (immutable) arrays."""
+    out = empty_like(cache)
+    for c, d in zip(cache.layers, out.layers):
+        st = c.state()
+        d.set_state(st["keys"], st["values"], st["offset"], st["filled"], st["idx"])
+    return out

@@ -269,6 +269,23 @@ def test_batch_generate_greedy_matches_single(tiny):
     assert m.tokens_per_second > 0 and m.prompts_per_second > 0 and m.peak_memory > 0
 
 
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_batch_generate_with_a_shared_prefix_matches_single(tiny, batch_size):
+    """Prompts from one template: their common start is prefilled once and
+    each sequence brings it as a prefix cache (not on the Gemma, whose
+    sliding window takes the batch whole); the tokens and log-probs are each
+    prompt's generated alone, also when the prompts join in several groups
+    (batch_size 2)."""
+    tm = tiny.tm
+    prompts = [TEMPLATE.format(r) for r in REVIEWS]
+    out = batch_generate(tm, prompts, max_tokens=12, logprobs=True, batch_size=batch_size)
+    for i, p in enumerate(prompts):
+        ref = _single(tm, tm.tokenizer.encode(p), 12)
+        assert out.token_ids[i] == [t for t, _ in ref]
+        np.testing.assert_allclose(out.logprobs[i], [lp for _, lp in ref], atol=1e-4)
+    assert out.metrics.prefill_time > 0
+
+
 def test_batch_generate_matches_transformers(tiny):
     tm = tiny.tm
     prompts = PROMPTS[:3]
