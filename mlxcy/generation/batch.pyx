@@ -48,7 +48,9 @@ from mlxcy.native.transforms cimport eval as neval, async_eval as nasync_eval
 from mlxcy.models.base cimport Model
 from mlxcy.models.cache cimport Cache, LayerCache, RotatingKVCache
 from mlxcy.models.cache import empty_like
-from mlxcy.generation.engine cimport padded_forward, log_softmax
+from mlxcy.generation.engine cimport padded_forward, log_softmax, _cache_arrays
+from mlxcy.generation.engine import _min_window
+from mlxcy.native cimport nn as nnn
 
 import time
 from collections import namedtuple
@@ -91,14 +93,15 @@ cdef object _to_numpy(na.array* p):
 # values: it runs once and each row computes only the rest.  Below this many
 # tokens the extra forward and the cache copies save too little.
 SHARED_PREFIX_MIN = 8
+NO_WINDOW = 1 << 30       # engine._min_window of a model without sliding windows
 
 
-def _shared_prefix(seqs, int window=0):
+def _shared_prefix(seqs, int window=NO_WINDOW):
     """How many tokens every sequence starts with (each keeping its last one
     to compute), or 0 below SHARED_PREFIX_MIN, for a single sequence, or
-    where a sliding window (its length; 0: none) would drop a position of the
-    longest sequence."""
-    if window and max(len(s) for s in seqs) > window:
+    where the model's shortest sliding window (engine._min_window) would drop
+    a position of the longest sequence."""
+    if max(len(s) for s in seqs) > window:
         return 0
     n = min(len(s) for s in seqs) - 1
     if len(seqs) < 2 or n < SHARED_PREFIX_MIN:
@@ -109,29 +112,18 @@ def _shared_prefix(seqs, int window=0):
     return P if P >= SHARED_PREFIX_MIN else 0
 
 
-def _min_window(Model model):
-    """The shortest sliding window of the model's caches (0: none)."""
-    ws = [(<LayerCache>c).window for c in model.make_cache().layers if (<LayerCache>c).window]
-    return min(ws) if ws else 0
-
-
 cdef Cache _prefix_cache(Model model, object prefix, int B):
     """A B-row cache holding the keys and values of `prefix` (one forward of
     one row, its rows repeated)."""
     cdef int P = len(prefix)
     cdef Cache one = model.make_cache(), rows = model.make_cache()
     cdef LayerCache lc
-    cdef Array a = to_array(np.asarray(prefix, dtype=np.int32).reshape(1, P))
-    cdef na.array* last = NULL
     try:
-        last = model.forward(a.ptr[0], one, NULL, NULL, True)
-        del last        # (what it leaves in the cache is what counts)
+        _prefill(model, one, prefix)
         for c, r in zip(one.layers, rows.layers):
             lc = <LayerCache>c
-            k = wrap(heap(nops.repeat(nops.slice(lc.keys[0], _shape4(0, 0, 0, 0), _shape4(
-                1, lc.keys.shape(1), P, lc.keys.shape(3))), B, 0)))
-            v = wrap(heap(nops.repeat(nops.slice(lc.values[0], _shape4(0, 0, 0, 0), _shape4(
-                1, lc.values.shape(1), P, lc.values.shape(3))), B, 0)))
+            k = wrap(heap(nops.repeat(nnn.slice_t(lc.keys[0], 0, P), B, 0)))
+            v = wrap(heap(nops.repeat(nnn.slice_t(lc.values[0], 0, P), B, 0)))
             if type(c) is RotatingKVCache:
                 r.set_state(k, v, P, P, P % lc.window)
             else:
@@ -627,7 +619,8 @@ def _run(Model model, tok, seqs, per, base, batch_size, draft=None, num_draft=4)
         # instruction) prefilled once; each sequence brings it as its prefix
         # cache, and the engine stacks those (not with a draft model or
         # sliding windows, where a prefix cache makes a group of one row)
-        if draft is None and base.kv_bits is None and not _min_window(model) and len(todo) > 1:
+        if (draft is None and base.kv_bits is None and _min_window(model) == NO_WINDOW
+                and len(todo) > 1):
             P = _shared_prefix([seqs[i] for i in todo])
             if P:
                 t = time.perf_counter()
@@ -685,19 +678,12 @@ def _run(Model model, tok, seqs, per, base, batch_size, draft=None, num_draft=4)
 
 
 cdef Cache _prefill(Model model, Cache cache, object ids):
-    """cache after a forward over ids (one row), evaluated."""
+    """cache after a forward over ids (one row), its buffers evaluated."""
     cdef Array a = to_array(np.asarray(ids, dtype=np.int32).reshape(1, len(ids)))
     cdef na.array* last = model.forward(a.ptr[0], cache, NULL, NULL, True)
-    try:
-        _eval1(last[0])
-    finally:
-        del last
+    del last        # (what it leaves in the cache is what counts)
     cdef vector[na.array] bufs = vector[na.array]()
-    cdef LayerCache lc
-    for c in cache.layers:
-        lc = <LayerCache>c
-        bufs.push_back(lc.keys[0])
-        bufs.push_back(lc.values[0])
+    _cache_arrays(cache, bufs)
     with nogil:
         neval(bufs)
     return cache

@@ -1,6 +1,8 @@
 # cython: language_level=3
 # The engine's native helpers, for Cython code that runs a model over
 # left-padded rows (mlxcy.generation.batch's classify) or extends the engine.
+from libcpp.vector cimport vector
+
 from mlxcy.native cimport array as na
 from mlxcy.models.base cimport Model
 from mlxcy.models.cache cimport Cache
@@ -12,6 +14,8 @@ cdef na.array* padded_forward(Model model, const na.array& ids, Cache cache, con
                               int off, bint last_only) except NULL
 # float32 log-softmax over the last axis
 cdef na.array* log_softmax(const na.array& x) except NULL
+# every layer's key/value buffers, to evaluate after a cache-only forward
+cdef void _cache_arrays(Cache cache, vector[na.array]& out) except *
 # how many recent tokens a sampler's penalties look at (0: none)
 cdef int history_size(Sampler s)
 cpdef object check_ids(ids, int vocab, str what, bint empty=*)
