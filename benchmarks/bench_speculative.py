@@ -5,7 +5,7 @@ summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k K]
         [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--adapt auto|on|off]
-        [--ahead auto|on|off]
+        [--ahead auto|on|off] [--path qwen=DIR]
         [--dtype bfloat16]
         [--forward-cost [--context 150,2000]] [--step-times]
 
@@ -246,6 +246,9 @@ def main():
     ap.add_argument("--models", default="qwen,smol",
                     help="which of the cases' models to run (qwen: Qwen2.5-Coder-0.5B, "
                          "smol: SmolLM2-135M)")
+    ap.add_argument("--path", action="append", default=[], metavar="NAME=PATH",
+                    help="load a case's model from PATH instead of its GGUF (e.g. qwen=DIR, "
+                         "a 4-bit conversion the GPU kernel runs: mlxcy convert --bits 4)")
     ap.add_argument("--gpu-verify", choices=("on", "off"), default="on",
                     help="on a GPU, verification steps as one kernel (on) or op by op (off)")
     ap.add_argument("--chain", choices=("on", "off"), default="off",
@@ -282,8 +285,9 @@ def main():
         tm.close()
         return
     wanted = a.models.split(",")
-    models = {name: get() for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf))
-              if name in wanted}
+    paths = dict(p.split("=", 1) for p in a.path)
+    models = {name: paths.get(name) or get()
+              for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf)) if name in wanted}
     loaded = {}
     if a.forward_cost:
         for name, path in models.items():
