@@ -5,7 +5,7 @@ summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 
     python benchmarks/bench_speculative.py [--max-tokens 128] [--repeats 2] [--k K]
         [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--adapt auto|on|off]
-        [--ahead auto|on|off] [--path qwen=DIR]
+        [--path qwen=DIR]
         [--dtype bfloat16]
         [--forward-cost [--context 150,2000]] [--step-times]
 
@@ -13,9 +13,7 @@ summary that quotes with SmolLM2-135M) and prompts that copy nothing.
 queued before the one before it is read; off by default); --adapt sets
 tuning's lookup_adapt (on: proposal lengths follow the acceptances; off: every
 proposal as long as the lookup gives; auto, the default: off where the GPU
-kernel verifies); --ahead sets tuning's lookup_ahead (a verification queued
-behind a plain step before its token is read; auto, the default: on where the
-GPU kernel verifies).
+kernel verifies).
 --host-bound prints, instead, plain decoding against prompt lookup with
 chaining off and on for a random-weight model so small (Qwen3 shape, hidden
 64, 2 layers, 512 tokens) that a step costs mostly host time, as it does on a
@@ -182,8 +180,8 @@ def step_times(tm, max_tokens, k, runs=3):
             steps = steps[1:]                           # (the first reads the prompt's token)
             rate = sum(s["n"] for s in steps) / sum(s["wall"] for s in steps)
             if best is None or rate > best[0]:
-                best = (rate, steps, st)
-        rate, steps, st = best
+                best = (rate, steps)
+        rate, steps = best
 
         def med(sel, key):
             return f"{statistics.median(s[key] for s in sel) * 1e3:6.3f}" if sel else f"{'-':>6}"
@@ -193,8 +191,7 @@ def step_times(tm, max_tokens, k, runs=3):
             s["host"] = s["wall"] - s["read"] - s["eval"]
         print(f"{mode:6} {rate:7.0f} {len(steps):6} | verify: {len(v):3} {med(v, 'wall')} "
               f"{med(v, 'read')} {med(v, 'eval')} {med(v, 'host')} | plain: {len(p):3} "
-              f"{med(p, 'wall')} {med(p, 'read')} | ahead {st['ahead_steps']} "
-              f"(void {st['ahead_void']})")
+              f"{med(p, 'wall')} {med(p, 'read')}")
 
 
 def host_bound(reps=7, n=200):
@@ -255,8 +252,6 @@ def main():
                     help="tuning's lookup_chain")
     ap.add_argument("--adapt", choices=("auto", "on", "off"), default="auto",
                     help="tuning's lookup_adapt")
-    ap.add_argument("--ahead", choices=("auto", "on", "off"), default="auto",
-                    help="tuning's lookup_ahead")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="the models' activations (default: the loader's, float32 for a GGUF; "
                          "on a GPU, bfloat16 verification steps run their products on the "
@@ -275,8 +270,7 @@ def main():
     from mlxcy.models.base import set_gpu_verify_step
     set_gpu_verify_step(a.gpu_verify == "on")
     mlxcy.tuning.set(lookup_chain=a.chain == "on",
-                     lookup_adapt={"auto": None, "on": True, "off": False}[a.adapt],
-                     lookup_ahead={"auto": None, "on": True, "off": False}[a.ahead])
+                     lookup_adapt={"auto": None, "on": True, "off": False}[a.adapt])
     if a.host_bound:
         return host_bound()
     if a.step_times:

@@ -18,7 +18,6 @@ cdef struct Tuning:
     int prefill_chunk_gpu       # ... and on a GPU
     bint lookup_chain           # prompt lookup queues a verification ahead
     int lookup_adapt            # -1: automatic (not where the GPU kernel verifies); 0: no; 1: yes
-    int lookup_ahead            # -1: automatic (where the GPU kernel verifies); 0: no; 1: yes
 
 
 cdef Tuning* current() noexcept nogil

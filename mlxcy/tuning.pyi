@@ -14,7 +14,6 @@ class Options(NamedTuple):
     prefill_chunk_gpu: int
     lookup_chain: bool
     lookup_adapt: bool | None
-    lookup_ahead: bool | None
 
 DEFAULTS: Options
 
@@ -28,7 +27,6 @@ def set(
     prefill_chunk_gpu: int = ...,
     lookup_chain: bool = ...,
     lookup_adapt: bool | None = ...,
-    lookup_ahead: bool | None = ...,
 ) -> dict[str, Any]:
     """Set the given options; returns their previous values (set(**old) restores them)."""
 def override(
@@ -40,7 +38,6 @@ def override(
     prefill_chunk_gpu: int = ...,
     lookup_chain: bool = ...,
     lookup_adapt: bool | None = ...,
-    lookup_ahead: bool | None = ...,
 ) -> _GeneratorContextManager[Options]:
     """with override(cache_pad=0): ... -- the options set inside the block only."""
 def reset() -> None: ...

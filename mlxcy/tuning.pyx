@@ -59,17 +59,6 @@ lookup_adapt [None]
     False where the GPU kernel verifies the model's positions
     (base.gpu_verify_positions), else True.  The tokens are the same either
     way.
-lookup_ahead [None]
-    Prompt lookup of one greedy sequence: True -- when the lookup over the
-    tokens known so far finds a match while a plain step is running, the
-    verification is queued behind that step before its token is read, the
-    match's first token guessing that token (a wrong guess leaves a correct
-    forward whose proposals are rejected: one token for a verification's
-    cost); False -- the engine reads the token first, then verifies.  None:
-    True where the GPU kernel verifies (base.gpu_verify_positions), whose
-    device would otherwise wait while the host reads and builds, else False
-    (on a CPU a wasted verification costs its multiply-adds).  The tokens
-    are the same either way.
 
 The options are process-wide, like MLX's own settings: override() is not
 local to a thread.  Bad names or values raise mlxcy.OptionError /
@@ -84,12 +73,12 @@ __all__ = ["Options", "DEFAULTS", "get", "set", "override", "reset"]
 
 Options = namedtuple("Options", ["cpu_sync", "cache_pad", "prefill_split",
                                  "prefill_chunk_cpu", "prefill_chunk_gpu", "lookup_chain",
-                                 "lookup_adapt", "lookup_ahead"])
+                                 "lookup_adapt"])
 Options.__doc__ = "A snapshot of mlxcy's tuning knobs (see mlxcy.tuning)."
 
 DEFAULTS = Options(cpu_sync=True, cache_pad=8, prefill_split=None,
                    prefill_chunk_cpu=128, prefill_chunk_gpu=512, lookup_chain=False,
-                   lookup_adapt=None, lookup_ahead=None)
+                   lookup_adapt=None)
 
 cdef Tuning _current
 
@@ -127,7 +116,6 @@ _CHECKS = {
     "prefill_chunk_gpu": lambda n, v: _int(n, v, 1),
     "lookup_chain": _bool,
     "lookup_adapt": _auto_bool,
-    "lookup_ahead": _auto_bool,
 }
 
 
@@ -141,7 +129,6 @@ def get():
         prefill_chunk_gpu=_current.prefill_chunk_gpu,
         lookup_chain=bool(_current.lookup_chain),
         lookup_adapt=None if _current.lookup_adapt < 0 else bool(_current.lookup_adapt),
-        lookup_ahead=None if _current.lookup_ahead < 0 else bool(_current.lookup_ahead),
     )
 
 
@@ -171,8 +158,6 @@ def set(**options):
             _current.lookup_chain = value
         elif name == "lookup_adapt":
             _current.lookup_adapt = -1 if value is None else int(value)
-        elif name == "lookup_ahead":
-            _current.lookup_ahead = -1 if value is None else int(value)
     return old
 
 

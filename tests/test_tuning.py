@@ -11,8 +11,7 @@ def test_defaults_and_snapshot():
     assert tuning.get() == tuning.DEFAULTS
     assert tuning.DEFAULTS._asdict() == {"cpu_sync": True, "cache_pad": 8, "prefill_split": None,
                                          "prefill_chunk_cpu": 128, "prefill_chunk_gpu": 512,
-                                         "lookup_chain": False, "lookup_adapt": None,
-                                         "lookup_ahead": None}
+                                         "lookup_chain": False, "lookup_adapt": None}
     assert mlxcy.tuning is tuning
 
 
@@ -56,7 +55,6 @@ def test_reset():
     ({"cpu_sync": 1}, mlxcy.OptionTypeError, "'cpu_sync' must be a bool"),
     ({"prefill_split": "auto"}, mlxcy.OptionTypeError, "'prefill_split'"),
     ({"lookup_chain": None}, mlxcy.OptionTypeError, "'lookup_chain' must be a bool"),
-    ({"lookup_ahead": 0}, mlxcy.OptionTypeError, "'lookup_ahead' must be None"),
     ({"lookup_adapt": 1}, mlxcy.OptionTypeError, "'lookup_adapt' must be None"),
 ])
 def test_bad_options_name_the_option_and_change_nothing(options, error, match):

@@ -465,7 +465,6 @@ cdef class _Flight:
     cdef int K
     cdef int T                    # the cache offset it starts at
     cdef int guess                # the token its proposals assumed it starts from
-    cdef bint ahead               # queued behind a plain step (lookup_ahead)
 
     def __dealloc__(self):
         _set(&self.cand, NULL)
@@ -674,12 +673,9 @@ cdef class Engine:
                       "decode_steps": 0, "row_steps": 0, "spec_steps": 0,
                       "proposed_tokens": 0, "accepted_tokens": 0,
                       "acceptance_rate": 0.0, "tokens_per_step": 0.0,
-                      # verifications queued ahead (chaining, lookup_ahead included),
-                      # and those read back: the others were computed for nothing
-                      "chained_steps": 0, "chained_used": 0,
-                      # verifications queued behind a plain step before its token was
-                      # read (lookup_ahead), and those whose guess of it was wrong
-                      "ahead_steps": 0, "ahead_void": 0}
+                      # verifications queued ahead (chaining), and those read back:
+                      # the others were computed for nothing
+                      "chained_steps": 0, "chained_used": 0}
         if num_draft < 1:
             raise ValueError(f"num_draft must be >= 1, got {num_draft}")
         self.num_draft = num_draft
@@ -1035,18 +1031,12 @@ cdef class Engine:
         t0 = time.perf_counter()
         cdef bint spec = (b.flight is not None or self.draft is not None
                           or self._want_lookup(b))
-        cdef bint unread = b.pending_host is None
         b.pending = b.pending_lp = b.pending_top = b.pending_top_lp = NULL
         b.pending_host = None
         self.stats["decode_steps"] += 1
         self.stats["row_steps"] += sum(1 for x in b.seqs if (<_Seq>x).finish is None)
         try:
             if spec:
-                if b.flight is None and unread and self.draft is None and self._ahead(b):
-                    b.flight = self._chain(b, nops.reshape(cur[0], _shape2(1, 1)), None, 0)
-                    if b.flight is not None:
-                        b.flight.ahead = True
-                        self.stats["ahead_steps"] += 1
                 if b.flight is not None:    # the pending token's position is the flight's first
                     _set_offsets(b.cache, b.flight.T)
                 self._emit(b, cur, cur_lp, cur_top, cur_top_lp, events)
@@ -1553,21 +1543,11 @@ cdef class Engine:
     # -- chaining (see the notes at the end of the module) ---------------------
     cdef bint _chains(self, _Batch b) except -1:
         """May a verification of this batch queue the next one before it is
-        read (tuning's lookup_chain)?"""
-        return _tuning.lookup_chain and self._chainable(b)
-
-    cdef bint _ahead(self, _Batch b) except -1:
-        """May a plain step's pending token be verified before it is read
-        (tuning's lookup_ahead; automatically where the GPU kernel verifies)?"""
-        cdef bint on = (_tuning.lookup_ahead == 1 if _tuning.lookup_ahead >= 0
-                        else self.gpu_verifies)
-        return on and self._chainable(b)
-
-    cdef bint _chainable(self, _Batch b) except -1:
-        """Can this batch queue a verification before the step before it is
-        read?  One greedy row on a cache without sliding windows, nothing else
-        waiting to join the batch."""
+        read?  One greedy row on a cache without sliding windows, nothing
+        else waiting to join the batch, and the tuning says so."""
         cdef _Seq s
+        if not _tuning.lookup_chain:
+            return False
         if (self.draft is not None or self.group is not None or self.waiting
                 or b.rows() != 1 or b.pads != NULL or b.history != NULL
                 or not _can_trim(b.cache)):
@@ -1626,8 +1606,6 @@ cdef class Engine:
         # void: the step counts as a plain forward (no miss for _adapt) and
         # nothing is chained to it
         cdef bint void = f.K > 0 and s.generated[-1] != f.guess
-        if void and f.ahead:
-            self.stats["ahead_void"] += 1
         cdef _Flight nxt = (self._chain(b, f.cand[0], f.props, f.K)
                             if not void and self._chains(b) else None)
         kr = np.full(1, 0 if void else f.K, dtype=np.int32)
@@ -1796,16 +1774,6 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # Greedy output is unchanged either way.  On the CPU a chained step computed
 # for nothing costs a verification's forward, more than the host time
 # chaining saves.
-#
-# Verifying ahead (tuning's lookup_ahead, automatic where the GPU kernel
-# verifies).  A plain step's pending token is not on the host yet when the
-# lookup over the tokens before it finds a match; read-first, the device
-# would finish that step, wait while the host reads it, then wait again while
-# the host builds the verification.  Instead the verification is chained to
-# the plain step (_chain with K = 0): its first id is the pending token, still
-# on the device, and the match's first token guesses it.  A wrong guess
-# leaves a correct forward whose proposals are rejected (one token for a
-# verification's cost), counted as a plain step, as a chained step's is.
 
 DEFAULT_LOOKUP = 15     # up to 16 positions a verification: a GPU kernel's most
 cdef tuple NGRAMS = (3, 2)

@@ -182,38 +182,8 @@ def chained():
     """Chaining on (off by default), with adapting proposal lengths (the
     CPU's; on a GPU the prompts below then also drop a chained step)."""
     from mlxcy import tuning
-    with tuning.override(lookup_chain=True, lookup_adapt=True, lookup_ahead=False):
+    with tuning.override(lookup_chain=True, lookup_adapt=True):
         yield
-
-
-@pytest.mark.parametrize("chain", [False, True])
-def test_lookup_ahead_is_plain_greedy(tiny, chain):
-    """tuning's lookup_ahead (automatic where the GPU kernel verifies): a
-    verification queued behind a plain step before its token is read gives
-    plain greedy's tokens and finish reasons, for lengths ending inside a
-    verification and for stop tokens taken from the reference, with and
-    without chaining after verifications.  Such verifications ran, some
-    guessed the pending token wrongly (their proposals void), and some kept
-    proposals (a cache with sliding windows, Gemma's, never verifies ahead)."""
-    from mlxcy import tuning
-    ahead = void = accepted = 0
-    with tuning.override(lookup_ahead=True, lookup_chain=chain, lookup_adapt=True):
-        for p in _prompts(4):
-            ref, _, _ = _run(tiny.m, [p], 40)
-            for n in (2, 3, 5, 17, 40):
-                got, reasons, st = _run(tiny.m, [p], n, lookup=6)
-                assert got[0] == ref[0][:n] and reasons == ["length"], n
-                ahead += st["ahead_steps"]
-                void += st["ahead_void"]
-                accepted += st["accepted_tokens"]
-            for j in (4, 11, 23):
-                stop = ref[0][j]
-                got, reasons, st = _run(tiny.m, [p], 40, lookup=6, stops=[{stop}])
-                assert got[0] == ref[0][:ref[0].index(stop) + 1] and reasons == ["stop"]
-    if tiny.kind == "gemma3_text":
-        assert ahead == 0
-    else:
-        assert ahead > void > 0 and accepted > 0, (ahead, void, accepted)
 
 
 def test_chained_lookup_is_plain_greedy(tiny, chained):
