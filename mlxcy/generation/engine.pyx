@@ -434,6 +434,7 @@ cdef class _Seq:
     cdef int cool                 # steps left without proposing (after misses)
     cdef int misses               # consecutive verifications that accepted nothing
     cdef int kept                 # consecutive verifications that accepted everything
+    cdef int min_match            # the fewest ids a match must agree on to be proposed
     cdef list hist                # prompt + generated ids (prompt lookup)
     cdef dict ngrams              # n-gram -> where its latest continuation starts in hist
     cdef object full_prompt       # the whole prompt (a draft model prefills it all)
@@ -751,6 +752,12 @@ cdef class Engine:
         # a few positions of verification, and full acceptances double the
         # length (_adapt)
         s.cur_k = min(s.lookup_k, 2) if self._adapts() else s.lookup_k
+        # a sampled row keeps a proposed token with the target's probability of
+        # it, low after a short match in text that copies nothing; where lengths
+        # do not adapt (the GPU kernel), a verification costs ~3 plain steps,
+        # so such a row proposes only for a copy under way (LONG_MATCH ids)
+        s.min_match = (LONG_MATCH if s.sampler.temperature != 0.0 and not self._adapts()
+                       else 0)
         if s.lookup_k:
             _start_history(s, ids.tolist())
         s.full_prompt = ids
@@ -1846,9 +1853,11 @@ def lookup_proposals(ids, int k):
 
 
 cdef inline bint _proposes(_Seq s, tuple found):
-    """Does the lookup's result let the row propose: a match, outside the
-    row's cool-down or long enough to override it."""
-    return bool(found[0]) and (s.cool == 0 or found[1] >= LONG_MATCH)
+    """Does the lookup's result let the row propose: a match as long as the
+    row asks for (min_match), outside the row's cool-down or long enough to
+    override it."""
+    return bool(found[0]) and found[1] >= s.min_match and (s.cool == 0 or
+                                                            found[1] >= LONG_MATCH)
 
 
 cdef list _proposals(_Seq s, int cap):

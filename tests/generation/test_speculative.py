@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mlxcy.generation.engine import Engine
+from mlxcy.generation.engine import lookup_proposals as engine_lookup
 from mlxcy.generation.sample import Sampler
 from mlxcy.models import base
 from mlxcy.models.load import load_model
@@ -175,6 +176,37 @@ def test_proposals_keep_their_length_where_lengths_do_not_adapt(tiny):
             assert got == ref and st["proposed_tokens"] > 0
         per_step[adapt] = proposed / steps
     assert per_step[False] > per_step[True] > 1
+
+
+@pytest.mark.parametrize("agree", [2, 5])
+def test_sampled_rows_propose_only_long_matches_where_lengths_do_not_adapt(tiny, agree):
+    """A sampled row keeps a proposed token with the target's probability of
+    it; where every proposal is as long as the lookup gives (lookup_adapt
+    False, the GPU kernel's), a sampled row proposes only on a match of
+    LONG_MATCH (4) ids or more.  The prompt holds A F F F F F B once, after
+    `agree` - 1 ids that the end of the prompt repeats before its A; the row
+    gives F at every step (logit_bias), so its one lookup (max_tokens 4)
+    matches A F with `agree` ids agreeing.  A greedy row, and a sampled one
+    with adapting lengths, propose on any match."""
+    from mlxcy import tuning
+    rng = np.random.default_rng(5)
+    A, F, B = 5, 7, 9
+    lead = [11, 13, 15, 17][:agree - 2]
+    r1, r2 = rng.integers(20, VOCAB, 6).tolist(), rng.integers(20, VOCAB, 6).tolist()
+    r2[-1] = (r1[-1] + 1 - 20) % (VOCAB - 20) + 20      # the agreement stops there
+    prompt = r1 + lead + [A, F, F, F, F, F, B] + r2 + lead + [A]
+    assert engine_lookup(prompt + [F], 6)[1] == agree
+    proposed = {}
+    for adapt in (False, True):
+        with tuning.override(lookup_adapt=adapt):
+            for name, t in (("greedy", 0.0), ("sampled", 1.0)):
+                forced = Sampler(temperature=t, logit_bias={F: 60.0}, seed=0)
+                got, _, st = _run(tiny.m, [prompt], 4, lookup=6, samplers=[forced])
+                assert got[0] == [F] * 4
+                proposed[adapt, name] = st["proposed_tokens"]
+    assert proposed[True, "greedy"] > 0 and proposed[False, "greedy"] > 0
+    assert proposed[True, "sampled"] > 0
+    assert (proposed[False, "sampled"] > 0) == (agree >= 4), proposed
 
 
 @pytest.fixture
