@@ -80,6 +80,7 @@ def step_positions() -> int:
     at any number of rows, each row equal to its one-row product."""
 
 def set_gemm_min_rows(m: int) -> None: ...
+def set_gemm_run_bytes(n: int) -> int: ...
 def linear(
     x: Array,
     w: Array,

@@ -18,6 +18,7 @@ LoRA training over quantized layers working.
 from mlxcy.core cimport Array, wrap, handle
 from mlxcy.native cimport array as na
 from mlxcy.native.array cimport heap
+from libc.stdint cimport int64_t
 from libcpp.vector cimport vector
 
 cdef extern from "mlxcy/cpu_block.h" namespace "mlxcy::cpu" nogil:
@@ -60,6 +61,8 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     void cpp_set_activation_mode "mlxcy::cpu::set_activation_mode"(int)
     int& cpp_activation_mode "mlxcy::cpu::activation_mode"()
     void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
+    void cpp_set_gemm_run_bytes "mlxcy::cpu::set_gemm_run_bytes"(int64_t)
+    int64_t cpp_gemm_run_bytes "mlxcy::cpu::gemm_run_bytes"()
     int cpp_int16_max_rows "mlxcy::cpu::int16_max_rows"()
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
@@ -419,6 +422,17 @@ def set_gemm_min_rows(int m):
     if m < 1:
         raise ValueError(f"set_gemm_min_rows: m must be >= 1, got {m}")
     cpp_set_gemm_min_rows(m)
+
+
+def set_gemm_run_bytes(int64_t n):
+    """Bytes of packed x that a GEMM's weight panels meet before moving on
+    (default 512 KB: within a core's L2); returns the previous value.  The
+    results are the same for any value."""
+    if n < 1:
+        raise ValueError(f"set_gemm_run_bytes: n must be >= 1, got {n}")
+    old = cpp_gemm_run_bytes()
+    cpp_set_gemm_run_bytes(n)
+    return old
 
 
 def linear(Array x, Array w, Array scales=None, Array biases=None, int group_size=64,

@@ -160,6 +160,37 @@ def test_strided_operands(isa):
     close(f64(ck.linear(xt, wf)), f64(xt) @ f64(wf).T, 2e-6)
 
 
+@pytest.mark.parametrize("bits", [4, 0])
+def test_gemm_runs_of_x_give_identical_results(isa, bits):
+    """The GEMM meets x's 16-row blocks in runs of set_gemm_run_bytes (each
+    weight panel unpacked once per run): runs of one block, of two, and all of
+    x at once give the same bits, and numpy's product."""
+    gs, N, K, M = 32, 67, 96, 61            # 4 blocks of x, the last partial
+    W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
+    x = mlxcy.array(RNG.standard_normal((M, K)).astype(np.float32))
+    if bits:
+        wq, s, b = nn.quantize(W, gs, bits)
+        run = lambda: np.asarray(ck.linear(x, wq, s, b, gs, bits))
+        ref = expected(x, wq, s, b, gs, bits)
+    else:
+        run = lambda: np.asarray(ck.linear(x, W))
+        ref = f64(x) @ f64(W).T
+    outs = []
+    old = ck.set_gemm_run_bytes(1)
+    try:
+        for blocks in (1, 2, 1 << 20):
+            ck.set_gemm_run_bytes(blocks * K * 16 * 4)
+            outs.append(run())
+    finally:
+        ck.set_gemm_run_bytes(old)
+    assert old == 512 << 10
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
+    close(outs[0].astype(np.float64), ref, 2e-6)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        ck.set_gemm_run_bytes(0)
+
+
 def test_threads_give_identical_results():
     gs, bits, N, K = 32, 4, 1000, 576
     W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
