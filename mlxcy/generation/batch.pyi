@@ -15,6 +15,9 @@ _Prompt = str | Sequence[int]
 # classify computes a prefix of at least this many tokens that every prompt of
 # a batch starts with once for the batch.
 SHARED_PREFIX_MIN: int
+# On a CPU, classify ends a batch early rather than pad more than this share of
+# its positions.
+CPU_PAD_SHARE: float
 
 class ClassifyResult(NamedTuple):
     """The last-position distribution of one prompt."""

@@ -116,6 +116,20 @@ def wide_gemma(tmp_path_factory):
     tm.close()
 
 
+def test_buckets_limit_padding_where_asked():
+    """classify's batches: longest first, at most batch_size prompts, and (a
+    CPU's CPU_PAD_SHARE) a batch ends where the next prompt would pad more
+    than that share of its positions."""
+    from mlxcy.generation.batch import CPU_PAD_SHARE, _buckets
+    lengths = [10, 32, 8, 20, 9, 30]
+    assert _buckets(lengths, 16) == [[1, 5, 3, 0, 4, 2]]
+    assert _buckets(lengths, 2) == [[1, 5], [3, 0], [4, 2]]
+    # 32, 30, 20 pad 14 of 96 positions; adding 10 would pad 36 of 128
+    assert _buckets(lengths, 16, 0.25) == [[1, 5, 3], [0, 4, 2]]
+    assert _buckets(lengths, 16, 0.0) == [[1], [5], [3], [0], [4], [2]]
+    assert _buckets([7] * 5, 16, 0.0) == [[0, 1, 2, 3, 4]]
+    assert CPU_PAD_SHARE == 0.1
+
 @pytest.mark.parametrize("batch_size", [None, 2])
 @pytest.mark.parametrize("which", ["tiny", "wide_gemma"])
 def test_classify_with_a_shared_prefix_matches_single_prompts(request, tiny, which, batch_size):
