@@ -57,8 +57,9 @@ lookup_adapt [None]
     length, since verified positions cost nearly nothing (the GPU kernel: 13
     positions took 1.9 ms against 1.6 for 2, docs/benchmarks.md).  None:
     False where the GPU kernel verifies the model's positions
-    (base.gpu_verify_positions), else True.  The tokens are the same either
-    way.
+    (base.gpu_verify_positions), else True.  Where lengths do not adapt, a
+    sampled row proposes only on a match of 4 ids or more (a copy under way).
+    The tokens are the same either way.
 
 The options are process-wide, like MLX's own settings: override() is not
 local to a thread.  Bad names or values raise mlxcy.OptionError /

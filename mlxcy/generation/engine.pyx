@@ -1758,7 +1758,8 @@ def generate_ids(Model model, prompt_ids, prefill_chunk=None, **add_kwargs):
 # row has a match, and a row whose proposals were all rejected stops
 # proposing for 4, 16, 64 tokens unless a match of LONG_MATCH tokens or more
 # turns up (a copy under way): text that copies nothing decodes with plain
-# pipelined steps.
+# pipelined steps.  Where proposals do not adapt (the GPU kernel verifies), a
+# sampled row proposes only on such a long match (_Seq.min_match).
 #
 # Chaining (tuning's lookup_chain, off by default: docs/benchmarks.md has its
 # measurements).  A read-first verification leaves the device idle while the
