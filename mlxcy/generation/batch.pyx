@@ -427,10 +427,10 @@ def classify(text_model, prompts, *, labels=None, top_k=5, return_logits=False,
     space where the tokenizer expects one), and raw logits with return_logits.
     batch_size: prompts per forward (default 16); prompts are bucketed by
     length to limit padding (on a CPU, a batch ends early rather than pad
-    more than CPU_PAD_SHARE of its positions).  The tokens a batch's prompts all start with (a
-    template, an instruction, few-shot examples: SHARED_PREFIX_MIN or more)
-    are computed once for the batch, and so is each prompt for its labels of
-    several tokens.
+    more than CPU_PAD_SHARE of its positions).  The tokens a batch's
+    prompts all start with (a template, an instruction, few-shot examples:
+    SHARED_PREFIX_MIN or more) are computed once for the batch, and so is
+    each prompt for its labels of several tokens.
     """
     model, tok = _parts(text_model)
     vocab = model.config.vocab_size
