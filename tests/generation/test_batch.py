@@ -130,6 +130,7 @@ def test_buckets_limit_padding_where_asked():
     assert _buckets([7] * 5, 16, 0.0) == [[0, 1, 2, 3, 4]]
     assert CPU_PAD_SHARE == 0.1
 
+
 @pytest.mark.parametrize("batch_size", [None, 2])
 @pytest.mark.parametrize("which", ["tiny", "wide_gemma"])
 def test_classify_with_a_shared_prefix_matches_single_prompts(request, tiny, which, batch_size):

@@ -184,7 +184,7 @@ def test_sampled_rows_propose_only_long_matches_where_lengths_do_not_adapt(tiny,
     it; where every proposal is as long as the lookup gives (lookup_adapt
     False, the GPU kernel's), a sampled row proposes only on a match of
     LONG_MATCH (4) ids or more.  The prompt holds A F F F F F B once, after
-    `agree` - 1 ids that the end of the prompt repeats before its A; the row
+    `agree` - 2 ids that the end of the prompt repeats before its A; the row
     gives F at every step (logit_bias), so its one lookup (max_tokens 4)
     matches A F with `agree` ids agreeing.  A greedy row, and a sampled one
     with adapting lengths, propose on any match."""
