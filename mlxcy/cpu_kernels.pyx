@@ -63,6 +63,8 @@ cdef extern from "mlxcy/cpu_quant.h" namespace "mlxcy::cpu" nogil:
     void cpp_set_gemm_min_rows "mlxcy::cpu::set_gemm_min_rows"(int)
     void cpp_set_gemm_run_bytes "mlxcy::cpu::set_gemm_run_bytes"(int64_t)
     int64_t cpp_gemm_run_bytes "mlxcy::cpu::gemm_run_bytes"()
+    void cpp_set_rows_tile_bytes "mlxcy::cpu::set_rows_tile_bytes"(int64_t)
+    int64_t cpp_rows_tile_bytes "mlxcy::cpu::rows_tile_bytes"()
     int cpp_int16_max_rows "mlxcy::cpu::int16_max_rows"()
 
 cdef extern from "mlxcy/cpu_attention.h" namespace "mlxcy::cpu" nogil:
@@ -432,6 +434,17 @@ def set_gemm_run_bytes(int64_t n):
         raise ValueError(f"set_gemm_run_bytes: n must be >= 1, got {n}")
     old = cpp_gemm_run_bytes()
     cpp_set_gemm_run_bytes(n)
+    return old
+
+
+def set_rows_tile_bytes(int64_t n):
+    """Bytes of weight rows that the int16 kernels' passes over several rows
+    of x meet in turn before moving on (default 64 KB: within a core's L2);
+    returns the previous value.  The results are the same for any value."""
+    if n < 1:
+        raise ValueError(f"set_rows_tile_bytes: n must be >= 1, got {n}")
+    old = cpp_rows_tile_bytes()
+    cpp_set_rows_tile_bytes(n)
     return old
 
 

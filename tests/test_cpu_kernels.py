@@ -191,6 +191,39 @@ def test_gemm_runs_of_x_give_identical_results(isa, bits):
         ck.set_gemm_run_bytes(0)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("rows_isa", [i for i in ("avx2", "avx512vnni")
+                                      if ck.has_avx2() and (i == "avx2" or ck.has_vnni())])
+def test_rows_tiles_give_identical_results(bits, rows_isa):
+    """The int16 passes over several rows of x meet the weight rows in tiles
+    of set_rows_tile_bytes: tiles of 1, 2 and 5 rows and the whole weight give
+    the same bits, each row that row's one-row product (N = 23: tiles that do
+    not divide it)."""
+    gs, N, K = 32, 23, 416
+    W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
+    wq, s, b = nn.quantize(W, gs, bits)
+    row_bytes = wq.shape[1] * 4
+    old_mode = ck.set_activations("int16")
+    ck.set_isa(rows_isa)
+    old = ck.set_rows_tile_bytes(1)
+    try:
+        for M in (2, 3, 5, 7):
+            xn = RNG.standard_normal((M, K)).astype(np.float32)
+            one = np.concatenate([np.asarray(ck.linear(mlxcy.array(xn[i:i + 1]), wq, s, b, gs,
+                                                       bits)) for i in range(M)])
+            for rows in (1, 2, 5, N):
+                ck.set_rows_tile_bytes(rows * row_bytes)
+                y = np.asarray(ck.linear(mlxcy.array(xn), wq, s, b, gs, bits))
+                assert np.array_equal(y, one), f"M = {M}, tiles of {rows} rows"
+    finally:
+        ck.set_rows_tile_bytes(old)
+        ck.set_activations(old_mode)
+        ck.set_isa("avx512vnni")
+    assert old == 64 << 10
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        ck.set_rows_tile_bytes(0)
+
+
 def test_threads_give_identical_results():
     gs, bits, N, K = 32, 4, 1000, 576
     W = mlxcy.array(RNG.standard_normal((N, K)).astype(np.float32))
