@@ -7,7 +7,8 @@ summary that quotes with SmolLM2-135M) and prompts that copy nothing.
         [--models qwen,smol] [--gpu-verify on|off] [--chain on|off] [--adapt auto|on|off]
         [--path qwen=DIR]
         [--dtype bfloat16]
-        [--forward-cost [--context 150,2000]] [--step-times]
+        [--forward-cost [--context 150,2000]] [--step-times] [--bound]
+        [--models qwen15 --draft qwen15=qwen --num-draft 2,4]
 
 --chain sets tuning's lookup_chain (a single greedy sequence's verification
 queued before the one before it is read; off by default); --adapt sets
@@ -23,6 +24,12 @@ GPU: its greedy output repeats ids, so lookup proposes and verifies.
 one forward of m = 1 .. 17 positions after a context of --context tokens (150;
 a list runs each), medians of 15 with each m after the other in turn, and its
 ratio to one position's.
+
+--bound prints, instead, for each greedy case the most any choice of proposal
+lengths could give lookup with this device's costs: an oracle that knows how
+many proposals will be kept verifies exactly those where that costs less than
+plain steps (plain steps at plain decoding's rate, verifications at
+--forward-cost's).
 
 --step-times prints, instead, where prompt lookup's time goes on the quoting
 summary (SmolLM2): for plain decoding and for lookup, tok/s over the decode
@@ -130,7 +137,7 @@ def batched(tm, a):
 
 def forward_cost(tm, name, context, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
     """Milliseconds of one forward of m positions over a cache of `context`
-    positions."""
+    positions (medians, printed and returned by m)."""
     import statistics
     import numpy as np
     from mlxcy.transforms import eval as mxeval
@@ -148,9 +155,44 @@ def forward_cost(tm, name, context, reps=15, ms=(1, 2, 3, 4, 5, 6, 9, 13, 17)):
             mxeval(model(ids, cache))
             t[m].append((time.perf_counter() - t0) * 1e3)
             cache.trim(m)
-    one = statistics.median(t[1])
-    print(f"{name}, context {context}: " + ", ".join(f"{m}: {statistics.median(t[m]):.1f} ms "
-                                  f"({statistics.median(t[m]) / one:.2f}x)" for m in ms))
+    med = {m: statistics.median(t[m]) for m in ms}
+    print(f"{name}, context {context}: " + ", ".join(f"{m}: {med[m]:.1f} ms "
+                                                     f"({med[m] / med[1]:.2f}x)" for m in ms))
+    return med
+
+
+def bound(tm, name, case, a):
+    """The most any choice of proposal lengths could give prompt lookup on a
+    greedy case here: an oracle that knows how many of the lookup's
+    proposals plain decoding will agree with verifies exactly those, where
+    that costs less than the plain steps it replaces.  Plain steps cost
+    what plain decoding's did; a verification of m positions a synchronous
+    forward of m (forward_cost, interpolated)."""
+    import numpy as np
+    from mlxcy.generation.engine import DEFAULT_LOOKUP, lookup_proposals
+    _, what, prompt, chat = case
+    run(tm, prompt, chat, 8)                    # warm-up
+    gen, m = max((run(tm, prompt, chat, a.max_tokens) for _ in range(a.repeats)),
+                 key=lambda r: r[1].decode_tokens_per_second)
+    step = 1e3 / m.decode_tokens_per_second
+    cost = forward_cost(tm, name, 150, ms=(1, 2, 3, 4, 6, 9, 13, DEFAULT_LOOKUP + 1))
+    ks = sorted(cost)
+    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    hist = tm.tokenizer.encode(tm.apply_chat_template(msgs) if chat else prompt,
+                               add_special_tokens=False) + gen[:1]
+    j, total = 0, 0.0
+    while j < len(gen) - 1:
+        props, _ = lookup_proposals(hist, min(DEFAULT_LOOKUP, len(gen) - 1 - j))
+        k = 0
+        while k < len(props) and props[k] == gen[j + 1 + k]:
+            k += 1
+        verify = float(np.interp(k + 1, ks, [cost[x] for x in ks]))
+        n = k + 1 if k and verify < (k + 1) * step else 1
+        total += verify if n > 1 else step
+        hist += gen[j + 1:j + 1 + n]
+        j += n
+    print(f"{name:6} {what:26} plain {step:.2f} ms a token: lookup's bound "
+          f"{(len(gen) - 1) * step / total:.2f}x", flush=True)
 
 
 def step_times(tm, max_tokens, k, runs=3):
@@ -270,6 +312,9 @@ def main():
                     help="plain vs lookup with chaining off/on on a host-bound tiny model")
     ap.add_argument("--forward-cost", action="store_true",
                     help="print a forward's wall time by its number of positions instead")
+    ap.add_argument("--bound", action="store_true",
+                    help="print, instead, the most any proposal lengths could give lookup on "
+                         "the greedy cases with this device's verification costs")
     ap.add_argument("--context", default="150",
                     help="--forward-cost: the cache's positions before the forward (a list)")
     ap.add_argument("--step-times", action="store_true",
@@ -291,6 +336,14 @@ def main():
     wanted = [m for m in a.models.split(",") if m]
     paths = dict(p.split("=", 1) for p in a.path)
     models = {name: paths.get(name) or MODELS[name]() for name in wanted}
+    if a.bound:
+        for name, path in models.items():
+            tm = mlxcy.load(path, dtype=a.dtype)
+            for case in cases_of(name):
+                if "sampled" not in case[1]:
+                    bound(tm, name, case, a)
+            tm.close()
+        return
     if a.forward_cost:
         for name, path in models.items():
             tm = mlxcy.load(path, dtype=a.dtype)
