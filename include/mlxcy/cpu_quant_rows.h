@@ -24,11 +24,15 @@ namespace MLXCY_ROWS_NS {
 #define MLXCY_UNROLL _Pragma("GCC unroll 8")
 #endif
 
-// Rows of x per pass over the weights.  AVX2: two; with four, its 16 vector
-// registers no longer hold each row's partial sums (4 bits, 84 MB of weights,
-// 4 rows of x: 7.1 ms in passes of two, 7.9 in one pass of four; one row:
-// 2.8 ms, 2026-12-04).
-constexpr int kRows = MLXCY_ROWS_VNNI ? 4 : 2;
+// Rows of x per pass over the weights: four under both instruction sets,
+// each row meeting a pair of blocks right after the pair before it (the
+// batch functions below), so that AVX2's 16 vector registers hold little
+// more than one row's partial sums besides the unpacked blocks.  AVX2,
+// Qwen2.5-Coder-0.5B's forwards of 6, 9 and 13 positions (2026-12-06): 83-85,
+// 110-112 and 169-172 ms in passes of four against 95-97, 127-131 and 190-197
+// in passes of two (its 5- and 8-bit blocks are unpacked once per pass);
+// SmolLM2-135M's (4 bits) alike either way.
+constexpr int kRows = 4;
 
 // acc + the pairwise products of a and b (int16 pairs summed into int32 lanes).
 MLXCY_ROWS_ISA MLXCY_INLINE __m256i dpw(__m256i acc, __m256i a, __m256i b) {
@@ -39,24 +43,28 @@ MLXCY_ROWS_ISA MLXCY_INLINE __m256i dpw(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-// dot_pair_q4 of one pair of blocks with R rows of x.
-template <int R>
-MLXCY_ROWS_ISA MLXCY_INLINE void dot_pair_q4_rows(const uint8_t* p, const int16_t* xp, int64_t xld,
-                                                  bool half, __m256i* out) {
+// A pair of 4-bit blocks (32 bytes from p) as the four vectors of 16 values
+// that dot_pair_q4 meets with its four runs of x; `half`: only the first
+// block is readable.
+struct PairQ4 {
+  __m256i a, b, c, d;
+};
+MLXCY_ROWS_ISA MLXCY_INLINE PairQ4 unpack_pair_q4(const uint8_t* p, bool half) {
   const __m256i v = half ? _mm256_zextsi128_si256(
                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i m = _mm256_set1_epi16(0x000f);
-  const __m256i a = _mm256_and_si256(v, m), b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
-  const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 8), m), d = _mm256_srli_epi16(v, 12);
-  MLXCY_UNROLL
-  for (int i = 0; i < R; ++i) {
-    const __m256i* x = reinterpret_cast<const __m256i*>(xp + i * xld);
-    __m256i s = _mm256_madd_epi16(a, _mm256_loadu_si256(x));
-    s = dpw(s, b, _mm256_loadu_si256(x + 1));
-    s = dpw(s, c, _mm256_loadu_si256(x + 2));
-    out[i] = dpw(s, d, _mm256_loadu_si256(x + 3));
-  }
+  return {_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+          _mm256_and_si256(_mm256_srli_epi16(v, 8), m), _mm256_srli_epi16(v, 12)};
+}
+
+// dot_pair_q4 of an unpacked pair with one row of x (from xp).
+MLXCY_ROWS_ISA MLXCY_INLINE __m256i dot_q4(const PairQ4& w, const int16_t* xp) {
+  const __m256i* x = reinterpret_cast<const __m256i*>(xp);
+  __m256i s = _mm256_madd_epi16(w.a, _mm256_loadu_si256(x));
+  s = dpw(s, w.b, _mm256_loadu_si256(x + 1));
+  s = dpw(s, w.c, _mm256_loadu_si256(x + 2));
+  return dpw(s, w.d, _mm256_loadu_si256(x + 3));
 }
 
 // acc[i] += the batch's integer dots h[i] times the blocks' weight scales sc
@@ -92,22 +100,41 @@ MLXCY_ROWS_ISA MLXCY_INLINE void add_biases_rows(const Weight& W, int64_t si, in
 
 // The batch of 8 blocks from rp (pairs of them: `pairs` <= 4, the last one
 // half when `half_last`) met by R rows of x from xp: h[i] as the one-row
-// kernel's hadd tree gives it (missing pairs are zeros).
+// kernel's hadd tree gives it (missing pairs are zeros).  Each row meets a
+// pair right after the pair before it, so that one partial vector a row is
+// live besides h (with all rows' dots of two pairs live, AVX2's 16
+// registers held no more than two rows).
 template <int R>
 MLXCY_ROWS_ISA MLXCY_INLINE void batch_q4_rows(const uint8_t* rp, const int16_t* xp, int64_t xld,
                                                int pairs, bool half_last, __m256i* h) {
   const __m256i z = _mm256_setzero_si256();
-  __m256i p[R], q[R];
-  dot_pair_q4_rows<R>(rp, xp, xld, half_last && pairs == 1, p);
-  if (pairs > 1) dot_pair_q4_rows<R>(rp + 32, xp + 64, xld, half_last && pairs == 2, q);
+  __m256i p[R];
+  PairQ4 w = unpack_pair_q4(rp, half_last && pairs == 1);
   MLXCY_UNROLL
-  for (int i = 0; i < R; ++i) h[i] = _mm256_hadd_epi32(p[i], pairs > 1 ? q[i] : z);
-  if (pairs > 2) dot_pair_q4_rows<R>(rp + 64, xp + 128, xld, half_last && pairs == 3, p);
-  if (pairs > 3) dot_pair_q4_rows<R>(rp + 96, xp + 192, xld, half_last, q);
-  MLXCY_UNROLL
-  for (int i = 0; i < R; ++i)
-    h[i] = _mm256_hadd_epi32(h[i], _mm256_hadd_epi32(pairs > 2 ? p[i] : z,
-                                                     pairs > 3 ? q[i] : z));
+  for (int i = 0; i < R; ++i) p[i] = dot_q4(w, xp + i * xld);
+  if (pairs > 1) {
+    w = unpack_pair_q4(rp + 32, half_last && pairs == 2);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) h[i] = _mm256_hadd_epi32(p[i], dot_q4(w, xp + i * xld + 64));
+  } else {
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) h[i] = _mm256_hadd_epi32(p[i], z);
+  }
+  if (pairs > 2) {
+    w = unpack_pair_q4(rp + 64, half_last && pairs == 3);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) p[i] = dot_q4(w, xp + i * xld + 128);
+  }
+  if (pairs > 3) {
+    w = unpack_pair_q4(rp + 96, half_last);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i)
+      h[i] = _mm256_hadd_epi32(h[i], _mm256_hadd_epi32(p[i], dot_q4(w, xp + i * xld + 192)));
+  } else {
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i)
+      h[i] = _mm256_hadd_epi32(h[i], _mm256_hadd_epi32(pairs > 2 ? p[i] : z, z));
+  }
 }
 
 // matvec_q4_i16_t for R rows of x.
@@ -146,44 +173,44 @@ MLXCY_ROWS_ISA void matvec_q4_i16_rows_t(const Weight& W, const int16_t* xq, int
   }
 }
 
-// The integer dots of block j of a 5- or 8-bit row with R rows of x.
-template <int BITS, int R>
-MLXCY_ROWS_ISA MLXCY_INLINE void dot_block_i16_rows(const uint8_t* row, const int16_t* xq,
-                                                    int64_t xld, int j, __m256i* out) {
-  __m256i a, b;
-  block_i16<BITS>(row, j, a, b);
-  MLXCY_UNROLL
-  for (int i = 0; i < R; ++i) {
-    const int16_t* x = xq + i * xld + 32 * j;
-    out[i] = dpw(_mm256_madd_epi16(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                 b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)));
-  }
+// The integer dots of an unpacked block (a, b: its values in k order) with
+// one row of x at the block (x).
+MLXCY_ROWS_ISA MLXCY_INLINE __m256i dot_i16(__m256i a, __m256i b, const int16_t* x) {
+  return dpw(_mm256_madd_epi16(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), b,
+             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)));
 }
 
-// hsum_8x8 of blocks j0 .. j0 + nb - 1 (nb <= 8; zeros past them) for R rows,
-// built up block by block so that few vectors are live per row.
+// hsum_8x8 of blocks j0 .. j0 + nb - 1 (nb <= 8; zeros past them) for R rows.
+// Each row meets a pair of blocks right after the pair before it, so that
+// few vectors are live per row besides the unpacked pair.
 template <int BITS, int R>
 MLXCY_ROWS_ISA MLXCY_INLINE void batch_i16_rows(const uint8_t* row, const int16_t* xq, int64_t xld,
                                                 int j0, int nb, __m256i* h) {
   const __m256i z = _mm256_setzero_si256();
-  __m256i half[2][R], v0[R], v1[R], t[R];
+  __m256i half0[R], t[R];
   for (int s = 0; s < 2; ++s) {       // blocks 0-3, then 4-7
     for (int u = 0; u < 2; ++u) {     // two pairs of blocks each
       const int l = 4 * s + 2 * u;
-      if (l < nb) dot_block_i16_rows<BITS, R>(row, xq, xld, j0 + l, v0);
-      if (l + 1 < nb) dot_block_i16_rows<BITS, R>(row, xq, xld, j0 + l + 1, v1);
+      __m256i a0 = z, b0 = z, a1 = z, b1 = z;
+      if (l < nb) block_i16<BITS>(row, j0 + l, a0, b0);
+      if (l + 1 < nb) block_i16<BITS>(row, j0 + l + 1, a1, b1);
       MLXCY_UNROLL
       for (int i = 0; i < R; ++i) {
-        const __m256i pr = _mm256_hadd_epi32(l < nb ? v0[i] : z, l + 1 < nb ? v1[i] : z);
-        if (u == 0) t[i] = pr;
-        else half[s][i] = _mm256_hadd_epi32(t[i], pr);
+        const int16_t* x = xq + i * xld + 32 * (j0 + l);
+        const __m256i pr = _mm256_hadd_epi32(l < nb ? dot_i16(a0, b0, x) : z,
+                                             l + 1 < nb ? dot_i16(a1, b1, x + 32) : z);
+        if (u == 0) {
+          t[i] = pr;
+        } else if (s == 0) {
+          half0[i] = _mm256_hadd_epi32(t[i], pr);
+        } else {
+          const __m256i half1 = _mm256_hadd_epi32(t[i], pr);
+          h[i] = _mm256_add_epi32(_mm256_permute2x128_si256(half0[i], half1, 0x20),
+                                  _mm256_permute2x128_si256(half0[i], half1, 0x31));
+        }
       }
     }
   }
-  MLXCY_UNROLL
-  for (int i = 0; i < R; ++i)
-    h[i] = _mm256_add_epi32(_mm256_permute2x128_si256(half[0][i], half[1][i], 0x20),
-                            _mm256_permute2x128_si256(half[0][i], half[1][i], 0x31));
 }
 
 // matvec_q_i16_t (5 and 8 bits) for R rows of x.
@@ -256,15 +283,13 @@ MLXCY_ROWS_ISA void passes(const Weight& W, int R, const int16_t* xq, int64_t xl
     pass<BITS, T, LB, kRows>(W, xq + m * xld, xld, xd + m * dld, dld, xsum + m * sld, sld,
                              y + m * ldy, ldy, n0, n1);
   }
-  const int r = R - m;   // 0, or 2 .. kRows - 1
+  const int r = R - m;   // 0, 2 or 3
   xq += m * xld;
   xd += m * dld;
   xsum += m * sld;
   y += m * ldy;
-  if constexpr (kRows > 2) {
-    if (r == 2) pass<BITS, T, LB, 2>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-    if (r == 3) pass<BITS, T, LB, 3>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
-  }
+  if (r == 2) pass<BITS, T, LB, 2>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+  if (r == 3) pass<BITS, T, LB, 3>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
 }
 
 // The passes over tiles of about rows_tile_bytes() of W's rows, so that the
