@@ -294,7 +294,7 @@ MLXCY_ROWS_ISA void passes(const Weight& W, int R, const int16_t* xq, int64_t xl
 
 // The passes over tiles of about rows_tile_bytes() of W's rows, so that the
 // passes after the first find the tile in cache rather than stream W again
-// from memory (a head of 28-136 MB met by 13 rows of x was 6 streams).
+// from memory (each pass over a whole 136 MB head would read it anew).
 template <int BITS, Elt T, int LB>
 MLXCY_ROWS_ISA void rows_lb(const Weight& W, int R, const int16_t* xq, int64_t xld, const float* xd,
                             int dld, const float* xsum, int sld, float* y, int64_t ldy, int n0,
