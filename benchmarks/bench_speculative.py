@@ -105,9 +105,23 @@ def cases_of(name):
     return [c for c in CASES if c[0] == FAMILY.get(name, name)]
 
 
+def messages(prompt):
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def prompt_ids(tm, prompt, chat):
+    """The ids the engine starts a case from (its lookup history's prompt)."""
+    text = tm.apply_chat_template(messages(prompt)) if chat else prompt
+    return tm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def model_path(name, paths):
+    """A --models name's file (--path NAME=PATH overrides it), or a path as given."""
+    return paths.get(name) or (str(MODELS[name]()) if name in MODELS else name)
+
+
 def run(tm, prompt, chat, max_tokens, **opts):
-    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    it = tm.stream_chat(msgs, max_tokens=max_tokens, **opts) if chat else \
+    it = tm.stream_chat(messages(prompt), max_tokens=max_tokens, **opts) if chat else \
         tm.stream(prompt, max_tokens=max_tokens, **opts)
     ids = [t.id for t in it]
     return ids, tm.metrics()
@@ -177,9 +191,7 @@ def bound(tm, name, case, a):
     step = 1e3 / m.decode_tokens_per_second
     cost = forward_cost(tm, name, 150, ms=(1, 2, 3, 4, 6, 9, 13, DEFAULT_LOOKUP + 1))
     ks = sorted(cost)
-    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    hist = tm.tokenizer.encode(tm.apply_chat_template(msgs) if chat else prompt,
-                               add_special_tokens=False) + gen[:1]
+    hist = prompt_ids(tm, prompt, chat) + gen[:1]
     j, total = 0, 0.0
     while j < len(gen) - 1:
         props, _ = lookup_proposals(hist, min(DEFAULT_LOOKUP, len(gen) - 1 - j))
@@ -204,8 +216,7 @@ def step_times(tm, max_tokens, k, runs=3):
     import statistics
     from mlxcy.generation.engine import Engine
     name, what, prompt, chat = next(c for c in CASES if c[0] == "smol")
-    ids = tm.tokenizer.encode(tm.apply_chat_template([{"role": "user", "content": prompt}]),
-                              add_special_tokens=False)
+    ids = prompt_ids(tm, prompt, chat)
     print(f"{'mode':6} {'tok/s':>7} {'steps':>6} | verify: {'n':>3} {'wall':>6} {'read':>6} "
           f"{'eval':>6} {'host':>6} | plain: {'n':>3} {'wall':>6} {'read':>6}   (ms, medians)")
     for mode, lookup in (("plain", None), ("lookup", k)):
@@ -334,8 +345,10 @@ def main():
         tm.close()
         return
     wanted = [m for m in a.models.split(",") if m]
+    if any(m not in MODELS for m in wanted):
+        ap.error(f"--models: expected names among {', '.join(MODELS)}, got {a.models!r}")
     paths = dict(p.split("=", 1) for p in a.path)
-    models = {name: paths.get(name) or MODELS[name]() for name in wanted}
+    models = {name: model_path(name, paths) for name in wanted}
     if a.bound:
         for name, path in models.items():
             tm = mlxcy.load(path, dtype=a.dtype)
@@ -363,9 +376,8 @@ def main():
     if not a.draft:
         print("draft model: no target/draft pair given (--draft TARGET=DRAFT); none run")
     for spec in a.draft:
-        target, draft = (paths.get(n) or (str(MODELS[n]()) if n in MODELS else n)
-                         for n in spec.split("=", 1))
-        name = spec.split("=", 1)[0]
+        name, draft_name = spec.split("=", 1)
+        target, draft = model_path(name, paths), model_path(draft_name, paths)
         plain = mlxcy.load(target, dtype=a.dtype)
         for k in (int(v) for v in a.num_draft.split(",")):
             print(f"draft {spec}, {k} tokens a step (in the lookup columns):", flush=True)

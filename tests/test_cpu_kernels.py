@@ -631,9 +631,9 @@ def test_several_rows_equal_one_row_at_a_time(bits, gs, sdtype, rows_isa):
     step's verification, a small batch) share each pass over the weights
     between rows (four rows a pass), yet every row's y is bit-identical to
     that row's product alone, so verification sees the logits plain
-    decoding would.  K = 416: 13 blocks (a half pair
-    of 4-bit blocks at the end); N odd; the array's last row included.
-    numpy checks the values themselves (expected())."""
+    decoding would.  K = 416: 13 blocks (a half pair of 4-bit blocks at the
+    end); N odd; the array's last row included.  numpy checks the values
+    themselves (expected())."""
     old = ck.set_activations("int16")
     ck.set_isa(rows_isa)
     try:
