@@ -285,6 +285,8 @@ def main():
                     help="the one-token kernel's MLP split (base.set_gpu_step_split): the "
                          "kernel's choice, wherever the slices are whole, never, or slices of "
                          "2, 4 or 8 chunks of each down row wherever whole")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="leave out the op path's rows (A/B runs of kernel versions)")
     a = ap.parse_args()
     from mlxcy.models.base import set_gpu_step_split
     modes = {"auto": None, "on": True, "off": False}
@@ -301,7 +303,7 @@ def main():
           "all kernels us/step |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, m, prompt in models(a):
-        for on in (True, False):
+        for on in (True,) if a.kernel_only else (True, False):
             run(m, prompt, 8, on)                      # warm-up: kernels compiled
             st = run(m, prompt, a.gen, on)
             steps = max(st["decode_steps"], 1)

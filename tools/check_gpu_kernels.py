@@ -6,7 +6,7 @@ writes the same kind of translation unit MLX generates (device code at file
 scope, then one kernel per instantiation with the template constants declared
 in its body) and compiles it for sm_90:
 
-    python tools/check_gpu_kernels.py [--keep DIR] [--ptxas-verbose] [--sass N]
+    python tools/check_gpu_kernels.py [--keep DIR] [--ptxas-verbose] [--sass N] [--only N,M]
 
 --sass N writes step kernel N's machine code (SASS, from cuobjdump and nvdisasm:
 on PATH, or the `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels') to
@@ -232,14 +232,19 @@ def main():
     ap.add_argument("--keep", help="write the .cu here and keep it")
     ap.add_argument("--ptxas-verbose", action="store_true", help="registers and spills per kernel")
     ap.add_argument("--sass", type=int, metavar="N", help="step kernel N's SASS (cuobjdump)")
+    ap.add_argument("--only", metavar="N,M", help="only these step kernels, no gemv (seconds, "
+                    "not minutes: e.g. registers and spills of the kernels a change touches)")
     a = ap.parse_args()
+    only = {int(n) for n in a.only.split(",")} if a.only else None
     src = raw_strings(ROOT / "include/mlxcy/gpu_gemv.h")
     step = raw_strings(ROOT / "include/mlxcy/gpu_step.h")
     parts = [PRELUDE, src["gemv_device_source"], step["step_device_source"]]
     body = src["gemv_body_source"].replace("x_shape[0]", "x_shape[0]")
-    for i, (t, c) in enumerate(gemv_cases()):
+    gemv = [] if only else list(gemv_cases())
+    steps = [(i, s) for i, s in enumerate(step_cases()) if only is None or i in only]
+    for i, (t, c) in enumerate(gemv):
         parts.append(gemv_kernel(i, body, t, **c))
-    for i, (t, L, c) in enumerate(step_cases()):
+    for i, (t, L, c) in steps:
         parts.append(step_kernel(i, t, L, **c))
     cu = "\n".join(parts)
     d = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
@@ -252,8 +257,8 @@ def main():
     r = subprocess.run(cmd, capture_output=True, text=True)
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
-    print(("ok" if r.returncode == 0 else "FAILED") + f": {len(list(gemv_cases()))} gemv kernels, "
-          f"{len(list(step_cases()))} step kernels, {f}")
+    print(("ok" if r.returncode == 0 else "FAILED") + f": {len(gemv)} gemv kernels, "
+          f"{len(steps)} step kernels, {f}")
     if r.returncode == 0 and a.sass is not None:
         write_sass(d / "k.o", a.sass)
     sys.exit(r.returncode)
