@@ -259,8 +259,43 @@ __device__ __forceinline__ const T* ptr(unsigned long long v) {
   return reinterpret_cast<const T*>(v);
 }
 
+// A quantized weight q (B bits at bit sh of word wd) as the float OFF + q,
+// exactly: q's bits moved into a float's mantissa where their unit is 1
+// (128.0f's bit 16 for 4 bits, 256.0f's bit 15 for 8) -- a shift and a mask
+// where a conversion (I2FP) takes more of the SM's integer issue slots, which
+// bound the quantized products.  The sums take the offset back out:
+// qdot_affine.
+template <int B>
+struct QFloat {
+  static constexpr int AT = B == 4 ? 16 : 15;
+  static constexpr unsigned BASE = B == 4 ? 0x43000000u : 0x43800000u;
+  static constexpr float OFF = B == 4 ? 128.0f : 256.0f;
+};
+
+template <int B>
+__device__ __forceinline__ float q_float(unsigned wd, int sh) {
+  constexpr int AT = QFloat<B>::AT;
+  constexpr unsigned MASK = ((1u << B) - 1u) << AT;
+  const unsigned v = sh <= AT ? wd << (AT - sh) : wd >> (sh - AT);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // (v & MASK) | BASE as one instruction: written plainly, ptxas takes two,
+  // one immediate operand each
+  unsigned r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(MASK), "r"(QFloat<B>::BASE));
+  return __int_as_float(r);
+#else
+  return __int_as_float((v & MASK) | QFloat<B>::BASE);
+#endif
+}
+
+// scale * sum(q x) + bias * sum(x) from d = sum((OFF + q) x) and sx = sum(x).
+template <int BITS>
+__device__ __forceinline__ float qdot_affine(float scale, float bias, float d, float sx) {
+  return scale * (d - QFloat<BITS>::OFF * sx) + bias * sx;
+}
+
 // dot(chunk c of a weight row, xs) for one lane; sx: the sum of the chunk's x
-// (for the affine bias).
+// (for the affine bias; the quantized dot is of OFF + q: qdot_affine).
 template <typename T, int BITS>
 __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* xs, float* sx) {
   constexpr int VALS = chunk_vals<T, BITS>();
@@ -280,16 +315,15 @@ __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* 
     const unsigned* words = reinterpret_cast<const unsigned*>(&wq);
     constexpr int B = BITS ? BITS : 8;        // (B: BITS, defined when BITS is 0)
     constexpr int PER = 32 / B;               // values per word
-    constexpr unsigned MASK = (1u << B) - 1u;
 #pragma unroll
     for (int i = 0; i < VALS; i += 4) {
       float4 x4 = *reinterpret_cast<const float4*>(xc + i);
       const unsigned wd = words[i / PER];
       const int sh = (i % PER) * B;
-      d = fmaf(static_cast<float>((wd >> sh) & MASK), x4.x, d);
-      d = fmaf(static_cast<float>((wd >> (sh + B)) & MASK), x4.y, d);
-      d = fmaf(static_cast<float>((wd >> (sh + 2 * B)) & MASK), x4.z, d);
-      d = fmaf(static_cast<float>((wd >> (sh + 3 * B)) & MASK), x4.w, d);
+      d = fmaf(q_float<B>(wd, sh), x4.x, d);
+      d = fmaf(q_float<B>(wd, sh + B), x4.y, d);
+      d = fmaf(q_float<B>(wd, sh + 2 * B), x4.z, d);
+      d = fmaf(q_float<B>(wd, sh + 3 * B), x4.w, d);
       s += (x4.x + x4.y) + (x4.z + x4.w);
     }
   }
@@ -311,25 +345,14 @@ struct Pass {
 };
 
 // NR rows (row[n] < 0: none) of L[n]: this lane's chunks c0, c0 + 32, ...
-// (U of them) into wq -- loads only, so they can be in flight while the
-// activations are still being loaded.
-template <typename T, int BITS, int K, int NR, int U>
-__device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                          uint4 (&wq)[NR][U]) {
-  constexpr int CH = K / chunk_vals<T, BITS>();
-#pragma unroll
-  for (int n = 0; n < NR; ++n)
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (row[n] >= 0 && c0 + 32 * u < CH)
-        wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
-}
-
-// acc[n] += the loaded chunks of row n dotted with xs.
+// (U of them) into wq and, quantized, each chunk's scale and bias into qs, qb
+// -- loads only, so they can be in flight while the activations are still
+// being loaded, and the scales' round trip is the weights' (not a second one
+// after them).  (Separate arrays: in one struct, ptxas spilled them.)
 template <typename T, int BITS, int GS, int K, int NR, int U>
-__device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                         const uint4 (&wq)[NR][U], const float* xs,
-                                         float (&acc)[NR]) {
+__device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
+                                          uint4 (&wq)[NR][U], float (&qs)[NR][U],
+                                          float (&qb)[NR][U]) {
   constexpr int VALS = chunk_vals<T, BITS>();
   constexpr int CH = K / VALS;
 #pragma unroll
@@ -338,15 +361,31 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * u;
       if (row[n] >= 0 && c < CH) {
+        wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c);
+        if constexpr (BITS != 0) {
+          const size_t g = (size_t)row[n] * (K / GS) + (c * VALS) / GS;
+          qs[n][u] = static_cast<float>(__ldg(L[n].s + g));
+          qb[n][u] = static_cast<float>(__ldg(L[n].b + g));
+        }
+      }
+    }
+}
+
+// acc[n] += the loaded chunks of row n dotted with xs.
+template <typename T, int BITS, int K, int NR, int U>
+__device__ __forceinline__ void rows_use(const int (&row)[NR], int c0, const uint4 (&wq)[NR][U],
+                                         const float (&qs)[NR][U], const float (&qb)[NR][U],
+                                         const float* xs, float (&acc)[NR]) {
+  constexpr int CH = K / chunk_vals<T, BITS>();
+#pragma unroll
+  for (int n = 0; n < NR; ++n)
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (row[n] >= 0 && c < CH) {
         float sx;
         const float d = chunk_dot<T, BITS>(wq[n][u], c, xs, &sx);
-        if (BITS) {
-          constexpr int G = GS ? GS : 1;
-          const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
-          acc[n] += static_cast<float>(L[n].s[g]) * d + static_cast<float>(L[n].b[g]) * sx;
-        } else {
-          acc[n] += d;
-        }
+        acc[n] += BITS ? qdot_affine<BITS>(qs[n][u], qb[n][u], d, sx) : d;
       }
     }
 }
@@ -365,9 +404,10 @@ __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)
   for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
   for (int c0 = lane, first = 1; c0 < CH || first; c0 += 32 * U, first = 0) {
     uint4 wq[NR][U];
-    if (c0 < CH) rows_load<T, BITS, K, NR, U>(L, row, c0, wq);
+    float qs[NR][U], qb[NR][U];
+    if (c0 < CH) rows_load<T, BITS, GS, K, NR, U>(L, row, c0, wq, qs, qb);
     if (first) ready();
-    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U>(L, row, c0, wq, xs, acc);
+    if (c0 < CH) rows_use<T, BITS, K, NR, U>(row, c0, wq, qs, qb, xs, acc);
   }
 #pragma unroll
   for (int n = 0; n < NR; ++n) out[n] = warp_sum(acc[n]);
@@ -1095,13 +1135,13 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           const uint4* w4 = reinterpret_cast<const uint4*>(dn.w) + (size_t)d * (FF / VALS) + s0 / VALS;
           float acc = 0.0f;
 #pragma unroll
-          for (int c = 0; c < S / VALS; ++c) {
+          for (int c = 0; c < SLICE; ++c) {
             float sx;
             const float dd = chunk_dot<T, BITS>(__ldg(w4 + c), c, hs, &sx);
-            if (BITS) {
-              constexpr int G = GS ? GS : 1;
-              const size_t gi = (size_t)d * (FF / G) + (s0 + c * VALS) / G;
-              acc += static_cast<float>(dn.s[gi]) * dd + static_cast<float>(dn.b[gi]) * sx;
+            if constexpr (BITS != 0) {
+              const size_t gi = (size_t)d * (FF / GS) + (s0 + c * VALS) / GS;
+              acc += qdot_affine<BITS>(static_cast<float>(dn.s[gi]), static_cast<float>(dn.b[gi]),
+                                       dd, sx);
             } else {
               acc += dd;
             }
