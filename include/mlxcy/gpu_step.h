@@ -261,10 +261,10 @@ __device__ __forceinline__ const T* ptr(unsigned long long v) {
 
 // A quantized weight q (B bits at bit sh of word wd) as the float OFF + q,
 // exactly: q's bits moved into a float's mantissa where their unit is 1
-// (128.0f's bit 16 for 4 bits, 256.0f's bit 15 for 8) -- a shift and a mask
-// where a conversion (I2FP) takes more of the SM's integer issue slots, which
-// bound the quantized products.  The sums take the offset back out:
-// qdot_affine.
+// (128.0f's bit 16 for 4 bits, 256.0f's bit 15 for 8) -- a shift and one
+// lop3, where a shift, a mask and an int-to-float conversion (I2FP) were
+// three instructions of the SM's integer units.  The sums take the offset
+// back out: qdot_affine.
 template <int B>
 struct QFloat {
   static constexpr int AT = B == 4 ? 16 : 15;
@@ -345,14 +345,25 @@ struct Pass {
 };
 
 // NR rows (row[n] < 0: none) of L[n]: this lane's chunks c0, c0 + 32, ...
-// (U of them) into wq and, quantized, each chunk's scale and bias into qs, qb
-// -- loads only, so they can be in flight while the activations are still
-// being loaded, and the scales' round trip is the weights' (not a second one
-// after them).  (Separate arrays: in one struct, ptxas spilled them.)
-template <typename T, int BITS, int GS, int K, int NR, int U>
+// (U of them) into wq -- loads only, so they can be in flight while the
+// activations are still being loaded.
+template <typename T, int BITS, int K, int NR, int U>
 __device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                          uint4 (&wq)[NR][U], float (&qs)[NR][U],
-                                          float (&qb)[NR][U]) {
+                                          uint4 (&wq)[NR][U]) {
+  constexpr int CH = K / chunk_vals<T, BITS>();
+#pragma unroll
+  for (int n = 0; n < NR; ++n)
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (row[n] >= 0 && c0 + 32 * u < CH)
+        wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
+}
+
+// acc[n] += the loaded chunks of row n dotted with xs.
+template <typename T, int BITS, int GS, int K, int NR, int U>
+__device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
+                                         const uint4 (&wq)[NR][U], const float* xs,
+                                         float (&acc)[NR]) {
   constexpr int VALS = chunk_vals<T, BITS>();
   constexpr int CH = K / VALS;
 #pragma unroll
@@ -361,31 +372,16 @@ __device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * u;
       if (row[n] >= 0 && c < CH) {
-        wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c);
-        if constexpr (BITS != 0) {
-          const size_t g = (size_t)row[n] * (K / GS) + (c * VALS) / GS;
-          qs[n][u] = static_cast<float>(__ldg(L[n].s + g));
-          qb[n][u] = static_cast<float>(__ldg(L[n].b + g));
-        }
-      }
-    }
-}
-
-// acc[n] += the loaded chunks of row n dotted with xs.
-template <typename T, int BITS, int K, int NR, int U>
-__device__ __forceinline__ void rows_use(const int (&row)[NR], int c0, const uint4 (&wq)[NR][U],
-                                         const float (&qs)[NR][U], const float (&qb)[NR][U],
-                                         const float* xs, float (&acc)[NR]) {
-  constexpr int CH = K / chunk_vals<T, BITS>();
-#pragma unroll
-  for (int n = 0; n < NR; ++n)
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * u;
-      if (row[n] >= 0 && c < CH) {
         float sx;
         const float d = chunk_dot<T, BITS>(wq[n][u], c, xs, &sx);
-        acc[n] += BITS ? qdot_affine<BITS>(qs[n][u], qb[n][u], d, sx) : d;
+        if (BITS) {
+          constexpr int G = GS ? GS : 1;
+          const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
+          acc[n] += qdot_affine<BITS>(static_cast<float>(L[n].s[g]),
+                                      static_cast<float>(L[n].b[g]), d, sx);
+        } else {
+          acc[n] += d;
+        }
       }
     }
 }
@@ -404,10 +400,9 @@ __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)
   for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
   for (int c0 = lane, first = 1; c0 < CH || first; c0 += 32 * U, first = 0) {
     uint4 wq[NR][U];
-    float qs[NR][U], qb[NR][U];
-    if (c0 < CH) rows_load<T, BITS, GS, K, NR, U>(L, row, c0, wq, qs, qb);
+    if (c0 < CH) rows_load<T, BITS, K, NR, U>(L, row, c0, wq);
     if (first) ready();
-    if (c0 < CH) rows_use<T, BITS, K, NR, U>(row, c0, wq, qs, qb, xs, acc);
+    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U>(L, row, c0, wq, xs, acc);
   }
 #pragma unroll
   for (int n = 0; n < NR; ++n) out[n] = warp_sum(acc[n]);
@@ -1135,13 +1130,14 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           const uint4* w4 = reinterpret_cast<const uint4*>(dn.w) + (size_t)d * (FF / VALS) + s0 / VALS;
           float acc = 0.0f;
 #pragma unroll
-          for (int c = 0; c < SLICE; ++c) {
+          for (int c = 0; c < S / VALS; ++c) {
             float sx;
             const float dd = chunk_dot<T, BITS>(__ldg(w4 + c), c, hs, &sx);
-            if constexpr (BITS != 0) {
-              const size_t gi = (size_t)d * (FF / GS) + (s0 + c * VALS) / GS;
-              acc += qdot_affine<BITS>(static_cast<float>(dn.s[gi]), static_cast<float>(dn.b[gi]),
-                                       dd, sx);
+            if (BITS) {
+              constexpr int G = GS ? GS : 1;
+              const size_t gi = (size_t)d * (FF / G) + (s0 + c * VALS) / G;
+              acc += qdot_affine<BITS>(static_cast<float>(dn.s[gi]),
+                                       static_cast<float>(dn.b[gi]), dd, sx);
             } else {
               acc += dd;
             }
