@@ -235,13 +235,21 @@ def main():
     ap.add_argument("--only", metavar="N,M", help="only these step kernels, no gemv (seconds, "
                     "not minutes: e.g. registers and spills of the kernels a change touches)")
     a = ap.parse_args()
-    only = {int(n) for n in a.only.split(",")} if a.only else None
+    cases = list(step_cases())
+    only = None
+    if a.only:
+        try:
+            only = {int(n) for n in a.only.split(",")}
+        except ValueError:
+            ap.error(f"--only: expected step kernel numbers, got {a.only!r}")
+        if not only <= set(range(len(cases))):
+            ap.error(f"--only: step kernels are 0 .. {len(cases) - 1}, got {a.only!r}")
     src = raw_strings(ROOT / "include/mlxcy/gpu_gemv.h")
     step = raw_strings(ROOT / "include/mlxcy/gpu_step.h")
     parts = [PRELUDE, src["gemv_device_source"], step["step_device_source"]]
     body = src["gemv_body_source"].replace("x_shape[0]", "x_shape[0]")
     gemv = [] if only else list(gemv_cases())
-    steps = [(i, s) for i, s in enumerate(step_cases()) if only is None or i in only]
+    steps = [(i, s) for i, s in enumerate(cases) if only is None or i in only]
     for i, (t, c) in enumerate(gemv):
         parts.append(gemv_kernel(i, body, t, **c))
     for i, (t, L, c) in steps:

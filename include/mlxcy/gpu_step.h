@@ -267,9 +267,9 @@ __device__ __forceinline__ const T* ptr(unsigned long long v) {
 // back out: qdot_affine.
 template <int B>
 struct QFloat {
-  static constexpr int AT = B == 4 ? 16 : 15;
-  static constexpr unsigned BASE = B == 4 ? 0x43000000u : 0x43800000u;
-  static constexpr float OFF = B == 4 ? 128.0f : 256.0f;
+  static constexpr int AT = B == 4 ? 16 : 15;                  // q's lowest bit
+  static constexpr float OFF = static_cast<float>(1u << (23 - AT));   // where bit AT is worth 1
+  static constexpr unsigned BASE = (127u + 23 - AT) << 23;     // OFF's bits
 };
 
 template <int B>
