@@ -10,7 +10,8 @@ not depend on the values), written once under $MLXCY_CACHE/bench; 4-bit ones
 are converted with mlxcy.models.convert.convert_hf_to_mlx (mlx-lm's layout), so
 both engines read byte-identical files.
 
-Each engine's model is loaded once and warmed up; then the engines take turns
+Each engine's model is loaded once and warmed up (one untimed run of the same
+length); then the engines take turns
 for --rounds runs and the medians are reported (turns, so that load from
 other processes on the machine hits both alike).  mlxcy runs with
 TextModel's defaults for the device (q/k/v and gate/up fused on a GPU, not on
@@ -251,8 +252,13 @@ def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None, torch_graph=
     if torch_graph:
         engines["torch"] = TorchGraphEngine(path, prompt_len + n + 16)
     try:
-        for e in engines.values():   # warm-up at full length: kernels built, compile traced
-            e.once(prompt, 8)
+        # warm-up as long as a timed run, so that every kind of step a run
+        # takes is built before timing: among them the step that grows the KV
+        # cache past the prompt's buffer (512 + 8 positions; the op path), which
+        # 8 tokens stopped short of (a timed Gemma-3-270M run once lost ~6 s to
+        # something that warm-up had not done: H100, 2026-12-07)
+        for e in engines.values():
+            e.once(prompt, n)
         runs = {k: [] for k in engines}
         tokens = {}
         for r in range(rounds):
