@@ -137,7 +137,7 @@ def step_cases():
     yield "f32", 30, dict(BITS=4, GS=32, EBITS=8, EGS=32, D=576, NQ=9, NKV=3, HD=64, FF=1536,
                           V=49152, QKV_BIAS=False, QK_NORM=False, M=9, **norms)
     # Gemma 3 (the sandwich norms, GELU, head_dim 256): 270M bf16 split and not, 1B 4-bit,
-    # the tiny float32 model's shape
+    # 1B bf16 (split as step_slice splits it: 8 chunks), the tiny float32 model's shape
     gemma = dict(EPS_BITS=0x358637BD, QK_EPS_BITS=0x358637BD, SCALE_BITS=0x3D800000,
                  QKV_BIAS=False, QK_NORM=True, GEMMA=True)
     yield "bf16", 18, dict(BITS=0, GS=0, D=640, NQ=4, NKV=1, HD=256, FF=2048, V=262144,
@@ -146,6 +146,8 @@ def step_cases():
                            ESCALE_BITS=0x41CA0000, **gemma)
     yield "bf16", 26, dict(BITS=4, GS=64, D=1152, NQ=4, NKV=1, HD=256, FF=6912, V=262144,
                            ESCALE_BITS=0x42080000, SLICE=2, **gemma)
+    yield "bf16", 26, dict(BITS=0, GS=0, D=1152, NQ=4, NKV=1, HD=256, FF=6912, V=262144,
+                           ESCALE_BITS=0x42080000, SLICE=8, **gemma)
     yield "f32", 2, dict(BITS=0, GS=0, D=64, NQ=4, NKV=2, HD=16, FF=128, V=96,
                          ESCALE_BITS=0x41000000, **gemma)
     # several positions (verify_step): Llama-3.2-1B bf16 and SmolLM2 8-bit with 9, Qwen3-0.6B
@@ -220,7 +222,8 @@ def write_sass(obj: Path, n: int) -> Path:
     out = obj.parent / f"step_{n}.sass"
     out.write_text("\n".join(body) + "\n")
     code = [line for line in body if re.search(r"/\*[0-9a-f]{4,}\*/", line)]   # (an address)
-    mem = re.compile(r"\s((?:LDG|LD|STG|ST|LDGSTS|ATOMG|REDG)\.[\w.]+)")
+    # (LDL / STL: local memory, the stack and ptxas's spills)
+    mem = re.compile(r"\s((?:LDGSTS|LDG|LDL|LD|STG|STL|ST|ATOMG|REDG)(?:\.[\w.]+)?)\s")
     ops = collections.Counter(m.group(1) for line in code for m in [mem.search(line)] if m)
     print(f"step_{n}: {out} ({len(code)} instructions); memory: " +
           ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
