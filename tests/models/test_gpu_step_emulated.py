@@ -59,6 +59,18 @@ def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype,
     _assert_close(err, same_ids, dtype, bits)
 
 
+@pytest.mark.parametrize("kind,dtype,head_dim", [
+    # one-token steps over heads of 64, 128 and 256 values (the tiny model's
+    # are 16), in float32 to be held to its tolerance (256: value rows of 64
+    # 16-byte chunks, the path for rows of more than 32), and Gemma's 256 in
+    # bfloat16 over its sliding ring
+    ("llama", "float32", 64), ("llama", "float32", 128), ("llama", "float32", 256),
+    ("gemma3_text", "bfloat16", 256)])
+def test_large_heads_match_the_op_path(kind, dtype, head_dim):
+    err, same_ids = emu.run(kind, 70, 3, window=48, split=0, dtype=dtype, head_dim=head_dim)
+    _assert_close(err, same_ids, dtype, 0)
+
+
 @pytest.mark.parametrize("kind,rows,dtype,bits,head_dim", [
     ("llama", 6, "float32", 0, 0), ("gemma3_text", 4, "float32", 0, 0),
     # the products on the tensor cores (2-byte activations): two m-tiles of 16
