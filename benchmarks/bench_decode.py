@@ -253,11 +253,9 @@ def compare(label, path, vocab, prompt_len, n, rounds=1, fuse=None, torch_graph=
         engines["torch"] = TorchGraphEngine(path, prompt_len + n + 16)
     try:
         # warm-up as long as a timed run, so that every kind of step a run
-        # takes is built before timing: among them the step that grows the KV
-        # cache past the prompt's buffer (the prompt rounded up to 256
-        # positions, plus 8; that step takes the op path), which 8 tokens
-        # stopped short of (a timed Gemma-3-270M run once lost ~6 s to
-        # something that warm-up had not done: H100, 2026-12-07)
+        # takes is built before timing, the step that grows the KV cache past
+        # the prompt's buffer (the prompt rounded up to 256 positions, plus 8;
+        # the op path) among them
         for e in engines.values():
             e.once(prompt, n)
         runs = {k: [] for k in engines}

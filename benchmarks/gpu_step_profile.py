@@ -304,7 +304,7 @@ def main():
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, m, prompt in models(a):
         for on in (True,) if a.kernel_only else (True, False):
-            run(m, prompt, 8, on)                      # warm-up: kernels compiled
+            run(m, prompt, a.gen, on)   # warm-up as long: the KV cache grows in it too
             st = run(m, prompt, a.gen, on)
             steps = max(st["decode_steps"], 1)
             kern, total = profile(m, prompt, a.gen, on)
