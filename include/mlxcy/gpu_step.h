@@ -26,14 +26,16 @@
 //             in shared memory (float, padded 4 floats every 32 so the lanes'
 //             16-byte reads hit distinct banks), the first chunks requested
 //             before the activations are loaded and normalized;
-//   attention a block per (query head, chunk of 8 tiles of 32 positions), a
+//   attention a block per (query head, chunk of 8 tiles of TP positions: 32,
+//             fewer for heads of more than 128 bytes: tile_positions), a
 //             warp per tile: it normalizes and rotates the head's q (and, on
 //             the last tile, the new k/v, which the group's first head writes
-//             into the cache at `pos`), scores a position per lane, and sums
+//             into the cache at `pos`), scores a position per lane (per 32 /
+//             TP lanes), and sums
 //             the values with lanes over (position group, 16-byte chunk of a
 //             value row); one warp merges the chunk's tiles' (sum, max,
 //             weighted values) in shared memory, into the head's output when
-//             the head is one chunk (up to 256 positions), else into the
+//             the head is one chunk (up to 8 TP positions), else into the
 //             chunk's partial, which the block finishing a head's last chunk
 //             merges with the others through L2.
 //   phases    5 per layer, a grid-wide barrier after each (4 when the MLP is
@@ -101,6 +103,20 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 __device__ __forceinline__ int xp(int k) { return k + ((k >> 5) << 2); }   // padded index
 
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+// Positions of a key/value tile (a warp's share of attention): 32 where a
+// head's row is at most 128 bytes, fewer for larger heads, whose rows LPP =
+// 32 / TP lanes score together, so that a lane loads at most 8 16-byte
+// chunks of keys and the tile's values take one batch of loads, whatever the
+// head size (at head size 256 a lane's 32 key loads were ~8 round trips: ptxas
+// keeps ~4 in flight).  32 where the row does not split into whole chunks.
+template <typename T, int HD>
+__host__ __device__ constexpr int tile_positions() {
+  const int rb = HD * static_cast<int>(sizeof(T));
+  int tp = 32;
+  while (tp > 1 && rb * tp > 32 * 128) tp /= 2;
+  return rb % (16 * (32 / tp)) == 0 ? tp : 32;
+}
 
 // Weight values in a 16-byte chunk: 8 bf16 / 32 4-bit / 16 8-bit.
 template <typename T, int BITS>
@@ -906,7 +922,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       });
     }
     grid_sync(sync);
-    // -- B: attention, a block per (query head, chunk of WARPS tiles of 32
+    // -- B: attention, a block per (query head, chunk of WARPS tiles of TP
     // positions), a warp per tile: its softmax-weighted sum of values with
     // the tile's max and sum (a partial) into shared memory; one warp merges
     // the chunk's partials there -- into the head's output when the head is
@@ -926,7 +942,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     }
     auto is_old = [&](int p) { return p < nslot && p != wslot; };   // a cached key/value
     auto is_new = [&](int p) { return p == wslot; };
-    const int ntile = (nslot - 1) / 32 + 1, nch = (ntile + WARPS - 1) / WARPS;
+    constexpr int TP = tile_positions<T, HD>(), LPP = 32 / TP;
+    const int ntile = (nslot - 1) / TP + 1, nch = (ntile + WARPS - 1) / WARPS;
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
       float* sp = xs + 3 * WARPS * HD;         // the chunk's partials [WARPS][HD + 2]
@@ -934,7 +951,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       for (int it = blockIdx.x; it < NQ * nch; it += gridDim.x) {
         const int h = it / nch, ch = it % nch, tile = ch * WARPS + warp, j = h / GROUP;
         const int ntl = min(WARPS, ntile - ch * WARPS);   // tiles in this chunk
-        const bool last = tile == wslot / 32;   // holds the new k/v
+        const bool last = tile == wslot / TP;   // holds the new k/v
         if (warp < ntl) {
           for (int d = lane; d < HD; d += 32) {
             qw[d] = __ldcg(qkv + h * HD + d);
@@ -967,29 +984,33 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           // depend on the scores), so their round trip overlaps the keys'
           constexpr int KV = 16 / sizeof(T), CPR = HD / KV;   // 16-byte chunks of a value row
           constexpr bool VBATCH = CPR <= 32 && 32 % CPR == 0;
-          constexpr int PPI = VBATCH ? 32 / CPR : 1, PER = 32 / PPI, BATCH = PER < 8 ? PER : 8;
+          constexpr int PPI = VBATCH ? 32 / CPR : 1, PER = TP / PPI, BATCH = PER < 8 ? PER : 8;
+          static_assert(!VBATCH || TP % PPI == 0, "a tile's positions in whole load rounds");
           const int c = lane % CPR, pg = lane / CPR;
           uint4 v0[BATCH];
           if constexpr (VBATCH) {
 #pragma unroll
             for (int j = 0; j < BATCH; ++j) {
-              const int pp = tile * 32 + pg + j * PPI;
+              const int pp = tile * TP + pg + j * PPI;
               if (is_old(pp)) v0[j] = __ldg(reinterpret_cast<const uint4*>(vl + (size_t)pp * HD) + c);
             }
           }
-          // scores: lane i scores position tile * 32 + i
-          const int p = tile * 32 + lane;
-          float s = neg_inf();
+          // scores: lanes i * LPP .. i * LPP + LPP - 1 score position tile *
+          // TP + i, each over its HP of the head's dims, summed across them
+          constexpr int HP = HD / LPP;
+          const int part = lane % LPP, p = tile * TP + lane / LPP;
+          float s = 0.0f;
           if (is_old(p)) {
-            s = key_dot<T, HD, false>(qw, kl + (size_t)p * HD) * scale;
+            s = key_dot<T, HP, false>(qw + part * HP, kl + (size_t)p * HD + part * HP);
           } else if (is_new(p)) {
-            float a = 0.0f;
-            for (int d = 0; d < HD; ++d) a = fmaf(qw[d], qw[HD + d], a);
-            s = a * scale;
+            for (int d = part * HP; d < part * HP + HP; ++d) s = fmaf(qw[d], qw[HD + d], s);
           }
+#pragma unroll
+          for (int o = 1; o < LPP; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+          s = p < nslot ? s * scale : neg_inf();
           const float m = warp_max(s);
           const float e = p < nslot ? __expf(s - m) : 0.0f;
-          const float sum = warp_sum(e);
+          const float sum = warp_sum(part == 0 ? e : 0.0f);   // (each position once)
           if constexpr (VBATCH) {
             // lanes over (position group, chunk): every value load of the tile
             // in flight at once, then a sum over the position groups
@@ -1002,7 +1023,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
               uint4 vq[BATCH];
 #pragma unroll
               for (int j = 0; j < BATCH; ++j) {
-                const int pp = tile * 32 + pg + (j0 + j) * PPI;
+                const int pp = tile * TP + pg + (j0 + j) * PPI;
                 if (j0 == 0)
                   vq[j] = v0[j];
                 else if (is_old(pp))
@@ -1010,8 +1031,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
               }
 #pragma unroll
               for (int j = 0; j < BATCH; ++j) {
-                const int i = pg + (j0 + j) * PPI, pp = tile * 32 + i;
-                const float ei = __shfl_sync(0xffffffffu, e, i);
+                const int i = pg + (j0 + j) * PPI, pp = tile * TP + i;
+                const float ei = __shfl_sync(0xffffffffu, e, i * LPP);
                 const T* vv = reinterpret_cast<const T*>(&vq[j]);
 #pragma unroll
                 for (int k = 0; k < KV; ++k) {
@@ -1029,14 +1050,14 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
 #pragma unroll
               for (int k = 0; k < KV; ++k) pt[c * KV + k] = a[k];
           } else {   // (value rows of more than 32, or not a power of two, 16-byte chunks)
-            const int n = min(32, nslot - tile * 32);
+            const int n = min(TP, nslot - tile * TP);
             float acc[DPL];
 #pragma unroll
             for (int i = 0; i < DPL; ++i) acc[i] = 0.0f;
 #pragma unroll 8
             for (int i = 0; i < n; ++i) {
-              const float ei = __shfl_sync(0xffffffffu, e, i);
-              const int pp = tile * 32 + i;
+              const float ei = __shfl_sync(0xffffffffu, e, i * LPP);
+              const int pp = tile * TP + i;
 #pragma unroll
               for (int c = 0; c < DPL; ++c) {
                 const int d = lane + 32 * c;

@@ -63,7 +63,10 @@ def test_the_kernels_code_matches_the_op_path(kind, prompt, steps, split, dtype,
     # one-token steps over heads of 64, 128 and 256 values (the tiny model's
     # are 16), in float32 to be held to its tolerance (256: value rows of 64
     # 16-byte chunks, the path for rows of more than 32), and Gemma's 256 in
-    # bfloat16 over its sliding ring
+    # bfloat16 over its sliding ring.  Heads of more than 128 bytes take tiles
+    # of fewer positions (tile_positions): 16 / 8 / 4 positions of 2 / 4 / 8
+    # lanes each here, Gemma's 8 of 4; 70 positions are then two chunks of
+    # tiles at 128 values, merged through L2
     ("llama", "float32", 64), ("llama", "float32", 128), ("llama", "float32", 256),
     ("gemma3_text", "bfloat16", 256)])
 def test_large_heads_match_the_op_path(kind, dtype, head_dim):
