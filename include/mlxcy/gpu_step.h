@@ -21,23 +21,22 @@
 // Layout of the work:
 //   products  rows strided over all warps of the grid, a warp taking several
 //             rows at once (Pass: up to 16 16-byte chunks in flight a lane,
-//             12 for Gemma; gate and up rows in pairs); each lane streams 16-byte chunks
-//             (8 bf16 / 32 4-bit / 16 8-bit values) against the activations
-//             in shared memory (float, padded 4 floats every 32 so the lanes'
-//             16-byte reads hit distinct banks), the first chunks requested
-//             before the activations are loaded and normalized;
+//             12 for Gemma; gate and up rows in pairs); each lane streams
+//             16-byte chunks (8 bf16 / 32 4-bit / 16 8-bit values) against the
+//             activations in shared memory (float, padded 4 floats every 32 so
+//             the lanes' 16-byte reads hit distinct banks), the first chunks
+//             requested before the activations are loaded and normalized;
 //   attention a block per (query head, chunk of 8 tiles of TP positions: 32,
 //             fewer for heads of more than 128 bytes: tile_positions), a
 //             warp per tile: it normalizes and rotates the head's q (and, on
 //             the last tile, the new k/v, which the group's first head writes
 //             into the cache at `pos`), scores a position per lane (per 32 /
-//             TP lanes), and sums
-//             the values with lanes over (position group, 16-byte chunk of a
-//             value row); one warp merges the chunk's tiles' (sum, max,
-//             weighted values) in shared memory, into the head's output when
-//             the head is one chunk (up to 8 TP positions), else into the
-//             chunk's partial, which the block finishing a head's last chunk
-//             merges with the others through L2.
+//             TP lanes), and sums the values with lanes over (position group,
+//             16-byte chunk of a value row); one warp merges the chunk's
+//             tiles' (sum, max, weighted values) in shared memory, into the
+//             head's output when the head is one chunk (up to 8 TP
+//             positions), else into the chunk's partial, which the block
+//             finishing a head's last chunk merges with the others through L2.
 //   phases    5 per layer, a grid-wide barrier after each (4 when the MLP is
 //             split over slices of its hidden rows: step_slice); before
 //             waiting, each warp asks L2 for its first rows of the next phase.
@@ -947,6 +946,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     auto is_old = [&](int p) { return p < nslot && p != wslot; };   // a cached key/value
     auto is_new = [&](int p) { return p == wslot; };
     constexpr int TP = tile_positions<T, HD>(), LPP = 32 / TP;
+    static_assert(WARPS * TP >= 32, "a head has no more chunks than the scratch has partials: maxt");
     const int ntile = (nslot - 1) / TP + 1, nch = (ntile + WARPS - 1) / WARPS;
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
@@ -1187,7 +1187,8 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       };
       {
         const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
-        product_pair<T, BITS, GS, D, F>(g, u, FF, gw, nw, xs, ldx_d, [&](int r, float gs, float us) {
+        product_pair<T, BITS, GS, D, F>(g, u, FF, gw, nw, xs, ldx_d,
+                                        [&](int r, float gs, float us) {
           const float h = mlp_act<T, GEMMA>(rt<T>(gs), rt<T>(us));
           if (lane == 0) hid[r] = h;
         });
