@@ -251,6 +251,36 @@ struct Lin {
   const T* b;
 };
 
+// 16-byte chunks of a row of width K that one lane takes (c = lane + 32 u).
+template <typename T, int BITS, int K>
+__host__ __device__ constexpr int lane_chunks() {
+  return (K / chunk_vals<T, BITS>() + 31) / 32;
+}
+
+// One lane's share of its warp's stage (decode_step's SW): the first rows a
+// warp takes of a product, copied into shared memory during the phase before
+// (stage_rows), so that the product finds them there instead of starting
+// with a round trip to memory.  Lane l's chunk u of the warp's i-th row is
+// its slot i * lane_chunks + u, at w[32 * slot] (quantized: the 4-byte words
+// that hold the chunk's scale and bias at s[32 * slot], b[32 * slot]).  A lane
+// reads only what it copied itself, so its own wait is all the sync it needs.
+struct Stage {
+  uint4* w;
+  unsigned* s;
+  unsigned* b;
+};
+
+// The value of type T at address `at` from the 4-byte word that holds it.
+template <typename T>
+__device__ __forceinline__ float word_value(unsigned wd, const T* at) {
+  if constexpr (sizeof(T) == 4) {
+    return __int_as_float(static_cast<int>(wd));
+  } else {
+    const unsigned short h = (reinterpret_cast<uintptr_t>(at) & 2u) ? wd >> 16 : wd & 0xffffu;
+    return static_cast<float>(*reinterpret_cast<const T*>(&h));
+  }
+}
+
 // Row r of the q/k/v rows (q, then k, then v) is row r - qkv_first(p) of part
 // p = qkv_part(r).
 template <int NQ, int NKV, int HD>
@@ -361,26 +391,31 @@ struct Pass {
 
 // NR rows (row[n] < 0: none) of L[n]: this lane's chunks c0, c0 + 32, ...
 // (U of them) into wq -- loads only, so they can be in flight while the
-// activations are still being loaded.
-template <typename T, int BITS, int K, int NR, int U>
+// activations are still being loaded.  Row n is the warp's row i0 + n of the
+// product: the first SR come from the stage.
+template <typename T, int BITS, int K, int NR, int U, int SR>
 __device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                          uint4 (&wq)[NR][U]) {
-  constexpr int CH = K / chunk_vals<T, BITS>();
+                                          int i0, const Stage& st, uint4 (&wq)[NR][U]) {
+  constexpr int CH = K / chunk_vals<T, BITS>(), CPL = lane_chunks<T, BITS, K>();
 #pragma unroll
   for (int n = 0; n < NR; ++n)
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (row[n] >= 0 && c0 + 32 * u < CH)
-        wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
+      if (row[n] >= 0 && c0 + 32 * u < CH) {
+        if (SR > 0 && i0 + n < SR)
+          wq[n][u] = st.w[32 * ((i0 + n) * CPL + (c0 >> 5) + u)];
+        else
+          wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
+      }
 }
 
 // acc[n] += the loaded chunks of row n dotted with xs.
-template <typename T, int BITS, int GS, int K, int NR, int U>
+template <typename T, int BITS, int GS, int K, int NR, int U, int SR>
 __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                         const uint4 (&wq)[NR][U], const float* xs,
-                                         float (&acc)[NR]) {
+                                         int i0, const Stage& st, const uint4 (&wq)[NR][U],
+                                         const float* xs, float (&acc)[NR]) {
   constexpr int VALS = chunk_vals<T, BITS>();
-  constexpr int CH = K / VALS;
+  constexpr int CH = K / VALS, CPL = lane_chunks<T, BITS, K>();
 #pragma unroll
   for (int n = 0; n < NR; ++n)
 #pragma unroll
@@ -392,8 +427,16 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
         if (BITS) {
           constexpr int G = GS ? GS : 1;
           const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
-          acc[n] += qdot_affine<BITS>(static_cast<float>(L[n].s[g]),
-                                      static_cast<float>(L[n].b[g]), d, sx);
+          float sc, bi;
+          if (SR > 0 && i0 + n < SR) {
+            const int k = 32 * ((i0 + n) * CPL + (c0 >> 5) + u);
+            sc = word_value(st.s[k], L[n].s + g);
+            bi = word_value(st.b[k], L[n].b + g);
+          } else {
+            sc = static_cast<float>(L[n].s[g]);
+            bi = static_cast<float>(L[n].b[g]);
+          }
+          acc[n] += qdot_affine<BITS>(sc, bi, d, sx);
         } else {
           acc[n] += d;
         }
@@ -404,10 +447,12 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
 // NR rows of L[n] dotted with xs by one warp, every row's loads of a pass
 // issued before any is used; every lane gets the sums.  ready() runs once,
 // in every thread, after the first pass's loads are issued and before xs is
-// read: the activations' load and norm overlap the weights' latency.
-template <typename T, int BITS, int GS, int K, int NR, int U, class Ready>
-__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR],
-                                         const float* xs, float (&out)[NR], Ready& ready) {
+// read: the activations' load and norm overlap the weights' latency.  The
+// rows are the warp's rows i0 .. i0 + NR - 1 of the product (rows_load).
+template <typename T, int BITS, int GS, int K, int NR, int U, int SR, class Ready>
+__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR], int i0,
+                                         const Stage& st, const float* xs, float (&out)[NR],
+                                         Ready& ready) {
   constexpr int CH = K / chunk_vals<T, BITS>();
   const int lane = threadIdx.x & 31;
   float acc[NR];
@@ -415,9 +460,9 @@ __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)
   for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
   for (int c0 = lane, first = 1; c0 < CH || first; c0 += 32 * U, first = 0) {
     uint4 wq[NR][U];
-    if (c0 < CH) rows_load<T, BITS, K, NR, U>(L, row, c0, wq);
+    if (c0 < CH) rows_load<T, BITS, K, NR, U, SR>(L, row, c0, i0, st, wq);
     if (first) ready();
-    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U>(L, row, c0, wq, xs, acc);
+    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U, SR>(L, row, c0, i0, st, wq, xs, acc);
   }
 #pragma unroll
   for (int n = 0; n < NR; ++n) out[n] = warp_sum(acc[n]);
@@ -440,13 +485,15 @@ struct Once {
 // Pass::NR of them per pass; emit(row, sum) in every lane.  lin_of(r, &L)
 // gives row r's operands and its index in them (q/k/v: three weights, one row
 // range).  ready(): what must happen before xs is read (rows_dot), run by
-// every thread, once, even by warps with no rows.
-template <typename T, int BITS, int GS, int K, int F, class LinOf, class Ready, class Emit>
+// every thread, once, even by warps with no rows.  The warp's first SR rows
+// are in its stage st (stage_rows, waited for: stage_wait).
+template <typename T, int BITS, int GS, int K, int F, int SR = 0, class LinOf, class Ready,
+          class Emit>
 __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, LinOf lin_of,
-                                        Ready ready_fn, Emit emit) {
+                                        Ready ready_fn, Emit emit, const Stage& st = Stage{}) {
   using P = Pass<T, BITS, K, F>;
   Once<Ready> ready{ready_fn};
-  for (int r0 = gw; r0 < N || !ready.done; r0 += P::NR * nw) {
+  for (int r0 = gw, i0 = 0; r0 < N || !ready.done; r0 += P::NR * nw, i0 += P::NR) {
     Lin<T> L[P::NR];
     int row[P::NR], at[P::NR];
     float v[P::NR];
@@ -455,7 +502,7 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
       at[n] = r0 + n * nw;
       row[n] = at[n] < N ? lin_of(at[n], &L[n]) : -1;
     }
-    rows_dot<T, BITS, GS, K, P::NR, P::U>(L, row, xs, v, ready);
+    rows_dot<T, BITS, GS, K, P::NR, P::U, SR>(L, row, i0, st, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < P::NR; ++n)
       if (row[n] >= 0) emit(at[n], v[n]);
@@ -481,7 +528,7 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
       L[2 * n + 1] = u;
       row[2 * n] = row[2 * n + 1] = r < N ? r : -1;
     }
-    rows_dot<T, BITS, GS, K, 2 * H, P::U>(L, row, xs, v, ready);
+    rows_dot<T, BITS, GS, K, 2 * H, P::U, 0>(L, row, 0, Stage{}, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < H; ++n)
       if (row[2 * n] >= 0) emit(row[2 * n], v[2 * n], v[2 * n + 1]);
@@ -556,6 +603,62 @@ constexpr bool kAsyncCopy = true;
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   MLXCY_CP_ASYNC("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+
+// A stage's copies (stage_rows): asynchronous where cp.async is, else plain.
+__device__ __forceinline__ void stage16(uint4* dst, const uint4* src) {
+  if constexpr (kAsyncCopy) cp_async16(dst, src);
+  else *dst = *src;
+}
+
+// dst <- the 4-byte word that holds *at (a 2-byte scale: its word, aligned
+// down; .ca: the weights never change, so L1's copy is never stale).
+template <typename T>
+__device__ __forceinline__ void stage4(unsigned* dst, const T* at) {
+  const unsigned* src = reinterpret_cast<const unsigned*>(reinterpret_cast<uintptr_t>(at) &
+                                                          ~static_cast<uintptr_t>(3));
+  if constexpr (kAsyncCopy) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    MLXCY_CP_ASYNC("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+  } else {
+    *dst = *src;
+  }
+}
+
+// This warp's first SR rows of a product (rows gw, gw + nw, ... of N, as
+// product takes them; lin_of as there) into its stage, as one commit group of
+// asynchronous copies: issued a phase ahead, during a phase that leaves the
+// memory bandwidth idle (attention) or streams anyway (the MLP), so that the
+// product's rows are in shared memory when it starts.
+template <typename T, int BITS, int GS, int K, int SR, class LinOf>
+__device__ __forceinline__ void stage_rows(int N, int gw, int nw, LinOf lin_of, const Stage& st) {
+  constexpr int VALS = chunk_vals<T, BITS>(), CH = K / VALS, CPL = lane_chunks<T, BITS, K>();
+  const int lane = threadIdx.x & 31;
+  for (int r = gw, i = 0; r < N && i < SR; r += nw, ++i) {
+    Lin<T> L;
+    const int row = lin_of(r, &L);
+#pragma unroll
+    for (int u = 0; u < CPL; ++u) {
+      const int c = lane + 32 * u, k = 32 * (i * CPL + u);
+      if (c >= CH) continue;
+      stage16(st.w + k, reinterpret_cast<const uint4*>(L.w) + (size_t)row * CH + c);
+      if (BITS) {
+        constexpr int G = GS ? GS : 1;
+        const size_t g = (size_t)row * (K / G) + (c * VALS) / G;
+        stage4(st.s + k, L.s + g);
+        stage4(st.b + k, L.b + g);
+      }
+    }
+  }
+  MLXCY_CP_ASYNC("cp.async.commit_group;" ::: "memory");
+}
+
+// Wait for this lane's stage: all its copies but the newest group when
+// `newer` (a phase's activations, x_issue's, committed after the stage and
+// waited for by x_finish).
+__device__ __forceinline__ void stage_wait(bool newer) {
+  if (newer) MLXCY_CP_ASYNC("cp.async.wait_group 1;" ::: "memory");
+  else MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");
 }
 
 // load_x in two halves around a product's first weight loads.  x_issue,
@@ -830,7 +933,7 @@ __device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM, int SLICE, bool GEMMA>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, int SLICE, bool GEMMA, int SW>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float escale, float* scratch, T* logits,
@@ -884,6 +987,29 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
+  // SW > 0: each lane's SW 16-byte slots of dynamic shared memory hold the
+  // first rows its warp takes of the q/k/v and o_proj products (Stage), copied
+  // a phase ahead: the next layer's q/k/v during the MLP, o_proj during
+  // attention.  Those phases then compute from shared memory.
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  Stage st{};
+  if constexpr (SW > 0) {
+    uint4* w = reinterpret_cast<uint4*>(dyn_smem);
+    unsigned* sb = reinterpret_cast<unsigned*>(w + WARPS * SW * 32);
+    const int at = warp * SW * 32 + lane;
+    st = Stage{w + at, sb + at, sb + WARPS * SW * 32 + at};
+  }
+  constexpr int SRA = SW / lane_chunks<T, BITS, D>();          // staged rows: q/k/v
+  constexpr int SRC = SW / lane_chunks<T, BITS, NQ * HD>();    // o_proj
+  auto stage_qkv = [&](const unsigned long long* tl) {   // layer tl's q/k/v rows
+    const Lin<T> p3[3] = {lin<T>(tl + 1), lin<T>(tl + 4), lin<T>(tl + 7)};
+    stage_rows<T, BITS, GS, D, SRA>(NQKV, gw, nw, [&](int r, Lin<T>* L) {
+      const int p = qkv_part<NQ, NKV, HD>(r);
+      *L = p == 0 ? p3[0] : (p == 1 ? p3[1] : p3[2]);
+      return r - qkv_first<NQ, NKV, HD>(p);
+    }, st);
+  };
+  if constexpr (SW > 0) stage_qkv(table);
 
   for (int l = 0; l < NL; ++l) {
     const unsigned long long* t = table + l * PL;
@@ -915,14 +1041,15 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         *L = p == 0 ? parts[0] : (p == 1 ? parts[1] : parts[2]);
         return r - qkv_first<NQ, NKV, HD>(p);
       };
-      product<T, BITS, GS, D, F>(NQKV, gw, nw, xs, part_of, ldx_a, [&](int r, float s) {
+      if constexpr (SW > 0) stage_wait(ea);
+      product<T, BITS, GS, D, F, SRA>(NQKV, gw, nw, xs, part_of, ldx_a, [&](int r, float s) {
         float v = rt<T>(s);
         if (QKV_BIAS) {
           const int p = qkv_part<NQ, NKV, HD>(r);
           v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[r - qkv_first<NQ, NKV, HD>(p)]));
         }
         if (lane == 0) qkv[r] = v;
-      });
+      }, st);
     }
     grid_sync(sync);
     // -- B: attention, a block per (query head, chunk of WARPS tiles of TP
@@ -948,6 +1075,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     constexpr int TP = tile_positions<T, HD>(), LPP = 32 / TP;
     static_assert(WARPS * TP >= 32, "a head has no more chunks than the scratch has partials: maxt");
     const int ntile = (nslot - 1) / TP + 1, nch = (ntile + WARPS - 1) / WARPS;
+    if constexpr (SW > 0)   // o_proj's first rows, while attention leaves the bandwidth idle
+      stage_rows<T, BITS, GS, NQ * HD, SRC>(D, gw, nw, [&](int r, Lin<T>* L) {
+        *L = lin<T>(t + 15);
+        return r;
+      }, st);
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
       float* sp = xs + 3 * WARPS * HD;         // the chunk's partials [WARPS][HD + 2]
@@ -1094,7 +1226,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         __syncthreads();                       // (sp and qw are the next item's)
       }
     }
-    prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
+    if constexpr (SW == 0) prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
     const bool ec = x_issue<T, NQ * HD>(att, nullptr, nullptr, xs, ys, ws);
@@ -1104,12 +1236,13 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     };
     {
       const Lin<T> o = lin<T>(t + 15);
-      product<T, BITS, GS, NQ * HD, F>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
+      if constexpr (SW > 0) stage_wait(ec);
+      product<T, BITS, GS, NQ * HD, F, SRC>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
                                     ldx_c, [&](int r, float s) {
                                       if (lane != 0) return;
                                       if (GEMMA) ob[r] = rt<T>(s);
                                       else xr[r] = rt<T>(__ldcg(xr + r) + rt<T>(s));
-                                    });
+                                    }, st);
       if (SPLIT && blockIdx.x == gridDim.x - 1)   // (read last by this layer's A)
         for (int k = threadIdx.x; k < D; k += THREADS) ysum[k] = 0.0f;
     }
@@ -1130,6 +1263,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           else
             x_finish<T, D>(ed, xr, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
           if (threadIdx.x == 0) clock_mid(sync);
+          if (SW > 0 && l + 1 < NL) stage_qkv(t + PL);   // (after x_finish's wait)
         }
       };
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22), dn = lin<T>(t + 25);
@@ -1171,7 +1305,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         }
         __syncthreads();
       }
-      if (ed && !loaded) MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");   // (a block with no slice)
+      if (!loaded) {   // (a block with no slice)
+        if (ed) MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");
+        if (SW > 0 && l + 1 < NL) stage_qkv(t + PL);
+      }
     } else {
       prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
       prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
@@ -1184,6 +1321,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         else
           x_finish<T, D>(ed, x, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
         if (threadIdx.x == 0) clock_mid(sync);
+        if (SW > 0 && l + 1 < NL) stage_qkv(t + PL);   // (after x_finish's wait)
       };
       {
         const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
@@ -1211,7 +1349,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       }
     }
     if (l + 1 < NL) {   // the next layer's q/k/v rows this warp takes, and its norm
-      for (int r = gw, i = 0; r < NQKV && i < 2; r += nw, ++i) {
+      for (int r = gw, i = 0; SW == 0 && r < NQKV && i < 2; r += nw, ++i) {
         const int p = qkv_part<NQ, NKV, HD>(r), rp = r - qkv_first<NQ, NKV, HD>(p);
         prefetch_rows<T, BITS>(lin<T>(t + PL + 1 + 3 * p).w, D, rp, rp + 1, nw);
       }
@@ -2243,6 +2381,40 @@ inline bool step_timing_on() {
   return on;
 }
 
+// MLXCY_STEP_STAGE=0 in the environment (read once): the one-token kernel
+// stages no rows in shared memory (decode_step's SW = 0; A/B runs).
+inline bool step_stage_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLXCY_STEP_STAGE");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+// Bytes a stage slot takes over a block's 256 lanes: 16 of weights, and the
+// words of a quantized chunk's scale and bias.
+inline int step_stage_slot_bytes(const StepConfig& c) { return 256 * (16 + (c.bits ? 8 : 0)); }
+
+// decode_step's SW: the 16-byte slots a lane needs to stage every row its
+// warp takes of the q/k/v and o_proj products over `blocks` blocks of 8
+// warps, or as many as the SM's shared memory holds beside the static arrays.
+inline int step_stage_slots(const StepConfig& c, int blocks) {
+  if (!step_stage_on()) return 0;
+  const int vals = step_chunk_vals(c), nw = blocks * 8;
+  auto slots = [&](int rows, int k) { return (rows + nw - 1) / nw * ((k / vals + 31) / 32); };
+  const int need = std::max(slots((c.NQ + 2 * c.NKV) * c.HD, c.D), slots(c.D, c.NQ * c.HD));
+  const long room = step_device_attribute(97 /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */, 232448) -
+                    step_static_smem(c) - 1024;
+  return static_cast<int>(std::min<long>(need, room / step_stage_slot_bytes(c)));
+}
+
+// The one-token kernel's dynamic shared memory for SW slots a lane: at least
+// 64 KB when any, so that MLX raises the kernel's limit past the default 48 KB
+// (as step_shared_bytes).
+inline int step_stage_bytes(const StepConfig& c, int sw) {
+  return sw > 0 ? std::max(sw * step_stage_slot_bytes(c), 64 * 1024) : 0;
+}
+
 inline void step_init(StepState& st, const mx::array& inv_freq) {
   st.inv_freq = mx::copy(mx::astype(inv_freq, mx::float32));
   st.state = mx::zeros({kStepCounters + 64}, mx::uint32);
@@ -2279,11 +2451,15 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
                              int cap, const mx::array* rpos, int r0, bool several) {
   const int M = static_cast<int>(tok.size());
   const bool rows = rpos != nullptr;
-  // by layer count, and for several positions (or rows) by their shared memory
-  const int smem = M > 1 || rows ? step_shared_bytes(c, M) : 0;
-  const bool timed = smem == 0 && step_timing_on();
-  static std::map<std::tuple<int, int, bool>, mx::fast::CustomKernelFunction> kernels;
-  auto it = kernels.find({c.L, smem, rows});
+  // by layer count, and for several positions (or rows) by their shared
+  // memory (vsmem, verify_step's), for one (decode_step) by its stage's
+  const int vsmem = M > 1 || rows ? step_shared_bytes(c, M) : 0;
+  const int blocks = step_grid_blocks();
+  const int sw = vsmem ? 0 : step_stage_slots(c, blocks);
+  const int smem = vsmem ? vsmem : step_stage_bytes(c, sw);
+  const bool timed = vsmem == 0 && step_timing_on();
+  static std::map<std::tuple<int, int, bool, int>, mx::fast::CustomKernelFunction> kernels;
+  auto it = kernels.find({c.L, vsmem, rows, sw});
   if (it == kernels.end()) {
     std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar", "after"};
     if (rows) names.push_back("rpos");
@@ -2297,22 +2473,22 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
       vinit += (l ? ", " : "") + std::string("const_cast<T*>(v") + std::to_string(l) + ")";
     }
     std::string body = kinit + "};\n" + vinit + "};\n" +
-        (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ", GEMMA>(\n"
-              : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                "QKV_BIAS, QK_NORM, SLICE, GEMMA>(\n") +
+        (vsmem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                 "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ", GEMMA>(\n"
+               : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                 "QKV_BIAS, QK_NORM, SLICE, GEMMA, SW>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n" +
-        (smem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
+        (vsmem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
         "      scratch, logits, const_cast<unsigned*>(bar)" +
-        (smem ? std::string(rows ? ", rpos" : ", nullptr") + ", __int_as_float(ESCALE_BITS)"
-              : timed ? ", timing" : ", nullptr") + ");\n";
-    std::string name = (rows ? "mlxcy_rows_step_" : smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") +
+        (vsmem ? std::string(rows ? ", rpos" : ", nullptr") + ", __int_as_float(ESCALE_BITS)"
+               : timed ? ", timing" : ", nullptr") + ");\n";
+    std::string name = (rows ? "mlxcy_rows_step_" : vsmem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") +
                        std::to_string(c.L) + (timed ? "_timed" : "");
     std::vector<std::string> outs = {"logits", "scratch"};
     if (timed) outs.push_back("timing");
-    it = kernels.emplace(std::make_tuple(c.L, smem, rows),
+    it = kernels.emplace(std::make_tuple(c.L, vsmem, rows, sw),
                          mx::fast::cuda_kernel(name, names, outs, body, step_device_source(),
                                                false, smem)).first;
   }
@@ -2339,9 +2515,8 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
   for (auto& v : vbuf) in.push_back(v);
   int scratch = 5 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4 +   // (+4: ysum 16-byte aligned)
-                (smem && c.gemma ? 3 * M * c.D : 0);              // (verify_step's x2, ob, yo)
-  int blocks = step_grid_blocks();
-  const int slice = smem == 0 ? step_slice(c, blocks) : 0;
+                (vsmem && c.gemma ? 3 * M * c.D : 0);             // (verify_step's x2, ob, yo)
+  const int slice = vsmem == 0 ? step_slice(c, blocks) : 0;
   const bool split = slice > 0;
   std::vector<mx::Shape> shapes = {rows ? mx::Shape{M, 1, c.V} : mx::Shape{1, M, c.V},
                                    mx::Shape{scratch}};
@@ -2358,7 +2533,8 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
-       {"SLICE", slice}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
+       {"SLICE", slice}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)},
+       {"SW", sw}},
       std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());
