@@ -72,13 +72,11 @@ def gemv_cases():
 
 def stage_slots(t: str, c: dict, blocks: int = 132) -> int:
     """decode_step's SW as the host's step_stage_slots gives it on an H100 or
-    H200 (132 SMs), where every config here fits its shared memory."""
+    H200 (132 SMs) for the case's SLICE, where every config here fits its
+    shared memory: the slots for every gate/up row a warp takes."""
     vals = 128 // c["BITS"] if c["BITS"] else 16 // {"bf16": 2, "f16": 2, "f32": 4}[t]
-    nw = blocks * 8
-
-    def slots(rows: int, k: int) -> int:
-        return -(-rows // nw) * ((k // vals + 31) // 32)
-    return max(slots((c["NQ"] + 2 * c["NKV"]) * c["HD"], c["D"]), slots(c["D"], c["NQ"] * c["HD"]))
+    rows = -(-c["SLICE"] * vals // 8) if c["SLICE"] else -(-c["FF"] // (blocks * 8))
+    return 2 * rows * ((c["D"] // vals + 31) // 32)
 
 
 def step_kernel(i: int, t: str, L: int, **c) -> str:

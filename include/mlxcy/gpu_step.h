@@ -257,13 +257,14 @@ __host__ __device__ constexpr int lane_chunks() {
   return (K / chunk_vals<T, BITS>() + 31) / 32;
 }
 
-// One lane's share of its warp's stage (decode_step's SW): the first rows a
-// warp takes of a product, copied into shared memory during the phase before
-// (stage_rows), so that the product finds them there instead of starting
-// with a round trip to memory.  Lane l's chunk u of the warp's i-th row is
-// its slot i * lane_chunks + u, at w[32 * slot] (quantized: the 4-byte words
-// that hold the chunk's scale and bias at s[32 * slot], b[32 * slot]).  A lane
-// reads only what it copied itself, so its own wait is all the sync it needs.
+// One lane's share of its warp's stage (decode_step's SW): the first gate/up
+// rows the warp takes in the MLP, copied into shared memory while attention
+// and o_proj leave the memory bandwidth mostly idle (stage_pairs), so that
+// the MLP streams that much less.  Lane l's chunk u of the warp's i-th row
+// (product_pair's order: gate, up, gate, ...) is its slot i * lane_chunks + u,
+// at w[32 * slot] (quantized: the 4-byte words that hold the chunk's scale and
+// bias at s[32 * slot], b[32 * slot]).  A lane reads only what it copied
+// itself, so its own wait is all the sync it needs.
 struct Stage {
   uint4* w;
   unsigned* s;
@@ -392,17 +393,17 @@ struct Pass {
 // NR rows (row[n] < 0: none) of L[n]: this lane's chunks c0, c0 + 32, ...
 // (U of them) into wq -- loads only, so they can be in flight while the
 // activations are still being loaded.  Row n is the warp's row i0 + n of the
-// product: the first SR come from the stage.
-template <typename T, int BITS, int K, int NR, int U, int SR>
+// product: the first nst come from the stage.
+template <typename T, int BITS, int K, int NR, int U>
 __device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                          int i0, const Stage& st, uint4 (&wq)[NR][U]) {
+                                          int i0, int nst, const Stage& st, uint4 (&wq)[NR][U]) {
   constexpr int CH = K / chunk_vals<T, BITS>(), CPL = lane_chunks<T, BITS, K>();
 #pragma unroll
   for (int n = 0; n < NR; ++n)
 #pragma unroll
     for (int u = 0; u < U; ++u)
       if (row[n] >= 0 && c0 + 32 * u < CH) {
-        if (SR > 0 && i0 + n < SR)
+        if (i0 + n < nst)
           wq[n][u] = st.w[32 * ((i0 + n) * CPL + (c0 >> 5) + u)];
         else
           wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
@@ -410,9 +411,9 @@ __device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row
 }
 
 // acc[n] += the loaded chunks of row n dotted with xs.
-template <typename T, int BITS, int GS, int K, int NR, int U, int SR>
+template <typename T, int BITS, int GS, int K, int NR, int U>
 __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                         int i0, const Stage& st, const uint4 (&wq)[NR][U],
+                                         int i0, int nst, const Stage& st, const uint4 (&wq)[NR][U],
                                          const float* xs, float (&acc)[NR]) {
   constexpr int VALS = chunk_vals<T, BITS>();
   constexpr int CH = K / VALS, CPL = lane_chunks<T, BITS, K>();
@@ -428,7 +429,7 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
           constexpr int G = GS ? GS : 1;
           const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
           float sc, bi;
-          if (SR > 0 && i0 + n < SR) {
+          if (i0 + n < nst) {
             const int k = 32 * ((i0 + n) * CPL + (c0 >> 5) + u);
             sc = word_value(st.s[k], L[n].s + g);
             bi = word_value(st.b[k], L[n].b + g);
@@ -449,10 +450,10 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
 // in every thread, after the first pass's loads are issued and before xs is
 // read: the activations' load and norm overlap the weights' latency.  The
 // rows are the warp's rows i0 .. i0 + NR - 1 of the product (rows_load).
-template <typename T, int BITS, int GS, int K, int NR, int U, int SR, class Ready>
+template <typename T, int BITS, int GS, int K, int NR, int U, class Ready>
 __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR], int i0,
-                                         const Stage& st, const float* xs, float (&out)[NR],
-                                         Ready& ready) {
+                                         int nst, const Stage& st, const float* xs,
+                                         float (&out)[NR], Ready& ready) {
   constexpr int CH = K / chunk_vals<T, BITS>();
   const int lane = threadIdx.x & 31;
   float acc[NR];
@@ -460,9 +461,9 @@ __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)
   for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
   for (int c0 = lane, first = 1; c0 < CH || first; c0 += 32 * U, first = 0) {
     uint4 wq[NR][U];
-    if (c0 < CH) rows_load<T, BITS, K, NR, U, SR>(L, row, c0, i0, st, wq);
+    if (c0 < CH) rows_load<T, BITS, K, NR, U>(L, row, c0, i0, nst, st, wq);
     if (first) ready();
-    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U, SR>(L, row, c0, i0, st, wq, xs, acc);
+    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U>(L, row, c0, i0, nst, st, wq, xs, acc);
   }
 #pragma unroll
   for (int n = 0; n < NR; ++n) out[n] = warp_sum(acc[n]);
@@ -485,15 +486,13 @@ struct Once {
 // Pass::NR of them per pass; emit(row, sum) in every lane.  lin_of(r, &L)
 // gives row r's operands and its index in them (q/k/v: three weights, one row
 // range).  ready(): what must happen before xs is read (rows_dot), run by
-// every thread, once, even by warps with no rows.  The warp's first SR rows
-// are in its stage st (stage_rows, waited for: stage_wait).
-template <typename T, int BITS, int GS, int K, int F, int SR = 0, class LinOf, class Ready,
-          class Emit>
+// every thread, once, even by warps with no rows.
+template <typename T, int BITS, int GS, int K, int F, class LinOf, class Ready, class Emit>
 __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, LinOf lin_of,
-                                        Ready ready_fn, Emit emit, const Stage& st = Stage{}) {
+                                        Ready ready_fn, Emit emit) {
   using P = Pass<T, BITS, K, F>;
   Once<Ready> ready{ready_fn};
-  for (int r0 = gw, i0 = 0; r0 < N || !ready.done; r0 += P::NR * nw, i0 += P::NR) {
+  for (int r0 = gw; r0 < N || !ready.done; r0 += P::NR * nw) {
     Lin<T> L[P::NR];
     int row[P::NR], at[P::NR];
     float v[P::NR];
@@ -502,7 +501,7 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
       at[n] = r0 + n * nw;
       row[n] = at[n] < N ? lin_of(at[n], &L[n]) : -1;
     }
-    rows_dot<T, BITS, GS, K, P::NR, P::U, SR>(L, row, i0, st, xs, v, ready);
+    rows_dot<T, BITS, GS, K, P::NR, P::U>(L, row, 0, 0, Stage{}, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < P::NR; ++n)
       if (row[n] >= 0) emit(at[n], v[n]);
@@ -510,14 +509,16 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
 }
 
 // gate and up rows 0..FF-1 in pairs (both rows' loads in flight together);
-// emit(row, gate sum, up sum).  ready() as in product.
+// emit(row, gate sum, up sum).  ready() as in product.  The warp's first nst
+// rows (gate, up, gate, ...) are in its stage st (stage_pairs; waited for).
 template <typename T, int BITS, int GS, int K, int F, class Ready, class Emit>
 __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, int N, int gw,
-                                             int nw, const float* xs, Ready ready_fn, Emit emit) {
+                                             int nw, const float* xs, Ready ready_fn, Emit emit,
+                                             const Stage& st = Stage{}, int nst = 0) {
   using P = Pass<T, BITS, K, F>;
   constexpr int H = P::NR / 2 > 0 ? P::NR / 2 : 1;     // rows per pass
   Once<Ready> ready{ready_fn};
-  for (int r0 = gw; r0 < N || !ready.done; r0 += H * nw) {
+  for (int r0 = gw, i0 = 0; r0 < N || !ready.done; r0 += H * nw, i0 += 2 * H) {
     Lin<T> L[2 * H];
     int row[2 * H];
     float v[2 * H];
@@ -528,7 +529,7 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
       L[2 * n + 1] = u;
       row[2 * n] = row[2 * n + 1] = r < N ? r : -1;
     }
-    rows_dot<T, BITS, GS, K, 2 * H, P::U, 0>(L, row, 0, Stage{}, xs, v, ready);
+    rows_dot<T, BITS, GS, K, 2 * H, P::U>(L, row, i0, nst, st, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < H; ++n)
       if (row[2 * n] >= 0) emit(row[2 * n], v[2 * n], v[2 * n + 1]);
@@ -625,28 +626,26 @@ __device__ __forceinline__ void stage4(unsigned* dst, const T* at) {
   }
 }
 
-// This warp's first SR rows of a product (rows gw, gw + nw, ... of N, as
-// product takes them; lin_of as there) into its stage, as one commit group of
-// asynchronous copies: issued a phase ahead, during a phase that leaves the
-// memory bandwidth idle (attention) or streams anyway (the MLP), so that the
-// product's rows are in shared memory when it starts.
-template <typename T, int BITS, int GS, int K, int SR, class LinOf>
-__device__ __forceinline__ void stage_rows(int N, int gw, int nw, LinOf lin_of, const Stage& st) {
+// This warp's first nst rows of product_pair's (gate, up of row gw, then of
+// gw + nw, ... < N) into its stage, as one commit group of asynchronous copies.
+template <typename T, int BITS, int GS, int K>
+__device__ __forceinline__ void stage_pairs(const Lin<T>& g, const Lin<T>& u, int N, int gw,
+                                            int nw, int nst, const Stage& st) {
   constexpr int VALS = chunk_vals<T, BITS>(), CH = K / VALS, CPL = lane_chunks<T, BITS, K>();
   const int lane = threadIdx.x & 31;
-  for (int r = gw, i = 0; r < N && i < SR; r += nw, ++i) {
-    Lin<T> L;
-    const int row = lin_of(r, &L);
+  for (int i = 0; i < nst && gw + (i >> 1) * nw < N; ++i) {
+    const Lin<T>& L = i & 1 ? u : g;
+    const int row = gw + (i >> 1) * nw;
 #pragma unroll
-    for (int u = 0; u < CPL; ++u) {
-      const int c = lane + 32 * u, k = 32 * (i * CPL + u);
+    for (int c8 = 0; c8 < CPL; ++c8) {
+      const int c = lane + 32 * c8, k = 32 * (i * CPL + c8);
       if (c >= CH) continue;
       stage16(st.w + k, reinterpret_cast<const uint4*>(L.w) + (size_t)row * CH + c);
       if (BITS) {
         constexpr int G = GS ? GS : 1;
-        const size_t g = (size_t)row * (K / G) + (c * VALS) / G;
-        stage4(st.s + k, L.s + g);
-        stage4(st.b + k, L.b + g);
+        const size_t gi = (size_t)row * (K / G) + (c * VALS) / G;
+        stage4(st.s + k, L.s + gi);
+        stage4(st.b + k, L.b + gi);
       }
     }
   }
@@ -988,9 +987,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
   // SW > 0: each lane's SW 16-byte slots of dynamic shared memory hold the
-  // first rows its warp takes of the q/k/v and o_proj products (Stage), copied
-  // a phase ahead: the next layer's q/k/v during the MLP, o_proj during
-  // attention.  Those phases then compute from shared memory.
+  // first gate/up rows its warp takes in the MLP (Stage), copied as the
+  // block's attention work is done: the copies then overlap the barrier and
+  // o_proj, which leave the memory bandwidth mostly idle.
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   Stage st{};
   if constexpr (SW > 0) {
@@ -999,17 +998,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     const int at = warp * SW * 32 + lane;
     st = Stage{w + at, sb + at, sb + WARPS * SW * 32 + at};
   }
-  constexpr int SRA = SW / lane_chunks<T, BITS, D>();          // staged rows: q/k/v
-  constexpr int SRC = SW / lane_chunks<T, BITS, NQ * HD>();    // o_proj
-  auto stage_qkv = [&](const unsigned long long* tl) {   // layer tl's q/k/v rows
-    const Lin<T> p3[3] = {lin<T>(tl + 1), lin<T>(tl + 4), lin<T>(tl + 7)};
-    stage_rows<T, BITS, GS, D, SRA>(NQKV, gw, nw, [&](int r, Lin<T>* L) {
-      const int p = qkv_part<NQ, NKV, HD>(r);
-      *L = p == 0 ? p3[0] : (p == 1 ? p3[1] : p3[2]);
-      return r - qkv_first<NQ, NKV, HD>(p);
-    }, st);
-  };
-  if constexpr (SW > 0) stage_qkv(table);
+  constexpr int NST = SW / lane_chunks<T, BITS, D>();   // staged gate/up rows a warp
 
   for (int l = 0; l < NL; ++l) {
     const unsigned long long* t = table + l * PL;
@@ -1041,15 +1030,14 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         *L = p == 0 ? parts[0] : (p == 1 ? parts[1] : parts[2]);
         return r - qkv_first<NQ, NKV, HD>(p);
       };
-      if constexpr (SW > 0) stage_wait(ea);
-      product<T, BITS, GS, D, F, SRA>(NQKV, gw, nw, xs, part_of, ldx_a, [&](int r, float s) {
+      product<T, BITS, GS, D, F>(NQKV, gw, nw, xs, part_of, ldx_a, [&](int r, float s) {
         float v = rt<T>(s);
         if (QKV_BIAS) {
           const int p = qkv_part<NQ, NKV, HD>(r);
           v = rt<T>(v + static_cast<float>(ptr<T>(t[10 + p])[r - qkv_first<NQ, NKV, HD>(p)]));
         }
         if (lane == 0) qkv[r] = v;
-      }, st);
+      });
     }
     grid_sync(sync);
     // -- B: attention, a block per (query head, chunk of WARPS tiles of TP
@@ -1075,11 +1063,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
     constexpr int TP = tile_positions<T, HD>(), LPP = 32 / TP;
     static_assert(WARPS * TP >= 32, "a head has no more chunks than the scratch has partials: maxt");
     const int ntile = (nslot - 1) / TP + 1, nch = (ntile + WARPS - 1) / WARPS;
-    if constexpr (SW > 0)   // o_proj's first rows, while attention leaves the bandwidth idle
-      stage_rows<T, BITS, GS, NQ * HD, SRC>(D, gw, nw, [&](int r, Lin<T>* L) {
-        *L = lin<T>(t + 15);
-        return r;
-      }, st);
     {
       float* qw = xs + warp * 3 * HD;          // this warp's q, new k, new v
       float* sp = xs + 3 * WARPS * HD;         // the chunk's partials [WARPS][HD + 2]
@@ -1226,23 +1209,32 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         __syncthreads();                       // (sp and qw are the next item's)
       }
     }
-    if constexpr (SW == 0) prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
+    if constexpr (SW > 0) {   // this block's first gate/up rows (SPLIT: its first slice's)
+      if (!SPLIT)
+        stage_pairs<T, BITS, GS, D>(lin<T>(t + 19), lin<T>(t + 22), FF, gw, nw, NST, st);
+      else if (blockIdx.x < FF / S)
+        stage_pairs<T, BITS, GS, D>(rows_from<T, BITS, GS, D>(lin<T>(t + 19), blockIdx.x * S),
+                                    rows_from<T, BITS, GS, D>(lin<T>(t + 22), blockIdx.x * S), S,
+                                    warp, WARPS, NST, st);
+    }
+    prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
-    const bool ec = x_issue<T, NQ * HD>(att, nullptr, nullptr, xs, ys, ws);
+    // (SW > 0: plain loads, as the stage's copies are still landing and a
+    // wait for later copies would wait for them too)
+    const bool ec = SW == 0 && x_issue<T, NQ * HD>(att, nullptr, nullptr, xs, ys, ws);
     auto ldx_c = [&] {
       x_finish<T, NQ * HD>(ec, att, nullptr, 0.0f, xs, red, nullptr, nullptr, ys, ws);
       if (threadIdx.x == 0) clock_mid(sync);
     };
     {
       const Lin<T> o = lin<T>(t + 15);
-      if constexpr (SW > 0) stage_wait(ec);
-      product<T, BITS, GS, NQ * HD, F, SRC>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
+      product<T, BITS, GS, NQ * HD, F>(D, gw, nw, xs, [&](int r, Lin<T>* L) { *L = o; return r; },
                                     ldx_c, [&](int r, float s) {
                                       if (lane != 0) return;
                                       if (GEMMA) ob[r] = rt<T>(s);
                                       else xr[r] = rt<T>(__ldcg(xr + r) + rt<T>(s));
-                                    }, st);
+                                    });
       if (SPLIT && blockIdx.x == gridDim.x - 1)   // (read last by this layer's A)
         for (int k = threadIdx.x; k < D; k += THREADS) ysum[k] = 0.0f;
     }
@@ -1263,11 +1255,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           else
             x_finish<T, D>(ed, xr, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
           if (threadIdx.x == 0) clock_mid(sync);
-          if (SW > 0 && l + 1 < NL) stage_qkv(t + PL);   // (after x_finish's wait)
         }
       };
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22), dn = lin<T>(t + 25);
       constexpr int VALS = chunk_vals<T, BITS>();
+      if constexpr (SW > 0) stage_wait(ed);
       for (int it = blockIdx.x; it < FF / S; it += gridDim.x) {
         const int s0 = it * S;
         product_pair<T, BITS, GS, D, F>(rows_from<T, BITS, GS, D>(g, s0),
@@ -1283,7 +1275,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
             const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
             if (lane == 0) hs[xp(r)] = rt<T>(rt<T>(gv * sg) * uv);
           }
-        });
+        }, st, it == blockIdx.x ? NST : 0);
         __syncthreads();
         for (int d = threadIdx.x; d < D; d += THREADS) {
           const uint4* w4 = reinterpret_cast<const uint4*>(dn.w) + (size_t)d * (FF / VALS) + s0 / VALS;
@@ -1307,7 +1299,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       }
       if (!loaded) {   // (a block with no slice)
         if (ed) MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");
-        if (SW > 0 && l + 1 < NL) stage_qkv(t + PL);
       }
     } else {
       prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
@@ -1321,15 +1312,15 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         else
           x_finish<T, D>(ed, x, ptr<T>(t[18]), eps, xs, red, nullptr, nullptr, ys, ws);
         if (threadIdx.x == 0) clock_mid(sync);
-        if (SW > 0 && l + 1 < NL) stage_qkv(t + PL);   // (after x_finish's wait)
       };
       {
         const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
+        if constexpr (SW > 0) stage_wait(ed);
         product_pair<T, BITS, GS, D, F>(g, u, FF, gw, nw, xs, ldx_d,
                                         [&](int r, float gs, float us) {
           const float h = mlp_act<T, GEMMA>(rt<T>(gs), rt<T>(us));
           if (lane == 0) hid[r] = h;
-        });
+        }, st, NST);
       }
       prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
       grid_sync(sync);
@@ -1349,7 +1340,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       }
     }
     if (l + 1 < NL) {   // the next layer's q/k/v rows this warp takes, and its norm
-      for (int r = gw, i = 0; SW == 0 && r < NQKV && i < 2; r += nw, ++i) {
+      for (int r = gw, i = 0; r < NQKV && i < 2; r += nw, ++i) {
         const int p = qkv_part<NQ, NKV, HD>(r), rp = r - qkv_first<NQ, NKV, HD>(p);
         prefetch_rows<T, BITS>(lin<T>(t + PL + 1 + 3 * p).w, D, rp, rp + 1, nw);
       }
@@ -2395,14 +2386,15 @@ inline bool step_stage_on() {
 // words of a quantized chunk's scale and bias.
 inline int step_stage_slot_bytes(const StepConfig& c) { return 256 * (16 + (c.bits ? 8 : 0)); }
 
-// decode_step's SW: the 16-byte slots a lane needs to stage every row its
-// warp takes of the q/k/v and o_proj products over `blocks` blocks of 8
-// warps, or as many as the SM's shared memory holds beside the static arrays.
+// decode_step's SW: the 16-byte slots a lane needs to stage every gate/up row
+// its warp takes in the MLP (split over slices, or not: step_slice) over
+// `blocks` blocks of 8 warps, or as many as the SM's shared memory holds
+// beside the static arrays.
 inline int step_stage_slots(const StepConfig& c, int blocks) {
   if (!step_stage_on()) return 0;
-  const int vals = step_chunk_vals(c), nw = blocks * 8;
-  auto slots = [&](int rows, int k) { return (rows + nw - 1) / nw * ((k / vals + 31) / 32); };
-  const int need = std::max(slots((c.NQ + 2 * c.NKV) * c.HD, c.D), slots(c.D, c.NQ * c.HD));
+  const int vals = step_chunk_vals(c), slice = step_slice(c, blocks);
+  const int rows = slice ? (slice * vals + 7) / 8 : (c.FF + blocks * 8 - 1) / (blocks * 8);
+  const int need = 2 * rows * ((c.D / vals + 31) / 32);
   const long room = step_device_attribute(97 /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */, 232448) -
                     step_static_smem(c) - 1024;
   return static_cast<int>(std::min<long>(need, room / step_stage_slot_bytes(c)));
