@@ -70,15 +70,6 @@ def gemv_cases():
                       ACT=2, EPS_BITS=eps)
 
 
-def stage_slots(t: str, c: dict, blocks: int = 132) -> int:
-    """decode_step's SW as the host's step_stage_slots gives it on an H100 or
-    H200 (132 SMs) for the case's SLICE, where every config here fits its
-    shared memory: the slots for every gate/up row a warp takes."""
-    vals = 128 // c["BITS"] if c["BITS"] else 16 // {"bf16": 2, "f16": 2, "f32": 4}[t]
-    rows = -(-c["SLICE"] * vals // 8) if c["SLICE"] else -(-c["FF"] // (blocks * 8))
-    return 2 * rows * ((c["D"] // vals + 31) // 32)
-
-
 def step_kernel(i: int, t: str, L: int, **c) -> str:
     """One instantiation of the whole-step kernel (include/mlxcy/gpu_step.h),
     with the body its launch code generates for L layers."""
@@ -88,7 +79,6 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     c = {"EBITS": c["BITS"], "EGS": c["GS"], **c}     # the embedding's format: the layers' unless given
     if "M" not in c:
         c.setdefault("SLICE", 0)                      # the MLP split: chunks of a down row a slice
-        c.setdefault("SW", stage_slots(t, c))         # its stage's slots a lane
     c.setdefault("GEMMA", False)                      # Gemma 3's block
     c.setdefault("ESCALE_BITS", 0)                    # its embedding's factor
     consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
@@ -97,7 +87,7 @@ def step_kernel(i: int, t: str, L: int, **c) -> str:
     kinit = ", ".join(f"const_cast<T*>(k{l})" for l in range(L))
     vinit = ", ".join(f"const_cast<T*>(v{l})" for l in range(L))
     fn, m = ("verify_step", ", M, " + ("true" if rows else "false") + ", GEMMA") if "M" in c \
-        else ("decode_step", ", SLICE, GEMMA, SW")    # M positions (or rows)
+        else ("decode_step", ", SLICE, GEMMA")        # M positions (or rows)
     tm = (", rpos" if rows else ", nullptr") + ", __int_as_float(ESCALE_BITS)" if "M" in c \
         else ", timing" if timed else ", nullptr"
     return (f"namespace mlx::core::cu {{\n__global__ void step_{i}(const int32_t* tok, "

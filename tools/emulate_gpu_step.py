@@ -4,7 +4,7 @@ the CPU, for a tiny float32 model, and compare its logits with the op path's.
     python tools/emulate_gpu_step.py [--kind gemma3_text|llama|qwen2|qwen3]
                                      [--prompt 40] [--steps 20] [--window 48] [--split [2|4|8]]
                                      [--dtype float32|bfloat16] [--bits 4|8] [--positions 1]
-                                     [--head-dim 16] [--rows 6] [--stage N]
+                                     [--head-dim 16] [--rows 6]
 
 For sessions without a GPU: the device source is compiled by g++ with CUDA's
 built-ins written as C++ (tools/emulate_gpu_step.h), one block of 256 threads
@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
         threadIdx.x = t;
         if constexpr (M == 1 && !ROWS)
           mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, QKV_BIAS,
-                                  QK_NORM, SLICE, GEMMA, SW>(
+                                  QK_NORM, SLICE, GEMMA>(
               toks + s, reinterpret_cast<const int*>(meta), table.data(), inv_freq, kc, vc,
               EPS, QK_EPS, SCALE, ESCALE, scratch.data(), logits.data(), bar.data(), nullptr);
         else
@@ -167,7 +167,7 @@ TYPES = {"float32": "float", "bfloat16": "emu_bf16"}
 
 
 def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=0, seed=0,
-        dtype=None, bits=0, positions=1, head_dim=0, rows=1, hidden=0, stage=None):
+        dtype=None, bits=0, positions=1, head_dim=0, rows=1, hidden=0):
     """(max relative error of the emulated logits against the op path's, the
     two paths' greedy ids equal); split: 0, or the MLP split over slices of
     that many 16-byte chunks of each down row (2, 4, 8); bits 4 or 8: the checkpoint in MLX's affine
@@ -177,10 +177,7 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=0, seed=0,
     hidden size (64; the MLP's 3x): above the kernel's 256 threads, a thread
     takes several rows; rows > 1: a batch of left-padded prompts, one token a
     row a step.  dtype: the activations' (None: the checkpoint's, float32, or
-    bfloat16 with bits; float32 with bits: a GGUF's layout on a GPU).  stage:
-    the one-token kernel's slots a lane for staged rows (decode_step's SW;
-    None: the host's choice for the emulator's one block, which stages every
-    row; fewer stage the first rows of each warp, 0 none)."""
+    bfloat16 with bits; float32 with bits: a GGUF's layout on a GPU)."""
     from mlxcy.models.load import load_model
     if split not in (0, 2, 4, 8) or isinstance(split, bool):
         raise ValueError(f"split must be 0, 2, 4 or 8, not {split!r}")
@@ -198,10 +195,7 @@ def run(kind="gemma3_text", prompt=40, steps=20, window=48, split=0, seed=0,
                 got = _emulate(plan, toks, rows, split, work, rows, rpos)
             else:
                 toks, want, plan = _reference(m, prompt, steps, positions, seed)
-                if stage is None:
-                    from mlxcy.models import base
-                    stage = base.gpu_step_stage(m, 1)
-                got = _emulate(plan, toks, positions, split, work, stage=stage)
+                got = _emulate(plan, toks, positions, split, work)
         finally:
             m.close()
     err = float(max(np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, want)))
@@ -279,7 +273,7 @@ def _reference_rows(m, prompt, steps, B, seed):
     return toks, np.stack(want), plan, rpos
 
 
-def _emulate(plan, toks, positions, split, work, rows=1, rpos=None, stage=0):
+def _emulate(plan, toks, positions, split, work, rows=1, rpos=None):
     """The kernel's logits [len(toks), V] for the tokens, `positions` a step
     (rows > 1: one a row), from the plan's table and caches."""
     from mlxcy.models import base
@@ -295,8 +289,7 @@ def _emulate(plan, toks, positions, split, work, rows=1, rpos=None, stage=0):
                                D=c["D"], NQ=c["NQ"], NKV=c["NKV"], HD=c["HD"], FF=c["FF"],
                                V=c["V"], NL=c["L"], QKV_BIAS=bool(c["qkv_bias"]),
                                QK_NORM=bool(c["qk_norm"]), SLICE=split,
-                               GEMMA=bool(plan["gemma"]), M=positions, ROWS=rows > 1,
-                               SW=stage if positions == 1 and rows == 1 else 0),
+                               GEMMA=bool(plan["gemma"]), M=positions, ROWS=rows > 1),
                      floats=dict(EPS=c["eps"], QK_EPS=c["qk_eps"], SCALE=c["scale"],
                                  ESCALE=plan["embed_scale"])), work)
     out = work / "logits.bin"
@@ -365,13 +358,9 @@ def main():
                          "with --bits)")
     ap.add_argument("--bits", type=int, default=0, choices=(0, 4, 8),
                     help="MLX's affine 4/8-bit layout (bfloat16 scales)")
-    ap.add_argument("--stage", type=int, default=None,
-                    help="one-token steps: slots a lane of staged rows (default: the host's, "
-                         "every row; 0: none)")
     a = ap.parse_args()
     err, same = run(a.kind, a.prompt, a.steps, a.window, a.split, dtype=a.dtype, bits=a.bits,
-                    positions=a.positions, head_dim=a.head_dim, rows=a.rows, hidden=a.hidden,
-                    stage=a.stage)
+                    positions=a.positions, head_dim=a.head_dim, rows=a.rows, hidden=a.hidden)
     exact = a.dtype in (None, "float32") and not a.bits
     print(f"{a.kind}, {f'{a.bits}-bit ' if a.bits else ''}{a.dtype or 'default'}, prompt {a.prompt}, {a.steps} "
           f"steps{f', split {a.split}' if a.split else ''}{f', {a.rows} rows' if a.rows > 1 else ''}: max relative error {err:.2e}, greedy ids "

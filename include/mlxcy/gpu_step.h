@@ -251,37 +251,6 @@ struct Lin {
   const T* b;
 };
 
-// 16-byte chunks of a row of width K that one lane takes (c = lane + 32 u).
-template <typename T, int BITS, int K>
-__host__ __device__ constexpr int lane_chunks() {
-  return (K / chunk_vals<T, BITS>() + 31) / 32;
-}
-
-// One lane's share of its warp's stage (decode_step's SW): the first gate/up
-// rows the warp takes in the MLP, copied into shared memory while attention
-// and o_proj leave the memory bandwidth mostly idle (stage_pairs), so that
-// the MLP streams that much less.  Lane l's chunk u of the warp's i-th row
-// (product_pair's order: gate, up, gate, ...) is its slot i * lane_chunks + u,
-// at w[32 * slot] (quantized: the 4-byte words that hold the chunk's scale and
-// bias at s[32 * slot], b[32 * slot]).  A lane reads only what it copied
-// itself, so its own wait is all the sync it needs.
-struct Stage {
-  uint4* w;
-  unsigned* s;
-  unsigned* b;
-};
-
-// The value of type T at address `at` from the 4-byte word that holds it.
-template <typename T>
-__device__ __forceinline__ float word_value(unsigned wd, const T* at) {
-  if constexpr (sizeof(T) == 4) {
-    return __int_as_float(static_cast<int>(wd));
-  } else {
-    const unsigned short h = (reinterpret_cast<uintptr_t>(at) & 2u) ? wd >> 16 : wd & 0xffffu;
-    return static_cast<float>(*reinterpret_cast<const T*>(&h));
-  }
-}
-
 // Row r of the q/k/v rows (q, then k, then v) is row r - qkv_first(p) of part
 // p = qkv_part(r).
 template <int NQ, int NKV, int HD>
@@ -392,31 +361,26 @@ struct Pass {
 
 // NR rows (row[n] < 0: none) of L[n]: this lane's chunks c0, c0 + 32, ...
 // (U of them) into wq -- loads only, so they can be in flight while the
-// activations are still being loaded.  Row n is the warp's row i0 + n of the
-// product: the first nst come from the stage.
+// activations are still being loaded.
 template <typename T, int BITS, int K, int NR, int U>
 __device__ __forceinline__ void rows_load(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                          int i0, int nst, const Stage& st, uint4 (&wq)[NR][U]) {
-  constexpr int CH = K / chunk_vals<T, BITS>(), CPL = lane_chunks<T, BITS, K>();
+                                          uint4 (&wq)[NR][U]) {
+  constexpr int CH = K / chunk_vals<T, BITS>();
 #pragma unroll
   for (int n = 0; n < NR; ++n)
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (row[n] >= 0 && c0 + 32 * u < CH) {
-        if (i0 + n < nst)
-          wq[n][u] = st.w[32 * ((i0 + n) * CPL + (c0 >> 5) + u)];
-        else
-          wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
-      }
+      if (row[n] >= 0 && c0 + 32 * u < CH)
+        wq[n][u] = __ldg(reinterpret_cast<const uint4*>(L[n].w) + (size_t)row[n] * CH + c0 + 32 * u);
 }
 
 // acc[n] += the loaded chunks of row n dotted with xs.
 template <typename T, int BITS, int GS, int K, int NR, int U>
 __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)[NR], int c0,
-                                         int i0, int nst, const Stage& st, const uint4 (&wq)[NR][U],
-                                         const float* xs, float (&acc)[NR]) {
+                                         const uint4 (&wq)[NR][U], const float* xs,
+                                         float (&acc)[NR]) {
   constexpr int VALS = chunk_vals<T, BITS>();
-  constexpr int CH = K / VALS, CPL = lane_chunks<T, BITS, K>();
+  constexpr int CH = K / VALS;
 #pragma unroll
   for (int n = 0; n < NR; ++n)
 #pragma unroll
@@ -428,16 +392,8 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
         if (BITS) {
           constexpr int G = GS ? GS : 1;
           const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
-          float sc, bi;
-          if (i0 + n < nst) {
-            const int k = 32 * ((i0 + n) * CPL + (c0 >> 5) + u);
-            sc = word_value(st.s[k], L[n].s + g);
-            bi = word_value(st.b[k], L[n].b + g);
-          } else {
-            sc = static_cast<float>(L[n].s[g]);
-            bi = static_cast<float>(L[n].b[g]);
-          }
-          acc[n] += qdot_affine<BITS>(sc, bi, d, sx);
+          acc[n] += qdot_affine<BITS>(static_cast<float>(L[n].s[g]),
+                                      static_cast<float>(L[n].b[g]), d, sx);
         } else {
           acc[n] += d;
         }
@@ -448,12 +404,10 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
 // NR rows of L[n] dotted with xs by one warp, every row's loads of a pass
 // issued before any is used; every lane gets the sums.  ready() runs once,
 // in every thread, after the first pass's loads are issued and before xs is
-// read: the activations' load and norm overlap the weights' latency.  The
-// rows are the warp's rows i0 .. i0 + NR - 1 of the product (rows_load).
+// read: the activations' load and norm overlap the weights' latency.
 template <typename T, int BITS, int GS, int K, int NR, int U, class Ready>
-__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR], int i0,
-                                         int nst, const Stage& st, const float* xs,
-                                         float (&out)[NR], Ready& ready) {
+__device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)[NR],
+                                         const float* xs, float (&out)[NR], Ready& ready) {
   constexpr int CH = K / chunk_vals<T, BITS>();
   const int lane = threadIdx.x & 31;
   float acc[NR];
@@ -461,9 +415,9 @@ __device__ __forceinline__ void rows_dot(const Lin<T> (&L)[NR], const int (&row)
   for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
   for (int c0 = lane, first = 1; c0 < CH || first; c0 += 32 * U, first = 0) {
     uint4 wq[NR][U];
-    if (c0 < CH) rows_load<T, BITS, K, NR, U>(L, row, c0, i0, nst, st, wq);
+    if (c0 < CH) rows_load<T, BITS, K, NR, U>(L, row, c0, wq);
     if (first) ready();
-    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U>(L, row, c0, i0, nst, st, wq, xs, acc);
+    if (c0 < CH) rows_use<T, BITS, GS, K, NR, U>(L, row, c0, wq, xs, acc);
   }
 #pragma unroll
   for (int n = 0; n < NR; ++n) out[n] = warp_sum(acc[n]);
@@ -501,7 +455,7 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
       at[n] = r0 + n * nw;
       row[n] = at[n] < N ? lin_of(at[n], &L[n]) : -1;
     }
-    rows_dot<T, BITS, GS, K, P::NR, P::U>(L, row, 0, 0, Stage{}, xs, v, ready);
+    rows_dot<T, BITS, GS, K, P::NR, P::U>(L, row, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < P::NR; ++n)
       if (row[n] >= 0) emit(at[n], v[n]);
@@ -509,16 +463,14 @@ __device__ __forceinline__ void product(int N, int gw, int nw, const float* xs, 
 }
 
 // gate and up rows 0..FF-1 in pairs (both rows' loads in flight together);
-// emit(row, gate sum, up sum).  ready() as in product.  The warp's first nst
-// rows (gate, up, gate, ...) are in its stage st (stage_pairs; waited for).
+// emit(row, gate sum, up sum).  ready() as in product.
 template <typename T, int BITS, int GS, int K, int F, class Ready, class Emit>
 __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, int N, int gw,
-                                             int nw, const float* xs, Ready ready_fn, Emit emit,
-                                             const Stage& st = Stage{}, int nst = 0) {
+                                             int nw, const float* xs, Ready ready_fn, Emit emit) {
   using P = Pass<T, BITS, K, F>;
   constexpr int H = P::NR / 2 > 0 ? P::NR / 2 : 1;     // rows per pass
   Once<Ready> ready{ready_fn};
-  for (int r0 = gw, i0 = 0; r0 < N || !ready.done; r0 += H * nw, i0 += 2 * H) {
+  for (int r0 = gw; r0 < N || !ready.done; r0 += H * nw) {
     Lin<T> L[2 * H];
     int row[2 * H];
     float v[2 * H];
@@ -529,7 +481,7 @@ __device__ __forceinline__ void product_pair(const Lin<T>& g, const Lin<T>& u, i
       L[2 * n + 1] = u;
       row[2 * n] = row[2 * n + 1] = r < N ? r : -1;
     }
-    rows_dot<T, BITS, GS, K, 2 * H, P::U>(L, row, i0, nst, st, xs, v, ready);
+    rows_dot<T, BITS, GS, K, 2 * H, P::U>(L, row, xs, v, ready);
 #pragma unroll
     for (int n = 0; n < H; ++n)
       if (row[2 * n] >= 0) emit(row[2 * n], v[2 * n], v[2 * n + 1]);
@@ -604,60 +556,6 @@ constexpr bool kAsyncCopy = true;
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   MLXCY_CP_ASYNC("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-}
-
-// A stage's copies (stage_rows): asynchronous where cp.async is, else plain.
-__device__ __forceinline__ void stage16(uint4* dst, const uint4* src) {
-  if constexpr (kAsyncCopy) cp_async16(dst, src);
-  else *dst = *src;
-}
-
-// dst <- the 4-byte word that holds *at (a 2-byte scale: its word, aligned
-// down; .ca: the weights never change, so L1's copy is never stale).
-template <typename T>
-__device__ __forceinline__ void stage4(unsigned* dst, const T* at) {
-  const unsigned* src = reinterpret_cast<const unsigned*>(reinterpret_cast<uintptr_t>(at) &
-                                                          ~static_cast<uintptr_t>(3));
-  if constexpr (kAsyncCopy) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    MLXCY_CP_ASYNC("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
-  } else {
-    *dst = *src;
-  }
-}
-
-// This warp's first nst rows of product_pair's (gate, up of row gw, then of
-// gw + nw, ... < N) into its stage, as one commit group of asynchronous copies.
-template <typename T, int BITS, int GS, int K>
-__device__ __forceinline__ void stage_pairs(const Lin<T>& g, const Lin<T>& u, int N, int gw,
-                                            int nw, int nst, const Stage& st) {
-  constexpr int VALS = chunk_vals<T, BITS>(), CH = K / VALS, CPL = lane_chunks<T, BITS, K>();
-  const int lane = threadIdx.x & 31;
-  for (int i = 0; i < nst && gw + (i >> 1) * nw < N; ++i) {
-    const Lin<T>& L = i & 1 ? u : g;
-    const int row = gw + (i >> 1) * nw;
-#pragma unroll
-    for (int c8 = 0; c8 < CPL; ++c8) {
-      const int c = lane + 32 * c8, k = 32 * (i * CPL + c8);
-      if (c >= CH) continue;
-      stage16(st.w + k, reinterpret_cast<const uint4*>(L.w) + (size_t)row * CH + c);
-      if (BITS) {
-        constexpr int G = GS ? GS : 1;
-        const size_t gi = (size_t)row * (K / G) + (c * VALS) / G;
-        stage4(st.s + k, L.s + gi);
-        stage4(st.b + k, L.b + gi);
-      }
-    }
-  }
-  MLXCY_CP_ASYNC("cp.async.commit_group;" ::: "memory");
-}
-
-// Wait for this lane's stage: all its copies but the newest group when
-// `newer` (a phase's activations, x_issue's, committed after the stage and
-// waited for by x_finish).
-__device__ __forceinline__ void stage_wait(bool newer) {
-  if (newer) MLXCY_CP_ASYNC("cp.async.wait_group 1;" ::: "memory");
-  else MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");
 }
 
 // load_x in two halves around a product's first weight loads.  x_issue,
@@ -932,7 +830,7 @@ __device__ __forceinline__ Lin<T> rows_from(const Lin<T>& L, int r0) {
 }
 
 template <typename T, int BITS, int GS, int EBITS, int EGS, int D, int NQ, int NKV, int HD, int FF,
-          int V, int NL, bool QKV_BIAS, bool QK_NORM, int SLICE, bool GEMMA, int SW>
+          int V, int NL, bool QKV_BIAS, bool QK_NORM, int SLICE, bool GEMMA>
 __device__ void decode_step(const int* tok_p, const int* meta, const unsigned long long* table,
                             const float* inv_freq, T* const* kc, T* const* vc, float eps,
                             float qk_eps, float scale, float escale, float* scratch, T* logits,
@@ -986,19 +884,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * WARPS + warp, nw = gridDim.x * WARPS;
   const unsigned long long* top = table + NL * PL;
-  // SW > 0: each lane's SW 16-byte slots of dynamic shared memory hold the
-  // first gate/up rows its warp takes in the MLP (Stage), copied as the
-  // block's attention work is done: the copies then overlap the barrier and
-  // o_proj, which leave the memory bandwidth mostly idle.
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
-  Stage st{};
-  if constexpr (SW > 0) {
-    uint4* w = reinterpret_cast<uint4*>(dyn_smem);
-    unsigned* sb = reinterpret_cast<unsigned*>(w + WARPS * SW * 32);
-    const int at = warp * SW * 32 + lane;
-    st = Stage{w + at, sb + at, sb + WARPS * SW * 32 + at};
-  }
-  constexpr int NST = SW / lane_chunks<T, BITS, D>();   // staged gate/up rows a warp
 
   for (int l = 0; l < NL; ++l) {
     const unsigned long long* t = table + l * PL;
@@ -1209,20 +1094,10 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         __syncthreads();                       // (sp and qw are the next item's)
       }
     }
-    if constexpr (SW > 0) {   // this block's first gate/up rows (SPLIT: its first slice's)
-      if (!SPLIT)
-        stage_pairs<T, BITS, GS, D>(lin<T>(t + 19), lin<T>(t + 22), FF, gw, nw, NST, st);
-      else if (blockIdx.x < FF / S)
-        stage_pairs<T, BITS, GS, D>(rows_from<T, BITS, GS, D>(lin<T>(t + 19), blockIdx.x * S),
-                                    rows_from<T, BITS, GS, D>(lin<T>(t + 22), blockIdx.x * S), S,
-                                    warp, WARPS, NST, st);
-    }
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
-    // (SW > 0: plain loads, as the stage's copies are still landing and a
-    // wait for later copies would wait for them too)
-    const bool ec = SW == 0 && x_issue<T, NQ * HD>(att, nullptr, nullptr, xs, ys, ws);
+    const bool ec = x_issue<T, NQ * HD>(att, nullptr, nullptr, xs, ys, ws);
     auto ldx_c = [&] {
       x_finish<T, NQ * HD>(ec, att, nullptr, 0.0f, xs, red, nullptr, nullptr, ys, ws);
       if (threadIdx.x == 0) clock_mid(sync);
@@ -1259,7 +1134,6 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       };
       const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22), dn = lin<T>(t + 25);
       constexpr int VALS = chunk_vals<T, BITS>();
-      if constexpr (SW > 0) stage_wait(ed);
       for (int it = blockIdx.x; it < FF / S; it += gridDim.x) {
         const int s0 = it * S;
         product_pair<T, BITS, GS, D, F>(rows_from<T, BITS, GS, D>(g, s0),
@@ -1275,7 +1149,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
             const float sg = rt<T>(1.0f / (1.0f + __expf(-gv)));
             if (lane == 0) hs[xp(r)] = rt<T>(rt<T>(gv * sg) * uv);
           }
-        }, st, it == blockIdx.x ? NST : 0);
+        });
         __syncthreads();
         for (int d = threadIdx.x; d < D; d += THREADS) {
           const uint4* w4 = reinterpret_cast<const uint4*>(dn.w) + (size_t)d * (FF / VALS) + s0 / VALS;
@@ -1297,9 +1171,7 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         }
         __syncthreads();
       }
-      if (!loaded) {   // (a block with no slice)
-        if (ed) MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");
-      }
+      if (ed && !loaded) MLXCY_CP_ASYNC("cp.async.wait_all;" ::: "memory");   // (a block with no slice)
     } else {
       prefetch_rows<T, BITS>(lin<T>(t + 19).w, D, gw, FF, nw);
       prefetch_rows<T, BITS>(lin<T>(t + 22).w, D, gw, FF, nw);
@@ -1315,12 +1187,11 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
       };
       {
         const Lin<T> g = lin<T>(t + 19), u = lin<T>(t + 22);
-        if constexpr (SW > 0) stage_wait(ed);
         product_pair<T, BITS, GS, D, F>(g, u, FF, gw, nw, xs, ldx_d,
                                         [&](int r, float gs, float us) {
           const float h = mlp_act<T, GEMMA>(rt<T>(gs), rt<T>(us));
           if (lane == 0) hid[r] = h;
-        }, st, NST);
+        });
       }
       prefetch_rows<T, BITS>(lin<T>(t + 25).w, FF, gw, D, nw);
       grid_sync(sync);
@@ -2372,41 +2243,6 @@ inline bool step_timing_on() {
   return on;
 }
 
-// MLXCY_STEP_STAGE=0 in the environment (read once): the one-token kernel
-// stages no rows in shared memory (decode_step's SW = 0; A/B runs).
-inline bool step_stage_on() {
-  static const bool on = [] {
-    const char* v = std::getenv("MLXCY_STEP_STAGE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
-
-// Bytes a stage slot takes over a block's 256 lanes: 16 of weights, and the
-// words of a quantized chunk's scale and bias.
-inline int step_stage_slot_bytes(const StepConfig& c) { return 256 * (16 + (c.bits ? 8 : 0)); }
-
-// decode_step's SW: the 16-byte slots a lane needs to stage every gate/up row
-// its warp takes in the MLP (split over slices, or not: step_slice) over
-// `blocks` blocks of 8 warps, or as many as the SM's shared memory holds
-// beside the static arrays.
-inline int step_stage_slots(const StepConfig& c, int blocks) {
-  if (!step_stage_on()) return 0;
-  const int vals = step_chunk_vals(c), slice = step_slice(c, blocks);
-  const int rows = slice ? (slice * vals + 7) / 8 : (c.FF + blocks * 8 - 1) / (blocks * 8);
-  const int need = 2 * rows * ((c.D / vals + 31) / 32);
-  const long room = step_device_attribute(97 /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */, 232448) -
-                    step_static_smem(c) - 1024;
-  return static_cast<int>(std::min<long>(need, room / step_stage_slot_bytes(c)));
-}
-
-// The one-token kernel's dynamic shared memory for SW slots a lane: at least
-// 64 KB when any, so that MLX raises the kernel's limit past the default 48 KB
-// (as step_shared_bytes).
-inline int step_stage_bytes(const StepConfig& c, int sw) {
-  return sw > 0 ? std::max(sw * step_stage_slot_bytes(c), 64 * 1024) : 0;
-}
-
 inline void step_init(StepState& st, const mx::array& inv_freq) {
   st.inv_freq = mx::copy(mx::astype(inv_freq, mx::float32));
   st.state = mx::zeros({kStepCounters + 64}, mx::uint32);
@@ -2443,15 +2279,11 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
                              int cap, const mx::array* rpos, int r0, bool several) {
   const int M = static_cast<int>(tok.size());
   const bool rows = rpos != nullptr;
-  // by layer count, and for several positions (or rows) by their shared
-  // memory (vsmem, verify_step's), for one (decode_step) by its stage's
-  const int vsmem = M > 1 || rows ? step_shared_bytes(c, M) : 0;
-  const int blocks = step_grid_blocks();
-  const int sw = vsmem ? 0 : step_stage_slots(c, blocks);
-  const int smem = vsmem ? vsmem : step_stage_bytes(c, sw);
-  const bool timed = vsmem == 0 && step_timing_on();
-  static std::map<std::tuple<int, int, bool, int>, mx::fast::CustomKernelFunction> kernels;
-  auto it = kernels.find({c.L, vsmem, rows, sw});
+  // by layer count, and for several positions (or rows) by their shared memory
+  const int smem = M > 1 || rows ? step_shared_bytes(c, M) : 0;
+  const bool timed = smem == 0 && step_timing_on();
+  static std::map<std::tuple<int, int, bool>, mx::fast::CustomKernelFunction> kernels;
+  auto it = kernels.find({c.L, smem, rows});
   if (it == kernels.end()) {
     std::vector<std::string> names = {"tok", "meta", "table", "inv_freq", "bar", "after"};
     if (rows) names.push_back("rpos");
@@ -2465,22 +2297,22 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
       vinit += (l ? ", " : "") + std::string("const_cast<T*>(v") + std::to_string(l) + ")";
     }
     std::string body = kinit + "};\n" + vinit + "};\n" +
-        (vsmem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                 "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ", GEMMA>(\n"
-               : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
-                 "QKV_BIAS, QK_NORM, SLICE, GEMMA, SW>(\n") +
+        (smem ? "  mlxcy_step::verify_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM, M, " + std::string(rows ? "true" : "false") + ", GEMMA>(\n"
+              : "  mlxcy_step::decode_step<T, BITS, GS, EBITS, EGS, D, NQ, NKV, HD, FF, V, NL, "
+                "QKV_BIAS, QK_NORM, SLICE, GEMMA>(\n") +
         "      tok, reinterpret_cast<const int*>(meta),\n"
         "      reinterpret_cast<const unsigned long long*>(table), inv_freq, kc, vc,\n"
         "      __int_as_float(EPS_BITS), __int_as_float(QK_EPS_BITS), __int_as_float(SCALE_BITS),\n" +
-        (vsmem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
+        (smem ? "" : "      __int_as_float(ESCALE_BITS),\n") +
         "      scratch, logits, const_cast<unsigned*>(bar)" +
-        (vsmem ? std::string(rows ? ", rpos" : ", nullptr") + ", __int_as_float(ESCALE_BITS)"
-               : timed ? ", timing" : ", nullptr") + ");\n";
-    std::string name = (rows ? "mlxcy_rows_step_" : vsmem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") +
+        (smem ? std::string(rows ? ", rpos" : ", nullptr") + ", __int_as_float(ESCALE_BITS)"
+              : timed ? ", timing" : ", nullptr") + ");\n";
+    std::string name = (rows ? "mlxcy_rows_step_" : smem ? "mlxcy_verify_step_" : "mlxcy_decode_step_") +
                        std::to_string(c.L) + (timed ? "_timed" : "");
     std::vector<std::string> outs = {"logits", "scratch"};
     if (timed) outs.push_back("timing");
-    it = kernels.emplace(std::make_tuple(c.L, vsmem, rows, sw),
+    it = kernels.emplace(std::make_tuple(c.L, smem, rows),
                          mx::fast::cuda_kernel(name, names, outs, body, step_device_source(),
                                                false, smem)).first;
   }
@@ -2507,8 +2339,9 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
   for (auto& v : vbuf) in.push_back(v);
   int scratch = 5 * c.D + M * (c.D + (c.NQ + 2 * c.NKV) * c.HD + c.NQ * c.HD + c.FF) +
                 M * c.NQ * ((cap + 31) / 32) * (c.HD + 2) + 4 +   // (+4: ysum 16-byte aligned)
-                (vsmem && c.gemma ? 3 * M * c.D : 0);             // (verify_step's x2, ob, yo)
-  const int slice = vsmem == 0 ? step_slice(c, blocks) : 0;
+                (smem && c.gemma ? 3 * M * c.D : 0);              // (verify_step's x2, ob, yo)
+  int blocks = step_grid_blocks();
+  const int slice = smem == 0 ? step_slice(c, blocks) : 0;
   const bool split = slice > 0;
   std::vector<mx::Shape> shapes = {rows ? mx::Shape{M, 1, c.V} : mx::Shape{1, M, c.V},
                                    mx::Shape{scratch}};
@@ -2525,8 +2358,7 @@ inline mx::array step_launch(const StepConfig& c, StepState& st, const mx::array
        {"NQ", c.NQ}, {"NKV", c.NKV}, {"HD", c.HD}, {"FF", c.FF}, {"V", c.V}, {"NL", c.L},
        {"QKV_BIAS", c.qkv_bias}, {"QK_NORM", c.qk_norm}, {"EPS_BITS", bits_of(c.eps)},
        {"QK_EPS_BITS", bits_of(c.qk_eps)}, {"SCALE_BITS", bits_of(c.scale)}, {"M", M},
-       {"SLICE", slice}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)},
-       {"SW", sw}},
+       {"SLICE", slice}, {"GEMMA", c.gemma}, {"ESCALE_BITS", bits_of(c.embed_scale)}},
       std::nullopt, false, {});
   std::vector<mx::array> bufs(kbuf);
   bufs.insert(bufs.end(), vbuf.begin(), vbuf.end());

@@ -128,13 +128,6 @@ def gpu_step_slice(m: Model, blocks: int) -> int | None:
     of each down row a slice takes; None where the kernel would not run m.
     Host arithmetic only, on any device (tests)."""
 
-def gpu_step_stage(m: Model, blocks: int) -> int | None:
-    """The one-token kernel's stage for m on a grid of `blocks`: the 16-byte
-    slots of shared memory a lane takes for the first rows its warp computes of
-    the q/k/v and o_proj products, copied a phase ahead (0: none, as with
-    MLXCY_STEP_STAGE=0); None where the kernel would not run m.  Host
-    arithmetic only, on any device (tests)."""
-
 def gpu_decode_steps() -> int:
     """How many decode steps have run as the one-kernel GPU step (tests and
     benchmarks check that the path was taken)."""

@@ -819,17 +819,6 @@ def gpu_step_slice(Model m, int blocks):
     return ngs.step_slice((<_GpuStep>m.gpu_step).cfg, blocks)
 
 
-def gpu_step_stage(Model m, int blocks):
-    """The one-token kernel's stage for m on a grid of `blocks`: the 16-byte
-    slots of shared memory a lane takes for the first rows its warp computes of
-    the q/k/v and o_proj products, copied a phase ahead (0: none, as with
-    MLXCY_STEP_STAGE=0); None where the kernel would not run m.  Host
-    arithmetic only, on any device (tests)."""
-    if _gpu_step_of(m) is False:
-        return None
-    return ngs.step_stage_slots((<_GpuStep>m.gpu_step).cfg, blocks)
-
-
 def gpu_verify_positions(Model m):
     """The most positions of one sequence the one-kernel step verifies at
     once for m on this device (gpu_step.h's step_max_positions), or 0 where

@@ -28,7 +28,6 @@ cdef extern from "mlxcy/gpu_step.h" namespace "mlxcy" nogil:
 
     int& step_split_mode()
     int step_slice(const StepConfig& c, int blocks) except +
-    int step_stage_slots(const StepConfig& c, int blocks) except +
     string step_config_problem(const StepConfig& c) except +
     int step_max_positions(const StepConfig& c) except +
     int step_max_rows(const StepConfig& c) except +
