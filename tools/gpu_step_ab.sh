@@ -5,13 +5,16 @@
 # built into a copy of the tree (only mlxcy.models.base includes the header),
 # then profiled in turns, one process each:
 #
-#   tools/gpu_step_ab.sh NAME=HEADER|NAME=DIR... [-- gpu_step_profile.py arguments]
+#   tools/gpu_step_ab.sh NAME=HEADER|NAME=DIR|NAME=FILE.diff... [-- gpu_step_profile.py arguments]
 #
 #   e.g. tools/gpu_step_ab.sh early=.gpu/b/x_early.h -- --models smollm2-135m,llama-3.2-1b --phases
 #
 # A DIR holds files to lay over the copy at the same paths (another version
 # of any source files, e.g. a branch's changes); the copy is then rebuilt
-# whole.
+# whole.  A FILE.diff (or .patch: `git diff` output) is applied to the copy;
+# one that touches only gpu_step.h rebuilds only the module that includes it.
+# A diff keeps applying as the tree moves on, where a whole header would undo
+# what changed since it was taken.
 #
 # "main" is this tree.  Each run's output goes to ${OUT:-/tmp/gpu-ab}/NAME.log
 # as it runs; the table rows are printed with the variant's name.  ROUNDS
@@ -36,6 +39,12 @@ for v in "${variants[@]}"; do
     rm -rf "$dir" && mkdir -p "$dir" && tar --exclude=./.gpu -cf - . | tar -C "$dir" -xf -
     if [ -d "$src" ]; then      # files laid over the tree (their paths under src): rebuild all
         cp -r "$src/." "$dir/"; mods=()
+    elif [[ "$src" == *.diff || "$src" == *.patch ]]; then   # a diff against this tree
+        src=$(realpath "$src")
+        (cd "$dir" && git apply "$src") || { echo "== $name: $src does not apply"; continue; }
+        mods=()                 # (only base includes the header: rebuild just it if that is all)
+        [ "$(cd "$dir" && git apply --numstat "$src" | cut -f3 | sort -u)" = include/mlxcy/gpu_step.h ] &&
+            touch "$dir/mlxcy/models/base.pyx" && mods=(MLXCY_MODULES=mlxcy.models.base)
     else                        # a gpu_step.h: only mlxcy.models.base includes it
         cp "$src" "$dir/include/mlxcy/gpu_step.h" && touch "$dir/mlxcy/models/base.pyx"
         mods=(MLXCY_MODULES=mlxcy.models.base)
