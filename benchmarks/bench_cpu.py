@@ -26,7 +26,9 @@ also mlxcy-unfused (mlxcy.cpu_kernels.set_block_fusion(False): the kernels'
 products and attention, the rest of a block as MLX ops) and mlxcy-mlx
 (mlxcy.cpu_kernels.set_enabled(False): MLX's own CPU ops throughout); the
 engine mlxcy-float32 (--engines) is mlxcy with float32 activations
-(mlxcy.cpu_kernels.set_activations("float32"): exact products, slower).
+(mlxcy.cpu_kernels.set_activations("float32"): exact products, slower), and
+mlxcy-avx2 mlxcy with its AVX2 kernels only (mlxcy.cpu_kernels.set_isa("avx2"):
+what a CPU without AVX-512 VNNI, e.g. the AMD EPYC machines CI runs on, gets).
 
 llama.cpp is llama-cpp-python 0.3.36 built once from its sdist with native
 AVX2/FMA and installed from a wheel kept outside the repository (docs/cpu.md
@@ -98,6 +100,8 @@ def run_mlxcy(a):
         cpu_kernels.set_block_fusion(False)
     elif a.child == "mlxcy-float32":
         cpu_kernels.set_activations("float32")
+    elif a.child == "mlxcy-avx2":
+        cpu_kernels.set_isa("avx2")
     tm = MlxTextModel(model_path("hf-bf16") if a.model == "bf16" else gguf_path(a.model))
     ids = prompt_ids(a.prompt)
     for _ in tm.stream_ids(ids[:16], max_tokens=4):   # warm-up
@@ -151,7 +155,7 @@ def run_mlxlm(a):
 
 
 CHILDREN = {"mlxcy": run_mlxcy, "mlxcy-unfused": run_mlxcy, "mlxcy-mlx": run_mlxcy,
-            "mlxcy-float32": run_mlxcy,
+            "mlxcy-float32": run_mlxcy, "mlxcy-avx2": run_mlxcy,
             "llama.cpp": run_llamacpp, "mlx-lm": run_mlxlm}
 
 
