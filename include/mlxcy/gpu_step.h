@@ -1151,10 +1151,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           }
         });
         __syncthreads();
-        // the slice's share of every down row, a row a lane at a time: asking
-        // for more of a lane's rows first (8 or 16 chunks) or prefetching them
-        // into L2 as the slice starts made the step slower (Llama-3.2-1B 4-bit
-        // 1,014 -> 1,349, 1,596 and 1,136 us, H100 2026-12-07)
+        // the slice's share of every down row, a row a lane at a time: more
+        // of a lane's rows in flight, or their prefetch into L2, costs the
+        // step more than it hides (the figures: git show 1b36189)
         for (int d = threadIdx.x; d < D; d += THREADS) {
           const uint4* w4 = reinterpret_cast<const uint4*>(dn.w) + (size_t)d * (FF / VALS) + s0 / VALS;
           float acc = 0.0f;
