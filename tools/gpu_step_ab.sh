@@ -34,20 +34,22 @@ done
 MLXCY_JOBS=${MLXCY_JOBS:-16} python setup.py -q build_ext --inplace > "$out/build-main.log" 2>&1 ||
     { tail -20 "$out/build-main.log"; exit 1; }
 names=(main); dirs=("$here")
+# only mlxcy.models.base includes gpu_step.h: a copy whose change is the header
+# rebuilds just that module
+header_only() { touch "$dir/mlxcy/models/base.pyx"; mods=(MLXCY_MODULES=mlxcy.models.base); }
 for v in "${variants[@]}"; do
     name=${v%%=*}; src=${v#*=}; dir=/tmp/gpu-ab-$name
     rm -rf "$dir" && mkdir -p "$dir" && tar --exclude=./.gpu -cf - . | tar -C "$dir" -xf -
+    mods=()                     # (the modules to rebuild: all, unless header_only)
     if [ -d "$src" ]; then      # files laid over the tree (their paths under src): rebuild all
-        cp -r "$src/." "$dir/"; mods=()
+        cp -r "$src/." "$dir/"
     elif [[ "$src" == *.diff || "$src" == *.patch ]]; then   # a diff against this tree
         src=$(realpath "$src")
         (cd "$dir" && git apply "$src") || { echo "== $name: $src does not apply"; continue; }
-        mods=()                 # (only base includes the header: rebuild just it if that is all)
         [ "$(cd "$dir" && git apply --numstat "$src" | cut -f3 | sort -u)" = include/mlxcy/gpu_step.h ] &&
-            touch "$dir/mlxcy/models/base.pyx" && mods=(MLXCY_MODULES=mlxcy.models.base)
-    else                        # a gpu_step.h: only mlxcy.models.base includes it
-        cp "$src" "$dir/include/mlxcy/gpu_step.h" && touch "$dir/mlxcy/models/base.pyx"
-        mods=(MLXCY_MODULES=mlxcy.models.base)
+            header_only
+    else                        # a gpu_step.h
+        cp "$src" "$dir/include/mlxcy/gpu_step.h" && header_only
     fi
     # (a failed build leaves the copy's modules as this tree built them: marked,
     # so that its rows are not read as the variant's)
