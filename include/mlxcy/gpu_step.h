@@ -309,13 +309,13 @@ __device__ __forceinline__ float qdot_affine(float scale, float bias, float d, f
   return scale * (d - QFloat<BITS>::OFF * sx) + bias * sx;
 }
 
-// dot(chunk c of a weight row, xs) for one lane; sx: the sum of the chunk's x
-// (for the affine bias; the quantized dot is of OFF + q: qdot_affine).
+// dot(chunk c of a weight row, xs) for one lane; a quantized chunk's dot is
+// of OFF + q (qdot_affine takes it back out with chunk_xsum's sum).
 template <typename T, int BITS>
-__device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* xs, float* sx) {
+__device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* xs) {
   constexpr int VALS = chunk_vals<T, BITS>();
   const float* xc = xs + xp(c * VALS);     // VALS <= 32: the chunk is in one padded run
-  float d = 0.0f, s = 0.0f;
+  float d = 0.0f;
   if (BITS == 0) {
     const T* t = reinterpret_cast<const T*>(&wq);
 #pragma unroll
@@ -339,11 +339,25 @@ __device__ __forceinline__ float chunk_dot(const uint4& wq, int c, const float* 
       d = fmaf(q_float<B>(wd, sh + B), x4.y, d);
       d = fmaf(q_float<B>(wd, sh + 2 * B), x4.z, d);
       d = fmaf(q_float<B>(wd, sh + 3 * B), x4.w, d);
-      s += (x4.x + x4.y) + (x4.z + x4.w);
     }
   }
-  *sx = s;
   return d;
+}
+
+// The sum of chunk c's x (qdot_affine's sx).  It is the same for every row
+// that meets the chunk, and per row it would be a quarter of a quantized
+// product's instructions: rows_use sums it once a pass.
+template <typename T, int BITS>
+__device__ __forceinline__ float chunk_xsum(int c, const float* xs) {
+  constexpr int VALS = chunk_vals<T, BITS>();
+  const float* xc = xs + xp(c * VALS);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < VALS; i += 4) {
+    float4 x4 = *reinterpret_cast<const float4*>(xc + i);
+    s += (x4.x + x4.y) + (x4.z + x4.w);
+  }
+  return s;
 }
 
 // How a warp walks a product of width K: U 16-byte chunks of a row per lane
@@ -381,19 +395,24 @@ __device__ __forceinline__ void rows_use(const Lin<T> (&L)[NR], const int (&row)
                                          float (&acc)[NR]) {
   constexpr int VALS = chunk_vals<T, BITS>();
   constexpr int CH = K / VALS;
+  // chunk u's x sum: summed along with row 0's dot (the two chains
+  // interleave; summed ahead of the rows it made SmolLM2's step ~2% longer)
+  // and kept for the other rows.  Rows come in order (product,
+  // product_pair): row 0 is there whenever any row is.
+  float sx[U];
 #pragma unroll
   for (int n = 0; n < NR; ++n)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + 32 * u;
       if (row[n] >= 0 && c < CH) {
-        float sx;
-        const float d = chunk_dot<T, BITS>(wq[n][u], c, xs, &sx);
+        const float d = chunk_dot<T, BITS>(wq[n][u], c, xs);
         if (BITS) {
+          if (n == 0) sx[u] = chunk_xsum<T, BITS>(c, xs);
           constexpr int G = GS ? GS : 1;
           const size_t g = (size_t)row[n] * (K / G) + (c * VALS) / G;
           acc[n] += qdot_affine<BITS>(static_cast<float>(L[n].s[g]),
-                                      static_cast<float>(L[n].b[g]), d, sx);
+                                      static_cast<float>(L[n].b[g]), d, sx[u]);
         } else {
           acc[n] += d;
         }
@@ -1159,13 +1178,13 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
           float acc = 0.0f;
 #pragma unroll
           for (int c = 0; c < S / VALS; ++c) {
-            float sx;
-            const float dd = chunk_dot<T, BITS>(__ldg(w4 + c), c, hs, &sx);
+            const float dd = chunk_dot<T, BITS>(__ldg(w4 + c), c, hs);
             if (BITS) {
               constexpr int G = GS ? GS : 1;
               const size_t gi = (size_t)d * (FF / G) + (s0 + c * VALS) / G;
               acc += qdot_affine<BITS>(static_cast<float>(dn.s[gi]),
-                                       static_cast<float>(dn.b[gi]), dd, sx);
+                                       static_cast<float>(dn.b[gi]), dd,
+                                       chunk_xsum<T, BITS>(c, hs));
             } else {
               acc += dd;
             }
