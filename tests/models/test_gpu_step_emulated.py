@@ -50,6 +50,9 @@ def _assert_close(err, same_ids, dtype, bits):
     # 4-bit slices of 2 chunks (Llama-3.2-1B 4-bit's on a GPU) over hidden 320:
     # each thread takes two down rows' pieces and their scales
     ("llama", 20, 2, 2, None, 4, 1, 320),
+    # 4-bit products of width 2048 (Llama-3.2-1B's): two chunks of each row a
+    # lane, so a pass's rows share two chunks' sums of x (rows_use)
+    ("llama", 12, 2, 0, None, 4, 1, 2048),
     # float32 activations over 4- and 8-bit weights (a GGUF's layout on a GPU):
     # several positions' products on the tensor cores in two bfloat16 parts
     ("llama", 20, 2, 0, "float32", 4, 5, 0),
