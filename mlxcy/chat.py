@@ -202,6 +202,18 @@ def _alias_reasoning(chat: list) -> list:
     return out
 
 
+def _json_object(path) -> dict:
+    """A JSON file that must hold an object (a tokenizer config)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
+        raise ChatTemplateError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ChatTemplateError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def _token_str(v: Any) -> str | None:
     """A special token as stored in tokenizer_config.json: a string or a
     serialized AddedToken {"content": ...}."""
@@ -402,8 +414,7 @@ class ChatTemplate:
             cfg_file = d / "tokenizer_config.json" if p.is_dir() else p
             if not cfg_file.exists():
                 raise FileNotFoundError(f"path_or_dict: {cfg_file} does not exist")
-            with open(cfg_file, encoding="utf-8") as f:
-                config = json.load(f)
+            config = _json_object(cfg_file)
             if p.is_dir():
                 jinja_file = d / "chat_template.jinja"
                 json_file = d / "chat_template.json"
@@ -411,8 +422,11 @@ class ChatTemplate:
                 if jinja_file.exists():
                     template = {"default": jinja_file.read_text(encoding="utf-8")}
                 elif json_file.exists():
-                    with open(json_file, encoding="utf-8") as f:
-                        template = {"default": json.load(f)["chat_template"]}
+                    src = _json_object(json_file).get("chat_template")
+                    if not isinstance(src, str):
+                        raise ChatTemplateError(f"{json_file}: key 'chat_template' must be a "
+                                                f"string, got {type(src).__name__}")
+                    template = {"default": src}
                 if template is not None and templates_dir.is_dir():
                     for t in sorted(templates_dir.glob("*.jinja")):
                         template[t.stem] = t.read_text(encoding="utf-8")

@@ -523,6 +523,36 @@ def chat_huge_string_repeat(d):
     render("{{ 'ab' * 10 ** 12 }}")     # a MemoryError (after swapping) without the bound
 
 
+def template_dir(d, config, template_json=None):
+    from mlxcy.chat import ChatTemplate
+    t = d / "tok"
+    t.mkdir()
+    write(t, "tokenizer_config.json", config)
+    if template_json is not None:
+        write(t, "chat_template.json", template_json)
+    ChatTemplate.from_tokenizer_config(t)
+
+
+@case("ChatTemplateError", r"tokenizer_config\.json: invalid JSON")
+def chat_config_not_json(d):
+    template_dir(d, '{"chat_template": ')
+
+
+@case("ChatTemplateError", r"tokenizer_config\.json: invalid JSON")
+def chat_config_not_utf8(d):
+    template_dir(d, b'{"chat_template": "\xff\xfe"}')
+
+
+@case("ChatTemplateError", r"tokenizer_config\.json: expected a JSON object, got list")
+def chat_config_a_list(d):
+    template_dir(d, '["{{ messages }}"]')
+
+
+@case("ChatTemplateError", r"chat_template\.json: key 'chat_template' must be a string, got NoneType")
+def chat_template_json_without_the_key(d):
+    template_dir(d, '{}', '{"template": "{{ messages }}"}')
+
+
 # -------------------------------------------------------- training data --
 
 def load_jsonl(p):
@@ -543,6 +573,58 @@ def data_invalid_json_line(d):
 @case("DataError", r"list\.jsonl:1.*object")
 def data_line_not_an_object(d):
     load_jsonl(write(d, "list.jsonl", '[1, 2]\n'))
+
+
+# --------------------------------------------------- adapters and resuming --
+
+def adapter_dir(d, config):
+    from mlxcy.train.adapters import CONFIG_FILE, read_adapter_config
+    a = d / "adapters"
+    a.mkdir()
+    write(a, CONFIG_FILE, config)
+    read_adapter_config(a)
+
+
+@case("AdapterError", r"adapter_config\.json: expected a JSON object, got list")
+def adapter_config_a_list(d):
+    adapter_dir(d, "[1, 2]")
+
+
+@case("AdapterError", r"adapter_config\.json: invalid JSON")
+def adapter_config_not_utf8(d):
+    adapter_dir(d, b'{"num_layers": "\xff"}')
+
+
+def training_state(d, meta, tensors=None):
+    """_load_state (train(..., resume=True)) on a folder holding `meta` as
+    training_state.json, and `tensors` as training_state.safetensors."""
+    from mlxcy.train.trainer import _load_state
+    write(d, "training_state.json", meta)
+    if tensors is not None:
+        from mlxcy import io, ops
+        io.save_safetensors(str(d / "training_state.safetensors"),
+                            {k: ops.zeros([2]) for k in tensors})
+    _load_state(d, None)
+
+
+@case("AdapterError", r"training_state\.json: invalid JSON")
+def resume_state_not_json(d):
+    training_state(d, '{"iteration": ')
+
+
+@case("AdapterError", r"training_state\.json: 'n' must be an int >= 0, got '2'")
+def resume_state_count_a_string(d):
+    training_state(d, '{"iteration": 3, "optimizer_step": 3, "n": "2"}')
+
+
+@case("AdapterError", r"training_state\.json: 'iteration' must be an int >= 0, got None")
+def resume_state_without_iteration(d):
+    training_state(d, '{"optimizer_step": 3, "n": 0}')
+
+
+@case("AdapterError", r"training_state\.safetensors: no tensor 'm\.1'.*n = 2")
+def resume_state_missing_a_moment(d):
+    training_state(d, '{"iteration": 3, "optimizer_step": 3, "n": 2}', ["m.0", "v.0", "v.1"])
 
 
 # ----------------------------------------------------------------- sessions --
@@ -595,6 +677,29 @@ def session_id_outside_vocabulary(d):
 @case("SessionError", r"window\.safetensors.*window")
 def session_window_mismatch(d):
     load_session(session_file(d, "window.safetensors", lambda m, h: _set_layer(m, "window", 4)))
+
+
+@case("SessionError", r"kvq\.safetensors.*'kv_quantization'.*not valid JSON")
+def session_kv_quantization_not_json(d):
+    load_session(session_file(d, "kvq.safetensors", lambda m, h: m.update(kv_quantization="nu|l")))
+
+
+@case("SessionError", r"kvqtype\.safetensors.*'kv_quantization'.*JSON list or null, not dict")
+def session_kv_quantization_an_object(d):
+    load_session(session_file(d, "kvqtype.safetensors",
+                              lambda m, h: m.update(kv_quantization='{"bits": 4}')))
+
+
+@case("SessionError", r"kvqfloat\.safetensors.*'kv_quantization' \[4\.0, 64\].*two ints")
+def session_kv_quantization_floats(d):
+    load_session(session_file(d, "kvqfloat.safetensors",
+                              lambda m, h: m.update(kv_quantization="[4.0, 64]")))
+
+
+@case("SessionError", r"kvqbits\.safetensors.*'kv_quantization' \[7, 64\].*kv_bits must be")
+def session_kv_quantization_bits(d):
+    load_session(session_file(d, "kvqbits.safetensors",
+                              lambda m, h: m.update(kv_quantization="[7, 64]")))
 
 
 @case("SessionError", r"nolayers\.safetensors.*'layers'.*missing")

@@ -30,7 +30,11 @@ def save_cache(path, cache, ids) -> None:
     io.save_safetensors(str(path), arrays, meta)
 
 
+_JSON_KINDS = {list: "list", dict: "object", type(None): "null"}
+
+
 def _json(path, meta, key, kind):
+    """meta[key] parsed as JSON, of type `kind` (a type or a tuple of them)."""
     if key not in meta:
         raise SessionError(f"{path}: metadata key {key!r} is missing")
     try:
@@ -38,9 +42,29 @@ def _json(path, meta, key, kind):
     except (ValueError, RecursionError) as e:
         raise SessionError(f"{path}: metadata key {key!r} is not valid JSON ({e})") from None
     if not isinstance(v, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
         raise SessionError(f"{path}: metadata key {key!r} must be a JSON "
-                           f"{'list' if kind is list else 'object'}, not {type(v).__name__}")
+                           f"{' or '.join(_JSON_KINDS[k] for k in kinds)}, not {type(v).__name__}")
     return v
+
+
+def _kv_quantization(path, meta):
+    """The file's (bits, group_size), or None: a cache of unquantized layers
+    (metadata null, or no key in files written before it existed)."""
+    if "kv_quantization" not in meta:
+        return None
+    kvq = _json(path, meta, "kv_quantization", (list, type(None)))
+    if kvq is None:
+        return None
+    if len(kvq) != 2 or any(type(v) is not int for v in kvq):
+        raise SessionError(f"{path}: metadata 'kv_quantization' {kvq!r} must be "
+                           f"[bits, group_size], two ints")
+    from mlxcy.models.cache import check_kv_options
+    try:
+        check_kv_options(*kvq)
+    except ValueError as e:
+        raise SessionError(f"{path}: metadata 'kv_quantization' {kvq!r}: {e}") from None
+    return tuple(kvq)
 
 
 def _count(path, i, st, key, lo=0):
@@ -130,17 +154,9 @@ def load_cache(path, model):
             if type(t) is not int or t < 0 or (isinstance(vocab, int) and t >= vocab):
                 raise SessionError(f"{path}: ids[{j}] = {t!r} is not a token id"
                                    + (f" of this model (vocabulary {vocab})" if vocab else ""))
-        from mlxcy.models.cache import check_kv_options, quantized_cache, QuantizedKVCache
-        kvq = json.loads(meta.get("kv_quantization", "null"))   # [bits, group_size] or null
-        if kvq is not None:
-            try:
-                bits, gs = kvq
-                check_kv_options(bits, gs)
-            except (TypeError, ValueError) as e:
-                raise SessionError(f"{path}: metadata 'kv_quantization' {kvq!r}: {e}") from None
-            cache = quantized_cache(model.make_cache(), bits, gs)
-        else:
-            cache = model.make_cache()
+        from mlxcy.models.cache import quantized_cache, QuantizedKVCache
+        kvq = _kv_quantization(path, meta)
+        cache = model.make_cache() if kvq is None else quantized_cache(model.make_cache(), *kvq)
         if len(layers) != len(cache.layers):
             raise SessionError(f"{path}: cache has {len(layers)} layers, the model "
                                f"{len(cache.layers)}")

@@ -49,9 +49,11 @@ def read_adapter_config(path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: adapter config not found")
     try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
         raise AdapterError(f"{p}: invalid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{p}: expected a JSON object, got {type(cfg).__name__}")
     from mlxcy.train.lora import FINE_TUNE_TYPES
     ftype = cfg.get("fine_tune_type", "lora")
     if ftype not in FINE_TUNE_TYPES:
@@ -64,8 +66,6 @@ def read_adapter_config(path) -> dict:
     lp = cfg.get("lora_parameters")
     if not isinstance(lp, dict) or "rank" not in lp or "scale" not in lp:
         raise AdapterError(f"{p}: lora_parameters must give 'rank' and 'scale'")
-    if "num_layers" not in cfg:
-        raise AdapterError(f"{p}: no num_layers")
     return cfg
 
 

@@ -102,16 +102,38 @@ def _save_state(d: Path, step_obj, it):
         {"iteration": it, "optimizer_step": opt["step"], "n": len(opt["m"])}))
 
 
+def _state_meta(p: Path) -> dict:
+    """training_state.json, checked: "iteration", "optimizer_step" and "n" (the
+    optimizer's moment tensors) are ints >= 0."""
+    from mlxcy.errors import AdapterError
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
+        raise AdapterError(f"{p}: invalid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{p}: expected a JSON object, got {type(meta).__name__}")
+    for k in ("iteration", "optimizer_step", "n"):
+        if type(meta.get(k)) is not int or meta[k] < 0:
+            raise AdapterError(f"{p}: {k!r} must be an int >= 0, got {meta.get(k)!r}")
+    return meta
+
+
 def _load_state(d: Path, step_obj):
+    from mlxcy.errors import AdapterError
     from mlxcy.models.load import read_safetensors
-    meta = json.loads((d / "training_state.json").read_text())
-    n = int(meta["n"])
+    meta = _state_meta(d / "training_state.json")
+    n = meta["n"]
     if n:
         t, _ = read_safetensors(d / "training_state.safetensors")
+        want = [f"{k}.{i}" for k in "mv" for i in range(n)]
+        missing = [k for k in want if k not in t]
+        if missing:
+            raise AdapterError(f"{d / 'training_state.safetensors'}: no tensor {missing[0]!r} "
+                               f"(training_state.json gives n = {n})")
         step_obj.optimizer.load_state_dict({"step": meta["optimizer_step"],
                                             "m": [t[f"m.{i}"] for i in range(n)],
                                             "v": [t[f"v.{i}"] for i in range(n)]})
-    return int(meta["iteration"])
+    return meta["iteration"]
 
 
 def _fmt_report(it, loss, lr, tps, peak, its):
