@@ -80,7 +80,7 @@ def parse_tool_calls(text: str, style: str | None, tool_names=None):
         for m in _QWEN_RE.finditer(text):
             try:
                 c = _obj_call(json.loads(m.group(1)), style)
-            except ValueError:
+            except (ValueError, RecursionError):   # (RecursionError: nested too deep)
                 c = None
             if c is None or (names is not None and c["function"]["name"] not in names):
                 return text, []
@@ -98,7 +98,7 @@ def parse_tool_calls(text: str, style: str | None, tool_names=None):
     for part in _split_json_objects(body):
         try:
             c = _obj_call(json.loads(part), style)
-        except ValueError:
+        except (ValueError, RecursionError):
             return text, []
         if c is None or (names is not None and c["function"]["name"] not in names):
             return text, []

@@ -31,13 +31,22 @@ def test_qwen_tool_calls_parsed():
     assert len({c["id"] for c in calls}) == 2
 
 
+# arguments nested past Python's recursion limit: json.loads raises RecursionError
+DEEP = '{"name": "get_weather", "arguments": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+
+
 @pytest.mark.parametrize("text", [
     "<tool_call>\n{not json}\n</tool_call>",
     '<tool_call>\n{"name": "unknown_tool", "arguments": {}}\n</tool_call>',
     "no call at all",
+    "<tool_call>\n" + DEEP + "\n</tool_call>",
 ])
 def test_qwen_malformed_or_unknown_stays_content(text):
     assert T.parse_tool_calls(text, T.QWEN, ["get_weather"]) == (text, [])
+
+
+def test_llama_nested_too_deep_stays_content():
+    assert T.parse_tool_calls(DEEP, T.LLAMA, ["get_weather"]) == (DEEP, [])
 
 
 def test_llama_tool_calls_parsed():
