@@ -570,6 +570,29 @@ def data_invalid_json_line(d):
     load_jsonl(write(d, "bad.jsonl", '{"text": \n'))
 
 
+DEEP_JSON = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"   # past the recursion limit
+
+
+@case("DataError", r"deep\.jsonl:1: invalid JSON: nested too deeply")
+def data_nested_too_deeply(d):
+    load_jsonl(write(d, "deep.jsonl", DEEP_JSON + "\n"))
+
+
+@case("LoadError", r"config\.json: invalid JSON")
+def config_nested_too_deeply(d):
+    from mlxcy.models.load import load_model as lm
+    m = d / "model"
+    m.mkdir()
+    write(m, "config.json", DEEP_JSON)
+    lm(m)
+
+
+@case("TokenizerError", r"deep\.json: JSON nested too deeply")
+def tokenizer_json_nested_too_deeply(d):
+    from mlxcy.tokenizer import Tokenizer
+    Tokenizer.from_file(write(d, "deep.json", DEEP_JSON))
+
+
 @case("DataError", r"list\.jsonl:1.*object")
 def data_line_not_an_object(d):
     load_jsonl(write(d, "list.jsonl", '[1, 2]\n'))

@@ -193,7 +193,7 @@ def _read_json(path: Path, what: str) -> dict:
             d = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
         raise LoadError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(d, dict):
         raise LoadError(f"{path}: expected a JSON object")

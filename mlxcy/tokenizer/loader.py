@@ -40,6 +40,8 @@ def read_json(path: Path, what: str = "") -> dict:
         raise TokenizerError(f"{path}: malformed or truncated JSON ({e})") from e
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{path}: not UTF-8 JSON ({e})") from e
+    except RecursionError:
+        raise TokenizerError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object{what}")
     return data

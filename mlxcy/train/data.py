@@ -59,6 +59,8 @@ def load_jsonl(path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: invalid JSON: nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             rows.append((n, row))
