@@ -7,7 +7,8 @@ and SentencePiece-style tokenizer.json files, chat templates, a saved session
 of a tiny model).  Each case is a seed mutated by byte-level edits (bit flips,
 interesting integers over 1/2/4/8 bytes, cuts, splices, duplicated chunks) or,
 for the JSON-shaped inputs, by structural edits (a node replaced by a value of
-another type, a huge or negative int, a key dropped ...).
+another type, a huge or negative int, a key dropped, arrays nested past the
+recursion limit ...).
 
 Cases run in a worker process that reads them one at a time; the parent waits
 for each answer with a timeout, so a signal (the worker dies) or a hang (no
@@ -386,6 +387,14 @@ def mutate_json(obj, rng: random.Random):
     return obj
 
 
+def nest_deep(text: str, rng: random.Random) -> str:
+    """JSON text with arrays nested past Python's recursion limit after a
+    random ':' (json raises RecursionError there, not ValueError)."""
+    colons = [i for i, c in enumerate(text) if c == ":"]
+    i = rng.choice(colons) + 1 if colons else 0
+    return text[:i] + "[" * 100_000 + "]" * 100_000 + text[i:]
+
+
 def mutate_text(data: bytes, rng: random.Random) -> bytes:
     s = data.decode("utf-8", "replace")
     for _ in range(rng.choice((1, 1, 2, 3))):
@@ -412,6 +421,8 @@ def _st_meta_mutation(data: bytes, rng: random.Random) -> bytes:
     try:
         v = json.loads(meta[key])
         meta[key] = json.dumps(mutate_json(v, rng))
+        if rng.random() < 0.05:
+            meta[key] = nest_deep(meta[key], rng)
     except ValueError:
         meta[key] = str(_random_value(rng))
     h = json.dumps(header).encode()
@@ -423,9 +434,11 @@ def mutate(reader: str, seed: bytes, rng: random.Random) -> bytes:
     r = rng.random()
     if reader == "tokenizer" and r < 0.7:
         try:
-            return json.dumps(mutate_json(json.loads(seed), rng)).encode()
+            text = json.dumps(mutate_json(json.loads(seed), rng))
         except ValueError:
             pass
+        else:
+            return (nest_deep(text, rng) if r < 0.035 else text).encode()
     if reader == "chat" and r < 0.8:
         return mutate_text(seed, rng)
     if reader == "session" and r < 0.5:
