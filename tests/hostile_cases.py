@@ -725,6 +725,12 @@ def session_kv_quantization_bits(d):
                               lambda m, h: m.update(kv_quantization="[7, 64]")))
 
 
+@case("SessionError", r"deep\.json: not a saved chat")
+def chat_save_nested_too_deeply(d):
+    from mlxcy.cli.commands import ChatState
+    ChatState().load(write(d, "deep.json", DEEP_JSON))
+
+
 @case("SessionError", r"nolayers\.safetensors.*'layers'.*missing")
 def session_layers_missing(d):
     load_session(session_file(d, "nolayers.safetensors", lambda m, h: m.pop("layers")))

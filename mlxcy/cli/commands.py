@@ -199,7 +199,7 @@ class ChatState:
             data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
             raise SessionError(f"{p}: not a saved chat ({e})") from None
         if not isinstance(data, dict) or data.get("format") != CHAT_FORMAT:
             raise SessionError(f"{p}: not a saved chat (no \"format\": \"{CHAT_FORMAT}\")")
