@@ -208,9 +208,45 @@ def load_gguf(path):
         del r
 
 
+def _check_npy(path):
+    """The .npy header, checked before MLX's reader sees the file: MLX reads
+    the data only when the array is evaluated (a short file then fails an
+    evaluation, which MLX 0.32.4 may not recover from: tests/test_errors.py)
+    and parses the shape with std::stoi (past 2**31: an IndexError naming
+    nothing).  Raises ModelFormatError naming the file."""
+    from numpy.lib import format as npf
+    p = os.fspath(path)
+    with open(p, "rb") as f:
+        try:
+            version = npf.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"format version {version[0]}.{version[1]} (MLX reads 1.0 "
+                                 f"and 2.0)")
+            read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=1 << 20)
+        except Exception as e:   # (numpy parses the header's dict with ast and tokenize)
+            raise ModelFormatError(f"{p}: not a .npy file MLX can read ({e})") from None
+        offset = f.tell()
+    if dtype.fields is not None or not (dtype.kind in "biuf" or (dtype.kind, dtype.itemsize)
+                                        in (("c", 8), ("V", 2))):
+        raise ModelFormatError(f"{p}: dtype {dtype.str} is not one MLX reads (bool, ints, "
+                               f"floats, complex64, bfloat16 as '<V2')")
+    if any(d < 0 or d > 2**31 - 1 for d in shape):
+        raise ModelFormatError(f"{p}: shape {shape} has a dimension outside [0, 2**31)")
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    have = os.path.getsize(p) - offset
+    if have < n:
+        raise ModelFormatError(f"{p}: the header's shape {shape} of {dtype.str} needs {n} "
+                               f"bytes of data, the file holds {have} (truncated?)")
+
+
 def load_npy(path):
-    """Read a .npy file into an Array."""
+    """Read a .npy file into an Array; a header MLX cannot read, or data shorter
+    than it says, raises ModelFormatError naming the file."""
     cdef string p = _readable(path, "load_npy")
+    _check_npy(path)
     try:
         return wrap(nio.load_npy(p))
     except (RuntimeError, ValueError) as e:

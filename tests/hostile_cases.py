@@ -396,6 +396,36 @@ def gguf_chat_template_not_a_string(d):
     ChatTemplate.from_gguf(write(d, "tmpl.gguf", tiny_gguf(**{"tokenizer.chat_template": 7})))
 
 
+# -------------------------------------------------------------------- .npy --
+
+def npy_with_header(d, name, header: str, data=b"\0" * 64):
+    """A version 1.0 .npy file with this header dict (padded as numpy pads it)."""
+    h = header.ljust(((len(header) + 11 + 63) // 64) * 64 - 11) + "\n"
+    p = write(d, name, b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h.encode() + data)
+    from mlxcy import io, transforms
+    transforms.eval(io.load_npy(p))
+
+
+@case("ModelFormatError", r"big\.npy: shape \(4294967296, 1\) has a dimension outside")
+def npy_dimension_past_int32(d):   # MLX's std::stoi: an IndexError naming nothing
+    npy_with_header(d, "big.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 1), }")
+
+
+@case("ModelFormatError", r"short\.npy: the header's shape \(30, 4\) of <f4 needs 480 bytes")
+def npy_data_shorter_than_its_shape(d):
+    npy_with_header(d, "short.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (30, 4), }")
+
+
+@case("ModelFormatError", r"obj\.npy: dtype \|O is not one MLX reads")
+def npy_object_dtype(d):
+    npy_with_header(d, "obj.npy", "{'descr': '|O', 'fortran_order': False, 'shape': (2,), }")
+
+
+@case("ModelFormatError", r"tuple\.npy: not a \.npy file MLX can read")
+def npy_header_not_a_dict(d):
+    npy_with_header(d, "tuple.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4, }")
+
+
 # -------------------------------------------------------------- tokenizer --
 
 def tok_seed() -> dict:
