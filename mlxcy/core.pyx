@@ -663,8 +663,8 @@ cdef void _setitem(Array self, object key, object value) except *:
                 raise IndexError("slice assignment with a negative step is not supported")
             n = max(0, (hi - lo + st - 1) // st)
             start.push_back(lo); stop.push_back(lo + (n - 1) * st + 1 if n else lo)
-            strides.push_back(st)
-            slice_shape.append(n)
+            strides.push_back(st if n > 1 else 1)   # (as in indexing: a huge step is moot
+            slice_shape.append(n)                   # and overflowed MLX's int32 strides)
             value_shape.append(n)
         else:
             idx = _index_array(k)
@@ -694,6 +694,8 @@ cdef void _setitem_array(Array self, tuple keys, Array v) except *:
     upd_shape = [idx.size, 1] + list(self.shape[1:])
     upd = _broadcast_to(_astype_like(v, handle(self)), [idx.size] + list(self.shape[1:]))
     upd = _reshape(upd, upd_shape)
+    if upd.size == 0:   # nothing written (MLX's CPU scatter divides by the empty slice's size)
+        return
     self._replace((_scatter0(handle(self)[0], handle(idx)[0], handle(upd)[0])))
 
 

@@ -1055,7 +1055,10 @@ def scatter_add(a, indices, updates, axes):
     cdef Array u = operand(updates, x.ptr)
     idx = [indices] if not isinstance(indices, (list, tuple)) else indices
     cdef vector[na.array] iv = _arrays(idx, "indices")
-    return wrap_new((nops.scatter_add(x.ptr[0], iv, u.ptr[0], _ints(axes, "axes"))))
+    out = wrap_new((nops.scatter_add(x.ptr[0], iv, u.ptr[0], _ints(axes, "axes"))))   # (checks)
+    if u.ptr.size() == 0:   # nothing to add; MLX's CPU kernel divides by the empty slice's size
+        return wrap_new((nops.copy(x.ptr[0])))
+    return out
 
 
 def add_at(a, indices, updates, axis=0):

@@ -439,6 +439,18 @@ def test_add_at_and_scatter_add(axis):
     close(mx.scatter_add(a, mx.array([3, 3, 1]), u0, 0), want)
 
 
+def test_scatters_into_arrays_with_an_empty_axis():
+    # nothing to add or write: MLX's CPU scatter divided by the empty slice's
+    # size (SIGFPE, found by random calls on 2026-12-07)
+    an = np.zeros((2, 0, 3), np.float32)
+    close(mx.add_at(mx.array(an), 1, 1.0), an)
+    close(mx.add_at(mx.array(an), mx.array([1, 0, 1]), 1.0, axis=0), an)
+    close(mx.scatter_add(mx.array(an), mx.array([1]), mx.ones((1, 1, 0, 3)), 0), an)
+    a = mx.array(an)
+    a[mx.array([1])] = 5.0
+    close(a, an)
+
+
 def test_diag_tri():
     a, an = make((4, 5), "float32")
     close(mx.diag(a), np.diag(an))
