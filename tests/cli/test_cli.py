@@ -139,7 +139,14 @@ def test_generate_errors_are_one_line(tiny, tmp_path, capsys):
     assert main(["generate", "--model", str(bad), "hi"]) == 2
     assert "config.json" in _one_error_line(capsys.readouterr().err, "generate")
     assert main(["generate", "--model", str(tiny / "model"), "--max-tokens", "-3", "hi"]) == 2
-    assert "max_tokens" in _one_error_line(capsys.readouterr().err, "generate")
+    err = capsys.readouterr().err
+    assert "max_tokens" in _one_error_line(err, "generate")
+    assert "loading" not in err                  # a bad flag fails before the model loads
+    for cmd in ("generate", "chat"):
+        assert main([cmd, "--model", str(tiny / "model"), "--temp", "nan"]
+                    + (["hi"] if cmd == "generate" else [])) == 2
+        err = capsys.readouterr().err
+        assert "temperature" in _one_error_line(err, cmd) and "loading" not in err
 
 
 # ------------------------------------------------------------------ chat
