@@ -32,6 +32,21 @@ def cmd_lora(args) -> int:
     if args.resume_adapter_file and not Path(args.resume_adapter_file).is_file():
         raise UsageError(f"--resume-adapter-file {args.resume_adapter_file}: no such file")
     check_output_dir(args.adapter_path, "--adapter-path", allow_existing=True)
+    cfg = TrainConfig(iters=args.iters, batch_size=args.batch_size,
+                      learning_rate=args.learning_rate, optimizer=args.optimizer,
+                      weight_decay=args.weight_decay, schedule=args.lr_schedule,
+                      warmup=args.warmup, min_lr=args.min_lr, grad_accum=args.grad_accum,
+                      clip_grad_norm=args.clip_grad_norm, grad_checkpoint=args.grad_checkpoint,
+                      compile=args.compile, memory_limit=args.memory_limit,
+                      steps_per_report=args.steps_per_report,
+                      steps_per_eval=args.steps_per_eval,
+                      val_batches=args.val_batches, save_every=args.save_every,
+                      adapter_path=args.adapter_path, seed=args.seed,
+                      max_seq_length=args.max_seq_length)
+    try:
+        cfg.check()                  # (and the settings, before the model loads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     model, tok, template = load_for_training(args.model, args.dtype)
     ds = load_datasets(args.data, tok, template, mask_prompt=args.mask_prompt,
                        max_seq_length=args.max_seq_length, on_overflow=args.on_overflow,
@@ -51,17 +66,6 @@ def cmd_lora(args) -> int:
             raise UsageError(f"--fine-tune-type {args.fine_tune_type}: {e}") from None
     what = "tensors" if lora.fine_tune_type == "full" else f"{lora.fine_tune_type.upper()} adapters"
     print(f"Trainable parameters: {lora.nparams():,} in {len(lora)} {what}")
-    cfg = TrainConfig(iters=args.iters, batch_size=args.batch_size,
-                      learning_rate=args.learning_rate, optimizer=args.optimizer,
-                      weight_decay=args.weight_decay, schedule=args.lr_schedule,
-                      warmup=args.warmup, min_lr=args.min_lr, grad_accum=args.grad_accum,
-                      clip_grad_norm=args.clip_grad_norm, grad_checkpoint=args.grad_checkpoint,
-                      compile=args.compile, memory_limit=args.memory_limit,
-                      steps_per_report=args.steps_per_report,
-                      steps_per_eval=args.steps_per_eval,
-                      val_batches=args.val_batches, save_every=args.save_every,
-                      adapter_path=args.adapter_path, seed=args.seed,
-                      max_seq_length=args.max_seq_length)
     train(model, lora, ds["train"], ds["valid"], cfg, resume=args.resume,
           extra_config={"model": str(args.model), "data": str(args.data)})
     if args.test and ds["test"] is not None:

@@ -198,6 +198,8 @@ cdef class LoRA:
             raise ValueError(f"LoRA: dropout must be in [0, 1), got {dropout}")
         if alpha is not None:
             scale = float(alpha) / rank
+        if not math.isfinite(scale):
+            raise ValueError(f"LoRA: scale must be finite, got {scale}")
         self.model = model
         self.rank, self.scale, self.dropout = rank, scale, dropout
         self.keys = normalize_keys(keys)

@@ -52,6 +52,28 @@ class TrainConfig:
     def as_dict(self):
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """Raise ValueError naming the first field out of range: before any
+        step, where a zero batch or report interval divided by zero and a NaN
+        learning rate surfaced as a NaN loss some iterations in."""
+        def need(name, ok, want):
+            v = getattr(self, name)
+            if not ok(v):
+                raise ValueError(f"{name} must be {want}, got {v!r}")
+        is_int = lambda v: type(v) is int          # noqa: E731  (not bool, not float)
+        finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) \
+            and math.isfinite(v)                   # noqa: E731
+        for name in ("iters", "batch_size", "steps_per_report", "pad_to", "grad_accum"):
+            need(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
+        for name in ("steps_per_eval", "save_every", "warmup"):
+            need(name, lambda v: is_int(v) and v >= 0, "an int >= 0")
+        need("val_batches", lambda v: is_int(v) and v >= -1, "an int >= -1 (-1: all)")
+        need("max_seq_length", lambda v: is_int(v) and v >= 2, "an int >= 2")
+        for name in ("learning_rate", "min_lr", "weight_decay", "momentum", "clip_grad_norm"):
+            need(name, lambda v: finite(v) and v >= 0, "a finite number >= 0")
+        need("betas", lambda v: len(v) == 2 and all(finite(b) and 0 <= b < 1 for b in v),
+             "two numbers in [0, 1)")
+
 
 def make_optimizer(cfg: TrainConfig):
     from mlxcy.train.optim import AdamW, Adam, SGD, make_schedule
@@ -150,8 +172,7 @@ def train(model, lora, train_set, val_set=None, cfg: TrainConfig | None = None,
     from mlxcy.train.data import iterate_batches
     from mlxcy.train.lora import TrainStep
     cfg = cfg or TrainConfig()
-    if cfg.iters < 1:
-        raise ValueError(f"iters must be >= 1, got {cfg.iters}")
+    cfg.check()
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"the training set has {len(train_set)} examples, fewer than the "
                          f"batch size {cfg.batch_size}")

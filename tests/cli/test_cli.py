@@ -325,6 +325,17 @@ def test_lora_refuses_bad_adapter_path_before_training(tiny, tmp_path, capsys, m
     err = capsys.readouterr()
     assert "cannot write" in _one_error_line(err.err, "lora")
     assert "Trainable parameters" not in err.out
+    # settings out of range fail before the model loads (a batch size or report interval
+    # of 0 divided by zero, a NaN learning rate gave a NaN loss some iterations in)
+    for flags, field in ((["--batch-size", "0"], "batch_size"),
+                         (["--steps-per-report", "0"], "steps_per_report"),
+                         (["--learning-rate", "nan"], "learning_rate"),
+                         (["--max-seq-length", "1"], "max_seq_length"),
+                         (["--clip-grad-norm", "-1"], "clip_grad_norm"),
+                         (["--val-batches", "-2"], "val_batches")):
+        assert main(base + flags + ["--adapter-path", str(tmp_path / "ad")]) == 2
+        err = capsys.readouterr()
+        assert field in _one_error_line(err.err, "lora") and "Loaded" not in err.out
 
 
 def test_fuse_from_gguf_writes_a_tokenizer_and_refuses_overwrite(tiny, tmp_path, capsys):

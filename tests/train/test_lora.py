@@ -490,3 +490,21 @@ def test_memory_limit_gives_the_same_step_and_restores_mlx_limit(tiny, monkeypat
     with pytest.raises(ValueError, match="memory_margin"):
         TrainStep(lora, AdamW(1e-2), memory_margin=-0.1)
     model.close()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("iters", 0), ("batch_size", 0), ("batch_size", 2.0), ("steps_per_report", 0),
+    ("steps_per_eval", -1), ("save_every", -1), ("val_batches", -2), ("max_seq_length", 1),
+    ("learning_rate", float("nan")), ("learning_rate", -1e-3), ("min_lr", float("inf")),
+    ("clip_grad_norm", -1.0), ("momentum", float("nan")), ("betas", (0.9, 1.0)),
+    ("grad_accum", 0), ("warmup", -1), ("pad_to", 0), ("weight_decay", -0.1)])
+def test_train_config_checks_each_field(field, value):
+    from mlxcy.train.trainer import TrainConfig
+    TrainConfig().check()
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        TrainConfig(**{field: value}).check()
+
+
+def test_lora_scale_must_be_finite(tiny):
+    with load_model(tiny[0]) as model, pytest.raises(ValueError, match="scale must be finite"):
+        LoRA(model, rank=2, scale=float("inf"), num_layers=1)
