@@ -43,17 +43,24 @@ def save_adapters(lora, path, extra_config: dict | None = None,
     return d / filename
 
 
+def read_json_object(p: Path) -> dict:
+    """A JSON file of the adapter folder (the config, the training state), which
+    must hold an object: AdapterError naming the file otherwise."""
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
+        raise AdapterError(f"{p}: invalid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise AdapterError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def read_adapter_config(path) -> dict:
     d = Path(path)
     p = d / CONFIG_FILE
     if not p.is_file():
         raise FileNotFoundError(f"{p}: adapter config not found")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
-        raise AdapterError(f"{p}: invalid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{p}: expected a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(p)
     from mlxcy.train.lora import FINE_TUNE_TYPES
     ftype = cfg.get("fine_tune_type", "lora")
     if ftype not in FINE_TUNE_TYPES:

@@ -128,12 +128,8 @@ def _state_meta(p: Path) -> dict:
     """training_state.json, checked: "iteration", "optimizer_step" and "n" (the
     optimizer's moment tensors) are ints >= 0."""
     from mlxcy.errors import AdapterError
-    try:
-        meta = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
-        raise AdapterError(f"{p}: invalid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{p}: expected a JSON object, got {type(meta).__name__}")
+    from mlxcy.train.adapters import read_json_object
+    meta = read_json_object(p)
     for k in ("iteration", "optimizer_step", "n"):
         if type(meta.get(k)) is not int or meta[k] < 0:
             raise AdapterError(f"{p}: {k!r} must be an int >= 0, got {meta.get(k)!r}")
