@@ -434,6 +434,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return h + " (default: %(default)s)"
 
 
+def _add_model_arg(p):
+    """The model as a positional argument, or as --model / -m as in generate, chat and
+    lora (main() takes whichever is given)."""
+    p.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
+                                            "SmolLM2-135M-Instruct)")
+    p.add_argument("--model", "-m", dest="model_flag", default=None, metavar="MODEL",
+                   help="the same, as an option")
+
+
 def _subparser(sub, name, help, **kw):
     return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                           formatter_class=_HelpFormatter, **kw)
@@ -461,8 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_chat)
 
     i = _subparser(sub, "info", "architecture, sizes and memory of a model")
-    i.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
-                                            "SmolLM2-135M-Instruct)")
+    _add_model_arg(i)
     add_dtype(i)
     i.set_defaults(fn=cmd_info)
 
@@ -485,8 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_convert)
 
     b = _subparser(sub, "bench", "prefill/decode tok/s and peak memory, optionally vs mlx-lm")
-    b.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
-                                            "SmolLM2-135M-Instruct)")
+    _add_model_arg(b)
     b.add_argument("--vs", choices=("mlx-lm",), default=None,
                    help="also run mlx-lm on the same weights and print the ratios")
     b.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
@@ -496,8 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     x = _subparser(sub, "perplexity", "perplexity of a model on a text or jsonl file")
-    x.add_argument("model", nargs="?", help="model directory or .gguf file (default: "
-                                            "SmolLM2-135M-Instruct)")
+    _add_model_arg(x)
     x.add_argument("--data", required=True,
                    help="a .txt file, or a .jsonl file of mlx-lm's formats (text, "
                         "prompt/completion, messages)")
@@ -545,7 +551,14 @@ def _version_text() -> str:
 # ------------------------------------------------------------------ entry point
 
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flag = getattr(args, "model_flag", None)
+    if flag is not None:
+        if args.model is not None and args.model != flag:
+            parser.error(f"two models given: {args.model} and --model {flag}")
+        args.model = flag
+    return run(args)
 
 
 if __name__ == "__main__":

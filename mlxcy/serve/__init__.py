@@ -38,6 +38,8 @@ def serve(model, host="127.0.0.1", port=8080, max_batch=32, max_queue=256,
           prefill_chunk=None, prompt_lookup=None, draft_model=None, num_draft=4, kv_bits=None,
           kv_group_size=64, prefix_min_tokens=None):
     """Load `model` and serve it until interrupted."""
+    if type(port) is not int or not 0 <= port <= 65535:   # (checked before the model loads)
+        raise ValueError(f"port: must be an int in [0, 65535], got {port!r}")
     try:
         import uvicorn
         from .app import create_app

@@ -250,8 +250,19 @@ def test_info_and_discover(tiny, capsys):
     assert main(["discover", str(tiny)]) == 0
     found = json.dumps(json.loads(capsys.readouterr().out))
     assert str(tiny / "model") in found and "tiny.gguf" in found
+    # the model as --model too, as in generate, chat and lora
+    assert main(["info", "--model", str(tiny / "model")]) == 0
+    assert json.loads(capsys.readouterr().out) == info
+    with pytest.raises(SystemExit):
+        main(["info", "-m", str(tiny / "model"), str(tiny / "tiny.gguf")])
+    assert "two models given" in capsys.readouterr().err
     assert main(["discover", str(tiny / "nowhere")]) == 2
     assert "nowhere" in _one_error_line(capsys.readouterr().err, "discover")
+
+
+def test_serve_refuses_a_port_out_of_range(capsys):
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "port" in _one_error_line(capsys.readouterr().err, "serve")
 
 
 # ------------------------------------------------------------------ convert
