@@ -45,6 +45,7 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 from mlxcy.errors import ChatTemplateError  # noqa: E402,F401  (re-exported)
+from mlxcy.json_files import read_json_object  # noqa: E402
 
 
 # ----------------------------------------------------------- environment ----
@@ -200,18 +201,6 @@ def _alias_reasoning(chat: list) -> list:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         out.append(m)
     return out
-
-
-def _json_object(path) -> dict:
-    """A JSON file that must hold an object (a tokenizer config)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
-        raise ChatTemplateError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ChatTemplateError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
 
 
 def _token_str(v: Any) -> str | None:
@@ -414,7 +403,7 @@ class ChatTemplate:
             cfg_file = d / "tokenizer_config.json" if p.is_dir() else p
             if not cfg_file.exists():
                 raise FileNotFoundError(f"path_or_dict: {cfg_file} does not exist")
-            config = _json_object(cfg_file)
+            config = read_json_object(cfg_file, ChatTemplateError)
             if p.is_dir():
                 jinja_file = d / "chat_template.jinja"
                 json_file = d / "chat_template.json"
@@ -422,7 +411,7 @@ class ChatTemplate:
                 if jinja_file.exists():
                     template = {"default": jinja_file.read_text(encoding="utf-8")}
                 elif json_file.exists():
-                    src = _json_object(json_file).get("chat_template")
+                    src = read_json_object(json_file, ChatTemplateError).get("chat_template")
                     if not isinstance(src, str):
                         raise ChatTemplateError(f"{json_file}: key 'chat_template' must be a "
                                                 f"string, got {type(src).__name__}")

@@ -22,7 +22,8 @@ PKG = Path(mlxcy.__file__).resolve().parent
 LAYERS = [
     # the array layer, and the utilities it and everything else use
     {"core", "ops", "fast", "random", "transforms", "io", "device", "memory", "cpu_kernels",
-     "native", "errors", "gguf_reader", "safetensors_header", "tuning", "_progress", "assets"},
+     "native", "errors", "json_files", "gguf_reader", "safetensors_header", "tuning",
+     "_progress", "assets"},
     {"tokenizer", "nn"},
     {"models", "chat"},
     {"distributed", "train"},

@@ -28,6 +28,7 @@ __all__ = ["LoadError", "load", "load_model", "load_config", "load_weights",
 
 
 from mlxcy.errors import LoadError  # noqa: E402,F401  (re-exported)
+from mlxcy.json_files import read_json_object  # noqa: E402
 
 
 from mlxcy.models.families import MODEL_TYPES as _MODEL_TYPES  # noqa: E402
@@ -189,15 +190,9 @@ def _free(arrays: dict) -> None:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        with open(path) as f:
-            d = json.load(f)
+        return read_json_object(path, LoadError)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found") from None
-    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
-        raise LoadError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise LoadError(f"{path}: expected a JSON object")
-    return d
 
 
 def _is_gguf(path: Path) -> bool:

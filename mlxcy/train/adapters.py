@@ -25,6 +25,7 @@ CONFIG_FILE = "adapter_config.json"
 
 
 from mlxcy.errors import AdapterError  # noqa: E402,F401  (re-exported)
+from mlxcy.json_files import read_json_object  # noqa: E402
 
 
 def save_adapters(lora, path, extra_config: dict | None = None,
@@ -43,24 +44,12 @@ def save_adapters(lora, path, extra_config: dict | None = None,
     return d / filename
 
 
-def read_json_object(p: Path) -> dict:
-    """A JSON file of the adapter folder (the config, the training state), which
-    must hold an object: AdapterError naming the file otherwise."""
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:   # (JSONDecodeError, UnicodeDecodeError)
-        raise AdapterError(f"{p}: invalid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise AdapterError(f"{p}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def read_adapter_config(path) -> dict:
     d = Path(path)
     p = d / CONFIG_FILE
     if not p.is_file():
         raise FileNotFoundError(f"{p}: adapter config not found")
-    cfg = read_json_object(p)
+    cfg = read_json_object(p, AdapterError)
     from mlxcy.train.lora import FINE_TUNE_TYPES
     ftype = cfg.get("fine_tune_type", "lora")
     if ftype not in FINE_TUNE_TYPES:

@@ -128,8 +128,8 @@ def _state_meta(p: Path) -> dict:
     """training_state.json, checked: "iteration", "optimizer_step" and "n" (the
     optimizer's moment tensors) are ints >= 0."""
     from mlxcy.errors import AdapterError
-    from mlxcy.train.adapters import read_json_object
-    meta = read_json_object(p)
+    from mlxcy.json_files import read_json_object
+    meta = read_json_object(p, AdapterError)
     for k in ("iteration", "optimizer_step", "n"):
         if type(meta.get(k)) is not int or meta[k] < 0:
             raise AdapterError(f"{p}: {k!r} must be an int >= 0, got {meta.get(k)!r}")
