@@ -20,6 +20,7 @@ from mlxcy.native cimport array as na
 from mlxcy.native cimport io as nio
 from mlxcy.native cimport transforms as ntr
 
+import math
 import os
 from contextlib import contextmanager
 
@@ -233,9 +234,7 @@ def _check_npy(path):
                                f"floats, complex64, bfloat16 as '<V2')")
     if any(d < 0 or d > 2**31 - 1 for d in shape):
         raise ModelFormatError(f"{p}: shape {shape} has a dimension outside [0, 2**31)")
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
+    n = dtype.itemsize * math.prod(shape)
     have = os.path.getsize(p) - offset
     if have < n:
         raise ModelFormatError(f"{p}: the header's shape {shape} of {dtype.str} needs {n} "
