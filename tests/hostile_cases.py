@@ -38,6 +38,15 @@ def write(d: Path, name: str, data) -> Path:
     return p
 
 
+def folder(d: Path, name: str, files: dict) -> Path:
+    """Folder d/name holding files {file name: text or bytes}."""
+    f = d / name
+    f.mkdir()
+    for n, data in files.items():
+        write(f, n, data)
+    return f
+
+
 def st_raw(header: dict, data=b"") -> bytes:
     h = json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + data
@@ -555,12 +564,10 @@ def chat_huge_string_repeat(d):
 
 def template_dir(d, config, template_json=None):
     from mlxcy.chat import ChatTemplate
-    t = d / "tok"
-    t.mkdir()
-    write(t, "tokenizer_config.json", config)
+    files = {"tokenizer_config.json": config}
     if template_json is not None:
-        write(t, "chat_template.json", template_json)
-    ChatTemplate.from_tokenizer_config(t)
+        files["chat_template.json"] = template_json
+    ChatTemplate.from_tokenizer_config(folder(d, "tok", files))
 
 
 @case("ChatTemplateError", r"tokenizer_config\.json: invalid JSON")
@@ -611,10 +618,7 @@ def data_nested_too_deeply(d):
 @case("LoadError", r"config\.json: invalid JSON")
 def config_nested_too_deeply(d):
     from mlxcy.models.load import load_model as lm
-    m = d / "model"
-    m.mkdir()
-    write(m, "config.json", DEEP_JSON)
-    lm(m)
+    lm(folder(d, "model", {"config.json": DEEP_JSON}))
 
 
 @case("TokenizerError", r"deep\.json: JSON nested too deeply")
@@ -632,10 +636,7 @@ def data_line_not_an_object(d):
 
 def adapter_dir(d, config):
     from mlxcy.train.adapters import CONFIG_FILE, read_adapter_config
-    a = d / "adapters"
-    a.mkdir()
-    write(a, CONFIG_FILE, config)
-    read_adapter_config(a)
+    read_adapter_config(folder(d, "adapters", {CONFIG_FILE: config}))
 
 
 @case("AdapterError", r"adapter_config\.json: expected a JSON object, got list")
