@@ -48,6 +48,9 @@
   __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 // helpers whose vector arrays must stay in registers
 #define MLXCY_INLINE inline __attribute__((always_inline))
+// loops over a few rows' vectors, unrolled so that those stay in registers
+// (GCC keeps arrays of vectors on the stack otherwise)
+#define MLXCY_UNROLL _Pragma("GCC unroll 8")
 #else
 #define MLXCY_X86 0
 #endif
@@ -314,6 +317,14 @@ MLXCY_AVX2 inline float load_sb(const void* p, Elt t, int64_t i) {
   return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
 }
 
+// A scale or bias of type T at p[i], as float32.
+template <Elt T>
+MLXCY_AVX2 MLXCY_INLINE float load_sb_t(const void* p, int64_t i) {
+  if constexpr (T == Elt::F32) return static_cast<const float*>(p)[i];
+  if constexpr (T == Elt::BF16) return bf16_to_f(static_cast<const uint16_t*>(p)[i]);
+  return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+}
+
 // Eight float weights starting at k of a float row, as float32.
 MLXCY_AVX2 inline __m256 load8(const void* row, Elt t, int64_t k) {
   if (t == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
@@ -414,26 +425,39 @@ MLXCY_AVX2 inline void matvec_q4_i8_avx2(const Weight& W, const int8_t* xq, cons
   }
 }
 
-// Within each batch of 8 blocks, the order in which the 4-bit kernel's
-// reduction yields the blocks' sums (see matvec_q4_i16_avx2).
+// Within each batch of 8 blocks, the order in which VNNI's 4-bit kernel's
+// reduction yields the blocks' sums (cpu_quant_rows.h, batch_q4_rows).
 constexpr int kPairOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
-// x [K] as int16 per block of 32 (xd[j]: the block's scale, amax / 32767;
-// xd holds a multiple of 8 entries, zero past the blocks), in the order a
-// row's packed values are read.  5 and 8 bits: k order.  4 bits: two blocks
-// (64 values) at a time as four runs of 16, run q holding values 4 i + q
-// (i < 16) -- the nibbles a 16-bit lane of the 32 bytes holds, bits
-// 4q..4q+3 -- and xd permuted by kPairOrder within each batch of 8 blocks;
-// an odd last block is paired with zeros (xq holds K rounded up to 64).
+// Floats per row of quantize_i16's block scales xd.  4 bits, `batch` false
+// (AVX2's kernel): 8 per pair of blocks, lanes 0-3 the first block's scale,
+// 4-7 the second's (the lanes of its pair dot).  4 bits with `batch` (VNNI's)
+// and 5 and 8 bits: one per block, padded to a multiple of 8 with zeros (the
+// kernels read 8 at a time); 4 bits permuted by kPairOrder within each batch
+// of 8 blocks.
+inline int xd_stride(int bits, int K, bool batch) {
+  const int NB = K / 32;
+  return bits == 4 && !batch ? 8 * ((NB + 1) / 2) : (NB + 7) / 8 * 8;
+}
+
+// x [K] as int16 per block of 32 (block j's scale amax / 32767 in xd as
+// xd_stride lays it out, zero past the blocks), in the order a row's packed
+// values are read.  5 and 8 bits: k order.  4 bits: two blocks (64 values)
+// at a time as four runs of 16, run q holding values 4 i + q (i < 16) -- the
+// nibbles a 16-bit lane of the 32 bytes holds, bits 4q..4q+3; an odd last
+// block is paired with zeros (xq holds K rounded up to 64).
 //
 // AVX2 (the int16 kernels' only callers run under it): vcvtps2dq rounds to
 // nearest even, as lrint does in the default rounding mode, and x * inv is
 // the same float32 product, so the values are the scalar rounding's; a
 // call to lrint per value was ~4% of a SmolLM2 decode step.
-MLXCY_AVX2 inline void quantize_i16(const float* x, int K, int bits, int16_t* xq, float* xd) {
+MLXCY_AVX2 inline void quantize_i16(const float* x, int K, int bits, bool batch, int16_t* xq,
+                                    float* xd) {
   const int NB = K / 32;
+  const bool pairs = bits == 4 && !batch;
   const __m256 sign = _mm256_set1_ps(-0.f);
   alignas(32) int16_t q[64];
+  std::fill(xd, xd + xd_stride(bits, K, batch), 0.f);
   for (int j = 0; j < NB; ++j) {
     const float* xb = x + 32 * j;
     __m256 m = _mm256_setzero_ps();
@@ -441,7 +465,10 @@ MLXCY_AVX2 inline void quantize_i16(const float* x, int K, int bits, int16_t* xq
       m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * t)));
     const float amax = hsum_max8(m);
     const __m256 inv = _mm256_set1_ps(amax > 0 ? 32767.f / amax : 0.f);
-    xd[j] = amax / 32767.f;
+    if (pairs)
+      std::fill_n(xd + 4 * j, 4, amax / 32767.f);
+    else
+      xd[j] = amax / 32767.f;
     int16_t* out = bits == 4 ? q + 32 * (j & 1) : xq + 32 * j;
     for (int t = 0; t < 2; ++t) {
       const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 16 * t), inv));
@@ -457,11 +484,10 @@ MLXCY_AVX2 inline void quantize_i16(const float* x, int K, int bits, int16_t* xq
         for (int i = 0; i < 16; ++i) dst[16 * r + i] = q[4 * i + r];
     }
   }
-  if (bits != 4) return;
-  const int NBp = (NB + 7) / 8 * 8;
-  for (int j0 = 0; j0 < NBp; j0 += 8) {
+  if (bits != 4 || pairs) return;
+  for (int j0 = 0; j0 < xd_stride(bits, K, batch); j0 += 8) {
     float t[8];
-    for (int l = 0; l < 8; ++l) t[l] = j0 + kPairOrder[l] < NB ? xd[j0 + kPairOrder[l]] : 0.f;
+    for (int l = 0; l < 8; ++l) t[l] = xd[j0 + kPairOrder[l]];
     std::memcpy(xd + j0, t, sizeof t);
   }
 }
@@ -496,14 +522,6 @@ MLXCY_AVX2 inline void block_i16(const uint8_t* row, int j, __m256i& a, __m256i&
   }
 }
 
-// Lane j: the sum of the 8 lanes of v[j].
-MLXCY_AVX2 inline __m256i hsum_8x8(const __m256i* v) {
-  const __m256i ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-  const __m256i cd = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20),
-                          _mm256_permute2x128_si256(ab, cd, 0x31));
-}
-
 // n <= 8 scales or biases from i on, as float32, zero past n (never read past them).
 MLXCY_AVX2 inline __m256 load_sb8(const void* p, Elt t, int64_t i, int n) {
   if (n == 8) {
@@ -533,38 +551,6 @@ MLXCY_AVX2 inline __m256 load_sb8(const void* p, Elt t, int64_t i, int n) {
   alignas(16) uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   std::memcpy(h, static_cast<const uint16_t*>(p) + i, sizeof(uint16_t) * n);
   return load_sb8(h, t, 0, 8);
-}
-
-// The integer dot of block j of a 5- or 8-bit row with x (k order): 8 int32
-// lanes, exact (|q x| < 2^23 per lane).
-template <int BITS>
-MLXCY_AVX2 inline __m256i dot_block_i16(const uint8_t* row, const int16_t* xq, int j) {
-  __m256i a, b;
-  block_i16<BITS>(row, j, a, b);
-  const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j));
-  const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j + 16));
-  return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
-}
-
-// The integer dots of two blocks of a 4-bit row (32 bytes from p) with x
-// (quantize_i16's pair order, from xp): lanes 0-3 sum the first block's
-// products, lanes 4-7 the second's.  The 32 bytes are read as 16-bit lanes,
-// each holding four nibbles: masks and shifts within the lane give four
-// vectors of 16 values (no widening shuffle), each met by its run of x.
-// `half`: only the first block is readable (its lanes 4-7 are zero).
-MLXCY_AVX2 inline __m256i dot_pair_q4(const uint8_t* p, const int16_t* xp, bool half) {
-  const __m256i v = half ? _mm256_zextsi128_si256(
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
-                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i m = _mm256_set1_epi16(0x000f);
-  const __m256i* x = reinterpret_cast<const __m256i*>(xp);
-  const __m256i a = _mm256_madd_epi16(_mm256_and_si256(v, m), _mm256_loadu_si256(x));
-  const __m256i b = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m),
-                                      _mm256_loadu_si256(x + 1));
-  const __m256i c = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), m),
-                                      _mm256_loadu_si256(x + 2));
-  const __m256i d = _mm256_madd_epi16(_mm256_srli_epi16(v, 12), _mm256_loadu_si256(x + 3));
-  return _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d));
 }
 
 // Eight scales or biases of type T from p + i on, as float32.
@@ -603,141 +589,56 @@ MLXCY_AVX2 inline __m256 load_batch_scales(const void* p, int64_t i) {
   }
 }
 
-// y[n] = sum_j s[n, g(j)] * xd[j] * idot_j + sum_g b[n, g] * xsum[g] for 5-
-// and 8-bit rows, scales and biases of type T, groups of 32 << LB values: the
-// integer dots of eight blocks reduced at once (hsum_8x8), then scaled as one
-// vector.  Full batches of 8 blocks run on pointers with the dots in
-// registers; the last, partial batch pads with zeros.  xd and xsum are
-// readable (zero) up to the next multiple of 8 past their ends.
-template <int BITS, Elt T, int LB>
-MLXCY_AVX2 void matvec_q_i16_t(const Weight& W, const int16_t* xq, const float* xd,
-                               const float* xsum, float* y, int n0, int n1) {
-  const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
-  constexpr int BB = 4 * BITS;   // bytes per block
-  const uint8_t* w = static_cast<const uint8_t*>(W.w);
-  const int64_t ld = W.w_ld * 4;
-  const __m256i spread = _mm256_setr_epi32(0, 1 >> LB, 2 >> LB, 3 >> LB, 4 >> LB, 5 >> LB,
-                                           6 >> LB, 7 >> LB);
-  thread_local std::vector<uint8_t> last;   // 5 bits: the array's last row, padded
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* r = w + int64_t(n) * ld;
-    if (BITS == 5 && n == W.N - 1) {   // block_i16 reads past the block
-      last.assign(size_t(ld) + 16, 0);
-      std::memcpy(last.data(), r, size_t(ld));
-      r = last.data();
-    }
-    const int64_t si = int64_t(n) * W.sb_ld;
-    const int16_t* xp = xq;
-    const float* d = xd;
-    __m256 acc = _mm256_setzero_ps();
-    __m256i p[8];
-    for (int j0 = 0; j0 < NB8; j0 += 8, r += 8 * BB, xp += 256, d += 8) {
-#pragma GCC unroll 8
-      for (int l = 0; l < 8; ++l) p[l] = dot_block_i16<BITS>(r, xp, l);
-      __m256 sc = load_batch_scales<T, LB>(W.s, si + (j0 >> LB));
-      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
-                            _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
-    }
-    if (rb) {
-#pragma GCC unroll 8
-      for (int l = 0; l < 8; ++l)
-        p[l] = l < rb ? dot_block_i16<BITS>(r, xp, l) : _mm256_setzero_si256();
-      __m256 sc = load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB);
-      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hsum_8x8(p)),
-                            _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
-    }
-    for (int g0 = 0; g0 < G8; g0 += 8)
-      acc = _mm256_fmadd_ps(load_sb8_t<T>(W.b, si + g0), _mm256_loadu_ps(xsum + g0), acc);
-    if (G8 < G)
-      acc = _mm256_fmadd_ps(load_sb8(W.b, T, si + G8, G - G8), _mm256_loadu_ps(xsum + G8), acc);
-    y[n] = hsum8(acc);
-  }
+// acc + a 5- or 8-bit block's dot (8 int32 lanes, exact) times its weight
+// scale sw and its x scale (*xd): the float step per block and row of x.
+// Without horizontal sums (hadd issues at half the rate of other integer
+// ops): AVX2 and VNNI, 2-5 rows of x 12-22% faster than eight blocks reduced
+// by hadds and scaled at once; one row 3% slower (8 bits), 22% faster (5).
+MLXCY_AVX2 MLXCY_INLINE __m256 scale_block(__m256 acc, __m256i dot, __m256 sw, const float* xd) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_broadcast_ss(xd)), acc);
 }
 
-template <int BITS, Elt T>
-MLXCY_AVX2 void matvec_q_i16_lb(const Weight& W, const int16_t* xq, const float* xd,
-                                const float* xsum, float* y, int n0, int n1) {
-  if (W.gs == 32) return matvec_q_i16_t<BITS, T, 0>(W, xq, xd, xsum, y, n0, n1);
-  if (W.gs == 64) return matvec_q_i16_t<BITS, T, 1>(W, xq, xd, xsum, y, n0, n1);
-  return matvec_q_i16_t<BITS, T, 2>(W, xq, xd, xsum, y, n0, n1);
-}
-
-template <int BITS>
-MLXCY_AVX2 void matvec_q_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
-                                  const float* xsum, float* y, int n0, int n1) {
-  if (W.st == Elt::F16) return matvec_q_i16_lb<BITS, Elt::F16>(W, xq, xd, xsum, y, n0, n1);
-  if (W.st == Elt::BF16) return matvec_q_i16_lb<BITS, Elt::BF16>(W, xq, xd, xsum, y, n0, n1);
-  return matvec_q_i16_lb<BITS, Elt::F32>(W, xq, xd, xsum, y, n0, n1);
-}
-
-// matvec_q_i16_avx2 for 4-bit rows with x in quantize_i16's pair order, scales
-// and biases of type T, groups of 32 << LB values: each batch of 8 blocks is
-// four pair dots, reduced by three hadds into one lane per block (in
-// kPairOrder, which xd already follows; the scales are permuted to it).  The
-// batches run on pointers with everything but the row's data hoisted, so the
-// pair dots stay in registers.  A last, partial batch reads whole pairs: the
-// 16 bytes past a row's odd last block belong to the next row and meet x's
-// zero padding (integers: the product is exactly 0); only the array's last
-// row reads half a pair there.
-template <Elt T, int LB>
-MLXCY_AVX2 void matvec_q4_i16_t(const Weight& W, const int16_t* xq, const float* xd,
-                                const float* xsum, float* y, int n0, int n1) {
-  const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
-  const uint8_t* w = static_cast<const uint8_t*>(W.w);
-  const int64_t ld = W.w_ld * 4;
-  const __m256i order = _mm256_setr_epi32(0, 2 >> LB, 4 >> LB, 6 >> LB, 1 >> LB, 3 >> LB,
-                                          5 >> LB, 7 >> LB);
-  const __m256i z = _mm256_setzero_si256();
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* r = w + int64_t(n) * ld;
-    const int64_t si = int64_t(n) * W.sb_ld;
-    const bool last = n == W.N - 1;
-    const int16_t* xp = xq;
-    const float* d = xd;
-    __m256 acc = _mm256_setzero_ps();
-    for (int j0 = 0; j0 < NB8; j0 += 8, r += 128, xp += 256, d += 8) {
-      const __m256i h = _mm256_hadd_epi32(
-          _mm256_hadd_epi32(dot_pair_q4(r, xp, false), dot_pair_q4(r + 32, xp + 64, false)),
-          _mm256_hadd_epi32(dot_pair_q4(r + 64, xp + 128, false),
-                            dot_pair_q4(r + 96, xp + 192, false)));
-      const __m256 sc =
-          _mm256_permutevar8x32_ps(load_batch_scales<T, LB>(W.s, si + (j0 >> LB)), order);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
-    }
-    if (rb) {
-      const __m256i p0 = dot_pair_q4(r, xp, last && rb == 1);
-      const __m256i p1 = rb > 2 ? dot_pair_q4(r + 32, xp + 64, last && rb == 3) : z;
-      const __m256i p2 = rb > 4 ? dot_pair_q4(r + 64, xp + 128, last && rb == 5) : z;
-      const __m256i p3 = rb > 6 ? dot_pair_q4(r + 96, xp + 192, last && rb == 7) : z;
-      const __m256i h =
-          _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-      const __m256 sc = _mm256_permutevar8x32_ps(
-          load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB), order);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sc, _mm256_loadu_ps(d)), acc);
-    }
-    for (int g0 = 0; g0 < G8; g0 += 8)
-      acc = _mm256_fmadd_ps(load_sb8_t<T>(W.b, si + g0), _mm256_loadu_ps(xsum + g0), acc);
-    if (G8 < G)
-      acc = _mm256_fmadd_ps(load_sb8(W.b, T, si + G8, G - G8), _mm256_loadu_ps(xsum + G8), acc);
-    y[n] = hsum8(acc);
-  }
-}
-
+// acc + the biases of row si's G groups times x's group sums, then summed:
+// the last float steps of a row of every int16 kernel.
 template <Elt T>
-MLXCY_AVX2 void matvec_q4_i16_lb(const Weight& W, const int16_t* xq, const float* xd,
-                                 const float* xsum, float* y, int n0, int n1) {
-  if (W.gs == 32) return matvec_q4_i16_t<T, 0>(W, xq, xd, xsum, y, n0, n1);
-  if (W.gs == 64) return matvec_q4_i16_t<T, 1>(W, xq, xd, xsum, y, n0, n1);
-  return matvec_q4_i16_t<T, 2>(W, xq, xd, xsum, y, n0, n1);
+MLXCY_AVX2 MLXCY_INLINE float finish_row(const Weight& W, int64_t si, int G, const float* xsum,
+                                         __m256 acc) {
+  const int G8 = G & ~7;
+  for (int g0 = 0; g0 < G8; g0 += 8)
+    acc = _mm256_fmadd_ps(load_sb8_t<T>(W.b, si + g0), _mm256_loadu_ps(xsum + g0), acc);
+  if (G8 < G)
+    acc = _mm256_fmadd_ps(load_sb8(W.b, T, si + G8, G - G8), _mm256_loadu_ps(xsum + G8), acc);
+  return hsum8(acc);
 }
 
-MLXCY_AVX2 void matvec_q4_i16_avx2(const Weight& W, const int16_t* xq, const float* xd,
-                                   const float* xsum, float* y, int n0, int n1) {
-  if (W.st == Elt::F16) return matvec_q4_i16_lb<Elt::F16>(W, xq, xd, xsum, y, n0, n1);
-  if (W.st == Elt::BF16) return matvec_q4_i16_lb<Elt::BF16>(W, xq, xd, xsum, y, n0, n1);
-  return matvec_q4_i16_lb<Elt::F32>(W, xq, xd, xsum, y, n0, n1);
+// The weight scales of a 4-bit row's pair of blocks q (groups of 32 << LB
+// values, the row's scales from p + si on) as the pair dot's lanes meet
+// them: lanes 0-3 the first block's, 4-7 the second's.  `half`: the second
+// block is absent; only the first block's scale is read (all lanes: the
+// absent block's lanes hold zero dots and meet x's zero scale).
+template <Elt T, int LB>
+MLXCY_AVX2 MLXCY_INLINE __m256 pair_scales(const void* p, int64_t si, int q, bool half) {
+  if (LB > 0 || half) return _mm256_set1_ps(load_sb_t<T>(p, si + ((2 * q) >> LB)));
+  __m128 two;   // the two blocks' scales in lanes 0 and 1
+  if constexpr (T == Elt::F32) {
+    two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(
+        static_cast<const float*>(p) + si + 2 * q)));
+  } else {
+    int32_t v;
+    std::memcpy(&v, static_cast<const uint16_t*>(p) + si + 2 * q, sizeof v);
+    const __m128i h = _mm_cvtsi32_si128(v);
+    two = T == Elt::F16 ? _mm_cvtph_ps(h)
+                        : _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two),
+                                  _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+// acc + a pair dot's lanes (exact integers) times the blocks' weight scales
+// sc and x scales (8 from xd: quantize_i16's pair layout): AVX2's 4-bit
+// float step, one per pair and row of x.
+MLXCY_AVX2 MLXCY_INLINE __m256 scale_pair(__m256 acc, __m256i dot, __m256 sc, const float* xd) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sc, _mm256_loadu_ps(xd)), acc);
 }
 
 // Bytes of weight rows that the several-rows kernels' passes meet in turn
@@ -761,6 +662,7 @@ inline void set_rows_tile_bytes(int64_t b) { rows_tile_bytes() = b; }
 #define MLXCY_ROWS_ISA MLXCY_VNNI
 #define MLXCY_ROWS_VNNI 1
 #include "mlxcy/cpu_quant_rows.h"
+
 
 template <Elt T>
 MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
@@ -1032,17 +934,21 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
       thread_local std::vector<int8_t> xq8;
       // padded to a multiple of 8 with zeros: the int16 kernel reads 8 at a time
       const int NBp = (NB + 7) / 8 * 8;
-      float* xd = scratch_f(3, size_t(M) * NBp);
-      std::fill(xd, xd + size_t(M) * NBp, 0.f);
+      // the int16 kernels' instruction set, read once: x's layout follows it
+      const bool vnni = use_vnni();
+      const int dld = mode == kInt16 ? xd_stride(W.bits, K, vnni) : NBp;   // xd's row stride
+      float* xd = scratch_f(3, size_t(M) * dld);
+      std::fill(xd, xd + size_t(M) * dld, 0.f);
       const int Kp = (K + 63) / 64 * 64;   // 4 bits: blocks go in pairs
       if (mode == kInt16) {
         xq16.resize(size_t(M) * Kp);
         for (int m = 0; m < M; ++m)
-          quantize_i16(x + int64_t(m) * K, K, W.bits, xq16.data() + int64_t(m) * Kp, xd + m * NBp);
+          quantize_i16(x + int64_t(m) * K, K, W.bits, vnni, xq16.data() + int64_t(m) * Kp,
+                       xd + m * dld);
       } else {
         xq8.resize(size_t(M) * K);
         for (int m = 0; m < M; ++m)
-          quantize_i8(x + int64_t(m) * K, K, xq8.data() + int64_t(m) * K, xd + m * NBp);
+          quantize_i8(x + int64_t(m) * K, K, xq8.data() + int64_t(m) * K, xd + m * dld);
       }
       // the pool's threads see these through pointers (xq16/xq8 are this thread's)
       const int16_t* q16 = xq16.data();
@@ -1052,21 +958,19 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
         // int16, several rows of x: passes that share each weight block's
         // unpacking between rows (cpu_quant_rows.h)
         if (mode == kInt16 && M >= 2) {
-          if (use_vnni()) vnni_rows::product(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
-          else avx2_rows::product(W, M, q16, Kp, xd, NBp, xsum, G, y, ldy, n0, n1);
+          if (vnni) vnni_rows::product(W, M, q16, Kp, xd, dld, xsum, G, y, ldy, n0, n1);
+          else avx2_rows::product(W, M, q16, Kp, xd, dld, xsum, G, y, ldy, n0, n1);
           for (m = 0; m < M; ++m) add_bias(y + m * ldy, n0, n1);
         }
         for (; m < M; ++m) {
           float* yr = y + m * ldy;
           const float* xs = xsum + m * G;
           if (mode == kInt8)
-            matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * NBp, xs, yr, n0, n1);
-          else if (W.bits == 4)
-            matvec_q4_i16_avx2(W, q16 + int64_t(m) * Kp, xd + m * NBp, xs, yr, n0, n1);
-          else if (W.bits == 5)
-            matvec_q_i16_avx2<5>(W, q16 + int64_t(m) * Kp, xd + m * NBp, xs, yr, n0, n1);
+            matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * dld, xs, yr, n0, n1);
+          else if (vnni)
+            vnni_rows::one(W, q16 + int64_t(m) * Kp, xd + m * dld, xs, yr, n0, n1);
           else
-            matvec_q_i16_avx2<8>(W, q16 + int64_t(m) * Kp, xd + m * NBp, xs, yr, n0, n1);
+            avx2_rows::one(W, q16 + int64_t(m) * Kp, xd + m * dld, xs, yr, n0, n1);
           add_bias(yr, n0, n1);
         }
       };

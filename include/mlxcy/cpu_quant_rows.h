@@ -18,20 +18,10 @@
 
 namespace MLXCY_ROWS_NS {
 
-// Loops over the R rows of x are unrolled, so that their vectors stay in
-// registers (GCC keeps arrays of vectors on the stack otherwise).
-#ifndef MLXCY_UNROLL
-#define MLXCY_UNROLL _Pragma("GCC unroll 8")
-#endif
-
-// Rows of x per pass over the weights: four under both instruction sets,
-// each row meeting a pair of blocks right after the pair before it (the
-// batch functions below), so that AVX2's 16 vector registers hold little
-// more than one row's partial sums besides the unpacked blocks.  AVX2,
-// Qwen2.5-Coder-0.5B's forwards of 6, 9 and 13 positions (2026-12-06): 83-85,
-// 110-112 and 169-172 ms in passes of four against 95-97, 127-131 and 190-197
-// in passes of two (its 5- and 8-bit blocks are unpacked once per pass);
-// SmolLM2-135M's (4 bits) alike either way.
+// Rows of x per pass over the weights: four under both instruction sets.
+// AVX2, Qwen2.5-Coder-0.5B's forwards of 6, 9 and 13 positions (2026-12-06):
+// 83-85, 110-112 and 169-172 ms in passes of four against 95-97, 127-131
+// and 190-197 in passes of two; SmolLM2-135M's (4 bits) alike either way.
 constexpr int kRows = 4;
 
 // acc + the pairwise products of a and b (int16 pairs summed into int32 lanes).
@@ -43,9 +33,11 @@ MLXCY_ROWS_ISA MLXCY_INLINE __m256i dpw(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-// A pair of 4-bit blocks (32 bytes from p) as the four vectors of 16 values
-// that dot_pair_q4 meets with its four runs of x; `half`: only the first
-// block is readable.
+// A pair of 4-bit blocks (32 bytes from p) as four vectors of 16 values.
+// The bytes are read as 16-bit lanes, each holding four nibbles: masks and
+// shifts within the lane give the vectors (no widening shuffle), vector t
+// holding nibble t of each lane, which meets x's run t (quantize_i16).
+// `half`: only the first block is readable.
 struct PairQ4 {
   __m256i a, b, c, d;
 };
@@ -58,7 +50,8 @@ MLXCY_ROWS_ISA MLXCY_INLINE PairQ4 unpack_pair_q4(const uint8_t* p, bool half) {
           _mm256_and_si256(_mm256_srli_epi16(v, 8), m), _mm256_srli_epi16(v, 12)};
 }
 
-// dot_pair_q4 of an unpacked pair with one row of x (from xp).
+// The integer dots of an unpacked pair with one row of x (from xp): lanes
+// 0-3 sum the first block's products, lanes 4-7 the second's.
 MLXCY_ROWS_ISA MLXCY_INLINE __m256i dot_q4(const PairQ4& w, const int16_t* xp) {
   const __m256i* x = reinterpret_cast<const __m256i*>(xp);
   __m256i s = _mm256_madd_epi16(w.a, _mm256_loadu_si256(x));
@@ -67,37 +60,25 @@ MLXCY_ROWS_ISA MLXCY_INLINE __m256i dot_q4(const PairQ4& w, const int16_t* xp) {
   return dpw(s, w.d, _mm256_loadu_si256(x + 3));
 }
 
-// acc[i] += the batch's integer dots h[i] times the blocks' weight scales sc
-// and row i's x scales (xd + i * dld), as the one-row kernels scale them.
-template <int R>
-MLXCY_ROWS_ISA MLXCY_INLINE void scale_rows(const __m256i* h, __m256 sc, const float* xd, int dld,
-                                            __m256* acc) {
-  MLXCY_UNROLL
-  for (int i = 0; i < R; ++i)
-    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
-                             _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld)), acc[i]);
+// Asks for the weights 1 KB ahead of p (the row being read, then the next
+// rows) into cache.  The products from memory (weights past the caches)
+// otherwise streamed 5-20% slower in the per-pair and per-block forms below
+// than in the hadd form, whose loop reads 128 bytes per step.
+MLXCY_ROWS_ISA MLXCY_INLINE void prefetch_ahead(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
 }
 
-// acc[i] += the biases of row si's groups times x row i's group sums, in the
-// one-row kernels' order.
-template <Elt T, int R>
-MLXCY_ROWS_ISA MLXCY_INLINE void add_biases_rows(const Weight& W, int64_t si, int G,
-                                                 const float* xsum, int sld, __m256* acc) {
-  const int G8 = G & ~7;
-  for (int g0 = 0; g0 < G8; g0 += 8) {
-    const __m256 b = load_sb8_t<T>(W.b, si + g0);
-    MLXCY_UNROLL
-    for (int i = 0; i < R; ++i)
-      acc[i] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xsum + i * sld + g0), acc[i]);
-  }
-  if (G8 < G) {
-    const __m256 b = load_sb8(W.b, T, si + G8, G - G8);
-    MLXCY_UNROLL
-    for (int i = 0; i < R; ++i)
-      acc[i] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xsum + i * sld + G8), acc[i]);
-  }
-}
-
+// matvec_q4_i16_rows_t: R rows of x (quantize_i16's layout) against 4-bit
+// rows [n0, n1) of W, scales and biases of type T, groups of 32 << LB values,
+// each pair of blocks unpacked once and met by every row.  A row's odd last
+// block is read as a whole pair: the 16 bytes past it belong to the next row
+// and meet x's zero padding (integers: the product is exactly 0); only the
+// array's last row reads half a pair there.
+#if MLXCY_ROWS_VNNI
+// VNNI: a float step per batch of 8 blocks (q4_batch layout, see
+// quantize_i16): each row's four pair dots reduced by three hadds into one
+// lane per block, in kPairOrder.  vpdpwssd leaves the multiply ports few
+// slots for float steps: per pair (AVX2's form) ran 10-15% slower here.
 // The batch of 8 blocks from rp (pairs of them: `pairs` <= 4, the last one
 // half when `half_last`) met by R rows of x from xp: h[i] as the one-row
 // kernel's hadd tree gives it (missing pairs are zeros).  Each row meets a
@@ -137,41 +118,78 @@ MLXCY_ROWS_ISA MLXCY_INLINE void batch_q4_rows(const uint8_t* rp, const int16_t*
   }
 }
 
-// matvec_q4_i16_t for R rows of x.
 template <Elt T, int LB, int R>
 MLXCY_ROWS_ISA void matvec_q4_i16_rows_t(const Weight& W, const int16_t* xq, int64_t xld,
                                          const float* xd, int dld, const float* xsum, int sld,
                                          float* y, int64_t ldy, int n0, int n1) {
-  const int G = W.K / W.gs, G8 = G & ~7, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
-  const uint8_t* w = static_cast<const uint8_t*>(W.w);
+  const int G = W.K / W.gs, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
   const int64_t ld = W.w_ld * 4;
   const __m256i order = _mm256_setr_epi32(0, 2 >> LB, 4 >> LB, 6 >> LB, 1 >> LB, 3 >> LB,
                                           5 >> LB, 7 >> LB);
   for (int n = n0; n < n1; ++n) {
-    const uint8_t* r = w + int64_t(n) * ld;
+    const uint8_t* r = static_cast<const uint8_t*>(W.w) + int64_t(n) * ld;
     const int64_t si = int64_t(n) * W.sb_ld;
     __m256 acc[R];
     __m256i h[R];
     MLXCY_UNROLL
     for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    // the batch's dots h times its weight scales sc and each row's x scales
+    auto scale = [&](int j0, __m256 sc) MLXCY_ROWS_ISA __attribute__((always_inline)) {
+      MLXCY_UNROLL
+      for (int i = 0; i < R; ++i)
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h[i]),
+                                 _mm256_mul_ps(sc, _mm256_loadu_ps(xd + i * dld + j0)), acc[i]);
+    };
     for (int j0 = 0; j0 < NB8; j0 += 8) {
       batch_q4_rows<R>(r + 16 * j0, xq + 32 * j0, xld, 4, false, h);
-      const __m256 sc =
-          _mm256_permutevar8x32_ps(load_batch_scales<T, LB>(W.s, si + (j0 >> LB)), order);
-      scale_rows<R>(h, sc, xd + j0, dld, acc);
+      scale(j0, _mm256_permutevar8x32_ps(load_batch_scales<T, LB>(W.s, si + (j0 >> LB)), order));
     }
-    if (rb) {
+    if (rb) {   // the partial batch
       batch_q4_rows<R>(r + 16 * NB8, xq + 32 * NB8, xld, (rb + 1) / 2,
                        n == W.N - 1 && (rb & 1), h);
-      const __m256 sc = _mm256_permutevar8x32_ps(
-          load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB), order);
-      scale_rows<R>(h, sc, xd + NB8, dld, acc);
+      scale(NB8, _mm256_permutevar8x32_ps(
+                     load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB), order));
     }
-    add_biases_rows<T, R>(W, si, G, xsum, sld, acc);
     MLXCY_UNROLL
-    for (int i = 0; i < R; ++i) y[i * ldy + n] = hsum8(acc[i]);
+    for (int i = 0; i < R; ++i) y[i * ldy + n] = finish_row<T>(W, si, G, xsum + i * sld, acc[i]);
   }
 }
+#else
+// AVX2: a float step per pair of blocks and row of x (scale_pair; pair
+// layout of xd, see quantize_i16), no horizontal sums: four rows of x 15-20%
+// faster than three hadds per batch of 8 blocks (which AVX2's 16 registers
+// also could not keep from spilling), one row alike.
+template <Elt T, int LB, int R>
+MLXCY_ROWS_ISA void matvec_q4_i16_rows_t(const Weight& W, const int16_t* xq, int64_t xld,
+                                         const float* xd, int dld, const float* xsum, int sld,
+                                         float* y, int64_t ldy, int n0, int n1) {
+  const int NB = W.K / 32, G = W.K / W.gs;
+  const int64_t ld = W.w_ld * 4;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* r = static_cast<const uint8_t*>(W.w) + int64_t(n) * ld;
+    const int64_t si = int64_t(n) * W.sb_ld;
+    __m256 acc[R];
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    // pair q; `half`: the row's odd last block
+    auto pair = [&](int q, bool half) MLXCY_ROWS_ISA __attribute__((always_inline)) {
+      const PairQ4 u = unpack_pair_q4(r + 32 * q, half && n == W.N - 1);
+      const __m256 sc = pair_scales<T, LB>(W.s, si, q, half);
+      MLXCY_UNROLL
+      for (int i = 0; i < R; ++i)
+        acc[i] = scale_pair(acc[i], dot_q4(u, xq + i * xld + 64 * q), sc, xd + i * dld + 8 * q);
+    };
+    for (int q = 0; q < NB / 2; ++q) {
+      if (!(q & 1)) prefetch_ahead(r + 32 * q);
+      pair(q, false);
+    }
+    if (NB & 1) pair(NB / 2, true);
+    MLXCY_UNROLL
+    for (int i = 0; i < R; ++i) y[i * ldy + n] = finish_row<T>(W, si, G, xsum + i * sld, acc[i]);
+  }
+}
+
+#endif
 
 // The integer dots of an unpacked block (a, b: its values in k order) with
 // one row of x at the block (x).
@@ -180,49 +198,16 @@ MLXCY_ROWS_ISA MLXCY_INLINE __m256i dot_i16(__m256i a, __m256i b, const int16_t*
              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)));
 }
 
-// hsum_8x8 of blocks j0 .. j0 + nb - 1 (nb <= 8; zeros past them) for R rows.
-// Each row meets a pair of blocks right after the pair before it, so that
-// few vectors are live per row besides the unpacked pair.
-template <int BITS, int R>
-MLXCY_ROWS_ISA MLXCY_INLINE void batch_i16_rows(const uint8_t* row, const int16_t* xq, int64_t xld,
-                                                int j0, int nb, __m256i* h) {
-  const __m256i z = _mm256_setzero_si256();
-  __m256i half0[R], t[R];
-  for (int s = 0; s < 2; ++s) {       // blocks 0-3, then 4-7
-    for (int u = 0; u < 2; ++u) {     // two pairs of blocks each
-      const int l = 4 * s + 2 * u;
-      __m256i a0 = z, b0 = z, a1 = z, b1 = z;
-      if (l < nb) block_i16<BITS>(row, j0 + l, a0, b0);
-      if (l + 1 < nb) block_i16<BITS>(row, j0 + l + 1, a1, b1);
-      MLXCY_UNROLL
-      for (int i = 0; i < R; ++i) {
-        const int16_t* x = xq + i * xld + 32 * (j0 + l);
-        const __m256i pr = _mm256_hadd_epi32(l < nb ? dot_i16(a0, b0, x) : z,
-                                             l + 1 < nb ? dot_i16(a1, b1, x + 32) : z);
-        if (u == 0) {
-          t[i] = pr;
-        } else if (s == 0) {
-          half0[i] = _mm256_hadd_epi32(t[i], pr);
-        } else {
-          const __m256i half1 = _mm256_hadd_epi32(t[i], pr);
-          h[i] = _mm256_add_epi32(_mm256_permute2x128_si256(half0[i], half1, 0x20),
-                                  _mm256_permute2x128_si256(half0[i], half1, 0x31));
-        }
-      }
-    }
-  }
-}
-
-// matvec_q_i16_t (5 and 8 bits) for R rows of x.
+// R rows of x against 5- or 8-bit rows [n0, n1) of W, scales and biases of
+// type T, groups of 32 << LB values: each block unpacked once and met by
+// every row, a float step per block (scale_block).
 template <int BITS, Elt T, int LB, int R>
 MLXCY_ROWS_ISA void matvec_q_i16_rows_t(const Weight& W, const int16_t* xq, int64_t xld,
                                         const float* xd, int dld, const float* xsum, int sld,
                                         float* y, int64_t ldy, int n0, int n1) {
-  const int G = W.K / W.gs, NB = W.K / 32, NB8 = NB & ~7, rb = NB - NB8;
+  const int G = W.K / W.gs, NB = W.K / 32;
   const uint8_t* w = static_cast<const uint8_t*>(W.w);
   const int64_t ld = W.w_ld * 4;
-  const __m256i spread = _mm256_setr_epi32(0, 1 >> LB, 2 >> LB, 3 >> LB, 4 >> LB, 5 >> LB,
-                                           6 >> LB, 7 >> LB);
   thread_local std::vector<uint8_t> lastrow;   // 5 bits: the array's last row, padded
   for (int n = n0; n < n1; ++n) {
     const uint8_t* r = w + int64_t(n) * ld;
@@ -233,24 +218,19 @@ MLXCY_ROWS_ISA void matvec_q_i16_rows_t(const Weight& W, const int16_t* xq, int6
     }
     const int64_t si = int64_t(n) * W.sb_ld;
     __m256 acc[R];
-    __m256i h[R];
     MLXCY_UNROLL
     for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-    for (int j0 = 0; j0 < NB8; j0 += 8) {
-      batch_i16_rows<BITS, R>(r, xq, xld, j0, 8, h);
-      __m256 sc = load_batch_scales<T, LB>(W.s, si + (j0 >> LB));
-      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
-      scale_rows<R>(h, sc, xd + j0, dld, acc);
+    for (int j = 0; j < NB; ++j) {
+      if (!(j & 1)) prefetch_ahead(r + 4 * BITS * j);
+      __m256i a, b;
+      block_i16<BITS>(r, j, a, b);
+      const __m256 sw = _mm256_set1_ps(load_sb_t<T>(W.s, si + (j >> LB)));
+      MLXCY_UNROLL
+      for (int i = 0; i < R; ++i)
+        acc[i] = scale_block(acc[i], dot_i16(a, b, xq + i * xld + 32 * j), sw, xd + i * dld + j);
     }
-    if (rb) {
-      batch_i16_rows<BITS, R>(r, xq, xld, NB8, rb, h);
-      __m256 sc = load_sb8(W.s, T, si + (NB8 >> LB), (rb + (1 << LB) - 1) >> LB);
-      if (LB) sc = _mm256_permutevar8x32_ps(sc, spread);
-      scale_rows<R>(h, sc, xd + NB8, dld, acc);
-    }
-    add_biases_rows<T, R>(W, si, G, xsum, sld, acc);
     MLXCY_UNROLL
-    for (int i = 0; i < R; ++i) y[i * ldy + n] = hsum8(acc[i]);
+    for (int i = 0; i < R; ++i) y[i * ldy + n] = finish_row<T>(W, si, G, xsum + i * sld, acc[i]);
   }
 }
 
@@ -323,6 +303,38 @@ MLXCY_ROWS_ISA void rows_i16(const Weight& W, int R, const int16_t* xq, int64_t 
   if (W.st == Elt::BF16)
     return rows_t<BITS, Elt::BF16>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   return rows_t<BITS, Elt::F32>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
+}
+
+// One row of x against output rows [n0, n1) of W (4, 5 or 8 bits): the
+// pass of one row, so that each row of a product of several is bit-identical
+// to its one-row product.
+template <int BITS, Elt T, int LB>
+MLXCY_ROWS_ISA void one_lb(const Weight& W, const int16_t* xq, const float* xd,
+                           const float* xsum, float* y, int n0, int n1) {
+  pass<BITS, T, LB, 1>(W, xq, 0, xd, 0, xsum, 0, y, 0, n0, n1);
+}
+
+template <int BITS, Elt T>
+MLXCY_ROWS_ISA void one_t(const Weight& W, const int16_t* xq, const float* xd,
+                          const float* xsum, float* y, int n0, int n1) {
+  if (W.gs == 32) return one_lb<BITS, T, 0>(W, xq, xd, xsum, y, n0, n1);
+  if (W.gs == 64) return one_lb<BITS, T, 1>(W, xq, xd, xsum, y, n0, n1);
+  one_lb<BITS, T, 2>(W, xq, xd, xsum, y, n0, n1);
+}
+
+template <int BITS>
+MLXCY_ROWS_ISA void one_bits(const Weight& W, const int16_t* xq, const float* xd,
+                             const float* xsum, float* y, int n0, int n1) {
+  if (W.st == Elt::F16) return one_t<BITS, Elt::F16>(W, xq, xd, xsum, y, n0, n1);
+  if (W.st == Elt::BF16) return one_t<BITS, Elt::BF16>(W, xq, xd, xsum, y, n0, n1);
+  one_t<BITS, Elt::F32>(W, xq, xd, xsum, y, n0, n1);
+}
+
+MLXCY_ROWS_ISA inline void one(const Weight& W, const int16_t* xq, const float* xd,
+                               const float* xsum, float* y, int n0, int n1) {
+  if (W.bits == 4) return one_bits<4>(W, xq, xd, xsum, y, n0, n1);
+  if (W.bits == 5) return one_bits<5>(W, xq, xd, xsum, y, n0, n1);
+  one_bits<8>(W, xq, xd, xsum, y, n0, n1);
 }
 
 // The entry: rows [0, R) of x, R >= 2, against output rows [n0, n1) of W
