@@ -344,7 +344,7 @@ ISAS = ("scalar", "avx2", "avx512vnni")
 
 def set_isa(str name):
     """The most the kernels may use: 'avx512vnni' (the default: AVX2+FMA, and
-    AVX-512 VNNI for the int16 products of several rows of x), 'avx2' or
+    AVX-512 VNNI for the int16 products), 'avx2' or
     'scalar' (the portable code: for tests and A/B runs).  The CPU's own
     limits apply on top (isa() says what runs)."""
     if name not in ISAS:

@@ -85,7 +85,7 @@ inline bool cpu_has_vnni() {
 }
 
 // 0: portable scalar code; 1: AVX2+FMA; 2: AVX2+FMA, and AVX-512 VNNI for
-// the int16 products of several rows of x.  Each level applies when the
+// the int16 products.  Each level applies when the
 // CPU has it, else the next lower one; the default is the highest.
 inline int& simd_level_setting() {
   static int level = 2;

@@ -10,11 +10,12 @@
 // R rows of x (a speculative step's verification, a small batch) against one
 // pass over the weights: each block is unpacked once and met by every row's
 // x, so a row after the first costs its multiply-adds and scaling, not the
-// unpacking.  Each row's integer dots are exact and its float arithmetic is
-// the one-row kernel's, in the same order, so its y is bit-identical to the
-// one-row kernel's (verification sees the logits plain decoding would).
-// Rows of x are xld int16 (xq), dld (xd) and sld (xsum) values apart; row i
-// of y starts at y + i * ldy.
+// unpacking.  One row of x (a decode step) is the same kernels' pass of one
+// row (one()), and each row's arithmetic in a pass is independent of the
+// other rows', so its y is bit-identical to its one-row product
+// (verification sees the logits plain decoding would).  Rows of x are xld
+// int16 (xq), dld (xd) and sld (xsum) values apart; row i of y starts at
+// y + i * ldy.
 
 namespace MLXCY_ROWS_NS {
 
@@ -61,9 +62,9 @@ MLXCY_ROWS_ISA MLXCY_INLINE __m256i dot_q4(const PairQ4& w, const int16_t* xp) {
 }
 
 // Asks for the weights 1 KB ahead of p (the row being read, then the next
-// rows) into cache.  Products from memory (weights past the caches)
-// otherwise streamed 5-20% slower in the per-pair and per-block forms below
-// than in the hadd form of before, whose loop read 128 bytes a step.
+// rows) into cache: without it, products from memory (weights past the
+// caches) streamed 5-20% slower in the loops below, which read 32 bytes a
+// step (one thread, 2026-12-07).
 MLXCY_ROWS_ISA MLXCY_INLINE void prefetch_ahead(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
 }
@@ -75,8 +76,8 @@ MLXCY_ROWS_ISA MLXCY_INLINE void prefetch_ahead(const uint8_t* p) {
 // and meet x's zero padding (integers: the product is exactly 0); only the
 // array's last row reads half a pair there.
 #if MLXCY_ROWS_VNNI
-// VNNI: a float step per batch of 8 blocks (q4_batch layout, see
-// quantize_i16): each row's four pair dots reduced by three hadds into one
+// VNNI: a float step per batch of 8 blocks (x's scales in quantize_i16's
+// batch layout): each row's four pair dots reduced by three hadds into one
 // lane per block, in kPairOrder.  vpdpwssd leaves the multiply ports few
 // slots for float steps: per pair (AVX2's form) ran 10-15% slower here.
 // The batch of 8 blocks from rp (pairs of them: `pairs` <= 4, the last one
