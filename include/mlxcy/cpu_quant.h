@@ -85,8 +85,8 @@ inline bool cpu_has_vnni() {
 }
 
 // 0: portable scalar code; 1: AVX2+FMA; 2: AVX2+FMA, and AVX-512 VNNI for
-// the int16 products.  Each level applies when the
-// CPU has it, else the next lower one; the default is the highest.
+// the int16 products.  Each level applies when the CPU has it, else the next
+// lower one; the default is the highest.
 inline int& simd_level_setting() {
   static int level = 2;
   return level;
@@ -317,14 +317,6 @@ MLXCY_AVX2 inline float load_sb(const void* p, Elt t, int64_t i) {
   return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
 }
 
-// A scale or bias of type T at p[i], as float32.
-template <Elt T>
-MLXCY_AVX2 MLXCY_INLINE float load_sb_t(const void* p, int64_t i) {
-  if constexpr (T == Elt::F32) return static_cast<const float*>(p)[i];
-  if constexpr (T == Elt::BF16) return bf16_to_f(static_cast<const uint16_t*>(p)[i]);
-  return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
-}
-
 // Eight float weights starting at k of a float row, as float32.
 MLXCY_AVX2 inline __m256 load8(const void* row, Elt t, int64_t k) {
   if (t == Elt::F32) return _mm256_loadu_ps(static_cast<const float*>(row) + k);
@@ -441,7 +433,8 @@ inline int xd_stride(int bits, int K, bool batch) {
 }
 
 // x [K] as int16 per block of 32 (block j's scale amax / 32767 in xd as
-// xd_stride lays it out, zero past the blocks), in the order a row's packed
+// xd_stride lays it out; xd arrives zeroed, and stays zero past the blocks
+// and in an absent odd block's lanes), in the order a row's packed
 // values are read.  5 and 8 bits: k order.  4 bits: two blocks (64 values)
 // at a time as four runs of 16, run q holding values 4 i + q (i < 16) -- the
 // nibbles a 16-bit lane of the 32 bytes holds, bits 4q..4q+3; an odd last
@@ -457,7 +450,6 @@ MLXCY_AVX2 inline void quantize_i16(const float* x, int K, int bits, bool batch,
   const bool pairs = bits == 4 && !batch;
   const __m256 sign = _mm256_set1_ps(-0.f);
   alignas(32) int16_t q[64];
-  std::fill(xd, xd + xd_stride(bits, K, batch), 0.f);
   for (int j = 0; j < NB; ++j) {
     const float* xb = x + 32 * j;
     __m256 m = _mm256_setzero_ps();
@@ -593,7 +585,8 @@ MLXCY_AVX2 inline __m256 load_batch_scales(const void* p, int64_t i) {
 // scale sw and its x scale (*xd): the float step per block and row of x.
 // Without horizontal sums (hadd issues at half the rate of other integer
 // ops): AVX2 and VNNI, 2-5 rows of x 12-22% faster than eight blocks reduced
-// by hadds and scaled at once; one row 3% slower (8 bits), 22% faster (5).
+// by hadds and scaled at once; one row 5-bit 22% faster, 8-bit 7% slower
+// from cache and 17% faster from memory (one thread, 2026-12-07).
 MLXCY_AVX2 MLXCY_INLINE __m256 scale_block(__m256 acc, __m256i dot, __m256 sw, const float* xd) {
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_broadcast_ss(xd)), acc);
 }
@@ -618,7 +611,7 @@ MLXCY_AVX2 MLXCY_INLINE float finish_row(const Weight& W, int64_t si, int G, con
 // absent block's lanes hold zero dots and meet x's zero scale).
 template <Elt T, int LB>
 MLXCY_AVX2 MLXCY_INLINE __m256 pair_scales(const void* p, int64_t si, int q, bool half) {
-  if (LB > 0 || half) return _mm256_set1_ps(load_sb_t<T>(p, si + ((2 * q) >> LB)));
+  if (LB > 0 || half) return _mm256_set1_ps(load_sb(p, T, si + ((2 * q) >> LB)));
   __m128 two;   // the two blocks' scales in lanes 0 and 1
   if constexpr (T == Elt::F32) {
     two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(
@@ -662,7 +655,6 @@ inline void set_rows_tile_bytes(int64_t b) { rows_tile_bytes() = b; }
 #define MLXCY_ROWS_ISA MLXCY_VNNI
 #define MLXCY_ROWS_VNNI 1
 #include "mlxcy/cpu_quant_rows.h"
-
 
 template <Elt T>
 MLXCY_AVX2 inline __m256 load8_t(const void* row, int64_t k) {
@@ -954,25 +946,17 @@ inline void linear_f32(const Weight& W, const float* x, int M, float* y, int64_t
       const int16_t* q16 = xq16.data();
       const int8_t* q8 = xq8.data();
       auto bodyq = [&](int n0, int n1) {
-        int m = 0;
-        // int16, several rows of x: passes that share each weight block's
-        // unpacking between rows (cpu_quant_rows.h)
-        if (mode == kInt16 && M >= 2) {
+        // int16: passes that share each weight block's unpacking between
+        // the rows of x (cpu_quant_rows.h; one row is a pass of one)
+        if (mode == kInt16) {
           if (vnni) vnni_rows::product(W, M, q16, Kp, xd, dld, xsum, G, y, ldy, n0, n1);
           else avx2_rows::product(W, M, q16, Kp, xd, dld, xsum, G, y, ldy, n0, n1);
-          for (m = 0; m < M; ++m) add_bias(y + m * ldy, n0, n1);
+        } else {
+          for (int m = 0; m < M; ++m)
+            matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * dld, xsum + m * G, y + m * ldy,
+                              n0, n1);
         }
-        for (; m < M; ++m) {
-          float* yr = y + m * ldy;
-          const float* xs = xsum + m * G;
-          if (mode == kInt8)
-            matvec_q4_i8_avx2(W, q8 + int64_t(m) * K, xd + m * dld, xs, yr, n0, n1);
-          else if (vnni)
-            vnni_rows::one(W, q16 + int64_t(m) * Kp, xd + m * dld, xs, yr, n0, n1);
-          else
-            avx2_rows::one(W, q16 + int64_t(m) * Kp, xd + m * dld, xs, yr, n0, n1);
-          add_bias(yr, n0, n1);
-        }
+        for (int m = 0; m < M; ++m) add_bias(y + m * ldy, n0, n1);
       };
       if (per_thread == 0) bodyq(0, N);
       else parallel_rows(N, 8, bodyq, per_thread);

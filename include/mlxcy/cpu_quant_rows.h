@@ -11,7 +11,7 @@
 // pass over the weights: each block is unpacked once and met by every row's
 // x, so a row after the first costs its multiply-adds and scaling, not the
 // unpacking.  One row of x (a decode step) is the same kernels' pass of one
-// row (one()), and each row's arithmetic in a pass is independent of the
+// row, and each row's arithmetic in a pass is independent of the
 // other rows', so its y is bit-identical to its one-row product
 // (verification sees the logits plain decoding would).  Rows of x are xld
 // int16 (xq), dld (xd) and sld (xsum) values apart; row i of y starts at
@@ -227,7 +227,7 @@ MLXCY_ROWS_ISA void matvec_q_i16_rows_t(const Weight& W, const int16_t* xq, int6
       if (!(j & 1)) prefetch_ahead(r + 4 * BITS * j);
       __m256i a, b;
       block_i16<BITS>(r, j, a, b);
-      const __m256 sw = _mm256_set1_ps(load_sb_t<T>(W.s, si + (j >> LB)));
+      const __m256 sw = _mm256_set1_ps(load_sb(W.s, T, si + (j >> LB)));
       MLXCY_UNROLL
       for (int i = 0; i < R; ++i)
         acc[i] = scale_block(acc[i], dot_i16(a, b, xq + i * xld + 32 * j), sw, xd + i * dld + j);
@@ -247,11 +247,11 @@ MLXCY_ROWS_ISA void pass(const Weight& W, const int16_t* xq, int64_t xld, const 
     matvec_q_i16_rows_t<BITS, T, LB, RR>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
 }
 
-// Rows [0, R) of x, R >= 2, against output rows [n0, n1) of W (4, 5 or 8
-// bits): passes of kRows rows, the last of them taking one more row where
-// one would be left alone (a pass of one row reads the weights again for a
-// single row: VNNI, 84 MB of 4-bit weights, 5 rows of x took 8.4 ms as 4 + 1,
-// 4 rows 5.7), then a pass of the 2 or 3 rows left.
+// Rows [0, R) of x against output rows [n0, n1) of W (4, 5 or 8 bits):
+// passes of kRows rows, the last of them taking one more row where one would
+// be left alone (a pass of one row reads the weights again for a single row:
+// VNNI, 84 MB of 4-bit weights, 5 rows of x took 8.4 ms as 4 + 1, 4 rows
+// 5.7), then a pass of the 1 (R = 1: a decode step), 2 or 3 rows left.
 template <int BITS, Elt T, int LB>
 MLXCY_ROWS_ISA void passes(const Weight& W, int R, const int16_t* xq, int64_t xld,
                            const float* xd, int dld, const float* xsum, int sld, float* y,
@@ -266,11 +266,12 @@ MLXCY_ROWS_ISA void passes(const Weight& W, int R, const int16_t* xq, int64_t xl
     pass<BITS, T, LB, kRows>(W, xq + m * xld, xld, xd + m * dld, dld, xsum + m * sld, sld,
                              y + m * ldy, ldy, n0, n1);
   }
-  const int r = R - m;   // 0, 2 or 3
+  const int r = R - m;   // 0, 1, 2 or 3
   xq += m * xld;
   xd += m * dld;
   xsum += m * sld;
   y += m * ldy;
+  if (r == 1) pass<BITS, T, LB, 1>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   if (r == 2) pass<BITS, T, LB, 2>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
   if (r == 3) pass<BITS, T, LB, 3>(W, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
 }
@@ -308,39 +309,7 @@ MLXCY_ROWS_ISA void rows_i16(const Weight& W, int R, const int16_t* xq, int64_t 
   return rows_t<BITS, Elt::F32>(W, R, xq, xld, xd, dld, xsum, sld, y, ldy, n0, n1);
 }
 
-// One row of x against output rows [n0, n1) of W (4, 5 or 8 bits): the
-// pass of one row, so that each row of a product of several is bit-identical
-// to its one-row product.
-template <int BITS, Elt T, int LB>
-MLXCY_ROWS_ISA void one_lb(const Weight& W, const int16_t* xq, const float* xd,
-                           const float* xsum, float* y, int n0, int n1) {
-  pass<BITS, T, LB, 1>(W, xq, 0, xd, 0, xsum, 0, y, 0, n0, n1);
-}
-
-template <int BITS, Elt T>
-MLXCY_ROWS_ISA void one_t(const Weight& W, const int16_t* xq, const float* xd,
-                          const float* xsum, float* y, int n0, int n1) {
-  if (W.gs == 32) return one_lb<BITS, T, 0>(W, xq, xd, xsum, y, n0, n1);
-  if (W.gs == 64) return one_lb<BITS, T, 1>(W, xq, xd, xsum, y, n0, n1);
-  one_lb<BITS, T, 2>(W, xq, xd, xsum, y, n0, n1);
-}
-
-template <int BITS>
-MLXCY_ROWS_ISA void one_bits(const Weight& W, const int16_t* xq, const float* xd,
-                             const float* xsum, float* y, int n0, int n1) {
-  if (W.st == Elt::F16) return one_t<BITS, Elt::F16>(W, xq, xd, xsum, y, n0, n1);
-  if (W.st == Elt::BF16) return one_t<BITS, Elt::BF16>(W, xq, xd, xsum, y, n0, n1);
-  one_t<BITS, Elt::F32>(W, xq, xd, xsum, y, n0, n1);
-}
-
-MLXCY_ROWS_ISA inline void one(const Weight& W, const int16_t* xq, const float* xd,
-                               const float* xsum, float* y, int n0, int n1) {
-  if (W.bits == 4) return one_bits<4>(W, xq, xd, xsum, y, n0, n1);
-  if (W.bits == 5) return one_bits<5>(W, xq, xd, xsum, y, n0, n1);
-  one_bits<8>(W, xq, xd, xsum, y, n0, n1);
-}
-
-// The entry: rows [0, R) of x, R >= 2, against output rows [n0, n1) of W
+// The entry: rows [0, R) of x, R >= 1, against output rows [n0, n1) of W
 // (4, 5 or 8 bits); each row of y is that row's one-row product.
 MLXCY_ROWS_ISA inline void product(const Weight& W, int R, const int16_t* xq, int64_t xld,
                                    const float* xd, int dld, const float* xsum, int sld,
