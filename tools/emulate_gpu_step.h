@@ -1,6 +1,6 @@
 // CUDA's built-ins as plain C++, for tools/emulate_gpu_step.py: the device
 // code of include/mlxcy/gpu_step.h compiled by g++ and run as ONE block of
-// 256 OS threads (a function's __shared__ arrays become its statics, which
+// THREADS OS threads (a function's __shared__ arrays become its statics, which
 // one block shares).  Warp operations meet at a per-warp barrier.
 #pragma once
 #define __CUDA_ARCH__ 700   // (gpu_step.h then issues no cp.async)
@@ -42,9 +42,13 @@ struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim3 threadIdx;
 inline const Dim3 blockIdx{0, 0, 0};
 inline const Dim3 gridDim{1, 1, 1};
-inline const Dim3 blockDim{256, 1, 1};
+// The block's threads: the device code's THREADS (emulate_gpu_step.py passes it).
+#ifndef EMU_THREADS
+#error "EMU_THREADS: the device code's block size"
+#endif
+inline const Dim3 blockDim{EMU_THREADS, 1, 1};
 
-// A reusable barrier of n threads (256 for the block, 32 for a warp).
+// A reusable barrier of n threads (the block's, or a warp's 32).
 struct EmuBarrier {
   std::mutex m;
   std::condition_variable cv;
@@ -65,14 +69,14 @@ struct EmuBarrier {
 };
 
 inline EmuBarrier& emu_block() {
-  static EmuBarrier b(256);
+  static EmuBarrier b(EMU_THREADS);
   return b;
 }
 
 inline EmuBarrier& emu_warp() {
   static EmuBarrier* w = [] {
-    auto* a = static_cast<EmuBarrier*>(::operator new(8 * sizeof(EmuBarrier)));
-    for (int i = 0; i < 8; ++i) new (a + i) EmuBarrier(32);
+    auto* a = static_cast<EmuBarrier*>(::operator new(EMU_THREADS / 32 * sizeof(EmuBarrier)));
+    for (int i = 0; i < EMU_THREADS / 32; ++i) new (a + i) EmuBarrier(32);
     return a;
   }();
   return w[threadIdx.x / 32];
@@ -82,7 +86,7 @@ inline void __syncthreads() { emu_block().wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp().wait(); }
 
 // A warp's lanes exchange through one slot each (two barriers: written, read).
-inline unsigned long long emu_slots[8][32];
+inline unsigned long long emu_slots[EMU_THREADS / 32][32];
 
 template <typename T>
 inline T emu_shuffle(T v, int src) {

@@ -7,7 +7,7 @@ the CPU, for a tiny float32 model, and compare its logits with the op path's.
                                      [--head-dim 16] [--rows 6]
 
 For sessions without a GPU: the device source is compiled by g++ with CUDA's
-built-ins written as C++ (tools/emulate_gpu_step.h), one block of 256 threads
+built-ins written as C++ (tools/emulate_gpu_step.h), one block of THREADS threads
 as OS threads (so shared memory is a function's statics, and the grid-wide
 barrier meets one block); what it checks is the kernel's logic -- indices,
 buffers, formulas, the cache slots it writes and reads -- not what only many
@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
     std::fill(scratch.begin(), scratch.end(), std::nanf(""));
     unsigned meta[4] = {0, 0, unsigned(ROWS ? pos0 + s : pos0 + s * M), unsigned(maxcap)};
     std::vector<std::thread> th;
-    for (unsigned t = 0; t < 256; ++t)
+    for (int t = 0; t < mlxcy_step::THREADS; ++t)
       th.emplace_back([&, t] {
         threadIdx.x = t;
         if constexpr (M == 1 && !ROWS)
@@ -135,12 +135,14 @@ def build(cfg: dict, work: Path) -> Path:
                      f"{str(v).lower() if isinstance(v, bool) else v};\n"
                      for k, v in cfg["ints"].items())
     consts += "".join(f"constexpr float {k} = {v!r}f;\n" for k, v in cfg["floats"].items())
+    src = device_source()
+    threads = re.search(r"constexpr int THREADS = (\d+);", src).group(1)   # the block's size
     cpp = work / "emulated_step.cpp"
-    cpp.write_text('#include "emulate_gpu_step.h"\n' + device_source() + consts +
+    cpp.write_text('#include "emulate_gpu_step.h"\n' + src + consts +
                    f"using T = {cfg['type']};\n" + MAIN)
     exe = work / "emulated_step"
     r = subprocess.run([os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-pthread", "-w",
-                        f"-I{ROOT / 'tools'}", str(cpp), "-o", str(exe)],
+                        f"-DEMU_THREADS={threads}", f"-I{ROOT / 'tools'}", str(cpp), "-o", str(exe)],
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"emulate_gpu_step: g++ failed:\n{r.stderr[-4000:]}")
