@@ -86,6 +86,10 @@ namespace mlxcy_step {
 #define STEP_CHECK(cond)
 #endif
 
+// A block's threads.  The kernels use up to ~250 registers a thread; 384
+// threads (their budget capped at 168 by __launch_bounds__) spilled and made
+// Llama-3.2-1B bf16's step 8-11% longer on an H100, 4-bit's no shorter (git
+// show this line's commit).
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int PL = 33;       // table entries per layer (the host's kStepPerLayer; the
@@ -1113,6 +1117,9 @@ __device__ void decode_step(const int* tok_p, const int* meta, const unsigned lo
         __syncthreads();                       // (sp and qw are the next item's)
       }
     }
+    // (o_proj's rows only: attention's idle blocks also asking L2 for 16 MB of
+    // gate/up made the steps up to 2.6x longer on an H100; git show this
+    // line's commit)
     prefetch_rows<T, BITS>(lin<T>(t + 15).w, NQ * HD, gw, D, nw);
     grid_sync(sync);
     // -- C: o_proj + residual
