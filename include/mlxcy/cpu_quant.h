@@ -867,13 +867,15 @@ inline int& gemm_min_rows() {
 inline void set_gemm_min_rows(int m) { gemm_min_rows() = m; }
 
 // Rows of x up to which an int16 product (4, 5 or 8 bits) runs on the
-// several-rows kernels rather than as the float GEMM.  SmolLM2-135M Q4_1
-// forwards of 9, 12 and 16 positions over the cache (2026-12-04): AVX2 rows
-// 31 (8 positions), 45, 68 ms against the GEMM's 38, 44, 48; VNNI rows 29,
-// 37, 46 against 29, 45, 49.  So speculative verification (k + 1 positions,
-// at most 16) and small batches stay on the int16 path of one-row decoding,
-// with the same per-row results.
-inline int int16_max_rows() { return use_vnni() ? 16 : 11; }
+// several-rows kernels rather than as the float GEMM.  SmolLM2-135M Q4_1, a
+// forward of M positions from an empty cache, ms, int16 against the GEMM
+// (2026-12-08, two rounds): AVX2 M = 12 26 / 29-37, 16 35-39 / 37-45, 18
+// 50 / 62-73 (VNNI 47 / 61-63).  So speculative verification (k + 1
+// positions, at most 16) and small batches stay on the int16 path of one-row
+// decoding, with the same per-row results.  Longer prompts keep the exact
+// float GEMM, though the int16 kernels stay faster up to ~40 rows: their x
+// rounded to int16 takes the logits ~6e-4 from exact (docs/cpu.md).
+inline int int16_max_rows() { return 16; }
 
 inline bool int16_product(const Weight& W) {
 #if MLXCY_X86
