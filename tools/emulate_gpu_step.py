@@ -136,13 +136,16 @@ def build(cfg: dict, work: Path) -> Path:
                      for k, v in cfg["ints"].items())
     consts += "".join(f"constexpr float {k} = {v!r}f;\n" for k, v in cfg["floats"].items())
     src = device_source()
-    threads = re.search(r"constexpr int THREADS = (\d+);", src).group(1)   # the block's size
+    threads = re.search(r"constexpr int THREADS = (\d+);", src)   # the block's size
+    if threads is None:
+        raise SystemExit("emulate_gpu_step: gpu_step.h changed: no `constexpr int THREADS = N;`")
     cpp = work / "emulated_step.cpp"
     cpp.write_text('#include "emulate_gpu_step.h"\n' + src + consts +
                    f"using T = {cfg['type']};\n" + MAIN)
     exe = work / "emulated_step"
     r = subprocess.run([os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-pthread", "-w",
-                        f"-DEMU_THREADS={threads}", f"-I{ROOT / 'tools'}", str(cpp), "-o", str(exe)],
+                        f"-DEMU_THREADS={threads.group(1)}", f"-I{ROOT / 'tools'}", str(cpp), "-o",
+                        str(exe)],
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"emulate_gpu_step: g++ failed:\n{r.stderr[-4000:]}")
